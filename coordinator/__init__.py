@@ -1,0 +1,1 @@
+"""sixgate control plane: config, CLI, capture and fan-out, supervision of the workers."""

@@ -1,0 +1,213 @@
+"""The ``sixgate`` command line: run, check, probe, ping, flows.
+
+Exit codes: 0 ok, 2 bad config (or bad usage), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import zmq
+
+from coordinator.config import ConfigError, load_config
+from coordinator.gateway import control_path
+from workers.main import CONTROL_VERSION
+from workers.settings import Settings, worker_routes
+from workers.tunnel import DEFAULT_MARTIAN_IPV4
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+DEFAULT_CONFIG = "/etc/sixgate/gateway.toml"
+
+
+def _load(path: str) -> Settings:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"sixgate: bad config: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s coordinator %(levelname)s %(message)s")
+    from coordinator.gateway import run_gateway
+    from coordinator.probe import delivery_method, probe
+    method, why = delivery_method(probe()[:3])
+    if method is None:
+        logging.getLogger("sixgate").error("sixgate cannot deliver packets to the services: "
+                                           "%s", why)
+        return EXIT_RUNTIME
+    return run_gateway(settings)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    from coordinator.probe import delivery_method, probe
+    method, why = delivery_method(probe()[:3])
+    print(f"config {args.config}: OK")
+    print(f"  tunnel        {settings.mode} "
+          f"({'RFC 3056 6to4' if settings.mode == '6to4' else 'RFC 4213 configured tunnel'})")
+    print(f"  local IPv4    {settings.local_ipv4}")
+    if settings.mode == "6to4":
+        print(f"  6to4 prefix   {settings.prefix} (derived from local_ipv4)")
+        print(f"  relay         {settings.relay_ipv4} (for non-2002::/16 destinations)")
+    else:
+        print(f"  remote        {settings.remote_ipv4} (only source accepted, RFC 4213 §3.6)")
+        print(f"  prefix        {settings.prefix}")
+    print(f"  addresses     {', '.join(settings.addresses)}")
+    print(f"  mtu           {settings.mtu} (TCP MSS clamped to {settings.max_mss})")
+    print(f"  workers       {settings.workers}")
+    for index in range(settings.workers):
+        routes = ", ".join(str(n) for n in worker_routes(settings.pool, settings.workers,
+                                                          index))
+        print(f"    worker {index}: TUN {settings.name}{index}, pool slice {routes}")
+    print(f"  pool          {settings.pool}")
+    print(f"  run dir       {settings.run_dir}")
+    print(f"  limits        {settings.max_flows} flows, {settings.max_flows_per_prefix} per "
+          f"source /64, ICMPv6 errors {settings.icmp_errors_per_s:g}/s burst "
+          f"{settings.icmp_error_burst}")
+    t = settings.timeouts
+    print(f"  timeouts      tcp established {t.tcp_established_s:g} s, transitory "
+          f"{t.tcp_transitory_s:g} s, udp {t.udp_s:g} s, icmp {t.icmp_s:g} s")
+    martians = settings.martian_ipv4 or DEFAULT_MARTIAN_IPV4
+    print(f"  martian IPv4  {', '.join(cidr for cidr, _ in martians)}")
+    if settings.forwards:
+        for rule in settings.forwards:
+            print(f"  forward       {rule.label}")
+    else:
+        print("  forward       (none: only ICMPv6 echo is answered)")
+    print(f"  delivery      {method or 'NONE'}: {why}")
+    return EXIT_OK
+
+
+def cmd_probe(_args: argparse.Namespace) -> int:
+    from coordinator.probe import delivery_method, probe
+    caps = probe()
+    width = max(len(c.name) for c in caps)
+    for cap in caps:
+        print(f"{cap.name:<{width}}  {'yes' if cap.ok else 'no '}  {cap.detail}")
+    method, why = delivery_method(caps)
+    print(f"{'delivery':<{width}}  {method or 'none'}  {why}")
+    return EXIT_OK
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    from coordinator.ping import ping
+    try:
+        return ping(settings, args.address, args.count, interval_s=args.interval,
+                    size=args.size)
+    except PermissionError:
+        print("sixgate ping: needs root or CAP_NET_RAW for the proto-41 raw socket",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    except ValueError as exc:
+        print(f"sixgate ping: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 5000) -> dict[str, Any]:
+    """Ask the running gateway's control socket; raises RuntimeError when nobody answers."""
+    ctx = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(control_path(settings.run_dir))
+    try:
+        req.send_json({"v": CONTROL_VERSION, "cmd": cmd})
+        if not req.poll(timeout_ms, zmq.POLLIN):
+            raise RuntimeError(f"no gateway answers on {control_path(settings.run_dir)}; is "
+                               "`sixgate run` running with this config?")
+        reply: dict[str, Any] = req.recv_json()  # type: ignore[assignment]
+        return reply
+    finally:
+        req.close(0)
+
+
+def summarize(status: dict[str, Any]) -> dict[str, Any]:
+    """Bindings of all workers and drops summed over every process, all reasons present."""
+    drops: dict[str, int] = dict(status["coordinator"]["drops"])
+    bindings: list[dict[str, Any]] = []
+    for worker in status["workers"]:
+        if not worker.get("up"):
+            continue
+        bindings.extend(worker["bindings"])
+        for reason, n in worker["counters"]["drops"].items():
+            drops[reason] = drops.get(reason, 0) + n
+    return {"bindings": bindings, "drops": drops, "counters": status}
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    try:
+        status = query_gateway(settings, "flows")
+    except RuntimeError as exc:
+        print(f"sixgate flows: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    summary = summarize(status)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return EXIT_OK
+    bindings = summary["bindings"]
+    print(f"{len(bindings)} binding(s)")
+    if bindings:
+        header = ("proto", "client (IPv6)", "pool (IPv4 seen by service)", "rule", "state",
+                  "idle_s", "worker")
+        rows = [(b["proto"], b["client"], b["pool"], b["rule"], b["state"], str(b["idle_s"]),
+                 str(b["worker"])) for b in bindings]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    for worker in status["workers"]:
+        if not worker.get("up"):
+            print(f"worker {worker['index']}: NOT ANSWERING (restarts {worker['restarts']})")
+            continue
+        f = worker["flows"]
+        print(f"worker {worker['index']} pid {worker['pid']}: {f['active']}/{f['limit']} flows, "
+              f"{f['created']} created, {f['expired']} expired, pool {f['pool_in_use']}/"
+              f"{f['pool_size']}, restarts {worker['restarts']}")
+    nonzero = {r: n for r, n in summary["drops"].items() if n}
+    print("drops: " + (", ".join(f"{r}={n}" for r, n in sorted(nonzero.items()))
+                       if nonzero else "none"))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sixgate", description="Userspace IPv6 gateway for IPv4-only hosts (6to4/6in4 in, "
+        "RFC 7915 translation to IPv4 services).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the gateway in the foreground")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check", help="validate a config and print the effective settings")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("probe", help="what this kernel and these privileges allow")
+    p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("ping", help="ICMPv6 echo through the tunnel from userspace")
+    p.add_argument("address")
+    p.add_argument("--count", "-c", type=int, default=4)
+    p.add_argument("--interval", "-i", type=float, default=1.0)
+    p.add_argument("--size", "-s", type=int, default=56)
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_ping)
+    p = sub.add_parser("flows", help="list the live bindings of a running gateway")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_flows)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""TOML config -> validated immutable ``Settings``; every mistake is reported with the file,
+line, key path and what to do about it.
+
+The whole file is validated before anything is used, so a running gateway never half-applies
+a bad config. Fixed keys come from the gateway issue; the rest are documented in README.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli
+
+from workers.flows import Timeouts
+from workers.settings import Forward, Settings, pool_addresses
+from workers.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
+
+DEFAULT_POOL = "100.64.0.0/16"  # RFC 6598 shared address space: never a real peer of ours
+DEFAULT_RUN_DIR = "/run/sixgate"
+
+
+class ConfigError(Exception):
+    """A config problem: file, line, key path, and what the user must do."""
+
+    def __init__(self, file: str, key: str, line: int | None, message: str) -> None:
+        self.file = file
+        self.key = key
+        self.line = line
+        self.message = message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+ALLOWED: dict[str, set[str]] = {
+    "tunnel": {"mode", "local_ipv4", "relay_ipv4", "remote_ipv4", "prefix", "addresses", "mtu",
+               "martian_ipv4"},
+    "gateway": {"workers", "pool", "run_dir", "name", "max_flows", "max_flows_per_prefix",
+                "icmp_errors_per_s", "icmp_error_burst", "queue_batches", "batch_packets",
+                "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level"},
+    "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s"},
+    "forward": {"proto", "port", "to"},
+}
+
+
+def _locate(text: str, table: str, key: str | None, index: int = 0) -> int | None:
+    """Line number (1-based) of ``key`` inside ``[table]`` (or the ``index``-th ``[[table]]``)."""
+    current = None
+    seen = -1
+    header = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.]+)\s*\]\]?")
+    for number, line in enumerate(text.splitlines(), 1):
+        match = header.match(line)
+        if match:
+            current = match.group(1)
+            if current == table:
+                seen += 1
+                if key is None and seen == index:
+                    return number
+            continue
+        if current == table and seen == index and key is not None:
+            if re.match(rf"^\s*{re.escape(key)}\s*=", line):
+                return number
+    return None
+
+
+@dataclass
+class _Ctx:
+    file: str
+    text: str
+
+    def error(self, table: str, key: str | None, message: str, index: int | None = None) -> (
+            ConfigError):
+        path = table if key is None else f"{table}.{key}"
+        if index is not None:
+            path = f"{table}[{index}]" + (f".{key}" if key else "")
+        line = _locate(self.text, table, key, index or 0)
+        if line is None and key is not None:
+            line = _locate(self.text, table, None, index or 0)
+        return ConfigError(self.file, path, line, message)
+
+
+def _ipv4(ctx: _Ctx, table: str, key: str, value: Any) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        raise ctx.error(table, key, f"{value!r} is not an IPv4 address; write it like "
+                                    f"\"192.0.2.10\"") from None
+
+
+def _int(ctx: _Ctx, table: str, key: str, value: Any, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ctx.error(table, key, f"{value!r} must be a whole number from {lo} to {hi}")
+    return value
+
+
+def _number(ctx: _Ctx, table: str, key: str, value: Any, lo: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < lo:
+        raise ctx.error(table, key, f"{value!r} must be a number of at least {lo}")
+    return float(value)
+
+
+def _parse_forward(ctx: _Ctx, index: int, raw: dict[str, Any]) -> Forward:
+    for key in raw:
+        if key not in ALLOWED["forward"]:
+            raise ctx.error("forward", key, f"unknown key; allowed: "
+                            f"{', '.join(sorted(ALLOWED['forward']))}", index)
+    proto = raw.get("proto")
+    if proto not in ("tcp", "udp"):
+        raise ctx.error("forward", "proto", f"{proto!r} must be \"tcp\" or \"udp\"", index)
+    port = raw.get("port")
+    if isinstance(port, int) and not isinstance(port, bool):
+        lo = hi = port
+    elif isinstance(port, str) and re.fullmatch(r"\d+-\d+", port):
+        lo, hi = (int(p) for p in port.split("-"))
+    elif isinstance(port, str) and port.isdigit():
+        lo = hi = int(port)
+    else:
+        raise ctx.error("forward", "port", f"{port!r} must be a port (80) or a range "
+                        "(\"8000-8099\")", index)
+    if not (1 <= lo <= hi <= 65535):
+        raise ctx.error("forward", "port", f"{port!r}: ports run from 1 to 65535, low first",
+                        index)
+    to = raw.get("to")
+    if not isinstance(to, str):
+        raise ctx.error("forward", "to", "missing; write the IPv4 service as "
+                        "\"127.0.0.1:8080\"", index)
+    host, _, tport = to.partition(":")
+    try:
+        target_ip = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        raise ctx.error("forward", "to", f"{to!r}: {host!r} is not an IPv4 address; write "
+                        "\"127.0.0.1:8080\"", index) from None
+    target_port: int | None = None
+    if tport:
+        if not tport.isdigit() or not 1 <= int(tport) <= 65535:
+            raise ctx.error("forward", "to", f"{to!r}: port must be 1..65535", index)
+        target_port = int(tport)
+        if target_port + (hi - lo) > 65535:
+            raise ctx.error("forward", "to", f"{to!r}: the range {lo}-{hi} shifted to "
+                            f"{target_port} runs past 65535", index)
+    return Forward(proto=proto, port_lo=lo, port_hi=hi, target_ipv4=target_ip,
+                   target_port=target_port)
+
+
+def parse_config(text: str, file: str = "<config>") -> Settings:
+    """Validate a whole config text; raises ``ConfigError`` for the first problem found."""
+    ctx = _Ctx(file, text)
+    try:
+        doc = tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(file, "", int(match.group(1)) if match else None,
+                          f"not valid TOML ({exc}); fix the syntax") from None
+    for table in doc:
+        if table not in ALLOWED:
+            raise ConfigError(file, table, _locate(text, table, None), "unknown table; "
+                              f"allowed: {', '.join(sorted(ALLOWED))}")
+    for table, keys in ALLOWED.items():
+        if table == "forward":
+            continue
+        section = doc.get(table, {})
+        if not isinstance(section, dict):
+            raise ctx.error(table, None, "must be a table ([" + table + "])")
+        for key in section:
+            if key not in keys:
+                raise ctx.error(table, key, f"unknown key; allowed: {', '.join(sorted(keys))}")
+
+    tunnel = doc.get("tunnel")
+    if not tunnel:
+        raise ConfigError(file, "tunnel", None, "missing [tunnel] table; see README.md")
+    mode = tunnel.get("mode")
+    if mode not in ("6to4", "6in4"):
+        raise ctx.error("tunnel", "mode", f"{mode!r} must be \"6to4\" (RFC 3056) or "
+                        "\"6in4\" (RFC 4213 configured tunnel)")
+    if "local_ipv4" not in tunnel:
+        raise ctx.error("tunnel", None, "local_ipv4 is missing; set this host's public IPv4")
+    local_ipv4 = _ipv4(ctx, "tunnel", "local_ipv4", tunnel["local_ipv4"])
+    relay_ipv4 = remote_ipv4 = None
+    if mode == "6to4":
+        if "relay_ipv4" not in tunnel:
+            # RFC 7526: the anycast relay is deprecated, so there is no silent default.
+            raise ctx.error("tunnel", None, "relay_ipv4 is missing: 6to4 needs a relay for "
+                            "non-2002::/16 destinations; name one (RFC 7526 deprecated the "
+                            "192.88.99.1 anycast default)")
+        relay_ipv4 = _ipv4(ctx, "tunnel", "relay_ipv4", tunnel["relay_ipv4"])
+        if "remote_ipv4" in tunnel:
+            raise ctx.error("tunnel", "remote_ipv4", "only for mode = \"6in4\"; remove it")
+        derived = prefix_6to4(local_ipv4)
+        if "prefix" in tunnel and ipaddress.ip_network(str(tunnel["prefix"]),
+                                                       strict=False) != derived:
+            raise ctx.error("tunnel", "prefix", f"in 6to4 mode the prefix is derived from "
+                            f"local_ipv4 ({derived}); remove the key")
+        prefix = derived
+    else:
+        if "remote_ipv4" not in tunnel:
+            raise ctx.error("tunnel", None, "remote_ipv4 is missing: 6in4 needs the tunnel "
+                            "broker's IPv4 endpoint")
+        remote_ipv4 = _ipv4(ctx, "tunnel", "remote_ipv4", tunnel["remote_ipv4"])
+        if "prefix" not in tunnel:
+            raise ctx.error("tunnel", None, "prefix is missing: 6in4 needs the routed prefix "
+                            "your broker gave you, e.g. \"2001:db8:1::/64\"")
+        try:
+            prefix = ipaddress.IPv6Network(tunnel["prefix"])
+        except (ValueError, TypeError) as exc:
+            raise ctx.error("tunnel", "prefix", f"{tunnel['prefix']!r} is not an IPv6 prefix "
+                            f"({exc}); write it like \"2001:db8:1::/64\"") from None
+        if "relay_ipv4" in tunnel:
+            raise ctx.error("tunnel", "relay_ipv4", "only for mode = \"6to4\"; remove it")
+    raw_addresses = tunnel.get("addresses", [str(prefix.network_address + 1)])
+    if not isinstance(raw_addresses, list) or not raw_addresses:
+        raise ctx.error("tunnel", "addresses", "must be a non-empty list of IPv6 addresses")
+    addresses = []
+    for value in raw_addresses:
+        try:
+            addr = ipaddress.IPv6Address(value)
+        except (ValueError, TypeError):
+            raise ctx.error("tunnel", "addresses", f"{value!r} is not an IPv6 address") from None
+        if addr not in prefix:
+            raise ctx.error("tunnel", "addresses", f"{addr} is outside the tunnel prefix "
+                            f"{prefix}; packets for it would never reach this host")
+        addresses.append(str(addr))
+    mtu = tunnel.get("mtu", 1480)
+    # RFC 4213 §3.2.1: a static tunnel MTU is 1280..1480.
+    mtu = _int(ctx, "tunnel", "mtu", mtu, 1280, 1480)
+    martian_rows = DEFAULT_MARTIAN_IPV4
+    if "martian_ipv4" in tunnel:
+        rows = []
+        for cidr in tunnel["martian_ipv4"]:
+            try:
+                rows.append((str(ipaddress.IPv4Network(cidr)), "configured"))
+            except (ValueError, TypeError):
+                raise ctx.error("tunnel", "martian_ipv4", f"{cidr!r} is not an IPv4 prefix "
+                                "like \"10.0.0.0/8\"") from None
+        martian_rows = tuple(rows)
+
+    gateway = doc.get("gateway", {})
+    workers = _int(ctx, "gateway", "workers", gateway.get("workers", os.cpu_count() or 1), 1,
+                   64)
+    pool_text = gateway.get("pool", DEFAULT_POOL)
+    try:
+        pool = ipaddress.IPv4Network(pool_text)
+    except (ValueError, TypeError) as exc:
+        raise ctx.error("gateway", "pool", f"{pool_text!r} is not an IPv4 prefix ({exc}); "
+                        "write it like \"100.64.0.0/16\"") from None
+    if len(pool_addresses(str(pool))) < workers:
+        raise ctx.error("gateway", "pool", f"{pool} has fewer addresses than workers "
+                        f"({workers}); use a larger block")
+    forwards_raw = doc.get("forward", [])
+    if not isinstance(forwards_raw, list):
+        raise ctx.error("forward", None, "write forward rules as [[forward]] tables")
+    forwards = tuple(_parse_forward(ctx, i, f) for i, f in enumerate(forwards_raw))
+    seen: dict[tuple[str, int], int] = {}
+    for i, rule in enumerate(forwards):
+        if ipaddress.IPv4Address(rule.target_ipv4) in pool:
+            raise ctx.error("forward", "to", f"{rule.target_ipv4} is inside the pool {pool}; "
+                            "choose another pool or target", i)
+        for port in range(rule.port_lo, rule.port_hi + 1):
+            other = seen.setdefault((rule.proto, port), i)
+            if other != i:
+                raise ctx.error("forward", "port", f"{rule.proto} port {port} is already "
+                                f"forwarded by rule {other}; each port may have one rule", i)
+    for key, value in (("local_ipv4", local_ipv4), ("relay_ipv4", relay_ipv4),
+                       ("remote_ipv4", remote_ipv4)):
+        if value and ipaddress.IPv4Address(value) in pool:
+            raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
+                            f"{value}; choose a pool no real host uses")
+    name = gateway.get("name", "sixgate")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9]{0,9}", name):
+        raise ctx.error("gateway", "name", f"{name!r} must be 1-10 lower-case letters/digits "
+                        "starting with a letter (TUN devices are named <name><worker>)")
+    run_dir = gateway.get("run_dir", DEFAULT_RUN_DIR)
+    if not isinstance(run_dir, str) or not run_dir.startswith("/"):
+        raise ctx.error("gateway", "run_dir", f"{run_dir!r} must be an absolute path")
+    log_level = gateway.get("log_level", "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ctx.error("gateway", "log_level", f"{log_level!r} must be debug, info, warning "
+                        "or error")
+
+    timeouts_raw = doc.get("timeouts", {})
+    defaults = Timeouts()
+    # RFC 6146 §4 / RFC 4787 REQ-5: UDP below 2 min breaks applications; RFC 5382 REQ-5 asks
+    # at least 2 h 4 min for established TCP, so those are the floors.
+    timeouts = Timeouts(
+        tcp_established_s=_number(ctx, "timeouts", "tcp_established_s", timeouts_raw.get(
+            "tcp_established_s", defaults.tcp_established_s), 7440),
+        tcp_transitory_s=_number(ctx, "timeouts", "tcp_transitory_s", timeouts_raw.get(
+            "tcp_transitory_s", defaults.tcp_transitory_s), 240),
+        udp_s=_number(ctx, "timeouts", "udp_s", timeouts_raw.get("udp_s", defaults.udp_s),
+                      120),
+        icmp_s=_number(ctx, "timeouts", "icmp_s", timeouts_raw.get("icmp_s", defaults.icmp_s),
+                       1),
+    )
+    return Settings(
+        mode=mode, local_ipv4=local_ipv4, relay_ipv4=relay_ipv4, remote_ipv4=remote_ipv4,
+        prefix=str(prefix), addresses=tuple(addresses), mtu=mtu, workers=workers,
+        pool=str(pool), run_dir=run_dir, name=name, forwards=forwards,
+        max_flows=_int(ctx, "gateway", "max_flows", gateway.get("max_flows", 200_000), 1,
+                       10_000_000),
+        max_flows_per_prefix=_int(ctx, "gateway", "max_flows_per_prefix",
+                                  gateway.get("max_flows_per_prefix", 5_000), 1, 10_000_000),
+        timeouts=timeouts,
+        icmp_errors_per_s=_number(ctx, "gateway", "icmp_errors_per_s",
+                                  gateway.get("icmp_errors_per_s", 100), 0),
+        icmp_error_burst=_int(ctx, "gateway", "icmp_error_burst",
+                              gateway.get("icmp_error_burst", 100), 1, 1_000_000),
+        queue_batches=_int(ctx, "gateway", "queue_batches", gateway.get("queue_batches", 1000),
+                           1, 1_000_000),
+        batch_packets=_int(ctx, "gateway", "batch_packets", gateway.get("batch_packets", 64),
+                           1, 1024),
+        hash_seed=_int(ctx, "gateway", "hash_seed", gateway.get("hash_seed", 0x5167), 0,
+                       0xFFFFFFFF),
+        fragment_datagrams=_int(ctx, "gateway", "fragment_datagrams",
+                                gateway.get("fragment_datagrams", 1024), 1, 1_000_000),
+        fragment_bytes=_int(ctx, "gateway", "fragment_bytes",
+                            gateway.get("fragment_bytes", 16 << 20), 65536, 1 << 34),
+        martian_ipv4=martian_rows, log_level=log_level, source_file=file,
+    )
+
+
+def load_config(path: str) -> Settings:
+    """Read and validate a config file; unreadable files are a ConfigError too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "", None, f"cannot read the file ({exc.strerror}); check the "
+                          "path given to --config") from None
+    return parse_config(text, str(path))

@@ -1,0 +1,355 @@
+"""``sixgate run``: the coordinator process.
+
+Owns the raw IPv4 protocol-41 socket, runs every received packet through the tunnel checks
+(``workers/tunnel.py check_inbound``), fans the survivors out by flow hash to the workers in
+one ZeroMQ message per worker per batch (bounded by high-water marks: overload is counted as
+QUEUE_FULL, never buffered), supervises the worker processes (restart on crash) and answers
+control requests (``sixgate flows``) on an ipc:// socket in the run directory.
+
+Shutdown (SIGINT/SIGTERM) stops the workers, whose TUN devices and routes vanish with them,
+and removes the run directory's sockets and pidfiles. A stale run directory of a crashed run
+is cleaned at the next start (its leftover workers are stopped by PID after checking they are
+ours).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from workers.counters import Counters
+from workers.drops import DropReason
+from workers.main import CONTROL_VERSION, control_endpoint, data_endpoint, tun_name
+from workers.settings import Settings
+from workers.tunnel import DEFAULT_MARTIAN_IPV4, TunnelPolicy, check_inbound
+from workers.wire import encode_batch, pick_worker
+
+log = logging.getLogger("sixgate")
+
+RECV_BUDGET = 256  # packets read per wakeup before batches are sent
+WORKER_READY_TIMEOUT_S = 20.0
+CONTROL_TIMEOUT_MS = 2000
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def control_path(run_dir: str) -> str:
+    return f"ipc://{run_dir}/control"
+
+
+def _pid_is_ours(pid: int) -> bool:
+    """True when ``pid`` runs a sixgate process (checked before we ever signal it)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"sixgate" in cmdline or b"workers.main" in cmdline or b"coordinator" in cmdline
+
+
+class RunDirBusy(Exception):
+    pass
+
+
+def prepare_run_dir(settings: Settings) -> Path:
+    """Create the run directory; clean what a crashed earlier run left there."""
+    run_dir = Path(settings.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pidfile = run_dir / "coordinator.pid"
+    if pidfile.exists():
+        try:
+            pid = int(pidfile.read_text().strip())
+        except ValueError:
+            pid = 0
+        if pid and pid != os.getpid() and _pid_is_ours(pid):
+            raise RunDirBusy(f"another sixgate (pid {pid}) runs with run_dir {run_dir}; stop "
+                             "it first or give this gateway its own gateway.run_dir")
+        log.info("cleaning up after a stale run (pid %s) in %s", pid or "?", run_dir)
+    for stale in run_dir.glob("worker-*.pid"):
+        try:
+            pid = int(stale.read_text().strip())
+        except ValueError:
+            pid = 0
+        if pid and _pid_is_ours(pid):
+            log.info("stopping leftover worker pid %d of a crashed run", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for leftover in list(run_dir.glob("worker-*")) + [run_dir / "control", pidfile,
+                                                        run_dir / "settings.json"]:
+        try:
+            leftover.unlink()
+        except FileNotFoundError:
+            pass
+    pidfile.write_text(f"{os.getpid()}\n")
+    return run_dir
+
+
+class WorkerProcess:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.next_start = 0.0
+
+
+class Coordinator:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.policy = TunnelPolicy.build(settings.mode, settings.local_ipv4,
+                                         settings.remote_ipv4, list(settings.addresses),
+                                         settings.martian_ipv4 or DEFAULT_MARTIAN_IPV4)
+        self.counters = Counters()
+        self.running = True
+        self.workers = [WorkerProcess(i) for i in range(settings.workers)]
+        self.started = time.monotonic()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        settings = self.settings
+        self.run_dir = prepare_run_dir(settings)
+        self.settings_file = self.run_dir / "settings.json"
+        self.settings_file.write_text(settings.to_json())
+        self.ctx = zmq.Context()
+        self.pushes = []
+        for worker in self.workers:
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, settings.queue_batches)
+            push.setsockopt(zmq.LINGER, 0)
+            push.bind(data_endpoint(settings.run_dir, worker.index))
+            self.pushes.append(push)
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_path(settings.run_dir))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.setblocking(False)
+        for worker in self.workers:
+            self._spawn(worker)
+        self._wait_workers_ready()
+        log.info("sixgate up: %s tunnel, local %s, addresses %s, %d worker(s), pool %s",
+                 settings.mode, settings.local_ipv4, ", ".join(settings.addresses),
+                 settings.workers, settings.pool)
+
+    def _spawn(self, worker: WorkerProcess) -> None:
+        cmd = [sys.executable, "-m", "workers.main", "--settings", str(self.settings_file),
+               "--index", str(worker.index)]
+        worker.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        (self.run_dir / f"worker-{worker.index}.pid").write_text(f"{worker.proc.pid}\n")
+
+    def _ask_worker(self, index: int, request: dict[str, Any],
+                    timeout_ms: int = CONTROL_TIMEOUT_MS) -> dict[str, Any] | None:
+        """One REQ/REP exchange with a worker; None when it does not answer in time."""
+        req = self.ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(control_endpoint(self.settings.run_dir, index))
+        try:
+            req.send_json(request)
+            if req.poll(timeout_ms, zmq.POLLIN):
+                reply: dict[str, Any] = req.recv_json()  # type: ignore[assignment]
+                return reply
+            return None
+        finally:
+            req.close(0)
+
+    def _wait_workers_ready(self) -> None:
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        pending = {w.index for w in self.workers}
+        while pending:
+            for index in sorted(pending):
+                proc = self.workers[index].proc
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"worker {index} exited with code {proc.returncode} "
+                                       "during start-up (its error is logged above)")
+                if self._ask_worker(index, {"v": CONTROL_VERSION, "cmd": "ping"}, 200):
+                    pending.discard(index)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers {sorted(pending)} did not answer within "
+                                   f"{WORKER_READY_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                worker.proc.terminate()
+        for worker in self.workers:
+            if worker.proc is None:
+                continue
+            try:
+                worker.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop in 5 s; killing it", worker.index)
+                worker.proc.kill()
+                worker.proc.wait()
+        for sock in getattr(self, "pushes", []):
+            sock.close(0)
+        if getattr(self, "control", None) is not None:
+            self.control.close(0)
+        if getattr(self, "ctx", None) is not None:
+            self.ctx.term()
+        if getattr(self, "sock", None) is not None:
+            self.sock.close()
+        run_dir = getattr(self, "run_dir", None)
+        if run_dir is not None:
+            for path in list(run_dir.glob("worker-*")) + [run_dir / "control",
+                                                          run_dir / "settings.json",
+                                                          run_dir / "coordinator.pid"]:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        self._check_no_tun_left()
+
+    def _check_no_tun_left(self) -> None:
+        for worker in self.workers:
+            name = tun_name(self.settings, worker.index)
+            if Path(f"/sys/class/net/{name}").exists():
+                log.warning("TUN device %s still exists after its worker stopped", name)
+
+    # --- loop ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock.fileno(), zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        next_check = time.monotonic() + 1.0
+        while self.running:
+            events = dict(poller.poll(timeout=500))
+            if self.sock.fileno() in events:
+                self._capture()
+            if self.control in events:
+                self._answer_control()
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 1.0
+                self._supervise(now)
+
+    def _capture(self) -> None:
+        """Read up to RECV_BUDGET packets, check them, send one batch per worker."""
+        settings = self.settings
+        counters = self.counters
+        policy = self.policy
+        nworkers = settings.workers
+        seed = settings.hash_seed
+        batch_max = settings.batch_packets
+        batches: list[list[tuple[bytes, bytes | memoryview]]] = [[] for _ in range(nworkers)]
+        recv = self.sock.recv
+        for _ in range(RECV_BUDGET):
+            try:
+                packet = recv(65535)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.warning("receive failed: %s", exc)
+                break
+            try:
+                counters.event("tunnel_packets_received")
+                counters.event("tunnel_bytes_received", len(packet))
+                result = check_inbound(packet, policy)
+                if isinstance(result, DropReason):
+                    counters.drops[result] += 1
+                    continue
+                inner, outer_src = result
+                index = pick_worker(inner, seed, nworkers) if nworkers > 1 else 0
+                batch = batches[index]
+                batch.append((outer_src, inner))
+                if len(batch) >= batch_max:
+                    self._send_batch(index, batch)
+                    batches[index] = []
+            except Exception:  # noqa: BLE001 - one packet must never kill the loop
+                counters.drops[DropReason.INTERNAL_ERROR] += 1
+                log.exception("coordinator: packet raised (counted as internal_error)")
+        for index, batch in enumerate(batches):
+            if batch:
+                self._send_batch(index, batch)
+
+    def _send_batch(self, index: int, batch: list[tuple[bytes, bytes | memoryview]]) -> None:
+        try:
+            self.pushes[index].send(encode_batch(batch), zmq.NOBLOCK, copy=False)
+            self.counters.event("batches_sent")
+            self.counters.event("packets_fanned_out", len(batch))
+        except zmq.Again:
+            # Bounded queue: a slow or dead worker costs these packets, never our memory.
+            self.counters.drops[DropReason.QUEUE_FULL] += len(batch)
+
+    def _supervise(self, now: float) -> None:
+        for worker in self.workers:
+            proc = worker.proc
+            if proc is None or proc.poll() is None:
+                continue
+            if worker.next_start == 0.0:
+                delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
+                worker.next_start = now + delay
+                log.error("worker %d (pid %d) exited with code %s; restarting in %.1f s",
+                          worker.index, proc.pid, proc.returncode, delay)
+            elif now >= worker.next_start:
+                worker.restarts += 1
+                worker.next_start = 0.0
+                self.counters.event("worker_restarts")
+                self._spawn(worker)
+
+    # --- control ------------------------------------------------------------------------------
+
+    def _answer_control(self) -> None:
+        try:
+            request = json.loads(self.control.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return
+        except ValueError:
+            self.control.send_json({"v": CONTROL_VERSION, "ok": False, "error": "bad json"})
+            return
+        cmd = request.get("cmd")
+        if cmd in ("flows", "status"):
+            workers = []
+            for worker in self.workers:
+                reply = self._ask_worker(worker.index, {"v": CONTROL_VERSION, "cmd": "flows"})
+                entry: dict[str, Any] = {"index": worker.index, "restarts": worker.restarts,
+                                         "up": reply is not None}
+                if reply is not None:
+                    entry.update(reply)
+                workers.append(entry)
+            self.control.send_json({
+                "v": CONTROL_VERSION, "ok": True, "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "settings": {"mode": self.settings.mode, "workers": self.settings.workers,
+                             "addresses": list(self.settings.addresses),
+                             "pool": self.settings.pool},
+                "coordinator": self.counters.as_dict(),
+                "workers": workers,
+            })
+        elif cmd == "ping":
+            self.control.send_json({"v": CONTROL_VERSION, "ok": True, "pid": os.getpid()})
+        else:
+            self.control.send_json({"v": CONTROL_VERSION, "ok": False,
+                                    "error": f"unknown command {cmd!r}"})
+
+
+def run_gateway(settings: Settings) -> int:
+    """Run until SIGINT/SIGTERM; exit code 0 on a clean stop, 1 on a runtime failure."""
+    coordinator = Coordinator(settings)
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        coordinator.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        coordinator.start()
+        coordinator.run()
+    except (OSError, RuntimeError, RunDirBusy, zmq.ZMQError) as exc:
+        log.error("sixgate cannot run: %s", exc)
+        coordinator.stop()
+        return 1
+    coordinator.stop()
+    log.info("sixgate stopped cleanly")
+    return 0

@@ -1,0 +1,128 @@
+"""``sixgate probe``: what this kernel and these privileges allow, one line each with the reason.
+
+Every check really tries the thing (opens the socket, creates and deletes the device) rather
+than guessing from versions; a check never leaves anything behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _raw_proto41() -> Capability:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, 41).close()
+        return Capability("raw socket (IPv4 proto 41)", True, "can receive and send 6in4/6to4")
+    except PermissionError:
+        return Capability("raw socket (IPv4 proto 41)", False,
+                          "permission denied: run as root or grant CAP_NET_RAW")
+    except OSError as exc:
+        return Capability("raw socket (IPv4 proto 41)", False, str(exc))
+
+
+def _af_packet() -> Capability:
+    try:
+        socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)).close()
+        return Capability("AF_PACKET", True, "packet capture available")
+    except PermissionError:
+        return Capability("AF_PACKET", False, "permission denied: needs CAP_NET_RAW")
+    except OSError as exc:
+        return Capability("AF_PACKET", False, str(exc))
+
+
+def _tun() -> Capability:
+    import fcntl
+    import struct
+    if not os.path.exists("/dev/net/tun"):
+        return Capability("TUN", False, "/dev/net/tun is missing: load the tun module or, in a "
+                          "container, pass the device in (--device /dev/net/tun)")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as exc:
+        return Capability("TUN", False, f"cannot open /dev/net/tun: {exc.strerror}")
+    try:
+        name = f"sgprobe{os.getpid() % 10000}"
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", name.encode(), 0x1001))
+        return Capability("TUN", True, "can create TUN devices (delivery method: tun)")
+    except OSError as exc:
+        reason = ("needs CAP_NET_ADMIN" if exc.errno == errno.EPERM else exc.strerror)
+        return Capability("TUN", False, f"cannot create a TUN device: {reason}")
+    finally:
+        os.close(fd)
+
+
+def _nftables() -> Capability:
+    nft = shutil.which("nft")
+    if nft is None:
+        return Capability("nftables", False, "the nft command is not installed (apt-get install "
+                          "nftables); not needed by the tun delivery method")
+    result = subprocess.run([nft, "list", "tables"], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        return Capability("nftables", False, result.stderr.strip() or "nft list tables failed")
+    return Capability("nftables", True, "nft works (not needed by the tun delivery method)")
+
+
+def _kernel_ipv6() -> Capability:
+    if not Path("/proc/net/if_inet6").exists():
+        return Capability("kernel IPv6", False, "the kernel has no IPv6 (no /proc/net/if_inet6);"
+                          " sixgate provides the IPv6 stack in userspace")
+    try:
+        disabled = Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip()
+    except OSError:
+        disabled = "0"
+    if disabled == "1":
+        return Capability("kernel IPv6", False, "disabled (net.ipv6.conf.all.disable_ipv6=1); "
+                          "sixgate provides the IPv6 stack in userspace")
+    return Capability("kernel IPv6", True, "enabled")
+
+
+def _kernel_sit() -> Capability:
+    """Try to create a sit link (then delete it): the only reliable test of the driver."""
+    try:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+    except ImportError as exc:  # pragma: no cover - a dependency
+        return Capability("kernel sit", False, f"pyroute2 missing: {exc}")
+    name = f"sgsit{os.getpid() % 10000}"
+    try:
+        with IPRoute() as ipr:
+            try:
+                ipr.link("add", ifname=name, kind="sit", sit_local="192.0.2.1")
+            except NetlinkError as exc:
+                if exc.code == errno.EPERM:
+                    return Capability("kernel sit", False, "needs CAP_NET_ADMIN to test")
+                return Capability("kernel sit", False, "the kernel has no sit driver "
+                                  f"(CONFIG_IPV6_SIT): {os.strerror(exc.code)}")
+            index = ipr.link_lookup(ifname=name)
+            if index:
+                ipr.link("del", index=index[0])
+            return Capability("kernel sit", True, "sit tunnels can be created")
+    except OSError as exc:
+        return Capability("kernel sit", False, str(exc))
+
+
+def probe() -> list[Capability]:
+    return [_raw_proto41(), _af_packet(), _tun(), _nftables(), _kernel_ipv6(), _kernel_sit()]
+
+
+def delivery_method(capabilities: list[Capability]) -> tuple[str | None, str]:
+    """Which way translated packets reach the services here, and why."""
+    by_name = {c.name: c for c in capabilities}
+    tun = by_name["TUN"]
+    if tun.ok:
+        return "tun", "TUN device per worker; the pool is routed to it (no firewall rule)"
+    return None, f"no delivery method: {tun.detail}"

@@ -1,0 +1,369 @@
+"""One worker shard's packet engine: what happens to each packet, as data in and data out.
+
+``Datapath.inbound`` takes an IPv6 packet the coordinator already decapsulated and checked
+(``workers/tunnel.py``); ``Datapath.from_services`` takes an IPv4 packet a service sent to a
+pool address. Results are appended to ``to_services`` (IPv4 packets for the services) and
+``outbound`` ((IPv6 packet, outer IPv4 destination) pairs for the tunnel); every packet that
+goes nowhere is counted under one ``DropReason``. The I/O shell (``workers/main.py``) drains
+those lists after each batch.
+
+Rules implemented here, by RFC: echo responder (RFC 4443 §4.2); translation (RFC 7915 §4,
+§5); sessions (RFC 6146); RST for closed ports (RFC 9293 §3.10.7.1); port unreachable and
+parameter problem (RFC 4443 §3.1, §3.4), rate-limited (RFC 4443 §2.4(f)); hop limit (RFC
+7915 §5.1, RFC 4443 §3.3); reassembly and fragmentation (RFC 8200 §4.5). Pure: ``now`` is
+passed in, no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from workers.counters import Counters
+from workers.drops import DropReason
+from workers.flows import FlowTable, Session
+from workers.fragment import Reassembler, fragment_ipv6
+from workers.icmp import (
+    ICMPV6_DEST_UNREACHABLE,
+    ICMPV6_ECHO_REQUEST,
+    ICMPV6_PARAMETER_PROBLEM,
+    ICMPV6_TIME_EXCEEDED,
+    PARAM_UNRECOGNIZED_NEXT_HEADER,
+    UNREACH_ADMIN_PROHIBITED,
+    UNREACH_PORT,
+    TokenBucket,
+    echo_reply,
+    icmpv6_error,
+    may_send_error,
+    tcp_reset,
+)
+from workers.packet import (
+    IPV4_DF,
+    IPV4_MF,
+    IPV4_OFFSET_MASK,
+    PORTS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    IPv6View,
+    build_ipv4,
+    build_ipv6,
+    checksum,
+    parse_ipv4,
+    parse_ipv6,
+    pseudo_sum_v6,
+    sum16,
+    sum_is_valid,
+)
+from workers.settings import Settings
+from workers.translate import (
+    icmpv4_error_key,
+    translate_icmpv4_error,
+    translate_v4_to_v6,
+    translate_v6_to_v4,
+)
+from workers.tunnel import outer_destination
+
+TCP_SYN = 0x02
+TCP_ACK = 0x10
+TCP_RST = 0x04
+
+# Rule lookup value: (label, target IPv4 bytes, target port)
+RuleTarget = tuple[str, bytes, int]
+
+
+def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
+    """(proto, destination port) -> target, for every port of every forward rule."""
+    table: dict[tuple[int, int], RuleTarget] = {}
+    for rule in settings.forwards:
+        proto = PROTO_TCP if rule.proto == "tcp" else PROTO_UDP
+        target = ipaddress.IPv4Address(rule.target_ipv4).packed
+        for port in range(rule.port_lo, rule.port_hi + 1):
+            table[(proto, port)] = (rule.label, target, rule.target_for(port))
+    return table
+
+
+class Datapath:
+    """The packet engine of one worker shard."""
+
+    def __init__(self, settings: Settings, pool: list[bytes], workers: int = 1) -> None:
+        self.settings = settings
+        self.mtu = settings.mtu
+        self.max_mss = settings.max_mss
+        self.mode = settings.mode
+        self.remote_ipv4 = (ipaddress.IPv4Address(settings.remote_ipv4).packed
+                            if settings.remote_ipv4 else None)
+        self.relay_ipv4 = (ipaddress.IPv4Address(settings.relay_ipv4).packed
+                           if settings.relay_ipv4 else None)
+        self.addresses = frozenset(ipaddress.IPv6Address(a).packed for a in settings.addresses)
+        self.rules = build_rule_table(settings)
+        # The global limit is shared by the shards; the per /64 limit is exact because one
+        # shard sees all of a /64 (workers/wire.py flow_hash).
+        self.flows = FlowTable(pool, max(1, -(-settings.max_flows // workers)),
+                               settings.max_flows_per_prefix, settings.timeouts)
+        self.reassembler = Reassembler(settings.fragment_datagrams, settings.fragment_bytes)
+        self.error_limiter = TokenBucket(settings.icmp_errors_per_s, settings.icmp_error_burst)
+        self.counters = Counters()
+        self.to_services: list[bytes] = []
+        self.outbound: list[tuple[bytes, bytes]] = []
+        self._ident4 = 0
+        self._ident6 = 0
+        self.limit_hits: dict[DropReason, int] = {}
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _drop(self, reason: DropReason) -> None:
+        self.counters.drops[reason] += 1
+
+    def _send_v6(self, packet: bytes, proto: int) -> None:
+        """Queue an IPv6 packet for the tunnel, fragmenting it to the tunnel MTU."""
+        dst = packet[24:40]
+        outer = outer_destination(dst, self.mode, self.remote_ipv4, self.relay_ipv4)
+        if outer is None:
+            self._drop(DropReason.INTERNAL_ERROR)
+            return
+        if len(packet) > self.mtu:
+            self._ident6 = (self._ident6 + 1) & 0xFFFFFFFF
+            pieces = fragment_ipv6(packet[8:24], dst, packet[6], packet[40:], self.mtu,
+                                   self._ident6, hop_limit=packet[7])
+            self.counters.event("fragments_sent", len(pieces))
+        else:
+            pieces = [packet]
+        for piece in pieces:
+            self.outbound.append((piece, outer))
+            self.counters.count("outbound", proto, len(piece))
+
+    def _error(self, packet: bytes | memoryview, view: IPv6View, icmp_type: int, code: int,
+               rest: int = 0) -> None:
+        """Send an ICMPv6 error about ``packet`` if RFC 4443 §2.4(e) and (f) allow."""
+        if not may_send_error(packet, view[4], view[5]):
+            return
+        # RFC 4443 §2.4(f): originated errors are rate-limited (token bucket).
+        if not self.error_limiter.allow(self._now):
+            self._drop(DropReason.ICMP_RATE_LIMITED)
+            return
+        self.counters.event(f"icmp_error_{icmp_type}_{code}")
+        self._send_v6(icmpv6_error(view[3], packet, icmp_type, code, rest), PROTO_ICMPV6)
+
+    def _reset(self, packet: bytes | memoryview, view: IPv6View) -> None:
+        rst = tcp_reset(packet, view[5])
+        if rst is None:
+            return
+        if not self.error_limiter.allow(self._now):
+            self._drop(DropReason.ICMP_RATE_LIMITED)
+            return
+        self.counters.event("tcp_rst_sent")
+        self._send_v6(rst, PROTO_TCP)
+
+    _now = 0.0
+
+    # --- inbound: IPv6 from the tunnel --------------------------------------------------------
+
+    def inbound(self, packet: bytes | memoryview, now: float) -> None:
+        self._now = now
+        view = parse_ipv6(packet)
+        if isinstance(view, DropReason):
+            self._drop(view)
+            return
+        proto = view[4]
+        self.counters.count("inbound", proto, len(packet))
+        fragment = view[6]
+        if fragment is not None:
+            whole = self.reassembler.add(packet, fragment[0], fragment[1], fragment[2],
+                                         fragment[3], fragment[4], now)
+            if whole is None:
+                return
+            if isinstance(whole, DropReason):
+                self._drop(whole)
+                return
+            packet = whole
+            view = parse_ipv6(packet)
+            if isinstance(view, DropReason) or view[6] is not None:
+                self._drop(DropReason.BAD_FRAGMENT)
+                return
+            proto = view[4]
+        if view[3] not in self.addresses:
+            self._drop(DropReason.NOT_OUR_ADDRESS)
+            return
+        if proto == PROTO_TCP or proto == PROTO_UDP:
+            self._inbound_transport(packet, view, proto, now)
+        elif proto == PROTO_ICMPV6:
+            self._inbound_icmp(packet, view)
+        else:
+            # RFC 4443 §3.4: unrecognized Next Header, pointing at the field that names it.
+            self._drop(DropReason.UNSUPPORTED_PROTOCOL)
+            self._error(packet, view, ICMPV6_PARAMETER_PROBLEM, PARAM_UNRECOGNIZED_NEXT_HEADER,
+                        6 if view[5] == 40 else view[5] - 8)
+
+    def _inbound_icmp(self, packet: bytes | memoryview, view: IPv6View) -> None:
+        offset = view[5]
+        segment = packet[offset:]
+        if len(segment) < 8:
+            self._drop(DropReason.TRUNCATED)
+            return
+        if not sum_is_valid(pseudo_sum_v6(view[2], view[3], PROTO_ICMPV6, len(segment))
+                            + sum16(segment)):
+            self._drop(DropReason.BAD_CHECKSUM)
+            return
+        if segment[0] == ICMPV6_ECHO_REQUEST:
+            self.counters.event("echo_replies")
+            self._send_v6(echo_reply(packet, offset), PROTO_ICMPV6)
+            return
+        # RFC 7915 §5.2 would translate ICMPv6 errors about our replies to ICMPv4 for the
+        # service; the services here are local and learn of failures through TCP itself.
+        self._drop(DropReason.ICMP_NOT_TRANSLATED)
+
+    def _inbound_transport(self, packet: bytes | memoryview, view: IPv6View, proto: int,
+                           now: float) -> None:
+        offset = view[5]
+        segment = packet[offset:]
+        header = 20 if proto == PROTO_TCP else 8
+        if len(segment) < header:
+            self._drop(DropReason.TRUNCATED)
+            return
+        segment_sum = sum16(segment)
+        # RFC 8200 §8.1: the upper-layer checksum covers the pseudo-header; UDP zero is invalid.
+        if not sum_is_valid(pseudo_sum_v6(view[2], view[3], proto, len(segment))
+                            + segment_sum) or (proto == PROTO_UDP and segment[6:8] == b"\0\0"):
+            self._drop(DropReason.BAD_CHECKSUM)
+            return
+        sport, dport = PORTS.unpack_from(segment)
+        session = self.flows.lookup_v6(proto, view[2], sport, view[3], dport)
+        flags = segment[13] if proto == PROTO_TCP else 0
+        if session is None:
+            rule = self.rules.get((proto, dport))
+            if rule is None:
+                self._drop(DropReason.NO_RULE)
+                self._refuse(packet, view, proto)
+                return
+            # RFC 6146 §3.5.2.2: only a SYN opens a TCP session; anything else is refused
+            # like a closed port so the client learns at once (RFC 9293 §3.10.7.1).
+            if proto == PROTO_TCP and (flags & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN:
+                self._drop(DropReason.NO_SESSION)
+                self._refuse(packet, view, proto)
+                return
+            created = self.flows.create(proto, view[2], sport, view[3], dport, rule[1],
+                                        rule[2], rule[0], now)
+            if isinstance(created, DropReason):
+                self._drop(created)
+                self.limit_hits[created] = self.limit_hits.get(created, 0) + 1
+                # RFC 6888 REQ-11: SHOULD send Destination Unreachable when no mapping fits.
+                self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
+                return
+            session = created
+            self.counters.event(f"flows_created_{'tcp' if proto == PROTO_TCP else 'udp'}")
+        # RFC 7915 §5.1 / RFC 4443 §3.3: a router never forwards with hop limit 0.
+        if view[1] <= 1:
+            self._drop(DropReason.HOP_LIMIT_EXCEEDED)
+            self._error(packet, view, ICMPV6_TIME_EXCEEDED, 0)
+            return
+        if proto == PROTO_TCP:
+            self.flows.touch_tcp(session, flags, True, now)
+        else:
+            session.last_seen = now
+        self._ident4 = (self._ident4 + 1) & 0xFFFF
+        out = translate_v6_to_v4(packet, offset, proto, segment_sum, session, view[1] - 1,
+                                 self._ident4, self.max_mss)
+        self.to_services.append(out)
+        self.counters.count("to_services", proto, len(out))
+
+    def _refuse(self, packet: bytes | memoryview, view: IPv6View, proto: int) -> None:
+        if proto == PROTO_TCP:
+            self._reset(packet, view)
+        else:
+            self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_PORT)
+
+    # --- from services: IPv4 to a pool address ------------------------------------------------
+
+    def from_services(self, packet: bytes | memoryview, now: float) -> None:
+        self._now = now
+        view = parse_ipv4(packet)
+        if isinstance(view, DropReason):
+            self._drop(view)
+            return
+        header_len, total_len, _ident, flags_offset, ttl, proto, src, dst, tos = view
+        self.counters.count("from_services", proto, total_len)
+        if flags_offset & (IPV4_MF | IPV4_OFFSET_MASK):
+            # The TUN MTU is 65535, so the local stack never fragments towards us.
+            self._drop(DropReason.BAD_FRAGMENT)
+            return
+        if proto == PROTO_TCP or proto == PROTO_UDP:
+            if total_len - header_len < (20 if proto == PROTO_TCP else 8):
+                self._drop(DropReason.TRUNCATED)
+                return
+            sport, dport = PORTS.unpack_from(packet, header_len)
+            session = self.flows.lookup_v4(proto, dst, dport, src, sport)
+            if session is None:
+                self._drop(DropReason.NO_SESSION)
+                return
+            if ttl <= 1:
+                self._drop(DropReason.HOP_LIMIT_EXCEEDED)
+                return
+            if proto == PROTO_TCP:
+                self.flows.touch_tcp(session, packet[header_len + 13], False, now)
+            else:
+                session.last_seen = now
+            segment = translate_v4_to_v6(packet, header_len, total_len, proto, session,
+                                         self.max_mss)
+            if 40 + len(segment) > self.mtu and flags_offset & IPV4_DF and proto == PROTO_TCP:
+                # RFC 7915 §4.1: DF set and too big for the next hop -> Fragmentation Needed.
+                # MSS clamping makes this rare; the service's stack learns the MTU from it.
+                self._drop(DropReason.TOO_BIG)
+                self.to_services.append(self._frag_needed(packet, header_len, total_len))
+                return
+            self._emit(session, proto, segment, ttl - 1, tos)
+        elif proto == PROTO_ICMP:
+            self._from_services_icmp(packet, header_len, total_len)
+        else:
+            self._drop(DropReason.UNSUPPORTED_PROTOCOL)
+
+    def _emit(self, session: Session, proto: int, segment: bytes, hop_limit: int,
+              tos: int) -> None:
+        packet = build_ipv6(session.gw6, session.client6, proto, segment, hop_limit=hop_limit,
+                            traffic_class=tos)
+        self._send_v6(packet, proto)
+
+    def _from_services_icmp(self, packet: bytes | memoryview, header_len: int,
+                            total_len: int) -> None:
+        if total_len - header_len < 8:
+            self._drop(DropReason.TRUNCATED)
+            return
+        icmp_type = packet[header_len]
+        if icmp_type not in (3, 11, 12):
+            # RFC 7915 §4.2: echo, timestamp, info and the rest are not translated here.
+            self._drop(DropReason.ICMP_NOT_TRANSLATED)
+            return
+        key = icmpv4_error_key(packet, header_len, total_len)
+        if isinstance(key, DropReason):
+            self._drop(key)
+            return
+        session = self.flows.lookup_v4(*key)
+        if session is None:
+            self._drop(DropReason.NO_SESSION)
+            return
+        out = translate_icmpv4_error(packet, header_len, total_len, session, self.mtu)
+        if isinstance(out, DropReason):
+            self._drop(out)
+            return
+        self.counters.event("icmp_errors_translated")
+        self._send_v6(out, PROTO_ICMPV6)
+
+    def _frag_needed(self, packet: bytes | memoryview, header_len: int,
+                     total_len: int) -> bytes:
+        """ICMPv4 3/4 back to the service with the MTU it must use (RFC 1191, RFC 7915 §4.1)."""
+        quote = bytes(packet[:header_len + 8])
+        mtu4 = self.mtu - 20  # IPv6 header is 20 bytes bigger than IPv4's
+        message = bytearray(b"\x03\x04\0\0\0\0" + mtu4.to_bytes(2, "big") + quote)
+        message[2:4] = checksum(message).to_bytes(2, "big")
+        return build_ipv4(bytes(packet[16:20]), bytes(packet[12:16]), PROTO_ICMP, message)
+
+    # --- time ---------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Expire idle sessions and stale fragments (call about once a second)."""
+        expired = self.flows.expire(now)
+        if expired:
+            self.counters.event("flows_expired", expired)
+        timed_out = self.reassembler.expire(now)
+        if timed_out:
+            self.counters.drop(DropReason.FRAGMENT_TIMEOUT, timed_out)

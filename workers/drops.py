@@ -1,0 +1,74 @@
+"""The registry of every reason sixgate drops a packet, one line and one RFC each.
+
+Modelled on Linux ``include/net/dropreason-core.h``: a drop is always counted under exactly one
+of these names, so an operator can tell a hostile peer from a full table from our own bug.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class DropReason(enum.Enum):
+    """Why a packet did not go on; ``value`` is the metric/log label."""
+
+    TRUNCATED = "truncated"
+    """Shorter than its headers or its length fields claim (RFC 791, RFC 8200 §3)."""
+    BAD_VERSION = "bad_version"
+    """IP version field is not 4 (outer) or not 6 (inner) (RFC 4213 §3.6)."""
+    BAD_HEADER = "bad_header"
+    """A header field that cannot be valid: IHL < 5, bad options or extension-header chain."""
+    BAD_CHECKSUM = "bad_checksum"
+    """IPv4 header or TCP/UDP/ICMPv6 checksum does not verify (RFC 791, RFC 8200 §8.1)."""
+    NOT_PROTO_41 = "not_proto_41"
+    """Outer IPv4 packet does not carry IPv6 (protocol 41, RFC 4213 §3.5)."""
+    WRONG_TUNNEL_PEER = "wrong_tunnel_peer"
+    """6in4 outer source is not the configured remote; dropped silently (RFC 4213 §3.6)."""
+    SPOOFED_6TO4 = "spoofed_6to4"
+    """2002::/16 address does not embed the outer IPv4 address (RFC 3964 §5.2, Linux sit)."""
+    MARTIAN_SOURCE = "martian_source"
+    """Source address that must never appear on the wire (RFC 4213 §3.6, RFC 3964 §5.3)."""
+    MARTIAN_DESTINATION = "martian_destination"
+    """Destination that is multicast, unspecified, loopback or mapped (RFC 3964 §5.3)."""
+    NOT_OUR_ADDRESS = "not_our_address"
+    """Inner destination is not one of the gateway's addresses (we are not a relay)."""
+    NEIGHBOR_DISCOVERY = "neighbor_discovery"
+    """ND/redirect/router messages are never decapsulated from 6to4 (RFC 3964 §5.1)."""
+    NO_RULE = "no_rule"
+    """No forward rule for this protocol/port; answered with RST or ICMPv6 error."""
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    """Transport other than TCP/UDP/ICMPv6; answered with ICMPv6 parameter problem."""
+    ICMP_NOT_TRANSLATED = "icmp_not_translated"
+    """ICMP type that RFC 7915 §4.2/§5.2 says to drop (ND, MLD, redirect, info messages)."""
+    HOP_LIMIT_EXCEEDED = "hop_limit_exceeded"
+    """Hop limit/TTL reached zero while forwarding (RFC 7915 §4.1, §5.1; RFC 4443 §3.3)."""
+    NO_SESSION = "no_session"
+    """IPv4 packet from a service that matches no live session (RFC 6146 §3.5)."""
+    FLOW_LIMIT = "flow_limit"
+    """Global flow table limit reached (RFC 6888 REQ-4/REQ-11)."""
+    PREFIX_FLOW_LIMIT = "prefix_flow_limit"
+    """Per source /64 flow limit reached (RFC 6888 REQ-4)."""
+    POOL_EXHAUSTED = "pool_exhausted"
+    """No IPv4 pool address left for a new client (RFC 6888 REQ-11)."""
+    PORT_IN_USE = "port_in_use"
+    """IPv4 session key already held by another IPv6 session (RFC 6146 §3.1)."""
+    FRAGMENT_LIMIT = "fragment_limit"
+    """Reassembly memory/queue bound reached (RFC 6146 §3.4, RFC 8200 §4.5)."""
+    FRAGMENT_TIMEOUT = "fragment_timeout"
+    """Fragments not completed within 60 s (RFC 8200 §4.5)."""
+    BAD_FRAGMENT = "bad_fragment"
+    """Overlapping or inconsistent fragments (RFC 5722) or a fragmented ICMP (RFC 7915 §1.2)."""
+    TOO_BIG = "too_big"
+    """Packet larger than the next hop allows with DF set (RFC 7915 §4.1, §1.4)."""
+    ICMP_RATE_LIMITED = "icmp_rate_limited"
+    """An ICMPv6 error or RST we would send was suppressed (RFC 4443 §2.4(f))."""
+    SEND_FAILED = "send_failed"
+    """The kernel refused a send (ENOBUFS, no route); counted, never retried."""
+    QUEUE_FULL = "queue_full"
+    """A bounded queue to a worker was full (overload is dropped, never buffered)."""
+    INTERNAL_ERROR = "internal_error"
+    """A bug in sixgate: the packet raised; counted and logged, the loop goes on."""
+
+
+ALL_REASONS: tuple[DropReason, ...] = tuple(DropReason)

@@ -1,0 +1,135 @@
+"""Packets the gateway originates itself: ICMPv6 echo replies, ICMPv6 errors, TCP resets.
+
+Implements RFC 4443 §2.4 (error rules and rate limit), §3 (error messages), §4.2 (echo reply),
+RFC 9293 §3.10.7.1 (reset generation for a segment to a closed port). Pure: ``now`` is passed
+in, no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from workers.packet import (
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    build_ipv6,
+    pseudo_sum_v6,
+    set_checksum,
+)
+
+ICMPV6_DEST_UNREACHABLE = 1
+ICMPV6_PACKET_TOO_BIG = 2
+ICMPV6_TIME_EXCEEDED = 3
+ICMPV6_PARAMETER_PROBLEM = 4
+ICMPV6_ECHO_REQUEST = 128
+ICMPV6_ECHO_REPLY = 129
+
+UNREACH_NO_ROUTE = 0
+UNREACH_ADMIN_PROHIBITED = 1
+UNREACH_ADDRESS = 3
+UNREACH_PORT = 4
+PARAM_UNRECOGNIZED_NEXT_HEADER = 1
+
+# RFC 4443 §2.4(c): an error message must not exceed the minimum IPv6 MTU.
+MIN_MTU = 1280
+
+ICMP_HEADER = struct.Struct("!BBHI")
+TCP_HEADER = struct.Struct("!HHIIBBHHH")
+TCP_RST = 0x04
+TCP_ACK = 0x10
+TCP_SYN = 0x02
+TCP_FIN = 0x01
+
+
+def build_icmpv6(src: bytes, dst: bytes, icmp_type: int, code: int, rest: int,
+                 body: bytes | memoryview, hop_limit: int = 64) -> bytes:
+    """A whole IPv6 packet carrying one ICMPv6 message with a correct checksum."""
+    message = bytearray(ICMP_HEADER.pack(icmp_type, code, 0, rest))
+    message += body
+    set_checksum(message, 2, pseudo_sum_v6(src, dst, PROTO_ICMPV6, len(message)))
+    return build_ipv6(src, dst, PROTO_ICMPV6, message, hop_limit=hop_limit)
+
+
+def echo_reply(request: bytes | memoryview, upper_offset: int) -> bytes:
+    """Answer an echo request addressed to us (RFC 4443 §4.2): identifier, sequence and data
+    are returned unmodified, sourced from the address the request was sent to."""
+    src = bytes(request[24:40])
+    dst = bytes(request[8:24])
+    message = bytearray(request[upper_offset:])
+    message[0] = ICMPV6_ECHO_REPLY
+    message[1] = 0
+    set_checksum(message, 2, pseudo_sum_v6(src, dst, PROTO_ICMPV6, len(message)))
+    return build_ipv6(src, dst, PROTO_ICMPV6, message)
+
+
+def may_send_error(invoking: bytes | memoryview, upper_proto: int, upper_offset: int) -> bool:
+    """RFC 4443 §2.4(e): never answer an error, a multicast destination or an unspecified or
+    multicast source with an error."""
+    if invoking[24] == 0xFF or invoking[8] == 0xFF:
+        return False
+    if bytes(invoking[8:24]) == bytes(16):
+        return False
+    # RFC 4443 §2.4(e.1): no error about an error (types 0-127) or a redirect (137).
+    if upper_proto == PROTO_ICMPV6 and len(invoking) > upper_offset:
+        kind = invoking[upper_offset]
+        if kind < 128 or kind == 137:
+            return False
+    return True
+
+
+def icmpv6_error(our_addr: bytes, invoking: bytes | memoryview, icmp_type: int, code: int,
+                 rest: int = 0) -> bytes:
+    """An ICMPv6 error about ``invoking`` sent back to its source (RFC 4443 §3), holding as much
+    of the invoking packet as fits in 1280 bytes (RFC 4443 §2.4(c))."""
+    body = bytes(invoking[:MIN_MTU - 40 - 8])
+    return build_icmpv6(our_addr, bytes(invoking[8:24]), icmp_type, code, rest, body)
+
+
+def tcp_reset(invoking: bytes | memoryview, upper_offset: int) -> bytes | None:
+    """The RST that answers a segment for which no connection exists (RFC 9293 §3.10.7.1).
+
+    If the segment had ACK set the reset takes its sequence number from SEG.ACK; otherwise
+    SEQ=0 and ACK=SEG.SEQ+SEG.LEN with RST,ACK. A RST is never answered (RFC 9293 §3.10.7.1).
+    """
+    if len(invoking) < upper_offset + 20:
+        return None
+    sport, dport, seq, ack, data_off, flags, _win, _csum, _urg = TCP_HEADER.unpack_from(
+        invoking, upper_offset)
+    if flags & TCP_RST:
+        return None
+    src = bytes(invoking[24:40])
+    dst = bytes(invoking[8:24])
+    header_len = (data_off >> 4) * 4
+    seg_len = len(invoking) - upper_offset - header_len
+    seg_len += 1 if flags & TCP_SYN else 0
+    seg_len += 1 if flags & TCP_FIN else 0
+    if flags & TCP_ACK:
+        out_seq, out_ack, out_flags = ack, 0, TCP_RST
+    else:
+        out_seq, out_ack, out_flags = 0, (seq + seg_len) & 0xFFFFFFFF, TCP_RST | TCP_ACK
+    segment = bytearray(TCP_HEADER.pack(dport, sport, out_seq, out_ack, 5 << 4, out_flags,
+                                        0, 0, 0))
+    set_checksum(segment, 16, pseudo_sum_v6(src, dst, PROTO_TCP, len(segment)))
+    return build_ipv6(src, dst, PROTO_TCP, segment)
+
+
+class TokenBucket:
+    """RFC 4443 §2.4(f) token bucket: ``burst`` messages at once, ``rate_per_s`` refill."""
+
+    __slots__ = ("rate_per_s", "burst", "tokens", "last")
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.tokens = burst
+        self.last: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self.last is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate_per_s)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+

@@ -1,0 +1,288 @@
+"""The worker process: receive batches from the coordinator, translate, deliver, reply.
+
+I/O shell around ``workers/datapath.py``: a ZeroMQ PULL socket for inbound batches, a TUN
+device for the services (``workers/tun.py``), a raw IPv4 protocol-41 socket that sends the
+encapsulated replies straight to the tunnel peer (the kernel writes the outer header: TTL 64,
+DF clear as RFC 4213 §3.2.1 asks for a static MTU), and a ZeroMQ REP control socket that
+answers ``flows``/``ping`` requests. Each packet is wrapped in one ``except Exception`` that
+counts INTERNAL_ERROR, so no packet kills the loop.
+
+Started by the coordinator as ``python -m workers.main --settings FILE --index N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from workers.datapath import Datapath
+from workers.drops import DropReason
+from workers.flows import Session
+from workers.packet import PROTO_TCP, PROTO_UDP
+from workers.settings import Settings, worker_pool, worker_routes
+from workers.tun import configure_tun, open_tun
+from workers.wire import decode_batch
+
+log = logging.getLogger("sixgate.worker")
+
+CONTROL_VERSION = 1
+PR_SET_PDEATHSIG = 1
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DONT = 0
+TUN_BATCH = 64
+SO_ATTACH_FILTER = 26
+LIMIT_LOG_INTERVAL_S = 60.0
+TRACEBACK_LOG_INTERVAL_S = 10.0
+
+
+def data_endpoint(run_dir: str, index: int) -> str:
+    return f"ipc://{run_dir}/worker-{index}.data"
+
+
+def control_endpoint(run_dir: str, index: int) -> str:
+    return f"ipc://{run_dir}/worker-{index}.ctl"
+
+
+def tun_name(settings: Settings, index: int) -> str:
+    return f"{settings.name}{index}"
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM us when the coordinator dies, so no worker outlives it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def attach_drop_all_filter(sock: socket.socket) -> None:
+    """SO_ATTACH_FILTER with the classic BPF program ``ret #0``: receive nothing.
+    The kernel copies the program, so the buffer need not outlive the call."""
+    instruction = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))
+    program = struct.pack("HL", 1, ctypes.addressof(instruction))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+
+
+def describe_session(session: Session, now: float, index: int) -> dict[str, Any]:
+    proto = {PROTO_TCP: "tcp", PROTO_UDP: "udp"}.get(session.proto, str(session.proto))
+    return {
+        "proto": proto,
+        "client": f"[{ipaddress.IPv6Address(session.client6)}]:{session.cport}",
+        "gateway": f"[{ipaddress.IPv6Address(session.gw6)}]:{session.gwport}",
+        "pool": f"{ipaddress.IPv4Address(session.pool4)}:{session.cport}",
+        "target": f"{ipaddress.IPv4Address(session.target4)}:{session.tport}",
+        "rule": session.rule,
+        "state": session.state,
+        "idle_s": round(now - session.last_seen, 1),
+        "worker": index,
+    }
+
+
+class Worker:
+    def __init__(self, settings: Settings, index: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.datapath = Datapath(settings, worker_pool(settings.pool, settings.workers, index),
+                                 settings.workers)
+        self.running = True
+        self._last_traceback = 0.0
+        self._last_limit_log = 0.0
+        self.tun_fd = -1
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        settings = self.settings
+        name = tun_name(settings, self.index)
+        self.tun_fd = open_tun(name)
+        configure_tun(name, worker_routes(settings.pool, settings.workers, self.index))
+        self.send_sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
+        self.send_sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
+        self.send_sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+        self.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.send_sock.bind((settings.local_ipv4, 0))
+        # The raw socket would receive a copy of every proto-41 packet too; the coordinator
+        # handles those, so a one-instruction BPF filter drops them before they are queued.
+        attach_drop_all_filter(self.send_sock)
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, settings.queue_batches)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.connect(data_endpoint(settings.run_dir, self.index))
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_endpoint(settings.run_dir, self.index))
+
+    def close(self) -> None:
+        for sock in (getattr(self, "pull", None), getattr(self, "control", None)):
+            if sock is not None:
+                sock.close(0)
+        if getattr(self, "ctx", None) is not None:
+            self.ctx.term()
+        if self.tun_fd >= 0:
+            os.close(self.tun_fd)
+            self.tun_fd = -1
+
+    # --- loop ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.tun_fd, zmq.POLLIN)
+        next_tick = time.monotonic() + 1.0
+        while self.running:
+            events = dict(poller.poll(timeout=500))
+            now = time.monotonic()
+            if self.pull in events:
+                self._drain_pull(now)
+            if self.tun_fd in events:
+                self._drain_tun(now)
+            self._flush()
+            if self.control in events:
+                self._answer_control(now)
+            if now >= next_tick:
+                next_tick = now + 1.0
+                self.datapath.tick(now)
+                self._log_limits(now)
+
+    def _guard(self, exc: Exception) -> None:
+        """Count a packet that raised as INTERNAL_ERROR; log its traceback rate-limited."""
+        self.datapath.counters.drop(DropReason.INTERNAL_ERROR)
+        now = time.monotonic()
+        if now - self._last_traceback >= TRACEBACK_LOG_INTERVAL_S:
+            self._last_traceback = now
+            log.exception("worker %d: packet raised %r (counted as internal_error)",
+                          self.index, exc)
+
+    def _drain_pull(self, now: float) -> None:
+        datapath = self.datapath
+        for _ in range(16):
+            try:
+                message = self.pull.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            records = decode_batch(message)
+            if records is None:
+                log.warning("worker %d: batch with unknown wire version dropped", self.index)
+                datapath.counters.drop(DropReason.INTERNAL_ERROR)
+                continue
+            for _outer_src, inner in records:
+                try:
+                    datapath.inbound(inner, now)
+                except Exception as exc:  # noqa: BLE001 - one packet must never kill the loop
+                    self._guard(exc)
+            self._flush()
+
+    def _drain_tun(self, now: float) -> None:
+        datapath = self.datapath
+        for _ in range(TUN_BATCH):
+            try:
+                packet = os.read(self.tun_fd, 65536)
+            except BlockingIOError:
+                return
+            try:
+                datapath.from_services(packet, now)
+            except Exception as exc:  # noqa: BLE001
+                self._guard(exc)
+
+    def _flush(self) -> None:
+        datapath = self.datapath
+        if datapath.to_services:
+            for packet in datapath.to_services:
+                try:
+                    os.write(self.tun_fd, packet)
+                except OSError:
+                    datapath.counters.drop(DropReason.SEND_FAILED)
+            datapath.to_services.clear()
+        if datapath.outbound:
+            sendto = self.send_sock.sendto
+            for packet, outer in datapath.outbound:
+                try:
+                    sendto(packet, (socket.inet_ntoa(outer), 0))
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOBUFS, errno.EAGAIN, errno.ENETUNREACH,
+                                         errno.EHOSTUNREACH, errno.EMSGSIZE, errno.EPERM):
+                        log.warning("worker %d: send to %s failed: %s", self.index,
+                                    socket.inet_ntoa(outer), exc)
+                    datapath.counters.drop(DropReason.SEND_FAILED)
+            datapath.outbound.clear()
+
+    def _log_limits(self, now: float) -> None:
+        """RFC 6888 REQ-11: tell the operator about limit hits, at most once a minute."""
+        hits = self.datapath.limit_hits
+        if hits and now - self._last_limit_log >= LIMIT_LOG_INTERVAL_S:
+            self._last_limit_log = now
+            log.warning("worker %d: limits hit in the last minute: %s", self.index,
+                        ", ".join(f"{r.value} x{n}" for r, n in hits.items()))
+            hits.clear()
+
+    def _answer_control(self, now: float) -> None:
+        try:
+            request = json.loads(self.control.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return
+        except ValueError:
+            self.control.send_json({"v": CONTROL_VERSION, "ok": False, "error": "bad json"})
+            return
+        cmd = request.get("cmd")
+        if cmd == "ping":
+            reply: dict[str, Any] = {"v": CONTROL_VERSION, "ok": True, "pid": os.getpid()}
+        elif cmd == "flows":
+            flows = self.datapath.flows
+            reply = {
+                "v": CONTROL_VERSION, "ok": True, "pid": os.getpid(), "index": self.index,
+                "bindings": [describe_session(s, now, self.index) for s in flows.sessions()],
+                "flows": {"active": len(flows), "created": flows.created_total,
+                          "expired": flows.expired_total, "limit": flows.max_flows,
+                          "pool_in_use": flows.pool_in_use(), "pool_size": flows.pool_size},
+                "counters": self.datapath.counters.as_dict(),
+            }
+        else:
+            reply = {"v": CONTROL_VERSION, "ok": False, "error": f"unknown command {cmd!r}"}
+        self.control.send_json(reply)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sixgate-worker")
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args(argv)
+    with open(args.settings, encoding="utf-8") as f:
+        settings = Settings.from_json(f.read())
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s worker-{args.index} %(levelname)s %(message)s")
+    die_with_parent()
+    worker = Worker(settings, args.index)
+
+    def stop(_signum: int, _frame: object) -> None:
+        worker.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C goes to it
+    try:
+        worker.open()
+    except OSError as exc:
+        log.error("worker %d cannot start: %s", args.index, exc)
+        worker.close()
+        return 1
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

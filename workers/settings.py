@@ -1,0 +1,131 @@
+"""The validated, immutable settings every process runs on, and how the pool is sliced.
+
+The coordinator builds ``Settings`` from the TOML file (``coordinator/config.py`` does all the
+validation and error reporting); workers receive them as JSON (``to_json``/``from_json``), so
+a worker on another host can be handed the same object. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import asdict, dataclass, field
+
+from workers.flows import Timeouts
+
+SETTINGS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One ``[[forward]]`` rule: IPv6 (proto, port range) -> IPv4 target."""
+
+    proto: str  # "tcp" | "udp"
+    port_lo: int
+    port_hi: int
+    target_ipv4: str
+    target_port: int | None  # None: same port as the client asked for
+
+    def target_for(self, port: int) -> int:
+        """Target port for a destination port in this rule's range (ranges shift)."""
+        if self.target_port is None:
+            return port
+        return self.target_port + (port - self.port_lo)
+
+    @property
+    def label(self) -> str:
+        ports = str(self.port_lo) if self.port_lo == self.port_hi else (
+            f"{self.port_lo}-{self.port_hi}")
+        if self.target_port is None:
+            target = self.target_ipv4
+        elif self.port_lo == self.port_hi:
+            target = f"{self.target_ipv4}:{self.target_port}"
+        else:
+            target = (f"{self.target_ipv4}:{self.target_port}-"
+                      f"{self.target_port + self.port_hi - self.port_lo}")
+        return f"{self.proto}/{ports} -> {target}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    local_ipv4: str
+    relay_ipv4: str | None
+    remote_ipv4: str | None
+    prefix: str
+    addresses: tuple[str, ...]
+    mtu: int
+    workers: int
+    pool: str
+    run_dir: str
+    name: str
+    forwards: tuple[Forward, ...]
+    max_flows: int = 200_000
+    max_flows_per_prefix: int = 5_000
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    icmp_errors_per_s: float = 100.0
+    icmp_error_burst: int = 100
+    queue_batches: int = 1000
+    batch_packets: int = 64
+    hash_seed: int = 0x5167
+    fragment_datagrams: int = 1024
+    fragment_bytes: int = 16 << 20
+    martian_ipv4: tuple[tuple[str, str], ...] = ()
+    log_level: str = "info"
+    source_file: str = ""
+
+    @property
+    def max_mss(self) -> int:
+        """MSS both directions are clamped to: tunnel MTU - IPv6 header - TCP header."""
+        return self.mtu - 60
+
+    def to_json(self) -> str:
+        return json.dumps({"version": SETTINGS_VERSION, "settings": asdict(self)})
+
+    @staticmethod
+    def from_json(text: str) -> Settings:
+        doc = json.loads(text)
+        if doc.get("version") != SETTINGS_VERSION:
+            raise ValueError(f"settings version {doc.get('version')} is not {SETTINGS_VERSION}")
+        raw = doc["settings"]
+        raw["addresses"] = tuple(raw["addresses"])
+        raw["forwards"] = tuple(Forward(**f) for f in raw["forwards"])
+        raw["timeouts"] = Timeouts(**raw["timeouts"])
+        raw["martian_ipv4"] = tuple(tuple(r) for r in raw["martian_ipv4"])
+        return Settings(**raw)
+
+
+def pool_addresses(pool: str) -> list[ipaddress.IPv4Address]:
+    """Usable pool addresses: the network and broadcast addresses of the block are left out."""
+    net = ipaddress.IPv4Network(pool)
+    if net.num_addresses <= 2:
+        return list(net)
+    return list(net)[1:-1]
+
+
+def worker_pool_range(pool: str, workers: int, index: int) -> tuple[int, int]:
+    """[first, last] of the pool block (as integers) owned by worker ``index``: disjoint
+    slices, so a reply's destination pool address alone names the worker that owns the flow."""
+    net = ipaddress.IPv4Network(pool)
+    base = int(net.network_address)
+    per = net.num_addresses // workers
+    first = base + index * per
+    last = first + per - 1 if index < workers - 1 else int(net.broadcast_address)
+    return first, last
+
+
+def worker_pool(pool: str, workers: int, index: int) -> list[bytes]:
+    """The addresses worker ``index`` hands to clients (its slice, minus network/broadcast)."""
+    net = ipaddress.IPv4Network(pool)
+    first, last = worker_pool_range(pool, workers, index)
+    if net.num_addresses > 2:
+        first = max(first, int(net.network_address) + 1)
+        last = min(last, int(net.broadcast_address) - 1)
+    return [v.to_bytes(4, "big") for v in range(first, last + 1)]
+
+
+def worker_routes(pool: str, workers: int, index: int) -> list[ipaddress.IPv4Network]:
+    """The prefixes to route to worker ``index``'s TUN device."""
+    first, last = worker_pool_range(pool, workers, index)
+    return list(ipaddress.summarize_address_range(ipaddress.IPv4Address(first),
+                                                  ipaddress.IPv4Address(last)))

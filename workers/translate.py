@@ -1,0 +1,222 @@
+"""RFC 7915 header translation between IPv6 clients and IPv4 services, with session mapping.
+
+- ``translate_v6_to_v4``: §5.1 (IPv6 -> IPv4 header), §5.5 (transport checksums), with the
+  addresses and ports of an RFC 6146 session.
+- ``translate_v4_to_v6``: §4.1 (IPv4 -> IPv6 header), §4.5.
+- ``translate_icmpv4_error``: §4.2 (ICMPv4 error -> ICMPv6 error) and §4.3 (the embedded packet
+  is translated like a normal one, TTL not decremented).
+- ``clamp_mss``: the MSS option of a SYN is lowered to fit the tunnel (both directions), so
+  neither side ever sends a segment the 6in4/6to4 tunnel cannot carry.
+
+Checksums of the transport header are updated by difference (RFC 1624) where the input sum is
+known to be valid, otherwise recomputed. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from workers.drops import DropReason
+from workers.flows import Session
+from workers.icmp import (
+    ICMPV6_DEST_UNREACHABLE,
+    ICMPV6_PACKET_TOO_BIG,
+    ICMPV6_PARAMETER_PROBLEM,
+    ICMPV6_TIME_EXCEEDED,
+    MIN_MTU,
+    build_icmpv6,
+)
+from workers.packet import (
+    IPV4_DF,
+    PORTS,
+    PROTO_TCP,
+    PROTO_UDP,
+    U16,
+    build_ipv4,
+    build_ipv6,
+    fold,
+    pseudo_sum_v4,
+    pseudo_sum_v6,
+    sum16,
+)
+
+TCP_SYN = 0x02
+# RFC 7915 §5.1: IPv4 packets up to 1260 bytes leave with DF clear, larger ones with DF set.
+DF_THRESHOLD = 1260
+
+MSS_OPTION = struct.Struct("!BBH")
+
+
+def clamp_mss(segment: bytearray, max_mss: int) -> int:
+    """Lower the MSS option of a SYN to ``max_mss``; returns the checksum delta (new - old)."""
+    if len(segment) < 20 or not segment[13] & TCP_SYN:
+        return 0
+    end = min((segment[12] >> 4) * 4, len(segment))
+    offset = 20
+    while offset < end:
+        kind = segment[offset]
+        if kind == 0:  # end of option list
+            break
+        if kind == 1:  # no-operation
+            offset += 1
+            continue
+        if offset + 1 >= end:
+            break
+        length = segment[offset + 1]
+        if length < 2 or offset + length > end:
+            break
+        if kind == 2 and length == 4:
+            mss = (segment[offset + 2] << 8) | segment[offset + 3]
+            if mss > max_mss:
+                U16.pack_into(segment, offset + 2, max_mss)
+                return max_mss - mss
+            return 0
+        offset += length
+    return 0
+
+
+def translate_v6_to_v4(packet: bytes | memoryview, upper_offset: int, proto: int,
+                       segment_sum: int, session: Session, hop_limit: int, ident: int,
+                       max_mss: int) -> bytes:
+    """Translate a verified inbound TCP/UDP IPv6 packet into the IPv4 packet for the service.
+
+    ``segment_sum`` is ``sum16`` of the transport segment as received (checksum included),
+    already verified against the IPv6 pseudo-header; the new checksum follows by difference.
+    ``hop_limit`` is the already decremented value (RFC 7915 §5.1: TTL = Hop Limit - 1).
+    """
+    segment = bytearray(packet[upper_offset:])
+    old_sport, old_dport = PORTS.unpack_from(segment)
+    csum_offset = 16 if proto == PROTO_TCP else 6
+    old_csum = (segment[csum_offset] << 8) | segment[csum_offset + 1]
+    # The pool port is the client's port; the destination port becomes the target's.
+    PORTS.pack_into(segment, 0, session.cport, session.tport)
+    delta = session.cport + session.tport - old_sport - old_dport
+    if proto == PROTO_TCP:
+        delta += clamp_mss(segment, max_mss)
+    length = len(segment)
+    # RFC 1624 eqn 3 in sum form: the segment's words without the old checksum, plus the
+    # rewritten words, over the IPv4 pseudo-header.
+    total = (segment_sum - old_csum + delta
+             + pseudo_sum_v4(session.pool4, session.target4, proto, length))
+    U16.pack_into(segment, csum_offset, fold(total))
+    flags = IPV4_DF if 20 + length > DF_THRESHOLD else 0
+    tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
+    return build_ipv4(session.pool4, session.target4, proto, segment, ttl=hop_limit,
+                      ident=ident, flags_offset=flags, tos=tos)
+
+
+def translate_v4_to_v6(packet: bytes | memoryview, header_len: int, total_len: int,
+                       proto: int, session: Session, max_mss: int) -> bytes:
+    """Translate a service's IPv4 TCP/UDP reply into the IPv6 payload for the client.
+
+    Returns the transport segment (ports and checksum rewritten); the caller builds the IPv6
+    header(s), fragmenting when needed (RFC 7915 §4). The checksum is recomputed in full:
+    packets captured from the local stack may carry partial checksums (DESIGN.md).
+    """
+    segment = bytearray(packet[header_len:total_len])
+    PORTS.pack_into(segment, 0, session.gwport, session.cport)
+    if proto == PROTO_TCP:
+        clamp_mss(segment, max_mss)
+        csum_offset = 16
+    else:
+        csum_offset = 6
+    segment[csum_offset:csum_offset + 2] = b"\0\0"
+    # RFC 7915 §4.5: zero-checksum UDP is given a computed checksum (option 2).
+    U16.pack_into(segment, csum_offset,
+                  fold(pseudo_sum_v6(session.gw6, session.client6, proto, len(segment))
+                       + sum16(segment)))
+    return bytes(segment)
+
+
+# RFC 7915 §4.2: ICMPv4 Destination Unreachable code -> (ICMPv6 type, code); absent = drop.
+_UNREACH_V4_TO_V6: dict[int, tuple[int, int]] = {
+    0: (ICMPV6_DEST_UNREACHABLE, 0), 1: (ICMPV6_DEST_UNREACHABLE, 0),
+    2: (ICMPV6_PARAMETER_PROBLEM, 1), 3: (ICMPV6_DEST_UNREACHABLE, 4),
+    4: (ICMPV6_PACKET_TOO_BIG, 0), 5: (ICMPV6_DEST_UNREACHABLE, 0),
+    6: (ICMPV6_DEST_UNREACHABLE, 0), 7: (ICMPV6_DEST_UNREACHABLE, 0),
+    8: (ICMPV6_DEST_UNREACHABLE, 0), 9: (ICMPV6_DEST_UNREACHABLE, 1),
+    10: (ICMPV6_DEST_UNREACHABLE, 1), 11: (ICMPV6_DEST_UNREACHABLE, 0),
+    12: (ICMPV6_DEST_UNREACHABLE, 0), 13: (ICMPV6_DEST_UNREACHABLE, 1),
+    15: (ICMPV6_DEST_UNREACHABLE, 1),
+}
+# RFC 7915 §4.2: Parameter Problem pointer, IPv4 header offset -> IPv6 header offset.
+_POINTER_V4_TO_V6 = {0: 0, 1: 1, 2: 4, 3: 4, 8: 7, 9: 6, 12: 8, 13: 8, 14: 8, 15: 8,
+                     16: 24, 17: 24, 18: 24, 19: 24}
+
+# The session lookup key of an ICMP error's embedded packet: (proto, pool4, pport, target4,
+# tport); the caller resolves it to a Session.
+EmbeddedKey = tuple[int, bytes, int, bytes, int]
+
+
+def icmpv4_error_key(packet: bytes | memoryview, header_len: int,
+                     total_len: int) -> EmbeddedKey | DropReason:
+    """The session key of the packet an ICMPv4 error quotes (our own translated packet)."""
+    icmp = packet[header_len:total_len]
+    if len(icmp) < 8 + 20 + 4:
+        return DropReason.TRUNCATED
+    inner = icmp[8:]
+    inner_hl = (inner[0] & 0x0F) * 4
+    if inner[0] >> 4 != 4 or inner_hl < 20 or len(inner) < inner_hl + 4:
+        return DropReason.TRUNCATED
+    proto = inner[9]
+    if proto not in (PROTO_TCP, PROTO_UDP):
+        return DropReason.ICMP_NOT_TRANSLATED
+    sport, dport = PORTS.unpack_from(inner, inner_hl)
+    return (proto, bytes(inner[12:16]), sport, bytes(inner[16:20]), dport)
+
+
+def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_len: int,
+                           session: Session, tunnel_mtu: int) -> bytes | DropReason:
+    """Translate an ICMPv4 error about one of our sessions into the ICMPv6 error for the
+    client (RFC 7915 §4.2), its embedded packet translated back per §4.3."""
+    icmp = packet[header_len:total_len]
+    icmp_type, code = icmp[0], icmp[1]
+    rest = 0
+    if icmp_type == 3:
+        mapped = _UNREACH_V4_TO_V6.get(code)
+        if mapped is None:
+            return DropReason.ICMP_NOT_TRANSLATED
+        v6_type, v6_code = mapped
+        if v6_type == ICMPV6_PACKET_TOO_BIG:
+            # RFC 7915 §4.2: MTU + 20 for the bigger IPv6 header, never below 1280, and no
+            # more than our own tunnel carries.
+            mtu4 = (icmp[6] << 8) | icmp[7]
+            rest = min(max(MIN_MTU, mtu4 + 20), tunnel_mtu)
+        elif v6_type == ICMPV6_PARAMETER_PROBLEM:
+            rest = 6  # RFC 7915 §4.2: protocol unreachable points at Next Header
+    elif icmp_type == 11:
+        v6_type, v6_code = ICMPV6_TIME_EXCEEDED, code
+    elif icmp_type == 12 and code in (0, 2):
+        pointer = _POINTER_V4_TO_V6.get(icmp[4])
+        if pointer is None:
+            return DropReason.ICMP_NOT_TRANSLATED
+        v6_type, v6_code, rest = ICMPV6_PARAMETER_PROBLEM, 0, pointer
+    else:
+        return DropReason.ICMP_NOT_TRANSLATED
+    inner = icmp[8:]
+    inner_hl = (inner[0] & 0x0F) * 4
+    inner_total = (inner[2] << 8) | inner[3]
+    proto = inner[9]
+    # §4.3: the embedded packet keeps its TTL as hop limit; lengths come from what is quoted.
+    segment = bytearray(inner[inner_hl:])
+    csum_offset = 16 if proto == PROTO_TCP else 6
+    if len(segment) >= csum_offset + 2:
+        old_csum = (segment[csum_offset] << 8) | segment[csum_offset + 1]
+        old_sport, old_dport = PORTS.unpack_from(segment)
+        length = max(inner_total - inner_hl, 0)
+        # RFC 1624: adjust the quoted checksum for the address and port changes.
+        total = (0xFFFF - old_csum
+                 - pseudo_sum_v4(session.pool4, session.target4, proto, length)
+                 + pseudo_sum_v6(session.client6, session.gw6, proto, length)
+                 - old_sport - old_dport + session.cport + session.gwport)
+        if not (proto == PROTO_UDP and old_csum == 0):
+            U16.pack_into(segment, csum_offset, fold(total))
+    if len(segment) >= 4:
+        PORTS.pack_into(segment, 0, session.cport, session.gwport)
+    embedded = build_ipv6(session.client6, session.gw6, proto, segment, hop_limit=inner[8])
+    # build_ipv6 wrote the quoted length; restore the original payload length (§4.3 says the
+    # embedded header describes the original packet, not the truncated quote).
+    embedded = embedded[:4] + U16.pack(max(inner_total - inner_hl, 0)) + embedded[6:]
+    embedded = embedded[:MIN_MTU - 48]
+    return build_icmpv6(session.gw6, session.client6, v6_type, v6_code, rest, embedded)
+

@@ -1,0 +1,59 @@
+"""The worker's TUN device: how translated IPv4 packets reach the services and replies come back.
+
+Each worker owns one TUN device named ``<name><index>`` and routes its own slice of the IPv4
+pool to it (``workers/settings.py worker_routes``), so the kernel hands every reply to the
+worker that owns the flow. Because the pool addresses live behind the TUN and no local socket
+owns them, the kernel never answers the services' replies with its own RST or unreachable
+(DESIGN.md), and no firewall rule is needed. The device is not persistent: it disappears with
+the worker, also after a crash, so nothing is left behind.
+
+I/O shell: opens /dev/net/tun, configures the link and routes with pyroute2 (netlink), writes
+two per-device sysctls (``route_localnet`` for 127.0.0.0/8 targets, ``forwarding`` for
+targets on other hosts).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import struct
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+# The largest IPv4 packet: the local stack then never fragments towards us; oversized replies
+# are fragmented as IPv6 by the worker (RFC 7915 §4) or answered with Fragmentation Needed.
+TUN_MTU = 65535
+
+
+def open_tun(name: str) -> int:
+    """Create TUN device ``name`` and return its non-blocking fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def set_sysctl(device: str, key: str, value: str) -> None:
+    Path(f"/proc/sys/net/ipv4/conf/{device}/{key}").write_text(value)
+
+
+def configure_tun(name: str, routes: list[ipaddress.IPv4Network]) -> None:
+    """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it."""
+    # RFC 1122 §3.2.1.3 makes 127/8 martian on any other device; the services listen there.
+    set_sysctl(name, "route_localnet", "1")
+    # Targets on other hosts are forwarded from this device only (per-device, not global).
+    set_sysctl(name, "forwarding", "1")
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=index, mtu=TUN_MTU, state="up")
+        for net in routes:
+            ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen,
+                      oif=index)

@@ -1,0 +1,201 @@
+"""6to4 and 6in4 tunnel logic: decapsulation checks, address tables, outer destinations.
+
+Implements RFC 4213 §3.5-§3.6 (decapsulation, configured tunnel peer check), RFC 3056 §2 and
+§5.3 (6to4 prefix and where packets are sent), RFC 3964 §5 (6to4 spoofing and martian checks,
+as Linux ``net/ipv6/sit.c`` ``packet_is_spoofed`` and KAME ``if_stf.c``). Pure: no I/O.
+The coordinator runs ``check_inbound`` on every received proto-41 packet before fan-out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from workers.drops import DropReason
+from workers.packet import IPV4_HEADER, PROTO_ICMPV6, PROTO_IPV6
+
+PREFIX_6TO4 = b"\x20\x02"
+
+
+def embedded_ipv4(addr6: bytes) -> bytes | None:
+    """The IPv4 address a 2002:V4ADDR::/48 address embeds (RFC 3056 §2), else None."""
+    if addr6[:2] == PREFIX_6TO4:
+        return addr6[2:6]
+    return None
+
+
+def prefix_6to4(ipv4: str) -> ipaddress.IPv6Network:
+    """The /48 6to4 site prefix of a public IPv4 address (RFC 3056 §2)."""
+    v4 = ipaddress.IPv4Address(ipv4).packed
+    return ipaddress.IPv6Network((PREFIX_6TO4 + v4 + bytes(10), 48))
+
+
+# RFC 3964 §5.3.1 / RFC 6890: IPv4 ranges that must never appear as a tunnel endpoint or
+# inside a 2002::/16 address. The documentation ranges (RFC 5737) are deliberately absent:
+# they are what labs and examples use. Operators may replace this table in the config.
+DEFAULT_MARTIAN_IPV4: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "RFC 1122 §3.2.1.3: this network"),
+    ("10.0.0.0/8", "RFC 1918: private"),
+    ("127.0.0.0/8", "RFC 1122 §3.2.1.3: loopback"),
+    ("169.254.0.0/16", "RFC 3927: link local"),
+    ("172.16.0.0/12", "RFC 1918: private"),
+    ("192.168.0.0/16", "RFC 1918: private"),
+    ("224.0.0.0/4", "RFC 5771: multicast"),
+    ("240.0.0.0/4", "RFC 1112 §4: reserved, includes 255.255.255.255 broadcast"),
+)
+
+
+def _net_table(rows: tuple[tuple[str, str], ...]) -> tuple[tuple[int, int], ...]:
+    """(network int, mask int) pairs for fast membership tests."""
+    out = []
+    for cidr, _why in rows:
+        net = ipaddress.ip_network(cidr)
+        out.append((int(net.network_address), int(net.netmask)))
+    return tuple(out)
+
+
+def _in_table(addr: bytes, table: tuple[tuple[int, int], ...]) -> bool:
+    value = int.from_bytes(addr, "big")
+    return any(value & mask == net for net, mask in table)
+
+
+# RFC 4213 §3.6 and RFC 3964 §5.3.1: inner IPv6 sources that are never valid on the wire.
+MARTIAN_IPV6_SOURCE: tuple[tuple[str, str], ...] = (
+    ("::/128", "RFC 4291 §2.5.2: unspecified"),
+    ("::1/128", "RFC 4291 §2.5.3: loopback"),
+    ("::/96", "RFC 4291 §2.5.5.1: IPv4-compatible, deprecated"),
+    ("::ffff:0:0/96", "RFC 4291 §2.5.5.2: IPv4-mapped"),
+    ("fe80::/10", "RFC 4291 §2.5.6: link local, never from beyond the tunnel (RFC 3964 §5.1)"),
+    ("ff00::/8", "RFC 4213 §3.6: multicast source"),
+)
+# RFC 3964 §5.3.1: destinations a tunnel must not carry to us.
+MARTIAN_IPV6_DESTINATION: tuple[tuple[str, str], ...] = (
+    ("::/128", "RFC 4291 §2.5.2: unspecified"),
+    ("::1/128", "RFC 4291 §2.5.3: loopback"),
+    ("::/96", "RFC 4291 §2.5.5.1: IPv4-compatible, deprecated"),
+    ("::ffff:0:0/96", "RFC 4291 §2.5.5.2: IPv4-mapped"),
+    ("ff00::/8", "RFC 4443 §2.4(e.3): multicast; we are a unicast gateway"),
+)
+_MARTIAN_SRC6 = _net_table(MARTIAN_IPV6_SOURCE)
+_MARTIAN_DST6 = _net_table(MARTIAN_IPV6_DESTINATION)
+
+# RFC 3964 §5.1: Neighbor Discovery and Redirect must never be decapsulated (ICMPv6 133-137).
+ND_TYPES = frozenset(range(133, 138))
+
+
+@dataclass(frozen=True)
+class TunnelPolicy:
+    """What ``check_inbound`` accepts; built once from the settings."""
+
+    mode: str  # "6to4" or "6in4"
+    local_ipv4: bytes
+    remote_ipv4: bytes | None  # 6in4 only
+    addresses: frozenset[bytes]  # our own IPv6 addresses
+    martian_ipv4: tuple[tuple[int, int], ...]
+
+    @staticmethod
+    def build(mode: str, local_ipv4: str, remote_ipv4: str | None, addresses: list[str],
+              martian_ipv4: tuple[tuple[str, str], ...] = DEFAULT_MARTIAN_IPV4) -> TunnelPolicy:
+        return TunnelPolicy(
+            mode=mode,
+            local_ipv4=ipaddress.IPv4Address(local_ipv4).packed,
+            remote_ipv4=ipaddress.IPv4Address(remote_ipv4).packed if remote_ipv4 else None,
+            addresses=frozenset(ipaddress.IPv6Address(a).packed for a in addresses),
+            martian_ipv4=_net_table(martian_ipv4),
+        )
+
+
+def ipv4_is_martian(addr: bytes, policy: TunnelPolicy) -> bool:
+    return _in_table(addr, policy.martian_ipv4)
+
+
+def ipv6_source_is_martian(addr: bytes) -> bool:
+    return _in_table(addr, _MARTIAN_SRC6)
+
+
+def ipv6_destination_is_martian(addr: bytes) -> bool:
+    return _in_table(addr, _MARTIAN_DST6)
+
+
+def packet_is_spoofed_6to4(outer_src: bytes, outer_dst: bytes, src6: bytes,
+                           dst6: bytes) -> bool:
+    """RFC 3964 §5.2 as Linux sit ``packet_is_spoofed``: 2002::/16 must embed the outer IPv4."""
+    v4 = embedded_ipv4(src6)
+    if v4 is not None and v4 != outer_src:
+        return True
+    v4 = embedded_ipv4(dst6)
+    return v4 is not None and v4 != outer_dst
+
+
+# The result of a successful check: (inner IPv6 packet, outer IPv4 source)
+Decapsulated = tuple[memoryview, bytes]
+
+
+def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsulated | DropReason:
+    """Decapsulate one received IPv4 proto-41 packet and apply every tunnel check.
+
+    Returns the inner IPv6 packet (trimmed to its own payload length, RFC 4213 §3.6: the IPv4
+    packet may be padded) and the outer source, or the reason to drop it silently.
+    """
+    buf = memoryview(packet)
+    if len(buf) < 20:
+        return DropReason.TRUNCATED
+    vihl, _tos, total_len, _id, _frag, _ttl, proto, _csum, src4, dst4 = (
+        IPV4_HEADER.unpack_from(buf)
+    )
+    if vihl >> 4 != 4:
+        return DropReason.BAD_VERSION
+    header_len = (vihl & 0x0F) * 4
+    if header_len < 20 or len(buf) < header_len:
+        return DropReason.BAD_HEADER
+    if proto != PROTO_IPV6:
+        return DropReason.NOT_PROTO_41
+    # RFC 4213 §3.6: a configured tunnel accepts only its configured peer, silently.
+    if policy.mode == "6in4":
+        if src4 != policy.remote_ipv4:
+            return DropReason.WRONG_TUNNEL_PEER
+    # RFC 3964 §5.3.1: the outer source must be a plausible unicast address.
+    elif _in_table(src4, policy.martian_ipv4):
+        return DropReason.MARTIAN_SOURCE
+    inner = buf[header_len:total_len] if total_len <= len(buf) else buf[header_len:]
+    if len(inner) < 40:
+        return DropReason.TRUNCATED
+    if inner[0] >> 4 != 6:
+        return DropReason.BAD_VERSION
+    src6 = bytes(inner[8:24])
+    dst6 = bytes(inner[24:40])
+    payload_len = (inner[4] << 8) | inner[5]
+    if 40 + payload_len > len(inner):
+        return DropReason.TRUNCATED
+    inner = inner[:40 + payload_len]
+    # RFC 4213 §3.6 / RFC 3964 §5.3.1: martian inner addresses are discarded silently.
+    if _in_table(src6, _MARTIAN_SRC6):
+        return DropReason.MARTIAN_SOURCE
+    if _in_table(dst6, _MARTIAN_DST6):
+        return DropReason.MARTIAN_DESTINATION
+    if policy.mode == "6to4":
+        # RFC 3964 §5.2 (Linux sit packet_is_spoofed).
+        if packet_is_spoofed_6to4(src4, dst4, src6, dst6):
+            return DropReason.SPOOFED_6TO4
+        # RFC 3964 §5.3.1: a 2002::/16 source must not embed a martian IPv4 address.
+        v4 = embedded_ipv4(src6)
+        if v4 is not None and _in_table(v4, policy.martian_ipv4):
+            return DropReason.MARTIAN_SOURCE
+    if dst6 not in policy.addresses:
+        return DropReason.NOT_OUR_ADDRESS
+    # RFC 3964 §5.1: never decapsulate Neighbor Discovery (link-local attacks from afar).
+    if inner[6] == PROTO_ICMPV6 and len(inner) > 40 and inner[40] in ND_TYPES:
+        return DropReason.NEIGHBOR_DISCOVERY
+    return inner, src4
+
+
+def outer_destination(dst6: bytes, mode: str, remote_ipv4: bytes | None,
+                      relay_ipv4: bytes | None) -> bytes | None:
+    """Where an outbound IPv6 packet is sent in IPv4 (RFC 3056 §5.3, RFC 4213 §3)."""
+    if mode == "6in4":
+        return remote_ipv4
+    v4 = embedded_ipv4(dst6)
+    if v4 is not None:
+        return v4
+    return relay_ipv4
+
