@@ -113,7 +113,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 5000) -> dict[str, Any]:
     """Ask the running gateway's control socket; raises RuntimeError when nobody answers."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     req = ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
     req.connect(control_path(settings.run_dir))
@@ -122,7 +122,7 @@ def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 5000) -> dict[
         if not req.poll(timeout_ms, zmq.POLLIN):
             raise RuntimeError(f"no gateway answers on {control_path(settings.run_dir)}; is "
                                "`sixgate run` running with this config?")
-        reply: dict[str, Any] = req.recv_json()  # type: ignore[assignment]
+        reply: dict[str, Any] = json.loads(req.recv())
         return reply
     finally:
         req.close(0)

@@ -156,7 +156,7 @@ class Coordinator:
         try:
             req.send_json(request)
             if req.poll(timeout_ms, zmq.POLLIN):
-                reply: dict[str, Any] = req.recv_json()  # type: ignore[assignment]
+                reply: dict[str, Any] = json.loads(req.recv())
                 return reply
             return None
         finally:

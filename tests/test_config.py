@@ -1,0 +1,166 @@
+"""Config validation: every mistake names the file, line, key and what to do; exit code 2.
+
+Runs the real ``sixgate check`` command for the CLI contract, and ``parse_config`` for the
+table of mistakes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import ConfigError, parse_config
+
+GOOD_6TO4 = """\
+[tunnel]
+mode = "6to4"
+local_ipv4 = "192.0.2.10"
+relay_ipv4 = "192.88.99.1"
+addresses = ["2002:c000:20a::1"]
+mtu = 1480
+
+[gateway]
+workers = 2
+pool = "100.64.0.0/16"
+
+[[forward]]
+proto = "tcp"
+port = 80
+to = "127.0.0.1:8080"
+
+[[forward]]
+proto = "udp"
+port = 53
+to = "127.0.0.1:5353"
+"""
+
+GOOD_6IN4 = """\
+[tunnel]
+mode = "6in4"
+local_ipv4 = "192.0.2.10"
+remote_ipv4 = "198.51.100.1"
+prefix = "2001:db8:1::/64"
+
+[[forward]]
+proto = "tcp"
+port = "8000-8099"
+to = "127.0.0.1:9000"
+"""
+
+
+def sixgate(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "sixgate"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "coordinator.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, check=False,
+                          timeout=60)
+
+
+def test_6to4_prefix_derived_from_local_ipv4() -> None:
+    settings = parse_config(GOOD_6TO4, "gw.toml")
+    assert settings.prefix == "2002:c000:20a::/48"
+    assert settings.addresses == ("2002:c000:20a::1",)
+    assert settings.max_mss == 1420
+    assert [r.label for r in settings.forwards] == ["tcp/80 -> 127.0.0.1:8080",
+                                                    "udp/53 -> 127.0.0.1:5353"]
+
+
+def test_6in4_default_address_is_prefix_1_and_range_shifts() -> None:
+    settings = parse_config(GOOD_6IN4, "gw.toml")
+    assert settings.addresses == ("2001:db8:1::1",)
+    rule = settings.forwards[0]
+    assert (rule.port_lo, rule.port_hi) == (8000, 8099)
+    assert rule.target_for(8000) == 9000 and rule.target_for(8099) == 9099
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "line", "advice"),
+    [
+        ('mode = "6to4"', 'mode = "sit"', "tunnel.mode", 2, "6to4"),
+        ('local_ipv4 = "192.0.2.10"', 'local_ipv4 = "192.0.2.300"', "tunnel.local_ipv4", 3,
+         "IPv4 address"),
+        ('relay_ipv4 = "192.88.99.1"\n', "", "tunnel", 1, "RFC 7526"),
+        ("mtu = 1480", "mtu = 1500", "tunnel.mtu", 6, "1280 to 1480"),
+        ('addresses = ["2002:c000:20a::1"]', 'addresses = ["2001:db8::1"]',
+         "tunnel.addresses", 5, "outside the tunnel prefix"),
+        ("workers = 2", "workers = 0", "gateway.workers", 9, "1 to 64"),
+        ('pool = "100.64.0.0/16"', 'pool = "100.64.0.0/33"', "gateway.pool", 10,
+         "IPv4 prefix"),
+        ('port = 80', 'port = "80-70"', "forward[0].port", 14, "low first"),
+        ('to = "127.0.0.1:8080"', 'to = "localhost:8080"', "forward[0].to", 15,
+         "not an IPv4 address"),
+        ('port = 53', 'port = 53\ncolour = "blue"', "forward[1].colour", 20, "unknown key"),
+        ("workers = 2", "wrokers = 2", "gateway.wrokers", 9, "unknown key"),
+        ('port = 53', 'port = 80\n', "forward[1].port", None, None),
+    ],
+)
+def test_bad_config_names_file_line_key(old: str, new: str, key: str, line: int | None,
+                                        advice: str | None) -> None:
+    text = GOOD_6TO4.replace(old, new, 1)
+    if key == "forward[1].port":
+        text = text.replace('proto = "udp"', 'proto = "tcp"')
+        advice = "already forwarded"
+        line = 19
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    err = info.value
+    assert err.file == "gw.toml"
+    assert err.key == key, str(err)
+    assert err.line == line, str(err)
+    assert advice is not None and advice in err.message, str(err)
+    assert str(err).startswith(f"gw.toml:{line}: {key}: ")
+
+
+def test_toml_syntax_error_has_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(GOOD_6TO4.replace("mtu = 1480", "mtu = = 1480"), "gw.toml")
+    assert info.value.line == 6
+    assert "not valid TOML" in info.value.message
+
+
+def test_6in4_needs_remote_and_prefix() -> None:
+    with pytest.raises(ConfigError, match="remote_ipv4 is missing"):
+        parse_config(GOOD_6IN4.replace('remote_ipv4 = "198.51.100.1"\n', ""), "gw.toml")
+    with pytest.raises(ConfigError, match="prefix is missing"):
+        parse_config(GOOD_6IN4.replace('prefix = "2001:db8:1::/64"\n', ""), "gw.toml")
+
+
+def test_pool_must_not_hold_tunnel_endpoint() -> None:
+    text = GOOD_6TO4.replace('pool = "100.64.0.0/16"', 'pool = "192.0.2.0/24"')
+    with pytest.raises(ConfigError, match="contains tunnel.local_ipv4"):
+        parse_config(text, "gw.toml")
+
+
+def test_udp_timeout_floor_rfc4787_req5() -> None:
+    text = GOOD_6TO4 + "\n[timeouts]\nudp_s = 30\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    assert info.value.key == "timeouts.udp_s"
+    assert info.value.line == GOOD_6TO4.count("\n") + 3
+
+
+def test_cli_check_prints_effective_settings(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(GOOD_6TO4)
+    result = sixgate("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "2002:c000:20a::/48" in result.stdout
+    assert "worker 1: TUN sixgate1, pool slice 100.64.128.0/17" in result.stdout
+    assert "tcp/80 -> 127.0.0.1:8080" in result.stdout
+    assert "delivery" in result.stdout
+
+
+def test_cli_check_bad_config_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(GOOD_6TO4.replace("mtu = 1480", "mtu = 9000"))
+    result = sixgate("check", "--config", str(path))
+    assert result.returncode == 2
+    assert f"{path}:6: tunnel.mtu:" in result.stderr
+
+
+def test_cli_missing_file_exit_2(tmp_path: Path) -> None:
+    result = sixgate("check", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "cannot read the file" in result.stderr
