@@ -166,6 +166,9 @@ class Datapath:
             self._drop(view)
             return
         proto = view[4]
+        if len(packet) > 40 + view[0]:
+            # RFC 4213 §3.6: the length comes from the IPv6 header; anything after is padding.
+            packet = packet[:40 + view[0]]
         self.counters.count("inbound", proto, len(packet))
         fragment = view[6]
         if fragment is not None:
