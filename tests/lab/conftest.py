@@ -1,0 +1,93 @@
+"""Fixtures of the real-network lab: one lab + real ``sixgate run`` per (mode, workers).
+
+The lab needs root, /dev/net/tun and iproute2/ping/dig/dnsmasq/curl/ss. Without them every lab
+test is skipped with the reason, and a banner in the terminal summary says so; with
+``SIXGATE_LAB_REQUIRED=1`` (set it in CI) a missing requirement is an error instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+
+import netlab
+import pytest
+
+_skip_reason: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def served_files() -> Iterator[netlab.ServedFiles]:
+    """Check requirements, sweep leftovers of dead runs, make the document root once."""
+    missing = netlab.missing_requirements()
+    if missing:
+        reason = "LAB TESTS CANNOT RUN: " + "; ".join(missing)
+        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
+            pytest.fail(reason, pytrace=False)
+        _skip_reason.append(reason)
+        pytest.skip(reason)
+    netlab.sweep_leftovers()
+    # SIGTERM (a CI timeout) becomes KeyboardInterrupt, so the finalizers still clean up.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    files = netlab.make_served_files()
+    yield files
+    shutil.rmtree(files.directory, ignore_errors=True)
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+@pytest.fixture(scope="class", params=[1, 4], ids=lambda workers: f"workers{workers}")
+def lab(request: pytest.FixtureRequest, served_files: netlab.ServedFiles) -> Iterator[netlab.Lab]:
+    """Lab + gateway for the class's MODE and this worker count, shared by the class's tests.
+
+    Teardown proves the shutdown contract: no INTERNAL_ERROR drop over all the traffic,
+    SIGTERM ends ``sixgate run`` with exit code 0 (asserted only if no test of the class failed,
+    so one bug is not reported twice), and no link named after the gateway is left behind.
+    """
+    failed_before = request.session.testsfailed
+    with netlab.Lab(request.cls.MODE, request.param, served_files) as the_lab:
+        yield the_lab
+        problems = shutdown_problems(the_lab, request.session.testsfailed > failed_before)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def shutdown_problems(lab: netlab.Lab, tests_failed: bool) -> list[str]:
+    """What went wrong at the end of a combination (empty when all is well)."""
+    problems = []
+    if lab.alive("sixgate"):
+        internal_errors = netlab.drops(lab).get("internal_error")
+        if internal_errors != 0:
+            problems.append(f"drops['internal_error'] is {internal_errors}, expected 0")
+    else:
+        problems.append("sixgate run was no longer running at the end of the tests")
+    exit_code = lab.stop_gateway(timeout=10)
+    if exit_code != 0 and not tests_failed:
+        problems.append(f"sixgate run exited {exit_code} after SIGTERM, expected 0")
+    leftovers = lab.gateway_links()
+    if leftovers:
+        problems.append(f"links named {lab.name!r} left after SIGTERM: {leftovers}")
+    if problems:
+        problems.append(f"----- sixgate stderr (tail) -----\n{lab.gateway_stderr()}")
+    return problems
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failing lab test, attach the gateway's stderr and the other processes' logs."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    the_lab = getattr(item, "funcargs", {}).get("lab")
+    if report.failed and report.when == "call" and isinstance(the_lab, netlab.Lab):
+        report.sections.append(("lab process logs", the_lab.diagnostics()))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say loudly that the real-network tests did not run."""
+    for reason in _skip_reason[:1]:
+        terminalreporter.write_sep("!", reason, red=True, bold=True)

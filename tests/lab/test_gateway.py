@@ -1,0 +1,182 @@
+"""The real gateway end to end: real clients in an IPv6 namespace, real services over IPv4.
+
+Every test drives ``sixgate run`` (a subprocess in a namespace whose kernel has IPv6 disabled)
+from the peer namespace through the independent tunnel peer (tests/lab/tunnel_peer.py): real
+``ping -6``, ``curl -6``, ``dig`` and small socket probes (tests/lab/probe.py). Counters are read
+with ``sixgate flows --json`` and asserted as deltas. One lab + gateway per (mode, workers);
+the fixture's teardown checks INTERNAL_ERROR == 0, exit code 0 on SIGTERM and no links left.
+"""
+
+from __future__ import annotations
+
+import time
+
+import netlab
+import pytest
+from netlab import Lab, drops, drops_delta, wait_for_drops
+
+pytestmark = pytest.mark.lab
+
+SPOOFED_6TO4_SOURCE = "2002:cb00:7101::1"  # embeds 203.0.113.1, not the outer source
+FOREIGN_PACKETS = 5
+NO_ANSWER_WINDOW_S = 1.0  # how long silence must last: replies here take about 1 ms
+REFUSED_WITHIN_S = 2.0  # "at once": far below curl's 5 s timeout and any SYN retransmission
+
+
+class GatewayBehaviour:
+    """What the gateway must do in both tunnel modes (subclasses set MODE)."""
+
+    MODE = ""
+
+    def test_gateway_namespace_has_no_kernel_ipv6(self, lab: Lab) -> None:
+        """The gateway is the host's whole IPv6 stack: its kernel has IPv6 switched off."""
+        assert lab.gw(["sysctl", "-n", "net.ipv6.conf.all.disable_ipv6"]).stdout.strip() == "1"
+        assert lab.gw(["ip", "-6", "addr", "show"]).stdout.strip() == ""
+
+    @pytest.mark.parametrize("payload_bytes", [56, 1400, 3000],
+                             ids=["payload56", "payload1400", "payload3000_fragmented"])
+    def test_rfc4443_echo_request_to_gateway_address_answered(self, lab: Lab,
+                                                              payload_bytes: int) -> None:
+        """ping -6 is answered; 3000-byte payloads are fragmented by the client's kernel, so
+        the gateway must reassemble them (RFC 8200 §4.5) and fragment its reply (RFC 7915)."""
+        done = netlab.ping(lab, payload_bytes)
+        assert netlab.ping_received(done.stdout) == 3, done.stdout + done.stderr
+
+    def test_http_download_through_gateway_is_byte_identical(self, lab: Lab) -> None:
+        """curl -6 fetches 100 MB from http.server on 127.0.0.1:8080 intact (TCP translation
+        both ways, MSS clamping to the tunnel MTU, no loss or reordering that TCP cannot mend)."""
+        served = lab.files.big
+        got = netlab.download(lab, netlab.http_url(lab, served.name), max_time_s=150)
+        assert got.exit_code == 0, got.stderr
+        assert got.size_bytes == served.size_bytes
+        assert got.sha256 == served.sha256
+        print(f"{served.name}: {got.size_bytes} bytes in {got.elapsed_s:.1f} s "
+              f"({got.megabytes_per_s:.1f} MB/s)")
+
+    def test_dns_small_answer_over_udp(self, lab: Lab) -> None:
+        """dig over UDP port 53 reaches dnsmasq on 127.0.0.1:5353 and gets the A record."""
+        done = netlab.dig(lab, netlab.DNS_SMALL_NAME, "A", "+short")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.strip() == netlab.DNS_SMALL_A
+
+    def test_dns_answer_larger_than_mtu_arrives_complete_over_udp(self, lab: Lab) -> None:
+        """A ~4 KB UDP answer cannot fit the 1480-byte tunnel: the gateway must send it as
+        IPv6 fragments (RFC 7915 §4, RFC 8200 §4.5) and the client gets every string, no TC."""
+        done = netlab.dig(lab, netlab.DNS_BIG_NAME, "TXT", "+bufsize=8192", "+ignore")
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        assert "(UDP)" in output
+        assert "tc" not in netlab.dig_flags(output), output
+        assert netlab.dig_message_bytes(output) > netlab.TUNNEL_MTU
+        assert netlab.dig_txt_strings(output) == netlab.big_txt_strings()
+
+    def test_tcp_to_unforwarded_port_refused_at_once(self, lab: Lab) -> None:
+        """A SYN to a port with no forward rule is answered with RST (NO_RULE), so the client
+        fails at once with "connection refused" (curl exit 7), not after a timeout."""
+        url = netlab.http_url(lab, "/", port=netlab.UNFORWARDED_TCP_PORT)
+        exit_code, elapsed_s, stderr = netlab.curl_exit(lab, url, max_time_s=5)
+        assert exit_code == 7, stderr
+        assert elapsed_s < REFUSED_WITHIN_S, f"took {elapsed_s:.2f} s: {stderr}"
+
+    def test_rfc4443_udp_to_unforwarded_port_gets_port_unreachable(self, lab: Lab) -> None:
+        """UDP to a port with no rule draws ICMPv6 destination unreachable, code 4 (port
+        unreachable), which the client kernel turns into ECONNREFUSED on a connected socket."""
+        result = lab.probe("udp-refused", "--addr", lab.plan.gateway_address,
+                           "--port", str(netlab.UNFORWARDED_UDP_PORT), "--timeout", "3")
+        assert result["result"] == "refused", result
+
+    def test_200_concurrent_tcp_connections_all_complete(self, lab: Lab) -> None:
+        """200 connections from clients in 16 /64s are established at the same time, then
+        each GETs /small.txt and gets the right body. sixgate shards by source /64, so with
+        several workers the sessions spread over them and each reply must find its owner."""
+        clients = lab.plan.extra_clients()
+        result = lab.probe("tcp-many", "--addr", lab.plan.gateway_address,
+                           "--path", f"/{netlab.SMALL_NAME}", "--expect", netlab.SMALL_TEXT,
+                           "--sources", ",".join(clients), "--count", "200",
+                           "--timeout", "60", timeout=120)
+        assert result["ok"] == 200, result
+        owners = {b["worker"] for b in lab.flows()["bindings"]
+                  if b["proto"] == "tcp" and client_address(b["client"]) in clients}
+        assert owners and owners <= set(range(lab.workers)), owners
+        if lab.workers > 1:
+            assert len(owners) > 1, f"all 16 client /64s landed on worker(s) {owners}"
+
+    def test_flows_lists_live_bindings_with_client_address(self, lab: Lab) -> None:
+        """While a TCP connection is open, ``sixgate flows`` shows its binding (client IPv6
+        address and port, established, owned by a real worker); a UDP query leaves a binding."""
+        assert netlab.dig(lab, netlab.DNS_SMALL_NAME, "A", "+short").returncode == 0
+        with netlab.open_tcp_connection(lab) as (client_addr, client_port):
+            text = lab.sixgate("flows")
+            listing = lab.flows()
+        assert text.returncode == 0, text.stderr
+        assert client_addr == lab.plan.peer_address
+        assert client_addr in text.stdout and str(client_port) in text.stdout, text.stdout
+        bindings = listing["bindings"]
+        tcp = [b for b in bindings if b["client"] == f"[{client_addr}]:{client_port}"]
+        assert len(tcp) == 1, bindings
+        assert tcp[0]["proto"] == "tcp" and tcp[0]["state"] == "established", tcp
+        assert 0 <= tcp[0]["worker"] < lab.workers, tcp
+        udp = [b for b in bindings if b["proto"] == "udp" and client_addr in b["client"]]
+        assert udp, bindings
+
+
+class TestSixToFour(GatewayBehaviour):
+    """6to4 (RFC 3056): the gateway is 2002:c000:20a::1, the client 2002:c633:6401::1."""
+
+    MODE = "6to4"
+
+    def test_rfc3964_spoofed_6to4_source_dropped_silently(self, lab: Lab) -> None:
+        """RFC 3964 §5.2: a 6to4 source must embed the outer IPv4 source. Packets from
+        198.51.100.1 claiming 2002:cb00:7101::1 (= 203.0.113.1) are counted as spoofed_6to4,
+        exactly once each, and nothing is sent back (not to either address)."""
+        before = drops(lab)
+        sent = send_echo_requests(lab, netlab.PEER_IPV4, SPOOFED_6TO4_SOURCE)
+        after = wait_for_drops(lab, before, "spoofed_6to4", FOREIGN_PACKETS)
+        assert drops_delta(before, after).get("spoofed_6to4") == FOREIGN_PACKETS, \
+            drops_delta(before, after)
+        assert sent["replies"] == 0 and sent["to_far"] == 0, sent
+        assert_legitimate_echo_answered(lab)
+
+
+class TestSixInFour(GatewayBehaviour):
+    """6in4 (RFC 4213): broker 198.51.100.1 routes 2001:db8:1::/64 to the gateway."""
+
+    MODE = "6in4"
+
+    def test_rfc4213_wrong_tunnel_peer_dropped_silently(self, lab: Lab) -> None:
+        """RFC 4213 §3.6: a configured tunnel accepts only its remote's IPv4 source. Well-formed
+        packets from 198.51.100.2 are counted as wrong_tunnel_peer, each once, unanswered."""
+        before = drops(lab)
+        sent = send_echo_requests(lab, netlab.PEER_OTHER_IPV4, lab.plan.peer_address)
+        after = wait_for_drops(lab, before, "wrong_tunnel_peer", FOREIGN_PACKETS)
+        assert drops_delta(before, after).get("wrong_tunnel_peer") == FOREIGN_PACKETS, \
+            drops_delta(before, after)
+        assert sent["replies"] == 0, sent
+        assert_legitimate_echo_answered(lab)
+
+
+def client_address(endpoint: str) -> str:
+    """The address part of a "[2002:...]:port" endpoint from ``sixgate flows``."""
+    return endpoint.rpartition("]")[0].lstrip("[")
+
+
+def send_echo_requests(lab: Lab, outer_source: str, inner_source: str,
+                       count: int = FOREIGN_PACKETS) -> dict[str, int]:
+    """Hand-built protocol-41 echo requests to the gateway; replies seen within the window."""
+    started = time.monotonic()
+    result = lab.probe("send41", "--outer-src", outer_source, "--outer-dst",
+                       netlab.GATEWAY_IPV4, "--inner-src", inner_source, "--inner-dst",
+                       lab.plan.gateway_address, "--count", str(count),
+                       "--listen-s", str(NO_ANSWER_WINDOW_S))
+    result["elapsed_s"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def assert_legitimate_echo_answered(lab: Lab) -> None:
+    """Control: the same hand-built packets from the right sources are answered, so the
+    silence above is the gateway's decision, not a broken probe."""
+    result = lab.probe("send41", "--outer-src", netlab.PEER_IPV4, "--outer-dst",
+                       netlab.GATEWAY_IPV4, "--inner-src", lab.plan.peer_address,
+                       "--inner-dst", lab.plan.gateway_address, "--count", "3",
+                       "--listen-s", "5", "--stop-early")
+    assert result["replies"] == 3, result

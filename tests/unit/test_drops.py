@@ -1,0 +1,45 @@
+"""workers/drops.py: one registry of drop reasons, each with a one-line doc (STYLE.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from workers.counters import Counters
+from workers.drops import ALL_REASONS, DropReason
+
+DROPS_PY = Path(__file__).resolve().parents[2] / "workers" / "drops.py"
+
+
+def member_docs() -> dict[str, str]:
+    """Attribute docstrings of DropReason members (the string right after each member)."""
+    tree = ast.parse(DROPS_PY.read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DropReason"]
+    docs: dict[str, str] = {}
+    body = cls.body
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.Assign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.targets[0].id] = after.value.value  # type: ignore[attr-defined]
+    return docs
+
+
+def test_every_drop_reason_has_a_one_line_doc() -> None:
+    docs = member_docs()
+    assert sorted(docs) == sorted(r.name for r in DropReason)
+    for name, doc in docs.items():
+        assert doc.strip() and "\n" not in doc.strip(), name
+
+
+def test_drop_reason_values_are_snake_case_labels_of_their_names() -> None:
+    for reason in DropReason:
+        assert reason.value == reason.name.lower()
+    assert len({r.value for r in DropReason}) == len(DropReason)
+    assert ALL_REASONS == tuple(DropReason)
+
+
+def test_counters_start_with_every_reason_at_zero() -> None:
+    counters = Counters()
+    assert counters.drops == {r: 0 for r in DropReason}
+    counters.drop(DropReason.QUEUE_FULL, 3)
+    assert counters.as_dict()["drops"]["queue_full"] == 3  # type: ignore[index]
