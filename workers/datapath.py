@@ -43,6 +43,7 @@ from workers.packet import (
     PORTS,
     PROTO_ICMP,
     PROTO_ICMPV6,
+    PROTO_NONE,
     PROTO_TCP,
     PROTO_UDP,
     IPv6View,
@@ -124,8 +125,10 @@ class Datapath:
             return
         if len(packet) > self.mtu:
             self._ident6 = (self._ident6 + 1) & 0xFFFFFFFF
+            traffic_class = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
             pieces = fragment_ipv6(packet[8:24], dst, packet[6], packet[40:], self.mtu,
-                                   self._ident6, hop_limit=packet[7])
+                                   self._ident6, hop_limit=packet[7],
+                                   traffic_class=traffic_class)
             self.counters.event("fragments_sent", len(pieces))
         else:
             pieces = [packet]
@@ -192,11 +195,14 @@ class Datapath:
             self._inbound_transport(packet, view, proto, now)
         elif proto == PROTO_ICMPV6:
             self._inbound_icmp(packet, view)
+        elif proto == PROTO_NONE:
+            # RFC 8200 §4.7: No Next Header is a recognized value; nothing follows, no error.
+            self._drop(DropReason.UNSUPPORTED_PROTOCOL)
         else:
             # RFC 4443 §3.4: unrecognized Next Header, pointing at the field that names it.
             self._drop(DropReason.UNSUPPORTED_PROTOCOL)
             self._error(packet, view, ICMPV6_PARAMETER_PROBLEM, PARAM_UNRECOGNIZED_NEXT_HEADER,
-                        6 if view[5] == 40 else view[5] - 8)
+                        view[8])
 
     def _inbound_icmp(self, packet: bytes | memoryview, view: IPv6View) -> None:
         offset = view[5]
@@ -245,6 +251,9 @@ class Datapath:
                 self._drop(DropReason.NO_SESSION)
                 self._refuse(packet, view, proto)
                 return
+            if view[1] <= 1:
+                self._expired_in_transit(packet, view)
+                return
             created = self.flows.create(proto, view[2], sport, view[3], dport, rule[1],
                                         rule[2], rule[0], now)
             if isinstance(created, DropReason):
@@ -255,10 +264,8 @@ class Datapath:
                 return
             session = created
             self.counters.event(f"flows_created_{'tcp' if proto == PROTO_TCP else 'udp'}")
-        # RFC 7915 §5.1 / RFC 4443 §3.3: a router never forwards with hop limit 0.
-        if view[1] <= 1:
-            self._drop(DropReason.HOP_LIMIT_EXCEEDED)
-            self._error(packet, view, ICMPV6_TIME_EXCEEDED, 0)
+        elif view[1] <= 1:
+            self._expired_in_transit(packet, view)
             return
         if proto == PROTO_TCP:
             self.flows.touch_tcp(session, flags, True, now)
@@ -269,6 +276,12 @@ class Datapath:
                                  self._ident4, self.max_mss)
         self.to_services.append(out)
         self.counters.count("to_services", proto, len(out))
+
+    def _expired_in_transit(self, packet: bytes | memoryview, view: IPv6View) -> None:
+        """RFC 7915 §5.1 / RFC 4443 §3.3: a router never forwards with hop limit 0; checked
+        before a session is created, so an expiring packet leaves no state behind."""
+        self._drop(DropReason.HOP_LIMIT_EXCEEDED)
+        self._error(packet, view, ICMPV6_TIME_EXCEEDED, 0)
 
     def _refuse(self, packet: bytes | memoryview, view: IPv6View, proto: int) -> None:
         if proto == PROTO_TCP:

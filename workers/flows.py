@@ -172,7 +172,7 @@ class FlowTable:
         t = self.timeouts
         if flags & TCP_RST:
             # RFC 6146 §3.5.2.2: a RST moves the session to TRANS with the transitory lifetime.
-            session.state, session.timeout_s = TRANS, t.tcp_transitory_s
+            self._shorten(session, TRANS, t.tcp_transitory_s, now)
             return
         if state == V6_INIT:
             if not from_v6 and flags & TCP_SYN:
@@ -182,13 +182,21 @@ class FlowTable:
                 session.state = V6_FIN if from_v6 else V4_FIN
         elif state == V6_FIN:
             if not from_v6 and flags & TCP_FIN:
-                session.state, session.timeout_s = V6_V4_FIN, t.tcp_transitory_s
+                self._shorten(session, V6_V4_FIN, t.tcp_transitory_s, now)
         elif state == V4_FIN:
             if from_v6 and flags & TCP_FIN:
-                session.state, session.timeout_s = V6_V4_FIN, t.tcp_transitory_s
+                self._shorten(session, V6_V4_FIN, t.tcp_transitory_s, now)
         elif state == TRANS:
             # RFC 6146 §3.5.2.2: any non-RST packet in TRANS makes the session live again.
             session.state, session.timeout_s = ESTABLISHED, t.tcp_established_s
+
+    def _shorten(self, session: Session, state: str, timeout_s: float, now: float) -> None:
+        """Enter ``state``; a lifetime shorter than the scheduled one gets its own heap entry
+        (a longer one is found when the old entry pops)."""
+        session.state = state
+        if timeout_s < session.timeout_s:
+            self._schedule(now + timeout_s, session.v6_key())
+        session.timeout_s = timeout_s
 
     def touch(self, session: Session, now: float) -> None:
         session.last_seen = now

@@ -102,7 +102,9 @@ class Reassembler:
                 self._forget(key)
                 return DropReason.BAD_FRAGMENT
         if not more:
-            if dgram.total is not None and dgram.total != end:
+            # RFC 8200 §4.5: the last fragment fixes the length; nothing may lie beyond it.
+            if (dgram.total is not None and dgram.total != end) or any(
+                    start + len(part) > end for start, part in dgram.parts.items()):
                 self._forget(key)
                 return DropReason.BAD_FRAGMENT
             dgram.total = end

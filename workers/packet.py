@@ -51,8 +51,20 @@ def sum16(data: bytes | bytearray | memoryview) -> int:
 
 
 def fold(total: int) -> int:
-    """The 16-bit checksum field for a sum built with ``sum16`` (never 0: RFC 768 UDP rule)."""
-    return 0xFFFF - total % 0xFFFF
+    """The 16-bit checksum field for a sum built with ``sum16``.
+
+    A non-zero sum congruent to 0 is the ones' complement -0 (0xffff), whose complement is +0
+    (RFC 1624 §3). UDP must send 0xffff instead of 0 (RFC 768): use ``fold_udp`` there.
+    """
+    rest = total % 0xFFFF
+    if rest:
+        return 0xFFFF - rest
+    return 0 if total else 0xFFFF
+
+
+def fold_udp(total: int) -> int:
+    """``fold`` for UDP: a computed 0 is transmitted as 0xffff (RFC 768, RFC 8200 §8.1)."""
+    return fold(total) or 0xFFFF
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -128,8 +140,9 @@ def build_ipv4(
 FragmentInfo = tuple[int, bool, int, int, int]
 
 # Parsed IPv6 view: (payload_len, hop_limit, src, dst, upper_proto, upper_offset, fragment,
-# traffic_class)
-IPv6View = tuple[int, int, bytes, bytes, int, int, FragmentInfo | None, int]
+# traffic_class, next_header_offset) where next_header_offset is the octet that names
+# upper_proto (6 without extension headers), the pointer of RFC 4443 §3.4 errors.
+IPv6View = tuple[int, int, bytes, bytes, int, int, FragmentInfo | None, int, int]
 
 
 def parse_ipv6(buf: bytes | memoryview) -> IPv6View | DropReason:
@@ -180,10 +193,10 @@ def parse_ipv6(buf: bytes | memoryview) -> IPv6View | DropReason:
             if fragment[0] != 0:
                 # Only the first fragment carries the upper-layer header (RFC 8200 §4.5).
                 return (payload_len, hop_limit, src, dst, next_header, offset, fragment,
-                        traffic_class)
+                        traffic_class, nh_offset)
         else:
             return (payload_len, hop_limit, src, dst, next_header, offset, fragment,
-                    traffic_class)
+                    traffic_class, nh_offset)
     return DropReason.BAD_HEADER
 
 
@@ -215,10 +228,11 @@ def transport_sum_is_valid_v4(src: bytes, dst: bytes, proto: int,
     return sum_is_valid(pseudo_sum_v4(src, dst, proto, len(segment)) + sum16(segment))
 
 
-def set_checksum(segment: bytearray, offset: int, pseudo: int) -> None:
+def set_checksum(segment: bytearray, offset: int, pseudo: int, udp: bool = False) -> None:
     """Write the checksum at ``offset`` of ``segment`` given its pseudo-header sum."""
     segment[offset:offset + 2] = b"\0\0"
-    U16.pack_into(segment, offset, fold(pseudo + sum16(segment)))
+    total = pseudo + sum16(segment)
+    U16.pack_into(segment, offset, fold_udp(total) if udp else fold(total))
 
 
 def checksum_offset(proto: int) -> int | None:

@@ -35,6 +35,7 @@ from workers.packet import (
     build_ipv4,
     build_ipv6,
     fold,
+    fold_udp,
     pseudo_sum_v4,
     pseudo_sum_v6,
     sum16,
@@ -98,7 +99,7 @@ def translate_v6_to_v4(packet: bytes | memoryview, upper_offset: int, proto: int
     # rewritten words, over the IPv4 pseudo-header.
     total = (segment_sum - old_csum + delta
              + pseudo_sum_v4(session.pool4, session.target4, proto, length))
-    U16.pack_into(segment, csum_offset, fold(total))
+    U16.pack_into(segment, csum_offset, fold_udp(total) if proto == PROTO_UDP else fold(total))
     flags = IPV4_DF if 20 + length > DF_THRESHOLD else 0
     tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
     return build_ipv4(session.pool4, session.target4, proto, segment, ttl=hop_limit,
@@ -122,9 +123,8 @@ def translate_v4_to_v6(packet: bytes | memoryview, header_len: int, total_len: i
         csum_offset = 6
     segment[csum_offset:csum_offset + 2] = b"\0\0"
     # RFC 7915 §4.5: zero-checksum UDP is given a computed checksum (option 2).
-    U16.pack_into(segment, csum_offset,
-                  fold(pseudo_sum_v6(session.gw6, session.client6, proto, len(segment))
-                       + sum16(segment)))
+    total = pseudo_sum_v6(session.gw6, session.client6, proto, len(segment)) + sum16(segment)
+    U16.pack_into(segment, csum_offset, fold_udp(total) if proto == PROTO_UDP else fold(total))
     return bytes(segment)
 
 
@@ -209,8 +209,10 @@ def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_le
                  - pseudo_sum_v4(session.pool4, session.target4, proto, length)
                  + pseudo_sum_v6(session.client6, session.gw6, proto, length)
                  - old_sport - old_dport + session.cport + session.gwport)
-        if not (proto == PROTO_UDP and old_csum == 0):
+        if proto == PROTO_TCP:
             U16.pack_into(segment, csum_offset, fold(total))
+        elif old_csum != 0:
+            U16.pack_into(segment, csum_offset, fold_udp(total))
     if len(segment) >= 4:
         PORTS.pack_into(segment, 0, session.cport, session.gwport)
     embedded = build_ipv6(session.client6, session.gw6, proto, segment, hop_limit=inner[8])

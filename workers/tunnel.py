@@ -12,7 +12,16 @@ import ipaddress
 from dataclasses import dataclass
 
 from workers.drops import DropReason
-from workers.packet import IPV4_HEADER, PROTO_ICMPV6, PROTO_IPV6
+from workers.packet import (
+    IPV4_HEADER,
+    PROTO_DSTOPTS,
+    PROTO_FRAGMENT,
+    PROTO_HOPOPT,
+    PROTO_ICMPV6,
+    PROTO_IPV6,
+    PROTO_ROUTING,
+    parse_ipv6,
+)
 
 PREFIX_6TO4 = b"\x20\x02"
 
@@ -81,6 +90,7 @@ _MARTIAN_DST6 = _net_table(MARTIAN_IPV6_DESTINATION)
 
 # RFC 3964 §5.1: Neighbor Discovery and Redirect must never be decapsulated (ICMPv6 133-137).
 ND_TYPES = frozenset(range(133, 138))
+EXTENSION_HEADERS = frozenset((PROTO_HOPOPT, PROTO_ROUTING, PROTO_FRAGMENT, PROTO_DSTOPTS))
 
 
 @dataclass(frozen=True)
@@ -184,8 +194,18 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
     if dst6 not in policy.addresses:
         return DropReason.NOT_OUR_ADDRESS
     # RFC 3964 §5.1: never decapsulate Neighbor Discovery (link-local attacks from afar).
-    if inner[6] == PROTO_ICMPV6 and len(inner) > 40 and inner[40] in ND_TYPES:
-        return DropReason.NEIGHBOR_DISCOVERY
+    next_header = inner[6]
+    if next_header == PROTO_ICMPV6:
+        if len(inner) > 40 and inner[40] in ND_TYPES:
+            return DropReason.NEIGHBOR_DISCOVERY
+    elif next_header in EXTENSION_HEADERS:
+        view = parse_ipv6(inner)
+        if isinstance(view, DropReason):
+            return view
+        offset = view[5]
+        if (view[4] == PROTO_ICMPV6 and view[6] is None and len(inner) > offset
+                and inner[offset] in ND_TYPES):
+            return DropReason.NEIGHBOR_DISCOVERY
     return inner, src4
 
 

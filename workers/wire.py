@@ -51,6 +51,8 @@ def decode_batch(message: bytes | memoryview) -> list[tuple[bytes, memoryview]] 
             return None
         out.append((outer_src, buf[offset:offset + length]))
         offset += length
+    if offset != len(buf):
+        return None  # bytes the count does not cover: the framing is broken
     return out
 
 

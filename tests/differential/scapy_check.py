@@ -58,14 +58,9 @@ def recomputed(data: bytes) -> dict[str, tuple[int, int]]:
     return out
 
 
-def checksums_match(data: bytes, allow_minus_zero: bool = False) -> bool:
-    """True when every checksum in ``data`` is what scapy computes. ``allow_minus_zero``
-    accepts 0xffff where scapy computes 0x0000 (ones' complement -0 vs +0, see the xfail in
-    test_scapy_reads_output.py)."""
+def checksums_match(data: bytes) -> bool:
+    """True when every checksum in ``data`` is what scapy computes."""
     for ours, theirs in recomputed(data).values():
-        if ours == theirs:
-            continue
-        if allow_minus_zero and (ours, theirs) == (0xFFFF, 0):
-            continue
-        return False
+        if ours != theirs:
+            return False
     return True

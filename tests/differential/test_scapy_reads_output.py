@@ -80,7 +80,7 @@ def test_to_services_checksums_any_payload(proto: str, payload: bytes, sport: in
         step = p.client(client_tcp(sport=sport, flags="S", payload=payload,
                                    options=[("MSS", 65000)]))
     # see test_rfc1624_3_checksum_is_never_minus_zero for 0xffff vs 0x0000
-    assert checksums_match(step.to_services[0], allow_minus_zero=True)
+    assert checksums_match(step.to_services[0])
 
 
 # --- checksums of what goes to the tunnel ----------------------------------------------------
@@ -121,7 +121,7 @@ def test_outbound_checksums_any_payload(proto: str, payload: bytes, ttl: int) ->
         _req, step = p.round_trip(client_udp(), payload=payload, ttl=max(ttl, 2))
     else:
         _req, step = p.round_trip(client_tcp(flags="S"), payload=payload, ttl=max(ttl, 2))
-    assert checksums_match(step.outbound[0][0], allow_minus_zero=True)
+    assert checksums_match(step.outbound[0][0])
 
 
 @pytest.mark.parametrize("data", [b"", b"x", b"ping" * 100])
@@ -186,11 +186,6 @@ def test_fragments_reassemble_with_valid_checksum() -> None:
     assert_checksums(raw(whole))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (cosmetic): packet.fold never returns 0 (right for UDP, RFC 768) and is used for "
-    "TCP/ICMP/IPv4 too; when the ones' complement sum is -0 the field is written 0xffff "
-    "where RFC 1624 §3 says it is +0 (0x0000) and scapy/Linux compute 0x0000; receivers "
-    "still accept it"))
 def test_rfc1624_3_checksum_is_never_minus_zero() -> None:
     p = party()
     request, _ = p.round_trip(client_tcp(flags="S"))

@@ -100,9 +100,7 @@ def test_v6_to_v4_to_v6_identity(x: dict[str, object]) -> None:
     assert set(step2.outer_destinations) == {x["outer"]}
     packets = [IPv6(pkt) for pkt, _ in step2.outbound]
     back = defragment6(packets) if len(packets) > 1 else packets[0]
-    if len(packets) == 1:
-        # (fragments lose it: see the xfail in tests/unit/test_datapath.py)
-        assert (back.tc, back.fl) == (x["tos"], 0)
+    assert all((p.tc, p.fl) == (x["tos"], 0) for p in packets)
     assert (back.src, back.dst) == (gw, client)
     assert (back[layer].sport, back[layer].dport) == (dport, sport)
     assert raw(back[layer].payload) == reply_payload

@@ -162,11 +162,6 @@ def test_rfc4443_3_4_unknown_next_header_after_8_byte_extension_header() -> None
     assert err[ICMPv6ParamProblem].ptr == 40  # the Next Header byte of the options header
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the Parameter Problem pointer for an unrecognized Next Header is computed as "
-    "upper_offset - 8, right only when the last extension header is 8 bytes long; after a "
-    "16-byte Destination Options header it says 48 instead of 40 (RFC 4443 §3.4: the octet "
-    "offset of the field where the error was detected)"))
 def test_rfc4443_3_4_unknown_next_header_pointer_after_16_byte_extension_header() -> None:
     p = party()
     opts = IPv6ExtHdrDestOpt(nh=132, options=[PadN(optdata=b"\0" * 10)])
@@ -175,10 +170,6 @@ def test_rfc4443_3_4_unknown_next_header_pointer_after_16_byte_extension_header(
     assert err[ICMPv6ParamProblem].ptr == 40
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Next Header 59 (No Next Header, RFC 8200 §4.7) is answered with ICMPv6 Parameter "
-    "Problem 'unrecognized Next Header'; 59 is a recognized value that means 'nothing "
-    "follows', so the packet should be dropped without an error"))
 def test_rfc8200_4_7_no_next_header_gets_no_parameter_problem() -> None:
     p = party()
     step = p.client(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4, nh=59))
@@ -319,10 +310,6 @@ def test_rfc7915_4_big_udp_reply_fragmented(mode: str) -> None:
     assert (whole[UDP].sport, whole[UDP].dport) == (53, 40000)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Datapath._send_v6 fragments with fragment_ipv6(..., hop_limit=packet[7]) but does "
-    "not pass traffic_class, so every fragment of a big reply has Traffic Class 0 although "
-    "the unfragmented packet carries the IPv4 TOS (RFC 7915 §4.1)"))
 def test_rfc7915_4_1_traffic_class_kept_in_fragments() -> None:
     p = party()
     _request, step = p.round_trip(client_udp(), payload=bytes(4000), tos=0x28)

@@ -257,10 +257,6 @@ def test_rfc6146_tcp_both_fins_transitory_timeout() -> None:
     assert ft.expire(21.0 + T.tcp_transitory_s) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: FlowTable.expire only reschedules a session when its heap entry pops; a session "
-    "that went ESTABLISHED is rescheduled at last_seen + 7440 s, and a later RST (TRANS, "
-    "240 s) does not push an earlier deadline, so it lives until the old 7440 s deadline"))
 def test_rfc6146_tcp_rst_shortens_lifetime_to_transitory() -> None:
     ft = table()
     s = new(ft, now=0.0)

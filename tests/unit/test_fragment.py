@@ -181,11 +181,6 @@ def test_rfc8200_4_5_inconsistent_fragments_drop(parts: list[tuple[int, bool, by
     assert len(r) == 0 and r.bytes_held == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Reassembler checks a new fragment against an already known end, but not the "
-    "fragments already held against a newly learnt end: a part at offset 1000 stored before "
-    "the last fragment (offset 496, 12 bytes, end 508) survives, sizes add up to 508 and a "
-    "548-byte packet with a hole at 488..496 and foreign data at its end is returned"))
 def test_rfc8200_4_5_fragment_beyond_last_fragment_end_drops() -> None:
     r = Reassembler()
     assert add(r, frag(1000, True, b"a" * 8)) is None

@@ -30,6 +30,7 @@ from workers.packet import (
     checksum,
     checksum_offset,
     fold,
+    fold_udp,
     parse_ipv4,
     parse_ipv6,
     pseudo_sum_v6,
@@ -69,11 +70,18 @@ def test_rfc1071_sum16_agrees_with_word_by_word_sum(data: bytes) -> None:
     assert sum16(data) % 0xFFFF == ref % 0xFFFF
 
 
-def test_rfc768_fold_never_returns_zero() -> None:
-    # A UDP checksum of 0 means "none"; a computed zero is sent as 0xffff (RFC 768).
-    assert fold(0) == 0xFFFF
-    assert fold(0xFFFF) == 0xFFFF
+def test_rfc1624_3_fold_writes_plus_zero() -> None:
+    # A non-zero sum congruent to 0 is -0 (0xffff); its complement is +0 (RFC 1624 §3).
+    assert fold(0xFFFF) == 0
+    assert fold(0xFFFF * 7) == 0
+    assert fold(0) == 0xFFFF  # all-zero data: sum +0, checksum 0xffff
     assert fold(0x1234) == 0xFFFF - 0x1234
+
+
+def test_rfc768_udp_never_sends_zero_checksum() -> None:
+    # A UDP checksum of 0 means "none"; a computed zero is sent as 0xffff (RFC 768).
+    assert fold_udp(0xFFFF) == 0xFFFF
+    assert fold_udp(0x1234) == 0xFFFF - 0x1234
 
 
 def test_rfc1071_inserting_the_checksum_makes_the_block_verify() -> None:
@@ -214,7 +222,7 @@ def test_rfc8200_4_extension_header_chain_walked(packet: bytes, upper_proto: int
 def test_rfc8200_3_parse_ipv6_fields() -> None:
     packet = _v6(UDP_TAIL, tc=0xB8, hlim=7)
     view = parse_ipv6(packet)
-    assert view == (13, 7, packed6(A6), packed6(B6), PROTO_UDP, 40, None, 0xB8)
+    assert view == (13, 7, packed6(A6), packed6(B6), PROTO_UDP, 40, None, 0xB8, 6)
 
 
 def test_rfc8200_4_5_first_fragment_reported() -> None:

@@ -324,10 +324,6 @@ def test_rfc3964_5_1_neighbor_discovery_never_decapsulated(icmp_type: int) -> No
     assert check_inbound(outer(pkt), POLICY_6TO4) is DropReason.NEIGHBOR_DISCOVERY
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: check_inbound looks for ND only when ICMPv6 directly follows the IPv6 header "
-    "(inner[6] == 58); a Neighbor Solicitation behind a Destination Options header is "
-    "decapsulated (RFC 3964 §5.1 says ND is never decapsulated)"))
 def test_rfc3964_5_1_neighbor_discovery_behind_extension_header_never_decapsulated() -> None:
     pkt = raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4, hlim=255) / IPv6ExtHdrDestOpt()
               / ICMPv6ND_NS(tgt=GW6_6TO4))

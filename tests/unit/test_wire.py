@@ -87,11 +87,6 @@ def test_wire_every_truncation_of_a_batch_is_none() -> None:
         assert decode_batch(message[:cut]) is None, cut
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: decode_batch accepts bytes after the last of `count` records: a batch whose count "
-    "says 1 but which carries a second record decodes as one record and the rest is "
-    "silently lost; the framing is inconsistent, so the batch should be None like the "
-    "other broken framings"))
 def test_wire_trailing_bytes_after_last_record_is_none() -> None:
     one = encode_batch(RECORDS[:1])
     extra = encode_batch(RECORDS[1:2])[4:]  # a whole second record the count does not admit
