@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 bad config (or bad usage), 1 runtime failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -36,20 +37,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s coordinator %(levelname)s %(message)s")
     from coordinator.gateway import run_gateway
-    from coordinator.probe import delivery_method, probe
-    method, why = delivery_method(probe()[:3])
-    if method is None:
-        logging.getLogger("sixgate").error("sixgate cannot deliver packets to the services: "
-                                           "%s", why)
+    from coordinator.probe import choose_backend, delivery_method, probe
+    log = logging.getLogger("sixgate")
+    caps = probe()
+    backend, why = choose_backend(settings.backend, caps)
+    if backend is None:
+        log.error("sixgate cannot run: %s", why)
         return EXIT_RUNTIME
-    return run_gateway(settings)
+    log.info("backend %s: %s", backend, why)
+    if backend == "userspace":
+        method, why = delivery_method(caps)
+        if method is None:
+            log.error("sixgate cannot deliver packets to the services: %s", why)
+            return EXIT_RUNTIME
+    return run_gateway(dataclasses.replace(settings, backend=backend))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args.config)
-    from coordinator.probe import delivery_method, probe
-    method, why = delivery_method(probe()[:3])
+    from coordinator.probe import choose_backend, delivery_method, probe
+    caps = probe()
+    method, why = delivery_method(caps)
+    backend, backend_why = choose_backend(settings.backend, caps)
     print(f"config {args.config}: OK")
+    print(f"  backend       {backend or 'NONE'}: {backend_why}")
     print(f"  tunnel        {settings.mode} "
           f"({'RFC 3056 6to4' if settings.mode == '6to4' else 'RFC 4213 configured tunnel'})")
     print(f"  local IPv4    {settings.local_ipv4}")
@@ -81,18 +92,24 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  forward       {rule.label}")
     else:
         print("  forward       (none: only ICMPv6 echo is answered)")
-    print(f"  delivery      {method or 'NONE'}: {why}")
+    if backend == "kernel":
+        print(f"  delivery      kernel sit link {settings.name}sit; workers relay the "
+              "forwarded ports from IPv6 sockets")
+    else:
+        print(f"  delivery      {method or 'NONE'}: {why}")
     return EXIT_OK
 
 
 def cmd_probe(_args: argparse.Namespace) -> int:
-    from coordinator.probe import delivery_method, probe
+    from coordinator.probe import choose_backend, delivery_method, probe
     caps = probe()
     width = max(len(c.name) for c in caps)
     for cap in caps:
         print(f"{cap.name:<{width}}  {'yes' if cap.ok else 'no '}  {cap.detail}")
     method, why = delivery_method(caps)
     print(f"{'delivery':<{width}}  {method or 'none'}  {why}")
+    backend, backend_why = choose_backend("auto", caps)
+    print(f"{'backend':<{width}}  {backend}  {backend_why}")
     return EXIT_OK
 
 

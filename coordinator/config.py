@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
                "martian_ipv4"},
     "gateway": {"workers", "pool", "run_dir", "name", "max_flows", "max_flows_per_prefix",
                 "icmp_errors_per_s", "icmp_error_burst", "queue_batches", "batch_packets",
-                "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level"},
+                "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend"},
     "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s"},
     "forward": {"proto", "port", "to"},
 }
@@ -280,6 +280,11 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         raise ctx.error("gateway", "log_level", f"{log_level!r} must be debug, info, warning "
                         "or error")
 
+    backend = gateway.get("backend", "auto")
+    if backend not in ("auto", "userspace", "kernel"):
+        raise ctx.error("gateway", "backend", f"{backend!r} must be \"auto\", \"userspace\" "
+                        "or \"kernel\"")
+
     timeouts_raw = doc.get("timeouts", {})
     defaults = Timeouts()
     # RFC 6146 §4 / RFC 4787 REQ-5: UDP below 2 min breaks applications; RFC 5382 REQ-5 asks
@@ -317,7 +322,7 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                                 gateway.get("fragment_datagrams", 1024), 1, 1_000_000),
         fragment_bytes=_int(ctx, "gateway", "fragment_bytes",
                             gateway.get("fragment_bytes", 16 << 20), 65536, 1 << 34),
-        martian_ipv4=martian_rows, log_level=log_level, source_file=file,
+        martian_ipv4=martian_rows, log_level=log_level, source_file=file, backend=backend,
     )
 
 

@@ -112,6 +112,7 @@ class Coordinator:
         self.running = True
         self.workers = [WorkerProcess(i) for i in range(settings.workers)]
         self.started = time.monotonic()
+        self.sock: socket.socket | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -122,24 +123,34 @@ class Coordinator:
         self.settings_file.write_text(settings.to_json())
         self.ctx = zmq.Context()
         self.pushes = []
-        for worker in self.workers:
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_path(settings.run_dir))
+        if settings.backend == "kernel":
+            # The kernel's sit link does the tunnel; workers only relay ports.
+            from coordinator import kernel_backend
+            try:
+                self.sit_link = kernel_backend.setup(settings)
+            except kernel_backend.KernelBackendError as exc:
+                raise RuntimeError(str(exc)) from None
+            self.sock = None
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            self.sock.setblocking(False)
+        for worker in self.workers if settings.backend != "kernel" else ():
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, settings.queue_batches)
             push.setsockopt(zmq.LINGER, 0)
             push.bind(data_endpoint(settings.run_dir, worker.index))
             self.pushes.append(push)
-        self.control = self.ctx.socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(control_path(settings.run_dir))
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.setblocking(False)
         for worker in self.workers:
             self._spawn(worker)
         self._wait_workers_ready()
-        log.info("sixgate up: %s tunnel, local %s, addresses %s, %d worker(s), pool %s",
-                 settings.mode, settings.local_ipv4, ", ".join(settings.addresses),
-                 settings.workers, settings.pool)
+        log.info("sixgate up: %s backend, %s tunnel, local %s, addresses %s, %d worker(s)%s",
+                 settings.backend, settings.mode, settings.local_ipv4,
+                 ", ".join(settings.addresses), settings.workers,
+                 f", pool {settings.pool}" if settings.backend != "kernel" else "")
 
     def _spawn(self, worker: WorkerProcess) -> None:
         cmd = [sys.executable, "-m", "workers.main", "--settings", str(self.settings_file),
@@ -196,8 +207,11 @@ class Coordinator:
             self.control.close(0)
         if getattr(self, "ctx", None) is not None:
             self.ctx.term()
-        if getattr(self, "sock", None) is not None:
+        if self.sock is not None:
             self.sock.close()
+        if getattr(self, "sit_link", None) is not None:
+            from coordinator import kernel_backend
+            kernel_backend.teardown(self.settings)
         run_dir = getattr(self, "run_dir", None)
         if run_dir is not None:
             for path in list(run_dir.glob("worker-*")) + [run_dir / "control",
@@ -210,6 +224,8 @@ class Coordinator:
         self._check_no_tun_left()
 
     def _check_no_tun_left(self) -> None:
+        if self.settings.backend == "kernel":
+            return
         for worker in self.workers:
             name = tun_name(self.settings, worker.index)
             if Path(f"/sys/class/net/{name}").exists():
@@ -219,12 +235,14 @@ class Coordinator:
 
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.sock.fileno(), zmq.POLLIN)
+        sock_fd = self.sock.fileno() if self.sock is not None else -1
+        if self.sock is not None:
+            poller.register(sock_fd, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         next_check = time.monotonic() + 1.0
         while self.running:
             events = dict(poller.poll(timeout=500))
-            if self.sock.fileno() in events:
+            if sock_fd in events:
                 self._capture()
             if self.control in events:
                 self._answer_control()
@@ -242,6 +260,7 @@ class Coordinator:
         seed = settings.hash_seed
         batch_max = settings.batch_packets
         batches: list[list[tuple[bytes, bytes | memoryview]]] = [[] for _ in range(nworkers)]
+        assert self.sock is not None
         recv = self.sock.recv
         for _ in range(RECV_BUDGET):
             try:

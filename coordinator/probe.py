@@ -126,3 +126,22 @@ def delivery_method(capabilities: list[Capability]) -> tuple[str | None, str]:
     if tun.ok:
         return "tun", "TUN device per worker; the pool is routed to it (no firewall rule)"
     return None, f"no delivery method: {tun.detail}"
+
+
+def choose_backend(requested: str, capabilities: list[Capability]) -> tuple[str | None, str]:
+    """Resolve ``[gateway] backend``: (backend or None when impossible, why)."""
+    by_name = {c.name: c for c in capabilities}
+    sit, ipv6 = by_name["kernel sit"], by_name["kernel IPv6"]
+    kernel_ok = sit.ok and ipv6.ok
+    if requested == "userspace":
+        return "userspace", "configured (backend = \"userspace\")"
+    if requested == "kernel":
+        if kernel_ok:
+            return "kernel", "configured; the kernel has sit and IPv6"
+        missing = sit if not sit.ok else ipv6
+        return None, (f"backend = \"kernel\" but {missing.name} is unavailable: "
+                      f"{missing.detail}; use backend = \"auto\" or \"userspace\"")
+    if kernel_ok:
+        return "kernel", "auto: the kernel has sit and IPv6 and we may configure them"
+    missing = sit if not sit.ok else ipv6
+    return "userspace", f"auto: {missing.name} unavailable ({missing.detail})"

@@ -264,6 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker-{args.index} %(levelname)s %(message)s")
     die_with_parent()
+    if settings.backend == "kernel":
+        import asyncio
+
+        from workers.relay import run_relay
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            asyncio.run(run_relay(settings, args.index,
+                                  control_endpoint(settings.run_dir, args.index)))
+        except OSError as exc:
+            log.error("worker %d cannot start its relays: %s", args.index, exc)
+            return 1
+        return 0
     worker = Worker(settings, args.index)
 
     def stop(_signum: int, _frame: object) -> None:

@@ -73,6 +73,7 @@ class Settings:
     martian_ipv4: tuple[tuple[str, str], ...] = ()
     log_level: str = "info"
     source_file: str = ""
+    backend: str = "auto"  # "auto" | "userspace" | "kernel"; workers get the resolved one
 
     @property
     def max_mss(self) -> int:

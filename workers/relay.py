@@ -1,0 +1,352 @@
+"""Kernel backend worker: socket-level relays from IPv6 listeners to the IPv4 services.
+
+Where the kernel has sit (``coordinator/kernel_backend.py`` sets the tunnel up), the kernel
+decapsulates, checks and terminates IPv6 itself; what remains for sixgate is letting IPv4-only
+services answer IPv6 clients. Each worker listens on every forwarded port of every gateway
+address with ``SO_REUSEPORT`` (the kernel spreads clients over the workers) on AF_INET6 sockets
+with ``IPV6_V6ONLY`` set (inet6(4): never rely on v4-mapped addresses), and relays:
+
+- TCP: one IPv4 connection to the target per client connection, both directions copied, each
+  half-close passed on (RFC 9293 §3.6), idle connections closed after the TCP established
+  timeout.
+- UDP: one connected IPv4 socket per client (address, port) "session", with the same timeouts
+  and limits as the userspace backend (RFC 6146 §4 defaults, per source /64 limit).
+
+Counters use the same structure and names as the userspace datapath (``workers/counters.py``);
+the control socket answers the same ``flows``/``ping`` requests. I/O shell on asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any, cast
+
+import zmq
+import zmq.asyncio
+
+from workers.counters import Counters
+from workers.drops import DropReason
+from workers.packet import PROTO_TCP, PROTO_UDP
+from workers.settings import Forward, Settings
+
+log = logging.getLogger("sixgate.relay")
+
+CONTROL_VERSION = 1
+READ_BYTES = 65536
+TCP_CONNECT_TIMEOUT_S = 10.0
+
+
+class RelaySession:
+    """One relayed client: what ``sixgate flows`` lists."""
+
+    __slots__ = ("proto", "client", "cport", "gateway", "gwport", "local", "rule", "state",
+                 "last_seen", "prefix64", "transport")
+
+    def __init__(self, proto: int, client: str, cport: int, gateway: str, gwport: int,
+                 rule: str, now: float) -> None:
+        self.proto = proto
+        self.client = client
+        self.cport = cport
+        self.gateway = gateway
+        self.gwport = gwport
+        self.local = ""
+        self.rule = rule
+        self.state = "connecting" if proto == PROTO_TCP else "open"
+        self.last_seen = now
+        self.prefix64 = ipaddress.IPv6Address(client).packed[:8]
+        self.transport: asyncio.BaseTransport | None = None
+
+
+class _UdpToService(asyncio.DatagramProtocol):
+    """The IPv4 side of one UDP session: replies go back out of the IPv6 listener."""
+
+    def __init__(self, relay: Relay, session: RelaySession,
+                 listener: asyncio.DatagramTransport) -> None:
+        self.relay = relay
+        self.session = session
+        self.listener = listener
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        relay = self.relay
+        relay.counters.count("from_services", PROTO_UDP, len(data))
+        self.session.last_seen = time.monotonic()
+        try:
+            self.listener.sendto(data, (self.session.client, self.session.cport))
+            relay.counters.count("outbound", PROTO_UDP, len(data))
+        except OSError:
+            relay.counters.drop(DropReason.SEND_FAILED)
+
+    def error_received(self, exc: Exception) -> None:
+        # The service's port is closed (ICMP port unreachable); the client will time out.
+        self.relay.counters.event("udp_service_errors")
+
+
+class _UdpListener(asyncio.DatagramProtocol):
+    def __init__(self, relay: Relay, rule: Forward, gateway: str, port: int) -> None:
+        self.relay = relay
+        self.rule = rule
+        self.gateway = gateway
+        self.port = port
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # CPython's selector datagram transport does not subclass DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.relay.udp_from_client(self, data, str(addr[0]), int(addr[1]))
+
+
+class Relay:
+    def __init__(self, settings: Settings, index: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.counters = Counters()
+        self.sessions: dict[tuple[int, str, int, str, int], RelaySession] = {}
+        self.per_prefix: dict[bytes, int] = {}
+        self.max_flows = max(1, -(-settings.max_flows // settings.workers))
+        self.created_total = 0
+        self.expired_total = 0
+        self.running = True
+        self._servers: list[asyncio.Server] = []
+        self._udp: list[asyncio.DatagramTransport] = []
+
+    # --- sessions and limits ------------------------------------------------------------------
+
+    def _admit(self, key: tuple[int, str, int, str, int], session: RelaySession) -> bool:
+        """Apply the global and per /64 limits (RFC 6888 REQ-4); never evict a live session."""
+        if len(self.sessions) >= self.max_flows:
+            self.counters.drop(DropReason.FLOW_LIMIT)
+            return False
+        if self.per_prefix.get(session.prefix64, 0) >= self.settings.max_flows_per_prefix:
+            self.counters.drop(DropReason.PREFIX_FLOW_LIMIT)
+            return False
+        self.sessions[key] = session
+        self.per_prefix[session.prefix64] = self.per_prefix.get(session.prefix64, 0) + 1
+        self.created_total += 1
+        self.counters.event(f"flows_created_{'tcp' if session.proto == PROTO_TCP else 'udp'}")
+        return True
+
+    def _forget(self, key: tuple[int, str, int, str, int]) -> None:
+        session = self.sessions.pop(key, None)
+        if session is None:
+            return
+        count = self.per_prefix.get(session.prefix64, 1) - 1
+        if count:
+            self.per_prefix[session.prefix64] = count
+        else:
+            self.per_prefix.pop(session.prefix64, None)
+
+    # --- TCP ----------------------------------------------------------------------------------
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          rule: Forward, gateway: str, port: int) -> None:
+        peer = writer.get_extra_info("peername")
+        now = time.monotonic()
+        session = RelaySession(PROTO_TCP, peer[0], peer[1], gateway, port, rule.label, now)
+        key = (PROTO_TCP, peer[0], peer[1], gateway, port)
+        if not self._admit(key, session):
+            writer.transport.abort()
+            return
+        try:
+            try:
+                up_reader, up_writer = await asyncio.wait_for(
+                    asyncio.open_connection(rule.target_ipv4, rule.target_for(port)),
+                    TCP_CONNECT_TIMEOUT_S)
+            except (TimeoutError, OSError):
+                # The service is down: the client gets a reset, as the kernel would send.
+                self.counters.event("tcp_service_unreachable")
+                writer.transport.abort()
+                return
+            local = up_writer.get_extra_info("sockname")
+            session.local = f"{local[0]}:{local[1]}"
+            session.state = "established"
+            await asyncio.gather(
+                self._pipe(reader, up_writer, session, "inbound", "to_services"),
+                self._pipe(up_reader, writer, session, "from_services", "outbound"))
+            session.state = "closed"
+        finally:
+            self._forget(key)
+            writer.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    session: RelaySession, rx: str, tx: str) -> None:
+        idle_s = self.settings.timeouts.tcp_established_s
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(READ_BYTES), idle_s)
+                if not data:
+                    break
+                session.last_seen = time.monotonic()
+                self.counters.count(rx, PROTO_TCP, len(data))
+                writer.write(data)
+                await writer.drain()
+                self.counters.count(tx, PROTO_TCP, len(data))
+            # RFC 9293 §3.6: pass the half-close on; the other direction may go on.
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (TimeoutError, OSError, ConnectionError):
+            writer.transport.abort()
+
+    # --- UDP ----------------------------------------------------------------------------------
+
+    def udp_from_client(self, listener: _UdpListener, data: bytes, client: str,
+                        cport: int) -> None:
+        now = time.monotonic()
+        self.counters.count("inbound", PROTO_UDP, len(data))
+        key = (PROTO_UDP, client, cport, listener.gateway, listener.port)
+        session = self.sessions.get(key)
+        if session is None:
+            session = RelaySession(PROTO_UDP, client, cport, listener.gateway, listener.port,
+                                   listener.rule.label, now)
+            if not self._admit(key, session):
+                return
+            asyncio.get_running_loop().create_task(
+                self._open_udp(session, listener, data))
+            return
+        session.last_seen = now
+        if session.transport is not None:
+            cast(asyncio.DatagramTransport, session.transport).sendto(data)
+            self.counters.count("to_services", PROTO_UDP, len(data))
+
+    async def _open_udp(self, session: RelaySession, listener: _UdpListener,
+                        first: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        if listener.transport is None:
+            return
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpToService(self, session, listener.transport),  # type: ignore[arg-type]
+                remote_addr=(listener.rule.target_ipv4, listener.rule.target_for(listener.port)))
+        except OSError:
+            self.counters.drop(DropReason.SEND_FAILED)
+            self._forget((PROTO_UDP, session.client, session.cport, session.gateway,
+                          session.gwport))
+            return
+        session.transport = transport
+        local = transport.get_extra_info("sockname")
+        session.local = f"{local[0]}:{local[1]}"
+        transport.sendto(first)
+        self.counters.count("to_services", PROTO_UDP, len(first))
+
+    def expire(self, now: float) -> None:
+        """Close UDP sessions idle past the UDP timeout (RFC 6146 §4 UDP_DEFAULT)."""
+        udp_s = self.settings.timeouts.udp_s
+        for key, session in list(self.sessions.items()):
+            if session.proto == PROTO_UDP and now - session.last_seen >= udp_s:
+                if session.transport is not None:
+                    session.transport.close()
+                self._forget(key)
+                self.expired_total += 1
+                self.counters.event("flows_expired")
+
+    # --- listeners ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _listener_socket(kind: int, address: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, kind)
+        # inet6(4): an IPv6 listener must never see IPv4 as v4-mapped addresses.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+        sock.setblocking(False)
+        return sock
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for rule in self.settings.forwards:
+            for port in range(rule.port_lo, rule.port_hi + 1):
+                for address in self.settings.addresses:
+                    if rule.proto == "tcp":
+                        sock = self._listener_socket(socket.SOCK_STREAM, address, port)
+                        server = await asyncio.start_server(
+                            functools.partial(self._tcp_client, rule=rule, gateway=address,
+                                              port=port),
+                            sock=sock, backlog=1024)
+                        self._servers.append(server)
+                    else:
+                        sock = self._listener_socket(socket.SOCK_DGRAM, address, port)
+                        transport, _ = await loop.create_datagram_endpoint(
+                            functools.partial(_UdpListener, self, rule, address, port),
+                            sock=sock)
+                        self._udp.append(transport)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for transport in self._udp:
+            transport.close()
+        for session in self.sessions.values():
+            if session.transport is not None:
+                session.transport.close()
+
+    # --- control ------------------------------------------------------------------------------
+
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        return [{
+            "proto": "tcp" if s.proto == PROTO_TCP else "udp",
+            "client": f"[{s.client}]:{s.cport}",
+            "gateway": f"[{s.gateway}]:{s.gwport}",
+            "pool": s.local,
+            "rule": s.rule,
+            "state": s.state,
+            "idle_s": round(now - s.last_seen, 1),
+            "worker": self.index,
+        } for s in self.sessions.values()]
+
+    async def serve_control(self, control: zmq.asyncio.Socket) -> None:
+        while self.running:
+            if not await control.poll(500):
+                self.expire(time.monotonic())
+                continue
+            raw = await control.recv()
+            try:
+                request = json.loads(raw)
+            except ValueError:
+                await control.send_json({"v": CONTROL_VERSION, "ok": False, "error": "bad json"})
+                continue
+            now = time.monotonic()
+            cmd = request.get("cmd")
+            if cmd == "ping":
+                reply: dict[str, Any] = {"v": CONTROL_VERSION, "ok": True, "pid": os.getpid()}
+            elif cmd == "flows":
+                reply = {
+                    "v": CONTROL_VERSION, "ok": True, "pid": os.getpid(), "index": self.index,
+                    "bindings": self.describe(now),
+                    "flows": {"active": len(self.sessions), "created": self.created_total,
+                              "expired": self.expired_total, "limit": self.max_flows,
+                              "pool_in_use": 0, "pool_size": 0},
+                    "counters": self.counters.as_dict(),
+                }
+            else:
+                reply = {"v": CONTROL_VERSION, "ok": False, "error": f"unknown command {cmd!r}"}
+            await control.send_json(reply)
+            self.expire(now)
+
+
+async def run_relay(settings: Settings, index: int, control_endpoint: str) -> None:
+    relay = Relay(settings, index)
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    import signal
+    loop.add_signal_handler(signal.SIGTERM, stopped.set)
+    ctx = zmq.asyncio.Context()
+    control = ctx.socket(zmq.REP)
+    control.setsockopt(zmq.LINGER, 0)
+    await relay.start()
+    control.bind(control_endpoint)
+    task = asyncio.create_task(relay.serve_control(control))
+    await stopped.wait()
+    relay.running = False
+    task.cancel()
+    await relay.stop()
+    control.close(0)
+    ctx.term()
