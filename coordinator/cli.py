@@ -16,7 +16,7 @@ import zmq
 
 from coordinator.config import ConfigError, load_config
 from coordinator.gateway import control_path
-from workers.main import CONTROL_VERSION
+from workers import control
 from workers.settings import Settings, worker_routes
 from workers.tunnel import DEFAULT_MARTIAN_IPV4
 
@@ -135,7 +135,7 @@ def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 5000) -> dict[
     req.setsockopt(zmq.LINGER, 0)
     req.connect(control_path(settings.run_dir))
     try:
-        req.send_json({"v": CONTROL_VERSION, "cmd": cmd})
+        req.send_json(control.request(cmd))
         if not req.poll(timeout_ms, zmq.POLLIN):
             raise RuntimeError(f"no gateway answers on {control_path(settings.run_dir)}; is "
                                "`sixgate run` running with this config?")

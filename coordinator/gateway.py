@@ -27,9 +27,11 @@ from typing import Any
 
 import zmq
 
+from workers import control
+from workers.control import control_endpoint, data_endpoint
 from workers.counters import Counters
 from workers.drops import DropReason
-from workers.main import CONTROL_VERSION, control_endpoint, data_endpoint, tun_name
+from workers.main import tun_name
 from workers.settings import Settings
 from workers.tunnel import DEFAULT_MARTIAN_IPV4, TunnelPolicy, check_inbound
 from workers.wire import encode_batch, pick_worker
@@ -182,7 +184,7 @@ class Coordinator:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"worker {index} exited with code {proc.returncode} "
                                        "during start-up (its error is logged above)")
-                if self._ask_worker(index, {"v": CONTROL_VERSION, "cmd": "ping"}, 200):
+                if self._ask_worker(index, control.request("ping"), 200):
                     pending.discard(index)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers {sorted(pending)} did not answer within "
@@ -320,36 +322,33 @@ class Coordinator:
 
     def _answer_control(self) -> None:
         try:
-            request = json.loads(self.control.recv(zmq.NOBLOCK))
+            raw = self.control.recv(zmq.NOBLOCK)
         except zmq.Again:
             return
-        except ValueError:
-            self.control.send_json({"v": CONTROL_VERSION, "ok": False, "error": "bad json"})
-            return
-        cmd = request.get("cmd")
-        if cmd in ("flows", "status"):
+        cmd, error = control.parse_request(raw)
+        if error is not None:
+            self.control.send_json(error)
+        elif cmd in ("flows", "status"):
             workers = []
             for worker in self.workers:
-                reply = self._ask_worker(worker.index, {"v": CONTROL_VERSION, "cmd": "flows"})
+                reply = self._ask_worker(worker.index, control.request("flows"))
                 entry: dict[str, Any] = {"index": worker.index, "restarts": worker.restarts,
                                          "up": reply is not None}
                 if reply is not None:
                     entry.update(reply)
                 workers.append(entry)
-            self.control.send_json({
-                "v": CONTROL_VERSION, "ok": True, "pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self.started, 1),
-                "settings": {"mode": self.settings.mode, "workers": self.settings.workers,
-                             "addresses": list(self.settings.addresses),
-                             "pool": self.settings.pool},
-                "coordinator": self.counters.as_dict(),
-                "workers": workers,
-            })
+            self.control.send_json(control.ok(
+                uptime_s=round(time.monotonic() - self.started, 1),
+                settings={"mode": self.settings.mode, "workers": self.settings.workers,
+                          "backend": self.settings.backend,
+                          "addresses": list(self.settings.addresses),
+                          "pool": self.settings.pool},
+                coordinator=self.counters.as_dict(),
+                workers=workers))
         elif cmd == "ping":
-            self.control.send_json({"v": CONTROL_VERSION, "ok": True, "pid": os.getpid()})
+            self.control.send_json(control.ok())
         else:
-            self.control.send_json({"v": CONTROL_VERSION, "ok": False,
-                                    "error": f"unknown command {cmd!r}"})
+            self.control.send_json(control.error(f"unknown command {cmd!r}"))
 
 
 def run_gateway(settings: Settings) -> int:

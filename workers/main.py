@@ -16,7 +16,6 @@ import argparse
 import ctypes
 import errno
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -28,6 +27,8 @@ from typing import Any
 
 import zmq
 
+from workers import control
+from workers.control import control_endpoint, data_endpoint
 from workers.datapath import Datapath
 from workers.drops import DropReason
 from workers.flows import Session
@@ -38,7 +39,6 @@ from workers.wire import decode_batch
 
 log = logging.getLogger("sixgate.worker")
 
-CONTROL_VERSION = 1
 PR_SET_PDEATHSIG = 1
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0
@@ -46,14 +46,6 @@ TUN_BATCH = 64
 SO_ATTACH_FILTER = 26
 LIMIT_LOG_INTERVAL_S = 60.0
 TRACEBACK_LOG_INTERVAL_S = 10.0
-
-
-def data_endpoint(run_dir: str, index: int) -> str:
-    return f"ipc://{run_dir}/worker-{index}.data"
-
-
-def control_endpoint(run_dir: str, index: int) -> str:
-    return f"ipc://{run_dir}/worker-{index}.ctl"
 
 
 def tun_name(settings: Settings, index: int) -> str:
@@ -230,27 +222,25 @@ class Worker:
 
     def _answer_control(self, now: float) -> None:
         try:
-            request = json.loads(self.control.recv(zmq.NOBLOCK))
+            raw = self.control.recv(zmq.NOBLOCK)
         except zmq.Again:
             return
-        except ValueError:
-            self.control.send_json({"v": CONTROL_VERSION, "ok": False, "error": "bad json"})
-            return
-        cmd = request.get("cmd")
-        if cmd == "ping":
-            reply: dict[str, Any] = {"v": CONTROL_VERSION, "ok": True, "pid": os.getpid()}
+        cmd, reply = control.parse_request(raw)
+        if reply is not None:
+            pass
+        elif cmd == "ping":
+            reply = control.ok()
         elif cmd == "flows":
             flows = self.datapath.flows
-            reply = {
-                "v": CONTROL_VERSION, "ok": True, "pid": os.getpid(), "index": self.index,
-                "bindings": [describe_session(s, now, self.index) for s in flows.sessions()],
-                "flows": {"active": len(flows), "created": flows.created_total,
-                          "expired": flows.expired_total, "limit": flows.max_flows,
-                          "pool_in_use": flows.pool_in_use(), "pool_size": flows.pool_size},
-                "counters": self.datapath.counters.as_dict(),
-            }
+            reply = control.ok(
+                index=self.index,
+                bindings=[describe_session(s, now, self.index) for s in flows.sessions()],
+                flows={"active": len(flows), "created": flows.created_total,
+                       "expired": flows.expired_total, "limit": flows.max_flows,
+                       "pool_in_use": flows.pool_in_use(), "pool_size": flows.pool_size},
+                counters=self.datapath.counters.as_dict())
         else:
-            reply = {"v": CONTROL_VERSION, "ok": False, "error": f"unknown command {cmd!r}"}
+            reply = control.error(f"unknown command {cmd!r}")
         self.control.send_json(reply)
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import json
 import logging
-import os
 import socket
 import time
 from typing import Any, cast
@@ -31,6 +29,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
+from workers import control as protocol
 from workers.counters import Counters
 from workers.drops import DropReason
 from workers.packet import PROTO_TCP, PROTO_UDP
@@ -38,7 +37,6 @@ from workers.settings import Forward, Settings
 
 log = logging.getLogger("sixgate.relay")
 
-CONTROL_VERSION = 1
 READ_BYTES = 65536
 TCP_CONNECT_TIMEOUT_S = 10.0
 
@@ -307,27 +305,21 @@ class Relay:
             if not await control.poll(500):
                 self.expire(time.monotonic())
                 continue
-            raw = await control.recv()
-            try:
-                request = json.loads(raw)
-            except ValueError:
-                await control.send_json({"v": CONTROL_VERSION, "ok": False, "error": "bad json"})
-                continue
+            cmd, reply = protocol.parse_request(await control.recv())
             now = time.monotonic()
-            cmd = request.get("cmd")
-            if cmd == "ping":
-                reply: dict[str, Any] = {"v": CONTROL_VERSION, "ok": True, "pid": os.getpid()}
+            if reply is not None:
+                pass
+            elif cmd == "ping":
+                reply = protocol.ok()
             elif cmd == "flows":
-                reply = {
-                    "v": CONTROL_VERSION, "ok": True, "pid": os.getpid(), "index": self.index,
-                    "bindings": self.describe(now),
-                    "flows": {"active": len(self.sessions), "created": self.created_total,
-                              "expired": self.expired_total, "limit": self.max_flows,
-                              "pool_in_use": 0, "pool_size": 0},
-                    "counters": self.counters.as_dict(),
-                }
+                reply = protocol.ok(
+                    index=self.index, bindings=self.describe(now),
+                    flows={"active": len(self.sessions), "created": self.created_total,
+                           "expired": self.expired_total, "limit": self.max_flows,
+                           "pool_in_use": 0, "pool_size": 0},
+                    counters=self.counters.as_dict())
             else:
-                reply = {"v": CONTROL_VERSION, "ok": False, "error": f"unknown command {cmd!r}"}
+                reply = protocol.error(f"unknown command {cmd!r}")
             await control.send_json(reply)
             self.expire(now)
 
