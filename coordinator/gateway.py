@@ -27,6 +27,7 @@ from typing import Any
 
 import zmq
 
+from coordinator import forwarding, kernel_backend
 from workers import control
 from workers.control import control_endpoint, data_endpoint
 from workers.counters import Counters
@@ -130,13 +131,17 @@ class Coordinator:
         self.control.bind(control_path(settings.run_dir))
         if settings.backend == "kernel":
             # The kernel's sit link does the tunnel; workers only relay ports.
-            from coordinator import kernel_backend
             try:
                 self.sit_link = kernel_backend.setup(settings)
             except kernel_backend.KernelBackendError as exc:
                 raise RuntimeError(str(exc)) from None
             self.sock = None
         else:
+            try:
+                forwarding.enable(settings)
+            except forwarding.ForwardingError as exc:
+                raise RuntimeError(str(exc)) from None
+            self.forwarding_enabled = True
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
             self.sock.setblocking(False)
@@ -211,8 +216,9 @@ class Coordinator:
             self.ctx.term()
         if self.sock is not None:
             self.sock.close()
+        if getattr(self, "forwarding_enabled", False):
+            forwarding.undo(self.settings)
         if getattr(self, "sit_link", None) is not None:
-            from coordinator import kernel_backend
             kernel_backend.teardown(self.settings)
         run_dir = getattr(self, "run_dir", None)
         if run_dir is not None:
@@ -226,9 +232,12 @@ class Coordinator:
         self._check_no_tun_left()
 
     def _check_no_tun_left(self) -> None:
+        """Warn about a TUN device our own stopped worker left (never about another run's)."""
         if self.settings.backend == "kernel":
             return
         for worker in self.workers:
+            if worker.proc is None:
+                continue
             name = tun_name(self.settings, worker.index)
             if Path(f"/sys/class/net/{name}").exists():
                 log.warning("TUN device %s still exists after its worker stopped", name)

@@ -72,6 +72,14 @@ def shutdown_problems(lab: netlab.Lab, tests_failed: bool) -> list[str]:
     leftovers = lab.gateway_links()
     if leftovers:
         problems.append(f"links named {lab.name!r} left after SIGTERM: {leftovers}")
+    # A forward rule to another host made the gateway open forwarding on the uplink and guard
+    # it with its own nftables table; both must be undone.
+    tables = lab.gw(["nft", "list", "tables"]).stdout.strip()
+    if tables:
+        problems.append(f"nftables tables left in the gateway namespace: {tables}")
+    forwarding = lab.gw(["sysctl", "-n", "net.ipv4.conf.veth0.forwarding"]).stdout.strip()
+    if forwarding != "0":
+        problems.append(f"net.ipv4.conf.veth0.forwarding is {forwarding} after stop, expected 0")
     if problems:
         problems.append(f"----- sixgate stderr (tail) -----\n{lab.gateway_stderr()}")
     return problems
@@ -82,9 +90,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """On a failing lab test, attach the gateway's stderr and the other processes' logs."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    the_lab = getattr(item, "funcargs", {}).get("lab")
-    if report.failed and report.when == "call" and isinstance(the_lab, netlab.Lab):
-        report.sections.append(("lab process logs", the_lab.diagnostics()))
+    if report.failed and report.when == "call":
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, netlab.Lab):
+                report.sections.append(("lab process logs", value.diagnostics()))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

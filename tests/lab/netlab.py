@@ -60,6 +60,14 @@ HTTP_PORT = 8080
 DNS_PORT = 5353
 UNFORWARDED_TCP_PORT = 81
 UNFORWARDED_UDP_PORT = 54
+# Forwarded to loopback ports where nothing listens: the service is down, not unconfigured.
+CLOSED_UDP_PORT = 5400
+CLOSED_UDP_TARGET_PORT = 5499
+CLOSED_TCP_PORT = 8100
+CLOSED_TCP_TARGET_PORT = 8199
+# Forwarded to a service on another IPv4 host: 203.0.113.1 in the peer namespace (only started
+# by the tests that need it; that host must route the gateway's pool back to 192.0.2.10).
+FAR_HTTP_PORT = 8181
 
 REQUIRED_PROGRAMS = ("ip", "ping", "dig", "dnsmasq", "curl", "ss", "sysctl")
 
@@ -146,6 +154,21 @@ FORWARD_TOML = (
     'proto = "udp"\n'
     "port = 53\n"
     f'to = "127.0.0.1:{DNS_PORT}"\n'
+    "\n"
+    "[[forward]]\n"
+    'proto = "udp"\n'
+    f"port = {CLOSED_UDP_PORT}\n"
+    f'to = "127.0.0.1:{CLOSED_UDP_TARGET_PORT}"\n'
+    "\n"
+    "[[forward]]\n"
+    'proto = "tcp"\n'
+    f"port = {CLOSED_TCP_PORT}\n"
+    f'to = "127.0.0.1:{CLOSED_TCP_TARGET_PORT}"\n'
+    "\n"
+    "[[forward]]\n"
+    'proto = "tcp"\n'
+    f"port = {FAR_HTTP_PORT}\n"
+    f'to = "{PEER_FAR_IPV4}:{FAR_HTTP_PORT}"\n'
 )
 
 
@@ -231,6 +254,31 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 10) -> int:
                 os.kill(process.pid, signal.SIGKILL)
             process.wait()
     return process.returncode
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent PID) from /proc/<pid>/stat; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name may contain spaces
+    return fields[0], int(fields[1])
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    state = process_state(pid)
+    return state is None or state[0] in ("Z", "X")
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """argv of a live process (empty when it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def tail(path: Path, max_bytes: int = 6000) -> str:
@@ -579,16 +627,22 @@ class Lab:
         return self.gw([*sixgate_command(), *args, "--config", str(self.config_path)],
                        timeout=timeout)
 
-    def start_gateway(self, timeout: float = 30) -> None:
-        """``sixgate run`` in the gateway namespace; ready once ``sixgate flows`` exits 0."""
-        self.spawn("sixgate", self.gw_ns,
+    def start_gateway(self, timeout: float = 30, key: str = "sixgate") -> None:
+        """``sixgate run`` in the gateway namespace; ready once ``sixgate flows`` exits 0.
+
+        ``key`` names the process and its logs; a second run under another key (after the
+        first was killed) keeps the first run's logs. Only "sixgate" is what ``stop_gateway``
+        stops; any other key is stopped by PID at ``close`` like every spawned process.
+        """
+        self.spawn(key, self.gw_ns,
                    [*sixgate_command(), "run", "--config", str(self.config_path)])
-        self._cleanup.callback(self.stop_gateway)
+        if key == "sixgate":
+            self._cleanup.callback(self.stop_gateway)
 
         def ready() -> bool:
-            if not self.alive("sixgate"):
-                raise LabError(f"sixgate run exited {self.processes['sixgate'].returncode} "
-                               f"before ready:\n{self.gateway_stderr()}")
+            if not self.alive(key):
+                raise LabError(f"sixgate run exited {self.processes[key].returncode} "
+                               f"before ready:\n{self.gateway_stderr(key)}")
             return self.sixgate("flows", "--json", timeout=10).returncode == 0
 
         wait_until(ready, timeout=timeout, what="`sixgate flows --json` to exit 0", interval=0.1)
@@ -602,9 +656,9 @@ class Lab:
             self.gateway_exit_code = stop_process(process, timeout)
         return self.gateway_exit_code
 
-    def gateway_stderr(self) -> str:
+    def gateway_stderr(self, key: str = "sixgate") -> str:
         """The tail of the gateway's stderr."""
-        return tail(self.log_path("sixgate"))
+        return tail(self.log_path(key))
 
     def flows(self) -> dict[str, Any]:
         """``sixgate flows --json``, parsed."""
