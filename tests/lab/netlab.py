@@ -351,6 +351,22 @@ class ServedFiles:
     mid: ServedFile
 
 
+# The standard library's http.server, unmodified, but with a listen backlog of 1024 instead of
+# socketserver's 5: with 5, a burst of 200 SYNs overflows the accept queue on a loaded machine
+# and a handshake can stall past any timeout in the *server's* kernel, which says nothing about
+# the gateway.
+HTTP_SERVER_CODE = (
+    "import functools, http.server as h, sys\n"
+    "h.ThreadingHTTPServer.request_queue_size = 1024\n"
+    "handler = functools.partial(h.SimpleHTTPRequestHandler, directory=sys.argv[3])\n"
+    "h.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), handler).serve_forever()\n"
+)
+
+
+def http_server_argv(address: str, port: int, directory: Path) -> list[str]:
+    return [sys.executable, "-c", HTTP_SERVER_CODE, address, str(port), str(directory)]
+
+
 def write_random_file(path: Path, size_bytes: int) -> ServedFile:
     """Write ``size_bytes`` random bytes; return their digest."""
     digest = hashlib.sha256()
@@ -565,9 +581,8 @@ class Lab:
 
     def start_services(self) -> None:
         """http.server and dnsmasq on IPv4 loopback in the gateway namespace, checked directly."""
-        self.spawn("http", self.gw_ns, [
-            sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(HTTP_PORT),
-            "--directory", str(self.files.directory)])
+        self.spawn("http", self.gw_ns, http_server_argv("127.0.0.1", HTTP_PORT,
+                                                        self.files.directory))
         self.spawn("dnsmasq", self.gw_ns, self.dnsmasq_argv())
         self.wait_listening("http", "-t", HTTP_PORT)
         self.wait_listening("dnsmasq", "-u", DNS_PORT)
