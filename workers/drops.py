@@ -18,8 +18,7 @@ class DropReason(enum.Enum):
     BAD_VERSION = "bad_version"
     """IP version field is not 4 (outer) or not 6 (inner) (RFC 4213 §3.6)."""
     BAD_HEADER = "bad_header"
-    """A header field that cannot be valid: IHL < 5 (RFC 791 §3.1), a broken extension-header
-    chain or a Routing header with Segments Left != 0 (RFC 8200 §4, RFC 7915 §5.1)."""
+    """Impossible field: IHL < 5, broken extension chain, Segments Left != 0 (RFC 7915 §5.1)."""
     BAD_CHECKSUM = "bad_checksum"
     """IPv4 header or TCP/UDP/ICMPv6 checksum does not verify (RFC 791, RFC 8200 §8.1)."""
     NOT_PROTO_41 = "not_proto_41"
@@ -33,16 +32,13 @@ class DropReason(enum.Enum):
     MARTIAN_DESTINATION = "martian_destination"
     """Destination that is multicast, unspecified, loopback or mapped (RFC 3964 §5.3)."""
     NOT_OUR_ADDRESS = "not_our_address"
-    """Inner destination is not one of the gateway's addresses: we terminate, never relay
-    (RFC 7526 deprecated relaying for 6to4 sites; RFC 4213 §3.6 checks the inner packet)."""
+    """Inner destination is not one of our addresses: we terminate, never relay (RFC 7526)."""
     NEIGHBOR_DISCOVERY = "neighbor_discovery"
     """ND/redirect/router messages are never decapsulated from 6to4 (RFC 3964 §5.1)."""
     NO_RULE = "no_rule"
-    """No forward rule for this protocol/port; answered with RST (RFC 9293 §3.10.7.1) or
-    ICMPv6 port unreachable (RFC 4443 §3.1)."""
+    """No forward rule for the port; answered with RST (RFC 9293 §3.10.7.1) or ICMPv6 1/4."""
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"
-    """Transport other than TCP/UDP/ICMPv6; answered with ICMPv6 parameter problem code 1
-    (RFC 4443 §3.4), except No Next Header (RFC 8200 §4.7)."""
+    """Not TCP/UDP/ICMPv6; answered with parameter problem 4/1 (RFC 4443 §3.4)."""
     ICMP_NOT_TRANSLATED = "icmp_not_translated"
     """ICMP type that RFC 7915 §4.2/§5.2 says to drop (ND, MLD, redirect, info messages)."""
     HOP_LIMIT_EXCEEDED = "hop_limit_exceeded"
@@ -68,14 +64,11 @@ class DropReason(enum.Enum):
     ICMP_RATE_LIMITED = "icmp_rate_limited"
     """An ICMPv6 error or RST we would send was suppressed (RFC 4443 §2.4(f))."""
     SEND_FAILED = "send_failed"
-    """The kernel refused a send (ENOBUFS, no route); counted, never retried: like any
-    router, we leave recovery to the transport (RFC 1812 §4.3.3.1 on dropping under load)."""
+    """The kernel refused a send (ENOBUFS, no route); never retried (RFC 1812 §5.3.6)."""
     QUEUE_FULL = "queue_full"
-    """A bounded queue to a worker was full: overload is dropped, never buffered (RFC 6888
-    REQ-5: state memory is bounded)."""
+    """A bounded worker queue was full: overload is dropped, never buffered (RFC 6888 REQ-5)."""
     INTERNAL_ERROR = "internal_error"
-    """A bug in sixgate: the packet raised; counted and logged, the loop goes on. No RFC:
-    tests assert it stays 0."""
+    """A bug in sixgate: the packet raised; counted, logged, the loop goes on (no RFC)."""
 
 
 ALL_REASONS: tuple[DropReason, ...] = tuple(DropReason)
