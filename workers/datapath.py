@@ -25,8 +25,10 @@ from workers.fragment import Reassembler, fragment_ipv6
 from workers.icmp import (
     ICMPV6_DEST_UNREACHABLE,
     ICMPV6_ECHO_REQUEST,
+    ICMPV6_NEIGHBOR_SOLICITATION,
     ICMPV6_PARAMETER_PROBLEM,
     ICMPV6_TIME_EXCEEDED,
+    ND_HOP_LIMIT,
     PARAM_UNRECOGNIZED_NEXT_HEADER,
     UNREACH_ADMIN_PROHIBITED,
     UNREACH_PORT,
@@ -34,6 +36,7 @@ from workers.icmp import (
     echo_reply,
     icmpv6_error,
     may_send_error,
+    neighbor_advertisement,
     tcp_reset,
 )
 from workers.packet import (
@@ -63,7 +66,7 @@ from workers.translate import (
     translate_v4_to_v6,
     translate_v6_to_v4,
 )
-from workers.tunnel import outer_destination
+from workers.tunnel import our_addresses, outer_destination
 
 TCP_SYN = 0x02
 TCP_ACK = 0x10
@@ -96,7 +99,7 @@ class Datapath:
                             if settings.remote_ipv4 else None)
         self.relay_ipv4 = (ipaddress.IPv4Address(settings.relay_ipv4).packed
                            if settings.relay_ipv4 else None)
-        self.addresses = frozenset(ipaddress.IPv6Address(a).packed for a in settings.addresses)
+        self.addresses = our_addresses(settings.mode, settings.local_ipv4, settings.addresses)
         self.rules = build_rule_table(settings)
         # The global limit is shared by the shards; the per /64 limit is exact because one
         # shard sees all of a /64 (workers/wire.py flow_hash).
@@ -218,9 +221,26 @@ class Datapath:
             self.counters.event("echo_replies")
             self._send_v6(echo_reply(packet, offset), PROTO_ICMPV6)
             return
+        if segment[0] == ICMPV6_NEIGHBOR_SOLICITATION:
+            self._neighbor_solicitation(packet, view, segment)
+            return
         # RFC 7915 §5.2 would translate ICMPv6 errors about our replies to ICMPv4 for the
         # service; the services here are local and learn of failures through TCP itself.
         self._drop(DropReason.ICMP_NOT_TRANSLATED)
+
+    def _neighbor_solicitation(self, packet: bytes | memoryview, view: IPv6View,
+                               segment: bytes | memoryview) -> None:
+        """RFC 4213 §3.8: a configured tunnel MUST answer NUD probes. RFC 4861 §7.1.1: a valid
+        NS has hop limit 255, code 0, 24+ bytes, and a unicast target; ours, or it is ignored."""
+        if (self.mode != "6in4" or view[1] != ND_HOP_LIMIT or segment[1] != 0
+                or len(segment) < 24 or view[2] == bytes(16)):
+            self._drop(DropReason.NEIGHBOR_DISCOVERY)
+            return
+        if bytes(segment[8:24]) not in self.addresses:
+            self._drop(DropReason.NOT_OUR_ADDRESS)
+            return
+        self.counters.event("neighbor_advertisements")
+        self._send_v6(neighbor_advertisement(packet, view[5]), PROTO_ICMPV6)
 
     def _inbound_transport(self, packet: bytes | memoryview, view: IPv6View, proto: int,
                            now: float) -> None:

@@ -23,6 +23,10 @@ ICMPV6_TIME_EXCEEDED = 3
 ICMPV6_PARAMETER_PROBLEM = 4
 ICMPV6_ECHO_REQUEST = 128
 ICMPV6_ECHO_REPLY = 129
+ICMPV6_NEIGHBOR_SOLICITATION = 135
+ICMPV6_NEIGHBOR_ADVERTISEMENT = 136
+ND_HOP_LIMIT = 255
+NA_SOLICITED_OVERRIDE = 0x60000000
 
 UNREACH_NO_ROUTE = 0
 UNREACH_ADMIN_PROHIBITED = 1
@@ -60,6 +64,15 @@ def echo_reply(request: bytes | memoryview, upper_offset: int) -> bytes:
     message[1] = 0
     set_checksum(message, 2, pseudo_sum_v6(src, dst, PROTO_ICMPV6, len(message)))
     return build_ipv6(src, dst, PROTO_ICMPV6, message)
+
+
+def neighbor_advertisement(solicitation: bytes | memoryview, upper_offset: int) -> bytes:
+    """Answer a unicast Neighbor Solicitation (a 6in4 peer's NUD probe, RFC 4213 §3.8) with a
+    solicited Neighbor Advertisement (RFC 4861 §7.2.4): from the target address, hop limit
+    255, S and O set, no link-layer option (RFC 4213 §3.8: a tunnel has no link layer)."""
+    target = bytes(solicitation[upper_offset + 8:upper_offset + 24])
+    return build_icmpv6(target, bytes(solicitation[8:24]), ICMPV6_NEIGHBOR_ADVERTISEMENT, 0,
+                        NA_SOLICITED_OVERRIDE, target, hop_limit=ND_HOP_LIMIT)
 
 
 def may_send_error(invoking: bytes | memoryview, upper_proto: int, upper_offset: int) -> bool:

@@ -86,11 +86,30 @@ MARTIAN_IPV6_DESTINATION: tuple[tuple[str, str], ...] = (
     ("ff00::/8", "RFC 4443 §2.4(e.3): multicast; we are a unicast gateway"),
 )
 _MARTIAN_SRC6 = _net_table(MARTIAN_IPV6_SOURCE)
+# RFC 4213 §3.7: a configured tunnel is a link with link-local addresses, so its peer may use
+# fe80::/10 as a source (NUD probes, §3.8); every other row still applies.
+_MARTIAN_SRC6_6IN4 = _net_table(tuple(r for r in MARTIAN_IPV6_SOURCE if r[0] != "fe80::/10"))
 _MARTIAN_DST6 = _net_table(MARTIAN_IPV6_DESTINATION)
 
 # RFC 3964 §5.1: Neighbor Discovery and Redirect must never be decapsulated (ICMPv6 133-137).
 ND_TYPES = frozenset(range(133, 138))
+ND_NEIGHBOR_SOLICITATION = 135
 EXTENSION_HEADERS = frozenset((PROTO_HOPOPT, PROTO_ROUTING, PROTO_FRAGMENT, PROTO_DSTOPTS))
+
+
+def link_local_6in4(local_ipv4: bytes) -> bytes:
+    """RFC 4213 §3.7: fe80::/64 with the 32-bit IPv4 address as interface identifier."""
+    return b"\xfe\x80" + bytes(10) + local_ipv4
+
+
+def our_addresses(mode: str, local_ipv4: str, addresses: list[str] | tuple[str, ...]) -> (
+        frozenset[bytes]):
+    """Every IPv6 address the gateway answers for: the configured ones, plus the tunnel's
+    link-local address in 6in4 mode (RFC 4213 §3.7)."""
+    out = {ipaddress.IPv6Address(a).packed for a in addresses}
+    if mode == "6in4":
+        out.add(link_local_6in4(ipaddress.IPv4Address(local_ipv4).packed))
+    return frozenset(out)
 
 
 @dataclass(frozen=True)
@@ -110,7 +129,7 @@ class TunnelPolicy:
             mode=mode,
             local_ipv4=ipaddress.IPv4Address(local_ipv4).packed,
             remote_ipv4=ipaddress.IPv4Address(remote_ipv4).packed if remote_ipv4 else None,
-            addresses=frozenset(ipaddress.IPv6Address(a).packed for a in addresses),
+            addresses=our_addresses(mode, local_ipv4, addresses),
             martian_ipv4=_net_table(martian_ipv4),
         )
 
@@ -179,7 +198,7 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
         return DropReason.TRUNCATED
     inner = inner[:40 + payload_len]
     # RFC 4213 §3.6 / RFC 3964 §5.3.1: martian inner addresses are discarded silently.
-    if _in_table(src6, _MARTIAN_SRC6):
+    if _in_table(src6, _MARTIAN_SRC6_6IN4 if policy.mode == "6in4" else _MARTIAN_SRC6):
         return DropReason.MARTIAN_SOURCE
     if _in_table(dst6, _MARTIAN_DST6):
         return DropReason.MARTIAN_DESTINATION
@@ -193,10 +212,13 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
             return DropReason.MARTIAN_SOURCE
     if dst6 not in policy.addresses:
         return DropReason.NOT_OUR_ADDRESS
-    # RFC 3964 §5.1: never decapsulate Neighbor Discovery (link-local attacks from afar).
+    # RFC 3964 §5.1: never decapsulate Neighbor Discovery (link-local attacks from afar);
+    # a configured tunnel must answer its peer's NUD probes (RFC 4213 §3.8), so 6in4 lets
+    # Neighbor Solicitations through.
     next_header = inner[6]
     if next_header == PROTO_ICMPV6:
-        if len(inner) > 40 and inner[40] in ND_TYPES:
+        if len(inner) > 40 and inner[40] in ND_TYPES and not (
+                policy.mode == "6in4" and inner[40] == ND_NEIGHBOR_SOLICITATION):
             return DropReason.NEIGHBOR_DISCOVERY
     elif next_header in EXTENSION_HEADERS:
         view = parse_ipv6(inner)

@@ -29,6 +29,8 @@ IPPROTO_IPV6_IN_IPV4 = 41
 ICMPV6 = 58
 ECHO_REQUEST = 128
 ECHO_REPLY = 129
+NEIGHBOR_SOLICITATION = 135
+NEIGHBOR_ADVERTISEMENT = 136
 
 
 # --------------------------------------------------------------------------- tcp-many
@@ -149,6 +151,26 @@ def echo_request(source: str, destination: str, ident: int, seq: int) -> bytes:
     return header + icmp
 
 
+def neighbor_solicitation(source: str, target: str) -> bytes:
+    """A unicast NUD probe (RFC 4861 §7.2.2): ICMPv6 135 to the target, hop limit 255."""
+    src = ipaddress.IPv6Address(source).packed
+    dst = ipaddress.IPv6Address(target).packed
+    icmp = struct.pack("!BBHI", NEIGHBOR_SOLICITATION, 0, 0, 0) + dst
+    pseudo = src + dst + struct.pack("!I3xB", len(icmp), ICMPV6)
+    icmp = icmp[:2] + struct.pack("!H", checksum(pseudo + icmp)) + icmp[4:]
+    return struct.pack("!IHBB", 6 << 28, len(icmp), ICMPV6, 255) + src + dst + icmp
+
+
+def matches_advertisement(datagram: bytes, target: str) -> bool:
+    """A protocol-41 datagram carrying a solicited Neighbor Advertisement for ``target``."""
+    inner = datagram[(datagram[0] & 0x0F) * 4:]
+    if len(inner) < 64 or inner[0] >> 4 != 6 or inner[6] != ICMPV6 or inner[7] != 255:
+        return False
+    icmp_type, _, _, flags = struct.unpack_from("!BBHI", inner, 40)
+    return bool(icmp_type == NEIGHBOR_ADVERTISEMENT and flags & 0x40000000
+                and inner[48:64] == ipaddress.IPv6Address(target).packed)
+
+
 def matches_reply(datagram: bytes, ident: int) -> bool:
     """A protocol-41 datagram carrying an ICMPv6 echo reply with our identifier."""
     inner = datagram[(datagram[0] & 0x0F) * 4:]
@@ -165,8 +187,9 @@ def send41(args: argparse.Namespace) -> dict[str, Any]:
     sender.bind((args.outer_src, 0))  # the kernel builds the outer header from this source
     ident = int.from_bytes(os.urandom(2), "big")
     for seq in range(args.count):
-        sender.sendto(echo_request(args.inner_src, args.inner_dst, ident, seq),
-                      (args.outer_dst, 0))
+        packet = (neighbor_solicitation(args.inner_src, args.inner_dst) if args.kind == "nud"
+                  else echo_request(args.inner_src, args.inner_dst, ident, seq))
+        sender.sendto(packet, (args.outer_dst, 0))
     replies, to_far, seen = 0, 0, 0
     deadline = time.monotonic() + args.listen_s
     while (remaining := deadline - time.monotonic()) > 0:
@@ -174,7 +197,8 @@ def send41(args: argparse.Namespace) -> dict[str, Any]:
             break
         datagram, _ = listener.recvfrom(65535)
         seen += 1
-        replies += matches_reply(datagram, ident)
+        replies += (matches_advertisement(datagram, args.inner_dst) if args.kind == "nud"
+                    else matches_reply(datagram, ident))
         to_far += datagram[16:20] == socket.inet_aton(args.far)
         if args.stop_early and replies >= args.count:
             break
@@ -213,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s41.add_argument("--listen-s", type=float, default=1.0)
     s41.add_argument("--far", default="203.0.113.1", help="count datagrams sent to this IPv4")
     s41.add_argument("--stop-early", action="store_true", help="stop once all replies came")
+    s41.add_argument("--kind", choices=("echo", "nud"), default="echo",
+                     help="echo requests, or NUD probes (Neighbor Solicitations)")
     return parser.parse_args(argv)
 
 

@@ -154,6 +154,19 @@ class TestSixInFour(GatewayBehaviour):
         assert sent["replies"] == 0, sent
         assert_legitimate_echo_answered(lab)
 
+    @pytest.mark.parametrize("target", ["link_local", "global"])
+    def test_rfc4213_3_8_nud_probes_from_the_broker_answered(self, lab: Lab,
+                                                             target: str) -> None:
+        """RFC 4213 §3.7/§3.8: the tunnel is a link, the gateway has the link-local address
+        fe80::<192.0.2.10> on it and MUST answer the broker's NUD probes: each Neighbor
+        Solicitation gets a solicited Neighbor Advertisement (hop limit 255, S set)."""
+        address = "fe80::c000:20a" if target == "link_local" else lab.plan.gateway_address
+        result = lab.probe("send41", "--kind", "nud", "--outer-src", netlab.PEER_IPV4,
+                           "--outer-dst", netlab.GATEWAY_IPV4, "--inner-src",
+                           "fe80::c633:6401", "--inner-dst", address, "--count", "3",
+                           "--listen-s", "5", "--stop-early")
+        assert result["replies"] == 3, result
+
 
 def client_address(endpoint: str) -> str:
     """The address part of a "[2002:...]:port" endpoint from ``sixgate flows``."""
