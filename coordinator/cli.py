@@ -15,7 +15,6 @@ from typing import Any
 import zmq
 
 from coordinator.config import ConfigError, load_config
-from coordinator.gateway import control_path
 from workers import control
 from workers.settings import Settings, worker_routes
 from workers.tunnel import DEFAULT_MARTIAN_IPV4
@@ -133,12 +132,13 @@ def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 5000) -> dict[
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     req = ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
-    req.connect(control_path(settings.run_dir))
+    endpoint = control.coordinator_endpoint(settings.run_dir)
+    req.connect(endpoint)
     try:
         req.send_json(control.request(cmd))
         if not req.poll(timeout_ms, zmq.POLLIN):
-            raise RuntimeError(f"no gateway answers on {control_path(settings.run_dir)}; is "
-                               "`sixgate run` running with this config?")
+            raise RuntimeError(f"no gateway answers on {endpoint}; is `sixgate run` running "
+                               "with this config?")
         reply: dict[str, Any] = json.loads(req.recv())
         return reply
     finally:

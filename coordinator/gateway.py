@@ -29,7 +29,7 @@ import zmq
 
 from coordinator import forwarding, kernel_backend
 from workers import control
-from workers.control import control_endpoint, data_endpoint
+from workers.control import control_endpoint, coordinator_endpoint, data_endpoint
 from workers.counters import Counters
 from workers.drops import DropReason
 from workers.main import tun_name
@@ -43,10 +43,6 @@ RECV_BUDGET = 256  # packets read per wakeup before batches are sent
 WORKER_READY_TIMEOUT_S = 20.0
 CONTROL_TIMEOUT_MS = 2000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-
-
-def control_path(run_dir: str) -> str:
-    return f"ipc://{run_dir}/control"
 
 
 def _pid_is_ours(pid: int) -> bool:
@@ -128,7 +124,7 @@ class Coordinator:
         self.pushes = []
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(control_path(settings.run_dir))
+        self.control.bind(coordinator_endpoint(settings.run_dir))
         if settings.backend == "kernel":
             # The kernel's sit link does the tunnel; workers only relay ports.
             try:

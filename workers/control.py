@@ -15,6 +15,11 @@ from typing import Any
 CONTROL_VERSION = 1
 
 
+def coordinator_endpoint(run_dir: str) -> str:
+    """Where the coordinator answers ``sixgate flows`` and friends."""
+    return f"ipc://{run_dir}/control"
+
+
 def data_endpoint(run_dir: str, index: int) -> str:
     """Where the coordinator pushes batches for worker ``index``."""
     return f"ipc://{run_dir}/worker-{index}.data"
