@@ -44,3 +44,28 @@ class Counters:
             "bytes": {f"{d}/{p}": n for (d, p), n in self.bytes.items()},
             "events": dict(self.events),
         }
+
+
+class LimitHits:
+    """Limit hits (flow table, per /64, pool) to report to the operator at most once per
+    interval (RFC 6888 REQ-11: SHOULD notify management), so a flood cannot flood the log."""
+
+    __slots__ = ("counts", "interval_s", "_last")
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.counts: dict[DropReason, int] = {}
+        self.interval_s = interval_s
+        self._last: float | None = None
+
+    def hit(self, reason: DropReason) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    def report_due(self, now: float) -> str | None:
+        """The text to log now (and forget), or None when nothing is due."""
+        if not self.counts or (self._last is not None and now - self._last < self.interval_s):
+            return None
+        self._last = now
+        text = ", ".join(f"{r.value} x{n}" for r, n in sorted(self.counts.items(),
+                                                               key=lambda kv: kv[0].value))
+        self.counts.clear()
+        return text

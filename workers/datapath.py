@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from workers.counters import Counters
+from workers.counters import Counters, LimitHits
 from workers.drops import DropReason
 from workers.flows import FlowTable, Session
 from workers.fragment import Reassembler, fragment_ipv6
@@ -112,7 +112,7 @@ class Datapath:
         self.outbound: list[tuple[bytes, bytes]] = []
         self._ident4 = 0
         self._ident6 = 0
-        self.limit_hits: dict[DropReason, int] = {}
+        self.limit_hits = LimitHits()
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -278,7 +278,7 @@ class Datapath:
                                         rule[2], rule[0], now)
             if isinstance(created, DropReason):
                 self._drop(created)
-                self.limit_hits[created] = self.limit_hits.get(created, 0) + 1
+                self.limit_hits.hit(created)
                 # RFC 6888 REQ-11: SHOULD send Destination Unreachable when no mapping fits.
                 self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
                 return

@@ -44,7 +44,6 @@ IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0
 TUN_BATCH = 64
 SO_ATTACH_FILTER = 26
-LIMIT_LOG_INTERVAL_S = 60.0
 TRACEBACK_LOG_INTERVAL_S = 10.0
 
 
@@ -89,7 +88,6 @@ class Worker:
                                  settings.workers)
         self.running = True
         self._last_traceback = 0.0
-        self._last_limit_log = 0.0
         self.tun_fd = -1
 
     # --- setup --------------------------------------------------------------------------------
@@ -213,12 +211,9 @@ class Worker:
 
     def _log_limits(self, now: float) -> None:
         """RFC 6888 REQ-11: tell the operator about limit hits, at most once a minute."""
-        hits = self.datapath.limit_hits
-        if hits and now - self._last_limit_log >= LIMIT_LOG_INTERVAL_S:
-            self._last_limit_log = now
-            log.warning("worker %d: limits hit in the last minute: %s", self.index,
-                        ", ".join(f"{r.value} x{n}" for r, n in hits.items()))
-            hits.clear()
+        report = self.datapath.limit_hits.report_due(now)
+        if report:
+            log.warning("worker %d: limits hit: %s", self.index, report)
 
     def _answer_control(self, now: float) -> None:
         try:

@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from workers import control as protocol
-from workers.counters import Counters
+from workers.counters import Counters, LimitHits
 from workers.drops import DropReason
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.settings import Forward, Settings
@@ -112,6 +112,7 @@ class Relay:
         self.max_flows = max(1, -(-settings.max_flows // settings.workers))
         self.created_total = 0
         self.expired_total = 0
+        self.limit_hits = LimitHits()
         self.running = True
         self._servers: list[asyncio.Server] = []
         self._udp: list[asyncio.DatagramTransport] = []
@@ -120,11 +121,14 @@ class Relay:
 
     def _admit(self, key: tuple[int, str, int, str, int], session: RelaySession) -> bool:
         """Apply the global and per /64 limits (RFC 6888 REQ-4); never evict a live session."""
+        reason = None
         if len(self.sessions) >= self.max_flows:
-            self.counters.drop(DropReason.FLOW_LIMIT)
-            return False
-        if self.per_prefix.get(session.prefix64, 0) >= self.settings.max_flows_per_prefix:
-            self.counters.drop(DropReason.PREFIX_FLOW_LIMIT)
+            reason = DropReason.FLOW_LIMIT
+        elif self.per_prefix.get(session.prefix64, 0) >= self.settings.max_flows_per_prefix:
+            reason = DropReason.PREFIX_FLOW_LIMIT
+        if reason is not None:
+            self.counters.drop(reason)
+            self.limit_hits.hit(reason)
             return False
         self.sessions[key] = session
         self.per_prefix[session.prefix64] = self.per_prefix.get(session.prefix64, 0) + 1
@@ -235,7 +239,11 @@ class Relay:
         self.counters.count("to_services", PROTO_UDP, len(first))
 
     def expire(self, now: float) -> None:
-        """Close UDP sessions idle past the UDP timeout (RFC 6146 §4 UDP_DEFAULT)."""
+        """Close UDP sessions idle past the UDP timeout (RFC 6146 §4 UDP_DEFAULT); report
+        limit hits at most once a minute (RFC 6888 REQ-11)."""
+        report = self.limit_hits.report_due(now)
+        if report:
+            log.warning("worker %d: limits hit: %s", self.index, report)
         udp_s = self.settings.timeouts.udp_s
         for key, session in list(self.sessions.items()):
             if session.proto == PROTO_UDP and now - session.last_seen >= udp_s:

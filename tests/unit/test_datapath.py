@@ -514,7 +514,7 @@ def test_rfc6888_req4_global_flow_limit_counted_and_never_evicts() -> None:
     # the old flows keep working both ways
     assert len(p.client(client_udp(sport=1)).to_services) == 1
     assert len(p.service(reply_to(first, b"still here")).outbound) == 1
-    assert p.datapath.limit_hits == {DropReason.FLOW_LIMIT: 1}
+    assert p.datapath.limit_hits.counts == {DropReason.FLOW_LIMIT: 1}
 
 
 def test_rfc6888_req4_per_64_limit_counted_and_never_evicts() -> None:

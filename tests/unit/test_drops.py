@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from workers.counters import Counters
+from workers.counters import Counters, LimitHits
 from workers.drops import ALL_REASONS, DropReason
 
 DROPS_PY = Path(__file__).resolve().parents[2] / "workers" / "drops.py"
@@ -43,3 +43,16 @@ def test_counters_start_with_every_reason_at_zero() -> None:
     assert counters.drops == {r: 0 for r in DropReason}
     counters.drop(DropReason.QUEUE_FULL, 3)
     assert counters.as_dict()["drops"]["queue_full"] == 3  # type: ignore[index]
+
+
+def test_rfc6888_req11_limit_hits_reported_at_most_once_a_minute() -> None:
+    hits = LimitHits(interval_s=60.0)
+    assert hits.report_due(0.0) is None  # nothing hit, nothing to say
+    hits.hit(DropReason.FLOW_LIMIT)
+    hits.hit(DropReason.FLOW_LIMIT)
+    hits.hit(DropReason.PREFIX_FLOW_LIMIT)
+    assert hits.report_due(10.0) == "flow_limit x2, prefix_flow_limit x1"
+    hits.hit(DropReason.POOL_EXHAUSTED)
+    assert hits.report_due(69.9) is None  # within the minute: held back, still counted
+    assert hits.report_due(70.0) == "pool_exhausted x1"
+    assert hits.report_due(200.0) is None
