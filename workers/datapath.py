@@ -62,7 +62,9 @@ from workers.packet import (
 from workers.settings import Settings
 from workers.translate import (
     icmpv4_error_key,
+    icmpv6_error_key,
     translate_icmpv4_error,
+    translate_icmpv6_error,
     translate_v4_to_v6,
     translate_v6_to_v4,
 )
@@ -224,9 +226,31 @@ class Datapath:
         if segment[0] == ICMPV6_NEIGHBOR_SOLICITATION:
             self._neighbor_solicitation(packet, view, segment)
             return
-        # RFC 7915 §5.2 would translate ICMPv6 errors about our replies to ICMPv4 for the
-        # service; the services here are local and learn of failures through TCP itself.
+        if segment[0] < 128:
+            self._inbound_icmp_error(segment)
+            return
+        # RFC 7915 §5.2: other informational messages (MLD, node information, ...) are not
+        # translated.
         self._drop(DropReason.ICMP_NOT_TRANSLATED)
+
+    def _inbound_icmp_error(self, segment: bytes | memoryview) -> None:
+        """An ICMPv6 error about one of our replies goes to the service as ICMPv4 (RFC 7915
+        §5.2): a Packet Too Big from the client's path lowers the service's TCP segments."""
+        key = icmpv6_error_key(segment)
+        if isinstance(key, DropReason):
+            self._drop(key)
+            return
+        session = self.flows.lookup_v6(*key)
+        if session is None:
+            self._drop(DropReason.NO_SESSION)
+            return
+        out = translate_icmpv6_error(segment, session, self.mtu)
+        if isinstance(out, DropReason):
+            self._drop(out)
+            return
+        self.counters.event("icmp_errors_translated")
+        self.to_services.append(out)
+        self.counters.count("to_services", PROTO_ICMP, len(out))
 
     def _neighbor_solicitation(self, packet: bytes | memoryview, view: IPv6View,
                                segment: bytes | memoryview) -> None:

@@ -29,6 +29,7 @@ from workers.icmp import (
 from workers.packet import (
     IPV4_DF,
     PORTS,
+    PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
     U16,
@@ -128,6 +129,26 @@ def translate_v4_to_v6(packet: bytes | memoryview, header_len: int, total_len: i
     return bytes(segment)
 
 
+def _rewrite_quote(segment: bytearray, proto: int, old_pseudo: int, new_pseudo: int,
+                   sport: int, dport: int) -> None:
+    """Rewrite the ports of a quoted (possibly truncated) TCP/UDP header and adjust its
+    checksum by difference (RFC 1624): the quote is too short to recompute it (§4.3, §5.3)."""
+    csum_offset = 16 if proto == PROTO_TCP else 6
+    if len(segment) < 4:
+        return
+    old_sport, old_dport = PORTS.unpack_from(segment)
+    PORTS.pack_into(segment, 0, sport, dport)
+    if len(segment) < csum_offset + 2:
+        return
+    old_csum = (segment[csum_offset] << 8) | segment[csum_offset + 1]
+    total = (0xFFFF - old_csum - old_pseudo + new_pseudo - old_sport - old_dport + sport
+             + dport)
+    if proto == PROTO_TCP:
+        U16.pack_into(segment, csum_offset, fold(total))
+    elif old_csum != 0:  # a zero UDP checksum in the quote stays "none"
+        U16.pack_into(segment, csum_offset, fold_udp(total))
+
+
 # RFC 7915 §4.2: ICMPv4 Destination Unreachable code -> (ICMPv6 type, code); absent = drop.
 _UNREACH_V4_TO_V6: dict[int, tuple[int, int]] = {
     0: (ICMPV6_DEST_UNREACHABLE, 0), 1: (ICMPV6_DEST_UNREACHABLE, 0),
@@ -199,22 +220,11 @@ def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_le
     proto = inner[9]
     # §4.3: the embedded packet keeps its TTL as hop limit; lengths come from what is quoted.
     segment = bytearray(inner[inner_hl:])
-    csum_offset = 16 if proto == PROTO_TCP else 6
-    if len(segment) >= csum_offset + 2:
-        old_csum = (segment[csum_offset] << 8) | segment[csum_offset + 1]
-        old_sport, old_dport = PORTS.unpack_from(segment)
-        length = max(inner_total - inner_hl, 0)
-        # RFC 1624: adjust the quoted checksum for the address and port changes.
-        total = (0xFFFF - old_csum
-                 - pseudo_sum_v4(session.pool4, session.target4, proto, length)
-                 + pseudo_sum_v6(session.client6, session.gw6, proto, length)
-                 - old_sport - old_dport + session.cport + session.gwport)
-        if proto == PROTO_TCP:
-            U16.pack_into(segment, csum_offset, fold(total))
-        elif old_csum != 0:
-            U16.pack_into(segment, csum_offset, fold_udp(total))
-    if len(segment) >= 4:
-        PORTS.pack_into(segment, 0, session.cport, session.gwport)
+    length = max(inner_total - inner_hl, 0)
+    _rewrite_quote(segment, proto,
+                   pseudo_sum_v4(session.pool4, session.target4, proto, length),
+                   pseudo_sum_v6(session.client6, session.gw6, proto, length),
+                   session.cport, session.gwport)
     embedded = build_ipv6(session.client6, session.gw6, proto, segment, hop_limit=inner[8])
     # build_ipv6 wrote the quoted length; restore the original payload length (§4.3 says the
     # embedded header describes the original packet, not the truncated quote).
@@ -222,3 +232,79 @@ def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_le
     embedded = embedded[:MIN_MTU - 48]
     return build_icmpv6(session.gw6, session.client6, v6_type, v6_code, rest, embedded)
 
+
+
+# RFC 7915 §5.2: ICMPv6 Destination Unreachable code -> ICMPv4 (type 3) code; absent = drop.
+_UNREACH_V6_TO_V4 = {0: 1, 1: 10, 2: 1, 3: 1, 4: 3}
+# RFC 7915 §5.2: Parameter Problem pointer, IPv6 header offset -> IPv4 header offset.
+_POINTER_V6_TO_V4 = {0: 0, 1: 1, 4: 2, 5: 2, 6: 9, 7: 8, **{i: 12 for i in range(8, 24)},
+                     **{i: 16 for i in range(24, 40)}}
+ICMP4_MIN_MTU = 68  # RFC 791: every IPv4 host handles 68-byte datagrams
+# RFC 1812 §4.3.2.3: an ICMPv4 error carries at most 576 bytes in all.
+ICMP4_MAX_ERROR = 576
+
+# The session lookup key of an ICMPv6 error's embedded packet (our own reply to the client):
+# (proto, client6, cport, gw6, gwport).
+EmbeddedKeyV6 = tuple[int, bytes, int, bytes, int]
+
+
+def icmpv6_error_key(message: bytes | memoryview) -> EmbeddedKeyV6 | DropReason:
+    """The session key of the packet an ICMPv6 error (``message`` = the ICMPv6 part) quotes."""
+    inner = message[8:]
+    if len(inner) < 44:
+        return DropReason.TRUNCATED
+    proto = inner[6]
+    # RFC 7915 §5.3: stop at extension headers in the quote; our replies never carry any.
+    if inner[0] >> 4 != 6 or proto not in (PROTO_TCP, PROTO_UDP):
+        return DropReason.ICMP_NOT_TRANSLATED
+    sport, dport = PORTS.unpack_from(inner, 40)
+    return (proto, bytes(inner[24:40]), dport, bytes(inner[8:24]), sport)
+
+
+def translate_icmpv6_error(message: bytes | memoryview, session: Session,
+                           tunnel_mtu: int) -> bytes | DropReason:
+    """Translate an ICMPv6 error a client (or a router on its path) sent about one of our
+    replies into the ICMPv4 error for the service (RFC 7915 §5.2), embedded packet per §5.3.
+    Packet Too Big matters most: the service's TCP learns the smaller path MTU from it."""
+    icmp_type, code = message[0], message[1]
+    rest = 0
+    if icmp_type == ICMPV6_DEST_UNREACHABLE:
+        mapped = _UNREACH_V6_TO_V4.get(code)
+        if mapped is None:
+            return DropReason.ICMP_NOT_TRANSLATED
+        v4_type, v4_code = 3, mapped
+    elif icmp_type == ICMPV6_PACKET_TOO_BIG:
+        # §5.2: MTU - 20 for the smaller IPv4 header, and no more than our own tunnel takes.
+        mtu6 = int.from_bytes(message[4:8], "big")
+        mtu4 = max(ICMP4_MIN_MTU, min(mtu6, tunnel_mtu) - 20)
+        v4_type, v4_code, rest = 3, 4, mtu4
+    elif icmp_type == ICMPV6_TIME_EXCEEDED:
+        v4_type, v4_code = 11, code
+    elif icmp_type == ICMPV6_PARAMETER_PROBLEM and code == 0:
+        pointer = _POINTER_V6_TO_V4.get(int.from_bytes(message[4:8], "big"))
+        if pointer is None:
+            return DropReason.ICMP_NOT_TRANSLATED
+        v4_type, v4_code, rest = 12, 0, pointer << 24
+    elif icmp_type == ICMPV6_PARAMETER_PROBLEM and code == 1:
+        v4_type, v4_code = 3, 2  # §5.2: unrecognized Next Header -> protocol unreachable
+    else:
+        return DropReason.ICMP_NOT_TRANSLATED
+    inner = message[8:]
+    proto = inner[6]
+    length = (inner[4] << 8) | inner[5]
+    segment = bytearray(inner[40:])
+    _rewrite_quote(segment, proto,
+                   pseudo_sum_v6(session.gw6, session.client6, proto, length),
+                   pseudo_sum_v4(session.target4, session.pool4, proto, length),
+                   session.tport, session.cport)
+    # §5.3: the embedded header describes the original packet: its length, hop limit as TTL.
+    quote = bytearray(build_ipv4(session.target4, session.pool4, proto, segment,
+                                 ttl=inner[7]))
+    U16.pack_into(quote, 2, 20 + length)
+    quote[10:12] = b"\0\0"
+    U16.pack_into(quote, 10, fold(sum16(quote[:20])))
+    body = bytearray(struct.pack("!BBHI", v4_type, v4_code, 0, rest)) + quote
+    body = body[:ICMP4_MAX_ERROR - 20]
+    U16.pack_into(body, 2, fold(sum16(body)))
+    # The error comes from the client as the service knows it: its pool address.
+    return build_ipv4(session.pool4, session.target4, PROTO_ICMP, body)

@@ -440,7 +440,10 @@ def _corrupt_checksum(packet: bytes, offset: int) -> bytes:
     pytest.param(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / ICMPv6EchoReply()),
                  DropReason.ICMP_NOT_TRANSLATED, id="echo_reply_to_us"),
     pytest.param(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / ICMPv6DestUnreach() / IPerror6()),
-                 DropReason.ICMP_NOT_TRANSLATED, id="icmpv6_error_to_us"),
+                 DropReason.TRUNCATED, id="icmpv6_error_quoting_bare_header"),
+    pytest.param(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / ICMPv6DestUnreach()
+                     / IPerror6(src=GW6_6TO4, dst=CLIENT6_6TO4) / UDPerror(sport=53, dport=9)),
+                 DropReason.NO_SESSION, id="icmpv6_error_about_no_session"),
 ])
 def test_inbound_drop_table(packet: bytes, reason: DropReason) -> None:
     step = party().client(packet)
