@@ -97,6 +97,11 @@ class TunnelPlan:
     tunnel_toml: str  # the [tunnel] table of the gateway config
     client_prefix: str  # the peer's /48: extra client addresses come from its /64s
 
+    @property
+    def router_address(self) -> str:
+        """A router in the peer's /48 (for Packet Too Big from "the client's path")."""
+        return f"{self.client_prefix}:ffff::fe"
+
     def extra_clients(self, count: int = 16) -> list[str]:
         """Client addresses in ``count`` further /64s of the peer's /48, one per /64.
 
@@ -424,7 +429,8 @@ class Lab:
     """
 
     def __init__(self, mode: str, workers: int, files: ServedFiles, *,
-                 with_gateway: bool = True) -> None:
+                 with_gateway: bool = True, path_mtu: int | None = None) -> None:
+        self.path_mtu = path_mtu
         self.plan = PLANS[mode]
         self.mode = mode
         self.workers = workers
@@ -563,6 +569,8 @@ class Lab:
                 "--mode", self.mode, "--local", PEER_IPV4, "--ready-file", str(ready)]
         if self.mode == "6in4":
             argv += ["--remote", GATEWAY_IPV4]
+        if self.path_mtu:
+            argv += ["--path-mtu", str(self.path_mtu), "--router", self.plan.router_address]
         self.spawn("tunnel_peer", self.peer_ns, argv)
         wait_until(lambda: ready.exists() or not self.alive("tunnel_peer"), timeout=15,
                    what="tunnel_peer.py ready file")

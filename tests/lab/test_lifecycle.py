@@ -447,3 +447,22 @@ def test_sigint_stops_gateway_cleanly(private_lab: Lab) -> None:
     assert all(netlab.process_gone(p) for p in worker_pids), worker_pids
     assert lab.gateway_links() == [], lab.gateway_stderr()
     assert leftover_runtime_files(lab) == [], lab.gateway_stderr()
+
+
+@pytest.mark.parametrize("mode", ["6to4", "6in4"])
+def test_rfc7915_5_2_path_mtu_below_tunnel_mtu_download_completes(
+        mode: str, served_files: netlab.ServedFiles) -> None:
+    """A router on the client's path has a 1280-byte next hop, smaller than the 1480-byte
+    tunnel: it answers the gateway's full-size segments with ICMPv6 Packet Too Big. The
+    gateway must translate them to ICMPv4 "fragmentation needed" for the service (RFC 7915
+    §5.2), whose TCP then sends smaller segments; without that, the download would stall in a
+    path-MTU black hole. curl fetches the 10 MB file intact."""
+    with netlab.Lab(mode, 1, served_files, path_mtu=1280) as lab:
+        got = netlab.download(lab, netlab.http_url(lab, served_files.mid.name), max_time_s=60)
+        assert got.exit_code == 0, f"{got.stderr}\n{lab.diagnostics()}"
+        assert got.sha256 == served_files.mid.sha256
+        flows = lab.flows()
+        events = flows["counters"]["workers"][0]["counters"]["events"]
+        assert events.get("icmp_errors_translated", 0) >= 1, events
+        assert netlab.drops(lab)["internal_error"] == 0
+        assert lab.stop_gateway() == 0

@@ -63,11 +63,36 @@ def open_raw_socket(local: str) -> socket.socket:
     return sock
 
 
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071, for the Packet Too Big messages this peer makes."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def packet_too_big(router: bytes, packet: bytes, mtu: int) -> bytes:
+    """ICMPv6 Packet Too Big (RFC 4443 §3.2) from ``router`` about ``packet``, at most
+    1280 bytes (RFC 4443 §2.4(c))."""
+    body = struct.pack("!BBHI", 2, 0, 0, mtu) + packet[:1280 - 48]
+    destination = packet[8:24]
+    pseudo = router + destination + struct.pack("!I3xB", len(body), 58)
+    body = body[:2] + struct.pack("!H", internet_checksum(pseudo + body)) + body[4:]
+    return struct.pack("!IHBB", 6 << 28, len(body), 58, 64) + router + destination + body
+
+
 class TunnelPeer:
     """The encapsulate/decapsulate decisions, kept apart from the select loop."""
 
-    def __init__(self, mode: str, remote: str | None, relay: str | None) -> None:
+    def __init__(self, mode: str, remote: str | None, relay: str | None,
+                 path_mtu: int | None = None, router: str | None = None) -> None:
         self.mode = mode
+        # Acting as a router whose next hop has a smaller MTU: packets from the tunnel larger
+        # than ``path_mtu`` are answered with Packet Too Big from ``router`` (RFC 8201 §4).
+        self.path_mtu = path_mtu
+        self.router = ipaddress.IPv6Address(router).packed if router else None
         self.remote = remote
         self.remote_bytes = socket.inet_aton(remote) if remote else None
         self.relay = relay
@@ -146,6 +171,14 @@ def pump_inbound(peer: TunnelPeer, tun: int, sock: socket.socket) -> None:
         inner = peer.decapsulate(datagram)
         if inner is None:
             continue
+        if peer.path_mtu and peer.router and len(inner) > peer.path_mtu:
+            reply = packet_too_big(peer.router, inner, peer.path_mtu)
+            try:
+                sock.sendto(reply, (socket.inet_ntoa(datagram[12:16]), 0))
+                peer.stats["packet_too_big_sent"] += 1
+            except OSError:
+                peer.stats["send_error"] += 1
+            continue
         try:
             os.write(tun, inner)
             peer.stats["decapsulated"] += 1
@@ -165,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     tun = open_tun(args.tun)
     sock = open_raw_socket(args.local)
-    peer = TunnelPeer(args.mode, args.remote, args.relay)
+    peer = TunnelPeer(args.mode, args.remote, args.relay, args.path_mtu, args.router)
     if args.ready_file:
         Path(args.ready_file).write_text(f"{os.getpid()}\n")
     print(f"tunnel_peer ready: mode={args.mode} tun={args.tun} local={args.local}", flush=True)
@@ -192,6 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--remote", help="6in4: the remote IPv4 endpoint")
     parser.add_argument("--relay", help="6to4: IPv4 relay for non-2002::/16 destinations")
     parser.add_argument("--ready-file", help="created once the tunnel is up")
+    parser.add_argument("--path-mtu", type=int, help="act as a router with this next-hop "
+                        "MTU: bigger packets from the tunnel get Packet Too Big")
+    parser.add_argument("--router", help="IPv6 source address of those Packet Too Big")
     args = parser.parse_args(argv)
     if args.mode == "6in4" and not args.remote:
         parser.error("--mode 6in4 needs --remote")
