@@ -1,0 +1,110 @@
+"""Packet-engine cost per packet, in-process (no syscalls), beside a bare reference loop.
+
+Reference: the least any translator must do per 64-byte UDP packet in Python: slice out the
+IPv6 header fields and pack a new IPv4 header (no checks, no flow table, no checksums). sixgate:
+the coordinator's ``check_inbound`` plus the worker's ``Datapath.inbound`` (every check,
+session lookup, checksum update and counter), and the return path ``Datapath.from_services``.
+Prints packets/s per core for each and the ratio to the reference; figures vary 2-3x between
+machines, only the ratios of one run compare.
+
+    .venv/bin/python bench/engine.py [--packets N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import struct
+import time
+
+from workers.datapath import Datapath
+from workers.packet import (
+    PROTO_IPV6,
+    PROTO_UDP,
+    build_ipv4,
+    build_ipv6,
+    pseudo_sum_v4,
+    pseudo_sum_v6,
+    set_checksum,
+)
+from workers.settings import Forward, Settings, worker_pool
+from workers.tunnel import TunnelPolicy, check_inbound
+
+CLIENT6 = ipaddress.IPv6Address("2002:c633:6401::1").packed
+GW6 = ipaddress.IPv6Address("2002:c000:20a::1").packed
+GW4 = ipaddress.IPv4Address("192.0.2.10").packed
+PEER4 = ipaddress.IPv4Address("198.51.100.1").packed
+SERVICE4 = ipaddress.IPv4Address("127.0.0.1").packed
+
+
+def udp6(payload: bytes) -> bytes:
+    segment = bytearray(struct.pack("!HHHH", 40000, 53, 8 + len(payload), 0) + payload)
+    set_checksum(segment, 6, pseudo_sum_v6(CLIENT6, GW6, PROTO_UDP, len(segment)), udp=True)
+    return build_ipv6(CLIENT6, GW6, PROTO_UDP, segment)
+
+
+def settings() -> Settings:
+    return Settings(mode="6to4", local_ipv4="192.0.2.10", relay_ipv4="192.88.99.1",
+                    remote_ipv4=None, prefix="2002:c000:20a::/48",
+                    addresses=("2002:c000:20a::1",), mtu=1480, workers=1,
+                    pool="100.64.0.0/16", run_dir="/tmp/sixgate-bench", name="bench",
+                    forwards=(Forward("udp", 53, 53, "127.0.0.1", 5353),))
+
+
+def rate(n: int, loop: object) -> float:
+    start = time.perf_counter()
+    loop()  # type: ignore[operator]
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--packets", type=int, default=200_000)
+    n = parser.parse_args().packets
+    inner = udp6(b"x" * 64)
+    outer = build_ipv4(PEER4, GW4, PROTO_IPV6, inner)
+    ipv6_header = struct.Struct("!IHBB16s16s")
+    ipv4_header = struct.Struct("!BBHHHBBH4s4s")
+    pool4 = ipaddress.IPv4Address("100.64.0.1").packed
+
+    def reference() -> None:
+        for _ in range(n):
+            _vtf, plen, nh, hlim, _src, _dst = ipv6_header.unpack_from(outer, 20)
+            (ipv4_header.pack(0x45, 0, 20 + plen, 0, 0, hlim - 1, nh, 0, pool4, SERVICE4)
+             + outer[60:])
+
+    s = settings()
+    datapath = Datapath(s, worker_pool(s.pool, 1, 0))
+    policy = TunnelPolicy.build("6to4", "192.0.2.10", None, ["2002:c000:20a::1"])
+
+    def sixgate_inbound() -> None:
+        out = datapath.to_services
+        for _ in range(n):
+            result = check_inbound(outer, policy)
+            datapath.inbound(result[0], 1.0)  # type: ignore[index]
+            out.clear()
+
+    datapath.inbound(inner, 1.0)
+    sent4 = datapath.to_services.pop()
+    reply_segment = bytearray(struct.pack("!HHHH", 5353, 40000, 8 + 64, 0) + b"y" * 64)
+    set_checksum(reply_segment, 6, pseudo_sum_v4(SERVICE4, sent4[12:16], PROTO_UDP,
+                                                  len(reply_segment)), udp=True)
+    reply = build_ipv4(SERVICE4, sent4[12:16], PROTO_UDP, reply_segment)
+
+    def sixgate_return() -> None:
+        out = datapath.outbound
+        for _ in range(n):
+            datapath.from_services(reply, 1.0)
+            out.clear()
+
+    ref = rate(n, reference)
+    rows = [("reference: bare header rewrite", ref),
+            ("sixgate inbound: check_inbound + Datapath.inbound", rate(n, sixgate_inbound)),
+            ("sixgate return: Datapath.from_services", rate(n, sixgate_return))]
+    print(f"64-byte UDP, {n} packets, one core, no syscalls")
+    for name, pps in rows:
+        print(f"  {name:<52} {pps:>12,.0f} pkt/s   ratio {pps / ref:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
