@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from workers.drops import DropReason
 from workers.packet import (
-    IPV4_HEADER,
     PROTO_DSTOPTS,
     PROTO_FRAGMENT,
     PROTO_HOPOPT,
     PROTO_ICMPV6,
     PROTO_IPV6,
     PROTO_ROUTING,
+    parse_ipv4,
     parse_ipv6,
 )
 
@@ -167,16 +167,10 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
     packet may be padded) and the outer source, or the reason to drop it silently.
     """
     buf = memoryview(packet)
-    if len(buf) < 20:
-        return DropReason.TRUNCATED
-    vihl, _tos, total_len, _id, _frag, _ttl, proto, _csum, src4, dst4 = (
-        IPV4_HEADER.unpack_from(buf)
-    )
-    if vihl >> 4 != 4:
-        return DropReason.BAD_VERSION
-    header_len = (vihl & 0x0F) * 4
-    if header_len < 20 or len(buf) < header_len:
-        return DropReason.BAD_HEADER
+    outer = parse_ipv4(buf)
+    if isinstance(outer, DropReason):
+        return outer
+    header_len, total_len, _id, _frag, _ttl, proto, src4, dst4, _tos = outer
     if proto != PROTO_IPV6:
         return DropReason.NOT_PROTO_41
     # RFC 4213 §3.6: a configured tunnel accepts only its configured peer, silently.
@@ -186,7 +180,7 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
     # RFC 3964 §5.3.1: the outer source must be a plausible unicast address.
     elif _in_table(src4, policy.martian_ipv4):
         return DropReason.MARTIAN_SOURCE
-    inner = buf[header_len:total_len] if total_len <= len(buf) else buf[header_len:]
+    inner = buf[header_len:total_len]
     if len(inner) < 40:
         return DropReason.TRUNCATED
     if inner[0] >> 4 != 6:

@@ -191,7 +191,7 @@ def test_rfc4443_4_echo_request_decapsulated() -> None:
     pytest.param(outer(inner())[:19], DropReason.TRUNCATED, id="outer_short"),
     pytest.param(b"\x65" + outer(inner())[1:], DropReason.BAD_VERSION, id="outer_version_6"),
     pytest.param(b"\x44" + outer(inner())[1:], DropReason.BAD_HEADER, id="outer_ihl_4"),
-    pytest.param(b"\x4f" + outer(inner())[1:40], DropReason.BAD_HEADER, id="ihl_past_end"),
+    pytest.param(b"\x4f" + outer(inner())[1:40], DropReason.TRUNCATED, id="ihl_past_end"),
     pytest.param(outer(inner(), proto=4), DropReason.NOT_PROTO_41, id="ipip_not_41"),
     pytest.param(outer(inner(), proto=17), DropReason.NOT_PROTO_41, id="udp_not_41"),
     pytest.param(outer(inner()[:39]), DropReason.TRUNCATED, id="inner_short"),
