@@ -93,8 +93,11 @@ def pseudo_sum_v6(src: bytes, dst: bytes, proto: int, length: int) -> int:
 IPv4View = tuple[int, int, int, int, int, int, bytes, bytes, int]
 
 
-def parse_ipv4(buf: bytes | memoryview) -> IPv4View | DropReason:
-    """Parse and verify an IPv4 header (RFC 791 §3.1); options are skipped, never used."""
+def parse_ipv4(buf: bytes | memoryview, verify_checksum: bool = True) -> IPv4View | DropReason:
+    """Parse and verify an IPv4 header (RFC 791 §3.1); options are skipped, never used.
+
+    ``verify_checksum=False`` is for packets the kernel has already verified (raw socket
+    delivery happens after ip_rcv checked the header)."""
     if len(buf) < 20:
         return DropReason.TRUNCATED
     vihl, tos, total_len, ident, flags_offset, ttl, proto, _csum, src, dst = (
@@ -107,7 +110,7 @@ def parse_ipv4(buf: bytes | memoryview) -> IPv4View | DropReason:
         return DropReason.BAD_HEADER
     if total_len > len(buf):
         return DropReason.TRUNCATED
-    if not sum_is_valid(sum16(buf[:header_len])):
+    if verify_checksum and not sum_is_valid(sum16(buf[:header_len])):
         return DropReason.BAD_CHECKSUM
     return (header_len, total_len, ident, flags_offset, ttl, proto, src, dst, tos)
 

@@ -167,7 +167,8 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
     packet may be padded) and the outer source, or the reason to drop it silently.
     """
     buf = memoryview(packet)
-    outer = parse_ipv4(buf)
+    # The kernel verified the outer header checksum before raw-socket delivery (ip_rcv).
+    outer = parse_ipv4(buf, verify_checksum=False)
     if isinstance(outer, DropReason):
         return outer
     header_len, total_len, _id, _frag, _ttl, proto, src4, dst4, _tos = outer
