@@ -115,6 +115,7 @@ class Datapath:
         self._ident4 = 0
         self._ident6 = 0
         self.limit_hits = LimitHits()
+        self._now = 0.0  # the time of the packet being handled, for the error rate limiter
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -162,8 +163,6 @@ class Datapath:
             return
         self.counters.event("tcp_rst_sent")
         self._send_v6(rst, PROTO_TCP)
-
-    _now = 0.0
 
     # --- inbound: IPv6 from the tunnel --------------------------------------------------------
 
