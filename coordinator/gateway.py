@@ -62,6 +62,9 @@ def prepare_run_dir(settings: Settings) -> Path:
     """Create the run directory; clean what a crashed earlier run left there."""
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The control sockets reveal which IPv6 client is which pool address (RFC 6888 REQ-12
+    # asks for care with such data): only the gateway's own user may connect.
+    run_dir.chmod(0o700)
     pidfile = run_dir / "coordinator.pid"
     if pidfile.exists():
         try:

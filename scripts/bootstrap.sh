@@ -21,6 +21,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
+# tools/vmrun.py (the kvm tests) downloads Debian's kernel package: it needs package lists.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null \
+    && ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+  echo "bootstrap: refreshing package lists (the kvm tests fetch linux-image-amd64)"
+  apt-get update -qq
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
