@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -127,12 +128,16 @@ def cmd_ping(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
-def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 5000) -> dict[str, Any]:
+def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 15000) -> dict[str, Any]:
     """Ask the running gateway's control socket; raises RuntimeError when nobody answers."""
+    endpoint = control.coordinator_endpoint(settings.run_dir)
+    if not os.path.exists(endpoint.removeprefix("ipc://")):
+        # No socket file: no gateway runs with this run_dir (answer at once, don't wait).
+        raise RuntimeError(f"no gateway runs with run_dir {settings.run_dir} (no {endpoint}); "
+                           "start `sixgate run` with this config")
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     req = ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
-    endpoint = control.coordinator_endpoint(settings.run_dir)
     req.connect(endpoint)
     try:
         req.send_json(control.request(cmd))

@@ -40,8 +40,10 @@ from workers.wire import encode_batch, pick_worker
 log = logging.getLogger("sixgate")
 
 RECV_BUDGET = 256  # packets read per wakeup before batches are sent
-WORKER_READY_TIMEOUT_S = 20.0
-CONTROL_TIMEOUT_MS = 2000
+# Generous: a slow machine (or a software-emulated VM) takes seconds to import a worker; a
+# worker that dies instead is noticed at once.
+WORKER_READY_TIMEOUT_S = 60.0
+CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 

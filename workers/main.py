@@ -34,7 +34,6 @@ from workers.drops import DropReason
 from workers.flows import Session
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.settings import Settings, worker_pool, worker_routes
-from workers.tun import configure_tun, open_tun
 from workers.wire import decode_batch
 
 log = logging.getLogger("sixgate.worker")
@@ -93,6 +92,8 @@ class Worker:
     # --- setup --------------------------------------------------------------------------------
 
     def open(self) -> None:
+        from workers.tun import configure_tun, open_tun  # pyroute2: userspace backend only
+
         settings = self.settings
         name = tun_name(settings, self.index)
         self.tun_fd = open_tun(name)
