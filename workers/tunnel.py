@@ -54,18 +54,34 @@ DEFAULT_MARTIAN_IPV4: tuple[tuple[str, str], ...] = (
 )
 
 
-def _net_table(rows: tuple[tuple[str, str], ...]) -> tuple[tuple[int, int], ...]:
-    """(network int, mask int) pairs for fast membership tests."""
-    out = []
-    for cidr, _why in rows:
-        net = ipaddress.ip_network(cidr)
-        out.append((int(net.network_address), int(net.netmask)))
-    return tuple(out)
+class NetTable:
+    """A prefix table for per-packet membership tests, built once at start-up.
 
+    Most addresses on the wire share no first byte with any row (no martian table row starts
+    with 198, say), so the set of first bytes the rows can match answers them with one set
+    lookup; only the rest are compared row by row.
+    """
 
-def _in_table(addr: bytes, table: tuple[tuple[int, int], ...]) -> bool:
-    value = int.from_bytes(addr, "big")
-    return any(value & mask == net for net, mask in table)
+    __slots__ = ("rows", "first_bytes")
+
+    def __init__(self, rows: tuple[tuple[str, str], ...]) -> None:
+        pairs = []
+        first: set[int] = set()
+        for cidr, _why in rows:
+            net = ipaddress.ip_network(cidr)
+            pairs.append((int(net.network_address), int(net.netmask)))
+            head = net.network_address.packed[0]
+            span = 1 << max(0, 8 - net.prefixlen)
+            first.update(range(head, head + span))
+        self.rows = tuple(pairs)
+        self.first_bytes = frozenset(first)
+
+    def __contains__(self, addr: bytes) -> bool:
+        if addr[0] not in self.first_bytes:
+            return False
+        value = int.from_bytes(addr, "big")
+        return any(value & mask == net for net, mask in self.rows)
+
 
 
 # RFC 4213 §3.6 and RFC 3964 §5.3.1: inner IPv6 sources that are never valid on the wire.
@@ -85,11 +101,11 @@ MARTIAN_IPV6_DESTINATION: tuple[tuple[str, str], ...] = (
     ("::ffff:0:0/96", "RFC 4291 §2.5.5.2: IPv4-mapped"),
     ("ff00::/8", "RFC 4443 §2.4(e.3): multicast; we are a unicast gateway"),
 )
-_MARTIAN_SRC6 = _net_table(MARTIAN_IPV6_SOURCE)
+_MARTIAN_SRC6 = NetTable(MARTIAN_IPV6_SOURCE)
 # RFC 4213 §3.7: a configured tunnel is a link with link-local addresses, so its peer may use
 # fe80::/10 as a source (NUD probes, §3.8); every other row still applies.
-_MARTIAN_SRC6_6IN4 = _net_table(tuple(r for r in MARTIAN_IPV6_SOURCE if r[0] != "fe80::/10"))
-_MARTIAN_DST6 = _net_table(MARTIAN_IPV6_DESTINATION)
+_MARTIAN_SRC6_6IN4 = NetTable(tuple(r for r in MARTIAN_IPV6_SOURCE if r[0] != "fe80::/10"))
+_MARTIAN_DST6 = NetTable(MARTIAN_IPV6_DESTINATION)
 
 # RFC 3964 §5.1: Neighbor Discovery and Redirect must never be decapsulated (ICMPv6 133-137).
 ND_TYPES = frozenset(range(133, 138))
@@ -120,7 +136,7 @@ class TunnelPolicy:
     local_ipv4: bytes
     remote_ipv4: bytes | None  # 6in4 only
     addresses: frozenset[bytes]  # our own IPv6 addresses
-    martian_ipv4: tuple[tuple[int, int], ...]
+    martian_ipv4: NetTable
 
     @staticmethod
     def build(mode: str, local_ipv4: str, remote_ipv4: str | None, addresses: list[str],
@@ -130,20 +146,20 @@ class TunnelPolicy:
             local_ipv4=ipaddress.IPv4Address(local_ipv4).packed,
             remote_ipv4=ipaddress.IPv4Address(remote_ipv4).packed if remote_ipv4 else None,
             addresses=our_addresses(mode, local_ipv4, addresses),
-            martian_ipv4=_net_table(martian_ipv4),
+            martian_ipv4=NetTable(martian_ipv4),
         )
 
 
 def ipv4_is_martian(addr: bytes, policy: TunnelPolicy) -> bool:
-    return _in_table(addr, policy.martian_ipv4)
+    return addr in policy.martian_ipv4
 
 
 def ipv6_source_is_martian(addr: bytes) -> bool:
-    return _in_table(addr, _MARTIAN_SRC6)
+    return addr in _MARTIAN_SRC6
 
 
 def ipv6_destination_is_martian(addr: bytes) -> bool:
-    return _in_table(addr, _MARTIAN_DST6)
+    return addr in _MARTIAN_DST6
 
 
 def packet_is_spoofed_6to4(outer_src: bytes, outer_dst: bytes, src6: bytes,
@@ -179,7 +195,7 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
         if src4 != policy.remote_ipv4:
             return DropReason.WRONG_TUNNEL_PEER
     # RFC 3964 §5.3.1: the outer source must be a plausible unicast address.
-    elif _in_table(src4, policy.martian_ipv4):
+    elif src4 in policy.martian_ipv4:
         return DropReason.MARTIAN_SOURCE
     inner = buf[header_len:total_len]
     if len(inner) < 40:
@@ -193,9 +209,9 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
         return DropReason.TRUNCATED
     inner = inner[:40 + payload_len]
     # RFC 4213 §3.6 / RFC 3964 §5.3.1: martian inner addresses are discarded silently.
-    if _in_table(src6, _MARTIAN_SRC6_6IN4 if policy.mode == "6in4" else _MARTIAN_SRC6):
+    if src6 in (_MARTIAN_SRC6_6IN4 if policy.mode == "6in4" else _MARTIAN_SRC6):
         return DropReason.MARTIAN_SOURCE
-    if _in_table(dst6, _MARTIAN_DST6):
+    if dst6 in _MARTIAN_DST6:
         return DropReason.MARTIAN_DESTINATION
     if policy.mode == "6to4":
         # RFC 3964 §5.2 (Linux sit packet_is_spoofed).
@@ -203,7 +219,7 @@ def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsula
             return DropReason.SPOOFED_6TO4
         # RFC 3964 §5.3.1: a 2002::/16 source must not embed a martian IPv4 address.
         v4 = embedded_ipv4(src6)
-        if v4 is not None and _in_table(v4, policy.martian_ipv4):
+        if v4 is not None and v4 in policy.martian_ipv4:
             return DropReason.MARTIAN_SOURCE
     if dst6 not in policy.addresses:
         return DropReason.NOT_OUR_ADDRESS

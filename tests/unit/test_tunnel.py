@@ -120,9 +120,10 @@ def test_tunnel_policy_build_packs_addresses() -> None:
     assert POLICY_6TO4.remote_ipv4 is None
     assert POLICY_6TO4.addresses == frozenset({packed6(GW6_6TO4)})
     assert POLICY_6IN4.remote_ipv4 == packed4(REMOTE4)
-    assert len(POLICY_6TO4.martian_ipv4) == len(DEFAULT_MARTIAN_IPV4)
+    assert len(POLICY_6TO4.martian_ipv4.rows) == len(DEFAULT_MARTIAN_IPV4)
     empty = TunnelPolicy.build("6to4", GW4, None, [GW6_6TO4], martian_ipv4=())
-    assert empty.martian_ipv4 == ()
+    assert empty.martian_ipv4.rows == ()
+    assert packed4("10.1.2.3") not in empty.martian_ipv4
 
 
 # --- accepted packets -------------------------------------------------------------------------
