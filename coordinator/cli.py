@@ -18,7 +18,6 @@ import zmq
 from coordinator.config import ConfigError, load_config
 from workers import control
 from workers.settings import Settings, worker_routes
-from workers.tunnel import DEFAULT_MARTIAN_IPV4
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 DEFAULT_CONFIG = "/etc/sixgate/gateway.toml"
@@ -85,8 +84,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     t = settings.timeouts
     print(f"  timeouts      tcp established {t.tcp_established_s:g} s, transitory "
           f"{t.tcp_transitory_s:g} s, udp {t.udp_s:g} s, icmp {t.icmp_s:g} s")
-    martians = settings.martian_ipv4 or DEFAULT_MARTIAN_IPV4
-    print(f"  martian IPv4  {', '.join(cidr for cidr, _ in martians)}")
+    martians = ", ".join(cidr for cidr, _ in settings.martian_ipv4)
+    print(f"  martian IPv4  {martians or '(none: the check is off)'}")
     if settings.forwards:
         for rule in settings.forwards:
             print(f"  forward       {rule.label}")

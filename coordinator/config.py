@@ -228,6 +228,9 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     mtu = _int(ctx, "tunnel", "mtu", mtu, 1280, 1480)
     martian_rows = DEFAULT_MARTIAN_IPV4
     if "martian_ipv4" in tunnel:
+        if not isinstance(tunnel["martian_ipv4"], list):
+            raise ctx.error("tunnel", "martian_ipv4", "must be a list of IPv4 prefixes like "
+                            "[\"10.0.0.0/8\"] ([] turns the check off)")
         rows = []
         for cidr in tunnel["martian_ipv4"]:
             try:

@@ -34,7 +34,7 @@ from workers.counters import Counters
 from workers.drops import DropReason
 from workers.main import tun_name
 from workers.settings import Settings
-from workers.tunnel import DEFAULT_MARTIAN_IPV4, TunnelPolicy, check_inbound
+from workers.tunnel import TunnelPolicy, check_inbound
 from workers.wire import encode_batch, pick_worker
 
 log = logging.getLogger("sixgate")
@@ -53,7 +53,7 @@ def _pid_is_ours(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"sixgate" in cmdline or b"workers.main" in cmdline or b"coordinator" in cmdline
+    return b"sixgate" in cmdline or b"workers.main" in cmdline or b"coordinator.cli" in cmdline
 
 
 class RunDirBusy(Exception):
@@ -111,7 +111,7 @@ class Coordinator:
         self.settings = settings
         self.policy = TunnelPolicy.build(settings.mode, settings.local_ipv4,
                                          settings.remote_ipv4, list(settings.addresses),
-                                         settings.martian_ipv4 or DEFAULT_MARTIAN_IPV4)
+                                         settings.martian_ipv4)
         self.counters = Counters()
         self.running = True
         self.workers = [WorkerProcess(i) for i in range(settings.workers)]

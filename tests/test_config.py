@@ -164,3 +164,14 @@ def test_cli_missing_file_exit_2(tmp_path: Path) -> None:
     result = sixgate("check", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 2
     assert "cannot read the file" in result.stderr
+
+
+def test_rfc3964_martian_table_configurable_and_empty_means_off() -> None:
+    custom = parse_config(GOOD_6TO4.replace('mtu = 1480', 'mtu = 1480\nmartian_ipv4 = '
+                                            '["10.0.0.0/8"]'), "gw.toml")
+    assert [cidr for cidr, _ in custom.martian_ipv4] == ["10.0.0.0/8"]
+    off = parse_config(GOOD_6TO4.replace('mtu = 1480', 'mtu = 1480\nmartian_ipv4 = []'),
+                       "gw.toml")
+    assert off.martian_ipv4 == ()
+    default = parse_config(GOOD_6TO4, "gw.toml")
+    assert "192.168.0.0/16" in [cidr for cidr, _ in default.martian_ipv4]

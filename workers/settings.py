@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from workers.flows import Timeouts
+from workers.tunnel import DEFAULT_MARTIAN_IPV4
 
 SETTINGS_VERSION = 1
 
@@ -70,7 +71,8 @@ class Settings:
     hash_seed: int = 0x5167
     fragment_datagrams: int = 1024
     fragment_bytes: int = 16 << 20
-    martian_ipv4: tuple[tuple[str, str], ...] = ()
+    # An empty table is a choice (checks off), not "use the default".
+    martian_ipv4: tuple[tuple[str, str], ...] = DEFAULT_MARTIAN_IPV4
     log_level: str = "info"
     source_file: str = ""
     backend: str = "auto"  # "auto" | "userspace" | "kernel"; workers get the resolved one
