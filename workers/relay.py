@@ -39,13 +39,14 @@ log = logging.getLogger("sixgate.relay")
 
 READ_BYTES = 65536
 TCP_CONNECT_TIMEOUT_S = 10.0
+PENDING_DATAGRAMS = 16  # per new UDP session, while its service socket opens
 
 
 class RelaySession:
     """One relayed client: what ``sixgate flows`` lists."""
 
     __slots__ = ("proto", "client", "cport", "gateway", "gwport", "local", "rule", "state",
-                 "last_seen", "prefix64", "transport")
+                 "last_seen", "prefix64", "transport", "pending")
 
     def __init__(self, proto: int, client: str, cport: int, gateway: str, gwport: int,
                  rule: str, now: float) -> None:
@@ -60,6 +61,8 @@ class RelaySession:
         self.last_seen = now
         self.prefix64 = ipaddress.IPv6Address(client).packed[:8]
         self.transport: asyncio.BaseTransport | None = None
+        # UDP datagrams that arrive while the socket to the service is still being opened.
+        self.pending: list[bytes] = []
 
 
 class _UdpToService(asyncio.DatagramProtocol):
@@ -170,9 +173,12 @@ class Relay:
             local = up_writer.get_extra_info("sockname")
             session.local = f"{local[0]}:{local[1]}"
             session.state = "established"
-            await asyncio.gather(
-                self._pipe(reader, up_writer, session, "inbound", "to_services"),
-                self._pipe(up_reader, writer, session, "from_services", "outbound"))
+            try:
+                await asyncio.gather(
+                    self._pipe(reader, up_writer, session, "inbound", "to_services"),
+                    self._pipe(up_reader, writer, session, "from_services", "outbound"))
+            finally:
+                up_writer.close()
             session.state = "closed"
         finally:
             self._forget(key)
@@ -217,6 +223,10 @@ class Relay:
         if session.transport is not None:
             cast(asyncio.DatagramTransport, session.transport).sendto(data)
             self.counters.count("to_services", PROTO_UDP, len(data))
+        elif len(session.pending) < PENDING_DATAGRAMS:
+            session.pending.append(data)
+        else:
+            self.counters.drop(DropReason.QUEUE_FULL)
 
     async def _open_udp(self, session: RelaySession, listener: _UdpListener,
                         first: bytes) -> None:
@@ -235,8 +245,10 @@ class Relay:
         session.transport = transport
         local = transport.get_extra_info("sockname")
         session.local = f"{local[0]}:{local[1]}"
-        transport.sendto(first)
-        self.counters.count("to_services", PROTO_UDP, len(first))
+        for data in (first, *session.pending):
+            transport.sendto(data)
+            self.counters.count("to_services", PROTO_UDP, len(data))
+        session.pending.clear()
 
     def expire(self, now: float) -> None:
         """Close UDP sessions idle past the UDP timeout (RFC 6146 §4 UDP_DEFAULT); report

@@ -1,0 +1,186 @@
+"""The kernel backend's relays (workers/relay.py), on this host, without sit.
+
+The VM tests (tests/kvm) prove the whole kernel backend on a kernel with sit. Here the worker
+process runs the relays alone, exactly as ``sixgate run`` starts it with the kernel backend
+(``python -m workers.main --settings FILE --index 0``), in a namespace whose loopback carries
+the gateway's IPv6 address, so the relay rules that need no tunnel are checked in every run:
+TCP and UDP relaying to IPv4-only services, the per /64 flow limit (RFC 6888 REQ-4) counted
+and never evicting, sessions listed over the control socket, clean SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import netlab
+import pytest
+import zmq
+
+from coordinator.config import parse_config
+from workers import control
+
+pytestmark = pytest.mark.lab
+
+GATEWAY6 = "2001:db8:1::1"
+CONFIG = """\
+[tunnel]
+mode = "6in4"
+local_ipv4 = "192.0.2.10"
+remote_ipv4 = "198.51.100.1"
+prefix = "2001:db8:1::/64"
+
+[gateway]
+workers = 1
+max_flows_per_prefix = 2
+run_dir = "{run_dir}"
+
+[[forward]]
+proto = "tcp"
+port = 80
+to = "127.0.0.1:{http_port}"
+
+[[forward]]
+proto = "udp"
+port = 53
+to = "127.0.0.1:{dns_port}"
+"""
+
+
+@dataclasses.dataclass
+class RelayLab:
+    namespace: str
+    run_dir: Path
+    worker: subprocess.Popen[bytes]
+    log: Path
+
+    def exec(self, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.namespace, *argv],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def ask(self, cmd: str) -> dict[str, Any]:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(control.control_endpoint(str(self.run_dir), 0))
+        try:
+            req.send_json(control.request(cmd))
+            assert req.poll(10_000), f"worker did not answer {cmd!r}:\n{netlab.tail(self.log)}"
+            reply: dict[str, Any] = json.loads(req.recv())
+            return reply
+        finally:
+            req.close(0)
+
+
+@pytest.fixture(scope="module")
+def relay_lab(served_files: netlab.ServedFiles, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[RelayLab]:
+    missing = netlab.missing_requirements()
+    if missing:
+        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
+            pytest.fail(f"lab requirements missing: {missing}")
+        pytest.skip(f"SKIPPED LOUDLY: lab requirements missing: {missing}")
+    tmp = tmp_path_factory.mktemp("relay")
+    namespace = f"{netlab.NAME_PREFIX}{os.getpid()}x990-gw"  # swept like the lab's own
+    processes: list[subprocess.Popen[bytes]] = []
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        ns = ["ip", "netns", "exec", namespace]
+        subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run([*ns, "ip", "-6", "addr", "add", f"{GATEWAY6}/128", "dev", "lo",
+                        "nodad"], check=True)
+        http_port, dns_port = 8080, 5353
+        processes.append(subprocess.Popen(
+            [*ns, *netlab.http_server_argv("127.0.0.1", http_port, served_files.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        processes.append(subprocess.Popen(
+            [*ns, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
+             "--conf-file=/dev/null", "--listen-address=127.0.0.1", f"--port={dns_port}",
+             "--bind-interfaces", "--pid-file=", "--log-facility=-",
+             f"--host-record={netlab.DNS_SMALL_NAME},{netlab.DNS_SMALL_A}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        run_dir = tmp / "run"
+        run_dir.mkdir()
+        settings = parse_config(CONFIG.format(run_dir=run_dir, http_port=http_port,
+                                              dns_port=dns_port), "relay.toml")
+        settings = dataclasses.replace(settings, backend="kernel")
+        settings_file = tmp / "settings.json"
+        settings_file.write_text(settings.to_json())
+        log = tmp / "worker.log"
+        with log.open("wb") as out:
+            worker = subprocess.Popen([*ns, sys.executable, "-m", "workers.main", "--settings",
+                                       str(settings_file), "--index", "0"], stderr=out)
+        processes.append(worker)
+        lab = RelayLab(namespace, run_dir, worker, log)
+        netlab.wait_until(lambda: lab.exec(["ss", "-Hlnt", "sport = :80"]).stdout.strip()
+                          and lab.exec(["ss", "-Hlnt", f"sport = :{http_port}"]).stdout.strip(),
+                          timeout=30, what="relay and http.server listening")
+        assert lab.ask("ping")["ok"]
+        yield lab
+    finally:
+        for process in reversed(processes):
+            netlab.stop_process(process, 10)
+        subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
+def test_tcp_relayed_to_ipv4_only_service(relay_lab: RelayLab) -> None:
+    """curl -6 over the IPv6 listener gets the file from http.server on 127.0.0.1."""
+    done = relay_lab.exec(["curl", "-6", "-g", "-sS", "--max-time", "10",
+                           f"http://[{GATEWAY6}]/{netlab.SMALL_NAME}"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == netlab.SMALL_TEXT
+
+
+def test_udp_relayed_with_a_session_per_client(relay_lab: RelayLab) -> None:
+    """dig over UDP reaches dnsmasq on 127.0.0.1; the session is listed with the IPv4
+    address and port the service saw."""
+    done = relay_lab.exec(["dig", f"@{GATEWAY6}", "-p", "53", netlab.DNS_SMALL_NAME, "A",
+                           "+short", "+tries=1", "+time=5"])
+    assert done.stdout.strip() == netlab.DNS_SMALL_A, done.stdout + done.stderr
+    bindings = relay_lab.ask("flows")["bindings"]
+    udp = [b for b in bindings if b["proto"] == "udp"]
+    assert udp and udp[0]["pool"].startswith("127.0.0.1:"), bindings
+    assert udp[0]["rule"] == "udp/53 -> 127.0.0.1:5353"
+
+
+def test_rfc6888_req4_per_prefix_limit_refuses_and_never_evicts(relay_lab: RelayLab) -> None:
+    """max_flows_per_prefix = 2: with the UDP session of the test before (or one held TCP
+    connection) and one more held, the next connection from the same /64 is refused and
+    counted as prefix_flow_limit; the held ones keep working."""
+    before = relay_lab.ask("flows")
+    held = before["flows"]["active"]
+    holders = []
+    code = ("import socket,sys,time\n"
+            f"s=socket.create_connection(('{GATEWAY6}',80));print('up',flush=True)\n"
+            "time.sleep(30)\n")
+    try:
+        for _ in range(max(0, 2 - held)):
+            proc = subprocess.Popen(["ip", "netns", "exec", relay_lab.namespace,
+                                     sys.executable, "-c", code], stdout=subprocess.PIPE)
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"
+            holders.append(proc)
+        netlab.wait_until(lambda: relay_lab.ask("flows")["flows"]["active"] >= 2, timeout=10,
+                          what="two live sessions")
+        refused = relay_lab.exec(["curl", "-6", "-g", "-sS", "--max-time", "5",
+                                  f"http://[{GATEWAY6}]/{netlab.SMALL_NAME}"])
+        assert refused.returncode != 0, refused.stdout
+        after = relay_lab.ask("flows")
+        assert after["counters"]["drops"]["prefix_flow_limit"] == (
+            before["counters"]["drops"]["prefix_flow_limit"] + 1)
+        assert after["flows"]["active"] == 2  # nothing was evicted to make room
+    finally:
+        for proc in holders:
+            netlab.stop_process(proc, 5)
+
+
+def test_sigterm_stops_the_relay_worker_cleanly(relay_lab: RelayLab) -> None:
+    """Last in the module: SIGTERM ends the worker with exit code 0."""
+    os.kill(relay_lab.worker.pid, signal.SIGTERM)
+    assert relay_lab.worker.wait(timeout=15) == 0, netlab.tail(relay_lab.log)
