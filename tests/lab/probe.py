@@ -17,6 +17,7 @@ import argparse
 import ipaddress
 import json
 import os
+import random
 import select
 import socket
 import struct
@@ -205,6 +206,56 @@ def send41(args: argparse.Namespace) -> dict[str, Any]:
     return {"sent": args.count, "replies": replies, "to_far": to_far, "seen": seen}
 
 
+# --------------------------------------------------------------------------- fuzz41
+
+
+def mutate(packet: bytes, rng: random.Random) -> bytes:
+    """One malformed variant of a valid IPv6 packet: flipped bytes, cut short, grown, a
+    different next header, a bogus fragment header or extension chain."""
+    data = bytearray(packet)
+    kind = rng.randrange(7)
+    if kind == 0:
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif kind == 1:
+        del data[rng.randrange(1, len(data)):]
+    elif kind == 2:
+        data += os.urandom(rng.randint(1, 64))
+    elif kind == 3:
+        data[6] = rng.randrange(256)  # next header
+    elif kind == 4:  # a fragment header with random offset/M/id in front of the payload
+        frag = struct.pack("!BBHI", data[6], 0, rng.randrange(65536), rng.randrange(2**32))
+        data = data[:40] + bytearray(frag) + data[40:]
+        data[6] = 44
+        struct.pack_into("!H", data, 4, len(data) - 40)
+    elif kind == 5:  # payload length that lies
+        struct.pack_into("!H", data, 4, rng.randrange(65536))
+    else:  # an extension header chain of random bytes
+        chain = bytearray(os.urandom(8 * rng.randint(1, 4)))
+        chain[0] = data[6]
+        chain[1] = len(chain) // 8 - 1
+        data = data[:40] + chain + data[40:]
+        data[6] = rng.choice([0, 43, 60])
+        struct.pack_into("!H", data, 4, len(data) - 40)
+    return bytes(data)
+
+
+def fuzz41(args: argparse.Namespace) -> dict[str, Any]:
+    """Send ``count`` malformed protocol-41 datagrams built from valid echo requests."""
+    rng = random.Random(args.seed)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_IPV6_IN_IPV4)
+    sender.bind((args.outer_src, 0))
+    sent = 0
+    for seq in range(args.count):
+        packet = mutate(echo_request(args.inner_src, args.inner_dst, 7, seq), rng)
+        try:
+            sender.sendto(packet, (args.outer_dst, 0))
+            sent += 1
+        except OSError:
+            pass
+    return {"sent": sent}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -239,11 +290,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s41.add_argument("--stop-early", action="store_true", help="stop once all replies came")
     s41.add_argument("--kind", choices=("echo", "nud"), default="echo",
                      help="echo requests, or NUD probes (Neighbor Solicitations)")
+    fuzz = sub.add_parser("fuzz41")
+    fuzz.add_argument("--outer-src", required=True)
+    fuzz.add_argument("--outer-dst", required=True)
+    fuzz.add_argument("--inner-src", required=True)
+    fuzz.add_argument("--inner-dst", required=True)
+    fuzz.add_argument("--count", type=int, default=2000)
+    fuzz.add_argument("--seed", type=int, default=41)
     return parser.parse_args(argv)
 
 
 COMMANDS = {"tcp-many": tcp_many, "hold-tcp": hold_tcp, "udp-refused": udp_refused,
-            "send41": send41}
+            "send41": send41, "fuzz41": fuzz41}
 
 if __name__ == "__main__":
     arguments = parse_args()

@@ -120,6 +120,24 @@ class GatewayBehaviour:
         assert udp, bindings
 
 
+    def test_malformed_packets_never_crash_and_are_counted(self, lab: Lab) -> None:
+        """2000 malformed proto-41 packets (flipped bytes, cut, grown, lying lengths, random
+        next headers, bogus fragment and extension headers) from the right peer: the gateway
+        keeps running, counts them under named reasons (internal_error stays 0, checked by
+        the fixture's teardown too) and still answers ping -6 afterwards."""
+        before = drops(lab)
+        result = lab.probe("fuzz41", "--outer-src", netlab.PEER_IPV4, "--outer-dst",
+                           netlab.GATEWAY_IPV4, "--inner-src", lab.plan.peer_address,
+                           "--inner-dst", lab.plan.gateway_address, "--count", "2000")
+        assert result["sent"] == 2000, result
+        done = netlab.ping(lab, 56)
+        assert netlab.ping_received(done.stdout) == 3, done.stdout + done.stderr
+        delta = drops_delta(before, drops(lab))
+        assert delta.get("internal_error", 0) == 0, delta
+        assert sum(delta.values()) >= 500, delta  # most of them are dropped, each by name
+        assert lab.alive("sixgate")
+
+
 class TestSixToFour(GatewayBehaviour):
     """6to4 (RFC 3056): the gateway is 2002:c000:20a::1, the client 2002:c633:6401::1."""
 
