@@ -133,6 +133,7 @@ class GatewayBehaviour:
         done = netlab.ping(lab, 56)
         assert netlab.ping_received(done.stdout) == 3, done.stdout + done.stderr
         delta = drops_delta(before, drops(lab))
+        print(f"malformed packets by drop reason: {delta}")
         assert delta.get("internal_error", 0) == 0, delta
         assert sum(delta.values()) >= 500, delta  # most of them are dropped, each by name
         assert lab.alive("sixgate")
