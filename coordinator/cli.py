@@ -153,13 +153,20 @@ def summarize(status: dict[str, Any]) -> dict[str, Any]:
     """Bindings of all workers and drops summed over every process, all reasons present."""
     drops: dict[str, int] = dict(status["coordinator"]["drops"])
     bindings: list[dict[str, Any]] = []
+    traffic: dict[str, list[int]] = {}  # direction -> [packets, bytes], all protocols
     for worker in status["workers"]:
         if not worker.get("up"):
             continue
         bindings.extend(worker["bindings"])
-        for reason, n in worker["counters"]["drops"].items():
+        counters = worker["counters"]
+        for reason, n in counters["drops"].items():
             drops[reason] = drops.get(reason, 0) + n
-    return {"bindings": bindings, "drops": drops, "counters": status}
+        for key, n in counters["packets"].items():
+            direction = key.partition("/")[0]
+            entry = traffic.setdefault(direction, [0, 0])
+            entry[0] += n
+            entry[1] += counters["bytes"][key]
+    return {"bindings": bindings, "drops": drops, "traffic": traffic, "counters": status}
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
@@ -191,6 +198,8 @@ def cmd_flows(args: argparse.Namespace) -> int:
         print(f"worker {worker['index']} pid {worker['pid']}: {f['active']}/{f['limit']} flows, "
               f"{f['created']} created, {f['expired']} expired, pool {f['pool_in_use']}/"
               f"{f['pool_size']}, restarts {worker['restarts']}")
+    print("traffic: " + ", ".join(f"{direction} {p} pkt/{b} B" for direction, (p, b)
+                                  in summary["traffic"].items()))
     nonzero = {r: n for r, n in summary["drops"].items() if n}
     print("drops: " + (", ".join(f"{r}={n}" for r, n in sorted(nonzero.items()))
                        if nonzero else "none"))

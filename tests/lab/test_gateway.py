@@ -118,7 +118,11 @@ class GatewayBehaviour:
         assert 0 <= tcp[0]["worker"] < lab.workers, tcp
         udp = [b for b in bindings if b["proto"] == "udp" and client_addr in b["client"]]
         assert udp, bindings
-
+        # Traffic per direction, summed over the workers: all four directions carried packets.
+        traffic = listing["traffic"]
+        assert all(traffic[d][0] > 0 and traffic[d][1] > 0 for d in
+                   ("inbound", "to_services", "from_services", "outbound")), traffic
+        assert "traffic: inbound " in text.stdout, text.stdout
 
     def test_malformed_packets_never_crash_and_are_counted(self, lab: Lab) -> None:
         """2000 malformed proto-41 packets (flipped bytes, cut, grown, lying lengths, random
