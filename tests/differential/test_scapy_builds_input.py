@@ -14,6 +14,8 @@ from helpers import (
     GW6_6IN4,
     GW6_6TO4,
     NATIVE6,
+    POLICY_6IN4,
+    POLICY_6TO4,
     REMOTE4,
     TwoParty,
     make_datapath,
@@ -43,10 +45,7 @@ from scapy.packet import Packet, Raw, raw
 from scapy_check import checksums_match
 
 from workers.drops import DropReason
-from workers.tunnel import TunnelPolicy, check_inbound
-
-POLICY_6TO4 = TunnelPolicy.build("6to4", GW4, None, [GW6_6TO4])
-POLICY_6IN4 = TunnelPolicy.build("6in4", GW4, REMOTE4, [GW6_6IN4])
+from workers.tunnel import check_inbound
 
 
 def party(mode: str = "6to4") -> TwoParty:

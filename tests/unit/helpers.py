@@ -24,6 +24,7 @@ from workers.datapath import Datapath
 from workers.drops import DropReason
 from workers.flows import Timeouts
 from workers.settings import Forward, Settings, worker_pool
+from workers.tunnel import TunnelPolicy
 
 # --- addresses ----------------------------------------------------------------------------------
 
@@ -260,3 +261,8 @@ def ref_ones_sum(data: bytes) -> int:
 def ref_verifies(data: bytes) -> bool:
     """A block that includes its checksum verifies when its ones' complement sum is -0."""
     return ref_ones_sum(data) == 0xFFFF
+
+
+# The tunnel checks as the coordinator builds them for the two modes.
+POLICY_6TO4 = TunnelPolicy.build("6to4", GW4, None, [GW6_6TO4])
+POLICY_6IN4 = TunnelPolicy.build("6in4", GW4, REMOTE4, [GW6_6IN4])

@@ -14,6 +14,8 @@ from helpers import (
     GW4,
     GW6_6IN4,
     GW6_6TO4,
+    POLICY_6IN4,
+    POLICY_6TO4,
     REMOTE4,
     TwoParty,
     make_datapath,
@@ -43,9 +45,7 @@ def test_rfc4213_3_7_link_local_is_fe80_plus_ipv4() -> None:
 
 
 def policy(mode: str) -> TunnelPolicy:
-    if mode == "6in4":
-        return TunnelPolicy.build("6in4", GW4, REMOTE4, [GW6_6IN4])
-    return TunnelPolicy.build("6to4", GW4, None, [GW6_6TO4])
+    return POLICY_6IN4 if mode == "6in4" else POLICY_6TO4
 
 
 def probe(target: str, dst: str | None = None, src: str = LINK_LOCAL_PEER,

@@ -16,6 +16,8 @@ from helpers import (
     GW6_6IN4,
     GW6_6TO4,
     NATIVE6,
+    POLICY_6IN4,
+    POLICY_6TO4,
     RELAY4,
     REMOTE4,
     packed4,
@@ -45,9 +47,6 @@ from workers.tunnel import (
     outer_destination,
     prefix_6to4,
 )
-
-POLICY_6TO4 = TunnelPolicy.build("6to4", GW4, None, [GW6_6TO4])
-POLICY_6IN4 = TunnelPolicy.build("6in4", GW4, REMOTE4, [GW6_6IN4])
 
 
 def six_to_four(v4: str, suffix: str = "::1") -> str:
