@@ -44,7 +44,10 @@ ALLOWED: dict[str, set[str]] = {
                 "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend"},
     "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s"},
     "forward": {"proto", "port", "to"},
+    "metrics": {"listen"},
 }
+
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9641"  # 9641: free in Prometheus' default port allocations
 
 
 def _locate(text: str, table: str, key: str | None, index: int = 0) -> int | None:
@@ -326,7 +329,36 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         fragment_bytes=_int(ctx, "gateway", "fragment_bytes",
                             gateway.get("fragment_bytes", 16 << 20), 65536, 1 << 34),
         martian_ipv4=martian_rows, log_level=log_level, source_file=file, backend=backend,
+        metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
     )
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError saying what is wrong."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("must be \"host:port\" with a port 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    else:
+        ipaddress.IPv4Address(host)
+    return host, int(port_text)
+
+
+def _metrics_listen(ctx: _Ctx, metrics: dict[str, Any]) -> str:
+    listen = metrics.get("listen", DEFAULT_METRICS_LISTEN)
+    if listen == "":
+        return ""  # explicitly off
+    if not isinstance(listen, str):
+        raise ctx.error("metrics", "listen", "must be a string like \"127.0.0.1:9641\"")
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        raise ctx.error("metrics", "listen", f"{listen!r} {exc}; write e.g. "
+                        "\"127.0.0.1:9641\" or \"[::1]:9641\", or \"\" to turn metrics "
+                        "off") from None
+    return listen
 
 
 def load_config(path: str) -> Settings:

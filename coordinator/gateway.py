@@ -28,9 +28,10 @@ from typing import Any
 import zmq
 
 from coordinator import forwarding, kernel_backend
+from coordinator.metrics import MetricsServer, ask_workers
 from workers import control
 from workers.control import control_endpoint, coordinator_endpoint, data_endpoint
-from workers.counters import Counters
+from workers.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
 from workers.drops import DropReason
 from workers.main import tun_name
 from workers.settings import Settings
@@ -116,7 +117,13 @@ class Coordinator:
         self.running = True
         self.workers = [WorkerProcess(i) for i in range(settings.workers)]
         self.started = time.monotonic()
+        self.started_unix = time.time()
         self.sock: socket.socket | None = None
+        self.batch_packets = Histogram(BATCH_PACKETS_BOUNDS)
+        self.queue_drops = [0] * settings.workers  # packets per worker lost to a full queue
+        self.loop_seen = time.monotonic()  # /healthz: the main loop went round recently
+        self.metrics_server: MetricsServer | None = None
+        self.sit_link: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -154,6 +161,14 @@ class Coordinator:
             self.pushes.append(push)
         for worker in self.workers:
             self._spawn(worker)
+        if settings.metrics_listen:
+            # Up before the workers are: /healthz answers and /readyz says what it waits for.
+            try:
+                self.metrics_server = MetricsServer(self, settings.metrics_listen)
+            except OSError as exc:
+                raise RuntimeError(f"cannot listen for metrics on {settings.metrics_listen} "
+                                   f"({exc.strerror}); set [metrics] listen to a free "
+                                   "address:port, or \"\" to turn metrics off") from None
         self._wait_workers_ready()
         log.info("sixgate up: %s backend, %s tunnel, local %s, addresses %s, %d worker(s)%s",
                  settings.backend, settings.mode, settings.local_ipv4,
@@ -197,6 +212,8 @@ class Coordinator:
                                    f"{WORKER_READY_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for worker in self.workers:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.proc.terminate()
@@ -219,7 +236,7 @@ class Coordinator:
             self.sock.close()
         if getattr(self, "forwarding_enabled", False):
             forwarding.undo(self.settings)
-        if getattr(self, "sit_link", None) is not None:
+        if self.sit_link is not None:
             kernel_backend.teardown(self.settings)
         run_dir = getattr(self, "run_dir", None)
         if run_dir is not None:
@@ -254,6 +271,7 @@ class Coordinator:
         next_check = time.monotonic() + 1.0
         while self.running:
             events = dict(poller.poll(timeout=500))
+            self.loop_seen = time.monotonic()
             if sock_fd in events:
                 self._capture()
             if self.control in events:
@@ -308,9 +326,11 @@ class Coordinator:
             self.pushes[index].send(encode_batch(batch), zmq.NOBLOCK, copy=False)
             self.counters.event("batches_sent")
             self.counters.event("packets_fanned_out", len(batch))
+            self.batch_packets.observe(len(batch))
         except zmq.Again:
             # Bounded queue: a slow or dead worker costs these packets, never our memory.
             self.counters.drops[DropReason.QUEUE_FULL] += len(batch)
+            self.queue_drops[index] += len(batch)
 
     def _supervise(self, now: float) -> None:
         for worker in self.workers:
@@ -340,8 +360,9 @@ class Coordinator:
             self.control.send_json(error)
         elif cmd in ("flows", "status"):
             workers = []
-            for worker in self.workers:
-                reply = self._ask_worker(worker.index, control.request("flows"))
+            replies = ask_workers(self.ctx, self.settings.run_dir, self.settings.workers,
+                                  "flows", CONTROL_TIMEOUT_MS)
+            for worker, reply in zip(self.workers, replies, strict=True):
                 entry: dict[str, Any] = {"index": worker.index, "restarts": worker.restarts,
                                          "up": reply is not None}
                 if reply is not None:

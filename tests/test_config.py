@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import ConfigError, parse_config
+from coordinator.config import ConfigError, parse_config, parse_listen
 
 GOOD_6TO4 = """\
 [tunnel]
@@ -175,3 +175,29 @@ def test_rfc3964_martian_table_configurable_and_empty_means_off() -> None:
     assert off.martian_ipv4 == ()
     default = parse_config(GOOD_6TO4, "gw.toml")
     assert "192.168.0.0/16" in [cidr for cidr, _ in default.martian_ipv4]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:9641", ("127.0.0.1", 9641)),
+    ("[::1]:9641", ("::1", 9641)),
+    ("0.0.0.0:80", ("0.0.0.0", 80)),
+])
+def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("bad", ['"localhost:9641"', '"127.0.0.1"', '"127.0.0.1:0"',
+                                 '"::1:9641"', "9641", '"127.0.0.1:99999"'])
+def test_bad_metrics_listen_names_key_line_and_example(bad: str) -> None:
+    text = GOOD_6TO4 + f"\n[metrics]\nlisten = {bad}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    line = text.splitlines().index(f"listen = {bad}") + 1
+    assert str(info.value).startswith(f"gw.toml:{line}: metrics.listen:"), str(info.value)
+    assert "127.0.0.1:9641" in str(info.value)
+
+
+def test_metrics_listen_default_and_off() -> None:
+    assert parse_config(GOOD_6TO4, "gw.toml").metrics_listen == "127.0.0.1:9641"
+    off = parse_config(GOOD_6TO4 + '\n[metrics]\nlisten = ""\n', "gw.toml")
+    assert off.metrics_listen == ""

@@ -7,6 +7,8 @@ value 0, so rates work in any exporter. Pure: no I/O.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from workers.drops import DropReason
 from workers.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
@@ -69,3 +71,50 @@ class LimitHits:
                                                                key=lambda kv: kv[0].value))
         self.counts.clear()
         return text
+
+
+class Histogram:
+    """Fixed-bucket histogram (Prometheus ``le`` semantics: a value lands in the first bucket
+    whose upper bound is >= it; the last, implicit bucket is +Inf). Plain data, so a worker can
+    send it to the coordinator, which exports it."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total,
+                "count": self.count}
+
+
+# Per-packet engine time: a CPython datapath spends 5-50 µs per packet; the top buckets catch
+# garbage-collection pauses and a fragment reassembly.
+PROCESSING_SECONDS_BOUNDS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 0.05)
+# Packets per coordinator->worker ZeroMQ message; at most batch_packets (default 64).
+BATCH_PACKETS_BOUNDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+
+
+def worker_stats(counters: Counters, active_by_proto: dict[int, int],
+                 created_by_proto: dict[int, int], expired: int, limit: int, pool_in_use: int,
+                 pool_size: int, processing: dict[str, Histogram]) -> dict[str, object]:
+    """What a worker answers to the ``stats`` control request: plain JSON data, the same for
+    the userspace datapath and the kernel backend's relays (coordinator/metrics.py exports it)."""
+    def by_name(table: dict[int, int]) -> dict[str, int]:
+        return {"tcp": table.get(PROTO_TCP, 0), "udp": table.get(PROTO_UDP, 0)}
+
+    return {
+        "counters": counters.as_dict(),
+        "flows": {"active": by_name(active_by_proto), "created": by_name(created_by_proto),
+                  "expired": expired, "limit": limit, "pool_in_use": pool_in_use,
+                  "pool_size": pool_size},
+        "processing_seconds": {d: h.as_dict() for d, h in processing.items()},
+    }

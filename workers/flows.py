@@ -102,12 +102,15 @@ class FlowTable:
         self._seq = 0
         self.created_total = 0
         self.expired_total = 0
+        # Kept up to date on create/remove so a metrics scrape never walks a million sessions.
+        self.active_by_proto: dict[int, int] = {}
+        self.created_by_proto: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._by_v6)
 
     def count(self, proto: int) -> int:
-        return sum(1 for s in self._by_v6.values() if s.proto == proto)
+        return self.active_by_proto.get(proto, 0)
 
     def pool_in_use(self) -> int:
         return len(self._client_pool)
@@ -161,6 +164,8 @@ class FlowTable:
         self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
         self._schedule(now + timeout, v6_key)
         self.created_total += 1
+        self.created_by_proto[proto] = self.created_by_proto.get(proto, 0) + 1
+        self.active_by_proto[proto] = self.active_by_proto.get(proto, 0) + 1
         return session
 
     # --- state --------------------------------------------------------------------------------
@@ -232,6 +237,7 @@ class FlowTable:
 
     def _remove(self, session: Session) -> None:
         del self._by_v6[session.v6_key()]
+        self.active_by_proto[session.proto] -= 1
         self._by_v4.pop(session.v4_key(), None)
         count = self._per_prefix.get(session.prefix64, 1) - 1
         if count:

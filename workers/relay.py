@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from workers import control as protocol
-from workers.counters import Counters, LimitHits
+from workers.counters import Counters, LimitHits, worker_stats
 from workers.drops import DropReason
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.settings import Forward, Settings
@@ -115,6 +115,8 @@ class Relay:
         self.max_flows = max(1, -(-settings.max_flows // settings.workers))
         self.created_total = 0
         self.expired_total = 0
+        self.active_by_proto: dict[int, int] = {}
+        self.created_by_proto: dict[int, int] = {}
         self.limit_hits = LimitHits()
         self.running = True
         self._servers: list[asyncio.Server] = []
@@ -136,6 +138,8 @@ class Relay:
         self.sessions[key] = session
         self.per_prefix[session.prefix64] = self.per_prefix.get(session.prefix64, 0) + 1
         self.created_total += 1
+        self.created_by_proto[session.proto] = self.created_by_proto.get(session.proto, 0) + 1
+        self.active_by_proto[session.proto] = self.active_by_proto.get(session.proto, 0) + 1
         self.counters.event(f"flows_created_{'tcp' if session.proto == PROTO_TCP else 'udp'}")
         return True
 
@@ -143,6 +147,7 @@ class Relay:
         session = self.sessions.pop(key, None)
         if session is None:
             return
+        self.active_by_proto[session.proto] -= 1
         count = self.per_prefix.get(session.prefix64, 1) - 1
         if count:
             self.per_prefix[session.prefix64] = count
@@ -331,6 +336,12 @@ class Relay:
                 pass
             elif cmd == "ping":
                 reply = protocol.ok()
+            elif cmd == "stats":
+                # Same document as the userspace worker; the kernel does the per-packet work,
+                # so there is no pool and no per-packet engine time to report.
+                reply = protocol.ok(index=self.index, **worker_stats(
+                    self.counters, self.active_by_proto, self.created_by_proto,
+                    self.expired_total, self.max_flows, 0, 0, {}))
             elif cmd == "flows":
                 reply = protocol.ok(
                     index=self.index, bindings=self.describe(now),

@@ -76,6 +76,7 @@ class Settings:
     log_level: str = "info"
     source_file: str = ""
     backend: str = "auto"  # "auto" | "userspace" | "kernel"; workers get the resolved one
+    metrics_listen: str = "127.0.0.1:9641"  # "" = no metrics endpoint
 
     @property
     def max_mss(self) -> int:

@@ -99,6 +99,15 @@ class FlowTableMachine(RuleBasedStateMachine):
         for prefix in {s.client6[:8] for s in sessions}:
             assert sum(1 for s in sessions if s.client6[:8] == prefix) <= 3
 
+    @invariant()
+    def per_protocol_counts_match_the_sessions(self) -> None:
+        """The counts sixgate_flows_active exports are kept incrementally; they must equal a
+        walk over the table after any sequence of creations and expiries."""
+        sessions = self.table.sessions()
+        for proto in (PROTO_TCP, PROTO_UDP):
+            assert self.table.count(proto) == sum(1 for s in sessions if s.proto == proto)
+        assert sum(self.table.created_by_proto.values()) == self.table.created_total
+
 
 TestFlowTableMachine = FlowTableMachine.TestCase
 TestFlowTableMachine.settings = settings(max_examples=400, stateful_step_count=30,

@@ -1,0 +1,414 @@
+"""The gateway's HTTP endpoint: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``.
+
+One endpoint covers the coordinator and every worker. Workers report to the coordinator: at
+each scrape the coordinator asks every worker for its ``stats`` over the control socket (in
+parallel, bounded by a timeout) and a custom prometheus_client collector turns the answers
+into metric families. We chose this over prometheus_client's multiprocess mode because that
+mode keeps one mmap file per process and metric which outlives crashed workers and needs
+``PROMETHEUS_MULTIPROC_DIR`` set before import; here each worker's counters stay plain
+integers in its own loop (no locks on the hot path), a dead or stuck worker shows as
+``sixgate_worker_up 0`` instead of stale numbers, and the kernel backend's relays answer the
+same ``stats`` document, so both backends export the same metric names.
+
+Naming follows Prometheus conventions: ``sixgate_`` prefix, ``_total`` counters, seconds and
+bytes. Labels are bounded: ``process`` (coordinator, worker-N), ``direction`` (the four words
+of STYLE.md), ``protocol``, ``reason`` (workers/drops.py), ICMPv6 error ``type``; never a
+per-flow or per-address label.
+
+The HTTP server runs in a daemon thread beside the coordinator's loop; it reads the
+coordinator's counters (plain ints, read under the GIL) and uses its own ZeroMQ sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
+from pathlib import Path
+from socket import AF_INET6
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+
+from coordinator.config import parse_listen
+from workers import control
+from workers.control import control_endpoint
+from workers.counters import DIRECTIONS, PROTOCOLS
+from workers.drops import DropReason
+
+if TYPE_CHECKING:
+    from coordinator.gateway import Coordinator
+
+log = logging.getLogger("sixgate.metrics")
+
+SCRAPE_WORKER_TIMEOUT_MS = 1500  # below Prometheus' default 10 s scrape timeout
+READY_WORKER_TIMEOUT_MS = 1000
+HEALTHY_LOOP_AGE_S = 5.0  # the loop polls every 0.5 s; 10 missed rounds means it is stuck
+
+# RFC 4443 §2.1 error message types, the ``type`` label of sixgate_icmp_errors_sent_total.
+ICMPV6_ERROR_TYPES = {1: "destination_unreachable", 2: "packet_too_big", 3: "time_exceeded",
+                      4: "parameter_problem"}
+
+
+def sixgate_version() -> str:
+    try:
+        return metadata.version("sixgate")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def ask_workers(ctx: zmq.Context[Any], run_dir: str, count: int, cmd: str,
+                timeout_ms: int) -> list[dict[str, Any] | None]:
+    """Send ``cmd`` to every worker at once; each answer, or None for a worker that did not
+    answer within ``timeout_ms`` (all of them share the one deadline)."""
+    sockets = []
+    replies: list[dict[str, Any] | None] = [None] * count
+    poller = zmq.Poller()
+    try:
+        for index in range(count):
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(control_endpoint(run_dir, index))
+            sock.send_json(control.request(cmd))
+            sockets.append(sock)
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_ms / 1000
+        pending = count
+        while pending:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            for sock, _event in poller.poll(left_ms):
+                index = sockets.index(sock)
+                poller.unregister(sock)
+                pending -= 1
+                try:
+                    reply = json.loads(sock.recv())
+                except ValueError:
+                    continue
+                if isinstance(reply, dict) and reply.get("ok"):
+                    replies[index] = reply
+    finally:
+        for sock in sockets:
+            sock.close(0)
+    return replies
+
+
+def process_usage(pid: int) -> tuple[float, float, int] | None:
+    """(user CPU s, system CPU s, resident bytes) of a process from /proc, None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text()
+    except OSError:
+        return None
+    # proc(5): fields after the ")" that ends comm; utime and stime are fields 14 and 15.
+    fields = stat.rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) / ticks, int(fields[12]) / ticks,
+            int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _histogram(name: str, doc: str, labels: list[str],
+               series: Iterable[tuple[list[str], dict[str, Any]]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for values, hist in series:
+        cumulative = 0
+        buckets = []
+        for bound, count in zip([*hist["bounds"], float("inf")], hist["counts"], strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)),
+                            cumulative))
+        family.add_metric(values, buckets, sum_value=hist["sum"])
+    return family
+
+
+def build_families(snap: dict[str, Any]) -> list[Metric]:
+    """Metric families from one gateway snapshot (plain data, see ``GatewayCollector``).
+
+    Pure: the same snapshot always gives the same families, so it is unit-tested without
+    sockets. Per-worker series are omitted for a worker that did not answer (Prometheus marks
+    them stale) except ``sixgate_worker_up``, its limit and its restart count.
+    """
+    out: list[Metric] = []
+
+    def gauge(name: str, doc: str, value: float, **labels: str) -> None:
+        family = GaugeMetricFamily(name, doc, labels=list(labels))
+        family.add_metric(list(labels.values()), value)
+        out.append(family)
+
+    build = GaugeMetricFamily("sixgate_build_info", "sixgate version (value 1)",
+                              labels=["version"])
+    build.add_metric([snap["version"]], 1)
+    out.append(build)
+    backend = GaugeMetricFamily(
+        "sixgate_backend_info", "Tunnel backend, delivery to services and tunnel mode (value 1)",
+        labels=["backend", "delivery", "tunnel_mode"])
+    backend.add_metric([snap["backend"], snap["delivery"], snap["mode"]], 1)
+    out.append(backend)
+    gauge("sixgate_ready", "1 when the capture socket is open and every worker answers",
+          1 if snap["ready"] else 0)
+    gauge("sixgate_start_time_seconds", "Unix time the coordinator started", snap["start_time"])
+    out.append(CounterMetricFamily(
+        "sixgate_tunnel_received_packets", "Protocol-41 packets received, before any check",
+        value=snap["tunnel_received"][0]))
+    out.append(CounterMetricFamily(
+        "sixgate_tunnel_received_bytes", "Bytes of those packets, outer IPv4 header included",
+        value=snap["tunnel_received"][1]))
+
+    limits = snap["limits"]
+    gauge("sixgate_prefix_flow_limit", "Most bindings one client /64 may hold",
+          limits["max_flows_per_prefix"])
+    gauge("sixgate_queue_limit_batches", "Batches the coordinator may queue per worker",
+          limits["queue_batches"])
+    gauge("sixgate_icmp_error_rate_limit_per_second",
+          "ICMPv6 errors and RSTs a worker may send per second (token bucket rate)",
+          limits["icmp_errors_per_s"])
+
+    processes = snap["processes"]  # the coordinator first, then worker-0, worker-1, ...
+    packets = CounterMetricFamily("sixgate_packets", "Packets per direction and protocol",
+                                  labels=["process", "direction", "protocol"])
+    octets = CounterMetricFamily("sixgate_bytes", "Bytes per direction and protocol (IP "
+                                 "header included, outer tunnel header excluded)",
+                                 labels=["process", "direction", "protocol"])
+    drops = CounterMetricFamily("sixgate_drops", "Packets dropped, by reason (workers/drops.py)",
+                                labels=["process", "reason"])
+    active = GaugeMetricFamily("sixgate_flows_active", "Live bindings (sessions)",
+                               labels=["process", "protocol"])
+    created = CounterMetricFamily("sixgate_flows_created", "Bindings created",
+                                  labels=["process", "protocol"])
+    expired = CounterMetricFamily("sixgate_flows_expired", "Bindings removed after their "
+                                  "timeout", labels=["process"])
+    flow_limit = GaugeMetricFamily("sixgate_flow_limit", "Most bindings this worker may hold "
+                                   "(its share of max_flows)", labels=["process"])
+    pool = GaugeMetricFamily("sixgate_pool_addresses", "IPv4 pool addresses this worker owns",
+                             labels=["process"])
+    pool_used = GaugeMetricFamily("sixgate_pool_addresses_in_use", "Pool addresses bound to "
+                                  "a client", labels=["process"])
+    queue_drops = CounterMetricFamily("sixgate_queue_drops", "Packets lost because this "
+                                      "worker's ZeroMQ queue was full", labels=["process"])
+    errors_sent = CounterMetricFamily("sixgate_icmp_errors_sent", "ICMPv6 errors sent",
+                                      labels=["process", "type"])
+    resets = CounterMetricFamily("sixgate_tcp_resets_sent", "TCP RSTs sent for refused "
+                                 "connections", labels=["process"])
+    suppressed = CounterMetricFamily("sixgate_icmp_errors_suppressed", "ICMPv6 errors and "
+                                     "RSTs suppressed by the rate limiter", labels=["process"])
+    echo = CounterMetricFamily("sixgate_echo_replies", "ICMPv6 echo replies sent",
+                               labels=["process"])
+    up = GaugeMetricFamily("sixgate_worker_up", "1 when the worker answered this scrape",
+                           labels=["process"])
+    restarts = CounterMetricFamily("sixgate_worker_restarts", "Times the worker was "
+                                   "restarted after it exited", labels=["process"])
+    cpu = CounterMetricFamily("sixgate_cpu_seconds", "CPU time of the process",
+                              labels=["process", "mode"])
+    rss = GaugeMetricFamily("sixgate_resident_memory_bytes", "Resident memory of the process",
+                            labels=["process"])
+    timings: list[tuple[list[str], dict[str, Any]]] = []
+
+    for proc in processes:
+        name = proc["name"]
+        is_worker = name != "coordinator"
+        if is_worker:
+            up.add_metric([name], 1 if proc["stats"] is not None else 0)
+            restarts.add_metric([name], proc["restarts"])
+            flow_limit.add_metric([name], proc["flow_limit"])
+            queue_drops.add_metric([name], proc["queue_drops"])
+        if proc["usage"] is not None:
+            user_s, system_s, rss_bytes = proc["usage"]
+            cpu.add_metric([name, "user"], user_s)
+            cpu.add_metric([name, "system"], system_s)
+            rss.add_metric([name], rss_bytes)
+        stats = proc["stats"]
+        if stats is None:
+            continue
+        counters = stats["counters"]
+        for reason in DropReason:
+            drops.add_metric([name, reason.value], counters["drops"].get(reason.value, 0))
+        if not is_worker:
+            continue  # the coordinator only checks and fans out: its packets are tunnel_*
+        for direction in DIRECTIONS:
+            for protocol in PROTOCOLS:
+                key = f"{direction}/{protocol}"
+                packets.add_metric([name, direction, protocol], counters["packets"].get(key, 0))
+                octets.add_metric([name, direction, protocol], counters["bytes"].get(key, 0))
+        events = counters["events"]
+        flows = stats["flows"]
+        for protocol in ("tcp", "udp"):
+            active.add_metric([name, protocol], flows["active"][protocol])
+            created.add_metric([name, protocol], flows["created"][protocol])
+        expired.add_metric([name], flows["expired"])
+        pool.add_metric([name], flows["pool_size"])
+        pool_used.add_metric([name], flows["pool_in_use"])
+        sent = dict.fromkeys(ICMPV6_ERROR_TYPES.values(), 0)
+        for event, count in events.items():
+            if event.startswith("icmp_error_"):
+                icmp_type = int(event.split("_")[2])
+                if icmp_type in ICMPV6_ERROR_TYPES:
+                    sent[ICMPV6_ERROR_TYPES[icmp_type]] += count
+        for type_name, count in sent.items():
+            errors_sent.add_metric([name, type_name], count)
+        resets.add_metric([name], events.get("tcp_rst_sent", 0))
+        suppressed.add_metric([name], counters["drops"].get(DropReason.ICMP_RATE_LIMITED.value,
+                                                            0))
+        echo.add_metric([name], events.get("echo_replies", 0))
+        for direction in ("inbound", "from_services"):
+            hist = stats["processing_seconds"].get(direction)
+            if hist is not None:
+                timings.append(([name, direction], hist))
+
+    out += [packets, octets, drops, active, created, expired, flow_limit, pool, pool_used,
+            queue_drops, errors_sent, resets, suppressed, echo, up, restarts, cpu, rss]
+    out.append(_histogram("sixgate_coordinator_batch_packets",
+                          "Packets per coordinator-to-worker ZeroMQ message", [],
+                          [([], snap["batch_packets"])]))
+    out.append(_histogram("sixgate_packet_processing_seconds",
+                          "Engine time per packet (1 packet in 16 sampled)",
+                          ["process", "direction"], timings))
+    return out
+
+
+class GatewayCollector:
+    """prometheus_client collector that snapshots the coordinator and asks the workers."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    def snapshot(self) -> dict[str, Any]:
+        coord = self.coordinator
+        settings = coord.settings
+        replies = ask_workers(coord.ctx, settings.run_dir, settings.workers, "stats",
+                              SCRAPE_WORKER_TIMEOUT_MS)
+        counters = coord.counters
+        events = counters.events.copy()
+        kernel = settings.backend == "kernel"
+        received = (kernel_link_received(coord.sit_link) if kernel else
+                    (events.get("tunnel_packets_received", 0),
+                     events.get("tunnel_bytes_received", 0)))
+        processes: list[dict[str, Any]] = [{
+            "name": "coordinator", "usage": process_usage(os.getpid()),
+            "stats": {"counters": counters.as_dict()}}]
+        for worker, reply in zip(coord.workers, replies, strict=True):
+            proc = worker.proc
+            alive = proc is not None and proc.poll() is None
+            processes.append({
+                "name": f"worker-{worker.index}", "restarts": worker.restarts,
+                "stats": reply, "queue_drops": coord.queue_drops[worker.index],
+                "flow_limit": max(1, -(-settings.max_flows // settings.workers)),
+                "usage": process_usage(proc.pid) if alive and proc is not None else None})
+        return {
+            "version": sixgate_version(), "backend": settings.backend,
+            "delivery": "socket_relay" if kernel else "tun", "mode": settings.mode,
+            "ready": readiness(coord, replies) is None, "start_time": coord.started_unix,
+            "tunnel_received": received,
+            "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,
+                       "queue_batches": settings.queue_batches,
+                       "icmp_errors_per_s": settings.icmp_errors_per_s},
+            "processes": processes,
+            "batch_packets": coord.batch_packets.as_dict(),
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        yield from build_families(self.snapshot())
+
+
+def kernel_link_received(link: str | None) -> tuple[int, int]:
+    """Packets and bytes the sit link received: the kernel backend's tunnel counters."""
+    if link is None:
+        return 0, 0
+    base = Path(f"/sys/class/net/{link}/statistics")
+    try:
+        return (int((base / "rx_packets").read_text()), int((base / "rx_bytes").read_text()))
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def readiness(coord: Coordinator, replies: list[dict[str, Any] | None]) -> str | None:
+    """None when ready, else what the gateway is waiting for (the /readyz body)."""
+    if coord.settings.backend == "kernel":
+        if coord.sit_link is None or not Path(f"/sys/class/net/{coord.sit_link}").exists():
+            return "the sit tunnel link is not up"
+    elif coord.sock is None or coord.sock.fileno() < 0:
+        return "the protocol-41 capture socket is not open"
+    silent = [str(i) for i, reply in enumerate(replies) if reply is None]
+    if silent:
+        return f"worker(s) {', '.join(silent)} not answering"
+    return None
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on the configured address, in a thread."""
+
+    def __init__(self, coordinator: Coordinator, listen: str) -> None:
+        self.coordinator = coordinator
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(coordinator))
+        host, port = parse_listen(listen)
+        server_class = _Server6 if ":" in host else ThreadingHTTPServer
+        self.httpd = server_class((host, port), _handler(self))
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
+                                       daemon=True)
+        self.thread.start()
+        log.info("metrics on http://%s/metrics (also /healthz, /readyz)", listen)
+
+    def healthy(self) -> str | None:
+        age = time.monotonic() - self.coordinator.loop_seen
+        if age > HEALTHY_LOOP_AGE_S:
+            return f"the coordinator loop has not run for {age:.0f} s"
+        return None
+
+    def ready(self) -> str | None:
+        coord = self.coordinator
+        replies = ask_workers(coord.ctx, coord.settings.run_dir, coord.settings.workers,
+                              "ping", READY_WORKER_TIMEOUT_MS)
+        return readiness(coord, replies)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = AF_INET6
+
+
+def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._reply(200, encoder(server.registry), content_type)
+            elif path in ("/healthz", "/readyz"):
+                problem = server.healthy() if path == "/healthz" else server.ready()
+                if problem is None:
+                    self._reply(200, b"ok\n" if path == "/healthz" else b"ready\n")
+                else:
+                    self._reply(503, f"{problem}\n".encode())
+            else:
+                self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _reply(self, status: int, body: bytes,
+                   content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("metrics http: " + format, *args)
+
+    return Handler
