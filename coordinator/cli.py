@@ -1,4 +1,4 @@
-"""The ``sixgate`` command line: run, check, probe, ping, flows.
+"""The ``sixgate`` command line: run, check, probe, ping, flows, status.
 
 Exit codes: 0 ok, 2 bad config (or bad usage), 1 runtime failure.
 """
@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -206,6 +207,35 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from coordinator.status import EndpointError, metrics_url, watch
+    url = args.url
+    if url is None:
+        settings = _load(args.config)
+        if not settings.metrics_listen:
+            print(f"sixgate status: {args.config} turns the metrics endpoint off ([metrics] "
+                  'listen = ""); set it, e.g. "127.0.0.1:9641", or give --url',
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        url = metrics_url(settings.metrics_listen)
+    try:
+        watch(url, args.interval, once=args.once)
+    except EndpointError as exc:
+        print(f"sixgate status: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds, more than 0, at most 3600")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sixgate", description="Userspace IPv6 gateway for IPv4-only hosts (6to4/6in4 in, "
@@ -230,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_flows)
+    p = sub.add_parser("status", help="live view of a running gateway's metrics (rates, "
+                       "drops, flows per worker); Ctrl-C ends it")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="read [metrics] listen from here (unless --url is given)")
+    p.add_argument("--url", help="the /metrics URL (default: from [metrics] listen)")
+    p.add_argument("--interval", "-i", type=_seconds, default=2.0,
+                   help="seconds between scrapes; rates are over this span (default 2)")
+    p.add_argument("--once", action="store_true",
+                   help="print one plain frame (two scrapes --interval apart) and exit")
+    p.set_defaults(func=cmd_status)
     return parser
 
 
