@@ -58,6 +58,21 @@ SCRAPE_WORKER_TIMEOUT_MS = 1500  # below Prometheus' default 10 s scrape timeout
 READY_WORKER_TIMEOUT_MS = 1000
 HEALTHY_LOOP_AGE_S = 5.0  # the loop polls every 0.5 s; 10 missed rounds means it is stuck
 
+# Every metric family the endpoint exports, for both backends (names without the _total suffix
+# prometheus_client adds to counters); the dashboards and tests check their names against it.
+METRIC_NAMES = (
+    "sixgate_build_info", "sixgate_backend_info", "sixgate_ready", "sixgate_start_time_seconds",
+    "sixgate_tunnel_received_packets", "sixgate_tunnel_received_bytes",
+    "sixgate_prefix_flow_limit", "sixgate_queue_limit_batches",
+    "sixgate_icmp_error_rate_limit_per_second", "sixgate_packets", "sixgate_bytes",
+    "sixgate_drops", "sixgate_flows_active", "sixgate_flows_created", "sixgate_flows_expired",
+    "sixgate_flow_limit", "sixgate_pool_addresses", "sixgate_pool_addresses_in_use",
+    "sixgate_queue_drops", "sixgate_icmp_errors_sent", "sixgate_tcp_resets_sent",
+    "sixgate_icmp_errors_suppressed", "sixgate_echo_replies", "sixgate_worker_up",
+    "sixgate_worker_restarts", "sixgate_cpu_seconds", "sixgate_resident_memory_bytes",
+    "sixgate_coordinator_batch_packets", "sixgate_packet_processing_seconds",
+)
+
 # RFC 4443 §2.1 error message types, the ``type`` label of sixgate_icmp_errors_sent_total.
 ICMPV6_ERROR_TYPES = {1: "destination_unreachable", 2: "packet_too_big", 3: "time_exceeded",
                       4: "parameter_problem"}

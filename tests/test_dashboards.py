@@ -28,6 +28,8 @@ import promql
 import pytest
 import yaml
 
+from coordinator.metrics import METRIC_NAMES
+
 pytestmark = pytest.mark.prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,3 +289,11 @@ def test_every_panel_query_returns_data_for_the_selected_instance(
     numbers = [float(sample["value"][1]) for sample in result]
     assert all(number == number for number in numbers), f"{title}: NaN in {result}"
     assert not prometheus.query(promql.expand(expr, "absent:9641", rate_interval)), title
+
+
+def test_contract_is_what_the_exporter_exports() -> None:
+    """tests/promql.py METRICS (what dashboards and rules may use) and the exporter's own list
+    (coordinator/metrics.py METRIC_NAMES, which a unit test ties to the real families) agree."""
+    names = {name.removesuffix("_total") if kind == "counter" else name
+             for name, (kind, _labels) in promql.METRICS.items()}
+    assert names == set(METRIC_NAMES)

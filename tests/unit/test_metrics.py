@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.metrics import build_families
+from coordinator.metrics import METRIC_NAMES, build_families
 from workers.counters import (
     BATCH_PACKETS_BOUNDS,
     PROCESSING_SECONDS_BOUNDS,
@@ -127,3 +127,9 @@ def test_no_unbounded_labels() -> None:
     names = {label for _name, labels in samples for label, _value in labels}
     assert names <= {"process", "direction", "protocol", "reason", "type", "mode", "le",
                      "version", "backend", "delivery", "tunnel_mode"}
+
+
+def test_families_are_exactly_the_documented_names() -> None:
+    families = build_families(_snapshot([_worker_stats(), None]))
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)) and set(names) == set(METRIC_NAMES)

@@ -38,6 +38,9 @@ from kernelgw import (
     run_together,
     sixgate_command,
 )
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.kvm
 
@@ -154,7 +157,34 @@ def test_kernel_backend_6to4_ping_curl(netns: Netns) -> None:
 
         lab.ping()
         assert lab.curl_sha256() == lab.file_sha256
+        _assert_same_metrics_as_userspace(lab)
         _assert_clean_stop(lab)
+
+
+def _assert_same_metrics_as_userspace(lab: KernelLab) -> None:
+    """Issue 5: the kernel backend exports the userspace backend's metric names (one list,
+    coordinator/metrics.py METRIC_NAMES), with the backend as an info metric, and its tunnel
+    counters come from the sit link; /readyz answers."""
+    ready = lab.gw(["curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:9641/readyz"],
+                   check=False)
+    assert ready.stdout.split() == ["ready", "200"], ready.stdout + ready.stderr
+    body = lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    assert set(METRIC_NAMES) <= set(families), sorted(set(METRIC_NAMES) - set(families))
+    [info] = families["sixgate_backend_info"].samples
+    assert info.labels == {"backend": "kernel", "delivery": "socket_relay",
+                           "tunnel_mode": lab.mode}, info
+    [received] = families["sixgate_tunnel_received_packets"].samples
+    assert received.value >= 3, body  # at least the three pings, counted by the sit link
+
+    def total(family: str, **labels: str) -> float:
+        return sum(s.value for s in families[family].samples
+                   if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert total("sixgate_bytes", direction="from_services", protocol="tcp") >= os.path.getsize(
+        lab.files / FILE_NAME), body
+    assert total("sixgate_flows_created", protocol="tcp") >= 1, body
+    assert total("sixgate_worker_up") == 2, body
 
 
 def _fresh_namespace(netns: Netns, purpose: str) -> tuple[str, int]:
