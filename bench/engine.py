@@ -79,8 +79,9 @@ def main() -> None:
 
     def sixgate_inbound() -> None:
         out = datapath.to_services
+        accepted: set[bytes] = set()
         for _ in range(n):
-            result = check_inbound(outer, policy)
+            result = check_inbound(outer, policy, accepted)
             datapath.inbound(result[0], 1.0)  # type: ignore[index]
             out.clear()
 

@@ -114,6 +114,7 @@ class Coordinator:
                                          settings.remote_ipv4, list(settings.addresses),
                                          settings.martian_ipv4)
         self.counters = Counters()
+        self.accepted: set[bytes] = set()  # check_inbound's address verdicts
         self.running = True
         self.workers = [WorkerProcess(i) for i in range(settings.workers)]
         self.started = time.monotonic()
@@ -286,6 +287,7 @@ class Coordinator:
         settings = self.settings
         counters = self.counters
         policy = self.policy
+        accepted = self.accepted
         nworkers = settings.workers
         seed = settings.hash_seed
         batch_max = settings.batch_packets
@@ -303,7 +305,7 @@ class Coordinator:
             try:
                 counters.event("tunnel_packets_received")
                 counters.event("tunnel_bytes_received", len(packet))
-                result = check_inbound(packet, policy)
+                result = check_inbound(packet, policy, accepted)
                 if isinstance(result, DropReason):
                     counters.drops[result] += 1
                     continue

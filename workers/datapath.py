@@ -20,6 +20,14 @@ import ipaddress
 
 from workers.counters import Counters, LimitHits
 from workers.drops import DropReason
+from workers.fastpath import (
+    InTemplate,
+    OutTemplate,
+    fast_v4_to_v6,
+    fast_v6_to_v4,
+    inbound_template,
+    return_template,
+)
 from workers.flows import FlowTable, Session
 from workers.fragment import Reassembler, fragment_ipv6
 from workers.icmp import (
@@ -92,7 +100,8 @@ def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
 class Datapath:
     """The packet engine of one worker shard."""
 
-    def __init__(self, settings: Settings, pool: list[bytes], workers: int = 1) -> None:
+    def __init__(self, settings: Settings, pool: list[bytes], workers: int = 1,
+                 fast_path: bool = True) -> None:
         self.settings = settings
         self.mtu = settings.mtu
         self.max_mss = settings.max_mss
@@ -116,6 +125,12 @@ class Datapath:
         self._ident6 = 0
         self.limit_hits = LimitHits()
         self._now = 0.0  # the time of the packet being handled, for the error rate limiter
+        # workers/fastpath.py templates of live sessions, keyed by the packet bytes that name
+        # the session: IPv6 src, dst, ports (inbound); IPv4 src, dst, ports (return).
+        self.fast_path = fast_path
+        self._fast_in: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
+        self._fast_out: dict[int, dict[bytes, OutTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
+        self.flows.removed = []
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -168,6 +183,23 @@ class Datapath:
 
     def inbound(self, packet: bytes | memoryview, now: float) -> None:
         self._now = now
+        if len(packet) >= 44 and packet[0] >> 4 == 6 and self.fast_path:
+            proto = packet[6]
+            if proto == PROTO_UDP or proto == PROTO_TCP:
+                template = self._fast_in[proto].get(bytes(packet[8:44]))
+                if template is not None:
+                    ident = (self._ident4 + 1) & 0xFFFF
+                    out = fast_v6_to_v4(packet, proto, template, ident)
+                    if out is not None:
+                        self._ident4 = ident
+                        if proto == PROTO_TCP:
+                            self.flows.touch_tcp(template[0], packet[53], True, now)
+                        else:
+                            template[0].last_seen = now
+                        self.counters.count("inbound", proto, len(packet))
+                        self.to_services.append(out)
+                        self.counters.count("to_services", proto, len(out))
+                        return
         view = parse_ipv6(packet)
         if isinstance(view, DropReason):
             self._drop(view)
@@ -319,6 +351,10 @@ class Datapath:
                                  self._ident4, self.max_mss)
         self.to_services.append(out)
         self.counters.count("to_services", proto, len(out))
+        if offset == 40:
+            key = bytes(packet[8:44])
+            if key not in self._fast_in[proto]:
+                self._fast_in[proto][key] = inbound_template(session)
 
     def _expired_in_transit(self, packet: bytes | memoryview, view: IPv6View) -> None:
         """RFC 7915 §5.1 / RFC 4443 §3.3: a router never forwards with hop limit 0; checked
@@ -336,6 +372,21 @@ class Datapath:
 
     def from_services(self, packet: bytes | memoryview, now: float) -> None:
         self._now = now
+        if len(packet) >= 28 and packet[0] == 0x45 and self.fast_path:
+            proto = packet[9]
+            if proto == PROTO_UDP or proto == PROTO_TCP:
+                template = self._fast_out[proto].get(bytes(packet[12:24]))
+                if template is not None:
+                    out = fast_v4_to_v6(packet, proto, template, self.mtu)
+                    if out is not None:
+                        if proto == PROTO_TCP:
+                            self.flows.touch_tcp(template[0], packet[33], False, now)
+                        else:
+                            template[0].last_seen = now
+                        self.counters.count("from_services", proto, len(packet))
+                        self.outbound.append((out, template[5]))
+                        self.counters.count("outbound", proto, len(out))
+                        return
         view = parse_ipv4(packet)
         if isinstance(view, DropReason):
             self._drop(view)
@@ -371,6 +422,12 @@ class Datapath:
                 self.to_services.append(self._frag_needed(packet, header_len, total_len))
                 return
             self._emit(session, proto, segment, ttl - 1, tos)
+            if header_len == 20:
+                key = bytes(packet[12:24])
+                outer = outer_destination(session.client6, self.mode, self.remote_ipv4,
+                                          self.relay_ipv4)
+                if outer is not None and key not in self._fast_out[proto]:
+                    self._fast_out[proto][key] = return_template(session, outer)
         elif proto == PROTO_ICMP:
             self._from_services_icmp(packet, header_len, total_len)
         else:
@@ -418,11 +475,23 @@ class Datapath:
 
     # --- time ---------------------------------------------------------------------------------
 
+    def _forget_templates(self) -> None:
+        """Drop the fast-path templates of the sessions the flow table just removed."""
+        removed = self.flows.removed
+        assert removed is not None
+        for session in removed:
+            self._fast_in[session.proto].pop(
+                session.client6 + session.gw6 + PORTS.pack(session.cport, session.gwport), None)
+            self._fast_out[session.proto].pop(
+                session.target4 + session.pool4 + PORTS.pack(session.tport, session.cport), None)
+        removed.clear()
+
     def tick(self, now: float) -> None:
         """Expire idle sessions and stale fragments (call about once a second)."""
         expired = self.flows.expire(now)
         if expired:
             self.counters.event("flows_expired", expired)
+            self._forget_templates()
         timed_out = self.reassembler.expire(now)
         if timed_out:
             self.counters.drop(DropReason.FRAGMENT_TIMEOUT, timed_out)

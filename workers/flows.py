@@ -105,6 +105,8 @@ class FlowTable:
         # Kept up to date on create/remove so a metrics scrape never walks a million sessions.
         self.active_by_proto: dict[int, int] = {}
         self.created_by_proto: dict[int, int] = {}
+        # When a list, every removed session is appended (the datapath drops its templates).
+        self.removed: list[Session] | None = None
 
     def __len__(self) -> int:
         return len(self._by_v6)
@@ -238,6 +240,8 @@ class FlowTable:
     def _remove(self, session: Session) -> None:
         del self._by_v6[session.v6_key()]
         self.active_by_proto[session.proto] -= 1
+        if self.removed is not None:
+            self.removed.append(session)
         self._by_v4.pop(session.v4_key(), None)
         count = self._per_prefix.get(session.prefix64, 1) - 1
         if count:

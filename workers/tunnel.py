@@ -19,6 +19,8 @@ from workers.packet import (
     PROTO_ICMPV6,
     PROTO_IPV6,
     PROTO_ROUTING,
+    PROTO_TCP,
+    PROTO_UDP,
     parse_ipv4,
     parse_ipv6,
 )
@@ -176,13 +178,42 @@ def packet_is_spoofed_6to4(outer_src: bytes, outer_dst: bytes, src6: bytes,
 Decapsulated = tuple[memoryview, bytes]
 
 
-def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy) -> Decapsulated | DropReason:
+# Most address verdicts a ``check_inbound`` cache holds before it starts over (about 5 MB).
+ACCEPTED_CACHE_ENTRIES = 65536
+
+
+def check_inbound(packet: bytes | memoryview, policy: TunnelPolicy,
+                  accepted: set[bytes] | None = None) -> Decapsulated | DropReason:
     """Decapsulate one received IPv4 proto-41 packet and apply every tunnel check.
 
     Returns the inner IPv6 packet (trimmed to its own payload length, RFC 4213 §3.6: the IPv4
     packet may be padded) and the outer source, or the reason to drop it silently.
+
+    ``accepted`` is an optional cache of address verdicts: every check but the length and
+    next-header ones depends only on the outer and inner addresses, so once a TCP/UDP packet
+    of four addresses passed, the next one with the same addresses only needs its lengths,
+    versions and next header checked. ICMPv6 and extension headers always take the full path
+    (the Neighbor Discovery rule looks into them).
     """
     buf = memoryview(packet)
+    if accepted is not None and len(buf) >= 60 and buf[0] == 0x45 and buf[9] == PROTO_IPV6 \
+            and buf[20] >> 4 == 6 and (buf[26] == PROTO_UDP or buf[26] == PROTO_TCP):
+        total_len = (buf[2] << 8) | buf[3]
+        end = 60 + ((buf[24] << 8) | buf[25])
+        if end <= total_len <= len(buf):
+            key = bytes(buf[12:20]) + bytes(buf[28:60])
+            if key in accepted:
+                return buf[20:end], bytes(buf[12:16])
+            result = _check_inbound(buf, policy)
+            if not isinstance(result, DropReason):
+                if len(accepted) >= ACCEPTED_CACHE_ENTRIES:
+                    accepted.clear()
+                accepted.add(key)
+            return result
+    return _check_inbound(buf, policy)
+
+
+def _check_inbound(buf: memoryview, policy: TunnelPolicy) -> Decapsulated | DropReason:
     # The kernel verified the outer header checksum before raw-socket delivery (ip_rcv).
     outer = parse_ipv4(buf, verify_checksum=False)
     if isinstance(outer, DropReason):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 WORKERS = Path(__file__).resolve().parents[2] / "workers"
-PURE_MODULES = ("packet", "tunnel", "fragment", "icmp", "flows", "translate", "datapath",
-                "wire", "settings", "counters", "drops")
+PURE_MODULES = ("packet", "tunnel", "fragment", "icmp", "flows", "translate", "fastpath",
+                "datapath", "wire", "settings", "counters", "drops")
 FORBIDDEN = frozenset({"socket", "zmq", "prometheus_client", "pyroute2", "logging", "time",
                        "random", "os", "select"})
 

@@ -1,0 +1,157 @@
+"""Per-session fast path: the common packet of a live session, translated from a template.
+
+Most packets belong to a session that already exists, carry no extension header, IPv4 option,
+fragment, TCP SYN/FIN/RST or MSS option, and fit the tunnel. For those, everything that
+depends only on the session (addresses, ports, the pseudo-header sums, the outer IPv4
+destination) is computed once when the session is first used and kept in a template; each
+packet then costs one dict lookup, one sum over its bytes and one header pack.
+
+Nothing is checked less than on the full path (``workers/datapath.py``): the upper-layer
+checksum is verified (RFC 8200 §8.1) over the whole segment, the hop limit/TTL is checked and
+decremented (RFC 7915 §4.1, §5.1), the IPv4 header checksum of a service's packet is verified
+(RFC 791). Any packet that is not the plain case (bad checksum, hop limit 1, flags that move
+the TCP state machine, padding, too big) returns None and takes the full path, which counts
+and answers it; so the two paths give the same bytes out and the same counters, which
+``tests/unit/test_fastpath.py`` checks packet for packet.
+
+Checksums follow RFC 1624 in sum form: ones' complement sums are additive, so the new sum is
+the sum of the segment as received minus the words that change plus their new values plus
+the new pseudo-header. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from workers.flows import Session
+from workers.packet import IPV4_DF, IPV4_MF, IPV4_OFFSET_MASK, PROTO_UDP
+from workers.translate import DF_THRESHOLD
+
+TCP_SYN_FIN_RST = 0x07
+MSS_OPTION = b"\x02\x04"  # kind 2, length 4 (RFC 9293 §3.2)
+
+IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
+IPV6_HEADER = struct.Struct("!IHBB16s16s")
+UDP_HEADER = struct.Struct("!HHHH")
+PORTS = struct.Struct("!HH")
+U16 = struct.Struct("!H")
+
+
+def _words(data: bytes) -> int:
+    """Sum of the 16-bit words of an even-length byte string."""
+    return sum(struct.unpack(f"!{len(data) // 2}H", data))
+
+
+# Template of the inbound direction (IPv6 client -> IPv4 service): (session, sum of the IPv6
+# pseudo-header without its length, sum of the IPv4 addresses and protocol, sum of the new
+# ports, the new ports as 4 bytes, pool4, target4)
+InTemplate = tuple[Session, int, int, int, bytes, bytes, bytes]
+# Template of the return direction (IPv4 service -> IPv6 client): (session, sum of the IPv6
+# pseudo-header without its length plus the new ports, the new ports as 4 bytes, gw6, client6,
+# outer IPv4 destination)
+OutTemplate = tuple[Session, int, bytes, bytes, bytes, bytes]
+
+
+def inbound_template(session: Session) -> InTemplate:
+    return (session, _words(session.client6 + session.gw6) + session.proto,
+            _words(session.pool4 + session.target4) + session.proto,
+            session.cport + session.tport, PORTS.pack(session.cport, session.tport),
+            session.pool4, session.target4)
+
+
+def return_template(session: Session, outer: bytes) -> OutTemplate:
+    return (session,
+            _words(session.gw6 + session.client6) + session.proto + session.gwport
+            + session.cport,
+            PORTS.pack(session.gwport, session.cport), session.gw6, session.client6, outer)
+
+
+def _complement(rest: int, zero: int) -> int:
+    """The checksum field for a sum that is ``rest`` modulo 0xffff: a sum congruent to 0 is
+    -0, whose complement is +0, sent as ``zero`` (0, or 0xffff for UDP: RFC 768)."""
+    return 0xFFFF - rest if rest else zero
+
+
+def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
+                  ident: int) -> bytes | None:
+    """The IPv4 packet for a plain inbound TCP/UDP packet of the template's session, or None
+    when the packet needs the full path. ``packet`` starts with the IPv6 header, whose next
+    header is ``proto`` (no extension headers)."""
+    plen = (packet[4] << 8) | packet[5]
+    hop_limit = packet[7]
+    # Padding after the payload, hop limit 1, a short segment: the full path decides.
+    if 40 + plen != len(packet) or hop_limit <= 1:
+        return None
+    segment = packet[40:]
+    if proto == PROTO_UDP:
+        if plen < 8 or (segment[6] == 0 and segment[7] == 0):
+            return None
+        csum_offset, zero = 6, 0xFFFF
+    else:
+        if plen < 20 or segment[13] & TCP_SYN_FIN_RST:
+            return None
+        data_offset = (segment[12] >> 4) * 4
+        if data_offset > 20 and MSS_OPTION in bytes(segment[20:data_offset]):
+            return None
+        csum_offset, zero = 16, 0
+    value = int.from_bytes(segment, "big")
+    if plen & 1:
+        value <<= 8  # RFC 1071 §4.1: pad the odd byte
+    _session, sum6, addr4, ports_sum, ports, pool4, target4 = template
+    # RFC 8200 §8.1: verify over the IPv6 pseudo-header (length < 65536: one word).
+    if (sum6 + plen + value) % 0xFFFF:
+        return None
+    old = ((segment[0] << 8 | segment[1]) + (segment[2] << 8 | segment[3])
+           + (segment[csum_offset] << 8 | segment[csum_offset + 1]))
+    csum = _complement((value - old + ports_sum + addr4 + plen) % 0xFFFF, zero)
+    total_len = 20 + plen
+    flags = IPV4_DF if total_len > DF_THRESHOLD else 0
+    tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
+    ttl = hop_limit - 1  # RFC 7915 §5.1
+    header_csum = _complement(
+        (0x4500 + tos + total_len + ident + flags + (ttl << 8) + addr4) % 0xFFFF, 0)
+    header = IPV4_HEADER.pack(0x45, tos, total_len, ident, flags, ttl, proto, header_csum,
+                              pool4, target4)
+    return (header + ports + segment[4:csum_offset] + U16.pack(csum)
+            + segment[csum_offset + 2:])
+
+
+def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
+                  mtu: int) -> bytes | None:
+    """The IPv6 packet for a plain TCP/UDP reply of the template's session, or None when it
+    needs the full path. ``packet`` has a 20-byte IPv4 header (IHL 5)."""
+    total_len = (packet[2] << 8) | packet[3]
+    ttl = packet[8]
+    if total_len != len(packet) or ttl <= 1 or (
+            ((packet[6] << 8) | packet[7]) & (IPV4_MF | IPV4_OFFSET_MASK)):
+        return None
+    seglen = total_len - 20
+    if 40 + seglen > mtu:
+        return None  # fragmentation or Fragmentation Needed: the full path
+    if proto == PROTO_UDP:
+        if seglen < 8:
+            return None
+        at, zero = 26, 0xFFFF
+    else:
+        if seglen < 20 or packet[33] & TCP_SYN_FIN_RST:
+            return None
+        data_offset = (packet[32] >> 4) * 4
+        if data_offset > 20 and MSS_OPTION in bytes(packet[40:20 + data_offset]):
+            return None
+        at, zero = 36, 0
+    # RFC 791: the IPv4 header checksum must verify.
+    if int.from_bytes(packet[:20], "big") % 0xFFFF:
+        return None
+    value = int.from_bytes(packet[20:], "big")
+    if seglen & 1:
+        value <<= 8
+    _session, sum6, ports, gw6, client6, _outer = template
+    old = ((packet[20] << 8 | packet[21]) + (packet[22] << 8 | packet[23])
+           + (packet[at] << 8 | packet[at + 1]))
+    # Summed whole, so the checksum is recomputed rather than carried over (the local
+    # stack's checksums are not trusted, DESIGN.md).
+    csum = _complement((value - old + sum6 + seglen) % 0xFFFF, zero)
+    # RFC 7915 §4.1: traffic class = TOS, hop limit = TTL - 1.
+    header = IPV6_HEADER.pack(0x60000000 | (packet[1] << 20), seglen, proto, ttl - 1, gw6,
+                              client6)
+    return header + ports + packet[24:at] + U16.pack(csum) + packet[at + 2:]
