@@ -226,6 +226,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from deploy.cli import run
+    return run(args)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -270,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="print one plain frame (two scrapes --interval apart) and exit")
     p.set_defaults(func=cmd_status)
+    from deploy.cli import add_parser as add_deploy_parser
+    add_deploy_parser(sub).set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iproute2 iputils-ping dnsutils dnsmasq-base curl nftables procps python3-venv
-              qemu-system-x86 busybox-static prometheus)
+              qemu-system-x86 busybox-static prometheus openssh-server openssh-client)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,144 @@
+"""Ansible stdout callback of ``sixgate deploy``: progress per batch and host, and the report.
+
+Prints one line when a batch starts (its hosts) and one per host for each step that matters
+(release installed, config checked, switched, restarted, /readyz, ICMPv6 echo, rolled back,
+failed with the reason), then a recap. Results of the task named "sixgate report" (the report
+playbook) are written as JSON to ``$SIXGATE_DEPLOY_REPORT``; ``$SIXGATE_DEPLOY_BATCHES`` (the
+batch count ``sixgate deploy`` computed) makes the batch lines read "batch 2/3".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ansible.plugins.callback import CallbackBase
+
+DOCUMENTATION = """
+    name: sixgate_progress
+    type: stdout
+    short_description: progress of a sixgate rollout, per batch and host
+    description:
+      - One line per batch and per host step of the sixgate role; failures with their reason.
+      - Writes the "sixgate report" results as JSON to $SIXGATE_DEPLOY_REPORT when set.
+"""
+
+# Task name prefix -> what a result of it means (None: say nothing unless it failed).
+STEPS: tuple[tuple[str, str, str], ...] = (
+    # (task name prefix, said when changed, said when ok)
+    ("sixgate | release ", "installed {version} in its own virtualenv",
+     "{version} already installed"),
+    ("sixgate | config checked", "", "config rendered and accepted by `sixgate check`"),
+    ("sixgate | current release", "switched to release {version}", ""),
+    ("sixgate | current config", "switched to the new config", "config unchanged"),
+    ("sixgate | service ", "gateway {state}", ""),
+    ("sixgate | systemd unit ", "gateway {state} (systemd)", ""),
+    ("sixgate | /readyz", "", "/readyz answers 200"),
+    ("sixgate | ICMPv6 echo", "", "ICMPv6 echo answered through the gateway"),
+    ("sixgate | rolled back", "", "ROLLED BACK to the previous release and config"),
+)
+
+
+def _parts(result: Any) -> tuple[str, str, dict[str, Any]]:
+    """(host name, task name, result dict) on ansible-core 2.15 .. 2.19+."""
+    if hasattr(result, "task"):
+        return result.host.get_name(), result.task.get_name(), dict(result.result)
+    return result._host.get_name(), result._task.get_name(), dict(result._result)
+
+
+class CallbackModule(CallbackBase):  # type: ignore[misc]
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "stdout"
+    CALLBACK_NAME = "sixgate_progress"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch = 0
+        self.batch_announced = 0
+        self.batches = os.environ.get("SIXGATE_DEPLOY_BATCHES", "")
+        self.report: dict[str, dict[str, Any]] = {}
+        self.width = 10
+
+    def say(self, text: str, color: str | None = None) -> None:
+        self._display.display(text, color=color)
+
+    def host_line(self, host: str, text: str, color: str | None = None) -> None:
+        self.width = max(self.width, len(host))
+        self.say(f"  {host:<{self.width}}  {text}", color)
+
+    # -- plays and batches
+
+    def v2_playbook_on_play_start(self, play: Any) -> None:
+        self.batch += 1
+
+    def v2_playbook_on_no_hosts_matched(self) -> None:
+        self.say("no hosts matched", "red")
+
+    # -- results
+
+    def v2_runner_on_ok(self, result: Any) -> None:
+        host, task, data = _parts(result)
+        facts = data.get("ansible_facts", {})
+        if task == "sixgate | batch" and self.batch_announced < self.batch:
+            self.batch_announced = self.batch
+            total = f"/{self.batches}" if self.batches else ""
+            hosts = ", ".join(facts.get("sixgate_batch", [host]))
+            self.say(f"batch {self.batch}{total}: {hosts}", "bright blue")
+        elif task == "sixgate report":
+            self.report[host] = dict(facts.get("sixgate_report", {}))
+        else:
+            self.step(host, task, data)
+
+    def step(self, host: str, task: str, data: dict[str, Any]) -> None:
+        for prefix, when_changed, when_ok in STEPS:
+            if task.startswith(prefix):
+                words = task[len(prefix):].split()
+                fields = {"version": words[0] if words else "",
+                          "state": words[-1] if words else ""}
+                text = when_changed if data.get("changed") else when_ok
+                if text:
+                    self.host_line(host, text.format(**fields),
+                                   "yellow" if data.get("changed") else "green")
+                return
+
+    def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
+        host, task, data = _parts(result)
+        if ignore_errors:
+            return
+        reason = data.get("stderr") or data.get("msg") or ""
+        text = str(reason).strip().splitlines()
+        detail = " | ".join(text[-3:])[:400]
+        if task == "sixgate | result":
+            self.host_line(host, f"FAILED: {detail}", "red")
+        else:
+            self.host_line(host, f"{task.removeprefix('sixgate | ')}: failed: {detail}", "red")
+
+    def v2_runner_on_unreachable(self, result: Any) -> None:
+        host, _task, data = _parts(result)
+        self.host_line(host, f"UNREACHABLE: {str(data.get('msg', '')).strip()[:400]}", "red")
+        self.report.setdefault(host, {"unreachable": str(data.get("msg", "")).strip()})
+
+    def v2_runner_retry(self, result: Any) -> None:
+        host, task, data = _parts(result)
+        attempt, retries = data.get("attempts", 0), data.get("retries", 0)
+        if attempt == 1 or attempt % 10 == 0:
+            self.host_line(host, f"waiting: {task.removeprefix('sixgate | ')} "
+                           f"(try {attempt}/{retries})")
+
+    # -- the end
+
+    def v2_playbook_on_stats(self, stats: Any) -> None:
+        hosts = sorted(stats.processed.keys())
+        if hosts and not self.report:
+            self.say("recap:")
+            for host in hosts:
+                s = stats.summarize(host)
+                state = "FAILED" if s["failures"] or s["unreachable"] else "ok"
+                self.host_line(host, f"{state} (changed {s['changed']}, failed "
+                               f"{s['failures']}, unreachable {s['unreachable']}, rescued "
+                               f"{s.get('rescued', 0)})", "red" if state != "ok" else None)
+        path = os.environ.get("SIXGATE_DEPLOY_REPORT")
+        if path:
+            with open(path, "w", encoding="utf-8") as out:
+                json.dump(self.report, out, indent=1, sort_keys=True)

@@ -1,0 +1,355 @@
+"""``deploy/inventory.toml``: the fleet (hosts, groups, variables, forward rule sets).
+
+Layout (see the commented example beside this file)::
+
+    [defaults]            variables every host starts from
+    [rules.NAME]          forward = [{proto, port, to}, ...]: a named rule set
+    [groups.NAME]         hosts = [...] and variables for those hosts
+    [hosts.NAME]          variables of one host (``ssh`` is where Ansible connects)
+
+A variable set on a host beats its groups, a group beats ``[defaults]``. Two groups of one host
+setting the same variable differently is an error (Ansible would pick one by group name order,
+silently). Every value is checked where it is written, so an error names that file, line and key;
+the gateway config rendered from a host's variables is then validated whole by the gateway's own
+parser (``coordinator.config``) before any host is touched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from coordinator.config import ConfigError
+from deploy.source import KeyPath, TomlSource, load_toml, reject_unknown, table_at
+
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # Ansible warns on other group names
+# Strings go into the gateway's TOML and Ansible's YAML as they are: no quotes, no escapes.
+SAFE_TEXT = re.compile(r"[A-Za-z0-9_.:/\[\]+@%-]*")
+RESERVED_GROUPS = frozenset({"all", "ungrouped", "sixgate"})
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One inventory variable: how it is checked, its default, what it means."""
+
+    check: Callable[[TomlSource, KeyPath, Any], Any]
+    default: Any
+    help: str
+
+
+def _text(source: TomlSource, path: KeyPath, value: Any) -> str:
+    if not isinstance(value, str) or not SAFE_TEXT.fullmatch(value):
+        raise source.error(path, f"{value!r} must be a string of letters, digits and . : / - _ "
+                           "[ ] + @ % (no spaces or quotes)")
+    return value
+
+
+def _host(source: TomlSource, path: KeyPath, value: Any) -> str:
+    text = _text(source, path, value)
+    if not text:
+        raise source.error(path, "must not be empty; write the host's address or DNS name")
+    return text
+
+
+def _address(kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address], label: str,
+             example: str) -> Callable[[TomlSource, KeyPath, Any], str]:
+    def check(source: TomlSource, path: KeyPath, value: Any) -> str:
+        try:
+            return str(kind(value))
+        except (ipaddress.AddressValueError, ValueError, TypeError):
+            raise source.error(path, f"{value!r} is not an {label} address; write it like "
+                               f"\"{example}\"") from None
+    return check
+
+
+_ipv4 = _address(ipaddress.IPv4Address, "IPv4", "192.0.2.10")
+_ipv6 = _address(ipaddress.IPv6Address, "IPv6", "2001:db8::1")
+
+
+def _int_range(lo: int, hi: int) -> Callable[[TomlSource, KeyPath, Any], int]:
+    def check(source: TomlSource, path: KeyPath, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise source.error(path, f"{value!r} must be a whole number from {lo} to {hi}")
+        return value
+    return check
+
+
+def _choice(*choices: str) -> Callable[[TomlSource, KeyPath, Any], str]:
+    def check(source: TomlSource, path: KeyPath, value: Any) -> str:
+        if value not in choices:
+            raise source.error(path, f"{value!r} must be one of "
+                               f"{', '.join(repr(c) for c in choices)}")
+        return str(value)
+    return check
+
+
+def _absolute(source: TomlSource, path: KeyPath, value: Any) -> str:
+    text = _text(source, path, value)
+    if not text.startswith("/") or ".." in PurePosixPath(text).parts:
+        raise source.error(path, f"{value!r} must be an absolute path on the host, like "
+                           "\"/usr/bin/python3\"")
+    return str(PurePosixPath(text))
+
+
+def _local_file(source: TomlSource, path: KeyPath, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise source.error(path, "must be a file name (relative to this file, or absolute)")
+    resolved = source.resolve(value)
+    if not resolved.is_file():
+        raise source.error(path, f"{str(resolved)!r} does not exist on this controller")
+    return str(resolved)
+
+
+def _string_list(source: TomlSource, path: KeyPath, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise source.error(path, "must be a list of strings, like [\"2002:c000:20a::1\"]")
+    return [_text(source, (*path, index), item) for index, item in enumerate(value)]
+
+
+FORWARD_KEYS = frozenset({"proto", "port", "to"})
+
+
+def _forward(source: TomlSource, path: KeyPath, value: Any) -> list[dict[str, str]]:
+    """Forward rules as the gateway's [[forward]] tables; the gateway's parser checks them
+    further once rendered (port ranges, targets)."""
+    if not isinstance(value, list):
+        raise source.error(path, "must be a list of tables like "
+                           "[{ proto = \"tcp\", port = 80, to = \"127.0.0.1:8080\" }]")
+    rules = []
+    for index, rule in enumerate(value):
+        where = (*path, index)
+        if not isinstance(rule, dict):
+            raise source.error(where, "must be a table { proto = ..., port = ..., to = ... }")
+        reject_unknown(source, rule, where, FORWARD_KEYS)
+        missing = sorted(FORWARD_KEYS - set(rule))
+        if missing:
+            raise source.error(where, f"missing {', '.join(missing)}")
+        port = rule["port"]
+        if isinstance(port, int) and not isinstance(port, bool):
+            port = str(port)
+        rules.append({"proto": _choice("tcp", "udp")(source, (*where, "proto"), rule["proto"]),
+                      "port": _text(source, (*where, "port"), port),
+                      "to": _text(source, (*where, "to"), rule["to"])})
+    return rules
+
+
+VARIABLES: dict[str, Variable] = {
+    # -- how Ansible reaches the host
+    "ssh": Variable(_host, None, "address or DNS name Ansible connects to (ansible_host)"),
+    "ssh_port": Variable(_int_range(1, 65535), 22, "sshd port"),
+    "ssh_user": Variable(_host, "root", "login (root, or a user with sudo: become is used "
+                                        "when it is not root)"),
+    "ssh_key": Variable(_local_file, None, "private key file on the controller"),
+    "known_hosts": Variable(_local_file, None, "known_hosts file with the hosts' keys "
+                                               "(StrictHostKeyChecking=yes)"),
+    "python": Variable(_absolute, "/usr/bin/python3", "the host's Python 3.11+, with venv"),
+    # -- where and how sixgate lives on the host
+    "install_root": Variable(_absolute, "/", "prefix of /opt/sixgate, /etc/sixgate, /run, "
+                                             "/var/log/sixgate on the host"),
+    "service": Variable(_choice("systemd", "pidfile"), "systemd",
+                        "systemd unit, or pidfile supervision for hosts without systemd"),
+    # -- the gateway's config (README "Configuration")
+    "mode": Variable(_choice("6to4", "6in4"), None, "tunnel.mode"),
+    "local_ipv4": Variable(_ipv4, None, "tunnel.local_ipv4: the host's public IPv4"),
+    "relay_ipv4": Variable(_ipv4, None, "tunnel.relay_ipv4 (6to4)"),
+    "remote_ipv4": Variable(_ipv4, None, "tunnel.remote_ipv4 (6in4 broker endpoint)"),
+    "prefix": Variable(_text, None, "tunnel.prefix (6in4 routed prefix)"),
+    "addresses": Variable(_string_list, None, "tunnel.addresses"),
+    "mtu": Variable(_int_range(1280, 1480), None, "tunnel.mtu"),
+    "workers": Variable(_int_range(1, 256), None, "gateway.workers (default: CPUs)"),
+    "pool": Variable(_text, None, "gateway.pool"),
+    "gateway_name": Variable(_text, None, "gateway.name (TUN devices <name>0..)"),
+    "backend": Variable(_choice("auto", "userspace", "kernel"), None, "gateway.backend"),
+    "log_level": Variable(_choice("debug", "info", "warning", "error"), None,
+                          "gateway.log_level"),
+    "metrics_listen": Variable(_text, "127.0.0.1:9641", "metrics.listen (the health gate "
+                                                         "asks its /readyz)"),
+    "rules": Variable(_string_list, [], "names of [rules.NAME] sets, forwarded first"),
+    "forward": Variable(_forward, [], "forward rules of this host/group, after the sets"),
+    # -- the health gate
+    "ping_target": Variable(_ipv6, None, "IPv6 address `sixgate ping` must reach through "
+                                         "the new gateway"),
+}
+REQUIRED = ("ssh", "mode", "local_ipv4")
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host: its effective variables and, for each, the key path that set it."""
+
+    name: str
+    vars: dict[str, Any]
+    origin: dict[str, KeyPath]
+    groups: tuple[str, ...]
+    forward: tuple[dict[str, str], ...]
+    forward_origin: tuple[KeyPath, ...]  # where each forward rule was written
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The validated fleet, hosts in file order."""
+
+    source: TomlSource
+    hosts: tuple[Host, ...]
+    groups: dict[str, tuple[str, ...]]
+
+    @property
+    def file(self) -> str:
+        return self.source.file
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    def select(self, limit: str | None) -> list[Host]:
+        """Hosts matched by ``--limit`` (comma-separated host or group names, or "all")."""
+        if not limit:
+            return list(self.hosts)
+        wanted: set[str] = set()
+        for word in (w.strip() for w in limit.split(",")):
+            if word == "all" or word == "sixgate":
+                wanted.update(h.name for h in self.hosts)
+            elif word in self.groups:
+                wanted.update(self.groups[word])
+            elif any(h.name == word for h in self.hosts):
+                wanted.add(word)
+            else:
+                raise ConfigError("--limit", "", None, f"{word!r} is neither a host nor a group "
+                                  f"of {self.file}; hosts: "
+                                  f"{', '.join(h.name for h in self.hosts)}; groups: "
+                                  f"{', '.join(self.groups) or '(none)'}")
+        return [h for h in self.hosts if h.name in wanted]
+
+
+def _check_vars(source: TomlSource, table: dict[str, Any], path: KeyPath,
+                extra: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Checked values of the variables set in ``table`` (keys in ``extra`` are skipped)."""
+    reject_unknown(source, table, path, set(VARIABLES) | extra)
+    return {key: VARIABLES[key].check(source, (*path, key), value)
+            for key, value in table.items() if key not in extra}
+
+
+def load_inventory(path: str) -> Inventory:
+    """Read and validate an inventory file; ConfigError naming file, line and key."""
+    source = load_toml(path, "inventory")
+    doc = source.doc
+    reject_unknown(source, doc, (), {"defaults", "rules", "groups", "hosts"})
+    defaults = _check_vars(source, table_at(source, doc, "defaults"), ("defaults",))
+    rule_sets = _load_rule_sets(source)
+    hosts_table = table_at(source, doc, "hosts")
+    if not hosts_table:
+        raise source.error(("hosts",), "no hosts; add a [hosts.NAME] table with ssh = "
+                           "\"192.0.2.11\" for each host")
+    host_vars: dict[str, dict[str, Any]] = {}
+    for name, table in hosts_table.items():
+        if not HOST_NAME.fullmatch(name):
+            raise source.error(("hosts", name), "host names are letters, digits, . _ - "
+                               "(starting with a letter or digit)")
+        if not isinstance(table, dict):
+            raise source.error(("hosts", name), "must be a table of variables")
+        host_vars[name] = _check_vars(source, table, ("hosts", name))
+    groups, group_vars = _load_groups(source, host_vars)
+    hosts = [_effective(source, name, defaults, groups, group_vars, host_vars[name], rule_sets)
+             for name in host_vars]
+    _check_unique(source, hosts)
+    return Inventory(source, tuple(hosts), {g: tuple(m) for g, m in groups.items()})
+
+
+def _load_rule_sets(source: TomlSource) -> dict[str, list[dict[str, str]]]:
+    sets = {}
+    for name, table in table_at(source, source.doc, "rules").items():
+        path: KeyPath = ("rules", name)
+        if not isinstance(table, dict):
+            raise source.error(path, "must be a table with forward = [...]")
+        reject_unknown(source, table, path, {"forward"})
+        sets[name] = _forward(source, (*path, "forward"), table.get("forward", []))
+    return sets
+
+
+def _load_groups(source: TomlSource, host_vars: dict[str, dict[str, Any]]) -> tuple[
+        dict[str, list[str]], dict[str, dict[str, Any]]]:
+    groups: dict[str, list[str]] = {}
+    group_vars: dict[str, dict[str, Any]] = {}
+    for name, table in table_at(source, source.doc, "groups").items():
+        path: KeyPath = ("groups", name)
+        if not GROUP_NAME.fullmatch(name) or name in RESERVED_GROUPS:
+            raise source.error(path, "group names are letters, digits and _ (not starting "
+                               f"with a digit), and not {', '.join(sorted(RESERVED_GROUPS))}")
+        if name in host_vars:
+            raise source.error(path, f"{name!r} is also a host name; Ansible's --limit could "
+                               "not tell them apart")
+        if not isinstance(table, dict):
+            raise source.error(path, "must be a table with hosts = [...] and variables")
+        members = table.get("hosts")
+        if not isinstance(members, list) or not members:
+            raise source.error((*path, "hosts"), "must list the group's hosts, like "
+                               "hosts = [\"edge1\", \"edge2\"]")
+        for index, member in enumerate(members):
+            if member not in host_vars:
+                raise source.error((*path, "hosts", index), f"{member!r} is not a host of this "
+                                   "inventory; add [hosts." f"{member}] or fix the name")
+        groups[name] = list(dict.fromkeys(members))
+        group_vars[name] = _check_vars(source, table, path, frozenset({"hosts"}))
+    return groups, group_vars
+
+
+def _effective(source: TomlSource, name: str, defaults: dict[str, Any],
+               groups: dict[str, list[str]], group_vars: dict[str, dict[str, Any]],
+               own: dict[str, Any], rule_sets: dict[str, list[dict[str, str]]]) -> Host:
+    values = {key: VARIABLES[key].default for key in VARIABLES}
+    origin: dict[str, KeyPath] = {}
+    values.update(defaults)
+    origin.update({key: ("defaults", key) for key in defaults})
+    member_of = tuple(group for group, members in groups.items() if name in members)
+    from_group: dict[str, str] = {}
+    for group in member_of:
+        for key, value in group_vars[group].items():
+            if key in from_group and key not in own and values[key] != value:
+                raise source.error(("groups", group, key), f"host {name!r} gets {key} from "
+                                   f"groups {from_group[key]!r} and {group!r} with different "
+                                   "values; set it on the host or in one group only")
+            values[key] = value
+            origin[key] = ("groups", group, key)
+            from_group[key] = group
+    values.update(own)
+    origin.update({key: ("hosts", name, key) for key in own})
+    for key in REQUIRED:
+        if values[key] is None:
+            raise source.error(("hosts", name, key), f"host {name!r} has no {key} "
+                               f"({VARIABLES[key].help}); set it on the host, a group or "
+                               "[defaults]")
+    forward: list[dict[str, str]] = []
+    forward_origin: list[KeyPath] = []
+    for index, rule_set in enumerate(values["rules"]):
+        if rule_set not in rule_sets:
+            where = origin.get("rules", ("hosts", name, "rules"))
+            raise source.error((*where, index), f"no rule set [rules.{rule_set}] in this file; "
+                               f"sets: {', '.join(rule_sets) or '(none)'}")
+        forward += rule_sets[rule_set]
+        forward_origin += [("rules", rule_set, "forward", i)
+                           for i in range(len(rule_sets[rule_set]))]
+    forward += values["forward"]
+    forward_origin += [(*origin["forward"], i) for i in range(len(values["forward"]))]
+    return Host(name, values, origin, member_of, tuple(forward), tuple(forward_origin))
+
+
+def _check_unique(source: TomlSource, hosts: list[Host]) -> None:
+    """Two hosts with one SSH endpoint or one tunnel address are a copy-paste mistake."""
+    seen: dict[tuple[str, Any], str] = {}
+    for host in hosts:
+        for key in ("ssh", "local_ipv4"):
+            mark = (key, (host.vars[key], host.vars["ssh_port"]) if key == "ssh"
+                    else host.vars[key])
+            if mark in seen:
+                raise source.error(host.origin[key], f"host {host.name!r} has the same {key} "
+                                   f"{host.vars[key]!r} as host {seen[mark]!r}")
+            seen[mark] = host.name

@@ -1,0 +1,134 @@
+"""A host's Ansible variables, and the gateway config they render to, validated on the controller.
+
+The gateway config is rendered from the role's own template (``roles/sixgate/templates/
+gateway.toml.j2``) with Jinja2 configured as Ansible's ``template`` module configures it
+(``trim_blocks``), then parsed by the gateway's own ``parse_config``. So the text validated here
+before any host is touched is the text Ansible writes on the host, where ``sixgate check`` of
+the new release validates it once more before the switch.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from coordinator.config import ConfigError, parse_config
+from deploy.inventory import Host, Inventory
+from deploy.source import KeyPath
+
+ANSIBLE_DIR = Path(__file__).resolve().parent / "ansible"
+ROLE_DIR = ANSIBLE_DIR / "roles" / "sixgate"
+GATEWAY_TEMPLATE = "gateway.toml.j2"
+UNIT_TEMPLATE = "sixgate.service.j2"
+
+# Gateway config keys (as ConfigError names them) -> the inventory variable that sets them.
+CONFIG_KEY_TO_VARIABLE = {
+    "tunnel.mode": "mode", "tunnel.local_ipv4": "local_ipv4", "tunnel.relay_ipv4": "relay_ipv4",
+    "tunnel.remote_ipv4": "remote_ipv4", "tunnel.prefix": "prefix",
+    "tunnel.addresses": "addresses", "tunnel.mtu": "mtu", "tunnel": "mode",
+    "gateway.workers": "workers", "gateway.pool": "pool", "gateway.name": "gateway_name",
+    "gateway.backend": "backend", "gateway.log_level": "log_level",
+    "gateway.run_dir": "install_root", "metrics.listen": "metrics_listen",
+}
+
+
+def host_paths(install_root: str) -> dict[str, str]:
+    """Where sixgate lives under ``install_root`` (the role's defaults/main.yml says the same)."""
+    root = "" if install_root == "/" else install_root.rstrip("/")
+    return {
+        "sixgate_root": root,
+        "sixgate_home": f"{root}/opt/sixgate",
+        "sixgate_etc": f"{root}/etc/sixgate",
+        "sixgate_run_dir": f"{root}/run/sixgate",
+        "sixgate_log_dir": f"{root}/var/log/sixgate",
+        "sixgate_pidfile": f"{root}/run/sixgate-supervisor.pid",
+    }
+
+
+def ansible_host_vars(host: Host) -> dict[str, Any]:
+    """Everything Ansible needs about ``host``: connection variables and ``sixgate_*``."""
+    v = host.vars
+    hostvars: dict[str, Any] = {
+        "ansible_host": v["ssh"],
+        "ansible_port": v["ssh_port"],
+        "ansible_user": v["ssh_user"],
+        "ansible_python_interpreter": v["python"],
+    }
+    if v["ssh_user"] != "root":
+        hostvars["ansible_become"] = True
+    if v["ssh_key"]:
+        hostvars["ansible_ssh_private_key_file"] = v["ssh_key"]
+    if v["known_hosts"]:
+        hostvars["ansible_ssh_common_args"] = (f"-o UserKnownHostsFile={v['known_hosts']} "
+                                               "-o StrictHostKeyChecking=yes")
+    paths = host_paths(v["install_root"])
+    hostvars["ansible_remote_tmp"] = f"{paths['sixgate_root']}/var/lib/sixgate/ansible-tmp"
+    hostvars.update(paths)
+    hostvars.update({
+        "sixgate_service": v["service"],
+        "sixgate_python": v["python"],
+        "sixgate_mode": v["mode"],
+        "sixgate_local_ipv4": v["local_ipv4"],
+        "sixgate_relay_ipv4": v["relay_ipv4"],
+        "sixgate_remote_ipv4": v["remote_ipv4"],
+        "sixgate_prefix": v["prefix"],
+        "sixgate_addresses": v["addresses"],
+        "sixgate_mtu": v["mtu"],
+        "sixgate_workers": v["workers"],
+        "sixgate_pool": v["pool"],
+        "sixgate_gateway_name": v["gateway_name"],
+        "sixgate_backend": v["backend"],
+        "sixgate_log_level": v["log_level"],
+        "sixgate_metrics_listen": v["metrics_listen"],
+        "sixgate_forward": [dict(rule) for rule in host.forward],
+        "sixgate_ping_target": v["ping_target"],
+    })
+    return hostvars
+
+
+def template_environment() -> jinja2.Environment:
+    """Jinja2 set up like Ansible's ``template`` module (trim_blocks on, undefined is an error)."""
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(ROLE_DIR / "templates"),
+                              trim_blocks=True, keep_trailing_newline=True,
+                              undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def render_template(name: str, host: Host) -> str:
+    """The role's template ``name`` rendered with ``host``'s variables."""
+    variables = {"inventory_hostname": host.name, **ansible_host_vars(host)}
+    return template_environment().get_template(name).render(variables)
+
+
+def render_gateway_config(host: Host) -> str:
+    """The gateway TOML Ansible will write on ``host``."""
+    return render_template(GATEWAY_TEMPLATE, host)
+
+
+def check_gateway_config(inventory: Inventory, host: Host) -> str:
+    """Render and validate ``host``'s gateway config; ConfigError pointing at the inventory key
+    that set the offending value."""
+    text = render_gateway_config(host)
+    try:
+        parse_config(text, f"<gateway config of {host.name}>")
+    except ConfigError as exc:
+        where = _inventory_key(host, exc.key)
+        raise inventory.source.error(where, f"host {host.name!r}: its gateway config would be "
+                                     f"refused at {exc.key or 'the top'}: {exc.message}") \
+            from None
+    return text
+
+
+def _inventory_key(host: Host, config_key: str) -> KeyPath:
+    """The inventory key path that produced gateway config key ``config_key``."""
+    match = re.fullmatch(r"forward(?:\[(\d+)\])?(?:\..*)?", config_key)
+    if match:
+        index = int(match.group(1) or 0)
+        if index < len(host.forward_origin):
+            return host.forward_origin[index]
+    variable = CONFIG_KEY_TO_VARIABLE.get(config_key)
+    if variable and variable in host.origin:
+        return host.origin[variable]
+    return ("hosts", host.name)

@@ -1,0 +1,365 @@
+"""``sixgate deploy`` files: inventory and rollout validation (every mistake names file, line and
+key, before any host is touched), batches identical to Ansible's own, the rendered gateway
+config, the generated Ansible directory. No root, no SSH: the real rollouts are in
+test_rollout.py (``-m deploy``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from coordinator.config import ConfigError, parse_config
+from deploy.emit import emit
+from deploy.inventory import load_inventory
+from deploy.render import check_gateway_config, render_gateway_config, render_template
+from deploy.rollout import batches, load_rollout
+from deploy.source import format_path, key_lines
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "deploy"
+
+INVENTORY = """\
+[defaults]
+mode = "6to4"
+relay_ipv4 = "198.51.100.1"
+ping_target = "2002:c633:6401::1"
+rules = ["web"]
+
+[rules.web]
+forward = [
+  { proto = "tcp", port = 80, to = "127.0.0.1:8080" },
+]
+
+[groups.eu]
+hosts = ["edge1", "edge2"]
+workers = 1
+
+[hosts.edge1]
+ssh = "192.0.2.11"
+local_ipv4 = "192.0.2.11"
+
+[hosts.edge2]
+ssh = "192.0.2.12"
+local_ipv4 = "192.0.2.12"
+"""
+
+ROLLOUT = """\
+[release]
+version = "0.1.0"
+wheelhouse = "wheelhouse"
+
+[batches]
+serial = [1, "25%", "100%"]
+"""
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    """A directory with a wheelhouse holding a (dummy) sixgate 0.1.0 wheel."""
+    (tmp_path / "wheelhouse").mkdir()
+    (tmp_path / "wheelhouse" / "sixgate-0.1.0-py3-none-any.whl").write_bytes(b"")
+    return tmp_path
+
+
+def write(directory: Path, name: str, text: str) -> str:
+    path = directory / name
+    path.write_text(text)
+    return str(path)
+
+
+def inventory_error(directory: Path, text: str) -> ConfigError:
+    path = write(directory, "inventory.toml", text)
+    with pytest.raises(ConfigError) as caught:
+        inventory = load_inventory(path)
+        for host in inventory.hosts:
+            check_gateway_config(inventory, host)
+    return caught.value
+
+
+def line_of(text: str, fragment: str) -> int:
+    """1-based line of the first line containing ``fragment``."""
+    return next(n for n, line in enumerate(text.splitlines(), 1) if fragment in line)
+
+
+# --------------------------------------------------------------------------- the examples
+
+
+def test_the_shipped_examples_are_valid(tmp_path: Path) -> None:
+    """deploy/inventory.toml and deploy/rollout.toml load, and every host's config is valid."""
+    (tmp_path / "deploy").mkdir()
+    wheelhouse = tmp_path / "dist" / "wheelhouse"
+    wheelhouse.mkdir(parents=True)
+    (wheelhouse / "sixgate-0.1.0-py3-none-any.whl").write_bytes(b"")
+    for name in ("inventory.toml", "rollout.toml"):
+        shutil.copy(EXAMPLES / name, tmp_path / "deploy" / name)
+    inventory = load_inventory(str(tmp_path / "deploy" / "inventory.toml"))
+    rollout = load_rollout(str(tmp_path / "deploy" / "rollout.toml"))
+    assert [h.name for h in inventory.hosts] == ["edge1", "edge2", "edge3", "edge4"]
+    for host in inventory.hosts:
+        check_gateway_config(inventory, host)
+    assert rollout.version == "0.1.0"
+    assert batches([h.name for h in inventory.hosts], rollout.serial) == [
+        ["edge1"], ["edge2"], ["edge3", "edge4"]]
+    edge4 = inventory.host("edge4")
+    assert edge4.vars["workers"] == 1 and edge4.origin["workers"] == ("groups", "resolvers",
+                                                                       "workers")
+    assert [r["port"] for r in edge4.forward] == ["80", "443", "53", "8000-8099"]
+
+
+def test_precedence_host_beats_group_beats_defaults(files: Path) -> None:
+    text = INVENTORY.replace('local_ipv4 = "192.0.2.12"', 'local_ipv4 = "192.0.2.12"\nworkers = 3')
+    inventory = load_inventory(write(files, "inventory.toml", text))
+    assert inventory.host("edge1").vars["workers"] == 1
+    assert inventory.host("edge2").vars["workers"] == 3
+    assert inventory.host("edge2").origin["workers"] == ("hosts", "edge2", "workers")
+    assert inventory.host("edge1").vars["mode"] == "6to4"
+    assert inventory.select("eu") == list(inventory.hosts)
+    assert [h.name for h in inventory.select("edge2")] == ["edge2"]
+
+
+# --------------------------------------------------------------------------- mistakes
+
+# (what is wrong, text replaced, replacement, key path reported, line fragment, message fragment)
+INVENTORY_MISTAKES = [
+    ("unknown variable", 'workers = 1', 'wrokers = 1', "groups.eu.wrokers", "wrokers",
+     "unknown key"),
+    ("bad IPv4", 'local_ipv4 = "192.0.2.11"', 'local_ipv4 = "192.0.2.300"',
+     "hosts.edge1.local_ipv4", '"192.0.2.300"', "not an IPv4 address"),
+    ("bad mode", 'mode = "6to4"', 'mode = "6rd"', "defaults.mode", '"6rd"', "must be one of"),
+    ("workers out of range", 'workers = 1', 'workers = 0', "groups.eu.workers", "workers = 0",
+     "from 1 to 256"),
+    ("group of unknown host", 'hosts = ["edge1", "edge2"]', 'hosts = ["edge1", "edge9"]',
+     "groups.eu.hosts[1]", "edge9", "not a host"),
+    ("unknown rule set", 'rules = ["web"]', 'rules = ["www"]', "defaults.rules[0]",
+     'rules = ["www"]', "no rule set [rules.www]"),
+    ("bad forward proto", 'proto = "tcp"', 'proto = "sctp"', "rules.web.forward[0].proto",
+     "forward = [", "must be one of"),
+    ("missing ssh", 'ssh = "192.0.2.12"\n', '', "hosts.edge2.ssh", "[hosts.edge2]",
+     "has no ssh"),
+    ("quote in a string", 'relay_ipv4 = "198.51.100.1"', 'pool = "100.64.0.0/16\\" x"',
+     "defaults.pool", "pool =", "no spaces or quotes"),
+    ("same local_ipv4 twice", 'local_ipv4 = "192.0.2.12"', 'local_ipv4 = "192.0.2.11"',
+     "hosts.edge2.local_ipv4", 'local_ipv4 = "192.0.2.11"\n\n[hosts.edge2]', "same local_ipv4"),
+    ("relative python", 'mode = "6to4"', 'mode = "6to4"\npython = "python3"',
+     "defaults.python", "python =", "absolute path"),
+    ("key file missing", 'mode = "6to4"', 'mode = "6to4"\nssh_key = "no-such-key"',
+     "defaults.ssh_key", "ssh_key", "does not exist"),
+]
+
+
+@pytest.mark.parametrize(("replace", "by", "key", "line_fragment", "message"),
+                         [m[1:] for m in INVENTORY_MISTAKES],
+                         ids=[m[0] for m in INVENTORY_MISTAKES])
+def test_inventory_mistake_names_file_line_and_key(files: Path, replace: str, by: str,
+                                                   key: str, line_fragment: str,
+                                                   message: str) -> None:
+    assert replace in INVENTORY
+    text = INVENTORY.replace(replace, by, 1)
+    error = inventory_error(files, text)
+    assert error.file.endswith("inventory.toml")
+    assert error.key == key
+    # The same-address case points at the second host's line, after the first host's.
+    fragment = line_fragment.split("\n")[0]
+    expected = [n for n, line in enumerate(text.splitlines(), 1) if fragment in line]
+    assert error.line in expected, (error, expected)
+    assert message in error.message
+
+
+def test_gateway_config_refusal_points_at_the_inventory_key(files: Path) -> None:
+    """6to4 without relay_ipv4 passes the inventory checks but the gateway's own parser refuses
+    the rendered config: the error names the key that set the mode."""
+    text = INVENTORY.replace('relay_ipv4 = "198.51.100.1"\n', "")
+    error = inventory_error(files, text)
+    assert (error.key, error.line) == ("defaults.mode", line_of(text, 'mode = "6to4"'))
+    assert "relay_ipv4 is missing" in error.message and "edge1" in error.message
+
+
+def test_gateway_config_refusal_of_a_rule_points_at_the_rule(files: Path) -> None:
+    text = INVENTORY.replace('to = "127.0.0.1:8080"', 'to = "127.0.0.1:70000"')
+    error = inventory_error(files, text)
+    assert error.key == "rules.web.forward[0]"
+    assert "port must be 1..65535" in error.message
+
+
+def test_groups_disagreeing_on_a_variable_is_an_error(files: Path) -> None:
+    text = INVENTORY + '\n[groups.big]\nhosts = ["edge1"]\nworkers = 4\n'
+    error = inventory_error(files, text)
+    assert error.key == "groups.big.workers" and "groups 'eu' and 'big'" in error.message
+    assert error.line == line_of(text, "workers = 4")
+
+
+def test_not_toml_at_all(files: Path) -> None:
+    error = inventory_error(files, "[hosts.edge1\n")
+    assert error.line == 1 and "not valid TOML" in error.message
+
+
+ROLLOUT_MISTAKES = [
+    ("serial zero", 'serial = [1, "25%", "100%"]', 'serial = [1, 0]', "batches.serial[1]",
+     "host count"),
+    ("serial percent", 'serial = [1, "25%", "100%"]', 'serial = ["250%"]',
+     "batches.serial[0]", "percentage"),
+    ("serial fraction", 'serial = [1, "25%", "100%"]', 'serial = [1, "33.3%"]',
+     "batches.serial[1]", "whole percentage"),
+    ("both wheel and version", 'version = "0.1.0"',
+     'version = "0.1.0"\nwheel = "wheelhouse/sixgate-0.1.0-py3-none-any.whl"', "release",
+     "exactly one"),
+    ("version not in wheelhouse", 'version = "0.1.0"', 'version = "0.2.0"', "release.version",
+     "no sixgate-0.2.0-*.whl"),
+    ("no wheelhouse", 'wheelhouse = "wheelhouse"', 'wheelhouse = "nowhere"',
+     "release.wheelhouse", "not a directory"),
+    ("not a sixgate wheel", 'version = "0.1.0"', 'wheel = "wheelhouse/zmq-1-py3-none-any.whl"',
+     "release.wheel", "not a sixgate wheel"),
+    ("unknown failure policy", '[batches]', '[on_failure]\nrollback = "all"\n\n[batches]',
+     "on_failure.rollback", "\"batch\""),
+    ("timeout too short", '[batches]', '[health]\ntimeout_s = 1\n\n[batches]',
+     "health.timeout_s", "from 5 to 3600"),
+    ("unknown table", '[batches]', '[batch]', "batch", "unknown key"),
+]
+
+
+@pytest.mark.parametrize(("replace", "by", "key", "message"), [m[1:] for m in ROLLOUT_MISTAKES],
+                         ids=[m[0] for m in ROLLOUT_MISTAKES])
+def test_rollout_mistake_names_file_line_and_key(files: Path, replace: str, by: str, key: str,
+                                                 message: str) -> None:
+    text = ROLLOUT.replace(replace, by, 1)
+    with pytest.raises(ConfigError) as caught:
+        load_rollout(write(files, "rollout.toml", text))
+    error = caught.value
+    assert error.file.endswith("rollout.toml") and error.key == key
+    assert error.line is not None and error.message and message in error.message
+
+
+def test_rollback_needs_no_release(files: Path) -> None:
+    path = write(files, "rollout.toml", ROLLOUT.replace('version = "0.1.0"', 'version = "9"'))
+    rollout = load_rollout(path, need_release=False)
+    assert rollout.version == "" and rollout.serial == (1, "25%", "100%")
+
+
+def test_key_lines_of_dotted_quoted_and_array_tables() -> None:
+    text = ('[a]\nx = 1\n[hosts."edge-1"]\nssh = "h"\n[[forward]]\nport = 1\n[[forward]]\n'
+            'port = 2\nb.c = 3\n')
+    lines = key_lines(text)
+    assert lines[("a", "x")] == 2
+    assert lines[("hosts", "edge-1", "ssh")] == 4
+    assert lines[("forward", "1", "port")] == 8
+    assert lines[("forward", "1", "b", "c")] == 9
+    assert format_path(("hosts", "edge-1", "forward", 0, "to")) == 'hosts.edge-1.forward[0].to'
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class _Inventory:
+    def __init__(self, hosts: list[str]) -> None:
+        self.hosts = hosts
+
+    def get_hosts(self, _pattern: Any, order: Any = None) -> list[str]:
+        return list(self.hosts)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 10, 33])
+@pytest.mark.parametrize("serial", [[1, "25%", "100%"], ["100%"], [1], [2, 3], ["10%"],
+                                    ["30%", "50%"], [1, "33%"], [5]])
+def test_batches_are_ansibles_own(count: int, serial: list[int | str]) -> None:
+    """Our plan is computed with the same algorithm ansible-playbook runs: compared with
+    Ansible's PlaybookExecutor._get_serialized_batches itself."""
+    executor = pytest.importorskip("ansible.executor.playbook_executor")
+    hosts = [f"h{i}" for i in range(count)]
+    stub = SimpleNamespace(_inventory=_Inventory(hosts))
+    play = SimpleNamespace(hosts="sixgate", order="inventory", serial=serial)
+    theirs = executor.PlaybookExecutor._get_serialized_batches(stub, play)
+    assert batches(hosts, tuple(serial)) == theirs
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_rendered_config_is_what_the_gateway_parses(files: Path) -> None:
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY.replace(
+        '[hosts.edge1]', '[hosts.edge1]\ninstall_root = "/srv/gw1"\nmtu = 1400\n'
+        'addresses = ["2002:c000:20b::1", "2002:c000:20b::2"]\n'
+        'forward = [{ proto = "udp", port = "5000-5009", to = "127.0.0.1:6000" }]')))
+    text = render_gateway_config(inventory.host("edge1"))
+    settings = parse_config(text)
+    assert settings.local_ipv4 == "192.0.2.11" and settings.relay_ipv4 == "198.51.100.1"
+    assert settings.mtu == 1400 and settings.workers == 1
+    assert list(settings.addresses) == ["2002:c000:20b::1", "2002:c000:20b::2"]
+    assert str(settings.run_dir) == "/srv/gw1/run/sixgate"
+    assert [(f.proto, f.port_lo, f.port_hi, f.target_port) for f in settings.forwards] == [
+        ("tcp", 80, 80, 8080), ("udp", 5000, 5009, 6000)]
+    assert settings.metrics_listen == "127.0.0.1:9641"
+
+
+def test_systemd_unit_runs_the_current_release(files: Path) -> None:
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY))
+    unit = render_template("sixgate.service.j2", inventory.host("edge1"))
+    assert "ExecStart=/opt/sixgate/current/bin/sixgate run --config " \
+           "/etc/sixgate/gateway.toml" in unit
+    assert "RestartPreventExitStatus=2" in unit and "WantedBy=multi-user.target" in unit
+
+
+# --------------------------------------------------------------------------- emit and CLI
+
+
+def test_emitted_directory_is_an_ansible_project(files: Path, tmp_path: Path) -> None:
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY))
+    rollout = load_rollout(write(files, "rollout.toml", ROLLOUT))
+    out = tmp_path / "out"
+    emit(out, inventory, rollout)
+    site = yaml.safe_load((out / "site.yml").read_text())
+    assert site[0]["serial"] == [1, "25%", "100%"] and site[0]["max_fail_percentage"] == 0
+    assert site[0]["roles"] == ["sixgate"] and site[0]["vars"]["sixgate_version"] == "0.1.0"
+    hosts = yaml.safe_load((out / "inventory.yml").read_text())["all"]["children"]
+    assert hosts["sixgate"]["hosts"]["edge2"]["ansible_host"] == "192.0.2.12"
+    assert hosts["sixgate"]["hosts"]["edge2"]["sixgate_forward"] == [
+        {"proto": "tcp", "port": "80", "to": "127.0.0.1:8080"}]
+    assert set(hosts["eu"]["hosts"]) == {"edge1", "edge2"}
+    for name in ("tasks/main.yml", "tasks/rollback.yml", "handlers/main.yml",
+                 "templates/gateway.toml.j2", "files/sixgate_service.py"):
+        assert (out / "roles" / "sixgate" / name).is_file(), name
+    assert (out / "wheelhouse" / "sixgate-0.1.0-py3-none-any.whl").is_file()
+
+
+def sixgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "sixgate"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "coordinator.cli"]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, check=False,
+                          timeout=120, cwd=cwd)
+
+
+def test_plan_shows_batches_and_ansible_accepts_the_playbook(files: Path) -> None:
+    write(files, "inventory.toml", INVENTORY)
+    write(files, "rollout.toml", ROLLOUT)
+    done = sixgate("deploy", "plan", "-i", "inventory.toml", "-r", "rollout.toml", cwd=files)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "batch 1: edge1\n  batch 2: edge2\n" in done.stdout
+    if "not checked" not in done.stdout:
+        assert "ansible-playbook --syntax-check: OK" in done.stdout
+
+
+def test_bad_inventory_exits_2_before_touching_any_host(files: Path) -> None:
+    write(files, "inventory.toml", INVENTORY.replace('"192.0.2.12"\nlocal', '"192.0.2.12"\nlokal'))
+    write(files, "rollout.toml", ROLLOUT)
+    for command in ("plan", "apply", "rollback"):
+        done = sixgate("deploy", command, "-i", "inventory.toml", "-r", "rollout.toml",
+                       cwd=files)
+        assert done.returncode == 2, done.stdout + done.stderr
+        line = line_of(INVENTORY, 'ssh = "192.0.2.12"') + 1
+        assert f"inventory.toml:{line}: hosts.edge2.lokal_ipv4: unknown key" in done.stderr
+        assert "batch" not in done.stdout
+
+
+def test_limit_naming_nothing_known_exits_2(files: Path) -> None:
+    write(files, "inventory.toml", INVENTORY)
+    write(files, "rollout.toml", ROLLOUT)
+    done = sixgate("deploy", "plan", "-i", "inventory.toml", "-r", "rollout.toml", "--limit",
+                   "edge7", cwd=files)
+    assert done.returncode == 2 and "'edge7' is neither a host nor a group" in done.stderr
