@@ -34,6 +34,7 @@ from workers.control import control_endpoint, coordinator_endpoint, data_endpoin
 from workers.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
 from workers.drops import DropReason
 from workers.main import tun_name
+from workers.mmsg import BatchReceiver
 from workers.settings import Settings
 from workers.tunnel import TunnelPolicy, check_inbound
 from workers.wire import encode_batch, pick_worker
@@ -120,6 +121,7 @@ class Coordinator:
         self.started = time.monotonic()
         self.started_unix = time.time()
         self.sock: socket.socket | None = None
+        self.receiver: BatchReceiver | None = None
         self.batch_packets = Histogram(BATCH_PACKETS_BOUNDS)
         self.queue_drops = [0] * settings.workers  # packets per worker lost to a full queue
         self.loop_seen = time.monotonic()  # /healthz: the main loop went round recently
@@ -154,6 +156,7 @@ class Coordinator:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
             self.sock.setblocking(False)
+            self.receiver = BatchReceiver(self.sock, min(settings.batch_packets, RECV_BUDGET))
         for worker in self.workers if settings.backend != "kernel" else ():
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, settings.queue_batches)
@@ -283,45 +286,49 @@ class Coordinator:
                 self._supervise(now)
 
     def _capture(self) -> None:
-        """Read up to RECV_BUDGET packets, check them, send one batch per worker."""
+        """Read up to RECV_BUDGET packets in recvmmsg batches; check each one and send one
+        message per worker per batch (before the next batch reuses the receive buffer)."""
         settings = self.settings
         counters = self.counters
+        events = counters.events
+        drops = counters.drops
         policy = self.policy
         accepted = self.accepted
         nworkers = settings.workers
         seed = settings.hash_seed
-        batch_max = settings.batch_packets
-        batches: list[list[tuple[bytes, bytes | memoryview]]] = [[] for _ in range(nworkers)]
-        assert self.sock is not None
-        recv = self.sock.recv
-        for _ in range(RECV_BUDGET):
+        assert self.receiver is not None
+        for _ in range(RECV_BUDGET // self.receiver.batch):
             try:
-                packet = recv(65535)
-            except BlockingIOError:
-                break
+                packets = self.receiver.receive()
             except OSError as exc:
                 log.warning("receive failed: %s", exc)
-                break
-            try:
-                counters.event("tunnel_packets_received")
-                counters.event("tunnel_bytes_received", len(packet))
-                result = check_inbound(packet, policy, accepted)
-                if isinstance(result, DropReason):
-                    counters.drops[result] += 1
-                    continue
-                inner, outer_src = result
-                index = pick_worker(inner, seed, nworkers) if nworkers > 1 else 0
-                batch = batches[index]
-                batch.append((outer_src, inner))
-                if len(batch) >= batch_max:
+                return
+            if not packets:
+                return
+            batches: list[list[tuple[bytes, bytes | memoryview]]] = [[] for _ in range(nworkers)]
+            events["tunnel_packets_received"] = events.get("tunnel_packets_received", 0) + len(
+                packets)
+            received_bytes = 0
+            for packet in packets:
+                received_bytes += len(packet)
+                try:
+                    result = check_inbound(packet, policy, accepted)
+                    if isinstance(result, DropReason):
+                        drops[result] += 1
+                        continue
+                    inner, outer_src = result
+                    index = pick_worker(inner, seed, nworkers) if nworkers > 1 else 0
+                    batches[index].append((outer_src, inner))
+                except Exception:  # noqa: BLE001 - one packet must never kill the loop
+                    drops[DropReason.INTERNAL_ERROR] += 1
+                    log.exception("coordinator: packet raised (counted as internal_error)")
+            events["tunnel_bytes_received"] = events.get("tunnel_bytes_received", 0) + (
+                received_bytes)
+            for index, batch in enumerate(batches):
+                if batch:
                     self._send_batch(index, batch)
-                    batches[index] = []
-            except Exception:  # noqa: BLE001 - one packet must never kill the loop
-                counters.drops[DropReason.INTERNAL_ERROR] += 1
-                log.exception("coordinator: packet raised (counted as internal_error)")
-        for index, batch in enumerate(batches):
-            if batch:
-                self._send_batch(index, batch)
+            if len(packets) < self.receiver.batch:
+                return
 
     def _send_batch(self, index: int, batch: list[tuple[bytes, bytes | memoryview]]) -> None:
         try:

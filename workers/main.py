@@ -34,6 +34,7 @@ from workers.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
 from workers.datapath import Datapath
 from workers.drops import DropReason
 from workers.flows import Session
+from workers.mmsg import BatchSender
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.settings import Settings, worker_pool, worker_routes
 from workers.wire import decode_batch
@@ -49,6 +50,9 @@ TRACEBACK_LOG_INTERVAL_S = 10.0
 # One packet in 16 is timed for sixgate_packet_processing_seconds: two perf_counter calls and
 # a bisect cost about 0.3 µs, a few percent of a packet when done for each one.
 LATENCY_SAMPLE_MASK = 15
+# Send errors that are load or routing, counted as send_failed without a log line each.
+QUIET_SEND_ERRORS = frozenset({errno.ENOBUFS, errno.EAGAIN, errno.ENETUNREACH,
+                               errno.EHOSTUNREACH, errno.EMSGSIZE, errno.EPERM})
 
 
 def tun_name(settings: Settings, index: int) -> str:
@@ -114,6 +118,7 @@ class Worker:
         # The raw socket would receive a copy of every proto-41 packet too; the coordinator
         # handles those, so a one-instruction BPF filter drops them before they are queued.
         attach_drop_all_filter(self.send_sock)
+        self.sender = BatchSender(self.send_sock)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, settings.queue_batches)
@@ -218,16 +223,12 @@ class Worker:
                     datapath.counters.drop(DropReason.SEND_FAILED)
             datapath.to_services.clear()
         if datapath.outbound:
-            sendto = self.send_sock.sendto
-            for packet, outer in datapath.outbound:
-                try:
-                    sendto(packet, (socket.inet_ntoa(outer), 0))
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOBUFS, errno.EAGAIN, errno.ENETUNREACH,
-                                         errno.EHOSTUNREACH, errno.EMSGSIZE, errno.EPERM):
-                        log.warning("worker %d: send to %s failed: %s", self.index,
-                                    socket.inet_ntoa(outer), exc)
-                    datapath.counters.drop(DropReason.SEND_FAILED)
+            failed = self.sender.send(datapath.outbound)
+            if failed:
+                datapath.counters.drop(DropReason.SEND_FAILED, failed)
+                if self.sender.last_errno not in QUIET_SEND_ERRORS:
+                    log.warning("worker %d: %d send(s) to the tunnel failed: %s", self.index,
+                                failed, os.strerror(self.sender.last_errno))
             datapath.outbound.clear()
 
     def _log_limits(self, now: float) -> None:
