@@ -13,3 +13,15 @@ test: bootstrap
 
 lint: bootstrap
 	.venv/bin/python -m ruff check . && .venv/bin/python -m mypy
+
+# The end-to-end benchmark (bench/e2e.py, README "Performance"): sixgate beside TAYGA and the
+# kernel on this machine. Needs root; bench/bootstrap.sh adds tayga, gcc and matplotlib.
+.PHONY: bench bench-quick
+
+bench: bootstrap
+	@bash bench/bootstrap.sh
+	.venv/bin/python -m bench.e2e
+
+bench-quick: bootstrap
+	@bash bench/bootstrap.sh
+	.venv/bin/python -m bench.e2e --quick

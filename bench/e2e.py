@@ -1,0 +1,411 @@
+"""End-to-end benchmark: sixgate beside TAYGA and the kernel, same generator and sinks, one run.
+
+    make bench-quick     # under 3 minutes: .venv/bin/python -m bench.e2e --quick
+    make bench           # everything, about 30 minutes: .venv/bin/python -m bench.e2e
+
+Builds namespace labs from the test lab's pieces (bench/labs.py), compiles the C traffic
+programs (bench/gen.c, sink.c, pinger.c) and measures, for 64- and 1400-byte UDP payloads, the
+highest rate carried with < 0.1% loss and the throughput at overload, forward (peer -> gateway
+-> service) and round trip (a reflector sends every datagram back: service -> gateway -> peer),
+with the CPU of every gateway process from /proc; per worker count for sixgate; then echo
+latency idle and at 50% of the loss-free rate, new TCP flows per second under a SYN flood and
+memory per binding. Prints tables and the ratios, writes bench/results/<UTC time>.json and a
+PNG chart beside it. Figures, not assertions (STYLE.md): it exits 0 whenever it measured.
+
+Needs root, network namespaces, /dev/net/tun, gcc and tayga (bench/bootstrap.sh installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import chart, labs, measure
+from bench.programs import build
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure."""
+
+    name: str
+    duration_s: float  # one trial
+    search_trials: int  # trials after the overload one, per search
+    workers: tuple[int, ...]
+    forward_payloads: tuple[int, ...]
+    round_trip_payloads: tuple[int, ...]
+    pings: int
+    ping_interval_ms: int
+    memory_sizes: tuple[int, ...]
+    syn_flood_s: float
+
+
+def plans(cores: int) -> dict[str, Plan]:
+    workers = tuple(sorted({1, 2, cores}))
+    return {
+        "quick": Plan("quick", 1.2, 4, tuple(sorted({1, cores})), (64, 1400), (64,), 150, 10,
+                      (10_000, 100_000), 2.0),
+        "full": Plan("full", 3.0, 7, workers, (64, 1400), (64, 1400), 1000, 5,
+                     (10_000, 100_000, 1_000_000), 5.0),
+    }
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+# --------------------------------------------------------------------------- one system
+
+
+def trial_summary(overload: measure.Trial, best: measure.Trial | None) -> dict[str, Any]:
+    """The figures of one search: throughput at overload and the loss-free rate."""
+    def figures(trial: measure.Trial) -> dict[str, Any]:
+        window = trial.window_s or 1.0
+        return {"offered_pps": trial.offered_pps, "delivered_pps": trial.delivered_pps,
+                "loss": trial.loss, "cpu_cores": trial.cpu_cores,
+                "per_core_pps": trial.per_core_pps, "drops": trial.drops,
+                "foreign_cores": trial.foreign_cores,
+                "cpu_cores_by_process": {name: cpu / window
+                                         for name, cpu in trial.window_cpu_s.items()}}
+    return {"overload": figures(overload), "loss_free": figures(best) if best else None,
+            # Carried flat out: the generator's core, not the system, was the limit.
+            "generator_limited": best is overload}
+
+
+def measure_system(lab: labs.BenchTarget, plan: Plan, programs: dict[str, Path], *,
+                   latency: bool, flows: bool) -> dict[str, Any]:
+    """Every figure the plan asks of one system (its lab is up)."""
+    bench = measure.Bench(lab, programs, plan.duration_s, log)
+    sink = programs["sink"]
+    out: dict[str, Any] = {"label": lab.label, "forward": {}, "round_trip": {}}
+    with lab.service_sink(sink, reflect=False) as counters:
+        bench.warm_up(counters)
+        for payload in plan.forward_payloads:
+            overload, best = bench.search(counters, payload, max_trials=plan.search_trials)
+            out["forward"][str(payload)] = trial_summary(overload, best)
+        loss_free_64 = _loss_free(out, "forward", 64)
+        if latency:
+            out["latency"] = bench.latency(0.5 * (loss_free_64 or 0), plan.pings,
+                                           plan.ping_interval_ms)
+    if plan.round_trip_payloads:
+        with lab.service_sink(sink, reflect=True) as counters, \
+                lab.return_counter(sink) as returns:
+            for payload in plan.round_trip_payloads:
+                # Each round trip is two translations: half the forward rate is a fair start.
+                hint = 0.5 * (_loss_free(out, "forward", payload) or 0)
+                overload, best = bench.search(returns, payload, kind="round trip", also=counters,
+                                              max_trials=plan.search_trials, hint_pps=hint)
+                out["round_trip"][str(payload)] = trial_summary(overload, best)
+    if flows:
+        with lab.service_sink(sink, reflect=False) as counters:
+            out["memory"] = measure.memory_per_binding(
+                bench, counters, plan.memory_sizes, rate=max(0.5 * (loss_free_64 or 0), 5000))
+        out["syn_flood"] = measure.syn_flood(bench, plan.syn_flood_s, plan.search_trials)
+    out["trials"] = [trial.as_json() for trial in bench.trials]
+    return out
+
+
+def _loss_free(system: dict[str, Any], kind: str, payload: int) -> float | None:
+    figures = system.get(kind, {}).get(str(payload), {}).get("loss_free")
+    return float(figures["offered_pps"]) if figures else None
+
+
+def _per_core(system: dict[str, Any], kind: str, payload: int,
+              which: str = "overload") -> float | None:
+    """Delivered packets per CPU-second of the gateway's processes; by default saturated
+    (flat-out offer): the figure least moved by other load on the machine, since a saturated
+    gateway batches the same however much CPU it is left."""
+    figures = system.get(kind, {}).get(str(payload), {}).get(which)
+    return figures.get("per_core_pps") if figures else None
+
+
+def _per_core_loss_free(system: dict[str, Any], kind: str, payload: int) -> float | None:
+    return _per_core(system, kind, payload, "loss_free")
+
+
+def run_system(results: dict[str, Any], key: str, make_lab: Callable[[], labs.BenchTarget],
+               plan: Plan, programs: dict[str, Path], **extras: bool) -> None:
+    """Measure one system into ``results["systems"][key]``; a failure is recorded, not fatal."""
+    started = time.monotonic()
+    log(f"\n-- {key}")
+    try:
+        with make_lab() as lab:  # type: ignore[attr-defined]
+            results["systems"][key] = measure_system(lab, plan, programs, **extras)
+    except (labs.netlab.LabError, OSError, subprocess.SubprocessError, ValueError) as exc:
+        log(f"    {key} could not be measured: {exc}")
+        results["systems"][key] = {"label": key, "error": str(exc),
+                                   "traceback": traceback.format_exc()}
+    results["systems"][key]["seconds"] = round(time.monotonic() - started, 1)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _k(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1e3:.1f}k"
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
+
+
+def report(results: dict[str, Any], plan: Plan) -> list[str]:
+    """The printed tables and ratio lines."""
+    systems = results["systems"]
+    lines: list[str] = []
+    for kind, payloads, title in (("forward", plan.forward_payloads,
+                                   "forward: peer -> gateway -> service"),
+                                  ("round_trip", plan.round_trip_payloads,
+                                   "round trip: peer -> gateway -> reflector -> gateway -> peer")):
+        for payload in payloads:
+            lines += ["", f"== {payload} B UDP payload, {title} (pps) ==",
+                      f"{'system':<12}{'loss-free':>10}{'CPU':>6}{'per core':>10} |"
+                      f"{'overload':>10}{'offered':>10}{'CPU':>6}{'per core':>10} | "
+                      "CPU by process at overload (cores)"]
+            losses = []
+            for system in systems.values():
+                figures = system.get(kind, {}).get(str(payload))
+                if not figures:
+                    lines.append(f"{system['label']:<12}{'not measured':>10}"
+                                 + (f" ({system['error'][:60]})" if "error" in system else ""))
+                    continue
+                best, over = figures["loss_free"] or {}, figures["overload"]
+                by_process = " ".join(f"{name} {cores:.2f}"
+                                      for name, cores in over["cpu_cores_by_process"].items())
+                limited = "+" if figures.get("generator_limited") else ""
+                lines.append(
+                    f"{system['label']:<12}{_k(best.get('offered_pps')) + limited:>10}"
+                    f"{_f(best.get('cpu_cores')):>6}{_k(best.get('per_core_pps')):>10} |"
+                    f"{_k(over['delivered_pps']):>10}{_k(over['offered_pps']):>10}"
+                    f"{_f(over['cpu_cores']):>6}{_k(over['per_core_pps']):>10} | {by_process}")
+                if over["drops"]:
+                    losses.append(f"  {system['label']}: " + ", ".join(
+                        f"{reason} {count:,}" for reason, count in sorted(over["drops"].items())))
+            if losses:
+                lines += ["packets lost at overload, by where they were counted:", *losses]
+            busy = [f"{system['label']} {name} {figures[which]['foreign_cores']:.2f}"
+                    for system in systems.values()
+                    if (figures := system.get(kind, {}).get(str(payload)))
+                    for which, name in (("loss_free", "loss-free"), ("overload", "overload"))
+                    if figures.get(which) and (figures[which].get("foreign_cores") or 0)
+                    > measure.FOREIGN_WARN]
+            if busy:
+                lines.append("other load on the gateway CPUs (cores; lowers absolute rates, "
+                             "not per-core figures): " + ", ".join(busy))
+    lines += ["", "+: carried all the generator sent flat out (a lower bound: the traffic CPU "
+              "was the limit)", "", *ratio_lines(systems, plan)]
+    lines += latency_lines(systems)
+    lines += flow_lines(systems)
+    return lines
+
+
+def best_sixgate(systems: dict[str, Any], kind: str, payload: int,
+                 key: Callable[[dict[str, Any], str, int], float | None]) -> dict[str, Any] | None:
+    """The sixgate configuration (worker count) with the highest ``key`` figure."""
+    candidates = [s for name, s in systems.items()
+                  if name.startswith("sixgate") and key(s, kind, payload) is not None]
+    return max(candidates, key=lambda s: key(s, kind, payload) or 0.0, default=None)
+
+
+def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
+    """sixgate/TAYGA and sixgate/kernel, each with the sixgate configuration it used."""
+    tayga, kernel = systems.get("TAYGA", {}), systems.get("kernel", {})
+    lines = []
+    best = best_sixgate(systems, "forward", 64, _per_core)
+    sixgate_pc = _per_core(best, "forward", 64) if best else None
+    tayga_pc = _per_core(tayga, "forward", 64)
+    lines.append(f"sixgate/TAYGA per-core ratio: {_ratio(sixgate_pc, tayga_pc)}")
+    lines.append(f"  (64 B forward, delivered packets per CPU-second, saturated: "
+                 f"{best['label'] if best else 'sixgate'} {_k(sixgate_pc)}, TAYGA {_k(tayga_pc)})")
+    best_lf = best_sixgate(systems, "forward", 64, _per_core_loss_free)
+    lf_pc = _per_core_loss_free(best_lf, "forward", 64) if best_lf else None
+    tayga_lf = _per_core_loss_free(tayga, "forward", 64)
+    lines.append(f"  at the loss-free rate instead: {_ratio(lf_pc, tayga_lf)} "
+                 f"({best_lf['label'] if best_lf else 'sixgate'} {_k(lf_pc)}, "
+                 f"TAYGA {_k(tayga_lf)})")
+    for kind in ("forward", "round_trip"):
+        payloads = plan.forward_payloads if kind == "forward" else plan.round_trip_payloads
+        for payload in payloads:
+            top = best_sixgate(systems, kind, payload, _loss_free)
+            rate = _loss_free(top, kind, payload) if top else None
+            name = top["label"] if top else "sixgate"
+            lines.append(
+                f"loss-free rate, {kind.replace('_', ' ')} {payload} B: {name} {_k(rate)}, "
+                f"sixgate/TAYGA {_ratio(rate, _loss_free(tayga, kind, payload))}, "
+                f"sixgate/kernel {_ratio(rate, _loss_free(kernel, kind, payload))}")
+    shares = []
+    for system in systems.values():
+        over = system.get("forward", {}).get("64", {}).get("overload")
+        if over and "coordinator" in over["cpu_cores_by_process"] and over["cpu_cores"]:
+            share = over["cpu_cores_by_process"]["coordinator"] / over["cpu_cores"]
+            shares.append(f"{system['label']} {share * 100:.0f}%")
+    if shares:
+        lines.append("coordinator's share of sixgate's CPU at overload (64 B forward): "
+                     + ", ".join(shares))
+    return lines
+
+
+def latency_lines(systems: dict[str, Any]) -> list[str]:
+    rows = [s for s in systems.values() if "latency" in s]
+    if not rows:
+        return []
+    lines = ["", "== ICMPv6 echo round trip through the gateway (pinger.c; sixgate answers "
+                 "itself, TAYGA's is answered by the IPv4 kernel behind it) ==",
+             f"{'system':<12}{'idle p50':>10}{'idle p99':>10}{'load':>10}{'p50':>10}{'p99':>10}"
+             f"{'lost':>6}"]
+    for system in rows:
+        lat = system["latency"]
+        idle, loaded = lat["idle"], lat["loaded"]
+        lost = (idle["sent"] - idle["received"]) + (loaded["sent"] - loaded["received"])
+        lines.append(f"{system['label']:<12}{_us(idle['p50_us']):>10}{_us(idle['p99_us']):>10}"
+                     f"{_k(lat['load_pps']) + '/s':>10}{_us(loaded['p50_us']):>10}"
+                     f"{_us(loaded['p99_us']):>10}{lost:>6}")
+    return lines
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}µs"
+
+
+def flow_lines(systems: dict[str, Any]) -> list[str]:
+    lines = []
+    for system in systems.values():
+        if "syn_flood" in system:
+            flood = system["syn_flood"]
+            over, best = flood["overload"], flood["loss_free"] or {}
+            lines += ["", f"== Flows ({system['label']}; a flow counts once its SYN+ACK is back "
+                          "at the peer) ==",
+                      f"new TCP flows/s, all set up: {_k(best.get('flows_per_s'))} "
+                      f"(CPU {_f(best.get('cpu_cores'))}, "
+                      f"{_k(best.get('per_core_flows_per_s'))} per CPU-second); under a SYN "
+                      f"flood of {_k(over['syn_offered_pps'])}/s from 1024 clients: "
+                      f"{_k(over['flows_per_s'])}"]
+        for row in system.get("memory", []):
+            per = row["bytes_per_binding"]
+            marginal = row["marginal_bytes_per_binding"]
+            lines.append(f"{row['bindings']:>10,} live bindings: workers' RSS "
+                         f"{row['workers_rss_bytes'] / 2**20:.1f} MiB, "
+                         f"{'n/a' if per is None else f'{per:.0f}'} B per binding "
+                         f"({'n/a' if marginal is None else f'{marginal:.0f}'} B each beyond "
+                         "the idle baseline)")
+    return lines
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine(args: argparse.Namespace, traffic: str, gateway: str | None) -> dict[str, Any]:
+    def output(argv: list[str]) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return {
+        "cores": os.cpu_count(), "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpu_model": next((line.split(":", 1)[1].strip() for line in
+                           Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name")), "?"),
+        "tayga": output(["dpkg-query", "-W", "-f=${Version}", "tayga"]) or None,
+        "commit": output(["git", "-C", str(labs.REPO_ROOT), "rev-parse", "--short", "HEAD"]),
+        "pinning": {"traffic_cpus": traffic, "gateway_cpus": gateway,
+                    "how": "taskset (processes), rps_cpus (kernel forwarding), harness "
+                           "sched_setaffinity"} if gateway else
+                   {"traffic_cpus": None, "gateway_cpus": None, "how": "none"},
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the < 3 minute subset")
+    parser.add_argument("--pin", choices=("split", "none"), default="split",
+                        help="split: traffic programs on CPU 0, gateways on the other CPUs "
+                             "(default); none: no pinning")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="measure only these systems: sixgate TAYGA kernel")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    return parser.parse_args(argv)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cores = os.cpu_count() or 1
+    plan = plans(cores)["quick" if args.quick else "full"]
+    missing = labs.netlab.missing_requirements()
+    if missing:
+        log("bench: cannot run: " + "; ".join(missing))
+        return 1
+    programs = build()
+    labs.sweep_leftovers()
+    signal.signal(signal.SIGTERM, _interrupt)  # cleanups run on SIGTERM too
+    traffic, gateway = ("", None)
+    if args.pin == "split" and cores >= 2:
+        traffic, gateway = "0", "1" if cores == 2 else f"1-{cores - 1}"
+    if gateway:
+        os.sched_setaffinity(0, {0})  # the harness (and curl, ip ...) stays off the gateway CPUs
+    started = datetime.datetime.now(datetime.UTC)
+    results: dict[str, Any] = {"plan": plan.__dict__, "started": started.isoformat(),
+                               "machine": machine(args, traffic, gateway), "systems": {}}
+    pins = results["machine"]["pinning"]
+    log(f"sixgate end-to-end benchmark ({plan.name}), {cores} cores "
+        f"({results['machine']['cpu_model']}), kernel {platform.release()}, "
+        f"TAYGA {results['machine']['tayga'] or 'not installed'}, "
+        f"commit {results['machine']['commit']}")
+    log(f"pinning: traffic programs and this harness on CPU {pins['traffic_cpus']}, gateways on "
+        f"CPU {pins['gateway_cpus']} ({pins['how']})" if gateway else "pinning: none")
+    log("inputs: sixgate gets 6to4 (IPv6 UDP in IPv4 proto 41); TAYGA (NAT64) and the kernel "
+        "(plain IPv6 forwarding, no translation) get the same IPv6 UDP without the outer header")
+    wanted = set(args.only) if args.only else {"sixgate", "TAYGA", "kernel"}
+    common = {"traffic_cpus": traffic or None, "gateway_cpus": gateway}
+    try:
+        if "sixgate" in wanted:
+            for workers in plan.workers:
+                last = workers == plan.workers[-1]
+                run_system(results, f"sixgate {workers}w",
+                           lambda w=workers: labs.SixgateLab(w, max_flows=4_000_000, **common),
+                           plan, programs, latency=last, flows=last)
+        if "TAYGA" in wanted:
+            run_system(results, "TAYGA", lambda: labs.TaygaLab(**common), plan, programs,
+                       latency=True, flows=False)
+        if "kernel" in wanted:
+            run_system(results, "kernel", lambda: labs.KernelLab(**common), plan, programs,
+                       latency=False, flows=False)
+    finally:
+        results["seconds"] = round((datetime.datetime.now(datetime.UTC) - started)
+                                   .total_seconds(), 1)
+        args.results.mkdir(parents=True, exist_ok=True)
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        json_path = args.results / f"{stamp}.json"
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
+    lines = report(results, plan)
+    png_path = args.results / f"{stamp}.png"
+    drawn = chart.draw(results, png_path)
+    lines += ["", f"results: {json_path}", f"chart:   {png_path if drawn is None else drawn}",
+              f"took {results['seconds']:.0f} s"]
+    log("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The end-to-end benchmark's harness works (bench/e2e.py); its figures are not asserted.
+
+A few seconds of the quick path at a tiny scale: the C programs compile, a short burst goes
+through a real 1-worker ``sixgate run`` and the UDP sink counts exactly what the gateway's
+/metrics say it delivered to the service; reflected, the peer-side counter sees exactly what
+the gateway sent back into the tunnel; a timed trial reads the CPU of every gateway process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import labs, measure  # noqa: E402
+from bench.programs import build, read_counts  # noqa: E402
+
+pytestmark = pytest.mark.lab
+
+BURST = 3000
+BURST_RATE = "5000"  # far below what any gateway carries: the harness is tested, not it
+
+
+def packets(lab: labs.SixgateLab, direction: str) -> int:
+    """sixgate_packets_total of one direction, UDP, summed over the processes."""
+    series = lab.metrics().get("sixgate_packets_total", {})
+    return int(sum(value for labels, value in series.items()
+                   if ("direction", direction) in labels and ("protocol", "udp") in labels))
+
+
+def burst(lab: labs.SixgateLab, programs: dict[str, Path]) -> dict[str, int]:
+    """BURST datagrams of 64 bytes over the benchmark's 1024 flows."""
+    sent = lab.run_gen(programs["gen"], "--payload", "64", "--rate", BURST_RATE, "--count",
+                       str(BURST), *measure.FLOWS, "--dport", str(labs.SERVICE_PORT))
+    return {key: int(value) for key, value in sent.items() if key != "seconds"}
+
+
+@pytest.fixture(scope="module")
+def bench_lab(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    missing = labs.netlab.missing_requirements()
+    if missing:
+        reason = "LAB TESTS CANNOT RUN: " + "; ".join(missing)
+        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    programs = build(tmp_path_factory.mktemp("bench-build"))
+    labs.sweep_leftovers()
+    with labs.SixgateLab(1) as lab:
+        yield lab, programs
+
+
+def test_sink_counts_what_sixgate_delivered(bench_lab) -> None:  # type: ignore[no-untyped-def]
+    lab, programs = bench_lab
+    with lab.service_sink(programs["sink"], reflect=False) as counters:
+        before = packets(lab, "to_services")
+        assert burst(lab, programs) == {"sent": BURST, "errors": 0}
+        arrived = labs.wait_quiet(lambda: read_counts(counters))
+        delivered = packets(lab, "to_services") - before
+    assert arrived.packets == delivered
+    assert arrived.packets > BURST * 0.9, f"a gentle burst lost packets: {arrived}"
+    assert arrived.bytes == arrived.packets * 64
+
+
+def test_reflected_packets_counted_at_the_peer(bench_lab) -> None:  # type: ignore[no-untyped-def]
+    lab, programs = bench_lab
+    sink = programs["sink"]
+    with lab.service_sink(sink, reflect=True) as counters, lab.return_counter(sink) as returns:
+        before = packets(lab, "outbound")
+        burst(lab, programs)
+        back = labs.wait_quiet(lambda: (read_counts(counters), read_counts(returns)))[1]
+        sent_back = packets(lab, "outbound") - before
+        reflected = read_counts(counters).reflected
+    assert back.packets == sent_back
+    # How many the gateway loses is the benchmark's business; the counters must agree.
+    assert reflected > BURST * 0.9 and back.packets > reflected * 0.9
+
+
+def test_trial_reads_rates_and_cpu(bench_lab) -> None:  # type: ignore[no-untyped-def]
+    lab, programs = bench_lab
+    bench = measure.Bench(lab, programs, duration_s=1.0, log=lambda _line: None)
+    with lab.service_sink(programs["sink"], reflect=False) as counters:
+        trial = bench.trial(counters, 64, 10_000,
+                            gen_args=(*measure.FLOWS, "--dport", str(labs.SERVICE_PORT)))
+    assert 8_000 < trial.offered_pps < 12_000
+    assert measure.carried(trial), trial
+    assert set(trial.window_cpu_s) == {"coordinator", "worker-0"}
+    assert trial.cpu_cores is not None and trial.cpu_cores > 0
