@@ -59,7 +59,7 @@ def plans(cores: int) -> dict[str, Plan]:
     return {
         "quick": Plan("quick", 1.2, 4, tuple(sorted({1, cores})), (64, 1400), (64,), 150, 10,
                       (10_000, 100_000), 2.0),
-        "full": Plan("full", 3.0, 7, workers, (64, 1400), (64, 1400), 1000, 5,
+        "full": Plan("full", 5.0, 8, workers, (64, 1400), (64, 1400), 1000, 5,
                      (10_000, 100_000, 1_000_000), 5.0),
     }
 
@@ -170,7 +170,15 @@ def _ratio(a: float | None, b: float | None) -> str:
 def report(results: dict[str, Any], plan: Plan) -> list[str]:
     """The printed tables and ratio lines."""
     systems = results["systems"]
-    lines: list[str] = []
+    machine = results["machine"]
+    pins = machine["pinning"]
+    lines: list[str] = [
+        "", f"== sixgate beside TAYGA and the kernel ({plan.name}): {machine['cores']} cores "
+        f"({machine['cpu_model']}), commit {machine['commit']} ==",
+        f"pinning: traffic programs on CPU {pins['traffic_cpus']}, gateways on CPU "
+        f"{pins['gateway_cpus']} ({pins['how']})" if pins["gateway_cpus"] else "pinning: none",
+        "CPU = cores busy with the gateway's processes (user + system, /proc/<pid>/stat); for "
+        "the kernel: busy time of the gateway CPUs (/proc/stat, other load included)"]
     for kind, payloads, title in (("forward", plan.forward_payloads,
                                    "forward: peer -> gateway -> service"),
                                   ("round_trip", plan.round_trip_payloads,
@@ -235,6 +243,13 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
     lines.append(f"sixgate/TAYGA per-core ratio: {_ratio(sixgate_pc, tayga_pc)}")
     lines.append(f"  (64 B forward, delivered packets per CPU-second, saturated: "
                  f"{best['label'] if best else 'sixgate'} {_k(sixgate_pc)}, TAYGA {_k(tayga_pc)})")
+    foreign = {system["label"]: load for system in (best, tayga) if system
+               if (load := (system.get("forward", {}).get("64", {}).get("overload") or {})
+                   .get("foreign_cores") or 0) > measure.FOREIGN_WARN}
+    if foreign:
+        lines.append("  warning: other load took " + ", ".join(
+            f"{load:.2f} cores beside {label}" for label, load in foreign.items())
+            + " on the gateway CPUs in these trials: even per-core figures suffer from it")
     best_lf = best_sixgate(systems, "forward", 64, _per_core_loss_free)
     lf_pc = _per_core_loss_free(best_lf, "forward", 64) if best_lf else None
     tayga_lf = _per_core_loss_free(tayga, "forward", 64)
@@ -312,7 +327,7 @@ def flow_lines(systems: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def machine(args: argparse.Namespace, traffic: str, gateway: str | None) -> dict[str, Any]:
+def machine(traffic: str, gateway: str | None) -> dict[str, Any]:
     def output(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         return done.stdout.strip()
@@ -366,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {0})  # the harness (and curl, ip ...) stays off the gateway CPUs
     started = datetime.datetime.now(datetime.UTC)
     results: dict[str, Any] = {"plan": plan.__dict__, "started": started.isoformat(),
-                               "machine": machine(args, traffic, gateway), "systems": {}}
+                               "machine": machine(traffic, gateway), "systems": {}}
     pins = results["machine"]["pinning"]
     log(f"sixgate end-to-end benchmark ({plan.name}), {cores} cores "
         f"({results['machine']['cpu_model']}), kernel {platform.release()}, "

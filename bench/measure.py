@@ -104,14 +104,13 @@ class Bench:
         self.duration_s = duration_s
         self.log = log
         self.trials: list[Trial] = []
-        gateway_cpus = target.gateway_cpus
-        # The kernel's forwarding belongs to no process: its CPU is that of the gateway CPUs,
-        # which only it uses while it is measured (everything else is pinned elsewhere).
-        self.kernel_cpus = labs.cpu_list(gateway_cpus) if gateway_cpus else None
+        # The kernel's forwarding belongs to no process: its CPU is the busy time of the
+        # gateway CPUs, where nothing of ours but it runs while it is measured.
+        self.gateway_cpus = labs.cpu_list(target.gateway_cpus) if target.gateway_cpus else None
 
     def cpu_sample(self) -> tuple[dict[str, float], float | None]:
         """(CPU seconds per gateway process, busy seconds of the gateway CPUs) so far."""
-        busy = labs.cpu_busy_s(self.kernel_cpus) if self.kernel_cpus else None
+        busy = labs.cpu_busy_s(self.gateway_cpus) if self.gateway_cpus else None
         if isinstance(self.target, labs.KernelLab):
             return ({} if busy is None else {"softirq": busy}), busy
         return self.target.cpu_sample(), busy
@@ -119,11 +118,17 @@ class Bench:
     def kernel_drops(self) -> dict[str, int]:
         """Counters of the kernel that explain losses outside the gateway's own accounting."""
         found: dict[str, int] = {}
-        raw = self.target.exec_in(self.target.gw_ns, ["cat", "/proc/net/raw", "/proc/net/snmp"])
-        lines = raw.stdout.splitlines()
+        raw = self.target.exec_in(self.target.gw_ns, ["cat", "/proc/net/raw"]).stdout
+        # Protocol-41 sockets' receive buffers (sixgate's capture): local_address ends ":0029".
         found["kernel_raw41_rcvbuf"] = sum(
-            int(line.split()[-1]) for line in lines
-            if len(line.split()) > 12 and line.split()[1].endswith(":0029"))
+            int(words[-1]) for words in map(str.split, raw.splitlines())
+            if len(words) > 12 and words[1].endswith(":0029"))
+        # TUN devices' transmit queues: what the kernel had for a gateway that did not read
+        # it in time (sixgate's replies from the services, everything for TAYGA).
+        links = json.loads(self.target.exec_in(self.target.gw_ns, [
+            "ip", "-s", "-j", "link", "show", "type", "tun"]).stdout or "[]")
+        found["kernel_tun_txqueue"] = sum(int(link.get("stats64", {}).get("tx", {})
+                                              .get("dropped", 0)) for link in links)
         snmp = self.target.exec_in(self.target.service_ns, ["cat", "/proc/net/snmp",
                                                             "/proc/net/snmp6"]).stdout
         names: list[str] = []
@@ -162,6 +167,7 @@ class Bench:
 
         drops_before = self.gateway_drops()
         start_counts = read_counts(counted)
+        also_start = read_counts(also) if also is not None else None
         gen = self.target.start_gen(self.programs["gen"], "--payload", str(payload),
                                     "--rate", f"{rate:.0f}", "--duration", f"{duration}",
                                     *gen_args)
@@ -177,6 +183,9 @@ class Bench:
         labs.wait_quiet(drained)
         end_counts = read_counts(counted)
         drops_after = self.gateway_drops()
+        if also is not None:  # the reflector's refused sends
+            drops_before["reflector_refused"] = also_start.reflect_errors if also_start else 0
+            drops_after["reflector_refused"] = read_counts(also).reflect_errors
         (t0, c0, (cpu0, busy0)), (t1, c1, (cpu1, busy1)) = samples
         trial = Trial(
             target=self.target.label, payload=payload, kind=kind, rate=rate,

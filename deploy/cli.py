@@ -123,8 +123,8 @@ def describe(inventory: Inventory, rollout: Rollout, hosts: list[Host], release:
     from deploy.rollout import batches
     plan = batches([h.name for h in hosts], rollout.serial)
     if release:
-        origin = f"wheel {rollout.wheel}" if rollout.wheel else f"from {rollout.wheelhouse}"
-        print(f"release     sixgate {rollout.version} ({origin})")
+        print(f"release     sixgate {rollout.version} ({rollout.wheel}, dependencies from "
+              f"{rollout.wheelhouse})")
     serial = json.dumps(list(rollout.serial))
     print(f"batches     serial {serial}, max_fail_percentage {rollout.max_fail_percentage}: "
           f"{len(hosts)} hosts in {len(plan)} batches")

@@ -3,21 +3,26 @@
 ``DIR/ansible.cfg``, ``inventory.yml`` (every host with its resolved variables, groups for
 ``--limit``), ``site.yml`` (the rollout: serial batches, max_fail_percentage, role sixgate),
 ``rollback.yml``, ``report.yml``, ``roles/sixgate/`` and ``callback_plugins/`` (copied from this
-package) and ``wheelhouse/`` (the wheels every host installs from, offline). ``sixgate deploy
+package) and ``bundle.tar``: the wheels every host installs from, offline, and the host helper
+``bin/sixgate-host`` (one archive is one transfer per host, where a directory of files costs
+Ansible a round trip per file). ``sixgate deploy
 apply`` runs it with ansible-playbook; ``sixgate deploy emit DIR`` hands it to teams that run
 Ansible themselves (``cd DIR && ansible-playbook site.yml``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from deploy.inventory import Inventory
-from deploy.render import ANSIBLE_DIR, ansible_host_vars
+from deploy.render import ANSIBLE_DIR, ROLE_DIR, ansible_host_vars
 from deploy.rollout import Rollout
 
 ANSIBLE_CFG = """\
@@ -37,6 +42,7 @@ pipelining = True
 """
 
 PLAYBOOKS = ("site.yml", "rollback.yml", "report.yml")
+HOST_HELPER = ROLE_DIR / "files" / "sixgate_host.py"
 
 
 def _header(inventory: Inventory, rollout: Rollout) -> str:
@@ -74,10 +80,12 @@ def _play(name: str, rollout: Rollout, play_vars: dict[str, Any], **body: Any) -
             "vars": play_vars, **body}
 
 
-def playbooks(rollout: Rollout) -> dict[str, list[dict[str, Any]]]:
+def playbooks(rollout: Rollout, bundle_id: str | None) -> dict[str, list[dict[str, Any]]]:
     """site.yml (rollout), rollback.yml and report.yml as data."""
     release_vars = {"sixgate_version": rollout.version,
-                    "sixgate_wheelhouse": "{{ playbook_dir }}/wheelhouse", **health_vars(rollout)}
+                    "sixgate_wheel": rollout.wheel.name if rollout.wheel else None,
+                    "sixgate_bundle": "{{ playbook_dir }}/bundle.tar",
+                    "sixgate_bundle_id": bundle_id, **health_vars(rollout)}
     batch_task = {"name": "sixgate | batch",
                   "ansible.builtin.set_fact": {"sixgate_batch": "{{ ansible_play_batch }}"}}
     return {
@@ -101,10 +109,15 @@ def playbooks(rollout: Rollout) -> dict[str, list[dict[str, Any]]]:
 def emit(directory: Path, inventory: Inventory, rollout: Rollout) -> list[str]:
     """Write the Ansible directory; returns what it wrote (relative names)."""
     directory.mkdir(parents=True, exist_ok=True)
+    written = ["ansible.cfg", "inventory.yml", *PLAYBOOKS, "roles/sixgate", "callback_plugins"]
+    bundle_id = None
+    if rollout.version:  # a rollback installs nothing
+        bundle_id, wheels = bundle(directory / "bundle.tar", rollout)
+        written.append(f"bundle.tar ({wheels} wheels and bin/sixgate-host)")
     header = _header(inventory, rollout)
     (directory / "ansible.cfg").write_text(ANSIBLE_CFG)
     (directory / "inventory.yml").write_text(header + _dump(inventory_document(inventory)))
-    for name, plays in playbooks(rollout).items():
+    for name, plays in playbooks(rollout, bundle_id).items():
         (directory / name).write_text(header + _dump(plays))
     for part in ("roles", "callback_plugins"):
         target = directory / part
@@ -112,21 +125,36 @@ def emit(directory: Path, inventory: Inventory, rollout: Rollout) -> list[str]:
             shutil.rmtree(target)
         shutil.copytree(ANSIBLE_DIR / part, target,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    written = ["ansible.cfg", "inventory.yml", *PLAYBOOKS, "roles/sixgate", "callback_plugins"]
-    if rollout.version:  # a rollback installs nothing
-        wheels = stage_wheelhouse(directory / "wheelhouse", rollout)
-        written.append(f"wheelhouse ({wheels} wheels)")
     return written
 
 
-def stage_wheelhouse(target: Path, rollout: Rollout) -> int:
-    """Copy the rollout's wheelhouse (and its release wheel) to ``target``; the wheel count."""
-    target.mkdir(parents=True, exist_ok=True)
-    sources = sorted(rollout.wheelhouse.glob("*.whl"))
+def bundle(target: Path, rollout: Rollout) -> tuple[str, int]:
+    """Write ``bundle.tar``: ``wheelhouse/`` (the rollout's wheelhouse and release wheel),
+    ``bin/sixgate-host`` and a marker ``.bundle-<id>``; returns (id, wheel count). The id, a
+    digest of every member's name and content, tells a host whether it unpacked this very
+    bundle already."""
+    members = {f"wheelhouse/{wheel.name}": wheel
+               for wheel in sorted(rollout.wheelhouse.glob("*.whl"))}
     if rollout.wheel is not None:
-        sources.append(rollout.wheel)
-    for wheel in sources:
-        destination = target / wheel.name
-        if not destination.exists() or destination.stat().st_size != wheel.stat().st_size:
-            shutil.copy2(wheel, destination)
-    return len({wheel.name for wheel in sources})
+        members[f"wheelhouse/{rollout.wheel.name}"] = rollout.wheel
+    wheels = len(members)
+    members["bin/sixgate-host"] = HOST_HELPER
+    digest = hashlib.sha1()
+    for name, path in sorted(members.items()):
+        digest.update(name.encode() + b"\0" + hashlib.sha1(path.read_bytes()).digest())
+    content_id = digest.hexdigest()[:16]
+    with tarfile.open(target, "w") as archive:
+        for name, path in sorted(members.items()):
+            archive.add(path, arcname=name, filter=_plain)
+        marker = tarfile.TarInfo(f".bundle-{content_id}")
+        archive.addfile(_plain(marker), io.BytesIO(b""))
+    return content_id, wheels
+
+
+def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Owner root, time 0, mode 0644 (0755 for bin/): the same files make the same bundle."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.mode = 0o755 if info.name.startswith("bin/") else 0o644
+    info.mtime = 0
+    return info

@@ -28,7 +28,7 @@ class Rollout:
 
     source: TomlSource
     version: str
-    wheel: Path | None  # a wheel to add to the wheelhouse, or None: the version is in it
+    wheel: Path | None  # the release's wheel (None only for a rollback, which installs nothing)
     wheelhouse: Path
     serial: tuple[int | str, ...]
     max_fail_percentage: int
@@ -150,10 +150,15 @@ def _release_files(source: TomlSource, release: dict[str, Any]) -> tuple[str, Pa
     if not wheelhouse.is_dir():
         raise source.error(("release", "wheelhouse"), f"{str(wheelhouse)!r} is not a directory "
                            "on this controller; build it with `sixgate deploy build --out DIR`")
-    if wheel is None and not list(wheelhouse.glob(f"sixgate-{version}-*.whl")):
-        raise source.error(("release", "version"), f"no sixgate-{version}-*.whl in "
-                           f"{str(wheelhouse)!r}; build it, or name the wheel with "
-                           "release.wheel")
+    if wheel is None:
+        # Exactly this version: sixgate-0.1.0-*.whl is not sixgate-0.1.0+hotfix-*.whl (hosts
+        # install the wheel file itself, since pip's "==0.1.0" would also take 0.1.0+hotfix).
+        found = sorted(wheelhouse.glob(f"sixgate-{version}-*.whl"))
+        if not found:
+            raise source.error(("release", "version"), f"no sixgate-{version}-*.whl in "
+                               f"{str(wheelhouse)!r}; build it, or name the wheel with "
+                               "release.wheel")
+        wheel = found[-1]
     return version, wheel, wheelhouse
 
 

@@ -99,6 +99,11 @@ class Workspace:
                            capture_output=True, check=False, timeout=10)
 
 
+def release_name(path: str | None) -> str | None:
+    """``/opt/sixgate/releases/0.1.0`` -> ``0.1.0``."""
+    return Path(path).name if path else None
+
+
 def format_report(report: dict[str, dict[str, Any]], hosts: list[str], version: str | None
                   ) -> list[str]:
     """The report table: release, previous release, gateway process, /readyz per host."""
@@ -111,14 +116,12 @@ def format_report(report: dict[str, dict[str, Any]], hosts: list[str], version: 
         if "unreachable" in entry:
             rows.append((host, "?", "?", "UNREACHABLE", "?"))
             continue
-        processes = entry.get("processes") or {}
-        pid = processes.get("gateway_pid")
-        running = processes.get("gateway_release")
-        gateway = f"running {running} (pid {pid})" if pid else "NOT RUNNING"
-        release = entry.get("release") or "(none)"
+        pid = entry.get("gateway_pid")
+        gateway = f"running {entry.get('gateway_release')} (pid {pid})" if pid else "NOT RUNNING"
+        release = release_name(entry.get("current")) or "(none)"
         if version and release != version:
             release += "  (not the rollout's)"
-        rows.append((host, release, entry.get("previous") or "-", gateway,
+        rows.append((host, release, release_name(entry.get("previous")) or "-", gateway,
                      str(entry.get("readyz", "?"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

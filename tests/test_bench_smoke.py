@@ -9,6 +9,7 @@ the gateway sent back into the tunnel; a timed trial reads the CPU of every gate
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def burst(lab: labs.SixgateLab, programs: dict[str, Path]) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def bench_lab(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     missing = labs.netlab.missing_requirements()
+    if not shutil.which("gcc"):
+        missing.append("gcc is missing (bench/bootstrap.sh installs it)")
     if missing:
         reason = "LAB TESTS CANNOT RUN: " + "; ".join(missing)
         if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":

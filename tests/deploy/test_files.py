@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -323,9 +324,15 @@ def test_emitted_directory_is_an_ansible_project(files: Path, tmp_path: Path) ->
         {"proto": "tcp", "port": "80", "to": "127.0.0.1:8080"}]
     assert set(hosts["eu"]["hosts"]) == {"edge1", "edge2"}
     for name in ("tasks/main.yml", "tasks/rollback.yml", "handlers/main.yml",
-                 "templates/gateway.toml.j2", "files/sixgate_service.py"):
+                 "templates/gateway.toml.j2", "files/sixgate_host.py"):
         assert (out / "roles" / "sixgate" / name).is_file(), name
-    assert (out / "wheelhouse" / "sixgate-0.1.0-py3-none-any.whl").is_file()
+    with tarfile.open(out / "bundle.tar") as archive:
+        names = archive.getnames()
+        helper = archive.getmember("bin/sixgate-host")
+    marker = f".bundle-{site[0]['vars']['sixgate_bundle_id']}"
+    assert sorted(names) == [marker, "bin/sixgate-host",
+                             "wheelhouse/sixgate-0.1.0-py3-none-any.whl"]
+    assert helper.mode == 0o755
 
 
 def sixgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

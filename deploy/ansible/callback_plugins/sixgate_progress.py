@@ -24,27 +24,27 @@ DOCUMENTATION = """
       - Writes the "sixgate report" results as JSON to $SIXGATE_DEPLOY_REPORT when set.
 """
 
-# Task name prefix -> what a result of it means (None: say nothing unless it failed).
+# (task name prefix, said when changed, said when ok); {stdout} is the task's own words.
 STEPS: tuple[tuple[str, str, str], ...] = (
-    # (task name prefix, said when changed, said when ok)
     ("sixgate | release ", "installed {version} in its own virtualenv",
      "{version} already installed"),
     ("sixgate | config checked", "", "config rendered and accepted by `sixgate check`"),
-    ("sixgate | current release", "switched to release {version}", ""),
-    ("sixgate | current config", "switched to the new config", "config unchanged"),
+    ("sixgate | switch to release ", "{stdout}", "release and config unchanged"),
     ("sixgate | service ", "gateway {state}", ""),
     ("sixgate | systemd unit ", "gateway {state} (systemd)", ""),
     ("sixgate | /readyz", "", "/readyz answers 200"),
     ("sixgate | ICMPv6 echo", "", "ICMPv6 echo answered through the gateway"),
-    ("sixgate | rolled back", "", "ROLLED BACK to the previous release and config"),
+    ("sixgate | back to the previous", "{stdout}", ""),
 )
 
 
 def _parts(result: Any) -> tuple[str, str, dict[str, Any]]:
-    """(host name, task name, result dict) on ansible-core 2.15 .. 2.19+."""
+    """(host name, task name without its "role : " prefix, result dict), ansible-core 2.15+."""
     if hasattr(result, "task"):
-        return result.host.get_name(), result.task.get_name(), dict(result.result)
-    return result._host.get_name(), result._task.get_name(), dict(result._result)
+        host, task, data = result.host, result.task, result.result
+    else:
+        host, task, data = result._host, result._task, result._result
+    return host.get_name(), task.get_name().split(" : ", 1)[-1], dict(data)
 
 
 class CallbackModule(CallbackBase):  # type: ignore[misc]
@@ -72,6 +72,11 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
     def v2_playbook_on_play_start(self, play: Any) -> None:
         self.batch += 1
 
+    def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
+        if os.environ.get("SIXGATE_DEPLOY_TIMING"):
+            import time
+            self.say(f"{time.monotonic():.2f} task {task.get_name()}")
+
     def v2_playbook_on_no_hosts_matched(self) -> None:
         self.say("no hosts matched", "red")
 
@@ -95,7 +100,8 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
             if task.startswith(prefix):
                 words = task[len(prefix):].split()
                 fields = {"version": words[0] if words else "",
-                          "state": words[-1] if words else ""}
+                          "state": words[-1] if words else "",
+                          "stdout": str(data.get("stdout", "")).strip()}
                 text = when_changed if data.get("changed") else when_ok
                 if text:
                     self.host_line(host, text.format(**fields),

@@ -1,0 +1,267 @@
+"""Real rollouts: ``sixgate deploy`` runs ansible-playbook from the controller namespace over SSH to
+four hosts in namespaces (fleet.py), each with its own sshd and install root.
+
+The stages run in order on one fleet: first install everywhere; an upgrade in batches
+(serial [1, "25%", "100%"]) to the same checkout built as <version>+upgrade; a broken config
+(a mistyped tunnel broker: `sixgate check` accepts it, the health gate's ICMPv6 echo fails) that
+must stop after the first batch and be rolled back there, leaving the other hosts untouched; and
+``sixgate deploy rollback`` of one host. Every assertion reads the hosts' real state: the links
+and virtualenvs in their install roots, the processes behind the pidfiles (and the network
+namespace they run in), /readyz and /metrics of each gateway, and a real ``ping -6`` through it
+from the IPv6 side. Ansible's output is only printed when something fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import fleet as fleet_module
+import pytest
+from fleet import STAGE_SECONDS, Fleet, host_ipv4
+
+from deploy.build import checkout_version
+from deploy.inventory import load_inventory
+from deploy.render import render_gateway_config
+
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
+
+HOSTS = (1, 2, 3, 4)
+RELEASE = checkout_version()
+UPGRADE = f"{RELEASE}+upgrade"
+# A typo in the broker's address: a valid config that `sixgate check` accepts and /readyz
+# passes, but nothing answers at 198.51.100.99, so no echo comes back through the tunnel.
+BROKEN = ('mode = "6in4"\nremote_ipv4 = "198.51.100.99"\nprefix = "2001:db8:bad::/64"\n')
+GOOD = 'mode = "6to4"\nrelay_ipv4 = "198.51.100.1"\n'
+
+_done: list[str] = []
+
+
+def inventory_text(fleet: Fleet, tunnel: str = GOOD) -> str:
+    text = (
+        "[defaults]\n"
+        f'ssh_key = "{fleet.key}"\n'
+        f'known_hosts = "{fleet.known_hosts}"\n'
+        'service = "pidfile"\n'
+        f"{tunnel}"
+        "workers = 1\n"
+        f'ping_target = "{fleet_module.PEER_IPV6}"\n'
+        'rules = ["web"]\n'
+        "\n[rules.web]\n"
+        'forward = [{ proto = "tcp", port = 80, to = "127.0.0.1:8080" }]\n'
+        '\n[groups.canary]\nhosts = ["h1"]\n'
+    )
+    for number in HOSTS:
+        text += (f"\n[hosts.h{number}]\n"
+                 f'ssh = "{host_ipv4(number)}"\n'
+                 f'local_ipv4 = "{host_ipv4(number)}"\n'
+                 f'install_root = "{fleet.root(number)}"\n')
+    return text
+
+
+def rollout_text(release: str, serial: str) -> str:
+    return ("[release]\n"
+            f"{release}\n"
+            'wheelhouse = "wheelhouse"\n'
+            f"\n[batches]\nserial = {serial}\nmax_fail_percentage = 0\n"
+            "\n[health]\ntimeout_s = 10\nping_count = 1\n"
+            '\n[on_failure]\nrollback = "batch"\n')
+
+
+def write_files(fleet: Fleet, inventory: str, rollout: str) -> tuple[str, str]:
+    inventory_path = fleet.tmp / "inventory.toml"
+    rollout_path = fleet.tmp / "rollout.toml"
+    inventory_path.write_text(inventory)
+    rollout_path.write_text(rollout)
+    return str(inventory_path), str(rollout_path)
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What one host really runs, read from its install root, /proc and its gateway."""
+
+    current: str | None  # release directory name behind <root>/opt/sixgate/current
+    previous: str | None
+    config: str | None  # <root>/etc/sixgate/gateway.toml
+    config_mtime_ns: int | None
+    supervisor_pid: int | None  # alive, from the pidfile, and really the supervisor
+    gateway_pid: int | None  # alive, from the gateway's own coordinator.pid
+    gateway_release: str | None  # releases/<this>/bin/... in the gateway's command line
+    gateway_namespace: str | None  # `ip netns identify <pid>`
+    gateway_started: int | None  # /proc/<pid>/stat starttime, clock ticks since boot
+    readyz: int | None
+    build_version: str | None  # sixgate_build_info{version=...} of /metrics
+
+    def runs(self, release: str) -> bool:
+        return (self.current == release and self.gateway_release == release
+                and self.build_version == release and self.readyz == 200)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _pid(path: Path, marker: str) -> int | None:
+    text = _read(path)
+    if not text or not text.strip().isdigit():
+        return None
+    pid = int(text)
+    cmdline = fleet_module.netlab.process_cmdline(pid)
+    alive = not fleet_module.netlab.process_gone(pid)
+    return pid if alive and any(marker in part for part in cmdline) else None
+
+
+def _link(path: Path) -> str | None:
+    return Path(os.readlink(path)).name if path.is_symlink() else None
+
+
+def host_state(fleet: Fleet, number: int) -> HostState:
+    root = fleet.root(number)
+    config = root / "etc" / "sixgate" / "gateway.toml"
+    gateway = _pid(root / "run" / "sixgate" / "coordinator.pid", "sixgate")
+    release = namespace = started = None
+    if gateway:
+        for part in fleet_module.netlab.process_cmdline(gateway):
+            match = re.search(r"/opt/sixgate/releases/([^/]+)/bin/", part)
+            release = release or (match.group(1) if match else None)
+        namespace = fleet_module.netlab.run(["ip", "netns", "identify", str(gateway)],
+                                            check=False).stdout.strip()
+        stat = _read(Path(f"/proc/{gateway}/stat")) or ""
+        started = int(stat.rpartition(")")[2].split()[19]) if stat else None
+    code = fleet.host(number, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                               "--max-time", "3", "http://127.0.0.1:9641/readyz"]).stdout
+    metrics = fleet.host(number, ["curl", "-s", "--max-time", "3",
+                                  "http://127.0.0.1:9641/metrics"]).stdout
+    version = re.search(r'sixgate_build_info\{[^}]*version="([^"]+)"', metrics)
+    return HostState(
+        current=_link(root / "opt" / "sixgate" / "current"),
+        previous=_link(root / "opt" / "sixgate" / "previous"),
+        config=_read(config),
+        config_mtime_ns=config.stat().st_mtime_ns if config.exists() else None,
+        supervisor_pid=_pid(root / "run" / "sixgate-supervisor.pid", "sixgate-host"),
+        gateway_pid=gateway, gateway_release=release, gateway_namespace=namespace,
+        gateway_started=started, readyz=int(code) if code.isdigit() else None,
+        build_version=version.group(1) if version else None)
+
+
+def installed_version(fleet: Fleet, number: int, release: str) -> str:
+    """The sixgate version importlib.metadata reports inside the host's release virtualenv."""
+    python = fleet.root(number) / "opt" / "sixgate" / "releases" / release / "bin" / "python"
+    done = fleet.host(number, [str(python), "-I", "-c", "import importlib.metadata as m; "
+                               "print(m.version('sixgate'))"])
+    return done.stdout.strip() or done.stderr.strip()
+
+
+def deploy(fleet: Fleet, *args: str) -> tuple[int, str]:
+    started = time.monotonic()
+    done = fleet.deploy(*args, timeout=420)
+    output = (f"----- sixgate deploy {' '.join(args)} ({time.monotonic() - started:.0f} s) "
+              f"-----\n{done.stdout}{done.stderr}")
+    print(output)  # shown with -s, and by pytest when the test fails
+    return done.returncode, output
+
+
+def assert_serving(fleet: Fleet, number: int, release: str, output: str) -> HostState:
+    """Host ``number`` runs ``release`` under its supervisor, in its namespace, ready, and a
+    real ping -6 through its gateway gets answers."""
+    state = host_state(fleet, number)
+    assert state.runs(release), f"h{number}: {state}\n{output}"
+    assert state.supervisor_pid, f"h{number}: no supervisor behind the pidfile\n{output}"
+    assert state.gateway_namespace == fleet.host_ns(number), state
+    assert installed_version(fleet, number, release) == release
+    assert fleet.ping6(number) >= 1, f"h{number}: no ping -6 reply through its gateway"
+    return state
+
+
+def stage(name: str, started: float) -> None:
+    STAGE_SECONDS[name] = time.monotonic() - started
+    _done.append(name)
+
+
+def require(*stages: str) -> None:
+    missing = [name for name in stages if name not in _done]
+    if missing:
+        pytest.fail(f"an earlier stage did not pass: {', '.join(missing)}", pytrace=False)
+
+
+def test_first_install_everywhere(fleet: Fleet, wheelhouse: Path) -> None:
+    started = time.monotonic()
+    assert all(fleet.ssh_ok(n) for n in HOSTS)
+    inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
+        f'wheel = "wheelhouse/sixgate-{RELEASE}-py3-none-any.whl"', '["100%"]'))
+    code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout)
+    assert code == 0, output
+    fleet_inventory = load_inventory(inventory)
+    for number in HOSTS:
+        state = assert_serving(fleet, number, RELEASE, output)
+        assert state.previous is None
+        # Ansible's rendering on the host is the text validated on the controller.
+        assert state.config == render_gateway_config(fleet_inventory.host(f"h{number}"))
+    stage("install", started)
+
+
+def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
+    require("install")
+    started = time.monotonic()
+    before = {n: host_state(fleet, n) for n in HOSTS}
+    inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
+        f'wheel = "wheelhouse/sixgate-{UPGRADE}-py3-none-any.whl"', '[1, "25%", "100%"]'))
+    code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout)
+    assert code == 0, output
+    after = {n: assert_serving(fleet, n, UPGRADE, output) for n in HOSTS}
+    for number in HOSTS:
+        assert after[number].previous == RELEASE, after[number]
+        assert after[number].gateway_pid != before[number].gateway_pid
+        # The previous release stays installed, ready for a rollback.
+        assert installed_version(fleet, number, RELEASE) == RELEASE
+    # Batches [h1], [h2], [h3, h4]: each batch's gateways started after the batch before.
+    start = {n: after[n].gateway_started or 0 for n in HOSTS}
+    assert start[1] < start[2] < min(start[3], start[4]), (start, output)
+    stage("upgrade", started)
+
+
+def test_broken_config_stops_after_first_batch_and_rolls_back(fleet: Fleet,
+                                                              wheelhouse: Path) -> None:
+    require("install", "upgrade")
+    started = time.monotonic()
+    before = {n: host_state(fleet, n) for n in HOSTS}
+    log = fleet.root(1) / "var" / "log" / "sixgate" / "gateway.log"
+    log_before = log.stat().st_size
+    inventory, rollout = write_files(fleet, inventory_text(fleet, BROKEN), rollout_text(
+        f'version = "{UPGRADE}"', '[1, "25%", "100%"]'))
+    code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout)
+    assert code == 1, output
+    # h1 really switched to the broken config (its gateway started a 6in4 tunnel) ...
+    assert "6in4 tunnel" in log.read_text()[log_before:], output
+    # ... and was rolled back: same release, the previous config, a new gateway process.
+    first = assert_serving(fleet, 1, UPGRADE, output)
+    assert first.config == before[1].config and "6to4" in (first.config or "")
+    assert first.gateway_pid != before[1].gateway_pid
+    # The rollout stopped after that batch: the other hosts were not touched at all.
+    for number in (2, 3, 4):
+        state = assert_serving(fleet, number, UPGRADE, output)
+        assert state == before[number], f"h{number} changed:\n{before[number]}\n{state}"
+        candidate = fleet.root(number) / "etc" / "sixgate" / "gateway.toml.candidate"
+        assert "6in4" not in candidate.read_text()
+    stage("broken config", started)
+
+
+def test_rollback_command(fleet: Fleet, wheelhouse: Path) -> None:
+    require("install", "upgrade", "broken config")
+    started = time.monotonic()
+    before = {n: host_state(fleet, n) for n in HOSTS}
+    inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
+        f'version = "{UPGRADE}"', '[1, "25%", "100%"]'))
+    code, output = deploy(fleet, "rollback", "-i", inventory, "-r", rollout, "--limit", "h4")
+    assert code == 0, output
+    state = assert_serving(fleet, 4, RELEASE, output)
+    assert state.previous == UPGRADE
+    for number in (1, 2, 3):
+        assert host_state(fleet, number) == before[number]
+    stage("rollback", started)
