@@ -8,7 +8,6 @@ tests are skipped with the reason, said loudly in the terminal summary; with
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,32 +19,22 @@ _skip_reason: list[str] = []
 STAGE_SECONDS = fleet_module.STAGE_SECONDS
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt("SIGTERM")
-
-
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[fleet_module.Fleet]:
     """Four hosts with sshd, the controller and the IPv6 side; all removed afterwards."""
-    missing = fleet_module.missing_requirements()
-    if missing:
-        reason = "DEPLOY TESTS CANNOT RUN: " + "; ".join(missing)
-        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
-            pytest.fail(reason, pytrace=False)
-        _skip_reason.append(reason)
-        pytest.skip(reason)
+    unmet = "; ".join(fleet_module.missing_requirements())
+    if unmet and os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
+        pytest.fail(f"DEPLOY TESTS CANNOT RUN: {unmet}", pytrace=False)
+    elif unmet:
+        _skip_reason.append(f"DEPLOY TESTS CANNOT RUN: {unmet}")
+        pytest.skip(_skip_reason[-1])
     fleet_module.sweep_leftovers()
-    # SIGTERM (a CI timeout) becomes KeyboardInterrupt, so the finalizers still clean up.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with fleet_module.Fleet(4) as the_fleet:
-            yield the_fleet
-        leftovers = [ns for ns in fleet_module.netlab.list_namespaces()
-                     if ns.startswith(the_fleet.tag)]
-        assert not leftovers, f"namespaces left behind: {leftovers}"
-        assert not the_fleet.tmp.exists(), f"{the_fleet.tmp} left behind"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with fleet_module.sigterm_as_interrupt(), fleet_module.open_fleet(4) as the_fleet:
+        yield the_fleet
+    leftovers = [ns for ns in fleet_module.netlab.list_namespaces()
+                 if ns.startswith(f"{the_fleet.tag}-")]
+    assert not leftovers, f"namespaces left behind: {leftovers}"
+    assert not the_fleet.tmp.exists(), f"{the_fleet.tmp} left behind"
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,12 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def gateway_address(number: int) -> str:
 
 
 def missing_requirements() -> list[str]:
-    """Why a fleet cannot be built here; empty when it can."""
+    """Why a fleet cannot be built here (root, TUN, programs, sshd, ansible-playbook)."""
     missing = netlab.missing_requirements()
     missing = [m for m in missing if "'dig'" not in m and "'dnsmasq'" not in m]
     missing += [f"program {p!r} not on PATH" for p in REQUIRED_PROGRAMS[4:] if not shutil.which(p)]
@@ -98,12 +99,34 @@ def sweep_leftovers() -> list[str]:
     return swept
 
 
-class Fleet:
-    """Controller, ``count`` SSH hosts and the IPv6 side, as a context manager.
+@contextlib.contextmanager
+def open_fleet(count: int = 4) -> Iterator[Fleet]:
+    """A started fleet; everything it made is gone afterwards, also when starting failed."""
+    fleet = Fleet(count)
+    with fleet.cleanup:
+        fleet.start()
+        yield fleet
 
-    Every resource registers its cleanup the moment it exists, so a failure half-way still
-    removes everything; deleting a namespace kills (by PID) whatever still runs in it, which
-    includes gateways, supervisors and SSH master connections Ansible started.
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI timeout) raises KeyboardInterrupt meanwhile, so finalizers still run."""
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Fleet:
+    """Controller, ``count`` SSH hosts and the IPv6 side (use ``open_fleet``).
+
+    Every resource registers its cleanup on ``self.cleanup`` the moment it exists, so a failure
+    half-way still removes everything; deleting a namespace kills (by PID) whatever still runs
+    in it, which includes gateways, supervisors and SSH master connections Ansible started.
     """
 
     def __init__(self, count: int = 4) -> None:
@@ -115,8 +138,8 @@ class Fleet:
         self.key = self.tmp / "id_ed25519"
         self.known_hosts = self.tmp / "known_hosts"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._cleanup = contextlib.ExitStack()
-        self._cleanup.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.cleanup = contextlib.ExitStack()
+        self.cleanup.callback(shutil.rmtree, self.tmp, ignore_errors=True)
 
     def host_ns(self, number: int) -> str:
         return f"{self.tag}-h{number}"
@@ -126,20 +149,6 @@ class Fleet:
         return self.tmp / f"h{number}" / "root"
 
     # -- lifecycle
-
-    def __enter__(self) -> Fleet:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._cleanup.close()
 
     def start(self) -> None:
         self.create_network()
@@ -157,7 +166,7 @@ class Fleet:
 
     def add_namespace(self, namespace: str, ipv6: bool) -> None:
         netlab.run(["ip", "netns", "add", namespace])
-        self._cleanup.callback(netlab.delete_namespace, namespace)
+        self.cleanup.callback(netlab.delete_namespace, namespace)
         value = "0" if ipv6 else "1"
         netlab.run(netlab.in_ns(namespace, ["sysctl", "-q", "-w",
                                             f"net.ipv6.conf.all.disable_ipv6={value}",
@@ -259,7 +268,7 @@ class Fleet:
             process = subprocess.Popen(netlab.in_ns(namespace, argv), stdin=subprocess.DEVNULL,
                                        stdout=log, stderr=subprocess.STDOUT, env=env)
         self.processes[key] = process
-        self._cleanup.callback(netlab.stop_process, process, 5)
+        self.cleanup.callback(netlab.stop_process, process, 5)
         return process
 
     def alive(self, key: str) -> bool:

@@ -50,7 +50,7 @@ STOP_TIMEOUT_S = 20.0  # the gateway's own shutdown (workers, TUN devices) takes
 START_TIMEOUT_S = 10.0
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0  # a gateway up this long resets the restart backoff
-SUPERVISOR_MARK = "sixgate-host"
+SUPERVISOR_MARK = Path(__file__).name  # sixgate-host as installed; in the supervisor's argv
 
 
 # --------------------------------------------------------------------------- files
@@ -257,7 +257,9 @@ def start(args: argparse.Namespace) -> int:
     if pidfile.exists():
         pidfile.unlink()
     sys.stdout.flush()  # or the children inherit and repeat what is buffered
+    reader, writer = os.pipe()
     if os.fork() == 0:
+        os.close(reader)
         os.setsid()
         if os.fork() == 0:
             null = os.open(os.devnull, os.O_RDONLY)
@@ -265,19 +267,24 @@ def start(args: argparse.Namespace) -> int:
             os.dup2(null, 0)
             os.dup2(out, 1)
             os.dup2(out, 2)
+            os.write(writer, f"{os.getpid()}\n".encode())
             os.closerange(3, 1024)
             os.chdir("/")
             os._exit(supervise(args))
         os._exit(0)
+    os.close(writer)
     os.wait()
+    with os.fdopen(reader) as pipe:
+        pid = int(pipe.read().strip() or 0)
+    # The supervisor writes the pidfile first thing; a gateway that refuses its config (exit 2)
+    # ends supervision at once, which is a failed start.
     deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        pid = read_pid(pidfile)
-        if alive(pid, SUPERVISOR_MARK):
+    while time.monotonic() < deadline and alive(pid, SUPERVISOR_MARK):
+        if read_pid(pidfile) == pid:
             print(f"started: supervisor pid {pid}")
             return 0
         time.sleep(0.05)
-    print(f"the supervisor did not write {pidfile}; see {args.log}", file=sys.stderr)
+    print(f"the supervisor (pid {pid}) ended at once; see {args.log}", file=sys.stderr)
     return 1
 
 
