@@ -178,7 +178,7 @@ def report(results: dict[str, Any], plan: Plan) -> list[str]:
         f"pinning: traffic programs on CPU {pins['traffic_cpus']}, gateways on CPU "
         f"{pins['gateway_cpus']} ({pins['how']})" if pins["gateway_cpus"] else "pinning: none",
         "CPU = cores busy with the gateway's processes (user + system, /proc/<pid>/stat); for "
-        "the kernel: busy time of the gateway CPUs (/proc/stat, other load included)"]
+        "the kernel: interrupt + softirq time of the gateway CPUs (/proc/stat) + ksoftirqd"]
     for kind, payloads, title in (("forward", plan.forward_payloads,
                                    "forward: peer -> gateway -> service"),
                                   ("round_trip", plan.round_trip_payloads,

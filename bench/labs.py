@@ -136,6 +136,33 @@ def cpu_busy_s(cpus: Sequence[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def kernel_cpu_s(cpus: Sequence[int]) -> dict[str, float]:
+    """The kernel's packet work on these CPUs so far: interrupt + softirq time (/proc/stat)
+    and the CPU of their ksoftirqd threads (softirq work deferred to a thread)."""
+    irq = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            irq += int(values[5]) + int(values[6])
+    threads = 0.0
+    for cpu in cpus:
+        for pid in pids_named(f"ksoftirqd/{cpu}"):
+            threads += process_cpu_s(pid) or 0.0
+    return {"softirq": irq / os.sysconf("SC_CLK_TCK"), "ksoftirqd": threads}
+
+
+def pids_named(name: str) -> list[int]:
+    """PIDs whose command name is ``name``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == name:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 # --------------------------------------------------------------------------- the common part
 
 
