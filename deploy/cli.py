@@ -2,6 +2,7 @@
 
 plan      validate inventory + rollout (and every host's gateway config), show the batches and
           each host's settings; run ansible-playbook --syntax-check on the generated playbook
+          (--check: then also apply --check, which asks the hosts what would change)
 apply     generate the Ansible directory and run site.yml with ansible-playbook (--check: Ansible's
           check mode, nothing changes), then report which host runs which release
 rollback  put hosts back on their previous release and config (same batches and health gate)
@@ -59,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--report-json", help="also write the report (what each host runs) here")
     p = commands.add_parser("plan", parents=[files, limit],
                             help="validate, show batches and per-host settings; touch nothing")
+    p.add_argument("--check", action="store_true", help="also run the rollout in Ansible's "
+                   "check mode on the hosts (what would change; nothing changes)")
     p.set_defaults(deploy_func=cmd_plan)
     p = commands.add_parser("apply", parents=[files, limit, run],
                             help="roll the release and configs out, batch by batch")
@@ -172,6 +175,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"ansible     not checked: {exc}")
             return EXIT_OK
     print(f"ansible     ansible-playbook --syntax-check: {'OK' if code == 0 else 'FAILED'}")
+    if code == 0 and args.check:
+        args.workdir = args.report_json = None
+        print("check mode on the hosts:")
+        return _run_and_report(args, "site.yml", need_release=True, describe_plan=False)
     return EXIT_OK if code == 0 else EXIT_RUNTIME
 
 
@@ -182,11 +189,13 @@ def _workspace(directory: Path, inventory: Inventory, rollout: Rollout) -> Works
     return Workspace(directory)
 
 
-def _run_and_report(args: argparse.Namespace, playbook: str, need_release: bool) -> int:
+def _run_and_report(args: argparse.Namespace, playbook: str, need_release: bool,
+                    describe_plan: bool = True) -> int:
     from deploy.rollout import batches
     from deploy.runner import format_report
     inventory, rollout, hosts = load(args, need_release=need_release)
-    describe(inventory, rollout, hosts, release=need_release)
+    if describe_plan:
+        describe(inventory, rollout, hosts, release=need_release)
     keep = args.workdir is not None
     directory = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="sixgate-deploy-"))
     workspace = _workspace(directory, inventory, rollout)

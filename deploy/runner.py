@@ -44,7 +44,8 @@ class Workspace:
     def control_dir(self) -> Path:
         return self.directory / ".ansible" / "cp"
 
-    def environment(self, batches: int | None, report: Path | None) -> dict[str, str]:
+    def environment(self, batches: int | None, report: Path | None,
+                    check: bool = False) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
             "ANSIBLE_CONFIG": str(self.directory / "ansible.cfg"),
@@ -54,12 +55,14 @@ class Workspace:
             "ANSIBLE_NOCOLOR": env.get("ANSIBLE_NOCOLOR", "" if sys.stdout.isatty() else "1"),
             "PYTHONUNBUFFERED": "1",
         })
-        env.pop("SIXGATE_DEPLOY_BATCHES", None)
-        env.pop("SIXGATE_DEPLOY_REPORT", None)
+        for name in ("SIXGATE_DEPLOY_BATCHES", "SIXGATE_DEPLOY_REPORT", "SIXGATE_DEPLOY_CHECK"):
+            env.pop(name, None)
         if batches:
             env["SIXGATE_DEPLOY_BATCHES"] = str(batches)
         if report is not None:
             env["SIXGATE_DEPLOY_REPORT"] = str(report)
+        if check:
+            env["SIXGATE_DEPLOY_CHECK"] = "1"
         return env
 
     def run(self, playbook: str, *, limit: str | None = None, check: bool = False,
@@ -73,8 +76,8 @@ class Workspace:
         if check:
             argv.append("--check")
         sys.stdout.flush()
-        done = subprocess.run(argv, cwd=self.directory, env=self.environment(batches, report),
-                              check=False, capture_output=quiet, text=True)
+        done = subprocess.run(argv, cwd=self.directory, check=False, capture_output=quiet,
+                              env=self.environment(batches, report, check), text=True)
         if quiet and done.returncode != 0:
             print(done.stdout + done.stderr, end="")
         return done.returncode

@@ -1,7 +1,8 @@
 """Real rollouts: ``sixgate deploy`` runs ansible-playbook from the controller namespace over SSH to
 four hosts in namespaces (fleet.py), each with its own sshd and install root.
 
-The stages run in order on one fleet: first install everywhere; an upgrade in batches
+The stages run in order on one fleet: first install everywhere; the upgrade in Ansible's check
+mode (nothing may change); the upgrade in batches
 (serial [1, "25%", "100%"]) to the same checkout built as <version>+upgrade; a broken config
 (a mistyped tunnel broker: `sixgate check` accepts it, the health gate's ICMPv6 echo fails) that
 must stop after the first batch and be rolled back there, leaving the other hosts untouched; and
@@ -206,8 +207,24 @@ def test_first_install_everywhere(fleet: Fleet, wheelhouse: Path) -> None:
     stage("install", started)
 
 
-def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
+def test_check_mode_changes_nothing(fleet: Fleet, wheelhouse: Path) -> None:
+    """apply --check of the upgrade: Ansible's check mode asks every host, changes nothing."""
     require("install")
+    started = time.monotonic()
+    before = {n: host_state(fleet, n) for n in HOSTS}
+    inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
+        f'wheel = "wheelhouse/sixgate-{UPGRADE}-py3-none-any.whl"', '["100%"]'))
+    code, output = deploy(fleet, "apply", "--check", "-i", inventory, "-r", rollout)
+    assert code == 0, output
+    for number in HOSTS:
+        assert host_state(fleet, number) == before[number], output
+        releases = fleet.root(number) / "opt" / "sixgate" / "releases"
+        assert sorted(p.name for p in releases.iterdir()) == [RELEASE], output
+    stage("check mode", started)
+
+
+def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
+    require("install", "check mode")
     started = time.monotonic()
     before = {n: host_state(fleet, n) for n in HOSTS}
     inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
@@ -228,7 +245,7 @@ def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
 
 def test_broken_config_stops_after_first_batch_and_rolls_back(fleet: Fleet,
                                                               wheelhouse: Path) -> None:
-    require("install", "upgrade")
+    require("install", "check mode", "upgrade")
     started = time.monotonic()
     before = {n: host_state(fleet, n) for n in HOSTS}
     log = fleet.root(1) / "var" / "log" / "sixgate" / "gateway.log"
@@ -253,7 +270,7 @@ def test_broken_config_stops_after_first_batch_and_rolls_back(fleet: Fleet,
 
 
 def test_rollback_command(fleet: Fleet, wheelhouse: Path) -> None:
-    require("install", "upgrade", "broken config")
+    require("install", "check mode", "upgrade", "broken config")
     started = time.monotonic()
     before = {n: host_state(fleet, n) for n in HOSTS}
     inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(

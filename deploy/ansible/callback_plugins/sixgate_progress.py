@@ -4,7 +4,8 @@ Prints one line when a batch starts (its hosts) and one per host for each step t
 (release installed, config checked, switched, restarted, /readyz, ICMPv6 echo, rolled back,
 failed with the reason), then a recap. Results of the task named "sixgate report" (the report
 playbook) are written as JSON to ``$SIXGATE_DEPLOY_REPORT``; ``$SIXGATE_DEPLOY_BATCHES`` (the
-batch count ``sixgate deploy`` computed) makes the batch lines read "batch 2/3".
+batch count ``sixgate deploy`` computed) makes the batch lines read "batch 2/3"; with
+``$SIXGATE_DEPLOY_CHECK`` (check mode) changes are said as "would: ...".
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ DOCUMENTATION = """
       - Writes the "sixgate report" results as JSON to $SIXGATE_DEPLOY_REPORT when set.
 """
 
-# (task name prefix, said when changed, said when ok); {stdout} is the task's own words.
-STEPS: tuple[tuple[str, str, str], ...] = (
+# (task name prefix, said when changed, said when ok, said when it would change in check mode);
+# {stdout} is the task's own words.
+STEPS: tuple[tuple[str, str, str, str], ...] = (
     ("sixgate | release ", "installed {version} in its own virtualenv",
-     "{version} already installed"),
-    ("sixgate | config checked", "", "config rendered and accepted by `sixgate check`"),
-    ("sixgate | switch to release ", "{stdout}", "release and config unchanged"),
-    ("sixgate | service ", "gateway {state}", ""),
-    ("sixgate | systemd unit ", "gateway {state} (systemd)", ""),
-    ("sixgate | /readyz", "", "/readyz answers 200"),
-    ("sixgate | ICMPv6 echo", "", "ICMPv6 echo answered through the gateway"),
-    ("sixgate | back to the previous", "{stdout}", ""),
+     "{version} already installed", "would install {version} in its own virtualenv"),
+    ("sixgate | config rendered", "config rendered: it differs from the last one", "",
+     "would render a config that differs from the last one"),
+    ("sixgate | config checked", "", "config accepted by `sixgate check` of the release", ""),
+    ("sixgate | switch to release ", "{stdout}", "release and config unchanged", ""),
+    ("sixgate | service ", "gateway {state}", "", ""),
+    ("sixgate | systemd unit ", "gateway {state} (systemd)", "", ""),
+    ("sixgate | /readyz", "", "/readyz answers 200", ""),
+    ("sixgate | ICMPv6 echo", "", "ICMPv6 echo answered through the gateway", ""),
+    ("sixgate | back to the previous", "{stdout}", "", ""),
 )
 
 
@@ -96,16 +100,17 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
             self.step(host, task, data)
 
     def step(self, host: str, task: str, data: dict[str, Any]) -> None:
-        for prefix, when_changed, when_ok in STEPS:
+        check_mode = bool(os.environ.get("SIXGATE_DEPLOY_CHECK"))
+        for prefix, when_changed, when_ok, would in STEPS:
             if task.startswith(prefix):
                 words = task[len(prefix):].split()
                 fields = {"version": words[0] if words else "",
                           "state": words[-1] if words else "",
                           "stdout": str(data.get("stdout", "")).strip()}
-                text = when_changed if data.get("changed") else when_ok
+                changed = bool(data.get("changed"))
+                text = (would if check_mode else when_changed) if changed else when_ok
                 if text:
-                    self.host_line(host, text.format(**fields),
-                                   "yellow" if data.get("changed") else "green")
+                    self.host_line(host, text.format(**fields), "yellow" if changed else "green")
                 return
 
     def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
