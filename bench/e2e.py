@@ -355,6 +355,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default); none: no pinning")
     parser.add_argument("--only", nargs="*", default=None,
                         help="measure only these systems: sixgate TAYGA kernel")
+    parser.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [gateway] setting for every sixgate run (VALUE in TOML, e.g. "
+                             "workers-independent options of the datapath); repeatable")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
     return parser.parse_args(argv)
 
@@ -393,12 +396,17 @@ def main(argv: list[str] | None = None) -> int:
         "(plain IPv6 forwarding, no translation) get the same IPv6 UDP without the outer header")
     wanted = set(args.only) if args.only else {"sixgate", "TAYGA", "kernel"}
     common = {"traffic_cpus": traffic or None, "gateway_cpus": gateway}
+    settings = dict(item.split("=", 1) for item in args.gateway_set)
+    results["gateway_settings"] = settings
+    if settings:
+        log("sixgate [gateway] settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()))
     try:
         if "sixgate" in wanted:
             for workers in plan.workers:
                 last = workers == plan.workers[-1]
                 run_system(results, f"sixgate {workers}w",
-                           lambda w=workers: labs.SixgateLab(w, max_flows=4_000_000, **common),
+                           lambda w=workers: labs.SixgateLab(w, max_flows=4_000_000,
+                                                             gateway_settings=settings, **common),
                            plan, programs, latency=last, flows=last)
         if "TAYGA" in wanted:
             run_system(results, "TAYGA", lambda: labs.TaygaLab(**common), plan, programs,

@@ -333,10 +333,16 @@ class SixgateLab(BenchTarget, netlab.Lab):
     return_proto = 41
 
     def __init__(self, workers: int, *, max_flows: int = 200_000,
+                 gateway_settings: dict[str, str] | None = None,
                  traffic_cpus: str | None = None, gateway_cpus: str | None = None) -> None:
         super().__init__("6to4", workers, NO_FILES)
         self.label = f"sixgate {workers}w"
         self.max_flows = max_flows
+        # More [gateway] settings (key -> TOML value), replacing the lab's: the variants of
+        # the datapath to compare (bench/e2e.py --gateway-set).
+        self.gateway_settings = {"max_flows": str(max_flows),
+                                 "max_flows_per_prefix": str(max_flows),
+                                 "log_level": '"warning"', **(gateway_settings or {})}
         self.traffic_cpus = traffic_cpus
         self.gateway_cpus = gateway_cpus
 
@@ -362,10 +368,16 @@ class SixgateLab(BenchTarget, netlab.Lab):
         # The lab's config with the benchmark's forward rules, and the limits raised: the
         # memory figures hold up to 1M bindings of 1024 clients (RFC 6888 REQ-4 limits are
         # the operator's choice).
-        text = super().config_text().replace(netlab.FORWARD_TOML, FORWARD_TOML)
-        return text.replace("[gateway]\n", f"[gateway]\nmax_flows = {self.max_flows}\n"
-                            f"max_flows_per_prefix = {self.max_flows}\n"
-                            'log_level = "warning"\n', 1)
+        text = super().config_text()
+        if netlab.FORWARD_TOML not in text or "[gateway]\n" not in text:
+            raise netlab.LabError("the test lab's gateway config changed shape: "
+                                  "update SixgateLab.config_text")
+        head, _, tail = text.replace(netlab.FORWARD_TOML, FORWARD_TOML).partition("[gateway]\n")
+        section, blank, rest = tail.partition("\n\n")
+        kept = [line for line in section.splitlines()
+                if line.split("=")[0].strip() not in self.gateway_settings]
+        added = [f"{key} = {value}" for key, value in self.gateway_settings.items()]
+        return head + "[gateway]\n" + "\n".join(kept + added) + blank + rest
 
     def gen_args(self) -> list[str]:
         return ["--mode", "6to4", "--src4", netlab.PEER_IPV4, "--dst4", netlab.GATEWAY_IPV4,
