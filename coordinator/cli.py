@@ -72,7 +72,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  prefix        {settings.prefix}")
     print(f"  addresses     {', '.join(settings.addresses)}")
     print(f"  mtu           {settings.mtu} (TCP MSS clamped to {settings.max_mss})")
-    print(f"  workers       {settings.workers}")
+    print(f"  workers       {settings.workers}, fan-out by the {settings.fanout}"
+          + (" (ZeroMQ batches)" if settings.fanout == "coordinator"
+             else " (a BPF filter on each worker's capture socket)"))
     for index in range(settings.workers):
         routes = ", ".join(str(n) for n in worker_routes(settings.pool, settings.workers,
                                                           index))

@@ -41,7 +41,8 @@ ALLOWED: dict[str, set[str]] = {
                "martian_ipv4"},
     "gateway": {"workers", "pool", "run_dir", "name", "max_flows", "max_flows_per_prefix",
                 "icmp_errors_per_s", "icmp_error_burst", "queue_batches", "batch_packets",
-                "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend"},
+                "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend",
+                "fanout"},
     "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s"},
     "forward": {"proto", "port", "to"},
     "metrics": {"listen"},
@@ -330,7 +331,17 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                             gateway.get("fragment_bytes", 16 << 20), 65536, 1 << 34),
         martian_ipv4=martian_rows, log_level=log_level, source_file=file, backend=backend,
         metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
+        fanout=_choice(ctx, "gateway", "fanout", gateway.get("fanout", "coordinator"), {
+            "coordinator": "the coordinator captures and sends batches over ZeroMQ",
+            "kernel": "each worker captures its share with a kernel filter"}),
     )
+
+
+def _choice(ctx: _Ctx, table: str, key: str, value: object, allowed: dict[str, str]) -> str:
+    if value not in allowed:
+        choices = "; ".join(f'"{name}": {what}' for name, what in allowed.items())
+        raise ctx.error(table, key, f"{value!r} is not one of: {choices}")
+    return str(value)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

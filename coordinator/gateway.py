@@ -153,11 +153,12 @@ class Coordinator:
             except forwarding.ForwardingError as exc:
                 raise RuntimeError(str(exc)) from None
             self.forwarding_enabled = True
+        if settings.backend != "kernel" and settings.fanout == "coordinator":
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
             self.sock.setblocking(False)
             self.receiver = BatchReceiver(self.sock, min(settings.batch_packets, RECV_BUDGET))
-        for worker in self.workers if settings.backend != "kernel" else ():
+        for worker in self.workers if self.sock is not None else ():
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, settings.queue_batches)
             push.setsockopt(zmq.LINGER, 0)
@@ -177,7 +178,8 @@ class Coordinator:
         log.info("sixgate up: %s backend, %s tunnel, local %s, addresses %s, %d worker(s)%s",
                  settings.backend, settings.mode, settings.local_ipv4,
                  ", ".join(settings.addresses), settings.workers,
-                 f", pool {settings.pool}" if settings.backend != "kernel" else "")
+                 f", pool {settings.pool}, fan-out by the {settings.fanout}"
+                 if settings.backend != "kernel" else "")
 
     def _spawn(self, worker: WorkerProcess) -> None:
         cmd = [sys.executable, "-m", "workers.main", "--settings", str(self.settings_file),

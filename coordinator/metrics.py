@@ -308,9 +308,13 @@ class GatewayCollector:
         counters = coord.counters
         events = counters.events.copy()
         kernel = settings.backend == "kernel"
-        received = (kernel_link_received(coord.sit_link) if kernel else
-                    (events.get("tunnel_packets_received", 0),
-                     events.get("tunnel_bytes_received", 0)))
+        if kernel:
+            received = kernel_link_received(coord.sit_link)
+        else:
+            # Counted by the coordinator, or with kernel fan-out by each worker.
+            everyone = [events] + [r["counters"]["events"] for r in replies if r is not None]
+            received = (sum(e.get("tunnel_packets_received", 0) for e in everyone),
+                        sum(e.get("tunnel_bytes_received", 0) for e in everyone))
         processes: list[dict[str, Any]] = [{
             "name": "coordinator", "usage": process_usage(os.getpid()),
             "stats": {"counters": counters.as_dict()}}]
@@ -354,7 +358,10 @@ def readiness(coord: Coordinator, replies: list[dict[str, Any] | None]) -> str |
     if coord.settings.backend == "kernel":
         if coord.sit_link is None or not Path(f"/sys/class/net/{coord.sit_link}").exists():
             return "the sit tunnel link is not up"
-    elif coord.sock is None or coord.sock.fileno() < 0:
+    elif coord.settings.fanout == "coordinator" and (coord.sock is None
+                                                     or coord.sock.fileno() < 0):
+        # With kernel fan-out each worker holds its own capture socket: it answers only
+        # once that socket is open, so the worker check below covers it.
         return "the protocol-41 capture socket is not open"
     silent = [str(i) for i, reply in enumerate(replies) if reply is None]
     if silent:

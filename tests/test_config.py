@@ -201,3 +201,15 @@ def test_metrics_listen_default_and_off() -> None:
     assert parse_config(GOOD_6TO4, "gw.toml").metrics_listen == "127.0.0.1:9641"
     off = parse_config(GOOD_6TO4 + '\n[metrics]\nlisten = ""\n', "gw.toml")
     assert off.metrics_listen == ""
+
+
+def test_fanout_default_choice_and_error() -> None:
+    assert parse_config(GOOD_6TO4, "gw.toml").fanout == "coordinator"
+    kernel = parse_config(GOOD_6TO4.replace("workers = 2", 'workers = 2\nfanout = "kernel"'),
+                          "gw.toml")
+    assert kernel.fanout == "kernel"
+    text = GOOD_6TO4.replace("workers = 2", 'workers = 2\nfanout = "zmq"')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    line = text.splitlines().index('fanout = "zmq"') + 1
+    assert str(info.value).startswith(f"gw.toml:{line}: gateway.fanout: 'zmq' is not one of")

@@ -34,10 +34,11 @@ from workers.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
 from workers.datapath import Datapath
 from workers.drops import DropReason
 from workers.flows import Session
-from workers.mmsg import BatchSender
+from workers.mmsg import BatchReceiver, BatchSender
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.settings import Settings, worker_pool, worker_routes
-from workers.wire import decode_batch
+from workers.tunnel import TunnelPolicy, check_inbound
+from workers.wire import decode_batch, fanout_filter, pack_filter
 
 log = logging.getLogger("sixgate.worker")
 
@@ -65,12 +66,16 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def attach_drop_all_filter(sock: socket.socket) -> None:
-    """SO_ATTACH_FILTER with the classic BPF program ``ret #0``: receive nothing.
-    The kernel copies the program, so the buffer need not outlive the call."""
-    instruction = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))
-    program = struct.pack("HL", 1, ctypes.addressof(instruction))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+# Classic BPF "ret #0": accept nothing (struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}).
+DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def attach_filter(sock: socket.socket, program: bytes) -> None:
+    """SO_ATTACH_FILTER with a classic BPF program (packed sock_filter instructions). The
+    kernel copies the program, so the buffer need not outlive the call."""
+    instructions = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(instructions))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 def describe_session(session: Session, now: float, index: int) -> dict[str, Any]:
@@ -97,6 +102,7 @@ class Worker:
         self.running = True
         self._last_traceback = 0.0
         self.tun_fd = -1
+        self.receiver: BatchReceiver | None = None
         self.processing = {"inbound": Histogram(PROCESSING_SECONDS_BOUNDS),
                            "from_services": Histogram(PROCESSING_SECONDS_BOUNDS)}
         self._sample = 0
@@ -115,15 +121,31 @@ class Worker:
         self.send_sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
         self.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         self.send_sock.bind((settings.local_ipv4, 0))
-        # The raw socket would receive a copy of every proto-41 packet too; the coordinator
-        # handles those, so a one-instruction BPF filter drops them before they are queued.
-        attach_drop_all_filter(self.send_sock)
+        if settings.fanout == "kernel":
+            # This raw socket is also the worker's capture: a classic BPF filter accepts this
+            # worker's share of the flow hash, so no packet crosses the coordinator.
+            attach_filter(self.send_sock, pack_filter(fanout_filter(
+                self.index, settings.workers, settings.hash_seed)))
+            self.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            self.send_sock.setblocking(False)
+            self.receiver = BatchReceiver(
+                self.send_sock, min(settings.batch_packets, 256))
+            self.policy = TunnelPolicy.build(settings.mode, settings.local_ipv4,
+                                             settings.remote_ipv4, list(settings.addresses),
+                                             settings.martian_ipv4)
+            self.accepted: set[bytes] = set()
+        else:
+            # The raw socket would receive a copy of every proto-41 packet too; the
+            # coordinator handles those, so a BPF filter drops them before they are queued.
+            attach_filter(self.send_sock, DROP_ALL)
+            self.receiver = None
         self.sender = BatchSender(self.send_sock)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, settings.queue_batches)
         self.pull.setsockopt(zmq.LINGER, 0)
-        self.pull.connect(data_endpoint(settings.run_dir, self.index))
+        if settings.fanout != "kernel":
+            self.pull.connect(data_endpoint(settings.run_dir, self.index))
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(control_endpoint(settings.run_dir, self.index))
@@ -145,12 +167,17 @@ class Worker:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.tun_fd, zmq.POLLIN)
+        capture_fd = self.send_sock.fileno() if self.receiver is not None else -1
+        if self.receiver is not None:
+            poller.register(capture_fd, zmq.POLLIN)
         next_tick = time.monotonic() + 1.0
         while self.running:
             events = dict(poller.poll(timeout=500))
             now = time.monotonic()
             if self.pull in events:
                 self._drain_pull(now)
+            if capture_fd in events:
+                self._drain_capture(now)
             if self.tun_fd in events:
                 self._drain_tun(now)
             self._flush()
@@ -187,6 +214,43 @@ class Worker:
             for _outer_src, inner in records:
                 self._handle(inbound, inner, now, timing)
             self._flush()
+
+    def _drain_capture(self, now: float) -> None:
+        """Kernel fan-out: read this worker's share of the tunnel in recvmmsg batches, apply
+        the tunnel checks the coordinator applies in the other mode, translate, and flush
+        before the next batch reuses the receive buffer."""
+        receiver = self.receiver
+        assert receiver is not None
+        counters = self.datapath.counters
+        events, drops = counters.events, counters.drops
+        policy, accepted = self.policy, self.accepted
+        inbound = self.datapath.inbound
+        timing = self.processing["inbound"]
+        for _ in range(4):
+            try:
+                packets = receiver.receive()
+            except OSError as exc:
+                log.warning("worker %d: capture failed: %s", self.index, exc)
+                return
+            if not packets:
+                return
+            events["tunnel_packets_received"] = events.get("tunnel_packets_received",
+                                                           0) + len(packets)
+            events["tunnel_bytes_received"] = events.get("tunnel_bytes_received", 0) + sum(
+                len(p) for p in packets)
+            for packet in packets:
+                try:
+                    result = check_inbound(packet, policy, accepted)
+                except Exception as exc:  # noqa: BLE001 - one packet must never kill the loop
+                    self._guard(exc)
+                    continue
+                if isinstance(result, DropReason):
+                    drops[result] += 1
+                else:
+                    self._handle(inbound, result[0], now, timing)
+            self._flush()
+            if len(packets) < receiver.batch:
+                return
 
     def _drain_tun(self, now: float) -> None:
         from_services = self.datapath.from_services

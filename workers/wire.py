@@ -70,3 +70,63 @@ def flow_hash(inner: bytes | memoryview, seed: int) -> int:
 
 def pick_worker(inner: bytes | memoryview, seed: int, workers: int) -> int:
     return flow_hash(inner, seed) % workers
+
+
+# --- kernel fan-out ([gateway] fanout = "kernel") -----------------------------------------------
+#
+# Each worker captures protocol 41 itself on a raw socket whose classic BPF filter accepts only
+# its share, so no packet crosses the coordinator. The filter hashes the same fields as
+# ``flow_hash`` (inner source /64 and destination, never ports), with arithmetic classic BPF
+# has: per 32-bit word, xor then multiply (FNV-1 style), then fold the high half in and take
+# the remainder. ``fanout_index`` is the same function in Python, for tests and tools.
+
+FNV_PRIME_32 = 0x01000193
+# Offsets in the outer IPv4 packet (20-byte header): inner source /64, inner destination.
+FANOUT_WORDS = (28, 32, 44, 48, 52, 56)
+FANOUT_MIN_LENGTH = 60  # outer header + inner header: shorter packets go to worker 0
+
+# struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}
+_INSN = struct.Struct("=HBBI")
+_LD_W_LEN, _LD_B_ABS, _LD_W_ABS, _LDX_IMM = 0x80, 0x30, 0x20, 0x01
+_JEQ_K, _JGE_K = 0x15, 0x35
+_XOR_X, _MUL_K, _RSH_K, _MOD_K = 0xAC, 0x24, 0x74, 0x94
+_TAX, _RET_K = 0x07, 0x06
+ACCEPT = 0xFFFFFFFF
+
+
+def fanout_index(packet: bytes | memoryview, seed: int, workers: int) -> int:
+    """The worker whose capture filter accepts this outer IPv4 packet."""
+    if len(packet) < FANOUT_MIN_LENGTH or packet[0] != 0x45:
+        return 0  # too short or IPv4 options: worker 0 checks it (and counts the drop)
+    value = seed & 0xFFFFFFFF
+    for offset in FANOUT_WORDS:
+        word = int.from_bytes(packet[offset:offset + 4], "big")
+        value = ((word ^ value) * FNV_PRIME_32) & 0xFFFFFFFF
+    return ((value >> 16) ^ value) % workers
+
+
+def fanout_filter(index: int, workers: int, seed: int) -> list[tuple[int, int, int, int]]:
+    """The classic BPF program (code, jt, jf, k) that accepts what ``fanout_index`` gives
+    ``index``; see ``pack_filter`` for the bytes the kernel takes."""
+    others = ACCEPT if index == 0 else 0
+    program: list[tuple[int, int, int, int]] = [
+        (_LD_W_LEN, 0, 0, 0),
+        (_JGE_K, 0, 0, FANOUT_MIN_LENGTH),  # jf patched below: to "worker 0's share"
+        (_LD_B_ABS, 0, 0, 0),
+        (_JEQ_K, 0, 0, 0x45),  # jf patched below
+        (_LDX_IMM, 0, 0, seed & 0xFFFFFFFF),
+    ]
+    for offset in FANOUT_WORDS:
+        program += [(_LD_W_ABS, 0, 0, offset), (_XOR_X, 0, 0, 0), (_MUL_K, 0, 0, FNV_PRIME_32),
+                    (_TAX, 0, 0, 0)]
+    program += [(_RSH_K, 0, 0, 16), (_XOR_X, 0, 0, 0), (_MOD_K, 0, 0, workers),
+                (_JEQ_K, 0, 1, index), (_RET_K, 0, 0, ACCEPT), (_RET_K, 0, 0, 0),
+                (_RET_K, 0, 0, others)]
+    last = len(program) - 1
+    program[1] = (_JGE_K, 0, last - 2, FANOUT_MIN_LENGTH)
+    program[3] = (_JEQ_K, 0, last - 4, 0x45)
+    return program
+
+
+def pack_filter(program: list[tuple[int, int, int, int]]) -> bytes:
+    return b"".join(_INSN.pack(*insn) for insn in program)

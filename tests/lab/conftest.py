@@ -43,14 +43,16 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 @pytest.fixture(scope="class", params=[1, 4], ids=lambda workers: f"workers{workers}")
 def lab(request: pytest.FixtureRequest, served_files: netlab.ServedFiles) -> Iterator[netlab.Lab]:
-    """Lab + gateway for the class's MODE and this worker count, shared by the class's tests.
+    """Lab + gateway for the class's MODE (and FANOUT, default "coordinator") and this worker
+    count, shared by the class's tests.
 
     Teardown proves the shutdown contract: no INTERNAL_ERROR drop over all the traffic,
     SIGTERM ends ``sixgate run`` with exit code 0 (asserted only if no test of the class failed,
     so one bug is not reported twice), and no link named after the gateway is left behind.
     """
     failed_before = request.session.testsfailed
-    with netlab.Lab(request.cls.MODE, request.param, served_files) as the_lab:
+    fanout = getattr(request.cls, "FANOUT", "coordinator")
+    with netlab.Lab(request.cls.MODE, request.param, served_files, fanout=fanout) as the_lab:
         yield the_lab
         problems = shutdown_problems(the_lab, request.session.testsfailed > failed_before)
     if problems:

@@ -429,8 +429,10 @@ class Lab:
     """
 
     def __init__(self, mode: str, workers: int, files: ServedFiles, *,
-                 with_gateway: bool = True, path_mtu: int | None = None) -> None:
+                 with_gateway: bool = True, path_mtu: int | None = None,
+                 fanout: str = "coordinator") -> None:
         self.path_mtu = path_mtu
+        self.fanout = fanout
         self.plan = PLANS[mode]
         self.mode = mode
         self.workers = workers
@@ -637,6 +639,7 @@ class Lab:
             f"workers = {self.workers}\n"
             f'run_dir = "{self.tmp / "run"}"\n'
             f'name = "{self.name}"\n'
+            f'fanout = "{self.fanout}"\n'
             "\n"
             f"{FORWARD_TOML}"
         )

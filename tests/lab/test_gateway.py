@@ -191,6 +191,37 @@ class TestSixInFour(GatewayBehaviour):
         assert result["replies"] == 3, result
 
 
+@pytest.mark.parametrize("lab", [4], indirect=True, ids=["workers4"])
+class TestSixToFourKernelFanout(TestSixToFour):
+    """Every 6to4 behaviour again with ``fanout = "kernel"``: each worker captures its own
+    share through a BPF filter on its raw socket (workers/wire.py fanout_filter) and applies
+    the tunnel checks itself; no packet crosses the coordinator."""
+
+    FANOUT = "kernel"
+
+    def test_capture_is_spread_over_the_workers_not_the_coordinator(self, lab: Lab) -> None:
+        """Clients in 16 /64s reach every worker's own capture; the coordinator receives
+        nothing; every packet is counted by exactly one process."""
+        result = lab.probe("tcp-many", "--addr", lab.plan.gateway_address,
+                           "--path", f"/{netlab.SMALL_NAME}", "--expect", netlab.SMALL_TEXT,
+                           "--sources", ",".join(lab.plan.extra_clients()), "--count", "32",
+                           "--timeout", "60", timeout=120)
+        assert result["ok"] == 32, result
+        status = lab.flows()["counters"]
+        received = {w["index"]: w["counters"]["events"].get("tunnel_packets_received", 0)
+                    for w in status["workers"]}
+        assert len(received) == lab.workers and all(n > 0 for n in received.values()), received
+        assert status["coordinator"]["events"].get("tunnel_packets_received", 0) == 0
+
+
+@pytest.mark.parametrize("lab", [4], indirect=True, ids=["workers4"])
+class TestSixInFourKernelFanout(TestSixInFour):
+    """Every 6in4 behaviour again with ``fanout = "kernel"`` (one broker, many clients: the
+    filter hashes the inner addresses, not the outer ones)."""
+
+    FANOUT = "kernel"
+
+
 def client_address(endpoint: str) -> str:
     """The address part of a "[2002:...]:port" endpoint from ``sixgate flows``."""
     return endpoint.rpartition("]")[0].lstrip("[")

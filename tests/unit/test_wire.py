@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from helpers import client_udp, packed4
+from hypothesis import given
+from hypothesis import strategies as st
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
 from scapy.packet import raw
 
@@ -22,7 +24,10 @@ from workers.wire import (
     WIRE_VERSION,
     decode_batch,
     encode_batch,
+    fanout_filter,
+    fanout_index,
     flow_hash,
+    pack_filter,
     pick_worker,
 )
 
@@ -140,3 +145,82 @@ def test_flow_hash_same_in_every_process() -> None:
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True).stdout
         assert int(out) == here
+
+
+# --- kernel fan-out: the classic BPF program and its Python twin ------------------------------
+
+def run_classic_bpf(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
+    """A small interpreter of the classic BPF subset the fan-out filter uses, written from
+    the kernel's semantics (loads are big-endian; a load past the end returns 0 at once)."""
+    a = x = 0
+    pc = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        if code == 0x80:  # ld len
+            a = len(packet)
+        elif code in (0x30, 0x20):  # ldb [k], ld [k]
+            size = 1 if code == 0x30 else 4
+            if k + size > len(packet):
+                return 0
+            a = int.from_bytes(packet[k:k + size], "big")
+        elif code == 0x01:  # ldx #k
+            x = k
+        elif code == 0x07:  # tax
+            x = a
+        elif code == 0xAC:  # xor x
+            a ^= x
+        elif code == 0x24:  # mul #k
+            a = (a * k) & 0xFFFFFFFF
+        elif code == 0x74:  # rsh #k
+            a >>= k
+        elif code == 0x94:  # mod #k
+            a %= k
+        elif code == 0x15:  # jeq #k
+            pc += jt if a == k else jf
+        elif code == 0x35:  # jge #k
+            pc += jt if a >= k else jf
+        elif code == 0x06:  # ret #k
+            return k
+        else:
+            raise AssertionError(f"instruction {code:#x} not in the subset")
+
+
+fanout_packets = st.one_of(
+    st.binary(max_size=80),
+    st.builds(lambda head, rest: b"\x45" + head + rest, st.binary(min_size=59, max_size=59),
+              st.binary(max_size=40)))
+
+
+@given(fanout_packets, st.integers(1, 16), st.integers(0, 0xFFFFFFFF))
+def test_fanout_filter_accepts_exactly_fanout_index(packet: bytes, workers: int,
+                                                    seed: int) -> None:
+    """Every packet is accepted by exactly one worker's filter: the one fanout_index names."""
+    accepted = [index for index in range(workers)
+                if run_classic_bpf(fanout_filter(index, workers, seed), packet)]
+    assert accepted == [fanout_index(packet, seed, workers)]
+
+
+@given(st.binary(min_size=60, max_size=60), st.binary(max_size=1400), st.integers(2, 8))
+def test_fanout_ignores_ports_and_the_low_64_bits_of_the_source(head: bytes, tail: bytes,
+                                                                 workers: int) -> None:
+    """Fragments (no ports) and every address of one /64 land on the same worker, as with
+    the coordinator's flow_hash."""
+    packet = bytearray(b"\x45" + head[1:] + tail)
+    index = fanout_index(bytes(packet), 7, workers)
+    packet[36:44] = bytes(8)  # the source's interface identifier
+    packet[60:64] = b"\x12\x34\x56\x78"  # ports, or fragment header
+    assert fanout_index(bytes(packet[:max(60, len(packet))]), 7, workers) == index
+
+
+def test_fanout_spreads_clients() -> None:
+    counts = [0, 0, 0, 0]
+    for n in range(4000):
+        packet = bytes([0x45]) + bytes(27) + n.to_bytes(8, "big") + bytes(8) + bytes(16)
+        counts[fanout_index(packet, 0x5167, 4)] += 1
+    assert min(counts) > 800, counts
+
+
+def test_fanout_filter_is_short_enough_for_classic_bpf() -> None:
+    program = fanout_filter(3, 16, 1)
+    assert len(program) < 256 and len(pack_filter(program)) == 8 * len(program)
