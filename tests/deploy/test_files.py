@@ -269,9 +269,13 @@ class _Inventory:
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 10, 33])
 @pytest.mark.parametrize("serial", [[1, "25%", "100%"], ["100%"], [1], [2, 3], ["10%"],
                                     ["30%", "50%"], [1, "33%"], [5]])
-def test_batches_are_ansibles_own(count: int, serial: list[int | str]) -> None:
+def test_batches_are_ansibles_own(count: int, serial: list[int | str], tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Our plan is computed with the same algorithm ansible-playbook runs: compared with
     Ansible's PlaybookExecutor._get_serialized_batches itself."""
+    # Importing Ansible makes its local temp directory: not in this machine's ~/.ansible.
+    monkeypatch.setenv("ANSIBLE_HOME", str(tmp_path))
+    monkeypatch.setenv("ANSIBLE_LOCAL_TEMP", str(tmp_path / "tmp"))
     executor = pytest.importorskip("ansible.executor.playbook_executor")
     hosts = [f"h{i}" for i in range(count)]
     stub = SimpleNamespace(_inventory=_Inventory(hosts))
