@@ -5,7 +5,8 @@ Prints one line when a batch starts (its hosts) and one per host for each step t
 failed with the reason), then a recap. Results of the task named "sixgate report" (the report
 playbook) are written as JSON to ``$SIXGATE_DEPLOY_REPORT``; ``$SIXGATE_DEPLOY_BATCHES`` (the
 batch count ``sixgate deploy`` computed) makes the batch lines read "batch 2/3"; with
-``$SIXGATE_DEPLOY_CHECK`` (check mode) changes are said as "would: ...".
+``$SIXGATE_DEPLOY_CHECK`` (check mode) changes are said as "would ..."; ``$SIXGATE_DEPLOY_TIMING``
+prints every task's start time (monotonic seconds), to see where a rollout spends its time.
 """
 
 from __future__ import annotations
