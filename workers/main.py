@@ -45,7 +45,10 @@ log = logging.getLogger("sixgate.worker")
 PR_SET_PDEATHSIG = 1
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0
-TUN_BATCH = 64
+# Packets per wakeup from each side, balanced (4 batches of 64 in, 256 back) so that an
+# inbound flood cannot starve the services' replies: their TUN queue would overflow.
+INBOUND_BATCHES = 4
+TUN_BATCH = 256
 SO_ATTACH_FILTER = 26
 TRACEBACK_LOG_INTERVAL_S = 10.0
 # One packet in 16 is timed for sixgate_packet_processing_seconds: two perf_counter calls and
@@ -201,7 +204,7 @@ class Worker:
         datapath = self.datapath
         inbound = datapath.inbound
         timing = self.processing["inbound"]
-        for _ in range(16):
+        for _ in range(INBOUND_BATCHES):
             try:
                 message = self.pull.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -226,7 +229,7 @@ class Worker:
         policy, accepted = self.policy, self.accepted
         inbound = self.datapath.inbound
         timing = self.processing["inbound"]
-        for _ in range(4):
+        for _ in range(INBOUND_BATCHES):
             try:
                 packets = receiver.receive()
             except OSError as exc:

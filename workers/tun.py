@@ -28,6 +28,7 @@ IFF_NO_PI = 0x1000
 # The largest IPv4 packet: the local stack then never fragments towards us; oversized replies
 # are fragmented as IPv6 by the worker (RFC 7915 §4) or answered with Fragmentation Needed.
 TUN_MTU = 65535
+TUN_TXQUEUE = 4096
 
 
 def open_tun(name: str) -> int:
@@ -53,7 +54,9 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network]) -> None:
     set_sysctl(name, "forwarding", "1")
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=name)[0]
-        ipr.link("set", index=index, mtu=TUN_MTU, state="up")
+        # A deeper transmit queue than the default 500 absorbs the services' bursts while the
+        # worker is busy with inbound packets.
+        ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
         for net in routes:
             ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen,
                       oif=index)
