@@ -82,6 +82,12 @@ TCP_SYN = 0x02
 TCP_ACK = 0x10
 TCP_RST = 0x04
 
+# Counter keys of the fast path, by protocol (the same keys Counters.count builds).
+INBOUND_KEYS = {PROTO_TCP: ("inbound", "tcp"), PROTO_UDP: ("inbound", "udp")}
+TO_SERVICES_KEYS = {PROTO_TCP: ("to_services", "tcp"), PROTO_UDP: ("to_services", "udp")}
+FROM_SERVICES_KEYS = {PROTO_TCP: ("from_services", "tcp"), PROTO_UDP: ("from_services", "udp")}
+OUTBOUND_KEYS = {PROTO_TCP: ("outbound", "tcp"), PROTO_UDP: ("outbound", "udp")}
+
 # Rule lookup value: (label, target IPv4 bytes, target port)
 RuleTarget = tuple[str, bytes, int]
 
@@ -196,9 +202,14 @@ class Datapath:
                             self.flows.touch_tcp(template[0], packet[53], True, now)
                         else:
                             template[0].last_seen = now
-                        self.counters.count("inbound", proto, len(packet))
+                        packets, octets = self.counters.packets, self.counters.bytes
+                        counter = INBOUND_KEYS[proto]
+                        packets[counter] += 1
+                        octets[counter] += len(packet)
+                        counter = TO_SERVICES_KEYS[proto]
+                        packets[counter] += 1
+                        octets[counter] += len(out)
                         self.to_services.append(out)
-                        self.counters.count("to_services", proto, len(out))
                         return
         view = parse_ipv6(packet)
         if isinstance(view, DropReason):
@@ -383,9 +394,14 @@ class Datapath:
                             self.flows.touch_tcp(template[0], packet[33], False, now)
                         else:
                             template[0].last_seen = now
-                        self.counters.count("from_services", proto, len(packet))
+                        packets, octets = self.counters.packets, self.counters.bytes
+                        counter = FROM_SERVICES_KEYS[proto]
+                        packets[counter] += 1
+                        octets[counter] += len(packet)
+                        counter = OUTBOUND_KEYS[proto]
+                        packets[counter] += 1
+                        octets[counter] += len(out)
                         self.outbound.append((out, template[5]))
-                        self.counters.count("outbound", proto, len(out))
                         return
         view = parse_ipv4(packet)
         if isinstance(view, DropReason):

@@ -30,11 +30,14 @@ from workers.translate import DF_THRESHOLD
 TCP_SYN_FIN_RST = 0x07
 MSS_OPTION = b"\x02\x04"  # kind 2, length 4 (RFC 9293 §3.2)
 
-IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
-IPV6_HEADER = struct.Struct("!IHBB16s16s")
 UDP_HEADER = struct.Struct("!HHHH")
+TCP_HEADER = struct.Struct("!HHIIBBHHH")
+# A whole translated header in one pack: network header + transport header.
+IPV4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
+IPV4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+IPV6_UDP = struct.Struct("!IHBB16s16sHHHH")
+IPV6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
 PORTS = struct.Struct("!HH")
-U16 = struct.Struct("!H")
 
 
 def _words(data: bytes) -> int:
@@ -82,38 +85,47 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
     # Padding after the payload, hop limit 1, a short segment: the full path decides.
     if 40 + plen != len(packet) or hop_limit <= 1:
         return None
-    segment = packet[40:]
     if proto == PROTO_UDP:
-        if plen < 8 or (segment[6] == 0 and segment[7] == 0):
+        if plen < 8:
             return None
-        csum_offset, zero = 6, 0xFFFF
+        sport, dport, udp_len, old_csum = UDP_HEADER.unpack_from(packet, 40)
+        if old_csum == 0:
+            return None  # RFC 8200 §8.1: zero is invalid over IPv6; the full path counts it
+        zero = 0xFFFF
     else:
-        if plen < 20 or segment[13] & TCP_SYN_FIN_RST:
+        if plen < 20:
             return None
-        data_offset = (segment[12] >> 4) * 4
-        if data_offset > 20 and MSS_OPTION in bytes(segment[20:data_offset]):
+        sport, dport, seq, ack, offset, flags, window, old_csum, urgent = (
+            TCP_HEADER.unpack_from(packet, 40))
+        if flags & TCP_SYN_FIN_RST:
             return None
-        csum_offset, zero = 16, 0
-    value = int.from_bytes(segment, "big")
+        data_offset = (offset >> 4) * 4
+        if data_offset > 20 and MSS_OPTION in bytes(packet[60:40 + data_offset]):
+            return None
+        zero = 0
+    value = int.from_bytes(packet[40:], "big")
     if plen & 1:
         value <<= 8  # RFC 1071 §4.1: pad the odd byte
-    _session, sum6, addr4, ports_sum, ports, pool4, target4 = template
+    _session, sum6, addr4, ports_sum, _ports, pool4, target4 = template
     # RFC 8200 §8.1: verify over the IPv6 pseudo-header (length < 65536: one word).
     if (sum6 + plen + value) % 0xFFFF:
         return None
-    old = ((segment[0] << 8 | segment[1]) + (segment[2] << 8 | segment[3])
-           + (segment[csum_offset] << 8 | segment[csum_offset + 1]))
-    csum = _complement((value - old + ports_sum + addr4 + plen) % 0xFFFF, zero)
+    csum = _complement((value - sport - dport - old_csum + ports_sum + addr4 + plen) % 0xFFFF,
+                       zero)
     total_len = 20 + plen
-    flags = IPV4_DF if total_len > DF_THRESHOLD else 0
+    flags_offset = IPV4_DF if total_len > DF_THRESHOLD else 0
     tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
     ttl = hop_limit - 1  # RFC 7915 §5.1
     header_csum = _complement(
-        (0x4500 + tos + total_len + ident + flags + (ttl << 8) + addr4) % 0xFFFF, 0)
-    header = IPV4_HEADER.pack(0x45, tos, total_len, ident, flags, ttl, proto, header_csum,
-                              pool4, target4)
-    return (header + ports + segment[4:csum_offset] + U16.pack(csum)
-            + segment[csum_offset + 2:])
+        (0x4500 + tos + total_len + ident + flags_offset + (ttl << 8) + addr4) % 0xFFFF, 0)
+    session = template[0]
+    if proto == PROTO_UDP:
+        return IPV4_UDP.pack(0x45, tos, total_len, ident, flags_offset, ttl, proto, header_csum,
+                             pool4, target4, session.cport, session.tport, udp_len,
+                             csum) + packet[48:]
+    return IPV4_TCP.pack(0x45, tos, total_len, ident, flags_offset, ttl, proto, header_csum,
+                         pool4, target4, session.cport, session.tport, seq, ack, offset, flags,
+                         window, csum, urgent) + packet[60:]
 
 
 def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
@@ -131,27 +143,34 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
     if proto == PROTO_UDP:
         if seglen < 8:
             return None
-        at, zero = 26, 0xFFFF
+        sport, dport, udp_len, old_csum = UDP_HEADER.unpack_from(packet, 20)
+        zero = 0xFFFF
     else:
-        if seglen < 20 or packet[33] & TCP_SYN_FIN_RST:
+        if seglen < 20:
             return None
-        data_offset = (packet[32] >> 4) * 4
+        sport, dport, seq, ack, offset, flags, window, old_csum, urgent = (
+            TCP_HEADER.unpack_from(packet, 20))
+        if flags & TCP_SYN_FIN_RST:
+            return None
+        data_offset = (offset >> 4) * 4
         if data_offset > 20 and MSS_OPTION in bytes(packet[40:20 + data_offset]):
             return None
-        at, zero = 36, 0
+        zero = 0
     # RFC 791: the IPv4 header checksum must verify.
     if int.from_bytes(packet[:20], "big") % 0xFFFF:
         return None
     value = int.from_bytes(packet[20:], "big")
     if seglen & 1:
         value <<= 8
-    _session, sum6, ports, gw6, client6, _outer = template
-    old = ((packet[20] << 8 | packet[21]) + (packet[22] << 8 | packet[23])
-           + (packet[at] << 8 | packet[at + 1]))
+    session, sum6, _ports, gw6, client6, _outer = template
     # Summed whole, so the checksum is recomputed rather than carried over (the local
     # stack's checksums are not trusted, DESIGN.md).
-    csum = _complement((value - old + sum6 + seglen) % 0xFFFF, zero)
+    csum = _complement((value - sport - dport - old_csum + sum6 + seglen) % 0xFFFF, zero)
     # RFC 7915 §4.1: traffic class = TOS, hop limit = TTL - 1.
-    header = IPV6_HEADER.pack(0x60000000 | (packet[1] << 20), seglen, proto, ttl - 1, gw6,
-                              client6)
-    return header + ports + packet[24:at] + U16.pack(csum) + packet[at + 2:]
+    first_word = 0x60000000 | (packet[1] << 20)
+    if proto == PROTO_UDP:
+        return IPV6_UDP.pack(first_word, seglen, proto, ttl - 1, gw6, client6, session.gwport,
+                             session.cport, udp_len, csum) + packet[28:]
+    return IPV6_TCP.pack(first_word, seglen, proto, ttl - 1, gw6, client6, session.gwport,
+                         session.cport, seq, ack, offset, flags, window, csum,
+                         urgent) + packet[40:]

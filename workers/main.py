@@ -241,16 +241,22 @@ class Worker:
                                                            0) + len(packets)
             events["tunnel_bytes_received"] = events.get("tunnel_bytes_received", 0) + sum(
                 len(p) for p in packets)
+            sample = self._sample
             for packet in packets:
+                sample += 1
                 try:
                     result = check_inbound(packet, policy, accepted)
+                    if isinstance(result, DropReason):
+                        drops[result] += 1
+                    elif sample & LATENCY_SAMPLE_MASK:
+                        inbound(result[0], now)
+                    else:
+                        start = time.perf_counter()
+                        inbound(result[0], now)
+                        timing.observe(time.perf_counter() - start)
                 except Exception as exc:  # noqa: BLE001 - one packet must never kill the loop
                     self._guard(exc)
-                    continue
-                if isinstance(result, DropReason):
-                    drops[result] += 1
-                else:
-                    self._handle(inbound, result[0], now, timing)
+            self._sample = sample
             self._flush()
             if len(packets) < receiver.batch:
                 return

@@ -41,7 +41,7 @@ _MSG_FLAGS_AT = _Msghdr.msg_flags.offset
 _IOV_SIZE = ctypes.sizeof(_Iovec)
 _IOV_LEN_AT = _Iovec.iov_len.offset
 _MSG_TRUNC = 0x20
-_U32 = struct.Struct("=I")
+_MMSG_WORDS = _MMSG_SIZE // 4
 _INT = struct.Struct("=i")
 _SIZE = struct.Struct("@N")
 # struct sockaddr_in: family, port (network order), address, zero padding
@@ -84,6 +84,8 @@ class BatchReceiver:
         self._data, self._iovs, self._msgs, _ = _messages(batch, slot, names=False)
         self._view = memoryview(self._data).cast("B")
         self._msgs_view = memoryview(self._msgs).cast("B")
+        # Every message's msg_len, as a strided view of 32-bit words: one slice per batch.
+        self._lengths = self._msgs_view.cast("I")[_MSG_LEN_AT // 4:]
         self._msgs_ptr = ctypes.addressof(self._msgs)
         self.truncated = 0  # datagrams longer than a slot (cut short; the caller drops them)
 
@@ -97,16 +99,16 @@ class BatchReceiver:
             if code in (errno.EAGAIN, errno.EINTR):
                 return []
             raise OSError(code, errno.errorcode.get(code, str(code)))
-        view, msgs, slot = self._view, self._msgs_view, self.slot
-        out = []
-        for i in range(count):
-            length = _U32.unpack_from(msgs, i * _MMSG_SIZE + _MSG_LEN_AT)[0]
-            if _INT.unpack_from(msgs, i * _MMSG_SIZE + _MSG_FLAGS_AT)[0] & _MSG_TRUNC:
-                self.truncated += 1
-                length = min(length, slot)
-            start = i * slot
-            out.append(view[start:start + length])
-        return out
+        slot = self.slot
+        lengths = self._lengths[:count * _MMSG_WORDS:_MMSG_WORDS].tolist()
+        if slot < 65536:  # a datagram can be longer than a slot: MSG_TRUNC says it was cut
+            msgs = self._msgs_view
+            for i in range(count):
+                if _INT.unpack_from(msgs, i * _MMSG_SIZE + _MSG_FLAGS_AT)[0] & _MSG_TRUNC:
+                    self.truncated += 1
+                    lengths[i] = min(lengths[i], slot)
+        view = self._view
+        return [view[i * slot:i * slot + length] for i, length in enumerate(lengths)]
 
 
 class BatchSender:
