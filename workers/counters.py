@@ -36,6 +36,15 @@ class Counters:
         self.packets[key] += 1
         self.bytes[key] += size
 
+    def count_pair(self, first: tuple[str, str], first_size: int, second: tuple[str, str],
+                   second_size: int) -> None:
+        """One packet in and its translation out, by precomputed keys (the fast path)."""
+        packets, octets = self.packets, self.bytes
+        packets[first] += 1
+        octets[first] += first_size
+        packets[second] += 1
+        octets[second] += second_size
+
     def event(self, name: str, n: int = 1) -> None:
         self.events[name] = self.events.get(name, 0) + n
 

@@ -202,13 +202,8 @@ class Datapath:
                             self.flows.touch_tcp(template[0], packet[53], True, now)
                         else:
                             template[0].last_seen = now
-                        packets, octets = self.counters.packets, self.counters.bytes
-                        counter = INBOUND_KEYS[proto]
-                        packets[counter] += 1
-                        octets[counter] += len(packet)
-                        counter = TO_SERVICES_KEYS[proto]
-                        packets[counter] += 1
-                        octets[counter] += len(out)
+                        self.counters.count_pair(INBOUND_KEYS[proto], len(packet),
+                                                 TO_SERVICES_KEYS[proto], len(out))
                         self.to_services.append(out)
                         return
         view = parse_ipv6(packet)
@@ -394,13 +389,8 @@ class Datapath:
                             self.flows.touch_tcp(template[0], packet[33], False, now)
                         else:
                             template[0].last_seen = now
-                        packets, octets = self.counters.packets, self.counters.bytes
-                        counter = FROM_SERVICES_KEYS[proto]
-                        packets[counter] += 1
-                        octets[counter] += len(packet)
-                        counter = OUTBOUND_KEYS[proto]
-                        packets[counter] += 1
-                        octets[counter] += len(out)
+                        self.counters.count_pair(FROM_SERVICES_KEYS[proto], len(packet),
+                                                 OUTBOUND_KEYS[proto], len(out))
                         self.outbound.append((out, template[5]))
                         return
         view = parse_ipv4(packet)
