@@ -103,9 +103,10 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
         if data_offset > 20 and MSS_OPTION in bytes(packet[60:40 + data_offset]):
             return None
         zero = 0
-    value = int.from_bytes(packet[40:], "big")
+    # The segment's ones' complement sum, reduced once (a big integer for big packets).
+    value = int.from_bytes(packet[40:], "big") % 0xFFFF
     if plen & 1:
-        value <<= 8  # RFC 1071 §4.1: pad the odd byte
+        value = (value << 8) % 0xFFFF  # RFC 1071 §4.1: pad the odd byte
     _session, sum6, addr4, ports_sum, _ports, pool4, target4 = template
     # RFC 8200 §8.1: verify over the IPv6 pseudo-header (length < 65536: one word).
     if (sum6 + plen + value) % 0xFFFF:
@@ -159,9 +160,9 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
     # RFC 791: the IPv4 header checksum must verify.
     if int.from_bytes(packet[:20], "big") % 0xFFFF:
         return None
-    value = int.from_bytes(packet[20:], "big")
+    value = int.from_bytes(packet[20:], "big") % 0xFFFF
     if seglen & 1:
-        value <<= 8
+        value = (value << 8) % 0xFFFF
     session, sum6, _ports, gw6, client6, _outer = template
     # Summed whole, so the checksum is recomputed rather than carried over (the local
     # stack's checksums are not trusted, DESIGN.md).
