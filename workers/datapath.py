@@ -54,6 +54,7 @@ from workers.packet import (
     PORTS,
     PROTO_ICMP,
     PROTO_ICMPV6,
+    PROTO_IPV6,
     PROTO_NONE,
     PROTO_TCP,
     PROTO_UDP,
@@ -76,7 +77,7 @@ from workers.translate import (
     translate_v4_to_v6,
     translate_v6_to_v4,
 )
-from workers.tunnel import our_addresses, outer_destination
+from workers.tunnel import TunnelPolicy, check_inbound, our_addresses, outer_destination
 
 TCP_SYN = 0x02
 TCP_ACK = 0x10
@@ -136,6 +137,12 @@ class Datapath:
         self.fast_path = fast_path
         self._fast_in: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         self._fast_out: dict[int, dict[bytes, OutTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
+        # Kernel fan-out (``from_tunnel``): the same inbound templates keyed by the captured
+        # packet's outer source and destination plus the inner addresses and ports, so one
+        # lookup stands for the tunnel checks (all address-only, workers/tunnel.py) and the
+        # session. Entries of removed sessions go when next seen; the size is bounded.
+        self._fast_tunnel: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
+        self._fast_tunnel_max = 2 * self.flows.max_flows + 1024
         self.flows.removed = []
 
     # --- helpers ------------------------------------------------------------------------------
@@ -187,25 +194,65 @@ class Datapath:
 
     # --- inbound: IPv6 from the tunnel --------------------------------------------------------
 
+    def from_tunnel(self, packet: bytes | memoryview, now: float, policy: TunnelPolicy,
+                    accepted: set[bytes]) -> None:
+        """One captured IPv4 protocol-41 packet (kernel fan-out): the tunnel checks of
+        ``check_inbound``, then ``inbound``; a plain packet of a known session and known
+        tunnel addresses takes one lookup (RFC 4213 §3.6: the outer packet must be exactly
+        one IPv6 packet here, padding and options take the full path)."""
+        if (len(packet) >= 64 and packet[0] == 0x45 and packet[9] == PROTO_IPV6
+                and packet[20] >> 4 == 6 and self.fast_path):
+            proto = packet[26]
+            if (proto == PROTO_UDP or proto == PROTO_TCP) and (
+                    (packet[2] << 8) | packet[3]) == len(packet):
+                cache = self._fast_tunnel[proto]
+                key = bytes(packet[12:20]) + bytes(packet[28:64])
+                template = cache.get(key)
+                if template is not None:
+                    if not template[0].alive:
+                        del cache[key]
+                    elif self._inbound_fast(packet[20:], proto, template, now):
+                        return
+        result = check_inbound(packet, policy, accepted)
+        if isinstance(result, DropReason):
+            self.counters.drops[result] += 1
+            return
+        inner = result[0]
+        self.inbound(inner, now)
+        if (packet[0] == 0x45 and len(inner) >= 44 and inner[6] in (PROTO_UDP, PROTO_TCP)
+                and len(packet) == 20 + len(inner) and self.fast_path):
+            template = self._fast_in[inner[6]].get(bytes(inner[8:44]))
+            if template is not None:
+                cache = self._fast_tunnel[inner[6]]
+                if len(cache) >= self._fast_tunnel_max:
+                    cache.clear()
+                cache[bytes(packet[12:20]) + bytes(packet[28:64])] = template
+
+    def _inbound_fast(self, packet: bytes | memoryview, proto: int, template: InTemplate,
+                      now: float) -> bool:
+        """Translate a plain packet of ``template``'s session; False: the full path decides."""
+        ident = (self._ident4 + 1) & 0xFFFF
+        out = fast_v6_to_v4(packet, proto, template, ident)
+        if out is None:
+            return False
+        self._ident4 = ident
+        if proto == PROTO_TCP:
+            self.flows.touch_tcp(template[0], packet[53], True, now)
+        else:
+            template[0].last_seen = now
+        self.counters.count_pair(INBOUND_KEYS[proto], len(packet), TO_SERVICES_KEYS[proto],
+                                 len(out))
+        self.to_services.append(out)
+        return True
+
     def inbound(self, packet: bytes | memoryview, now: float) -> None:
         self._now = now
         if len(packet) >= 44 and packet[0] >> 4 == 6 and self.fast_path:
             proto = packet[6]
             if proto == PROTO_UDP or proto == PROTO_TCP:
                 template = self._fast_in[proto].get(bytes(packet[8:44]))
-                if template is not None:
-                    ident = (self._ident4 + 1) & 0xFFFF
-                    out = fast_v6_to_v4(packet, proto, template, ident)
-                    if out is not None:
-                        self._ident4 = ident
-                        if proto == PROTO_TCP:
-                            self.flows.touch_tcp(template[0], packet[53], True, now)
-                        else:
-                            template[0].last_seen = now
-                        self.counters.count_pair(INBOUND_KEYS[proto], len(packet),
-                                                 TO_SERVICES_KEYS[proto], len(out))
-                        self.to_services.append(out)
-                        return
+                if template is not None and self._inbound_fast(packet, proto, template, now):
+                    return
         view = parse_ipv6(packet)
         if isinstance(view, DropReason):
             self._drop(view)

@@ -52,7 +52,7 @@ class Session:
     """One live session; attributes are plain values for speed (STYLE.md: hot path)."""
 
     __slots__ = ("proto", "client6", "cport", "gw6", "gwport", "pool4", "target4", "tport",
-                 "rule", "state", "last_seen", "timeout_s", "prefix64", "created")
+                 "rule", "state", "last_seen", "timeout_s", "prefix64", "created", "alive")
 
     def __init__(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
                  pool4: bytes, target4: bytes, tport: int, rule: str, state: str,
@@ -71,6 +71,7 @@ class Session:
         self.timeout_s = timeout_s
         self.prefix64 = client6[:8]
         self.created = now
+        self.alive = True  # False once the table removed it (caches drop it when they see it)
 
     @property
     def pport(self) -> int:
@@ -239,6 +240,7 @@ class FlowTable:
 
     def _remove(self, session: Session) -> None:
         del self._by_v6[session.v6_key()]
+        session.alive = False
         self.active_by_proto[session.proto] -= 1
         if self.removed is not None:
             self.removed.append(session)

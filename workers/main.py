@@ -37,7 +37,7 @@ from workers.flows import Session
 from workers.mmsg import BatchReceiver, BatchSender
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.settings import Settings, worker_pool, worker_routes
-from workers.tunnel import TunnelPolicy, check_inbound
+from workers.tunnel import TunnelPolicy
 from workers.wire import decode_batch, fanout_filter, pack_filter
 
 log = logging.getLogger("sixgate.worker")
@@ -224,10 +224,9 @@ class Worker:
         before the next batch reuses the receive buffer."""
         receiver = self.receiver
         assert receiver is not None
-        counters = self.datapath.counters
-        events, drops = counters.events, counters.drops
+        events = self.datapath.counters.events
         policy, accepted = self.policy, self.accepted
-        inbound = self.datapath.inbound
+        from_tunnel = self.datapath.from_tunnel
         timing = self.processing["inbound"]
         for _ in range(INBOUND_BATCHES):
             try:
@@ -245,14 +244,11 @@ class Worker:
             for packet in packets:
                 sample += 1
                 try:
-                    result = check_inbound(packet, policy, accepted)
-                    if isinstance(result, DropReason):
-                        drops[result] += 1
-                    elif sample & LATENCY_SAMPLE_MASK:
-                        inbound(result[0], now)
+                    if sample & LATENCY_SAMPLE_MASK:
+                        from_tunnel(packet, now, policy, accepted)
                     else:
                         start = time.perf_counter()
-                        inbound(result[0], now)
+                        from_tunnel(packet, now, policy, accepted)
                         timing.observe(time.perf_counter() - start)
                 except Exception as exc:  # noqa: BLE001 - one packet must never kill the loop
                     self._guard(exc)

@@ -20,6 +20,7 @@ from scapy.packet import Raw, raw
 
 from workers import datapath as datapath_module
 from workers.datapath import Datapath
+from workers.drops import DropReason
 from workers.packet import PROTO_TCP
 from workers.settings import worker_pool
 from workers.tunnel import TunnelPolicy, check_inbound
@@ -236,3 +237,94 @@ def test_check_inbound_cache_changes_no_verdict(packets: list[tuple[object, ...]
     for args in packets:
         data = tunnel_packet(*args)  # type: ignore[arg-type]
         assert check_inbound(data, policy, accepted) == check_inbound(data, policy)
+
+
+# --- kernel fan-out: Datapath.from_tunnel's one-lookup path ------------------------------------
+
+OUTER = st.sampled_from(["198.51.100.1", "198.51.100.1", "203.0.113.7", "10.9.9.9"])
+OUTER_SHAPES = st.sampled_from(["plain", "plain", "plain", "padding", "options"])
+
+
+def encapsulate(inner: bytes, outer_src: str, shape: str) -> bytes:
+    data = raw(IP(src=outer_src, dst=helpers.GW4, proto=41,
+                  options=[b"\x01\x01\x01\x00"] if shape == "options" else [])
+               / Raw(inner))
+    return data + b"\0\0\0\0" if shape == "padding" else data
+
+
+tunnel_steps = st.lists(st.one_of(
+    st.tuples(st.just("client"), st.tuples(client_packets, OUTER, OUTER_SHAPES)),
+    st.tuples(st.just("reply"), st.tuples(st.integers(0, 50),
+                                          st.sampled_from(["A", "PA", "SA", "FA", "R"]),
+                                          st.integers(0, 1300),
+                                          st.sampled_from(REPLY_MUTATIONS))),
+    st.tuples(st.just("tick"), st.sampled_from([1.0, 30.0, 250.0, 400.0])),
+), min_size=5, max_size=60)
+
+
+@settings(max_examples=300)
+@given(tunnel_steps)
+def test_from_tunnel_equals_check_inbound_then_full_path(
+        script: list[tuple[str, object]]) -> None:
+    """The captured-packet entry of kernel fan-out gives exactly what the coordinator's
+    check_inbound followed by the full-path engine gives: bytes, counters, session states."""
+    fast, full = engines()
+    policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
+    fast_cache: set[bytes] = set()
+    now = 1000.0
+    requests: list[bytes] = []
+    for kind, arg in script:
+        if kind == "client":
+            args, outer_src, shape = arg  # type: ignore[misc]
+            packet = encapsulate(client_packet(*args), outer_src, shape)
+            fast.from_tunnel(packet, now, policy, fast_cache)
+            result = check_inbound(packet, policy)
+            if isinstance(result, tuple):
+                full.inbound(result[0], now)
+            else:
+                full.counters.drops[result] += 1
+        elif kind == "reply":
+            requests.extend(full.to_services)
+            if not requests:
+                continue
+            index, flags, size, mutation = arg  # type: ignore[misc]
+            packet = reply_packet(requests[index % len(requests)], flags, size, mutation)
+            fast.from_services(packet, now)
+            full.from_services(packet, now)
+        else:
+            now += arg  # type: ignore[operator]
+            fast.tick(now)
+            full.tick(now)
+        requests.extend(full.to_services)
+        assert fast.to_services == full.to_services, kind
+        assert fast.outbound == full.outbound, kind
+        assert state(fast) == state(full), kind
+        for dp in (fast, full):
+            dp.to_services.clear()
+            dp.outbound.clear()
+
+
+def test_from_tunnel_second_packet_of_a_flow_skips_the_full_checks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: the second packet of a flow from the same tunnel addresses is translated
+    from the one-lookup cache without running check_inbound again; a spoofed outer source
+    for the same inner packet is not (the key holds the outer addresses) and is dropped."""
+    fast, _full = engines()
+    policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
+    accepted: set[bytes] = set()
+    first = client_packet(CLIENTS[0], "udp", 40000, 53, "A", "none", 10, "none")
+    fast.from_tunnel(encapsulate(first, "198.51.100.1", "plain"), 1.0, policy, accepted)
+    assert len(fast.to_services) == 1 and len(fast._fast_tunnel[17]) == 1
+
+    def must_not_run(*_args: object) -> object:
+        raise AssertionError("check_inbound ran for a cached flow")
+
+    monkeypatch.setattr(datapath_module, "check_inbound", must_not_run)
+    second = client_packet(CLIENTS[0], "udp", 40000, 53, "A", "none", 20, "none")
+    fast.from_tunnel(encapsulate(second, "198.51.100.1", "plain"), 2.0, policy, accepted)
+    assert len(fast.to_services) == 2
+    monkeypatch.undo()
+    before = fast.counters.drops[DropReason.SPOOFED_6TO4]
+    fast.from_tunnel(encapsulate(second, "203.0.113.7", "plain"), 3.0, policy, accepted)
+    assert fast.counters.drops[DropReason.SPOOFED_6TO4] == before + 1
+    assert len(fast.to_services) == 2
