@@ -10,6 +10,8 @@ the same session states. Packets are built with scapy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import helpers
 import pytest
 from hypothesis import given, settings
@@ -131,25 +133,36 @@ def state(dp: Datapath) -> tuple[object, ...]:
 def test_fast_path_gives_the_full_paths_bytes_counters_and_states(
         script: list[tuple[str, object]]) -> None:
     fast, full = engines()
-    now = 1000.0
+
+    def client(arg: object) -> None:
+        packet = client_packet(*arg)  # type: ignore[misc]
+        fast.inbound(packet, now_of[0])
+        full.inbound(packet, now_of[0])
+
+    now_of = [1000.0]
+    run_script(fast, full, script, client, now_of)
+
+
+def run_script(fast: Datapath, full: Datapath, script: list[tuple[str, object]],
+               client: Callable[[object], None], now_of: list[float]) -> None:
+    """Play ``script`` into both engines (``client`` plays a client step); after every step
+    both must have produced the same bytes, counters and session states."""
     requests: list[bytes] = []
     for kind, arg in script:
         if kind == "client":
-            packet = client_packet(*arg)  # type: ignore[misc]
-            fast.inbound(packet, now)
-            full.inbound(packet, now)
+            client(arg)
         elif kind == "reply":
-            if not full.to_services and not requests:
-                continue
             requests.extend(full.to_services)
+            if not requests:
+                continue
             index, flags, size, mutation = arg  # type: ignore[misc]
             packet = reply_packet(requests[index % len(requests)], flags, size, mutation)
-            fast.from_services(packet, now)
-            full.from_services(packet, now)
+            fast.from_services(packet, now_of[0])
+            full.from_services(packet, now_of[0])
         else:
-            now += arg  # type: ignore[operator]
-            fast.tick(now)
-            full.tick(now)
+            now_of[0] += arg  # type: ignore[operator]
+            fast.tick(now_of[0])
+            full.tick(now_of[0])
         requests.extend(full.to_services)
         assert fast.to_services == full.to_services, kind
         assert fast.outbound == full.outbound, kind
@@ -271,37 +284,19 @@ def test_from_tunnel_equals_check_inbound_then_full_path(
     fast, full = engines()
     policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
     fast_cache: set[bytes] = set()
-    now = 1000.0
-    requests: list[bytes] = []
-    for kind, arg in script:
-        if kind == "client":
-            args, outer_src, shape = arg  # type: ignore[misc]
-            packet = encapsulate(client_packet(*args), outer_src, shape)
-            fast.from_tunnel(packet, now, policy, fast_cache)
-            result = check_inbound(packet, policy)
-            if isinstance(result, tuple):
-                full.inbound(result[0], now)
-            else:
-                full.counters.drops[result] += 1
-        elif kind == "reply":
-            requests.extend(full.to_services)
-            if not requests:
-                continue
-            index, flags, size, mutation = arg  # type: ignore[misc]
-            packet = reply_packet(requests[index % len(requests)], flags, size, mutation)
-            fast.from_services(packet, now)
-            full.from_services(packet, now)
+
+    def client(arg: object) -> None:
+        args, outer_src, shape = arg  # type: ignore[misc]
+        packet = encapsulate(client_packet(*args), outer_src, shape)
+        fast.from_tunnel(packet, now_of[0], policy, fast_cache)
+        result = check_inbound(packet, policy)
+        if isinstance(result, tuple):
+            full.inbound(result[0], now_of[0])
         else:
-            now += arg  # type: ignore[operator]
-            fast.tick(now)
-            full.tick(now)
-        requests.extend(full.to_services)
-        assert fast.to_services == full.to_services, kind
-        assert fast.outbound == full.outbound, kind
-        assert state(fast) == state(full), kind
-        for dp in (fast, full):
-            dp.to_services.clear()
-            dp.outbound.clear()
+            full.counters.drops[result] += 1
+
+    now_of = [1000.0]
+    run_script(fast, full, script, client, now_of)
 
 
 def test_from_tunnel_second_packet_of_a_flow_skips_the_full_checks(
