@@ -204,10 +204,10 @@ def test_metrics_listen_default_and_off() -> None:
 
 
 def test_fanout_default_choice_and_error() -> None:
-    assert parse_config(GOOD_6TO4, "gw.toml").fanout == "coordinator"
-    kernel = parse_config(GOOD_6TO4.replace("workers = 2", 'workers = 2\nfanout = "kernel"'),
-                          "gw.toml")
-    assert kernel.fanout == "kernel"
+    assert parse_config(GOOD_6TO4, "gw.toml").fanout == "kernel"
+    zmq = parse_config(GOOD_6TO4.replace("workers = 2", 'workers = 2\nfanout = "coordinator"'),
+                       "gw.toml")
+    assert zmq.fanout == "coordinator"
     text = GOOD_6TO4.replace("workers = 2", 'workers = 2\nfanout = "zmq"')
     with pytest.raises(ConfigError) as info:
         parse_config(text, "gw.toml")

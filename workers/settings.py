@@ -79,7 +79,7 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9641"  # "" = no metrics endpoint
     # Who spreads captured packets over the workers: the coordinator over ZeroMQ, or the
     # kernel (each worker's capture socket filters its share, workers/wire.py fanout_filter).
-    fanout: str = "coordinator"
+    fanout: str = "kernel"
 
     @property
     def max_mss(self) -> int:

@@ -137,9 +137,11 @@ def leftover_runtime_files(lab: Lab) -> list[str]:
 @pytest.fixture
 def private_lab(request: pytest.FixtureRequest,
                 served_files: netlab.ServedFiles) -> Iterator[Lab]:
-    """A lab + gateway of its own (mode, workers) for one test that kills or disturbs it."""
-    mode, workers = request.param
-    with Lab(mode, workers, served_files) as the_lab:
+    """A lab + gateway of its own (mode, workers[, fanout]) for one test that kills or
+    disturbs it."""
+    mode, workers, *fanout = request.param
+    with Lab(mode, workers, served_files, fanout=fanout[0] if fanout else "coordinator") \
+            as the_lab:
         yield the_lab
 
 
@@ -300,7 +302,8 @@ class TestLifecycleSixInFour(LifecycleBehaviour):
 # --------------------------------------------------------------------------- private labs
 
 
-@pytest.mark.parametrize("private_lab", [("6in4", 4)], ids=["6in4-workers4"], indirect=True)
+@pytest.mark.parametrize("private_lab", [("6in4", 4), ("6in4", 4, "kernel")],
+                         ids=["6in4-workers4", "6in4-workers4-kernel-fanout"], indirect=True)
 def test_killed_worker_is_restarted_and_traffic_resumes(private_lab: Lab) -> None:
     """SIGKILL the worker that owns the client's /64: the coordinator notices, restarts it
     (a new PID answers in ``sixgate flows``, ``restarts`` 1, the other three untouched) and
