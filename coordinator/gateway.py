@@ -1,10 +1,12 @@
 """``sixgate run``: the coordinator process.
 
-Owns the raw IPv4 protocol-41 socket, runs every received packet through the tunnel checks
-(``workers/tunnel.py check_inbound``), fans the survivors out by flow hash to the workers in
-one ZeroMQ message per worker per batch (bounded by high-water marks: overload is counted as
-QUEUE_FULL, never buffered), supervises the worker processes (restart on crash) and answers
-control requests (``sixgate flows``) on an ipc:// socket in the run directory.
+Supervises the worker processes (restart on crash), answers control requests (``sixgate
+flows``) on an ipc:// socket in the run directory and serves /metrics. With ``fanout =
+"coordinator"`` it also owns the raw IPv4 protocol-41 socket, runs every received packet
+through the tunnel checks (``workers/tunnel.py check_inbound``) and fans the survivors out by
+flow hash to the workers in one ZeroMQ message per worker per batch (bounded by high-water
+marks: overload is counted as QUEUE_FULL, never buffered). With ``fanout = "kernel"`` (the
+default) the workers capture their own shares and no packet passes through here.
 
 Shutdown (SIGINT/SIGTERM) stops the workers, whose TUN devices and routes vanish with them,
 and removes the run directory's sockets and pidfiles. A stale run directory of a crashed run
