@@ -100,6 +100,7 @@ def ask_workers(ctx: zmq.Context[Any], run_dir: str, count: int, cmd: str,
             sock.send_json(control.request(cmd))
             sockets.append(sock)
             poller.register(sock, zmq.POLLIN)
+        position = {sock: index for index, sock in enumerate(sockets)}
         deadline = time.monotonic() + timeout_ms / 1000
         pending = count
         while pending:
@@ -107,7 +108,7 @@ def ask_workers(ctx: zmq.Context[Any], run_dir: str, count: int, cmd: str,
             if left_ms <= 0:
                 break
             for sock, _event in poller.poll(left_ms):
-                index = sockets.index(sock)
+                index = position[sock]
                 poller.unregister(sock)
                 pending -= 1
                 try:
@@ -299,6 +300,7 @@ class GatewayCollector:
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
+        self.version = sixgate_version()  # read once: it does not change while we run
 
     def snapshot(self) -> dict[str, Any]:
         coord = self.coordinator
@@ -327,7 +329,7 @@ class GatewayCollector:
                 "flow_limit": max(1, -(-settings.max_flows // settings.workers)),
                 "usage": process_usage(proc.pid) if alive and proc is not None else None})
         return {
-            "version": sixgate_version(), "backend": settings.backend,
+            "version": self.version, "backend": settings.backend,
             "delivery": "socket_relay" if kernel else "tun", "mode": settings.mode,
             "ready": readiness(coord, replies) is None, "start_time": coord.started_unix,
             "tunnel_received": received,

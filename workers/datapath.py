@@ -438,7 +438,7 @@ class Datapath:
                             template[0].last_seen = now
                         self.counters.count_pair(FROM_SERVICES_KEYS[proto], len(packet),
                                                  OUTBOUND_KEYS[proto], len(out))
-                        self.outbound.append((out, template[5]))
+                        self.outbound.append((out, template[2]))
                         return
         view = parse_ipv4(packet)
         if isinstance(view, DropReason):

@@ -37,7 +37,6 @@ IPV4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
 IPV4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 IPV6_UDP = struct.Struct("!IHBB16s16sHHHH")
 IPV6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
-PORTS = struct.Struct("!HH")
 
 
 def _words(data: bytes) -> int:
@@ -47,26 +46,40 @@ def _words(data: bytes) -> int:
 
 # Template of the inbound direction (IPv6 client -> IPv4 service): (session, sum of the IPv6
 # pseudo-header without its length, sum of the IPv4 addresses and protocol, sum of the new
-# ports, the new ports as 4 bytes, pool4, target4)
-InTemplate = tuple[Session, int, int, int, bytes, bytes, bytes]
+# ports)
+InTemplate = tuple[Session, int, int, int]
 # Template of the return direction (IPv4 service -> IPv6 client): (session, sum of the IPv6
-# pseudo-header without its length plus the new ports, the new ports as 4 bytes, gw6, client6,
-# outer IPv4 destination)
-OutTemplate = tuple[Session, int, bytes, bytes, bytes, bytes]
+# pseudo-header without its length plus the new ports, outer IPv4 destination)
+OutTemplate = tuple[Session, int, bytes]
 
 
 def inbound_template(session: Session) -> InTemplate:
     return (session, _words(session.client6 + session.gw6) + session.proto,
             _words(session.pool4 + session.target4) + session.proto,
-            session.cport + session.tport, PORTS.pack(session.cport, session.tport),
-            session.pool4, session.target4)
+            session.cport + session.tport)
 
 
 def return_template(session: Session, outer: bytes) -> OutTemplate:
     return (session,
             _words(session.gw6 + session.client6) + session.proto + session.gwport
-            + session.cport,
-            PORTS.pack(session.gwport, session.cport), session.gw6, session.client6, outer)
+            + session.cport, outer)
+
+
+def _tcp_is_plain(packet: bytes | memoryview, options_at: int, offset: int,
+                  flags: int) -> bool:
+    """No SYN, FIN or RST (they move the session's state machine) and no MSS option (the
+    full path clamps it): a segment the template may translate."""
+    if flags & TCP_SYN_FIN_RST:
+        return False
+    options = (offset >> 4) * 4 - 20
+    return options <= 0 or MSS_OPTION not in bytes(packet[options_at:options_at + options])
+
+
+def _sum_mod(segment: bytes | memoryview) -> int:
+    """The segment's ones' complement sum modulo 0xffff, reduced once (a big integer for big
+    packets); RFC 1071 §4.1: an odd last byte is padded with zero."""
+    value = int.from_bytes(segment, "big") % 0xFFFF
+    return (value << 8) % 0xFFFF if len(segment) & 1 else value
 
 
 def _complement(rest: int, zero: int) -> int:
@@ -97,17 +110,11 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
             return None
         sport, dport, seq, ack, offset, flags, window, old_csum, urgent = (
             TCP_HEADER.unpack_from(packet, 40))
-        if flags & TCP_SYN_FIN_RST:
-            return None
-        data_offset = (offset >> 4) * 4
-        if data_offset > 20 and MSS_OPTION in bytes(packet[60:40 + data_offset]):
+        if not _tcp_is_plain(packet, 60, offset, flags):
             return None
         zero = 0
-    # The segment's ones' complement sum, reduced once (a big integer for big packets).
-    value = int.from_bytes(packet[40:], "big") % 0xFFFF
-    if plen & 1:
-        value = (value << 8) % 0xFFFF  # RFC 1071 §4.1: pad the odd byte
-    _session, sum6, addr4, ports_sum, _ports, pool4, target4 = template
+    value = _sum_mod(packet[40:])
+    session, sum6, addr4, ports_sum = template
     # RFC 8200 §8.1: verify over the IPv6 pseudo-header (length < 65536: one word).
     if (sum6 + plen + value) % 0xFFFF:
         return None
@@ -119,7 +126,7 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
     ttl = hop_limit - 1  # RFC 7915 §5.1
     header_csum = _complement(
         (0x4500 + tos + total_len + ident + flags_offset + (ttl << 8) + addr4) % 0xFFFF, 0)
-    session = template[0]
+    pool4, target4 = session.pool4, session.target4
     if proto == PROTO_UDP:
         return IPV4_UDP.pack(0x45, tos, total_len, ident, flags_offset, ttl, proto, header_csum,
                              pool4, target4, session.cport, session.tport, udp_len,
@@ -151,19 +158,15 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
             return None
         sport, dport, seq, ack, offset, flags, window, old_csum, urgent = (
             TCP_HEADER.unpack_from(packet, 20))
-        if flags & TCP_SYN_FIN_RST:
-            return None
-        data_offset = (offset >> 4) * 4
-        if data_offset > 20 and MSS_OPTION in bytes(packet[40:20 + data_offset]):
+        if not _tcp_is_plain(packet, 40, offset, flags):
             return None
         zero = 0
     # RFC 791: the IPv4 header checksum must verify.
     if int.from_bytes(packet[:20], "big") % 0xFFFF:
         return None
-    value = int.from_bytes(packet[20:], "big") % 0xFFFF
-    if seglen & 1:
-        value = (value << 8) % 0xFFFF
-    session, sum6, _ports, gw6, client6, _outer = template
+    value = _sum_mod(packet[20:])
+    session, sum6, _outer = template
+    gw6, client6 = session.gw6, session.client6
     # Summed whole, so the checksum is recomputed rather than carried over (the local
     # stack's checksums are not trusted, DESIGN.md).
     csum = _complement((value - sport - dport - old_csum + sum6 + seglen) % 0xFFFF, zero)

@@ -223,16 +223,18 @@ def in_ns(namespace: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", namespace, *argv]
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str,
-               interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; LabError after ``timeout``."""
+def wait_until(predicate: Callable[[], Any], *, timeout: float,
+               what: str | Callable[[], str], interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; LabError after ``timeout``
+    saying what was awaited (a callable ``what`` is asked then, to show the latest logs)."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise LabError(f"timed out after {timeout}s waiting for {what}")
+            awaited = what if isinstance(what, str) else what()
+            raise LabError(f"timed out after {timeout:.0f} s waiting for {awaited}")
         time.sleep(interval)
 
 

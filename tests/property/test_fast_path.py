@@ -113,14 +113,19 @@ def helpers_checksum(header: bytes) -> bytes:
     return (~total & 0xFFFF).to_bytes(2, "big")
 
 
-steps = st.lists(st.one_of(
-    st.tuples(st.just("client"), client_packets),
-    st.tuples(st.just("reply"), st.tuples(st.integers(0, 50),
-                                          st.sampled_from(["A", "PA", "SA", "FA", "R"]),
-                                          st.integers(0, 1300),
-                                          st.sampled_from(REPLY_MUTATIONS))),
-    st.tuples(st.just("tick"), st.sampled_from([1.0, 30.0, 250.0, 400.0])),
-), min_size=5, max_size=60)
+def scripts(client_steps: st.SearchStrategy[object]) -> st.SearchStrategy[list[object]]:
+    """Scripts of client steps, service replies (to one of the requests so far) and ticks."""
+    return st.lists(st.one_of(
+        st.tuples(st.just("client"), client_steps),
+        st.tuples(st.just("reply"), st.tuples(st.integers(0, 50),
+                                              st.sampled_from(["A", "PA", "SA", "FA", "R"]),
+                                              st.integers(0, 1300),
+                                              st.sampled_from(REPLY_MUTATIONS))),
+        st.tuples(st.just("tick"), st.sampled_from([1.0, 30.0, 250.0, 400.0])),
+    ), min_size=5, max_size=60)
+
+
+steps = scripts(client_packets)
 
 
 def state(dp: Datapath) -> tuple[object, ...]:
@@ -187,7 +192,7 @@ def test_fast_path_is_taken_for_plain_packets(monkeypatch: pytest.MonkeyPatch) -
             return out
 
         monkeypatch.setattr(datapath_module, name, counting)
-    fast, full = engines()
+    fast, _full = engines()
     for proto, flags in (("udp", "A"), ("tcp", "S")):
         first = client_packet(CLIENTS[0], proto, 40000, 53 if proto == "udp" else 80, flags,
                               "none", 10, "none")
@@ -212,7 +217,6 @@ def test_fast_path_is_taken_for_plain_packets(monkeypatch: pytest.MonkeyPatch) -
         del fresh6.plen
         del fresh6.payload.chksum
         assert raw(IPv6(raw(fresh6))) == raw(out6)
-    del full
 
 
 # --- the address-verdict cache of check_inbound ----------------------------------------------
@@ -265,14 +269,7 @@ def encapsulate(inner: bytes, outer_src: str, shape: str) -> bytes:
     return data + b"\0\0\0\0" if shape == "padding" else data
 
 
-tunnel_steps = st.lists(st.one_of(
-    st.tuples(st.just("client"), st.tuples(client_packets, OUTER, OUTER_SHAPES)),
-    st.tuples(st.just("reply"), st.tuples(st.integers(0, 50),
-                                          st.sampled_from(["A", "PA", "SA", "FA", "R"]),
-                                          st.integers(0, 1300),
-                                          st.sampled_from(REPLY_MUTATIONS))),
-    st.tuples(st.just("tick"), st.sampled_from([1.0, 30.0, 250.0, 400.0])),
-), min_size=5, max_size=60)
+tunnel_steps = scripts(st.tuples(client_packets, OUTER, OUTER_SHAPES))
 
 
 @settings(max_examples=300)

@@ -33,7 +33,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,14 @@ from typing import Any
 from guestnet import ip
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# The host lab's process helpers (stdlib only), shared rather than written twice.
+sys.path.insert(0, str(REPO_ROOT / "tests" / "lab"))
+from netlab import (  # noqa: E402
+    process_cmdline,
+    process_gone,
+    stop_process,
+    wait_until,
+)
 
 GW_IPV4 = "192.0.2.10"
 PEER_IPV4 = "198.51.100.1"
@@ -122,51 +129,6 @@ def run_together(commands: Sequence[Sequence[str]], timeout: float = 60) -> list
         for process in processes:
             stop_process(process, 5)
     return outputs
-
-
-def wait_until(predicate: Callable[[], Any], *, timeout: float, what: Callable[[], str],
-               interval: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout``
-    saying what was awaited (``what`` is asked then, so it can show the latest logs)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what()}")
-        time.sleep(interval)
-
-
-def process_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
-
-
-def process_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float) -> int:
-    """SIGTERM by PID, wait ``timeout`` s, then SIGKILL; the exit code."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-    return process.returncode
 
 
 def _setns(fd: int) -> None:
