@@ -290,7 +290,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
                           "Packets per coordinator-to-worker ZeroMQ message", [],
                           [([], snap["batch_packets"])]))
     out.append(_histogram("sixgate_packet_processing_seconds",
-                          "Engine time per packet (1 packet in 16 sampled)",
+                          "Engine time per packet (batch means, or 1 packet in 16 sampled)",
                           ["process", "direction"], timings))
     return out
 

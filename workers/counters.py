@@ -37,12 +37,13 @@ class Counters:
         self.bytes[key] += size
 
     def count_pair(self, first: tuple[str, str], first_size: int, second: tuple[str, str],
-                   second_size: int) -> None:
-        """One packet in and its translation out, by precomputed keys (the fast path)."""
+                   second_size: int, n: int = 1) -> None:
+        """``n`` packets in and their translations out, by precomputed keys (the fast path);
+        the sizes are their totals."""
         packets, octets = self.packets, self.bytes
-        packets[first] += 1
+        packets[first] += n
         octets[first] += first_size
-        packets[second] += 1
+        packets[second] += n
         octets[second] += second_size
 
     def event(self, name: str, n: int = 1) -> None:
@@ -99,6 +100,12 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
         self.count += 1
+
+    def observe_many(self, value: float, n: int) -> None:
+        """``n`` observations of ``value`` (a batch's mean per packet)."""
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.total += value * n
+        self.count += n
 
     def as_dict(self) -> dict[str, object]:
         return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total,

@@ -17,6 +17,7 @@ passed in, no I/O.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
 from workers.counters import Counters, LimitHits
 from workers.drops import DropReason
@@ -143,6 +144,9 @@ class Datapath:
         # session. Entries of removed sessions go when next seen; the size is bounded.
         self._fast_tunnel: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         self._fast_tunnel_max = 2 * self.flows.max_flows + 1024
+        # The last exception a packet of ``from_tunnel_batch`` raised (counted as
+        # INTERNAL_ERROR there; the I/O shell logs it and clears this).
+        self.last_error: Exception | None = None
         self.flows.removed = []
 
     # --- helpers ------------------------------------------------------------------------------
@@ -196,23 +200,78 @@ class Datapath:
 
     def from_tunnel(self, packet: bytes | memoryview, now: float, policy: TunnelPolicy,
                     accepted: set[bytes]) -> None:
-        """One captured IPv4 protocol-41 packet (kernel fan-out): the tunnel checks of
-        ``check_inbound``, then ``inbound``; a plain packet of a known session and known
-        tunnel addresses takes one lookup (RFC 4213 §3.6: the outer packet must be exactly
-        one IPv6 packet here, padding and options take the full path)."""
-        if (len(packet) >= 64 and packet[0] == 0x45 and packet[9] == PROTO_IPV6
-                and packet[20] >> 4 == 6 and self.fast_path):
-            proto = packet[26]
-            if (proto == PROTO_UDP or proto == PROTO_TCP) and (
-                    (packet[2] << 8) | packet[3]) == len(packet):
-                cache = self._fast_tunnel[proto]
-                key = bytes(packet[12:20]) + bytes(packet[28:64])
-                template = cache.get(key)
-                if template is not None:
-                    if not template[0].alive:
-                        del cache[key]
-                    elif self._inbound_fast(packet[20:], proto, template, now):
-                        return
+        """One captured IPv4 protocol-41 packet (kernel fan-out): ``from_tunnel_batch``."""
+        self.from_tunnel_batch((bytes(packet),), now, policy, accepted)
+
+    def from_tunnel_batch(self, packets: Iterable[bytes], now: float, policy: TunnelPolicy,
+                          accepted: set[bytes]) -> None:
+        """Captured IPv4 protocol-41 packets (kernel fan-out), in order: the tunnel checks of
+        ``check_inbound``, then ``inbound``.
+
+        A plain packet of a known session from known tunnel addresses takes one lookup, keyed
+        by its outer source and destination and its inner addresses and ports: the tunnel
+        checks depend on those addresses only (workers/tunnel.py), and the session on those
+        plus the ports. RFC 4213 §3.6: the outer packet must be exactly one IPv6 packet here;
+        options, padding and everything else take ``_from_tunnel_full``. Per packet this loop
+        is most of a worker's Python time: it keeps what it touches in locals and adds its
+        counters once per batch. A packet that raises is counted as INTERNAL_ERROR and kept
+        in ``last_error`` for the shell to log; the rest of the batch goes on."""
+        fast = self.fast_path
+        caches = self._fast_tunnel
+        append = self.to_services.append
+        touch_tcp = self.flows.touch_tcp
+        ident = self._ident4
+        udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
+        for packet in packets:
+            try:
+                size = len(packet)
+                template = None
+                if (fast and size >= 64 and packet[0] == 0x45 and packet[9] == PROTO_IPV6
+                        and packet[20] >> 4 == 6 and (packet[2] << 8) | packet[3] == size):
+                    proto = packet[26]
+                    cache = caches.get(proto)
+                    if cache is not None:
+                        key = packet[12:20] + packet[28:64]
+                        template = cache.get(key)
+                        if template is not None and not template[0].alive:
+                            del cache[key]
+                            template = None
+                out = (None if template is None
+                       else fast_v6_to_v4(packet[20:], proto, template, (ident + 1) & 0xFFFF))
+                if out is None:
+                    self._ident4 = ident
+                    self._from_tunnel_full(packet, now, policy, accepted)
+                    ident = self._ident4
+                    continue
+                ident = (ident + 1) & 0xFFFF
+                append(out)
+                session = template[0]  # type: ignore[index]
+                if proto == PROTO_UDP:
+                    session.last_seen = now
+                    udp_n += 1
+                    udp_in += size - 20
+                    udp_out += len(out)
+                else:
+                    touch_tcp(session, packet[53], True, now)
+                    tcp_n += 1
+                    tcp_in += size - 20
+                    tcp_out += len(out)
+            except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
+                self.counters.drops[DropReason.INTERNAL_ERROR] += 1
+                self.last_error = exc
+                ident = self._ident4
+        self._ident4 = ident
+        if udp_n:
+            self.counters.count_pair(INBOUND_KEYS[PROTO_UDP], udp_in,
+                                     TO_SERVICES_KEYS[PROTO_UDP], udp_out, udp_n)
+        if tcp_n:
+            self.counters.count_pair(INBOUND_KEYS[PROTO_TCP], tcp_in,
+                                     TO_SERVICES_KEYS[PROTO_TCP], tcp_out, tcp_n)
+
+    def _from_tunnel_full(self, packet: bytes, now: float, policy: TunnelPolicy,
+                          accepted: set[bytes]) -> None:
+        """``check_inbound`` and ``inbound`` for a packet the one-lookup path did not take;
+        a plain packet that ends up with an inbound template gets its one-lookup entry."""
         result = check_inbound(packet, policy, accepted)
         if isinstance(result, DropReason):
             self.counters.drops[result] += 1
@@ -220,13 +279,13 @@ class Datapath:
         inner = result[0]
         self.inbound(inner, now)
         if (packet[0] == 0x45 and len(inner) >= 44 and inner[6] in (PROTO_UDP, PROTO_TCP)
-                and len(packet) == 20 + len(inner) and self.fast_path):
+                and len(packet) == 20 + len(inner)):
             template = self._fast_in[inner[6]].get(bytes(inner[8:44]))
             if template is not None:
                 cache = self._fast_tunnel[inner[6]]
                 if len(cache) >= self._fast_tunnel_max:
                     cache.clear()
-                cache[bytes(packet[12:20]) + bytes(packet[28:64])] = template
+                cache[packet[12:20] + packet[28:64]] = template
 
     def _inbound_fast(self, packet: bytes | memoryview, proto: int, template: InTemplate,
                       now: float) -> bool:

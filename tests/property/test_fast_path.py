@@ -320,3 +320,59 @@ def test_from_tunnel_second_packet_of_a_flow_skips_the_full_checks(
     fast.from_tunnel(encapsulate(second, "203.0.113.7", "plain"), 3.0, policy, accepted)
     assert fast.counters.drops[DropReason.SPOOFED_6TO4] == before + 1
     assert len(fast.to_services) == 2
+
+
+@settings(max_examples=200)
+@given(st.lists(st.one_of(
+    st.lists(st.tuples(client_packets, OUTER, OUTER_SHAPES), min_size=1, max_size=12),
+    st.sampled_from([1.0, 30.0, 400.0])), min_size=1, max_size=12))
+def test_from_tunnel_batch_equals_one_packet_at_a_time(script: list[object]) -> None:
+    """A batch (the worker's recvmmsg) gives what its packets give one by one through
+    check_inbound and the full path; the batch's summed counters and ident included."""
+    fast, full = engines()
+    policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
+    fast_cache: set[bytes] = set()
+    now = 1000.0
+    for step in script:
+        if isinstance(step, float):
+            now += step
+            fast.tick(now)
+            full.tick(now)
+            continue
+        batch = [encapsulate(client_packet(*args), outer_src, shape)
+                 for args, outer_src, shape in step]  # type: ignore[attr-defined]
+        fast.from_tunnel_batch(batch, now, policy, fast_cache)
+        for packet in batch:
+            result = check_inbound(packet, policy)
+            if isinstance(result, tuple):
+                full.inbound(result[0], now)
+            else:
+                full.counters.drops[result] += 1
+        assert fast.to_services == full.to_services
+        assert fast.outbound == full.outbound
+        assert state(fast) == state(full)
+        assert fast.last_error is None
+
+
+def test_a_packet_that_raises_is_counted_and_the_batch_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine bug on one packet costs that packet only: it is counted as internal_error,
+    kept for the worker to log, and the packets after it in the batch are translated."""
+    fast, _full = engines()
+    policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
+    packets = [encapsulate(client_packet(CLIENTS[0], "udp", 40000 + i, 53, "A", "none", 10,
+                                         "none"), "198.51.100.1", "plain") for i in range(3)]
+    real = Datapath._from_tunnel_full
+
+    def broken_on_the_second(self: Datapath, packet: bytes, *args: object) -> None:
+        if packet == packets[1]:
+            raise ValueError("engine bug")
+        real(self, packet, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Datapath, "_from_tunnel_full", broken_on_the_second)
+    fast.from_tunnel_batch(packets, 1.0, policy, set())
+    assert fast.counters.drops[DropReason.INTERNAL_ERROR] == 1
+    assert isinstance(fast.last_error, ValueError)
+    assert len(fast.to_services) == 2
+    assert [IP(p)[UDP].sport for p in fast.to_services] == [40000, 40002]
+    fast.counters.drops[DropReason.INTERNAL_ERROR] = 0  # provoked: not for the suite's guard
