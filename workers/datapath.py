@@ -261,12 +261,16 @@ class Datapath:
                 self.last_error = exc
                 ident = self._ident4
         self._ident4 = ident
-        if udp_n:
-            self.counters.count_pair(INBOUND_KEYS[PROTO_UDP], udp_in,
-                                     TO_SERVICES_KEYS[PROTO_UDP], udp_out, udp_n)
-        if tcp_n:
-            self.counters.count_pair(INBOUND_KEYS[PROTO_TCP], tcp_in,
-                                     TO_SERVICES_KEYS[PROTO_TCP], tcp_out, tcp_n)
+        self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, (udp_n, udp_in, udp_out),
+                          (tcp_n, tcp_in, tcp_out))
+
+    def _count_batch(self, first: dict[int, tuple[str, str]],
+                     second: dict[int, tuple[str, str]], udp: tuple[int, int, int],
+                     tcp: tuple[int, int, int]) -> None:
+        """A batch's fast-path totals per protocol: (packets, bytes in, bytes out)."""
+        for proto, (n, size_in, size_out) in ((PROTO_UDP, udp), (PROTO_TCP, tcp)):
+            if n:
+                self.counters.count_pair(first[proto], size_in, second[proto], size_out, n)
 
     def _from_tunnel_full(self, packet: bytes, now: float, policy: TunnelPolicy,
                           accepted: set[bytes]) -> None:
@@ -483,22 +487,51 @@ class Datapath:
     # --- from services: IPv4 to a pool address ------------------------------------------------
 
     def from_services(self, packet: bytes | memoryview, now: float) -> None:
+        """One IPv4 packet from a service: ``from_services_batch``."""
+        self.from_services_batch((bytes(packet),), now)
+
+    def from_services_batch(self, packets: Iterable[bytes], now: float) -> None:
+        """IPv4 packets the services sent to pool addresses, in order. A plain packet of a
+        session with a return template is translated from it (workers/fastpath.py); every
+        other packet takes ``_from_services_full``. Like ``from_tunnel_batch``: locals,
+        counters added once per batch, a packet that raises costs only itself."""
+        fast = self.fast_path
+        caches = self._fast_out
+        append = self.outbound.append
+        touch_tcp = self.flows.touch_tcp
+        mtu = self.mtu
+        udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
+        for packet in packets:
+            try:
+                template = None
+                if fast and len(packet) >= 28 and packet[0] == 0x45:
+                    proto = packet[9]
+                    cache = caches.get(proto)
+                    if cache is not None:
+                        template = cache.get(packet[12:24])
+                out = None if template is None else fast_v4_to_v6(packet, proto, template, mtu)
+                if out is None:
+                    self._from_services_full(packet, now)
+                    continue
+                append((out, template[2]))  # type: ignore[index]
+                if proto == PROTO_UDP:
+                    template[0].last_seen = now  # type: ignore[index]
+                    udp_n += 1
+                    udp_in += len(packet)
+                    udp_out += len(out)
+                else:
+                    touch_tcp(template[0], packet[33], False, now)  # type: ignore[index]
+                    tcp_n += 1
+                    tcp_in += len(packet)
+                    tcp_out += len(out)
+            except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
+                self.counters.drops[DropReason.INTERNAL_ERROR] += 1
+                self.last_error = exc
+        self._count_batch(FROM_SERVICES_KEYS, OUTBOUND_KEYS, (udp_n, udp_in, udp_out),
+                          (tcp_n, tcp_in, tcp_out))
+
+    def _from_services_full(self, packet: bytes, now: float) -> None:
         self._now = now
-        if len(packet) >= 28 and packet[0] == 0x45 and self.fast_path:
-            proto = packet[9]
-            if proto == PROTO_UDP or proto == PROTO_TCP:
-                template = self._fast_out[proto].get(bytes(packet[12:24]))
-                if template is not None:
-                    out = fast_v4_to_v6(packet, proto, template, self.mtu)
-                    if out is not None:
-                        if proto == PROTO_TCP:
-                            self.flows.touch_tcp(template[0], packet[33], False, now)
-                        else:
-                            template[0].last_seen = now
-                        self.counters.count_pair(FROM_SERVICES_KEYS[proto], len(packet),
-                                                 OUTBOUND_KEYS[proto], len(out))
-                        self.outbound.append((out, template[2]))
-                        return
         view = parse_ipv4(packet)
         if isinstance(view, DropReason):
             self._drop(view)
