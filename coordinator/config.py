@@ -42,7 +42,7 @@ ALLOWED: dict[str, set[str]] = {
     "gateway": {"workers", "pool", "run_dir", "name", "max_flows", "max_flows_per_prefix",
                 "icmp_errors_per_s", "icmp_error_burst", "queue_batches", "batch_packets",
                 "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend",
-                "fanout"},
+                "fanout", "tun_writes"},
     "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s"},
     "forward": {"proto", "port", "to"},
     "metrics": {"listen"},
@@ -336,6 +336,9 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         fanout=_choice(ctx, "gateway", "fanout", gateway.get("fanout", "kernel"), {
             "kernel": "each worker captures its share with a kernel filter",
             "coordinator": "the coordinator captures and sends batches over ZeroMQ"}),
+        tun_writes=_choice(ctx, "gateway", "tun_writes", gateway.get("tun_writes", "io_uring"), {
+            "io_uring": "a batch of packets per system call (write(2) where io_uring is refused)",
+            "write": "one write(2) per packet"}),
     )
 
 

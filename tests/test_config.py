@@ -213,3 +213,15 @@ def test_fanout_default_choice_and_error() -> None:
         parse_config(text, "gw.toml")
     line = text.splitlines().index('fanout = "zmq"') + 1
     assert str(info.value).startswith(f"gw.toml:{line}: gateway.fanout: 'zmq' is not one of")
+
+
+def test_tun_writes_default_choice_and_error() -> None:
+    assert parse_config(GOOD_6TO4, "gw.toml").tun_writes == "io_uring"
+    plain = parse_config(GOOD_6TO4.replace("workers = 2", 'workers = 2\ntun_writes = "write"'),
+                         "gw.toml")
+    assert plain.tun_writes == "write"
+    text = GOOD_6TO4.replace("workers = 2", 'workers = 2\ntun_writes = "uring"')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    line = text.splitlines().index('tun_writes = "uring"') + 1
+    assert str(info.value).startswith(f"gw.toml:{line}: gateway.tun_writes: 'uring' is not one of")

@@ -38,6 +38,7 @@ from workers.mmsg import BatchReceiver, BatchSender
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.settings import Settings, worker_pool, worker_routes
 from workers.tunnel import TunnelPolicy
+from workers.uring import UringWriter
 from workers.wire import decode_batch, fanout_filter, pack_filter
 
 log = logging.getLogger("sixgate.worker")
@@ -106,6 +107,7 @@ class Worker:
         self.running = True
         self._last_traceback = 0.0
         self.tun_fd = -1
+        self.tun_writer: UringWriter | None = None
         self.receiver: BatchReceiver | None = None
         self.processing = {"inbound": Histogram(PROCESSING_SECONDS_BOUNDS),
                            "from_services": Histogram(PROCESSING_SECONDS_BOUNDS)}
@@ -120,6 +122,15 @@ class Worker:
         name = tun_name(settings, self.index)
         self.tun_fd = open_tun(name)
         configure_tun(name, worker_routes(settings.pool, settings.workers, self.index))
+        if settings.tun_writes == "io_uring":
+            try:
+                self.tun_writer = UringWriter.open(self.tun_fd)
+            except OSError as exc:
+                log.warning("worker %d: io_uring refused (%s): one write(2) per packet to the "
+                            "services; set [gateway] tun_writes = \"write\" to say so", self.index,
+                            exc)
+        log.info("worker %d: packets to the services by %s", self.index,
+                 "io_uring" if self.tun_writer is not None else "write(2)")
         self.send_sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
         self.send_sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
         self.send_sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
@@ -160,6 +171,9 @@ class Worker:
                 sock.close(0)
         if getattr(self, "ctx", None) is not None:
             self.ctx.term()
+        if self.tun_writer is not None:
+            self.tun_writer.close()
+            self.tun_writer = None
         if self.tun_fd >= 0:
             os.close(self.tun_fd)
             self.tun_fd = -1
@@ -295,11 +309,16 @@ class Worker:
     def _flush(self) -> None:
         datapath = self.datapath
         if datapath.to_services:
-            for packet in datapath.to_services:
-                try:
-                    os.write(self.tun_fd, packet)
-                except OSError:
-                    datapath.counters.drop(DropReason.SEND_FAILED)
+            if self.tun_writer is not None:
+                failed = self.tun_writer.write(datapath.to_services)
+                if failed:
+                    datapath.counters.drop(DropReason.SEND_FAILED, failed)
+            else:
+                for packet in datapath.to_services:
+                    try:
+                        os.write(self.tun_fd, packet)
+                    except OSError:
+                        datapath.counters.drop(DropReason.SEND_FAILED)
             datapath.to_services.clear()
         if datapath.outbound:
             failed = self.sender.send(datapath.outbound)

@@ -80,6 +80,9 @@ class Settings:
     # Who spreads captured packets over the workers: the coordinator over ZeroMQ, or the
     # kernel (each worker's capture socket filters its share, workers/wire.py fanout_filter).
     fanout: str = "kernel"
+    # How a worker writes to its TUN device: a batch per io_uring_enter (workers/uring.py;
+    # write(2) per packet when the kernel refuses io_uring), or one write(2) per packet.
+    tun_writes: str = "io_uring"
 
     @property
     def max_mss(self) -> int:

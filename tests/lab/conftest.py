@@ -43,8 +43,8 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 @pytest.fixture(scope="class", params=[1, 4], ids=lambda workers: f"workers{workers}")
 def lab(request: pytest.FixtureRequest, served_files: netlab.ServedFiles) -> Iterator[netlab.Lab]:
-    """Lab + gateway for the class's MODE (and FANOUT, default "coordinator") and this worker
-    count, shared by the class's tests.
+    """Lab + gateway for the class's MODE (and FANOUT, default "coordinator", and TUN_WRITES,
+    default "io_uring") and this worker count, shared by the class's tests.
 
     Teardown proves the shutdown contract: no INTERNAL_ERROR drop over all the traffic,
     SIGTERM ends ``sixgate run`` with exit code 0 (asserted only if no test of the class failed,
@@ -52,7 +52,9 @@ def lab(request: pytest.FixtureRequest, served_files: netlab.ServedFiles) -> Ite
     """
     failed_before = request.session.testsfailed
     fanout = getattr(request.cls, "FANOUT", "coordinator")
-    with netlab.Lab(request.cls.MODE, request.param, served_files, fanout=fanout) as the_lab:
+    tun_writes = getattr(request.cls, "TUN_WRITES", "io_uring")
+    with netlab.Lab(request.cls.MODE, request.param, served_files, fanout=fanout,
+                    tun_writes=tun_writes) as the_lab:
         yield the_lab
         problems = shutdown_problems(the_lab, request.session.testsfailed > failed_before)
     if problems:

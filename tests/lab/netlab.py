@@ -432,9 +432,10 @@ class Lab:
 
     def __init__(self, mode: str, workers: int, files: ServedFiles, *,
                  with_gateway: bool = True, path_mtu: int | None = None,
-                 fanout: str = "coordinator") -> None:
+                 fanout: str = "coordinator", tun_writes: str = "io_uring") -> None:
         self.path_mtu = path_mtu
         self.fanout = fanout
+        self.tun_writes = tun_writes
         self.plan = PLANS[mode]
         self.mode = mode
         self.workers = workers
@@ -642,6 +643,7 @@ class Lab:
             f'run_dir = "{self.tmp / "run"}"\n'
             f'name = "{self.name}"\n'
             f'fanout = "{self.fanout}"\n'
+            f'tun_writes = "{self.tun_writes}"\n'
             "\n"
             f"{FORWARD_TOML}"
         )

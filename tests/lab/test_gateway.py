@@ -24,9 +24,22 @@ REFUSED_WITHIN_S = 2.0  # "at once": far below curl's 5 s timeout and any SYN re
 
 
 class GatewayBehaviour:
-    """What the gateway must do in both tunnel modes (subclasses set MODE)."""
+    """What the gateway must do in both tunnel modes (subclasses set MODE). The classes of
+    the coordinator's fan-out write to the TUN devices with write(2), those of kernel fan-out
+    through io_uring (the default), so every behaviour is seen with both."""
 
     MODE = ""
+    TUN_WRITES = "write"
+
+    def test_workers_write_to_the_services_as_configured(self, lab: Lab) -> None:
+        """Each worker says at start how its packets reach the services: io_uring batches
+        (this kernel allows io_uring, so no fallback) or write(2) when configured so."""
+        expected = "io_uring" if self.TUN_WRITES == "io_uring" else "write(2)"
+        log = lab.log_path("sixgate").read_text()
+        said = [f"worker {i}: packets to the services by {expected}" in log
+                for i in range(lab.workers)]
+        assert all(said), netlab.tail(lab.log_path("sixgate"))
+        assert "io_uring refused" not in log
 
     def test_gateway_namespace_has_no_kernel_ipv6(self, lab: Lab) -> None:
         """The gateway is the host's whole IPv6 stack: its kernel has IPv6 switched off."""
@@ -198,6 +211,7 @@ class TestSixToFourKernelFanout(TestSixToFour):
     the tunnel checks itself; no packet crosses the coordinator."""
 
     FANOUT = "kernel"
+    TUN_WRITES = "io_uring"
 
     def test_capture_is_spread_over_the_workers_not_the_coordinator(self, lab: Lab) -> None:
         """Clients in 16 /64s reach every worker's own capture; the coordinator receives
@@ -220,6 +234,7 @@ class TestSixInFourKernelFanout(TestSixInFour):
     filter hashes the inner addresses, not the outer ones)."""
 
     FANOUT = "kernel"
+    TUN_WRITES = "io_uring"
 
 
 def client_address(endpoint: str) -> str:

@@ -1,8 +1,14 @@
-"""Batched tunnel I/O (workers/mmsg.py) against the real kernel, in a namespace of its own.
+"""Batched I/O against the real kernel, each test in a namespace of its own.
 
-A raw protocol-41 socket sends 150 packets with one sendmmsg-based ``BatchSender.send`` (three
-batches of 64), one of them to an address with no route: that one packet is refused and
-counted, the rest arrive, in order and byte for byte, at a ``BatchReceiver`` reading batches.
+workers/mmsg.py: a raw protocol-41 socket sends 150 packets with one sendmmsg-based
+``BatchSender.send`` (three batches of 64), one of them to an address with no route: that one
+packet is refused and counted, the rest arrive, in order and byte for byte, at a
+``BatchReceiver`` reading batches.
+
+workers/uring.py: 600 IPv4 UDP packets of sizes up to 60000 bytes go into a TUN device
+through ``UringWriter.write`` (three io_uring batches, the rings wrapping inside one), one of
+them no IP packet at all: that one is refused and counted, the rest reach a UDP socket behind
+the TUN, in order and byte for byte.
 """
 
 from __future__ import annotations
@@ -60,3 +66,42 @@ def test_sendmmsg_and_recvmmsg_batches_with_one_refused_send(namespace: str) -> 
                           capture_output=True, text=True, timeout=60, cwd=netlab.REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "149", "True"], done.stdout + done.stderr
+
+
+URING_SCRIPT = r"""
+import errno, ipaddress, socket
+from workers.packet import PROTO_UDP, build_ipv4, pseudo_sum_v4, set_checksum
+from workers.tun import configure_tun, open_tun
+from workers.uring import UringWriter
+
+fd = open_tun("sgu0")
+configure_tun("sgu0", [ipaddress.IPv4Network("100.64.0.0/24")])
+service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+service.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+service.bind(("127.0.0.1", 9000))
+service.settimeout(2)
+src, dst = socket.inet_aton("100.64.0.1"), socket.inet_aton("127.0.0.1")
+payloads = [bytes([i % 251]) * (i * 97 % 1500 if i != 300 else 60000) for i in range(600)]
+packets = []
+for i, payload in enumerate(payloads):
+    segment = bytearray((40000 + i).to_bytes(2, "big") + (9000).to_bytes(2, "big")
+                        + (8 + len(payload)).to_bytes(2, "big") + bytes(2) + payload)
+    set_checksum(segment, 6, pseudo_sum_v4(src, dst, PROTO_UDP, len(segment)), udp=True)
+    packets.append(bytes(build_ipv4(src, dst, PROTO_UDP, segment)))
+packets[123] = bytes(40)  # version 0: the TUN driver refuses it (EINVAL)
+writer = UringWriter.open(fd, entries=256)
+# 100, then 256 + 244: the rings' ends fall inside a batch (both wrap).
+failed = writer.write(packets[:100]) + writer.write(packets[100:])
+got = [service.recv(65536) for _ in range(599)]
+sent = [p for i, p in enumerate(payloads) if i != 123]
+print(failed, writer.last_errno == errno.EINVAL, len(got), got == sent)
+writer.close()
+"""
+
+
+def test_io_uring_writes_to_a_tun_device_in_batches_with_one_refused(namespace: str) -> None:
+    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
+                           URING_SCRIPT], capture_output=True, text=True, timeout=60,
+                          cwd=netlab.REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "True", "599", "True"], done.stdout + done.stderr
