@@ -203,25 +203,19 @@ def test_metrics_listen_default_and_off() -> None:
     assert off.metrics_listen == ""
 
 
-def test_fanout_default_choice_and_error() -> None:
-    assert parse_config(GOOD_6TO4, "gw.toml").fanout == "kernel"
-    zmq = parse_config(GOOD_6TO4.replace("workers = 2", 'workers = 2\nfanout = "coordinator"'),
-                       "gw.toml")
-    assert zmq.fanout == "coordinator"
-    text = GOOD_6TO4.replace("workers = 2", 'workers = 2\nfanout = "zmq"')
+@pytest.mark.parametrize(("key", "default", "other", "bad"), [
+    ("fanout", "kernel", "coordinator", "zmq"),
+    ("tun_writes", "io_uring", "write", "uring"),
+])
+def test_gateway_choice_default_other_and_error(key: str, default: str, other: str,
+                                                 bad: str) -> None:
+    assert getattr(parse_config(GOOD_6TO4, "gw.toml"), key) == default
+    chosen = parse_config(GOOD_6TO4.replace("workers = 2", f'workers = 2\n{key} = "{other}"'),
+                          "gw.toml")
+    assert getattr(chosen, key) == other
+    text = GOOD_6TO4.replace("workers = 2", f'workers = 2\n{key} = "{bad}"')
     with pytest.raises(ConfigError) as info:
         parse_config(text, "gw.toml")
-    line = text.splitlines().index('fanout = "zmq"') + 1
-    assert str(info.value).startswith(f"gw.toml:{line}: gateway.fanout: 'zmq' is not one of")
+    line = text.splitlines().index(f'{key} = "{bad}"') + 1
+    assert str(info.value).startswith(f"gw.toml:{line}: gateway.{key}: '{bad}' is not one of")
 
-
-def test_tun_writes_default_choice_and_error() -> None:
-    assert parse_config(GOOD_6TO4, "gw.toml").tun_writes == "io_uring"
-    plain = parse_config(GOOD_6TO4.replace("workers = 2", 'workers = 2\ntun_writes = "write"'),
-                         "gw.toml")
-    assert plain.tun_writes == "write"
-    text = GOOD_6TO4.replace("workers = 2", 'workers = 2\ntun_writes = "uring"')
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "gw.toml")
-    line = text.splitlines().index('tun_writes = "uring"') + 1
-    assert str(info.value).startswith(f"gw.toml:{line}: gateway.tun_writes: 'uring' is not one of")
