@@ -49,7 +49,8 @@ def _words(data: bytes) -> int:
 # transport checksum's sum changes by: new pseudo-header and ports minus the old ones)
 InTemplate = tuple[Session, int, int, int]
 # Template of the return direction (IPv4 service -> IPv6 client): (session, sum of the IPv6
-# pseudo-header without its length plus the new ports, outer IPv4 destination)
+# pseudo-header without its length plus the new ports minus the old ones, outer IPv4
+# destination)
 OutTemplate = tuple[Session, int, bytes]
 
 
@@ -61,9 +62,11 @@ def inbound_template(session: Session) -> InTemplate:
 
 
 def return_template(session: Session, outer: bytes) -> OutTemplate:
+    # The destination port stays (the client's, port preservation); the source port becomes
+    # the gateway's.
     return (session,
             _words(session.gw6 + session.client6) + session.proto + session.gwport
-            + session.cport, outer)
+            - session.tport, outer)
 
 
 def _tcp_is_plain(packet: bytes | memoryview, options_at: int, offset: int,
@@ -74,19 +77,6 @@ def _tcp_is_plain(packet: bytes | memoryview, options_at: int, offset: int,
         return False
     options = (offset >> 4) * 4 - 20
     return options <= 0 or MSS_OPTION not in bytes(packet[options_at:options_at + options])
-
-
-def _sum_mod(segment: bytes | memoryview) -> int:
-    """The segment's ones' complement sum modulo 0xffff, reduced once (a big integer for big
-    packets); RFC 1071 §4.1: an odd last byte is padded with zero."""
-    value = int.from_bytes(segment, "big") % 0xFFFF
-    return (value << 8) % 0xFFFF if len(segment) & 1 else value
-
-
-def _complement(rest: int, zero: int) -> int:
-    """The checksum field for a sum that is ``rest`` modulo 0xffff: a sum congruent to 0 is
-    -0, whose complement is +0, sent as ``zero`` (0, or 0xffff for UDP: RFC 768)."""
-    return 0xFFFF - rest if rest else zero
 
 
 def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
@@ -115,8 +105,10 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
             return None
         zero = 0
     session, sum6, addr4, delta = template
-    # RFC 8200 §8.1: verify over the IPv6 pseudo-header (length < 65536: one word). Inline
-    # _sum_mod and _complement: this function is most of a packet's Python time.
+    # RFC 8200 §8.1: verify over the IPv6 pseudo-header (length < 65536: one word). The
+    # segment's ones' complement sum is its value modulo 0xffff, reduced once (RFC 1071
+    # §4.1: an odd last byte is padded with zero). Written out here and below rather than
+    # called: these two functions are most of a packet's Python time.
     value = int.from_bytes(packet[40:], "big") % 0xFFFF
     if plen & 1:
         value = (value << 8) % 0xFFFF
@@ -125,6 +117,8 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
     # RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'): the segment verified, so its sum is known
     # without the checksum field, and only the pseudo-header and port words change.
     rest = (delta - old_csum) % 0xFFFF
+    # A sum congruent to 0 is -0, whose complement is +0: sent as ``zero`` (0xffff for UDP,
+    # RFC 768).
     csum = 0xFFFF - rest if rest else zero
     total_len = 20 + plen
     flags_offset = IPV4_DF if total_len > DF_THRESHOLD else 0
@@ -157,12 +151,12 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
     if proto == PROTO_UDP:
         if seglen < 8:
             return None
-        sport, dport, udp_len, old_csum = UDP_HEADER.unpack_from(packet, 20)
+        _sport, _dport, udp_len, old_csum = UDP_HEADER.unpack_from(packet, 20)
         zero = 0xFFFF
     else:
         if seglen < 20:
             return None
-        sport, dport, seq, ack, offset, flags, window, old_csum, urgent = (
+        _sport, _dport, seq, ack, offset, flags, window, old_csum, urgent = (
             TCP_HEADER.unpack_from(packet, 20))
         if not _tcp_is_plain(packet, 40, offset, flags):
             return None
@@ -170,12 +164,16 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
     # RFC 791: the IPv4 header checksum must verify.
     if int.from_bytes(packet[:20], "big") % 0xFFFF:
         return None
-    value = _sum_mod(packet[20:])
-    session, sum6, _outer = template
+    value = int.from_bytes(packet[20:], "big") % 0xFFFF
+    if seglen & 1:
+        value = (value << 8) % 0xFFFF
+    session, delta, _outer = template
     gw6, client6 = session.gw6, session.client6
     # Summed whole, so the checksum is recomputed rather than carried over (the local
-    # stack's checksums are not trusted, DESIGN.md).
-    csum = _complement((value - sport - dport - old_csum + sum6 + seglen) % 0xFFFF, zero)
+    # stack's checksums are not trusted, DESIGN.md): the segment without its checksum field,
+    # the ports exchanged and the IPv6 pseudo-header.
+    rest = (value - old_csum + delta + seglen) % 0xFFFF
+    csum = 0xFFFF - rest if rest else zero
     # RFC 7915 §4.1: traffic class = TOS, hop limit = TTL - 1.
     first_word = 0x60000000 | (packet[1] << 20)
     if proto == PROTO_UDP:
