@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,3 +94,14 @@ def test_trial_reads_rates_and_cpu(bench_lab) -> None:  # type: ignore[no-untype
     assert measure.carried(trial), trial
     assert set(trial.window_cpu_s) == {"coordinator", "worker-0"}
     assert trial.cpu_cores is not None and trial.cpu_cores > 0
+
+
+def test_engine_benchmark_runs_every_path() -> None:
+    """bench/engine.py (in-process, no namespace) prints its reference and all three paths."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "engine.py"), "--packets",
+                           "6400"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if "pkt/s" in line]
+    assert [row.split(":")[0].strip() for row in rows] == [
+        "reference", "sixgate inbound", "sixgate inbound", "sixgate return"], done.stdout
