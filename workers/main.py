@@ -310,7 +310,16 @@ class Worker:
         datapath = self.datapath
         if datapath.to_services:
             if self.tun_writer is not None:
-                failed = self.tun_writer.write(datapath.to_services)
+                try:
+                    failed = self.tun_writer.write(datapath.to_services)
+                except OSError as exc:
+                    # The ring itself failed (not a packet): how far the batch got is not
+                    # known, so it counts as failed, and write(2) takes over for good.
+                    log.warning("worker %d: io_uring failed (%s): one write(2) per packet to "
+                                "the services from now on", self.index, exc)
+                    self.tun_writer.close()
+                    self.tun_writer = None
+                    failed = len(datapath.to_services)
                 if failed:
                     datapath.counters.drop(DropReason.SEND_FAILED, failed)
             else:

@@ -8,7 +8,8 @@ packet is refused and counted, the rest arrive, in order and byte for byte, at a
 workers/uring.py: 600 IPv4 UDP packets of sizes up to 60000 bytes go into a TUN device
 through ``UringWriter.write`` (three io_uring batches, the rings wrapping inside one), one of
 them no IP packet at all: that one is refused and counted, the rest reach a UDP socket behind
-the TUN, in order and byte for byte.
+the TUN, in order and byte for byte. A ring that fails as a whole raises OSError (the worker
+then falls back to write(2)).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def test_sendmmsg_and_recvmmsg_batches_with_one_refused_send(namespace: str) -> 
 
 
 URING_SCRIPT = r"""
-import errno, ipaddress, socket
+import errno, ipaddress, os, socket
 from workers.packet import PROTO_UDP, build_ipv4, pseudo_sum_v4, set_checksum
 from workers.tun import configure_tun, open_tun
 from workers.uring import UringWriter
@@ -96,6 +97,13 @@ got = [service.recv(65536) for _ in range(599)]
 sent = [p for i, p in enumerate(payloads) if i != 123]
 print(failed, writer.last_errno == errno.EINVAL, len(got), got == sent)
 writer.close()
+broken = UringWriter.open(fd, entries=8)
+os.close(broken.ring_fd)  # the ring fails as a whole: an OSError for the worker to act on
+try:
+    broken.write(packets[:3])
+    print("no-error")
+except OSError as exc:
+    print("refused", exc.errno == errno.EBADF)
 """
 
 
@@ -104,4 +112,5 @@ def test_io_uring_writes_to_a_tun_device_in_batches_with_one_refused(namespace: 
                            URING_SCRIPT], capture_output=True, text=True, timeout=60,
                           cwd=netlab.REPO_ROOT)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "True", "599", "True"], done.stdout + done.stderr
+    assert done.stdout.split() == ["1", "True", "599", "True", "refused", "True"], \
+        done.stdout + done.stderr
