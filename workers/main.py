@@ -1,11 +1,13 @@
-"""The worker process: receive batches from the coordinator, translate, deliver, reply.
+"""The worker process: receive its share of the tunnel, translate, deliver, reply.
 
-I/O shell around ``workers/datapath.py``: a ZeroMQ PULL socket for inbound batches, a TUN
-device for the services (``workers/tun.py``), a raw IPv4 protocol-41 socket that sends the
-encapsulated replies straight to the tunnel peer (the kernel writes the outer header: TTL 64,
-DF clear as RFC 4213 §3.2.1 asks for a static MTU), and a ZeroMQ REP control socket that
-answers ``flows``/``ping`` requests. Each packet is wrapped in one ``except Exception`` that
-counts INTERNAL_ERROR, so no packet kills the loop.
+I/O shell around ``workers/datapath.py``: a raw IPv4 protocol-41 socket that captures this
+worker's share of the tunnel in recvmmsg batches (kernel fan-out; with the coordinator's
+fan-out, a ZeroMQ PULL socket brings batches instead) and sends the encapsulated replies
+straight to the tunnel peer (the kernel writes the outer header: TTL 64, DF clear as RFC 4213
+§3.2.1 asks for a static MTU); a TUN device for the services (``workers/tun.py``), written a
+batch per io_uring call (``workers/uring.py``) or a packet per write(2); and a ZeroMQ REP
+control socket that answers ``flows``/``ping``/``stats`` requests. A packet that raises is
+counted as INTERNAL_ERROR and logged, and never kills the loop.
 
 Started by the coordinator as ``python -m workers.main --settings FILE --index N``.
 """
