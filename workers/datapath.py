@@ -144,8 +144,8 @@ class Datapath:
         # session. Entries of removed sessions go when next seen; the size is bounded.
         self._fast_tunnel: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         self._fast_tunnel_max = 2 * self.flows.max_flows + 1024
-        # The last exception a packet of ``from_tunnel_batch`` raised (counted as
-        # INTERNAL_ERROR there; the I/O shell logs it and clears this).
+        # The last exception a packet of a batch raised (``from_tunnel_batch``,
+        # ``from_services_batch``: counted as INTERNAL_ERROR there; the shell logs and clears).
         self.last_error: Exception | None = None
         self.flows.removed = []
 
