@@ -180,6 +180,22 @@ FORWARD_TOML = (
 # --------------------------------------------------------------------------- requirements
 
 
+def io_uring_refusal() -> str | None:
+    """Why this host refuses io_uring (kernel.io_uring_disabled, seccomp), or None."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from workers.uring import UringWriter
+
+    fd = os.open("/dev/null", os.O_WRONLY)
+    try:
+        UringWriter.open(fd, entries=2, slot=16).close()
+    except OSError as exc:
+        return f"io_uring is refused on this host ({exc}): the write(2) path is what runs"
+    finally:
+        os.close(fd)
+    return None
+
+
 def missing_requirements() -> list[str]:
     """Why the lab cannot run on this machine; empty when it can."""
     missing = []
@@ -432,10 +448,12 @@ class Lab:
 
     def __init__(self, mode: str, workers: int, files: ServedFiles, *,
                  with_gateway: bool = True, path_mtu: int | None = None,
-                 fanout: str = "coordinator", tun_writes: str = "io_uring") -> None:
+                 fanout: str = "coordinator", tun_writes: str = "io_uring",
+                 gateway_wrapper: Sequence[str] = ()) -> None:
         self.path_mtu = path_mtu
         self.fanout = fanout
         self.tun_writes = tun_writes
+        self.gateway_wrapper = list(gateway_wrapper)  # argv the gateway runs under
         self.plan = PLANS[mode]
         self.mode = mode
         self.workers = workers
@@ -664,8 +682,8 @@ class Lab:
         first was killed) keeps the first run's logs. Only "sixgate" is what ``stop_gateway``
         stops; any other key is stopped by PID at ``close`` like every spawned process.
         """
-        self.spawn(key, self.gw_ns,
-                   [*sixgate_command(), "run", "--config", str(self.config_path)])
+        self.spawn(key, self.gw_ns, [*self.gateway_wrapper, *sixgate_command(), "run",
+                                     "--config", str(self.config_path)])
         if key == "sixgate":
             self._cleanup.callback(self.stop_gateway)
 

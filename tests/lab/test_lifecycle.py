@@ -137,11 +137,11 @@ def leftover_runtime_files(lab: Lab) -> list[str]:
 @pytest.fixture
 def private_lab(request: pytest.FixtureRequest,
                 served_files: netlab.ServedFiles) -> Iterator[Lab]:
-    """A lab + gateway of its own (mode, workers[, fanout]) for one test that kills or
-    disturbs it."""
-    mode, workers, *fanout = request.param
-    with Lab(mode, workers, served_files, fanout=fanout[0] if fanout else "coordinator") \
-            as the_lab:
+    """A lab + gateway of its own (mode, workers[, fanout[, wrapper argv]]) for one test that
+    kills or disturbs it."""
+    mode, workers, *rest = request.param
+    with Lab(mode, workers, served_files, fanout=rest[0] if rest else "coordinator",
+             gateway_wrapper=rest[1] if len(rest) > 1 else ()) as the_lab:
         yield the_lab
 
 
@@ -353,6 +353,27 @@ def test_killed_worker_is_restarted_and_traffic_resumes(private_lab: Lab) -> Non
                  if b["client"].startswith(f"[{lab.plan.peer_address}]")}
     assert served_by == {owner}, served_by
     assert lab.alive("sixgate"), lab.gateway_stderr()
+    assert netlab.drops(lab)["internal_error"] == 0
+
+
+NO_IO_URING = [sys.executable, str(Path(__file__).with_name("no_io_uring.py"))]
+
+
+@pytest.mark.parametrize("private_lab", [("6to4", 2, "kernel", NO_IO_URING)],
+                         ids=["6to4-workers2-seccomp"], indirect=True)
+def test_io_uring_refused_by_seccomp_workers_fall_back_to_write(private_lab: Lab) -> None:
+    """Under a seccomp filter that refuses io_uring_setup(2) with EPERM, as Docker's default
+    profile does, each worker says so and writes one packet per write(2) to the services;
+    ping -6, curl -6 and dig all work, and no packet raised."""
+    lab = private_lab
+    log = lab.log_path("sixgate").read_text()
+    for index in range(lab.workers):
+        assert f"worker {index}: io_uring refused ([Errno 1]" in log, lab.gateway_stderr()
+        assert f"worker {index}: packets to the services by write(2)" in log, log
+    assert_ping6_answered(lab)
+    assert_http_small_file(lab)
+    assert netlab.dig(lab, netlab.DNS_SMALL_NAME, "A", "+short").stdout.strip() == \
+        netlab.DNS_SMALL_A
     assert netlab.drops(lab)["internal_error"] == 0
 
 
