@@ -79,7 +79,10 @@ class UringWriter:
         self._cq_res = memoryview(self._cq).cast("i")  # res of CQE k: [cqes/4 + 4k + 2]
         self._cq_res_first = cq_cqes // 4 + 2
         self._tail = U32.unpack_from(self._sq, sq_tail)[0]
-        # Entry i always writes slot i; the SQ array maps ring position i to entry i.
+        # Entry i always writes slot i; the SQ array maps ring position i to entry i. Where
+        # slot i starts and where entry i keeps its length, computed once.
+        self._slot_at = [slot * i for i in range(entries)]
+        self._len_at = [SQE.size * i + SQE_LEN_AT for i in range(entries)]
         for i in range(entries):
             SQE.pack_into(self._sqes, SQE.size * i, IORING_OP_WRITE, 0, 0, fd,
                           CURRENT_POSITION, base + slot * i, 0, 0, i, 0, 0, 0, 0, 0)
@@ -106,20 +109,19 @@ class UringWriter:
         """Write every packet; the number the kernel refused (each refusal is one packet,
         never retried, as with write(2): RFC 1812 §5.3.6 lets routers drop)."""
         failed = 0
-        entries, slot, view, sqes, mask = (self.entries, self.slot, self._view, self._sqes,
-                                           self._sq_mask)
+        entries, view, sqes, mask = self.entries, self._view, self._sqes, self._sq_mask
+        slot_at, len_at, pack_len = self._slot_at, self._len_at, U32.pack_into
         for first in range(0, len(packets), entries):
-            tail = self._tail
-            for packet in packets[first:first + entries]:
-                i = tail & mask
-                start = slot * i
-                view[start:start + len(packet)] = packet
-                U32.pack_into(sqes, SQE.size * i + SQE_LEN_AT, len(packet))
-                tail = (tail + 1) & 0xFFFFFFFF
-            count = (tail - self._tail) & 0xFFFFFFFF
-            self._tail = tail
-            U32.pack_into(self._sq, self._sq_tail_at, tail)
-            failed += self._submit_and_reap(count)
+            chunk = packets[first:first + entries]
+            start = self._tail
+            for position, packet in enumerate(chunk, start):
+                i = position & mask
+                at = slot_at[i]
+                view[at:at + len(packet)] = packet
+                pack_len(sqes, len_at[i], len(packet))
+            self._tail = (start + len(chunk)) & 0xFFFFFFFF
+            U32.pack_into(self._sq, self._sq_tail_at, self._tail)
+            failed += self._submit_and_reap(len(chunk))
         return failed
 
     def _submit_and_reap(self, count: int) -> int:

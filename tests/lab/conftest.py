@@ -19,6 +19,17 @@ _skip_reason: list[str] = []
 
 
 @pytest.fixture(scope="session")
+def io_uring() -> None:
+    """For tests of the io_uring path: a loud skip on a host that refuses io_uring, an error
+    under SIXGATE_LAB_REQUIRED=1 (CI's hosts allow it)."""
+    refused = netlab.io_uring_refusal()
+    if refused:
+        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
+            pytest.fail(refused, pytrace=False)
+        pytest.skip(refused)
+
+
+@pytest.fixture(scope="session")
 def served_files() -> Iterator[netlab.ServedFiles]:
     """Check requirements, sweep leftovers of dead runs, make the document root once."""
     missing = netlab.missing_requirements()

@@ -25,6 +25,7 @@ driven only through its command line, as an operator would.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -181,7 +182,9 @@ FORWARD_TOML = (
 
 
 def io_uring_refusal() -> str | None:
-    """Why this host refuses io_uring (kernel.io_uring_disabled, seccomp), or None."""
+    """Why this host refuses io_uring, or None. Only a refusal counts (EPERM: the
+    kernel.io_uring_disabled sysctl or a seccomp policy; ENOSYS: no io_uring in the kernel);
+    any other error is a bug of workers/uring.py and raises."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     from workers.uring import UringWriter
@@ -190,6 +193,8 @@ def io_uring_refusal() -> str | None:
     try:
         UringWriter.open(fd, entries=2, slot=16).close()
     except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOSYS):
+            raise
         return f"io_uring is refused on this host ({exc}): the write(2) path is what runs"
     finally:
         os.close(fd)
@@ -223,14 +228,16 @@ def sixgate_command() -> list[str]:
 
 def run(argv: Sequence[str], *, timeout: float = 30, check: bool = True,
         input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a command, text output captured; LabError with its stderr when check fails."""
+    """Run a command, text output captured; LabError with the end of its stdout and its
+    stderr when check fails."""
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                               input=input, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired as exc:
         raise LabError(f"timed out after {timeout}s: {' '.join(argv)}") from exc
     if check and done.returncode != 0:
-        raise LabError(f"exit {done.returncode}: {' '.join(argv)}\n{done.stderr.strip()}")
+        raise LabError(f"exit {done.returncode}: {' '.join(argv)}\n{done.stdout[-2000:]}"
+                       f"{done.stderr.strip()}")
     return done
 
 

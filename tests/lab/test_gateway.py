@@ -31,11 +31,12 @@ class GatewayBehaviour:
     MODE = ""
     TUN_WRITES = "write"
 
-    def test_workers_write_to_the_services_as_configured(self, lab: Lab) -> None:
+    def test_workers_write_to_the_services_as_configured(self, lab: Lab,
+                                                          request: pytest.FixtureRequest) -> None:
         """Each worker says at start how its packets reach the services: io_uring batches
         (this kernel allows io_uring, so no fallback) or write(2) when configured so."""
-        if self.TUN_WRITES == "io_uring" and (refused := netlab.io_uring_refusal()):
-            pytest.skip(refused)
+        if self.TUN_WRITES == "io_uring":
+            request.getfixturevalue("io_uring")
         expected = "io_uring" if self.TUN_WRITES == "io_uring" else "write(2)"
         log = lab.log_path("sixgate").read_text()
         said = [f"worker {i}: packets to the services by {expected}" in log

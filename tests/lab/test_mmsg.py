@@ -107,9 +107,8 @@ except OSError as exc:
 """
 
 
+@pytest.mark.usefixtures("io_uring")
 def test_io_uring_writes_to_a_tun_device_in_batches_with_one_refused(namespace: str) -> None:
-    if refused := netlab.io_uring_refusal():
-        pytest.skip(refused)
     done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
                            URING_SCRIPT], capture_output=True, text=True, timeout=60,
                           cwd=netlab.REPO_ROOT)
