@@ -8,6 +8,7 @@ a bad config. Fixed keys come from the gateway issue; the rest are documented in
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -40,10 +41,11 @@ ALLOWED: dict[str, set[str]] = {
     "tunnel": {"mode", "local_ipv4", "relay_ipv4", "remote_ipv4", "prefix", "addresses", "mtu",
                "martian_ipv4"},
     "gateway": {"workers", "pool", "run_dir", "name", "max_flows", "max_flows_per_prefix",
+                "max_flows_per_48", "max_flows_per_ipv4_source",
                 "icmp_errors_per_s", "icmp_error_burst", "queue_batches", "batch_packets",
                 "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend",
                 "fanout", "tun_writes"},
-    "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s"},
+    "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s", "unassured_s"},
     "forward": {"proto", "port", "to"},
     "metrics": {"listen"},
 }
@@ -89,6 +91,8 @@ class _Ctx:
 
 def _ipv4(ctx: _Ctx, table: str, key: str, value: Any) -> str:
     try:
+        if not isinstance(value, str):
+            raise TypeError(value)  # ipaddress takes integers (and True) as addresses too
         return str(ipaddress.IPv4Address(value))
     except (ipaddress.AddressValueError, ValueError, TypeError):
         raise ctx.error(table, key, f"{value!r} is not an IPv4 address; write it like "
@@ -101,13 +105,28 @@ def _int(ctx: _Ctx, table: str, key: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
-def _number(ctx: _Ctx, table: str, key: str, value: Any, lo: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < lo:
-        raise ctx.error(table, key, f"{value!r} must be a number of at least {lo}")
+def _number(ctx: _Ctx, table: str, key: str, value: Any, lo: float,
+            hi: float = 1e9) -> float:
+    # nan and inf are TOML numbers too: a nan timeout would stop expiry for good.
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or not lo <= value <= hi):
+        raise ctx.error(table, key, f"{value!r} must be a number from {lo:g} to {hi:g}")
     return float(value)
 
 
-def _parse_forward(ctx: _Ctx, index: int, raw: dict[str, Any]) -> Forward:
+# RFC 6890 special-purpose IPv4 blocks no forward rule may target: "this network", multicast,
+# reserved and the limited broadcast address are never one service.
+_BAD_TARGETS = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "\"this network\" (RFC 6890)"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), "multicast (RFC 5771)"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "reserved or broadcast (RFC 6890)"),
+)
+
+
+def _parse_forward(ctx: _Ctx, index: int, raw: Any) -> Forward:
+    if not isinstance(raw, dict):
+        raise ctx.error("forward", None, f"{raw!r} is not a rule; write each rule as a "
+                        "[[forward]] table with proto, port and to", index)
     for key in raw:
         if key not in ALLOWED["forward"]:
             raise ctx.error("forward", key, f"unknown key; allowed: "
@@ -138,6 +157,10 @@ def _parse_forward(ctx: _Ctx, index: int, raw: dict[str, Any]) -> Forward:
     except ValueError:
         raise ctx.error("forward", "to", f"{to!r}: {host!r} is not an IPv4 address; write "
                         "\"127.0.0.1:8080\"", index) from None
+    for block, what in _BAD_TARGETS:
+        if ipaddress.IPv4Address(target_ip) in block:
+            raise ctx.error("forward", "to", f"{to!r}: {target_ip} is {what}, not a service "
+                            "address; name the host the service runs on", index)
     target_port: int | None = None
     if tport:
         if not tport.isdigit() or not 1 <= int(tport) <= 65535:
@@ -194,8 +217,7 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         if "remote_ipv4" in tunnel:
             raise ctx.error("tunnel", "remote_ipv4", "only for mode = \"6in4\"; remove it")
         derived = prefix_6to4(local_ipv4)
-        if "prefix" in tunnel and ipaddress.ip_network(str(tunnel["prefix"]),
-                                                       strict=False) != derived:
+        if "prefix" in tunnel and _ipv6_network(tunnel["prefix"]) != derived:
             raise ctx.error("tunnel", "prefix", f"in 6to4 mode the prefix is derived from "
                             f"local_ipv4 ({derived}); remove the key")
         prefix = derived
@@ -208,6 +230,8 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ctx.error("tunnel", None, "prefix is missing: 6in4 needs the routed prefix "
                             "your broker gave you, e.g. \"2001:db8:1::/64\"")
         try:
+            if not isinstance(tunnel["prefix"], str):
+                raise TypeError(tunnel["prefix"])
             prefix = ipaddress.IPv6Network(tunnel["prefix"])
         except (ValueError, TypeError) as exc:
             raise ctx.error("tunnel", "prefix", f"{tunnel['prefix']!r} is not an IPv6 prefix "
@@ -220,6 +244,8 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     addresses = []
     for value in raw_addresses:
         try:
+            if not isinstance(value, str):
+                raise TypeError(value)
             addr = ipaddress.IPv6Address(value)
         except (ValueError, TypeError):
             raise ctx.error("tunnel", "addresses", f"{value!r} is not an IPv6 address") from None
@@ -238,6 +264,8 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         rows = []
         for cidr in tunnel["martian_ipv4"]:
             try:
+                if not isinstance(cidr, str):
+                    raise TypeError(cidr)
                 rows.append((str(ipaddress.IPv4Network(cidr)), "configured"))
             except (ValueError, TypeError):
                 raise ctx.error("tunnel", "martian_ipv4", f"{cidr!r} is not an IPv4 prefix "
@@ -249,6 +277,8 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                    64)
     pool_text = gateway.get("pool", DEFAULT_POOL)
     try:
+        if not isinstance(pool_text, str):
+            raise TypeError(pool_text)
         pool = ipaddress.IPv4Network(pool_text)
     except (ValueError, TypeError) as exc:
         raise ctx.error("gateway", "pool", f"{pool_text!r} is not an IPv4 prefix ({exc}); "
@@ -262,6 +292,10 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     forwards = tuple(_parse_forward(ctx, i, f) for i, f in enumerate(forwards_raw))
     seen: dict[tuple[str, int], int] = {}
     for i, rule in enumerate(forwards):
+        if rule.target_ipv4 == local_ipv4:
+            raise ctx.error("forward", "to", f"{rule.target_ipv4} is tunnel.local_ipv4, the "
+                            "tunnel's own address: a service on this host is reached as "
+                            "\"127.0.0.1:PORT\"", i)
         if ipaddress.IPv4Address(rule.target_ipv4) in pool:
             raise ctx.error("forward", "to", f"{rule.target_ipv4} is inside the pool {pool}; "
                             "choose another pool or target", i)
@@ -305,6 +339,9 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                       120),
         icmp_s=_number(ctx, "timeouts", "icmp_s", timeouts_raw.get("icmp_s", defaults.icmp_s),
                        1),
+        # Linux conntrack: 30 s for an unanswered UDP flow, 60 s for a half-open TCP one.
+        unassured_s=_number(ctx, "timeouts", "unassured_s", timeouts_raw.get(
+            "unassured_s", defaults.unassured_s), 1, 240),
     )
     return Settings(
         mode=mode, local_ipv4=local_ipv4, relay_ipv4=relay_ipv4, remote_ipv4=remote_ipv4,
@@ -314,6 +351,11 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                        10_000_000),
         max_flows_per_prefix=_int(ctx, "gateway", "max_flows_per_prefix",
                                   gateway.get("max_flows_per_prefix", 5_000), 1, 10_000_000),
+        max_flows_per_48=_int(ctx, "gateway", "max_flows_per_48",
+                              gateway.get("max_flows_per_48", 20_000), 1, 10_000_000),
+        max_flows_per_ipv4_source=_int(ctx, "gateway", "max_flows_per_ipv4_source",
+                                       gateway.get("max_flows_per_ipv4_source", 50_000), 1,
+                                       10_000_000),
         timeouts=timeouts,
         icmp_errors_per_s=_number(ctx, "gateway", "icmp_errors_per_s",
                                   gateway.get("icmp_errors_per_s", 100), 0),
@@ -323,8 +365,9 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                            1, 1_000_000),
         batch_packets=_int(ctx, "gateway", "batch_packets", gateway.get("batch_packets", 64),
                            1, 1024),
-        hash_seed=_int(ctx, "gateway", "hash_seed", gateway.get("hash_seed", 0x5167), 0,
-                       0xFFFFFFFF),
+        # A seed outsiders cannot know: drawn at each start unless the config names one.
+        hash_seed=_int(ctx, "gateway", "hash_seed", gateway.get(
+            "hash_seed", int.from_bytes(os.urandom(4), "big")), 0, 0xFFFFFFFF),
         fragment_datagrams=_int(ctx, "gateway", "fragment_datagrams",
                                 gateway.get("fragment_datagrams", 1024), 1, 1_000_000),
         fragment_bytes=_int(ctx, "gateway", "fragment_bytes",
@@ -343,10 +386,17 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
 
 
 def _choice(ctx: _Ctx, table: str, key: str, value: object, allowed: dict[str, str]) -> str:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         choices = "; ".join(f'"{name}": {what}' for name, what in allowed.items())
         raise ctx.error(table, key, f"{value!r} is not one of: {choices}")
     return str(value)
+
+
+def _ipv6_network(value: object) -> ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.IPv6Network(str(value), strict=False)
+    except ValueError:
+        return None
 
 
 def parse_listen(text: str) -> tuple[str, int]:

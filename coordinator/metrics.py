@@ -66,6 +66,7 @@ METRIC_NAMES = (
     "sixgate_prefix_flow_limit", "sixgate_queue_limit_batches",
     "sixgate_icmp_error_rate_limit_per_second", "sixgate_packets", "sixgate_bytes",
     "sixgate_drops", "sixgate_flows_active", "sixgate_flows_created", "sixgate_flows_expired",
+    "sixgate_flows_evicted",
     "sixgate_flow_limit", "sixgate_pool_addresses", "sixgate_pool_addresses_in_use",
     "sixgate_queue_drops", "sixgate_icmp_errors_sent", "sixgate_tcp_resets_sent",
     "sixgate_icmp_errors_suppressed", "sixgate_echo_replies", "sixgate_worker_up",
@@ -207,6 +208,8 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
                                   labels=["process", "protocol"])
     expired = CounterMetricFamily("sixgate_flows_expired", "Bindings removed after their "
                                   "timeout", labels=["process"])
+    evicted = CounterMetricFamily("sixgate_flows_evicted", "Unassured bindings removed to make "
+                                  "room for a new one (table or pool full)", labels=["process"])
     flow_limit = GaugeMetricFamily("sixgate_flow_limit", "Most bindings this worker may hold "
                                    "(its share of max_flows)", labels=["process"])
     pool = GaugeMetricFamily("sixgate_pool_addresses", "IPv4 pool addresses this worker owns",
@@ -265,6 +268,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
             active.add_metric([name, protocol], flows["active"][protocol])
             created.add_metric([name, protocol], flows["created"][protocol])
         expired.add_metric([name], flows["expired"])
+        evicted.add_metric([name], events.get("flows_evicted", 0))
         pool.add_metric([name], flows["pool_size"])
         pool_used.add_metric([name], flows["pool_in_use"])
         sent = dict.fromkeys(ICMPV6_ERROR_TYPES.values(), 0)
@@ -284,7 +288,8 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
             if hist is not None:
                 timings.append(([name, direction], hist))
 
-    out += [packets, octets, drops, active, created, expired, flow_limit, pool, pool_used,
+    out += [packets, octets, drops, active, created, expired, evicted, flow_limit, pool,
+            pool_used,
             queue_drops, errors_sent, resets, suppressed, echo, up, restarts, cpu, rss]
     out.append(_histogram("sixgate_coordinator_batch_packets",
                           "Packets per coordinator-to-worker ZeroMQ message", [],

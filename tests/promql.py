@@ -41,6 +41,7 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sixgate_flows_created_total": ("counter", {"process": WORKERS,
                                                 "protocol": ("tcp", "udp")}),
     "sixgate_flows_expired_total": ("counter", {"process": WORKERS}),
+    "sixgate_flows_evicted_total": ("counter", {"process": WORKERS}),
     "sixgate_flow_limit": ("gauge", {"process": WORKERS}),
     "sixgate_prefix_flow_limit": ("gauge", {}),
     "sixgate_pool_addresses": ("gauge", {"process": WORKERS}),

@@ -219,3 +219,92 @@ def test_gateway_choice_default_other_and_error(key: str, default: str, other: s
     line = text.splitlines().index(f'{key} = "{bad}"') + 1
     assert str(info.value).startswith(f"gw.toml:{line}: gateway.{key}: '{bad}' is not one of")
 
+
+
+# --- refused, never crashed (hostile-input issue, finding 8) ---------------------------------
+
+@pytest.mark.parametrize(("table", "key", "value"), [
+    ("timeouts", "udp_s", "nan"), ("timeouts", "udp_s", "inf"),
+    ("timeouts", "tcp_established_s", "nan"), ("timeouts", "unassured_s", "-inf"),
+    ("timeouts", "unassured_s", "0"), ("gateway", "icmp_errors_per_s", "nan"),
+])
+def test_non_finite_or_out_of_range_numbers_refused(table: str, key: str, value: str) -> None:
+    """A nan timeout would stop expiry for good: every number must be finite and in range."""
+    section = f"[{table}]\n" if table == "timeouts" else ""
+    text = (GOOD_6TO4 + f"\n{section}{key} = {value}\n" if table == "timeouts"
+            else GOOD_6TO4.replace("workers = 2", f"workers = 2\n{key} = {value}"))
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    line = text.splitlines().index(f"{key} = {value}") + 1
+    assert str(info.value).startswith(f"gw.toml:{line}: {table}.{key}: "), str(info.value)
+
+
+@pytest.mark.parametrize(("target", "advice"), [
+    ("0.0.0.0:80", "this network"), ("255.255.255.255:80", "broadcast"),
+    ("224.0.0.1:80", "multicast"), ("240.0.0.1:80", "reserved"),
+    ("192.0.2.10:22", "127.0.0.1:PORT"),  # tunnel.local_ipv4
+])
+def test_forward_to_a_non_service_address_refused(target: str, advice: str) -> None:
+    text = GOOD_6TO4.replace('to = "127.0.0.1:8080"', f'to = "{target}"')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    assert str(info.value).startswith("gw.toml:15: forward[0].to: "), str(info.value)
+    assert advice in info.value.message
+
+
+@pytest.mark.parametrize(("old", "new", "key"), [
+    ('mtu = 1480', 'mtu = 1480\nprefix = "not a prefix"', "tunnel.prefix"),
+    ('mtu = 1480', 'mtu = 1480\nprefix = 7', "tunnel.prefix"),
+])
+def test_bad_6to4_prefix_refused_not_a_traceback(old: str, new: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(GOOD_6TO4.replace(old, new), "gw.toml")
+    assert info.value.key == key and info.value.line == 7
+
+
+def test_forward_that_is_not_a_table_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("forward = [1]\n" + GOOD_6TO4.split("[[forward]]")[0], "gw.toml")
+    assert info.value.key == "forward[0]"
+    assert "[[forward]] table" in info.value.message
+
+
+def _with_key(text: str, table: str, key: str, value: str) -> str:
+    """``text`` with ``key = value`` as the only ``key`` of the first ``[table]``."""
+    lines = text.splitlines()
+    headers = {f"[{table}]", f"[[{table}]]"}
+    if not any(line in headers for line in lines):
+        return text + f"\n[{table}]\n{key} = {value}\n"
+    out: list[str] = []
+    inside = done = False
+    for line in lines:
+        if line.startswith("["):
+            inside = not done and line in headers
+            out.append(line)
+            if inside:
+                out.append(f"{key} = {value}")
+                done = True
+            continue
+        if not (inside and line.startswith(f"{key} =")):
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+# Values of every kind TOML has, and the awkward ones of each.
+_WEIRD = ["nan", "inf", "-1", "0", "1e308", "99999999999999999", '""', '"x"', "[]", "[1]",
+          "{}", "true", '["::1", 2]', '"2001:db8::/129"', '"999.1.1.1"']
+
+
+@pytest.mark.parametrize("value", _WEIRD)
+def test_every_key_with_any_value_is_a_config_error_or_accepted(value: str) -> None:
+    """Whatever a key holds, parse_config answers with Settings or a ConfigError naming the
+    key: never another exception (a traceback is a crash of ``sixgate run``)."""
+    from coordinator.config import ALLOWED
+
+    for table, keys in ALLOWED.items():
+        for key in sorted(keys):
+            text = _with_key(GOOD_6TO4, table, key, value)
+            try:
+                parse_config(text, "gw.toml")
+            except ConfigError as exc:
+                assert exc.key, (table, key, value, str(exc))

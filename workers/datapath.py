@@ -120,10 +120,10 @@ class Datapath:
                            if settings.relay_ipv4 else None)
         self.addresses = our_addresses(settings.mode, settings.local_ipv4, settings.addresses)
         self.rules = build_rule_table(settings)
-        # The global limit is shared by the shards; the per /64 limit is exact because one
-        # shard sees all of a /64 (workers/wire.py flow_hash).
-        self.flows = FlowTable(pool, max(1, -(-settings.max_flows // workers)),
-                               settings.max_flows_per_prefix, settings.timeouts)
+        self.flows = FlowTable.for_shard(
+            pool, workers, settings.max_flows, settings.max_flows_per_prefix, settings.timeouts,
+            max_flows_per_48=settings.max_flows_per_48,
+            max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source)
         self.reassembler = Reassembler(settings.fragment_datagrams, settings.fragment_bytes)
         self.error_limiter = TokenBucket(settings.icmp_errors_per_s, settings.icmp_error_burst)
         self.counters = Counters()
@@ -133,6 +133,7 @@ class Datapath:
         self._ident6 = 0
         self.limit_hits = LimitHits()
         self._now = 0.0  # the time of the packet being handled, for the error rate limiter
+        self._outer4 = b""  # its outer IPv4 source (6to4: counted per source by the flows)
         # workers/fastpath.py templates of live sessions, keyed by the packet bytes that name
         # the session: IPv6 src, dst, ports (inbound); IPv4 src, dst, ports (return).
         self.fast_path = fast_path
@@ -281,7 +282,7 @@ class Datapath:
             self.counters.drops[result] += 1
             return
         inner = result[0]
-        self.inbound(inner, now)
+        self.inbound(inner, now, result[1])
         if (packet[0] == 0x45 and len(inner) >= 44 and inner[6] in (PROTO_UDP, PROTO_TCP)
                 and len(packet) == 20 + len(inner)):
             template = self._fast_in[inner[6]].get(bytes(inner[8:44]))
@@ -308,8 +309,10 @@ class Datapath:
         self.to_services.append(out)
         return True
 
-    def inbound(self, packet: bytes | memoryview, now: float) -> None:
+    def inbound(self, packet: bytes | memoryview, now: float, outer4: bytes = b"") -> None:
+        """One decapsulated IPv6 packet; ``outer4`` is the outer IPv4 source it came from."""
         self._now = now
+        self._outer4 = outer4 if self.mode == "6to4" else b""
         if len(packet) >= 44 and packet[0] >> 4 == 6 and self.fast_path:
             proto = packet[6]
             if proto == PROTO_UDP or proto == PROTO_TCP:
@@ -446,7 +449,7 @@ class Datapath:
                 self._expired_in_transit(packet, view)
                 return
             created = self.flows.create(proto, view[2], sport, view[3], dport, rule[1],
-                                        rule[2], rule[0], now)
+                                        rule[2], rule[0], now, self._outer4)
             if isinstance(created, DropReason):
                 self._drop(created)
                 self.limit_hits.hit(created)
@@ -455,6 +458,10 @@ class Datapath:
                 return
             session = created
             self.counters.event(f"flows_created_{'tcp' if proto == PROTO_TCP else 'udp'}")
+            if self.flows.removed:
+                # Unassured sessions evicted to make room (Linux conntrack's early drop).
+                self.counters.event("flows_evicted", len(self.flows.removed))
+                self._forget_templates()
         elif view[1] <= 1:
             self._expired_in_transit(packet, view)
             return
@@ -557,7 +564,7 @@ class Datapath:
             if proto == PROTO_TCP:
                 self.flows.touch_tcp(session, packet[header_len + 13], False, now)
             else:
-                session.last_seen = now
+                self.flows.touch_udp(session, False, now)
             segment = translate_v4_to_v6(packet, header_len, total_len, proto, session,
                                          self.max_mss)
             if 40 + len(segment) > self.mtu and flags_offset & IPV4_DF and proto == PROTO_TCP:

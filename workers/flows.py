@@ -6,9 +6,21 @@ REQ-2) and keeps its own source port (port preservation), so a pool (address, po
 exactly one client (address, port) (RFC 6146 §3.1). Sessions (one per client transport address
 and forward rule target) carry the RFC 6146 §3.5.2.2 TCP state and the §4 timeouts.
 
-Limits: a global table size and a per source /64 count (RFC 6888 REQ-4); hitting one drops the
-new flow and never evicts a live one (RFC 6888 REQ-11). A freed pool address goes to the back
-of the free queue, so it is reused as late as possible (RFC 6888 REQ-8).
+Assured and unassured sessions (the Linux conntrack model, ``IPS_ASSURED``): a TCP session is
+assured only when the client acknowledges the service's SYN-ACK (the third packet of the
+handshake), a UDP session when the service answered. Until then it lives ``unassured_s`` (a
+SYN flood from spoofed sources never completes a handshake) and is the first to go when the
+table or the pool is full (conntrack's early drop); an assured session is never evicted to
+make room (RFC 6888 REQ-11).
+
+Limits (RFC 6888 REQ-4/REQ-5): a table size and counts per source /64, per source /48 and per
+outer IPv4 source (the 6to4 relay or router the packet came from); hitting one refuses the new
+flow. A freed pool address goes to the back of the free queue, so it is reused as late as
+possible (RFC 6888 REQ-8).
+
+Expiry: one timer per session. A session sits in exactly one one-second slot of a timer wheel;
+traffic only moves its ``last_seen``, and a slot that comes due moves each session it holds to
+its real deadline or removes it. Memory is one slot entry per session whatever the traffic.
 
 Pure: ``now`` is a monotonic float passed in; no I/O. State is plain data (``snapshot``) so a
 restarted worker can later resume its shard.
@@ -19,12 +31,15 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 
 from workers.drops import DropReason
 from workers.packet import PROTO_TCP, PROTO_UDP
 
-# TCP states of RFC 6146 §3.5.2.2 (CLOSED is "no session").
+# TCP states of RFC 6146 §3.5.2.2 (CLOSED is "no session"), plus V4_SYN_RCV: the service
+# answered the client's SYN and the client's ACK is awaited (conntrack's SYN_RECV).
 V6_INIT = "v6_init"
+V4_SYN_RCV = "v4_syn_rcv"
 ESTABLISHED = "established"
 V6_FIN = "v6_fin"
 V4_FIN = "v4_fin"
@@ -37,26 +52,38 @@ TCP_SYN = 0x02
 TCP_RST = 0x04
 TCP_ACK = 0x10
 
+# Unassured sessions a pool-exhausted create looks at before giving up (bounded work per
+# packet, as conntrack's early_drop scans a bounded number of entries).
+EVICT_SCAN = 64
+
+Key = tuple[int, bytes, int, bytes, int]
+
 
 @dataclass(frozen=True)
 class Timeouts:
-    """RFC 6146 §4 constants; RFC 5382 REQ-5 asks for at least 2 h 4 min established."""
+    """RFC 6146 §4 constants; RFC 5382 REQ-5 asks for at least 2 h 4 min established.
+
+    ``unassured_s``: a session that has not yet seen the client complete the TCP handshake, or
+    a UDP answer from the service (Linux: ``nf_conntrack_udp_timeout`` 30 s unreplied,
+    ``nf_conntrack_tcp_timeout_syn_recv`` 60 s)."""
 
     tcp_established_s: float = 7440.0
     tcp_transitory_s: float = 240.0
     udp_s: float = 300.0
     icmp_s: float = 60.0
+    unassured_s: float = 30.0
 
 
 class Session:
     """One live session; attributes are plain values for speed (STYLE.md: hot path)."""
 
     __slots__ = ("proto", "client6", "cport", "gw6", "gwport", "pool4", "target4", "tport",
-                 "rule", "state", "last_seen", "timeout_s", "prefix64", "created", "alive")
+                 "rule", "state", "last_seen", "timeout_s", "prefix64", "created", "alive",
+                 "assured", "outer4", "slot")
 
     def __init__(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
                  pool4: bytes, target4: bytes, tport: int, rule: str, state: str,
-                 now: float, timeout_s: float) -> None:
+                 now: float, timeout_s: float, outer4: bytes = b"") -> None:
         self.proto = proto
         self.client6 = client6
         self.cport = cport
@@ -72,42 +99,82 @@ class Session:
         self.prefix64 = client6[:8]
         self.created = now
         self.alive = True  # False once the table removed it (caches drop it when they see it)
+        self.assured = False
+        self.outer4 = outer4  # outer IPv4 source it was opened from (b"": not counted)
+        self.slot = -1  # the timer wheel slot it sits in
 
     @property
     def pport(self) -> int:
         """Pool port: the client's own port (port preservation)."""
         return self.cport
 
-    def v6_key(self) -> tuple[int, bytes, int, bytes, int]:
+    def v6_key(self) -> Key:
         return (self.proto, self.client6, self.cport, self.gw6, self.gwport)
 
-    def v4_key(self) -> tuple[int, bytes, int, bytes, int]:
+    def v4_key(self) -> Key:
         return (self.proto, self.pool4, self.cport, self.target4, self.tport)
 
 
+class _Binding:
+    """A client address's pool address and how many of its sessions live / are assured."""
+
+    __slots__ = ("pool4", "sessions", "assured")
+
+    def __init__(self, pool4: bytes) -> None:
+        self.pool4 = pool4
+        self.sessions = 0
+        self.assured = 0
+
+
+def _share(limit: int | None, workers: int) -> int | None:
+    """A worker's share of a gateway-wide limit (``None``: no limit)."""
+    return None if limit is None else max(1, -(-limit // workers))
+
+
 class FlowTable:
-    """Bindings and sessions of one worker shard, with limits and expiry."""
+    """Bindings and sessions of one worker shard, with limits, eviction and expiry."""
 
     def __init__(self, pool: list[bytes], max_flows: int, max_flows_per_prefix: int,
-                 timeouts: Timeouts) -> None:
+                 timeouts: Timeouts, *, max_flows_per_48: int | None = None,
+                 max_flows_per_ipv4_source: int | None = None) -> None:
         self.max_flows = max_flows
         self.max_flows_per_prefix = max_flows_per_prefix
+        self.max_flows_per_48 = max_flows_per_48
+        self.max_flows_per_ipv4_source = max_flows_per_ipv4_source
         self.timeouts = timeouts
         self.pool_size = len(pool)
         self._free: deque[bytes] = deque(pool)
-        self._by_v6: dict[tuple[int, bytes, int, bytes, int], Session] = {}
-        self._by_v4: dict[tuple[int, bytes, int, bytes, int], Session] = {}
-        self._client_pool: dict[bytes, list[object]] = {}  # client6 -> [pool4, sessions]
+        self._by_v6: dict[Key, Session] = {}
+        self._by_v4: dict[Key, Session] = {}
+        self._client_pool: dict[bytes, _Binding] = {}
         self._per_prefix: dict[bytes, int] = {}
-        self._deadlines: list[tuple[float, int, tuple[int, bytes, int, bytes, int]]] = []
-        self._seq = 0
+        self._per_48: dict[bytes, int] = {}
+        self._per_outer4: dict[bytes, int] = {}
+        # Unassured sessions, oldest first (dict order): who goes first when room is needed.
+        self._unassured: dict[Session, None] = {}
+        # Timer wheel: slot (whole second) -> its sessions; a heap of the slots in use.
+        self._wheel: dict[int, set[Session]] = {}
+        self._slots: list[int] = []
         self.created_total = 0
         self.expired_total = 0
+        self.evicted_total = 0
         # Kept up to date on create/remove so a metrics scrape never walks a million sessions.
         self.active_by_proto: dict[int, int] = {}
         self.created_by_proto: dict[int, int] = {}
         # When a list, every removed session is appended (the datapath drops its templates).
         self.removed: list[Session] | None = None
+
+    @classmethod
+    def for_shard(cls, pool: list[bytes], workers: int, max_flows: int,
+                  max_flows_per_prefix: int, timeouts: Timeouts, *,
+                  max_flows_per_48: int | None = None,
+                  max_flows_per_ipv4_source: int | None = None) -> FlowTable:
+        """One worker's table: its share of the gateway-wide limits. The per /64 limit is
+        exact because one shard sees all of a /64 (workers/wire.py flow_hash); the /48 and
+        outer-IPv4 limits spread over the shards like the global one."""
+        return cls(pool, max(1, -(-max_flows // workers)), max_flows_per_prefix, timeouts,
+                   max_flows_per_48=_share(max_flows_per_48, workers),
+                   max_flows_per_ipv4_source=_share(max_flows_per_ipv4_source, workers))
 
     def __len__(self) -> int:
         return len(self._by_v6)
@@ -117,6 +184,13 @@ class FlowTable:
 
     def pool_in_use(self) -> int:
         return len(self._client_pool)
+
+    def unassured(self) -> int:
+        return len(self._unassured)
+
+    def timer_entries(self) -> int:
+        """Sessions held by the timer wheel: always exactly ``len(self)``."""
+        return sum(len(bucket) for bucket in self._wheel.values())
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -131,47 +205,102 @@ class FlowTable:
     # --- creation -----------------------------------------------------------------------------
 
     def create(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
-               target4: bytes, tport: int, rule: str, now: float) -> Session | DropReason:
-        """Create a session for a new flow from an IPv6 client, or say why not."""
-        if len(self._by_v6) >= self.max_flows:
+               target4: bytes, tport: int, rule: str, now: float,
+               outer4: bytes = b"") -> Session | DropReason:
+        """Create a session for a new flow from an IPv6 client, or say why not.
+
+        ``outer4``: the outer IPv4 source the packet came from, counted against
+        ``max_flows_per_ipv4_source`` (b"": not counted, e.g. 6in4's single broker)."""
+        full = len(self._by_v6) >= self.max_flows
+        if full and not self._unassured:
             return DropReason.FLOW_LIMIT
         prefix = client6[:8]
         if self._per_prefix.get(prefix, 0) >= self.max_flows_per_prefix:
             return DropReason.PREFIX_FLOW_LIMIT
+        prefix48 = client6[:6]
+        if (self.max_flows_per_48 is not None
+                and self._per_48.get(prefix48, 0) >= self.max_flows_per_48):
+            return DropReason.PREFIX_FLOW_LIMIT
+        if (outer4 and self.max_flows_per_ipv4_source is not None
+                and self._per_outer4.get(outer4, 0) >= self.max_flows_per_ipv4_source):
+            return DropReason.SOURCE_FLOW_LIMIT
+        if full:
+            self._evict_oldest_unassured()
         binding = self._client_pool.get(client6)
         if binding is None:
-            if not self._free:
+            if not self._free and not self._evict_unassured_client():
                 return DropReason.POOL_EXHAUSTED
             pool4 = self._free[0]
         else:
-            pool4 = binding[0]  # type: ignore[assignment]
+            pool4 = binding.pool4
         v4_key = (proto, pool4, cport, target4, tport)
         if v4_key in self._by_v4:
             return DropReason.PORT_IN_USE
         if binding is None:
             self._free.popleft()
-            binding = [pool4, 0]
+            binding = _Binding(pool4)
             self._client_pool[client6] = binding
-        binding[1] = binding[1] + 1  # type: ignore[operator]
+        binding.sessions += 1
         if proto == PROTO_TCP:
-            state, timeout = V6_INIT, self.timeouts.tcp_transitory_s
-        elif proto == PROTO_UDP:
-            state, timeout = UDP_OPEN, self.timeouts.udp_s
+            state = V6_INIT
         else:
-            state, timeout = UDP_OPEN, self.timeouts.icmp_s
+            state = UDP_OPEN
         session = Session(proto, client6, cport, gw6, gwport, pool4, target4, tport, rule,
-                          state, now, timeout)
-        v6_key = session.v6_key()
-        self._by_v6[v6_key] = session
+                          state, now, self.timeouts.unassured_s, outer4)
+        self._by_v6[session.v6_key()] = session
         self._by_v4[v4_key] = session
+        self._unassured[session] = None
         self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
-        self._schedule(now + timeout, v6_key)
+        self._per_48[prefix48] = self._per_48.get(prefix48, 0) + 1
+        if outer4:
+            self._per_outer4[outer4] = self._per_outer4.get(outer4, 0) + 1
+        self._place(session, int(now + session.timeout_s))
         self.created_total += 1
         self.created_by_proto[proto] = self.created_by_proto.get(proto, 0) + 1
         self.active_by_proto[proto] = self.active_by_proto.get(proto, 0) + 1
         return session
 
+    def _evict_oldest_unassured(self) -> None:
+        """conntrack's early drop: make room by removing the oldest unassured session."""
+        self._evict(next(iter(self._unassured)))
+
+    def _evict_unassured_client(self) -> bool:
+        """Free a pool address by removing the sessions of a client none of whose sessions is
+        assured, oldest first; at most ``EVICT_SCAN`` sessions looked at."""
+        for session in list(islice(self._unassured, EVICT_SCAN)):
+            binding = self._client_pool.get(session.client6)
+            if binding is None or binding.assured:
+                continue
+            self._evict(session)
+            if self._free:
+                return True
+        return bool(self._free)
+
+    def _evict(self, session: Session) -> None:
+        self._wheel[session.slot].discard(session)
+        self._remove(session)
+        self.evicted_total += 1
+
     # --- state --------------------------------------------------------------------------------
+
+    def assure(self, session: Session) -> None:
+        """The session carried traffic both ways as its protocol expects: keep it."""
+        if not session.assured:
+            session.assured = True
+            del self._unassured[session]
+            self._client_pool[session.client6].assured += 1
+            if session.proto == PROTO_TCP:
+                session.timeout_s = self.timeouts.tcp_established_s
+            elif session.proto == PROTO_UDP:
+                session.timeout_s = self.timeouts.udp_s
+            else:
+                session.timeout_s = self.timeouts.icmp_s
+
+    def touch_udp(self, session: Session, from_v6: bool, now: float) -> None:
+        """A UDP (or ICMP query) packet: refresh; the service's answer assures it."""
+        session.last_seen = now
+        if not from_v6 and not session.assured:
+            self.assure(session)
 
     def touch_tcp(self, session: Session, flags: int, from_v6: bool, now: float) -> None:
         """Advance the RFC 6146 §3.5.2.2 TCP state machine for one segment."""
@@ -184,7 +313,12 @@ class FlowTable:
             return
         if state == V6_INIT:
             if not from_v6 and flags & TCP_SYN:
-                session.state, session.timeout_s = ESTABLISHED, t.tcp_established_s
+                session.state = V4_SYN_RCV
+        elif state == V4_SYN_RCV:
+            # The client's ACK of the service's SYN-ACK completes the handshake: assured.
+            if from_v6 and flags & TCP_ACK and not flags & TCP_SYN:
+                session.state = ESTABLISHED
+                self.assure(session)
         elif state == ESTABLISHED:
             if flags & TCP_FIN:
                 session.state = V6_FIN if from_v6 else V4_FIN
@@ -195,46 +329,68 @@ class FlowTable:
             if from_v6 and flags & TCP_FIN:
                 self._shorten(session, V6_V4_FIN, t.tcp_transitory_s, now)
         elif state == TRANS:
-            # RFC 6146 §3.5.2.2: any non-RST packet in TRANS makes the session live again.
-            session.state, session.timeout_s = ESTABLISHED, t.tcp_established_s
+            # RFC 6146 §3.5.2.2: any non-RST packet in TRANS makes the session live again;
+            # one that never completed its handshake goes back to waiting for it.
+            if session.assured:
+                session.state, session.timeout_s = ESTABLISHED, t.tcp_established_s
+            else:
+                session.state = V6_INIT
 
     def _shorten(self, session: Session, state: str, timeout_s: float, now: float) -> None:
-        """Enter ``state``; a lifetime shorter than the scheduled one gets its own heap entry
-        (a longer one is found when the old entry pops)."""
+        """Enter ``state`` with ``timeout_s`` (never above the unassured lifetime for an
+        unassured session); an earlier deadline moves the session's one timer."""
         session.state = state
-        if timeout_s < session.timeout_s:
-            self._schedule(now + timeout_s, session.v6_key())
+        if not session.assured:
+            timeout_s = min(timeout_s, self.timeouts.unassured_s)
         session.timeout_s = timeout_s
+        slot = int(now + timeout_s)
+        if slot < session.slot:
+            self._wheel[session.slot].discard(session)
+            self._place(session, slot)
 
     def touch(self, session: Session, now: float) -> None:
         session.last_seen = now
 
     # --- expiry -------------------------------------------------------------------------------
 
-    def _schedule(self, deadline: float, key: tuple[int, bytes, int, bytes, int]) -> None:
-        self._seq += 1
-        heapq.heappush(self._deadlines, (deadline, self._seq, key))
+    def _place(self, session: Session, slot: int) -> None:
+        bucket = self._wheel.get(slot)
+        if bucket is None:
+            bucket = self._wheel[slot] = set()
+            heapq.heappush(self._slots, slot)
+        bucket.add(session)
+        session.slot = slot
 
     def expire(self, now: float, budget: int = 10000) -> int:
-        """Remove sessions idle past their timeout; at most ``budget`` heap entries per call.
+        """Remove sessions idle past their timeout; at most ``budget`` sessions looked at.
 
-        The heap holds each session's earliest possible deadline; a popped entry whose session
-        was seen since is pushed again with its new deadline (lazy deletion, O(log n) each).
+        A due slot's sessions are removed, or moved to the slot of their real deadline when
+        traffic moved it (each session is in one slot only, so memory stays one entry each).
         """
         removed = 0
-        heap = self._deadlines
-        while heap and heap[0][0] <= now and budget > 0:
-            budget -= 1
-            _deadline, _seq, key = heapq.heappop(heap)
-            session = self._by_v6.get(key)
-            if session is None:
-                continue
-            deadline = session.last_seen + session.timeout_s
-            if deadline > now:
-                self._schedule(deadline, key)
-                continue
-            self._remove(session)
-            removed += 1
+        wheel, slots = self._wheel, self._slots
+        current = int(now)
+        while slots and slots[0] <= current and budget > 0:
+            slot = slots[0]
+            bucket = wheel.get(slot)
+            later: list[Session] = []
+            while bucket and budget > 0:
+                session = bucket.pop()
+                budget -= 1
+                deadline = session.last_seen + session.timeout_s
+                if deadline <= now:
+                    self._remove(session)
+                    removed += 1
+                elif int(deadline) == slot:
+                    later.append(session)  # due later within this very second
+                else:
+                    self._place(session, int(deadline))
+            if bucket is not None:
+                bucket.update(later)
+            if bucket:
+                break  # budget spent, or sessions due later in this second
+            heapq.heappop(slots)
+            wheel.pop(slot, None)
         self.expired_total += removed
         return removed
 
@@ -245,15 +401,17 @@ class FlowTable:
         if self.removed is not None:
             self.removed.append(session)
         self._by_v4.pop(session.v4_key(), None)
-        count = self._per_prefix.get(session.prefix64, 1) - 1
-        if count:
-            self._per_prefix[session.prefix64] = count
-        else:
-            self._per_prefix.pop(session.prefix64, None)
+        self._unassured.pop(session, None)
+        _decrement(self._per_prefix, session.prefix64)
+        _decrement(self._per_48, session.client6[:6])
+        if session.outer4:
+            _decrement(self._per_outer4, session.outer4)
         binding = self._client_pool.get(session.client6)
         if binding is not None:
-            binding[1] = binding[1] - 1  # type: ignore[operator]
-            if binding[1] == 0:
+            binding.sessions -= 1
+            if session.assured:
+                binding.assured -= 1
+            if binding.sessions == 0:
                 del self._client_pool[session.client6]
                 self._free.append(session.pool4)  # RFC 6888 REQ-8: reused last
 
@@ -270,6 +428,15 @@ class FlowTable:
                 "gw6": s.gw6.hex(), "gwport": s.gwport, "pool4": s.pool4.hex(),
                 "target4": s.target4.hex(), "tport": s.tport, "rule": s.rule,
                 "state": s.state, "last_seen": s.last_seen, "timeout_s": s.timeout_s,
+                "assured": s.assured, "outer4": s.outer4.hex(),
             }
             for s in self._by_v6.values()
         ]
+
+
+def _decrement(counts: dict[bytes, int], key: bytes) -> None:
+    count = counts.get(key, 1) - 1
+    if count:
+        counts[key] = count
+    else:
+        counts.pop(key, None)

@@ -241,8 +241,8 @@ class Worker:
                 log.warning("worker %d: batch with unknown wire version dropped", self.index)
                 datapath.counters.drop(DropReason.INTERNAL_ERROR)
                 continue
-            for _outer_src, inner in records:
-                self._handle(inbound, inner, now, timing)
+            for outer_src, inner in records:
+                self._handle(inbound, inner, now, timing, outer_src)
             self._flush()
 
     def _drain_capture(self, now: float) -> None:
@@ -294,17 +294,18 @@ class Worker:
             (time.perf_counter() - start) / len(packets), len(packets))
         self._log_engine_error()
 
-    def _handle(self, engine: Callable[[bytes | memoryview, float], None],
-                packet: bytes | memoryview, now: float, timing: Histogram) -> None:
+    def _handle(self, engine: Callable[[bytes | memoryview, float, bytes], None],
+                packet: bytes | memoryview, now: float, timing: Histogram,
+                outer_src: bytes = b"") -> None:
         """Run one packet through the engine, timing one in 16; a packet that raises is
         counted as INTERNAL_ERROR and never kills the loop."""
         self._sample += 1
         try:
             if self._sample & LATENCY_SAMPLE_MASK:
-                engine(packet, now)
+                engine(packet, now, outer_src)
             else:
                 start = time.perf_counter()
-                engine(packet, now)
+                engine(packet, now, outer_src)
                 timing.observe(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - one packet must never kill the loop
             self._guard(exc)

@@ -63,11 +63,17 @@ class Settings:
     forwards: tuple[Forward, ...]
     max_flows: int = 200_000
     max_flows_per_prefix: int = 5_000
+    # RFC 6888 REQ-4: one /48 (a site) and one outer IPv4 source (a 6to4 relay or router,
+    # 6to4 mode only) may hold at most these, so neither can fill the table for everyone.
+    max_flows_per_48: int = 20_000
+    max_flows_per_ipv4_source: int = 50_000
     timeouts: Timeouts = field(default_factory=Timeouts)
     icmp_errors_per_s: float = 100.0
     icmp_error_burst: int = 100
     queue_batches: int = 1000
     batch_packets: int = 64
+    # The fan-out hash seed: the coordinator draws a random one at each start unless the
+    # config names one, so nobody outside can aim a flood at one worker.
     hash_seed: int = 0x5167
     fragment_datagrams: int = 1024
     fragment_bytes: int = 16 << 20

@@ -3,8 +3,9 @@ and clock jumps keeps the table's invariants, and expiry matches a plain model.
 
 Invariants (RFC 6146 §3.1, RFC 6888 REQ-2/4/11): every session is findable from both sides;
 one pool address per client address, never shared; per-/64 and global counts equal what is
-live and never exceed their limits; a live session is never evicted to make room; a session
-expires exactly when idle past its current timeout.
+live and never exceed their limits; only an unassured session is ever evicted to make room
+(Linux conntrack's early drop); one timer per session; a session expires exactly when idle
+past its current timeout.
 """
 
 from __future__ import annotations
@@ -35,25 +36,31 @@ class FlowTableMachine(RuleBasedStateMachine):
     @rule(proto=st.sampled_from([PROTO_TCP, PROTO_UDP]), client=st.sampled_from(CLIENTS),
           cport=st.integers(1024, 1030), gwport=st.sampled_from([53, 80]))
     def create(self, proto: int, client: bytes, cport: int, gwport: int) -> None:
-        before = {id(s) for s in self.table.sessions()}
+        sessions = self.table.sessions()
+        before = {id(s) for s in sessions}
+        unassured = {id(s) for s in sessions if not s.assured}
         if self.table.lookup_v6(proto, client, cport, GW6, gwport) is not None:
             return
         result = self.table.create(proto, client, cport, GW6, gwport, TARGET, gwport + 8000,
                                    "rule", self.now)
         after = {id(s) for s in self.table.sessions()}
+        # Linux conntrack's early drop, RFC 6888 REQ-11: only unassured sessions ever make
+        # room, and only when the table or the pool is full.
+        assert before - after <= unassured
         if isinstance(result, DropReason):
-            # RFC 6888 REQ-11: a refused flow never evicts a live one.
-            assert after == before
             prefix_live = sum(1 for s in self.table.sessions() if s.client6[:8] == client[:8])
-            assert (result is DropReason.FLOW_LIMIT and len(before) >= 8
+            assert (result is DropReason.FLOW_LIMIT and len(before) >= 8 and not unassured
                     or result is DropReason.PREFIX_FLOW_LIMIT and prefix_live >= 3
                     or result is DropReason.POOL_EXHAUSTED
                     or result is DropReason.PORT_IN_USE), result
+            assert after <= before
         else:
-            assert after == before | {id(result)}
+            assert after - before == {id(result)}
+            if before - after:
+                assert len(before) >= 8 or self.table.pool_in_use() == len(POOL)
 
     @rule(data=st.data(), flags=st.sampled_from([TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK,
-                                                 TCP_RST]), from_v6=st.booleans())
+                                                 TCP_RST, TCP_SYN]), from_v6=st.booleans())
     def tcp_segment(self, data: st.DataObject, flags: int, from_v6: bool) -> None:
         tcp = [s for s in self.table.sessions() if s.proto == PROTO_TCP]
         if tcp:
@@ -63,9 +70,11 @@ class FlowTableMachine(RuleBasedStateMachine):
     def udp_touch(self, data: st.DataObject) -> None:
         udp = [s for s in self.table.sessions() if s.proto == PROTO_UDP]
         if udp:
-            self.table.touch(data.draw(st.sampled_from(udp)), self.now)
+            self.table.touch_udp(data.draw(st.sampled_from(udp)), data.draw(st.booleans()),
+                                 self.now)
 
-    @rule(seconds=st.sampled_from([1.0, 59.0, 239.0, 241.0, 299.0, 301.0, 7441.0]))
+    @rule(seconds=st.sampled_from([0.4, 1.0, 29.0, 31.0, 59.0, 239.0, 241.0, 299.0, 301.0,
+                                   7441.0]))
     def advance_and_expire(self, seconds: float) -> None:
         self.now += seconds
         due = {id(s) for s in self.table.sessions() if self.now - s.last_seen >= s.timeout_s}
@@ -91,6 +100,12 @@ class FlowTableMachine(RuleBasedStateMachine):
         for s in self.table.sessions():
             assert per_client.setdefault(s.client6, s.pool4) == s.pool4
         assert self.table.pool_in_use() == len(per_client)
+
+    @invariant()
+    def one_timer_per_session_and_unassured_tracked(self) -> None:
+        sessions = self.table.sessions()
+        assert self.table.timer_entries() == len(sessions)
+        assert self.table.unassured() == sum(1 for s in sessions if not s.assured)
 
     @invariant()
     def limits_hold(self) -> None:

@@ -52,7 +52,7 @@ from scapy.packet import Raw, raw
 
 from workers.datapath import Datapath
 from workers.drops import DropReason
-from workers.flows import ESTABLISHED, Timeouts
+from workers.flows import ESTABLISHED, V4_SYN_RCV, Timeouts
 from workers.settings import worker_pool
 
 MODES = ["6to4", "6in4"]
@@ -249,9 +249,11 @@ def test_rfc6146_tcp_handshake_two_party(dport: int) -> None:
     assert (synack.sport, synack.dport, str(synack.flags), synack.ack) == (dport, 40000, "SA",
                                                                            1001)
     session = p.datapath.flows.sessions()[0]
-    assert session.state == ESTABLISHED
+    # Linux conntrack's SYN_RECV: not assured until the client's ACK.
+    assert (session.state, session.assured) == (V4_SYN_RCV, False)
     ack = p.client(client_tcp(dport=dport, flags="A", seq=1001, ack=5001, payload=b"GET /"))
     assert raw(ack.only_to_services()[TCP].payload) == b"GET /"
+    assert (session.state, session.assured) == (ESTABLISHED, True)
 
 
 def test_rfc7915_5_1_and_4_1_ttl_and_hop_limit_each_decremented_once() -> None:
@@ -508,7 +510,7 @@ def test_rfc8200_4_5_fragment_timeout_counted_on_tick() -> None:
 def test_rfc6888_req4_global_flow_limit_counted_and_never_evicts() -> None:
     p = party(max_flows=2)
     first, _ = p.round_trip(client_udp(sport=1))
-    p.client(client_udp(sport=2))
+    p.round_trip(client_udp(sport=2))  # answered, so assured: never evicted
     step = p.client(client_udp(sport=3))
     assert step.to_services == [] and step.drops == {DropReason.FLOW_LIMIT: 1}
     err = step.only_outbound()[ICMPv6DestUnreach]
@@ -518,6 +520,19 @@ def test_rfc6888_req4_global_flow_limit_counted_and_never_evicts() -> None:
     assert len(p.client(client_udp(sport=1)).to_services) == 1
     assert len(p.service(reply_to(first, b"still here")).outbound) == 1
     assert p.datapath.limit_hits.counts == {DropReason.FLOW_LIMIT: 1}
+
+
+def test_full_table_evicts_an_unanswered_flow_for_a_new_one() -> None:
+    """Linux conntrack's early drop: a flood of flows nobody answered cannot lock out a new
+    client; the answered flow stays."""
+    p = party(max_flows=2)
+    answered, _ = p.round_trip(client_udp(sport=1))
+    p.client(client_udp(sport=2))  # never answered
+    step = p.client(client_udp(sport=3))
+    assert len(step.to_services) == 1 and step.drops == {}
+    assert p.datapath.counters.events["flows_evicted"] == 1
+    assert len(p.service(reply_to(answered, b"still here")).outbound) == 1
+    assert p.client(client_udp(sport=2)).drops == {}  # comes back as a new flow
 
 
 def test_rfc6888_req4_per_64_limit_counted_and_never_evicts() -> None:
@@ -535,17 +550,20 @@ def test_rfc6888_req4_per_64_limit_counted_and_never_evicts() -> None:
 def test_rfc6888_req2_pool_address_per_client_reused_last() -> None:
     # pool 100.64.0.0/29: .1 .. .6 usable
     p = party("6in4")
-    first = p.client(client_udp("6in4", src="2001:db8:1::1")).only_to_services().src
+
+    def answered(src: str, sport: int = 40000) -> str:
+        return str(p.round_trip(client_udp("6in4", src=src, sport=sport))[0].src)
+
+    first = answered("2001:db8:1::1")
     # one client, two flows: one pool address
-    again = p.client(client_udp("6in4", src="2001:db8:1::1", sport=2)).only_to_services().src
+    again = answered("2001:db8:1::1", 2)
     p.clock.advance(10.0)
-    second = p.client(client_udp("6in4", src="2001:db8:2::1")).only_to_services().src
+    second = answered("2001:db8:2::1")
     assert (first, again, second) == ("100.64.0.1", "100.64.0.1", "100.64.0.2")
     # the first client's flows expire (the second's, 10 s younger, do not): .1 goes last
     p.datapath.tick(p.clock.advance(T.udp_s - 10.0))
     assert len(p.datapath.flows) == 1
-    later = [p.client(client_udp("6in4", src=f"2001:db8:{i}::1")).only_to_services().src
-             for i in range(3, 8)]
+    later = [answered(f"2001:db8:{i}::1") for i in range(3, 8)]
     assert later == ["100.64.0.3", "100.64.0.4", "100.64.0.5", "100.64.0.6", "100.64.0.1"]
     step = p.client(client_udp("6in4", src="2001:db8:99::1"))
     assert step.drops == {DropReason.POOL_EXHAUSTED: 1} and step.to_services == []
@@ -570,6 +588,7 @@ def test_rfc6146_udp_session_expires_with_fake_clock() -> None:
 def test_rfc6146_tcp_established_timeout_in_datapath() -> None:
     p = party()
     request, _ = p.round_trip(client_tcp(flags="S"))
+    p.client(client_tcp(flags="A", seq=1001, ack=5001))  # the handshake's third packet
     start = p.clock.now
     p.datapath.tick(p.clock.advance(T.tcp_established_s - 1))
     ack = reply_to(request, b"", tcp_flags="A")
@@ -623,7 +642,11 @@ def test_rfc6888_req4_global_limit_split_between_shards() -> None:
     settings = make_settings(max_flows=5)
     datapath = Datapath(settings, worker_pool(settings.pool, 2, 0), workers=2)
     p = TwoParty(datapath)
-    steps = [p.client(client_udp(sport=s)) for s in range(1, 5)]
+    steps = []
+    for sport in range(1, 5):
+        steps.append(p.client(client_udp(sport=sport)))
+        if steps[-1].to_services:
+            p.service(reply_to(steps[-1].only_to_services()))  # answered: assured
     assert [len(s.to_services) for s in steps] == [1, 1, 1, 0]  # ceil(5 / 2) = 3 per shard
     assert steps[3].drops == {DropReason.FLOW_LIMIT: 1}
     assert datapath.counters.drops[DropReason.INTERNAL_ERROR] == 0
