@@ -90,6 +90,9 @@ TO_SERVICES_KEYS = {PROTO_TCP: ("to_services", "tcp"), PROTO_UDP: ("to_services"
 FROM_SERVICES_KEYS = {PROTO_TCP: ("from_services", "tcp"), PROTO_UDP: ("from_services", "udp")}
 OUTBOUND_KEYS = {PROTO_TCP: ("outbound", "tcp"), PROTO_UDP: ("outbound", "udp")}
 
+# The largest transport segment an IPv4 packet holds: 65535 - a 20-byte IPv4 header.
+MAX_TRANSLATED_SEGMENT = 65535 - 20
+
 # Rule lookup value: (label, target IPv4 bytes, target port)
 RuleTarget = tuple[str, bytes, int]
 
@@ -330,8 +333,13 @@ class Datapath:
         self.counters.count("inbound", proto, len(packet))
         fragment = view[6]
         if fragment is not None:
-            whole = self.reassembler.add(packet, fragment[0], fragment[1], fragment[2],
-                                         fragment[3], fragment[4], now)
+            reassembler = self.reassembler
+            whole = reassembler.add(packet, fragment[0], fragment[1], fragment[2],
+                                    fragment[3], fragment[4], now)
+            if reassembler.evicted or reassembler.discarded:
+                self.counters.drop(DropReason.FRAGMENT_LIMIT, reassembler.evicted)
+                self.counters.drop(DropReason.BAD_FRAGMENT, reassembler.discarded)
+                reassembler.evicted = reassembler.discarded = 0
             if whole is None:
                 return
             if isinstance(whole, DropReason):
@@ -429,6 +437,11 @@ class Datapath:
         if not sum_is_valid(pseudo_sum_v6(view[2], view[3], proto, len(segment))
                             + segment_sum) or (proto == PROTO_UDP and segment[6:8] == b"\0\0"):
             self._drop(DropReason.BAD_CHECKSUM)
+            return
+        if len(segment) > MAX_TRANSLATED_SEGMENT:
+            # RFC 791: a reassembled datagram whose IPv4 translation would not fit in 65535
+            # bytes is refused before any session is made for it.
+            self._drop(DropReason.TOO_BIG)
             return
         sport, dport = PORTS.unpack_from(segment)
         session = self.flows.lookup_v6(proto, view[2], sport, view[3], dport)

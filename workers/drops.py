@@ -62,7 +62,7 @@ class DropReason(enum.Enum):
     BAD_FRAGMENT = "bad_fragment"
     """Overlapping or inconsistent fragments (RFC 5722) or a fragmented ICMP (RFC 7915 §1.2)."""
     TOO_BIG = "too_big"
-    """Packet larger than the next hop allows with DF set (RFC 7915 §4.1, §1.4)."""
+    """Too big for the next hop with DF set (RFC 7915 §4.1), or for one IPv4 packet (RFC 791)."""
     ICMP_RATE_LIMITED = "icmp_rate_limited"
     """An ICMPv6 error or RST we would send was suppressed (RFC 4443 §2.4(f))."""
     SEND_FAILED = "send_failed"

@@ -8,6 +8,8 @@ Pure: ``now`` is passed in; no I/O.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from workers.drops import DropReason
 from workers.packet import FRAGMENT_HEADER, PROTO_FRAGMENT, build_ipv6
 
@@ -41,27 +43,51 @@ def fragment_ipv6(src: bytes, dst: bytes, next_header: int, payload: bytes,
 
 
 class _Datagram:
-    __slots__ = ("first_seen", "parts", "size", "total", "head", "next_header")
+    __slots__ = ("first_seen", "starts", "parts", "size", "total", "head", "next_header",
+                 "source")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, source: bytes) -> None:
         self.first_seen = now
-        self.parts: dict[int, bytes] = {}
+        self.starts: list[int] = []  # fragment offsets, sorted; ``parts`` in the same order
+        self.parts: list[bytes] = []
         self.size = 0
         self.total: int | None = None
         self.head: bytes | None = None  # IPv6 header + unfragmentable part, from offset 0
         self.next_header = 0
+        self.source = source  # the source /64: whose budget it is held against
+
+
+Key = tuple[bytes, bytes, int]
 
 
 class Reassembler:
-    """Collects IPv6 fragments per (source, destination, identification) within bounds."""
+    """Collects IPv6 fragments per (source, destination, identification) within bounds.
+
+    Bounds (RFC 6146 §3.4: limit what fragments may hold): datagrams and bytes in all, and per
+    source /64. When a bound is reached the oldest incomplete datagram goes (of that source,
+    for a source's budget), as Linux evicts the oldest fragment queues since FragmentSmack
+    (CVE-2018-5391): a flood of first fragments cannot block everyone's fragmented traffic,
+    and one source cannot push out others'. Each fragment thrown away is counted once: the
+    one in hand by ``add``'s result, those held by ``evicted``/``discarded`` for the caller to
+    take, and ``expire``'s return (timeout).
+    """
 
     def __init__(self, max_datagrams: int = 1024, max_bytes: int = 16 << 20,
                  timeout_s: float = REASSEMBLY_TIMEOUT_S) -> None:
         self.max_datagrams = max_datagrams
         self.max_bytes = max_bytes
+        # One source /64 may hold a sixteenth of the table, but always one largest datagram.
+        self.max_datagrams_per_source = max(4, max_datagrams // 16)
+        self.max_bytes_per_source = max(max_bytes // 16, 2 * (MAX_REASSEMBLED_PAYLOAD + 1))
         self.timeout_s = timeout_s
         self.bytes_held = 0
-        self._pending: dict[tuple[bytes, bytes, int], _Datagram] = {}
+        # Fragments already held and thrown away since the caller last looked: to make room
+        # (FRAGMENT_LIMIT) and with a bad fragment of their datagram (BAD_FRAGMENT).
+        self.evicted = 0
+        self.discarded = 0
+        self._pending: dict[Key, _Datagram] = {}  # oldest first (insertion order)
+        self._by_source: dict[bytes, dict[Key, None]] = {}
+        self._source_bytes: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -74,55 +100,59 @@ class Reassembler:
         ``frag_offset``/``more``/``ident``/offsets come from ``parse_ipv6``'s fragment info.
         """
         src = bytes(packet[8:24])
-        dst = bytes(packet[24:40])
-        key = (src, dst, ident)
+        key = (src, bytes(packet[24:40]), ident)
         data = bytes(packet[frag_header_offset + 8:])
         # RFC 8200 §4.5: every fragment but the last carries a multiple of 8 bytes.
         if more and len(data) % 8:
-            self._forget(key)
+            self._discard(key)
             return DropReason.BAD_FRAGMENT
         end = frag_offset + len(data)
         if end > MAX_REASSEMBLED_PAYLOAD:
-            self._forget(key)
+            self._discard(key)
             return DropReason.BAD_FRAGMENT
         dgram = self._pending.get(key)
         if dgram is None:
-            # RFC 6146 §3.4: bound what fragments may hold; never evict on behalf of a new one.
-            if (len(self._pending) >= self.max_datagrams
-                    or self.bytes_held + len(data) > self.max_bytes):
+            source = src[:8]
+            if not self._make_room(source, len(data), None):
                 return DropReason.FRAGMENT_LIMIT
-            dgram = _Datagram(now)
+            dgram = _Datagram(now, source)
             self._pending[key] = dgram
-        elif self.bytes_held + len(data) > self.max_bytes:
-            self._forget(key)
+            self._by_source.setdefault(source, {})[key] = None
+        elif not self._make_room(dgram.source, len(data), key):
+            self._evict(key)
             return DropReason.FRAGMENT_LIMIT
-        # RFC 5722: overlapping fragments discard the whole datagram.
-        for start, part in dgram.parts.items():
-            if start < end and frag_offset < start + len(part):
-                self._forget(key)
-                return DropReason.BAD_FRAGMENT
+        # RFC 5722: overlapping fragments discard the whole datagram. The parts are kept
+        # sorted, so only the two neighbours of the new one can overlap it.
+        starts, parts = dgram.starts, dgram.parts
+        index = bisect_left(starts, frag_offset)
+        if ((index < len(starts) and starts[index] < end)
+                or (index and starts[index - 1] + len(parts[index - 1]) > frag_offset)):
+            self._discard(key)
+            return DropReason.BAD_FRAGMENT
         if not more:
             # RFC 8200 §4.5: the last fragment fixes the length; nothing may lie beyond it.
-            if (dgram.total is not None and dgram.total != end) or any(
-                    start + len(part) > end for start, part in dgram.parts.items()):
-                self._forget(key)
+            if (dgram.total is not None and dgram.total != end) or (
+                    starts and starts[-1] + len(parts[-1]) > end):
+                self._discard(key)
                 return DropReason.BAD_FRAGMENT
             dgram.total = end
         if dgram.total is not None and end > dgram.total:
-            self._forget(key)
+            self._discard(key)
             return DropReason.BAD_FRAGMENT
         if frag_offset == 0:
             head = bytearray(packet[:frag_header_offset])
             dgram.next_header = packet[frag_header_offset]
             head[nh_offset] = dgram.next_header
             dgram.head = bytes(head)
-        dgram.parts[frag_offset] = data
+        starts.insert(index, frag_offset)
+        parts.insert(index, data)
         dgram.size += len(data)
         self.bytes_held += len(data)
+        self._source_bytes[dgram.source] = self._source_bytes.get(dgram.source, 0) + len(data)
         if dgram.total is None or dgram.size != dgram.total or dgram.head is None:
             return None
         self._forget(key)
-        payload = b"".join(dgram.parts[k] for k in sorted(dgram.parts))
+        payload = b"".join(parts)
         head = bytearray(dgram.head)
         payload_len = len(head) - 40 + len(payload)
         if payload_len > MAX_REASSEMBLED_PAYLOAD:
@@ -130,15 +160,57 @@ class Reassembler:
         head[4:6] = payload_len.to_bytes(2, "big")
         return bytes(head) + payload
 
+    def _make_room(self, source: bytes, size: int, keep: Key | None) -> bool:
+        """Evict the oldest datagrams (other than ``keep``) until ``size`` more bytes, and a
+        new datagram when ``keep`` is None, fit both the source's and the global bounds."""
+        new = keep is None
+        mine = self._by_source.get(source, {})
+        while ((new and len(mine) >= self.max_datagrams_per_source)
+               or self._source_bytes.get(source, 0) + size > self.max_bytes_per_source):
+            victim = next((k for k in mine if k != keep), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+            mine = self._by_source.get(source, {})
+        while ((new and len(self._pending) >= self.max_datagrams)
+               or self.bytes_held + size > self.max_bytes):
+            victim = next((k for k in self._pending if k != keep), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        return True
+
+    def _evict(self, key: Key) -> None:
+        self.evicted += self._forget(key)
+
+    def _discard(self, key: Key) -> None:
+        """RFC 5722: a bad fragment takes the fragments held with it."""
+        self.discarded += self._forget(key)
+
     def expire(self, now: float) -> int:
-        """Forget datagrams older than the timeout; returns how many (RFC 8200 §4.5)."""
-        old = [k for k, d in self._pending.items() if now - d.first_seen >= self.timeout_s]
-        for key in old:
-            self._forget(key)
-        return len(old)
+        """Forget datagrams older than the timeout (RFC 8200 §4.5); returns how many
+        fragments they held. Oldest first, so only the expired ones are looked at."""
+        old = []
+        for key, dgram in self._pending.items():
+            if now - dgram.first_seen < self.timeout_s:
+                break
+            old.append(key)
+        return sum(self._forget(key) for key in old)
 
-    def _forget(self, key: tuple[bytes, bytes, int]) -> None:
+    def _forget(self, key: Key) -> int:
+        """Drop one datagram; returns how many fragments it held."""
         dgram = self._pending.pop(key, None)
-        if dgram is not None:
-            self.bytes_held -= dgram.size
-
+        if dgram is None:
+            return 0
+        self.bytes_held -= dgram.size
+        left = self._source_bytes.get(dgram.source, 0) - dgram.size
+        mine = self._by_source.get(dgram.source)
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._by_source[dgram.source]
+        if left > 0:
+            self._source_bytes[dgram.source] = left
+        else:
+            self._source_bytes.pop(dgram.source, None)
+        return len(dgram.parts)

@@ -491,7 +491,22 @@ def test_rfc8200_4_5_overlapping_fragments_drop_in_datapath() -> None:
             nh=17, offset=offset, m=more, id=3) / Raw(data))
     assert p.client(piece(0, 1, bytes(16))).drops == {}
     step = p.client(piece(1, 0, bytes(16)))
-    assert step.drops == {DropReason.BAD_FRAGMENT: 1} and step.outbound == []
+    # RFC 5722: the whole datagram goes; both fragments are counted, once each.
+    assert step.drops == {DropReason.BAD_FRAGMENT: 2} and step.outbound == []
+    assert len(p.datapath.reassembler) == 0
+
+
+def test_reassembled_datagram_too_big_for_ipv4_makes_no_session() -> None:
+    """A reassembled UDP datagram over 65515 bytes cannot be one IPv4 packet: it is dropped
+    as too_big before a session is made (it used to make one and then raise)."""
+    p = party()
+    whole = IPv6(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / IPv6ExtHdrFragment(id=9)
+                     / UDP(sport=40000, dport=53) / Raw(bytes(65520 - 8))))
+    pieces = fragment6(whole, 1400)
+    steps = [p.client(raw(x)) for x in pieces]
+    assert steps[-1].drops == {DropReason.TOO_BIG: 1}
+    assert sum(len(s.to_services) for s in steps) == 0
+    assert len(p.datapath.flows) == 0
 
 
 def test_rfc8200_4_5_fragment_timeout_counted_on_tick() -> None:

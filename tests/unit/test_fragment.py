@@ -190,24 +190,26 @@ def test_rfc8200_4_5_fragment_beyond_last_fragment_end_drops() -> None:
     assert result is DropReason.BAD_FRAGMENT
 
 
-def test_rfc6146_3_4_datagram_limit_never_evicts() -> None:
+def test_rfc6146_3_4_datagram_limit_evicts_the_oldest() -> None:
+    """Linux since FragmentSmack: a full table evicts its oldest incomplete datagram, so a
+    flood of first fragments cannot block the fragmented traffic that follows."""
     r = Reassembler(max_datagrams=2)
     assert add(r, frag(0, True, b"a" * 8, ident=1)) is None
-    assert add(r, frag(0, True, b"a" * 8, ident=2)) is None
-    assert add(r, frag(0, True, b"a" * 8, ident=3)) is DropReason.FRAGMENT_LIMIT
-    assert len(r) == 2
-    # the datagrams already held still complete
-    done = add(r, frag(8, False, b"end", ident=1))
+    assert add(r, frag(0, True, b"a" * 8, ident=2, src="2001:db8:2::1")) is None
+    assert add(r, frag(0, True, b"a" * 8, ident=3, src="2001:db8:3::1")) is None
+    assert len(r) == 2 and r.evicted == 1  # ident 1 went
+    done = add(r, frag(8, False, b"end", ident=3, src="2001:db8:3::1"))
     assert isinstance(done, bytes) and done[40 + 8:] == b"end"
-    assert len(r) == 1
+    assert add(r, frag(8, False, b"end", ident=1)) is None  # starts anew, waits
+    assert r.bytes_held == 8 + 3
 
 
-def test_rfc6146_3_4_byte_limit_never_evicts() -> None:
+def test_rfc6146_3_4_byte_limit_evicts_the_oldest() -> None:
     r = Reassembler(max_bytes=64)
     assert add(r, frag(0, True, b"a" * 48, ident=1)) is None
-    assert add(r, frag(0, True, b"b" * 24, ident=2)) is DropReason.FRAGMENT_LIMIT
-    assert r.bytes_held == 48 and len(r) == 1
-    done = add(r, frag(48, False, b"c" * 8, ident=1))
+    assert add(r, frag(0, True, b"b" * 24, ident=2, src="2001:db8:2::1")) is None
+    assert r.bytes_held == 24 and len(r) == 1 and r.evicted == 1
+    done = add(r, frag(24, False, b"c" * 8, ident=2, src="2001:db8:2::1"))
     assert isinstance(done, bytes)
     assert r.bytes_held == 0
 
@@ -216,7 +218,38 @@ def test_rfc6146_3_4_byte_limit_on_a_known_datagram_forgets_it() -> None:
     r = Reassembler(max_bytes=64)
     assert add(r, frag(0, True, b"a" * 48, ident=1)) is None
     assert add(r, frag(48, True, b"b" * 24, ident=1)) is DropReason.FRAGMENT_LIMIT
-    assert len(r) == 0 and r.bytes_held == 0
+    assert len(r) == 0 and r.bytes_held == 0 and r.evicted == 1
+
+
+def test_one_source_evicts_only_its_own_oldest_datagram() -> None:
+    """A per-source /64 budget: a flooding source pushes out its own datagrams, not others'."""
+    r = Reassembler(max_datagrams=64)
+    assert r.max_datagrams_per_source == 4
+    assert add(r, frag(0, True, b"x" * 8, ident=99, src="2001:db8:9::1")) is None
+    for ident in range(10):
+        assert add(r, frag(0, True, b"a" * 8, ident=ident)) is None
+    assert len(r) == 1 + 4 and r.evicted == 6
+    done = add(r, frag(8, False, b"!", ident=99, src="2001:db8:9::1"))
+    assert isinstance(done, bytes)
+
+
+def test_overlap_check_is_not_quadratic() -> None:
+    """2000 parts of one datagram, in a shuffled order: each fragment's overlap check looks
+    at its two neighbours only (a quadratic check took 19 us per fragment at this size)."""
+    import random
+    import time
+
+    order = list(range(2000))
+    random.Random(7).shuffle(order)
+    pieces = [frag(i * 8, i != 1999, b"%08d" % i) for i in order]
+    r = Reassembler()
+    start = time.process_time()
+    results = [add(r, p) for p in pieces]
+    elapsed = time.process_time() - start
+    whole = results[-1]
+    assert isinstance(whole, bytes) and whole[40:] == b"".join(b"%08d" % i for i in range(2000))
+    assert all(x is None for x in results[:-1])
+    print(f"{elapsed / 2000 * 1e6:.1f} us per fragment")
 
 
 def test_rfc8200_4_5_reassembly_keyed_by_source_destination_ident() -> None:
