@@ -91,7 +91,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  martian IPv4  {martians or '(none: the check is off)'}")
     if settings.forwards:
         for rule in settings.forwards:
-            print(f"  forward       {rule.label}")
+            allowed = f" (from {', '.join(rule.sources)} only)" if rule.sources else ""
+            print(f"  forward       {rule.label}{allowed}")
     else:
         print("  forward       (none: only ICMPv6 echo is answered)")
     if backend == "kernel":

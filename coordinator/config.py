@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
                 "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend",
                 "fanout", "tun_writes"},
     "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s", "unassured_s"},
-    "forward": {"proto", "port", "to"},
+    "forward": {"proto", "port", "to", "from"},
     "metrics": {"listen"},
 }
 
@@ -169,8 +169,22 @@ def _parse_forward(ctx: _Ctx, index: int, raw: Any) -> Forward:
         if target_port + (hi - lo) > 65535:
             raise ctx.error("forward", "to", f"{to!r}: the range {lo}-{hi} shifted to "
                             f"{target_port} runs past 65535", index)
+    sources = raw.get("from", [])
+    if not isinstance(sources, list) or not sources and "from" in raw:
+        raise ctx.error("forward", "from", f"{sources!r} must be a non-empty list of IPv6 "
+                        "prefixes like [\"2001:db8::/32\"] (leave it out to allow everyone)",
+                        index)
+    nets = []
+    for cidr in sources:
+        try:
+            if not isinstance(cidr, str):
+                raise TypeError(cidr)
+            nets.append(str(ipaddress.IPv6Network(cidr)))
+        except (ValueError, TypeError):
+            raise ctx.error("forward", "from", f"{cidr!r} is not an IPv6 prefix; write it "
+                            "like \"2001:db8::/32\" (host bits zero)", index) from None
     return Forward(proto=proto, port_lo=lo, port_hi=hi, target_ipv4=target_ip,
-                   target_port=target_port)
+                   target_port=target_port, sources=tuple(nets))
 
 
 def parse_config(text: str, file: str = "<config>") -> Settings:

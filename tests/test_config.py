@@ -308,3 +308,15 @@ def test_every_key_with_any_value_is_a_config_error_or_accepted(value: str) -> N
                 parse_config(text, "gw.toml")
             except ConfigError as exc:
                 assert exc.key, (table, key, value, str(exc))
+
+
+def test_forward_from_list_parsed_and_checked() -> None:
+    text = GOOD_6TO4.replace('to = "127.0.0.1:8080"',
+                             'to = "127.0.0.1:8080"\nfrom = ["2001:db8:42::/48", "2002::/16"]')
+    assert parse_config(text, "gw.toml").forwards[0].sources == ("2001:db8:42::/48", "2002::/16")
+    assert parse_config(GOOD_6TO4, "gw.toml").forwards[0].sources == ()
+    for bad in ('["2001:db8:42::1/48"]', "[]", '"2001:db8::/32"', '["10.0.0.0/8"]'):
+        with pytest.raises(ConfigError) as info:
+            parse_config(GOOD_6TO4.replace('to = "127.0.0.1:8080"',
+                                           f'to = "127.0.0.1:8080"\nfrom = {bad}'), "gw.toml")
+        assert str(info.value).startswith("gw.toml:16: forward[0].from: "), str(info.value)

@@ -69,7 +69,7 @@ from workers.packet import (
     sum16,
     sum_is_valid,
 )
-from workers.settings import Settings
+from workers.settings import Settings, source_allowed
 from workers.translate import (
     icmpv4_error_key,
     icmpv6_error_key,
@@ -93,8 +93,8 @@ OUTBOUND_KEYS = {PROTO_TCP: ("outbound", "tcp"), PROTO_UDP: ("outbound", "udp")}
 # The largest transport segment an IPv4 packet holds: 65535 - a 20-byte IPv4 header.
 MAX_TRANSLATED_SEGMENT = 65535 - 20
 
-# Rule lookup value: (label, target IPv4 bytes, target port)
-RuleTarget = tuple[str, bytes, int]
+# Rule lookup value: (label, target IPv4 bytes, target port, source filter or None)
+RuleTarget = tuple[str, bytes, int, tuple[tuple[int, int], ...] | None]
 
 
 def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
@@ -103,8 +103,9 @@ def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
     for rule in settings.forwards:
         proto = PROTO_TCP if rule.proto == "tcp" else PROTO_UDP
         target = ipaddress.IPv4Address(rule.target_ipv4).packed
+        sources = rule.source_filter()
         for port in range(rule.port_lo, rule.port_hi + 1):
-            table[(proto, port)] = (rule.label, target, rule.target_for(port))
+            table[(proto, port)] = (rule.label, target, rule.target_for(port), sources)
     return table
 
 
@@ -450,6 +451,11 @@ class Datapath:
             rule = self.rules.get((proto, dport))
             if rule is None:
                 self._drop(DropReason.NO_RULE)
+                self._refuse(packet, view, proto)
+                return
+            if not source_allowed(rule[3], view[2]):
+                # A rule open to some sources only: to anyone else the port is closed.
+                self._drop(DropReason.SOURCE_NOT_ALLOWED)
                 self._refuse(packet, view, proto)
                 return
             # RFC 6146 §3.5.2.2: only a SYN opens a TCP session; anything else is refused

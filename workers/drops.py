@@ -37,6 +37,8 @@ class DropReason(enum.Enum):
     """ND/redirect/router messages are never decapsulated from 6to4 (RFC 3964 §5.1)."""
     NO_RULE = "no_rule"
     """No forward rule for the port; answered with RST (RFC 9293 §3.10.7.1) or ICMPv6 1/4."""
+    SOURCE_NOT_ALLOWED = "source_not_allowed"
+    """Source outside the rule's ``from`` list: answered as if there were no rule (RFC 6092)."""
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"
     """Not TCP/UDP/ICMPv6; answered with parameter problem 4/1 (RFC 4443 §3.4)."""
     ICMP_NOT_TRANSLATED = "icmp_not_translated"

@@ -33,7 +33,7 @@ from workers import control as protocol
 from workers.counters import Counters, LimitHits, worker_stats
 from workers.drops import DropReason
 from workers.packet import PROTO_TCP, PROTO_UDP
-from workers.settings import Forward, Settings
+from workers.settings import Forward, Settings, source_allowed
 
 log = logging.getLogger("sixgate.relay")
 
@@ -121,6 +121,7 @@ class Relay:
         self.running = True
         self._servers: list[asyncio.Server] = []
         self._udp: list[asyncio.DatagramTransport] = []
+        self._filters: dict[Forward, tuple[tuple[int, int], ...]] = {}
 
     # --- sessions and limits ------------------------------------------------------------------
 
@@ -143,6 +144,16 @@ class Relay:
         self.counters.event(f"flows_created_{'tcp' if session.proto == PROTO_TCP else 'udp'}")
         return True
 
+    def _source_allowed(self, rule: Forward, client: str) -> bool:
+        """The rule's ``from`` list; a client outside it is refused as by a closed port."""
+        nets = self._filters.get(rule)
+        if nets is None:
+            nets = self._filters[rule] = rule.source_filter() or ()
+        if not nets or source_allowed(nets, ipaddress.IPv6Address(client.split("%")[0]).packed):
+            return True
+        self.counters.drop(DropReason.SOURCE_NOT_ALLOWED)
+        return False
+
     def _forget(self, key: tuple[int, str, int, str, int]) -> None:
         session = self.sessions.pop(key, None)
         if session is None:
@@ -162,7 +173,7 @@ class Relay:
         now = time.monotonic()
         session = RelaySession(PROTO_TCP, peer[0], peer[1], gateway, port, rule.label, now)
         key = (PROTO_TCP, peer[0], peer[1], gateway, port)
-        if not self._admit(key, session):
+        if not self._source_allowed(rule, peer[0]) or not self._admit(key, session):
             writer.transport.abort()
             return
         try:
@@ -219,7 +230,7 @@ class Relay:
         if session is None:
             session = RelaySession(PROTO_UDP, client, cport, listener.gateway, listener.port,
                                    listener.rule.label, now)
-            if not self._admit(key, session):
+            if not self._source_allowed(listener.rule, client) or not self._admit(key, session):
                 return
             asyncio.get_running_loop().create_task(
                 self._open_udp(session, listener, data))

@@ -26,6 +26,15 @@ class Forward:
     port_hi: int
     target_ipv4: str
     target_port: int | None  # None: same port as the client asked for
+    # IPv6 source prefixes allowed to use the rule ("from"); empty: everyone.
+    sources: tuple[str, ...] = ()
+
+    def source_filter(self) -> tuple[tuple[int, int], ...] | None:
+        """(network, mask) integers of ``sources``, or None when everyone may use the rule."""
+        if not self.sources:
+            return None
+        nets = [ipaddress.IPv6Network(cidr) for cidr in self.sources]
+        return tuple((int(n.network_address), int(n.netmask)) for n in nets)
 
     def target_for(self, port: int) -> int:
         """Target port for a destination port in this rule's range (ranges shift)."""
@@ -105,10 +114,19 @@ class Settings:
             raise ValueError(f"settings version {doc.get('version')} is not {SETTINGS_VERSION}")
         raw = doc["settings"]
         raw["addresses"] = tuple(raw["addresses"])
-        raw["forwards"] = tuple(Forward(**f) for f in raw["forwards"])
+        raw["forwards"] = tuple(Forward(**{**f, "sources": tuple(f.get("sources", ()))})
+                                for f in raw["forwards"])
         raw["timeouts"] = Timeouts(**raw["timeouts"])
         raw["martian_ipv4"] = tuple(tuple(r) for r in raw["martian_ipv4"])
         return Settings(**raw)
+
+
+def source_allowed(nets: tuple[tuple[int, int], ...] | None, address: bytes) -> bool:
+    """Whether a packed IPv6 ``address`` is in a rule's source filter (None: everyone)."""
+    if nets is None:
+        return True
+    value = int.from_bytes(address, "big")
+    return any(value & mask == network for network, mask in nets)
 
 
 def pool_addresses(pool: str) -> list[ipaddress.IPv4Address]:

@@ -69,6 +69,9 @@ CLOSED_TCP_TARGET_PORT = 8199
 # Forwarded to a service on another IPv4 host: 203.0.113.1 in the peer namespace (only started
 # by the tests that need it; that host must route the gateway's pool back to 192.0.2.10).
 FAR_HTTP_PORT = 8181
+# Forwarded to the HTTP service for one prefix the lab's client is not in ([[forward]] from).
+ALLOWLIST_TCP_PORT = 8282
+ALLOWLIST_FROM = "2001:db8:eeee::/48"
 
 REQUIRED_PROGRAMS = ("ip", "ping", "dig", "dnsmasq", "curl", "ss", "sysctl")
 
@@ -175,6 +178,12 @@ FORWARD_TOML = (
     'proto = "tcp"\n'
     f"port = {FAR_HTTP_PORT}\n"
     f'to = "{PEER_FAR_IPV4}:{FAR_HTTP_PORT}"\n'
+    "\n"
+    "[[forward]]\n"
+    'proto = "tcp"\n'
+    f"port = {ALLOWLIST_TCP_PORT}\n"
+    f'to = "127.0.0.1:{HTTP_PORT}"\n'
+    f'from = ["{ALLOWLIST_FROM}"]\n'
 )
 
 

@@ -94,6 +94,17 @@ class GatewayBehaviour:
         assert exit_code == 7, stderr
         assert elapsed_s < REFUSED_WITHIN_S, f"took {elapsed_s:.2f} s: {stderr}"
 
+    def test_rule_open_to_another_prefix_refuses_this_client_at_once(self, lab: Lab) -> None:
+        """[[forward]] from = [a prefix the client is not in]: the port is closed to it (RST,
+        curl exit 7 at once), counted as source_not_allowed, never forwarded."""
+        before = netlab.drops(lab)
+        url = netlab.http_url(lab, "/", port=netlab.ALLOWLIST_TCP_PORT)
+        exit_code, elapsed_s, stderr = netlab.curl_exit(lab, url, max_time_s=5)
+        assert exit_code == 7, stderr
+        assert elapsed_s < REFUSED_WITHIN_S, f"took {elapsed_s:.2f} s: {stderr}"
+        delta = netlab.drops_delta(before, netlab.drops(lab))
+        assert delta.get("source_not_allowed", 0) >= 1, delta
+
     def test_rfc4443_udp_to_unforwarded_port_gets_port_unreachable(self, lab: Lab) -> None:
         """UDP to a port with no rule draws ICMPv6 destination unreachable, code 4 (port
         unreachable), which the client kernel turns into ECONNREFUSED on a connected socket."""

@@ -51,6 +51,18 @@ to = "127.0.0.1:{http_port}"
 proto = "udp"
 port = 53
 to = "127.0.0.1:{dns_port}"
+
+[[forward]]
+proto = "tcp"
+port = 81
+to = "127.0.0.1:{http_port}"
+from = ["2001:db8:ffff::/48"]
+
+[[forward]]
+proto = "tcp"
+port = 82
+to = "127.0.0.1:{http_port}"
+from = ["2001:db8:ffff::/48", "2001:db8:1::/64"]
 """
 
 
@@ -178,6 +190,20 @@ def test_rfc6888_req4_per_prefix_limit_refuses_and_never_evicts(relay_lab: Relay
     finally:
         for proc in holders:
             netlab.stop_process(proc, 5)
+
+
+def test_rule_from_list_refuses_other_sources(relay_lab: RelayLab) -> None:
+    """[[forward]] from: a client outside the list meets a closed port (reset) and is counted
+    as source_not_allowed; a client inside it is relayed."""
+    before = relay_lab.ask("flows")["counters"]["drops"]["source_not_allowed"]
+    refused = relay_lab.exec(["curl", "-6", "-g", "-sS", "--max-time", "5",
+                              f"http://[{GATEWAY6}]:81/{netlab.SMALL_NAME}"])
+    assert refused.returncode != 0, refused.stdout
+    allowed = relay_lab.exec(["curl", "-6", "-g", "-sS", "--max-time", "10",
+                              f"http://[{GATEWAY6}]:82/{netlab.SMALL_NAME}"])
+    assert allowed.returncode == 0 and allowed.stdout == netlab.SMALL_TEXT, allowed.stderr
+    after = relay_lab.ask("flows")["counters"]["drops"]["source_not_allowed"]
+    assert after == before + 1
 
 
 def test_sigterm_stops_the_relay_worker_cleanly(relay_lab: RelayLab) -> None:

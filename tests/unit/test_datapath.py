@@ -665,3 +665,27 @@ def test_rfc6888_req4_global_limit_split_between_shards() -> None:
     assert [len(s.to_services) for s in steps] == [1, 1, 1, 0]  # ceil(5 / 2) = 3 per shard
     assert steps[3].drops == {DropReason.FLOW_LIMIT: 1}
     assert datapath.counters.drops[DropReason.INTERNAL_ERROR] == 0
+
+
+# --- per-rule source allow-lists ([[forward]] from, hostile-input issue finding 11) ----------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rule_from_list_refuses_other_sources_as_no_rule(mode: str) -> None:
+    """RFC 6092-style holes: a rule open to one prefix is a closed port to everyone else
+    (RST for TCP, port unreachable for UDP, rate-limited), counted as source_not_allowed."""
+    from workers.settings import Forward
+
+    allowed = "2002:c633:6401::/48" if mode == "6to4" else "2001:db8:1::/48"
+    rules = (Forward("tcp", 80, 80, SERVICE4, 8080, (allowed,)),
+             Forward("udp", 53, 53, SERVICE4, 5353, (allowed,)))
+    p = TwoParty(make_datapath(mode, forwards=rules))
+    inside = client6(mode)
+    outside = "2001:db8:77::1" if mode == "6to4" else "2001:db8:2::1"
+    assert p.client(client_tcp(mode, src=inside)).drops == {}
+    refused = p.client(client_tcp(mode, src=outside))
+    assert refused.drops == {DropReason.SOURCE_NOT_ALLOWED: 1} and refused.to_services == []
+    assert str(refused.only_outbound()[TCP].flags) == "RA"
+    udp = p.client(client_udp(mode, src=outside))
+    assert udp.drops == {DropReason.SOURCE_NOT_ALLOWED: 1}
+    assert udp.only_outbound()[ICMPv6DestUnreach].code == 4
+    assert len(p.datapath.flows) == 1
