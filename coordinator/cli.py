@@ -82,11 +82,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  pool          {settings.pool}")
     print(f"  run dir       {settings.run_dir}")
     print(f"  limits        {settings.max_flows} flows, {settings.max_flows_per_prefix} per "
-          f"source /64, ICMPv6 errors {settings.icmp_errors_per_s:g}/s burst "
-          f"{settings.icmp_error_burst}")
+          f"source /64, {settings.max_flows_per_48} per source /48, "
+          f"{settings.max_flows_per_ipv4_source} per outer IPv4 source (6to4)")
+    print(f"  rate limits   ICMPv6 errors and RSTs {settings.icmp_errors_per_s:g}/s burst "
+          f"{settings.icmp_error_burst}, echo replies {settings.echo_replies_per_s:g}/s burst "
+          f"{settings.echo_burst}; each source /64 a tenth of either")
     t = settings.timeouts
     print(f"  timeouts      tcp established {t.tcp_established_s:g} s, transitory "
-          f"{t.tcp_transitory_s:g} s, udp {t.udp_s:g} s, icmp {t.icmp_s:g} s")
+          f"{t.tcp_transitory_s:g} s, udp {t.udp_s:g} s, icmp {t.icmp_s:g} s, unassured "
+          f"{t.unassured_s:g} s")
     martians = ", ".join(cidr for cidr, _ in settings.martian_ipv4)
     print(f"  martian IPv4  {martians or '(none: the check is off)'}")
     if settings.forwards:

@@ -41,7 +41,7 @@ from workers.icmp import (
     PARAM_UNRECOGNIZED_NEXT_HEADER,
     UNREACH_ADMIN_PROHIBITED,
     UNREACH_PORT,
-    TokenBucket,
+    SourceRateLimiter,
     echo_reply,
     icmpv6_error,
     may_send_error,
@@ -129,7 +129,12 @@ class Datapath:
             max_flows_per_48=settings.max_flows_per_48,
             max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source)
         self.reassembler = Reassembler(settings.fragment_datagrams, settings.fragment_bytes)
-        self.error_limiter = TokenBucket(settings.icmp_errors_per_s, settings.icmp_error_burst)
+        # RFC 4443 §2.4(f): errors and RSTs, and echo replies (reflection: one source must not
+        # turn the gateway into a firehose), each per source /64 and in all.
+        self.error_limiter = SourceRateLimiter(settings.icmp_errors_per_s,
+                                               settings.icmp_error_burst)
+        self.echo_limiter = SourceRateLimiter(settings.echo_replies_per_s,
+                                              settings.echo_burst)
         self.counters = Counters()
         self.to_services: list[bytes] = []
         self.outbound: list[tuple[bytes, bytes]] = []
@@ -184,8 +189,8 @@ class Datapath:
         """Send an ICMPv6 error about ``packet`` if RFC 4443 §2.4(e) and (f) allow."""
         if not may_send_error(packet, view[4], view[5]):
             return
-        # RFC 4443 §2.4(f): originated errors are rate-limited (token bucket).
-        if not self.error_limiter.allow(self._now):
+        # RFC 4443 §2.4(f): originated errors are rate-limited (token buckets).
+        if not self.error_limiter.allow(packet[8:24], self._now):
             self._drop(DropReason.ICMP_RATE_LIMITED)
             return
         self.counters.event(f"icmp_error_{icmp_type}_{code}")
@@ -195,7 +200,7 @@ class Datapath:
         rst = tcp_reset(packet, view[5])
         if rst is None:
             return
-        if not self.error_limiter.allow(self._now):
+        if not self.error_limiter.allow(packet[8:24], self._now):
             self._drop(DropReason.ICMP_RATE_LIMITED)
             return
         self.counters.event("tcp_rst_sent")
@@ -257,7 +262,7 @@ class Datapath:
                     udp_in += size - 20
                     udp_out += len(out)
                 else:
-                    touch_tcp(session, packet[53], True, now)
+                    touch_tcp(session, packet[73], True, now)
                     tcp_n += 1
                     tcp_in += size - 20
                     tcp_out += len(out)
@@ -379,6 +384,9 @@ class Datapath:
             self._drop(DropReason.BAD_CHECKSUM)
             return
         if segment[0] == ICMPV6_ECHO_REQUEST:
+            if not self.echo_limiter.allow(view[2], self._now):
+                self._drop(DropReason.ICMP_RATE_LIMITED)
+                return
             self.counters.event("echo_replies")
             self._send_v6(echo_reply(packet, offset), PROTO_ICMPV6)
             return

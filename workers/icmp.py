@@ -146,3 +146,33 @@ class TokenBucket:
             return True
         return False
 
+
+
+class SourceRateLimiter:
+    """RFC 4443 §2.4(f) for a gateway many sources share: one token bucket for everything we
+    originate and one per source /64, so one source draining its bucket cannot silence the
+    RSTs and errors every other client is owed. The per-source table is bounded: a new
+    source past ``max_sources`` pushes out the longest-known one (the global bucket still
+    bounds the total)."""
+
+    __slots__ = ("overall", "rate_per_s", "burst", "max_sources", "_sources")
+
+    def __init__(self, rate_per_s: float, burst: float, per_source_share: float = 0.1,
+                 max_sources: int = 4096) -> None:
+        self.overall = TokenBucket(rate_per_s, burst)
+        self.rate_per_s = rate_per_s * per_source_share
+        self.burst = max(1.0, burst * per_source_share)
+        self.max_sources = max_sources
+        self._sources: dict[bytes, TokenBucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def allow(self, source: bytes | memoryview, now: float) -> bool:
+        key = bytes(source[:8])
+        bucket = self._sources.get(key)
+        if bucket is None:
+            if len(self._sources) >= self.max_sources:
+                del self._sources[next(iter(self._sources))]
+            bucket = self._sources[key] = TokenBucket(self.rate_per_s, self.burst)
+        return bucket.allow(now) and self.overall.allow(now)

@@ -79,6 +79,10 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     icmp_errors_per_s: float = 100.0
     icmp_error_burst: int = 100
+    # Echo replies: far above what ping needs, far below a flood (each source /64 gets a
+    # tenth, as it does of the error rate).
+    echo_replies_per_s: float = 10_000.0
+    echo_burst: int = 10_000
     queue_batches: int = 1000
     batch_packets: int = 64
     # The fan-out hash seed: the coordinator draws a random one at each start unless the

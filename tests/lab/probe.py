@@ -9,6 +9,8 @@ Subcommands:
   udp-refused  send a datagram on a connected UDP socket; did ICMPv6 port unreachable come back?
   send41       send IPv4 protocol-41 packets carrying ICMPv6 echo requests from a chosen outer
                and inner source; count echo replies that come back
+  synflood41   send TCP SYNs from random sources of one /48 over protocol 41
+  fuzz41       send malformed protocol-41 packets built from valid echo requests
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 IPPROTO_IPV6_IN_IPV4 = 41
 ICMPV6 = 58
 ECHO_REQUEST = 128
+TCP = 6
 ECHO_REPLY = 129
 NEIGHBOR_SOLICITATION = 135
 NEIGHBOR_ADVERTISEMENT = 136
@@ -206,6 +209,38 @@ def send41(args: argparse.Namespace) -> dict[str, Any]:
     return {"sent": args.count, "replies": replies, "to_far": to_far, "seen": seen}
 
 
+# --------------------------------------------------------------------------- synflood41
+
+
+def tcp_syn(source: bytes, destination: bytes, sport: int, dport: int, seq: int) -> bytes:
+    """An IPv6 packet carrying a bare TCP SYN (RFC 9293 §3.1), checksum included."""
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 65535, 0, 0)
+    pseudo = source + destination + struct.pack("!I3xB", len(tcp), TCP)
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    return struct.pack("!IHBB", 6 << 28, len(tcp), TCP, 64) + source + destination + tcp
+
+
+def synflood41(args: argparse.Namespace) -> dict[str, Any]:
+    """``count`` SYNs, each from a random address of a random /64 of ``--inner-prefix`` (a
+    /48), as a flood of spoofed sources behind one 6to4 router would come."""
+    rng = random.Random(args.seed)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_IPV6_IN_IPV4)
+    sender.bind((args.outer_src, 0))
+    prefix = ipaddress.IPv6Network(args.inner_prefix).network_address.packed[:6]
+    destination = ipaddress.IPv6Address(args.inner_dst).packed
+    sent = 0
+    for _ in range(args.count):
+        source = prefix + rng.randbytes(10)
+        packet = tcp_syn(source, destination, rng.randrange(1024, 65536), args.port,
+                         rng.randrange(2**32))
+        try:
+            sender.sendto(packet, (args.outer_dst, 0))
+            sent += 1
+        except OSError:
+            pass
+    return {"sent": sent}
+
+
 # --------------------------------------------------------------------------- fuzz41
 
 
@@ -289,6 +324,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s41.add_argument("--stop-early", action="store_true", help="stop once all replies came")
     s41.add_argument("--kind", choices=("echo", "nud"), default="echo",
                      help="echo requests, or NUD probes (Neighbor Solicitations)")
+    flood = sub.add_parser("synflood41")
+    for flag in ("--outer-src", "--outer-dst", "--inner-prefix", "--inner-dst"):
+        flood.add_argument(flag, required=True)
+    flood.add_argument("--port", type=int, default=80)
+    flood.add_argument("--count", type=int, default=2000)
+    flood.add_argument("--seed", type=int, default=3)
     fuzz = sub.add_parser("fuzz41", parents=[addresses])
     fuzz.add_argument("--count", type=int, default=2000)
     fuzz.add_argument("--seed", type=int, default=41)
@@ -296,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 COMMANDS = {"tcp-many": tcp_many, "hold-tcp": hold_tcp, "udp-refused": udp_refused,
-            "send41": send41, "fuzz41": fuzz41}
+            "send41": send41, "fuzz41": fuzz41, "synflood41": synflood41}
 
 if __name__ == "__main__":
     arguments = parse_args()

@@ -166,6 +166,7 @@ class TwoParty:
     def __init__(self, datapath: Datapath, clock: FakeClock | None = None) -> None:
         self.datapath = datapath
         self.clock = clock or FakeClock()
+        self._accepted: set[bytes] = set()
 
     def _run(self, call: Callable[[], None]) -> Step:
         dp = self.datapath
@@ -178,6 +179,17 @@ class TwoParty:
     def client(self, packet6: bytes | IPv6) -> Step:
         data = raw(packet6) if not isinstance(packet6, bytes | bytearray) else bytes(packet6)
         return self._run(lambda: self.datapath.inbound(data, self.clock.now))
+
+    def tunnel(self, packet6: bytes | IPv6, outer_src: str) -> Step:
+        """The client's packet as the kernel fan-out path sees it: inside an IPv4 proto-41
+        packet from ``outer_src``, through ``Datapath.from_tunnel`` and the tunnel checks."""
+        inner = IPv6(packet6) if isinstance(packet6, bytes | bytearray) else packet6
+        mode = self.datapath.mode
+        outer = raw(IP(src=outer_src, dst=GW4, proto=41) / inner)
+        policy = POLICY_6TO4 if mode == "6to4" else POLICY_6IN4
+        accepted = self._accepted
+        return self._run(lambda: self.datapath.from_tunnel(outer, self.clock.now, policy,
+                                                           accepted))
 
     def service(self, packet4: bytes | IP) -> Step:
         data = raw(packet4) if not isinstance(packet4, bytes | bytearray) else bytes(packet4)

@@ -52,7 +52,7 @@ from scapy.packet import Raw, raw
 
 from workers.datapath import Datapath
 from workers.drops import DropReason
-from workers.flows import ESTABLISHED, V4_SYN_RCV, Timeouts
+from workers.flows import ESTABLISHED, V4_SYN_RCV, V6_FIN, Timeouts
 from workers.settings import worker_pool
 
 MODES = ["6to4", "6in4"]
@@ -207,15 +207,37 @@ def test_rfc4443_2_4_e_no_error_to_multicast_or_unspecified_source() -> None:
 
 
 def test_rfc4443_2_4_f_errors_rate_limited_by_token_bucket() -> None:
-    p = party(icmp_errors_per_s=1.0, icmp_error_burst=2)
-    steps = [p.client(client_udp(dport=99, sport=1000 + i)) for i in range(3)]
-    assert [len(s.outbound) for s in steps] == [1, 1, 0]
-    assert steps[2].drops == {DropReason.NO_RULE: 1, DropReason.ICMP_RATE_LIMITED: 1}
+    p = party(icmp_errors_per_s=10.0, icmp_error_burst=20)
+    sources = [f"2001:db8:{i}::1" for i in range(1, 30)]  # a /64 each: the global bucket
+    steps = [p.client(client_udp(src=src, dport=99)) for src in sources[:21]]
+    assert [len(s.outbound) for s in steps] == [1] * 20 + [0]
+    assert steps[20].drops == {DropReason.NO_RULE: 1, DropReason.ICMP_RATE_LIMITED: 1}
     # RSTs share the bucket
-    assert p.client(client_tcp(dport=81)).drops == {DropReason.NO_RULE: 1,
-                                                      DropReason.ICMP_RATE_LIMITED: 1}
+    assert p.client(client_tcp(src=sources[21], dport=81)).drops == {
+        DropReason.NO_RULE: 1, DropReason.ICMP_RATE_LIMITED: 1}
     p.clock.advance(1.0)
-    assert len(p.client(client_udp(dport=99)).outbound) == 1
+    assert len(p.client(client_udp(src=sources[22], dport=99)).outbound) == 1
+
+
+def test_rfc4443_2_4_f_one_source_cannot_drain_the_bucket_for_everyone() -> None:
+    """Each source /64 has a tenth of the bucket: a flood of refused SYNs from one source
+    leaves RSTs for the next client (one bucket for all used to be drained by anyone)."""
+    p = party(icmp_errors_per_s=100.0, icmp_error_burst=100)
+    flood = [p.client(client_tcp(sport=1000 + i, dport=81)) for i in range(50)]
+    assert sum(len(s.outbound) for s in flood) == 10  # its share: burst 10
+    other = p.client(client_tcp(src="2001:db8:77::1", dport=81))
+    assert str(other.only_outbound()[TCP].flags) == "RA"
+
+
+def test_echo_replies_rate_limited_per_source() -> None:
+    """Reflection: echo replies have their own buckets; what is over is dropped, counted."""
+    p = party(echo_replies_per_s=100.0, echo_burst=100)
+    pings = [p.client(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / ICMPv6EchoRequest(seq=i))
+             for i in range(15)]
+    assert sum(len(s.outbound) for s in pings) == 10
+    assert pings[-1].drops == {DropReason.ICMP_RATE_LIMITED: 1}
+    other = p.client(IPv6(src="2001:db8:77::1", dst=GW6_6TO4) / ICMPv6EchoRequest())
+    assert len(other.outbound) == 1
 
 
 # --- translation, both directions ---------------------------------------------------------------
@@ -689,3 +711,23 @@ def test_rule_from_list_refuses_other_sources_as_no_rule(mode: str) -> None:
     assert udp.drops == {DropReason.SOURCE_NOT_ALLOWED: 1}
     assert udp.only_outbound()[ICMPv6DestUnreach].code == 4
     assert len(p.datapath.flows) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tcp_states_follow_the_client_through_the_kernel_fanout_path(mode: str) -> None:
+    """The one-lookup path of kernel fan-out (``from_tunnel``) reads the client's TCP flags
+    from the right byte: the third packet of the handshake assures the session, a FIN moves
+    it on (it once read a byte of the inner destination address instead)."""
+    p = party(mode)
+    outer = CLIENT4 if mode == "6to4" else REMOTE4
+    first = p.tunnel(client_tcp(mode, flags="S", seq=1000), outer)
+    request = first.only_to_services()
+    p.service(reply_to(request))  # SYN-ACK
+    (session,) = p.datapath.flows.sessions()
+    assert (session.state, session.assured) == (V4_SYN_RCV, False)
+    for _ in range(2):  # the second goes through the one-lookup cache
+        step = p.tunnel(client_tcp(mode, flags="A", seq=1001, ack=5001), outer)
+        assert len(step.to_services) == 1
+    assert (session.state, session.assured) == (ESTABLISHED, True)
+    p.tunnel(client_tcp(mode, flags="FA", seq=1001, ack=5001), outer)
+    assert session.state == V6_FIN
