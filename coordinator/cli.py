@@ -135,7 +135,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
-def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 15000) -> dict[str, Any]:
+def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 15000,
+                  **args: Any) -> dict[str, Any]:
     """Ask the running gateway's control socket; raises RuntimeError when nobody answers."""
     endpoint = control.coordinator_endpoint(settings.run_dir)
     if not os.path.exists(endpoint.removeprefix("ipc://")):
@@ -147,7 +148,7 @@ def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 15000) -> dict
     req.setsockopt(zmq.LINGER, 0)
     req.connect(endpoint)
     try:
-        req.send_json(control.request(cmd))
+        req.send_json(control.request(cmd, **args))
         if not req.poll(timeout_ms, zmq.POLLIN):
             raise RuntimeError(f"no gateway answers on {endpoint}; is `sixgate run` running "
                                "with this config?")
@@ -180,7 +181,7 @@ def summarize(status: dict[str, Any]) -> dict[str, Any]:
 def cmd_flows(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     try:
-        status = query_gateway(settings, "flows")
+        status = query_gateway(settings, "flows", limit=args.limit)
     except RuntimeError as exc:
         print(f"sixgate flows: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -189,7 +190,10 @@ def cmd_flows(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
         return EXIT_OK
     bindings = summary["bindings"]
-    print(f"{len(bindings)} binding(s)")
+    active = sum(w["flows"]["active"] for w in status["workers"] if w.get("up"))
+    more = f" ({active - len(bindings)} more not shown: --limit)" if active > len(bindings) \
+        else ""
+    print(f"{len(bindings)} binding(s){more}")
     if bindings:
         header = ("proto", "client (IPv6)", "pool (IPv4 seen by service)", "rule", "state",
                   "idle_s", "worker")
@@ -271,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flows", help="list the live bindings of a running gateway")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--limit", type=int, default=control.FLOWS_PAGE_DEFAULT,
+                   help=f"bindings per worker, at most {control.FLOWS_PAGE_MAX} "
+                   f"(default {control.FLOWS_PAGE_DEFAULT})")
     p.set_defaults(func=cmd_flows)
     p = sub.add_parser("status", help="live view of a running gateway's metrics (rates, "
                        "drops, flows per worker); Ctrl-C ends it")

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,10 @@ class Coordinator:
                 worker.proc.wait()
         for sock in getattr(self, "pushes", []):
             sock.close(0)
+        self.running = False
+        thread = getattr(self, "control_thread", None)
+        if thread is not None:
+            thread.join(timeout=5)
         if getattr(self, "control", None) is not None:
             self.control.close(0)
         if getattr(self, "ctx", None) is not None:
@@ -275,15 +280,17 @@ class Coordinator:
         sock_fd = self.sock.fileno() if self.sock is not None else -1
         if self.sock is not None:
             poller.register(sock_fd, zmq.POLLIN)
-        poller.register(self.control, zmq.POLLIN)
+        # The control socket has a thread of its own: a `sixgate flows` that waits for slow
+        # workers must never hold up capture or the supervision of crashed workers.
+        self.control_thread = threading.Thread(target=self._control_loop, name="control",
+                                               daemon=True)
+        self.control_thread.start()
         next_check = time.monotonic() + 1.0
         while self.running:
             events = dict(poller.poll(timeout=500))
             self.loop_seen = time.monotonic()
             if sock_fd in events:
                 self._capture()
-            if self.control in events:
-                self._answer_control()
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 1.0
@@ -363,18 +370,29 @@ class Coordinator:
 
     # --- control ------------------------------------------------------------------------------
 
+    def _control_loop(self) -> None:
+        while self.running:
+            try:
+                if self.control.poll(200):
+                    self._answer_control()
+            except Exception as exc:  # noqa: BLE001 - a bad request must not end the gateway
+                self.counters.event("control_errors")
+                log.error("control request failed: %r", exc, exc_info=exc)
+
     def _answer_control(self) -> None:
         try:
-            raw = self.control.recv(zmq.NOBLOCK)
+            frames = self.control.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        cmd, error = control.parse_request(raw)
+        cmd, fields, error = control.parse_request(frames)
         if error is not None:
+            self.counters.event("control_errors")
             self.control.send_json(error)
         elif cmd in ("flows", "status"):
             workers = []
             replies = ask_workers(self.ctx, self.settings.run_dir, self.settings.workers,
-                                  "flows", CONTROL_TIMEOUT_MS)
+                                  "flows", CONTROL_TIMEOUT_MS,
+                                  limit=control.page_limit(fields))
             for worker, reply in zip(self.workers, replies, strict=True):
                 entry: dict[str, Any] = {"index": worker.index, "restarts": worker.restarts,
                                          "up": reply is not None}
@@ -392,6 +410,7 @@ class Coordinator:
         elif cmd == "ping":
             self.control.send_json(control.ok())
         else:
+            self.counters.event("control_errors")
             self.control.send_json(control.error(f"unknown command {cmd!r}"))
 
 

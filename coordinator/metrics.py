@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sixgate.metrics")
 
+# The HTTP endpoint's bounds: Prometheus needs one connection per scrape; a few more serve
+# people and health checks.
+MAX_CONNECTIONS = 16
+REQUEST_TIMEOUT_S = 5.0
 SCRAPE_WORKER_TIMEOUT_MS = 1500  # below Prometheus' default 10 s scrape timeout
 READY_WORKER_TIMEOUT_MS = 1000
 HEALTHY_LOOP_AGE_S = 5.0  # the loop polls every 0.5 s; 10 missed rounds means it is stuck
@@ -66,7 +70,7 @@ METRIC_NAMES = (
     "sixgate_prefix_flow_limit", "sixgate_queue_limit_batches",
     "sixgate_icmp_error_rate_limit_per_second", "sixgate_packets", "sixgate_bytes",
     "sixgate_drops", "sixgate_flows_active", "sixgate_flows_created", "sixgate_flows_expired",
-    "sixgate_flows_evicted",
+    "sixgate_flows_evicted", "sixgate_control_errors",
     "sixgate_flow_limit", "sixgate_pool_addresses", "sixgate_pool_addresses_in_use",
     "sixgate_queue_drops", "sixgate_icmp_errors_sent", "sixgate_tcp_resets_sent",
     "sixgate_icmp_errors_suppressed", "sixgate_echo_replies", "sixgate_worker_up",
@@ -87,7 +91,7 @@ def sixgate_version() -> str:
 
 
 def ask_workers(ctx: zmq.Context[Any], run_dir: str, count: int, cmd: str,
-                timeout_ms: int) -> list[dict[str, Any] | None]:
+                timeout_ms: int, **args: Any) -> list[dict[str, Any] | None]:
     """Send ``cmd`` to every worker at once; each answer, or None for a worker that did not
     answer within ``timeout_ms`` (all of them share the one deadline)."""
     sockets = []
@@ -98,7 +102,7 @@ def ask_workers(ctx: zmq.Context[Any], run_dir: str, count: int, cmd: str,
             sock = ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(control_endpoint(run_dir, index))
-            sock.send_json(control.request(cmd))
+            sock.send_json(control.request(cmd, **args))
             sockets.append(sock)
             poller.register(sock, zmq.POLLIN)
         position = {sock: index for index, sock in enumerate(sockets)}
@@ -224,6 +228,9 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
                                  "connections", labels=["process"])
     suppressed = CounterMetricFamily("sixgate_icmp_errors_suppressed", "ICMPv6 errors and "
                                      "RSTs suppressed by the rate limiter", labels=["process"])
+    control_errors = CounterMetricFamily("sixgate_control_errors", "Control-socket requests "
+                                         "refused as malformed or unknown",
+                                         labels=["process"])
     echo = CounterMetricFamily("sixgate_echo_replies", "ICMPv6 echo replies sent",
                                labels=["process"])
     up = GaugeMetricFamily("sixgate_worker_up", "1 when the worker answered this scrape",
@@ -255,6 +262,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
         counters = stats["counters"]
         for reason in DropReason:
             drops.add_metric([name, reason.value], counters["drops"].get(reason.value, 0))
+        control_errors.add_metric([name], counters["events"].get("control_errors", 0))
         if not is_worker:
             continue  # the coordinator only checks and fans out: its packets are tunnel_*
         for direction in DIRECTIONS:
@@ -288,8 +296,8 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
             if hist is not None:
                 timings.append(([name, direction], hist))
 
-    out += [packets, octets, drops, active, created, expired, evicted, flow_limit, pool,
-            pool_used,
+    out += [packets, octets, drops, control_errors, active, created, expired, evicted,
+            flow_limit, pool, pool_used,
             queue_drops, errors_sent, resets, suppressed, echo, up, restarts, cpu, rss]
     out.append(_histogram("sixgate_coordinator_batch_packets",
                           "Packets per coordinator-to-worker ZeroMQ message", [],
@@ -384,7 +392,7 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(coordinator))
         host, port = parse_listen(listen)
-        server_class = _Server6 if ":" in host else ThreadingHTTPServer
+        server_class = _Server6 if ":" in host else _BoundedServer
         self.httpd = server_class((host, port), _handler(self))
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
                                        daemon=True)
@@ -409,12 +417,39 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-class _Server6(ThreadingHTTPServer):
+class _BoundedServer(ThreadingHTTPServer):
+    """At most ``MAX_CONNECTIONS`` connections at once (more are closed at once), each given
+    ``REQUEST_TIMEOUT_S`` to send its request: idle or slow clients cannot pile up threads."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _Server6(_BoundedServer):
     address_family = AF_INET6
 
 
 def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # socket timeout: a client that sends nothing is dropped
+
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

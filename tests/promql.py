@@ -42,6 +42,7 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
                                                 "protocol": ("tcp", "udp")}),
     "sixgate_flows_expired_total": ("counter", {"process": WORKERS}),
     "sixgate_flows_evicted_total": ("counter", {"process": WORKERS}),
+    "sixgate_control_errors_total": ("counter", {"process": PROCESSES}),
     "sixgate_flow_limit": ("gauge", {"process": WORKERS}),
     "sixgate_prefix_flow_limit": ("gauge", {}),
     "sixgate_pool_addresses": ("gauge", {"process": WORKERS}),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -419,6 +420,10 @@ class FlowTable:
 
     def sessions(self) -> list[Session]:
         return list(self._by_v6.values())
+
+    def sessions_iter(self) -> Iterator[Session]:
+        """The live sessions, oldest first, without copying the table."""
+        return iter(self._by_v6.values())
 
     def snapshot(self) -> list[dict[str, object]]:
         """Plain-data state of every session (hex addresses), for listing and resumption."""

@@ -26,6 +26,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import zmq
@@ -350,12 +351,12 @@ class Worker:
 
     def _answer_control(self, now: float) -> None:
         try:
-            raw = self.control.recv(zmq.NOBLOCK)
+            frames = self.control.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        cmd, reply = control.parse_request(raw)
+        cmd, fields, reply = control.parse_request(frames)
         if reply is not None:
-            pass
+            self.datapath.counters.event("control_errors")
         elif cmd == "ping":
             reply = control.ok()
         elif cmd == "stats":
@@ -366,14 +367,16 @@ class Worker:
                 self.processing))
         elif cmd == "flows":
             flows = self.datapath.flows
+            page = islice(flows.sessions_iter(), control.page_limit(fields))
             reply = control.ok(
                 index=self.index,
-                bindings=[describe_session(s, now, self.index) for s in flows.sessions()],
+                bindings=[describe_session(s, now, self.index) for s in page],
                 flows={"active": len(flows), "created": flows.created_total,
                        "expired": flows.expired_total, "limit": flows.max_flows,
                        "pool_in_use": flows.pool_in_use(), "pool_size": flows.pool_size},
                 counters=self.datapath.counters.as_dict())
         else:
+            self.datapath.counters.event("control_errors")
             reply = control.error(f"unknown command {cmd!r}")
         self.control.send_json(reply)
 

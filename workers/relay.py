@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import socket
 import time
+from itertools import islice
 from typing import Any, cast
 
 import zmq
@@ -324,7 +325,7 @@ class Relay:
 
     # --- control ------------------------------------------------------------------------------
 
-    def describe(self, now: float) -> list[dict[str, Any]]:
+    def describe(self, now: float, limit: int | None = None) -> list[dict[str, Any]]:
         return [{
             "proto": "tcp" if s.proto == PROTO_TCP else "udp",
             "client": f"[{s.client}]:{s.cport}",
@@ -334,17 +335,17 @@ class Relay:
             "state": s.state,
             "idle_s": round(now - s.last_seen, 1),
             "worker": self.index,
-        } for s in self.sessions.values()]
+        } for s in islice(self.sessions.values(), limit)]
 
     async def serve_control(self, control: zmq.asyncio.Socket) -> None:
         while self.running:
             if not await control.poll(500):
                 self.expire(time.monotonic())
                 continue
-            cmd, reply = protocol.parse_request(await control.recv())
+            cmd, fields, reply = protocol.parse_request(await control.recv_multipart())
             now = time.monotonic()
             if reply is not None:
-                pass
+                self.counters.event("control_errors")
             elif cmd == "ping":
                 reply = protocol.ok()
             elif cmd == "stats":
@@ -355,7 +356,8 @@ class Relay:
                     self.expired_total, self.max_flows, 0, 0, {}))
             elif cmd == "flows":
                 reply = protocol.ok(
-                    index=self.index, bindings=self.describe(now),
+                    index=self.index,
+                    bindings=self.describe(now, protocol.page_limit(fields)),
                     flows={"active": len(self.sessions), "created": self.created_total,
                            "expired": self.expired_total, "limit": self.max_flows,
                            "pool_in_use": 0, "pool_size": 0},

@@ -8,11 +8,19 @@ work and the counters name what happened. ``make soak`` (bench/soak.py) is the l
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import netlab
 import pytest
+import zmq
 from netlab import Lab
+
+from coordinator import metrics
+from workers import control
 
 pytestmark = pytest.mark.lab
 
@@ -85,3 +93,74 @@ def test_malformed_packet_flood_never_crashes_and_ping_still_answers(attack_lab:
     assert delta.get("internal_error", 0) == 0, delta
     assert sum(delta.values()) >= 5000, delta
     assert lab.alive("sixgate")
+
+
+def test_malformed_control_requests_are_answered_and_counted(attack_lab: Lab) -> None:
+    """Deeply nested JSON, a two-frame request and an oversized one on the coordinator's and a
+    worker's control socket: each gets an error reply, nobody dies (they used to end the
+    process: RecursionError, ZeroMQ EFSM), and sixgate_control_errors counts them."""
+    lab = attack_lab
+    run_dir = str(lab.tmp / "run")
+    ctx = zmq.Context.instance()
+    bad = ([b"[" * 2000 + b"]" * 2000], [b'{"v": 1, "cmd": "ping"}', b"second frame"],
+           [b"x" * 100_000])
+    for endpoint in (control.coordinator_endpoint(run_dir), control.control_endpoint(run_dir, 0)):
+        for frames in bad:
+            req = ctx.socket(zmq.REQ)
+            req.setsockopt(zmq.LINGER, 0)
+            req.connect(endpoint)
+            try:
+                req.send_multipart(frames)
+                assert req.poll(5000), f"{endpoint} did not answer {frames[0][:20]!r}"
+                reply = json.loads(req.recv())
+            finally:
+                req.close(0)
+            assert reply["ok"] is False, reply
+    assert lab.alive("sixgate"), lab.gateway_stderr()
+    status = lab.flows()["counters"]
+    assert status["coordinator"]["events"].get("control_errors", 0) >= len(bad)
+    assert status["workers"][0]["counters"]["events"].get("control_errors", 0) >= len(bad)
+    assert all(w["up"] for w in status["workers"])
+
+
+HOLD_IDLE = """\
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[1])):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", 9641), timeout=2))
+    except OSError:
+        pass
+print(len(held), flush=True)
+sys.stdin.readline()
+closed = 0
+for sock in held:
+    sock.settimeout(0.2)
+    try:
+        closed += sock.recv(1) == b""
+    except OSError:
+        pass
+print(closed, flush=True)
+"""
+
+
+def test_idle_connections_cannot_pile_up_on_the_metrics_endpoint(attack_lab: Lab) -> None:
+    """40 connections that never send a request (slowloris) against /metrics: the endpoint
+    takes at most 16 at once and closes each after its 5 s request timeout (it used to keep a
+    thread per connection for ever); a scrape meanwhile succeeds."""
+    lab = attack_lab
+    holder = subprocess.Popen(netlab.in_ns(lab.gw_ns, [sys.executable, "-c", HOLD_IDLE, "40"]),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        held = int(holder.stdout.readline())
+        assert held > 0
+        time.sleep(metrics.REQUEST_TIMEOUT_S + 1.5)
+        done = lab.gw(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9641/metrics"])
+        assert done.returncode == 0 and "sixgate_ready 1.0" in done.stdout, done.stderr
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        closed = int(holder.stdout.readline())
+        assert closed == held, (closed, held)
+    finally:
+        netlab.stop_process(holder, 5)
