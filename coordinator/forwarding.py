@@ -7,10 +7,12 @@ a pool address: the kernel only forwards it on to the TUN device if forwarding i
 interface it arrived on (net.ipv4.conf.<if>.forwarding).
 
 So for each interface a remote target is reached through, sixgate switches forwarding on if it
-was off, and then installs its own nftables table whose forward hook drops everything arriving
-on that interface except packets to the pool: the host does not become a router for anyone
-else. On stop both are undone; a state file in the run directory lets the next start undo what
-a crashed run left.
+was off. Its own nftables table (always installed, ``guard_ruleset``) drops what arrives on
+that interface for forwarding unless it is a reply from a configured target to the pool, and
+drops everywhere any packet sourced from the pool that did not come out of our TUN devices: the
+host does not become a router for anyone else, and nobody on the uplink can speak to the pool
+or as the pool. On stop both are undone; a state file in the run directory lets the next start
+undo what a crashed run left.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ipaddress
 import json
 import logging
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -82,9 +85,71 @@ def _nft(script: str) -> None:
         raise ForwardingError(f"nft failed: {result.stderr.strip()}")
 
 
+def pool_conflicts(settings: Settings) -> list[str]:
+    """Routes of this host (main and local tables, any device but our TUNs) that overlap the
+    pool: the workers' routes would take traffic from them, so the config is refused."""
+    pool = ipaddress.IPv4Network(settings.pool)
+    found = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for table in (254, 255):  # RT_TABLE_MAIN, RT_TABLE_LOCAL
+            for route in ipr.get_routes(family=socket.AF_INET, table=table):
+                length = route["dst_len"]
+                if length == 0:
+                    continue  # the default route overlaps everything by design
+                dst = route.get_attr("RTA_DST")
+                if dst is None:
+                    continue
+                device = names.get(route.get_attr("RTA_OIF"), "?")
+                if device.startswith(settings.name):
+                    continue
+                net = ipaddress.IPv4Network(f"{dst}/{length}", strict=False)
+                if net.overlaps(pool):
+                    found.append(f"{net} dev {device}")
+    return found
+
+
+def guard_ruleset(settings: Settings, uplinks: dict[str, list[str]],
+                  opened: list[str]) -> str:
+    """The gateway's nftables table (``nft -f`` input).
+
+    - prerouting: a packet from a pool address that did not come out of one of our TUN
+      devices is spoofed (the pool lives only behind them): dropped, counted.
+    - forward, on each uplink a remote target is reached through: only those targets may send
+      to the pool; and where sixgate switched forwarding on (``opened``), nothing but the
+      pool is forwarded, so the host does not become a router for anyone else.
+    """
+    table = table_name(settings)
+    pool = settings.pool
+    lines = [f"table ip {table} {{",
+             "  chain prerouting {",
+             "    type filter hook prerouting priority raw; policy accept;",
+             f'    ip saddr {pool} iifname != "{settings.name}*" counter drop',
+             "  }"]
+    if uplinks:
+        lines += ["  chain forward {",
+                  "    type filter hook forward priority filter; policy accept;"]
+        for ifname, targets in sorted(uplinks.items()):
+            allowed = ", ".join(sorted(targets))
+            lines.append(f'    iifname "{ifname}" ip daddr {pool} ip saddr != {{ {allowed} }} '
+                         "counter drop")
+        if opened:
+            names = ", ".join(f'"{ifname}"' for ifname in opened)
+            lines.append(f"    iifname {{ {names} }} ip daddr != {pool} drop")
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 def enable(settings: Settings) -> None:
-    """Open forwarding for the replies of remote targets (see the module docstring)."""
+    """Install the guard table and open forwarding for the replies of remote targets (see
+    the module docstring)."""
     undo(settings)
+    conflicts = pool_conflicts(settings)
+    if conflicts:
+        raise ForwardingError(f"the pool {settings.pool} overlaps this host's route(s) "
+                              f"{', '.join(conflicts)}; set [gateway] pool to a block no "
+                              "route of this host uses")
     uplinks = uplinks_for_remote_targets(settings)
     changed: list[tuple[str, str]] = []
     for ifname, targets in sorted(uplinks.items()):
@@ -94,16 +159,11 @@ def enable(settings: Settings) -> None:
             changed.append((ifname, old))
             log.info("forwarding on %s switched on for replies from %s (restored on stop)",
                      ifname, ", ".join(targets))
-    if not changed:
-        return
     table = table_name(settings)
-    names = ", ".join(f'"{ifname}"' for ifname, _ in changed)
-    script = (f"table ip {table} {{\n"
-              "  chain forward {\n"
-              "    type filter hook forward priority filter; policy accept;\n"
-              f"    iifname {{ {names} }} ip daddr != {settings.pool} drop\n"
-              "  }\n}\n")
-    _nft(script)
+    # A table left by a crashed run whose state file is gone: add (a no-op if absent) and
+    # delete it in the same transaction, then the new one.
+    _nft(f"table ip {table} {{}}\ndelete table ip {table}\n"
+         + guard_ruleset(settings, uplinks, [ifname for ifname, _ in changed]))
     _state_path(settings).write_text(json.dumps({"sysctls": changed, "table": table}))
     for ifname, _old in changed:
         _sysctl_path(ifname).write_text("1")

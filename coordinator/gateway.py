@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from pyroute2 import NetlinkError
 
 from coordinator import forwarding, kernel_backend
 from coordinator.metrics import MetricsServer, ask_workers
@@ -427,10 +428,11 @@ def run_gateway(settings: Settings) -> int:
     try:
         coordinator.start()
         coordinator.run()
-    except (OSError, RuntimeError, RunDirBusy, zmq.ZMQError) as exc:
+    except (OSError, RuntimeError, RunDirBusy, zmq.ZMQError, NetlinkError) as exc:
         log.error("sixgate cannot run: %s", exc)
-        coordinator.stop()
         return 1
-    coordinator.stop()
+    finally:
+        # Whatever went wrong, what start() made is undone (links, routes, tables, files).
+        coordinator.stop()
     log.info("sixgate stopped cleanly")
     return 0

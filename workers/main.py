@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C goes to it
     try:
         worker.open()
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, pyroute2's NetlinkError, ...: say it
         log.error("worker %d cannot start: %s", args.index, exc)
         worker.close()
         return 1

@@ -58,5 +58,6 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network]) -> None:
         # worker is busy with inbound packets.
         ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
         for net in routes:
-            ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen,
-                      oif=index)
+            # "add", never "replace": a route of the host's own is never taken over (the
+            # coordinator refused such a pool already; this is the last line).
+            ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=index)

@@ -8,7 +8,9 @@ work and the counters name what happened. ``make soak`` (bench/soak.py) is the l
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import subprocess
 import sys
 import time
@@ -164,3 +166,61 @@ def test_idle_connections_cannot_pile_up_on_the_metrics_endpoint(attack_lab: Lab
         assert closed == held, (closed, held)
     finally:
         netlab.stop_process(holder, 5)
+
+
+SEND_RAW = """\
+import socket, struct, sys
+src, dst = socket.inet_aton(sys.argv[1]), socket.inet_aton(sys.argv[2])
+udp = struct.pack("!HHHH", 40000, 9, 8 + 4, 0) + b"ping"
+header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src, dst)
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(int(sys.argv[3])):
+    sock.sendto(header + udp, (sys.argv[2], 0))
+"""
+
+
+def guard_counters(lab: Lab) -> list[int]:
+    """Packet counts of the gateway table's counted drop rules, in rule order."""
+    table = lab.gw(["nft", "list", "table", "ip", f"sixgate_{lab.name}"]).stdout
+    return [int(n) for n in re.findall(r"counter packets (\d+) bytes \d+ drop", table)]
+
+
+def test_ipv4_side_nobody_on_the_uplink_reaches_or_spoofs_the_pool(attack_lab: Lab) -> None:
+    """The IPv4 uplink: a host that is not a configured target cannot send to a pool address
+    (forwarding is open on the uplink only for the targets' replies), and nobody can send
+    from a pool address (it lives only behind the TUN devices): both dropped and counted by
+    the gateway's own nftables table."""
+    lab = attack_lab
+    pool = lab.flows()["counters"]["settings"]["pool"]
+    pool_host = str(next(ipaddress.IPv4Network(pool).hosts()))
+    spoofed_src = str(list(ipaddress.IPv4Network(pool).hosts())[5])
+    lab.ip(lab.peer_ns, "route", "replace", pool, "via", netlab.GATEWAY_IPV4)
+    try:
+        before = guard_counters(lab)
+        assert len(before) == 2, lab.gw(["nft", "list", "ruleset"]).stdout
+        for src, dst in ((netlab.PEER_IPV4, pool_host), (spoofed_src, netlab.GATEWAY_IPV4)):
+            sent = lab.peer([sys.executable, "-c", SEND_RAW, src, dst, "5"])
+            assert sent.returncode == 0, sent.stderr
+        spoofed, to_pool = (after - was for after, was in zip(guard_counters(lab), before,
+                                                                 strict=True))
+        assert (spoofed, to_pool) == (5, 5), lab.gw(["nft", "list", "ruleset"]).stdout
+    finally:
+        lab.ip(lab.peer_ns, "route", "del", pool)
+
+
+def test_pool_overlapping_a_route_of_the_host_is_refused(served_files: netlab.ServedFiles
+                                                         ) -> None:
+    """A host route inside or around the pool (here 100.64.0.0/10, as a CGNAT or VPN uplink
+    has) would lose its traffic to the workers' routes: `sixgate run` refuses to start, names
+    the route and the fix, and leaves no link, route or table behind (it used to replace the
+    host's route)."""
+    with Lab("6to4", 1, served_files, with_gateway=False) as lab:
+        lab.ip(lab.gw_ns, "route", "add", "100.64.0.0/10", "dev", "veth0")
+        done = lab.sixgate("run", timeout=30)
+        assert done.returncode == 1, done.stderr
+        assert "overlaps this host's route(s) 100.64.0.0/10 dev veth0" in done.stderr
+        assert "set [gateway] pool" in done.stderr
+        routes = lab.gw(["ip", "-4", "route", "show"]).stdout
+        assert "100.64.0.0/10 dev veth0" in routes and lab.name not in routes, routes
+        assert lab.gateway_links() == []
+        assert lab.gw(["nft", "list", "tables"]).stdout.strip() == ""
