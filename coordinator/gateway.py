@@ -145,7 +145,11 @@ class Coordinator:
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(coordinator_endpoint(settings.run_dir))
         if settings.backend == "kernel":
-            # The kernel's sit link does the tunnel; workers only relay ports.
+            # The kernel's sit link does the tunnel; workers only relay ports, with up to two
+            # descriptors a session: the limit is raised here (the workers inherit it) or the
+            # config is refused before anything is set up.
+            from workers.relay import raise_descriptor_limit
+            raise_descriptor_limit(settings)
             try:
                 self.sit_link = kernel_backend.setup(settings)
             except kernel_backend.KernelBackendError as exc:

@@ -29,7 +29,7 @@ restarted worker can later resume its shard.
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -152,9 +152,13 @@ class FlowTable:
         self._per_48: dict[bytes, int] = {}
         self._per_outer4: dict[bytes, int] = {}
         # Unassured sessions, oldest first (dict order): who goes first when room is needed.
-        self._unassured: dict[Session, None] = {}
+        # An OrderedDict: taking the oldest is O(1) however many were taken before (a plain
+        # dict would scan the holes its deletions leave at the front).
+        self._unassured: OrderedDict[Session, None] = OrderedDict()
         # Timer wheel: slot (whole second) -> its sessions; a heap of the slots in use.
-        self._wheel: dict[int, set[Session]] = {}
+        # Buckets are dicts, not sets: their order (insertion) is the same in every run, so
+        # which session goes first never depends on memory addresses.
+        self._wheel: dict[int, dict[Session, None]] = {}
         self._slots: list[int] = []
         self.created_total = 0
         self.expired_total = 0
@@ -278,7 +282,7 @@ class FlowTable:
         return bool(self._free)
 
     def _evict(self, session: Session) -> None:
-        self._wheel[session.slot].discard(session)
+        self._wheel[session.slot].pop(session, None)
         self._remove(session)
         self.evicted_total += 1
 
@@ -346,7 +350,7 @@ class FlowTable:
         session.timeout_s = timeout_s
         slot = int(now + timeout_s)
         if slot < session.slot:
-            self._wheel[session.slot].discard(session)
+            self._wheel[session.slot].pop(session, None)
             self._place(session, slot)
 
     def touch(self, session: Session, now: float) -> None:
@@ -357,9 +361,9 @@ class FlowTable:
     def _place(self, session: Session, slot: int) -> None:
         bucket = self._wheel.get(slot)
         if bucket is None:
-            bucket = self._wheel[slot] = set()
+            bucket = self._wheel[slot] = {}
             heapq.heappush(self._slots, slot)
-        bucket.add(session)
+        bucket[session] = None
         session.slot = slot
 
     def expire(self, now: float, budget: int = 10000) -> int:
@@ -376,7 +380,7 @@ class FlowTable:
             bucket = wheel.get(slot)
             later: list[Session] = []
             while bucket and budget > 0:
-                session = bucket.pop()
+                session, _ = bucket.popitem()
                 budget -= 1
                 deadline = session.last_seen + session.timeout_s
                 if deadline <= now:
@@ -387,7 +391,7 @@ class FlowTable:
                 else:
                     self._place(session, int(deadline))
             if bucket is not None:
-                bucket.update(later)
+                bucket.update(dict.fromkeys(later))
             if bucket:
                 break  # budget spent, or sessions due later in this second
             heapq.heappop(slots)

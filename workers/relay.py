@@ -22,6 +22,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import resource
 import socket
 import time
 from itertools import islice
@@ -40,6 +41,11 @@ log = logging.getLogger("sixgate.relay")
 
 READ_BYTES = 65536
 TCP_CONNECT_TIMEOUT_S = 10.0
+# A peer that takes none of our data for this long is gone (RFC 9293 §3.8.3: R2 for data at
+# least 100 s): a zero-window client cannot pin a session and its two sockets for ever.
+DRAIN_TIMEOUT_S = 120.0
+# Descriptors besides the sessions': listeners, the control socket, ZeroMQ, logging.
+SPARE_DESCRIPTORS = 256
 PENDING_DATAGRAMS = 16  # per new UDP session, while its service socket opens
 
 
@@ -123,6 +129,7 @@ class Relay:
         self._servers: list[asyncio.Server] = []
         self._udp: list[asyncio.DatagramTransport] = []
         self._filters: dict[Forward, tuple[tuple[int, int], ...]] = {}
+        self.drain_timeout_s = DRAIN_TIMEOUT_S
 
     # --- sessions and limits ------------------------------------------------------------------
 
@@ -212,7 +219,7 @@ class Relay:
                 session.last_seen = time.monotonic()
                 self.counters.count(rx, PROTO_TCP, len(data))
                 writer.write(data)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), self.drain_timeout_s)
                 self.counters.count(tx, PROTO_TCP, len(data))
             # RFC 9293 §3.6: pass the half-close on; the other direction may go on.
             if writer.can_write_eof():
@@ -368,7 +375,36 @@ class Relay:
             self.expire(now)
 
 
+def descriptors_needed(settings: Settings) -> int:
+    """Open files a relay worker may need at its flow limit: two per TCP session (client and
+    service), one per UDP session is less, a listener per port and address, and spares."""
+    listeners = sum((rule.port_hi - rule.port_lo + 1) * len(settings.addresses)
+                    for rule in settings.forwards)
+    per_worker = max(1, -(-settings.max_flows // settings.workers))
+    return 2 * per_worker + listeners + SPARE_DESCRIPTORS
+
+
+def raise_descriptor_limit(settings: Settings) -> int:
+    """RLIMIT_NOFILE up to what ``max_flows`` needs (the hard limit too, where we may);
+    raises OSError saying what to change when the system will not allow it."""
+    need = descriptors_needed(settings)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+    except (ValueError, OSError):
+        if hard < need:
+            raise OSError(f"max_flows = {settings.max_flows} needs {need} open files per "
+                          f"worker, the limit is {hard} and cannot be raised here; lower "
+                          "[gateway] max_flows or raise LimitNOFILE / ulimit -n") from None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return need
+
+
 async def run_relay(settings: Settings, index: int, control_endpoint: str) -> None:
+    log.info("worker %d: up to %d open files (RLIMIT_NOFILE) for max_flows", index,
+             raise_descriptor_limit(settings))
     relay = Relay(settings, index)
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()

@@ -39,6 +39,7 @@ prefix = "2001:db8:1::/64"
 
 [gateway]
 workers = 1
+max_flows = 5000
 max_flows_per_prefix = 2
 run_dir = "{run_dir}"
 
@@ -204,6 +205,19 @@ def test_rule_from_list_refuses_other_sources(relay_lab: RelayLab) -> None:
     assert allowed.returncode == 0 and allowed.stdout == netlab.SMALL_TEXT, allowed.stderr
     after = relay_lab.ask("flows")["counters"]["drops"]["source_not_allowed"]
     assert after == before + 1
+
+
+def test_open_files_limit_raised_for_max_flows(relay_lab: RelayLab) -> None:
+    """Two descriptors per TCP session: the relay worker raised RLIMIT_NOFILE to what its
+    max_flows needs (the default 1024 let about a thousand UDP sessions stop it, EMFILE)."""
+    from workers.relay import descriptors_needed
+
+    limits = Path(f"/proc/{relay_lab.worker.pid}/limits").read_text()
+    line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+    soft = int(line.split()[3])
+    settings = parse_config(CONFIG.format(run_dir=relay_lab.run_dir, http_port=8080,
+                                          dns_port=5353), "relay.toml")
+    assert soft >= descriptors_needed(dataclasses.replace(settings, backend="kernel")), line
 
 
 def test_sigterm_stops_the_relay_worker_cleanly(relay_lab: RelayLab) -> None:

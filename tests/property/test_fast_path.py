@@ -289,7 +289,7 @@ def test_from_tunnel_equals_check_inbound_then_full_path(
         fast.from_tunnel(packet, now_of[0], policy, fast_cache)
         result = check_inbound(packet, policy)
         if isinstance(result, tuple):
-            full.inbound(result[0], now_of[0])
+            full.inbound(result[0], now_of[0], result[1])
         else:
             full.counters.drops[result] += 1
 
@@ -347,7 +347,7 @@ def test_batches_equal_one_packet_at_a_time(script: list[object]) -> None:
         for packet in batch:
             result = check_inbound(packet, policy)
             if isinstance(result, tuple):
-                full.inbound(result[0], now)
+                full.inbound(result[0], now, result[1])
             else:
                 full.counters.drops[result] += 1
         assert fast.to_services == full.to_services
