@@ -23,6 +23,11 @@ from workers.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
 
 DEFAULT_POOL = "100.64.0.0/16"  # RFC 6598 shared address space: never a real peer of ours
 DEFAULT_RUN_DIR = "/run/sixgate"
+# Directories a run_dir must never be: sixgate chmods its run_dir to 0700 and cleans it.
+SYSTEM_DIRECTORIES = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt", "/opt",
+    "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/run",
+    "/var/tmp", "/var/lib", "/usr/local", "/run/user"})
 
 
 class ConfigError(Exception):
@@ -45,7 +50,7 @@ ALLOWED: dict[str, set[str]] = {
                 "icmp_errors_per_s", "icmp_error_burst", "queue_batches", "batch_packets",
                 "echo_replies_per_s", "echo_burst",
                 "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend",
-                "fanout", "tun_writes"},
+                "fanout", "tun_writes", "user"},
     "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s", "unassured_s"},
     "forward": {"proto", "port", "to", "from"},
     "metrics": {"listen"},
@@ -331,11 +336,19 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     run_dir = gateway.get("run_dir", DEFAULT_RUN_DIR)
     if not isinstance(run_dir, str) or not run_dir.startswith("/"):
         raise ctx.error("gateway", "run_dir", f"{run_dir!r} must be an absolute path")
+    if os.path.normpath(run_dir) in SYSTEM_DIRECTORIES:
+        # sixgate makes its run directory mode 0700 and deletes sockets and pidfiles in it.
+        raise ctx.error("gateway", "run_dir", f"{run_dir!r} is a system directory; give "
+                        "sixgate one of its own, like \"/run/sixgate\"")
     log_level = gateway.get("log_level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise ctx.error("gateway", "log_level", f"{log_level!r} must be debug, info, warning "
                         "or error")
 
+    user = gateway.get("user", "nobody")
+    if not isinstance(user, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}|", user):
+        raise ctx.error("gateway", "user", f"{user!r} must be a user name like \"nobody\" "
+                        "(or \"\" to keep the workers root)")
     backend = gateway.get("backend", "auto")
     if backend not in ("auto", "userspace", "kernel"):
         raise ctx.error("gateway", "backend", f"{backend!r} must be \"auto\", \"userspace\" "
@@ -392,6 +405,7 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         fragment_bytes=_int(ctx, "gateway", "fragment_bytes",
                             gateway.get("fragment_bytes", 16 << 20), 65536, 1 << 34),
         martian_ipv4=martian_rows, log_level=log_level, source_file=file, backend=backend,
+        user=user,
         metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
         # Kernel fan-out is the default: no packet crosses the coordinator, so capture scales
         # with the workers (README "Benchmarks": 0.58 -> 0.85 of TAYGA's per-core rate).

@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -51,6 +53,14 @@ RECV_BUDGET = 256  # packets read per wakeup before batches are sent
 WORKER_READY_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+# A worker that ran this long before it died starts the backoff over (systemd's
+# StartLimitIntervalSec idea): one crash a day never waits the longest delay.
+STABLE_RUN_S = 60.0
+
+
+def restart_delay(crash_streak: int) -> float:
+    """Seconds before a dead worker is started again, by how many short runs in a row."""
+    return RESTART_BACKOFF_S[min(crash_streak, len(RESTART_BACKOFF_S) - 1)]
 
 
 def _pid_is_ours(pid: int) -> bool:
@@ -70,6 +80,13 @@ def prepare_run_dir(settings: Settings) -> Path:
     """Create the run directory; clean what a crashed earlier run left there."""
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    info = run_dir.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        # A symlink, or somebody else's directory: its owner could swap what we clean up.
+        raise RuntimeError(f"run_dir {run_dir} is {'a symlink' if run_dir.is_symlink() else ''}"
+                           f"{'' if run_dir.is_symlink() else f'owned by uid {info.st_uid}'}, "
+                           f"not a directory of this user (uid {os.geteuid()}); remove it or "
+                           "set [gateway] run_dir to a directory of sixgate's own")
     # The control sockets reveal which IPv6 client is which pool address (RFC 6888 REQ-12
     # asks for care with such data): only the gateway's own user may connect.
     run_dir.chmod(0o700)
@@ -110,6 +127,8 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.next_start = 0.0
+        self.started = 0.0  # monotonic time of the last spawn
+        self.crash_streak = -1  # deaths in a row after a short run (-1: none yet)
 
 
 class Coordinator:
@@ -139,6 +158,13 @@ class Coordinator:
         self.run_dir = prepare_run_dir(settings)
         self.settings_file = self.run_dir / "settings.json"
         self.settings_file.write_text(settings.to_json())
+        if settings.user:
+            try:
+                pwd.getpwnam(settings.user)
+            except KeyError:
+                raise RuntimeError(f"[gateway] user {settings.user!r} does not exist on this "
+                                   "host; create it (useradd --system sixgate) or name another "
+                                   "(\"\" keeps the workers root)") from None
         self.ctx = zmq.Context()
         self.pushes = []
         self.control = self.ctx.socket(zmq.REP)
@@ -193,6 +219,7 @@ class Coordinator:
         cmd = [sys.executable, "-m", "workers.main", "--settings", str(self.settings_file),
                "--index", str(worker.index)]
         worker.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        worker.started = time.monotonic()
         (self.run_dir / f"worker-{worker.index}.pid").write_text(f"{worker.proc.pid}\n")
 
     def _ask_worker(self, index: int, request: dict[str, Any],
@@ -363,7 +390,9 @@ class Coordinator:
             if proc is None or proc.poll() is None:
                 continue
             if worker.next_start == 0.0:
-                delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
+                worker.crash_streak = (0 if now - worker.started >= STABLE_RUN_S
+                                       else worker.crash_streak + 1)
+                delay = restart_delay(worker.crash_streak)
                 worker.next_start = now + delay
                 log.error("worker %d (pid %d) exited with code %s; restarting in %.1f s",
                           worker.index, proc.pid, proc.returncode, delay)

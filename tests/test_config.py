@@ -320,3 +320,36 @@ def test_forward_from_list_parsed_and_checked() -> None:
             parse_config(GOOD_6TO4.replace('to = "127.0.0.1:8080"',
                                            f'to = "127.0.0.1:8080"\nfrom = {bad}'), "gw.toml")
         assert str(info.value).startswith("gw.toml:16: forward[0].from: "), str(info.value)
+
+
+@pytest.mark.parametrize("run_dir", ["/tmp", "/run", "/", "/var/run/", "/etc"])
+def test_run_dir_may_not_be_a_system_directory(run_dir: str) -> None:
+    """sixgate makes its run_dir mode 0700 and cleans it: never /tmp or /run itself."""
+    text = GOOD_6TO4.replace("workers = 2", f'workers = 2\nrun_dir = "{run_dir}"')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    assert str(info.value).startswith("gw.toml:10: gateway.run_dir: "), str(info.value)
+    assert "system directory" in info.value.message
+
+
+def test_run_dir_of_another_user_or_a_symlink_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+    import os
+
+    from coordinator.gateway import prepare_run_dir
+
+    base = parse_config(GOOD_6TO4, "gw.toml")
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(RuntimeError, match="a symlink"):
+        prepare_run_dir(dataclasses.replace(base, run_dir=str(link)))
+    if os.geteuid() == 0:
+        other = tmp_path / "other"
+        other.mkdir()
+        os.chown(other, 65534, 65534)
+        with pytest.raises(RuntimeError, match="owned by uid 65534"):
+            prepare_run_dir(dataclasses.replace(base, run_dir=str(other)))
+    assert prepare_run_dir(dataclasses.replace(base, run_dir=str(target))) == target
+    (target / "coordinator.pid").unlink()

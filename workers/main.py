@@ -39,6 +39,7 @@ from workers.drops import DropReason
 from workers.flows import Session
 from workers.mmsg import BatchReceiver, BatchSender
 from workers.packet import PROTO_TCP, PROTO_UDP
+from workers.privileges import drop_privileges
 from workers.settings import Settings, worker_pool, worker_routes
 from workers.tunnel import TunnelPolicy
 from workers.uring import UringWriter
@@ -412,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C goes to it
     try:
         worker.open()
+        # Everything that needs root is open: from here on the worker has no privileges.
+        log.info("worker %d: %s", args.index,
+                 drop_privileges(settings.user, signal.SIGTERM))
     except Exception as exc:  # noqa: BLE001 - OSError, pyroute2's NetlinkError, ...: say it
         log.error("worker %d cannot start: %s", args.index, exc)
         worker.close()

@@ -35,6 +35,7 @@ from workers import control as protocol
 from workers.counters import Counters, LimitHits, worker_stats
 from workers.drops import DropReason
 from workers.packet import PROTO_TCP, PROTO_UDP
+from workers.privileges import drop_privileges
 from workers.settings import Forward, Settings, source_allowed
 
 log = logging.getLogger("sixgate.relay")
@@ -415,6 +416,8 @@ async def run_relay(settings: Settings, index: int, control_endpoint: str) -> No
     control.setsockopt(zmq.LINGER, 0)
     await relay.start()
     control.bind(control_endpoint)
+    # Listeners (privileged ports too) and the control socket are open: drop to the user.
+    log.info("worker %d: %s", index, drop_privileges(settings.user, signal.SIGTERM))
     task = asyncio.create_task(relay.serve_control(control))
     await stopped.wait()
     relay.running = False

@@ -102,6 +102,8 @@ class Settings:
     # How a worker writes to its TUN device: a batch per io_uring_enter (workers/uring.py;
     # write(2) per packet when the kernel refuses io_uring), or one write(2) per packet.
     tun_writes: str = "io_uring"
+    # Who a userspace worker becomes once its devices and sockets are open ("": stay root).
+    user: str = "nobody"
 
     @property
     def max_mss(self) -> int:

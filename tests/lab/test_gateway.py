@@ -9,7 +9,9 @@ the fixture's teardown checks INTERNAL_ERROR == 0, exit code 0 on SIGTERM and no
 
 from __future__ import annotations
 
+import pwd
 import time
+from pathlib import Path
 
 import netlab
 import pytest
@@ -93,6 +95,20 @@ class GatewayBehaviour:
         exit_code, elapsed_s, stderr = netlab.curl_exit(lab, url, max_time_s=5)
         assert exit_code == 7, stderr
         assert elapsed_s < REFUSED_WITHIN_S, f"took {elapsed_s:.2f} s: {stderr}"
+
+    def test_workers_run_unprivileged_after_setup(self, lab: Lab) -> None:
+        """Once open, each worker is the unprivileged user ("nobody" by default): every uid
+        and gid is nobody's, no capability is left, no_new_privs is set, no extra groups;
+        the traffic tests of this class all pass through such workers."""
+        nobody = pwd.getpwnam("nobody")
+        for worker in lab.flows()["counters"]["workers"]:
+            status = Path(f"/proc/{worker['pid']}/status").read_text()
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            assert fields["Uid"].split() == [str(nobody.pw_uid)] * 4, fields["Uid"]
+            assert fields["Gid"].split() == [str(nobody.pw_gid)] * 4, fields["Gid"]
+            assert fields["Groups"].strip() == ""
+            assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0
+            assert fields["NoNewPrivs"].strip() == "1"
 
     def test_rule_open_to_another_prefix_refuses_this_client_at_once(self, lab: Lab) -> None:
         """[[forward]] from = [a prefix the client is not in]: the port is closed to it (RST,
