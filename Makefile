@@ -16,7 +16,7 @@ lint: bootstrap
 
 # The end-to-end benchmark (bench/e2e.py, README "Performance"): sixgate beside TAYGA and the
 # kernel on this machine. Needs root; bench/bootstrap.sh adds tayga, gcc and matplotlib.
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick fuzz
 
 bench: bootstrap
 	@bash bench/bootstrap.sh
@@ -25,3 +25,8 @@ bench: bootstrap
 bench-quick: bootstrap
 	@bash bench/bootstrap.sh
 	.venv/bin/python -m bench.e2e --quick
+
+# 10 million mutated protocol-41 packets through the engine; internal_error must stay 0
+# (CI runs 100k of them, tests/property/test_fuzz_smoke.py).
+fuzz: bootstrap
+	.venv/bin/python -m bench.fuzz

@@ -255,7 +255,7 @@ def mutate(packet: bytes, rng: random.Random) -> bytes:
     elif kind == 1:
         del data[rng.randrange(1, len(data)):]
     elif kind == 2:
-        data += os.urandom(rng.randint(1, 64))
+        data += rng.randbytes(rng.randint(1, 64))
     elif kind == 3:
         data[6] = rng.randrange(256)  # next header
     elif kind == 4:  # a fragment header with random offset/M/id in front of the payload
@@ -266,7 +266,7 @@ def mutate(packet: bytes, rng: random.Random) -> bytes:
     elif kind == 5:  # payload length that lies
         struct.pack_into("!H", data, 4, rng.randrange(65536))
     else:  # an extension header chain of random bytes
-        chain = bytearray(os.urandom(8 * rng.randint(1, 4)))
+        chain = bytearray(rng.randbytes(8 * rng.randint(1, 4)))
         chain[0] = data[6]
         chain[1] = len(chain) // 8 - 1
         data = data[:40] + chain + data[40:]
