@@ -341,8 +341,12 @@ class SixgateLab(BenchTarget, netlab.Lab):
         self.max_flows = max_flows
         # More [gateway] settings (key -> TOML value), replacing the lab's: the variants of
         # the datapath to compare (bench/e2e.py --gateway-set).
+        # The generator's clients all sit in one 6to4 /48 behind one IPv4 address, so the
+        # per-source limits (meant for hostile sources) are opened to the table size here.
         self.gateway_settings = {"max_flows": str(max_flows),
                                  "max_flows_per_prefix": str(max_flows),
+                                 "max_flows_per_48": str(max_flows),
+                                 "max_flows_per_ipv4_source": str(max_flows),
                                  "log_level": '"warning"', **(gateway_settings or {})}
         self.traffic_cpus = traffic_cpus
         self.gateway_cpus = gateway_cpus

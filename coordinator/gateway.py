@@ -319,7 +319,13 @@ class Coordinator:
         self.control_thread.start()
         next_check = time.monotonic() + 1.0
         while self.running:
-            events = dict(poller.poll(timeout=500))
+            if self.sock is not None:
+                events = dict(poller.poll(timeout=500))
+            else:
+                # Kernel fan-out or backend: nothing to poll here (the control socket has its
+                # own thread), and zmq_poll of no socket returns at once: sleep instead.
+                events = {}
+                time.sleep(0.5)
             self.loop_seen = time.monotonic()
             if sock_fd in events:
                 self._capture()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import netlab
 import pytest
@@ -224,3 +226,19 @@ def test_pool_overlapping_a_route_of_the_host_is_refused(served_files: netlab.Se
         assert "100.64.0.0/10 dev veth0" in routes and lab.name not in routes, routes
         assert lab.gateway_links() == []
         assert lab.gw(["nft", "list", "tables"]).stdout.strip() == ""
+
+
+def test_idle_coordinator_does_not_spin_under_kernel_fanout(attack_lab: Lab) -> None:
+    """With kernel fan-out the coordinator polls no socket in its main loop (control has its
+    own thread): it must sleep, not spin (it once took half a core doing nothing)."""
+    pid = int(attack_lab.flows()["counters"]["pid"])
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    before, started = cpu_s(), time.monotonic()
+    time.sleep(3.0)
+    share = (cpu_s() - before) / (time.monotonic() - started)
+    assert share < 0.1, f"the coordinator used {share:.0%} of a CPU while idle"
