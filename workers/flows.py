@@ -128,7 +128,7 @@ class _Binding:
 
 
 def _share(limit: int | None, workers: int) -> int | None:
-    """A worker's share of a gateway-wide limit (``None``: no limit)."""
+    """A worker's share of a gateway-wide limit, rounded up (``None``: no limit)."""
     return None if limit is None else max(1, -(-limit // workers))
 
 
@@ -177,7 +177,7 @@ class FlowTable:
         """One worker's table: its share of the gateway-wide limits. The per /64 limit is
         exact because one shard sees all of a /64 (workers/wire.py flow_hash); the /48 and
         outer-IPv4 limits spread over the shards like the global one."""
-        return cls(pool, max(1, -(-max_flows // workers)), max_flows_per_prefix, timeouts,
+        return cls(pool, _share(max_flows, workers) or 1, max_flows_per_prefix, timeouts,
                    max_flows_per_48=_share(max_flows_per_48, workers),
                    max_flows_per_ipv4_source=_share(max_flows_per_ipv4_source, workers))
 

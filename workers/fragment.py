@@ -9,6 +9,7 @@ Pure: ``now`` is passed in; no I/O.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import OrderedDict
 
 from workers.drops import DropReason
 from workers.packet import FRAGMENT_HEADER, PROTO_FRAGMENT, build_ipv6
@@ -85,7 +86,8 @@ class Reassembler:
         # (FRAGMENT_LIMIT) and with a bad fragment of their datagram (BAD_FRAGMENT).
         self.evicted = 0
         self.discarded = 0
-        self._pending: dict[Key, _Datagram] = {}  # oldest first (insertion order)
+        # Oldest first; an OrderedDict finds the oldest in O(1) however many went before.
+        self._pending: OrderedDict[Key, _Datagram] = OrderedDict()
         self._by_source: dict[bytes, dict[Key, None]] = {}
         self._source_bytes: dict[bytes, int] = {}
 

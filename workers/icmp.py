@@ -8,6 +8,7 @@ in, no I/O.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 
 from workers.packet import (
     PROTO_ICMPV6,
@@ -147,7 +148,6 @@ class TokenBucket:
         return False
 
 
-
 class SourceRateLimiter:
     """RFC 4443 §2.4(f) for a gateway many sources share: one token bucket for everything we
     originate and one per source /64, so one source draining its bucket cannot silence the
@@ -163,7 +163,8 @@ class SourceRateLimiter:
         self.rate_per_s = rate_per_s * per_source_share
         self.burst = max(1.0, burst * per_source_share)
         self.max_sources = max_sources
-        self._sources: dict[bytes, TokenBucket] = {}
+        # Oldest first; an OrderedDict takes the oldest in O(1) (a dict scans its holes).
+        self._sources: OrderedDict[bytes, TokenBucket] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -173,6 +174,6 @@ class SourceRateLimiter:
         bucket = self._sources.get(key)
         if bucket is None:
             if len(self._sources) >= self.max_sources:
-                del self._sources[next(iter(self._sources))]
+                self._sources.popitem(last=False)
             bucket = self._sources[key] = TokenBucket(self.rate_per_s, self.burst)
         return bucket.allow(now) and self.overall.allow(now)
