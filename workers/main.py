@@ -103,6 +103,31 @@ def describe_session(session: Session, now: float, index: int) -> dict[str, Any]
     }
 
 
+# How long a starting worker waits for the coordinator's data socket (bound before any worker
+# is spawned, so this is reached only when something is badly wrong).
+DATA_CONNECT_TIMEOUT_S = 10.0
+
+
+def connect_now(sock: zmq.Socket[bytes], endpoint: str, timeout_s: float) -> None:
+    """Connect ``sock`` to ``endpoint`` and block until the connection is made.
+
+    ZeroMQ connects in its I/O thread, later than ``connect()`` returns. The run directory is
+    the gateway user's alone (mode 0700), so a connect first tried after the worker has given
+    up root fails for good (EACCES, retried forever): the worker would then get nothing from
+    the coordinator. So the connection is made while the worker is still root. The monitor
+    is attached before ``connect()`` so the event cannot pass unseen."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        sock.connect(endpoint)
+        if not monitor.poll(int(timeout_s * 1000)):
+            raise OSError(f"no connection to the coordinator's data socket {endpoint} after "
+                          f"{timeout_s:g} s")
+        monitor.recv_multipart()
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+
+
 class Worker:
     def __init__(self, settings: Settings, index: int) -> None:
         self.settings = settings
@@ -165,7 +190,8 @@ class Worker:
         self.pull.setsockopt(zmq.RCVHWM, settings.queue_batches)
         self.pull.setsockopt(zmq.LINGER, 0)
         if settings.fanout != "kernel":
-            self.pull.connect(data_endpoint(settings.run_dir, self.index))
+            connect_now(self.pull, data_endpoint(settings.run_dir, self.index),
+                        DATA_CONNECT_TIMEOUT_S)
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(control_endpoint(settings.run_dir, self.index))
