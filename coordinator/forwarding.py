@@ -74,7 +74,7 @@ def uplinks_for_remote_targets(settings: Settings) -> dict[str, list[str]]:
     return out
 
 
-def _nft(script: str) -> None:
+def nft(script: str) -> None:
     nft = shutil.which("nft")
     if nft is None:
         raise ForwardingError("the nft command is missing (apt-get install nftables): sixgate "
@@ -162,7 +162,7 @@ def enable(settings: Settings) -> None:
     table = table_name(settings)
     # A table left by a crashed run whose state file is gone: add (a no-op if absent) and
     # delete it in the same transaction, then the new one.
-    _nft(f"table ip {table} {{}}\ndelete table ip {table}\n"
+    nft(f"table ip {table} {{}}\ndelete table ip {table}\n"
          + guard_ruleset(settings, uplinks, [ifname for ifname, _ in changed]))
     _state_path(settings).write_text(json.dumps({"sysctls": changed, "table": table}))
     for ifname, _old in changed:
@@ -186,7 +186,7 @@ def undo(settings: Settings) -> None:
     table = state.get("table")
     if table:
         try:
-            _nft(f"delete table ip {table}\n")
+            nft(f"delete table ip {table}\n")
         except ForwardingError as exc:
             log.warning("cannot delete nftables table %s: %s", table, exc)
     path.unlink(missing_ok=True)

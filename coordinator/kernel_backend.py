@@ -13,8 +13,21 @@ What is created, per RFC:
   RFC 3056 §5.3) and the default route via the relay in its ``::V4ADDR`` form; 6in4: the
   default route over the link.
 
-Teardown deletes the link, which takes its addresses and routes along. A state file in the
-run directory names what a run created, so the next start removes a crashed run's link.
+What is reachable (issue 13, finding 4): the host's own IPv6 listeners (sshd on ``[::]``,
+...) must not open to the IPv6 internet because the tunnel exists. An nftables table
+``sixgate_<name>_in`` admits on the sit link only the forwarded ports on the gateway's
+addresses, the ICMPv6 a host must take (RFC 4890 §4.4.1: errors and echo; neighbour discovery
+with hop limit 255, RFC 4861 §7.1, for the tunnel's NUD, RFC 4213 §3.8) and replies to what the
+host itself opened (conntrack established/related); everything else is counted and dropped.
+
+Relayed clients never reach a service from 127.0.0.1 (a "trust localhost" admin endpoint would
+then trust the internet): each client is given an address of the IPv4 pool as its source, as
+the userspace backend does. The pool is made local (a ``local`` route on ``lo``, so unprivileged
+workers can bind its addresses), and the same table drops what arrives for the pool from
+anyone but the configured remote targets.
+
+Teardown deletes the link (with its addresses and routes), the pool route and the table. A state
+file in the run directory names what a run created, so the next start removes a crashed run's.
 """
 
 from __future__ import annotations
@@ -23,16 +36,26 @@ import errno
 import ipaddress
 import json
 import logging
+import socket
 from pathlib import Path
+from typing import cast
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from coordinator.forwarding import ForwardingError, nft, pool_conflicts
 from workers.settings import Settings
 
 log = logging.getLogger("sixgate.kernel")
 
 STATE_FILE = "kernel-backend.json"
+RTN_LOCAL = 2
+RT_TABLE_LOCAL = 255
+RT_SCOPE_HOST = 254  # a local route must be host scope (fib_props), as `ip route add local` sets
+# RFC 4890 §4.4.1: ICMPv6 a host must not filter (errors, echo); the errors' own checks are
+# the kernel's (RFC 4443 §2.4).
+ICMPV6_ADMITTED = ("destination-unreachable", "packet-too-big", "time-exceeded",
+                   "parameter-problem", "echo-request", "echo-reply")
 
 
 class KernelBackendError(Exception):
@@ -47,21 +70,87 @@ def _state_path(settings: Settings) -> Path:
     return Path(settings.run_dir) / STATE_FILE
 
 
+def table_name(settings: Settings) -> str:
+    return f"sixgate_{settings.name}_in"
+
+
+def input_ruleset(settings: Settings, link: str) -> str:
+    """The input policy of the host behind the sit link (``nft -f`` input; module docstring).
+
+    Pure: the settings decide everything, so a unit test reads the rules without nft."""
+    addresses = ", ".join(settings.addresses)
+    remote_targets = sorted({rule.target_ipv4 for rule in settings.forwards
+                             if not ipaddress.IPv4Address(rule.target_ipv4).is_loopback})
+    lines = [f"table inet {table_name(settings)} {{",
+             "  counter not_forwarded {",
+             "  }",
+             "  chain input {",
+             "    type filter hook input priority filter; policy accept;",
+             '    iifname "lo" accept']
+    if remote_targets:
+        lines.append(f"    ip daddr {settings.pool} ip saddr != "
+                     f"{{ {', '.join(remote_targets)} }} counter drop")
+    else:
+        lines.append(f"    ip daddr {settings.pool} counter drop")
+    lines += [f'    iifname != "{link}" accept',
+              "    ct state established,related accept",
+              f"    icmpv6 type {{ {', '.join(ICMPV6_ADMITTED)} }} accept",
+              # RFC 4861 §7.1.1/§7.1.2: ND is valid only with hop limit 255 (never forwarded).
+              "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 "
+              "accept"]
+    for proto in ("tcp", "udp"):
+        ports = sorted({(rule.port_lo, rule.port_hi) for rule in settings.forwards
+                        if rule.proto == proto})
+        if ports:
+            spans = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports)
+            lines.append(f"    ip6 daddr {{ {addresses} }} {proto} dport {{ {spans} }} accept")
+    lines += ['    counter name "not_forwarded" drop',
+              "  }",
+              "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _read_state(path: Path) -> dict[str, object]:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _pool_route(settings: Settings) -> dict[str, object]:
+    pool = ipaddress.IPv4Network(settings.pool)
+    return {"dst": str(pool.network_address), "dst_len": pool.prefixlen, "type": RTN_LOCAL,
+            "scope": RT_SCOPE_HOST,
+            "table": RT_TABLE_LOCAL, "family": socket.AF_INET}
+
+
 def remove_leftovers(settings: Settings) -> None:
-    """Delete the sit link a crashed earlier run created (named in its state file)."""
+    """Delete what a crashed earlier run created (named in its state file): the sit link,
+    the pool's local route and the input table."""
     path = _state_path(settings)
-    names = {sit_name(settings)}
-    if path.exists():
-        try:
-            names.update(json.loads(path.read_text()).get("links", []))
-        except ValueError:
-            pass
+    state = _read_state(path)
+    names = {sit_name(settings), *cast(list[str], state.get("links", []))}
     with IPRoute() as ipr:
         for name in sorted(names):
             index = ipr.link_lookup(ifname=name)
             if index:
                 log.info("removing sit link %s left by an earlier run", name)
                 ipr.link("del", index=index[0])
+        route = state.get("pool_route")
+        if isinstance(route, dict):
+            lo = ipr.link_lookup(ifname="lo")
+            try:
+                ipr.route("del", oif=lo[0] if lo else 1, **route)
+            except NetlinkError as exc:
+                if exc.code != errno.ESRCH:
+                    raise
+    table = state.get("table")
+    if isinstance(table, str):
+        try:
+            nft(f"table inet {table} {{}}\ndelete table inet {table}\n")
+        except ForwardingError as exc:
+            log.warning("cannot delete nftables table %s: %s", table, exc)
     path.unlink(missing_ok=True)
 
 
@@ -83,7 +172,8 @@ def setup(settings: Settings) -> str:
                     "\"userspace\" or \"auto\"") from None
             raise KernelBackendError(f"cannot create sit link {name}: "
                                      f"{exc.args[-1] if exc.args else exc}") from None
-        _state_path(settings).write_text(json.dumps({"links": [name]}))
+        state: dict[str, object] = {"links": [name]}
+        _state_path(settings).write_text(json.dumps(state))
         index = ipr.link_lookup(ifname=name)[0]
         ipr.link("set", index=index, mtu=settings.mtu, state="up")
         for address in settings.addresses:
@@ -96,10 +186,32 @@ def setup(settings: Settings) -> str:
             ipr.route("add", dst="::", dst_len=0, gateway=str(relay), oif=index, family=10)
         else:
             ipr.route("add", dst="::", dst_len=0, oif=index, family=10)
+        # The pool becomes local: relays bind its addresses as their clients' sources.
+        conflicts = pool_conflicts(settings)
+        if conflicts:
+            raise KernelBackendError(
+                f"the pool {settings.pool} overlaps this host's route(s) {', '.join(conflicts)};"
+                " set [gateway] pool to a block no route of this host uses")
+        route = _pool_route(settings)
+        ipr.route("add", oif=ipr.link_lookup(ifname="lo")[0], **route)
+        state["pool_route"] = route
+        _state_path(settings).write_text(json.dumps(state))
+    table = table_name(settings)
+    try:
+        # A table of a crashed run whose state file is gone: add (no-op) and delete it first.
+        nft(f"table inet {table} {{}}\ndelete table inet {table}\n"
+            + input_ruleset(settings, name))
+    except ForwardingError as exc:
+        raise KernelBackendError(f"cannot install the input policy of {name}: {exc}") from None
+    state["table"] = table
+    _state_path(settings).write_text(json.dumps(state))
     log.info("kernel backend: sit link %s up (%s, local %s%s, mtu %d), addresses %s", name,
              settings.mode, settings.local_ipv4,
              f", remote {settings.remote_ipv4}" if settings.remote_ipv4 else "",
              settings.mtu, ", ".join(settings.addresses))
+    log.info("kernel backend: only the forwarded ports and RFC 4890 ICMPv6 reach this host "
+             "through %s (nftables table inet %s); relayed clients reach the services from "
+             "pool %s", name, table, settings.pool)
     return name
 
 

@@ -78,3 +78,30 @@ def test_kernel_backend_refused_without_sit(netns: str, tmp_path: Path) -> None:
     links = subprocess.run(["ip", "netns", "exec", netns, "ip", "-o", "link"],
                            capture_output=True, text=True, check=True).stdout
     assert "sit" not in links.replace("sit0", "")
+
+
+def test_kernel_backend_input_policy_loads_and_opens_only_forwarded_ports(netns: str) -> None:
+    """Issue 13, finding 4: the sit link's input policy (coordinator/kernel_backend.py) is
+    valid nftables on this kernel and names exactly the forwarded ports and addresses; the
+    kvm tests check what it lets through a real sit link."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "unit"))
+    from helpers import make_settings
+
+    from coordinator.kernel_backend import input_ruleset, table_name
+    from workers.settings import Forward
+
+    settings = make_settings("6in4", backend="kernel", forwards=(
+        Forward("tcp", 80, 80, "127.0.0.1", 8080), Forward("udp", 53, 53, "127.0.0.1", 5353),
+        Forward("tcp", 1000, 1010, "198.51.100.7", None)))
+    rules = input_ruleset(settings, "sgtestsit")
+    assert "tcp dport { 80, 1000-1010 } accept" in rules
+    assert "udp dport { 53 } accept" in rules
+    assert 'iifname != "sgtestsit" accept' in rules
+    assert "ip saddr != { 198.51.100.7 }" in rules  # only the remote target may reach the pool
+    assert rules.rstrip().endswith("}") and 'counter name "not_forwarded" drop' in rules
+    loaded = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules,
+                            capture_output=True, text=True, check=False)
+    assert loaded.returncode == 0, loaded.stderr
+    listed = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "inet",
+                             table_name(settings)], capture_output=True, text=True, check=True)
+    assert "not_forwarded" in listed.stdout

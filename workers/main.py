@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from workers import control
+from workers import control, seccomp
 from workers.control import control_endpoint, data_endpoint
 from workers.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
 from workers.datapath import Datapath
@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         # Everything that needs root is open: from here on the worker has no privileges.
         log.info("worker %d: %s", args.index,
                  drop_privileges(settings.user, signal.SIGTERM))
+        log.info("worker %d: %s", args.index, seccomp.apply(seccomp.ALLOWED))
     except Exception as exc:  # noqa: BLE001 - OSError, pyroute2's NetlinkError, ...: say it
         log.error("worker %d cannot start: %s", args.index, exc)
         worker.close()

@@ -12,6 +12,12 @@ with ``IPV6_V6ONLY`` set (inet6(4): never rely on v4-mapped addresses), and rela
 - UDP: one connected IPv4 socket per client (address, port) "session", with the same timeouts
   and limits as the userspace backend (RFC 6146 §4 defaults, per source /64 limit).
 
+Relayed clients reach the services from a source address of their own: each IPv6 client
+holds one address of the worker's pool slice while it has sessions (RFC 6888 REQ-2 paired
+pooling, as the userspace backend), never 127.0.0.1, so a service that trusts localhost does
+not trust the internet (issue 13, finding 4). The coordinator makes the pool local
+(``coordinator/kernel_backend.py``) so the sockets can bind it without privileges.
+
 Counters use the same structure and names as the userspace datapath (``workers/counters.py``);
 the control socket answers the same ``flows``/``ping`` requests. I/O shell on asyncio.
 """
@@ -25,6 +31,7 @@ import logging
 import resource
 import socket
 import time
+from collections import deque
 from itertools import islice
 from typing import Any, cast
 
@@ -32,11 +39,12 @@ import zmq
 import zmq.asyncio
 
 from workers import control as protocol
+from workers import seccomp
 from workers.counters import Counters, LimitHits, worker_stats
 from workers.drops import DropReason
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.privileges import drop_privileges
-from workers.settings import Forward, Settings, source_allowed
+from workers.settings import Forward, Settings, source_allowed, worker_pool
 
 log = logging.getLogger("sixgate.relay")
 
@@ -50,11 +58,42 @@ SPARE_DESCRIPTORS = 256
 PENDING_DATAGRAMS = 16  # per new UDP session, while its service socket opens
 
 
+class PoolSources:
+    """Which pool address each relayed IPv6 client speaks from, held while it has sessions."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.size = len(addresses)
+        self._free: deque[str] = deque(addresses)
+        self._held: dict[str, list[Any]] = {}  # client -> [address, sessions]
+
+    def in_use(self) -> int:
+        return len(self._held)
+
+    def acquire(self, client: str) -> str | None:
+        """The client's address (the one it holds, else a free one); None: pool exhausted."""
+        held = self._held.get(client)
+        if held is None:
+            if not self._free:
+                return None
+            held = self._held[client] = [self._free.popleft(), 0]
+        held[1] += 1
+        return cast(str, held[0])
+
+    def release(self, client: str) -> None:
+        held = self._held.get(client)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del self._held[client]
+            self._free.append(held[0])
+
+
 class RelaySession:
     """One relayed client: what ``sixgate flows`` lists."""
 
     __slots__ = ("proto", "client", "cport", "gateway", "gwport", "local", "rule", "state",
-                 "last_seen", "prefix64", "transport", "pending")
+                 "last_seen", "prefix64", "transport", "pending", "source")
 
     def __init__(self, proto: int, client: str, cport: int, gateway: str, gwport: int,
                  rule: str, now: float) -> None:
@@ -71,6 +110,7 @@ class RelaySession:
         self.transport: asyncio.BaseTransport | None = None
         # UDP datagrams that arrive while the socket to the service is still being opened.
         self.pending: list[bytes] = []
+        self.source = ""  # the pool address the service sees this client as
 
 
 class _UdpToService(asyncio.DatagramProtocol):
@@ -131,6 +171,8 @@ class Relay:
         self._udp: list[asyncio.DatagramTransport] = []
         self._filters: dict[Forward, tuple[tuple[int, int], ...]] = {}
         self.drain_timeout_s = DRAIN_TIMEOUT_S
+        self.pool = PoolSources([str(ipaddress.IPv4Address(a)) for a in
+                                 worker_pool(settings.pool, settings.workers, index)])
 
     # --- sessions and limits ------------------------------------------------------------------
 
@@ -141,6 +183,12 @@ class Relay:
             reason = DropReason.FLOW_LIMIT
         elif self.per_prefix.get(session.prefix64, 0) >= self.settings.max_flows_per_prefix:
             reason = DropReason.PREFIX_FLOW_LIMIT
+        else:
+            source = self.pool.acquire(session.client)
+            if source is None:
+                reason = DropReason.POOL_EXHAUSTED
+            else:
+                session.source = source
         if reason is not None:
             self.counters.drop(reason)
             self.limit_hits.hit(reason)
@@ -168,6 +216,7 @@ class Relay:
         if session is None:
             return
         self.active_by_proto[session.proto] -= 1
+        self.pool.release(session.client)
         count = self.per_prefix.get(session.prefix64, 1) - 1
         if count:
             self.per_prefix[session.prefix64] = count
@@ -188,7 +237,8 @@ class Relay:
         try:
             try:
                 up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(rule.target_ipv4, rule.target_for(port)),
+                    asyncio.open_connection(rule.target_ipv4, rule.target_for(port),
+                                            local_addr=(session.source, 0)),
                     TCP_CONNECT_TIMEOUT_S)
             except (TimeoutError, OSError):
                 # The service is down: the client gets a reset, as the kernel would send.
@@ -261,6 +311,7 @@ class Relay:
         try:
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpToService(self, session, listener.transport),  # type: ignore[arg-type]
+                local_addr=(session.source, 0),
                 remote_addr=(listener.rule.target_ipv4, listener.rule.target_for(listener.port)))
         except OSError:
             self.counters.drop(DropReason.SEND_FAILED)
@@ -361,14 +412,14 @@ class Relay:
                 # so there is no pool and no per-packet engine time to report.
                 reply = protocol.ok(index=self.index, **worker_stats(
                     self.counters, self.active_by_proto, self.created_by_proto,
-                    self.expired_total, self.max_flows, 0, 0, {}))
+                    self.expired_total, self.max_flows, self.pool.in_use(), self.pool.size, {}))
             elif cmd == "flows":
                 reply = protocol.ok(
                     index=self.index,
                     bindings=self.describe(now, protocol.page_limit(fields)),
                     flows={"active": len(self.sessions), "created": self.created_total,
                            "expired": self.expired_total, "limit": self.max_flows,
-                           "pool_in_use": 0, "pool_size": 0},
+                           "pool_in_use": self.pool.in_use(), "pool_size": self.pool.size},
                     counters=self.counters.as_dict())
             else:
                 reply = protocol.error(f"unknown command {cmd!r}")
@@ -418,6 +469,7 @@ async def run_relay(settings: Settings, index: int, control_endpoint: str) -> No
     control.bind(control_endpoint)
     # Listeners (privileged ports too) and the control socket are open: drop to the user.
     log.info("worker %d: %s", index, drop_privileges(settings.user, signal.SIGTERM))
+    log.info("worker %d: %s", index, seccomp.apply(seccomp.ALLOWED + seccomp.RELAY_ALLOWED))
     task = asyncio.create_task(relay.serve_control(control))
     await stopped.wait()
     relay.running = False

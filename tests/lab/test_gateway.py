@@ -98,8 +98,9 @@ class GatewayBehaviour:
 
     def test_workers_run_unprivileged_after_setup(self, lab: Lab) -> None:
         """Once open, each worker is the unprivileged user ("nobody" by default): every uid
-        and gid is nobody's, no capability is left, no_new_privs is set, no extra groups;
-        the traffic tests of this class all pass through such workers."""
+        and gid is nobody's, no capability is left, no_new_privs is set, no extra groups, and
+        a seccomp filter holds every one of its threads (workers/seccomp.py); the traffic
+        tests of this class all pass through such workers."""
         nobody = pwd.getpwnam("nobody")
         for worker in lab.flows()["counters"]["workers"]:
             status = Path(f"/proc/{worker['pid']}/status").read_text()
@@ -109,6 +110,11 @@ class GatewayBehaviour:
             assert fields["Groups"].strip() == ""
             assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0
             assert fields["NoNewPrivs"].strip() == "1"
+            for task in Path(f"/proc/{worker['pid']}/task").iterdir():
+                thread = dict(line.split(":", 1) for line in
+                              (task / "status").read_text().splitlines() if ":" in line)
+                # 2: SECCOMP_MODE_FILTER, in libzmq's I/O threads too (TSYNC).
+                assert thread["Seccomp"].strip() == "2", (task, thread["Seccomp"])
 
     def test_rule_open_to_another_prefix_refuses_this_client_at_once(self, lab: Lab) -> None:
         """[[forward]] from = [a prefix the client is not in]: the port is closed to it (RST,

@@ -63,3 +63,38 @@ def test_zero_window_client_is_cut_after_the_drain_timeout() -> None:
         return elapsed
 
     assert asyncio.run(scenario()) < 5
+
+
+def test_relay_gives_each_client_one_pool_address_never_loopback() -> None:
+    """Issue 13, finding 4: a relayed client reaches the service from a pool address of its
+    own (paired pooling, RFC 6888 REQ-2), held while it has sessions, then freed."""
+    settings = make_settings("6in4", backend="kernel", workers=2, pool="100.64.0.0/29")
+    box = relay.Relay(settings, 1)
+    slice_ = {"100.64.0.4", "100.64.0.5", "100.64.0.6"}  # worker 1's half, less broadcast
+    assert box.pool.size == len(slice_)
+    first = box.pool.acquire("2001:db8::1")
+    assert first in slice_
+    assert box.pool.acquire("2001:db8::1") == first  # a second session: the same source
+    others = {box.pool.acquire("2001:db8::2"), box.pool.acquire("2001:db8::3")}
+    assert others | {first} == slice_
+    assert box.pool.acquire("2001:db8::4") is None  # exhausted
+    box.pool.release("2001:db8::1")
+    assert box.pool.acquire("2001:db8::4") is None  # still one session of ::1 holds it
+    box.pool.release("2001:db8::1")
+    assert box.pool.acquire("2001:db8::4") == first
+    assert box.pool.in_use() == 3
+
+
+def test_relay_refuses_a_client_when_the_pool_is_exhausted_counted() -> None:
+    settings = make_settings("6in4", backend="kernel", workers=1, pool="100.64.0.0/30")
+    box = relay.Relay(settings, 0)
+    sessions = [relay.RelaySession(PROTO_TCP, f"2001:db8::{n}", 1000, "2001:db8:1::1", 80,
+                                   "r", 0.0) for n in (1, 2, 3)]
+    admitted = [box._admit((PROTO_TCP, s.client, s.cport, s.gateway, s.gwport), s)
+                for s in sessions]
+    assert admitted == [True, True, False]
+    assert {s.source for s in sessions[:2]} == {"100.64.0.1", "100.64.0.2"}
+    assert box.counters.as_dict()["drops"]["pool_exhausted"] == 1
+    box._forget((PROTO_TCP, "2001:db8::1", 1000, "2001:db8:1::1", 80))
+    assert box._admit((PROTO_TCP, "2001:db8::3", 1000, "2001:db8:1::1", 80), sessions[2])
+    assert sessions[2].source == "100.64.0.1"

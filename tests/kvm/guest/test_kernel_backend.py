@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from kernelgw import (
     GATEWAY_STOP_TIMEOUT_S,
     GW_IPV4,
     MTU,
+    NAME,
     PEER_IPV4,
     SIT,
     KernelLab,
@@ -34,6 +36,7 @@ from kernelgw import (
     counter_total,
     hold_tcp,
     in_ns,
+    inside,
     run,
     run_together,
     sixgate_command,
@@ -45,6 +48,7 @@ from coordinator.metrics import METRIC_NAMES
 pytestmark = pytest.mark.kvm
 
 Netns = Callable[[str], str]
+HOST_ONLY_PORT = 2222  # a host service no [[forward]] names
 
 
 def _start(lab: KernelLab, dns: bool) -> None:
@@ -121,6 +125,7 @@ def test_kernel_backend_6in4_ping_curl_dig(netns: Netns) -> None:
         assert counter_total(summary, "bytes", "outbound/tcp") >= os.path.getsize(
             lab.files / FILE_NAME), summary["counters"]
         assert not {r: n for r, n in summary["drops"].items() if n}, summary["drops"]
+        _assert_only_forwarded_ports_reachable(lab)
 
         # A crash: SIGKILL by PID. The kernel keeps the link; the workers die with the parent.
         os.kill(first.process.pid, signal.SIGKILL)
@@ -137,6 +142,49 @@ def test_kernel_backend_6in4_ping_curl_dig(netns: Netns) -> None:
         lab.ping()
         assert lab.curl_sha256() == lab.file_sha256
         _assert_clean_stop(lab)
+        _assert_policy_and_pool_removed(lab)
+
+
+def _assert_only_forwarded_ports_reachable(lab: KernelLab) -> None:
+    """Issue 13, finding 4: a host service on ``[::]`` (here a bare listener, as sshd would be)
+    is not reachable through the sit link, only the forwarded ports are (and were, above);
+    the drop is counted. The service behind port 80 saw the client as a pool address, never
+    127.0.0.1 (the http.server logs each request's source)."""
+    with inside(lab.gw_ns):
+        host_service = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        host_service.bind(("::", HOST_ONLY_PORT))
+        host_service.listen()
+        with inside(lab.peer_ns):
+            try:
+                reached = socket.create_connection((lab.gw_address, HOST_ONLY_PORT), timeout=3)
+            except TimeoutError:
+                reached = None  # no handshake, no reset: dropped on the way in
+        if reached is not None:
+            reached.close()
+            raise AssertionError(f"a host listener on [::]:{HOST_ONLY_PORT} was reached "
+                                 "through the tunnel")
+    finally:
+        host_service.close()
+    counter = lab.gw(["nft", "list", "counter", "inet", f"sixgate_{NAME}_in",
+                      "not_forwarded"]).stdout
+    packets = re.search(r"packets (\d+)", counter)
+    assert packets and int(packets.group(1)) >= 1, counter
+    local = lab.gw(["ip", "route", "show", "table", "local", "100.64.0.0/16"]).stdout
+    assert re.search(r"^local 100\.64\.0\.0/16 dev lo\b", local, re.MULTILINE), local
+    requests = [line for line in (lab.tmp / "http.err").read_text().splitlines()
+                if f"GET /{FILE_NAME}" in line]
+    # The first request is wait_services' own check over IPv4 loopback; the rest came in
+    # through the gateway.
+    relayed = requests[1:]
+    assert relayed and all(line.startswith("100.64.") for line in relayed), requests
+
+
+def _assert_policy_and_pool_removed(lab: KernelLab) -> None:
+    tables = lab.gw(["nft", "list", "tables"]).stdout
+    assert f"sixgate_{NAME}_in" not in tables, tables
+    local = lab.gw(["ip", "route", "show", "table", "local", "100.64.0.0/16"]).stdout
+    assert local.strip() == "", local
 
 
 def test_kernel_backend_6to4_ping_curl(netns: Netns) -> None:
@@ -159,6 +207,7 @@ def test_kernel_backend_6to4_ping_curl(netns: Netns) -> None:
         assert lab.curl_sha256() == lab.file_sha256
         _assert_same_metrics_as_userspace(lab)
         _assert_clean_stop(lab)
+        _assert_policy_and_pool_removed(lab)
 
 
 def _assert_same_metrics_as_userspace(lab: KernelLab) -> None:
