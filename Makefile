@@ -16,7 +16,7 @@ lint: bootstrap
 
 # The end-to-end benchmark (bench/e2e.py, README "Performance"): sixgate beside TAYGA and the
 # kernel on this machine. Needs root; bench/bootstrap.sh adds tayga, gcc and matplotlib.
-.PHONY: bench bench-quick fuzz
+.PHONY: bench bench-quick fuzz soak
 
 bench: bootstrap
 	@bash bench/bootstrap.sh
@@ -30,3 +30,10 @@ bench-quick: bootstrap
 # (CI runs 100k of them, tests/property/test_fuzz_smoke.py).
 fuzz: bootstrap
 	.venv/bin/python -m bench.fuzz
+
+# The real gateway under sustained floods (SYN, fragments, 2x overload) for 60 s each while a
+# real client downloads 10 MB, beside the kernel's conntrack under the same SYN flood
+# (CI runs 2 s of each, tests/test_soak_smoke.py). Needs root.
+soak: bootstrap
+	@bash bench/bootstrap.sh
+	.venv/bin/python -m bench.soak

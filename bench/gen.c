@@ -7,6 +7,9 @@
                    the kernel writes the outer IPv4 header, we write the inner IPv6 packet.
      --mode ipv6   plain IPv6 (for TAYGA and the kernel reference): a raw IPv6 socket with
                    IPV6_HDRINCL (IPPROTO_RAW), we write the whole IPv6 packet.
+     --fragments   each packet is the first fragment (RFC 8200 §4.5: M set, offset 0, its own
+                   identification) of a datagram whose rest never comes: a fragment flood
+                   (make soak). The fragmentable part must be a multiple of 8 bytes.
 
    Flow i has source address <--prefix48>:<subnet>::<host> and source port --port-base + port,
    where subnet = i % S, host = 1 + (i / S) % H, port = (i / (S*H)) % P: consecutive packets
@@ -33,7 +36,8 @@
 #define IPV6_HEADER 40
 #define UDP_HEADER 8
 #define TCP_HEADER 20
-#define MAX_HEADER (IPV6_HEADER + TCP_HEADER)
+#define FRAGMENT_HEADER 8
+#define MAX_HEADER (IPV6_HEADER + FRAGMENT_HEADER + TCP_HEADER)
 
 static volatile sig_atomic_t stopping;
 
@@ -64,14 +68,14 @@ static void usage(void) {
             "usage: gen --mode 6to4|ipv6 [--src4 A --dst4 B] --prefix48 2002:c633:6401 --dst6 ADDR\n"
             "           --dport P [--syn] [--payload N] [--subnets S] [--hosts H] [--ports P]\n"
             "           [--port-base B] [--rate PPS (0 = flat out)] [--count N] [--duration S]\n"
-            "           [--batch B] [--first-flow F]\n");
+            "           [--batch B] [--first-flow F] [--fragments]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const char *mode = NULL, *src4 = NULL, *dst4 = NULL, *prefix48 = NULL, *dst6 = NULL;
     long dport = -1, payload = 18, subnets = 1, hosts = 1, ports = 1, port_base = 1024;
-    long batch = 64, syn = 0;
+    long batch = 64, syn = 0, fragments = 0;
     double rate = 0, duration = 0;
     unsigned long long count = 0, first_flow = 0;
     static struct option options[] = {
@@ -80,7 +84,7 @@ int main(int argc, char **argv) {
         {"subnets", 1, 0, 'S'}, {"hosts", 1, 0, 'H'}, {"ports", 1, 0, 'n'},
         {"port-base", 1, 0, 'b'}, {"rate", 1, 0, 'r'}, {"count", 1, 0, 'c'},
         {"duration", 1, 0, 't'}, {"batch", 1, 0, 'B'}, {"syn", 0, 0, 'y'},
-        {"first-flow", 1, 0, 'f'}, {0, 0, 0, 0}};
+        {"first-flow", 1, 0, 'f'}, {"fragments", 0, 0, 'F'}, {0, 0, 0, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
         switch (opt) {
@@ -101,6 +105,7 @@ int main(int argc, char **argv) {
         case 'B': batch = atol(optarg); break;
         case 'y': syn = 1; break;
         case 'f': first_flow = strtoull(optarg, NULL, 10); break;
+        case 'F': fragments = 1; break;
         default: usage();
         }
     }
@@ -121,14 +126,21 @@ int main(int argc, char **argv) {
         usage();
     int l4_header = syn ? TCP_HEADER : UDP_HEADER;
     int l4_length = l4_header + (int)payload;
+    int l3 = IPV6_HEADER + (fragments ? FRAGMENT_HEADER : 0);
+    if (fragments && l4_length % 8) usage(); /* RFC 8200 §4.5: non-last fragments are 8n */
     template[0] = 0x60;
-    template[4] = (uint8_t)(l4_length >> 8);
-    template[5] = (uint8_t)l4_length;
+    template[4] = (uint8_t)((l3 - IPV6_HEADER + l4_length) >> 8);
+    template[5] = (uint8_t)(l3 - IPV6_HEADER + l4_length);
     template[6] = syn ? IPPROTO_TCP : IPPROTO_UDP;
     template[7] = 64;
     memcpy(template + 8, &src6, 16);
     memcpy(template + 24, &dst6_addr, 16);
-    uint8_t *l4 = template + IPV6_HEADER;
+    if (fragments) {
+        template[IPV6_HEADER] = template[6]; /* the fragment header's next header */
+        template[IPV6_HEADER + 3] = 1;       /* offset 0, M = 1: more fragments follow */
+        template[6] = 44;                    /* IPv6 next header: Fragment */
+    }
+    uint8_t *l4 = template + l3;
     l4[2] = (uint8_t)(dport >> 8);
     l4[3] = (uint8_t)dport;
     if (syn) {
@@ -145,7 +157,8 @@ int main(int argc, char **argv) {
     /* RFC 8200 §8.1 pseudo-header: addresses, upper-layer length, next header. The varying
        words (subnet, host, source port, TCP sequence) are zero in the template and added per
        packet. */
-    uint32_t base = sum16(template + 8, 32) + (uint32_t)l4_length + template[6] +
+    uint32_t base = sum16(template + 8, 32) + (uint32_t)l4_length +
+                    (syn ? IPPROTO_TCP : IPPROTO_UDP) +
                     sum16(l4, (size_t)l4_header) + sum16(data, (size_t)payload);
 
     int fd;
@@ -179,7 +192,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < MAX_BATCH; i++) {
         memcpy(headers[i], template, sizeof template);
         iov[i][0].iov_base = headers[i];
-        iov[i][0].iov_len = (size_t)(IPV6_HEADER + l4_header);
+        iov[i][0].iov_len = (size_t)(l3 + l4_header);
         iov[i][1].iov_base = data;
         iov[i][1].iov_len = (size_t)payload;
         msgs[i].msg_hdr.msg_name = &to;
@@ -226,20 +239,27 @@ int main(int argc, char **argv) {
             h[21] = (uint8_t)(host >> 16);
             h[22] = (uint8_t)(host >> 8);
             h[23] = (uint8_t)host;
-            h[40] = (uint8_t)(sport >> 8);
-            h[41] = (uint8_t)sport;
+            h[l3] = (uint8_t)(sport >> 8);
+            h[l3 + 1] = (uint8_t)sport;
+            if (fragments) { /* a new datagram each packet: its own identification */
+                uint32_t ident = (uint32_t)(sent + (unsigned long long)i);
+                h[IPV6_HEADER + 4] = (uint8_t)(ident >> 24);
+                h[IPV6_HEADER + 5] = (uint8_t)(ident >> 16);
+                h[IPV6_HEADER + 6] = (uint8_t)(ident >> 8);
+                h[IPV6_HEADER + 7] = (uint8_t)ident;
+            }
             uint64_t sum = base + subnet + (host >> 16) + (host & 0xffff) + sport;
             if (syn) {
                 uint32_t seq = (uint32_t)(f * 2654435761u);
-                h[44] = (uint8_t)(seq >> 24);
-                h[45] = (uint8_t)(seq >> 16);
-                h[46] = (uint8_t)(seq >> 8);
-                h[47] = (uint8_t)seq;
+                h[l3 + 4] = (uint8_t)(seq >> 24);
+                h[l3 + 5] = (uint8_t)(seq >> 16);
+                h[l3 + 6] = (uint8_t)(seq >> 8);
+                h[l3 + 7] = (uint8_t)seq;
                 sum += (seq >> 16) + (seq & 0xffff);
             }
             uint16_t check = (uint16_t)~fold(sum);
             if (!syn && check == 0) check = 0xffff; /* RFC 768: 0 means "no checksum" */
-            int at = syn ? 56 : 46;
+            int at = l3 + (syn ? 16 : 6);
             h[at] = (uint8_t)(check >> 8);
             h[at + 1] = (uint8_t)check;
         }
