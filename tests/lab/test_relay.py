@@ -30,6 +30,7 @@ from workers import control
 pytestmark = pytest.mark.lab
 
 GATEWAY6 = "2001:db8:1::1"
+POOL = "100.64.0.0/16"  # the default [gateway] pool
 CONFIG = """\
 [tunnel]
 mode = "6in4"
@@ -39,6 +40,7 @@ prefix = "2001:db8:1::/64"
 
 [gateway]
 workers = 1
+pool = "{pool}"
 max_flows = 5000
 max_flows_per_prefix = 2
 run_dir = "{run_dir}"
@@ -109,6 +111,9 @@ def relay_lab(served_files: netlab.ServedFiles, tmp_path_factory: pytest.TempPat
         subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)
         subprocess.run([*ns, "ip", "-6", "addr", "add", f"{GATEWAY6}/128", "dev", "lo",
                         "nodad"], check=True)
+        # What the coordinator's kernel backend does before it starts the relays
+        # (coordinator/kernel_backend.py setup): the pool is local, each client's source.
+        subprocess.run([*ns, "ip", "route", "add", "local", POOL, "dev", "lo"], check=True)
         http_port, dns_port = 8080, 5353
         processes.append(subprocess.Popen(
             [*ns, *netlab.http_server_argv("127.0.0.1", http_port, served_files.directory)],
@@ -122,7 +127,7 @@ def relay_lab(served_files: netlab.ServedFiles, tmp_path_factory: pytest.TempPat
         run_dir = tmp / "run"
         run_dir.mkdir()
         settings = parse_config(CONFIG.format(run_dir=run_dir, http_port=http_port,
-                                              dns_port=dns_port), "relay.toml")
+                                              dns_port=dns_port, pool=POOL), "relay.toml")
         settings = dataclasses.replace(settings, backend="kernel")
         settings_file = tmp / "settings.json"
         settings_file.write_text(settings.to_json())
@@ -153,13 +158,14 @@ def test_tcp_relayed_to_ipv4_only_service(relay_lab: RelayLab) -> None:
 
 def test_udp_relayed_with_a_session_per_client(relay_lab: RelayLab) -> None:
     """dig over UDP reaches dnsmasq on 127.0.0.1; the session is listed with the IPv4
-    address and port the service saw."""
+    address and port the service saw: a pool address of the client's own, never 127.0.0.1
+    (issue 13, finding 4: a service that trusts localhost must not trust the internet)."""
     done = relay_lab.exec(["dig", f"@{GATEWAY6}", "-p", "53", netlab.DNS_SMALL_NAME, "A",
                            "+short", "+tries=1", "+time=5"])
     assert done.stdout.strip() == netlab.DNS_SMALL_A, done.stdout + done.stderr
     bindings = relay_lab.ask("flows")["bindings"]
     udp = [b for b in bindings if b["proto"] == "udp"]
-    assert udp and udp[0]["pool"].startswith("127.0.0.1:"), bindings
+    assert udp and udp[0]["pool"].startswith("100.64."), bindings
     assert udp[0]["rule"] == "udp/53 -> 127.0.0.1:5353"
 
 
@@ -216,7 +222,7 @@ def test_open_files_limit_raised_for_max_flows(relay_lab: RelayLab) -> None:
     line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
     soft = int(line.split()[3])
     settings = parse_config(CONFIG.format(run_dir=relay_lab.run_dir, http_port=8080,
-                                          dns_port=5353), "relay.toml")
+                                          dns_port=5353, pool=POOL), "relay.toml")
     assert soft >= descriptors_needed(dataclasses.replace(settings, backend="kernel")), line
 
 
