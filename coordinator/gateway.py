@@ -38,7 +38,7 @@ from coordinator.metrics import MetricsServer, ask_workers
 from workers import control
 from workers.control import control_endpoint, coordinator_endpoint, data_endpoint
 from workers.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
-from workers.drops import DropReason
+from workers.drops import DropReason, Event
 from workers.main import tun_name
 from workers.mmsg import BatchReceiver
 from workers.settings import Settings
@@ -339,7 +339,6 @@ class Coordinator:
         message per worker per batch (before the next batch reuses the receive buffer)."""
         settings = self.settings
         counters = self.counters
-        events = counters.events
         drops = counters.drops
         policy = self.policy
         accepted = self.accepted
@@ -355,8 +354,7 @@ class Coordinator:
             if not packets:
                 return
             batches: list[list[tuple[bytes, bytes | memoryview]]] = [[] for _ in range(nworkers)]
-            events["tunnel_packets_received"] = events.get("tunnel_packets_received", 0) + len(
-                packets)
+            counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
             received_bytes = 0
             for packet in packets:
                 received_bytes += len(packet)
@@ -371,8 +369,7 @@ class Coordinator:
                 except Exception:  # noqa: BLE001 - one packet must never kill the loop
                     drops[DropReason.INTERNAL_ERROR] += 1
                     log.exception("coordinator: packet raised (counted as internal_error)")
-            events["tunnel_bytes_received"] = events.get("tunnel_bytes_received", 0) + (
-                received_bytes)
+            counters.event(Event.TUNNEL_BYTES_RECEIVED, received_bytes)
             for index, batch in enumerate(batches):
                 if batch:
                     self._send_batch(index, batch)
@@ -382,8 +379,8 @@ class Coordinator:
     def _send_batch(self, index: int, batch: list[tuple[bytes, bytes | memoryview]]) -> None:
         try:
             self.pushes[index].send(encode_batch(batch), zmq.NOBLOCK, copy=False)
-            self.counters.event("batches_sent")
-            self.counters.event("packets_fanned_out", len(batch))
+            self.counters.event(Event.BATCHES_SENT)
+            self.counters.event(Event.PACKETS_FANNED_OUT, len(batch))
             self.batch_packets.observe(len(batch))
         except zmq.Again:
             # Bounded queue: a slow or dead worker costs these packets, never our memory.
@@ -405,7 +402,7 @@ class Coordinator:
             elif now >= worker.next_start:
                 worker.restarts += 1
                 worker.next_start = 0.0
-                self.counters.event("worker_restarts")
+                self.counters.event(Event.WORKER_RESTARTS)
                 self._spawn(worker)
 
     # --- control ------------------------------------------------------------------------------
@@ -416,7 +413,7 @@ class Coordinator:
                 if self.control.poll(200):
                     self._answer_control()
             except Exception as exc:  # noqa: BLE001 - a bad request must not end the gateway
-                self.counters.event("control_errors")
+                self.counters.event(Event.CONTROL_ERRORS)
                 log.error("control request failed: %r", exc, exc_info=exc)
 
     def _answer_control(self) -> None:
@@ -426,7 +423,7 @@ class Coordinator:
             return
         cmd, fields, error = control.parse_request(frames)
         if error is not None:
-            self.counters.event("control_errors")
+            self.counters.event(Event.CONTROL_ERRORS)
             self.control.send_json(error)
         elif cmd in ("flows", "status"):
             workers = []
@@ -450,7 +447,7 @@ class Coordinator:
         elif cmd == "ping":
             self.control.send_json(control.ok())
         else:
-            self.counters.event("control_errors")
+            self.counters.event(Event.CONTROL_ERRORS)
             self.control.send_json(control.error(f"unknown command {cmd!r}"))
 
 

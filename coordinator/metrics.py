@@ -47,7 +47,8 @@ from coordinator.config import parse_listen
 from workers import control
 from workers.control import control_endpoint
 from workers.counters import DIRECTIONS, PROTOCOLS
-from workers.drops import DropReason
+from workers.drops import ICMP_ERROR_EVENTS, DropReason, Event
+from workers.flows import worker_share
 
 if TYPE_CHECKING:
     from coordinator.gateway import Coordinator
@@ -262,7 +263,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
         counters = stats["counters"]
         for reason in DropReason:
             drops.add_metric([name, reason.value], counters["drops"].get(reason.value, 0))
-        control_errors.add_metric([name], counters["events"].get("control_errors", 0))
+        control_errors.add_metric([name], counters["events"].get(Event.CONTROL_ERRORS.value, 0))
         if not is_worker:
             continue  # the coordinator only checks and fans out: its packets are tunnel_*
         for direction in DIRECTIONS:
@@ -276,21 +277,17 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
             active.add_metric([name, protocol], flows["active"][protocol])
             created.add_metric([name, protocol], flows["created"][protocol])
         expired.add_metric([name], flows["expired"])
-        evicted.add_metric([name], events.get("flows_evicted", 0))
+        evicted.add_metric([name], events.get(Event.FLOWS_EVICTED.value, 0))
         pool.add_metric([name], flows["pool_size"])
         pool_used.add_metric([name], flows["pool_in_use"])
         sent = dict.fromkeys(ICMPV6_ERROR_TYPES.values(), 0)
-        for event, count in events.items():
-            if event.startswith("icmp_error_"):
-                icmp_type = int(event.split("_")[2])
-                if icmp_type in ICMPV6_ERROR_TYPES:
-                    sent[ICMPV6_ERROR_TYPES[icmp_type]] += count
+        for (icmp_type, _code), event in ICMP_ERROR_EVENTS.items():
+            sent[ICMPV6_ERROR_TYPES[icmp_type]] += events.get(event.value, 0)
         for type_name, count in sent.items():
             errors_sent.add_metric([name, type_name], count)
-        resets.add_metric([name], events.get("tcp_rst_sent", 0))
-        suppressed.add_metric([name], counters["drops"].get(DropReason.ICMP_RATE_LIMITED.value,
-                                                            0))
-        echo.add_metric([name], events.get("echo_replies", 0))
+        resets.add_metric([name], events.get(Event.TCP_RST_SENT.value, 0))
+        suppressed.add_metric([name], events.get(Event.REPLIES_SUPPRESSED.value, 0))
+        echo.add_metric([name], events.get(Event.ECHO_REPLIES.value, 0))
         for direction in ("inbound", "from_services"):
             hist = stats["processing_seconds"].get(direction)
             if hist is not None:
@@ -328,8 +325,8 @@ class GatewayCollector:
         else:
             # Counted by the coordinator, or with kernel fan-out by each worker.
             everyone = [events] + [r["counters"]["events"] for r in replies if r is not None]
-            received = (sum(e.get("tunnel_packets_received", 0) for e in everyone),
-                        sum(e.get("tunnel_bytes_received", 0) for e in everyone))
+            received = (sum(e.get(Event.TUNNEL_PACKETS_RECEIVED.value, 0) for e in everyone),
+                        sum(e.get(Event.TUNNEL_BYTES_RECEIVED.value, 0) for e in everyone))
         processes: list[dict[str, Any]] = [{
             "name": "coordinator", "usage": process_usage(os.getpid()),
             "stats": {"counters": counters.as_dict()}}]
@@ -339,7 +336,7 @@ class GatewayCollector:
             processes.append({
                 "name": f"worker-{worker.index}", "restarts": worker.restarts,
                 "stats": reply, "queue_drops": coord.queue_drops[worker.index],
-                "flow_limit": max(1, -(-settings.max_flows // settings.workers)),
+                "flow_limit": worker_share(settings.max_flows, settings.workers),
                 "usage": process_usage(proc.pid) if alive and proc is not None else None})
         return {
             "version": self.version, "backend": settings.backend,

@@ -142,8 +142,8 @@ def overview() -> list[Panel]:
         timeseries(
             "Drops by reason",
             "Packets dropped per second, by DropReason (workers/drops.py), summed over the "
-            "coordinator and the workers (sixgate_drops_total). icmp_rate_limited counts "
-            "suppressed ICMPv6 errors/RSTs, not extra packets; internal_error must stay 0.",
+            "coordinator and the workers (sixgate_drops_total), each packet under exactly one "
+            "reason; internal_error must stay 0.",
             [target(f"sum by (instance, reason) ({rate('sixgate_drops_total')})",
                     "{{instance}} {{reason}}")],
             "pps", drawStyle="bars", stacking={"mode": "normal", "group": "A"}),

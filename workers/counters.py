@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from workers.drops import DropReason
+from workers.drops import DropReason, Event
 from workers.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 DIRECTIONS = ("inbound", "to_services", "from_services", "outbound")
@@ -25,7 +25,7 @@ class Counters:
         self.packets: dict[tuple[str, str], int] = {
             (d, p): 0 for d in DIRECTIONS for p in PROTOCOLS}
         self.bytes: dict[tuple[str, str], int] = dict.fromkeys(self.packets, 0)
-        # Named events that are not drops: ICMP errors sent, RSTs sent, flows created, ...
+        # Events (workers/drops.py Event) by value: ICMP errors sent, RSTs sent, flows created.
         self.events: dict[str, int] = {}
 
     def drop(self, reason: DropReason, n: int = 1) -> None:
@@ -46,8 +46,8 @@ class Counters:
         packets[second] += n
         octets[second] += second_size
 
-    def event(self, name: str, n: int = 1) -> None:
-        self.events[name] = self.events.get(name, 0) + n
+    def event(self, event: Event, n: int = 1) -> None:
+        self.events[event.value] = self.events.get(event.value, 0) + n
 
     def as_dict(self) -> dict[str, object]:
         return {

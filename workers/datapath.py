@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from workers.counters import Counters, LimitHits
-from workers.drops import DropReason
+from workers.drops import ICMP_ERROR_EVENTS, DropReason, Event
 from workers.fastpath import (
     InTemplate,
     OutTemplate,
@@ -177,7 +177,7 @@ class Datapath:
             pieces = fragment_ipv6(packet[8:24], dst, packet[6], packet[40:], self.mtu,
                                    self._ident6, hop_limit=packet[7],
                                    traffic_class=traffic_class)
-            self.counters.event("fragments_sent", len(pieces))
+            self.counters.event(Event.FRAGMENTS_SENT, len(pieces))
         else:
             pieces = [packet]
         for piece in pieces:
@@ -189,11 +189,12 @@ class Datapath:
         """Send an ICMPv6 error about ``packet`` if RFC 4443 §2.4(e) and (f) allow."""
         if not may_send_error(packet, view[4], view[5]):
             return
-        # RFC 4443 §2.4(f): originated errors are rate-limited (token buckets).
+        # RFC 4443 §2.4(f): originated errors are rate-limited (token buckets). The packet is
+        # already counted under the reason it was refused for: this is an event, not a drop.
         if not self.error_limiter.allow(packet[8:24], self._now):
-            self._drop(DropReason.ICMP_RATE_LIMITED)
+            self.counters.event(Event.REPLIES_SUPPRESSED)
             return
-        self.counters.event(f"icmp_error_{icmp_type}_{code}")
+        self.counters.event(ICMP_ERROR_EVENTS[icmp_type, code])
         self._send_v6(icmpv6_error(view[3], packet, icmp_type, code, rest), PROTO_ICMPV6)
 
     def _reset(self, packet: bytes | memoryview, view: IPv6View) -> None:
@@ -201,9 +202,9 @@ class Datapath:
         if rst is None:
             return
         if not self.error_limiter.allow(packet[8:24], self._now):
-            self._drop(DropReason.ICMP_RATE_LIMITED)
+            self.counters.event(Event.REPLIES_SUPPRESSED)
             return
-        self.counters.event("tcp_rst_sent")
+        self.counters.event(Event.TCP_RST_SENT)
         self._send_v6(rst, PROTO_TCP)
 
     # --- inbound: IPv6 from the tunnel --------------------------------------------------------
@@ -387,7 +388,7 @@ class Datapath:
             if not self.echo_limiter.allow(view[2], self._now):
                 self._drop(DropReason.ICMP_RATE_LIMITED)
                 return
-            self.counters.event("echo_replies")
+            self.counters.event(Event.ECHO_REPLIES)
             self._send_v6(echo_reply(packet, offset), PROTO_ICMPV6)
             return
         if segment[0] == ICMPV6_NEIGHBOR_SOLICITATION:
@@ -415,7 +416,7 @@ class Datapath:
         if isinstance(out, DropReason):
             self._drop(out)
             return
-        self.counters.event("icmp_errors_translated")
+        self.counters.event(Event.ICMP_ERRORS_TRANSLATED)
         self.to_services.append(out)
         self.counters.count("to_services", PROTO_ICMP, len(out))
 
@@ -430,7 +431,7 @@ class Datapath:
         if bytes(segment[8:24]) not in self.addresses:
             self._drop(DropReason.NOT_OUR_ADDRESS)
             return
-        self.counters.event("neighbor_advertisements")
+        self.counters.event(Event.NEIGHBOR_ADVERTISEMENTS)
         self._send_v6(neighbor_advertisement(packet, view[5]), PROTO_ICMPV6)
 
     def _inbound_transport(self, packet: bytes | memoryview, view: IPv6View, proto: int,
@@ -484,10 +485,11 @@ class Datapath:
                 self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
                 return
             session = created
-            self.counters.event(f"flows_created_{'tcp' if proto == PROTO_TCP else 'udp'}")
+            self.counters.event(Event.FLOWS_CREATED_TCP if proto == PROTO_TCP
+                                else Event.FLOWS_CREATED_UDP)
             if self.flows.removed:
                 # Unassured sessions evicted to make room (Linux conntrack's early drop).
-                self.counters.event("flows_evicted", len(self.flows.removed))
+                self.counters.event(Event.FLOWS_EVICTED, len(self.flows.removed))
                 self._forget_templates()
         elif view[1] <= 1:
             self._expired_in_transit(packet, view)
@@ -640,7 +642,7 @@ class Datapath:
         if isinstance(out, DropReason):
             self._drop(out)
             return
-        self.counters.event("icmp_errors_translated")
+        self.counters.event(Event.ICMP_ERRORS_TRANSLATED)
         self._send_v6(out, PROTO_ICMPV6)
 
     def _frag_needed(self, packet: bytes | memoryview, header_len: int,
@@ -669,7 +671,7 @@ class Datapath:
         """Expire idle sessions and stale fragments (call about once a second)."""
         expired = self.flows.expire(now)
         if expired:
-            self.counters.event("flows_expired", expired)
+            self.counters.event(Event.FLOWS_EXPIRED, expired)
             self._forget_templates()
         timed_out = self.reassembler.expire(now)
         if timed_out:

@@ -1,7 +1,9 @@
-"""The registry of every reason sixgate drops a packet, one line and one RFC each.
+"""The registries of every reason sixgate drops a packet and of every event it counts.
 
 Modelled on Linux ``include/net/dropreason-core.h``: a drop is always counted under exactly one
 of these names, so an operator can tell a hostile peer from a full table from our own bug.
+What is not a drop (a flow created, an ICMPv6 error or RST sent, one suppressed by the rate
+limit) is an ``Event``, also written here once, so nothing has to parse a name back.
 Pure: no I/O.
 """
 
@@ -66,7 +68,7 @@ class DropReason(enum.Enum):
     TOO_BIG = "too_big"
     """Too big for the next hop with DF set (RFC 7915 §4.1), or for one IPv4 packet (RFC 791)."""
     ICMP_RATE_LIMITED = "icmp_rate_limited"
-    """An ICMPv6 error or RST we would send was suppressed (RFC 4443 §2.4(f))."""
+    """An echo request left unanswered by the per-source echo limit (RFC 4443 §2.4(f))."""
     SEND_FAILED = "send_failed"
     """The kernel refused a send (ENOBUFS, no route); never retried (RFC 1812 §5.3.6)."""
     QUEUE_FULL = "queue_full"
@@ -76,3 +78,61 @@ class DropReason(enum.Enum):
 
 
 ALL_REASONS: tuple[DropReason, ...] = tuple(DropReason)
+
+
+class Event(enum.Enum):
+    """Something counted that is not a drop; ``value`` is the key in the counters' JSON."""
+
+    FLOWS_CREATED_TCP = "flows_created_tcp"
+    """A TCP session was created (RFC 6146 §3.5.2)."""
+    FLOWS_CREATED_UDP = "flows_created_udp"
+    """A UDP session was created (RFC 6146 §3.5.1)."""
+    FLOWS_EXPIRED = "flows_expired"
+    """A session reached its timeout and was removed (RFC 6146 §3.5)."""
+    FLOWS_EVICTED = "flows_evicted"
+    """An unassured session was removed early to make room, as conntrack's early drop."""
+    ECHO_REPLIES = "echo_replies"
+    """An ICMPv6 echo reply was sent (RFC 4443 §4.2)."""
+    NEIGHBOR_ADVERTISEMENTS = "neighbor_advertisements"
+    """A Neighbor Advertisement answered the tunnel peer's NUD probe (RFC 4213 §3.8)."""
+    TCP_RST_SENT = "tcp_rst_sent"
+    """A TCP RST refused a segment to a closed port (RFC 9293 §3.10.7.1)."""
+    REPLIES_SUPPRESSED = "replies_suppressed"
+    """An ICMPv6 error or RST was not sent: its source's rate limit (RFC 4443 §2.4(f))."""
+    ERROR_DEST_UNREACHABLE_ADMIN = "icmp_error_1_1"
+    """ICMPv6 destination unreachable, administratively prohibited, sent (RFC 4443 §3.1)."""
+    ERROR_PORT_UNREACHABLE = "icmp_error_1_4"
+    """ICMPv6 destination unreachable, port unreachable, sent (RFC 4443 §3.1)."""
+    ERROR_TIME_EXCEEDED = "icmp_error_3_0"
+    """ICMPv6 time exceeded, hop limit, sent (RFC 4443 §3.3)."""
+    ERROR_UNRECOGNIZED_NEXT_HEADER = "icmp_error_4_1"
+    """ICMPv6 parameter problem, unrecognized next header, sent (RFC 4443 §3.4)."""
+    ICMP_ERRORS_TRANSLATED = "icmp_errors_translated"
+    """An ICMP error about a session was translated to the other family (RFC 7915 §4.2/§5.2)."""
+    FRAGMENTS_SENT = "fragments_sent"
+    """An IPv6 fragment was sent for a reply larger than the tunnel MTU (RFC 7915 §4.1)."""
+    UDP_SERVICE_ERRORS = "udp_service_errors"
+    """A relayed UDP service answered with an ICMP error (kernel backend)."""
+    TCP_SERVICE_UNREACHABLE = "tcp_service_unreachable"
+    """A relayed TCP service refused or did not answer; the client got a reset (kernel backend)."""
+    CONTROL_ERRORS = "control_errors"
+    """A malformed control request was answered with an error."""
+    WORKER_RESTARTS = "worker_restarts"
+    """The coordinator restarted a worker that had died."""
+    PACKETS_FANNED_OUT = "packets_fanned_out"
+    """A captured packet was queued to a worker (coordinator fan-out)."""
+    BATCHES_SENT = "batches_sent"
+    """A batch of captured packets was queued to a worker (coordinator fan-out)."""
+    TUNNEL_PACKETS_RECEIVED = "tunnel_packets_received"
+    """A protocol-41 packet was received, before any check."""
+    TUNNEL_BYTES_RECEIVED = "tunnel_bytes_received"
+    """Bytes of those packets, outer IPv4 header included."""
+
+
+# The ICMPv6 errors the gateway originates, by (type, code), and the type each belongs to.
+ICMP_ERROR_EVENTS: dict[tuple[int, int], Event] = {
+    (1, 1): Event.ERROR_DEST_UNREACHABLE_ADMIN,
+    (1, 4): Event.ERROR_PORT_UNREACHABLE,
+    (3, 0): Event.ERROR_TIME_EXCEEDED,
+    (4, 1): Event.ERROR_UNRECOGNIZED_NEXT_HEADER,
+}

@@ -127,8 +127,9 @@ class _Binding:
         self.assured = 0
 
 
-def _share(limit: int | None, workers: int) -> int | None:
-    """A worker's share of a gateway-wide limit, rounded up (``None``: no limit)."""
+def worker_share(limit: int | None, workers: int) -> int | None:
+    """A worker's share of a gateway-wide limit, rounded up (``None``: no limit). The one
+    place this is computed: the flow tables, the kernel backend's relays and the metrics."""
     return None if limit is None else max(1, -(-limit // workers))
 
 
@@ -177,9 +178,9 @@ class FlowTable:
         """One worker's table: its share of the gateway-wide limits. The per /64 limit is
         exact because one shard sees all of a /64 (workers/wire.py flow_hash); the /48 and
         outer-IPv4 limits spread over the shards like the global one."""
-        return cls(pool, _share(max_flows, workers) or 1, max_flows_per_prefix, timeouts,
-                   max_flows_per_48=_share(max_flows_per_48, workers),
-                   max_flows_per_ipv4_source=_share(max_flows_per_ipv4_source, workers))
+        return cls(pool, worker_share(max_flows, workers) or 1, max_flows_per_prefix, timeouts,
+                   max_flows_per_48=worker_share(max_flows_per_48, workers),
+                   max_flows_per_ipv4_source=worker_share(max_flows_per_ipv4_source, workers))
 
     def __len__(self) -> int:
         return len(self._by_v6)

@@ -35,7 +35,7 @@ from workers import control, seccomp
 from workers.control import control_endpoint, data_endpoint
 from workers.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
 from workers.datapath import Datapath
-from workers.drops import DropReason
+from workers.drops import DropReason, Event
 from workers.flows import Session
 from workers.mmsg import BatchReceiver, BatchSender
 from workers.packet import PROTO_TCP, PROTO_UDP
@@ -279,7 +279,7 @@ class Worker:
         Engine time is measured per batch and observed as its mean per packet."""
         receiver = self.receiver
         assert receiver is not None
-        events = self.datapath.counters.events
+        counters = self.datapath.counters
         policy, accepted = self.policy, self.accepted
         from_tunnel_batch = self.datapath.from_tunnel_batch
         timing = self.processing["inbound"]
@@ -292,10 +292,8 @@ class Worker:
                 return
             if not packets:
                 return
-            events["tunnel_packets_received"] = events.get("tunnel_packets_received",
-                                                           0) + len(packets)
-            events["tunnel_bytes_received"] = events.get("tunnel_bytes_received", 0) + sum(
-                map(len, packets))
+            counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
+            counters.event(Event.TUNNEL_BYTES_RECEIVED, sum(map(len, packets)))
             start = perf_counter()
             from_tunnel_batch(packets, now, policy, accepted)  # counts what raises, goes on
             timing.observe_many((perf_counter() - start) / len(packets), len(packets))
@@ -383,7 +381,7 @@ class Worker:
             return
         cmd, fields, reply = control.parse_request(frames)
         if reply is not None:
-            self.datapath.counters.event("control_errors")
+            self.datapath.counters.event(Event.CONTROL_ERRORS)
         elif cmd == "ping":
             reply = control.ok()
         elif cmd == "stats":
@@ -403,7 +401,7 @@ class Worker:
                        "pool_in_use": flows.pool_in_use(), "pool_size": flows.pool_size},
                 counters=self.datapath.counters.as_dict())
         else:
-            self.datapath.counters.event("control_errors")
+            self.datapath.counters.event(Event.CONTROL_ERRORS)
             reply = control.error(f"unknown command {cmd!r}")
         self.control.send_json(reply)
 

@@ -41,7 +41,8 @@ import zmq.asyncio
 from workers import control as protocol
 from workers import seccomp
 from workers.counters import Counters, LimitHits, worker_stats
-from workers.drops import DropReason
+from workers.drops import DropReason, Event
+from workers.flows import worker_share
 from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.privileges import drop_privileges
 from workers.settings import Forward, Settings, source_allowed, worker_pool
@@ -134,7 +135,7 @@ class _UdpToService(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         # The service's port is closed (ICMP port unreachable); the client will time out.
-        self.relay.counters.event("udp_service_errors")
+        self.relay.counters.event(Event.UDP_SERVICE_ERRORS)
 
 
 class _UdpListener(asyncio.DatagramProtocol):
@@ -160,7 +161,7 @@ class Relay:
         self.counters = Counters()
         self.sessions: dict[tuple[int, str, int, str, int], RelaySession] = {}
         self.per_prefix: dict[bytes, int] = {}
-        self.max_flows = max(1, -(-settings.max_flows // settings.workers))
+        self.max_flows = worker_share(settings.max_flows, settings.workers) or 1
         self.created_total = 0
         self.expired_total = 0
         self.active_by_proto: dict[int, int] = {}
@@ -171,8 +172,9 @@ class Relay:
         self._udp: list[asyncio.DatagramTransport] = []
         self._filters: dict[Forward, tuple[tuple[int, int], ...]] = {}
         self.drain_timeout_s = DRAIN_TIMEOUT_S
-        self.pool = PoolSources([str(ipaddress.IPv4Address(a)) for a in
-                                 worker_pool(settings.pool, settings.workers, index)])
+        self.pool_addresses = [str(ipaddress.IPv4Address(a)) for a in
+                               worker_pool(settings.pool, settings.workers, index)]
+        self.pool = PoolSources(self.pool_addresses)
 
     # --- sessions and limits ------------------------------------------------------------------
 
@@ -198,7 +200,8 @@ class Relay:
         self.created_total += 1
         self.created_by_proto[session.proto] = self.created_by_proto.get(session.proto, 0) + 1
         self.active_by_proto[session.proto] = self.active_by_proto.get(session.proto, 0) + 1
-        self.counters.event(f"flows_created_{'tcp' if session.proto == PROTO_TCP else 'udp'}")
+        self.counters.event(Event.FLOWS_CREATED_TCP if session.proto == PROTO_TCP
+                            else Event.FLOWS_CREATED_UDP)
         return True
 
     def _source_allowed(self, rule: Forward, client: str) -> bool:
@@ -242,7 +245,7 @@ class Relay:
                     TCP_CONNECT_TIMEOUT_S)
             except (TimeoutError, OSError):
                 # The service is down: the client gets a reset, as the kernel would send.
-                self.counters.event("tcp_service_unreachable")
+                self.counters.event(Event.TCP_SERVICE_UNREACHABLE)
                 writer.transport.abort()
                 return
             local = up_writer.get_extra_info("sockname")
@@ -339,7 +342,7 @@ class Relay:
                     session.transport.close()
                 self._forget(key)
                 self.expired_total += 1
-                self.counters.event("flows_expired")
+                self.counters.event(Event.FLOWS_EXPIRED)
 
     # --- listeners ----------------------------------------------------------------------------
 
@@ -354,7 +357,25 @@ class Relay:
         sock.setblocking(False)
         return sock
 
+    def check_pool_is_local(self) -> None:
+        """The clients' sources must be bindable: the coordinator makes the pool local
+        (coordinator/kernel_backend.py). Said at start, not as a reset per client."""
+        if not self.pool_addresses:
+            raise OSError(f"worker {self.index} has no address of the pool "
+                          f"{self.settings.pool}; give [gateway] pool more addresses")
+        first = self.pool_addresses[0]
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind((first, 0))
+        except OSError as exc:
+            raise OSError(f"cannot use pool address {first} as a client's source "
+                          f"({exc.strerror}): the pool {self.settings.pool} is not local on "
+                          "this host (sixgate run makes it so with the kernel backend)") from None
+        finally:
+            probe.close()
+
     async def start(self) -> None:
+        self.check_pool_is_local()
         loop = asyncio.get_running_loop()
         for rule in self.settings.forwards:
             for port in range(rule.port_lo, rule.port_hi + 1):
@@ -404,7 +425,7 @@ class Relay:
             cmd, fields, reply = protocol.parse_request(await control.recv_multipart())
             now = time.monotonic()
             if reply is not None:
-                self.counters.event("control_errors")
+                self.counters.event(Event.CONTROL_ERRORS)
             elif cmd == "ping":
                 reply = protocol.ok()
             elif cmd == "stats":
@@ -432,7 +453,7 @@ def descriptors_needed(settings: Settings) -> int:
     service), one per UDP session is less, a listener per port and address, and spares."""
     listeners = sum((rule.port_hi - rule.port_lo + 1) * len(settings.addresses)
                     for rule in settings.forwards)
-    per_worker = max(1, -(-settings.max_flows // settings.workers))
+    per_worker = worker_share(settings.max_flows, settings.workers) or 1
     return 2 * per_worker + listeners + SPARE_DESCRIPTORS
 
 

@@ -6,15 +6,15 @@ import ast
 from pathlib import Path
 
 from workers.counters import Counters, LimitHits
-from workers.drops import ALL_REASONS, DropReason
+from workers.drops import ALL_REASONS, ICMP_ERROR_EVENTS, DropReason, Event
 
 DROPS_PY = Path(__file__).resolve().parents[2] / "workers" / "drops.py"
 
 
-def member_docs() -> dict[str, str]:
-    """Attribute docstrings of DropReason members (the string right after each member)."""
+def member_docs(registry: str = "DropReason") -> dict[str, str]:
+    """Attribute docstrings of a registry's members (the string right after each member)."""
     tree = ast.parse(DROPS_PY.read_text())
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DropReason"]
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == registry]
     docs: dict[str, str] = {}
     body = cls.body
     for node, after in zip(body, body[1:], strict=False):
@@ -29,6 +29,20 @@ def test_every_drop_reason_has_a_one_line_doc() -> None:
     assert sorted(docs) == sorted(r.name for r in DropReason)
     for name, doc in docs.items():
         assert doc.strip() and "\n" not in doc.strip(), name
+
+
+def test_every_event_has_a_one_line_doc_and_a_unique_key() -> None:
+    docs = member_docs("Event")
+    assert sorted(docs) == sorted(e.name for e in Event)
+    for name, doc in docs.items():
+        assert doc.strip() and "\n" not in doc.strip(), name
+    assert len({e.value for e in Event}) == len(Event)
+    assert not {e.value for e in Event} & {r.value for r in DropReason}  # never both
+
+
+def test_icmp_error_events_are_keyed_by_their_type_and_code() -> None:
+    for (icmp_type, code), event in ICMP_ERROR_EVENTS.items():
+        assert event.value == f"icmp_error_{icmp_type}_{code}"
 
 
 def test_drop_reason_values_are_snake_case_labels_of_their_names() -> None:

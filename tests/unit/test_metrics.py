@@ -17,7 +17,7 @@ from workers.counters import (
     Histogram,
     worker_stats,
 )
-from workers.drops import DropReason
+from workers.drops import DropReason, Event
 from workers.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 
@@ -35,11 +35,11 @@ def _worker_stats(echo: int = 3, drops: int = 2) -> dict[str, Any]:
     for _ in range(echo):
         counters.count("inbound", PROTO_ICMPV6, 104)
         counters.count("outbound", PROTO_ICMPV6, 104)
-    counters.event("echo_replies", echo)
-    counters.event("icmp_error_1_4", 2)  # port unreachable
-    counters.event("icmp_error_2_0")  # packet too big
-    counters.event("tcp_rst_sent", 5)
-    counters.drop(DropReason.ICMP_RATE_LIMITED, drops)
+    counters.event(Event.ECHO_REPLIES, echo)
+    counters.event(Event.ERROR_PORT_UNREACHABLE, 2)
+    counters.event(Event.ERROR_TIME_EXCEEDED)
+    counters.event(Event.TCP_RST_SENT, 5)
+    counters.event(Event.REPLIES_SUPPRESSED, drops)
     processing = {"inbound": Histogram(PROCESSING_SECONDS_BOUNDS)}
     processing["inbound"].observe(1.2e-5)
     return {"ok": True, **worker_stats(counters, {PROTO_TCP: 4}, {PROTO_TCP: 9, PROTO_UDP: 1},
@@ -94,7 +94,7 @@ def test_worker_counters_become_named_series() -> None:
     assert samples[("sixgate_icmp_errors_sent_total",
                     (("process", "worker-0"), ("type", "destination_unreachable")))] == 2
     assert samples[("sixgate_icmp_errors_sent_total",
-                    (("process", "worker-0"), ("type", "packet_too_big")))] == 1
+                    (("process", "worker-0"), ("type", "time_exceeded")))] == 1
     assert samples[("sixgate_tcp_resets_sent_total", w0)] == 5
     assert samples[("sixgate_icmp_errors_suppressed_total", w0)] == 2
     assert samples[("sixgate_flows_active", (("process", "worker-0"), ("protocol", "tcp")))] == 4
