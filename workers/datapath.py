@@ -59,6 +59,9 @@ from workers.packet import (
     PROTO_NONE,
     PROTO_TCP,
     PROTO_UDP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
     IPv6View,
     build_ipv4,
     build_ipv6,
@@ -79,10 +82,6 @@ from workers.translate import (
     translate_v6_to_v4,
 )
 from workers.tunnel import TunnelPolicy, check_inbound, our_addresses, outer_destination
-
-TCP_SYN = 0x02
-TCP_ACK = 0x10
-TCP_RST = 0x04
 
 # Counter keys of the fast path, by protocol (the same keys Counters.count builds).
 INBOUND_KEYS = {PROTO_TCP: ("inbound", "tcp"), PROTO_UDP: ("inbound", "udp")}

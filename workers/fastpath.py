@@ -24,10 +24,18 @@ from __future__ import annotations
 import struct
 
 from workers.flows import Session
-from workers.packet import IPV4_DF, IPV4_MF, IPV4_OFFSET_MASK, PROTO_UDP
+from workers.packet import (
+    IPV4_DF,
+    IPV4_MF,
+    IPV4_OFFSET_MASK,
+    PROTO_UDP,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+)
 from workers.translate import DF_THRESHOLD
 
-TCP_SYN_FIN_RST = 0x07
+TCP_SYN_FIN_RST = TCP_SYN | TCP_FIN | TCP_RST
 MSS_OPTION = b"\x02\x04"  # kind 2, length 4 (RFC 9293 §3.2)
 
 UDP_HEADER = struct.Struct("!HHHH")

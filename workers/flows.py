@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from workers.drops import DropReason
-from workers.packet import PROTO_TCP, PROTO_UDP
+from workers.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 # TCP states of RFC 6146 §3.5.2.2 (CLOSED is "no session"), plus V4_SYN_RCV: the service
 # answered the client's SYN and the client's ACK is awaited (conntrack's SYN_RECV).
@@ -48,10 +48,27 @@ V6_V4_FIN = "v6_v4_fin"
 TRANS = "trans"
 UDP_OPEN = "open"
 
-TCP_FIN = 0x01
-TCP_SYN = 0x02
-TCP_RST = 0x04
-TCP_ACK = 0x10
+# RFC 6146 §3.5.2.2 as a transition table (h11's style). Per state, the rows
+# (from the IPv6 side?, a flag that must be set, flags that must be clear, next state, effect);
+# the first matching row wins, no match leaves the session as it is. Two rules that do not fit
+# a table sit beside it in ``FlowTable.touch_tcp``: a RST in any state, and any other segment
+# in TRANS. A state missing here is handled explicitly there (never a guess).
+KEEP, ASSURE, TRANSITORY = 0, 1, 2
+TCP_TRANSITIONS: dict[str, tuple[tuple[bool, int, int, str, int], ...]] = {
+    # The service's SYN(+ACK): the handshake is under way, not yet assured.
+    V6_INIT: ((False, TCP_SYN, 0, V4_SYN_RCV, KEEP),),
+    # The client's ACK of it (the third packet) completes the handshake: assured, as
+    # conntrack assures on the third packet.
+    V4_SYN_RCV: ((True, TCP_ACK, TCP_SYN, ESTABLISHED, ASSURE),),
+    ESTABLISHED: ((True, TCP_FIN, 0, V6_FIN, KEEP), (False, TCP_FIN, 0, V4_FIN, KEEP)),
+    V6_FIN: ((False, TCP_FIN, 0, V6_V4_FIN, TRANSITORY),),
+    V4_FIN: ((True, TCP_FIN, 0, V6_V4_FIN, TRANSITORY),),
+    V6_V4_FIN: (),
+}
+# The flags any row of a state looks at: a segment with none of them (an ACK in ESTABLISHED,
+# nearly every segment) changes nothing, found with one AND.
+_TCP_RELEVANT = {state: sum({row[1] for row in rows}) for state, rows in TCP_TRANSITIONS.items()}
+
 
 # Unassured sessions a pool-exhausted create looks at before giving up (bounded work per
 # packet, as conntrack's early_drop scans a bounded number of entries).
@@ -309,38 +326,40 @@ class FlowTable:
             self.assure(session)
 
     def touch_tcp(self, session: Session, flags: int, from_v6: bool, now: float) -> None:
-        """Advance the RFC 6146 §3.5.2.2 TCP state machine for one segment."""
+        """Advance the RFC 6146 §3.5.2.2 TCP state machine (``TCP_TRANSITIONS``) for one
+        segment."""
         session.last_seen = now
-        state = session.state
-        t = self.timeouts
         if flags & TCP_RST:
             # RFC 6146 §3.5.2.2: a RST moves the session to TRANS with the transitory lifetime.
-            self._shorten(session, TRANS, t.tcp_transitory_s, now)
+            self._shorten(session, TRANS, self.timeouts.tcp_transitory_s, now)
             return
-        if state == V6_INIT:
-            if not from_v6 and flags & TCP_SYN:
-                session.state = V4_SYN_RCV
-        elif state == V4_SYN_RCV:
-            # The client's ACK of the service's SYN-ACK completes the handshake: assured.
-            if from_v6 and flags & TCP_ACK and not flags & TCP_SYN:
-                session.state = ESTABLISHED
-                self.assure(session)
-        elif state == ESTABLISHED:
-            if flags & TCP_FIN:
-                session.state = V6_FIN if from_v6 else V4_FIN
-        elif state == V6_FIN:
-            if not from_v6 and flags & TCP_FIN:
-                self._shorten(session, V6_V4_FIN, t.tcp_transitory_s, now)
-        elif state == V4_FIN:
-            if from_v6 and flags & TCP_FIN:
-                self._shorten(session, V6_V4_FIN, t.tcp_transitory_s, now)
-        elif state == TRANS:
-            # RFC 6146 §3.5.2.2: any non-RST packet in TRANS makes the session live again;
-            # one that never completed its handshake goes back to waiting for it.
-            if session.assured:
-                session.state, session.timeout_s = ESTABLISHED, t.tcp_established_s
+        state = session.state
+        relevant = _TCP_RELEVANT.get(state)
+        if relevant is None:
+            if state == TRANS:
+                # RFC 6146 §3.5.2.2: any non-RST packet in TRANS makes the session live again;
+                # one that never completed its handshake goes back to waiting for it.
+                if session.assured:
+                    session.state = ESTABLISHED
+                    session.timeout_s = self.timeouts.tcp_established_s
+                else:
+                    session.state = V6_INIT
             else:
-                session.state = V6_INIT
+                # A state the table does not know is a bug: never guess a transition; the
+                # session ends soon, as after a RST.
+                self._shorten(session, TRANS, self.timeouts.tcp_transitory_s, now)
+            return
+        if not flags & relevant:
+            return
+        for side, must, must_not, after, effect in TCP_TRANSITIONS[state]:
+            if side == from_v6 and flags & must and not flags & must_not:
+                if effect == TRANSITORY:
+                    self._shorten(session, after, self.timeouts.tcp_transitory_s, now)
+                else:
+                    session.state = after
+                    if effect == ASSURE:
+                        self.assure(session)
+                return
 
     def _shorten(self, session: Session, state: str, timeout_s: float, now: float) -> None:
         """Enter ``state`` with ``timeout_s`` (never above the unassured lifetime for an

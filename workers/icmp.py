@@ -13,6 +13,10 @@ from collections import OrderedDict
 from workers.packet import (
     PROTO_ICMPV6,
     PROTO_TCP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
     build_ipv6,
     pseudo_sum_v6,
     set_checksum,
@@ -40,10 +44,6 @@ MIN_MTU = 1280
 
 ICMP_HEADER = struct.Struct("!BBHI")
 TCP_HEADER = struct.Struct("!HHIIBBHHH")
-TCP_RST = 0x04
-TCP_ACK = 0x10
-TCP_SYN = 0x02
-TCP_FIN = 0x01
 
 
 def build_icmpv6(src: bytes, dst: bytes, icmp_type: int, code: int, rest: int,

@@ -26,6 +26,12 @@ PROTO_ICMPV6 = 58
 PROTO_NONE = 59
 PROTO_DSTOPTS = 60
 
+# TCP control bits, the low byte of the flags field (RFC 9293 §3.1): the one definition.
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_ACK = 0x10
+
 IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 IPV6_HEADER = struct.Struct("!IHBB16s16s")
 FRAGMENT_HEADER = struct.Struct("!BBHI")

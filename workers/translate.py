@@ -32,6 +32,7 @@ from workers.packet import (
     PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
+    TCP_SYN,
     U16,
     build_ipv4,
     build_ipv6,
@@ -42,7 +43,6 @@ from workers.packet import (
     sum16,
 )
 
-TCP_SYN = 0x02
 # RFC 7915 §5.1: IPv4 packets up to 1260 bytes leave with DF clear, larger ones with DF set.
 DF_THRESHOLD = 1260
 

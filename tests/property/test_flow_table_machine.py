@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from workers.drops import DropReason
-from workers.flows import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, FlowTable, Timeouts
-from workers.packet import PROTO_TCP, PROTO_UDP
+from workers.flows import FlowTable, Timeouts
+from workers.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 POOL = [bytes([100, 64, 0, n]) for n in range(1, 5)]  # 4 pool addresses: exhaustion happens
 CLIENTS = [bytes.fromhex(f"2002c6336401{p:04x}") + bytes(7) + bytes([h])

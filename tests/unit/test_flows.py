@@ -430,3 +430,23 @@ def test_snapshot_is_plain_data() -> None:
         "rule": "rule", "state": V6_INIT, "last_seen": 3.0, "timeout_s": T.unassured_s,
         "assured": False, "outer4": "",
     }
+
+
+def test_tcp_state_unknown_to_the_table_is_ended_not_guessed() -> None:
+    """Issue 14: an unknown state/event pair is handled explicitly: the session goes to TRANS
+    with the transitory lifetime, as after a RST, whatever the segment."""
+    ft = table()
+    s = _session_in(ft, ESTABLISHED)
+    s.state = "no_such_state"
+    ft.touch_tcp(s, ACK, True, 2.0)
+    assert (s.state, s.timeout_s) == (TRANS, T.tcp_transitory_s)
+
+
+def test_tcp_transition_table_names_only_known_states() -> None:
+    from workers.flows import TCP_TRANSITIONS
+
+    states = set(TCP_TRANSITIONS) | {TRANS}
+    assert {V6_INIT, V4_SYN_RCV, ESTABLISHED, V6_FIN, V4_FIN, V6_V4_FIN} <= states
+    for rows in TCP_TRANSITIONS.values():
+        for _side, _must, _must_not, after, _effect in rows:
+            assert after in states
