@@ -1,10 +1,11 @@
 """Per-session fast path: the common packet of a live session, translated from a template.
 
 Most packets belong to a session that already exists, carry no extension header, IPv4 option,
-fragment, TCP SYN/FIN/RST or MSS option, and fit the tunnel. For those, everything that
-depends only on the session (addresses, ports, the pseudo-header sums, the outer IPv4
-destination) is computed once when the session is first used and kept in a template; each
-packet then costs one dict lookup, one sum over its bytes and one header pack.
+fragment or TCP SYN/FIN/RST (an MSS option, which is clamped, only comes in a SYN), and fit the
+tunnel. For those, everything that depends only on the session (addresses, ports, the
+pseudo-header sums, the outer IPv4 destination) is computed once when the session is first
+used and kept in a template; each packet then costs one dict lookup, one sum over its bytes and
+one header pack.
 
 Nothing is checked less than on the full path (``workers/datapath.py``): the upper-layer
 checksum is verified (RFC 8200 §8.1) over the whole segment, the hop limit/TTL is checked and
@@ -36,7 +37,6 @@ from workers.packet import (
 from workers.translate import DF_THRESHOLD
 
 TCP_SYN_FIN_RST = TCP_SYN | TCP_FIN | TCP_RST
-MSS_OPTION = b"\x02\x04"  # kind 2, length 4 (RFC 9293 §3.2)
 
 UDP_HEADER = struct.Struct("!HHHH")
 TCP_HEADER = struct.Struct("!HHIIBBHHH")
@@ -77,14 +77,11 @@ def return_template(session: Session, outer: bytes) -> OutTemplate:
             - session.tport, outer)
 
 
-def _tcp_is_plain(packet: bytes | memoryview, options_at: int, offset: int,
-                  flags: int) -> bool:
-    """No SYN, FIN or RST (they move the session's state machine) and no MSS option (the
-    full path clamps it): a segment the template may translate."""
-    if flags & TCP_SYN_FIN_RST:
-        return False
-    options = (offset >> 4) * 4 - 20
-    return options <= 0 or MSS_OPTION not in bytes(packet[options_at:options_at + options])
+def _tcp_is_plain(segment_len: int, offset: int, flags: int) -> bool:
+    """No SYN, FIN or RST (they move the session's state machine, and only a SYN's MSS option
+    is clamped: RFC 9293 §3.7.1, translate.clamp_mss) and a data offset that fits the segment
+    (RFC 9293 §3.1): a segment the template may translate. The options are never searched."""
+    return not flags & TCP_SYN_FIN_RST and 20 <= (offset >> 4) * 4 <= segment_len
 
 
 def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
@@ -109,7 +106,7 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
             return None
         _sport, _dport, seq, ack, offset, flags, window, old_csum, urgent = (
             TCP_HEADER.unpack_from(packet, 40))
-        if not _tcp_is_plain(packet, 60, offset, flags):
+        if not _tcp_is_plain(plen, offset, flags):
             return None
         zero = 0
     session, sum6, addr4, delta = template
@@ -166,7 +163,7 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
             return None
         _sport, _dport, seq, ack, offset, flags, window, old_csum, urgent = (
             TCP_HEADER.unpack_from(packet, 20))
-        if not _tcp_is_plain(packet, 40, offset, flags):
+        if not _tcp_is_plain(seglen, offset, flags):
             return None
         zero = 0
     # RFC 791: the IPv4 header checksum must verify.
