@@ -112,8 +112,9 @@ class Histogram:
                 "count": self.count}
 
 
-# Per-packet engine time: a CPython datapath spends 5-50 µs per packet; the top buckets catch
-# garbage-collection pauses and a fragment reassembly.
+# Per-packet engine time: the buckets span what a CPython datapath spends on one packet
+# (microseconds to tens of them); the top ones catch garbage-collection pauses and a fragment
+# reassembly.
 PROCESSING_SECONDS_BOUNDS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 0.05)
 # Packets per coordinator->worker ZeroMQ message; at most batch_packets (default 64).
 BATCH_PACKETS_BOUNDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)

@@ -57,9 +57,9 @@ TUN_BATCH = 256
 SO_ATTACH_FILTER = 26
 TRACEBACK_LOG_INTERVAL_S = 10.0
 # One packet in 16 of the coordinator's batches is timed for sixgate_packet_processing_seconds:
-# two perf_counter calls and a bisect cost about 0.3 µs, a few percent of a packet when done
-# for each one. (Captured batches and the services' batches go through the engine whole:
-# each is timed whole and observed as its mean, once per packet.)
+# two perf_counter calls and a bisect would add a few percent to every packet if done for
+# each one. (Captured batches and the services' batches go through the engine whole: each is
+# timed whole and observed as its mean, once per packet.)
 LATENCY_SAMPLE_MASK = 15
 # Send errors that are load or routing, counted as send_failed without a log line each.
 QUIET_SEND_ERRORS = frozenset({errno.ENOBUFS, errno.EAGAIN, errno.ENETUNREACH,
