@@ -447,6 +447,16 @@ class Datapath:
                             + segment_sum) or (proto == PROTO_UDP and segment[6:8] == b"\0\0"):
             self._drop(DropReason.BAD_CHECKSUM)
             return
+        # Parse fully before translating (TAYGA's parse_ip4): the UDP length is the datagram's
+        # (RFC 768, RFC 8200 §8.4), the TCP data offset lies between the fixed header and the
+        # segment's end (RFC 9293 §3.1); otherwise the header lies about the packet.
+        if proto == PROTO_UDP:
+            if (segment[4] << 8 | segment[5]) != len(segment):
+                self._drop(DropReason.BAD_HEADER)
+                return
+        elif not 20 <= (segment[12] >> 4) * 4 <= len(segment):
+            self._drop(DropReason.BAD_HEADER)
+            return
         if len(segment) > MAX_TRANSLATED_SEGMENT:
             # RFC 791: a reassembled datagram whose IPv4 translation would not fit in 65535
             # bytes is refused before any session is made for it.

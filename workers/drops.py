@@ -20,7 +20,7 @@ class DropReason(enum.Enum):
     BAD_VERSION = "bad_version"
     """IP version field is not 4 (outer) or not 6 (inner) (RFC 4213 §3.6)."""
     BAD_HEADER = "bad_header"
-    """Impossible field: IHL < 5, broken extension chain, Segments Left != 0 (RFC 7915 §5.1)."""
+    """Impossible field: IHL < 5, broken chain, lying UDP length/TCP offset (RFC 7915 §5.1)."""
     BAD_CHECKSUM = "bad_checksum"
     """IPv4 header or TCP/UDP/ICMPv6 checksum does not verify (RFC 791, RFC 8200 §8.1)."""
     NOT_PROTO_41 = "not_proto_41"

@@ -98,8 +98,9 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
         if plen < 8:
             return None
         _sport, _dport, udp_len, old_csum = UDP_HEADER.unpack_from(packet, 40)
-        if old_csum == 0:
-            return None  # RFC 8200 §8.1: zero is invalid over IPv6; the full path counts it
+        if old_csum == 0 or udp_len != plen:
+            # RFC 8200 §8.1: zero is invalid over IPv6; RFC 768: the length is the datagram's.
+            return None  # the full path counts them
         zero = 0xFFFF
     else:
         if plen < 20:

@@ -734,3 +734,32 @@ def test_tcp_states_follow_the_client_through_the_kernel_fanout_path(mode: str) 
     assert (session.state, session.assured) == (ESTABLISHED, True)
     p.tunnel(client_tcp(mode, flags="FA", seq=1001, ack=5001), outer)
     assert session.state == V6_FIN
+
+
+def _lying(layer: UDP | TCP) -> bytes:
+    """A client packet whose checksum is right but whose header lies about its length."""
+    return raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / layer / Raw(b"query"))
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "full"])
+def test_parse_fully_udp_length_not_the_datagrams_is_bad_header(fast_path: bool) -> None:
+    """Issue 15 (TAYGA's parse-fully rule): a UDP length field that disagrees with the IPv6
+    payload length (RFC 768) is dropped as bad_header, never translated, also for a live
+    session whose packets take the fast path."""
+    settings = make_settings("6to4")
+    p = TwoParty(Datapath(settings, worker_pool(settings.pool, 1, 0), fast_path=fast_path),
+                 FakeClock())
+    assert len(p.client(client_udp(sport=41000)).to_services) == 1  # the session exists
+    assert len(p.client(client_udp(sport=41000)).to_services) == 1  # its template is made
+    for length in (8, 12, 14, 40):
+        step = p.client(_lying(UDP(sport=41000, dport=53, len=length)))
+        assert step.to_services == [] and step.drops == {DropReason.BAD_HEADER: 1}, length
+    assert len(p.client(client_udp(sport=41000)).to_services) == 1
+
+
+@pytest.mark.parametrize("dataofs", [0, 4, 15])
+def test_parse_fully_tcp_data_offset_outside_the_segment_is_bad_header(dataofs: int) -> None:
+    """RFC 9293 §3.1: the data offset is at least 5 words and within the segment."""
+    p = party()
+    step = p.client(_lying(TCP(sport=40000, dport=80, flags="S", dataofs=dataofs)))
+    assert step.to_services == [] and step.drops == {DropReason.BAD_HEADER: 1}
