@@ -51,11 +51,24 @@ def _sysctl_path(ifname: str) -> Path:
     return Path(f"/proc/sys/net/ipv4/conf/{ifname}/forwarding")
 
 
+def remote_targets(settings: Settings) -> list[str]:
+    """The forward rules' targets that are not on loopback, sorted: the hosts that reply to
+    pool addresses from outside (both backends' nftables tables admit only them)."""
+    return sorted({r.target_ipv4 for r in settings.forwards
+                   if not ipaddress.IPv4Address(r.target_ipv4).is_loopback})
+
+
+def replace_table(family: str, table: str, ruleset: str = "") -> str:
+    """``nft -f`` input that deletes ``table`` whether or not it exists (adding an empty
+    table is a no-op when it is there), then loads ``ruleset``: one transaction, so a table
+    left by a crashed run whose state file is gone never blocks or doubles the new one."""
+    return f"table {family} {table} {{}}\ndelete table {family} {table}\n{ruleset}"
+
+
 def uplinks_for_remote_targets(settings: Settings) -> dict[str, list[str]]:
     """Interface name -> remote targets reached through it (loopback and local targets need
     no forwarding and are left out)."""
-    targets = sorted({r.target_ipv4 for r in settings.forwards
-                      if not ipaddress.IPv4Address(r.target_ipv4).is_loopback})
+    targets = remote_targets(settings)
     out: dict[str, list[str]] = {}
     if not targets:
         return out
@@ -160,10 +173,8 @@ def enable(settings: Settings) -> None:
             log.info("forwarding on %s switched on for replies from %s (restored on stop)",
                      ifname, ", ".join(targets))
     table = table_name(settings)
-    # A table left by a crashed run whose state file is gone: add (a no-op if absent) and
-    # delete it in the same transaction, then the new one.
-    nft(f"table ip {table} {{}}\ndelete table ip {table}\n"
-         + guard_ruleset(settings, uplinks, [ifname for ifname, _ in changed]))
+    nft(replace_table("ip", table,
+                      guard_ruleset(settings, uplinks, [ifname for ifname, _ in changed])))
     _state_path(settings).write_text(json.dumps({"sysctls": changed, "table": table}))
     for ifname, _old in changed:
         _sysctl_path(ifname).write_text("1")

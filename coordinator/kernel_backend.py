@@ -43,7 +43,13 @@ from typing import cast
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from coordinator.forwarding import ForwardingError, nft, pool_conflicts
+from coordinator.forwarding import (
+    ForwardingError,
+    nft,
+    pool_conflicts,
+    remote_targets,
+    replace_table,
+)
 from workers.settings import Settings
 
 log = logging.getLogger("sixgate.kernel")
@@ -79,17 +85,16 @@ def input_ruleset(settings: Settings, link: str) -> str:
 
     Pure: the settings decide everything, so a unit test reads the rules without nft."""
     addresses = ", ".join(settings.addresses)
-    remote_targets = sorted({rule.target_ipv4 for rule in settings.forwards
-                             if not ipaddress.IPv4Address(rule.target_ipv4).is_loopback})
+    targets = remote_targets(settings)
     lines = [f"table inet {table_name(settings)} {{",
              "  counter not_forwarded {",
              "  }",
              "  chain input {",
              "    type filter hook input priority filter; policy accept;",
              '    iifname "lo" accept']
-    if remote_targets:
+    if targets:
         lines.append(f"    ip daddr {settings.pool} ip saddr != "
-                     f"{{ {', '.join(remote_targets)} }} counter drop")
+                     f"{{ {', '.join(targets)} }} counter drop")
     else:
         lines.append(f"    ip daddr {settings.pool} counter drop")
     lines += [f'    iifname != "{link}" accept',
@@ -148,7 +153,7 @@ def remove_leftovers(settings: Settings) -> None:
     table = state.get("table")
     if isinstance(table, str):
         try:
-            nft(f"table inet {table} {{}}\ndelete table inet {table}\n")
+            nft(replace_table("inet", table))
         except ForwardingError as exc:
             log.warning("cannot delete nftables table %s: %s", table, exc)
     path.unlink(missing_ok=True)
@@ -158,6 +163,13 @@ def setup(settings: Settings) -> str:
     """Create and configure the sit tunnel; returns the link name."""
     name = sit_name(settings)
     remove_leftovers(settings)
+    # Refused before anything is created: the pool becomes local below (the relays bind its
+    # addresses as their clients' sources), which would take traffic from such routes.
+    conflicts = pool_conflicts(settings)
+    if conflicts:
+        raise KernelBackendError(
+            f"the pool {settings.pool} overlaps this host's route(s) {', '.join(conflicts)}; "
+            "set [gateway] pool to a block no route of this host uses")
     link: dict[str, object] = {"ifname": name, "kind": "sit", "sit_local": settings.local_ipv4,
                                "sit_ttl": 64}
     if settings.mode == "6in4":
@@ -187,20 +199,13 @@ def setup(settings: Settings) -> str:
         else:
             ipr.route("add", dst="::", dst_len=0, oif=index, family=10)
         # The pool becomes local: relays bind its addresses as their clients' sources.
-        conflicts = pool_conflicts(settings)
-        if conflicts:
-            raise KernelBackendError(
-                f"the pool {settings.pool} overlaps this host's route(s) {', '.join(conflicts)};"
-                " set [gateway] pool to a block no route of this host uses")
         route = _pool_route(settings)
         ipr.route("add", oif=ipr.link_lookup(ifname="lo")[0], **route)
         state["pool_route"] = route
         _state_path(settings).write_text(json.dumps(state))
     table = table_name(settings)
     try:
-        # A table of a crashed run whose state file is gone: add (no-op) and delete it first.
-        nft(f"table inet {table} {{}}\ndelete table inet {table}\n"
-            + input_ruleset(settings, name))
+        nft(replace_table("inet", table, input_ruleset(settings, name)))
     except ForwardingError as exc:
         raise KernelBackendError(f"cannot install the input policy of {name}: {exc}") from None
     state["table"] = table

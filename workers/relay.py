@@ -430,7 +430,7 @@ class Relay:
                 reply = protocol.ok()
             elif cmd == "stats":
                 # Same document as the userspace worker; the kernel does the per-packet work,
-                # so there is no pool and no per-packet engine time to report.
+                # so there is no per-packet engine time to report.
                 reply = protocol.ok(index=self.index, **worker_stats(
                     self.counters, self.active_by_proto, self.created_by_proto,
                     self.expired_total, self.max_flows, self.pool.in_use(), self.pool.size, {}))

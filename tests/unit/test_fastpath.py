@@ -7,13 +7,13 @@ import ipaddress
 from scapy.layers.inet import TCP
 from scapy.layers.inet6 import IPv6
 
-from workers.fastpath import fast_v6_to_v4, inbound_template
+from workers.fastpath import InTemplate, fast_v6_to_v4, inbound_template
 from workers.flows import FlowTable, Timeouts
 
 CLIENT6, GW6 = "2002:c633:6401::1", "2002:c000:20a::1"
 
 
-def _template():  # type: ignore[no-untyped-def]
+def _template() -> InTemplate:
     table = FlowTable([bytes([100, 64, 0, 1])], 10, 10, Timeouts())
     session = table.create(6, ipaddress.IPv6Address(CLIENT6).packed, 40000,
                            ipaddress.IPv6Address(GW6).packed, 80, bytes([127, 0, 0, 1]), 8080,
