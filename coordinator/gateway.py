@@ -25,6 +25,7 @@ import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -41,6 +42,13 @@ from workers.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
 from workers.drops import DropReason, Event
 from workers.main import tun_name
 from workers.mmsg import BatchReceiver
+from workers.privileges import (
+    CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH,
+    become_supervisor,
+    supervisor_capabilities,
+    unreachable_as,
+)
 from workers.settings import Settings
 from workers.tunnel import TunnelPolicy, check_inbound
 from workers.wire import encode_batch, pick_worker
@@ -56,6 +64,7 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 # A worker that ran this long before it died starts the backoff over (systemd's
 # StartLimitIntervalSec idea): one crash a day never waits the longest delay.
 STABLE_RUN_S = 60.0
+TUN_DEVICE = Path("/dev/net/tun")
 
 
 def restart_delay(crash_streak: int) -> float:
@@ -81,15 +90,14 @@ def prepare_run_dir(settings: Settings) -> Path:
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = run_dir.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+    owners = {os.geteuid()} | ({_uid_of(settings.user)} if os.geteuid() == 0 else set())
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners:
         # A symlink, or somebody else's directory: its owner could swap what we clean up.
         raise RuntimeError(f"run_dir {run_dir} is {'a symlink' if run_dir.is_symlink() else ''}"
                            f"{'' if run_dir.is_symlink() else f'owned by uid {info.st_uid}'}, "
-                           f"not a directory of this user (uid {os.geteuid()}); remove it or "
-                           "set [gateway] run_dir to a directory of sixgate's own")
-    # The control sockets reveal which IPv6 client is which pool address (RFC 6888 REQ-12
-    # asks for care with such data): only the gateway's own user may connect.
-    run_dir.chmod(0o700)
+                           f"not a directory of this user (uid {os.geteuid()}) or of "
+                           f"[gateway] user; remove it or set [gateway] run_dir to a "
+                           "directory of sixgate's own")
     pidfile = run_dir / "coordinator.pid"
     if pidfile.exists():
         try:
@@ -100,6 +108,13 @@ def prepare_run_dir(settings: Settings) -> Path:
             raise RunDirBusy(f"another sixgate (pid {pid}) runs with run_dir {run_dir}; stop "
                              "it first or give this gateway its own gateway.run_dir")
         log.info("cleaning up after a stale run (pid %s) in %s", pid or "?", run_dir)
+    if info.st_uid != os.geteuid():
+        # The gateway user's, from the last run: root takes it back before cleaning, so no
+        # process of that user can plant a link in it while root writes there.
+        os.chown(run_dir, os.geteuid(), os.getegid(), follow_symlinks=False)
+    # The control sockets reveal which IPv6 client is which pool address (RFC 6888 REQ-12
+    # asks for care with such data): only the gateway's own user may connect.
+    run_dir.chmod(0o700)
     for stale in run_dir.glob("worker-*.pid"):
         try:
             pid = int(stale.read_text().strip())
@@ -119,6 +134,65 @@ def prepare_run_dir(settings: Settings) -> Path:
             pass
     pidfile.write_text(f"{os.getpid()}\n")
     return run_dir
+
+
+def _uid_of(user: str) -> int:
+    """The uid of ``user``, or -1 when it is empty or unknown (checked again at start)."""
+    try:
+        return pwd.getpwnam(user).pw_uid if user else -1
+    except KeyError:
+        return -1
+
+
+def installation_paths() -> list[tuple[Path, int]]:
+    """What a worker started again by the unprivileged coordinator must read: the interpreter,
+    its standard library and shared libpython, sixgate's code and the packages it imports."""
+    import pyroute2
+
+    import workers
+    paths = [(Path(os.path.realpath(sys.executable)), os.X_OK)]
+    for module in (os, workers, zmq, pyroute2):
+        paths.append((Path(os.path.realpath(str(module.__file__))).parent, os.R_OK | os.X_OK))
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+        paths.append((Path(libdir) / library, os.R_OK))
+    return paths
+
+
+def hand_over(run_dir: Path, settings: Settings) -> tuple[int, ...]:
+    """Before the coordinator becomes ``[gateway] user``: give it the run directory and what
+    setup put there (sockets, state files), check it can reach them, and return the
+    capabilities it keeps. A worker started again after a crash must read sixgate's
+    installation and open /dev/net/tun as that user: where it cannot, the coordinator keeps
+    CAP_DAC_READ_SEARCH or CAP_DAC_OVERRIDE for it, and says so with the fix."""
+    caps = supervisor_capabilities(settings)
+    if os.geteuid() == 0 and not settings.user:
+        return caps
+    user = settings.user
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam(user)
+        for path in [run_dir, *run_dir.iterdir()]:
+            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+    else:
+        user = pwd.getpwuid(os.geteuid()).pw_name  # started as it (systemd User=)
+    if unreachable_as(user, [(run_dir, os.W_OK | os.X_OK)]):
+        raise RuntimeError(f"run_dir {run_dir} cannot be reached by [gateway] user {user!r} "
+                           "(a parent directory is not searchable by it); set [gateway] "
+                           "run_dir under /run, or make its parents searchable (chmod o+x)")
+    unreadable = unreachable_as(user, installation_paths())
+    if settings.backend != "kernel" and unreachable_as(user, [(TUN_DEVICE,
+                                                               os.R_OK | os.W_OK)]):
+        log.warning("[gateway] user %r cannot open %s, which a restarted worker needs: the "
+                    "coordinator keeps CAP_DAC_OVERRIDE for it; make the device 0666 "
+                    "(Debian's default) to drop this", user, TUN_DEVICE)
+        return (CAP_DAC_OVERRIDE, *caps)
+    if unreadable:
+        log.warning("[gateway] user %r cannot read %s, which a restarted worker needs: the "
+                    "coordinator keeps CAP_DAC_READ_SEARCH for it; install sixgate (and its "
+                    "Python) where that user can read it to drop this", user,
+                    ", ".join(str(p) for p in unreadable))
+        return (CAP_DAC_READ_SEARCH, *caps)
+    return caps
 
 
 class WorkerProcess:
@@ -164,7 +238,7 @@ class Coordinator:
             except KeyError:
                 raise RuntimeError(f"[gateway] user {settings.user!r} does not exist on this "
                                    "host; create it (useradd --system sixgate) or name another "
-                                   "(\"\" keeps the workers root)") from None
+                                   "(\"\" keeps sixgate root)") from None
         self.ctx = zmq.Context()
         self.pushes = []
         self.control = self.ctx.socket(zmq.REP)
@@ -198,8 +272,6 @@ class Coordinator:
             push.setsockopt(zmq.LINGER, 0)
             push.bind(data_endpoint(settings.run_dir, worker.index))
             self.pushes.append(push)
-        for worker in self.workers:
-            self._spawn(worker)
         if settings.metrics_listen:
             # Up before the workers are: /healthz answers and /readyz says what it waits for.
             try:
@@ -208,6 +280,11 @@ class Coordinator:
                 raise RuntimeError(f"cannot listen for metrics on {settings.metrics_listen} "
                                    f"({exc.strerror}); set [metrics] listen to a free "
                                    "address:port, or \"\" to turn metrics off") from None
+        # Everything only root could make exists: from here on the coordinator is the user,
+        # and every worker starts (and restarts) as that user too.
+        log.info("%s", become_supervisor(settings.user, hand_over(self.run_dir, settings)))
+        for worker in self.workers:
+            self._spawn(worker)
         self._wait_workers_ready()
         log.info("sixgate up: %s backend, %s tunnel, local %s, addresses %s, %d worker(s)%s",
                  settings.backend, settings.mode, settings.local_ipv4,

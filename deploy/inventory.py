@@ -155,6 +155,9 @@ VARIABLES: dict[str, Variable] = {
                                              "/var/log/sixgate on the host"),
     "service": Variable(_choice("systemd", "pidfile"), "systemd",
                         "systemd unit, or pidfile supervision for hosts without systemd"),
+    "user": Variable(_text, "sixgate", "systemd hosts: the system user made for the gateway, "
+                     "the unit's User= and [gateway] user (pidfile hosts: [gateway] user's "
+                     "default, nobody)"),
     # -- the gateway's config (README "Configuration")
     "mode": Variable(_choice("6to4", "6in4"), None, "tunnel.mode"),
     "local_ipv4": Variable(_ipv4, None, "tunnel.local_ipv4: the host's public IPv4"),

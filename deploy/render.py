@@ -32,6 +32,7 @@ CONFIG_KEY_TO_VARIABLE = {
     "gateway.workers": "workers", "gateway.pool": "pool", "gateway.name": "gateway_name",
     "gateway.backend": "backend", "gateway.log_level": "log_level",
     "gateway.run_dir": "install_root", "metrics.listen": "metrics_listen",
+    "gateway.user": "user",
 }
 
 
@@ -69,6 +70,7 @@ def ansible_host_vars(host: Host) -> dict[str, Any]:
     hostvars.update(paths)
     hostvars.update({
         "sixgate_service": v["service"],
+        "sixgate_user": v["user"],
         "sixgate_python": v["python"],
         "sixgate_mode": v["mode"],
         "sixgate_local_ipv4": v["local_ipv4"],

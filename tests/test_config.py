@@ -348,8 +348,15 @@ def test_run_dir_of_another_user_or_a_symlink_is_refused(tmp_path: Path) -> None
     if os.geteuid() == 0:
         other = tmp_path / "other"
         other.mkdir()
-        os.chown(other, 65534, 65534)
-        with pytest.raises(RuntimeError, match="owned by uid 65534"):
+        os.chown(other, 4242, 4242)  # neither root nor [gateway] user (nobody)
+        with pytest.raises(RuntimeError, match="owned by uid 4242"):
             prepare_run_dir(dataclasses.replace(base, run_dir=str(other)))
+        # The gateway user's own, left by the last run's unprivileged coordinator: root
+        # takes it back (mode 0700) before it cleans anything in it.
+        previous = tmp_path / "previous"
+        previous.mkdir()
+        os.chown(previous, 65534, 65534)
+        assert prepare_run_dir(dataclasses.replace(base, run_dir=str(previous))) == previous
+        assert (previous.stat().st_uid, previous.stat().st_mode & 0o777) == (0, 0o700)
     assert prepare_run_dir(dataclasses.replace(base, run_dir=str(target))) == target
     (target / "coordinator.pid").unlink()

@@ -135,6 +135,9 @@ class Fleet:
         self.ctl_ns = f"{self.tag}-ctl"
         self.net_ns = f"{self.tag}-net"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
+        # Each host's run_dir is in here: the gateway user ("nobody") must reach it, as it
+        # reaches /run/sixgate on a real host (the SSH key file itself stays 0600).
+        self.tmp.chmod(0o755)
         self.key = self.tmp / "id_ed25519"
         self.known_hosts = self.tmp / "known_hosts"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}

@@ -321,8 +321,13 @@ def test_systemd_unit_is_hardened_and_valid(files: Path, tmp_path: Path) -> None
     unit = render_template("sixgate.service.j2", inventory.host("edge1"))
     for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "MemoryMax=", "TasksMax=",
                  "SystemCallFilter=@system-service", "CapabilityBoundingSet=CAP_NET_ADMIN",
-                 "ReadWritePaths=", "LimitNOFILE="):
+                 "ReadWritePaths=", "LimitNOFILE=", "User=sixgate\n",
+                 "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n"):
         assert line in unit, line
+    # Never root: no capability to change user or to signal others' processes is granted.
+    for capability in ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_ADMIN"):
+        assert capability not in unit, capability
+    assert 'user = "sixgate"' in render_template("gateway.toml.j2", inventory.host("edge1"))
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":

@@ -481,6 +481,9 @@ class Lab:
         self.peer_ns = f"{tag}-peer"
         self.name = gateway_name(os.getpid(), number)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{tag}-"))
+        # The gateway's run_dir is in here: its user ("nobody") must be able to reach it, as
+        # it reaches /run/sixgate in production.
+        self.tmp.chmod(0o755)
         self.config_path = self.tmp / "sixgate.toml"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway_exit_code: int | None = None

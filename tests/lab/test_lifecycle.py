@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -375,6 +376,65 @@ def test_io_uring_refused_by_seccomp_workers_fall_back_to_write(private_lab: Lab
     assert netlab.dig(lab, netlab.DNS_SMALL_NAME, "A", "+short").stdout.strip() == \
         netlab.DNS_SMALL_A
     assert netlab.drops(lab)["internal_error"] == 0
+
+
+AS_SERVICE_USER = [sys.executable, str(Path(__file__).with_name("as_service_user.py"))]
+CAPABILITY_BITS = {"dac_override": 1, "dac_read_search": 2, "net_admin": 12, "net_raw": 13}
+
+
+def capability_fields(pid: int) -> dict[str, str]:
+    status_text = Path(f"/proc/{pid}/status").read_text()
+    return {key: value.strip() for key, value in
+            (line.split(":", 1) for line in status_text.splitlines() if ":" in line)}
+
+
+@pytest.mark.parametrize("private_lab", [("6to4", 2, "kernel", AS_SERVICE_USER)],
+                         ids=["6to4-workers2-as-nobody"], indirect=True)
+def test_started_unprivileged_like_systemd_serves_restarts_workers_and_stops_cleanly(
+        private_lab: Lab) -> None:
+    """``sixgate run`` started as the deploy unit starts it (User=nobody with only ambient
+    capabilities, tests/lab/as_service_user.py), never root: it sets up, serves ping -6 and
+    curl -6, keeps no more than it was given, starts a SIGKILLed worker again (which needs
+    the inherited capabilities) and on SIGTERM removes its nftables table, devices and files."""
+    import as_service_user
+
+    lab = private_lab
+    gateway_pid = assert_is_our_gateway(lab)
+    fields = capability_fields(gateway_pid)
+    uid = str(pwd.getpwnam("nobody").pw_uid)
+    assert fields["Uid"].split() == [uid] * 4, fields["Uid"]
+    given = sum(1 << CAPABILITY_BITS[cap] for cap in as_service_user.capabilities())
+    for capability_set in ("CapEff", "CapPrm", "CapAmb"):
+        assert int(fields[capability_set], 16) == given, (capability_set, fields)
+    assert fields["NoNewPrivs"] == "1"
+    assert_ping6_answered(lab)
+    assert_http_small_file(lab)
+
+    before = workers_by_index(lab)
+    for entry in before.values():
+        worker = capability_fields(int(entry["pid"]))
+        assert worker["Uid"].split() == [uid] * 4 and int(worker["CapEff"], 16) == 0, worker
+        assert int(worker["CapAmb"], 16) == 0 and int(worker["CapPrm"], 16) == 0, worker
+    victim = int(before[0]["pid"])
+    assert_child_of(victim, gateway_pid)
+    os.kill(victim, signal.SIGKILL)
+    assert eventually(lambda: (lambda w: w.get("up") and w.get("pid") not in (None, victim))(
+        workers_by_index(lab)[0]), WORKER_RESTART_WITHIN_S), lab.gateway_stderr()
+    for _ in range(3):  # the restarted worker owns about half the flows: try a few
+        assert_http_small_file(lab)
+    assert_ping6_answered(lab)
+    tables = lab.gw(["nft", "list", "tables"]).stdout
+    assert "sixgate" in tables, tables
+
+    gateway = lab.processes["sixgate"]
+    os.kill(gateway_pid, signal.SIGTERM)
+    exit_code = gateway.wait(STOP_WITHIN_S)
+    lab.gateway_exit_code = exit_code
+    assert exit_code == 0, lab.gateway_stderr()
+    assert lab.gateway_links() == [], lab.gateway_stderr()
+    assert leftover_runtime_files(lab) == [], lab.gateway_stderr()
+    tables = lab.gw(["nft", "list", "tables"]).stdout
+    assert "sixgate" not in tables, tables
 
 
 @pytest.mark.parametrize("private_lab", [("6to4", 2)], ids=["6to4-workers2"], indirect=True)

@@ -188,6 +188,7 @@ class KernelLab:
         self.gw_ns = netns("gw")
         self.peer_ns = netns("peer")
         self.tmp = Path(tempfile.mkdtemp(prefix="sgk-"))  # short: ipc:// paths live in it
+        self.tmp.chmod(0o755)  # the gateway's user must reach its run_dir in here
         self.run_dir = self.tmp / "run"
         self.config_path = self.tmp / "sixgate.toml"
         self.files = self.tmp / "www"
