@@ -73,7 +73,7 @@ def ping(settings: Settings, address: str, count: int, interval_s: float = 1.0,
                     continue
                 inner, _src = result
                 view = parse_ipv6(inner)
-                if isinstance(view, DropReason) or view[4] != PROTO_ICMPV6:
+                if not isinstance(view, tuple) or view[4] != PROTO_ICMPV6:
                     continue
                 off = view[5]
                 if len(inner) < off + 8 or inner[off] != ICMPV6_ECHO_REPLY:

@@ -38,7 +38,6 @@ from workers.icmp import (
     ICMPV6_PARAMETER_PROBLEM,
     ICMPV6_TIME_EXCEEDED,
     ND_HOP_LIMIT,
-    PARAM_UNRECOGNIZED_NEXT_HEADER,
     UNREACH_ADMIN_PROHIBITED,
     UNREACH_PORT,
     SourceRateLimiter,
@@ -52,6 +51,7 @@ from workers.packet import (
     IPV4_DF,
     IPV4_MF,
     IPV4_OFFSET_MASK,
+    PARAM_UNRECOGNIZED_NEXT_HEADER,
     PORTS,
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -63,6 +63,7 @@ from workers.packet import (
     TCP_RST,
     TCP_SYN,
     IPv6View,
+    ParameterProblem,
     build_ipv4,
     build_ipv6,
     checksum,
@@ -195,6 +196,24 @@ class Datapath:
             return
         self.counters.event(ICMP_ERROR_EVENTS[icmp_type, code])
         self._send_v6(icmpv6_error(view[3], packet, icmp_type, code, rest), PROTO_ICMPV6)
+
+    def _parameter_problem(self, packet: bytes | memoryview, problem: ParameterProblem) -> None:
+        """A packet the RFC 8200 §4 host rules refuse: counted under its one reason and, if it
+        was addressed to us and RFC 4443 §2.4 allows, answered with a Parameter Problem."""
+        self._drop(problem.reason)
+        our_address = bytes(packet[24:40])
+        if our_address not in self.addresses:
+            return
+        # The chain is broken, so whether it holds an ICMPv6 error is unknown: only the
+        # address rules of §2.4(e) apply (our addresses are never multicast).
+        if not may_send_error(packet, -1, 0, to_multicast=problem.to_multicast):
+            return
+        if not self.error_limiter.allow(packet[8:24], self._now):
+            self.counters.event(Event.REPLIES_SUPPRESSED)
+            return
+        self.counters.event(ICMP_ERROR_EVENTS[ICMPV6_PARAMETER_PROBLEM, problem.code])
+        self._send_v6(icmpv6_error(our_address, packet, ICMPV6_PARAMETER_PROBLEM, problem.code,
+                                   problem.pointer), PROTO_ICMPV6)
 
     def _reset(self, packet: bytes | memoryview, view: IPv6View) -> None:
         rst = tcp_reset(packet, view[5])
@@ -332,6 +351,9 @@ class Datapath:
         if isinstance(view, DropReason):
             self._drop(view)
             return
+        if isinstance(view, ParameterProblem):
+            self._parameter_problem(packet, view)
+            return
         proto = view[4]
         if len(packet) > 40 + view[0]:
             # RFC 4213 §3.6: the length comes from the IPv6 header; anything after is padding.
@@ -353,6 +375,9 @@ class Datapath:
                 return
             packet = whole
             view = parse_ipv6(packet)
+            if isinstance(view, ParameterProblem):
+                self._parameter_problem(packet, view)
+                return
             if isinstance(view, DropReason) or view[6] is not None:
                 self._drop(DropReason.BAD_FRAGMENT)
                 return

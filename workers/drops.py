@@ -43,6 +43,8 @@ class DropReason(enum.Enum):
     """Source outside the rule's ``from`` list: answered as if there were no rule (RFC 6092)."""
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"
     """Not TCP/UDP/ICMPv6; answered with parameter problem 4/1 (RFC 4443 §3.4)."""
+    UNRECOGNIZED_OPTION = "unrecognized_option"
+    """An option whose type says discard (RFC 8200 §4.2 bits 01, 10, 11); 10/11 answered 4/2."""
     ICMP_NOT_TRANSLATED = "icmp_not_translated"
     """ICMP type that RFC 7915 §4.2/§5.2 says to drop (ND, MLD, redirect, info messages)."""
     HOP_LIMIT_EXCEEDED = "hop_limit_exceeded"
@@ -105,8 +107,14 @@ class Event(enum.Enum):
     """ICMPv6 destination unreachable, port unreachable, sent (RFC 4443 §3.1)."""
     ERROR_TIME_EXCEEDED = "icmp_error_3_0"
     """ICMPv6 time exceeded, hop limit, sent (RFC 4443 §3.3)."""
+    ERROR_ERRONEOUS_HEADER = "icmp_error_4_0"
+    """ICMPv6 parameter problem, erroneous header field, sent (RFC 4443 §3.4, RFC 8200 §4)."""
     ERROR_UNRECOGNIZED_NEXT_HEADER = "icmp_error_4_1"
     """ICMPv6 parameter problem, unrecognized next header, sent (RFC 4443 §3.4)."""
+    ERROR_UNRECOGNIZED_OPTION = "icmp_error_4_2"
+    """ICMPv6 parameter problem, unrecognized option, sent (RFC 4443 §3.4, RFC 8200 §4.2)."""
+    ERROR_INCOMPLETE_CHAIN = "icmp_error_4_3"
+    """ICMPv6 parameter problem, first fragment without the header chain (RFC 7112 §5)."""
     ICMP_ERRORS_TRANSLATED = "icmp_errors_translated"
     """An ICMP error about a session was translated to the other family (RFC 7915 §4.2/§5.2)."""
     FRAGMENTS_SENT = "fragments_sent"
@@ -134,5 +142,8 @@ ICMP_ERROR_EVENTS: dict[tuple[int, int], Event] = {
     (1, 1): Event.ERROR_DEST_UNREACHABLE_ADMIN,
     (1, 4): Event.ERROR_PORT_UNREACHABLE,
     (3, 0): Event.ERROR_TIME_EXCEEDED,
+    (4, 0): Event.ERROR_ERRONEOUS_HEADER,
     (4, 1): Event.ERROR_UNRECOGNIZED_NEXT_HEADER,
+    (4, 2): Event.ERROR_UNRECOGNIZED_OPTION,
+    (4, 3): Event.ERROR_INCOMPLETE_CHAIN,
 }

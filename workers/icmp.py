@@ -37,7 +37,6 @@ UNREACH_NO_ROUTE = 0
 UNREACH_ADMIN_PROHIBITED = 1
 UNREACH_ADDRESS = 3
 UNREACH_PORT = 4
-PARAM_UNRECOGNIZED_NEXT_HEADER = 1
 
 # RFC 4443 §2.4(c): an error message must not exceed the minimum IPv6 MTU.
 MIN_MTU = 1280
@@ -76,10 +75,12 @@ def neighbor_advertisement(solicitation: bytes | memoryview, upper_offset: int) 
                         NA_SOLICITED_OVERRIDE, target, hop_limit=ND_HOP_LIMIT)
 
 
-def may_send_error(invoking: bytes | memoryview, upper_proto: int, upper_offset: int) -> bool:
-    """RFC 4443 §2.4(e): never answer an error, a multicast destination or an unspecified or
-    multicast source with an error."""
-    if invoking[24] == 0xFF or invoking[8] == 0xFF:
+def may_send_error(invoking: bytes | memoryview, upper_proto: int, upper_offset: int,
+                   to_multicast: bool = False) -> bool:
+    """RFC 4443 §2.4(e): never answer an error, a multicast destination (unless
+    ``to_multicast``: the §2.4(e.3) exception for an option whose type bits are 10) or an
+    unspecified or multicast source with an error."""
+    if (invoking[24] == 0xFF and not to_multicast) or invoking[8] == 0xFF:
         return False
     if bytes(invoking[8:24]) == bytes(16):
         return False

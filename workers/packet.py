@@ -12,6 +12,7 @@ value of the bytes modulo 0xffff (2**16 = 1 mod 0xffff), so a whole packet is su
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from workers.drops import DropReason
 
@@ -41,6 +42,20 @@ U16 = struct.Struct("!H")
 IPV4_DF = 0x4000
 IPV4_MF = 0x2000
 IPV4_OFFSET_MASK = 0x1FFF
+
+# ICMPv6 Parameter Problem codes (RFC 4443 §3.4, RFC 7112 §5 for code 3): the one definition.
+PARAM_ERRONEOUS_HEADER = 0
+PARAM_UNRECOGNIZED_NEXT_HEADER = 1
+PARAM_UNRECOGNIZED_OPTION = 2
+PARAM_INCOMPLETE_CHAIN = 3
+
+# RFC 8200 §4.2: the only options a host must recognize in both options headers.
+OPTION_PAD1 = 0
+OPTION_PADN = 1
+
+# RFC 7112 §5: how much of the upper-layer header a first fragment must hold (TCP's fixed
+# header, UDP's header, ICMPv6's type, code and checksum).
+UPPER_HEADER_LENGTH = {6: 20, 17: 8, 58: 4}
 
 # RFC 8200 §4: at most this many extension headers are walked before we give up; a legitimate
 # packet to a translator carries one or two (RFC 7915 §5.1 translates none but Fragment).
@@ -154,12 +169,58 @@ FragmentInfo = tuple[int, bool, int, int, int]
 IPv6View = tuple[int, int, bytes, bytes, int, int, FragmentInfo | None, int, int]
 
 
-def parse_ipv6(buf: bytes | memoryview) -> IPv6View | DropReason:
-    """Parse an IPv6 header and walk its extension headers (RFC 8200 §4).
+@dataclass(frozen=True, slots=True)
+class ParameterProblem:
+    """A packet the RFC 8200 §4 host rules refuse with an ICMPv6 Parameter Problem (RFC 4443
+    §3.4) about it: counted under ``reason``; ``pointer`` is the octet offset of the offending
+    field in the invoking packet. ``to_multicast``: RFC 4443 §2.4(e.3)'s exception, an option
+    whose type starts with bits 10 is answered even for a multicast destination."""
 
-    Hop-by-Hop, Destination Options and Routing headers with Segments Left 0 are skipped, as
-    RFC 7915 §5.1 does; the Fragment header is reported; a Routing header with Segments Left
-    != 0 is a ``BAD_HEADER`` (we are the final destination of nothing it lists).
+    reason: DropReason
+    code: int
+    pointer: int
+    to_multicast: bool = False
+
+
+def _options_verdict(buf: bytes | memoryview, start: int, end: int,
+                     dst_multicast: bool) -> DropReason | ParameterProblem | None:
+    """RFC 8200 §4.2: walk the options of a Hop-by-Hop or Destination Options header that
+    spans ``buf[start:end]``. Pad1 and PadN are recognized; any other option type is not, and
+    its two high-order bits say what to do. None: go on with the next header."""
+    i = start + 2
+    while i < end:
+        kind = buf[i]
+        if kind == OPTION_PAD1:
+            i += 1
+            continue
+        if i + 2 > end or i + 2 + buf[i + 1] > end:
+            return DropReason.BAD_HEADER  # an option that overruns its header
+        if kind != OPTION_PADN:
+            action = kind >> 6
+            if action == 1:  # 01: discard silently
+                return DropReason.UNRECOGNIZED_OPTION
+            if action == 2:  # 10: discard, Parameter Problem code 2, even to multicast
+                return ParameterProblem(DropReason.UNRECOGNIZED_OPTION,
+                                        PARAM_UNRECOGNIZED_OPTION, i, to_multicast=True)
+            if action == 3:  # 11: discard, code 2 only when the destination is not multicast
+                if dst_multicast:
+                    return DropReason.UNRECOGNIZED_OPTION
+                return ParameterProblem(DropReason.UNRECOGNIZED_OPTION,
+                                        PARAM_UNRECOGNIZED_OPTION, i)
+            # 00: skip over this option and go on
+        i += 2 + buf[i + 1]
+    return None
+
+
+def parse_ipv6(buf: bytes | memoryview) -> IPv6View | DropReason | ParameterProblem:
+    """Parse an IPv6 header and walk its extension headers as a host does (RFC 8200 §4).
+
+    Options headers are walked option by option (§4.2); a Routing header with Segments Left 0
+    is ignored and one with Segments Left != 0 refused (§4.4: we recognize no routing type,
+    RFC 5095 deprecates type 0); the Fragment header is checked (§4.5, RFC 7112) and reported.
+    Refusals the RFCs answer come back as ``ParameterProblem``, silent ones as a
+    ``DropReason``; an unrecognized upper-layer protocol is the caller's (it knows which it
+    serves).
     """
     if len(buf) < 40:
         return DropReason.TRUNCATED
@@ -173,19 +234,30 @@ def parse_ipv6(buf: bytes | memoryview) -> IPv6View | DropReason:
     offset = 40
     nh_offset = 6
     fragment: FragmentInfo | None = None
+    # RFC 7112 §5: a first fragment (more to come) must hold the whole header chain.
+    first_fragment = False
     for _ in range(MAX_EXTENSION_HEADERS):
         if next_header in (PROTO_HOPOPT, PROTO_DSTOPTS, PROTO_ROUTING):
-            # RFC 8200 §4.3: Hop-by-Hop Options only directly after the IPv6 header.
+            # RFC 8200 §4.3: Hop-by-Hop Options only directly after the IPv6 header; anywhere
+            # else its value is an unrecognized Next Header (§4, RFC 4443 §3.4 code 1).
             if next_header == PROTO_HOPOPT and offset != 40:
-                return DropReason.BAD_HEADER
-            if offset + 8 > end:
+                return ParameterProblem(DropReason.BAD_HEADER, PARAM_UNRECOGNIZED_NEXT_HEADER,
+                                        nh_offset)
+            if offset + 8 > end or offset + (buf[offset + 1] + 1) * 8 > end:
+                if first_fragment:
+                    return ParameterProblem(DropReason.BAD_FRAGMENT, PARAM_INCOMPLETE_CHAIN, 0)
                 return DropReason.TRUNCATED
             length = (buf[offset + 1] + 1) * 8
-            if offset + length > end:
-                return DropReason.TRUNCATED
-            # RFC 7915 §5.1: a Routing header with Segments Left != 0 is not translated.
-            if next_header == PROTO_ROUTING and buf[offset + 3] != 0:
-                return DropReason.BAD_HEADER
+            if next_header == PROTO_ROUTING:
+                # RFC 8200 §4.4: an unrecognized Routing Type with Segments Left != 0 is
+                # refused, pointing at the Routing Type; with 0 the header is ignored.
+                if buf[offset + 3] != 0:
+                    return ParameterProblem(DropReason.BAD_HEADER, PARAM_ERRONEOUS_HEADER,
+                                            offset + 2)
+            else:
+                verdict = _options_verdict(buf, offset, offset + length, dst[0] == 0xFF)
+                if verdict is not None:
+                    return verdict
             nh_offset = offset
             next_header = buf[offset]
             offset += length
@@ -195,15 +267,29 @@ def parse_ipv6(buf: bytes | memoryview) -> IPv6View | DropReason:
             if offset + 8 > end:
                 return DropReason.TRUNCATED
             nxt, _res, off_flags, ident = FRAGMENT_HEADER.unpack_from(buf, offset)
-            fragment = (off_flags & 0xFFF8, bool(off_flags & 1), ident, offset, nh_offset)
+            frag_offset = off_flags & 0xFFF8
+            more = bool(off_flags & 1)
+            data_len = end - offset - 8
+            # RFC 8200 §4.5: a fragment that is not the last must be a multiple of 8 octets
+            # long (pointer at the Payload Length), and no fragment may reach past 65535
+            # octets of reassembled payload (pointer at the Fragment Offset).
+            if more and data_len % 8:
+                return ParameterProblem(DropReason.BAD_FRAGMENT, PARAM_ERRONEOUS_HEADER, 4)
+            if frag_offset + data_len > 0xFFFF:
+                return ParameterProblem(DropReason.BAD_FRAGMENT, PARAM_ERRONEOUS_HEADER,
+                                        offset + 2)
+            fragment = (frag_offset, more, ident, offset, nh_offset)
             nh_offset = offset
             next_header = nxt
             offset += 8
-            if fragment[0] != 0:
+            if frag_offset != 0:
                 # Only the first fragment carries the upper-layer header (RFC 8200 §4.5).
                 return (payload_len, hop_limit, src, dst, next_header, offset, fragment,
                         traffic_class, nh_offset)
+            first_fragment = more
         else:
+            if first_fragment and offset + UPPER_HEADER_LENGTH.get(next_header, 0) > end:
+                return ParameterProblem(DropReason.BAD_FRAGMENT, PARAM_INCOMPLETE_CHAIN, 0)
             return (payload_len, hop_limit, src, dst, next_header, offset, fragment,
                     traffic_class, nh_offset)
     return DropReason.BAD_HEADER

@@ -21,6 +21,7 @@ from workers.packet import (
     PROTO_ROUTING,
     PROTO_TCP,
     PROTO_UDP,
+    ParameterProblem,
     parse_ipv4,
     parse_ipv6,
 )
@@ -266,6 +267,8 @@ def _check_inbound(buf: memoryview, policy: TunnelPolicy) -> Decapsulated | Drop
         view = parse_ipv6(inner)
         if isinstance(view, DropReason):
             return view
+        if isinstance(view, ParameterProblem):
+            return inner, src4  # the datapath answers it (RFC 8200 §4)
         offset = view[5]
         if (view[4] == PROTO_ICMPV6 and view[6] is None and len(inner) > offset
                 and inner[offset] in ND_TYPES):

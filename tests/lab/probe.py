@@ -11,6 +11,8 @@ Subcommands:
                and inner source; count echo replies that come back
   synflood41   send TCP SYNs from random sources of one /48 over protocol 41
   fuzz41       send malformed protocol-41 packets built from valid echo requests
+  exchange41   send one given IPv6 packet over protocol 41; print the inner IPv6 packets the
+               gateway sends back (hex) within a time limit
 """
 
 from __future__ import annotations
@@ -209,6 +211,28 @@ def send41(args: argparse.Namespace) -> dict[str, Any]:
     return {"sent": args.count, "replies": replies, "to_far": to_far, "seen": seen}
 
 
+def exchange41(args: argparse.Namespace) -> dict[str, Any]:
+    """Send ``packet`` (hex IPv6) inside IPv4 protocol 41; collect what the gateway (the outer
+    destination) sends back for ``listen_s``, or until the first answer with --stop-early."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_IPV6_IN_IPV4)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_IPV6_IN_IPV4)
+    sender.bind((args.outer_src, 0))
+    sender.sendto(bytes.fromhex(args.packet), (args.outer_dst, 0))
+    gateway = socket.inet_aton(args.outer_dst)
+    answers: list[str] = []
+    deadline = time.monotonic() + args.listen_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not select.select([listener], [], [], remaining)[0]:
+            break
+        datagram, _ = listener.recvfrom(65535)
+        if datagram[12:16] != gateway:
+            continue
+        answers.append(datagram[(datagram[0] & 0x0F) * 4:].hex())
+        if args.stop_early:
+            break
+    return {"answers": answers}
+
+
 # --------------------------------------------------------------------------- synflood41
 
 
@@ -330,6 +354,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flood.add_argument("--port", type=int, default=80)
     flood.add_argument("--count", type=int, default=2000)
     flood.add_argument("--seed", type=int, default=3)
+    exchange = sub.add_parser("exchange41")
+    for flag in ("--outer-src", "--outer-dst", "--packet"):
+        exchange.add_argument(flag, required=True)
+    exchange.add_argument("--listen-s", type=float, default=2.0)
+    exchange.add_argument("--stop-early", action="store_true", help="stop at the first answer")
     fuzz = sub.add_parser("fuzz41", parents=[addresses])
     fuzz.add_argument("--count", type=int, default=2000)
     fuzz.add_argument("--seed", type=int, default=41)
@@ -337,7 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 COMMANDS = {"tcp-many": tcp_many, "hold-tcp": hold_tcp, "udp-refused": udp_refused,
-            "send41": send41, "fuzz41": fuzz41, "synflood41": synflood41}
+            "send41": send41, "fuzz41": fuzz41, "synflood41": synflood41,
+            "exchange41": exchange41}
 
 if __name__ == "__main__":
     arguments = parse_args()

@@ -18,6 +18,19 @@ from pathlib import Path
 import netlab
 import pytest
 from netlab import Lab, drops, drops_delta, wait_for_drops
+from scapy.layers.inet6 import (
+    HBHOptUnknown,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6ParamProblem,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    Pad1,
+)
+from scapy.packet import Packet, Raw, raw
 
 pytestmark = pytest.mark.lab
 
@@ -28,6 +41,43 @@ REFUSED_WITHIN_S = 2.0  # "at once": far below curl's 5 s timeout and any SYN re
 
 
 TUN = "/dev/net/tun"
+
+# RFC 8200 §4 host rules through the real gateway (scapy builds each packet; the engine-level
+# versions are tests/unit/test_rfc8200_host.py): (layers after the IPv6 header, what must come
+# back: (4, code, pointer) for a Parameter Problem, "echo" for an echo reply, None for
+# nothing, and the drop reason that counts it).
+ECHO = ICMPv6EchoRequest(id=0x5151, seq=1, data=b"rfc8200")
+HOST_RULES: dict[str, tuple[list[Packet], tuple[int, int, int] | str | None, str | None]] = {
+    "rfc8200_4_2_option_00_skipped": (
+        [IPv6ExtHdrDestOpt(options=[HBHOptUnknown(otype=0x1E, optdata=b"ab")]), ECHO],
+        "echo", None),
+    "rfc8200_4_2_option_01_discarded_silently": (
+        [IPv6ExtHdrHopByHop(options=[HBHOptUnknown(otype=0x5E, optdata=b"ab")]), ECHO],
+        None, "unrecognized_option"),
+    "rfc8200_4_2_option_10_code_2_at_the_option": (
+        [IPv6ExtHdrDestOpt(options=[HBHOptUnknown(otype=0x9E, optdata=b"")]), ECHO],
+        (4, 2, 42), "unrecognized_option"),
+    "rfc8200_4_2_option_11_code_2_at_the_option": (
+        [IPv6ExtHdrHopByHop(options=[Pad1(), HBHOptUnknown(otype=0xDE, optdata=b"")]), ECHO],
+        (4, 2, 43), "unrecognized_option"),
+    "rfc8200_4_4_routing_segments_left_code_0_at_type": (
+        [IPv6ExtHdrRouting(type=0, segleft=1, addresses=["2001:db8::99"]), ECHO],
+        (4, 0, 42), "bad_header"),
+    "rfc8200_4_4_routing_segments_left_0_ignored": (
+        [IPv6ExtHdrRouting(type=253, segleft=0, addresses=["2001:db8::99"]), ECHO],
+        "echo", None),
+    "rfc8200_4_hop_by_hop_not_first_code_1": (
+        [IPv6ExtHdrDestOpt(), IPv6ExtHdrHopByHop(), ECHO], (4, 1, 40), "bad_header"),
+    "rfc8200_4_unknown_next_header_code_1": (
+        [IPv6ExtHdrDestOpt(nh=253), Raw(bytes(8))], (4, 1, 40), "unsupported_protocol"),
+    "rfc8200_4_5_fragment_not_multiple_of_8_code_0_at_payload_length": (
+        [IPv6ExtHdrFragment(nh=58, m=1, id=21), ECHO], (4, 0, 4), "bad_fragment"),
+    "rfc8200_4_5_fragment_past_65535_code_0_at_offset": (
+        [IPv6ExtHdrFragment(nh=58, m=0, id=22, offset=65528 // 8), Raw(bytes(16))],
+        (4, 0, 42), "bad_fragment"),
+    "rfc7112_5_first_fragment_without_header_chain_code_3": (
+        [IPv6ExtHdrFragment(nh=6, m=1, id=23), Raw(bytes(8))], (4, 3, 0), "bad_fragment"),
+}
 
 
 def as_nobody(argv: list[str]) -> bool:
@@ -158,6 +208,41 @@ class GatewayBehaviour:
             assert int(fields[capability_set], 16) == expected, (capability_set, fields)
         assert fields["NoNewPrivs"].strip() == "1"
         assert Path(f"/proc/{pid}/fd").stat().st_uid == 0
+
+    @pytest.mark.parametrize("rule", sorted(HOST_RULES))
+    def test_rfc8200_4_host_rule(self, lab: Lab, rule: str) -> None:
+        """One RFC 8200 §4 host rule, sent by the peer as a scapy-built packet over protocol
+        41 to the real gateway: the ICMPv6 answer's type, code and pointer are checked byte
+        for byte, with the invoking packet quoted whole, or that nothing comes back; the
+        refused packet is counted under its one reason."""
+        layers, expected, reason = HOST_RULES[rule]
+        packet: Packet = IPv6(src=lab.plan.peer_address, dst=lab.plan.gateway_address)
+        for layer in layers:
+            packet = packet / layer
+        sent = raw(packet)
+        before = drops(lab)
+        result = lab.probe("exchange41", "--outer-src", netlab.PEER_IPV4, "--outer-dst",
+                           netlab.GATEWAY_IPV4, "--packet", sent.hex(), "--listen-s",
+                           "0.8" if expected is None else "3", "--stop-early")
+        answers = [IPv6(bytes.fromhex(text)) for text in result["answers"]]
+        if expected is None:
+            assert answers == [], [a.summary() for a in answers]
+        elif expected == "echo":
+            assert len(answers) == 1 and ICMPv6EchoReply in answers[0], answers
+            assert answers[0][ICMPv6EchoReply].data == b"rfc8200"
+        else:
+            assert len(answers) == 1, result
+            answer = answers[0]
+            assert (answer.src, answer.dst) == (lab.plan.gateway_address,
+                                                 lab.plan.peer_address)
+            problem = answer[ICMPv6ParamProblem]
+            assert (problem.type, problem.code, problem.ptr) == expected, problem.summary()
+            assert raw(problem)[8:] == sent  # RFC 4443 §2.4(c): the invoking packet
+        if reason is not None:
+            # Exactly one reason per packet is the engine tests' (tests/unit); here the lab's
+            # own background traffic may add others, so only this one is counted exactly.
+            delta = drops_delta(before, wait_for_drops(lab, before, reason, 1))
+            assert delta.get(reason, 0) == 1, delta
 
     def test_rule_open_to_another_prefix_refuses_this_client_at_once(self, lab: Lab) -> None:
         """[[forward]] from = [a prefix the client is not in]: the port is closed to it (RST,

@@ -39,7 +39,7 @@ from strategies import FRAGMENT, GW6, UDP, ipv4, ipv6, ipv6_packets
 
 from workers.datapath import Datapath
 from workers.drops import DropReason
-from workers.packet import parse_ipv4, parse_ipv6
+from workers.packet import ParameterProblem, parse_ipv4, parse_ipv6
 from workers.tunnel import TunnelPolicy, check_inbound
 from workers.wire import decode_batch, encode_batch
 
@@ -62,7 +62,7 @@ def run_all(data: bytes) -> None:
     v4 = parse_ipv4(data)
     assert isinstance(v4, DropReason | tuple)
     v6 = parse_ipv6(data)
-    assert isinstance(v6, DropReason | tuple)
+    assert isinstance(v6, DropReason | ParameterProblem | tuple)
     for policy in POLICIES:
         result = check_inbound(data, policy)
         assert isinstance(result, DropReason | tuple)

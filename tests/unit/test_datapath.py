@@ -461,9 +461,6 @@ def _corrupt_checksum(packet: bytes, offset: int) -> bytes:
     pytest.param(client_udp(src=CLIENT6_6TO4).replace(bytes.fromhex("2002c000020a"),
                                                       bytes.fromhex("2002c000020b")),
                  DropReason.NOT_OUR_ADDRESS, id="not_our_address"),
-    pytest.param(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / IPv6ExtHdrRouting(
-        segleft=1, addresses=[GW6_6TO4]) / UDP(sport=1, dport=53)), DropReason.BAD_HEADER,
-        id="routing_segments_left"),
     pytest.param(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / ICMPv6EchoReply()),
                  DropReason.ICMP_NOT_TRANSLATED, id="echo_reply_to_us"),
     pytest.param(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / ICMPv6DestUnreach() / IPerror6()),

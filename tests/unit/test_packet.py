@@ -25,6 +25,7 @@ from workers.packet import (
     PROTO_ICMPV6,
     PROTO_TCP,
     PROTO_UDP,
+    ParameterProblem,
     build_ipv4,
     build_ipv6,
     checksum,
@@ -226,7 +227,8 @@ def test_rfc8200_3_parse_ipv6_fields() -> None:
 
 
 def test_rfc8200_4_5_first_fragment_reported() -> None:
-    packet = _v6(IPv6ExtHdrFragment(id=0xDEADBEEF, m=1, offset=0), UDP_TAIL)
+    packet = _v6(IPv6ExtHdrFragment(id=0xDEADBEEF, m=1, offset=0),
+                 UDP(sport=1000, dport=53) / Raw(b"x" * 8))
     view = parse_ipv6(packet)
     assert not isinstance(view, DropReason)
     # (offset bytes, M, identification, fragment header offset, offset of the byte naming it)
@@ -257,13 +259,7 @@ def _payload_len(packet: bytes, value: int) -> bytes:
     pytest.param(_v6(UDP_TAIL)[:39], DropReason.TRUNCATED, id="short_header"),
     pytest.param(b"\x40" + _v6(UDP_TAIL)[1:], DropReason.BAD_VERSION, id="version_4"),
     pytest.param(_payload_len(_v6(UDP_TAIL), 14), DropReason.TRUNCATED, id="plen_past_end"),
-    # RFC 7915 §5.1: a Routing header with Segments Left != 0 is not for us to skip.
-    pytest.param(_v6(IPv6ExtHdrRouting(segleft=1, addresses=[B6]), UDP_TAIL),
-                 DropReason.BAD_HEADER, id="routing_segleft_1"),
-    # RFC 8200 §4.3: Hop-by-Hop only immediately after the IPv6 header.
-    pytest.param(_v6(IPv6ExtHdrDestOpt(), IPv6ExtHdrHopByHop(), UDP_TAIL),
-                 DropReason.BAD_HEADER, id="hop_by_hop_not_first"),
-    pytest.param(_v6(IPv6ExtHdrFragment(m=1), IPv6ExtHdrFragment(m=1), UDP_TAIL),
+    pytest.param(_v6(IPv6ExtHdrFragment(m=0), IPv6ExtHdrFragment(m=1), UDP_TAIL),
                  DropReason.BAD_FRAGMENT, id="two_fragment_headers"),
     pytest.param(_nine_dest_opts(), DropReason.BAD_HEADER, id="nine_extension_headers"),
     pytest.param(_payload_len(_v6(IPv6ExtHdrDestOpt(), UDP_TAIL), 4), DropReason.TRUNCATED,
@@ -273,6 +269,20 @@ def _payload_len(packet: bytes, value: int) -> bytes:
 ])
 def test_rfc8200_4_parse_ipv6_rejects(packet: bytes, expected: DropReason) -> None:
     assert parse_ipv6(packet) is expected
+
+
+@pytest.mark.parametrize(("packet", "expected"), [
+    # RFC 8200 §4.4: a Routing header with Segments Left != 0 -> code 0 at the Routing Type.
+    pytest.param(_v6(IPv6ExtHdrRouting(segleft=1, addresses=[B6]), UDP_TAIL),
+                 ParameterProblem(DropReason.BAD_HEADER, 0, 42), id="routing_segleft_1"),
+    # RFC 8200 §4.3: Hop-by-Hop only immediately after the IPv6 header -> code 1 at the
+    # Next Header field that names it (the Destination Options header's first octet).
+    pytest.param(_v6(IPv6ExtHdrDestOpt(), IPv6ExtHdrHopByHop(), UDP_TAIL),
+                 ParameterProblem(DropReason.BAD_HEADER, 1, 40), id="hop_by_hop_not_first"),
+])
+def test_rfc8200_4_parse_ipv6_refuses_with_parameter_problem(
+        packet: bytes, expected: ParameterProblem) -> None:
+    assert parse_ipv6(packet) == expected
 
 
 def test_rfc8200_4_eight_extension_headers_still_walked() -> None:
