@@ -38,6 +38,8 @@ from workers.icmp import (
     ICMPV6_PARAMETER_PROBLEM,
     ICMPV6_TIME_EXCEEDED,
     ND_HOP_LIMIT,
+    TIME_EXCEEDED_HOP_LIMIT,
+    TIME_EXCEEDED_REASSEMBLY,
     UNREACH_ADMIN_PROHIBITED,
     UNREACH_PORT,
     SourceRateLimiter,
@@ -546,7 +548,7 @@ class Datapath:
         """RFC 7915 §5.1 / RFC 4443 §3.3: a router never forwards with hop limit 0; checked
         before a session is created, so an expiring packet leaves no state behind."""
         self._drop(DropReason.HOP_LIMIT_EXCEEDED)
-        self._error(packet, view, ICMPV6_TIME_EXCEEDED, 0)
+        self._error(packet, view, ICMPV6_TIME_EXCEEDED, TIME_EXCEEDED_HOP_LIMIT)
 
     def _refuse(self, packet: bytes | memoryview, view: IPv6View, proto: int) -> None:
         if proto == PROTO_TCP:
@@ -707,6 +709,20 @@ class Datapath:
         if expired:
             self.counters.event(Event.FLOWS_EXPIRED, expired)
             self._forget_templates()
-        timed_out = self.reassembler.expire(now)
+        timed_out, firsts = self.reassembler.expire(now)
         if timed_out:
             self.counters.drop(DropReason.FRAGMENT_TIMEOUT, timed_out)
+        self._now = now
+        for first, upper_proto, upper_offset in firsts:
+            # RFC 8200 §4.5: the first fragment had come, so its source learns of the timeout
+            # (RFC 4443 §3.3 code 1), within the same §2.4 rules and rate limit.
+            our_address = first[24:40]
+            if our_address not in self.addresses or not may_send_error(first, upper_proto,
+                                                                       upper_offset):
+                continue
+            if not self.error_limiter.allow(first[8:24], now):
+                self.counters.event(Event.REPLIES_SUPPRESSED)
+                continue
+            self.counters.event(Event.ERROR_REASSEMBLY_TIME_EXCEEDED)
+            self._send_v6(icmpv6_error(our_address, first, ICMPV6_TIME_EXCEEDED,
+                                       TIME_EXCEEDED_REASSEMBLY), PROTO_ICMPV6)

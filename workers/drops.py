@@ -107,6 +107,8 @@ class Event(enum.Enum):
     """ICMPv6 destination unreachable, port unreachable, sent (RFC 4443 §3.1)."""
     ERROR_TIME_EXCEEDED = "icmp_error_3_0"
     """ICMPv6 time exceeded, hop limit, sent (RFC 4443 §3.3)."""
+    ERROR_REASSEMBLY_TIME_EXCEEDED = "icmp_error_3_1"
+    """ICMPv6 time exceeded, fragment reassembly, sent (RFC 8200 §4.5, RFC 4443 §3.3)."""
     ERROR_ERRONEOUS_HEADER = "icmp_error_4_0"
     """ICMPv6 parameter problem, erroneous header field, sent (RFC 4443 §3.4, RFC 8200 §4)."""
     ERROR_UNRECOGNIZED_NEXT_HEADER = "icmp_error_4_1"
@@ -142,6 +144,7 @@ ICMP_ERROR_EVENTS: dict[tuple[int, int], Event] = {
     (1, 1): Event.ERROR_DEST_UNREACHABLE_ADMIN,
     (1, 4): Event.ERROR_PORT_UNREACHABLE,
     (3, 0): Event.ERROR_TIME_EXCEEDED,
+    (3, 1): Event.ERROR_REASSEMBLY_TIME_EXCEEDED,
     (4, 0): Event.ERROR_ERRONEOUS_HEADER,
     (4, 1): Event.ERROR_UNRECOGNIZED_NEXT_HEADER,
     (4, 2): Event.ERROR_UNRECOGNIZED_OPTION,

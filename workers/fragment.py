@@ -43,9 +43,18 @@ def fragment_ipv6(src: bytes, dst: bytes, next_header: int, payload: bytes,
     return out
 
 
+# RFC 4443 §2.4(c): an ICMPv6 error quotes at most this much of the invoking packet, so that
+# much of a first fragment is kept for the Time Exceeded sent when its datagram times out.
+QUOTED_BYTES = 1280 - 40 - 8
+
+# A first fragment kept for that error: (its bytes, quoted length at most; the upper-layer
+# protocol after the Fragment header; where that header starts).
+FirstFragment = tuple[bytes, int, int]
+
+
 class _Datagram:
     __slots__ = ("first_seen", "starts", "parts", "size", "total", "head", "next_header",
-                 "source")
+                 "source", "first")
 
     def __init__(self, now: float, source: bytes) -> None:
         self.first_seen = now
@@ -56,6 +65,7 @@ class _Datagram:
         self.head: bytes | None = None  # IPv6 header + unfragmentable part, from offset 0
         self.next_header = 0
         self.source = source  # the source /64: whose budget it is held against
+        self.first: FirstFragment | None = None
 
 
 Key = tuple[bytes, bytes, int]
@@ -146,6 +156,8 @@ class Reassembler:
             dgram.next_header = packet[frag_header_offset]
             head[nh_offset] = dgram.next_header
             dgram.head = bytes(head)
+            dgram.first = (bytes(packet[:QUOTED_BYTES]), dgram.next_header,
+                           frag_header_offset + 8)
         starts.insert(index, frag_offset)
         parts.insert(index, data)
         dgram.size += len(data)
@@ -189,15 +201,20 @@ class Reassembler:
         """RFC 5722: a bad fragment takes the fragments held with it."""
         self.discarded += self._forget(key)
 
-    def expire(self, now: float) -> int:
+    def expire(self, now: float) -> tuple[int, list[FirstFragment]]:
         """Forget datagrams older than the timeout (RFC 8200 §4.5); returns how many
-        fragments they held. Oldest first, so only the expired ones are looked at."""
+        fragments they held, and the first fragments among them: RFC 8200 §4.5 says a Time
+        Exceeded (code 1) goes to the source of each. Oldest first, so only the expired ones
+        are looked at."""
         old = []
+        firsts = []
         for key, dgram in self._pending.items():
             if now - dgram.first_seen < self.timeout_s:
                 break
             old.append(key)
-        return sum(self._forget(key) for key in old)
+            if dgram.first is not None:
+                firsts.append(dgram.first)
+        return sum(self._forget(key) for key in old), firsts
 
     def _forget(self, key: Key) -> int:
         """Drop one datagram; returns how many fragments it held."""

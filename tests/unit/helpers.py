@@ -191,6 +191,10 @@ class TwoParty:
         return self._run(lambda: self.datapath.from_tunnel(outer, self.clock.now, policy,
                                                            accepted))
 
+    def tick(self, seconds: float) -> Step:
+        """Advance the clock and run the engine's timers (``Datapath.tick``)."""
+        return self._run(lambda: self.datapath.tick(self.clock.advance(seconds)))
+
     def service(self, packet4: bytes | IP) -> Step:
         data = raw(packet4) if not isinstance(packet4, bytes | bytearray) else bytes(packet4)
         return self._run(lambda: self.datapath.from_services(data, self.clock.now))

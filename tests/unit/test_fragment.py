@@ -269,11 +269,14 @@ def test_rfc8200_4_5_reassembly_timeout_60_s() -> None:
     r = Reassembler()
     assert add(r, frag(0, True, b"a" * 8, ident=1), now=100.0) is None
     assert add(r, frag(0, True, b"a" * 8, ident=2), now=130.0) is None
-    assert r.expire(159.9) == 0
-    assert r.expire(160.0) == 1  # 60 s after the first fragment of ident 1
-    assert len(r) == 1 and r.bytes_held == 8
+    assert r.expire(159.9) == (0, [])
+    count, firsts = r.expire(160.0)  # 60 s after the first fragment of ident 1
+    assert count == 1 and len(r) == 1 and r.bytes_held == 8
+    # its first fragment (offset 0) had come: handed back for the Time Exceeded, quoted whole
+    assert firsts == [(frag(0, True, b"a" * 8, ident=1), PROTO_UDP, 48)]
     # a late fragment of the expired datagram starts a new one, it does not complete it
     assert add(r, frag(8, False, b"z", ident=1), now=161.0) is None
-    assert r.expire(190.0) == 1
-    assert r.expire(221.0) == 1
+    assert r.expire(190.0)[0] == 1
+    # no first fragment in that one: nothing to answer
+    assert r.expire(221.0) == (1, [])
     assert len(r) == 0 and r.bytes_held == 0

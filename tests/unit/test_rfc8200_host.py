@@ -27,6 +27,7 @@ from scapy.layers.inet6 import (
     HBHOptUnknown,
     ICMPv6EchoRequest,
     ICMPv6ParamProblem,
+    ICMPv6TimeExceeded,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -207,6 +208,30 @@ def test_rfc7112_5_first_fragment_without_the_upper_layer_header_code_3_pointer_
 def test_rfc7112_5_first_fragment_with_a_cut_tcp_header_code_3(send: Send) -> None:
     packet = to_us(IPv6ExtHdrFragment(nh=6, m=1, id=14), Raw(bytes(16)))
     assert_parameter_problem(send, packet, 3, 0, DropReason.BAD_FRAGMENT)
+
+
+@pytest.mark.parametrize("send", PATHS)
+def test_rfc8200_4_5_reassembly_timeout_time_exceeded_code_1_after_a_first_fragment(
+        send: Send) -> None:
+    p = party()
+    first = to_us(IPv6ExtHdrFragment(nh=17, m=1, id=31), UDP(sport=5, dport=53) / bytes(8))
+    assert send(p, first).outbound == []
+    assert p.tick(59.0).outbound == []
+    step = p.tick(1.0)
+    assert step.drops == {DropReason.FRAGMENT_TIMEOUT: 1}
+    reply = step.only_outbound()
+    assert (reply.src, reply.dst) == (GW6_6TO4, CLIENT6_6TO4)
+    exceeded = reply[ICMPv6TimeExceeded]
+    assert (exceeded.type, exceeded.code) == (3, 1)
+    assert raw(exceeded)[8:] == first
+
+
+def test_rfc8200_4_5_reassembly_timeout_silent_without_the_first_fragment() -> None:
+    p = party()
+    later = to_us(IPv6ExtHdrFragment(nh=17, m=1, id=32, offset=2), Raw(bytes(16)))
+    assert p.client(later).outbound == []
+    step = p.tick(60.0)
+    assert step.drops == {DropReason.FRAGMENT_TIMEOUT: 1} and step.outbound == []
 
 
 # --- RFC 4443 §2.4 for these errors ----------------------------------------------------------
