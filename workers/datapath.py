@@ -666,6 +666,11 @@ class Datapath:
             # RFC 7915 §4.2: echo, timestamp, info and the rest are not translated here.
             self._drop(DropReason.ICMP_NOT_TRANSLATED)
             return
+        # RFC 792: the checksum covers the whole ICMP message; a damaged error is not
+        # believed (nor translated into one the client would believe).
+        if not sum_is_valid(sum16(packet[header_len:total_len])):
+            self._drop(DropReason.BAD_CHECKSUM)
+            return
         key = icmpv4_error_key(packet, header_len, total_len)
         if isinstance(key, DropReason):
             self._drop(key)

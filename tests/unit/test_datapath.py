@@ -383,6 +383,16 @@ def test_rfc7915_4_2_port_unreachable_from_service_to_icmpv6_1_4(mode: str) -> N
     assert step.outer_destinations == [expected_outer(mode)]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_rfc792_icmpv4_error_with_a_bad_checksum_is_not_translated(mode: str) -> None:
+    p = party(mode)
+    request = p.client(client_udp(mode, sport=1235, dport=53)).only_to_services()
+    error = bytearray(icmp4_error_about(request, 3, 3))
+    error[22] ^= 0xFF  # the ICMP checksum field (after the 20-byte IPv4 header)
+    step = p.service(bytes(error))
+    assert step.outbound == [] and step.drops == {DropReason.BAD_CHECKSUM: 1}
+
+
 def test_rfc7915_4_2_icmpv4_error_about_tcp_session() -> None:
     p = party()
     request = p.client(client_tcp(sport=4444, dport=80)).only_to_services()
