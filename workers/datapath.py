@@ -635,6 +635,12 @@ class Datapath:
             if 40 + len(segment) > self.mtu and flags_offset & IPV4_DF and proto == PROTO_TCP:
                 # RFC 7915 §4.1: DF set and too big for the next hop -> Fragmentation Needed.
                 # MSS clamping makes this rare; the service's stack learns the MTU from it.
+                # A UDP datagram with DF goes out as IPv6 fragments instead (RFC 7915 §1.4: a
+                # translator fragments or answers, as a router does). The services sit on this
+                # host behind a TUN of MTU 65535, where Linux sets DF on every UDP datagram
+                # (IP_PMTUDISC_WANT), not because the application asked: Fragmentation Needed
+                # would lose this datagram (UDP does not resend it) and make the stack send
+                # the next ones as IPv4 fragments.
                 self._drop(DropReason.TOO_BIG)
                 self.to_services.append(self._frag_needed(packet, header_len, total_len))
                 return

@@ -337,6 +337,19 @@ def test_rfc7915_4_big_udp_reply_fragmented(mode: str) -> None:
     assert (whole[UDP].sport, whole[UDP].dport) == (53, 40000)
 
 
+def test_rfc7915_1_4_udp_reply_with_df_too_big_leaves_as_ipv6_fragments() -> None:
+    """The decision for UDP (datapath.py, beside the TCP rule): a DF-marked datagram too big
+    for the tunnel is fragmented as IPv6, not answered with Fragmentation Needed."""
+    p = party()
+    payload = bytes(i % 253 for i in range(3000))
+    request = p.client(client_udp()).only_to_services()
+    step = p.service(reply_to(request, payload, df=True))
+    assert step.to_services == [] and step.drops == {}
+    pieces = [IPv6(pkt) for pkt, _ in step.outbound]
+    assert len(pieces) == 3 and all(IPv6ExtHdrFragment in piece for piece in pieces)
+    assert raw(defragment6(pieces)[UDP].payload) == payload
+
+
 def test_rfc7915_4_1_traffic_class_kept_in_fragments() -> None:
     p = party()
     _request, step = p.round_trip(client_udp(), payload=bytes(4000), tos=0x28)
