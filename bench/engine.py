@@ -19,8 +19,8 @@ import ipaddress
 import struct
 import time
 
-from workers.datapath import Datapath
-from workers.packet import (
+from workers.engine.datapath import Datapath
+from workers.engine.packet import (
     PROTO_IPV6,
     PROTO_UDP,
     build_ipv4,
@@ -29,8 +29,8 @@ from workers.packet import (
     pseudo_sum_v6,
     set_checksum,
 )
-from workers.settings import Forward, Settings, worker_pool
-from workers.tunnel import TunnelPolicy, check_inbound
+from workers.engine.settings import Forward, Settings, worker_pool
+from workers.engine.tunnel import TunnelPolicy, check_inbound
 
 CLIENT6 = ipaddress.IPv6Address("2002:c633:6401::1").packed
 GW6 = ipaddress.IPv6Address("2002:c000:20a::1").packed

@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT / "tests" / "lab"))
 
 import probe  # noqa: E402  (the lab's independent packet builder)
 
-from workers.datapath import Datapath  # noqa: E402
-from workers.drops import DropReason  # noqa: E402
-from workers.flows import Timeouts  # noqa: E402
-from workers.settings import Forward, Settings, worker_pool  # noqa: E402
-from workers.tunnel import TunnelPolicy  # noqa: E402
+from workers.engine.datapath import Datapath  # noqa: E402
+from workers.engine.drops import DropReason  # noqa: E402
+from workers.engine.flows import Timeouts  # noqa: E402
+from workers.engine.settings import Forward, Settings, worker_pool  # noqa: E402
+from workers.engine.tunnel import TunnelPolicy  # noqa: E402
 
 GW4, CLIENT4, REMOTE4, RELAY4 = "192.0.2.10", "198.51.100.1", "203.0.113.1", "203.0.113.99"
 MODES = {

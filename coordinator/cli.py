@@ -18,7 +18,7 @@ import zmq
 
 from coordinator.config import ConfigError, load_config
 from workers import control
-from workers.settings import Settings, worker_routes
+from workers.engine.settings import Settings, worker_routes
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 DEFAULT_CONFIG = "/etc/sixgate/gateway.toml"

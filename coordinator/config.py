@@ -17,9 +17,9 @@ from typing import Any
 
 import tomli
 
-from workers.flows import Timeouts
-from workers.settings import Forward, Settings, pool_addresses
-from workers.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
+from workers.engine.flows import Timeouts
+from workers.engine.settings import Forward, Settings, pool_addresses
+from workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
 
 DEFAULT_POOL = "100.64.0.0/16"  # RFC 6598 shared address space: never a real peer of ours
 DEFAULT_RUN_DIR = "/run/sixgate"

@@ -3,7 +3,7 @@
 Supervises the worker processes (restart on crash), answers control requests (``sixgate
 flows``) on an ipc:// socket in the run directory and serves /metrics. With ``fanout =
 "coordinator"`` it also owns the raw IPv4 protocol-41 socket, runs every received packet
-through the tunnel checks (``workers/tunnel.py check_inbound``) and fans the survivors out by
+through the tunnel checks (``workers/engine/tunnel.py check_inbound``) and fans the survivors out by
 flow hash to the workers in one ZeroMQ message per worker per batch (bounded by high-water
 marks: overload is counted as QUEUE_FULL, never buffered). With ``fanout = "kernel"`` (the
 default) the workers capture their own shares and no packet passes through here.
@@ -38,8 +38,11 @@ from coordinator import forwarding, kernel_backend
 from coordinator.metrics import MetricsServer, ask_workers
 from workers import control
 from workers.control import control_endpoint, coordinator_endpoint, data_endpoint
-from workers.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
-from workers.drops import DropReason, Event
+from workers.engine.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
+from workers.engine.drops import DropReason, Event
+from workers.engine.settings import Settings
+from workers.engine.tunnel import TunnelPolicy, check_inbound
+from workers.engine.wire import encode_batch, pick_worker
 from workers.main import tun_name
 from workers.mmsg import BatchReceiver
 from workers.privileges import (
@@ -49,9 +52,6 @@ from workers.privileges import (
     supervisor_capabilities,
     unreachable_as,
 )
-from workers.settings import Settings
-from workers.tunnel import TunnelPolicy, check_inbound
-from workers.wire import encode_batch, pick_worker
 
 log = logging.getLogger("sixgate")
 

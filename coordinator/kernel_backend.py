@@ -50,7 +50,7 @@ from coordinator.forwarding import (
     remote_targets,
     replace_table,
 )
-from workers.settings import Settings
+from workers.engine.settings import Settings
 
 log = logging.getLogger("sixgate.kernel")
 

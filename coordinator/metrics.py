@@ -12,7 +12,7 @@ same ``stats`` document, so both backends export the same metric names.
 
 Naming follows Prometheus conventions: ``sixgate_`` prefix, ``_total`` counters, seconds and
 bytes. Labels are bounded: ``process`` (coordinator, worker-N), ``direction`` (the four words
-of STYLE.md), ``protocol``, ``reason`` (workers/drops.py), ICMPv6 error ``type``; never a
+of STYLE.md), ``protocol``, ``reason`` (workers/engine/drops.py), ICMPv6 error ``type``; never a
 per-flow or per-address label.
 
 The HTTP server runs in a daemon thread beside the coordinator's loop; it reads the
@@ -46,9 +46,9 @@ from prometheus_client.registry import CollectorRegistry
 from coordinator.config import parse_listen
 from workers import control
 from workers.control import control_endpoint
-from workers.counters import DIRECTIONS, PROTOCOLS
-from workers.drops import ICMP_ERROR_EVENTS, DropReason, Event
-from workers.flows import worker_share
+from workers.engine.counters import DIRECTIONS, PROTOCOLS
+from workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
+from workers.engine.flows import worker_share
 
 if TYPE_CHECKING:
     from coordinator.gateway import Coordinator
@@ -205,7 +205,8 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     octets = CounterMetricFamily("sixgate_bytes", "Bytes per direction and protocol (IP "
                                  "header included, outer tunnel header excluded)",
                                  labels=["process", "direction", "protocol"])
-    drops = CounterMetricFamily("sixgate_drops", "Packets dropped, by reason (workers/drops.py)",
+    drops = CounterMetricFamily("sixgate_drops",
+                                "Packets dropped, by reason (workers/engine/drops.py)",
                                 labels=["process", "reason"])
     active = GaugeMetricFamily("sixgate_flows_active", "Live bindings (sessions)",
                                labels=["process", "protocol"])

@@ -141,7 +141,7 @@ def overview() -> list[Panel]:
             "pps"),
         timeseries(
             "Drops by reason",
-            "Packets dropped per second, by DropReason (workers/drops.py), summed over the "
+            "Packets dropped per second, by DropReason (workers/engine/drops.py), summed over the "
             "coordinator and the workers (sixgate_drops_total), each packet under exactly one "
             "reason; internal_error must stay 0.",
             [target(f"sum by (instance, reason) ({rate('sixgate_drops_total')})",

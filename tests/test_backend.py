@@ -88,7 +88,7 @@ def test_kernel_backend_input_policy_loads_and_opens_only_forwarded_ports(netns:
     from helpers import make_settings
 
     from coordinator.kernel_backend import input_ruleset, table_name
-    from workers.settings import Forward
+    from workers.engine.settings import Forward
 
     settings = make_settings("6in4", backend="kernel", forwards=(
         Forward("tcp", 80, 80, "127.0.0.1", 8080), Forward("udp", 53, 53, "127.0.0.1", 5353),

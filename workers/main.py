@@ -1,6 +1,6 @@
 """The worker process: receive its share of the tunnel, translate, deliver, reply.
 
-I/O shell around ``workers/datapath.py``: a raw IPv4 protocol-41 socket that captures this
+I/O shell around ``workers/engine/datapath.py``: a raw IPv4 protocol-41 socket that captures this
 worker's share of the tunnel in recvmmsg batches (kernel fan-out; with the coordinator's
 fan-out, a ZeroMQ PULL socket brings batches instead) and sends the encapsulated replies
 straight to the tunnel peer (the kernel writes the outer header: TTL 64, DF clear as RFC 4213
@@ -33,17 +33,17 @@ import zmq
 
 from workers import control, seccomp
 from workers.control import control_endpoint, data_endpoint
-from workers.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
-from workers.datapath import Datapath
-from workers.drops import DropReason, Event
-from workers.flows import Session
+from workers.engine.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
+from workers.engine.datapath import Datapath
+from workers.engine.drops import DropReason, Event
+from workers.engine.flows import Session
+from workers.engine.packet import PROTO_TCP, PROTO_UDP
+from workers.engine.settings import Settings, worker_pool, worker_routes
+from workers.engine.tunnel import TunnelPolicy
+from workers.engine.wire import decode_batch, fanout_filter, pack_filter
 from workers.mmsg import BatchReceiver, BatchSender
-from workers.packet import PROTO_TCP, PROTO_UDP
 from workers.privileges import drop_privileges
-from workers.settings import Settings, worker_pool, worker_routes
-from workers.tunnel import TunnelPolicy
 from workers.uring import UringWriter
-from workers.wire import decode_batch, fanout_filter, pack_filter
 
 log = logging.getLogger("sixgate.worker")
 

@@ -27,7 +27,7 @@ import os
 import pwd
 from pathlib import Path
 
-from workers.settings import Settings
+from workers.engine.settings import Settings
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4

@@ -18,8 +18,9 @@ pooling, as the userspace backend), never 127.0.0.1, so a service that trusts lo
 not trust the internet (issue 13, finding 4). The coordinator makes the pool local
 (``coordinator/kernel_backend.py``) so the sockets can bind it without privileges.
 
-Counters use the same structure and names as the userspace datapath (``workers/counters.py``);
-the control socket answers the same ``flows``/``ping`` requests. I/O shell on asyncio.
+Counters use the same structure and names as the userspace datapath
+(``workers/engine/counters.py``); the control socket answers the same ``flows``/``ping``
+requests. I/O shell on asyncio.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ import zmq.asyncio
 
 from workers import control as protocol
 from workers import seccomp
-from workers.counters import Counters, LimitHits, worker_stats
-from workers.drops import DropReason, Event
-from workers.flows import worker_share
-from workers.packet import PROTO_TCP, PROTO_UDP
+from workers.engine.counters import Counters, LimitHits, worker_stats
+from workers.engine.drops import DropReason, Event
+from workers.engine.flows import worker_share
+from workers.engine.packet import PROTO_TCP, PROTO_UDP
+from workers.engine.settings import Forward, Settings, source_allowed, worker_pool
 from workers.privileges import drop_privileges
-from workers.settings import Forward, Settings, source_allowed, worker_pool
 
 log = logging.getLogger("sixgate.relay")
 

@@ -1,7 +1,7 @@
 """The worker's TUN device: how translated IPv4 packets reach the services and replies come back.
 
 Each worker owns one TUN device named ``<name><index>`` and routes its own slice of the IPv4
-pool to it (``workers/settings.py worker_routes``), so the kernel hands every reply to the
+pool to it (``workers/engine/settings.py worker_routes``), so the kernel hands every reply to the
 worker that owns the flow. Because the pool addresses live behind the TUN and no local socket
 owns them, the kernel never answers the services' replies with its own RST or unreachable
 (DESIGN.md), and no firewall rule is needed. The device is not persistent: it disappears with

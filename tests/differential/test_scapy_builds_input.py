@@ -44,8 +44,8 @@ from scapy.layers.inet6 import (
 from scapy.packet import Packet, Raw, raw
 from scapy_check import checksums_match
 
-from workers.drops import DropReason
-from workers.tunnel import check_inbound
+from workers.engine.drops import DropReason
+from workers.engine.tunnel import check_inbound
 
 
 def party(mode: str = "6to4") -> TwoParty:

@@ -371,7 +371,7 @@ class TestSixInFour(GatewayBehaviour):
 @pytest.mark.parametrize("lab", [4], indirect=True, ids=["workers4"])
 class TestSixToFourKernelFanout(TestSixToFour):
     """Every 6to4 behaviour again with ``fanout = "kernel"``: each worker captures its own
-    share through a BPF filter on its raw socket (workers/wire.py fanout_filter) and applies
+    share through a BPF filter on its raw socket (workers/engine/wire.py fanout_filter) and applies
     the tunnel checks itself; no packet crosses the coordinator."""
 
     FANOUT = "kernel"

@@ -71,7 +71,7 @@ def test_sendmmsg_and_recvmmsg_batches_with_one_refused_send(namespace: str) -> 
 
 URING_SCRIPT = r"""
 import errno, ipaddress, os, socket
-from workers.packet import PROTO_UDP, build_ipv4, pseudo_sum_v4, set_checksum
+from workers.engine.packet import PROTO_UDP, build_ipv4, pseudo_sum_v4, set_checksum
 from workers.tun import configure_tun, open_tun
 from workers.uring import UringWriter
 

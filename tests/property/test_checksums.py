@@ -20,8 +20,8 @@ from strategies import (
     with_transport_checksum,
 )
 
-from workers.drops import DropReason
-from workers.packet import (
+from workers.engine.drops import DropReason
+from workers.engine.packet import (
     build_ipv4,
     checksum,
     parse_ipv4,

@@ -1,4 +1,4 @@
-"""The per-session fast path (workers/fastpath.py) changes nothing but speed.
+"""The per-session fast path (workers/engine/fastpath.py) changes nothing but speed.
 
 Two engines, one with the fast path and one without, get the same random sequence of client
 packets, service replies and clock ticks: plain ones (which the fast path translates) mixed
@@ -20,12 +20,12 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw, raw
 
-from workers import datapath as datapath_module
-from workers.datapath import Datapath
-from workers.drops import DropReason
-from workers.packet import PROTO_TCP
-from workers.settings import worker_pool
-from workers.tunnel import TunnelPolicy, check_inbound
+from workers.engine import datapath as datapath_module
+from workers.engine.datapath import Datapath
+from workers.engine.drops import DropReason
+from workers.engine.packet import PROTO_TCP
+from workers.engine.settings import worker_pool
+from workers.engine.tunnel import TunnelPolicy, check_inbound
 
 CLIENTS = ("2002:c633:6401::1", "2002:c633:6401::2", "2001:db8:1::1")
 MUTATIONS = ("none", "none", "none", "bad_checksum", "zero_checksum", "hop_limit_1", "padding",

@@ -14,9 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from workers.drops import DropReason
-from workers.flows import FlowTable, Timeouts
-from workers.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from workers.engine.drops import DropReason
+from workers.engine.flows import FlowTable, Timeouts
+from workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 POOL = [bytes([100, 64, 0, n]) for n in range(1, 5)]  # 4 pool addresses: exhaustion happens
 CLIENTS = [bytes.fromhex(f"2002c6336401{p:04x}") + bytes(7) + bytes([h])
@@ -77,7 +77,9 @@ class FlowTableMachine(RuleBasedStateMachine):
                                    7441.0]))
     def advance_and_expire(self, seconds: float) -> None:
         self.now += seconds
-        due = {id(s) for s in self.table.sessions() if self.now - s.last_seen >= s.timeout_s}
+        # A session's deadline is last_seen + timeout (floats: written the same way as the
+        # table, since now - last_seen >= timeout can differ from it by one ulp).
+        due = {id(s) for s in self.table.sessions() if s.last_seen + s.timeout_s <= self.now}
         live_before = {id(s) for s in self.table.sessions()}
         removed = self.table.expire(self.now)
         live_after = {id(s) for s in self.table.sessions()}

@@ -25,8 +25,8 @@ from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import IPv6, defragment6
 from scapy.packet import Raw, raw
 
-from workers.drops import DropReason
-from workers.tunnel import DEFAULT_MARTIAN_IPV4
+from workers.engine.drops import DropReason
+from workers.engine.tunnel import DEFAULT_MARTIAN_IPV4
 
 MARTIAN4 = [ipaddress.IPv4Network(c) for c, _ in DEFAULT_MARTIAN_IPV4]
 

@@ -4,7 +4,7 @@ the two-party helper (an IPv6 client on the far side of the tunnel <-> an IPv4 s
 Packets are built and read with scapy, an independent implementation, so a test never uses the
 engine's own codecs to decide whether the engine is right. Every address is from a
 documentation range (RFC 5737, RFC 3849) or the 6to4 prefix derived from one; documentation
-ranges are deliberately not martian (workers/tunnel.py).
+ranges are deliberately not martian (workers/engine/tunnel.py).
 
 Imported as ``helpers`` by tests/unit (pytest puts that directory on sys.path) and by the
 property and differential suites through their conftest.py.
@@ -20,11 +20,11 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw, raw
 
-from workers.datapath import Datapath
-from workers.drops import DropReason
-from workers.flows import Timeouts
-from workers.settings import Forward, Settings, worker_pool
-from workers.tunnel import TunnelPolicy
+from workers.engine.datapath import Datapath
+from workers.engine.drops import DropReason
+from workers.engine.flows import Timeouts
+from workers.engine.settings import Forward, Settings, worker_pool
+from workers.engine.tunnel import TunnelPolicy
 
 # --- addresses ----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""workers/datapath.py end to end with the two-party helper: a client's IPv6 packet goes in
+"""workers/engine/datapath.py end to end with the two-party helper: a client's IPv6 packet goes in
 through ``Datapath.inbound``, the service's IPv4 answer through ``Datapath.from_services``,
 and what leaves (IPv4 to the services, IPv6 + outer IPv4 destination to the tunnel, drop
 counters by name) is read with scapy. Time is a FakeClock: nothing sleeps.
@@ -50,10 +50,10 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Raw, raw
 
-from workers.datapath import Datapath
-from workers.drops import DropReason, Event
-from workers.flows import ESTABLISHED, V4_SYN_RCV, V6_FIN, Timeouts
-from workers.settings import worker_pool
+from workers.engine.datapath import Datapath
+from workers.engine.drops import DropReason, Event
+from workers.engine.flows import ESTABLISHED, V4_SYN_RCV, V6_FIN, Timeouts
+from workers.engine.settings import worker_pool
 
 MODES = ["6to4", "6in4"]
 T = Timeouts()
@@ -211,7 +211,7 @@ def test_rfc4443_2_4_f_errors_rate_limited_by_token_bucket() -> None:
     sources = [f"2001:db8:{i}::1" for i in range(1, 30)]  # a /64 each: the global bucket
     steps = [p.client(client_udp(src=src, dport=99)) for src in sources[:21]]
     assert [len(s.outbound) for s in steps] == [1] * 20 + [0]
-    # Exactly one drop reason per packet (workers/drops.py): the refused packet is no_rule;
+    # Exactly one drop reason per packet (workers/engine/drops.py): the refused packet is no_rule;
     # the error not sent for it is an event, not a second drop.
     suppressed = p.datapath.counters.events.get(Event.REPLIES_SUPPRESSED.value, 0)
     assert steps[20].drops == {DropReason.NO_RULE: 1} and suppressed == 1
@@ -718,7 +718,7 @@ def test_rfc6888_req4_global_limit_split_between_shards() -> None:
 def test_rule_from_list_refuses_other_sources_as_no_rule(mode: str) -> None:
     """RFC 6092-style holes: a rule open to one prefix is a closed port to everyone else
     (RST for TCP, port unreachable for UDP, rate-limited), counted as source_not_allowed."""
-    from workers.settings import Forward
+    from workers.engine.settings import Forward
 
     allowed = "2002:c633:6401::/48" if mode == "6to4" else "2001:db8:1::/48"
     rules = (Forward("tcp", 80, 80, SERVICE4, 8080, (allowed,)),

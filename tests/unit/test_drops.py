@@ -1,14 +1,14 @@
-"""workers/drops.py: one registry of drop reasons, each with a one-line doc (STYLE.md)."""
+"""workers/engine/drops.py: one registry of drop reasons, each with a one-line doc (STYLE.md)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from workers.counters import Counters, LimitHits
-from workers.drops import ALL_REASONS, ICMP_ERROR_EVENTS, DropReason, Event
+from workers.engine.counters import Counters, LimitHits
+from workers.engine.drops import ALL_REASONS, ICMP_ERROR_EVENTS, DropReason, Event
 
-DROPS_PY = Path(__file__).resolve().parents[2] / "workers" / "drops.py"
+DROPS_PY = Path(__file__).resolve().parents[2] / "workers" / "engine" / "drops.py"
 
 
 def member_docs(registry: str = "DropReason") -> dict[str, str]:

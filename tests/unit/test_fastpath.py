@@ -1,4 +1,4 @@
-"""workers/fastpath.py: which TCP segments the template path may translate (issue 15)."""
+"""workers/engine/fastpath.py: which TCP segments the template path may translate (issue 15)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import ipaddress
 from scapy.layers.inet import TCP
 from scapy.layers.inet6 import IPv6
 
-from workers.fastpath import InTemplate, fast_v6_to_v4, inbound_template
-from workers.flows import FlowTable, Timeouts
+from workers.engine.fastpath import InTemplate, fast_v6_to_v4, inbound_template
+from workers.engine.flows import FlowTable, Timeouts
 
 CLIENT6, GW6 = "2002:c633:6401::1", "2002:c000:20a::1"
 

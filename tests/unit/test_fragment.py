@@ -1,4 +1,4 @@
-"""workers/fragment.py: ``fragment_ipv6`` (RFC 8200 §4.5, RFC 7915 §4) and the bounded
+"""workers/engine/fragment.py: ``fragment_ipv6`` (RFC 8200 §4.5, RFC 7915 §4) and the bounded
 ``Reassembler`` (RFC 8200 §4.5, RFC 5722, RFC 6146 §3.4), with a fake clock.
 
 Fragments fed to the reassembler are built by scapy; fragments we build are read by scapy.
@@ -12,9 +12,9 @@ from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, defragment6
 from scapy.packet import Raw, raw
 
-from workers.drops import DropReason
-from workers.fragment import REASSEMBLY_TIMEOUT_S, Reassembler, fragment_ipv6
-from workers.packet import PROTO_FRAGMENT, PROTO_UDP
+from workers.engine.drops import DropReason
+from workers.engine.fragment import REASSEMBLY_TIMEOUT_S, Reassembler, fragment_ipv6
+from workers.engine.packet import PROTO_FRAGMENT, PROTO_UDP
 
 SRC = "2001:db8:1::1"
 DST = "2001:db8:2::2"

@@ -1,4 +1,4 @@
-"""workers/icmp.py: echo reply (RFC 4443 §4.2), error rules and size (RFC 4443 §2.4),
+"""workers/engine/icmp.py: echo reply (RFC 4443 §4.2), error rules and size (RFC 4443 §2.4),
 TCP reset generation (RFC 9293 §3.10.7.1) and the token bucket (RFC 4443 §2.4(f)).
 
 Invoking packets are built by scapy and what we build is read back by scapy.
@@ -23,7 +23,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Packet, Raw, raw
 
-from workers.icmp import (
+from workers.engine.icmp import (
     MIN_MTU,
     TokenBucket,
     echo_reply,
@@ -31,7 +31,7 @@ from workers.icmp import (
     may_send_error,
     tcp_reset,
 )
-from workers.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, parse_ipv6
+from workers.engine.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, parse_ipv6
 
 CLIENT = "2001:db8:1::1"
 US = "2001:db8:ff::1"

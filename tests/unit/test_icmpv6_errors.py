@@ -29,7 +29,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Packet, raw
 
-from workers.drops import DropReason
+from workers.engine.drops import DropReason
 
 MODES = ["6to4", "6in4"]
 

@@ -1,4 +1,4 @@
-"""workers/packet.py: IPv4/IPv6 header codecs and Internet checksums, vector tables.
+"""workers/engine/packet.py: IPv4/IPv6 header codecs and Internet checksums, vector tables.
 
 Inputs are built with scapy; expected values are written out by hand from the RFCs.
 """
@@ -18,8 +18,8 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Raw, raw
 
-from workers.drops import DropReason
-from workers.packet import (
+from workers.engine.drops import DropReason
+from workers.engine.packet import (
     PROTO_FRAGMENT,
     PROTO_ICMP,
     PROTO_ICMPV6,

@@ -12,7 +12,7 @@ import pytest
 from helpers import make_settings
 
 from workers import privileges
-from workers.settings import Settings
+from workers.engine.settings import Settings
 
 NET_ADMIN, NET_RAW, NET_BIND_SERVICE = 12, 13, 10  # capability.h
 

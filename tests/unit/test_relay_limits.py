@@ -10,9 +10,9 @@ import socket
 from helpers import make_settings
 
 from workers import relay
-from workers.counters import Counters
-from workers.packet import PROTO_TCP
-from workers.settings import Forward
+from workers.engine.counters import Counters
+from workers.engine.packet import PROTO_TCP
+from workers.engine.settings import Forward
 
 
 def test_descriptor_budget_is_two_per_session_plus_listeners_and_spares() -> None:

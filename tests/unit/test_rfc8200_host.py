@@ -38,8 +38,8 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Packet, Raw, raw
 
-from workers.drops import DropReason
-from workers.packet import ParameterProblem, parse_ipv6
+from workers.engine.drops import DropReason
+from workers.engine.packet import ParameterProblem, parse_ipv6
 
 Send = Callable[[TwoParty, bytes], Step]
 

@@ -1,4 +1,4 @@
-"""workers/settings.py: forward rules, the JSON hand-over to workers and the pool slices."""
+"""workers/engine/settings.py: forward rules, the JSON hand-over to workers and the pool slices."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import ipaddress
 import pytest
 from helpers import FORWARDS, make_settings
 
-from workers.flows import Timeouts
-from workers.settings import (
+from workers.engine.flows import Timeouts
+from workers.engine.settings import (
     Forward,
     Settings,
     pool_addresses,

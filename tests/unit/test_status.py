@@ -28,8 +28,8 @@ from coordinator.status import (
     rates,
     render,
 )
-from workers.counters import DIRECTIONS, PROCESSING_SECONDS_BOUNDS, PROTOCOLS
-from workers.drops import DropReason
+from workers.engine.counters import DIRECTIONS, PROCESSING_SECONDS_BOUNDS, PROTOCOLS
+from workers.engine.drops import DropReason
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 HISTOGRAMS = ("sixgate_packet_processing_seconds",)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator import gateway
-from workers.counters import Counters
+from workers.engine.counters import Counters
 
 
 class DeadProcess:

@@ -1,4 +1,4 @@
-"""workers/translate.py: RFC 7915 header translation with an RFC 6146 session, MSS clamping,
+"""workers/engine/translate.py: RFC 7915 header translation with an RFC 6146 session, MSS clamping,
 and the §4.2/§4.3 ICMPv4 error translation tables.
 
 The functions are called directly with a hand-made Session; packets in and out go through
@@ -20,10 +20,10 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Packet, Raw, raw
 
-from workers.drops import DropReason
-from workers.flows import Session
-from workers.packet import PROTO_TCP, PROTO_UDP, sum16
-from workers.translate import (
+from workers.engine.drops import DropReason
+from workers.engine.flows import Session
+from workers.engine.packet import PROTO_TCP, PROTO_UDP, sum16
+from workers.engine.translate import (
     DF_THRESHOLD,
     clamp_mss,
     icmpv4_error_key,

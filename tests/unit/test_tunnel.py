@@ -1,4 +1,4 @@
-"""workers/tunnel.py: decapsulation checks (RFC 4213 §3.6, RFC 3964 §5), 6to4 addresses
+"""workers/engine/tunnel.py: decapsulation checks (RFC 4213 §3.6, RFC 3964 §5), 6to4 addresses
 (RFC 3056 §2) and where outbound packets go (RFC 3056 §5.3, RFC 4213 §3).
 
 Outer and inner packets are built with scapy; each table row names the rule it checks.
@@ -36,8 +36,8 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Packet, Raw, raw
 
-from workers.drops import DropReason
-from workers.tunnel import (
+from workers.engine.drops import DropReason
+from workers.engine.tunnel import (
     DEFAULT_MARTIAN_IPV4,
     MARTIAN_IPV6_DESTINATION,
     MARTIAN_IPV6_SOURCE,

@@ -1,4 +1,4 @@
-"""workers/wire.py: the coordinator <-> worker batch format and the flow hash.
+"""workers/engine/wire.py: the coordinator <-> worker batch format and the flow hash.
 
 Round trips, every kind of broken framing (-> None, never an exception), and the shard key
 rules: fragments and all flows of one /64 land on one worker; no per-process hash().
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
 from scapy.packet import raw
 
-from workers.wire import (
+from workers.engine.wire import (
     BATCH_HEADER,
     KIND_PACKETS,
     WIRE_VERSION,
@@ -138,7 +138,7 @@ def test_flow_hash_same_in_every_process() -> None:
     pkt = raw(IPv6(src="2001:db8:1:2::1", dst="2002:c000:20a::1"))
     here = flow_hash(pkt, 0x5167)
     root = Path(__file__).resolve().parents[2]
-    code = ("import sys; from workers.wire import flow_hash; "
+    code = ("import sys; from workers.engine.wire import flow_hash; "
             f"print(flow_hash(bytes.fromhex('{pkt.hex()}'), 0x5167))")
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(root))

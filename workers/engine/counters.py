@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from workers.drops import DropReason, Event
-from workers.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from workers.engine.drops import DropReason, Event
+from workers.engine.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 DIRECTIONS = ("inbound", "to_services", "from_services", "outbound")
 PROTO_LABELS = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMPV6: "icmp", PROTO_ICMP: "icmp"}
@@ -25,7 +25,8 @@ class Counters:
         self.packets: dict[tuple[str, str], int] = {
             (d, p): 0 for d in DIRECTIONS for p in PROTOCOLS}
         self.bytes: dict[tuple[str, str], int] = dict.fromkeys(self.packets, 0)
-        # Events (workers/drops.py Event) by value: ICMP errors sent, RSTs sent, flows created.
+        # Events (workers/engine/drops.py Event) by value: ICMP errors sent, RSTs sent, flows
+        # created.
         self.events: dict[str, int] = {}
 
     def drop(self, reason: DropReason, n: int = 1) -> None:

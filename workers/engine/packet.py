@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from workers.drops import DropReason
+from workers.engine.drops import DropReason
 
 PROTO_HOPOPT = 0
 PROTO_ICMP = 1

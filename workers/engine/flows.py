@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
-from workers.drops import DropReason
-from workers.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from workers.engine.drops import DropReason
+from workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 # TCP states of RFC 6146 §3.5.2.2 (CLOSED is "no session"), plus V4_SYN_RCV: the service
 # answered the client's SYN and the client's ACK is awaited (conntrack's SYN_RECV).
@@ -193,7 +193,7 @@ class FlowTable:
                   max_flows_per_48: int | None = None,
                   max_flows_per_ipv4_source: int | None = None) -> FlowTable:
         """One worker's table: its share of the gateway-wide limits. The per /64 limit is
-        exact because one shard sees all of a /64 (workers/wire.py flow_hash); the /48 and
+        exact because one shard sees all of a /64 (workers/engine/wire.py flow_hash); the /48 and
         outer-IPv4 limits spread over the shards like the global one."""
         return cls(pool, worker_share(max_flows, workers) or 1, max_flows_per_prefix, timeouts,
                    max_flows_per_48=worker_share(max_flows_per_48, workers),

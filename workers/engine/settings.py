@@ -11,8 +11,8 @@ import ipaddress
 import json
 from dataclasses import asdict, dataclass, field
 
-from workers.flows import Timeouts
-from workers.tunnel import DEFAULT_MARTIAN_IPV4
+from workers.engine.flows import Timeouts
+from workers.engine.tunnel import DEFAULT_MARTIAN_IPV4
 
 SETTINGS_VERSION = 1
 
@@ -97,7 +97,7 @@ class Settings:
     backend: str = "auto"  # "auto" | "userspace" | "kernel"; workers get the resolved one
     metrics_listen: str = "127.0.0.1:9641"  # "" = no metrics endpoint
     # Who spreads captured packets over the workers: the coordinator over ZeroMQ, or the
-    # kernel (each worker's capture socket filters its share, workers/wire.py fanout_filter).
+    # kernel (each worker's capture socket filters its share, workers/engine/wire.py fanout_filter).
     fanout: str = "kernel"
     # How a worker writes to its TUN device: a batch per io_uring_enter (workers/uring.py;
     # write(2) per packet when the kernel refuses io_uring), or one write(2) per packet.

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import struct
 
-from workers.drops import DropReason
-from workers.flows import Session
-from workers.icmp import (
+from workers.engine.drops import DropReason
+from workers.engine.flows import Session
+from workers.engine.icmp import (
     ICMPV6_DEST_UNREACHABLE,
     ICMPV6_PACKET_TOO_BIG,
     ICMPV6_PARAMETER_PROBLEM,
@@ -26,7 +26,7 @@ from workers.icmp import (
     MIN_MTU,
     build_icmpv6,
 )
-from workers.packet import (
+from workers.engine.packet import (
     IPV4_DF,
     PORTS,
     PROTO_ICMP,

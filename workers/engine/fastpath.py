@@ -7,7 +7,7 @@ pseudo-header sums, the outer IPv4 destination) is computed once when the sessio
 used and kept in a template; each packet then costs one dict lookup, one sum over its bytes and
 one header pack.
 
-Nothing is checked less than on the full path (``workers/datapath.py``): the upper-layer
+Nothing is checked less than on the full path (``workers/engine/datapath.py``): the upper-layer
 checksum is verified (RFC 8200 §8.1) over the whole segment, the hop limit/TTL is checked and
 decremented (RFC 7915 §4.1, §5.1), the IPv4 header checksum of a service's packet is verified
 (RFC 791). Any packet that is not the plain case (bad checksum, hop limit 1, flags that move
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import struct
 
-from workers.flows import Session
-from workers.packet import (
+from workers.engine.flows import Session
+from workers.engine.packet import (
     IPV4_DF,
     IPV4_MF,
     IPV4_OFFSET_MASK,
@@ -34,7 +34,7 @@ from workers.packet import (
     TCP_RST,
     TCP_SYN,
 )
-from workers.translate import DF_THRESHOLD
+from workers.engine.translate import DF_THRESHOLD
 
 TCP_SYN_FIN_RST = TCP_SYN | TCP_FIN | TCP_RST
 

@@ -1,7 +1,7 @@
 """One worker shard's packet engine: what happens to each packet, as data in and data out.
 
 ``Datapath.inbound`` takes an IPv6 packet the coordinator already decapsulated and checked
-(``workers/tunnel.py``); ``Datapath.from_services`` takes an IPv4 packet a service sent to a
+(``workers/engine/tunnel.py``); ``Datapath.from_services`` takes an IPv4 packet a service sent to a
 pool address. Results are appended to ``to_services`` (IPv4 packets for the services) and
 ``outbound`` ((IPv6 packet, outer IPv4 destination) pairs for the tunnel); every packet that
 goes nowhere is counted under one ``DropReason``. The I/O shell (``workers/main.py``) drains
@@ -19,9 +19,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from workers.counters import Counters, LimitHits
-from workers.drops import ICMP_ERROR_EVENTS, DropReason, Event
-from workers.fastpath import (
+from workers.engine.counters import Counters, LimitHits
+from workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
+from workers.engine.fastpath import (
     InTemplate,
     OutTemplate,
     fast_v4_to_v6,
@@ -29,9 +29,9 @@ from workers.fastpath import (
     inbound_template,
     return_template,
 )
-from workers.flows import FlowTable, Session
-from workers.fragment import Reassembler, fragment_ipv6
-from workers.icmp import (
+from workers.engine.flows import FlowTable, Session
+from workers.engine.fragment import Reassembler, fragment_ipv6
+from workers.engine.icmp import (
     ICMPV6_DEST_UNREACHABLE,
     ICMPV6_ECHO_REQUEST,
     ICMPV6_NEIGHBOR_SOLICITATION,
@@ -49,7 +49,7 @@ from workers.icmp import (
     neighbor_advertisement,
     tcp_reset,
 )
-from workers.packet import (
+from workers.engine.packet import (
     IPV4_DF,
     IPV4_MF,
     IPV4_OFFSET_MASK,
@@ -75,8 +75,8 @@ from workers.packet import (
     sum16,
     sum_is_valid,
 )
-from workers.settings import Settings, source_allowed
-from workers.translate import (
+from workers.engine.settings import Settings, source_allowed
+from workers.engine.translate import (
     icmpv4_error_key,
     icmpv6_error_key,
     translate_icmpv4_error,
@@ -84,7 +84,7 @@ from workers.translate import (
     translate_v4_to_v6,
     translate_v6_to_v4,
 )
-from workers.tunnel import TunnelPolicy, check_inbound, our_addresses, outer_destination
+from workers.engine.tunnel import TunnelPolicy, check_inbound, our_addresses, outer_destination
 
 # Counter keys of the fast path, by protocol (the same keys Counters.count builds).
 INBOUND_KEYS = {PROTO_TCP: ("inbound", "tcp"), PROTO_UDP: ("inbound", "udp")}
@@ -145,14 +145,14 @@ class Datapath:
         self.limit_hits = LimitHits()
         self._now = 0.0  # the time of the packet being handled, for the error rate limiter
         self._outer4 = b""  # its outer IPv4 source (6to4: counted per source by the flows)
-        # workers/fastpath.py templates of live sessions, keyed by the packet bytes that name
+        # workers/engine/fastpath.py templates of live sessions, keyed by the packet bytes that name
         # the session: IPv6 src, dst, ports (inbound); IPv4 src, dst, ports (return).
         self.fast_path = fast_path
         self._fast_in: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         self._fast_out: dict[int, dict[bytes, OutTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         # Kernel fan-out (``from_tunnel``): the same inbound templates keyed by the captured
         # packet's outer source and destination plus the inner addresses and ports, so one
-        # lookup stands for the tunnel checks (all address-only, workers/tunnel.py) and the
+        # lookup stands for the tunnel checks (all address-only, workers/engine/tunnel.py) and the
         # session. Entries of removed sessions go when next seen; the size is bounded.
         self._fast_tunnel: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         self._fast_tunnel_max = 2 * self.flows.max_flows + 1024
@@ -241,7 +241,7 @@ class Datapath:
 
         A plain packet of a known session from known tunnel addresses takes one lookup, keyed
         by its outer source and destination and its inner addresses and ports: the tunnel
-        checks depend on those addresses only (workers/tunnel.py), and the session on those
+        checks depend on those addresses only (workers/engine/tunnel.py), and the session on those
         plus the ports. RFC 4213 §3.6: the outer packet must be exactly one IPv6 packet here;
         options, padding and everything else take ``_from_tunnel_full``. Per packet this loop
         is most of a worker's Python time: it keeps what it touches in locals and adds its
@@ -564,7 +564,7 @@ class Datapath:
 
     def from_services_batch(self, packets: Iterable[bytes], now: float) -> None:
         """IPv4 packets the services sent to pool addresses, in order. A plain packet of a
-        session with a return template is translated from it (workers/fastpath.py); every
+        session with a return template is translated from it (workers/engine/fastpath.py); every
         other packet takes ``_from_services_full``. Like ``from_tunnel_batch``: locals,
         counters added once per batch, a packet that raises costs only itself."""
         fast = self.fast_path
