@@ -32,6 +32,10 @@ from workers.engine.fastpath import (
 from workers.engine.flows import FlowTable, Session
 from workers.engine.fragment import Reassembler, fragment_ipv6
 from workers.engine.icmp import (
+    ICMP_DEST_UNREACHABLE,
+    ICMP_FRAGMENTATION_NEEDED,
+    ICMP_PARAMETER_PROBLEM,
+    ICMP_TIME_EXCEEDED,
     ICMPV6_DEST_UNREACHABLE,
     ICMPV6_ECHO_REQUEST,
     ICMPV6_NEIGHBOR_SOLICITATION,
@@ -668,7 +672,7 @@ class Datapath:
             self._drop(DropReason.TRUNCATED)
             return
         icmp_type = packet[header_len]
-        if icmp_type not in (3, 11, 12):
+        if icmp_type not in (ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_PARAMETER_PROBLEM):
             # RFC 7915 §4.2: echo, timestamp, info and the rest are not translated here.
             self._drop(DropReason.ICMP_NOT_TRANSLATED)
             return
@@ -697,7 +701,8 @@ class Datapath:
         """ICMPv4 3/4 back to the service with the MTU it must use (RFC 1191, RFC 7915 §4.1)."""
         quote = bytes(packet[:header_len + 8])
         mtu4 = self.mtu - 20  # IPv6 header is 20 bytes bigger than IPv4's
-        message = bytearray(b"\x03\x04\0\0\0\0" + mtu4.to_bytes(2, "big") + quote)
+        message = bytearray(bytes((ICMP_DEST_UNREACHABLE, ICMP_FRAGMENTATION_NEEDED, 0, 0, 0, 0))
+                            + mtu4.to_bytes(2, "big") + quote)
         message[2:4] = checksum(message).to_bytes(2, "big")
         return build_ipv4(bytes(packet[16:20]), bytes(packet[12:16]), PROTO_ICMP, message)
 

@@ -22,6 +22,14 @@ from workers.engine.packet import (
     set_checksum,
 )
 
+# ICMPv4 (RFC 792) types and the codes sixgate names: what services send and what it answers.
+ICMP_DEST_UNREACHABLE = 3
+ICMP_TIME_EXCEEDED = 11
+ICMP_PARAMETER_PROBLEM = 12
+ICMP_PROTOCOL_UNREACHABLE = 2  # code of type 3
+ICMP_FRAGMENTATION_NEEDED = 4  # code of type 3 (RFC 1191)
+ICMP_POINTER_INDICATES_ERROR = 0  # code of type 12
+
 ICMPV6_DEST_UNREACHABLE = 1
 ICMPV6_PACKET_TOO_BIG = 2
 ICMPV6_TIME_EXCEEDED = 3

@@ -19,6 +19,12 @@ import struct
 from workers.engine.drops import DropReason
 from workers.engine.flows import Session
 from workers.engine.icmp import (
+    ICMP_DEST_UNREACHABLE,
+    ICMP_FRAGMENTATION_NEEDED,
+    ICMP_PARAMETER_PROBLEM,
+    ICMP_POINTER_INDICATES_ERROR,
+    ICMP_PROTOCOL_UNREACHABLE,
+    ICMP_TIME_EXCEEDED,
     ICMPV6_DEST_UNREACHABLE,
     ICMPV6_PACKET_TOO_BIG,
     ICMPV6_PARAMETER_PROBLEM,
@@ -193,7 +199,7 @@ def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_le
     icmp = packet[header_len:total_len]
     icmp_type, code = icmp[0], icmp[1]
     rest = 0
-    if icmp_type == 3:
+    if icmp_type == ICMP_DEST_UNREACHABLE:
         mapped = _UNREACH_V4_TO_V6.get(code)
         if mapped is None:
             return DropReason.ICMP_NOT_TRANSLATED
@@ -205,9 +211,9 @@ def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_le
             rest = min(max(MIN_MTU, mtu4 + 20), tunnel_mtu)
         elif v6_type == ICMPV6_PARAMETER_PROBLEM:
             rest = 6  # RFC 7915 §4.2: protocol unreachable points at Next Header
-    elif icmp_type == 11:
+    elif icmp_type == ICMP_TIME_EXCEEDED:
         v6_type, v6_code = ICMPV6_TIME_EXCEEDED, code
-    elif icmp_type == 12 and code in (0, 2):
+    elif icmp_type == ICMP_PARAMETER_PROBLEM and code in (ICMP_POINTER_INDICATES_ERROR, 2):
         pointer = _POINTER_V4_TO_V6.get(icmp[4])
         if pointer is None:
             return DropReason.ICMP_NOT_TRANSLATED
@@ -272,21 +278,22 @@ def translate_icmpv6_error(message: bytes | memoryview, session: Session,
         mapped = _UNREACH_V6_TO_V4.get(code)
         if mapped is None:
             return DropReason.ICMP_NOT_TRANSLATED
-        v4_type, v4_code = 3, mapped
+        v4_type, v4_code = ICMP_DEST_UNREACHABLE, mapped
     elif icmp_type == ICMPV6_PACKET_TOO_BIG:
         # §5.2: MTU - 20 for the smaller IPv4 header, and no more than our own tunnel takes.
         mtu6 = int.from_bytes(message[4:8], "big")
         mtu4 = max(ICMP4_MIN_MTU, min(mtu6, tunnel_mtu) - 20)
-        v4_type, v4_code, rest = 3, 4, mtu4
+        v4_type, v4_code, rest = ICMP_DEST_UNREACHABLE, ICMP_FRAGMENTATION_NEEDED, mtu4
     elif icmp_type == ICMPV6_TIME_EXCEEDED:
-        v4_type, v4_code = 11, code
+        v4_type, v4_code = ICMP_TIME_EXCEEDED, code
     elif icmp_type == ICMPV6_PARAMETER_PROBLEM and code == 0:
         pointer = _POINTER_V6_TO_V4.get(int.from_bytes(message[4:8], "big"))
         if pointer is None:
             return DropReason.ICMP_NOT_TRANSLATED
-        v4_type, v4_code, rest = 12, 0, pointer << 24
+        v4_type, v4_code, rest = ICMP_PARAMETER_PROBLEM, ICMP_POINTER_INDICATES_ERROR, pointer << 24
     elif icmp_type == ICMPV6_PARAMETER_PROBLEM and code == 1:
-        v4_type, v4_code = 3, 2  # §5.2: unrecognized Next Header -> protocol unreachable
+        # §5.2: unrecognized Next Header -> protocol unreachable
+        v4_type, v4_code = ICMP_DEST_UNREACHABLE, ICMP_PROTOCOL_UNREACHABLE
     else:
         return DropReason.ICMP_NOT_TRANSLATED
     inner = message[8:]
