@@ -143,19 +143,12 @@ def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 15000,
         # No socket file: no gateway runs with this run_dir (answer at once, don't wait).
         raise RuntimeError(f"no gateway runs with run_dir {settings.run_dir} (no {endpoint}); "
                            "start `sixgate run` with this config")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    req = ctx.socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
-    req.connect(endpoint)
-    try:
-        req.send_json(control.request(cmd, **args))
-        if not req.poll(timeout_ms, zmq.POLLIN):
-            raise RuntimeError(f"no gateway answers on {endpoint}; is `sixgate run` running "
-                               "with this config?")
-        reply: dict[str, Any] = json.loads(req.recv())
-        return reply
-    finally:
-        req.close(0)
+    reply = control.ask(zmq.Context.instance(), [endpoint], control.request(cmd, **args),
+                        timeout_ms)[0]
+    if reply is None:
+        raise RuntimeError(f"no gateway answers on {endpoint}; is `sixgate run` running "
+                           "with this config?")
+    return reply
 
 
 def summarize(status: dict[str, Any]) -> dict[str, Any]:

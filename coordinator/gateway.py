@@ -16,7 +16,6 @@ ours).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pwd
@@ -35,7 +34,7 @@ import zmq
 from pyroute2 import NetlinkError
 
 from coordinator import forwarding, kernel_backend
-from coordinator.metrics import MetricsServer, ask_workers
+from coordinator.metrics import GatewayView, MetricsServer, WorkerView
 from workers import control
 from workers.control import control_endpoint, coordinator_endpoint, data_endpoint
 from workers.engine.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
@@ -225,6 +224,26 @@ class Coordinator:
         self.metrics_server: MetricsServer | None = None
         self.sit_link: str | None = None
 
+    # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
+
+    def view(self) -> GatewayView:
+        workers = []
+        for worker in self.workers:
+            proc = worker.proc
+            alive = proc is not None and proc.poll() is None
+            workers.append(WorkerView(worker.index, proc.pid if alive and proc else None,
+                                      worker.restarts, self.queue_drops[worker.index]))
+        return GatewayView(
+            counters=self.counters.as_dict(), workers=tuple(workers),
+            started_unix=self.started_unix, loop_age_s=time.monotonic() - self.loop_seen,
+            batch_packets=self.batch_packets.as_dict(),
+            capture_open=self.sock is not None and self.sock.fileno() >= 0,
+            sit_link=self.sit_link)
+
+    def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
+        return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
+                                   timeout_ms)
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -299,21 +318,6 @@ class Coordinator:
         worker.started = time.monotonic()
         (self.run_dir / f"worker-{worker.index}.pid").write_text(f"{worker.proc.pid}\n")
 
-    def _ask_worker(self, index: int, request: dict[str, Any],
-                    timeout_ms: int = CONTROL_TIMEOUT_MS) -> dict[str, Any] | None:
-        """One REQ/REP exchange with a worker; None when it does not answer in time."""
-        req = self.ctx.socket(zmq.REQ)
-        req.setsockopt(zmq.LINGER, 0)
-        req.connect(control_endpoint(self.settings.run_dir, index))
-        try:
-            req.send_json(request)
-            if req.poll(timeout_ms, zmq.POLLIN):
-                reply: dict[str, Any] = json.loads(req.recv())
-                return reply
-            return None
-        finally:
-            req.close(0)
-
     def _wait_workers_ready(self) -> None:
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
         pending = {w.index for w in self.workers}
@@ -323,7 +327,8 @@ class Coordinator:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"worker {index} exited with code {proc.returncode} "
                                        "during start-up (its error is logged above)")
-                if self._ask_worker(index, control.request("ping"), 200):
+                if control.ask(self.ctx, [control_endpoint(self.settings.run_dir, index)],
+                               control.request("ping"), 200)[0]:
                     pending.discard(index)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers {sorted(pending)} did not answer within "
@@ -504,7 +509,7 @@ class Coordinator:
             self.control.send_json(error)
         elif cmd in ("flows", "status"):
             workers = []
-            replies = ask_workers(self.ctx, self.settings.run_dir, self.settings.workers,
+            replies = control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers,
                                   "flows", CONTROL_TIMEOUT_MS,
                                   limit=control.page_limit(fields))
             for worker, reply in zip(self.workers, replies, strict=True):

@@ -21,19 +21,17 @@ coordinator's counters (plain ints, read under the GIL) and uses its own ZeroMQ 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from pathlib import Path
 from socket import AF_INET6
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import zmq
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -44,14 +42,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from coordinator.config import parse_listen
-from workers import control
-from workers.control import control_endpoint
 from workers.engine.counters import DIRECTIONS, PROTOCOLS
 from workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
 from workers.engine.flows import worker_share
-
-if TYPE_CHECKING:
-    from coordinator.gateway import Coordinator
+from workers.engine.settings import Settings
 
 log = logging.getLogger("sixgate.metrics")
 
@@ -89,44 +83,6 @@ def sixgate_version() -> str:
         return metadata.version("sixgate")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def ask_workers(ctx: zmq.Context[Any], run_dir: str, count: int, cmd: str,
-                timeout_ms: int, **args: Any) -> list[dict[str, Any] | None]:
-    """Send ``cmd`` to every worker at once; each answer, or None for a worker that did not
-    answer within ``timeout_ms`` (all of them share the one deadline)."""
-    sockets = []
-    replies: list[dict[str, Any] | None] = [None] * count
-    poller = zmq.Poller()
-    try:
-        for index in range(count):
-            sock = ctx.socket(zmq.REQ)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(control_endpoint(run_dir, index))
-            sock.send_json(control.request(cmd, **args))
-            sockets.append(sock)
-            poller.register(sock, zmq.POLLIN)
-        position = {sock: index for index, sock in enumerate(sockets)}
-        deadline = time.monotonic() + timeout_ms / 1000
-        pending = count
-        while pending:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                break
-            for sock, _event in poller.poll(left_ms):
-                index = position[sock]
-                poller.unregister(sock)
-                pending -= 1
-                try:
-                    reply = json.loads(sock.recv())
-                except ValueError:
-                    continue
-                if isinstance(reply, dict) and reply.get("ok"):
-                    replies[index] = reply
-    finally:
-        for sock in sockets:
-            sock.close(0)
-    return replies
 
 
 def process_usage(pid: int) -> tuple[float, float, int] | None:
@@ -306,23 +262,52 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     return out
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    index: int
+    pid: int | None  # None while it is not running
+    restarts: int
+    queue_drops: int  # packets lost to its full queue (coordinator fan-out)
+
+
+@dataclass(frozen=True)
+class GatewayView:
+    """What /metrics, /healthz and /readyz read of the running gateway, taken at one time."""
+
+    counters: dict[str, Any]  # the coordinator's own (Counters.as_dict)
+    workers: tuple[WorkerView, ...]
+    started_unix: float
+    loop_age_s: float  # since the coordinator's main loop last went round
+    batch_packets: dict[str, Any]  # Histogram.as_dict of packets per fan-out message
+    capture_open: bool  # coordinator fan-out: its protocol-41 socket is open
+    sit_link: str | None  # kernel backend: the sit link it made
+
+
+class Gateway(Protocol):
+    """The metrics endpoint's whole interface to the coordinator."""
+
+    settings: Settings
+
+    def view(self) -> GatewayView: ...
+
+    def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]: ...
+
+
 class GatewayCollector:
     """prometheus_client collector that snapshots the coordinator and asks the workers."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.coordinator = coordinator
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
         self.version = sixgate_version()  # read once: it does not change while we run
 
     def snapshot(self) -> dict[str, Any]:
-        coord = self.coordinator
-        settings = coord.settings
-        replies = ask_workers(coord.ctx, settings.run_dir, settings.workers, "stats",
-                              SCRAPE_WORKER_TIMEOUT_MS)
-        counters = coord.counters
-        events = counters.events.copy()
+        settings = self.gateway.settings
+        replies = self.gateway.ask_workers("stats", SCRAPE_WORKER_TIMEOUT_MS)
+        view = self.gateway.view()
+        events = view.counters["events"]
         kernel = settings.backend == "kernel"
         if kernel:
-            received = kernel_link_received(coord.sit_link)
+            received = kernel_link_received(view.sit_link)
         else:
             # Counted by the coordinator, or with kernel fan-out by each worker.
             everyone = [events] + [r["counters"]["events"] for r in replies if r is not None]
@@ -330,25 +315,24 @@ class GatewayCollector:
                         sum(e.get(Event.TUNNEL_BYTES_RECEIVED.value, 0) for e in everyone))
         processes: list[dict[str, Any]] = [{
             "name": "coordinator", "usage": process_usage(os.getpid()),
-            "stats": {"counters": counters.as_dict()}}]
-        for worker, reply in zip(coord.workers, replies, strict=True):
-            proc = worker.proc
-            alive = proc is not None and proc.poll() is None
+            "stats": {"counters": view.counters}}]
+        for worker, reply in zip(view.workers, replies, strict=True):
             processes.append({
                 "name": f"worker-{worker.index}", "restarts": worker.restarts,
-                "stats": reply, "queue_drops": coord.queue_drops[worker.index],
+                "stats": reply, "queue_drops": worker.queue_drops,
                 "flow_limit": worker_share(settings.max_flows, settings.workers),
-                "usage": process_usage(proc.pid) if alive and proc is not None else None})
+                "usage": process_usage(worker.pid) if worker.pid is not None else None})
         return {
             "version": self.version, "backend": settings.backend,
             "delivery": "socket_relay" if kernel else "tun", "mode": settings.mode,
-            "ready": readiness(coord, replies) is None, "start_time": coord.started_unix,
+            "ready": readiness(settings, view, replies) is None,
+            "start_time": view.started_unix,
             "tunnel_received": received,
             "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,
                        "queue_batches": settings.queue_batches,
                        "icmp_errors_per_s": settings.icmp_errors_per_s},
             "processes": processes,
-            "batch_packets": coord.batch_packets.as_dict(),
+            "batch_packets": view.batch_packets,
         }
 
     def collect(self) -> Iterator[Metric]:
@@ -366,13 +350,13 @@ def kernel_link_received(link: str | None) -> tuple[int, int]:
         return 0, 0
 
 
-def readiness(coord: Coordinator, replies: list[dict[str, Any] | None]) -> str | None:
+def readiness(settings: Settings, view: GatewayView,
+              replies: list[dict[str, Any] | None]) -> str | None:
     """None when ready, else what the gateway is waiting for (the /readyz body)."""
-    if coord.settings.backend == "kernel":
-        if coord.sit_link is None or not Path(f"/sys/class/net/{coord.sit_link}").exists():
+    if settings.backend == "kernel":
+        if view.sit_link is None or not Path(f"/sys/class/net/{view.sit_link}").exists():
             return "the sit tunnel link is not up"
-    elif coord.settings.fanout == "coordinator" and (coord.sock is None
-                                                     or coord.sock.fileno() < 0):
+    elif settings.fanout == "coordinator" and not view.capture_open:
         # With kernel fan-out each worker holds its own capture socket: it answers only
         # once that socket is open, so the worker check below covers it.
         return "the protocol-41 capture socket is not open"
@@ -385,10 +369,10 @@ def readiness(coord: Coordinator, replies: list[dict[str, Any] | None]) -> str |
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on the configured address, in a thread."""
 
-    def __init__(self, coordinator: Coordinator, listen: str) -> None:
-        self.coordinator = coordinator
+    def __init__(self, gateway: Gateway, listen: str) -> None:
+        self.gateway = gateway
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(coordinator))
+        self.registry.register(GatewayCollector(gateway))
         host, port = parse_listen(listen)
         server_class = _Server6 if ":" in host else _BoundedServer
         self.httpd = server_class((host, port), _handler(self))
@@ -398,16 +382,14 @@ class MetricsServer:
         log.info("metrics on http://%s/metrics (also /healthz, /readyz)", listen)
 
     def healthy(self) -> str | None:
-        age = time.monotonic() - self.coordinator.loop_seen
+        age = self.gateway.view().loop_age_s
         if age > HEALTHY_LOOP_AGE_S:
             return f"the coordinator loop has not run for {age:.0f} s"
         return None
 
     def ready(self) -> str | None:
-        coord = self.coordinator
-        replies = ask_workers(coord.ctx, coord.settings.run_dir, coord.settings.workers,
-                              "ping", READY_WORKER_TIMEOUT_MS)
-        return readiness(coord, replies)
+        replies = self.gateway.ask_workers("ping", READY_WORKER_TIMEOUT_MS)
+        return readiness(self.gateway.settings, self.gateway.view(), replies)
 
     def close(self) -> None:
         self.httpd.shutdown()

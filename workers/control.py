@@ -3,14 +3,18 @@
 ZeroMQ REQ/REP over ``ipc://`` sockets in the run directory, one JSON object each way:
 request ``{"v": 1, "cmd": "ping" | "flows"}``, reply ``{"v": 1, "ok": true, ...}`` or
 ``{"v": 1, "ok": false, "error": "..."}``. Versioned and plain JSON (never pickle), so the same
-requests work over ``tcp://`` once workers live on other hosts.
+requests work over ``tcp://`` once workers live on other hosts. ``ask`` is the one client every
+caller uses (``sixgate flows``, the coordinator asking its workers, /metrics and /readyz).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
+
+import zmq
 
 CONTROL_VERSION = 1
 
@@ -78,3 +82,49 @@ def ok(**fields: Any) -> dict[str, Any]:
 
 def error(message: str) -> dict[str, Any]:
     return {"v": CONTROL_VERSION, "ok": False, "error": message}
+
+
+def ask(ctx: zmq.Context[Any], endpoints: list[str], req: dict[str, Any],
+        timeout_ms: int) -> list[dict[str, Any] | None]:
+    """Send ``req`` to every endpoint at once; each one's reply (a JSON object), or None for an
+    endpoint that did not answer within ``timeout_ms`` (all share the one deadline) or
+    answered something that is not a JSON object."""
+    replies: list[dict[str, Any] | None] = [None] * len(endpoints)
+    sockets = []
+    poller = zmq.Poller()
+    try:
+        for endpoint in endpoints:
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send_json(req)
+            sockets.append(sock)
+            poller.register(sock, zmq.POLLIN)
+        position = {sock: index for index, sock in enumerate(sockets)}
+        deadline = time.monotonic() + timeout_ms / 1000
+        pending = len(sockets)
+        while pending:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            for sock, _event in poller.poll(left_ms):
+                poller.unregister(sock)
+                pending -= 1
+                try:
+                    reply = json.loads(sock.recv())
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(reply, dict):
+                    replies[position[sock]] = reply
+    finally:
+        for sock in sockets:
+            sock.close(0)
+    return replies
+
+
+def ask_workers(ctx: zmq.Context[Any], run_dir: str, count: int, cmd: str,
+                timeout_ms: int, **args: Any) -> list[dict[str, Any] | None]:
+    """``cmd`` to every worker at once; each one's successful reply, else None."""
+    endpoints = [control_endpoint(run_dir, index) for index in range(count)]
+    return [reply if reply is not None and reply.get("ok") else None
+            for reply in ask(ctx, endpoints, request(cmd, **args), timeout_ms)]
