@@ -42,7 +42,7 @@ from workers.engine.drops import DropReason, Event
 from workers.engine.settings import Settings
 from workers.engine.tunnel import TunnelPolicy, check_inbound
 from workers.engine.wire import encode_batch, pick_worker
-from workers.main import tun_name
+from workers.main import InternalErrorLog, tun_name
 from workers.mmsg import BatchReceiver
 from workers.privileges import (
     CAP_DAC_OVERRIDE,
@@ -223,6 +223,7 @@ class Coordinator:
         self.loop_seen = time.monotonic()  # /healthz: the main loop went round recently
         self.metrics_server: MetricsServer | None = None
         self.sit_link: str | None = None
+        self.errors = InternalErrorLog("coordinator")
 
     # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
 
@@ -448,9 +449,9 @@ class Coordinator:
                     inner, outer_src = result
                     index = pick_worker(inner, seed, nworkers) if nworkers > 1 else 0
                     batches[index].append((outer_src, inner))
-                except Exception:  # noqa: BLE001 - one packet must never kill the loop
+                except Exception as exc:  # noqa: BLE001 - one packet must never kill the loop
                     drops[DropReason.INTERNAL_ERROR] += 1
-                    log.exception("coordinator: packet raised (counted as internal_error)")
+                    self.errors.packet_raised(exc)
             counters.event(Event.TUNNEL_BYTES_RECEIVED, received_bytes)
             for index, batch in enumerate(batches):
                 if batch:

@@ -66,6 +66,23 @@ QUIET_SEND_ERRORS = frozenset({errno.ENOBUFS, errno.EAGAIN, errno.ENETUNREACH,
                                errno.EHOSTUNREACH, errno.EMSGSIZE, errno.EPERM})
 
 
+class InternalErrorLog:
+    """Logs a packet that raised (counted as internal_error by the caller) at most once per
+    ``TRACEBACK_LOG_INTERVAL_S``: a packet that trips a bug, sent in a flood, must not flood
+    the log too. The workers and the coordinator's capture loop share it."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self._last = -TRACEBACK_LOG_INTERVAL_S
+
+    def packet_raised(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last >= TRACEBACK_LOG_INTERVAL_S:
+            self._last = now
+            log.error("%s: packet raised %r (counted as internal_error)", self.who, exc,
+                      exc_info=exc)
+
+
 def tun_name(settings: Settings, index: int) -> str:
     return f"{settings.name}{index}"
 
@@ -135,7 +152,7 @@ class Worker:
         self.datapath = Datapath(settings, worker_pool(settings.pool, settings.workers, index),
                                  settings.workers)
         self.running = True
-        self._last_traceback = 0.0
+        self.errors = InternalErrorLog(f"worker {index}")
         self.tun_fd = -1
         self.tun_writer: UringWriter | None = None
         self.receiver: BatchReceiver | None = None
@@ -249,11 +266,7 @@ class Worker:
             self.datapath.last_error = None
 
     def _log_internal_error(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_traceback >= TRACEBACK_LOG_INTERVAL_S:
-            self._last_traceback = now
-            log.error("worker %d: packet raised %r (counted as internal_error)", self.index,
-                      exc, exc_info=exc)
+        self.errors.packet_raised(exc)
 
     def _drain_pull(self, now: float) -> None:
         datapath = self.datapath
