@@ -11,7 +11,7 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,16 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"listen"},
 }
 
-DEFAULT_METRICS_LISTEN = "127.0.0.1:9641"  # 9641: free in Prometheus' default port allocations
+# Every [gateway] default is the Settings field's own default: written once (workers/engine/
+# settings.py), read here.
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)
+                            if f.default is not MISSING}
+DEFAULT_METRICS_LISTEN = DEFAULTS["metrics_listen"]  # 9641: free in Prometheus' allocations
+
+
+def _given(table: dict[str, Any], key: str) -> Any:
+    """``key`` of a config table, or its Settings default when the file does not set it."""
+    return table.get(key, DEFAULTS[key])
 
 
 def _locate(text: str, table: str, key: str | None, index: int = 0) -> int | None:
@@ -340,16 +349,16 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         # sixgate makes its run directory mode 0700 and deletes sockets and pidfiles in it.
         raise ctx.error("gateway", "run_dir", f"{run_dir!r} is a system directory; give "
                         "sixgate one of its own, like \"/run/sixgate\"")
-    log_level = gateway.get("log_level", "info")
+    log_level = _given(gateway, "log_level")
     if log_level not in ("debug", "info", "warning", "error"):
         raise ctx.error("gateway", "log_level", f"{log_level!r} must be debug, info, warning "
                         "or error")
 
-    user = gateway.get("user", "nobody")
+    user = _given(gateway, "user")
     if not isinstance(user, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}|", user):
         raise ctx.error("gateway", "user", f"{user!r} must be a user name like \"nobody\" "
                         "(or \"\" to keep the workers root)")
-    backend = gateway.get("backend", "auto")
+    backend = _given(gateway, "backend")
     if backend not in ("auto", "userspace", "kernel"):
         raise ctx.error("gateway", "backend", f"{backend!r} must be \"auto\", \"userspace\" "
                         "or \"kernel\"")
@@ -375,44 +384,44 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         mode=mode, local_ipv4=local_ipv4, relay_ipv4=relay_ipv4, remote_ipv4=remote_ipv4,
         prefix=str(prefix), addresses=tuple(addresses), mtu=mtu, workers=workers,
         pool=str(pool), run_dir=run_dir, name=name, forwards=forwards,
-        max_flows=_int(ctx, "gateway", "max_flows", gateway.get("max_flows", 200_000), 1,
+        max_flows=_int(ctx, "gateway", "max_flows", _given(gateway, "max_flows"), 1,
                        10_000_000),
         max_flows_per_prefix=_int(ctx, "gateway", "max_flows_per_prefix",
-                                  gateway.get("max_flows_per_prefix", 5_000), 1, 10_000_000),
+                                  _given(gateway, "max_flows_per_prefix"), 1, 10_000_000),
         max_flows_per_48=_int(ctx, "gateway", "max_flows_per_48",
-                              gateway.get("max_flows_per_48", 20_000), 1, 10_000_000),
+                              _given(gateway, "max_flows_per_48"), 1, 10_000_000),
         max_flows_per_ipv4_source=_int(ctx, "gateway", "max_flows_per_ipv4_source",
-                                       gateway.get("max_flows_per_ipv4_source", 50_000), 1,
+                                       _given(gateway, "max_flows_per_ipv4_source"), 1,
                                        10_000_000),
         timeouts=timeouts,
         icmp_errors_per_s=_number(ctx, "gateway", "icmp_errors_per_s",
-                                  gateway.get("icmp_errors_per_s", 100), 0),
+                                  _given(gateway, "icmp_errors_per_s"), 0),
         icmp_error_burst=_int(ctx, "gateway", "icmp_error_burst",
-                              gateway.get("icmp_error_burst", 100), 1, 1_000_000),
+                              _given(gateway, "icmp_error_burst"), 1, 1_000_000),
         echo_replies_per_s=_number(ctx, "gateway", "echo_replies_per_s",
-                                   gateway.get("echo_replies_per_s", 10_000), 0),
-        echo_burst=_int(ctx, "gateway", "echo_burst", gateway.get("echo_burst", 10_000), 1,
+                                   _given(gateway, "echo_replies_per_s"), 0),
+        echo_burst=_int(ctx, "gateway", "echo_burst", _given(gateway, "echo_burst"), 1,
                         1_000_000),
-        queue_batches=_int(ctx, "gateway", "queue_batches", gateway.get("queue_batches", 1000),
+        queue_batches=_int(ctx, "gateway", "queue_batches", _given(gateway, "queue_batches"),
                            1, 1_000_000),
-        batch_packets=_int(ctx, "gateway", "batch_packets", gateway.get("batch_packets", 64),
+        batch_packets=_int(ctx, "gateway", "batch_packets", _given(gateway, "batch_packets"),
                            1, 1024),
         # A seed outsiders cannot know: drawn at each start unless the config names one.
         hash_seed=_int(ctx, "gateway", "hash_seed", gateway.get(
             "hash_seed", int.from_bytes(os.urandom(4), "big")), 0, 0xFFFFFFFF),
         fragment_datagrams=_int(ctx, "gateway", "fragment_datagrams",
-                                gateway.get("fragment_datagrams", 1024), 1, 1_000_000),
+                                _given(gateway, "fragment_datagrams"), 1, 1_000_000),
         fragment_bytes=_int(ctx, "gateway", "fragment_bytes",
-                            gateway.get("fragment_bytes", 16 << 20), 65536, 1 << 34),
+                            _given(gateway, "fragment_bytes"), 65536, 1 << 34),
         martian_ipv4=martian_rows, log_level=log_level, source_file=file, backend=backend,
         user=user,
         metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
         # Kernel fan-out is the default: no packet crosses the coordinator, so capture scales
         # with the workers (README "Benchmarks": 0.58 -> 0.85 of TAYGA's per-core rate).
-        fanout=_choice(ctx, "gateway", "fanout", gateway.get("fanout", "kernel"), {
+        fanout=_choice(ctx, "gateway", "fanout", _given(gateway, "fanout"), {
             "kernel": "each worker captures its share with a kernel filter",
             "coordinator": "the coordinator captures and sends batches over ZeroMQ"}),
-        tun_writes=_choice(ctx, "gateway", "tun_writes", gateway.get("tun_writes", "io_uring"), {
+        tun_writes=_choice(ctx, "gateway", "tun_writes", _given(gateway, "tun_writes"), {
             "io_uring": "a batch of packets per system call (write(2) where io_uring is refused)",
             "write": "one write(2) per packet"}),
     )
