@@ -173,7 +173,9 @@ def hand_over(run_dir: Path, settings: Settings) -> tuple[int, ...]:
         for path in [run_dir, *run_dir.iterdir()]:
             os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
     else:
-        user = pwd.getpwuid(os.geteuid()).pw_name  # started as it (systemd User=)
+        # Started as the user itself (systemd User=, DynamicUser= has no passwd entry).
+        user = next((e.pw_name for e in pwd.getpwall() if e.pw_uid == os.geteuid()),
+                    f"uid {os.geteuid()}")
     if unreachable_as(user, [(run_dir, os.W_OK | os.X_OK)]):
         raise RuntimeError(f"run_dir {run_dir} cannot be reached by [gateway] user {user!r} "
                            "(a parent directory is not searchable by it); set [gateway] "
