@@ -3,7 +3,7 @@ at the engine: scapy builds each packet independently of the engine, it goes in 
 inbound entries (``Datapath.inbound`` and the kernel fan-out's ``from_tunnel`` with the tunnel
 checks), and the ICMPv6 answer is read back with scapy: type, code and pointer, the invoking
 packet quoted byte for byte, and exactly one drop reason. Lab versions of the same rules run the
-real ``sixgate run`` (tests/lab/test_conformance.py)."""
+real ``sixgate run`` (tests/lab/test_gateway.py ``test_rfc8200_4_host_rule``)."""
 
 from __future__ import annotations
 
