@@ -50,6 +50,7 @@ from workers.privileges import (
     become_supervisor,
     supervisor_capabilities,
     unreachable_as,
+    who_am_i,
 )
 
 log = logging.getLogger("sixgate")
@@ -173,9 +174,7 @@ def hand_over(run_dir: Path, settings: Settings) -> tuple[int, ...]:
         for path in [run_dir, *run_dir.iterdir()]:
             os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
     else:
-        # Started as the user itself (systemd User=, DynamicUser= has no passwd entry).
-        user = next((e.pw_name for e in pwd.getpwall() if e.pw_uid == os.geteuid()),
-                    f"uid {os.geteuid()}")
+        user = who_am_i()  # started as the user itself (systemd User=)
     if unreachable_as(user, [(run_dir, os.W_OK | os.X_OK)]):
         raise RuntimeError(f"run_dir {run_dir} cannot be reached by [gateway] user {user!r} "
                            "(a parent directory is not searchable by it); set [gateway] "

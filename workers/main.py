@@ -257,16 +257,14 @@ class Worker:
     def _guard(self, exc: Exception) -> None:
         """Count a packet that raised as INTERNAL_ERROR; log its traceback rate-limited."""
         self.datapath.counters.drop(DropReason.INTERNAL_ERROR)
-        self._log_internal_error(exc)
+        self.errors.packet_raised(exc)
 
     def _log_engine_error(self) -> None:
         """Log what a batch's packet raised (the engine counted it as INTERNAL_ERROR)."""
         if self.datapath.last_error is not None:
-            self._log_internal_error(self.datapath.last_error)
+            self.errors.packet_raised(self.datapath.last_error)
             self.datapath.last_error = None
 
-    def _log_internal_error(self, exc: Exception) -> None:
-        self.errors.packet_raised(exc)
 
     def _drain_pull(self, now: float) -> None:
         datapath = self.datapath

@@ -144,7 +144,16 @@ def unreachable_as(user: str, checks: list[tuple[Path, int]]) -> list[Path]:
         os.setgroups(groups)
 
 
-def _who_am_i() -> str:
+def _switch_user(entry: pwd.struct_passwd) -> None:
+    """All of this process's user and group ids to ``entry``'s, no supplementary groups."""
+    os.setgroups([])
+    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+
+
+def who_am_i() -> str:
+    """This process's user for a log line: its name (uid), or the uid alone where there is no
+    passwd entry (systemd DynamicUser=)."""
     try:
         return f"{pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
     except KeyError:
@@ -174,9 +183,7 @@ def become_supervisor(user: str, caps: tuple[int, ...]) -> str:
                 _prctl(libc, PR_CAPBSET_DROP, cap)
         # Keep the permitted set across the uid change (it would be cleared), then narrow it.
         _prctl(libc, PR_SET_KEEPCAPS, 1)
-        os.setgroups([])
-        os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
-        os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+        _switch_user(entry)
         _prctl(libc, PR_SET_KEEPCAPS, 0)
         who = f"{user} (uid {entry.pw_uid})"
     else:
@@ -187,7 +194,7 @@ def become_supervisor(user: str, caps: tuple[int, ...]) -> str:
             raise OSError(f"sixgate runs as uid {os.geteuid()} without {names_of(lacking)}; "
                           "run it as root or give it these capabilities (systemd: "
                           "AmbientCapabilities=)")
-        who = _who_am_i()
+        who = who_am_i()
     _capset(libc, keep)
     _prctl(libc, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     for cap in caps:
@@ -211,12 +218,10 @@ def drop_privileges(user: str, parent_death_signal: int) -> str:
         if not user:
             return "privileges kept ([gateway] user = \"\")"
         entry = _user_entry(user)
-        os.setgroups([])
-        os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
-        os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+        _switch_user(entry)
         who = f"{user} (uid {entry.pw_uid})"
     else:
-        who = _who_am_i()
+        who = who_am_i()
     _prctl(libc, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     _capset(libc, 0)
     _prctl(libc, PR_SET_DUMPABLE, 0)

@@ -19,6 +19,7 @@ from pathlib import Path
 USER = "nobody"
 GROUP = "nogroup"
 CAPS = ["net_admin", "net_raw"]
+CAPABILITY_BITS = {"dac_override": 1, "dac_read_search": 2, "net_admin": 12, "net_raw": 13}
 AS_USER = ["setpriv", f"--reuid={USER}", f"--regid={GROUP}", "--clear-groups"]
 
 
@@ -30,12 +31,20 @@ def user_can(argv: list[str]) -> bool:
 
 
 def capabilities() -> list[str]:
+    """What the gateway needs to keep after setup here: CAPS, plus CAP_DAC_OVERRIDE where USER
+    cannot open /dev/net/tun or CAP_DAC_READ_SEARCH where it cannot import sixgate (this
+    machine's Python may live under /root), as sixgate's own warning says."""
     caps = list(CAPS)
     if not user_can(["sh", "-c", "test -r /dev/net/tun -a -w /dev/net/tun"]):
         caps.append("dac_override")
     elif not user_can([sys.executable, "-c", "import workers.main"]):
         caps.append("dac_read_search")
     return caps
+
+
+def capability_mask() -> int:
+    """``capabilities()`` as the bit mask /proc/PID/status shows (capability.h numbers)."""
+    return sum(1 << CAPABILITY_BITS[cap] for cap in capabilities())
 
 
 def main() -> None:

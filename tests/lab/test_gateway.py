@@ -10,11 +10,10 @@ the fixture's teardown checks INTERNAL_ERROR == 0, exit code 0 on SIGTERM and no
 from __future__ import annotations
 
 import pwd
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import as_service_user
 import netlab
 import pytest
 from netlab import Lab, drops, drops_delta, wait_for_drops
@@ -40,7 +39,6 @@ NO_ANSWER_WINDOW_S = 1.0  # how long silence must last: replies here take about 
 REFUSED_WITHIN_S = 2.0  # "at once": far below curl's 5 s timeout and any SYN retransmission
 
 
-TUN = "/dev/net/tun"
 
 # RFC 8200 §4 host rules through the real gateway (scapy builds each packet; the engine-level
 # versions are tests/unit/test_rfc8200_host.py): (layers after the IPv6 header, what must come
@@ -78,14 +76,6 @@ HOST_RULES: dict[str, tuple[list[Packet], tuple[int, int, int] | str | None, str
     "rfc7112_5_first_fragment_without_header_chain_code_3": (
         [IPv6ExtHdrFragment(nh=6, m=1, id=23), Raw(bytes(8))], (4, 3, 0), "bad_fragment"),
 }
-
-
-def as_nobody(argv: list[str]) -> bool:
-    """True when ``argv`` succeeds run as nobody with no groups and no capabilities."""
-    done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                           "--inh-caps=-all", *argv], capture_output=True, cwd=netlab.REPO_ROOT,
-                          timeout=60)
-    return done.returncode == 0
 
 
 class GatewayBehaviour:
@@ -196,14 +186,11 @@ class GatewayBehaviour:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         assert fields["Uid"].split() == [str(nobody.pw_uid)] * 4, fields["Uid"]
         assert fields["Groups"].strip() == ""
-        expected = 1 << 12 | 1 << 13  # CAP_NET_ADMIN, CAP_NET_RAW (capability.h)
-        # Where nobody cannot open /dev/net/tun or read the installation (this machine's
-        # Python may live under /root), a restarted worker needs CAP_DAC_OVERRIDE (1) or
-        # CAP_DAC_READ_SEARCH (2) from the coordinator: asked here by really trying as nobody.
-        if not as_nobody(["sh", "-c", f"test -r {TUN} -a -w {TUN}"]):
-            expected |= 1 << 1
-        elif not as_nobody([sys.executable, "-c", "import workers.main"]):
-            expected |= 1 << 2
+        # CAP_NET_ADMIN and CAP_NET_RAW, plus CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH where
+        # nobody cannot open /dev/net/tun or read the installation: found by really trying as
+        # nobody (tests/lab/as_service_user.py).
+        expected = as_service_user.capability_mask()
+        assert expected & (1 << 12 | 1 << 13) == 1 << 12 | 1 << 13
         for capability_set in ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"):
             assert int(fields[capability_set], 16) == expected, (capability_set, fields)
         assert fields["NoNewPrivs"].strip() == "1"

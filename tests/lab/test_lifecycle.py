@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import as_service_user
 import netlab
 import pytest
 from netlab import Lab
@@ -379,7 +380,6 @@ def test_io_uring_refused_by_seccomp_workers_fall_back_to_write(private_lab: Lab
 
 
 AS_SERVICE_USER = [sys.executable, str(Path(__file__).with_name("as_service_user.py"))]
-CAPABILITY_BITS = {"dac_override": 1, "dac_read_search": 2, "net_admin": 12, "net_raw": 13}
 
 
 def capability_fields(pid: int) -> dict[str, str]:
@@ -396,14 +396,12 @@ def test_started_unprivileged_like_systemd_serves_restarts_workers_and_stops_cle
     capabilities, tests/lab/as_service_user.py), never root: it sets up, serves ping -6 and
     curl -6, keeps no more than it was given, starts a SIGKILLed worker again (which needs
     the inherited capabilities) and on SIGTERM removes its nftables table, devices and files."""
-    import as_service_user
-
     lab = private_lab
     gateway_pid = assert_is_our_gateway(lab)
     fields = capability_fields(gateway_pid)
     uid = str(pwd.getpwnam("nobody").pw_uid)
     assert fields["Uid"].split() == [uid] * 4, fields["Uid"]
-    given = sum(1 << CAPABILITY_BITS[cap] for cap in as_service_user.capabilities())
+    given = as_service_user.capability_mask()
     for capability_set in ("CapEff", "CapPrm", "CapAmb"):
         assert int(fields[capability_set], 16) == given, (capability_set, fields)
     assert fields["NoNewPrivs"] == "1"

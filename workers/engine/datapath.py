@@ -192,8 +192,16 @@ class Datapath:
 
     def _error(self, packet: bytes | memoryview, view: IPv6View, icmp_type: int, code: int,
                rest: int = 0) -> None:
-        """Send an ICMPv6 error about ``packet`` if RFC 4443 §2.4(e) and (f) allow."""
-        if not may_send_error(packet, view[4], view[5]):
+        """Send an ICMPv6 error about ``packet`` (parsed as ``view``) if RFC 4443 §2.4 allows."""
+        self._send_error(packet, view[3], view[4], view[5], icmp_type, code, rest)
+
+    def _send_error(self, packet: bytes | memoryview, our_address: bytes, upper_proto: int,
+                    upper_offset: int, icmp_type: int, code: int, rest: int = 0,
+                    to_multicast: bool = False) -> None:
+        """The one way an ICMPv6 error leaves: RFC 4443 §2.4(e) (never about an error, a
+        multicast destination unless ``to_multicast``, an unspecified or multicast source) and
+        (f) (per-source token buckets), then counted as the event of its type and code."""
+        if not may_send_error(packet, upper_proto, upper_offset, to_multicast):
             return
         # RFC 4443 §2.4(f): originated errors are rate-limited (token buckets). The packet is
         # already counted under the reason it was refused for: this is an event, not a drop.
@@ -201,25 +209,18 @@ class Datapath:
             self.counters.event(Event.REPLIES_SUPPRESSED)
             return
         self.counters.event(ICMP_ERROR_EVENTS[icmp_type, code])
-        self._send_v6(icmpv6_error(view[3], packet, icmp_type, code, rest), PROTO_ICMPV6)
+        self._send_v6(icmpv6_error(our_address, packet, icmp_type, code, rest), PROTO_ICMPV6)
 
     def _parameter_problem(self, packet: bytes | memoryview, problem: ParameterProblem) -> None:
         """A packet the RFC 8200 §4 host rules refuse: counted under its one reason and, if it
         was addressed to us and RFC 4443 §2.4 allows, answered with a Parameter Problem."""
         self._drop(problem.reason)
         our_address = bytes(packet[24:40])
-        if our_address not in self.addresses:
-            return
-        # The chain is broken, so whether it holds an ICMPv6 error is unknown: only the
-        # address rules of §2.4(e) apply (our addresses are never multicast).
-        if not may_send_error(packet, -1, 0, to_multicast=problem.to_multicast):
-            return
-        if not self.error_limiter.allow(packet[8:24], self._now):
-            self.counters.event(Event.REPLIES_SUPPRESSED)
-            return
-        self.counters.event(ICMP_ERROR_EVENTS[ICMPV6_PARAMETER_PROBLEM, problem.code])
-        self._send_v6(icmpv6_error(our_address, packet, ICMPV6_PARAMETER_PROBLEM, problem.code,
-                                   problem.pointer), PROTO_ICMPV6)
+        if our_address in self.addresses:
+            # The chain is broken, so whether it holds an ICMPv6 error is unknown (upper
+            # protocol -1): only the address rules of §2.4(e) apply.
+            self._send_error(packet, our_address, -1, 0, ICMPV6_PARAMETER_PROBLEM, problem.code,
+                             problem.pointer, problem.to_multicast)
 
     def _reset(self, packet: bytes | memoryview, view: IPv6View) -> None:
         rst = tcp_reset(packet, view[5])
@@ -733,12 +734,6 @@ class Datapath:
             # RFC 8200 §4.5: the first fragment had come, so its source learns of the timeout
             # (RFC 4443 §3.3 code 1), within the same §2.4 rules and rate limit.
             our_address = first[24:40]
-            if our_address not in self.addresses or not may_send_error(first, upper_proto,
-                                                                       upper_offset):
-                continue
-            if not self.error_limiter.allow(first[8:24], now):
-                self.counters.event(Event.REPLIES_SUPPRESSED)
-                continue
-            self.counters.event(Event.ERROR_REASSEMBLY_TIME_EXCEEDED)
-            self._send_v6(icmpv6_error(our_address, first, ICMPV6_TIME_EXCEEDED,
-                                       TIME_EXCEEDED_REASSEMBLY), PROTO_ICMPV6)
+            if our_address in self.addresses:
+                self._send_error(first, our_address, upper_proto, upper_offset,
+                                 ICMPV6_TIME_EXCEEDED, TIME_EXCEEDED_REASSEMBLY)

@@ -12,6 +12,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 
 from workers.engine.drops import DropReason
+from workers.engine.icmp import QUOTED_BYTES
 from workers.engine.packet import FRAGMENT_HEADER, PROTO_FRAGMENT, build_ipv6
 
 # RFC 8200 §4.5: reassembly is abandoned 60 s after the first fragment arrived.
@@ -43,12 +44,9 @@ def fragment_ipv6(src: bytes, dst: bytes, next_header: int, payload: bytes,
     return out
 
 
-# RFC 4443 §2.4(c): an ICMPv6 error quotes at most this much of the invoking packet, so that
-# much of a first fragment is kept for the Time Exceeded sent when its datagram times out.
-QUOTED_BYTES = 1280 - 40 - 8
-
-# A first fragment kept for that error: (its bytes, quoted length at most; the upper-layer
-# protocol after the Fragment header; where that header starts).
+# A first fragment kept for the Time Exceeded sent when its datagram times out (RFC 8200 §4.5):
+# (its bytes, quoted length at most; the upper-layer protocol after the Fragment header; where
+# that header starts).
 FirstFragment = tuple[bytes, int, int]
 
 
@@ -156,6 +154,7 @@ class Reassembler:
             dgram.next_header = packet[frag_header_offset]
             head[nh_offset] = dgram.next_header
             dgram.head = bytes(head)
+            # What the Time Exceeded sent when this datagram times out will quote of it.
             dgram.first = (bytes(packet[:QUOTED_BYTES]), dgram.next_header,
                            frag_header_offset + 8)
         starts.insert(index, frag_offset)

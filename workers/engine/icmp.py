@@ -48,8 +48,10 @@ UNREACH_PORT = 4
 TIME_EXCEEDED_HOP_LIMIT = 0
 TIME_EXCEEDED_REASSEMBLY = 1
 
-# RFC 4443 §2.4(c): an error message must not exceed the minimum IPv6 MTU.
+# RFC 4443 §2.4(c): an error message must not exceed the minimum IPv6 MTU, so it quotes at most
+# this much of the invoking packet.
 MIN_MTU = 1280
+QUOTED_BYTES = MIN_MTU - 40 - 8
 
 ICMP_HEADER = struct.Struct("!BBHI")
 TCP_HEADER = struct.Struct("!HHIIBBHHH")
@@ -106,7 +108,7 @@ def icmpv6_error(our_addr: bytes, invoking: bytes | memoryview, icmp_type: int, 
                  rest: int = 0) -> bytes:
     """An ICMPv6 error about ``invoking`` sent back to its source (RFC 4443 §3), holding as much
     of the invoking packet as fits in 1280 bytes (RFC 4443 §2.4(c))."""
-    body = bytes(invoking[:MIN_MTU - 40 - 8])
+    body = bytes(invoking[:QUOTED_BYTES])
     return build_icmpv6(our_addr, bytes(invoking[8:24]), icmp_type, code, rest, body)
 
 
