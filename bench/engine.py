@@ -3,9 +3,8 @@
 Reference: the least any translator must do per 64-byte UDP packet in Python: slice out the
 IPv6 header fields and pack a new IPv4 header (no checks, no flow table, no checksums). sixgate,
 every check, session lookup, checksum update and counter included: inbound as a worker runs it
-under kernel fan-out (``Datapath.from_tunnel_batch``, batches of 64 captured packets) and under
-the coordinator's fan-out (``check_inbound`` there, then ``Datapath.inbound`` per packet), and
-the return path as the worker runs it (``Datapath.from_services_batch``, batches of 64).
+(``Datapath.from_tunnel``, batches of 64 captured packets, the same under either fan-out), and
+the return path as the worker runs it (``Datapath.from_services``, batches of 64).
 Prints packets/s per core for each and the ratio to the reference; figures vary 2-3x between
 machines, only the ratios of one run compare.
 
@@ -30,7 +29,6 @@ from workers.engine.packet import (
     set_checksum,
 )
 from workers.engine.settings import Forward, Settings, worker_pool
-from workers.engine.tunnel import TunnelPolicy, check_inbound
 
 CLIENT6 = ipaddress.IPv6Address("2002:c633:6401::1").packed
 GW6 = ipaddress.IPv6Address("2002:c000:20a::1").packed
@@ -77,43 +75,27 @@ def main() -> None:
 
     s = settings()
     datapath = Datapath(s, worker_pool(s.pool, 1, 0))
-    policy = TunnelPolicy.build("6to4", "192.0.2.10", None, ["2002:c000:20a::1"])
 
     def sixgate_from_tunnel() -> None:
-        out = datapath.to_services
-        accepted: set[bytes] = set()
         batch = [outer] * 64
         for _ in range(n // 64):
-            datapath.from_tunnel_batch(batch, 1.0, policy, accepted)
-            out.clear()
+            datapath.from_tunnel(batch, 1.0)
 
-    def sixgate_inbound() -> None:
-        out = datapath.to_services
-        accepted: set[bytes] = set()
-        for _ in range(n):
-            result = check_inbound(outer, policy, accepted)
-            datapath.inbound(result[0], 1.0)  # type: ignore[index]
-            out.clear()
-
-    datapath.inbound(inner, 1.0)
-    sent4 = datapath.to_services.pop()
+    sent4 = datapath.from_tunnel([outer], 1.0).to_services[0]
     reply_segment = bytearray(struct.pack("!HHHH", 5353, 40000, 8 + 64, 0) + b"y" * 64)
     set_checksum(reply_segment, 6, pseudo_sum_v4(SERVICE4, sent4[12:16], PROTO_UDP,
                                                   len(reply_segment)), udp=True)
     reply = build_ipv4(SERVICE4, sent4[12:16], PROTO_UDP, reply_segment)
 
     def sixgate_return() -> None:
-        out = datapath.outbound
         batch = [reply] * 64
         for _ in range(n // 64):
-            datapath.from_services_batch(batch, 1.0)
-            out.clear()
+            datapath.from_services(batch, 1.0)
 
     ref = rate(n, reference)
     rows = [("reference: bare header rewrite", ref),
-            ("sixgate inbound: Datapath.from_tunnel_batch", rate(n, sixgate_from_tunnel)),
-            ("sixgate inbound: check_inbound + Datapath.inbound", rate(n, sixgate_inbound)),
-            ("sixgate return: Datapath.from_services_batch", rate(n, sixgate_return))]
+            ("sixgate inbound: Datapath.from_tunnel", rate(n, sixgate_from_tunnel)),
+            ("sixgate return: Datapath.from_services", rate(n, sixgate_return))]
     print(f"64-byte UDP, {n} packets, one core, no syscalls")
     for name, pps in rows:
         print(f"  {name:<52} {pps:>12,.0f} pkt/s   ratio {pps / ref:5.2f}")

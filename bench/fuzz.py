@@ -4,9 +4,9 @@ Valid packets of every kind the lab sends (TCP SYN/ACK/FIN with and without opti
 echo requests, Neighbor Solicitations, fragments, extension headers), each wrapped in an outer
 IPv4 header from a plausible tunnel peer, are mutated by a seeded mutator (flipped bytes, cuts,
 growth, lying lengths, random next headers, bogus fragment and extension headers, and the same
-applied to the outer header) and fed in batches of 64 through ``Datapath.from_tunnel_batch``
+applied to the outer header) and fed in batches of 64 through ``Datapath.from_tunnel``
 of a 6to4 and a 6in4 engine, the path the workers run by default; the services' answers go
-back through ``from_services_batch``. The packets are built with struct code of the lab's
+back through ``from_services``. The packets are built with struct code of the lab's
 probe (tests/lab/probe.py), not the engine's own codec.
 
 Printed: packets per second, drops by reason, and ``internal_error`` (must be 0; exit 1
@@ -34,7 +34,6 @@ from workers.engine.datapath import Datapath  # noqa: E402
 from workers.engine.drops import DropReason  # noqa: E402
 from workers.engine.flows import Timeouts  # noqa: E402
 from workers.engine.settings import Forward, Settings, worker_pool  # noqa: E402
-from workers.engine.tunnel import TunnelPolicy  # noqa: E402
 
 GW4, CLIENT4, REMOTE4, RELAY4 = "192.0.2.10", "198.51.100.1", "203.0.113.1", "203.0.113.99"
 MODES = {
@@ -46,16 +45,14 @@ MODES = {
 FORWARDS = (Forward("tcp", 80, 80, "127.0.0.1", 8080), Forward("udp", 53, 53, "127.0.0.1", 5353))
 
 
-def engine(mode: str) -> tuple[Datapath, TunnelPolicy]:
+def engine(mode: str) -> Datapath:
     m = MODES[mode]
     settings = Settings(mode=mode, local_ipv4=GW4, relay_ipv4=m["relay_ipv4"],  # type: ignore[arg-type]
                         remote_ipv4=m["remote_ipv4"], prefix=m["prefix"],  # type: ignore[arg-type]
                         addresses=m["addresses"], mtu=1480, workers=1,  # type: ignore[arg-type]
                         pool="100.64.0.0/24", run_dir="/nonexistent", name="fuzz",
                         forwards=FORWARDS, timeouts=Timeouts(), max_flows=2000)
-    policy = TunnelPolicy.build(mode, GW4, m["remote_ipv4"], list(m["addresses"]),  # type: ignore[arg-type]
-                                settings.martian_ipv4)
-    return Datapath(settings, worker_pool(settings.pool, 1, 0)), policy
+    return Datapath(settings, worker_pool(settings.pool, 1, 0))
 
 
 def seeds(client: str, gateway: str, rng: random.Random) -> list[bytes]:
@@ -100,8 +97,7 @@ def run(count: int, seed: int) -> int:
     done = 0
     per_mode = count // len(MODES)
     for mode, m in MODES.items():
-        datapath, policy = engine(mode)
-        accepted: set[bytes] = set()
+        datapath = engine(mode)
         valid = seeds(m["client"], m["addresses"][0], rng)  # type: ignore[index]
         now = 1000.0
         sent = 0
@@ -114,12 +110,10 @@ def run(count: int, seed: int) -> int:
                 if rng.random() < 0.1:
                     packet = mutate_outer(packet, rng)
                 batch.append(packet)
-            datapath.from_tunnel_batch(batch, now, policy, accepted)
+            output = datapath.from_tunnel(batch, now)
             answers = [bytes(p[:9]) + bytes([p[9]]) + bytes(p[10:12]) + p[16:20] + p[12:16]
-                       + p[20:] for p in datapath.to_services[:8]]
-            datapath.to_services.clear()
-            datapath.from_services_batch(answers, now)
-            datapath.outbound.clear()
+                       + p[20:] for p in output.to_services[:8]]
+            datapath.from_services(answers, now)
             sent += len(batch)
             now += 0.001
             if sent % 65536 < 64:

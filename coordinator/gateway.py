@@ -2,10 +2,10 @@
 
 Supervises the worker processes (restart on crash), answers control requests (``sixgate
 flows``) on an ipc:// socket in the run directory and serves /metrics. With ``fanout =
-"coordinator"`` it also owns the raw IPv4 protocol-41 socket, runs every received packet
-through the tunnel checks (``workers/engine/tunnel.py check_inbound``) and fans the survivors out by
-flow hash to the workers in one ZeroMQ message per worker per batch (bounded by high-water
-marks: overload is counted as QUEUE_FULL, never buffered). With ``fanout = "kernel"`` (the
+"coordinator"`` it also owns the raw IPv4 protocol-41 socket and fans every received packet
+out by the flow hash (the shard kernel fan-out would pick) to the workers, in one ZeroMQ
+message per worker per batch (bounded by high-water marks: overload is counted as QUEUE_FULL,
+never buffered); the workers run the tunnel checks. With ``fanout = "kernel"`` (the
 default) the workers capture their own shares and no packet passes through here.
 
 Shutdown (SIGINT/SIGTERM) stops the workers, whose TUN devices and routes vanish with them,
@@ -27,6 +27,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,8 @@ from workers.control import control_endpoint, coordinator_endpoint, data_endpoin
 from workers.engine.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
 from workers.engine.drops import DropReason, Event
 from workers.engine.settings import Settings
-from workers.engine.tunnel import TunnelPolicy, check_inbound
-from workers.engine.wire import encode_batch, pick_worker
-from workers.main import InternalErrorLog, tun_name
+from workers.engine.wire import encode_batch, fanout_index
+from workers.main import tun_name
 from workers.mmsg import BatchReceiver
 from workers.privileges import (
     CAP_DAC_OVERRIDE,
@@ -208,11 +208,7 @@ class WorkerProcess:
 class Coordinator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.policy = TunnelPolicy.build(settings.mode, settings.local_ipv4,
-                                         settings.remote_ipv4, list(settings.addresses),
-                                         settings.martian_ipv4)
         self.counters = Counters()
-        self.accepted: set[bytes] = set()  # check_inbound's address verdicts
         self.running = True
         self.workers = [WorkerProcess(i) for i in range(settings.workers)]
         self.started = time.monotonic()
@@ -224,7 +220,6 @@ class Coordinator:
         self.loop_seen = time.monotonic()  # /healthz: the main loop went round recently
         self.metrics_server: MetricsServer | None = None
         self.sit_link: str | None = None
-        self.errors = InternalErrorLog("coordinator")
 
     # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
 
@@ -419,15 +414,13 @@ class Coordinator:
                 self._supervise(now)
 
     def _capture(self) -> None:
-        """Read up to RECV_BUDGET packets in recvmmsg batches; check each one and send one
-        message per worker per batch (before the next batch reuses the receive buffer)."""
-        settings = self.settings
+        """Read up to RECV_BUDGET packets in recvmmsg batches and send one message per worker
+        per batch (before the next batch reuses the receive buffer). The worker checks and
+        translates them (``Datapath.from_tunnel``), as with kernel fan-out; the shard is the
+        one the kernel's filter would pick (``fanout_index``)."""
         counters = self.counters
-        drops = counters.drops
-        policy = self.policy
-        accepted = self.accepted
-        nworkers = settings.workers
-        seed = settings.hash_seed
+        nworkers = self.settings.workers
+        seed = self.settings.hash_seed
         assert self.receiver is not None
         for _ in range(RECV_BUDGET // self.receiver.batch):
             try:
@@ -437,30 +430,21 @@ class Coordinator:
                 return
             if not packets:
                 return
-            batches: list[list[tuple[bytes, bytes | memoryview]]] = [[] for _ in range(nworkers)]
             counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
-            received_bytes = 0
-            for packet in packets:
-                received_bytes += len(packet)
-                try:
-                    result = check_inbound(packet, policy, accepted)
-                    if isinstance(result, DropReason):
-                        drops[result] += 1
-                        continue
-                    inner, outer_src = result
-                    index = pick_worker(inner, seed, nworkers) if nworkers > 1 else 0
-                    batches[index].append((outer_src, inner))
-                except Exception as exc:  # noqa: BLE001 - one packet must never kill the loop
-                    drops[DropReason.INTERNAL_ERROR] += 1
-                    self.errors.packet_raised(exc)
-            counters.event(Event.TUNNEL_BYTES_RECEIVED, received_bytes)
-            for index, batch in enumerate(batches):
-                if batch:
-                    self._send_batch(index, batch)
+            counters.event(Event.TUNNEL_BYTES_RECEIVED, sum(map(len, packets)))
+            if nworkers == 1:
+                self._send_batch(0, packets)
+            else:
+                batches: list[list[bytes | memoryview]] = [[] for _ in range(nworkers)]
+                for packet in packets:
+                    batches[fanout_index(packet, seed, nworkers)].append(packet)
+                for index, batch in enumerate(batches):
+                    if batch:
+                        self._send_batch(index, batch)
             if len(packets) < self.receiver.batch:
                 return
 
-    def _send_batch(self, index: int, batch: list[tuple[bytes, bytes | memoryview]]) -> None:
+    def _send_batch(self, index: int, batch: Sequence[bytes | memoryview]) -> None:
         try:
             self.pushes[index].send(encode_batch(batch), zmq.NOBLOCK, copy=False)
             self.counters.event(Event.BATCHES_SENT)

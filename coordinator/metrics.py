@@ -222,7 +222,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
             drops.add_metric([name, reason.value], counters["drops"].get(reason.value, 0))
         control_errors.add_metric([name], counters["events"].get(Event.CONTROL_ERRORS.value, 0))
         if not is_worker:
-            continue  # the coordinator only checks and fans out: its packets are tunnel_*
+            continue  # the coordinator only fans out: its packets are tunnel_*
         for direction in DIRECTIONS:
             for protocol in PROTOCOLS:
                 key = f"{direction}/{protocol}"

@@ -6,8 +6,9 @@ fan-out, a ZeroMQ PULL socket brings batches instead) and sends the encapsulated
 straight to the tunnel peer (the kernel writes the outer header: TTL 64, DF clear as RFC 4213
 §3.2.1 asks for a static MTU); a TUN device for the services (``workers/tun.py``), written a
 batch per io_uring call (``workers/uring.py``) or a packet per write(2); and a ZeroMQ REP
-control socket that answers ``flows``/``ping``/``stats`` requests. A packet that raises is
-counted as INTERNAL_ERROR and logged, and never kills the loop.
+control socket that answers ``flows``/``ping``/``stats`` requests. The engine returns what to
+send (``Output``); a packet that raised is counted there as INTERNAL_ERROR and logged here,
+rate-limited, and never kills the loop.
 
 Started by the coordinator as ``python -m workers.main --settings FILE --index N``.
 """
@@ -25,7 +26,6 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
@@ -34,12 +34,11 @@ import zmq
 from workers import control, seccomp
 from workers.control import control_endpoint, data_endpoint
 from workers.engine.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
-from workers.engine.datapath import Datapath
+from workers.engine.datapath import Datapath, Output
 from workers.engine.drops import DropReason, Event
 from workers.engine.flows import Session
 from workers.engine.packet import PROTO_TCP, PROTO_UDP
 from workers.engine.settings import Settings, worker_pool, worker_routes
-from workers.engine.tunnel import TunnelPolicy
 from workers.engine.wire import decode_batch, fanout_filter, pack_filter
 from workers.mmsg import BatchReceiver, BatchSender
 from workers.privileges import drop_privileges
@@ -56,11 +55,6 @@ INBOUND_BATCHES = 4
 TUN_BATCH = 256
 SO_ATTACH_FILTER = 26
 TRACEBACK_LOG_INTERVAL_S = 10.0
-# One packet in 16 of the coordinator's batches is timed for sixgate_packet_processing_seconds:
-# two perf_counter calls and a bisect would add a few percent to every packet if done for
-# each one. (Captured batches and the services' batches go through the engine whole: each is
-# timed whole and observed as its mean, once per packet.)
-LATENCY_SAMPLE_MASK = 15
 # Send errors that are load or routing, counted as send_failed without a log line each.
 QUIET_SEND_ERRORS = frozenset({errno.ENOBUFS, errno.EAGAIN, errno.ENETUNREACH,
                                errno.EHOSTUNREACH, errno.EMSGSIZE, errno.EPERM})
@@ -158,7 +152,6 @@ class Worker:
         self.receiver: BatchReceiver | None = None
         self.processing = {"inbound": Histogram(PROCESSING_SECONDS_BOUNDS),
                            "from_services": Histogram(PROCESSING_SECONDS_BOUNDS)}
-        self._sample = 0
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -192,10 +185,6 @@ class Worker:
             self.send_sock.setblocking(False)
             self.receiver = BatchReceiver(
                 self.send_sock, min(settings.batch_packets, 256))
-            self.policy = TunnelPolicy.build(settings.mode, settings.local_ipv4,
-                                             settings.remote_ipv4, list(settings.addresses),
-                                             settings.martian_ipv4)
-            self.accepted: set[bytes] = set()
         else:
             # The raw socket would receive a copy of every proto-41 packet too; the
             # coordinator handles those, so a BPF filter drops them before they are queued.
@@ -246,55 +235,33 @@ class Worker:
                 self._drain_capture(now)
             if self.tun_fd in events:
                 self._drain_tun(now)
-            self._flush()
             if self.control in events:
                 self._answer_control(now)
             if now >= next_tick:
                 next_tick = now + 1.0
-                self.datapath.tick(now)
+                self._send(self.datapath.tick(now))
                 self._log_limits(now)
 
-    def _guard(self, exc: Exception) -> None:
-        """Count a packet that raised as INTERNAL_ERROR; log its traceback rate-limited."""
-        self.datapath.counters.drop(DropReason.INTERNAL_ERROR)
-        self.errors.packet_raised(exc)
-
-    def _log_engine_error(self) -> None:
-        """Log what a batch's packet raised (the engine counted it as INTERNAL_ERROR)."""
-        if self.datapath.last_error is not None:
-            self.errors.packet_raised(self.datapath.last_error)
-            self.datapath.last_error = None
-
-
     def _drain_pull(self, now: float) -> None:
-        datapath = self.datapath
-        inbound = datapath.inbound
-        timing = self.processing["inbound"]
+        """Coordinator fan-out: batches of captured packets from the coordinator."""
         for _ in range(INBOUND_BATCHES):
             try:
                 message = self.pull.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            records = decode_batch(message)
-            if records is None:
+            packets = decode_batch(message)
+            if packets is None:
                 log.warning("worker %d: batch with unknown wire version dropped", self.index)
-                datapath.counters.drop(DropReason.INTERNAL_ERROR)
+                self.datapath.counters.drop(DropReason.INTERNAL_ERROR)
                 continue
-            for outer_src, inner in records:
-                self._handle(inbound, inner, now, timing, outer_src)
-            self._flush()
+            if packets:
+                self._from_tunnel(packets, now)
 
     def _drain_capture(self, now: float) -> None:
-        """Kernel fan-out: read this worker's share of the tunnel in recvmmsg batches, apply
-        the tunnel checks the coordinator applies in the other mode, translate, and flush.
-        Engine time is measured per batch and observed as its mean per packet."""
+        """Kernel fan-out: read this worker's share of the tunnel in recvmmsg batches."""
         receiver = self.receiver
         assert receiver is not None
         counters = self.datapath.counters
-        policy, accepted = self.policy, self.accepted
-        from_tunnel_batch = self.datapath.from_tunnel_batch
-        timing = self.processing["inbound"]
-        perf_counter = time.perf_counter
         for _ in range(INBOUND_BATCHES):
             try:
                 packets = receiver.receive_bytes()
@@ -305,13 +272,18 @@ class Worker:
                 return
             counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
             counters.event(Event.TUNNEL_BYTES_RECEIVED, sum(map(len, packets)))
-            start = perf_counter()
-            from_tunnel_batch(packets, now, policy, accepted)  # counts what raises, goes on
-            timing.observe_many((perf_counter() - start) / len(packets), len(packets))
-            self._log_engine_error()
-            self._flush()
+            self._from_tunnel(packets, now)
             if len(packets) < receiver.batch:
                 return
+
+    def _from_tunnel(self, packets: list[bytes], now: float) -> None:
+        """One batch of captured packets through the engine and out; the engine's time is
+        observed as its mean per packet."""
+        start = time.perf_counter()
+        output = self.datapath.from_tunnel(packets, now)
+        self.processing["inbound"].observe_many((time.perf_counter() - start) / len(packets),
+                                                len(packets))
+        self._send(output)
 
     def _drain_tun(self, now: float) -> None:
         """The services' packets waiting on the TUN device (one read each, up to TUN_BATCH),
@@ -326,33 +298,20 @@ class Worker:
         if not packets:
             return
         start = time.perf_counter()
-        self.datapath.from_services_batch(packets, now)  # counts what raises, goes on
+        output = self.datapath.from_services(packets, now)
         self.processing["from_services"].observe_many(
             (time.perf_counter() - start) / len(packets), len(packets))
-        self._log_engine_error()
+        self._send(output)
 
-    def _handle(self, engine: Callable[[bytes | memoryview, float, bytes], None],
-                packet: bytes | memoryview, now: float, timing: Histogram,
-                outer_src: bytes = b"") -> None:
-        """Run one packet through the engine, timing one in 16; a packet that raises is
-        counted as INTERNAL_ERROR and never kills the loop."""
-        self._sample += 1
-        try:
-            if self._sample & LATENCY_SAMPLE_MASK:
-                engine(packet, now, outer_src)
-            else:
-                start = time.perf_counter()
-                engine(packet, now, outer_src)
-                timing.observe(time.perf_counter() - start)
-        except Exception as exc:  # noqa: BLE001 - one packet must never kill the loop
-            self._guard(exc)
-
-    def _flush(self) -> None:
-        datapath = self.datapath
-        if datapath.to_services:
+    def _send(self, output: Output) -> None:
+        """Send what the engine returned; log what a packet raised (rate-limited)."""
+        counters = self.datapath.counters
+        if output.raised is not None:
+            self.errors.packet_raised(output.raised)
+        if output.to_services:
             if self.tun_writer is not None:
                 try:
-                    failed = self.tun_writer.write(datapath.to_services)
+                    failed = self.tun_writer.write(output.to_services)
                 except OSError as exc:
                     # The ring itself failed (not a packet): how far the batch got is not
                     # known, so it counts as failed, and write(2) takes over for good.
@@ -360,24 +319,22 @@ class Worker:
                                 "the services from now on", self.index, exc)
                     self.tun_writer.close()
                     self.tun_writer = None
-                    failed = len(datapath.to_services)
+                    failed = len(output.to_services)
                 if failed:
-                    datapath.counters.drop(DropReason.SEND_FAILED, failed)
+                    counters.drop(DropReason.SEND_FAILED, failed)
             else:
-                for packet in datapath.to_services:
+                for packet in output.to_services:
                     try:
                         os.write(self.tun_fd, packet)
                     except OSError:
-                        datapath.counters.drop(DropReason.SEND_FAILED)
-            datapath.to_services.clear()
-        if datapath.outbound:
-            failed = self.sender.send(datapath.outbound)
+                        counters.drop(DropReason.SEND_FAILED)
+        if output.to_tunnel:
+            failed = self.sender.send(output.to_tunnel)
             if failed:
-                datapath.counters.drop(DropReason.SEND_FAILED, failed)
+                counters.drop(DropReason.SEND_FAILED, failed)
                 if self.sender.last_errno not in QUIET_SEND_ERRORS:
                     log.warning("worker %d: %d send(s) to the tunnel failed: %s", self.index,
                                 failed, os.strerror(self.sender.last_errno))
-            datapath.outbound.clear()
 
     def _log_limits(self, now: float) -> None:
         """RFC 6888 REQ-11: tell the operator about limit hits, at most once a minute."""

@@ -109,8 +109,8 @@ class TunnelPlan:
     def extra_clients(self, count: int = 16) -> list[str]:
         """Client addresses in ``count`` further /64s of the peer's /48, one per /64.
 
-        sixgate shards by source /64 (workers/engine/wire.py flow_hash), so clients in many /64s are
-        what spreads traffic over several workers.
+        sixgate shards by source /64 (workers/engine/wire.py fanout_index), so clients in many
+        /64s are what spreads traffic over several workers.
         """
         return [f"{self.client_prefix}:{n:x}::1" for n in range(1, count + 1)]
 

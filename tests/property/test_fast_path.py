@@ -21,12 +21,13 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw, raw
 
 from workers.engine import datapath as datapath_module
-from workers.engine.datapath import Datapath
+from workers.engine.datapath import Datapath, Output
 from workers.engine.drops import DropReason
 from workers.engine.packet import PROTO_TCP
 from workers.engine.settings import worker_pool
 from workers.engine.tunnel import TunnelPolicy, check_inbound
 
+CLIENT4 = "198.51.100.1"  # the outer IPv4 of CLIENTS[0]
 CLIENTS = ("2002:c633:6401::1", "2002:c633:6401::2", "2001:db8:1::1")
 MUTATIONS = ("none", "none", "none", "bad_checksum", "zero_checksum", "hop_limit_1", "padding",
              "truncated")
@@ -133,49 +134,47 @@ def state(dp: Datapath) -> tuple[object, ...]:
         (s.v6_key(), s.state, s.last_seen, s.timeout_s) for s in dp.flows.sessions()))
 
 
+Pair = tuple[Output, Output]
+
+
 @settings(max_examples=300)
 @given(steps)
 def test_fast_path_gives_the_full_paths_bytes_counters_and_states(
         script: list[tuple[str, object]]) -> None:
     fast, full = engines()
 
-    def client(arg: object) -> None:
+    def client(arg: object) -> Pair:
         packet = client_packet(*arg)  # type: ignore[misc]
-        fast.inbound(packet, now_of[0])
-        full.inbound(packet, now_of[0])
+        outer = helpers.encapsulate(packet, helpers.outer_source("6to4", packet[8:24]))
+        return fast.from_tunnel([outer], now_of[0]), full.from_tunnel([outer], now_of[0])
 
     now_of = [1000.0]
     run_script(fast, full, script, client, now_of)
 
 
 def run_script(fast: Datapath, full: Datapath, script: list[tuple[str, object]],
-               client: Callable[[object], None], now_of: list[float]) -> None:
+               client: Callable[[object], Pair], now_of: list[float]) -> None:
     """Play ``script`` into both engines (``client`` plays a client step); after every step
-    both must have produced the same bytes, counters and session states."""
+    both must have returned the same bytes and have the same counters and session states."""
     requests: list[bytes] = []
     for kind, arg in script:
         if kind == "client":
-            client(arg)
+            out_fast, out_full = client(arg)
         elif kind == "reply":
             if not requests:
                 continue
             index, flags, size, mutation = arg  # type: ignore[misc]
             packet = reply_packet(requests[index % len(requests)], flags, size, mutation)
-            fast.from_services(packet, now_of[0])
-            full.from_services(packet, now_of[0])
+            out_fast = fast.from_services([packet], now_of[0])
+            out_full = full.from_services([packet], now_of[0])
         else:
             now_of[0] += arg  # type: ignore[operator]
-            fast.tick(now_of[0])
-            full.tick(now_of[0])
+            out_fast, out_full = fast.tick(now_of[0]), full.tick(now_of[0])
         # What the services got: translated requests, and ICMP Fragmentation Needed, which
         # is no request to answer.
-        requests.extend(p for p in full.to_services if p[9] in (6, 17))
-        assert fast.to_services == full.to_services, kind
-        assert fast.outbound == full.outbound, kind
+        requests.extend(p for p in out_full.to_services if p[9] in (6, 17))
+        assert out_fast == out_full, kind
         assert state(fast) == state(full), kind
-        for dp in (fast, full):
-            dp.to_services.clear()
-            dp.outbound.clear()
 
 
 def test_fast_path_is_taken_for_plain_packets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,23 +196,20 @@ def test_fast_path_is_taken_for_plain_packets(monkeypatch: pytest.MonkeyPatch) -
     for proto, flags in (("udp", "A"), ("tcp", "S")):
         first = client_packet(CLIENTS[0], proto, 40000, 53 if proto == "udp" else 80, flags,
                               "none", 10, "none")
-        fast.inbound(first, 1.0)
-        request = fast.to_services[-1]
-        fast.from_services(reply_packet(request, "SA", 20, "none"), 1.0)
+        request = fast.from_tunnel([encapsulate(first, CLIENT4, "plain")], 1.0).to_services[-1]
+        fast.from_services([reply_packet(request, "SA", 20, "none")], 1.0)
         taken.clear()
-        fast.to_services.clear()
-        fast.outbound.clear()
         second = client_packet(CLIENTS[0], proto, 40000, 53 if proto == "udp" else 80, "PA",
                                "timestamp", 333, "none")
-        fast.inbound(second, 2.0)
-        fast.from_services(reply_packet(request, "PA", 777, "none"), 2.0)
+        out_in = fast.from_tunnel([encapsulate(second, CLIENT4, "plain")], 2.0)
+        out_back = fast.from_services([reply_packet(request, "PA", 777, "none")], 2.0)
         assert taken == ["fast_v6_to_v4", "fast_v4_to_v6"], proto
-        out4 = IP(fast.to_services[0])
+        out4 = IP(out_in.to_services[0])
         fresh4 = out4.copy()
         del fresh4.chksum, fresh4.len
         del fresh4.payload.chksum
         assert raw(IP(raw(fresh4))) == raw(out4)
-        out6 = IPv6(fast.outbound[0][0])
+        out6 = IPv6(out_back.to_tunnel[0][0])
         fresh6 = out6.copy()
         del fresh6.plen
         del fresh6.payload.chksum
@@ -277,21 +273,14 @@ tunnel_steps = scripts(st.tuples(client_packets, OUTER, OUTER_SHAPES))
 @given(tunnel_steps)
 def test_from_tunnel_equals_check_inbound_then_full_path(
         script: list[tuple[str, object]]) -> None:
-    """The captured-packet entry of kernel fan-out gives exactly what the coordinator's
-    check_inbound followed by the full-path engine gives: bytes, counters, session states."""
+    """The one-lookup path gives exactly what the tunnel checks followed by the full-path
+    engine give (an engine without the fast path): bytes, counters, session states."""
     fast, full = engines()
-    policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
-    fast_cache: set[bytes] = set()
 
-    def client(arg: object) -> None:
+    def client(arg: object) -> Pair:
         args, outer_src, shape = arg  # type: ignore[misc]
         packet = encapsulate(client_packet(*args), outer_src, shape)
-        fast.from_tunnel(packet, now_of[0], policy, fast_cache)
-        result = check_inbound(packet, policy)
-        if isinstance(result, tuple):
-            full.inbound(result[0], now_of[0], result[1])
-        else:
-            full.counters.drops[result] += 1
+        return fast.from_tunnel([packet], now_of[0]), full.from_tunnel([packet], now_of[0])
 
     now_of = [1000.0]
     run_script(fast, full, script, client, now_of)
@@ -303,24 +292,22 @@ def test_from_tunnel_second_packet_of_a_flow_skips_the_full_checks(
     from the one-lookup cache without running check_inbound again; a spoofed outer source
     for the same inner packet is not (the key holds the outer addresses) and is dropped."""
     fast, _full = engines()
-    policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
-    accepted: set[bytes] = set()
     first = client_packet(CLIENTS[0], "udp", 40000, 53, "A", "none", 10, "none")
-    fast.from_tunnel(encapsulate(first, "198.51.100.1", "plain"), 1.0, policy, accepted)
-    assert len(fast.to_services) == 1 and len(fast._fast_tunnel[17]) == 1
+    out = fast.from_tunnel([encapsulate(first, CLIENT4, "plain")], 1.0)
+    assert len(out.to_services) == 1 and len(fast._fast_tunnel[17]) == 1
 
     def must_not_run(*_args: object) -> object:
         raise AssertionError("check_inbound ran for a cached flow")
 
     monkeypatch.setattr(datapath_module, "check_inbound", must_not_run)
     second = client_packet(CLIENTS[0], "udp", 40000, 53, "A", "none", 20, "none")
-    fast.from_tunnel(encapsulate(second, "198.51.100.1", "plain"), 2.0, policy, accepted)
-    assert len(fast.to_services) == 2
+    out = fast.from_tunnel([encapsulate(second, CLIENT4, "plain")], 2.0)
+    assert len(out.to_services) == 1 and out.raised is None
     monkeypatch.undo()
     before = fast.counters.drops[DropReason.SPOOFED_6TO4]
-    fast.from_tunnel(encapsulate(second, "203.0.113.7", "plain"), 3.0, policy, accepted)
+    out = fast.from_tunnel([encapsulate(second, "203.0.113.7", "plain")], 3.0)
     assert fast.counters.drops[DropReason.SPOOFED_6TO4] == before + 1
-    assert len(fast.to_services) == 2
+    assert out.to_services == []
 
 
 @settings(max_examples=200)
@@ -329,49 +316,38 @@ def test_from_tunnel_second_packet_of_a_flow_skips_the_full_checks(
     st.sampled_from([1.0, 30.0, 400.0])), min_size=1, max_size=12))
 def test_batches_equal_one_packet_at_a_time(script: list[object]) -> None:
     """A batch (the worker's recvmmsg, or its TUN reads) gives what its packets give one by
-    one through check_inbound and the full path; the batch's summed counters and ident
-    included. The services answer each client batch in one batch."""
+    one through the full path; the batch's summed counters and ident included. The services
+    answer each client batch in one batch."""
     fast, full = engines()
-    policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
-    fast_cache: set[bytes] = set()
     now = 1000.0
     for step in script:
         if isinstance(step, float):
             now += step
-            fast.tick(now)
-            full.tick(now)
+            assert fast.tick(now) == full.tick(now)
             continue
         batch = [encapsulate(client_packet(*args), outer_src, shape)
                  for args, outer_src, shape in step]  # type: ignore[attr-defined]
-        fast.from_tunnel_batch(batch, now, policy, fast_cache)
-        for packet in batch:
-            result = check_inbound(packet, policy)
-            if isinstance(result, tuple):
-                full.inbound(result[0], now, result[1])
-            else:
-                full.counters.drops[result] += 1
-        assert fast.to_services == full.to_services
+        out_fast = fast.from_tunnel(batch, now)
+        one_by_one = [full.from_tunnel([packet], now) for packet in batch]
+        assert out_fast.to_services == [p for out in one_by_one for p in out.to_services]
+        assert out_fast.to_tunnel == [p for out in one_by_one for p in out.to_tunnel]
         replies = [reply_packet(request, "PA", 10 * i, REPLY_MUTATIONS[i % 4])
-                   for i, request in enumerate(full.to_services) if request[9] in (6, 17)]
-        fast.from_services_batch(replies, now)
-        for reply in replies:
-            full.from_services(reply, now)
-        assert fast.outbound == full.outbound
+                   for i, request in enumerate(out_fast.to_services) if request[9] in (6, 17)]
+        back_fast = fast.from_services(replies, now)
+        back_full = [full.from_services([reply], now) for reply in replies]
+        assert back_fast.to_tunnel == [p for out in back_full for p in out.to_tunnel]
+        assert back_fast.to_services == [p for out in back_full for p in out.to_services]
         assert state(fast) == state(full)
-        assert fast.last_error is None
-        for dp in (fast, full):
-            dp.to_services.clear()
-            dp.outbound.clear()
+        assert out_fast.raised is None and back_fast.raised is None
 
 
 def test_a_packet_that_raises_is_counted_and_the_batch_goes_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine bug on one packet costs that packet only: it is counted as internal_error,
-    kept for the worker to log, and the packets after it in the batch are translated."""
+    handed back for the worker to log, and the packets after it in the batch are translated."""
     fast, _full = engines()
-    policy = TunnelPolicy.build("6to4", helpers.GW4, None, [helpers.GW6_6TO4])
     packets = [encapsulate(client_packet(CLIENTS[0], "udp", 40000 + i, 53, "A", "none", 10,
-                                         "none"), "198.51.100.1", "plain") for i in range(3)]
+                                         "none"), CLIENT4, "plain") for i in range(3)]
     real = Datapath._from_tunnel_full
 
     def broken_on_the_second(self: Datapath, packet: bytes, *args: object) -> None:
@@ -380,9 +356,8 @@ def test_a_packet_that_raises_is_counted_and_the_batch_goes_on(
         real(self, packet, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Datapath, "_from_tunnel_full", broken_on_the_second)
-    fast.from_tunnel_batch(packets, 1.0, policy, set())
+    out = fast.from_tunnel(packets, 1.0)
     assert fast.counters.drops[DropReason.INTERNAL_ERROR] == 1
-    assert isinstance(fast.last_error, ValueError)
-    assert len(fast.to_services) == 2
-    assert [IP(p)[UDP].sport for p in fast.to_services] == [40000, 40002]
+    assert isinstance(out.raised, ValueError)
+    assert [IP(p)[UDP].sport for p in out.to_services] == [40000, 40002]
     fast.counters.drops[DropReason.INTERNAL_ERROR] = 0  # provoked: not for the suite's guard

@@ -1,6 +1,6 @@
 """RFC 8200 §4.5 fragmentation and reassembly: ``fragment_ipv6`` then ``Reassembler`` gives
 back the packet exactly, for any payload size, any MTU 1280..1480 (RFC 4213 §3.2.1) and any
-arrival order; every fragment fits the MTU; through ``Datapath.inbound`` the service gets the
+arrival order; every fragment fits the MTU; through ``Datapath.from_tunnel`` the service gets the
 whole datagram once.
 """
 

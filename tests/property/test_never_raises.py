@@ -69,10 +69,11 @@ def run_all(data: bytes) -> None:
     batch = decode_batch(data)
     assert batch is None or isinstance(batch, list)
     dp, _ = sessions_datapath()
-    dp.inbound(data, 1000.0)
-    dp.inbound(memoryview(data), 1000.5)
-    dp.from_services(data, 1001.0)
-    dp.from_services(memoryview(data), 1001.5)
+    # as a captured packet, and as the IPv6 packet inside one from a 6to4 client
+    dp.from_tunnel([data, helpers.encapsulate(data, CLIENT4)], 1000.0)
+    for packet in batch or ():
+        dp.from_tunnel([packet], 1000.5)
+    dp.from_services([data], 1001.0)
     dp.tick(2000.0)
     assert dp.counters.drops[DropReason.INTERNAL_ERROR] == 0
 
@@ -96,7 +97,7 @@ def test_plausible_ipv4_never_raises(proto: int, payload: bytes, flags: int) -> 
     for request in requests:
         data = ipv4(helpers.packed4(request.dst), helpers.packed4(request.src), proto, payload,
                     flags_offset=flags << 13)
-        dp.from_services(data, 1000.0)
+        dp.from_services([data], 1000.0)
     assert dp.counters.drops[DropReason.INTERNAL_ERROR] == 0
 
 
@@ -109,7 +110,7 @@ def test_icmpv4_errors_about_live_sessions_never_raise(icmp_type: int, code: int
         quote = raw(request)[:cut] + tail if cut else raw(request) + tail
         message = bytes([icmp_type, code, 0, 0]) + rest.to_bytes(4, "big") + quote
         data = ipv4(helpers.packed4("127.0.0.1"), helpers.packed4(request.src), 1, message)
-        dp.from_services(data, 1000.0)
+        dp.from_services([data], 1000.0)
     assert dp.counters.drops[DropReason.INTERNAL_ERROR] == 0
 
 
@@ -132,7 +133,7 @@ def _corpus() -> tuple[list[bytes], list[bytes], list[bytes], list[bytes]]:
     outer = [raw(IP(src=CLIENT4, dst=GW4, proto=41) / Raw(p)) for p in inner[:3]]
     v4 = [reply_to(udp_req, b"answer"), reply_to(tcp_req, tcp_options=[("MSS", 65495)]),
           icmp4_error_about(udp_req, 3, 3), icmp4_error_about(tcp_req, 3, 4, unused=1400)]
-    batch = [encode_batch([(helpers.packed4(CLIENT4), p) for p in inner[:3]])]
+    batch = [encode_batch(outer)]
     return inner, outer, v4, batch
 
 
@@ -161,7 +162,7 @@ def test_valid_packets_with_one_byte_changed_never_raise(packet: bytes,
     run_all(packet[:index] + bytes([value]) + packet[index + 1:])
 
 
-# --- the reassembler through Datapath.inbound ---------------------------------------------------
+# --- the reassembler through Datapath.from_tunnel -----------------------------------------
 
 @st.composite
 def fragment_streams(draw: st.DrawFn) -> list[bytes]:
@@ -185,10 +186,10 @@ def fragment_streams(draw: st.DrawFn) -> list[bytes]:
 
 
 @given(fragment_streams(), st.floats(0, 200))
-def test_reassembler_via_inbound_never_raises(stream: list[bytes], later: float) -> None:
+def test_reassembler_via_from_tunnel_never_raises(stream: list[bytes], later: float) -> None:
     dp = make_datapath(fragment_datagrams=2, fragment_bytes=128)
     for i, packet in enumerate(stream):
-        dp.inbound(packet, 1000.0 + i)
+        dp.from_tunnel([helpers.encapsulate(packet, CLIENT4)], 1000.0 + i)
     dp.tick(1000.0 + later)
     assert dp.counters.drops[DropReason.INTERNAL_ERROR] == 0
     assert dp.reassembler.bytes_held >= 0
@@ -211,6 +212,6 @@ def test_corpus_is_made_of_valid_packets() -> None:
     dp, _ = sessions_datapath()
     for packet in FROM_SERVICES:
         watch = helpers.DropWatch(dp)
-        dp.from_services(packet, 1000.0)
+        dp.from_services([packet], 1000.0)
         assert watch.delta() == {}
     assert [len(decode_batch(b) or []) for b in BATCHES] == [3]

@@ -20,7 +20,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw, raw
 
-from workers.engine.datapath import Datapath
+from workers.engine.datapath import Datapath, Output
 from workers.engine.drops import DropReason
 from workers.engine.flows import Timeouts
 from workers.engine.settings import Forward, Settings, worker_pool
@@ -155,41 +155,48 @@ class Step:
         return IP(self.to_services[0])
 
 
+def outer_source(mode: str, src6: bytes) -> str:
+    """The outer IPv4 source a client's packet arrives from: its own 6to4 address (RFC 3056
+    §2), the relay for a native client (RFC 3056 §5.3), the broker in 6in4 (RFC 4213)."""
+    if mode != "6to4":
+        return REMOTE4
+    if src6[:2] == b"\x20\x02":
+        return str(ipaddress.IPv4Address(src6[2:6]))
+    return RELAY4
+
+
+def encapsulate(packet6: bytes, outer_src: str, outer_dst: str = GW4) -> bytes:
+    """The IPv4 protocol-41 packet that carries ``packet6`` (scapy-built)."""
+    return raw(IP(src=outer_src, dst=outer_dst, proto=41) / Raw(packet6))
+
+
 class TwoParty:
     """A client on the tunnel side and the IPv4 service behind the gateway, with one engine.
 
-    ``client(pkt6)`` pushes the client's IPv6 packet through ``Datapath.inbound``; ``service(
-    pkt4)`` pushes the service's IPv4 packet through ``Datapath.from_services``; each returns
-    only what that one call produced (new ``to_services``/``outbound`` entries, drop deltas).
+    ``client(pkt6)`` pushes the client's IPv6 packet, inside the IPv4 protocol-41 packet it
+    arrives in, through ``Datapath.from_tunnel``; ``service(pkt4)`` pushes the service's IPv4
+    packet through ``Datapath.from_services``; each returns what that one call produced (its
+    ``Output``, drop deltas).
     """
 
     def __init__(self, datapath: Datapath, clock: FakeClock | None = None) -> None:
         self.datapath = datapath
         self.clock = clock or FakeClock()
-        self._accepted: set[bytes] = set()
 
-    def _run(self, call: Callable[[], None]) -> Step:
-        dp = self.datapath
-        n_services, n_outbound = len(dp.to_services), len(dp.outbound)
-        watch = DropWatch(dp)
-        call()
-        return Step(list(dp.to_services[n_services:]), list(dp.outbound[n_outbound:]),
-                    watch.delta())
+    def _run(self, call: Callable[[], Output]) -> Step:
+        watch = DropWatch(self.datapath)
+        output = call()
+        return Step(output.to_services, output.to_tunnel, watch.delta())
 
     def client(self, packet6: bytes | IPv6) -> Step:
         data = raw(packet6) if not isinstance(packet6, bytes | bytearray) else bytes(packet6)
-        return self._run(lambda: self.datapath.inbound(data, self.clock.now))
+        return self.tunnel(data, outer_source(self.datapath.mode, data[8:24]))
 
     def tunnel(self, packet6: bytes | IPv6, outer_src: str) -> Step:
-        """The client's packet as the kernel fan-out path sees it: inside an IPv4 proto-41
-        packet from ``outer_src``, through ``Datapath.from_tunnel`` and the tunnel checks."""
-        inner = IPv6(packet6) if isinstance(packet6, bytes | bytearray) else packet6
-        mode = self.datapath.mode
-        outer = raw(IP(src=outer_src, dst=GW4, proto=41) / inner)
-        policy = POLICY_6TO4 if mode == "6to4" else POLICY_6IN4
-        accepted = self._accepted
-        return self._run(lambda: self.datapath.from_tunnel(outer, self.clock.now, policy,
-                                                           accepted))
+        """The client's packet inside an IPv4 protocol-41 packet from ``outer_src``."""
+        data = raw(packet6) if not isinstance(packet6, bytes | bytearray) else bytes(packet6)
+        outer = encapsulate(data, outer_src)
+        return self._run(lambda: self.datapath.from_tunnel([outer], self.clock.now))
 
     def tick(self, seconds: float) -> Step:
         """Advance the clock and run the engine's timers (``Datapath.tick``)."""
@@ -197,7 +204,7 @@ class TwoParty:
 
     def service(self, packet4: bytes | IP) -> Step:
         data = raw(packet4) if not isinstance(packet4, bytes | bytearray) else bytes(packet4)
-        return self._run(lambda: self.datapath.from_services(data, self.clock.now))
+        return self._run(lambda: self.datapath.from_services([data], self.clock.now))
 
     def round_trip(self, packet6: bytes | IPv6, payload: bytes = b"",
                    **reply_options: object) -> tuple[IP, Step]:
@@ -279,6 +286,6 @@ def ref_verifies(data: bytes) -> bool:
     return ref_ones_sum(data) == 0xFFFF
 
 
-# The tunnel checks as the coordinator builds them for the two modes.
+# The tunnel checks of the two modes, as a Datapath builds them from its settings.
 POLICY_6TO4 = TunnelPolicy.build("6to4", GW4, None, [GW6_6TO4])
 POLICY_6IN4 = TunnelPolicy.build("6in4", GW4, REMOTE4, [GW6_6IN4])

@@ -1,7 +1,8 @@
 """workers/engine/datapath.py end to end with the two-party helper: a client's IPv6 packet goes in
-through ``Datapath.inbound``, the service's IPv4 answer through ``Datapath.from_services``,
-and what leaves (IPv4 to the services, IPv6 + outer IPv4 destination to the tunnel, drop
-counters by name) is read with scapy. Time is a FakeClock: nothing sleeps.
+through ``Datapath.from_tunnel`` (inside its IPv4 protocol-41 packet), the service's IPv4
+answer through ``Datapath.from_services``, and what leaves (IPv4 to the services, IPv6 + outer
+IPv4 destination to the tunnel, drop counters by name) is read with scapy. Time is a FakeClock:
+nothing sleeps.
 """
 
 from __future__ import annotations
@@ -200,10 +201,13 @@ def test_rfc7915_5_1_hop_limit_2_leaves_with_ttl_1() -> None:
 
 
 def test_rfc4443_2_4_e_no_error_to_multicast_or_unspecified_source() -> None:
+    """Through the tunnel such a source is a martian (RFC 3964 §5.3.1, RFC 4213 §3.6),
+    dropped silently before any rule is looked up; the §2.4(e) rule itself is
+    tests/unit/test_icmp.py may_send_error's."""
     p = party()
     for src in ("ff02::1", "::"):
         step = p.client(client_udp(src=src, dport=99))
-        assert step.outbound == [] and step.drops == {DropReason.NO_RULE: 1}
+        assert step.outbound == [] and step.drops == {DropReason.MARTIAN_SOURCE: 1}
 
 
 def test_rfc4443_2_4_f_errors_rate_limited_by_token_bucket() -> None:
@@ -481,8 +485,8 @@ def _corrupt_checksum(packet: bytes, offset: int) -> bytes:
                  DropReason.TRUNCATED, id="tcp_header_short"),
     pytest.param(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4, nh=58) / Raw(b"x" * 7)),
                  DropReason.TRUNCATED, id="icmp_header_short"),
-    pytest.param(client_udp(src=CLIENT6_6TO4).replace(bytes.fromhex("2002c000020a"),
-                                                      bytes.fromhex("2002c000020b")),
+    pytest.param(client_udp(src=CLIENT6_6TO4).replace(bytes.fromhex("2002c000020a0000"),
+                                                      bytes.fromhex("2002c000020a0001")),
                  DropReason.NOT_OUR_ADDRESS, id="not_our_address"),
     pytest.param(raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4) / ICMPv6EchoReply()),
                  DropReason.ICMP_NOT_TRANSLATED, id="echo_reply_to_us"),

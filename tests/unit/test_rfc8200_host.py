@@ -1,8 +1,9 @@
 """RFC 8200 §4 host rules for the extension headers sixgate walks (RFC-NOTES "RFC 8200 §4"),
-at the engine: scapy builds each packet independently of the engine, it goes in through both
-inbound entries (``Datapath.inbound`` and the kernel fan-out's ``from_tunnel`` with the tunnel
-checks), and the ICMPv6 answer is read back with scapy: type, code and pointer, the invoking
-packet quoted byte for byte, and exactly one drop reason. Lab versions of the same rules run the
+at the engine: scapy builds each packet independently of the engine, it goes in through the
+engine's one inbound entry (``Datapath.from_tunnel``, tunnel checks included, from the client's
+own 6to4 address and from another outer source), and the ICMPv6 answer is read back with
+scapy: type, code and pointer, the invoking packet quoted byte for byte, and exactly one drop
+reason. Lab versions of the same rules run the
 real ``sixgate run`` (tests/lab/test_gateway.py ``test_rfc8200_4_host_rule``)."""
 
 from __future__ import annotations
@@ -44,15 +45,17 @@ from workers.engine.packet import ParameterProblem, parse_ipv6
 Send = Callable[[TwoParty, bytes], Step]
 
 
-def via_inbound(p: TwoParty, packet: bytes) -> Step:
+def via_client(p: TwoParty, packet: bytes) -> Step:
     return p.client(packet)
 
 
-def via_tunnel(p: TwoParty, packet: bytes) -> Step:
+def via_relay(p: TwoParty, packet: bytes) -> Step:
+    """The same packet from another outer source (a second packet of the flow takes the
+    one-lookup path's cache key of another tunnel endpoint)."""
     return p.tunnel(packet, CLIENT4)
 
 
-PATHS = [pytest.param(via_inbound, id="inbound"), pytest.param(via_tunnel, id="from_tunnel")]
+PATHS = [pytest.param(via_client, id="client"), pytest.param(via_relay, id="outer_client4")]
 
 
 def party() -> TwoParty:
@@ -246,10 +249,13 @@ def test_rfc4443_2_4_f_parameter_problems_are_rate_limited_one_reason_each() -> 
 
 
 def test_rfc4443_2_4_e_no_error_to_a_multicast_source() -> None:
+    """A multicast source never gets an error; through the tunnel it does not even reach the
+    header walk: RFC 3964 §5.3.1 drops it as a martian first (the §2.4(e) rule itself:
+    tests/unit/test_icmp.py may_send_error)."""
     packet = raw(IPv6(src="ff02::1", dst=GW6_6TO4) / IPv6ExtHdrRouting(
         segleft=1, addresses=[NATIVE6]) / echo())
     step = party().client(packet)
-    assert step.outbound == [] and step.drops == {DropReason.BAD_HEADER: 1}
+    assert step.outbound == [] and step.drops == {DropReason.MARTIAN_SOURCE: 1}
 
 
 # --- property: a malformed chain is refused, never translated --------------------------------
@@ -274,7 +280,7 @@ def test_any_extension_chain_gets_one_reason_or_a_translation_never_both(
         block = bytes([following, (length // 8) - 1 if kind != 44 else 0]) + data
         body += block.ljust(length if kind != 44 else 8, b"\0")
     packet = raw(IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4, nh=kinds[0]) / Raw(body + tail))
-    for send in (via_inbound, via_tunnel):
+    for send in (via_client, via_relay):
         step = send(party(), packet)
         total = sum(step.drops.values())
         assert total <= 1, step.drops

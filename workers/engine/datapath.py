@@ -1,11 +1,14 @@
 """One worker shard's packet engine: what happens to each packet, as data in and data out.
 
-``Datapath.inbound`` takes an IPv6 packet the coordinator already decapsulated and checked
-(``workers/engine/tunnel.py``); ``Datapath.from_services`` takes an IPv4 packet a service sent to a
-pool address. Results are appended to ``to_services`` (IPv4 packets for the services) and
-``outbound`` ((IPv6 packet, outer IPv4 destination) pairs for the tunnel); every packet that
-goes nowhere is counted under one ``DropReason``. The I/O shell (``workers/main.py``) drains
-those lists after each batch.
+One entry per direction, each taking a batch and ``now`` and returning an ``Output`` (what to
+send to the services, what to send into the tunnel), the way aioquic's ``datagrams_to_send``
+hands datagrams back: ``Datapath.from_tunnel`` takes captured IPv4 protocol-41 packets (the
+same for kernel and coordinator fan-out: the tunnel checks of ``workers/engine/tunnel.py`` run
+here), ``Datapath.from_services`` the IPv4 packets services sent to pool addresses, and
+``Datapath.tick`` runs the timers. Every packet that goes nowhere is counted under one
+``DropReason``; a packet that raises is counted as INTERNAL_ERROR, here and only here, and
+handed back in ``Output.raised`` for the shell to log. The I/O shell (``workers/main.py``)
+sends what it is given.
 
 Rules implemented here, by RFC: echo responder (RFC 4443 §4.2); translation (RFC 7915 §4,
 §5); sessions (RFC 6146); RST for closed ports (RFC 9293 §3.10.7.1); port unreachable and
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from workers.engine.counters import Counters, LimitHits
 from workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
@@ -103,6 +107,15 @@ MAX_TRANSLATED_SEGMENT = 65535 - 20
 RuleTarget = tuple[str, bytes, int, tuple[tuple[int, int], ...] | None]
 
 
+@dataclass(slots=True)
+class Output:
+    """What one call into the engine gives the shell to send."""
+
+    to_services: list[bytes]  # IPv4 packets for the services (the TUN device)
+    to_tunnel: list[tuple[bytes, bytes]]  # (IPv6 packet, outer IPv4 destination)
+    raised: Exception | None = None  # the last exception a packet raised (INTERNAL_ERROR)
+
+
 def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
     """(proto, destination port) -> target, for every port of every forward rule."""
     table: dict[tuple[int, int], RuleTarget] = {}
@@ -142,8 +155,15 @@ class Datapath:
         self.echo_limiter = SourceRateLimiter(settings.echo_replies_per_s,
                                               settings.echo_burst)
         self.counters = Counters()
-        self.to_services: list[bytes] = []
-        self.outbound: list[tuple[bytes, bytes]] = []
+        # The tunnel checks (workers/engine/tunnel.py) and their cache of address verdicts.
+        self.policy = TunnelPolicy.build(settings.mode, settings.local_ipv4,
+                                         settings.remote_ipv4, list(settings.addresses),
+                                         settings.martian_ipv4)
+        self.accepted: set[bytes] = set()
+        # What the current call produced, handed back as its Output (``_take``).
+        self._to_services: list[bytes] = []
+        self._to_tunnel: list[tuple[bytes, bytes]] = []
+        self._raised: Exception | None = None
         self._ident4 = 0
         self._ident6 = 0
         self.limit_hits = LimitHits()
@@ -160,12 +180,22 @@ class Datapath:
         # session. Entries of removed sessions go when next seen; the size is bounded.
         self._fast_tunnel: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         self._fast_tunnel_max = 2 * self.flows.max_flows + 1024
-        # The last exception a packet of a batch raised (``from_tunnel_batch``,
-        # ``from_services_batch``: counted as INTERNAL_ERROR there; the shell logs and clears).
-        self.last_error: Exception | None = None
         self.flows.removed = []
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _take(self) -> Output:
+        """Hand over what was produced since the last call."""
+        out = Output(self._to_services, self._to_tunnel, self._raised)
+        self._to_services = []
+        self._to_tunnel = []
+        self._raised = None
+        return out
+
+    def _internal_error(self, exc: Exception) -> None:
+        """The one per-packet guard's count: a packet that raised costs only itself."""
+        self.counters.drops[DropReason.INTERNAL_ERROR] += 1
+        self._raised = exc
 
     def _drop(self, reason: DropReason) -> None:
         self.counters.drops[reason] += 1
@@ -187,7 +217,7 @@ class Datapath:
         else:
             pieces = [packet]
         for piece in pieces:
-            self.outbound.append((piece, outer))
+            self._to_tunnel.append((piece, outer))
             self.counters.count("outbound", proto, len(piece))
 
     def _error(self, packet: bytes | memoryview, view: IPv6View, icmp_type: int, code: int,
@@ -234,15 +264,9 @@ class Datapath:
 
     # --- inbound: IPv6 from the tunnel --------------------------------------------------------
 
-    def from_tunnel(self, packet: bytes | memoryview, now: float, policy: TunnelPolicy,
-                    accepted: set[bytes]) -> None:
-        """One captured IPv4 protocol-41 packet (kernel fan-out): ``from_tunnel_batch``."""
-        self.from_tunnel_batch((bytes(packet),), now, policy, accepted)
-
-    def from_tunnel_batch(self, packets: Iterable[bytes], now: float, policy: TunnelPolicy,
-                          accepted: set[bytes]) -> None:
-        """Captured IPv4 protocol-41 packets (kernel fan-out), in order: the tunnel checks of
-        ``check_inbound``, then ``inbound``.
+    def from_tunnel(self, packets: Iterable[bytes], now: float) -> Output:
+        """Captured IPv4 protocol-41 packets, in order: the tunnel checks of
+        ``check_inbound``, then ``_inbound``.
 
         A plain packet of a known session from known tunnel addresses takes one lookup, keyed
         by its outer source and destination and its inner addresses and ports: the tunnel
@@ -250,11 +274,11 @@ class Datapath:
         plus the ports. RFC 4213 §3.6: the outer packet must be exactly one IPv6 packet here;
         options, padding and everything else take ``_from_tunnel_full``. Per packet this loop
         is most of a worker's Python time: it keeps what it touches in locals and adds its
-        counters once per batch. A packet that raises is counted as INTERNAL_ERROR and kept
-        in ``last_error`` for the shell to log; the rest of the batch goes on."""
+        counters once per batch. A packet that raises is counted as INTERNAL_ERROR and handed
+        back in ``Output.raised``; the rest of the batch goes on."""
         fast = self.fast_path
         caches = self._fast_tunnel
-        append = self.to_services.append
+        append = self._to_services.append
         touch_tcp = self.flows.touch_tcp
         ident = self._ident4
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
@@ -276,7 +300,7 @@ class Datapath:
                        else fast_v6_to_v4(packet[20:], proto, template, (ident + 1) & 0xFFFF))
                 if out is None:
                     self._ident4 = ident
-                    self._from_tunnel_full(packet, now, policy, accepted)
+                    self._from_tunnel_full(packet, now)
                     ident = self._ident4
                     continue
                 ident = (ident + 1) & 0xFFFF
@@ -293,12 +317,12 @@ class Datapath:
                     tcp_in += size - 20
                     tcp_out += len(out)
             except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
-                self.counters.drops[DropReason.INTERNAL_ERROR] += 1
-                self.last_error = exc
+                self._internal_error(exc)
                 ident = self._ident4
         self._ident4 = ident
         self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, (udp_n, udp_in, udp_out),
                           (tcp_n, tcp_in, tcp_out))
+        return self._take()
 
     def _count_batch(self, first: dict[int, tuple[str, str]],
                      second: dict[int, tuple[str, str]], udp: tuple[int, int, int],
@@ -308,16 +332,15 @@ class Datapath:
             if n:
                 self.counters.count_pair(first[proto], size_in, second[proto], size_out, n)
 
-    def _from_tunnel_full(self, packet: bytes, now: float, policy: TunnelPolicy,
-                          accepted: set[bytes]) -> None:
-        """``check_inbound`` and ``inbound`` for a packet the one-lookup path did not take;
+    def _from_tunnel_full(self, packet: bytes, now: float) -> None:
+        """``check_inbound`` and ``_inbound`` for a packet the one-lookup path did not take;
         a plain packet that ends up with an inbound template gets its one-lookup entry."""
-        result = check_inbound(packet, policy, accepted)
+        result = check_inbound(packet, self.policy, self.accepted)
         if isinstance(result, DropReason):
             self.counters.drops[result] += 1
             return
         inner = result[0]
-        self.inbound(inner, now, result[1])
+        self._inbound(inner, now, result[1])
         if (packet[0] == 0x45 and len(inner) >= 44 and inner[6] in (PROTO_UDP, PROTO_TCP)
                 and len(packet) == 20 + len(inner)):
             template = self._fast_in[inner[6]].get(bytes(inner[8:44]))
@@ -341,10 +364,10 @@ class Datapath:
             template[0].last_seen = now
         self.counters.count_pair(INBOUND_KEYS[proto], len(packet), TO_SERVICES_KEYS[proto],
                                  len(out))
-        self.to_services.append(out)
+        self._to_services.append(out)
         return True
 
-    def inbound(self, packet: bytes | memoryview, now: float, outer4: bytes = b"") -> None:
+    def _inbound(self, packet: bytes | memoryview, now: float, outer4: bytes = b"") -> None:
         """One decapsulated IPv6 packet; ``outer4`` is the outer IPv4 source it came from."""
         self._now = now
         self._outer4 = outer4 if self.mode == "6to4" else b""
@@ -448,7 +471,7 @@ class Datapath:
             self._drop(out)
             return
         self.counters.event(Event.ICMP_ERRORS_TRANSLATED)
-        self.to_services.append(out)
+        self._to_services.append(out)
         self.counters.count("to_services", PROTO_ICMP, len(out))
 
     def _neighbor_solicitation(self, packet: bytes | memoryview, view: IPv6View,
@@ -542,7 +565,7 @@ class Datapath:
         self._ident4 = (self._ident4 + 1) & 0xFFFF
         out = translate_v6_to_v4(packet, offset, proto, segment_sum, session, view[1] - 1,
                                  self._ident4, self.max_mss)
-        self.to_services.append(out)
+        self._to_services.append(out)
         self.counters.count("to_services", proto, len(out))
         if offset == 40:
             key = bytes(packet[8:44])
@@ -563,18 +586,14 @@ class Datapath:
 
     # --- from services: IPv4 to a pool address ------------------------------------------------
 
-    def from_services(self, packet: bytes | memoryview, now: float) -> None:
-        """One IPv4 packet from a service: ``from_services_batch``."""
-        self.from_services_batch((bytes(packet),), now)
-
-    def from_services_batch(self, packets: Iterable[bytes], now: float) -> None:
+    def from_services(self, packets: Iterable[bytes], now: float) -> Output:
         """IPv4 packets the services sent to pool addresses, in order. A plain packet of a
         session with a return template is translated from it (workers/engine/fastpath.py); every
-        other packet takes ``_from_services_full``. Like ``from_tunnel_batch``: locals,
+        other packet takes ``_from_services_full``. Like ``from_tunnel``: locals,
         counters added once per batch, a packet that raises costs only itself."""
         fast = self.fast_path
         caches = self._fast_out
-        append = self.outbound.append
+        append = self._to_tunnel.append
         touch_tcp = self.flows.touch_tcp
         mtu = self.mtu
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
@@ -602,10 +621,10 @@ class Datapath:
                     tcp_in += len(packet)
                     tcp_out += len(out)
             except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
-                self.counters.drops[DropReason.INTERNAL_ERROR] += 1
-                self.last_error = exc
+                self._internal_error(exc)
         self._count_batch(FROM_SERVICES_KEYS, OUTBOUND_KEYS, (udp_n, udp_in, udp_out),
                           (tcp_n, tcp_in, tcp_out))
+        return self._take()
 
     def _from_services_full(self, packet: bytes, now: float) -> None:
         self._now = now
@@ -647,7 +666,7 @@ class Datapath:
                 # would lose this datagram (UDP does not resend it) and make the stack send
                 # the next ones as IPv4 fragments.
                 self._drop(DropReason.TOO_BIG)
-                self.to_services.append(self._frag_needed(packet, header_len, total_len))
+                self._to_services.append(self._frag_needed(packet, header_len, total_len))
                 return
             self._emit(session, proto, segment, ttl - 1, tos)
             if header_len == 20:
@@ -720,8 +739,9 @@ class Datapath:
                 session.target4 + session.pool4 + PORTS.pack(session.tport, session.cport), None)
         removed.clear()
 
-    def tick(self, now: float) -> None:
-        """Expire idle sessions and stale fragments (call about once a second)."""
+    def tick(self, now: float) -> Output:
+        """Expire idle sessions and stale fragments (call about once a second); the Time
+        Exceeded errors of timed-out reassemblies are what it returns to send."""
         expired = self.flows.expire(now)
         if expired:
             self.counters.event(Event.FLOWS_EXPIRED, expired)
@@ -737,3 +757,4 @@ class Datapath:
             if our_address in self.addresses:
                 self._send_error(first, our_address, upper_proto, upper_offset,
                                  ICMPV6_TIME_EXCEEDED, TIME_EXCEEDED_REASSEMBLY)
+        return self._take()

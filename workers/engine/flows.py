@@ -193,8 +193,8 @@ class FlowTable:
                   max_flows_per_48: int | None = None,
                   max_flows_per_ipv4_source: int | None = None) -> FlowTable:
         """One worker's table: its share of the gateway-wide limits. The per /64 limit is
-        exact because one shard sees all of a /64 (workers/engine/wire.py flow_hash); the /48 and
-        outer-IPv4 limits spread over the shards like the global one."""
+        exact because one shard sees all of a /64 (workers/engine/wire.py fanout_index); the
+        /48 and outer-IPv4 limits spread over the shards like the global one."""
         return cls(pool, worker_share(max_flows, workers) or 1, max_flows_per_prefix, timeouts,
                    max_flows_per_48=worker_share(max_flows_per_48, workers),
                    max_flows_per_ipv4_source=worker_share(max_flows_per_ipv4_source, workers))

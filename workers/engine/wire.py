@@ -1,84 +1,77 @@
-"""The coordinator <-> worker wire format and the flow hash that picks a worker.
+"""The coordinator <-> worker wire format and the flow hash that picks a worker (both fan-outs).
 
 One ZeroMQ message carries one batch of packets in one frame (multipart frames cost ~15x more,
 see DESIGN.md), so the format is explicit, versioned and never pickled:
 
     batch   = version:u8  kind:u8  count:u16  record*count
-    record  = outer_src:4s  length:u16  inner_ipv6:length
+    record  = length:u16  outer_ipv4:length
 
-All integers big-endian. A decoder that sees another version drops the batch and says so.
+A record is a captured IPv4 protocol-41 packet exactly as the kernel delivered it: the worker
+runs the tunnel checks itself (``Datapath.from_tunnel``), as it does with kernel fan-out. All
+integers big-endian. A decoder that sees another version drops the batch and says so.
 Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
+from collections.abc import Sequence
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 KIND_PACKETS = 1
 
 BATCH_HEADER = struct.Struct("!BBH")
-RECORD_HEADER = struct.Struct("!4sH")
+RECORD_HEADER = struct.Struct("!H")
 MAX_BATCH = 0xFFFF
 
 
-def encode_batch(records: list[tuple[bytes, bytes | memoryview]]) -> bytes:
-    """Pack (outer_src, inner_ipv6) records into one message."""
-    parts: list[bytes | memoryview] = [BATCH_HEADER.pack(WIRE_VERSION, KIND_PACKETS, len(records))]
-    for outer_src, inner in records:
-        parts.append(RECORD_HEADER.pack(outer_src, len(inner)))
-        parts.append(inner)
+def encode_batch(packets: Sequence[bytes | memoryview]) -> bytes:
+    """Pack captured packets into one message."""
+    parts: list[bytes | memoryview] = [BATCH_HEADER.pack(WIRE_VERSION, KIND_PACKETS, len(packets))]
+    for packet in packets:
+        parts.append(RECORD_HEADER.pack(len(packet)))
+        parts.append(packet)
     return b"".join(parts)
 
 
-def decode_batch(message: bytes | memoryview) -> list[tuple[bytes, memoryview]] | None:
+def decode_batch(message: bytes) -> list[bytes] | None:
     """Unpack a batch; None when the version/kind is unknown or the framing is broken."""
-    buf = memoryview(message)
-    if len(buf) < BATCH_HEADER.size:
+    if len(message) < BATCH_HEADER.size:
         return None
-    version, kind, count = BATCH_HEADER.unpack_from(buf)
+    version, kind, count = BATCH_HEADER.unpack_from(message)
     if version != WIRE_VERSION or kind != KIND_PACKETS:
         return None
-    out: list[tuple[bytes, memoryview]] = []
+    out: list[bytes] = []
     offset = BATCH_HEADER.size
+    end = len(message)
     for _ in range(count):
-        if offset + RECORD_HEADER.size > len(buf):
+        if offset + RECORD_HEADER.size > end:
             return None
-        outer_src, length = RECORD_HEADER.unpack_from(buf, offset)
+        (length,) = RECORD_HEADER.unpack_from(message, offset)
         offset += RECORD_HEADER.size
-        if offset + length > len(buf):
+        if offset + length > end:
             return None
-        out.append((outer_src, buf[offset:offset + length]))
+        out.append(message[offset:offset + length])
         offset += length
-    if offset != len(buf):
+    if offset != end:
         return None  # bytes the count does not cover: the framing is broken
     return out
 
 
-def flow_hash(inner: bytes | memoryview, seed: int) -> int:
-    """Shard key of an inbound IPv6 packet: its source /64 and destination address.
-
-    Ports are left out on purpose: every fragment of a datagram (only the first has ports)
-    must reach the same worker to be reassembled (RFC 8200 §4.5), one client must keep one
-    pool address (RFC 6888 REQ-2 paired pooling), and the per /64 flow limit is then exact
-    because one worker sees all of a /64. ``seed`` comes from the settings; Python's own
-    ``hash()`` differs per process and must never be used here.
-    """
-    return zlib.crc32(inner[8:16], seed) ^ zlib.crc32(inner[24:40])
-
-
-def pick_worker(inner: bytes | memoryview, seed: int, workers: int) -> int:
-    return flow_hash(inner, seed) % workers
-
-
-# --- kernel fan-out ([gateway] fanout = "kernel") -----------------------------------------------
+# --- the flow hash that picks a worker -----------------------------------------------------------
 #
-# Each worker captures protocol 41 itself on a raw socket whose classic BPF filter accepts only
-# its share, so no packet crosses the coordinator. The filter hashes the same fields as
-# ``flow_hash`` (inner source /64 and destination, never ports), with arithmetic classic BPF
-# has: per 32-bit word, xor then multiply (FNV-1 style), then fold the high half in and take
-# the remainder. ``fanout_index`` is the same function in Python, for tests and tools.
+# The shard key of a captured packet is its inner source /64 and inner destination. Ports are
+# left out on purpose: every fragment of a datagram (only the first has ports) must reach the
+# same worker to be reassembled (RFC 8200 §4.5), one client must keep one pool address (RFC 6888
+# REQ-2 paired pooling), and the per /64 flow limit is then exact because one worker sees all of
+# a /64. ``seed`` comes from the settings; Python's own ``hash()`` differs per process and must
+# never be used here.
+#
+# Kernel fan-out ([gateway] fanout = "kernel", the default): each worker captures protocol 41
+# itself on a raw socket whose classic BPF filter accepts only its share, so no packet crosses
+# the coordinator. Coordinator fan-out picks the worker with ``fanout_index``, the same function
+# in Python, so both fan-outs shard alike. Classic BPF has the arithmetic used: per 32-bit word,
+# xor then multiply (FNV-1 style), then fold the high half in and take the remainder.
 
 FNV_PRIME_32 = 0x01000193
 # Offsets in the outer IPv4 packet (20-byte header): inner source /64, inner destination.
@@ -94,13 +87,16 @@ _TAX, _RET_K = 0x07, 0x06
 ACCEPT = 0xFFFFFFFF
 
 
+# The FANOUT_WORDS in one unpack.
+_FANOUT_STRUCT = struct.Struct("!28x2I8x4I")
+
+
 def fanout_index(packet: bytes | memoryview, seed: int, workers: int) -> int:
     """The worker whose capture filter accepts this outer IPv4 packet."""
     if len(packet) < FANOUT_MIN_LENGTH or packet[0] != 0x45:
         return 0  # too short or IPv4 options: worker 0 checks it (and counts the drop)
     value = seed & 0xFFFFFFFF
-    for offset in FANOUT_WORDS:
-        word = int.from_bytes(packet[offset:offset + 4], "big")
+    for word in _FANOUT_STRUCT.unpack_from(packet):
         value = ((word ^ value) * FNV_PRIME_32) & 0xFFFFFFFF
     return ((value >> 16) ^ value) % workers
 
