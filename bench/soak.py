@@ -220,12 +220,8 @@ class KernelReference(labs.KernelLab):
         netlab.run(netlab.in_ns(self.gw_ns, ["nft", "-f", "-"]), input=CONNTRACK_RULES)
         self.sysctl(self.service_ns, "net.ipv4.tcp_syncookies=2")
         # The lab's http.server, listening on IPv6.
-        code = netlab.HTTP_SERVER_CODE.replace(
-            "h.ThreadingHTTPServer.request_queue_size = 1024\n",
-            "h.ThreadingHTTPServer.request_queue_size = 1024\n"
-            "h.ThreadingHTTPServer.address_family = __import__('socket').AF_INET6\n")
-        self.spawn("http", self.service_ns, [sys.executable, "-c", code, labs.SERVICE_V6,
-                                              str(HTTP_PORT), str(self.files_dir)])
+        self.spawn("http", self.service_ns, netlab.http_server_argv(
+            labs.SERVICE_V6, HTTP_PORT, self.files_dir))
         netlab.wait_until(lambda: self.exec_in(self.service_ns, [
             "ss", "-Hltn", f"sport = :{HTTP_PORT}"]).stdout.strip() != "", timeout=15,
             what="the reference's http.server")

@@ -12,11 +12,12 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from coordinator.config import ConfigError, load_config
+from coordinator.config import ConfigError, effective_values, load_config
 from workers import control
 from workers.engine.settings import Settings, worker_routes
 
@@ -104,6 +105,10 @@ def cmd_check(args: argparse.Namespace) -> int:
               "forwarded ports from IPv6 sockets")
     else:
         print(f"  delivery      {method or 'NONE'}: {why}")
+    print("every key (README \"Every key\"; * = set in the file, else the default):")
+    text = Path(args.config).read_text(encoding="utf-8")
+    for key, value, given in effective_values(settings, text):
+        print(f"  {'*' if given else ' '} {key.table + '.' + key.name:<35} {value!r}")
     return EXIT_OK
 
 

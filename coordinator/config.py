@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,6 @@ from workers.engine.flows import Timeouts
 from workers.engine.settings import Forward, Settings, pool_addresses
 from workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
 
-DEFAULT_POOL = "100.64.0.0/16"  # RFC 6598 shared address space: never a real peer of ours
-DEFAULT_RUN_DIR = "/run/sixgate"
 # Directories a run_dir must never be: sixgate chmods its run_dir to 0700 and cleans it.
 SYSTEM_DIRECTORIES = frozenset({
     "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt", "/opt",
@@ -42,30 +41,220 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
-ALLOWED: dict[str, set[str]] = {
-    "tunnel": {"mode", "local_ipv4", "relay_ipv4", "remote_ipv4", "prefix", "addresses", "mtu",
-               "martian_ipv4"},
-    "gateway": {"workers", "pool", "run_dir", "name", "max_flows", "max_flows_per_prefix",
-                "max_flows_per_48", "max_flows_per_ipv4_source",
-                "icmp_errors_per_s", "icmp_error_burst", "queue_batches", "batch_packets",
-                "echo_replies_per_s", "echo_burst",
-                "hash_seed", "fragment_datagrams", "fragment_bytes", "log_level", "backend",
-                "fanout", "tun_writes", "user"},
-    "timeouts": {"tcp_established_s", "tcp_transitory_s", "udp_s", "icmp_s", "unassured_s"},
-    "forward": {"proto", "port", "to", "from"},
-    "metrics": {"listen"},
-}
-
 # Every [gateway] default is the Settings field's own default: written once (workers/engine/
-# settings.py), read here.
+# settings.py), read here; the [timeouts] defaults are the Timeouts dataclass's.
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)
                             if f.default is not MISSING}
+TIMEOUT_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Timeouts)}
 DEFAULT_METRICS_LISTEN = DEFAULTS["metrics_listen"]  # 9641: free in Prometheus' allocations
+
+# A check of one value: (ctx, table, key, value) -> the parsed value, or raise ctx.error(...).
+Check = Callable[["_Ctx", str, str, Any], Any]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: where it lives, its type, its default, its check and what it is for.
+
+    ``check`` parses a value on its own; keys without one depend on other keys (the tunnel's
+    mode decides which addresses it needs, the pool must hold a workers' worth of addresses)
+    and are checked by ``parse_config`` by name. ``default`` is the value used when the file
+    does not set the key; ``default_text`` says it for people where it is not a value (a
+    required key, or one derived at start)."""
+
+    table: str
+    name: str
+    type: str
+    help: str
+    check: Check | None = None
+    default: Any = None
+    default_text: str = ""
+    default_factory: Callable[[], Any] | None = None
+
+    def shown_default(self) -> str:
+        if self.default_text:
+            return self.default_text
+        if isinstance(self.default, str):
+            return f'"{self.default}"'
+        if isinstance(self.default, float) and self.default.is_integer():
+            return str(int(self.default))
+        return str(self.default)
+
+
+def _ranged_int(lo: int, hi: int) -> Check:
+    return lambda ctx, table, key, value: _int(ctx, table, key, value, lo, hi)
+
+
+def _ranged_number(lo: float, hi: float = 1e9) -> Check:
+    return lambda ctx, table, key, value: _number(ctx, table, key, value, lo, hi)
+
+
+def _one_of(allowed: dict[str, str]) -> Check:
+    return lambda ctx, table, key, value: _choice(ctx, table, key, value, allowed)
+
+
+def _gateway(name: str, type_: str, help_: str, check: Check | None, **kw: Any) -> Key:
+    """A [gateway] key whose default is the Settings field's."""
+    kw.setdefault("default", DEFAULTS.get(name))
+    return Key("gateway", name, type_, help_, check, **kw)
+
+
+def _timeout(name: str, floor: float, help_: str, hi: float = 1e9) -> Key:
+    return Key("timeouts", name, "seconds", help_, _ranged_number(floor, hi),
+               TIMEOUT_DEFAULTS[name])
+
+
+FLOW_LIMIT = _ranged_int(1, 10_000_000)
+BACKENDS = {"auto": "the kernel's sit where it exists, else userspace",
+            "userspace": "sixgate terminates the tunnel itself",
+            "kernel": "the kernel's sit link; the workers relay the forwarded ports"}
+FANOUTS = {"kernel": "each worker captures its share with a kernel filter",
+           "coordinator": "the coordinator captures and sends batches over ZeroMQ"}
+TUN_WRITES = {"io_uring": "a batch of packets per system call (write(2) where io_uring is "
+                          "refused)",
+              "write": "one write(2) per packet"}
+LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
+              "warning": "problems only", "error": "failures only"}
+
+# The configuration's one schema: parsing, defaults, ``sixgate check`` and the README's key
+# reference (README.md "Every key"; ``python -m coordinator.config`` prints it) all read it.
+SCHEMA: tuple[Key, ...] = (
+    Key("tunnel", "mode", "string", '"6to4" (RFC 3056) or "6in4" (RFC 4213 configured tunnel)',
+        default_text="required"),
+    Key("tunnel", "local_ipv4", "IPv4 address", "this host's public IPv4; in 6to4 the "
+        "2002::/48 prefix derives from it", default_text="required"),
+    Key("tunnel", "relay_ipv4", "IPv4 address", "6to4 only: where packets to non-2002::/16 "
+        "destinations go", default_text="required in 6to4 (RFC 7526: no anycast default)"),
+    Key("tunnel", "remote_ipv4", "IPv4 address", "6in4 only: the tunnel broker's endpoint, "
+        "the only source accepted (RFC 4213 §3.6)", default_text="required in 6in4"),
+    Key("tunnel", "prefix", "IPv6 prefix", "6in4: the routed prefix; 6to4: derived, leave it "
+        "out", default_text="required in 6in4"),
+    Key("tunnel", "addresses", "list of IPv6 addresses", "the gateway's own addresses, inside "
+        "the prefix", default_text="[prefix::1]"),
+    Key("tunnel", "mtu", "integer 1280-1480", "tunnel MTU (RFC 4213 §3.2.1); TCP MSS is "
+        "clamped to mtu - 60", _ranged_int(1280, 1480), 1480),
+    Key("tunnel", "martian_ipv4", "list of IPv4 prefixes", "outer sources and 2002::/16 "
+        "embeddings refused (RFC 3964 §5.3.1); [] turns the check off",
+        default_text="0/8, 10/8, 127/8, 169.254/16, 172.16/12, 192.168/16, 224/4, 240/4"),
+    _gateway("backend", "string", "; ".join(f'"{k}": {v}' for k, v in BACKENDS.items()),
+             _one_of(BACKENDS)),
+    _gateway("workers", "integer 1-64", "worker processes", _ranged_int(1, 64),
+             default_text="number of CPUs", default_factory=lambda: os.cpu_count() or 1),
+    _gateway("pool", "IPv4 prefix", "addresses the services see clients as, one per IPv6 "
+             "client (RFC 6598 space by default)", None, default="100.64.0.0/16"),
+    _gateway("run_dir", "absolute path", "control socket and pidfiles (mode 0700, the "
+             "gateway user's)", None, default="/run/sixgate"),
+    _gateway("name", "1-10 of a-z0-9", "TUN devices are NAME0 .. NAME(N-1)", None,
+             default="sixgate"),
+    _gateway("user", "user name", "who the coordinator (with only the capabilities "
+             "supervision needs) and the workers (with none) become after setup; \"\" keeps "
+             "root", None),
+    _gateway("log_level", "string", "debug, info, warning or error", _one_of(LOG_LEVELS)),
+    _gateway("max_flows", "integer", "sessions, whole gateway (RFC 6888 REQ-4)", FLOW_LIMIT),
+    _gateway("max_flows_per_prefix", "integer", "sessions per source /64", FLOW_LIMIT),
+    _gateway("max_flows_per_48", "integer", "sessions per source /48 (a site)", FLOW_LIMIT),
+    _gateway("max_flows_per_ipv4_source", "integer", "6to4: sessions per outer IPv4 source "
+             "(a relay or router)", FLOW_LIMIT),
+    _gateway("icmp_errors_per_s", "number", "ICMPv6 errors and TCP RSTs originated per "
+             "second, token bucket (RFC 4443 §2.4(f)); each source /64 gets a tenth",
+             _ranged_number(0)),
+    _gateway("icmp_error_burst", "integer", "their bucket's depth", _ranged_int(1, 1_000_000)),
+    _gateway("echo_replies_per_s", "number", "ICMPv6 echo replies per second, the same way; "
+             "requests over it are dropped as icmp_rate_limited", _ranged_number(0)),
+    _gateway("echo_burst", "integer", "their bucket's depth", _ranged_int(1, 1_000_000)),
+    _gateway("queue_batches", "integer", "coordinator fan-out: ZeroMQ high-water mark per "
+             "worker, in batches", _ranged_int(1, 1_000_000)),
+    _gateway("batch_packets", "integer 1-1024", "packets per receive batch (and per "
+             "coordinator -> worker message)", _ranged_int(1, 1024)),
+    _gateway("hash_seed", "integer", "fan-out hash seed", _ranged_int(0, 0xFFFFFFFF),
+             default_text="random at each start",
+             default_factory=lambda: int.from_bytes(os.urandom(4), "big")),
+    _gateway("fragment_datagrams", "integer", "datagrams in reassembly at once, per worker",
+             _ranged_int(1, 1_000_000)),
+    _gateway("fragment_bytes", "integer", "bytes held for reassembly, per worker",
+             _ranged_int(65536, 1 << 34)),
+    _gateway("fanout", "string", "; ".join(f'"{k}": {v}' for k, v in FANOUTS.items()),
+             _one_of(FANOUTS)),
+    _gateway("tun_writes", "string", "; ".join(f'"{k}": {v}' for k, v in TUN_WRITES.items()),
+             _one_of(TUN_WRITES)),
+    Key("metrics", "listen", "host:port", "/metrics, /healthz, /readyz; \"[::1]:9641\" works "
+        "too; \"\" turns them off", default=DEFAULT_METRICS_LISTEN),
+    # RFC 6146 §4 / RFC 4787 REQ-5: UDP below 2 min breaks applications; RFC 5382 REQ-5 asks
+    # at least 2 h 4 min for established TCP, so those are the floors.
+    _timeout("tcp_established_s", 7440, "established TCP session (minimum 2 h 4 min)"),
+    _timeout("tcp_transitory_s", 240, "TCP opening or closing (minimum 4 min)"),
+    _timeout("udp_s", 120, "UDP session (minimum 2 min)"),
+    _timeout("icmp_s", 1, "ICMP"),
+    # Linux conntrack: 30 s for an unanswered UDP flow, 60 s for a half-open TCP one.
+    _timeout("unassured_s", 1, "a session until the client completes the TCP handshake or the "
+             "service answers its UDP (at most 240)", 240),
+    Key("forward", "proto", "string", '"tcp" or "udp"', default_text="required"),
+    Key("forward", "port", "port or range", '80, or "8000-8099"', default_text="required"),
+    Key("forward", "to", "IPv4 host[:port]", "the service; a range shifts (\"8000-8099\" -> "
+        ":9000 = 9000-9099), without :port the port is kept", default_text="required"),
+    Key("forward", "from", "list of IPv6 prefixes", "only these sources; to anyone else the "
+        "port is closed (source_not_allowed)", default_text="everyone"),
+)
+
+ALLOWED: dict[str, set[str]] = {}
+for _key in SCHEMA:
+    ALLOWED.setdefault(_key.table, set()).add(_key.name)
+
+
+def _checked(ctx: _Ctx, table: str, section: dict[str, Any]) -> dict[str, Any]:
+    """Every key of ``table`` that checks on its own, parsed (or defaulted) by the schema."""
+    out = {}
+    for key in SCHEMA:
+        if key.table != table or key.check is None:
+            continue
+        if key.name in section:
+            value = section[key.name]
+        elif key.default_factory is not None:
+            value = key.default_factory()
+        else:
+            value = key.default
+        out[key.name] = key.check(ctx, table, key.name, value)
+    return out
+
+
+_GATEWAY_KEYS = {key.name: key for key in SCHEMA if key.table == "gateway"}
 
 
 def _given(table: dict[str, Any], key: str) -> Any:
-    """``key`` of a config table, or its Settings default when the file does not set it."""
-    return table.get(key, DEFAULTS[key])
+    """``key`` of the [gateway] table, or its schema default when the file does not set it."""
+    return table.get(key, _GATEWAY_KEYS[key].default)
+
+
+def reference_markdown() -> str:
+    """README.md's "Every key" table, from the schema."""
+    rows = ["| key | type | default | what it is |", "|---|---|---|---|"]
+    for key in SCHEMA:
+        what = key.help.replace("|", "\\|")
+        rows.append(f"| `{key.table}.{key.name}` | {key.type} | {key.shown_default()} | "
+                    f"{what} |")
+    return "\n".join(rows) + "\n"
+
+
+def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool]]:
+    """Each key (but the forward rules') as ``settings`` has it, and whether the config
+    ``text`` it came from sets it; for ``sixgate check``."""
+    doc = tomli.loads(text)
+    out: list[tuple[Key, Any, bool]] = []
+    for key in SCHEMA:
+        if key.table == "forward":
+            continue
+        if key.table == "timeouts":
+            value: Any = getattr(settings.timeouts, key.name)
+        elif key.table == "metrics":
+            value = settings.metrics_listen
+        elif key.name == "martian_ipv4":
+            value = [cidr for cidr, _ in settings.martian_ipv4]
+        elif key.name == "addresses":
+            value = list(settings.addresses)
+        else:
+            value = getattr(settings, key.name)
+        out.append((key, value, key.name in doc.get(key.table, {})))
+    return out
 
 
 def _locate(text: str, table: str, key: str | None, index: int = 0) -> int | None:
@@ -282,9 +471,7 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ctx.error("tunnel", "addresses", f"{addr} is outside the tunnel prefix "
                             f"{prefix}; packets for it would never reach this host")
         addresses.append(str(addr))
-    mtu = tunnel.get("mtu", 1480)
-    # RFC 4213 §3.2.1: a static tunnel MTU is 1280..1480.
-    mtu = _int(ctx, "tunnel", "mtu", mtu, 1280, 1480)
+    mtu = _checked(ctx, "tunnel", tunnel)["mtu"]
     martian_rows = DEFAULT_MARTIAN_IPV4
     if "martian_ipv4" in tunnel:
         if not isinstance(tunnel["martian_ipv4"], list):
@@ -302,9 +489,9 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         martian_rows = tuple(rows)
 
     gateway = doc.get("gateway", {})
-    workers = _int(ctx, "gateway", "workers", gateway.get("workers", os.cpu_count() or 1), 1,
-                   64)
-    pool_text = gateway.get("pool", DEFAULT_POOL)
+    values = _checked(ctx, "gateway", gateway)
+    workers = values["workers"]
+    pool_text = _given(gateway, "pool")
     try:
         if not isinstance(pool_text, str):
             raise TypeError(pool_text)
@@ -338,93 +525,29 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         if value and ipaddress.IPv4Address(value) in pool:
             raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
                             f"{value}; choose a pool no real host uses")
-    name = gateway.get("name", "sixgate")
+    name = _given(gateway, "name")
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9]{0,9}", name):
         raise ctx.error("gateway", "name", f"{name!r} must be 1-10 lower-case letters/digits "
                         "starting with a letter (TUN devices are named <name><worker>)")
-    run_dir = gateway.get("run_dir", DEFAULT_RUN_DIR)
+    run_dir = _given(gateway, "run_dir")
     if not isinstance(run_dir, str) or not run_dir.startswith("/"):
         raise ctx.error("gateway", "run_dir", f"{run_dir!r} must be an absolute path")
     if os.path.normpath(run_dir) in SYSTEM_DIRECTORIES:
         # sixgate makes its run directory mode 0700 and deletes sockets and pidfiles in it.
         raise ctx.error("gateway", "run_dir", f"{run_dir!r} is a system directory; give "
                         "sixgate one of its own, like \"/run/sixgate\"")
-    log_level = _given(gateway, "log_level")
-    if log_level not in ("debug", "info", "warning", "error"):
-        raise ctx.error("gateway", "log_level", f"{log_level!r} must be debug, info, warning "
-                        "or error")
-
     user = _given(gateway, "user")
     if not isinstance(user, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}|", user):
         raise ctx.error("gateway", "user", f"{user!r} must be a user name like \"nobody\" "
                         "(or \"\" to keep the workers root)")
-    backend = _given(gateway, "backend")
-    if backend not in ("auto", "userspace", "kernel"):
-        raise ctx.error("gateway", "backend", f"{backend!r} must be \"auto\", \"userspace\" "
-                        "or \"kernel\"")
 
-    timeouts_raw = doc.get("timeouts", {})
-    defaults = Timeouts()
-    # RFC 6146 §4 / RFC 4787 REQ-5: UDP below 2 min breaks applications; RFC 5382 REQ-5 asks
-    # at least 2 h 4 min for established TCP, so those are the floors.
-    timeouts = Timeouts(
-        tcp_established_s=_number(ctx, "timeouts", "tcp_established_s", timeouts_raw.get(
-            "tcp_established_s", defaults.tcp_established_s), 7440),
-        tcp_transitory_s=_number(ctx, "timeouts", "tcp_transitory_s", timeouts_raw.get(
-            "tcp_transitory_s", defaults.tcp_transitory_s), 240),
-        udp_s=_number(ctx, "timeouts", "udp_s", timeouts_raw.get("udp_s", defaults.udp_s),
-                      120),
-        icmp_s=_number(ctx, "timeouts", "icmp_s", timeouts_raw.get("icmp_s", defaults.icmp_s),
-                       1),
-        # Linux conntrack: 30 s for an unanswered UDP flow, 60 s for a half-open TCP one.
-        unassured_s=_number(ctx, "timeouts", "unassured_s", timeouts_raw.get(
-            "unassured_s", defaults.unassured_s), 1, 240),
-    )
     return Settings(
         mode=mode, local_ipv4=local_ipv4, relay_ipv4=relay_ipv4, remote_ipv4=remote_ipv4,
-        prefix=str(prefix), addresses=tuple(addresses), mtu=mtu, workers=workers,
-        pool=str(pool), run_dir=run_dir, name=name, forwards=forwards,
-        max_flows=_int(ctx, "gateway", "max_flows", _given(gateway, "max_flows"), 1,
-                       10_000_000),
-        max_flows_per_prefix=_int(ctx, "gateway", "max_flows_per_prefix",
-                                  _given(gateway, "max_flows_per_prefix"), 1, 10_000_000),
-        max_flows_per_48=_int(ctx, "gateway", "max_flows_per_48",
-                              _given(gateway, "max_flows_per_48"), 1, 10_000_000),
-        max_flows_per_ipv4_source=_int(ctx, "gateway", "max_flows_per_ipv4_source",
-                                       _given(gateway, "max_flows_per_ipv4_source"), 1,
-                                       10_000_000),
-        timeouts=timeouts,
-        icmp_errors_per_s=_number(ctx, "gateway", "icmp_errors_per_s",
-                                  _given(gateway, "icmp_errors_per_s"), 0),
-        icmp_error_burst=_int(ctx, "gateway", "icmp_error_burst",
-                              _given(gateway, "icmp_error_burst"), 1, 1_000_000),
-        echo_replies_per_s=_number(ctx, "gateway", "echo_replies_per_s",
-                                   _given(gateway, "echo_replies_per_s"), 0),
-        echo_burst=_int(ctx, "gateway", "echo_burst", _given(gateway, "echo_burst"), 1,
-                        1_000_000),
-        queue_batches=_int(ctx, "gateway", "queue_batches", _given(gateway, "queue_batches"),
-                           1, 1_000_000),
-        batch_packets=_int(ctx, "gateway", "batch_packets", _given(gateway, "batch_packets"),
-                           1, 1024),
-        # A seed outsiders cannot know: drawn at each start unless the config names one.
-        hash_seed=_int(ctx, "gateway", "hash_seed", gateway.get(
-            "hash_seed", int.from_bytes(os.urandom(4), "big")), 0, 0xFFFFFFFF),
-        fragment_datagrams=_int(ctx, "gateway", "fragment_datagrams",
-                                _given(gateway, "fragment_datagrams"), 1, 1_000_000),
-        fragment_bytes=_int(ctx, "gateway", "fragment_bytes",
-                            _given(gateway, "fragment_bytes"), 65536, 1 << 34),
-        martian_ipv4=martian_rows, log_level=log_level, source_file=file, backend=backend,
-        user=user,
-        metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
-        # Kernel fan-out is the default: no packet crosses the coordinator, so capture scales
-        # with the workers (README "Benchmarks": 0.58 -> 0.85 of TAYGA's per-core rate).
-        fanout=_choice(ctx, "gateway", "fanout", _given(gateway, "fanout"), {
-            "kernel": "each worker captures its share with a kernel filter",
-            "coordinator": "the coordinator captures and sends batches over ZeroMQ"}),
-        tun_writes=_choice(ctx, "gateway", "tun_writes", _given(gateway, "tun_writes"), {
-            "io_uring": "a batch of packets per system call (write(2) where io_uring is refused)",
-            "write": "one write(2) per packet"}),
-    )
+        prefix=str(prefix), addresses=tuple(addresses), mtu=mtu, pool=str(pool),
+        run_dir=run_dir, name=name, forwards=forwards, user=user,
+        timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
+        martian_ipv4=martian_rows, source_file=file,
+        metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})), **values)
 
 
 def _choice(ctx: _Ctx, table: str, key: str, value: object, allowed: dict[str, str]) -> str:
@@ -477,3 +600,7 @@ def load_config(path: str) -> Settings:
         raise ConfigError(path, "", None, f"cannot read the file ({exc.strerror}); check the "
                           "path given to --config") from None
     return parse_config(text, str(path))
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -84,8 +84,7 @@ def test_kernel_backend_input_policy_loads_and_opens_only_forwarded_ports(netns:
     """Issue 13, finding 4: the sit link's input policy (coordinator/kernel_backend.py) is
     valid nftables on this kernel and names exactly the forwarded ports and addresses; the
     kvm tests check what it lets through a real sit link."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "unit"))
-    from helpers import make_settings
+    from support.helpers import make_settings
 
     from coordinator.kernel_backend import input_ruleset, table_name
     from workers.engine.settings import Forward

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench import labs, measure
+from bench.programs import build, read_counts
 
-from bench import labs, measure  # noqa: E402
-from bench.programs import build, read_counts  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.lab
 

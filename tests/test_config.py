@@ -360,3 +360,38 @@ def test_run_dir_of_another_user_or_a_symlink_is_refused(tmp_path: Path) -> None
         assert (previous.stat().st_uid, previous.stat().st_mode & 0o777) == (0, 0o700)
     assert prepare_run_dir(dataclasses.replace(base, run_dir=str(target))) == target
     (target / "coordinator.pid").unlink()
+
+
+# --- the schema (coordinator/config.py SCHEMA) --------------------------------------------------
+
+def test_readme_key_reference_is_the_schemas() -> None:
+    """README.md "Every key" is generated from SCHEMA; a key added, renamed or re-documented
+    without the README fails here (regenerate: .venv/bin/python -m coordinator.config)."""
+    from coordinator.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- config-reference: begin -->\n", "<!-- config-reference: end -->"
+    assert begin in readme and end in readme
+    assert readme.split(begin, 1)[1].split(end, 1)[0] == reference_markdown()
+
+
+def test_every_schema_default_passes_its_own_check() -> None:
+    from coordinator.config import SCHEMA, _Ctx
+
+    ctx = _Ctx("defaults", "")
+    for key in SCHEMA:
+        if key.check is not None:
+            value = key.default_factory() if key.default_factory else key.default
+            assert key.check(ctx, key.table, key.name, value) == value, key.name
+
+
+def test_every_settings_field_a_file_can_set_is_a_schema_key() -> None:
+    """No hidden knobs: every Settings field but what the coordinator derives is a key."""
+    from dataclasses import fields
+
+    from coordinator.config import SCHEMA
+    from workers.engine.settings import Settings
+
+    keys = {key.name for key in SCHEMA} | {"timeouts", "forwards", "metrics_listen"}
+    derived = {"source_file"}
+    assert {f.name for f in fields(Settings)} - derived <= keys

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import promql
 import pytest
 import yaml
+from support import promql
 
 from coordinator.metrics import METRIC_NAMES
 

@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from lab import netlab
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "lab"))
-
-import netlab  # noqa: E402
 
 pytestmark = pytest.mark.lab
 

@@ -39,11 +39,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-LAB_DIR = Path(__file__).resolve().parents[1] / "lab"
-if str(LAB_DIR) not in sys.path:
-    sys.path.insert(0, str(LAB_DIR))
+from lab import netlab  # namespaces, processes, polling
 
-import netlab  # noqa: E402  (tests/lab: namespaces, processes, polling)
+LAB_DIR = Path(netlab.__file__).resolve().parent
 
 NAME_PREFIX = "sgd"
 NAMESPACE_PATTERN = re.compile(rf"^{NAME_PREFIX}(\d+)x(\d+)-(ctl|net|h\d+)$")

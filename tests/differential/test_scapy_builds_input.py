@@ -7,20 +7,6 @@ is read back by scapy and compared with what scapy put in.
 from __future__ import annotations
 
 import pytest
-from helpers import (
-    CLIENT4,
-    CLIENT6_6TO4,
-    GW4,
-    GW6_6IN4,
-    GW6_6TO4,
-    NATIVE6,
-    POLICY_6IN4,
-    POLICY_6TO4,
-    REMOTE4,
-    TwoParty,
-    make_datapath,
-    packed4,
-)
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -42,7 +28,21 @@ from scapy.layers.inet6 import (
     fragment6,
 )
 from scapy.packet import Packet, Raw, raw
-from scapy_check import checksums_match
+from support.helpers import (
+    CLIENT4,
+    CLIENT6_6TO4,
+    GW4,
+    GW6_6IN4,
+    GW6_6TO4,
+    NATIVE6,
+    POLICY_6IN4,
+    POLICY_6TO4,
+    REMOTE4,
+    TwoParty,
+    make_datapath,
+    packed4,
+)
+from support.scapy_check import checksums_match
 
 from workers.engine.drops import DropReason
 from workers.engine.tunnel import check_inbound

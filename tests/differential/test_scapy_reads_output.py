@@ -10,16 +10,6 @@ own, translated ICMPv4 errors, fragments).
 from __future__ import annotations
 
 import pytest
-from helpers import (
-    CLIENT6_6TO4,
-    GW6_6TO4,
-    TwoParty,
-    client_tcp,
-    client_udp,
-    icmp4_error_about,
-    make_datapath,
-    reply_to,
-)
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
@@ -33,7 +23,17 @@ from scapy.layers.inet6 import (
     defragment6,
 )
 from scapy.packet import Raw, raw
-from scapy_check import checksums_match, recomputed
+from support.helpers import (
+    CLIENT6_6TO4,
+    GW6_6TO4,
+    TwoParty,
+    client_tcp,
+    client_udp,
+    icmp4_error_about,
+    make_datapath,
+    reply_to,
+)
+from support.scapy_check import checksums_match, recomputed
 
 
 def party(mode: str = "6to4", **overrides: object) -> TwoParty:

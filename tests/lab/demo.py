@@ -14,12 +14,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # netlab beside us, however started
-
-import netlab  # noqa: E402
-from netlab import Lab  # noqa: E402
+from tests.lab import netlab
+from tests.lab.netlab import Lab
 
 MODE = "6to4"
 WORKERS = 2

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 LAB_DIR = Path(__file__).resolve().parent
+PROGRAMS = LAB_DIR / "programs"  # what the tests run inside the namespaces
 REPO_ROOT = LAB_DIR.parents[1]
 NAME_PREFIX = "sgl"
 NAMESPACE_PATTERN = re.compile(rf"^{NAME_PREFIX}(\d+)x(\d+)-(gw|peer)$")
@@ -194,8 +195,6 @@ def io_uring_refusal() -> str | None:
     """Why this host refuses io_uring, or None. Only a refusal counts (EPERM: the
     kernel.io_uring_disabled sysctl or a seccomp policy; ENOSYS: no io_uring in the kernel);
     any other error is a bug of workers/uring.py and raises."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from workers.uring import UringWriter
 
     fd = os.open("/dev/null", os.O_WRONLY)
@@ -390,20 +389,10 @@ class ServedFiles:
     mid: ServedFile
 
 
-# The standard library's http.server, unmodified, but with a listen backlog of 1024 instead of
-# socketserver's 5: with 5, a burst of 200 SYNs overflows the accept queue on a loaded machine
-# and a handshake can stall past any timeout in the *server's* kernel, which says nothing about
-# the gateway.
-HTTP_SERVER_CODE = (
-    "import functools, http.server as h, sys\n"
-    "h.ThreadingHTTPServer.request_queue_size = 1024\n"
-    "handler = functools.partial(h.SimpleHTTPRequestHandler, directory=sys.argv[3])\n"
-    "h.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), handler).serve_forever()\n"
-)
-
-
 def http_server_argv(address: str, port: int, directory: Path) -> list[str]:
-    return [sys.executable, "-c", HTTP_SERVER_CODE, address, str(port), str(directory)]
+    """tests/lab/programs/http_server.py: http.server with a listen backlog of 1024."""
+    return [sys.executable, str(PROGRAMS / "http_server.py"), address, str(port),
+            str(directory)]
 
 
 def write_random_file(path: Path, size_bytes: int) -> ServedFile:

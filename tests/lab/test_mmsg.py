@@ -24,31 +24,6 @@ import pytest
 
 pytestmark = pytest.mark.lab
 
-SCRIPT = r"""
-import socket
-from workers.mmsg import BatchReceiver, BatchSender
-
-rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
-rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-rx.setblocking(False)
-tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
-local = socket.inet_aton("127.0.0.1")
-nowhere = socket.inet_aton("203.0.113.77")  # no route in this namespace
-packets = [(bytes([i % 256]) * (40 + i), nowhere if i == 70 else local) for i in range(150)]
-failed = BatchSender(tx, batch=64).send(packets)
-receiver = BatchReceiver(rx, batch=64)
-got = []
-while True:
-    batch = receiver.receive()
-    if not batch:
-        break
-    assert len(batch) <= 64
-    got += [bytes(p[20:]) for p in batch]  # the kernel adds the IPv4 header
-sent = [p for p, dst in packets if dst == local]
-print(failed, len(got), got == sent)
-"""
-
-
 @pytest.fixture()
 def namespace(served_files: netlab.ServedFiles) -> Iterator[str]:
     """A namespace named like the lab's (swept after a crash); ``served_files`` checks the
@@ -63,55 +38,18 @@ def namespace(served_files: netlab.ServedFiles) -> Iterator[str]:
 
 
 def test_sendmmsg_and_recvmmsg_batches_with_one_refused_send(namespace: str) -> None:
-    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", SCRIPT],
+    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable,
+                           str(netlab.PROGRAMS / "mmsg_batches.py")],
                           capture_output=True, text=True, timeout=60, cwd=netlab.REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "149", "True"], done.stdout + done.stderr
 
 
-URING_SCRIPT = r"""
-import errno, ipaddress, os, socket
-from workers.engine.packet import PROTO_UDP, build_ipv4, pseudo_sum_v4, set_checksum
-from workers.tun import configure_tun, open_tun
-from workers.uring import UringWriter
-
-fd = open_tun("sgu0")
-configure_tun("sgu0", [ipaddress.IPv4Network("100.64.0.0/24")])
-service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-service.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
-service.bind(("127.0.0.1", 9000))
-service.settimeout(2)
-src, dst = socket.inet_aton("100.64.0.1"), socket.inet_aton("127.0.0.1")
-payloads = [bytes([i % 251]) * (i * 97 % 1500 if i != 300 else 60000) for i in range(600)]
-packets = []
-for i, payload in enumerate(payloads):
-    segment = bytearray((40000 + i).to_bytes(2, "big") + (9000).to_bytes(2, "big")
-                        + (8 + len(payload)).to_bytes(2, "big") + bytes(2) + payload)
-    set_checksum(segment, 6, pseudo_sum_v4(src, dst, PROTO_UDP, len(segment)), udp=True)
-    packets.append(bytes(build_ipv4(src, dst, PROTO_UDP, segment)))
-packets[123] = bytes(40)  # version 0: the TUN driver refuses it (EINVAL)
-writer = UringWriter.open(fd, entries=256)
-# 100, then 256 + 244: the rings' ends fall inside a batch (both wrap).
-failed = writer.write(packets[:100]) + writer.write(packets[100:])
-got = [service.recv(65536) for _ in range(599)]
-sent = [p for i, p in enumerate(payloads) if i != 123]
-print(failed, writer.last_errno == errno.EINVAL, len(got), got == sent)
-writer.close()
-broken = UringWriter.open(fd, entries=8)
-os.close(broken.ring_fd)  # the ring fails as a whole: an OSError for the worker to act on
-try:
-    broken.write(packets[:3])
-    print("no-error")
-except OSError as exc:
-    print("refused", exc.errno == errno.EBADF)
-"""
-
-
 @pytest.mark.usefixtures("io_uring")
 def test_io_uring_writes_to_a_tun_device_in_batches_with_one_refused(namespace: str) -> None:
-    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
-                           URING_SCRIPT], capture_output=True, text=True, timeout=60,
-                          cwd=netlab.REPO_ROOT)
+    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable,
+                           str(netlab.PROGRAMS / "uring_batches.py")], capture_output=True,
+                          text=True, timeout=60, cwd=netlab.REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "True", "599", "True", "refused", "True"], \
         done.stdout + done.stderr

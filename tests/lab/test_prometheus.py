@@ -37,11 +37,7 @@ from typing import Any
 import netlab
 import pytest
 from netlab import Lab
-
-TESTS_DIR = netlab.REPO_ROOT / "tests"
-if str(TESTS_DIR) not in sys.path:
-    sys.path.append(str(TESTS_DIR))  # tests/promql.py, shared with tests/test_dashboards.py
-import promql  # noqa: E402
+from support import promql
 
 pytestmark = [pytest.mark.lab, pytest.mark.prometheus]
 
@@ -69,22 +65,6 @@ SPOOFED_6TO4_SOURCE = "2002:cb00:7101::1"  # embeds 203.0.113.1, not the outer s
 RESTARTED_WORKER = 1
 STOPPED_WORKER = 0
 
-# Held TCP connections: N connects at once, report how many succeeded, hold until stdin closes.
-HOLDER_CODE = """\
-import json, socket, sys
-address, port, count, timeout_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \\
-    float(sys.argv[4])
-held = []
-def connect():
-    try:
-        held.append(socket.create_connection((address, port), timeout=timeout_s))
-    except OSError:
-        pass
-for _ in range(count):  # one after the other: each handshake completes (assured) first
-    connect()
-print(json.dumps({"connected": len(held)}), flush=True)
-sys.stdin.read()
-"""
 HOLD_CONNECT_TIMEOUT_S = 3.0  # refused SYNs draw ICMPv6 unreachable: connect fails at once
 
 
@@ -489,8 +469,9 @@ def test_alert_flow_table_nearly_full_when_a_worker_holds_its_limit(
     unreachable = prometheus.value(unreachable_expr)
     attempts = FLOW_LIMIT + 2
     holder = subprocess.Popen(
-        netlab.in_ns(lab.peer_ns, [sys.executable, "-c", HOLDER_CODE, lab.plan.gateway_address,
-                                   "80", str(attempts), str(HOLD_CONNECT_TIMEOUT_S)]),
+        netlab.in_ns(lab.peer_ns, [sys.executable, str(netlab.PROGRAMS / "hold_connections.py"),
+                                   lab.plan.gateway_address, "80", str(attempts),
+                                   str(HOLD_CONNECT_TIMEOUT_S)]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None

@@ -176,14 +176,14 @@ def test_rfc6888_req4_per_prefix_limit_refuses_and_never_evicts(relay_lab: Relay
     before = relay_lab.ask("flows")
     held = before["flows"]["active"]
     holders = []
-    code = ("import socket,sys,time\n"
-            f"s=socket.create_connection(('{GATEWAY6}',80));print('up',flush=True)\n"
-            "time.sleep(30)\n")
     try:
         for _ in range(max(0, 2 - held)):
             proc = subprocess.Popen(["ip", "netns", "exec", relay_lab.namespace,
-                                     sys.executable, "-c", code], stdout=subprocess.PIPE)
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"
+                                     sys.executable, str(netlab.PROGRAMS / "hold_connections.py"),
+                                     GATEWAY6, "80", "1", "5"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline()) == {"connected": 1}
             holders.append(proc)
         netlab.wait_until(lambda: relay_lab.ask("flows")["flows"]["active"] >= 2, timeout=10,
                           what="two live sessions")

@@ -6,11 +6,11 @@ the engine accepts exactly the client packets whose checksums verify.
 
 from __future__ import annotations
 
-import helpers
-from helpers import TwoParty, make_datapath, ref_ones_sum, ref_verifies
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import (
+from support import helpers
+from support.helpers import TwoParty, make_datapath, ref_ones_sum, ref_verifies
+from support.strategies import (
     CLIENT6,
     GW6,
     TCP,

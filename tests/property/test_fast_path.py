@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import helpers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw, raw
+from support import helpers
 
 from workers.engine import datapath as datapath_module
 from workers.engine.datapath import Datapath, Output

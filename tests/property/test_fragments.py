@@ -6,12 +6,12 @@ whole datagram once.
 
 from __future__ import annotations
 
-from helpers import TwoParty, make_datapath, packed6
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, defragment6
 from scapy.packet import raw
+from support.helpers import TwoParty, make_datapath, packed6
 
 from workers.engine.fragment import Reassembler, fragment_ipv6
 from workers.engine.packet import PROTO_FRAGMENT, PROTO_UDP, build_ipv6, parse_ipv6

@@ -3,12 +3,7 @@ kind through the default (kernel fan-out) entry of a 6to4 and a 6in4 engine; not
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench import fuzz  # noqa: E402
+from bench import fuzz
 
 
 def test_100k_mutated_packets_never_raise(capsys: object) -> None:

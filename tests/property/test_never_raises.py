@@ -6,21 +6,6 @@ changed, and streams of fragments for the reassembler.
 
 from __future__ import annotations
 
-import helpers
-from helpers import (
-    CLIENT4,
-    CLIENT6_6TO4,
-    GW4,
-    GW6_6IN4,
-    GW6_6TO4,
-    REMOTE4,
-    TwoParty,
-    client_tcp,
-    client_udp,
-    icmp4_error_about,
-    make_datapath,
-    reply_to,
-)
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
@@ -35,7 +20,22 @@ from scapy.layers.inet6 import (
     fragment6,
 )
 from scapy.packet import Raw, raw
-from strategies import FRAGMENT, GW6, UDP, ipv4, ipv6, ipv6_packets
+from support import helpers
+from support.helpers import (
+    CLIENT4,
+    CLIENT6_6TO4,
+    GW4,
+    GW6_6IN4,
+    GW6_6TO4,
+    REMOTE4,
+    TwoParty,
+    client_tcp,
+    client_udp,
+    icmp4_error_about,
+    make_datapath,
+    reply_to,
+)
+from support.strategies import FRAGMENT, GW6, UDP, ipv4, ipv6, ipv6_packets
 
 from workers.engine.datapath import Datapath
 from workers.engine.drops import DropReason

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from helpers import (
+from hypothesis import given
+from hypothesis import strategies as st
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet6 import IPv6, defragment6
+from scapy.packet import Raw, raw
+from support.helpers import (
     GW6_6IN4,
     GW6_6TO4,
     RELAY4,
@@ -19,11 +24,6 @@ from helpers import (
     make_datapath,
     reply_to,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-from scapy.layers.inet import TCP, UDP
-from scapy.layers.inet6 import IPv6, defragment6
-from scapy.packet import Raw, raw
 
 from workers.engine.drops import DropReason
 from workers.engine.tunnel import DEFAULT_MARTIAN_IPV4

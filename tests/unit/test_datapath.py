@@ -8,7 +8,25 @@ nothing sleeps.
 from __future__ import annotations
 
 import pytest
-from helpers import (
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6ParamProblem,
+    ICMPv6TimeExceeded,
+    IPerror6,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    PadN,
+    defragment6,
+    fragment6,
+)
+from scapy.packet import Raw, raw
+from support.helpers import (
     CLIENT4,
     CLIENT6_6TO4,
     GW6_6IN4,
@@ -32,24 +50,6 @@ from helpers import (
     reply_to,
     tcp_mss,
 )
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
-from scapy.layers.inet6 import (
-    ICMPv6DestUnreach,
-    ICMPv6EchoReply,
-    ICMPv6EchoRequest,
-    ICMPv6ParamProblem,
-    ICMPv6TimeExceeded,
-    IPerror6,
-    IPv6,
-    IPv6ExtHdrDestOpt,
-    IPv6ExtHdrFragment,
-    IPv6ExtHdrHopByHop,
-    IPv6ExtHdrRouting,
-    PadN,
-    defragment6,
-    fragment6,
-)
-from scapy.packet import Raw, raw
 
 from workers.engine.datapath import Datapath
 from workers.engine.drops import DropReason, Event

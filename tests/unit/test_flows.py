@@ -5,7 +5,7 @@ timeouts with a fake clock, RFC 6888 limits (REQ-4, REQ-11) and pool reuse (REQ-
 from __future__ import annotations
 
 import pytest
-from helpers import FakeClock, packed4, packed6
+from support.helpers import FakeClock, packed4, packed6
 
 from workers.engine.drops import DropReason
 from workers.engine.flows import (

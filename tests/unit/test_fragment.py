@@ -7,10 +7,10 @@ Fragments fed to the reassembler are built by scapy; fragments we build are read
 from __future__ import annotations
 
 import pytest
-from helpers import packed6
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, defragment6
 from scapy.packet import Raw, raw
+from support.helpers import packed6
 
 from workers.engine.drops import DropReason
 from workers.engine.fragment import REASSEMBLY_TIMEOUT_S, Reassembler, fragment_ipv6

@@ -7,7 +7,6 @@ Invoking packets are built by scapy and what we build is read back by scapy.
 from __future__ import annotations
 
 import pytest
-from helpers import packed6
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -22,6 +21,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrDestOpt,
 )
 from scapy.packet import Packet, Raw, raw
+from support.helpers import packed6
 
 from workers.engine.icmp import (
     MIN_MTU,

@@ -9,16 +9,6 @@ segments that never arrive (a PMTUD black hole). scapy builds the errors and par
 from __future__ import annotations
 
 import pytest
-from helpers import (
-    SERVICE4,
-    TwoParty,
-    client6,
-    client_tcp,
-    client_udp,
-    gw6,
-    make_datapath,
-    reply_to,
-)
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -28,6 +18,16 @@ from scapy.layers.inet6 import (
     IPv6,
 )
 from scapy.packet import Packet, raw
+from support.helpers import (
+    SERVICE4,
+    TwoParty,
+    client6,
+    client_tcp,
+    client_udp,
+    gw6,
+    make_datapath,
+    reply_to,
+)
 
 from workers.engine.drops import DropReason
 

@@ -8,18 +8,6 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from helpers import (
-    CLIENT4,
-    CLIENT6_6TO4,
-    GW4,
-    GW6_6IN4,
-    GW6_6TO4,
-    POLICY_6IN4,
-    POLICY_6TO4,
-    REMOTE4,
-    TwoParty,
-    make_datapath,
-)
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import (
     ICMPv6EchoReply,
@@ -31,6 +19,18 @@ from scapy.layers.inet6 import (
     IPv6,
 )
 from scapy.packet import raw
+from support.helpers import (
+    CLIENT4,
+    CLIENT6_6TO4,
+    GW4,
+    GW6_6IN4,
+    GW6_6TO4,
+    POLICY_6IN4,
+    POLICY_6TO4,
+    REMOTE4,
+    TwoParty,
+    make_datapath,
+)
 
 from workers.engine.drops import DropReason
 from workers.engine.tunnel import TunnelPolicy, check_inbound, link_local_6in4

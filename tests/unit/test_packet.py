@@ -6,7 +6,6 @@ Inputs are built with scapy; expected values are written out by hand from the RF
 from __future__ import annotations
 
 import pytest
-from helpers import packed4, packed6, ref_ones_sum
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
@@ -17,6 +16,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrRouting,
 )
 from scapy.packet import Raw, raw
+from support.helpers import packed4, packed6, ref_ones_sum
 
 from workers.engine.drops import DropReason
 from workers.engine.packet import (

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import make_settings
+from support.helpers import make_settings
 
 from workers import privileges
 from workers.engine.settings import Settings

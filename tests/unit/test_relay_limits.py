@@ -7,7 +7,7 @@ import asyncio
 import resource
 import socket
 
-from helpers import make_settings
+from support.helpers import make_settings
 
 from workers import relay
 from workers.engine.counters import Counters

@@ -11,16 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from helpers import (
-    CLIENT4,
-    CLIENT6_6TO4,
-    GW6_6TO4,
-    NATIVE6,
-    FakeClock,
-    Step,
-    TwoParty,
-    make_datapath,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import UDP
@@ -38,6 +28,16 @@ from scapy.layers.inet6 import (
     PadN,
 )
 from scapy.packet import Packet, Raw, raw
+from support.helpers import (
+    CLIENT4,
+    CLIENT6_6TO4,
+    GW6_6TO4,
+    NATIVE6,
+    FakeClock,
+    Step,
+    TwoParty,
+    make_datapath,
+)
 
 from workers.engine.drops import DropReason
 from workers.engine.packet import ParameterProblem, parse_ipv6

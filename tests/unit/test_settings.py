@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from helpers import FORWARDS, make_settings
+from support.helpers import FORWARDS, make_settings
 
 from workers.engine.flows import Timeouts
 from workers.engine.settings import (

@@ -8,7 +8,6 @@ scapy. End-to-end behaviour through the Datapath is in test_datapath.py.
 from __future__ import annotations
 
 import pytest
-from helpers import packed4, packed6, tcp_mss
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -19,6 +18,7 @@ from scapy.layers.inet6 import (
     IPv6,
 )
 from scapy.packet import Packet, Raw, raw
+from support.helpers import packed4, packed6, tcp_mss
 
 from workers.engine.drops import DropReason
 from workers.engine.flows import Session

@@ -9,7 +9,19 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from helpers import (
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    ICMPv6ND_NA,
+    ICMPv6ND_NS,
+    ICMPv6ND_RA,
+    ICMPv6ND_Redirect,
+    ICMPv6ND_RS,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+)
+from scapy.packet import Packet, Raw, raw
+from support.helpers import (
     CLIENT4,
     CLIENT6_6TO4,
     GW4,
@@ -23,18 +35,6 @@ from helpers import (
     packed4,
     packed6,
 )
-from scapy.layers.inet import IP, UDP
-from scapy.layers.inet6 import (
-    ICMPv6EchoRequest,
-    ICMPv6ND_NA,
-    ICMPv6ND_NS,
-    ICMPv6ND_RA,
-    ICMPv6ND_Redirect,
-    ICMPv6ND_RS,
-    IPv6,
-    IPv6ExtHdrDestOpt,
-)
-from scapy.packet import Packet, Raw, raw
 
 from workers.engine.drops import DropReason
 from workers.engine.tunnel import (

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import client_udp, encapsulate
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
 from scapy.packet import raw
+from support.helpers import client_udp, encapsulate
 
 from workers.engine.wire import (
     BATCH_HEADER,

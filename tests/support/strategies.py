@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import struct
 
-from helpers import packed6, ref_ones_sum
 from hypothesis import strategies as st
+
+from support.helpers import packed6, ref_ones_sum
 
 # RFC 8200 §4 extension header numbers and the transports the engine knows
 HOPOPT, TCP, UDP, ROUTING, FRAGMENT, ICMPV6, NONE, DSTOPTS = 0, 6, 17, 43, 44, 58, 59, 60

@@ -6,8 +6,7 @@ engine's own codecs to decide whether the engine is right. Every address is from
 documentation range (RFC 5737, RFC 3849) or the 6to4 prefix derived from one; documentation
 ranges are deliberately not martian (workers/engine/tunnel.py).
 
-Imported as ``helpers`` by tests/unit (pytest puts that directory on sys.path) and by the
-property and differential suites through their conftest.py.
+Imported as ``support.helpers`` by every suite.
 """
 
 from __future__ import annotations
