@@ -18,8 +18,8 @@ import ipaddress
 import struct
 import time
 
-from workers.engine.datapath import Datapath
-from workers.engine.packet import (
+from sixgate.workers.engine.datapath import Datapath
+from sixgate.workers.engine.packet import (
     PROTO_IPV6,
     PROTO_UDP,
     build_ipv4,
@@ -28,7 +28,7 @@ from workers.engine.packet import (
     pseudo_sum_v6,
     set_checksum,
 )
-from workers.engine.settings import Forward, Settings, worker_pool
+from sixgate.workers.engine.settings import Forward, Settings, worker_pool
 
 CLIENT6 = ipaddress.IPv6Address("2002:c633:6401::1").packed
 GW6 = ipaddress.IPv6Address("2002:c000:20a::1").packed

@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "tests" / "lab"))
 
 import probe  # noqa: E402  (the lab's independent packet builder)
 
-from workers.engine.datapath import Datapath  # noqa: E402
-from workers.engine.drops import DropReason  # noqa: E402
-from workers.engine.flows import Timeouts  # noqa: E402
-from workers.engine.settings import Forward, Settings, worker_pool  # noqa: E402
+from sixgate.workers.engine.datapath import Datapath  # noqa: E402
+from sixgate.workers.engine.drops import DropReason  # noqa: E402
+from sixgate.workers.engine.flows import Timeouts  # noqa: E402
+from sixgate.workers.engine.settings import Forward, Settings, worker_pool  # noqa: E402
 
 GW4, CLIENT4, REMOTE4, RELAY4 = "192.0.2.10", "198.51.100.1", "203.0.113.1", "203.0.113.99"
 MODES = {

@@ -17,9 +17,9 @@ from typing import Any
 
 import zmq
 
-from coordinator.config import ConfigError, effective_values, load_config
-from workers import control
-from workers.engine.settings import Settings, worker_routes
+from sixgate.coordinator.config import ConfigError, effective_values, load_config
+from sixgate.workers import control
+from sixgate.workers.engine.settings import Settings, worker_routes
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 DEFAULT_CONFIG = "/etc/sixgate/gateway.toml"
@@ -37,8 +37,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s coordinator %(levelname)s %(message)s")
-    from coordinator.gateway import run_gateway
-    from coordinator.probe import choose_backend, delivery_method, probe
+    from sixgate.coordinator.gateway import run_gateway
+    from sixgate.coordinator.probe import choose_backend, delivery_method, probe
     log = logging.getLogger("sixgate")
     caps = probe()
     backend, why = choose_backend(settings.backend, caps)
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args.config)
-    from coordinator.probe import choose_backend, delivery_method, probe
+    from sixgate.coordinator.probe import choose_backend, delivery_method, probe
     caps = probe()
     method, why = delivery_method(caps)
     backend, backend_why = choose_backend(settings.backend, caps)
@@ -113,7 +113,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(_args: argparse.Namespace) -> int:
-    from coordinator.probe import choose_backend, delivery_method, probe
+    from sixgate.coordinator.probe import choose_backend, delivery_method, probe
     caps = probe()
     width = max(len(c.name) for c in caps)
     for cap in caps:
@@ -127,7 +127,7 @@ def cmd_probe(_args: argparse.Namespace) -> int:
 
 def cmd_ping(args: argparse.Namespace) -> int:
     settings = _load(args.config)
-    from coordinator.ping import ping
+    from sixgate.coordinator.ping import ping
     try:
         return ping(settings, args.address, args.count, interval_s=args.interval,
                     size=args.size)
@@ -217,7 +217,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from coordinator.status import EndpointError, metrics_url, watch
+    from sixgate.coordinator.status import EndpointError, metrics_url, watch
     url = args.url
     if url is None:
         settings = _load(args.config)
@@ -236,7 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from deploy.cli import run
+    from sixgate.deploy.cli import run
     return run(args)
 
 
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="print one plain frame (two scrapes --interval apart) and exit")
     p.set_defaults(func=cmd_status)
-    from deploy.cli import add_parser as add_deploy_parser
+    from sixgate.deploy.cli import add_parser as add_deploy_parser
     add_deploy_parser(sub).set_defaults(func=cmd_deploy)
     return parser
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import tomli
 
-from workers.engine.flows import Timeouts
-from workers.engine.settings import Forward, Settings, pool_addresses
-from workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
+from sixgate.workers.engine.flows import Timeouts
+from sixgate.workers.engine.settings import Forward, Settings, pool_addresses
+from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
 
 # Directories a run_dir must never be: sixgate chmods its run_dir to 0700 and cleans it.
 SYSTEM_DIRECTORIES = frozenset({
@@ -117,7 +117,7 @@ LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
               "warning": "problems only", "error": "failures only"}
 
 # The configuration's one schema: parsing, defaults, ``sixgate check`` and the README's key
-# reference (README.md "Every key"; ``python -m coordinator.config`` prints it) all read it.
+# reference (README.md "Every key"; ``python -m sixgate.coordinator.config`` prints it) all read it.
 SCHEMA: tuple[Key, ...] = (
     Key("tunnel", "mode", "string", '"6to4" (RFC 3056) or "6in4" (RFC 4213 configured tunnel)',
         default_text="required"),

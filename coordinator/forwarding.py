@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from workers.engine.settings import Settings
+from sixgate.workers.engine.settings import Settings
 
 log = logging.getLogger("sixgate.forwarding")
 

@@ -34,17 +34,17 @@ from typing import Any
 import zmq
 from pyroute2 import NetlinkError
 
-from coordinator import forwarding, kernel_backend
-from coordinator.metrics import GatewayView, MetricsServer, WorkerView
-from workers import control
-from workers.control import control_endpoint, coordinator_endpoint, data_endpoint
-from workers.engine.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
-from workers.engine.drops import DropReason, Event
-from workers.engine.settings import Settings
-from workers.engine.wire import encode_batch, fanout_index
-from workers.main import tun_name
-from workers.mmsg import BatchReceiver
-from workers.privileges import (
+from sixgate.coordinator import forwarding, kernel_backend
+from sixgate.coordinator.metrics import GatewayView, MetricsServer, WorkerView
+from sixgate.workers import control
+from sixgate.workers.control import control_endpoint, coordinator_endpoint, data_endpoint
+from sixgate.workers.engine.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
+from sixgate.workers.engine.drops import DropReason, Event
+from sixgate.workers.engine.settings import Settings
+from sixgate.workers.engine.wire import encode_batch, fanout_index
+from sixgate.workers.main import tun_name
+from sixgate.workers.mmsg import BatchReceiver
+from sixgate.workers.privileges import (
     CAP_DAC_OVERRIDE,
     CAP_DAC_READ_SEARCH,
     become_supervisor,
@@ -78,7 +78,7 @@ def _pid_is_ours(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"sixgate" in cmdline or b"workers.main" in cmdline or b"coordinator.cli" in cmdline
+    return b"sixgate" in cmdline
 
 
 class RunDirBusy(Exception):
@@ -149,7 +149,7 @@ def installation_paths() -> list[tuple[Path, int]]:
     its standard library and shared libpython, sixgate's code and the packages it imports."""
     import pyroute2
 
-    import workers
+    from sixgate import workers
     paths = [(Path(os.path.realpath(sys.executable)), os.X_OK)]
     for module in (os, workers, zmq, pyroute2):
         paths.append((Path(os.path.realpath(str(module.__file__))).parent, os.R_OK | os.X_OK))
@@ -264,7 +264,7 @@ class Coordinator:
             # The kernel's sit link does the tunnel; workers only relay ports, with up to two
             # descriptors a session: the limit is raised here (the workers inherit it) or the
             # config is refused before anything is set up.
-            from workers.relay import raise_descriptor_limit
+            from sixgate.workers.relay import raise_descriptor_limit
             raise_descriptor_limit(settings)
             try:
                 self.sit_link = kernel_backend.setup(settings)
@@ -309,7 +309,7 @@ class Coordinator:
                  if settings.backend != "kernel" else "")
 
     def _spawn(self, worker: WorkerProcess) -> None:
-        cmd = [sys.executable, "-m", "workers.main", "--settings", str(self.settings_file),
+        cmd = [sys.executable, "-m", "sixgate.workers.main", "--settings", str(self.settings_file),
                "--index", str(worker.index)]
         worker.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         worker.started = time.monotonic()

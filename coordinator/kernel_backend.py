@@ -43,14 +43,14 @@ from typing import cast
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from coordinator.forwarding import (
+from sixgate.coordinator.forwarding import (
     ForwardingError,
     nft,
     pool_conflicts,
     remote_targets,
     replace_table,
 )
-from workers.engine.settings import Settings
+from sixgate.workers.engine.settings import Settings
 
 log = logging.getLogger("sixgate.kernel")
 

@@ -41,11 +41,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
-from coordinator.config import parse_listen
-from workers.engine.counters import DIRECTIONS, PROTOCOLS
-from workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
-from workers.engine.flows import worker_share
-from workers.engine.settings import Settings
+from sixgate.coordinator.config import parse_listen
+from sixgate.workers.engine.counters import DIRECTIONS, PROTOCOLS
+from sixgate.workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
+from sixgate.workers.engine.flows import worker_share
+from sixgate.workers.engine.settings import Settings
 
 log = logging.getLogger("sixgate.metrics")
 

@@ -15,11 +15,11 @@ import socket
 import struct
 import time
 
-from workers.engine.drops import DropReason
-from workers.engine.icmp import ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, build_icmpv6
-from workers.engine.packet import PROTO_ICMPV6, parse_ipv6
-from workers.engine.settings import Settings
-from workers.engine.tunnel import TunnelPolicy, check_inbound, outer_destination
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.icmp import ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, build_icmpv6
+from sixgate.workers.engine.packet import PROTO_ICMPV6, parse_ipv6
+from sixgate.workers.engine.settings import Settings
+from sixgate.workers.engine.tunnel import TunnelPolicy, check_inbound, outer_destination
 
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0

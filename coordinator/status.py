@@ -29,8 +29,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from coordinator.config import parse_listen
-from workers.engine.counters import DIRECTIONS
+from sixgate.coordinator.config import parse_listen
+from sixgate.workers.engine.counters import DIRECTIONS
 
 FETCH_TIMEOUT_S = 10.0  # a scrape waits at most 1.5 s for the workers (metrics.py)
 LATENCY_DIRECTIONS = ("inbound", "from_services")  # sixgate_packet_processing_seconds

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-PACKAGES = ("coordinator", "workers", "deploy")
+# sixgate/ links to the three code folders (one import name, sixgate.*): copied as links.
+PACKAGES = ("sixgate", "coordinator", "workers", "deploy")
 PROJECT_FILES = ("pyproject.toml", "README.md")
 LOCAL_VERSION = re.compile(r"[a-z0-9]+(\.[a-z0-9]+)*")
 VERSION_LINE = re.compile(r'^version\s*=\s*"([^"]+)"\s*$', re.MULTILINE)
@@ -57,7 +58,7 @@ def build(out: Path, local_version: str | None = None, with_dependencies: bool =
         for name in PROJECT_FILES:
             shutil.copy2(checkout / name, source / name)
         for package in PACKAGES:
-            shutil.copytree(checkout / package, source / package,
+            shutil.copytree(checkout / package, source / package, symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         pyproject = source / "pyproject.toml"
         pyproject.write_text(VERSION_LINE.sub(f'version = "{version}"',

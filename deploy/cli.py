@@ -24,12 +24,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coordinator.config import ConfigError
+from sixgate.coordinator.config import ConfigError
 
 if TYPE_CHECKING:
-    from deploy.inventory import Host, Inventory
-    from deploy.rollout import Rollout
-    from deploy.runner import Workspace
+    from sixgate.deploy.inventory import Host, Inventory
+    from sixgate.deploy.rollout import Rollout
+    from sixgate.deploy.runner import Workspace
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 DEFAULT_INVENTORY = "deploy/inventory.toml"
@@ -83,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed ``sixgate deploy ...`` command; bad files exit 2."""
-    from deploy.runner import AnsibleMissing
+    from sixgate.deploy.runner import AnsibleMissing
     try:
         result: int = args.deploy_func(args)
     except ConfigError as exc:
@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
 def load(args: argparse.Namespace, need_release: bool = True) -> tuple[
         Inventory, Rollout, list[Host]]:
     """Inventory, rollout and the selected hosts, every host's gateway config validated."""
-    from deploy.inventory import load_inventory
-    from deploy.render import check_gateway_config
-    from deploy.rollout import load_rollout
+    from sixgate.deploy.inventory import load_inventory
+    from sixgate.deploy.render import check_gateway_config
+    from sixgate.deploy.rollout import load_rollout
     inventory = load_inventory(args.inventory)
     rollout = load_rollout(args.rollout, need_release=need_release)
     hosts = inventory.select(getattr(args, "limit", None))
@@ -123,7 +123,7 @@ def load(args: argparse.Namespace, need_release: bool = True) -> tuple[
 
 def describe(inventory: Inventory, rollout: Rollout, hosts: list[Host], release: bool) -> None:
     """What a rollout will do: release, batches, health gate, failure policy."""
-    from deploy.rollout import batches
+    from sixgate.deploy.rollout import batches
     plan = batches([h.name for h in hosts], rollout.serial)
     if release:
         print(f"release     sixgate {rollout.version} ({rollout.wheel}, dependencies from "
@@ -149,8 +149,8 @@ def describe(inventory: Inventory, rollout: Rollout, hosts: list[Host], release:
 def cmd_plan(args: argparse.Namespace) -> int:
     import hashlib
 
-    from deploy.render import render_gateway_config
-    from deploy.runner import AnsibleMissing
+    from sixgate.deploy.render import render_gateway_config
+    from sixgate.deploy.runner import AnsibleMissing
     inventory, rollout, hosts = load(args)
     print(f"inventory   {inventory.file}: {len(inventory.hosts)} hosts, groups "
           f"{', '.join(inventory.groups) or '(none)'}; rollout {rollout.file}: OK")
@@ -183,16 +183,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _workspace(directory: Path, inventory: Inventory, rollout: Rollout) -> Workspace:
-    from deploy.emit import emit
-    from deploy.runner import Workspace
+    from sixgate.deploy.emit import emit
+    from sixgate.deploy.runner import Workspace
     emit(directory, inventory, rollout)
     return Workspace(directory)
 
 
 def _run_and_report(args: argparse.Namespace, playbook: str, need_release: bool,
                     describe_plan: bool = True) -> int:
-    from deploy.rollout import batches
-    from deploy.runner import format_report
+    from sixgate.deploy.rollout import batches
+    from sixgate.deploy.runner import format_report
     inventory, rollout, hosts = load(args, need_release=need_release)
     if describe_plan:
         describe(inventory, rollout, hosts, release=need_release)
@@ -230,7 +230,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    from deploy.emit import emit
+    from sixgate.deploy.emit import emit
     inventory, rollout, _hosts = load(args)
     directory = Path(args.directory)
     written = emit(directory, inventory, rollout)
@@ -240,7 +240,7 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from deploy.build import BuildError, build
+    from sixgate.deploy.build import BuildError, build
     try:
         wheel = build(Path(args.out), args.local_version, with_dependencies=not args.no_deps)
     except BuildError as exc:

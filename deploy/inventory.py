@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from coordinator.config import ConfigError
-from deploy.source import KeyPath, TomlSource, load_toml, reject_unknown, table_at
+from sixgate.coordinator.config import ConfigError
+from sixgate.deploy.source import KeyPath, TomlSource, load_toml, reject_unknown, table_at
 
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # Ansible warns on other group names

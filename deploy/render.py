@@ -15,9 +15,9 @@ from typing import Any
 
 import jinja2
 
-from coordinator.config import ConfigError, parse_config
-from deploy.inventory import Host, Inventory
-from deploy.source import KeyPath
+from sixgate.coordinator.config import ConfigError, parse_config
+from sixgate.deploy.inventory import Host, Inventory
+from sixgate.deploy.source import KeyPath
 
 ANSIBLE_DIR = Path(__file__).resolve().parent / "ansible"
 ROLE_DIR = ANSIBLE_DIR / "roles" / "sixgate"

@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli
 
-from coordinator.config import ConfigError
+from sixgate.coordinator.config import ConfigError
 
 KeyPath = tuple[str | int, ...]
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.lab
 
 def _sixgate() -> list[str]:
     exe = Path(sys.executable).parent / "sixgate"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "coordinator.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "sixgate.coordinator.cli"]
 
 
 @pytest.fixture()
@@ -86,8 +86,8 @@ def test_kernel_backend_input_policy_loads_and_opens_only_forwarded_ports(netns:
     kvm tests check what it lets through a real sit link."""
     from support.helpers import make_settings
 
-    from coordinator.kernel_backend import input_ruleset, table_name
-    from workers.engine.settings import Forward
+    from sixgate.coordinator.kernel_backend import input_ruleset, table_name
+    from sixgate.workers.engine.settings import Forward
 
     settings = make_settings("6in4", backend="kernel", forwards=(
         Forward("tcp", 80, 80, "127.0.0.1", 8080), Forward("udp", 53, 53, "127.0.0.1", 5353),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import ConfigError, parse_config, parse_listen
+from sixgate.coordinator.config import ConfigError, parse_config, parse_listen
 
 GOOD_6TO4 = """\
 [tunnel]
@@ -53,7 +53,7 @@ to = "127.0.0.1:9000"
 
 def sixgate(*args: str) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).parent / "sixgate"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "coordinator.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "sixgate.coordinator.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, check=False,
                           timeout=60)
 
@@ -299,7 +299,7 @@ _WEIRD = ["nan", "inf", "-1", "0", "1e308", "99999999999999999", '""', '"x"', "[
 def test_every_key_with_any_value_is_a_config_error_or_accepted(value: str) -> None:
     """Whatever a key holds, parse_config answers with Settings or a ConfigError naming the
     key: never another exception (a traceback is a crash of ``sixgate run``)."""
-    from coordinator.config import ALLOWED
+    from sixgate.coordinator.config import ALLOWED
 
     for table, keys in ALLOWED.items():
         for key in sorted(keys):
@@ -336,7 +336,7 @@ def test_run_dir_of_another_user_or_a_symlink_is_refused(tmp_path: Path) -> None
     import dataclasses
     import os
 
-    from coordinator.gateway import prepare_run_dir
+    from sixgate.coordinator.gateway import prepare_run_dir
 
     base = parse_config(GOOD_6TO4, "gw.toml")
     target = tmp_path / "real"
@@ -366,8 +366,8 @@ def test_run_dir_of_another_user_or_a_symlink_is_refused(tmp_path: Path) -> None
 
 def test_readme_key_reference_is_the_schemas() -> None:
     """README.md "Every key" is generated from SCHEMA; a key added, renamed or re-documented
-    without the README fails here (regenerate: .venv/bin/python -m coordinator.config)."""
-    from coordinator.config import reference_markdown
+    without the README fails here (regenerate: .venv/bin/python -m sixgate.coordinator.config)."""
+    from sixgate.coordinator.config import reference_markdown
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     begin, end = "<!-- config-reference: begin -->\n", "<!-- config-reference: end -->"
@@ -376,7 +376,7 @@ def test_readme_key_reference_is_the_schemas() -> None:
 
 
 def test_every_schema_default_passes_its_own_check() -> None:
-    from coordinator.config import SCHEMA, _Ctx
+    from sixgate.coordinator.config import SCHEMA, _Ctx
 
     ctx = _Ctx("defaults", "")
     for key in SCHEMA:
@@ -389,8 +389,8 @@ def test_every_settings_field_a_file_can_set_is_a_schema_key() -> None:
     """No hidden knobs: every Settings field but what the coordinator derives is a key."""
     from dataclasses import fields
 
-    from coordinator.config import SCHEMA
-    from workers.engine.settings import Settings
+    from sixgate.coordinator.config import SCHEMA
+    from sixgate.workers.engine.settings import Settings
 
     keys = {key.name for key in SCHEMA} | {"timeouts", "forwards", "metrics_listen"}
     derived = {"source_file"}

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from support import promql
 
-from coordinator.metrics import METRIC_NAMES
+from sixgate.coordinator.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.prometheus
 

@@ -10,7 +10,7 @@ control socket that answers ``flows``/``ping``/``stats`` requests. The engine re
 send (``Output``); a packet that raised is counted there as INTERNAL_ERROR and logged here,
 rate-limited, and never kills the loop.
 
-Started by the coordinator as ``python -m workers.main --settings FILE --index N``.
+Started by the coordinator as ``python -m sixgate.workers.main --settings FILE --index N``.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ from typing import Any
 
 import zmq
 
-from workers import control, seccomp
-from workers.control import control_endpoint, data_endpoint
-from workers.engine.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
-from workers.engine.datapath import Datapath, Output
-from workers.engine.drops import DropReason, Event
-from workers.engine.flows import Session
-from workers.engine.packet import PROTO_TCP, PROTO_UDP
-from workers.engine.settings import Settings, worker_pool, worker_routes
-from workers.engine.wire import decode_batch, fanout_filter, pack_filter
-from workers.mmsg import BatchReceiver, BatchSender
-from workers.privileges import drop_privileges
-from workers.uring import UringWriter
+from sixgate.workers import control, seccomp
+from sixgate.workers.control import control_endpoint, data_endpoint
+from sixgate.workers.engine.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
+from sixgate.workers.engine.datapath import Datapath, Output
+from sixgate.workers.engine.drops import DropReason, Event
+from sixgate.workers.engine.flows import Session
+from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP
+from sixgate.workers.engine.settings import Settings, worker_pool, worker_routes
+from sixgate.workers.engine.wire import decode_batch, fanout_filter, pack_filter
+from sixgate.workers.mmsg import BatchReceiver, BatchSender
+from sixgate.workers.privileges import drop_privileges
+from sixgate.workers.uring import UringWriter
 
 log = logging.getLogger("sixgate.worker")
 
@@ -156,7 +156,7 @@ class Worker:
     # --- setup --------------------------------------------------------------------------------
 
     def open(self) -> None:
-        from workers.tun import configure_tun, open_tun  # pyroute2: userspace backend only
+        from sixgate.workers.tun import configure_tun, open_tun  # pyroute2: userspace backend only
 
         settings = self.settings
         name = tun_name(settings, self.index)
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.backend == "kernel":
         import asyncio
 
-        from workers.relay import run_relay
+        from sixgate.workers.relay import run_relay
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             asyncio.run(run_relay(settings, args.index,

@@ -27,7 +27,7 @@ import os
 import pwd
 from pathlib import Path
 
-from workers.engine.settings import Settings
+from sixgate.workers.engine.settings import Settings
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4

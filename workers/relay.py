@@ -39,14 +39,14 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from workers import control as protocol
-from workers import seccomp
-from workers.engine.counters import Counters, LimitHits, worker_stats
-from workers.engine.drops import DropReason, Event
-from workers.engine.flows import worker_share
-from workers.engine.packet import PROTO_TCP, PROTO_UDP
-from workers.engine.settings import Forward, Settings, source_allowed, worker_pool
-from workers.privileges import drop_privileges
+from sixgate.workers import control as protocol
+from sixgate.workers import seccomp
+from sixgate.workers.engine.counters import Counters, LimitHits, worker_stats
+from sixgate.workers.engine.drops import DropReason, Event
+from sixgate.workers.engine.flows import worker_share
+from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP
+from sixgate.workers.engine.settings import Forward, Settings, source_allowed, worker_pool
+from sixgate.workers.privileges import drop_privileges
 
 log = logging.getLogger("sixgate.relay")
 

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
-from coordinator.config import ConfigError, parse_config
-from deploy.emit import emit
-from deploy.inventory import load_inventory
-from deploy.render import check_gateway_config, render_gateway_config, render_template
-from deploy.rollout import batches, load_rollout
-from deploy.source import format_path, key_lines
+from sixgate.coordinator.config import ConfigError, parse_config
+from sixgate.deploy.emit import emit
+from sixgate.deploy.inventory import load_inventory
+from sixgate.deploy.render import check_gateway_config, render_gateway_config, render_template
+from sixgate.deploy.rollout import batches, load_rollout
+from sixgate.deploy.source import format_path, key_lines
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "deploy"
@@ -376,7 +376,7 @@ def test_emitted_directory_is_an_ansible_project(files: Path, tmp_path: Path) ->
 
 def sixgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).parent / "sixgate"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "coordinator.cli"]
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "sixgate.coordinator.cli"]
     return subprocess.run([*argv, *args], capture_output=True, text=True, check=False,
                           timeout=120, cwd=cwd)
 
@@ -409,3 +409,21 @@ def test_limit_naming_nothing_known_exits_2(files: Path) -> None:
     done = sixgate("deploy", "plan", "-i", "inventory.toml", "-r", "rollout.toml", "--limit",
                    "edge7", cwd=files)
     assert done.returncode == 2 and "'edge7' is neither a host nor a group" in done.stderr
+
+
+def test_the_wheel_installs_one_import_name(tmp_path: Path) -> None:
+    """Issue 14: installed, everything is under ``sixgate`` (no generic top-level ``workers``,
+    ``coordinator`` or ``deploy`` in site-packages); the Ansible files ride along."""
+    import zipfile
+
+    from sixgate.deploy.build import build
+
+    wheel = build(tmp_path / "wheels", with_dependencies=False)
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"sixgate", wheel.name.split("-py3")[0]
+                                                      + ".dist-info"}, names
+    assert "sixgate/workers/engine/datapath.py" in names
+    assert "sixgate/deploy/ansible/roles/sixgate/templates/sixgate.service.j2" in names
+    entry_points = zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "sixgate = sixgate.coordinator.cli:main" in entry_points

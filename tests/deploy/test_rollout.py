@@ -24,9 +24,9 @@ import fleet as fleet_module
 import pytest
 from fleet import STAGE_SECONDS, Fleet, host_ipv4
 
-from deploy.build import checkout_version
-from deploy.inventory import load_inventory
-from deploy.render import render_gateway_config
+from sixgate.deploy.build import checkout_version
+from sixgate.deploy.inventory import load_inventory
+from sixgate.deploy.render import render_gateway_config
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 

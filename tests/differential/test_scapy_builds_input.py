@@ -44,8 +44,8 @@ from support.helpers import (
 )
 from support.scapy_check import checksums_match
 
-from workers.engine.drops import DropReason
-from workers.engine.tunnel import check_inbound
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.tunnel import check_inbound
 
 
 def party(mode: str = "6to4") -> TwoParty:

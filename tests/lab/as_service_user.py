@@ -37,7 +37,7 @@ def capabilities() -> list[str]:
     caps = list(CAPS)
     if not user_can(["sh", "-c", "test -r /dev/net/tun -a -w /dev/net/tun"]):
         caps.append("dac_override")
-    elif not user_can([sys.executable, "-c", "import workers.main"]):
+    elif not user_can([sys.executable, "-c", "import sixgate.workers.main"]):
         caps.append("dac_read_search")
     return caps
 

@@ -195,7 +195,7 @@ def io_uring_refusal() -> str | None:
     """Why this host refuses io_uring, or None. Only a refusal counts (EPERM: the
     kernel.io_uring_disabled sysctl or a seccomp policy; ENOSYS: no io_uring in the kernel);
     any other error is a bug of workers/uring.py and raises."""
-    from workers.uring import UringWriter
+    from sixgate.workers.uring import UringWriter
 
     fd = os.open("/dev/null", os.O_WRONLY)
     try:
@@ -228,7 +228,7 @@ def sixgate_command() -> list[str]:
     script = Path(sys.executable).parent / "sixgate"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "coordinator.cli"]
+    return [sys.executable, "-m", "sixgate.coordinator.cli"]
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -2,10 +2,10 @@
 
 The VM tests (tests/kvm) prove the whole kernel backend on a kernel with sit. Here the worker
 process runs the relays alone, exactly as ``sixgate run`` starts it with the kernel backend
-(``python -m workers.main --settings FILE --index 0``), in a namespace whose loopback carries
-the gateway's IPv6 address, so the relay rules that need no tunnel are checked in every run:
-TCP and UDP relaying to IPv4-only services, the per /64 flow limit (RFC 6888 REQ-4) counted
-and never evicting, sessions listed over the control socket, clean SIGTERM.
+(``python -m sixgate.workers.main --settings FILE --index 0``), in a namespace whose
+loopback carries the gateway's IPv6 address, so the relay rules that need no tunnel are
+checked in every run: TCP and UDP relaying to IPv4-only services, the per /64 flow limit (RFC
+6888 REQ-4) counted and never evicting, sessions listed over the control socket, clean SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import netlab
 import pytest
 import zmq
 
-from coordinator.config import parse_config
-from workers import control
+from sixgate.coordinator.config import parse_config
+from sixgate.workers import control
 
 pytestmark = pytest.mark.lab
 
@@ -133,8 +133,9 @@ def relay_lab(served_files: netlab.ServedFiles, tmp_path_factory: pytest.TempPat
         settings_file.write_text(settings.to_json())
         log = tmp / "worker.log"
         with log.open("wb") as out:
-            worker = subprocess.Popen([*ns, sys.executable, "-m", "workers.main", "--settings",
-                                       str(settings_file), "--index", "0"], stderr=out)
+            worker = subprocess.Popen([*ns, sys.executable, "-m", "sixgate.workers.main",
+                                       "--settings", str(settings_file), "--index", "0"],
+                                      stderr=out)
         processes.append(worker)
         lab = RelayLab(namespace, run_dir, worker, log)
         netlab.wait_until(lambda: lab.exec(["ss", "-Hlnt", "sport = :80"]).stdout.strip()
@@ -216,7 +217,7 @@ def test_rule_from_list_refuses_other_sources(relay_lab: RelayLab) -> None:
 def test_open_files_limit_raised_for_max_flows(relay_lab: RelayLab) -> None:
     """Two descriptors per TCP session: the relay worker raised RLIMIT_NOFILE to what its
     max_flows needs (the default 1024 let about a thousand UDP sessions stop it, EMFILE)."""
-    from workers.relay import descriptors_needed
+    from sixgate.workers.relay import descriptors_needed
 
     limits = Path(f"/proc/{relay_lab.worker.pid}/limits").read_text()
     line = next(row for row in limits.splitlines() if row.startswith("Max open files"))

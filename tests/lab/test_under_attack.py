@@ -23,8 +23,8 @@ import pytest
 import zmq
 from netlab import Lab
 
-from coordinator import metrics
-from workers import control
+from sixgate.coordinator import metrics
+from sixgate.workers import control
 
 pytestmark = pytest.mark.lab
 

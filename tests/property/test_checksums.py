@@ -20,8 +20,8 @@ from support.strategies import (
     with_transport_checksum,
 )
 
-from workers.engine.drops import DropReason
-from workers.engine.packet import (
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.packet import (
     build_ipv4,
     checksum,
     parse_ipv4,

@@ -20,12 +20,12 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw, raw
 from support import helpers
 
-from workers.engine import datapath as datapath_module
-from workers.engine.datapath import Datapath, Output
-from workers.engine.drops import DropReason
-from workers.engine.packet import PROTO_TCP
-from workers.engine.settings import worker_pool
-from workers.engine.tunnel import TunnelPolicy, check_inbound
+from sixgate.workers.engine import datapath as datapath_module
+from sixgate.workers.engine.datapath import Datapath, Output
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.packet import PROTO_TCP
+from sixgate.workers.engine.settings import worker_pool
+from sixgate.workers.engine.tunnel import TunnelPolicy, check_inbound
 
 CLIENT4 = "198.51.100.1"  # the outer IPv4 of CLIENTS[0]
 CLIENTS = ("2002:c633:6401::1", "2002:c633:6401::2", "2001:db8:1::1")

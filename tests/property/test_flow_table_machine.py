@@ -14,9 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from workers.engine.drops import DropReason
-from workers.engine.flows import FlowTable, Timeouts
-from workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.flows import FlowTable, Timeouts
+from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 POOL = [bytes([100, 64, 0, n]) for n in range(1, 5)]  # 4 pool addresses: exhaustion happens
 CLIENTS = [bytes.fromhex(f"2002c6336401{p:04x}") + bytes(7) + bytes([h])

@@ -13,8 +13,8 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, defragment6
 from scapy.packet import raw
 from support.helpers import TwoParty, make_datapath, packed6
 
-from workers.engine.fragment import Reassembler, fragment_ipv6
-from workers.engine.packet import PROTO_FRAGMENT, PROTO_UDP, build_ipv6, parse_ipv6
+from sixgate.workers.engine.fragment import Reassembler, fragment_ipv6
+from sixgate.workers.engine.packet import PROTO_FRAGMENT, PROTO_UDP, build_ipv6, parse_ipv6
 
 SRC = packed6("2002:c633:6401::1")
 DST = packed6("2002:c000:20a::1")

@@ -7,7 +7,7 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.engine.tunnel import (
+from sixgate.workers.engine.tunnel import (
     DEFAULT_MARTIAN_IPV4,
     MARTIAN_IPV6_DESTINATION,
     MARTIAN_IPV6_SOURCE,

@@ -37,11 +37,11 @@ from support.helpers import (
 )
 from support.strategies import FRAGMENT, GW6, UDP, ipv4, ipv6, ipv6_packets
 
-from workers.engine.datapath import Datapath
-from workers.engine.drops import DropReason
-from workers.engine.packet import ParameterProblem, parse_ipv4, parse_ipv6
-from workers.engine.tunnel import TunnelPolicy, check_inbound
-from workers.engine.wire import decode_batch, encode_batch
+from sixgate.workers.engine.datapath import Datapath
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.packet import ParameterProblem, parse_ipv4, parse_ipv6
+from sixgate.workers.engine.tunnel import TunnelPolicy, check_inbound
+from sixgate.workers.engine.wire import decode_batch, encode_batch
 
 POLICIES = (TunnelPolicy.build("6to4", GW4, None, [GW6_6TO4]),
             TunnelPolicy.build("6in4", GW4, REMOTE4, [GW6_6IN4]))

@@ -25,8 +25,8 @@ from support.helpers import (
     reply_to,
 )
 
-from workers.engine.drops import DropReason
-from workers.engine.tunnel import DEFAULT_MARTIAN_IPV4
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4
 
 MARTIAN4 = [ipaddress.IPv4Network(c) for c, _ in DEFAULT_MARTIAN_IPV4]
 

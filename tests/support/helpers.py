@@ -19,11 +19,11 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw, raw
 
-from workers.engine.datapath import Datapath, Output
-from workers.engine.drops import DropReason
-from workers.engine.flows import Timeouts
-from workers.engine.settings import Forward, Settings, worker_pool
-from workers.engine.tunnel import TunnelPolicy
+from sixgate.workers.engine.datapath import Datapath, Output
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.flows import Timeouts
+from sixgate.workers.engine.settings import Forward, Settings, worker_pool
+from sixgate.workers.engine.tunnel import TunnelPolicy
 
 # --- addresses ----------------------------------------------------------------------------------
 

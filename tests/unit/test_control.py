@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from workers import control
+from sixgate.workers import control
 
 
 def test_a_good_request_is_parsed_with_its_fields() -> None:

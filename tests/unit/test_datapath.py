@@ -51,10 +51,10 @@ from support.helpers import (
     tcp_mss,
 )
 
-from workers.engine.datapath import Datapath
-from workers.engine.drops import DropReason, Event
-from workers.engine.flows import ESTABLISHED, V4_SYN_RCV, V6_FIN, Timeouts
-from workers.engine.settings import worker_pool
+from sixgate.workers.engine.datapath import Datapath
+from sixgate.workers.engine.drops import DropReason, Event
+from sixgate.workers.engine.flows import ESTABLISHED, V4_SYN_RCV, V6_FIN, Timeouts
+from sixgate.workers.engine.settings import worker_pool
 
 MODES = ["6to4", "6in4"]
 T = Timeouts()
@@ -722,7 +722,7 @@ def test_rfc6888_req4_global_limit_split_between_shards() -> None:
 def test_rule_from_list_refuses_other_sources_as_no_rule(mode: str) -> None:
     """RFC 6092-style holes: a rule open to one prefix is a closed port to everyone else
     (RST for TCP, port unreachable for UDP, rate-limited), counted as source_not_allowed."""
-    from workers.engine.settings import Forward
+    from sixgate.workers.engine.settings import Forward
 
     allowed = "2002:c633:6401::/48" if mode == "6to4" else "2001:db8:1::/48"
     rules = (Forward("tcp", 80, 80, SERVICE4, 8080, (allowed,)),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from workers.engine.counters import Counters, LimitHits
-from workers.engine.drops import ALL_REASONS, ICMP_ERROR_EVENTS, DropReason, Event
+from sixgate.workers.engine.counters import Counters, LimitHits
+from sixgate.workers.engine.drops import ALL_REASONS, ICMP_ERROR_EVENTS, DropReason, Event
 
 DROPS_PY = Path(__file__).resolve().parents[2] / "workers" / "engine" / "drops.py"
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from workers import main
+from sixgate.workers import main
 
 
 def test_a_flood_of_raising_packets_is_logged_once_per_interval(

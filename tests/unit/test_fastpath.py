@@ -7,8 +7,8 @@ import ipaddress
 from scapy.layers.inet import TCP
 from scapy.layers.inet6 import IPv6
 
-from workers.engine.fastpath import InTemplate, fast_v6_to_v4, inbound_template
-from workers.engine.flows import FlowTable, Timeouts
+from sixgate.workers.engine.fastpath import InTemplate, fast_v6_to_v4, inbound_template
+from sixgate.workers.engine.flows import FlowTable, Timeouts
 
 CLIENT6, GW6 = "2002:c633:6401::1", "2002:c000:20a::1"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from support.helpers import FakeClock, packed4, packed6
 
-from workers.engine.drops import DropReason
-from workers.engine.flows import (
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.flows import (
     ESTABLISHED,
     TRANS,
     UDP_OPEN,
@@ -21,7 +21,7 @@ from workers.engine.flows import (
     Session,
     Timeouts,
 )
-from workers.engine.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from sixgate.workers.engine.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 GW6 = packed6("2002:c000:20a::1")
 SVC = packed4("127.0.0.1")
@@ -443,7 +443,7 @@ def test_tcp_state_unknown_to_the_table_is_ended_not_guessed() -> None:
 
 
 def test_tcp_transition_table_names_only_known_states() -> None:
-    from workers.engine.flows import TCP_TRANSITIONS
+    from sixgate.workers.engine.flows import TCP_TRANSITIONS
 
     states = set(TCP_TRANSITIONS) | {TRANS}
     assert {V6_INIT, V4_SYN_RCV, ESTABLISHED, V6_FIN, V4_FIN, V6_V4_FIN} <= states

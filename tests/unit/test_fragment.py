@@ -12,9 +12,9 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, defr
 from scapy.packet import Raw, raw
 from support.helpers import packed6
 
-from workers.engine.drops import DropReason
-from workers.engine.fragment import REASSEMBLY_TIMEOUT_S, Reassembler, fragment_ipv6
-from workers.engine.packet import PROTO_FRAGMENT, PROTO_UDP
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.fragment import REASSEMBLY_TIMEOUT_S, Reassembler, fragment_ipv6
+from sixgate.workers.engine.packet import PROTO_FRAGMENT, PROTO_UDP
 
 SRC = "2001:db8:1::1"
 DST = "2001:db8:2::2"

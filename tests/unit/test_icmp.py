@@ -23,7 +23,7 @@ from scapy.layers.inet6 import (
 from scapy.packet import Packet, Raw, raw
 from support.helpers import packed6
 
-from workers.engine.icmp import (
+from sixgate.workers.engine.icmp import (
     MIN_MTU,
     TokenBucket,
     echo_reply,
@@ -31,7 +31,7 @@ from workers.engine.icmp import (
     may_send_error,
     tcp_reset,
 )
-from workers.engine.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, parse_ipv6
+from sixgate.workers.engine.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, parse_ipv6
 
 CLIENT = "2001:db8:1::1"
 US = "2001:db8:ff::1"

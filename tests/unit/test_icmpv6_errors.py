@@ -29,7 +29,7 @@ from support.helpers import (
     reply_to,
 )
 
-from workers.engine.drops import DropReason
+from sixgate.workers.engine.drops import DropReason
 
 MODES = ["6to4", "6in4"]
 

@@ -70,9 +70,9 @@ def test_allow_list_and_forbidden_list_do_not_meet() -> None:
 def test_engine_modules_import_only_the_allowed_stdlib_and_the_engine(path: Path) -> None:
     for name in sorted(imported_modules(path.read_text())):
         parts = name.split(".")
-        if parts[0] == "workers":
-            # ``from workers.engine.x import y`` lists workers.engine.x.y too: x is checked.
-            assert len(parts) > 2 and parts[1] == "engine", \
+        if parts[0] == "sixgate":
+            # ``from sixgate.workers.engine.x import y`` lists ...x.y too: x is checked.
+            assert len(parts) > 3 and parts[1:3] == ["workers", "engine"], \
                 f"workers/engine/{path.name} imports {name}, outside the engine"
         else:
             assert parts[0] in ENGINE_MAY_IMPORT, \
@@ -83,5 +83,7 @@ def test_nothing_in_workers_imports_coordinator() -> None:
     files = sorted(WORKERS.rglob("*.py"))
     assert len(files) > len(ENGINE_FILES)
     for path in files:
-        names = top_levels(imported_modules(path.read_text()))
-        assert "coordinator" not in names, f"{path.relative_to(WORKERS.parent)} imports it"
+        names = imported_modules(path.read_text())
+        assert not any(name == "sixgate.coordinator" or name.startswith("sixgate.coordinator.")
+                       for name in names), f"{path.relative_to(WORKERS.parent)} imports it"
+        assert "coordinator" not in top_levels(names), path

@@ -9,16 +9,16 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.metrics import METRIC_NAMES, build_families
-from workers.engine.counters import (
+from sixgate.coordinator.metrics import METRIC_NAMES, build_families
+from sixgate.workers.engine.counters import (
     BATCH_PACKETS_BOUNDS,
     PROCESSING_SECONDS_BOUNDS,
     Counters,
     Histogram,
     worker_stats,
 )
-from workers.engine.drops import DropReason, Event
-from workers.engine.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from sixgate.workers.engine.drops import DropReason, Event
+from sixgate.workers.engine.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 
 def test_histogram_le_semantics() -> None:

@@ -32,8 +32,8 @@ from support.helpers import (
     make_datapath,
 )
 
-from workers.engine.drops import DropReason
-from workers.engine.tunnel import TunnelPolicy, check_inbound, link_local_6in4
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.tunnel import TunnelPolicy, check_inbound, link_local_6in4
 
 LINK_LOCAL_GW = "fe80::c000:20a"  # fe80:: + 192.0.2.10 (RFC 4213 §3.7)
 LINK_LOCAL_PEER = "fe80::cb00:7101"  # the broker's, fe80:: + 203.0.113.1

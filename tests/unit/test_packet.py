@@ -18,8 +18,8 @@ from scapy.layers.inet6 import (
 from scapy.packet import Raw, raw
 from support.helpers import packed4, packed6, ref_ones_sum
 
-from workers.engine.drops import DropReason
-from workers.engine.packet import (
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.packet import (
     PROTO_FRAGMENT,
     PROTO_ICMP,
     PROTO_ICMPV6,

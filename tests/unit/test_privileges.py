@@ -11,8 +11,8 @@ import sys
 import pytest
 from support.helpers import make_settings
 
-from workers import privileges
-from workers.engine.settings import Settings
+from sixgate.workers import privileges
+from sixgate.workers.engine.settings import Settings
 
 NET_ADMIN, NET_RAW, NET_BIND_SERVICE = 12, 13, 10  # capability.h
 
@@ -36,7 +36,7 @@ def test_names_and_mask() -> None:
 
 CHILD = """
 import sys
-from workers import privileges
+from sixgate.workers import privileges
 def sets():
     fields = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
     return ",".join(f"{k}={int(fields[k], 16):x}" for k in

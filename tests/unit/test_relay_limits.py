@@ -9,10 +9,10 @@ import socket
 
 from support.helpers import make_settings
 
-from workers import relay
-from workers.engine.counters import Counters
-from workers.engine.packet import PROTO_TCP
-from workers.engine.settings import Forward
+from sixgate.workers import relay
+from sixgate.workers.engine.counters import Counters
+from sixgate.workers.engine.packet import PROTO_TCP
+from sixgate.workers.engine.settings import Forward
 
 
 def test_descriptor_budget_is_two_per_session_plus_listeners_and_spares() -> None:

@@ -39,8 +39,8 @@ from support.helpers import (
     make_datapath,
 )
 
-from workers.engine.drops import DropReason
-from workers.engine.packet import ParameterProblem, parse_ipv6
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.packet import ParameterProblem, parse_ipv6
 
 Send = Callable[[TwoParty, bytes], Step]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import seccomp
+from sixgate.workers import seccomp
 
 ARCHES = sorted(seccomp.SYSCALLS)
 ALLOW = seccomp.SECCOMP_RET_ALLOW
@@ -77,7 +77,7 @@ def test_unknown_numbers_refused() -> None:
 
 CHILD = r"""
 import os, socket, sys, threading
-from workers import seccomp
+from sixgate.workers import seccomp
 print(seccomp.apply(seccomp.ALLOWED), flush=True)
 results = []
 try:

@@ -7,8 +7,8 @@ import ipaddress
 import pytest
 from support.helpers import FORWARDS, make_settings
 
-from workers.engine.flows import Timeouts
-from workers.engine.settings import (
+from sixgate.workers.engine.flows import Timeouts
+from sixgate.workers.engine.settings import (
     Forward,
     Settings,
     pool_addresses,

@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from rich.console import Console
 
-from coordinator import status
-from coordinator.cli import main
-from coordinator.status import (
+from sixgate.coordinator import status
+from sixgate.coordinator.cli import main
+from sixgate.coordinator.status import (
     Sample,
     View,
     histogram_quantile,
@@ -28,8 +28,8 @@ from coordinator.status import (
     rates,
     render,
 )
-from workers.engine.counters import DIRECTIONS, PROCESSING_SECONDS_BOUNDS, PROTOCOLS
-from workers.engine.drops import DropReason
+from sixgate.workers.engine.counters import DIRECTIONS, PROCESSING_SECONDS_BOUNDS, PROTOCOLS
+from sixgate.workers.engine.drops import DropReason
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 HISTOGRAMS = ("sixgate_packet_processing_seconds",)

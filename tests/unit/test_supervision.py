@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator import gateway
-from workers.engine.counters import Counters
+from sixgate.coordinator import gateway
+from sixgate.workers.engine.counters import Counters
 
 
 class DeadProcess:

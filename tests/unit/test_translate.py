@@ -20,10 +20,10 @@ from scapy.layers.inet6 import (
 from scapy.packet import Packet, Raw, raw
 from support.helpers import packed4, packed6, tcp_mss
 
-from workers.engine.drops import DropReason
-from workers.engine.flows import Session
-from workers.engine.packet import PROTO_TCP, PROTO_UDP, sum16
-from workers.engine.translate import (
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.flows import Session
+from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP, sum16
+from sixgate.workers.engine.translate import (
     DF_THRESHOLD,
     clamp_mss,
     icmpv4_error_key,

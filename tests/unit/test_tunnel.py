@@ -36,8 +36,8 @@ from support.helpers import (
     packed6,
 )
 
-from workers.engine.drops import DropReason
-from workers.engine.tunnel import (
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.tunnel import (
     DEFAULT_MARTIAN_IPV4,
     MARTIAN_IPV6_DESTINATION,
     MARTIAN_IPV6_SOURCE,

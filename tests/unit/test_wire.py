@@ -19,7 +19,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
 from scapy.packet import raw
 from support.helpers import client_udp, encapsulate
 
-from workers.engine.wire import (
+from sixgate.workers.engine.wire import (
     BATCH_HEADER,
     KIND_PACKETS,
     WIRE_VERSION,

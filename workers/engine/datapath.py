@@ -23,9 +23,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from workers.engine.counters import Counters, LimitHits
-from workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
-from workers.engine.fastpath import (
+from sixgate.workers.engine.counters import Counters, LimitHits
+from sixgate.workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
+from sixgate.workers.engine.fastpath import (
     InTemplate,
     OutTemplate,
     fast_v4_to_v6,
@@ -33,9 +33,9 @@ from workers.engine.fastpath import (
     inbound_template,
     return_template,
 )
-from workers.engine.flows import FlowTable, Session
-from workers.engine.fragment import Reassembler, fragment_ipv6
-from workers.engine.icmp import (
+from sixgate.workers.engine.flows import FlowTable, Session
+from sixgate.workers.engine.fragment import Reassembler, fragment_ipv6
+from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
     ICMP_FRAGMENTATION_NEEDED,
     ICMP_PARAMETER_PROBLEM,
@@ -57,7 +57,7 @@ from workers.engine.icmp import (
     neighbor_advertisement,
     tcp_reset,
 )
-from workers.engine.packet import (
+from sixgate.workers.engine.packet import (
     IPV4_DF,
     IPV4_MF,
     IPV4_OFFSET_MASK,
@@ -83,8 +83,8 @@ from workers.engine.packet import (
     sum16,
     sum_is_valid,
 )
-from workers.engine.settings import Settings, source_allowed
-from workers.engine.translate import (
+from sixgate.workers.engine.settings import Settings, source_allowed
+from sixgate.workers.engine.translate import (
     icmpv4_error_key,
     icmpv6_error_key,
     translate_icmpv4_error,
@@ -92,7 +92,12 @@ from workers.engine.translate import (
     translate_v4_to_v6,
     translate_v6_to_v4,
 )
-from workers.engine.tunnel import TunnelPolicy, check_inbound, our_addresses, outer_destination
+from sixgate.workers.engine.tunnel import (
+    TunnelPolicy,
+    check_inbound,
+    our_addresses,
+    outer_destination,
+)
 
 # Counter keys of the fast path, by protocol (the same keys Counters.count builds).
 INBOUND_KEYS = {PROTO_TCP: ("inbound", "tcp"), PROTO_UDP: ("inbound", "udp")}

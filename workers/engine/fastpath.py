@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import struct
 
-from workers.engine.flows import Session
-from workers.engine.packet import (
+from sixgate.workers.engine.flows import Session
+from sixgate.workers.engine.packet import (
     IPV4_DF,
     IPV4_MF,
     IPV4_OFFSET_MASK,
@@ -34,7 +34,7 @@ from workers.engine.packet import (
     TCP_RST,
     TCP_SYN,
 )
-from workers.engine.translate import DF_THRESHOLD
+from sixgate.workers.engine.translate import DF_THRESHOLD
 
 TCP_SYN_FIN_RST = TCP_SYN | TCP_FIN | TCP_RST
 

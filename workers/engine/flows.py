@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
-from workers.engine.drops import DropReason
-from workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 # TCP states of RFC 6146 §3.5.2.2 (CLOSED is "no session"), plus V4_SYN_RCV: the service
 # answered the client's SYN and the client's ACK is awaited (conntrack's SYN_RECV).

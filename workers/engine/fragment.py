@@ -11,9 +11,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import OrderedDict
 
-from workers.engine.drops import DropReason
-from workers.engine.icmp import QUOTED_BYTES
-from workers.engine.packet import FRAGMENT_HEADER, PROTO_FRAGMENT, build_ipv6
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.icmp import QUOTED_BYTES
+from sixgate.workers.engine.packet import FRAGMENT_HEADER, PROTO_FRAGMENT, build_ipv6
 
 # RFC 8200 §4.5: reassembly is abandoned 60 s after the first fragment arrived.
 REASSEMBLY_TIMEOUT_S = 60.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 
-from workers.engine.packet import (
+from sixgate.workers.engine.packet import (
     PROTO_ICMPV6,
     PROTO_TCP,
     TCP_ACK,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from workers.engine.drops import DropReason
+from sixgate.workers.engine.drops import DropReason
 
 PROTO_HOPOPT = 0
 PROTO_ICMP = 1

@@ -11,8 +11,8 @@ import ipaddress
 import json
 from dataclasses import asdict, dataclass, field
 
-from workers.engine.flows import Timeouts
-from workers.engine.tunnel import DEFAULT_MARTIAN_IPV4
+from sixgate.workers.engine.flows import Timeouts
+from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4
 
 SETTINGS_VERSION = 1
 

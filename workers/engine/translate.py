@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import struct
 
-from workers.engine.drops import DropReason
-from workers.engine.flows import Session
-from workers.engine.icmp import (
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.flows import Session
+from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
     ICMP_FRAGMENTATION_NEEDED,
     ICMP_PARAMETER_PROBLEM,
@@ -32,7 +32,7 @@ from workers.engine.icmp import (
     MIN_MTU,
     build_icmpv6,
 )
-from workers.engine.packet import (
+from sixgate.workers.engine.packet import (
     IPV4_DF,
     PORTS,
     PROTO_ICMP,

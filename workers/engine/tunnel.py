@@ -11,8 +11,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from workers.engine.drops import DropReason
-from workers.engine.packet import (
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.packet import (
     PROTO_DSTOPTS,
     PROTO_FRAGMENT,
     PROTO_HOPOPT,

@@ -89,7 +89,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def sixgate_command() -> list[str]:
     """The ``sixgate`` script beside this interpreter (the guest sees the host's venv)."""
     script = Path(sys.executable).parent / "sixgate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "coordinator.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sixgate.coordinator.cli"]
 
 
 def in_ns(namespace: str, argv: Sequence[str]) -> list[str]:

@@ -43,7 +43,7 @@ from kernelgw import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.metrics import METRIC_NAMES
+from sixgate.coordinator.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.kvm
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 
-from workers.mmsg import BatchReceiver, BatchSender
+from sixgate.workers.mmsg import BatchReceiver, BatchSender
 
 
 def main() -> None:

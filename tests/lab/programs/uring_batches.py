@@ -12,9 +12,9 @@ import ipaddress
 import os
 import socket
 
-from workers.engine.packet import PROTO_UDP, build_ipv4, pseudo_sum_v4, set_checksum
-from workers.tun import configure_tun, open_tun
-from workers.uring import UringWriter
+from sixgate.workers.engine.packet import PROTO_UDP, build_ipv4, pseudo_sum_v4, set_checksum
+from sixgate.workers.tun import configure_tun, open_tun
+from sixgate.workers.uring import UringWriter
 
 
 def main() -> None:
