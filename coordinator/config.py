@@ -143,12 +143,12 @@ SCHEMA: tuple[Key, ...] = (
     _gateway("pool", "IPv4 prefix", "addresses the services see clients as, one per IPv6 "
              "client (RFC 6598 space by default)", None, default="100.64.0.0/16"),
     _gateway("run_dir", "absolute path", "control socket and pidfiles (mode 0700, the "
-             "gateway user's)", None, default="/run/sixgate"),
-    _gateway("name", "1-10 of a-z0-9", "TUN devices are NAME0 .. NAME(N-1)", None,
-             default="sixgate"),
+             "gateway user's)", lambda *a: _run_dir(*a), default="/run/sixgate"),
+    _gateway("name", "1-10 of a-z0-9", "TUN devices are NAME0 .. NAME(N-1)",
+             lambda *a: _name(*a), default="sixgate"),
     _gateway("user", "user name", "who the coordinator (with only the capabilities "
              "supervision needs) and the workers (with none) become after setup; \"\" keeps "
-             "root", None),
+             "root", lambda *a: _user(*a)),
     _gateway("log_level", "string", "debug, info, warning or error", _one_of(LOG_LEVELS)),
     _gateway("max_flows", "integer", "sessions, whole gateway (RFC 6888 REQ-4)", FLOW_LIMIT),
     _gateway("max_flows_per_prefix", "integer", "sessions per source /64", FLOW_LIMIT),
@@ -391,32 +391,10 @@ def _parse_forward(ctx: _Ctx, index: int, raw: Any) -> Forward:
                    target_port=target_port, sources=tuple(nets))
 
 
-def parse_config(text: str, file: str = "<config>") -> Settings:
-    """Validate a whole config text; raises ``ConfigError`` for the first problem found."""
-    ctx = _Ctx(file, text)
-    try:
-        doc = tomli.loads(text)
-    except tomli.TOMLDecodeError as exc:
-        match = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(file, "", int(match.group(1)) if match else None,
-                          f"not valid TOML ({exc}); fix the syntax") from None
-    for table in doc:
-        if table not in ALLOWED:
-            raise ConfigError(file, table, _locate(text, table, None), "unknown table; "
-                              f"allowed: {', '.join(sorted(ALLOWED))}")
-    for table, keys in ALLOWED.items():
-        if table == "forward":
-            continue
-        section = doc.get(table, {})
-        if not isinstance(section, dict):
-            raise ctx.error(table, None, "must be a table ([" + table + "])")
-        for key in section:
-            if key not in keys:
-                raise ctx.error(table, key, f"unknown key; allowed: {', '.join(sorted(keys))}")
-
-    tunnel = doc.get("tunnel")
+def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
+    """The [tunnel] keys, which depend on each other through ``mode``."""
     if not tunnel:
-        raise ConfigError(file, "tunnel", None, "missing [tunnel] table; see README.md")
+        raise ConfigError(ctx.file, "tunnel", None, "missing [tunnel] table; see README.md")
     mode = tunnel.get("mode")
     if mode not in ("6to4", "6in4"):
         raise ctx.error("tunnel", "mode", f"{mode!r} must be \"6to4\" (RFC 3056) or "
@@ -487,7 +465,36 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                 raise ctx.error("tunnel", "martian_ipv4", f"{cidr!r} is not an IPv4 prefix "
                                 "like \"10.0.0.0/8\"") from None
         martian_rows = tuple(rows)
+    return dict(mode=mode, local_ipv4=local_ipv4, relay_ipv4=relay_ipv4,
+                remote_ipv4=remote_ipv4, prefix=str(prefix), addresses=tuple(addresses),
+                mtu=mtu, martian_ipv4=martian_rows)
 
+
+def parse_config(text: str, file: str = "<config>") -> Settings:
+    """Validate a whole config text; raises ``ConfigError`` for the first problem found."""
+    ctx = _Ctx(file, text)
+    try:
+        doc = tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(file, "", int(match.group(1)) if match else None,
+                          f"not valid TOML ({exc}); fix the syntax") from None
+    for table in doc:
+        if table not in ALLOWED:
+            raise ConfigError(file, table, _locate(text, table, None), "unknown table; "
+                              f"allowed: {', '.join(sorted(ALLOWED))}")
+    for table, keys in ALLOWED.items():
+        if table == "forward":
+            continue
+        section = doc.get(table, {})
+        if not isinstance(section, dict):
+            raise ctx.error(table, None, "must be a table ([" + table + "])")
+        for key in section:
+            if key not in keys:
+                raise ctx.error(table, key, f"unknown key; allowed: {', '.join(sorted(keys))}")
+
+    tunnel_values = _parse_tunnel(ctx, doc.get("tunnel"))
+    local_ipv4 = tunnel_values["local_ipv4"]
     gateway = doc.get("gateway", {})
     values = _checked(ctx, "gateway", gateway)
     workers = values["workers"]
@@ -520,34 +527,40 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             if other != i:
                 raise ctx.error("forward", "port", f"{rule.proto} port {port} is already "
                                 f"forwarded by rule {other}; each port may have one rule", i)
-    for key, value in (("local_ipv4", local_ipv4), ("relay_ipv4", relay_ipv4),
-                       ("remote_ipv4", remote_ipv4)):
+    for key in ("local_ipv4", "relay_ipv4", "remote_ipv4"):
+        value = tunnel_values[key]
         if value and ipaddress.IPv4Address(value) in pool:
             raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
                             f"{value}; choose a pool no real host uses")
-    name = _given(gateway, "name")
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9]{0,9}", name):
-        raise ctx.error("gateway", "name", f"{name!r} must be 1-10 lower-case letters/digits "
-                        "starting with a letter (TUN devices are named <name><worker>)")
-    run_dir = _given(gateway, "run_dir")
-    if not isinstance(run_dir, str) or not run_dir.startswith("/"):
-        raise ctx.error("gateway", "run_dir", f"{run_dir!r} must be an absolute path")
-    if os.path.normpath(run_dir) in SYSTEM_DIRECTORIES:
-        # sixgate makes its run directory mode 0700 and deletes sockets and pidfiles in it.
-        raise ctx.error("gateway", "run_dir", f"{run_dir!r} is a system directory; give "
-                        "sixgate one of its own, like \"/run/sixgate\"")
-    user = _given(gateway, "user")
-    if not isinstance(user, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}|", user):
-        raise ctx.error("gateway", "user", f"{user!r} must be a user name like \"nobody\" "
-                        "(or \"\" to keep the workers root)")
-
     return Settings(
-        mode=mode, local_ipv4=local_ipv4, relay_ipv4=relay_ipv4, remote_ipv4=remote_ipv4,
-        prefix=str(prefix), addresses=tuple(addresses), mtu=mtu, pool=str(pool),
-        run_dir=run_dir, name=name, forwards=forwards, user=user,
+        **tunnel_values, pool=str(pool), forwards=forwards,
         timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
-        martian_ipv4=martian_rows, source_file=file,
-        metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})), **values)
+        source_file=file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
+        **values)
+
+
+def _name(ctx: _Ctx, table: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z][a-z0-9]{0,9}", value):
+        raise ctx.error(table, key, f"{value!r} must be 1-10 lower-case letters/digits "
+                        "starting with a letter (TUN devices are named <name><worker>)")
+    return value
+
+
+def _run_dir(ctx: _Ctx, table: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ctx.error(table, key, f"{value!r} must be an absolute path")
+    if os.path.normpath(value) in SYSTEM_DIRECTORIES:
+        # sixgate makes its run directory mode 0700 and deletes sockets and pidfiles in it.
+        raise ctx.error(table, key, f"{value!r} is a system directory; give sixgate one of "
+                        "its own, like \"/run/sixgate\"")
+    return value
+
+
+def _user(ctx: _Ctx, table: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}|", value):
+        raise ctx.error(table, key, f"{value!r} must be a user name like \"nobody\" (or \"\" "
+                        "to keep the workers root)")
+    return value
 
 
 def _choice(ctx: _Ctx, table: str, key: str, value: object, allowed: dict[str, str]) -> str:

@@ -18,21 +18,23 @@ pooling, as the userspace backend), never 127.0.0.1, so a service that trusts lo
 not trust the internet (issue 13, finding 4). The coordinator makes the pool local
 (``coordinator/kernel_backend.py``) so the sockets can bind it without privileges.
 
-Counters use the same structure and names as the userspace datapath
-(``workers/engine/counters.py``); the control socket answers the same ``flows``/``ping``
-requests. I/O shell on asyncio.
+Sessions, limits and pool addresses are the userspace backend's own table
+(``workers/engine/flows.py FlowTable``): the same global, per /64 and per /48 limits, paired
+pooling, early drop of unassured sessions (a UDP session is assured once the service answers;
+a TCP connection the kernel accepted has completed its handshake, so it is assured at once) and
+the same timeouts, expired by the same timer wheel. Counters use the same structure and names
+as the userspace datapath (``workers/engine/counters.py``); the control socket answers the same
+``flows``/``ping``/``stats`` requests. I/O shell on asyncio.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import resource
 import socket
 import time
-from collections import deque
 from itertools import islice
 from typing import Any, cast
 
@@ -43,7 +45,7 @@ from sixgate.workers import control as protocol
 from sixgate.workers import seccomp
 from sixgate.workers.engine.counters import Counters, LimitHits, worker_stats
 from sixgate.workers.engine.drops import DropReason, Event
-from sixgate.workers.engine.flows import worker_share
+from sixgate.workers.engine.flows import FlowTable, Session, worker_share
 from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP
 from sixgate.workers.engine.settings import Forward, Settings, source_allowed, worker_pool
 from sixgate.workers.privileges import drop_privileges
@@ -60,45 +62,14 @@ SPARE_DESCRIPTORS = 256
 PENDING_DATAGRAMS = 16  # per new UDP session, while its service socket opens
 
 
-class PoolSources:
-    """Which pool address each relayed IPv6 client speaks from, held while it has sessions."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        self.size = len(addresses)
-        self._free: deque[str] = deque(addresses)
-        self._held: dict[str, list[Any]] = {}  # client -> [address, sessions]
-
-    def in_use(self) -> int:
-        return len(self._held)
-
-    def acquire(self, client: str) -> str | None:
-        """The client's address (the one it holds, else a free one); None: pool exhausted."""
-        held = self._held.get(client)
-        if held is None:
-            if not self._free:
-                return None
-            held = self._held[client] = [self._free.popleft(), 0]
-        held[1] += 1
-        return cast(str, held[0])
-
-    def release(self, client: str) -> None:
-        held = self._held.get(client)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] <= 0:
-            del self._held[client]
-            self._free.append(held[0])
-
-
 class RelaySession:
-    """One relayed client: what ``sixgate flows`` lists."""
+    """The I/O of one relayed session; its table entry (``session``) is the FlowTable's."""
 
     __slots__ = ("proto", "client", "cport", "gateway", "gwport", "local", "rule", "state",
-                 "last_seen", "prefix64", "transport", "pending", "source")
+                 "transport", "upstream", "pending", "session")
 
     def __init__(self, proto: int, client: str, cport: int, gateway: str, gwport: int,
-                 rule: str, now: float) -> None:
+                 rule: str) -> None:
         self.proto = proto
         self.client = client
         self.cport = cport
@@ -107,12 +78,31 @@ class RelaySession:
         self.local = ""
         self.rule = rule
         self.state = "connecting" if proto == PROTO_TCP else "open"
-        self.last_seen = now
-        self.prefix64 = ipaddress.IPv6Address(client).packed[:8]
+        # TCP: the client's transport; UDP: the connected socket to the service.
         self.transport: asyncio.BaseTransport | None = None
+        self.upstream: asyncio.BaseTransport | None = None  # TCP: the service's transport
         # UDP datagrams that arrive while the socket to the service is still being opened.
         self.pending: list[bytes] = []
-        self.source = ""  # the pool address the service sees this client as
+        self.session: Session | None = None
+
+    @property
+    def source(self) -> str:
+        """The pool address the service sees this client as."""
+        return "" if self.session is None else socket.inet_ntoa(self.session.pool4)
+
+    def close(self) -> None:
+        """The table removed the session (expired, evicted): close what it holds."""
+        for transport in (self.transport, self.upstream):
+            if transport is not None:
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.abort()
+                else:
+                    transport.close()
+
+
+def packed6(address: str) -> bytes:
+    """An IPv6 address as the kernel gives it (a scope suffix dropped), packed."""
+    return socket.inet_pton(socket.AF_INET6, address.split("%")[0])
 
 
 class _UdpToService(asyncio.DatagramProtocol):
@@ -127,7 +117,10 @@ class _UdpToService(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         relay = self.relay
         relay.counters.count("from_services", PROTO_UDP, len(data))
-        self.session.last_seen = time.monotonic()
+        if self.session.session is not None:
+            # The service answered: the session is assured (RFC 6146 §3.5.1 keeps it, early
+            # drop never takes it).
+            relay.flows.touch_udp(self.session.session, False, time.monotonic())
         try:
             self.listener.sendto(data, (self.session.client, self.session.cport))
             relay.counters.count("outbound", PROTO_UDP, len(data))
@@ -144,6 +137,7 @@ class _UdpListener(asyncio.DatagramProtocol):
         self.relay = relay
         self.rule = rule
         self.gateway = gateway
+        self.gateway6 = packed6(gateway)
         self.port = port
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -160,48 +154,43 @@ class Relay:
         self.settings = settings
         self.index = index
         self.counters = Counters()
-        self.sessions: dict[tuple[int, str, int, str, int], RelaySession] = {}
-        self.per_prefix: dict[bytes, int] = {}
-        self.max_flows = worker_share(settings.max_flows, settings.workers) or 1
-        self.created_total = 0
-        self.expired_total = 0
-        self.active_by_proto: dict[int, int] = {}
-        self.created_by_proto: dict[int, int] = {}
+        pool = worker_pool(settings.pool, settings.workers, index)
+        self.flows = FlowTable.for_shard(
+            pool, settings.workers, settings.max_flows, settings.max_flows_per_prefix,
+            settings.timeouts, max_flows_per_48=settings.max_flows_per_48)
+        self.flows.removed = []
+        self.connections: dict[Session, RelaySession] = {}
         self.limit_hits = LimitHits()
         self.running = True
         self._servers: list[asyncio.Server] = []
         self._udp: list[asyncio.DatagramTransport] = []
         self._filters: dict[Forward, tuple[tuple[int, int], ...]] = {}
         self.drain_timeout_s = DRAIN_TIMEOUT_S
-        self.pool_addresses = [str(ipaddress.IPv4Address(a)) for a in
-                               worker_pool(settings.pool, settings.workers, index)]
-        self.pool = PoolSources(self.pool_addresses)
+        self.pool_addresses = [socket.inet_ntoa(a) for a in pool]
 
     # --- sessions and limits ------------------------------------------------------------------
 
-    def _admit(self, key: tuple[int, str, int, str, int], session: RelaySession) -> bool:
-        """Apply the global and per /64 limits (RFC 6888 REQ-4); never evict a live session."""
-        reason = None
-        if len(self.sessions) >= self.max_flows:
-            reason = DropReason.FLOW_LIMIT
-        elif self.per_prefix.get(session.prefix64, 0) >= self.settings.max_flows_per_prefix:
-            reason = DropReason.PREFIX_FLOW_LIMIT
-        else:
-            source = self.pool.acquire(session.client)
-            if source is None:
-                reason = DropReason.POOL_EXHAUSTED
-            else:
-                session.source = source
-        if reason is not None:
-            self.counters.drop(reason)
-            self.limit_hits.hit(reason)
+    def _admit(self, connection: RelaySession, rule: Forward, now: float) -> bool:
+        """A table entry for a new client session, within the limits (RFC 6888 REQ-4); False
+        (counted under its reason) when none may be made."""
+        created = self.flows.create(
+            connection.proto, packed6(connection.client), connection.cport,
+            packed6(connection.gateway), connection.gwport,
+            socket.inet_aton(rule.target_ipv4), rule.target_for(connection.gwport),
+            rule.label, now)
+        if self.flows.removed:
+            # Unassured sessions evicted to make room (Linux conntrack's early drop).
+            self.counters.event(Event.FLOWS_EVICTED, len(self.flows.removed))
+            self._close_removed()
+        if isinstance(created, DropReason):
+            self.counters.drop(created)
+            self.limit_hits.hit(created)
             return False
-        self.sessions[key] = session
-        self.per_prefix[session.prefix64] = self.per_prefix.get(session.prefix64, 0) + 1
-        self.created_total += 1
-        self.created_by_proto[session.proto] = self.created_by_proto.get(session.proto, 0) + 1
-        self.active_by_proto[session.proto] = self.active_by_proto.get(session.proto, 0) + 1
-        self.counters.event(Event.FLOWS_CREATED_TCP if session.proto == PROTO_TCP
+        connection.session = created
+        self.connections[created] = connection
+        if connection.proto == PROTO_TCP:
+            self.flows.assure(created)  # the kernel accepted it: the handshake is complete
+        self.counters.event(Event.FLOWS_CREATED_TCP if connection.proto == PROTO_TCP
                             else Event.FLOWS_CREATED_UDP)
         return True
 
@@ -210,22 +199,27 @@ class Relay:
         nets = self._filters.get(rule)
         if nets is None:
             nets = self._filters[rule] = rule.source_filter() or ()
-        if not nets or source_allowed(nets, ipaddress.IPv6Address(client.split("%")[0]).packed):
+        if not nets or source_allowed(nets, packed6(client)):
             return True
         self.counters.drop(DropReason.SOURCE_NOT_ALLOWED)
         return False
 
-    def _forget(self, key: tuple[int, str, int, str, int]) -> None:
-        session = self.sessions.pop(key, None)
-        if session is None:
-            return
-        self.active_by_proto[session.proto] -= 1
-        self.pool.release(session.client)
-        count = self.per_prefix.get(session.prefix64, 1) - 1
-        if count:
-            self.per_prefix[session.prefix64] = count
-        else:
-            self.per_prefix.pop(session.prefix64, None)
+    def _forget(self, connection: RelaySession) -> None:
+        """The session ended on its own (closed, failed): out of the table."""
+        session = connection.session
+        if session is not None and self.connections.pop(session, None) is not None:
+            self.flows.close(session)
+            self.flows.removed.clear()  # type: ignore[union-attr]
+
+    def _close_removed(self) -> None:
+        """Close the I/O of the sessions the table removed (expired or evicted)."""
+        removed = self.flows.removed
+        assert removed is not None
+        for session in removed:
+            connection = self.connections.pop(session, None)
+            if connection is not None:
+                connection.close()
+        removed.clear()
 
     # --- TCP ----------------------------------------------------------------------------------
 
@@ -233,9 +227,9 @@ class Relay:
                           rule: Forward, gateway: str, port: int) -> None:
         peer = writer.get_extra_info("peername")
         now = time.monotonic()
-        session = RelaySession(PROTO_TCP, peer[0], peer[1], gateway, port, rule.label, now)
-        key = (PROTO_TCP, peer[0], peer[1], gateway, port)
-        if not self._source_allowed(rule, peer[0]) or not self._admit(key, session):
+        session = RelaySession(PROTO_TCP, peer[0], peer[1], gateway, port, rule.label)
+        session.transport = writer.transport
+        if not self._source_allowed(rule, peer[0]) or not self._admit(session, rule, now):
             writer.transport.abort()
             return
         try:
@@ -249,6 +243,7 @@ class Relay:
                 self.counters.event(Event.TCP_SERVICE_UNREACHABLE)
                 writer.transport.abort()
                 return
+            session.upstream = up_writer.transport
             local = up_writer.get_extra_info("sockname")
             session.local = f"{local[0]}:{local[1]}"
             session.state = "established"
@@ -260,7 +255,7 @@ class Relay:
                 up_writer.close()
             session.state = "closed"
         finally:
-            self._forget(key)
+            self._forget(session)
             writer.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -271,7 +266,8 @@ class Relay:
                 data = await asyncio.wait_for(reader.read(READ_BYTES), idle_s)
                 if not data:
                     break
-                session.last_seen = time.monotonic()
+                if session.session is not None:
+                    self.flows.touch(session.session, time.monotonic())
                 self.counters.count(rx, PROTO_TCP, len(data))
                 writer.write(data)
                 await asyncio.wait_for(writer.drain(), self.drain_timeout_s)
@@ -288,17 +284,19 @@ class Relay:
                         cport: int) -> None:
         now = time.monotonic()
         self.counters.count("inbound", PROTO_UDP, len(data))
-        key = (PROTO_UDP, client, cport, listener.gateway, listener.port)
-        session = self.sessions.get(key)
+        entry = self.flows.lookup_v6(PROTO_UDP, packed6(client), cport, listener.gateway6,
+                                     listener.port)
+        session = None if entry is None else self.connections.get(entry)
         if session is None:
             session = RelaySession(PROTO_UDP, client, cport, listener.gateway, listener.port,
-                                   listener.rule.label, now)
-            if not self._source_allowed(listener.rule, client) or not self._admit(key, session):
+                                   listener.rule.label)
+            if (not self._source_allowed(listener.rule, client)
+                    or not self._admit(session, listener.rule, now)):
                 return
             asyncio.get_running_loop().create_task(
                 self._open_udp(session, listener, data))
             return
-        session.last_seen = now
+        self.flows.touch_udp(entry, True, now)  # type: ignore[arg-type]
         if session.transport is not None:
             cast(asyncio.DatagramTransport, session.transport).sendto(data)
             self.counters.count("to_services", PROTO_UDP, len(data))
@@ -319,8 +317,10 @@ class Relay:
                 remote_addr=(listener.rule.target_ipv4, listener.rule.target_for(listener.port)))
         except OSError:
             self.counters.drop(DropReason.SEND_FAILED)
-            self._forget((PROTO_UDP, session.client, session.cport, session.gateway,
-                          session.gwport))
+            self._forget(session)
+            return
+        if session.session is None or not session.session.alive:
+            transport.close()  # removed from the table while the socket was being opened
             return
         session.transport = transport
         local = transport.get_extra_info("sockname")
@@ -331,19 +331,15 @@ class Relay:
         session.pending.clear()
 
     def expire(self, now: float) -> None:
-        """Close UDP sessions idle past the UDP timeout (RFC 6146 §4 UDP_DEFAULT); report
-        limit hits at most once a minute (RFC 6888 REQ-11)."""
+        """Remove sessions idle past their timeouts (RFC 6146 §4, the table's timer wheel) and
+        close their sockets; report limit hits at most once a minute (RFC 6888 REQ-11)."""
         report = self.limit_hits.report_due(now)
         if report:
             log.warning("worker %d: limits hit: %s", self.index, report)
-        udp_s = self.settings.timeouts.udp_s
-        for key, session in list(self.sessions.items()):
-            if session.proto == PROTO_UDP and now - session.last_seen >= udp_s:
-                if session.transport is not None:
-                    session.transport.close()
-                self._forget(key)
-                self.expired_total += 1
-                self.counters.event(Event.FLOWS_EXPIRED)
+        expired = self.flows.expire(now)
+        if expired:
+            self.counters.event(Event.FLOWS_EXPIRED, expired)
+        self._close_removed()
 
     # --- listeners ----------------------------------------------------------------------------
 
@@ -400,23 +396,22 @@ class Relay:
             server.close()
         for transport in self._udp:
             transport.close()
-        for session in self.sessions.values():
-            if session.transport is not None:
-                session.transport.close()
+        for connection in list(self.connections.values()):
+            connection.close()
 
     # --- control ------------------------------------------------------------------------------
 
     def describe(self, now: float, limit: int | None = None) -> list[dict[str, Any]]:
         return [{
-            "proto": "tcp" if s.proto == PROTO_TCP else "udp",
-            "client": f"[{s.client}]:{s.cport}",
-            "gateway": f"[{s.gateway}]:{s.gwport}",
-            "pool": s.local,
-            "rule": s.rule,
-            "state": s.state,
-            "idle_s": round(now - s.last_seen, 1),
+            "proto": "tcp" if c.proto == PROTO_TCP else "udp",
+            "client": f"[{c.client}]:{c.cport}",
+            "gateway": f"[{c.gateway}]:{c.gwport}",
+            "pool": c.local,
+            "rule": c.rule,
+            "state": c.state,
+            "idle_s": round(now - session.last_seen, 1),
             "worker": self.index,
-        } for s in islice(self.sessions.values(), limit)]
+        } for session, c in islice(self.connections.items(), limit)]
 
     async def serve_control(self, control: zmq.asyncio.Socket) -> None:
         while self.running:
@@ -432,16 +427,19 @@ class Relay:
             elif cmd == "stats":
                 # Same document as the userspace worker; the kernel does the per-packet work,
                 # so there is no per-packet engine time to report.
+                flows = self.flows
                 reply = protocol.ok(index=self.index, **worker_stats(
-                    self.counters, self.active_by_proto, self.created_by_proto,
-                    self.expired_total, self.max_flows, self.pool.in_use(), self.pool.size, {}))
+                    self.counters, flows.active_by_proto, flows.created_by_proto,
+                    flows.expired_total, flows.max_flows, flows.pool_in_use(), flows.pool_size,
+                    {}))
             elif cmd == "flows":
                 reply = protocol.ok(
                     index=self.index,
                     bindings=self.describe(now, protocol.page_limit(fields)),
-                    flows={"active": len(self.sessions), "created": self.created_total,
-                           "expired": self.expired_total, "limit": self.max_flows,
-                           "pool_in_use": self.pool.in_use(), "pool_size": self.pool.size},
+                    flows={"active": len(self.flows), "created": self.flows.created_total,
+                           "expired": self.flows.expired_total, "limit": self.flows.max_flows,
+                           "pool_in_use": self.flows.pool_in_use(),
+                           "pool_size": self.flows.pool_size},
                     counters=self.counters.as_dict())
             else:
                 reply = protocol.error(f"unknown command {cmd!r}")

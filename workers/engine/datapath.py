@@ -85,6 +85,7 @@ from sixgate.workers.engine.packet import (
 )
 from sixgate.workers.engine.settings import Settings, source_allowed
 from sixgate.workers.engine.translate import (
+    hop_limit_after,
     icmpv4_error_key,
     icmpv6_error_key,
     translate_icmpv4_error,
@@ -542,7 +543,7 @@ class Datapath:
                 self._drop(DropReason.NO_SESSION)
                 self._refuse(packet, view, proto)
                 return
-            if view[1] <= 1:
+            if hop_limit_after(view[1]) <= 0:
                 self._expired_in_transit(packet, view)
                 return
             created = self.flows.create(proto, view[2], sport, view[3], dport, rule[1],
@@ -560,7 +561,7 @@ class Datapath:
                 # Unassured sessions evicted to make room (Linux conntrack's early drop).
                 self.counters.event(Event.FLOWS_EVICTED, len(self.flows.removed))
                 self._forget_templates()
-        elif view[1] <= 1:
+        elif hop_limit_after(view[1]) <= 0:
             self._expired_in_transit(packet, view)
             return
         if proto == PROTO_TCP:
@@ -568,8 +569,8 @@ class Datapath:
         else:
             session.last_seen = now
         self._ident4 = (self._ident4 + 1) & 0xFFFF
-        out = translate_v6_to_v4(packet, offset, proto, segment_sum, session, view[1] - 1,
-                                 self._ident4, self.max_mss)
+        out = translate_v6_to_v4(packet, offset, proto, segment_sum, session,
+                                 hop_limit_after(view[1]), self._ident4, self.max_mss)
         self._to_services.append(out)
         self.counters.count("to_services", proto, len(out))
         if offset == 40:
@@ -652,7 +653,7 @@ class Datapath:
             if session is None:
                 self._drop(DropReason.NO_SESSION)
                 return
-            if ttl <= 1:
+            if hop_limit_after(ttl) <= 0:
                 self._drop(DropReason.HOP_LIMIT_EXCEEDED)
                 return
             if proto == PROTO_TCP:
@@ -673,7 +674,7 @@ class Datapath:
                 self._drop(DropReason.TOO_BIG)
                 self._to_services.append(self._frag_needed(packet, header_len, total_len))
                 return
-            self._emit(session, proto, segment, ttl - 1, tos)
+            self._emit(session, proto, segment, hop_limit_after(ttl), tos)
             if header_len == 20:
                 key = bytes(packet[12:24])
                 outer = outer_destination(session.client6, self.mode, self.remote_ipv4,

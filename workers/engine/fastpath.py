@@ -129,7 +129,7 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
     total_len = 20 + plen
     flags_offset = IPV4_DF if total_len > DF_THRESHOLD else 0
     tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
-    ttl = hop_limit - 1  # RFC 7915 §5.1
+    ttl = hop_limit - 1  # translate.hop_limit_after, inline (RFC 7915 §5.1)
     rest = (0x4500 + tos + total_len + ident + flags_offset + (ttl << 8) + addr4) % 0xFFFF
     header_csum = 0xFFFF - rest if rest else 0
     pool4, target4 = session.pool4, session.target4
@@ -180,7 +180,7 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
     # the ports exchanged and the IPv6 pseudo-header.
     rest = (value - old_csum + delta + seglen) % 0xFFFF
     csum = 0xFFFF - rest if rest else zero
-    # RFC 7915 §4.1: traffic class = TOS, hop limit = TTL - 1.
+    # RFC 7915 §4.1: traffic class = TOS, hop limit = translate.hop_limit_after(TTL), inline.
     first_word = 0x60000000 | (packet[1] << 20)
     if proto == PROTO_UDP:
         return IPV6_UDP.pack(first_word, seglen, proto, ttl - 1, gw6, client6, session.gwport,

@@ -300,9 +300,15 @@ class FlowTable:
         return bool(self._free)
 
     def _evict(self, session: Session) -> None:
-        self._wheel[session.slot].pop(session, None)
-        self._remove(session)
+        self.close(session)
         self.evicted_total += 1
+
+    def close(self, session: Session) -> None:
+        """Remove a live session now: its connection ended (the kernel backend's relays),
+        or room is made for another (early drop)."""
+        if session.alive:
+            self._wheel[session.slot].pop(session, None)
+            self._remove(session)
 
     # --- state --------------------------------------------------------------------------------
 

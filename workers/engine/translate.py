@@ -52,6 +52,15 @@ from sixgate.workers.engine.packet import (
 # RFC 7915 §5.1: IPv4 packets up to 1260 bytes leave with DF clear, larger ones with DF set.
 DF_THRESHOLD = 1260
 
+
+def hop_limit_after(hop_limit: int) -> int:
+    """RFC 7915 §4.1, §5.1: a translator forwards like a router, so a packet leaves with the
+    TTL / hop limit it came with minus one; 0 means it expires here and is not forwarded (RFC
+    4443 §3.3 Time Exceeded toward an IPv6 source, RFC 7915 §4.1 silently toward IPv4). The
+    one statement of the rule: the per-session fast path (fastpath.py) restates it inline and is
+    proven equal to the full path (tests/property/test_fast_path.py)."""
+    return hop_limit - 1
+
 MSS_OPTION = struct.Struct("!BBH")
 
 
@@ -90,7 +99,7 @@ def translate_v6_to_v4(packet: bytes | memoryview, upper_offset: int, proto: int
 
     ``segment_sum`` is ``sum16`` of the transport segment as received (checksum included),
     already verified against the IPv6 pseudo-header; the new checksum follows by difference.
-    ``hop_limit`` is the already decremented value (RFC 7915 §5.1: TTL = Hop Limit - 1).
+    ``hop_limit`` is the already decremented value (``hop_limit_after``).
     """
     segment = bytearray(packet[upper_offset:])
     old_sport, old_dport = PORTS.unpack_from(segment)

@@ -1,6 +1,6 @@
 """The coordinator <-> worker wire format and the flow hash that picks a worker (both fan-outs).
 
-One ZeroMQ message carries one batch of packets in one frame (multipart frames cost ~15x more,
+One ZeroMQ message carries one batch of packets in one frame (multipart frames cost much more,
 see DESIGN.md), so the format is explicit, versioned and never pickled:
 
     batch   = version:u8  kind:u8  count:u16  record*count
