@@ -20,7 +20,6 @@ import logging
 import os
 import pwd
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -37,13 +36,13 @@ from pyroute2 import NetlinkError
 from sixgate.coordinator import forwarding, kernel_backend
 from sixgate.coordinator.metrics import GatewayView, MetricsServer, WorkerView
 from sixgate.workers import control
+from sixgate.workers.capture import TunnelCapture
 from sixgate.workers.control import control_endpoint, coordinator_endpoint, data_endpoint
 from sixgate.workers.engine.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.settings import Settings
 from sixgate.workers.engine.wire import encode_batch, fanout_index
 from sixgate.workers.main import tun_name
-from sixgate.workers.mmsg import BatchReceiver
 from sixgate.workers.privileges import (
     CAP_DAC_OVERRIDE,
     CAP_DAC_READ_SEARCH,
@@ -213,8 +212,7 @@ class Coordinator:
         self.workers = [WorkerProcess(i) for i in range(settings.workers)]
         self.started = time.monotonic()
         self.started_unix = time.time()
-        self.sock: socket.socket | None = None
-        self.receiver: BatchReceiver | None = None
+        self.capture: TunnelCapture | None = None
         self.batch_packets = Histogram(BATCH_PACKETS_BOUNDS)
         self.queue_drops = [0] * settings.workers  # packets per worker lost to a full queue
         self.loop_seen = time.monotonic()  # /healthz: the main loop went round recently
@@ -234,7 +232,7 @@ class Coordinator:
             counters=self.counters.as_dict(), workers=tuple(workers),
             started_unix=self.started_unix, loop_age_s=time.monotonic() - self.loop_seen,
             batch_packets=self.batch_packets.as_dict(),
-            capture_open=self.sock is not None and self.sock.fileno() >= 0,
+            capture_open=self.capture is not None and self.capture.fileno() >= 0,
             sit_link=self.sit_link)
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
@@ -270,7 +268,6 @@ class Coordinator:
                 self.sit_link = kernel_backend.setup(settings)
             except kernel_backend.KernelBackendError as exc:
                 raise RuntimeError(str(exc)) from None
-            self.sock = None
         else:
             try:
                 forwarding.enable(settings)
@@ -278,11 +275,11 @@ class Coordinator:
                 raise RuntimeError(str(exc)) from None
             self.forwarding_enabled = True
         if settings.backend != "kernel" and settings.fanout == "coordinator":
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            self.sock.setblocking(False)
-            self.receiver = BatchReceiver(self.sock, min(settings.batch_packets, RECV_BUDGET))
-        for worker in self.workers if self.sock is not None else ():
+            # Every packet, outer fragments put together (workers/capture.py); the workers'
+            # raw protocol-41 sockets take the IP layer's copy and accept none of it.
+            self.capture = TunnelCapture(settings.local_ipv4, None, True, self.counters,
+                                         min(settings.batch_packets, RECV_BUDGET))
+        for worker in self.workers if self.capture is not None else ():
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, settings.queue_batches)
             push.setsockopt(zmq.LINGER, 0)
@@ -356,8 +353,8 @@ class Coordinator:
             self.control.close(0)
         if getattr(self, "ctx", None) is not None:
             self.ctx.term()
-        if self.sock is not None:
-            self.sock.close()
+        if self.capture is not None:
+            self.capture.close()
         if getattr(self, "forwarding_enabled", False):
             forwarding.undo(self.settings)
         if self.sit_link is not None:
@@ -388,8 +385,8 @@ class Coordinator:
 
     def run(self) -> None:
         poller = zmq.Poller()
-        sock_fd = self.sock.fileno() if self.sock is not None else -1
-        if self.sock is not None:
+        sock_fd = self.capture.fileno() if self.capture is not None else -1
+        if self.capture is not None:
             poller.register(sock_fd, zmq.POLLIN)
         # The control socket has a thread of its own: a `sixgate flows` that waits for slow
         # workers must never hold up capture or the supervision of crashed workers.
@@ -398,7 +395,7 @@ class Coordinator:
         self.control_thread.start()
         next_check = time.monotonic() + 1.0
         while self.running:
-            if self.sock is not None:
+            if self.capture is not None:
                 events = dict(poller.poll(timeout=500))
             else:
                 # Kernel fan-out or backend: nothing to poll here (the control socket has its
@@ -412,27 +409,29 @@ class Coordinator:
             if now >= next_check:
                 next_check = now + 1.0
                 self._supervise(now)
+                if self.capture is not None:
+                    self.capture.tick(now)  # outer fragments that did not complete in time
 
     def _capture(self) -> None:
         """Read up to RECV_BUDGET packets in recvmmsg batches and send one message per worker
-        per batch (before the next batch reuses the receive buffer). The worker checks and
-        translates them (``Datapath.from_tunnel``), as with kernel fan-out; the shard is the
-        one the kernel's filter would pick (``fanout_index``)."""
-        counters = self.counters
+        per batch. The worker checks and translates them (``Datapath.from_tunnel``), as with
+        kernel fan-out; the shard is the one the kernel's filter would pick (``fanout_index``)."""
         nworkers = self.settings.workers
         seed = self.settings.hash_seed
-        assert self.receiver is not None
-        for _ in range(RECV_BUDGET // self.receiver.batch):
+        capture = self.capture
+        assert capture is not None
+        now = time.monotonic()
+        for _ in range(RECV_BUDGET // capture.batch):
             try:
-                packets = self.receiver.receive()
+                packets, read = capture.receive(now)
             except OSError as exc:
                 log.warning("receive failed: %s", exc)
                 return
-            if not packets:
+            if not read:
                 return
-            counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
-            counters.event(Event.TUNNEL_BYTES_RECEIVED, sum(map(len, packets)))
-            if nworkers == 1:
+            if not packets:
+                pass
+            elif nworkers == 1:
                 self._send_batch(0, packets)
             else:
                 batches: list[list[bytes | memoryview]] = [[] for _ in range(nworkers)]
@@ -441,7 +440,7 @@ class Coordinator:
                 for index, batch in enumerate(batches):
                     if batch:
                         self._send_batch(index, batch)
-            if len(packets) < self.receiver.batch:
+            if read < capture.batch:
                 return
 
     def _send_batch(self, index: int, batch: Sequence[bytes | memoryview]) -> None:

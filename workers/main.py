@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from itertools import islice
@@ -32,6 +31,7 @@ from typing import Any
 import zmq
 
 from sixgate.workers import control, seccomp
+from sixgate.workers.capture import DROP_ALL, TunnelCapture, attach_filter
 from sixgate.workers.control import control_endpoint, data_endpoint
 from sixgate.workers.engine.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
 from sixgate.workers.engine.datapath import Datapath, Output
@@ -39,8 +39,8 @@ from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.flows import Session
 from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP
 from sixgate.workers.engine.settings import Settings, worker_pool, worker_routes
-from sixgate.workers.engine.wire import decode_batch, fanout_filter, pack_filter
-from sixgate.workers.mmsg import BatchReceiver, BatchSender
+from sixgate.workers.engine.wire import decode_batch, fanout_filter
+from sixgate.workers.mmsg import BatchSender
 from sixgate.workers.privileges import drop_privileges
 from sixgate.workers.uring import UringWriter
 
@@ -53,7 +53,6 @@ IP_PMTUDISC_DONT = 0
 # inbound flood cannot starve the services' replies: their TUN queue would overflow.
 INBOUND_BATCHES = 4
 TUN_BATCH = 256
-SO_ATTACH_FILTER = 26
 TRACEBACK_LOG_INTERVAL_S = 10.0
 # Send errors that are load or routing, counted as send_failed without a log line each.
 QUIET_SEND_ERRORS = frozenset({errno.ENOBUFS, errno.EAGAIN, errno.ENETUNREACH,
@@ -85,18 +84,6 @@ def die_with_parent() -> None:
     """Ask the kernel to SIGTERM us when the coordinator dies, so no worker outlives it."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-# Classic BPF "ret #0": accept nothing (struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}).
-DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
-
-
-def attach_filter(sock: socket.socket, program: bytes) -> None:
-    """SO_ATTACH_FILTER with a classic BPF program (packed sock_filter instructions). The
-    kernel copies the program, so the buffer need not outlive the call."""
-    instructions = ctypes.create_string_buffer(program, len(program))
-    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(instructions))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 def describe_session(session: Session, now: float, index: int) -> dict[str, Any]:
@@ -149,7 +136,7 @@ class Worker:
         self.errors = InternalErrorLog(f"worker {index}")
         self.tun_fd = -1
         self.tun_writer: UringWriter | None = None
-        self.receiver: BatchReceiver | None = None
+        self.capture: TunnelCapture | None = None
         self.processing = {"inbound": Histogram(PROCESSING_SECONDS_BOUNDS),
                            "from_services": Histogram(PROCESSING_SECONDS_BOUNDS)}
 
@@ -176,20 +163,18 @@ class Worker:
         self.send_sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
         self.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         self.send_sock.bind((settings.local_ipv4, 0))
+        # The raw socket would receive the IP layer's copy of every protocol-41 packet; the
+        # capture reads them (workers/capture.py), so a BPF filter drops them before they are
+        # queued. Being there, it keeps the kernel from answering Protocol Unreachable.
+        attach_filter(self.send_sock, DROP_ALL)
         if settings.fanout == "kernel":
-            # This raw socket is also the worker's capture: a classic BPF filter accepts this
-            # worker's share of the flow hash, so no packet crosses the coordinator.
-            attach_filter(self.send_sock, pack_filter(fanout_filter(
-                self.index, settings.workers, settings.hash_seed)))
-            self.send_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            self.send_sock.setblocking(False)
-            self.receiver = BatchReceiver(
-                self.send_sock, min(settings.batch_packets, 256))
-        else:
-            # The raw socket would receive a copy of every proto-41 packet too; the
-            # coordinator handles those, so a BPF filter drops them before they are queued.
-            attach_filter(self.send_sock, DROP_ALL)
-            self.receiver = None
+            # The worker's own capture: its classic BPF filter accepts this worker's share of
+            # the flow hash (and worker 0 every outer fragment), so no packet crosses the
+            # coordinator.
+            self.capture = TunnelCapture(
+                settings.local_ipv4, fanout_filter(self.index, settings.workers,
+                                                   settings.hash_seed),
+                self.index == 0, self.datapath.counters, min(settings.batch_packets, 256))
         self.sender = BatchSender(self.send_sock)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
@@ -214,6 +199,9 @@ class Worker:
         if self.tun_fd >= 0:
             os.close(self.tun_fd)
             self.tun_fd = -1
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
 
     # --- loop ---------------------------------------------------------------------------------
 
@@ -222,8 +210,8 @@ class Worker:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.tun_fd, zmq.POLLIN)
-        capture_fd = self.send_sock.fileno() if self.receiver is not None else -1
-        if self.receiver is not None:
+        capture_fd = self.capture.fileno() if self.capture is not None else -1
+        if self.capture is not None:
             poller.register(capture_fd, zmq.POLLIN)
         next_tick = time.monotonic() + 1.0
         while self.running:
@@ -240,6 +228,8 @@ class Worker:
             if now >= next_tick:
                 next_tick = now + 1.0
                 self._send(self.datapath.tick(now))
+                if self.capture is not None:
+                    self.capture.tick(now)
                 self._log_limits(now)
 
     def _drain_pull(self, now: float) -> None:
@@ -259,21 +249,17 @@ class Worker:
 
     def _drain_capture(self, now: float) -> None:
         """Kernel fan-out: read this worker's share of the tunnel in recvmmsg batches."""
-        receiver = self.receiver
-        assert receiver is not None
-        counters = self.datapath.counters
+        capture = self.capture
+        assert capture is not None
         for _ in range(INBOUND_BATCHES):
             try:
-                packets = receiver.receive_bytes()
+                packets, read = capture.receive(now)
             except OSError as exc:
                 log.warning("worker %d: capture failed: %s", self.index, exc)
                 return
-            if not packets:
-                return
-            counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
-            counters.event(Event.TUNNEL_BYTES_RECEIVED, sum(map(len, packets)))
-            self._from_tunnel(packets, now)
-            if len(packets) < receiver.batch:
+            if packets:
+                self._from_tunnel(packets, now)
+            if read < capture.batch:
                 return
 
     def _from_tunnel(self, packets: list[bytes], now: float) -> None:

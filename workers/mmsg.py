@@ -38,6 +38,12 @@ class _Mmsghdr(ctypes.Structure):
 _MMSG_SIZE = ctypes.sizeof(_Mmsghdr)
 _MSG_LEN_AT = _Mmsghdr.msg_len.offset
 _MSG_FLAGS_AT = _Msghdr.msg_flags.offset
+_MSG_CONTROLLEN_AT = _Msghdr.msg_controllen.offset
+# PACKET_AUXDATA (packet(7)): one control message per packet, struct tpacket_auxdata after a
+# 16-byte cmsghdr; its first field is tp_status. CMSG_SPACE(20) = 40.
+AUX_SPACE = 40
+_AUX_STATUS_WORD = 16 // 4
+TP_STATUS_CSUMNOTREADY = 0x8
 _IOV_SIZE = ctypes.sizeof(_Iovec)
 _IOV_LEN_AT = _Iovec.iov_len.offset
 _MSG_TRUNC = 0x20
@@ -75,13 +81,24 @@ def _messages(count: int, slot: int, names: bool) -> tuple[ctypes.Array[ctypes.c
 
 
 class BatchReceiver:
-    """Reads up to ``batch`` datagrams per call from a non-blocking socket."""
+    """Reads up to ``batch`` datagrams per call from a non-blocking socket; with ``auxdata``
+    (an AF_PACKET socket with PACKET_AUXDATA on) also each packet's tp_status."""
 
-    def __init__(self, sock: socket.socket, batch: int = 64, slot: int = 65536) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 64, slot: int = 65536,
+                 auxdata: bool = False) -> None:
         self.fd = sock.fileno()
         self.batch = batch
         self.slot = slot
         self._data, self._iovs, self._msgs, _ = _messages(batch, slot, names=False)
+        self._control = (ctypes.c_ubyte * (AUX_SPACE * batch if auxdata else 1))()
+        if auxdata:
+            base = ctypes.addressof(self._control)
+            for i in range(batch):
+                self._msgs[i].msg_hdr.msg_control = base + AUX_SPACE * i
+                self._msgs[i].msg_hdr.msg_controllen = AUX_SPACE
+        # Every packet's tp_status, as a strided view: one slice per batch.
+        self._statuses = memoryview(self._control).cast("B").cast("I")[
+            _AUX_STATUS_WORD::AUX_SPACE // 4] if auxdata else None
         self._view = memoryview(self._data).cast("B")
         self._msgs_view = memoryview(self._msgs).cast("B")
         # Every message's msg_len, as a strided view of 32-bit words: one slice per batch.
@@ -104,6 +121,20 @@ class BatchReceiver:
         view = self._view
         return [view[i * slot:i * slot + length].tobytes()
                 for i, length in enumerate(self._lengths_now())]
+
+    def receive_with_status(self) -> tuple[list[bytes], list[int]]:
+        """``receive_bytes`` and each packet's tp_status (``auxdata`` receivers)."""
+        statuses = self._statuses
+        assert statuses is not None
+        packets = self.receive_bytes()
+        count = len(packets)
+        if not count:
+            return packets, []
+        out = statuses[:count].tolist()
+        msgs = self._msgs_view
+        for i in range(count):  # the kernel wrote how much control it used: give it all again
+            _SIZE.pack_into(msgs, i * _MMSG_SIZE + _MSG_CONTROLLEN_AT, AUX_SPACE)
+        return packets, out
 
     def _lengths_now(self) -> list[int]:
         """recvmmsg: the lengths of the datagrams now in the slots."""

@@ -107,7 +107,7 @@ def assert_child_of(pid: int, parent: int) -> None:
     state = netlab.process_state(pid)
     assert state is not None, f"pid {pid} does not exist"
     assert state[1] == parent, f"pid {pid} has parent {state[1]}, not the gateway {parent}"
-    assert "workers.main" in netlab.process_cmdline(pid), netlab.process_cmdline(pid)
+    assert "sixgate.workers.main" in netlab.process_cmdline(pid), netlab.process_cmdline(pid)
 
 
 def assert_is_our_gateway(lab: Lab, key: str = "sixgate") -> int:

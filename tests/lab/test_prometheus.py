@@ -291,7 +291,7 @@ def worker_pid(lab: Lab, index: int) -> int:
     state = netlab.process_state(pid)
     assert state is not None, f"worker-{index} pid {pid} does not exist"
     assert state[1] == lab.processes["sixgate"].pid, f"pid {pid} is not our gateway's child"
-    assert "workers.main" in netlab.process_cmdline(pid), netlab.process_cmdline(pid)
+    assert "sixgate.workers.main" in netlab.process_cmdline(pid), netlab.process_cmdline(pid)
     return pid
 
 

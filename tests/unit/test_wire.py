@@ -6,6 +6,7 @@ rules: fragments and all flows of one /64 land on one worker; no per-process has
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from sixgate.workers.engine.wire import (
     BATCH_HEADER,
     KIND_PACKETS,
     WIRE_VERSION,
+    capture_filter,
     decode_batch,
     encode_batch,
     fanout_filter,
@@ -148,21 +150,38 @@ def test_flow_hash_same_in_every_process() -> None:
 
 # --- kernel fan-out: the classic BPF program and its Python twin ------------------------------
 
-def run_classic_bpf(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
-    """A small interpreter of the classic BPF subset the fan-out filter uses, written from
-    the kernel's semantics (loads are big-endian; a load past the end returns 0 at once)."""
+def run_classic_bpf(program: list[tuple[int, int, int, int]], packet: bytes,
+                    pkttype: int = 0) -> int:
+    """A small interpreter of the classic BPF subset the capture filters use, written from
+    the kernel's semantics (loads are big-endian; a load past the end returns 0 at once;
+    SKF_AD_OFF + SKF_AD_PKTTYPE loads the packet type)."""
     a = x = 0
+    memory = [0] * 16
     pc = 0
     while True:
         code, jt, jf, k = program[pc]
         pc += 1
         if code == 0x80:  # ld len
             a = len(packet)
-        elif code in (0x30, 0x20):  # ldb [k], ld [k]
-            size = 1 if code == 0x30 else 4
+        elif code == 0x30 and k == 0xFFFFF000 + 4:  # ldb [SKF_AD_OFF + SKF_AD_PKTTYPE]
+            a = pkttype
+        elif code in (0x30, 0x28, 0x20):  # ldb [k], ldh [k], ld [k]
+            size = {0x30: 1, 0x28: 2, 0x20: 4}[code]
             if k + size > len(packet):
                 return 0
             a = int.from_bytes(packet[k:k + size], "big")
+        elif code == 0x0C:  # add x
+            a = (a + x) & 0xFFFFFFFF
+        elif code == 0x54:  # and #k
+            a &= k
+        elif code == 0x87:  # txa
+            a = x
+        elif code == 0x02:  # st M[k]
+            memory[k] = a
+        elif code == 0x61:  # ldx M[k]
+            x = memory[k]
+        elif code == 0x45:  # jset #k
+            pc += jt if a & k else jf
         elif code == 0x01:  # ldx #k
             x = k
         elif code == 0x07:  # tax
@@ -222,3 +241,64 @@ def test_fanout_spreads_clients() -> None:
 def test_fanout_filter_is_short_enough_for_classic_bpf() -> None:
     program = fanout_filter(3, 16, 1)
     assert len(program) < 256 and len(pack_filter(program)) == 8 * len(program)
+
+
+# --- the capture filter: the IP layer's first checks, in the kernel ---------------------------
+
+GW4_PACKED = bytes([192, 0, 2, 10])
+
+
+def _outer(inner: bytes = b"", **fields: object) -> bytes:
+    from scapy.layers.inet import IP
+    return raw(IP(**{"src": "198.51.100.1", "dst": "192.0.2.10", "proto": 41, **fields})
+               / inner)
+
+
+CAPTURE_INNER = raw(IPv6(src="2002:c633:6401::1", dst="2002:c000:20a::1") / UDP() / b"x")
+
+
+@pytest.mark.parametrize(("packet", "pkttype", "accepted"), [
+    pytest.param(_outer(CAPTURE_INNER), 0, True, id="ours"),
+    pytest.param(_outer(CAPTURE_INNER, proto=17), 0, False, id="not_protocol_41"),
+    pytest.param(_outer(CAPTURE_INNER, dst="192.0.2.11"), 0, False, id="not_our_address"),
+    pytest.param(_outer(CAPTURE_INNER), 4, False, id="outgoing"),
+    pytest.param(_outer(CAPTURE_INNER)[:10] + b"\x12\x34" + _outer(CAPTURE_INNER)[12:], 0,
+                 False, id="bad_header_checksum"),
+    pytest.param(_outer(CAPTURE_INNER, options=[b"\x01\x01\x01\x00"])[:10] + b"\0\0"
+                 + _outer(CAPTURE_INNER, options=[b"\x01\x01\x01\x00"])[12:], 0, True,
+                 id="options_checked_in_userspace"),
+    pytest.param(_outer(CAPTURE_INNER, flags="MF"), 0, True, id="first_fragment"),
+    pytest.param(_outer(b"later piece", frag=185), 0, True, id="later_fragment"),
+])
+def test_capture_filter_does_the_ip_layers_first_checks(packet: bytes, pkttype: int,
+                                                        accepted: bool) -> None:
+    program = capture_filter(GW4_PACKED, None, fragments=True)
+    assert bool(run_classic_bpf(program, packet, pkttype)) is accepted
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFF))
+def test_capture_filter_header_checksum_is_rfc_1071(ident: int, ttl: int) -> None:
+    """Every valid header passes, and no header with any one byte of its checksum off."""
+    good = _outer(CAPTURE_INNER, id=ident, ttl=ttl)
+    program = capture_filter(GW4_PACKED, None, fragments=False)
+    assert run_classic_bpf(program, good)
+    for index in (10, 11):
+        bad = bytearray(good)
+        bad[index] ^= 0x5A
+        assert not run_classic_bpf(program, bytes(bad))
+
+
+@given(st.lists(st.tuples(st.integers(0, 0xFFFF), st.binary(min_size=8, max_size=8)),
+                min_size=1, max_size=30), st.integers(2, 8))
+def test_capture_filter_shares_plain_packets_and_gives_fragments_to_worker_0(
+        flows: list[tuple[int, bytes]], workers: int) -> None:
+    for ident, prefix in flows:
+        src = str(ipaddress.IPv6Address(prefix + bytes(8)))
+        packet = _outer(raw(IPv6(src=src, dst="2002:c000:20a::1") / UDP()), id=ident)
+        accepted = [i for i in range(workers) if run_classic_bpf(capture_filter(
+            GW4_PACKED, fanout_filter(i, workers, 7), fragments=i == 0), packet)]
+        assert accepted == [fanout_index(packet, 7, workers)]
+        piece = _outer(b"later piece", id=ident, frag=185)
+        accepted = [i for i in range(workers) if run_classic_bpf(capture_filter(
+            GW4_PACKED, fanout_filter(i, workers, 7), fragments=i == 0), piece)]
+        assert accepted == [0]

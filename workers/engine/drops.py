@@ -137,6 +137,10 @@ class Event(enum.Enum):
     """A protocol-41 packet was received, before any check."""
     TUNNEL_BYTES_RECEIVED = "tunnel_bytes_received"
     """Bytes of those packets, outer IPv4 header included."""
+    CHECKSUMS_COMPLETED = "checksums_completed"
+    """A local kernel peer's packet had its inner checksum left to offload: computed here."""
+    OUTER_REASSEMBLED = "outer_reassembled"
+    """Outer IPv4 fragments of a protocol-41 packet were put back together (RFC 791 §3.2)."""
 
 
 # The ICMPv6 errors the gateway originates, by (type, code), and the type each belongs to.

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.icmp import QUOTED_BYTES
-from sixgate.workers.engine.packet import FRAGMENT_HEADER, PROTO_FRAGMENT, build_ipv6
+from sixgate.workers.engine.packet import FRAGMENT_HEADER, PROTO_FRAGMENT, build_ipv6, checksum
 
 # RFC 8200 §4.5: reassembly is abandoned 60 s after the first fragment arrived.
 REASSEMBLY_TIMEOUT_S = 60.0
@@ -232,3 +232,110 @@ class Reassembler:
         else:
             self._source_bytes.pop(dgram.source, None)
         return len(dgram.parts)
+
+
+# --- outer IPv4 fragments of the tunnel (RFC 791 §3.2) ---------------------------------------
+#
+# The capture (workers/capture.py) reads the tunnel before the IP layer, so fragments of an
+# outer IPv4 packet arrive as they came and are put together here, as the IP layer would have:
+# bounded in datagrams and bytes (the oldest incomplete one goes first), 30 s to complete
+# (Linux's ipfrag_time), and an overlap drops the datagram (as RFC 5722 asks of IPv6).
+OUTER_REASSEMBLY_TIMEOUT_S = 30.0
+IPV4_MAX_PACKET = 65535
+
+
+class _OuterDatagram:
+    __slots__ = ("first_seen", "pieces", "size", "total", "head")
+
+    def __init__(self, now: float) -> None:
+        self.first_seen = now
+        self.pieces: dict[int, bytes] = {}  # offset in bytes -> data
+        self.size = 0
+        self.total: int | None = None  # payload length, known once the last piece came
+        self.head: bytes | None = None  # the first piece's header
+
+
+class OuterReassembler:
+    """Puts outer IPv4 fragments back together (RFC 791 §3.2), within bounds.
+
+    ``add`` takes a fragment (MF set or offset non-zero) and returns the whole packet (header
+    of the first fragment, fragment fields cleared, checksum recomputed), a drop reason, or
+    None while it waits. Fragments thrown away to make room are in ``evicted``."""
+
+    def __init__(self, max_datagrams: int = 256, max_bytes: int = 4 << 20,
+                 timeout_s: float = OUTER_REASSEMBLY_TIMEOUT_S) -> None:
+        self.max_datagrams = max_datagrams
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.bytes_held = 0
+        self.evicted = 0
+        self._pending: OrderedDict[tuple[bytes, int, int], _OuterDatagram] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, packet: bytes, now: float) -> bytes | DropReason | None:
+        if len(packet) < 20 or packet[0] >> 4 != 4:
+            return DropReason.BAD_VERSION
+        header_len = (packet[0] & 0x0F) * 4
+        total_len = (packet[2] << 8) | packet[3]
+        if header_len < 20 or total_len < header_len or total_len > len(packet):
+            return DropReason.TRUNCATED
+        flags_offset = (packet[6] << 8) | packet[7]
+        offset = (flags_offset & 0x1FFF) * 8
+        more = bool(flags_offset & 0x2000)
+        data = packet[header_len:total_len]
+        if (more and len(data) % 8) or not data or offset + len(data) > (
+                IPV4_MAX_PACKET - header_len):
+            return DropReason.BAD_FRAGMENT
+        key = (packet[12:20], (packet[4] << 8) | packet[5], packet[9])
+        dgram = self._pending.get(key)
+        # Room first, oldest incomplete datagrams out (never the one this piece belongs to).
+        while self._pending and (self.bytes_held + len(data) > self.max_bytes or (
+                dgram is None and len(self._pending) >= self.max_datagrams)):
+            oldest = next(iter(self._pending))
+            if oldest == key:
+                return DropReason.FRAGMENT_LIMIT
+            self.evicted += len(self._forget(oldest).pieces)
+        if dgram is None:
+            dgram = self._pending[key] = _OuterDatagram(now)
+        end = offset + len(data)
+        for start, piece in dgram.pieces.items():
+            if start < end and offset < start + len(piece):  # overlap: the whole datagram goes
+                self.evicted += len(self._forget(key).pieces)
+                return DropReason.BAD_FRAGMENT
+        if not more:
+            if dgram.total is not None or any(s + len(p) > end for s, p in dgram.pieces.items()):
+                self.evicted += len(self._forget(key).pieces)
+                return DropReason.BAD_FRAGMENT
+            dgram.total = end
+        elif dgram.total is not None and end > dgram.total:
+            self.evicted += len(self._forget(key).pieces)
+            return DropReason.BAD_FRAGMENT
+        if offset == 0:
+            dgram.head = packet[:header_len]
+        dgram.pieces[offset] = data
+        dgram.size += len(data)
+        self.bytes_held += len(data)
+        if dgram.total is None or dgram.head is None or dgram.size != dgram.total:
+            return None
+        self._forget(key)
+        payload = b"".join(dgram.pieces[start] for start in sorted(dgram.pieces))
+        head = bytearray(dgram.head)
+        length = len(head) + len(payload)
+        head[2:4] = length.to_bytes(2, "big")
+        head[6:8] = bytes((head[6] & 0x40, 0))  # DF kept, MF and offset cleared
+        head[10:12] = b"\0\0"
+        head[10:12] = checksum(head).to_bytes(2, "big")
+        return bytes(head) + payload
+
+    def expire(self, now: float) -> int:
+        """Forget datagrams older than the timeout; returns how many fragments they held."""
+        old = [key for key, dgram in self._pending.items()
+               if now - dgram.first_seen >= self.timeout_s]
+        return sum(len(self._forget(key).pieces) for key in old)
+
+    def _forget(self, key: tuple[bytes, int, int]) -> _OuterDatagram:
+        dgram = self._pending.pop(key)
+        self.bytes_held -= dgram.size
+        return dgram

@@ -22,8 +22,11 @@ from sixgate.workers.engine.packet import (
     PROTO_TCP,
     PROTO_UDP,
     ParameterProblem,
+    checksum_offset,
     parse_ipv4,
     parse_ipv6,
+    pseudo_sum_v6,
+    set_checksum,
 )
 
 PREFIX_6TO4 = b"\x20\x02"
@@ -274,6 +277,35 @@ def _check_inbound(buf: memoryview, policy: TunnelPolicy) -> Decapsulated | Drop
                 and inner[offset] in ND_TYPES):
             return DropReason.NEIGHBOR_DISCOVERY
     return inner, src4
+
+
+def complete_checksum(packet: bytes) -> bytes:
+    """The captured protocol-41 ``packet`` with its inner TCP/UDP checksum computed whole.
+
+    For a packet the kernel marked CHECKSUM_PARTIAL (TP_STATUS_CSUMNOTREADY: it came from a
+    peer on this host or hypervisor whose stack left the checksum to an offload that never ran,
+    or it was merged by GRO after its pieces were verified), the checksum field holds only the
+    pseudo-header sum. Such a packet never crossed a wire unverified, so its checksum is
+    computed here, as the offload would have, and the engine then verifies it like any other;
+    packets off the wire are never passed through this. Anything else (not TCP/UDP, a fragment,
+    a broken header) is returned unchanged, for the engine to count."""
+    outer = parse_ipv4(packet, verify_checksum=False)
+    if isinstance(outer, DropReason) or outer[5] != PROTO_IPV6:
+        return packet
+    header_len, total_len = outer[0], outer[1]
+    inner = packet[header_len:total_len]
+    view = parse_ipv6(inner)
+    if not isinstance(view, tuple) or view[6] is not None:
+        return packet
+    proto, offset = view[4], view[5]
+    at = checksum_offset(proto)
+    if proto not in (PROTO_TCP, PROTO_UDP) or at is None or len(inner) < offset + at + 2:
+        return packet
+    segment = bytearray(inner[offset:40 + view[0]])
+    set_checksum(segment, at, pseudo_sum_v6(view[2], view[3], proto, len(segment)),
+                 udp=proto == PROTO_UDP)
+    start = header_len + offset
+    return packet[:start] + bytes(segment) + packet[start + len(segment):]
 
 
 def outer_destination(dst6: bytes, mode: str, remote_ipv4: bytes | None,

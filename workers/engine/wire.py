@@ -124,5 +124,65 @@ def fanout_filter(index: int, workers: int, seed: int) -> list[tuple[int, int, i
     return program
 
 
+# --- the capture filter (AF_PACKET, workers/capture.py) -------------------------------------------
+#
+# The capture reads IPv4 packets off every interface, before the IP layer (which also gets
+# them, and delivers them to a raw protocol-41 socket that accepts none). So the filter does in
+# the kernel what the IP layer would have done first: protocol 41 to our address only, never a
+# packet we send (PACKET_OUTGOING), and a plain 20-byte header only with a valid header
+# checksum (RFC 791; a header with options is verified in userspace). Outer fragments all go to
+# worker 0, which reassembles them (their later pieces carry no inner addresses to shard by).
+
+_LD_H_ABS, _JSET_K, _ADD_X, _AND_K, _TXA = 0x28, 0x45, 0x0C, 0x54, 0x87
+_ST, _LDX_MEM = 0x02, 0x61
+SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # SKF_AD_OFF + SKF_AD_PKTTYPE: the skb's packet type
+PACKET_OUTGOING = 4
+PROTO_41 = 41
+IPV4_FRAGMENT_BITS = 0x3FFF  # MF and the fragment offset
+
+
+def _header_checksum_ok() -> list[tuple[int, int, int, int]]:
+    """A = the folded ones' complement sum of a 20-byte IPv4 header (0xFFFF when valid)."""
+    program = [(_LD_H_ABS, 0, 0, 0), (_TAX, 0, 0, 0)]
+    for offset in range(2, 20, 2):
+        program += [(_LD_H_ABS, 0, 0, offset), (_ADD_X, 0, 0, 0)]
+        if offset < 18:
+            program.append((_TAX, 0, 0, 0))
+    fold = [(_TAX, 0, 0, 0), (_RSH_K, 0, 0, 16), (_ST, 0, 0, 0), (_TXA, 0, 0, 0),
+            (_AND_K, 0, 0, 0xFFFF), (_LDX_MEM, 0, 0, 0), (_ADD_X, 0, 0, 0)]
+    return program + fold + fold
+
+
+def capture_filter(local_ipv4: bytes, share: list[tuple[int, int, int, int]] | None,
+                   fragments: bool) -> list[tuple[int, int, int, int]]:
+    """The capture's classic BPF program: the IP layer's first checks (above), then ``share``
+    (``fanout_filter``'s program for kernel fan-out; None: every packet, for the coordinator);
+    outer fragments accepted where ``fragments``."""
+    checksum = _header_checksum_ok()
+    program: list[tuple[int, int, int, int]] = [
+        (_LD_B_ABS, 0, 0, 9), (_JEQ_K, 0, 0, PROTO_41),                       # 0, 1
+        (_LD_W_ABS, 0, 0, 16), (_JEQ_K, 0, 0, int.from_bytes(local_ipv4, "big")),  # 2, 3
+        (_LD_B_ABS, 0, 0, SKF_AD_PKTTYPE), (_JEQ_K, 0, 0, PACKET_OUTGOING),   # 4, 5
+        (_LD_B_ABS, 0, 0, 0), (_JEQ_K, 0, len(checksum) + 1, 0x45),           # 6, 7
+        *checksum, (_JEQ_K, 0, 0, 0xFFFF),                                    # sum == -0
+        (_LD_H_ABS, 0, 0, 6), (_JSET_K, 0, 0, IPV4_FRAGMENT_BITS),
+    ]
+    body = list(share) if share is not None else [(_RET_K, 0, 0, ACCEPT)]
+    drop = len(program) + len(body)
+    fragment = drop + 1
+
+    def to(target: int, at: int) -> int:
+        return target - at - 1
+
+    program[1] = (_JEQ_K, 0, to(drop, 1), PROTO_41)
+    program[3] = (_JEQ_K, 0, to(drop, 3), program[3][3])
+    program[5] = (_JEQ_K, to(drop, 5), 0, PACKET_OUTGOING)
+    check_at = 8 + len(checksum)
+    program[check_at] = (_JEQ_K, 0, to(drop, check_at), 0xFFFF)
+    jset_at = check_at + 2
+    program[jset_at] = (_JSET_K, to(fragment, jset_at), 0, IPV4_FRAGMENT_BITS)
+    return program + body + [(_RET_K, 0, 0, 0), (_RET_K, 0, 0, ACCEPT if fragments else 0)]
+
+
 def pack_filter(program: list[tuple[int, int, int, int]]) -> bytes:
     return b"".join(_INSN.pack(*insn) for insn in program)

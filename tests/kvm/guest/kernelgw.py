@@ -370,7 +370,7 @@ class KernelLab:
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 argv = process_cmdline(int(entry.name))
-                if "workers.main" in argv and settings in argv and not process_gone(
+                if "sixgate.workers.main" in argv and settings in argv and not process_gone(
                         int(entry.name)):
                     found.append(int(entry.name))
         return found
