@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run one command as root inside a throw-away qemu guest that boots Debian's own kernel.
 
-    tools/vmrun.py [--timeout S] [--modules "sit veth"] [--prepare] -- COMMAND ARGS...
+    tools/vmrun.py [--timeout S] [--modules "sit veth tun"] [--prepare] -- COMMAND ARGS...
 
 Why: sixgate's kernel backend makes real ``sit`` tunnels, and the kernels we develop and run CI
 on may have no ``sit`` driver at all. The guest runs the stock Debian 12 kernel
@@ -58,7 +58,7 @@ EXIT_SETUP = 3
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 DEFAULT_CACHE = Path.home() / ".cache" / "sixgate-vm"
-DEFAULT_MODULES = "sit veth"
+DEFAULT_MODULES = "sit veth tun"  # tun: the userspace backend against a sit peer
 DEFAULT_TIMEOUT_S = 600.0
 QEMU = "qemu-system-x86_64"
 # 512 MiB is plenty: qemu's resident size stays ~300-450 MB with -m 512 or -m 1024 alike, as what

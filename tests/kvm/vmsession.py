@@ -107,7 +107,7 @@ def run_session(requested: list[str]) -> GuestSession:
     env = dict(os.environ, SIXGATE_VM_REPORT="1", PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTEST_ADDOPTS", None)  # the host's options (-k, -x ...) are not the guest's
     command = [sys.executable, str(VMRUN), "--timeout", str(SESSION_TIMEOUT_S),
-               "--modules", "sit veth", "--", *guest_pytest_command(requested)]
+               "--modules", "sit veth tun", "--", *guest_pytest_command(requested)]
     started = time.monotonic()
     finished = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                               errors="replace", check=False)

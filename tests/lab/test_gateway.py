@@ -309,28 +309,33 @@ class GatewayBehaviour:
         assert lab.alive("sixgate")
 
 
-    @pytest.mark.parametrize(("proto", "port"), [("tcp", 80), ("udp", 53)])
     def test_checksum_left_to_offload_by_a_local_kernel_peer_is_completed(
-            self, lab: Lab, proto: str, port: int) -> None:
+            self, lab: Lab) -> None:
         """Issue 15: a kernel peer on this host (a sit tunnel over veth, a VM over virtio-net)
         hands its TCP/UDP over with CHECKSUM_PARTIAL, the checksum field holding only the
         pseudo-header sum. Sent here with PACKET_VNET_HDR + NEEDS_CSUM, as such a peer's kernel
-        sends it: the gateway completes the checksum (counted as checksums_completed), never
-        drops it as bad_checksum, and the session is made. (With a raw-socket capture every
-        such segment was bad_checksum.)"""
-        sport = 47000 + port
+        sends it (a TCP SYN to 80, a UDP datagram to 53): the gateway completes the checksums
+        (counted as checksums_completed), never drops them as bad_checksum, and makes both
+        sessions. (With a raw-socket capture every such segment was bad_checksum.)"""
         mac = lab.gw(["cat", "/sys/class/net/veth0/address"]).stdout.strip()
         before = drops(lab)
         completed = _events(lab).get("checksums_completed", 0)
-        sent = lab.peer([sys.executable, str(netlab.PROGRAMS / "send_offloaded.py"), "veth0",
-                         mac, netlab.PEER_IPV4, netlab.GATEWAY_IPV4, lab.plan.peer_address,
-                         lab.plan.gateway_address, proto, str(sport), str(port)])
-        assert sent.returncode == 0, sent.stderr
-        client = f"[{lab.plan.peer_address}]:{sport}"
-        netlab.wait_until(lambda: any(b["client"] == client and b["proto"] == proto
-                                      for b in lab.flows()["bindings"]), timeout=10,
-                          what=f"the {proto} session of the offloaded packet")
-        assert _events(lab).get("checksums_completed", 0) >= completed + 1
+        clients = {}
+        for proto, port in (("tcp", 80), ("udp", 53)):
+            sport = 47000 + port
+            sent = lab.peer([sys.executable, str(netlab.PROGRAMS / "send_offloaded.py"),
+                             "veth0", mac, netlab.PEER_IPV4, netlab.GATEWAY_IPV4,
+                             lab.plan.peer_address, lab.plan.gateway_address, proto,
+                             str(sport), str(port)])
+            assert sent.returncode == 0, sent.stderr
+            clients[proto] = f"[{lab.plan.peer_address}]:{sport}"
+
+        def both_sessions() -> bool:
+            made = {(b["proto"], b["client"]) for b in lab.flows()["bindings"]}
+            return all((proto, client) in made for proto, client in clients.items())
+
+        netlab.wait_until(both_sessions, timeout=10, what="the offloaded packets' sessions")
+        assert _events(lab).get("checksums_completed", 0) >= completed + 2
         assert drops_delta(before, drops(lab)).get("bad_checksum", 0) == 0
 
     def test_rfc791_outer_fragments_are_reassembled(self, lab: Lab) -> None:
