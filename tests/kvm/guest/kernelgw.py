@@ -160,9 +160,9 @@ def tail(path: Path, max_bytes: int = 5000) -> str:
         errors="replace")
 
 
-def config_text(mode: str, run_dir: Path, backend: str = "kernel") -> str:
+def config_text(mode: str, run_dir: Path, backend: str = "kernel", workers: int = 2) -> str:
     return (f"[tunnel]\n{MODES[mode][2]}mtu = {MTU}\n\n"
-            f'[gateway]\nbackend = "{backend}"\nworkers = 2\nrun_dir = "{run_dir}"\n'
+            f'[gateway]\nbackend = "{backend}"\nworkers = {workers}\nrun_dir = "{run_dir}"\n'
             f'name = "{NAME}"\n\n{FORWARD_TOML}')
 
 
@@ -195,6 +195,7 @@ class KernelLab:
         self.services: dict[str, subprocess.Popen[bytes]] = {}
         self.runs: list[GatewayRun] = []
         self.file_sha256 = ""
+        self.workers = 2
 
     # -- lifecycle
 
@@ -308,8 +309,9 @@ class KernelLab:
 
     # -- the gateway
 
-    def write_config(self, backend: str = "kernel") -> None:
-        self.config_path.write_text(config_text(self.mode, self.run_dir, backend))
+    def write_config(self, backend: str = "kernel", workers: int = 2) -> None:
+        self.workers = workers
+        self.config_path.write_text(config_text(self.mode, self.run_dir, backend, workers))
 
     def sixgate(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """``sixgate ARGS --config F`` in the gateway namespace (exit code not checked)."""
@@ -353,8 +355,9 @@ class KernelLab:
                                 f"{gateway.stderr}")
         gateway.worker_pids = [int(path.read_text())
                                for path in sorted(self.run_dir.glob("worker-*.pid"))]
-        assert len(gateway.worker_pids) == 2, (
-            f"expected 2 worker pidfiles, found {gateway.worker_pids}:\n{gateway.stderr}")
+        assert len(gateway.worker_pids) == self.workers, (
+            f"expected {self.workers} worker pidfiles, found {gateway.worker_pids}:\n"
+            f"{gateway.stderr}")
 
     def flows(self) -> dict[str, Any]:
         done = self.sixgate("flows", "--json")

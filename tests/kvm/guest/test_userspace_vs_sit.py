@@ -29,7 +29,7 @@ def test_userspace_backend_serves_a_kernel_sit_peer_with_offloads_on(netns: Netn
     with KernelLab(netns, mode) as lab:
         lab.build()  # veth with its default offloads: TX checksumming on
         lab.start_services(dns=True)
-        lab.write_config(backend="userspace")
+        lab.write_config(backend="userspace", workers=1)  # one Python start less under TCG
         gateway = lab.spawn_gateway()
         lab.wait_services()
         lab.wait_gateway(gateway)
