@@ -429,10 +429,9 @@ class Coordinator:
                 return
             if not read:
                 return
-            if not packets:
-                pass
-            elif nworkers == 1:
-                self._send_batch(0, packets)
+            if nworkers == 1:
+                if packets:
+                    self._send_batch(0, packets)
             else:
                 batches: list[list[bytes | memoryview]] = [[] for _ in range(nworkers)]
                 for packet in packets:

@@ -89,6 +89,7 @@ class TunnelCapture:
             raise
         self.receiver = BatchReceiver(self.sock, batch, auxdata=True)
         self.batch = batch
+        self.fragments = fragments  # whether the filter lets outer fragments through
         self.reassembler = OuterReassembler()
 
     def fileno(self) -> int:
@@ -106,20 +107,17 @@ class TunnelCapture:
         counters = self.counters
         counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
         counters.event(Event.TUNNEL_BYTES_RECEIVED, sum(map(len, packets)))
-        out = packets
-        for i, (packet, status) in enumerate(zip(packets, statuses, strict=True)):
+        if not self.fragments and not any(statuses):
+            return packets, len(packets)  # the common batch: nothing to complete or reassemble
+        out: list[bytes] = []
+        for packet, status in zip(packets, statuses, strict=True):
             if packet[6] & 0x3F or packet[7]:  # MF or a fragment offset: reassemble first
-                if out is packets:
-                    out = packets[:i]
                 self._fragment(packet, now, out)
                 continue
             if status & TP_STATUS_CSUMNOTREADY:
                 packet = complete_checksum(packet)
                 counters.event(Event.CHECKSUMS_COMPLETED)
-            if out is not packets:
-                out.append(packet)
-            elif packet is not packets[i]:
-                packets[i] = packet
+            out.append(packet)
         return out, len(packets)
 
     def _fragment(self, packet: bytes, now: float, out: list[bytes]) -> None:
