@@ -31,6 +31,9 @@ from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4
 MARTIAN4 = [ipaddress.IPv4Network(c) for c, _ in DEFAULT_MARTIAN_IPV4]
 
 
+MARTIANS = ("10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
+
+
 @st.composite
 def clients(draw: st.DrawFn, mode: str) -> tuple[str, str]:
     """(client IPv6 address, the outer IPv4 destination its packets must go to)."""
@@ -38,7 +41,10 @@ def clients(draw: st.DrawFn, mode: str) -> tuple[str, str]:
         value = draw(st.integers(0x2001_0DB8 << 96, (0x2001_0DB9 << 96) - 1))
         return str(ipaddress.IPv6Address(value)), REMOTE4
     if draw(st.booleans()):
-        v4 = ipaddress.IPv4Address(draw(st.integers(0x0100_0000, 0xDFFF_FFFF)))
+        # A real 6to4 client's IPv4 is no martian (RFC 3964 §5.3.1): the tunnel drops those.
+        v4 = ipaddress.IPv4Address(draw(st.integers(0x0100_0000, 0xDFFF_FFFF).filter(
+            lambda n: not any(ipaddress.IPv4Address(n) in ipaddress.IPv4Network(net)
+                              for net in MARTIANS))))
         iid = draw(st.integers(1, (1 << 80) - 1))
         addr = ipaddress.IPv6Address((0x2002 << 112) | (int(v4) << 80) | iid)
         return str(addr), str(v4)
