@@ -92,7 +92,7 @@ def describe_session(session: Session, now: float, index: int) -> dict[str, Any]
         "proto": proto,
         "client": f"[{ipaddress.IPv6Address(session.client6)}]:{session.cport}",
         "gateway": f"[{ipaddress.IPv6Address(session.gw6)}]:{session.gwport}",
-        "pool": f"{ipaddress.IPv4Address(session.pool4)}:{session.cport}",
+        "pool": f"{ipaddress.IPv4Address(session.pool4)}:{session.pport}",
         "target": f"{ipaddress.IPv4Address(session.target4)}:{session.tport}",
         "rule": session.rule,
         "state": session.state,

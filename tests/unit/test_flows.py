@@ -425,7 +425,8 @@ def test_snapshot_is_plain_data() -> None:
     new(ft, now=3.0, assured=False)
     (row,) = ft.snapshot()
     assert row == {
-        "proto": PROTO_TCP, "client6": client().hex(), "cport": 40000, "gw6": GW6.hex(),
+        "proto": PROTO_TCP, "client6": client().hex(), "cport": 40000, "pport": 40000,
+        "gw6": GW6.hex(),
         "gwport": 80, "pool4": POOL[0].hex(), "target4": SVC.hex(), "tport": 8080,
         "rule": "rule", "state": V6_INIT, "last_seen": 3.0, "timeout_s": T.unassured_s,
         "assured": False, "outer4": "",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sixgate.workers.engine.counters import Counters, LimitHits
 from sixgate.workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
@@ -33,10 +33,11 @@ from sixgate.workers.engine.fastpath import (
     inbound_template,
     return_template,
 )
-from sixgate.workers.engine.flows import FlowTable, Session
+from sixgate.workers.engine.flows import FlowTable, PortPool, Session
 from sixgate.workers.engine.fragment import Reassembler, fragment_ipv6
 from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
+    ICMP_ECHO_REPLY,
     ICMP_FRAGMENTATION_NEEDED,
     ICMP_PARAMETER_PROBLEM,
     ICMP_TIME_EXCEEDED,
@@ -57,6 +58,7 @@ from sixgate.workers.engine.icmp import (
     neighbor_advertisement,
     tcp_reset,
 )
+from sixgate.workers.engine.nat64 import Nat64Prefix
 from sixgate.workers.engine.packet import (
     IPV4_DF,
     IPV4_MF,
@@ -83,11 +85,13 @@ from sixgate.workers.engine.packet import (
     sum16,
     sum_is_valid,
 )
-from sixgate.workers.engine.settings import Settings, source_allowed
+from sixgate.workers.engine.settings import Settings, source_allowed, worker_pool4
 from sixgate.workers.engine.translate import (
     hop_limit_after,
     icmpv4_error_key,
     icmpv6_error_key,
+    translate_echo_v4_to_v6,
+    translate_echo_v6_to_v4,
     translate_icmpv4_error,
     translate_icmpv6_error,
     translate_v4_to_v6,
@@ -120,6 +124,11 @@ class Output:
     to_services: list[bytes]  # IPv4 packets for the services (the TUN device)
     to_tunnel: list[tuple[bytes, bytes]]  # (IPv6 packet, outer IPv4 destination)
     raised: Exception | None = None  # the last exception a packet raised (INTERNAL_ERROR)
+    # NAT64: IPv6 packets for the IPv6 side (the TUN device; the IPv4 ones are to_services).
+    to_ipv6: list[bytes] = field(default_factory=list)
+
+# The rule label of NAT64 sessions (``sixgate flows``).
+NAT64_RULE = "nat64"
 
 
 def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
@@ -138,7 +147,7 @@ class Datapath:
     """The packet engine of one worker shard."""
 
     def __init__(self, settings: Settings, pool: list[bytes], workers: int = 1,
-                 fast_path: bool = True) -> None:
+                 fast_path: bool = True, index: int = 0) -> None:
         self.settings = settings
         self.mtu = settings.mtu
         self.max_mss = settings.max_mss
@@ -149,10 +158,23 @@ class Datapath:
                            if settings.relay_ipv4 else None)
         self.addresses = our_addresses(settings.mode, settings.local_ipv4, settings.addresses)
         self.rules = build_rule_table(settings)
+        # NAT64 (RFC 6146): IPv6 to the prefix from the IPv6 side, pool4 ports of this worker.
+        self.nat64: Nat64Prefix | None = None
+        ports = None
+        if settings.mode == "nat64":
+            self.nat64 = Nat64Prefix.parse(settings.nat64_prefix)
+            ports = PortPool(worker_pool4(settings.nat64_pool4, workers, index),
+                             settings.nat64_port_hold_s)
+            self.nat64_clients = tuple(
+                (int(net.network_address), int(net.netmask))
+                for net in map(ipaddress.IPv6Network, settings.nat64_clients))
+            self.eif = settings.nat64_filtering == "endpoint-independent"
         self.flows = FlowTable.for_shard(
             pool, workers, settings.max_flows, settings.max_flows_per_prefix, settings.timeouts,
             max_flows_per_48=settings.max_flows_per_48,
-            max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source)
+            max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source, ports=ports,
+            port_quota=settings.nat64_ports_per_client if ports is not None else None,
+            quota_prefix_bytes=settings.nat64_client_prefix // 8)
         self.reassembler = Reassembler(settings.fragment_datagrams, settings.fragment_bytes)
         # RFC 4443 §2.4(f): errors and RSTs, and echo replies (reflection: one source must not
         # turn the gateway into a firehose), each per source /64 and in all.
@@ -161,14 +183,16 @@ class Datapath:
         self.echo_limiter = SourceRateLimiter(settings.echo_replies_per_s,
                                               settings.echo_burst)
         self.counters = Counters()
-        # The tunnel checks (workers/engine/tunnel.py) and their cache of address verdicts.
-        self.policy = TunnelPolicy.build(settings.mode, settings.local_ipv4,
-                                         settings.remote_ipv4, list(settings.addresses),
-                                         settings.martian_ipv4)
+        # The tunnel checks (workers/engine/tunnel.py) and their cache of address verdicts; a
+        # NAT64 gateway has no tunnel.
+        self.policy = None if self.nat64 is not None else TunnelPolicy.build(
+            settings.mode, settings.local_ipv4, settings.remote_ipv4, list(settings.addresses),
+            settings.martian_ipv4)
         self.accepted: set[bytes] = set()
         # What the current call produced, handed back as its Output (``_take``).
         self._to_services: list[bytes] = []
         self._to_tunnel: list[tuple[bytes, bytes]] = []
+        self._to_ipv6: list[bytes] = []
         self._raised: Exception | None = None
         self._ident4 = 0
         self._ident6 = 0
@@ -192,9 +216,10 @@ class Datapath:
 
     def _take(self) -> Output:
         """Hand over what was produced since the last call."""
-        out = Output(self._to_services, self._to_tunnel, self._raised)
+        out = Output(self._to_services, self._to_tunnel, self._raised, self._to_ipv6)
         self._to_services = []
         self._to_tunnel = []
+        self._to_ipv6 = []
         self._raised = None
         return out
 
@@ -207,12 +232,15 @@ class Datapath:
         self.counters.drops[reason] += 1
 
     def _send_v6(self, packet: bytes, proto: int) -> None:
-        """Queue an IPv6 packet for the tunnel, fragmenting it to the tunnel MTU."""
+        """Queue an IPv6 packet for the tunnel (NAT64: the IPv6 side), fragmenting it to the
+        MTU."""
         dst = packet[24:40]
-        outer = outer_destination(dst, self.mode, self.remote_ipv4, self.relay_ipv4)
-        if outer is None:
-            self._drop(DropReason.INTERNAL_ERROR)
-            return
+        outer: bytes | None = b""
+        if self.nat64 is None:
+            outer = outer_destination(dst, self.mode, self.remote_ipv4, self.relay_ipv4)
+            if outer is None:
+                self._drop(DropReason.INTERNAL_ERROR)
+                return
         if len(packet) > self.mtu:
             self._ident6 = (self._ident6 + 1) & 0xFFFFFFFF
             traffic_class = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
@@ -223,7 +251,10 @@ class Datapath:
         else:
             pieces = [packet]
         for piece in pieces:
-            self._to_tunnel.append((piece, outer))
+            if outer:
+                self._to_tunnel.append((piece, outer))
+            else:
+                self._to_ipv6.append(piece)
             self.counters.count("outbound", proto, len(piece))
 
     def _error(self, packet: bytes | memoryview, view: IPv6View, icmp_type: int, code: int,
@@ -330,6 +361,16 @@ class Datapath:
                           (tcp_n, tcp_in, tcp_out))
         return self._take()
 
+    def from_ipv6(self, packets: Iterable[bytes], now: float) -> Output:
+        """NAT64: IPv6 packets from the IPv6 side (the kernel routed the prefix to our TUN),
+        in order, each through ``_inbound``; a packet that raises costs only itself."""
+        for packet in packets:
+            try:
+                self._inbound(packet, now)
+            except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
+                self._internal_error(exc)
+        return self._take()
+
     def _count_batch(self, first: dict[int, tuple[str, str]],
                      second: dict[int, tuple[str, str]], udp: tuple[int, int, int],
                      tcp: tuple[int, int, int]) -> None:
@@ -341,6 +382,9 @@ class Datapath:
     def _from_tunnel_full(self, packet: bytes, now: float) -> None:
         """``check_inbound`` and ``_inbound`` for a packet the one-lookup path did not take;
         a plain packet that ends up with an inbound template gets its one-lookup entry."""
+        if self.policy is None:
+            self._drop(DropReason.NOT_PROTO_41)  # no tunnel in NAT64 mode
+            return
         result = check_inbound(packet, self.policy, self.accepted)
         if isinstance(result, DropReason):
             self.counters.drops[result] += 1
@@ -418,6 +462,9 @@ class Datapath:
                 self._drop(DropReason.BAD_FRAGMENT)
                 return
             proto = view[4]
+        if self.nat64 is not None:
+            self._nat64_inbound(packet, view, proto, now)
+            return
         if view[3] not in self.addresses:
             self._drop(DropReason.NOT_OUR_ADDRESS)
             return
@@ -433,6 +480,85 @@ class Datapath:
             self._drop(DropReason.UNSUPPORTED_PROTOCOL)
             self._error(packet, view, ICMPV6_PARAMETER_PROBLEM, PARAM_UNRECOGNIZED_NEXT_HEADER,
                         view[8])
+
+    def _nat64_inbound(self, packet: bytes | memoryview, view: IPv6View, proto: int,
+                       now: float) -> None:
+        """NAT64: a whole IPv6 packet to an address of the prefix (RFC 6146 §3.4)."""
+        assert self.nat64 is not None
+        target4 = self.nat64.extract(view[3])
+        if target4 is None:
+            self._drop(DropReason.NOT_OUR_ADDRESS)
+            return
+        if not source_allowed(self.nat64_clients, view[2]):
+            # Default deny: only the configured clients may use the translator.
+            self._drop(DropReason.SOURCE_NOT_ALLOWED)
+            self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
+            return
+        if not self.settings.nat64_allow_non_global and not self.nat64.may_represent(target4):
+            self._drop(DropReason.NON_GLOBAL_DESTINATION)
+            self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
+            return
+        if proto == PROTO_TCP or proto == PROTO_UDP:
+            self._inbound_transport(packet, view, proto, now, target4)
+        elif proto == PROTO_ICMPV6:
+            self._nat64_icmp(packet, view, target4, now)
+        elif proto == PROTO_NONE:
+            self._drop(DropReason.UNSUPPORTED_PROTOCOL)
+        else:
+            # RFC 7915 §5.1 would translate other protocols unchanged; a stateful NAT64 has no
+            # binding for them (RFC 6146 §3.4): refused as an unrecognized Next Header.
+            self._drop(DropReason.UNSUPPORTED_PROTOCOL)
+            self._error(packet, view, ICMPV6_PARAMETER_PROBLEM, PARAM_UNRECOGNIZED_NEXT_HEADER,
+                        view[8])
+
+    def _nat64_icmp(self, packet: bytes | memoryview, view: IPv6View, target4: bytes,
+                    now: float) -> None:
+        """NAT64 ICMPv6: an echo request opens or uses a query session whose identifier is
+        its port (RFC 6146 §3.5.3) and leaves as ICMPv4 (RFC 7915 §5.2); an error about a
+        session is translated with its quote; the rest is not translated."""
+        offset = view[5]
+        segment = packet[offset:]
+        if len(segment) < 8:
+            self._drop(DropReason.TRUNCATED)
+            return
+        if not sum_is_valid(pseudo_sum_v6(view[2], view[3], PROTO_ICMPV6, len(segment))
+                            + sum16(segment)):
+            self._drop(DropReason.BAD_CHECKSUM)
+            return
+        if segment[0] < 128:
+            self._inbound_icmp_error(segment)
+            return
+        if segment[0] != ICMPV6_ECHO_REQUEST:
+            self._drop(DropReason.ICMP_NOT_TRANSLATED)
+            return
+        hop_limit = hop_limit_after(view[1])
+        if hop_limit <= 0:
+            self._expired_in_transit(packet, view)
+            return
+        ident = (segment[4] << 8) | segment[5]
+        session = self.flows.lookup_v6(PROTO_ICMP, view[2], ident, view[3], 0)
+        if session is None:
+            created = self.flows.create(PROTO_ICMP, view[2], ident, view[3], 0, target4, 0,
+                                        NAT64_RULE, now)
+            if isinstance(created, DropReason):
+                self._refused_by_limits(created, packet, view)
+                return
+            session = created
+            self.counters.event(Event.FLOWS_CREATED_ICMP)
+        session.last_seen = now
+        self._ident4 = (self._ident4 + 1) & 0xFFFF
+        tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
+        out = translate_echo_v6_to_v4(segment, session, hop_limit, self._ident4, tos)
+        self._to_services.append(out)
+        self.counters.count("to_services", PROTO_ICMP, len(out))
+
+    def _refused_by_limits(self, reason: DropReason, packet: bytes | memoryview,
+                           view: IPv6View) -> None:
+        """A new flow no limit lets in: counted, reported once a minute, and answered."""
+        self._drop(reason)
+        self.limit_hits.hit(reason)
+        # RFC 6888 REQ-11: SHOULD send Destination Unreachable when no mapping fits.
+        self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
 
     def _inbound_icmp(self, packet: bytes | memoryview, view: IPv6View) -> None:
         offset = view[5]
@@ -495,7 +621,8 @@ class Datapath:
         self._send_v6(neighbor_advertisement(packet, view[5]), PROTO_ICMPV6)
 
     def _inbound_transport(self, packet: bytes | memoryview, view: IPv6View, proto: int,
-                           now: float) -> None:
+                           now: float, target4: bytes | None = None) -> None:
+        """A TCP/UDP packet to a forwarded port, or (``target4`` given) through NAT64."""
         offset = view[5]
         segment = packet[offset:]
         header = 20 if proto == PROTO_TCP else 8
@@ -527,7 +654,8 @@ class Datapath:
         session = self.flows.lookup_v6(proto, view[2], sport, view[3], dport)
         flags = segment[13] if proto == PROTO_TCP else 0
         if session is None:
-            rule = self.rules.get((proto, dport))
+            rule = (self.rules.get((proto, dport)) if target4 is None
+                    else (NAT64_RULE, target4, dport, None))
             if rule is None:
                 self._drop(DropReason.NO_RULE)
                 self._refuse(packet, view, proto)
@@ -549,10 +677,7 @@ class Datapath:
             created = self.flows.create(proto, view[2], sport, view[3], dport, rule[1],
                                         rule[2], rule[0], now, self._outer4)
             if isinstance(created, DropReason):
-                self._drop(created)
-                self.limit_hits.hit(created)
-                # RFC 6888 REQ-11: SHOULD send Destination Unreachable when no mapping fits.
-                self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
+                self._refused_by_limits(created, packet, view)
                 return
             session = created
             self.counters.event(Event.FLOWS_CREATED_TCP if proto == PROTO_TCP
@@ -600,6 +725,7 @@ class Datapath:
         fast = self.fast_path
         caches = self._fast_out
         append = self._to_tunnel.append
+        to_ipv6 = self._to_ipv6.append if self.nat64 is not None else None
         touch_tcp = self.flows.touch_tcp
         mtu = self.mtu
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
@@ -615,7 +741,10 @@ class Datapath:
                 if out is None:
                     self._from_services_full(packet, now)
                     continue
-                append((out, template[2]))  # type: ignore[index]
+                if to_ipv6 is None:
+                    append((out, template[2]))  # type: ignore[index]
+                else:
+                    to_ipv6(out)
                 if proto == PROTO_UDP:
                     template[0].last_seen = now  # type: ignore[index]
                     udp_n += 1
@@ -651,8 +780,12 @@ class Datapath:
             sport, dport = PORTS.unpack_from(packet, header_len)
             session = self.flows.lookup_v4(proto, dst, dport, src, sport)
             if session is None:
-                self._drop(DropReason.NO_SESSION)
-                return
+                if self.nat64 is None:
+                    self._drop(DropReason.NO_SESSION)
+                    return
+                session = self._nat64_session_from_v4(proto, dst, dport, src, sport, now)
+                if session is None:
+                    return
             if hop_limit_after(ttl) <= 0:
                 self._drop(DropReason.HOP_LIMIT_EXCEEDED)
                 return
@@ -677,14 +810,42 @@ class Datapath:
             self._emit(session, proto, segment, hop_limit_after(ttl), tos)
             if header_len == 20:
                 key = bytes(packet[12:24])
-                outer = outer_destination(session.client6, self.mode, self.remote_ipv4,
-                                          self.relay_ipv4)
+                outer = (b"" if self.nat64 is not None else
+                         outer_destination(session.client6, self.mode, self.remote_ipv4,
+                                           self.relay_ipv4))
                 if outer is not None and key not in self._fast_out[proto]:
                     self._fast_out[proto][key] = return_template(session, outer)
         elif proto == PROTO_ICMP:
             self._from_services_icmp(packet, header_len, total_len)
         else:
             self._drop(DropReason.UNSUPPORTED_PROTOCOL)
+
+    def _nat64_session_from_v4(self, proto: int, pool4: bytes, pport: int, remote4: bytes,
+                               rport: int, now: float) -> Session | None:
+        """An IPv4 packet to a NAT64 binding from a peer it has no session with: RFC 6146
+        §3.5.1 filtering decides (endpoint-independent: anyone may reach the binding;
+        address-dependent: only an address it has a session with), and a new session is made
+        for it. A TCP SYN from IPv4 waits for the IPv6 side's (§3.5.2.2): not yet held, it is
+        dropped as no_session. Counted when refused."""
+        assert self.nat64 is not None
+        bib = self.flows.binding_v4(proto, pool4, pport)
+        if bib is None or proto == PROTO_TCP:
+            self._drop(DropReason.NO_SESSION)
+            return None
+        if not self.eif and remote4 not in bib.remotes:
+            self._drop(DropReason.FILTERED)
+            return None
+        if not self.settings.nat64_allow_non_global and not self.nat64.may_represent(remote4):
+            self._drop(DropReason.NON_GLOBAL_DESTINATION)
+            return None
+        created = self.flows.create(proto, bib.client6, bib.cport, self.nat64.synthesize(remote4),
+                                    rport, remote4, rport, NAT64_RULE, now)
+        if isinstance(created, DropReason):
+            self._drop(created)
+            self.limit_hits.hit(created)
+            return None
+        self.counters.event(Event.FLOWS_CREATED_UDP)
+        return created
 
     def _emit(self, session: Session, proto: int, segment: bytes, hop_limit: int,
               tos: int) -> None:
@@ -698,6 +859,9 @@ class Datapath:
             self._drop(DropReason.TRUNCATED)
             return
         icmp_type = packet[header_len]
+        if icmp_type == ICMP_ECHO_REPLY and self.nat64 is not None:
+            self._nat64_echo_reply(packet, header_len, total_len)
+            return
         if icmp_type not in (ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_PARAMETER_PROBLEM):
             # RFC 7915 §4.2: echo, timestamp, info and the rest are not translated here.
             self._drop(DropReason.ICMP_NOT_TRANSLATED)
@@ -715,12 +879,42 @@ class Datapath:
         if session is None:
             self._drop(DropReason.NO_SESSION)
             return
-        out = translate_icmpv4_error(packet, header_len, total_len, session, self.mtu)
+        source6 = None
+        if self.nat64 is not None:
+            # RFC 7915 §4.2 / RFC 6052: the error comes from the IPv4 router as the client sees
+            # it; one the prefix may not stand for is sent as from the destination.
+            router4 = bytes(packet[12:16])
+            if self.settings.nat64_allow_non_global or self.nat64.may_represent(router4):
+                source6 = self.nat64.synthesize(router4)
+        out = translate_icmpv4_error(packet, header_len, total_len, session, self.mtu, source6)
         if isinstance(out, DropReason):
             self._drop(out)
             return
         self.counters.event(Event.ICMP_ERRORS_TRANSLATED)
         self._send_v6(out, PROTO_ICMPV6)
+
+    def _nat64_echo_reply(self, packet: bytes | memoryview, header_len: int,
+                          total_len: int) -> None:
+        """NAT64: an ICMPv4 Echo Reply to a query session's pool port (RFC 6146 §3.5.3)."""
+        message = packet[header_len:total_len]
+        # RFC 792: the checksum covers the whole ICMP message.
+        if not sum_is_valid(sum16(message)):
+            self._drop(DropReason.BAD_CHECKSUM)
+            return
+        ident = (message[4] << 8) | message[5]
+        session = self.flows.lookup_v4(PROTO_ICMP, bytes(packet[16:20]), ident,
+                                       bytes(packet[12:16]), 0)
+        if session is None:
+            self._drop(DropReason.NO_SESSION)
+            return
+        hop_limit = hop_limit_after(packet[8])
+        if hop_limit <= 0:
+            self._drop(DropReason.HOP_LIMIT_EXCEEDED)
+            return
+        self.flows.touch_udp(session, False, self._now)
+        self._send_v6(build_ipv6(session.gw6, session.client6, PROTO_ICMPV6,
+                                 translate_echo_v4_to_v6(message, session), hop_limit=hop_limit,
+                                 traffic_class=packet[1]), PROTO_ICMPV6)
 
     def _frag_needed(self, packet: bytes | memoryview, header_len: int,
                      total_len: int) -> bytes:
@@ -742,7 +936,7 @@ class Datapath:
             self._fast_in[session.proto].pop(
                 session.client6 + session.gw6 + PORTS.pack(session.cport, session.gwport), None)
             self._fast_out[session.proto].pop(
-                session.target4 + session.pool4 + PORTS.pack(session.tport, session.cport), None)
+                session.target4 + session.pool4 + PORTS.pack(session.tport, session.pport), None)
         removed.clear()
 
     def tick(self, now: float) -> Output:

@@ -65,16 +65,18 @@ OutTemplate = tuple[Session, int, bytes]
 def inbound_template(session: Session) -> InTemplate:
     sum6 = _words(session.client6 + session.gw6) + session.proto
     addr4 = _words(session.pool4 + session.target4) + session.proto
-    # The source port stays (port preservation); the destination port becomes the target's.
-    return session, sum6, addr4, (addr4 - sum6 + session.tport - session.gwport) % 0xFFFF
+    # The source port becomes the pool port (the same but in NAT64), the destination port
+    # the target's.
+    return session, sum6, addr4, (addr4 - sum6 + session.pport - session.cport + session.tport
+                                  - session.gwport) % 0xFFFF
 
 
 def return_template(session: Session, outer: bytes) -> OutTemplate:
-    # The destination port stays (the client's, port preservation); the source port becomes
-    # the gateway's.
+    # The destination port becomes the client's (the pool port but in NAT64), the source
+    # port the gateway's.
     return (session,
             _words(session.gw6 + session.client6) + session.proto + session.gwport
-            - session.tport, outer)
+            - session.tport + session.cport - session.pport, outer)
 
 
 def _tcp_is_plain(segment_len: int, offset: int, flags: int) -> bool:
@@ -135,10 +137,10 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
     pool4, target4 = session.pool4, session.target4
     if proto == PROTO_UDP:
         return IPV4_UDP.pack(0x45, tos, total_len, ident, flags_offset, ttl, proto, header_csum,
-                             pool4, target4, session.cport, session.tport, udp_len,
+                             pool4, target4, session.pport, session.tport, udp_len,
                              csum) + packet[48:]
     return IPV4_TCP.pack(0x45, tos, total_len, ident, flags_offset, ttl, proto, header_csum,
-                         pool4, target4, session.cport, session.tport, seq, ack, offset, flags,
+                         pool4, target4, session.pport, session.tport, seq, ack, offset, flags,
                          window, csum, urgent) + packet[60:]
 
 

@@ -97,11 +97,11 @@ class Session:
 
     __slots__ = ("proto", "client6", "cport", "gw6", "gwport", "pool4", "target4", "tport",
                  "rule", "state", "last_seen", "timeout_s", "prefix64", "created", "alive",
-                 "assured", "outer4", "slot")
+                 "assured", "outer4", "slot", "pport")
 
     def __init__(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
                  pool4: bytes, target4: bytes, tport: int, rule: str, state: str,
-                 now: float, timeout_s: float, outer4: bytes = b"") -> None:
+                 now: float, timeout_s: float, outer4: bytes = b"", pport: int = -1) -> None:
         self.proto = proto
         self.client6 = client6
         self.cport = cport
@@ -120,17 +120,15 @@ class Session:
         self.assured = False
         self.outer4 = outer4  # outer IPv4 source it was opened from (b"": not counted)
         self.slot = -1  # the timer wheel slot it sits in
-
-    @property
-    def pport(self) -> int:
-        """Pool port: the client's own port (port preservation)."""
-        return self.cport
+        # The pool port: the client's own (port preservation) unless a PortPool allocated one
+        # (NAT64, RFC 6146 §3.5.1.1).
+        self.pport = cport if pport < 0 else pport
 
     def v6_key(self) -> Key:
         return (self.proto, self.client6, self.cport, self.gw6, self.gwport)
 
     def v4_key(self) -> Key:
-        return (self.proto, self.pool4, self.cport, self.target4, self.tport)
+        return (self.proto, self.pool4, self.pport, self.target4, self.tport)
 
 
 class _Binding:
@@ -144,6 +142,90 @@ class _Binding:
         self.assured = 0
 
 
+# The two port ranges of RFC 6146 §3.5.1.1: a binding keeps the range of the client's port.
+WELL_KNOWN_PORTS = 1024
+
+
+class PortPool:
+    """One worker's slice of the NAT64 pool4 (RFC 6146 §3.5.1, Jool's pool4): per protocol,
+    (address, first port, last port) ranges; a port leaves with the range (0-1023 or
+    1024-65535) and parity of the client's port where one is free (RFC 6146 §3.5.1.1, RFC
+    4787 REQ-4), from the address the client already uses (paired, RFC 6888 REQ-2). A freed
+    port is held ``hold_s`` before it is handed out again, and then goes to the back of the
+    queue (RFC 6888 REQ-8)."""
+
+    def __init__(self, ranges: dict[int, list[tuple[bytes, int, int]]], hold_s: float) -> None:
+        self.hold_s = hold_s
+        # proto -> address -> four queues: (well-known?, parity) -> free ports, oldest first.
+        self._free: dict[int, dict[bytes, list[deque[int]]]] = {}
+        self.size: dict[int, int] = {}
+        self.in_use: dict[tuple[int, bytes], int] = {}
+        for proto, rows in ranges.items():
+            by_address = self._free.setdefault(proto, {})
+            for address, first, last in rows:
+                queues = by_address.setdefault(address, [deque(), deque(), deque(), deque()])
+                for port in range(first, last + 1):
+                    queues[_port_class(port)].append(port)
+                self.size[proto] = self.size.get(proto, 0) + last - first + 1
+                self.in_use.setdefault((proto, address), 0)
+        self._held: deque[tuple[float, int, bytes, int]] = deque()
+
+    def allocate(self, proto: int, cport: int, prefer: bytes | None) -> tuple[bytes, int] | None:
+        """A free (address, port) for a client port ``cport``, or None: none left."""
+        by_address = self._free.get(proto)
+        if not by_address:
+            return None
+        wanted = _port_class(cport)
+        # Same range and parity first, then the other parity, then the other range.
+        order = (wanted, wanted ^ 1, wanted ^ 2, wanted ^ 3)
+        addresses = list(by_address) if prefer not in by_address else [prefer]
+        for queue_index in order:
+            for address in addresses:
+                queue = by_address[address][queue_index]
+                if queue:
+                    self.in_use[proto, address] += 1
+                    return address, queue.popleft()
+        return None
+
+    def release(self, proto: int, address: bytes, port: int, now: float) -> None:
+        self.in_use[proto, address] -= 1
+        self._held.append((now + self.hold_s, proto, address, port))
+
+    def expire(self, now: float) -> None:
+        """Ports whose hold time is over become free again, at the back of their queue."""
+        held = self._held
+        while held and held[0][0] <= now:
+            _, proto, address, port = held.popleft()
+            self._free[proto][address][_port_class(port)].append(port)
+
+    def held(self) -> int:
+        return len(self._held)
+
+
+def _port_class(port: int) -> int:
+    """Queue index of a port: bit 1 its range (RFC 6146 §3.5.1.1), bit 0 its parity."""
+    return (2 if port < WELL_KNOWN_PORTS else 0) | (port & 1)
+
+
+class Bib:
+    """A NAT64 binding (RFC 6146 §3.5.1 BIB entry): an IPv6 transport address and the pool4
+    transport address it is mapped to, whatever the destination (endpoint-independent
+    mapping, RFC 4787 REQ-1), shared by its sessions; ``remotes`` counts them per IPv4 peer
+    for address-dependent filtering."""
+
+    __slots__ = ("proto", "client6", "cport", "pool4", "pport", "sessions", "remotes")
+
+    def __init__(self, proto: int, client6: bytes, cport: int, pool4: bytes,
+                 pport: int) -> None:
+        self.proto = proto
+        self.client6 = client6
+        self.cport = cport
+        self.pool4 = pool4
+        self.pport = pport
+        self.sessions = 0
+        self.remotes: dict[bytes, int] = {}
+
+
 def worker_share(limit: int | None, workers: int) -> int | None:
     """A worker's share of a gateway-wide limit, rounded up (``None``: no limit). The one
     place this is computed: the flow tables, the kernel backend's relays and the metrics."""
@@ -155,7 +237,9 @@ class FlowTable:
 
     def __init__(self, pool: list[bytes], max_flows: int, max_flows_per_prefix: int,
                  timeouts: Timeouts, *, max_flows_per_48: int | None = None,
-                 max_flows_per_ipv4_source: int | None = None) -> None:
+                 max_flows_per_ipv4_source: int | None = None,
+                 ports: PortPool | None = None, port_quota: int | None = None,
+                 quota_prefix_bytes: int = 8) -> None:
         self.max_flows = max_flows
         self.max_flows_per_prefix = max_flows_per_prefix
         self.max_flows_per_48 = max_flows_per_48
@@ -169,6 +253,17 @@ class FlowTable:
         self._per_prefix: dict[bytes, int] = {}
         self._per_48: dict[bytes, int] = {}
         self._per_outer4: dict[bytes, int] = {}
+        # NAT64 (``ports`` set): bindings by each side, and pool4 ports per client (RFC 6888
+        # REQ-4 quota, per /64 or /128: ``quota_prefix_bytes`` 8 or 16).
+        self.ports = ports
+        self.port_quota = port_quota
+        self.quota_prefix_bytes = quota_prefix_bytes
+        self._bib_v6: dict[tuple[int, bytes, int], Bib] = {}
+        self._bib_v4: dict[tuple[int, bytes, int], Bib] = {}
+        self._ports_per_client: dict[bytes, int] = {}
+        self.bindings_created = 0
+        self.bindings_removed = 0
+        self._clock = 0.0  # the latest ``now`` seen: when a port freed by ``close`` was freed
         # Unassured sessions, oldest first (dict order): who goes first when room is needed.
         # An OrderedDict: taking the oldest is O(1) however many were taken before (a plain
         # dict would scan the holes its deletions leave at the front).
@@ -191,13 +286,16 @@ class FlowTable:
     def for_shard(cls, pool: list[bytes], workers: int, max_flows: int,
                   max_flows_per_prefix: int, timeouts: Timeouts, *,
                   max_flows_per_48: int | None = None,
-                  max_flows_per_ipv4_source: int | None = None) -> FlowTable:
+                  max_flows_per_ipv4_source: int | None = None,
+                  ports: PortPool | None = None, port_quota: int | None = None,
+                  quota_prefix_bytes: int = 8) -> FlowTable:
         """One worker's table: its share of the gateway-wide limits. The per /64 limit is
         exact because one shard sees all of a /64 (workers/engine/wire.py fanout_index); the
         /48 and outer-IPv4 limits spread over the shards like the global one."""
         return cls(pool, worker_share(max_flows, workers) or 1, max_flows_per_prefix, timeouts,
                    max_flows_per_48=worker_share(max_flows_per_48, workers),
-                   max_flows_per_ipv4_source=worker_share(max_flows_per_ipv4_source, workers))
+                   max_flows_per_ipv4_source=worker_share(max_flows_per_ipv4_source, workers),
+                   ports=ports, port_quota=port_quota, quota_prefix_bytes=quota_prefix_bytes)
 
     def __len__(self) -> int:
         return len(self._by_v6)
@@ -206,7 +304,17 @@ class FlowTable:
         return self.active_by_proto.get(proto, 0)
 
     def pool_in_use(self) -> int:
+        """Pool addresses held by clients; NAT64: pool4 ports held by bindings."""
+        if self.ports is not None:
+            return len(self._bib_v6)
         return len(self._client_pool)
+
+    def binding_v4(self, proto: int, pool4: bytes, pport: int) -> Bib | None:
+        """The NAT64 binding of a pool4 transport address (RFC 6146 §3.5.1: filtering)."""
+        return self._bib_v4.get((proto, pool4, pport))
+
+    def bindings(self) -> Iterator[Bib]:
+        return iter(self._bib_v6.values())
 
     def unassured(self) -> int:
         return len(self._unassured)
@@ -234,6 +342,7 @@ class FlowTable:
 
         ``outer4``: the outer IPv4 source the packet came from, counted against
         ``max_flows_per_ipv4_source`` (b"": not counted, e.g. 6in4's single broker)."""
+        self._clock = now
         full = len(self._by_v6) >= self.max_flows
         if full and not self._unassured:
             return DropReason.FLOW_LIMIT
@@ -250,6 +359,9 @@ class FlowTable:
         if full:
             self._evict_oldest_unassured()
         binding = self._client_pool.get(client6)
+        if self.ports is not None:
+            return self._create_nat64(proto, client6, cport, gw6, gwport, target4, tport, rule,
+                                      now, binding)
         if binding is None:
             if not self._free and not self._evict_unassured_client():
                 return DropReason.POOL_EXHAUSTED
@@ -270,18 +382,61 @@ class FlowTable:
             state = UDP_OPEN
         session = Session(proto, client6, cport, gw6, gwport, pool4, target4, tport, rule,
                           state, now, self.timeouts.unassured_s, outer4)
+        self._add(session, v4_key, now)
+        return session
+
+    def _create_nat64(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
+                      target4: bytes, tport: int, rule: str, now: float,
+                      binding: _Binding | None) -> Session | DropReason:
+        """NAT64: the session's binding is the client transport address's (endpoint-independent
+        mapping, RFC 6146 §3.5.1), made on first use within the client's port quota."""
+        assert self.ports is not None
+        bib = self._bib_v6.get((proto, client6, cport))
+        if bib is None:
+            owner = client6[:self.quota_prefix_bytes]
+            if (self.port_quota is not None
+                    and self._ports_per_client.get(owner, 0) >= self.port_quota):
+                return DropReason.PORT_QUOTA
+            got = self.ports.allocate(proto, cport,
+                                      binding.pool4 if binding is not None else None)
+            if got is None:
+                return DropReason.POOL_EXHAUSTED
+            bib = Bib(proto, client6, cport, got[0], got[1])
+            self._bib_v6[proto, client6, cport] = bib
+            self._bib_v4[proto, bib.pool4, bib.pport] = bib
+            self._ports_per_client[owner] = self._ports_per_client.get(owner, 0) + 1
+            self.bindings_created += 1
+        v4_key = (proto, bib.pool4, bib.pport, target4, tport)
+        if v4_key in self._by_v4:
+            return DropReason.PORT_IN_USE
+        if binding is None:
+            binding = self._client_pool[client6] = _Binding(bib.pool4)
+        binding.sessions += 1
+        bib.sessions += 1
+        bib.remotes[target4] = bib.remotes.get(target4, 0) + 1
+        session = Session(proto, client6, cport, gw6, gwport, bib.pool4, target4, tport, rule,
+                          V6_INIT if proto == PROTO_TCP else UDP_OPEN, now,
+                          self.timeouts.unassured_s, pport=bib.pport)
+        self._add(session, v4_key, now)
+        return session
+
+    def _add(self, session: Session, v4_key: Key, now: float) -> None:
+        """Index a new session and start its timer."""
+        proto = session.proto
         self._by_v6[session.v6_key()] = session
         self._by_v4[v4_key] = session
         self._unassured[session] = None
+        prefix = session.prefix64
         self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
+        prefix48 = session.client6[:6]
         self._per_48[prefix48] = self._per_48.get(prefix48, 0) + 1
+        outer4 = session.outer4
         if outer4:
             self._per_outer4[outer4] = self._per_outer4.get(outer4, 0) + 1
         self._place(session, int(now + session.timeout_s))
         self.created_total += 1
         self.created_by_proto[proto] = self.created_by_proto.get(proto, 0) + 1
         self.active_by_proto[proto] = self.active_by_proto.get(proto, 0) + 1
-        return session
 
     def _evict_oldest_unassured(self) -> None:
         """conntrack's early drop: make room by removing the oldest unassured session."""
@@ -399,6 +554,7 @@ class FlowTable:
         traffic moved it (each session is in one slot only, so memory stays one entry each).
         """
         removed = 0
+        self._clock = now
         wheel, slots = self._wheel, self._slots
         current = int(now)
         while slots and slots[0] <= current and budget > 0:
@@ -423,6 +579,8 @@ class FlowTable:
             heapq.heappop(slots)
             wheel.pop(slot, None)
         self.expired_total += removed
+        if self.ports is not None:
+            self.ports.expire(now)
         return removed
 
     def _remove(self, session: Session) -> None:
@@ -444,7 +602,27 @@ class FlowTable:
                 binding.assured -= 1
             if binding.sessions == 0:
                 del self._client_pool[session.client6]
-                self._free.append(session.pool4)  # RFC 6888 REQ-8: reused last
+                if self.ports is None:
+                    self._free.append(session.pool4)  # RFC 6888 REQ-8: reused last
+        if self.ports is not None:
+            self._unbind(session)
+
+    def _unbind(self, session: Session) -> None:
+        """A NAT64 session ended: its binding ends with its last session, and the port is
+        held before reuse (RFC 6888 REQ-8)."""
+        assert self.ports is not None
+        bib = self._bib_v6.get((session.proto, session.client6, session.cport))
+        if bib is None:
+            return
+        bib.sessions -= 1
+        _decrement(bib.remotes, session.target4)
+        if bib.sessions:
+            return
+        del self._bib_v6[session.proto, session.client6, session.cport]
+        del self._bib_v4[session.proto, bib.pool4, bib.pport]
+        _decrement(self._ports_per_client, session.client6[:self.quota_prefix_bytes])
+        self.ports.release(session.proto, bib.pool4, bib.pport, self._clock)
+        self.bindings_removed += 1
 
     # --- views --------------------------------------------------------------------------------
 
@@ -459,7 +637,7 @@ class FlowTable:
         """Plain-data state of every session (hex addresses), for listing and resumption."""
         return [
             {
-                "proto": s.proto, "client6": s.client6.hex(), "cport": s.cport,
+                "proto": s.proto, "client6": s.client6.hex(), "cport": s.cport, "pport": s.pport,
                 "gw6": s.gw6.hex(), "gwport": s.gwport, "pool4": s.pool4.hex(),
                 "target4": s.target4.hex(), "tport": s.tport, "rule": s.rule,
                 "state": s.state, "last_seen": s.last_seen, "timeout_s": s.timeout_s,

@@ -23,7 +23,9 @@ from sixgate.workers.engine.packet import (
 )
 
 # ICMPv4 (RFC 792) types and the codes sixgate names: what services send and what it answers.
+ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACHABLE = 3
+ICMP_ECHO_REQUEST = 8
 ICMP_TIME_EXCEEDED = 11
 ICMP_PARAMETER_PROBLEM = 12
 ICMP_PROTOCOL_UNREACHABLE = 2  # code of type 3

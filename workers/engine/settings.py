@@ -104,6 +104,21 @@ class Settings:
     tun_writes: str = "io_uring"
     # Who a userspace worker becomes once its devices and sockets are open ("": stay root).
     user: str = "nobody"
+    # NAT64 (mode "nat64", the [nat64] table): the RFC 6052 prefix, the IPv6 sources that may
+    # use it, and pool4 as (address, protocol, first port, last port) rows.
+    nat64_prefix: str = ""
+    nat64_clients: tuple[str, ...] = ()
+    nat64_pool4: tuple[tuple[str, str, int, int], ...] = ()
+    # RFC 6052 §3.1: the well-known prefix never stands for a non-global IPv4 address, unless
+    # the operator says so (TAYGA's users ask for it in labs and private networks).
+    nat64_allow_non_global: bool = False
+    # RFC 6146 §3.5.1 / RFC 4787: "endpoint-independent" or "address-dependent" filtering.
+    nat64_filtering: str = "endpoint-independent"
+    # RFC 6888 REQ-4: pool4 ports one client may hold, a client being a /64 or a /128.
+    nat64_ports_per_client: int = 4096
+    nat64_client_prefix: int = 64
+    # RFC 6888 REQ-8: a freed pool4 port waits this long before it is handed out again.
+    nat64_port_hold_s: float = 120.0
 
     @property
     def max_mss(self) -> int:
@@ -124,6 +139,8 @@ class Settings:
                                 for f in raw["forwards"])
         raw["timeouts"] = Timeouts(**raw["timeouts"])
         raw["martian_ipv4"] = tuple(tuple(r) for r in raw["martian_ipv4"])
+        raw["nat64_clients"] = tuple(raw.get("nat64_clients", ()))
+        raw["nat64_pool4"] = tuple(tuple(r) for r in raw.get("nat64_pool4", ()))
         return Settings(**raw)
 
 
@@ -169,3 +186,21 @@ def worker_routes(pool: str, workers: int, index: int) -> list[ipaddress.IPv4Net
     first, last = worker_pool_range(pool, workers, index)
     return list(ipaddress.summarize_address_range(ipaddress.IPv4Address(first),
                                                   ipaddress.IPv4Address(last)))
+
+
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
+
+
+def worker_pool4(rows: tuple[tuple[str, str, int, int], ...], workers: int,
+                 index: int) -> dict[int, list[tuple[bytes, int, int]]]:
+    """Worker ``index``'s slice of NAT64 pool4, by protocol number: each (address, protocol,
+    port range) row cut into ``workers`` contiguous slices, so the destination port of an
+    IPv4 packet alone names the worker that owns its binding."""
+    out: dict[int, list[tuple[bytes, int, int]]] = {}
+    for address, proto, first, last in rows:
+        per = (last - first + 1) // workers
+        lo = first + index * per
+        hi = last if index == workers - 1 else lo + per - 1
+        out.setdefault(PROTOCOL_NUMBERS[proto], []).append(
+            (ipaddress.IPv4Address(address).packed, lo, hi))
+    return out

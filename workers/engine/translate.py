@@ -20,12 +20,14 @@ from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.flows import Session
 from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
+    ICMP_ECHO_REQUEST,
     ICMP_FRAGMENTATION_NEEDED,
     ICMP_PARAMETER_PROBLEM,
     ICMP_POINTER_INDICATES_ERROR,
     ICMP_PROTOCOL_UNREACHABLE,
     ICMP_TIME_EXCEEDED,
     ICMPV6_DEST_UNREACHABLE,
+    ICMPV6_ECHO_REPLY,
     ICMPV6_PACKET_TOO_BIG,
     ICMPV6_PARAMETER_PROBLEM,
     ICMPV6_TIME_EXCEEDED,
@@ -36,6 +38,7 @@ from sixgate.workers.engine.packet import (
     IPV4_DF,
     PORTS,
     PROTO_ICMP,
+    PROTO_ICMPV6,
     PROTO_TCP,
     PROTO_UDP,
     TCP_SYN,
@@ -46,6 +49,7 @@ from sixgate.workers.engine.packet import (
     fold_udp,
     pseudo_sum_v4,
     pseudo_sum_v6,
+    set_checksum,
     sum16,
 )
 
@@ -105,9 +109,9 @@ def translate_v6_to_v4(packet: bytes | memoryview, upper_offset: int, proto: int
     old_sport, old_dport = PORTS.unpack_from(segment)
     csum_offset = 16 if proto == PROTO_TCP else 6
     old_csum = (segment[csum_offset] << 8) | segment[csum_offset + 1]
-    # The pool port is the client's port; the destination port becomes the target's.
-    PORTS.pack_into(segment, 0, session.cport, session.tport)
-    delta = session.cport + session.tport - old_sport - old_dport
+    # The source port becomes the pool port, the destination port the target's.
+    PORTS.pack_into(segment, 0, session.pport, session.tport)
+    delta = session.pport + session.tport - old_sport - old_dport
     if proto == PROTO_TCP:
         delta += clamp_mss(segment, max_mss)
     length = len(segment)
@@ -142,6 +146,31 @@ def translate_v4_to_v6(packet: bytes | memoryview, header_len: int, total_len: i
     total = pseudo_sum_v6(session.gw6, session.client6, proto, len(segment)) + sum16(segment)
     U16.pack_into(segment, csum_offset, fold_udp(total) if proto == PROTO_UDP else fold(total))
     return bytes(segment)
+
+
+def translate_echo_v6_to_v4(message: bytes | memoryview, session: Session, hop_limit: int,
+                            ident: int, tos: int) -> bytes:
+    """A verified ICMPv6 Echo Request (``message``: the ICMPv6 part) as the ICMPv4 one (RFC
+    7915 §5.2: type 128 -> 8), its identifier the binding's pool port (RFC 6146 §3.5.3); the
+    ICMPv4 checksum has no pseudo-header, so it is computed anew."""
+    body = bytearray(message)
+    body[0] = ICMP_ECHO_REQUEST
+    U16.pack_into(body, 4, session.pport)
+    set_checksum(body, 2, 0)
+    flags = IPV4_DF if 20 + len(body) > DF_THRESHOLD else 0
+    return build_ipv4(session.pool4, session.target4, PROTO_ICMP, body, ttl=hop_limit,
+                      ident=ident, flags_offset=flags, tos=tos)
+
+
+def translate_echo_v4_to_v6(message: bytes | memoryview, session: Session) -> bytes:
+    """An ICMPv4 Echo Reply (``message``: the ICMP part) as the ICMPv6 message for the client
+    (RFC 7915 §4.2: type 0 -> 129), its identifier the client's own again (RFC 6146 §3.5.3),
+    the checksum computed over the IPv6 pseudo-header."""
+    body = bytearray(message)
+    body[0] = ICMPV6_ECHO_REPLY
+    U16.pack_into(body, 4, session.cport)
+    set_checksum(body, 2, pseudo_sum_v6(session.gw6, session.client6, PROTO_ICMPV6, len(body)))
+    return bytes(body)
 
 
 def _rewrite_quote(segment: bytearray, proto: int, old_pseudo: int, new_pseudo: int,
@@ -202,9 +231,12 @@ def icmpv4_error_key(packet: bytes | memoryview, header_len: int,
 
 
 def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_len: int,
-                           session: Session, tunnel_mtu: int) -> bytes | DropReason:
+                           session: Session, tunnel_mtu: int,
+                           source6: bytes | None = None) -> bytes | DropReason:
     """Translate an ICMPv4 error about one of our sessions into the ICMPv6 error for the
-    client (RFC 7915 §4.2), its embedded packet translated back per §4.3."""
+    client (RFC 7915 §4.2), its embedded packet translated back per §4.3. ``source6``: the
+    IPv6 address that stands for the error's IPv4 source (NAT64: the router's, RFC 6052);
+    None: the gateway address of the session."""
     icmp = packet[header_len:total_len]
     icmp_type, code = icmp[0], icmp[1]
     rest = 0
@@ -245,7 +277,8 @@ def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_le
     # embedded header describes the original packet, not the truncated quote).
     embedded = embedded[:4] + U16.pack(max(inner_total - inner_hl, 0)) + embedded[6:]
     embedded = embedded[:MIN_MTU - 48]
-    return build_icmpv6(session.gw6, session.client6, v6_type, v6_code, rest, embedded)
+    return build_icmpv6(source6 or session.gw6, session.client6, v6_type, v6_code, rest,
+                        embedded)
 
 
 
@@ -312,7 +345,7 @@ def translate_icmpv6_error(message: bytes | memoryview, session: Session,
     _rewrite_quote(segment, proto,
                    pseudo_sum_v6(session.gw6, session.client6, proto, length),
                    pseudo_sum_v4(session.target4, session.pool4, proto, length),
-                   session.tport, session.cport)
+                   session.tport, session.pport)
     # §5.3: the embedded header describes the original packet: its length, hop limit as TTL.
     quote = bytearray(build_ipv4(session.target4, session.pool4, proto, segment,
                                  ttl=inner[7]))

@@ -1,0 +1,237 @@
+"""The engine in NAT64 mode (issue 16): IPv6-only clients reach IPv4 hosts through the RFC 6052
+prefix with RFC 6146 bindings. Packets are built and read with scapy (an independent
+implementation): the engine's own codecs never judge the engine."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+from scapy.packet import Raw, raw
+
+from sixgate.workers.engine.datapath import Datapath, Output
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.flows import Timeouts
+from sixgate.workers.engine.settings import Settings, worker_pool4
+
+PREFIX = "64:ff9b::/96"
+NSP = "2001:db8:64::/96"  # a network-specific prefix: may stand for any IPv4 (RFC 6052 §3.1)
+CLIENTS = ("2001:db8:100::/56",)
+CLIENT = "2001:db8:100::10"
+OTHER_CLIENT = "2001:db8:100:1::20"
+STRANGER = "2001:db8:999::1"
+POOL4 = "203.0.113.5"
+SERVER = "198.51.100.53"
+SERVER6 = "64:ff9b::c633:6435"  # 64:ff9b::198.51.100.53
+GLOBAL = "8.8.8.8"
+PORTS = "61001-65535"
+
+
+def settings(**overrides: object) -> Settings:
+    base: dict[str, object] = dict(
+        mode="nat64", local_ipv4="", relay_ipv4=None, remote_ipv4=None, prefix=PREFIX,
+        addresses=(), mtu=1500, workers=1, pool="100.64.0.0/16", run_dir="/nonexistent",
+        name="sgtest", forwards=(), timeouts=Timeouts(), nat64_prefix=PREFIX,
+        nat64_clients=CLIENTS, nat64_allow_non_global=True,
+        nat64_pool4=((POOL4, "tcp", 61001, 65535), (POOL4, "udp", 61001, 65535),
+                     (POOL4, "icmp", 0, 65535)))
+    base.update(overrides)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+def nat64(**overrides: object) -> Datapath:
+    return Datapath(settings(**overrides), [])
+
+
+def one_v4(out: Output) -> IP:
+    assert len(out.to_services) == 1 and not out.to_ipv6 and not out.to_tunnel, out
+    return IP(out.to_services[0])
+
+
+def one_v6(out: Output) -> IPv6:
+    assert len(out.to_ipv6) == 1 and not out.to_services and not out.to_tunnel, out
+    return IPv6(out.to_ipv6[0])
+
+
+def valid(packet: IP | IPv6) -> bool:
+    """scapy recomputes every checksum of the packet; equal bytes mean they were right."""
+    again = packet.copy()
+    for layer in (IP, UDP, TCP, ICMP):
+        if again.haslayer(layer) and hasattr(again[layer], "chksum"):
+            del again[layer].chksum
+    if again.haslayer(ICMPv6EchoReply):
+        del again[ICMPv6EchoReply].cksum
+    if again.haslayer(ICMPv6DestUnreach):
+        del again[ICMPv6DestUnreach].cksum
+    return raw(again.__class__(raw(again))) == raw(packet)
+
+
+def udp6(src: str = CLIENT, dst: str = SERVER6, sport: int = 40000, dport: int = 53,
+         payload: bytes = b"query") -> bytes:
+    return raw(IPv6(src=src, dst=dst, hlim=64) / UDP(sport=sport, dport=dport) / Raw(payload))
+
+
+def test_rfc6146_udp_out_and_back_with_checksums_scapy_agrees_with() -> None:
+    dp = nat64()
+    out4 = one_v4(dp.from_ipv6([udp6()], 1.0))
+    assert (out4.src, out4.dst, out4[UDP].dport) == (POOL4, SERVER, 53)
+    assert 61001 <= out4[UDP].sport <= 65535
+    assert out4.ttl == 63 and bytes(out4[UDP].payload) == b"query"
+    assert valid(out4)
+    reply = IP(src=SERVER, dst=POOL4, ttl=50) / UDP(sport=53, dport=out4[UDP].sport) / Raw(
+        b"answer")
+    back = one_v6(dp.from_services([raw(reply)], 1.1))
+    assert (back.src, back.dst) == (SERVER6, CLIENT)
+    assert (back[UDP].sport, back[UDP].dport) == (53, 40000)
+    assert back.hlim == 49 and bytes(back[UDP].payload) == b"answer"
+    assert valid(back)
+
+
+def test_rfc6146_3_5_1_1_port_keeps_parity_and_mapping_is_endpoint_independent() -> None:
+    dp = nat64()
+    even = one_v4(dp.from_ipv6([udp6(sport=40000)], 1.0))[UDP].sport
+    odd = one_v4(dp.from_ipv6([udp6(sport=40001)], 1.0))[UDP].sport
+    assert even % 2 == 0 and odd % 2 == 1
+    # RFC 4787 REQ-1: the same client transport address to another destination keeps its
+    # pool4 transport address.
+    other = one_v4(dp.from_ipv6([udp6(dst="64:ff9b::c633:6407", sport=40000)], 1.0))
+    assert (other.src, other[UDP].sport, other.dst) == (POOL4, even, "198.51.100.7")
+    assert len(dp.flows) == 3 and dp.flows.pool_in_use() == 2
+
+
+def test_rfc6146_endpoint_independent_filtering_lets_a_new_peer_in() -> None:
+    dp = nat64()
+    pport = one_v4(dp.from_ipv6([udp6()], 1.0))[UDP].sport
+    stranger = IP(src="198.51.100.99", dst=POOL4) / UDP(sport=3478, dport=pport) / Raw(b"hi")
+    back = one_v6(dp.from_services([raw(stranger)], 1.2))
+    assert (back.src, back.dst, back[UDP].dport) == ("64:ff9b::c633:6463", CLIENT, 40000)
+    assert valid(back)
+
+
+def test_rfc6146_address_dependent_filtering_refuses_a_new_peer() -> None:
+    dp = nat64(nat64_filtering="address-dependent")
+    pport = one_v4(dp.from_ipv6([udp6()], 1.0))[UDP].sport
+    stranger = IP(src="198.51.100.99", dst=POOL4) / UDP(sport=3478, dport=pport)
+    out = dp.from_services([raw(stranger)], 1.2)
+    assert not out.to_ipv6 and dp.counters.drops[DropReason.FILTERED] == 1
+    # Another port of the same peer address it has a session with is let in.
+    known = IP(src=SERVER, dst=POOL4) / UDP(sport=5353, dport=pport)
+    assert one_v6(dp.from_services([raw(known)], 1.3))[UDP].sport == 5353
+
+
+def test_tcp_handshake_and_data_through_the_fast_path() -> None:
+    dp = nat64()
+    syn = raw(IPv6(src=CLIENT, dst=SERVER6) / TCP(sport=50000, dport=80, flags="S",
+                                                  options=[("MSS", 1440)]))
+    out = one_v4(dp.from_ipv6([syn], 1.0))
+    pport = out[TCP].sport
+    assert out[TCP].flags == "S" and valid(out)
+    synack = IP(src=SERVER, dst=POOL4) / TCP(sport=80, dport=pport, flags="SA", seq=7, ack=1)
+    back = one_v6(dp.from_services([raw(synack)], 1.1))
+    assert back[TCP].dport == 50000 and valid(back)
+    for i in range(3):  # the later ones are translated from the session's templates
+        data = raw(IPv6(src=CLIENT, dst=SERVER6) / TCP(sport=50000, dport=80, flags="A",
+                                                       seq=1 + i, ack=8) / Raw(b"x" * 100))
+        out = one_v4(dp.from_ipv6([data], 1.2))
+        assert out[TCP].sport == pport and valid(out)
+        answer = IP(src=SERVER, dst=POOL4) / TCP(sport=80, dport=pport, flags="A", seq=8,
+                                                 ack=101 + i) / Raw(b"y" * 99)
+        back = one_v6(dp.from_services([raw(answer)], 1.3))
+        assert back[TCP].dport == 50000 and valid(back)
+
+
+def test_rfc6146_3_5_3_icmp_echo_identifier_is_the_binding_port() -> None:
+    dp = nat64()
+    ping = raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(id=0x1234, seq=7,
+                                                                  data=b"ping"))
+    out = one_v4(dp.from_ipv6([ping], 1.0))
+    assert out[ICMP].type == 8 and out[ICMP].seq == 7 and bytes(out[ICMP].payload) == b"ping"
+    assert valid(out)
+    pong = IP(src=SERVER, dst=POOL4) / ICMP(type=0, id=out[ICMP].id, seq=7) / Raw(b"ping")
+    back = one_v6(dp.from_services([raw(pong)], 1.1))
+    assert back.haslayer(ICMPv6EchoReply)
+    assert (back[ICMPv6EchoReply].id, back[ICMPv6EchoReply].seq) == (0x1234, 7)
+    assert (back.src, back.dst) == (SERVER6, CLIENT) and valid(back)
+
+
+def test_a_client_outside_clients_is_refused_with_admin_prohibited() -> None:
+    dp = nat64()
+    out = dp.from_ipv6([udp6(src=STRANGER)], 1.0)
+    assert not out.to_services and dp.counters.drops[DropReason.SOURCE_NOT_ALLOWED] == 1
+    error = one_v6(out)
+    assert error.dst == STRANGER and error[ICMPv6DestUnreach].code == 1
+
+
+def test_rfc6052_3_1_well_known_prefix_never_stands_for_a_non_global_address() -> None:
+    dp = nat64(nat64_allow_non_global=False)
+    dp.from_ipv6([udp6()], 1.0)  # 198.51.100.53 is documentation space: not global
+    assert dp.counters.drops[DropReason.NON_GLOBAL_DESTINATION] == 1
+    assert one_v4(dp.from_ipv6([udp6(dst="64:ff9b::808:808")], 1.0)).dst == GLOBAL
+    # A network-specific prefix may stand for any IPv4 address.
+    nsp = nat64(nat64_allow_non_global=False, nat64_prefix=NSP, prefix=NSP)
+    assert one_v4(nsp.from_ipv6([udp6(dst="2001:db8:64::c633:6435")], 1.0)).dst == SERVER
+
+
+def test_rfc6888_req4_port_quota_per_client_slash64() -> None:
+    dp = nat64(nat64_ports_per_client=2)
+    one_v4(dp.from_ipv6([udp6(sport=1000)], 1.0))
+    one_v4(dp.from_ipv6([udp6(src="2001:db8:100::11", sport=1001)], 1.0))  # same /64
+    out = dp.from_ipv6([udp6(sport=1002)], 1.0)
+    assert dp.counters.drops[DropReason.PORT_QUOTA] == 1
+    assert one_v6(out)[ICMPv6DestUnreach].code == 1  # RFC 6888 REQ-11
+    one_v4(dp.from_ipv6([udp6(src=OTHER_CLIENT, sport=1002)], 1.0))  # another /64
+
+
+def test_pool_exhaustion_is_counted_and_answered() -> None:
+    dp = nat64(nat64_pool4=((POOL4, "udp", 61000, 61001),))
+    one_v4(dp.from_ipv6([udp6(sport=1000)], 1.0))
+    one_v4(dp.from_ipv6([udp6(sport=1001)], 1.0))
+    out = dp.from_ipv6([udp6(sport=1002)], 1.0)
+    assert dp.counters.drops[DropReason.POOL_EXHAUSTED] == 1
+    assert one_v6(out)[ICMPv6DestUnreach].code == 1
+
+
+def test_rfc6888_req8_a_freed_port_is_held_before_reuse() -> None:
+    dp = nat64(nat64_pool4=((POOL4, "udp", 61000, 61000),), nat64_port_hold_s=120.0)
+    one_v4(dp.from_ipv6([udp6(sport=1000)], 0.0))
+    dp.tick(100.0)  # the unanswered session expires (unassured lifetime)
+    assert len(dp.flows) == 0
+    dp.from_ipv6([udp6(sport=2000)], 101.0)
+    assert dp.counters.drops[DropReason.POOL_EXHAUSTED] == 1  # still held
+    dp.tick(250.0)
+    assert one_v4(dp.from_ipv6([udp6(sport=2000)], 250.0))[UDP].sport == 61000
+
+
+def test_rfc7915_4_2_icmpv4_error_from_a_router_comes_from_its_synthesized_address() -> None:
+    dp = nat64()
+    sent = one_v4(dp.from_ipv6([udp6()], 1.0))
+    error = IP(src="192.0.2.1", dst=POOL4) / ICMP(type=3, code=3) / raw(sent)[:28]
+    back = one_v6(dp.from_services([raw(error)], 1.1))
+    assert back.src == "64:ff9b::c000:201" and back.dst == CLIENT
+    assert back[ICMPv6DestUnreach].code == 4  # RFC 7915 §4.2: port unreachable
+    assert valid(back)
+
+
+def test_tcp_from_ipv4_without_a_session_is_not_let_in() -> None:
+    dp = nat64()
+    syn = IP(src=SERVER, dst=POOL4) / TCP(sport=80, dport=61001, flags="S")
+    assert not dp.from_services([raw(syn)], 1.0).to_ipv6
+    assert dp.counters.drops[DropReason.NO_SESSION] == 1
+
+
+def test_worker_pool4_slices_are_disjoint_and_cover_the_range() -> None:
+    rows = ((POOL4, "tcp", 61001, 65535),)
+    slices = [worker_pool4(rows, 4, i)[6][0] for i in range(4)]
+    assert slices[0][1] == 61001 and slices[-1][2] == 65535
+    for (_, _, hi), (_, lo, _) in zip(slices, slices[1:], strict=False):
+        assert lo == hi + 1
+    assert {s[0] for s in slices} == {ipaddress.IPv4Address(POOL4).packed}
+
+
+@pytest.mark.parametrize("dst", ["2001:db8::1", "64:ff9a::c633:6435"])
+def test_a_destination_outside_the_prefix_is_not_ours(dst: str) -> None:
+    dp = nat64()
+    assert not dp.from_ipv6([udp6(dst=dst)], 1.0).to_services
+    assert dp.counters.drops[DropReason.NOT_OUR_ADDRESS] == 1
