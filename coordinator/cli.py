@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import logging
 import math
@@ -19,7 +20,15 @@ import zmq
 
 from sixgate.coordinator.config import ConfigError, effective_values, load_config
 from sixgate.workers import control
-from sixgate.workers.engine.settings import Settings, worker_routes
+from sixgate.workers.engine.nat64 import Nat64Prefix
+from sixgate.workers.engine.settings import (
+    PROTOCOL_NUMBERS,
+    Settings,
+    worker_pool4,
+    worker_routes,
+)
+
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 DEFAULT_CONFIG = "/etc/sixgate/gateway.toml"
@@ -62,6 +71,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     backend, backend_why = choose_backend(settings.backend, caps)
     print(f"config {args.config}: OK")
     print(f"  backend       {backend or 'NONE'}: {backend_why}")
+    if settings.mode == "nat64":
+        _print_nat64(settings)
+        _print_every_key(settings, args.config)
+        return EXIT_OK
     print(f"  tunnel        {settings.mode} "
           f"({'RFC 3056 6to4' if settings.mode == '6to4' else 'RFC 4213 configured tunnel'})")
     print(f"  local IPv4    {settings.local_ipv4}")
@@ -105,11 +118,49 @@ def cmd_check(args: argparse.Namespace) -> int:
               "forwarded ports from IPv6 sockets")
     else:
         print(f"  delivery      {method or 'NONE'}: {why}")
+    _print_every_key(settings, args.config)
+    return EXIT_OK
+
+
+def _print_nat64(settings: Settings) -> None:
+    """``sixgate check`` of a NAT64 gateway: prefix, clients, pool4 and its worker slices,
+    and the way packets take."""
+    prefix = Nat64Prefix.parse(settings.nat64_prefix)
+    kind = ("the well-known prefix (RFC 6052 §2.1)" if prefix.well_known
+            else "a network-specific prefix (RFC 6052 §2.2)")
+    print("  mode          NAT64 (RFC 6146 stateful, RFC 7915 translation)")
+    print(f"  prefix        {settings.nat64_prefix}: {kind}; non-global IPv4 destinations "
+          + ("allowed (allow_non_global)" if settings.nat64_allow_non_global or
+             not prefix.well_known else "refused (RFC 6052 §3.1)"))
+    print(f"  clients       {', '.join(settings.nat64_clients)} (everyone else refused)")
+    for address, proto, lo, hi in settings.nat64_pool4:
+        print(f"  pool4         {address} {proto} {lo}-{hi}")
+    for index in range(settings.workers):
+        slices = worker_pool4(settings.nat64_pool4, settings.workers, index)
+        text = "; ".join(f"{PROTOCOL_NAMES[proto]} " + ", ".join(
+            f"{ipaddress.IPv4Address(a)}:{lo}-{hi}" for a, lo, hi in rows)
+            for proto, rows in slices.items())
+        print(f"    worker {index}: TUN {settings.name}{index}, pool4 slice {text}")
+    print(f"  filtering     {settings.nat64_filtering} (RFC 6146 §3.5.1); quota "
+          f"{settings.nat64_ports_per_client} ports per client /{settings.nat64_client_prefix} "
+          f"(RFC 6888 REQ-4), freed ports held {settings.nat64_port_hold_s:g} s (REQ-8)")
+    print(f"  mtu           {settings.mtu} on the IPv6 side (TCP MSS clamped to "
+          f"{settings.max_mss})")
+    print(f"  packets in    IPv6: the kernel routes {settings.nat64_prefix} to the TUN device; "
+          "IPv4: it routes the pool4 addresses there")
+    print("  packets out   written to the TUN device; the kernel forwards them (sixgate turns "
+          "IPv4 and IPv6 forwarding on while it runs)")
+    t = settings.timeouts
+    print(f"  timeouts      tcp established {t.tcp_established_s:g} s, transitory "
+          f"{t.tcp_transitory_s:g} s, udp {t.udp_s:g} s, icmp {t.icmp_s:g} s, unassured "
+          f"{t.unassured_s:g} s")
+
+
+def _print_every_key(settings: Settings, config: str) -> None:
     print("every key (README \"Every key\"; * = set in the file, else the default):")
-    text = Path(args.config).read_text(encoding="utf-8")
+    text = Path(config).read_text(encoding="utf-8")
     for key, value, given in effective_values(settings, text):
         print(f"  {'*' if given else ' '} {key.table + '.' + key.name:<35} {value!r}")
-    return EXIT_OK
 
 
 def cmd_probe(_args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import tomli
 
 from sixgate.workers.engine.flows import Timeouts
+from sixgate.workers.engine.nat64 import WELL_KNOWN_PREFIX, Nat64Prefix
 from sixgate.workers.engine.settings import Forward, Settings, pool_addresses
 from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
 
@@ -113,6 +114,10 @@ FANOUTS = {"kernel": "each worker captures its share with a kernel filter",
 TUN_WRITES = {"io_uring": "a batch of packets per system call (write(2) where io_uring is "
                           "refused)",
               "write": "one write(2) per packet"}
+NAT64_INPUTS = {"tun": "IPv6 arrives over this host's kernel IPv6: the prefix is routed to "
+                        "sixgate's TUN device (TAYGA's model)"}
+FILTERINGS = {"endpoint-independent": "any IPv4 host may reach a binding (RFC 4787 REQ-8)",
+              "address-dependent": "only IPv4 hosts the client has sent to (RFC 4787)"}
 LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
               "warning": "problems only", "error": "failures only"}
 
@@ -188,6 +193,36 @@ SCHEMA: tuple[Key, ...] = (
     # Linux conntrack: 30 s for an unanswered UDP flow, 60 s for a half-open TCP one.
     _timeout("unassured_s", 1, "a session until the client completes the TCP handshake or the "
              "service answers its UDP (at most 240)", 240),
+    Key("nat64", "prefix", "IPv6 prefix", "NAT64 (IPv6-only clients reach IPv4): the RFC 6052 "
+        "prefix that stands for the IPv4 internet, the well-known one or a network-specific "
+        "/32 /40 /48 /56 /64 /96", lambda *a: _nat64_prefix(*a), WELL_KNOWN_PREFIX),
+    Key("nat64", "clients", "list of IPv6 prefixes", "who may use the NAT64; everyone else "
+        "is refused (source_not_allowed, ICMPv6 1/1)", default_text="required"),
+    Key("nat64", "input", "string", "; ".join(f'"{k}": {v}' for k, v in NAT64_INPUTS.items()),
+        _one_of(NAT64_INPUTS), "tun"),
+    Key("nat64", "mtu", "integer 1280-65535", "MTU of the IPv6 side; TCP MSS is clamped to "
+        "mtu - 60", _ranged_int(1280, 65535), 1500),
+    Key("nat64", "allow_non_global", "boolean", "let the well-known prefix stand for private "
+        "and other non-global IPv4 addresses too (RFC 6052 §3.1 says no)",
+        lambda *a: _bool(*a), False),
+    Key("nat64", "filtering", "string", "; ".join(f'"{k}": {v}' for k, v in FILTERINGS.items()),
+        _one_of(FILTERINGS), "endpoint-independent"),
+    Key("nat64", "ports_per_client", "integer", "pool4 ports one client may hold (RFC 6888 "
+        "REQ-4)", _ranged_int(1, 1 << 20), DEFAULTS["nat64_ports_per_client"]),
+    Key("nat64", "client_prefix", "64 or 128", "what one client is for the quota: a /64 or "
+        "a /128", lambda *a: _client_prefix(*a), DEFAULTS["nat64_client_prefix"]),
+    Key("nat64", "port_hold_s", "seconds", "a freed pool4 port waits this long before reuse "
+        "(RFC 6888 REQ-8)", _ranged_number(0, 3600), DEFAULTS["nat64_port_hold_s"]),
+    Key("nat64", "pool4", "list of tables", "the [[nat64.pool4]] entries: IPv4 addresses and "
+        "port ranges the clients are translated to (RFC 6146 §3.5.1)",
+        default_text="required"),
+    Key("nat64.pool4", "address", "IPv4 address", "[[nat64.pool4]]: an address the NAT64 "
+        "translates to, routed to sixgate (not one the host uses)", default_text="required"),
+    Key("nat64.pool4", "tcp", "port range", "its TCP ports, like \"61001-65535\"",
+        default_text="none"),
+    Key("nat64.pool4", "udp", "port range", "its UDP ports", default_text="none"),
+    Key("nat64.pool4", "icmp", "identifier range", "its ICMP query identifiers",
+        default_text="none"),
     Key("forward", "proto", "string", '"tcp" or "udp"', default_text="required"),
     Key("forward", "port", "port or range", '80, or "8000-8099"', default_text="required"),
     Key("forward", "to", "IPv4 host[:port]", "the service; a range shifts (\"8000-8099\" -> "
@@ -241,10 +276,19 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
     doc = tomli.loads(text)
     out: list[tuple[Key, Any, bool]] = []
     for key in SCHEMA:
-        if key.table == "forward":
+        if key.table in ("forward", "nat64.pool4"):
+            continue
+        if key.table == "nat64":
+            if settings.mode != "nat64":
+                continue
+            value: Any = (settings.mtu if key.name == "mtu" else "tun" if key.name == "input"
+                          else getattr(settings, f"nat64_{key.name}"))
+            out.append((key, value, key.name in doc.get("nat64", {})))
+            continue
+        if settings.mode == "nat64" and key.table == "tunnel":
             continue
         if key.table == "timeouts":
-            value: Any = getattr(settings.timeouts, key.name)
+            value = getattr(settings.timeouts, key.name)
         elif key.table == "metrics":
             value = settings.metrics_listen
         elif key.name == "martian_ipv4":
@@ -484,7 +528,7 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ConfigError(file, table, _locate(text, table, None), "unknown table; "
                               f"allowed: {', '.join(sorted(ALLOWED))}")
     for table, keys in ALLOWED.items():
-        if table == "forward":
+        if table in ("forward", "nat64.pool4"):
             continue
         section = doc.get(table, {})
         if not isinstance(section, dict):
@@ -493,10 +537,34 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             if key not in keys:
                 raise ctx.error(table, key, f"unknown key; allowed: {', '.join(sorted(keys))}")
 
-    tunnel_values = _parse_tunnel(ctx, doc.get("tunnel"))
+    nat64_values: dict[str, Any] = {}
+    if "nat64" in doc:
+        if "tunnel" in doc:
+            raise ctx.error("nat64", None, "a gateway with both [tunnel] and [nat64] is not "
+                            "supported yet; run the NAT64 as a second sixgate with its own "
+                            "[gateway] name and run_dir")
+        nat64_values = _parse_nat64(ctx, doc["nat64"])
+        tunnel_values = dict(mode="nat64", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
+                             prefix=nat64_values["nat64_prefix"], addresses=(),
+                             mtu=nat64_values.pop("mtu"), martian_ipv4=DEFAULT_MARTIAN_IPV4)
+    else:
+        tunnel_values = _parse_tunnel(ctx, doc.get("tunnel"))
     local_ipv4 = tunnel_values["local_ipv4"]
     gateway = doc.get("gateway", {})
     values = _checked(ctx, "gateway", gateway)
+    if nat64_values:
+        # One worker owns the whole pool4 until IPv6 input is sharded by source.
+        if "workers" in gateway and values["workers"] != 1:
+            raise ctx.error("gateway", "workers", "NAT64 runs one worker for now; set "
+                            "workers = 1")
+        values["workers"] = 1
+        if values["backend"] == "kernel":
+            raise ctx.error("gateway", "backend", "NAT64 runs in userspace only; set "
+                            "backend = \"userspace\" or leave it out")
+        values["backend"] = "userspace"
+        if doc.get("forward"):
+            raise ctx.error("forward", None, "[[forward]] rules need a [tunnel]; a NAT64 "
+                            "gateway translates its whole prefix")
     workers = values["workers"]
     pool_text = _given(gateway, "pool")
     try:
@@ -533,10 +601,111 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
                             f"{value}; choose a pool no real host uses")
     return Settings(
-        **tunnel_values, pool=str(pool), forwards=forwards,
+        **tunnel_values, **nat64_values, pool=str(pool), forwards=forwards,
         timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
         source_file=file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
         **values)
+
+
+def _nat64_prefix(ctx: _Ctx, table: str, key: str, value: Any) -> str:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        Nat64Prefix.parse(value)
+    except ValueError as exc:
+        raise ctx.error(table, key, f"{exc}; write it like \"64:ff9b::/96\"") from None
+    return str(ipaddress.IPv6Network(value))
+
+
+def _bool(ctx: _Ctx, table: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ctx.error(table, key, f"{value!r} must be true or false")
+    return value
+
+
+def _client_prefix(ctx: _Ctx, table: str, key: str, value: Any) -> int:
+    if value not in (64, 128) or isinstance(value, bool):
+        raise ctx.error(table, key, f"{value!r} must be 64 (a client is a /64) or 128")
+    return int(value)
+
+
+def _port_range(ctx: _Ctx, index: int, key: str, value: Any) -> tuple[int, int]:
+    """``"61001-65535"`` or one number, inside 0-65535, low first."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo = hi = value
+    elif isinstance(value, str) and re.fullmatch(r"\d+(-\d+)?", value):
+        low, _, high = value.partition("-")
+        lo, hi = int(low), int(high or low)
+    else:
+        raise ctx.error("nat64.pool4", key, f"{value!r} must be a range like \"61001-65535\"",
+                        index)
+    if not 0 <= lo <= hi <= 65535:
+        raise ctx.error("nat64.pool4", key, f"{value!r}: ports run from 0 to 65535, low first",
+                        index)
+    return lo, hi
+
+
+def _parse_nat64(ctx: _Ctx, nat64: Any) -> dict[str, Any]:
+    """[nat64] and its [[nat64.pool4]] rows, as the Settings' nat64_* fields (plus mtu)."""
+    values = _checked(ctx, "nat64", nat64)
+    clients = nat64.get("clients")
+    if not isinstance(clients, list) or not clients:
+        raise ctx.error("nat64", "clients", "missing or empty: name the IPv6 prefixes that may "
+                        "use the NAT64, like [\"2001:db8:100::/56\"] (everyone else is refused)")
+    nets = []
+    for cidr in clients:
+        try:
+            if not isinstance(cidr, str):
+                raise TypeError(cidr)
+            nets.append(str(ipaddress.IPv6Network(cidr)))
+        except (ValueError, TypeError):
+            raise ctx.error("nat64", "clients", f"{cidr!r} is not an IPv6 prefix; write it "
+                            "like \"2001:db8:100::/56\" (host bits zero)") from None
+    rows_raw = nat64.get("pool4")
+    if not isinstance(rows_raw, list) or not rows_raw:
+        raise ctx.error("nat64", None, "no [[nat64.pool4]]: give the NAT64 at least one IPv4 "
+                        "address with port ranges, like address = \"203.0.113.5\", tcp = "
+                        "\"61001-65535\"")
+    rows: list[tuple[str, str, int, int]] = []
+    seen: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+    for index, raw in enumerate(rows_raw):
+        if not isinstance(raw, dict):
+            raise ctx.error("nat64.pool4", None, "write each pool4 entry as a [[nat64.pool4]] "
+                            "table", index)
+        for key in raw:
+            if key not in ALLOWED["nat64.pool4"]:
+                raise ctx.error("nat64.pool4", key, "unknown key; allowed: "
+                                f"{', '.join(sorted(ALLOWED['nat64.pool4']))}", index)
+        if "address" not in raw:
+            raise ctx.error("nat64.pool4", None, "address is missing", index)
+        try:
+            if not isinstance(raw["address"], str):
+                raise TypeError(raw["address"])
+            address = ipaddress.IPv4Address(raw["address"])
+        except (ValueError, TypeError):
+            raise ctx.error("nat64.pool4", "address", f"{raw['address']!r} is not an IPv4 "
+                            "address", index) from None
+        if address.is_multicast or address.is_loopback or address.is_unspecified:
+            raise ctx.error("nat64.pool4", "address", f"{address} is multicast, loopback or "
+                            "unspecified; name a unicast address routed to this host", index)
+        protos = [proto for proto in ("tcp", "udp", "icmp") if proto in raw]
+        if not protos:
+            raise ctx.error("nat64.pool4", None, "give it tcp, udp and/or icmp port ranges",
+                            index)
+        for proto in protos:
+            lo, hi = _port_range(ctx, index, proto, raw[proto])
+            for other_lo, other_hi, other in seen.get((str(address), proto), []):
+                if lo <= other_hi and other_lo <= hi:
+                    raise ctx.error("nat64.pool4", proto, f"{lo}-{hi} overlaps entry {other}'s "
+                                    f"{other_lo}-{other_hi} on {address}", index)
+            seen.setdefault((str(address), proto), []).append((lo, hi, index))
+            rows.append((str(address), proto, lo, hi))
+    return dict(nat64_prefix=values["prefix"], nat64_clients=tuple(nets),
+                nat64_pool4=tuple(rows), nat64_allow_non_global=values["allow_non_global"],
+                nat64_filtering=values["filtering"],
+                nat64_ports_per_client=values["ports_per_client"],
+                nat64_client_prefix=values["client_prefix"],
+                nat64_port_hold_s=values["port_hold_s"], mtu=values["mtu"])
 
 
 def _name(ctx: _Ctx, table: str, key: str, value: Any) -> str:

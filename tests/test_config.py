@@ -392,6 +392,63 @@ def test_every_settings_field_a_file_can_set_is_a_schema_key() -> None:
     from sixgate.coordinator.config import SCHEMA
     from sixgate.workers.engine.settings import Settings
 
-    keys = {key.name for key in SCHEMA} | {"timeouts", "forwards", "metrics_listen"}
+    keys = ({key.name for key in SCHEMA} | {"timeouts", "forwards", "metrics_listen"}
+            | {f"nat64_{key.name}" for key in SCHEMA if key.table == "nat64"})
     derived = {"source_file"}
     assert {f.name for f in fields(Settings)} - derived <= keys
+
+
+# --- NAT64 (issue 16) ----------------------------------------------------------------------------
+
+NAT64 = """\
+[nat64]
+prefix = "64:ff9b::/96"
+clients = ["2001:db8:100::/56"]
+[[nat64.pool4]]
+address = "203.0.113.5"
+tcp = "61001-65535"
+udp = "61001-65535"
+icmp = "0-65535"
+"""
+
+
+def test_nat64_config_gives_a_nat64_gateway() -> None:
+    settings = parse_config(NAT64, "n.toml")
+    assert settings.mode == "nat64" and settings.workers == 1
+    assert settings.backend == "userspace" and settings.mtu == 1500
+    assert settings.nat64_prefix == "64:ff9b::/96"
+    assert settings.nat64_clients == ("2001:db8:100::/56",)
+    assert settings.nat64_pool4 == (("203.0.113.5", "tcp", 61001, 65535),
+                                    ("203.0.113.5", "udp", 61001, 65535),
+                                    ("203.0.113.5", "icmp", 0, 65535))
+    assert not settings.nat64_allow_non_global
+
+
+@pytest.mark.parametrize(("old", "new", "where", "says"), [
+    ('prefix = "64:ff9b::/96"', 'prefix = "2001:db8::/33"', "n.toml:2: nat64.prefix",
+     "RFC 6052 §2.2"),
+    ('prefix = "64:ff9b::/96"', 'prefix = "2001:db8:0:0:ff00::/96"', "n.toml:2: nat64.prefix",
+     "bits 64 to 71 must be zero"),
+    ('clients = ["2001:db8:100::/56"]\n', "", "nat64.clients", "everyone else is refused"),
+    ('clients = ["2001:db8:100::/56"]', 'clients = ["2001:db8:100::1/56"]',
+     "n.toml:3: nat64.clients", "host bits zero"),
+    ('icmp = "0-65535"', 'icmp = "0-65535"\n[[nat64.pool4]]\naddress = "203.0.113.5"\n'
+     'tcp = "65000-65100"', "n.toml:11: nat64.pool4[1].tcp", "overlaps entry 0"),
+    ('tcp = "61001-65535"', 'tcp = "65535-61001"', "n.toml:6: nat64.pool4[0].tcp",
+     "low first"),
+    ('address = "203.0.113.5"', 'address = "224.0.0.1"', "n.toml:5: nat64.pool4[0].address",
+     "multicast"),
+    ('address = "203.0.113.5"', 'address = "203.0.113.5"\nsctp = "1-2"',
+     "n.toml:6: nat64.pool4[0].sctp", "unknown key"),
+    ('[nat64]', '[gateway]\nworkers = 2\n[nat64]', "n.toml:2: gateway.workers",
+     "set workers = 1"),
+    ('[nat64]', '[tunnel]\nmode = "6in4"\n[nat64]', "nat64", "not supported yet"),
+    ('[nat64]', '[[forward]]\nproto = "tcp"\nport = 80\nto = "127.0.0.1"\n[nat64]', "forward",
+     "need a [tunnel]"),
+])
+def test_nat64_config_mistakes_name_the_place_and_the_fix(old: str, new: str, where: str,
+                                                          says: str) -> None:
+    assert old in NAT64
+    with pytest.raises(ConfigError) as caught:
+        parse_config(NAT64.replace(old, new, 1), "n.toml")
+    assert where in str(caught.value) and says in str(caught.value)
