@@ -180,8 +180,97 @@ def enable(settings: Settings) -> None:
         _sysctl_path(ifname).write_text("1")
 
 
+# The sysctl that makes the kernel forward IPv6 at all (per interface in IPv6 only since
+# Linux 6.17's force_forwarding, so the "all" switch is the portable one).
+IPV6_FORWARDING = Path("/proc/sys/net/ipv6/conf/all/forwarding")
+# Any IPv4 address: the route to it names the uplink a NAT64 reaches the IPv4 internet by.
+SOME_IPV4 = "192.0.2.1"
+
+
+def nat64_uplink() -> str:
+    """The interface of this host's route to the IPv4 internet (its default route)."""
+    with IPRoute() as ipr:
+        try:
+            route = ipr.route("get", dst=SOME_IPV4)[0]
+        except Exception:  # noqa: BLE001 - pyroute2 raises NetlinkError subclasses
+            raise ForwardingError("this host has no IPv4 default route: a NAT64 needs a route "
+                                  "to the IPv4 internet; add one (ip route add default via "
+                                  "ROUTER)") from None
+        oif = route.get_attr("RTA_OIF")
+        return str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"))
+
+
+def local_pool4(settings: Settings) -> list[str]:
+    """pool4 addresses this host owns itself: their replies would go to its own sockets."""
+    addresses = {row[0] for row in settings.nat64_pool4}
+    with IPRoute() as ipr:
+        owned = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+    return sorted(addresses & owned)
+
+
+def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool) -> str:
+    """The NAT64 gateway's nftables tables (``nft -f`` input).
+
+    - ip prerouting: a packet from a pool4 address that did not come out of our TUN devices is
+      spoofed: dropped, counted.
+    - where sixgate switched forwarding on, it forwards nothing but its own traffic: IPv4 from
+      the uplink only to pool4, IPv6 only to the prefix (into our TUNs) and out of our TUNs.
+    """
+    table = table_name(settings)
+    pool4 = ", ".join(sorted({row[0] for row in settings.nat64_pool4}))
+    ours = f'"{settings.name}*"'
+    lines = [f"table ip {table} {{",
+             "  chain prerouting {",
+             "    type filter hook prerouting priority raw; policy accept;",
+             f"    ip saddr {{ {pool4} }} iifname != {ours} counter drop",
+             "  }"]
+    if opened4:
+        lines += ["  chain forward {",
+                  "    type filter hook forward priority filter; policy accept;",
+                  f'    iifname "{uplink}" ip daddr != {{ {pool4} }} counter drop',
+                  "  }"]
+    lines.append("}")
+    if opened6:
+        lines += [f"table ip6 {table} {{",
+                  "  chain forward {",
+                  "    type filter hook forward priority filter; policy accept;",
+                  f"    iifname {ours} accept",
+                  f"    oifname {ours} ip6 daddr {settings.nat64_prefix} accept",
+                  "    counter drop",
+                  "  }",
+                  "}"]
+    return "\n".join(lines) + "\n"
+
+
+def enable_nat64(settings: Settings) -> None:
+    """What a NAT64 needs of the kernel, undone on stop (or at the next start after a
+    crash): IPv6 forwarding, IPv4 forwarding on the uplink, and the guard tables."""
+    undo(settings)
+    owned = local_pool4(settings)
+    if owned:
+        raise ForwardingError(f"pool4 address(es) {', '.join(owned)} belong to this host; "
+                              "use addresses routed to this host but not assigned to it")
+    uplink = nat64_uplink()
+    changed: list[tuple[str, str]] = []
+    for path in (_sysctl_path(uplink), IPV6_FORWARDING):
+        old = path.read_text().strip()
+        if old != "1":
+            changed.append((str(path), old))
+            log.info("%s switched on for the NAT64 (restored on stop)", path)
+    table = table_name(settings)
+    opened = {path for path, _ in changed}
+    ruleset = nat64_ruleset(settings, uplink, str(_sysctl_path(uplink)) in opened,
+                            str(IPV6_FORWARDING) in opened)
+    nft(replace_table("ip", table) + replace_table("ip6", table, ruleset))
+    _state_path(settings).write_text(json.dumps({"paths": changed, "table": table,
+                                                 "table6": table}))
+    for path_text, _old in changed:
+        Path(path_text).write_text("1")
+
+
 def undo(settings: Settings) -> None:
-    """Restore what ``enable`` (of this run or a crashed earlier one) changed."""
+    """Restore what ``enable`` or ``enable_nat64`` (of this run or a crashed earlier one)
+    changed."""
     path = _state_path(settings)
     if not path.exists():
         return
@@ -189,15 +278,17 @@ def undo(settings: Settings) -> None:
         state = json.loads(path.read_text())
     except ValueError:
         state = {}
-    for ifname, old in state.get("sysctls", []):
+    restore = [(str(_sysctl_path(ifname)), old) for ifname, old in state.get("sysctls", [])]
+    for path_text, old in restore + [tuple(row) for row in state.get("paths", [])]:
         try:
-            _sysctl_path(ifname).write_text(old)
+            Path(path_text).write_text(old)
         except OSError as exc:
-            log.warning("cannot restore forwarding=%s on %s: %s", old, ifname, exc)
-    table = state.get("table")
-    if table:
-        try:
-            nft(f"delete table ip {table}\n")
-        except ForwardingError as exc:
-            log.warning("cannot delete nftables table %s: %s", table, exc)
+            log.warning("cannot restore %s to %s: %s", path_text, old, exc)
+    for family, key in (("ip", "table"), ("ip6", "table6")):
+        table = state.get(key)
+        if table:
+            try:
+                nft(f"delete table {family} {table}\n")
+            except ForwardingError as exc:
+                log.warning("cannot delete nftables table %s %s: %s", family, table, exc)
     path.unlink(missing_ok=True)

@@ -270,11 +270,15 @@ class Coordinator:
                 raise RuntimeError(str(exc)) from None
         else:
             try:
-                forwarding.enable(settings)
+                if settings.mode == "nat64":
+                    forwarding.enable_nat64(settings)
+                else:
+                    forwarding.enable(settings)
             except forwarding.ForwardingError as exc:
                 raise RuntimeError(str(exc)) from None
             self.forwarding_enabled = True
-        if settings.backend != "kernel" and settings.fanout == "coordinator":
+        if (settings.backend != "kernel" and settings.fanout == "coordinator"
+                and settings.mode != "nat64"):
             # Every packet, outer fragments put together (workers/capture.py); the workers'
             # raw protocol-41 sockets take the IP layer's copy and accept none of it.
             self.capture = TunnelCapture(settings.local_ipv4, None, True, self.counters,
@@ -299,6 +303,12 @@ class Coordinator:
         for worker in self.workers:
             self._spawn(worker)
         self._wait_workers_ready()
+        if settings.mode == "nat64":
+            log.info("sixgate up: NAT64 %s for %s, pool4 %s, %d worker(s)",
+                     settings.nat64_prefix, ", ".join(settings.nat64_clients),
+                     ", ".join(f"{a} {p} {lo}-{hi}" for a, p, lo, hi in settings.nat64_pool4),
+                     settings.workers)
+            return
         log.info("sixgate up: %s backend, %s tunnel, local %s, addresses %s, %d worker(s)%s",
                  settings.backend, settings.mode, settings.local_ipv4,
                  ", ".join(settings.addresses), settings.workers,

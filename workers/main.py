@@ -130,8 +130,9 @@ class Worker:
     def __init__(self, settings: Settings, index: int) -> None:
         self.settings = settings
         self.index = index
+        self.nat64 = settings.mode == "nat64"
         self.datapath = Datapath(settings, worker_pool(settings.pool, settings.workers, index),
-                                 settings.workers)
+                                 settings.workers, index=index)
         self.running = True
         self.errors = InternalErrorLog(f"worker {index}")
         self.tun_fd = -1
@@ -148,7 +149,13 @@ class Worker:
         settings = self.settings
         name = tun_name(settings, self.index)
         self.tun_fd = open_tun(name)
-        configure_tun(name, worker_routes(settings.pool, settings.workers, self.index))
+        if self.nat64:
+            # NAT64: the prefix and this worker's pool4 addresses are routed to its device,
+            # which carries IPv6 from the clients and IPv4 from the internet; no tunnel.
+            pool4 = {ipaddress.IPv4Network(row[0]) for row in settings.nat64_pool4}
+            configure_tun(name, sorted(pool4), [ipaddress.IPv6Network(settings.nat64_prefix)])
+        else:
+            configure_tun(name, worker_routes(settings.pool, settings.workers, self.index))
         if settings.tun_writes == "io_uring":
             try:
                 self.tun_writer = UringWriter.open(self.tun_fd)
@@ -158,6 +165,13 @@ class Worker:
                             exc)
         log.info("worker %d: packets to the services by %s", self.index,
                  "io_uring" if self.tun_writer is not None else "write(2)")
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_endpoint(settings.run_dir, self.index))
+        if self.nat64:
+            return
         self.send_sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
         self.send_sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
         self.send_sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
@@ -176,16 +190,11 @@ class Worker:
                                                    settings.hash_seed),
                 self.index == 0, self.datapath.counters, min(settings.batch_packets, 256))
         self.sender = BatchSender(self.send_sock)
-        self.ctx = zmq.Context()
-        self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, settings.queue_batches)
         self.pull.setsockopt(zmq.LINGER, 0)
         if settings.fanout != "kernel":
             connect_now(self.pull, data_endpoint(settings.run_dir, self.index),
                         DATA_CONNECT_TIMEOUT_S)
-        self.control = self.ctx.socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(control_endpoint(settings.run_dir, self.index))
 
     def close(self) -> None:
         for sock in (getattr(self, "pull", None), getattr(self, "control", None)):
@@ -283,6 +292,19 @@ class Worker:
                 break
         if not packets:
             return
+        if self.nat64:
+            # NAT64: IPv6 from the clients and IPv4 from the internet share the device; each
+            # family keeps its order.
+            ipv6 = [packet for packet in packets if packet[:1] and packet[0] >> 4 == 6]
+            if ipv6:
+                packets = [packet for packet in packets if not packet[:1] or packet[0] >> 4 != 6]
+                start = time.perf_counter()
+                output = self.datapath.from_ipv6(ipv6, now)
+                self.processing["inbound"].observe_many(
+                    (time.perf_counter() - start) / len(ipv6), len(ipv6))
+                self._send(output)
+            if not packets:
+                return
         start = time.perf_counter()
         output = self.datapath.from_services(packets, now)
         self.processing["from_services"].observe_many(
@@ -294,10 +316,11 @@ class Worker:
         counters = self.datapath.counters
         if output.raised is not None:
             self.errors.packet_raised(output.raised)
-        if output.to_services:
+        to_tun = output.to_services + output.to_ipv6 if output.to_ipv6 else output.to_services
+        if to_tun:
             if self.tun_writer is not None:
                 try:
-                    failed = self.tun_writer.write(output.to_services)
+                    failed = self.tun_writer.write(to_tun)
                 except OSError as exc:
                     # The ring itself failed (not a packet): how far the batch got is not
                     # known, so it counts as failed, and write(2) takes over for good.
@@ -305,11 +328,11 @@ class Worker:
                                 "the services from now on", self.index, exc)
                     self.tun_writer.close()
                     self.tun_writer = None
-                    failed = len(output.to_services)
+                    failed = len(to_tun)
                 if failed:
                     counters.drop(DropReason.SEND_FAILED, failed)
             else:
-                for packet in output.to_services:
+                for packet in to_tun:
                     try:
                         os.write(self.tun_fd, packet)
                     except OSError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
+import socket
 import struct
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def set_sysctl(device: str, key: str, value: str) -> None:
     Path(f"/proc/sys/net/ipv4/conf/{device}/{key}").write_text(value)
 
 
-def configure_tun(name: str, routes: list[ipaddress.IPv4Network]) -> None:
-    """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it."""
+def configure_tun(name: str, routes: list[ipaddress.IPv4Network],
+                  routes6: list[ipaddress.IPv6Network] | None = None) -> None:
+    """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it (and,
+    for a NAT64, its IPv6 prefix: the device then carries both families)."""
     # RFC 1122 §3.2.1.3 makes 127/8 martian on any other device; the services listen there.
     set_sysctl(name, "route_localnet", "1")
     # Targets on other hosts are forwarded from this device only (per-device, not global).
@@ -57,7 +60,9 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network]) -> None:
         # A deeper transmit queue than the default 500 absorbs the services' bursts while the
         # worker is busy with inbound packets.
         ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
-        for net in routes:
+        nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [*routes, *(routes6 or [])]
+        for net in nets:
             # "add", never "replace": a route of the host's own is never taken over (the
             # coordinator refused such a pool already; this is the last line).
-            ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=index)
+            ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
+                      family=socket.AF_INET6 if net.version == 6 else socket.AF_INET)

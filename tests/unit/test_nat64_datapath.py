@@ -235,3 +235,35 @@ def test_a_destination_outside_the_prefix_is_not_ours(dst: str) -> None:
     dp = nat64()
     assert not dp.from_ipv6([udp6(dst=dst)], 1.0).to_services
     assert dp.counters.drops[DropReason.NOT_OUR_ADDRESS] == 1
+
+
+def test_rfc791_ipv4_fragments_from_the_internet_are_reassembled_then_fragmented_as_ipv6() -> None:
+    from scapy.layers.inet import fragment
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, defragment6
+
+    dp = nat64()
+    pport = one_v4(dp.from_ipv6([udp6()], 1.0))[UDP].sport
+    answer = IP(src=SERVER, dst=POOL4, id=77) / UDP(sport=53, dport=pport) / Raw(b"a" * 4000)
+    pieces = fragment(answer, fragsize=1480)
+    assert len(pieces) == 3
+    out = dp.from_services([raw(p) for p in pieces], 1.1)
+    assert len(out.to_ipv6) == 3 and all(len(p) <= 1500 for p in out.to_ipv6)
+    frames = [IPv6(p) for p in out.to_ipv6]
+    assert all(f.haslayer(IPv6ExtHdrFragment) for f in frames)
+    whole = defragment6(frames)
+    assert bytes(whole[UDP].payload) == b"a" * 4000 and whole[UDP].dport == 40000
+
+
+def test_rfc7915_5_1_1_a_datagram_that_came_in_ipv6_fragments_leaves_with_df_clear() -> None:
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
+
+    dp = nat64()
+    ping = IPv6(src=CLIENT, dst=SERVER6) / IPv6ExtHdrFragment() / ICMPv6EchoRequest(
+        id=9, seq=1, data=b"p" * 3000)
+    out = dp.from_ipv6([raw(p) for p in fragment6(ping, 1280)], 1.0)
+    echo = one_v4(out)
+    assert echo[ICMP].type == 8 and len(echo) == 20 + 8 + 3000
+    assert not echo.flags.DF and valid(echo)
+    small = one_v4(dp.from_ipv6([raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(
+        id=9, seq=2, data=b"p" * 1400))], 1.0))
+    assert small.flags.DF  # RFC 7915 §5.1: over 1260 bytes and not fragmented: DF set

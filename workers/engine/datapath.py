@@ -34,7 +34,7 @@ from sixgate.workers.engine.fastpath import (
     return_template,
 )
 from sixgate.workers.engine.flows import FlowTable, PortPool, Session
-from sixgate.workers.engine.fragment import Reassembler, fragment_ipv6
+from sixgate.workers.engine.fragment import OuterReassembler, Reassembler, fragment_ipv6
 from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
     ICMP_ECHO_REPLY,
@@ -176,6 +176,11 @@ class Datapath:
             port_quota=settings.nat64_ports_per_client if ports is not None else None,
             quota_prefix_bytes=settings.nat64_client_prefix // 8)
         self.reassembler = Reassembler(settings.fragment_datagrams, settings.fragment_bytes)
+        # NAT64: IPv4 fragments from the internet (RFC 791 §3.2), within the same bounds.
+        self.reassembler4 = (OuterReassembler(settings.fragment_datagrams,
+                                              settings.fragment_bytes)
+                             if self.nat64 is not None else None)
+        self._fragmented = False  # the packet being translated came in IPv6 fragments
         # RFC 4443 §2.4(f): errors and RSTs, and echo replies (reflection: one source must not
         # turn the gateway into a firehose), each per source /64 and in all.
         self.error_limiter = SourceRateLimiter(settings.icmp_errors_per_s,
@@ -440,6 +445,7 @@ class Datapath:
             packet = packet[:40 + view[0]]
         self.counters.count("inbound", proto, len(packet))
         fragment = view[6]
+        self._fragmented = fragment is not None
         if fragment is not None:
             reassembler = self.reassembler
             whole = reassembler.add(packet, fragment[0], fragment[1], fragment[2],
@@ -548,7 +554,8 @@ class Datapath:
         session.last_seen = now
         self._ident4 = (self._ident4 + 1) & 0xFFFF
         tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
-        out = translate_echo_v6_to_v4(segment, session, hop_limit, self._ident4, tos)
+        out = translate_echo_v6_to_v4(segment, session, hop_limit, self._ident4, tos,
+                                      self._fragmented)
         self._to_services.append(out)
         self.counters.count("to_services", PROTO_ICMP, len(out))
 
@@ -695,7 +702,8 @@ class Datapath:
             session.last_seen = now
         self._ident4 = (self._ident4 + 1) & 0xFFFF
         out = translate_v6_to_v4(packet, offset, proto, segment_sum, session,
-                                 hop_limit_after(view[1]), self._ident4, self.max_mss)
+                                 hop_limit_after(view[1]), self._ident4, self.max_mss,
+                                 self._fragmented)
         self._to_services.append(out)
         self.counters.count("to_services", proto, len(out))
         if offset == 40:
@@ -770,9 +778,27 @@ class Datapath:
         header_len, total_len, _ident, flags_offset, ttl, proto, src, dst, tos = view
         self.counters.count("from_services", proto, total_len)
         if flags_offset & (IPV4_MF | IPV4_OFFSET_MASK):
-            # The TUN MTU is 65535, so the local stack never fragments towards us.
-            self._drop(DropReason.BAD_FRAGMENT)
-            return
+            if self.reassembler4 is None:
+                # The TUN MTU is 65535, so the local stack never fragments towards us.
+                self._drop(DropReason.BAD_FRAGMENT)
+                return
+            # NAT64: the IPv4 internet fragments (RFC 791 §3.2): the datagram is put back
+            # together, then translated and fragmented again as IPv6 if it must be.
+            whole = self.reassembler4.add(packet, now)
+            if self.reassembler4.evicted:
+                self.counters.drop(DropReason.FRAGMENT_LIMIT, self.reassembler4.evicted)
+                self.reassembler4.evicted = 0
+            if whole is None:
+                return
+            if isinstance(whole, DropReason):
+                self._drop(whole)
+                return
+            view = parse_ipv4(whole)
+            if isinstance(view, DropReason):
+                self._drop(view)
+                return
+            packet = whole
+            header_len, total_len, _ident, flags_offset, ttl, proto, src, dst, tos = view
         if proto == PROTO_TCP or proto == PROTO_UDP:
             if total_len - header_len < (20 if proto == PROTO_TCP else 8):
                 self._drop(DropReason.TRUNCATED)
@@ -946,6 +972,8 @@ class Datapath:
         if expired:
             self.counters.event(Event.FLOWS_EXPIRED, expired)
             self._forget_templates()
+        if self.reassembler4 is not None:
+            self.counters.drop(DropReason.FRAGMENT_TIMEOUT, self.reassembler4.expire(now))
         timed_out, firsts = self.reassembler.expire(now)
         if timed_out:
             self.counters.drop(DropReason.FRAGMENT_TIMEOUT, timed_out)

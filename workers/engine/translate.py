@@ -98,12 +98,13 @@ def clamp_mss(segment: bytearray, max_mss: int) -> int:
 
 def translate_v6_to_v4(packet: bytes | memoryview, upper_offset: int, proto: int,
                        segment_sum: int, session: Session, hop_limit: int, ident: int,
-                       max_mss: int) -> bytes:
+                       max_mss: int, fragmented: bool = False) -> bytes:
     """Translate a verified inbound TCP/UDP IPv6 packet into the IPv4 packet for the service.
 
     ``segment_sum`` is ``sum16`` of the transport segment as received (checksum included),
     already verified against the IPv6 pseudo-header; the new checksum follows by difference.
-    ``hop_limit`` is the already decremented value (``hop_limit_after``).
+    ``hop_limit`` is the already decremented value (``hop_limit_after``); ``fragmented``: it
+    came in IPv6 fragments, so it may be fragmented again (DF clear, RFC 7915 §5.1.1).
     """
     segment = bytearray(packet[upper_offset:])
     old_sport, old_dport = PORTS.unpack_from(segment)
@@ -120,7 +121,7 @@ def translate_v6_to_v4(packet: bytes | memoryview, upper_offset: int, proto: int
     total = (segment_sum - old_csum + delta
              + pseudo_sum_v4(session.pool4, session.target4, proto, length))
     U16.pack_into(segment, csum_offset, fold_udp(total) if proto == PROTO_UDP else fold(total))
-    flags = IPV4_DF if 20 + length > DF_THRESHOLD else 0
+    flags = IPV4_DF if 20 + length > DF_THRESHOLD and not fragmented else 0
     tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
     return build_ipv4(session.pool4, session.target4, proto, segment, ttl=hop_limit,
                       ident=ident, flags_offset=flags, tos=tos)
@@ -149,7 +150,7 @@ def translate_v4_to_v6(packet: bytes | memoryview, header_len: int, total_len: i
 
 
 def translate_echo_v6_to_v4(message: bytes | memoryview, session: Session, hop_limit: int,
-                            ident: int, tos: int) -> bytes:
+                            ident: int, tos: int, fragmented: bool = False) -> bytes:
     """A verified ICMPv6 Echo Request (``message``: the ICMPv6 part) as the ICMPv4 one (RFC
     7915 §5.2: type 128 -> 8), its identifier the binding's pool port (RFC 6146 §3.5.3); the
     ICMPv4 checksum has no pseudo-header, so it is computed anew."""
@@ -157,7 +158,7 @@ def translate_echo_v6_to_v4(message: bytes | memoryview, session: Session, hop_l
     body[0] = ICMP_ECHO_REQUEST
     U16.pack_into(body, 4, session.pport)
     set_checksum(body, 2, 0)
-    flags = IPV4_DF if 20 + len(body) > DF_THRESHOLD else 0
+    flags = IPV4_DF if 20 + len(body) > DF_THRESHOLD and not fragmented else 0  # §5.1.1
     return build_ipv4(session.pool4, session.target4, PROTO_ICMP, body, ttl=hop_limit,
                       ident=ident, flags_offset=flags, tos=tos)
 
