@@ -72,8 +72,10 @@ def lab(request: pytest.FixtureRequest, served_files: netlab.ServedFiles) -> Ite
         pytest.fail("\n".join(problems), pytrace=False)
 
 
-def shutdown_problems(lab: netlab.Lab, tests_failed: bool) -> list[str]:
-    """What went wrong at the end of a combination (empty when all is well)."""
+def shutdown_problems(lab: netlab.Lab, tests_failed: bool,
+                      sysctls: tuple[str, ...] = ("net.ipv4.conf.veth0.forwarding",)) -> list[str]:
+    """What went wrong at the end of a combination (empty when all is well); ``sysctls``:
+    forwarding switches of the gateway namespace that must be back at 0."""
     problems = []
     if lab.alive("sixgate"):
         internal_errors = netlab.drops(lab).get("internal_error")
@@ -92,9 +94,10 @@ def shutdown_problems(lab: netlab.Lab, tests_failed: bool) -> list[str]:
     tables = lab.gw(["nft", "list", "tables"]).stdout.strip()
     if tables:
         problems.append(f"nftables tables left in the gateway namespace: {tables}")
-    forwarding = lab.gw(["sysctl", "-n", "net.ipv4.conf.veth0.forwarding"]).stdout.strip()
-    if forwarding != "0":
-        problems.append(f"net.ipv4.conf.veth0.forwarding is {forwarding} after stop, expected 0")
+    for key in sysctls:
+        forwarding = lab.gw(["sysctl", "-n", key]).stdout.strip()
+        if forwarding != "0":
+            problems.append(f"{key} is {forwarding!r} after stop, expected 0")
     if problems:
         problems.append(f"----- sixgate stderr (tail) -----\n{lab.gateway_stderr()}")
     return problems

@@ -267,3 +267,26 @@ def test_rfc7915_5_1_1_a_datagram_that_came_in_ipv6_fragments_leaves_with_df_cle
     small = one_v4(dp.from_ipv6([raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(
         id=9, seq=2, data=b"p" * 1400))], 1.0))
     assert small.flags.DF  # RFC 7915 §5.1: over 1260 bytes and not fragmented: DF set
+
+
+def test_rfc7915_4_3_fragmentation_needed_about_an_echo_quotes_the_client_request() -> None:
+    dp = nat64()
+    ping = raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(id=0x4242, seq=3,
+                                                                  data=b"q" * 1400))
+    sent = one_v4(dp.from_ipv6([ping], 1.0))
+    assert sent.flags.DF
+    error = IP(src="192.0.2.1", dst=POOL4) / ICMP(type=3, code=4, nexthopmtu=1280) / raw(
+        sent)[:548]
+    back = one_v6(dp.from_services([raw(error)], 1.1))
+    assert back.src == "64:ff9b::c000:201" and back.dst == CLIENT and valid(back)
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+    too_big = back[ICMPv6PacketTooBig]
+    assert too_big.mtu == 1300  # RFC 7915 §4.2: the IPv4 MTU + 20
+    quoted = IPv6(raw(too_big.payload))
+    assert (quoted.src, quoted.dst, quoted.nh) == (CLIENT, SERVER6, 58)
+    request = quoted[ICMPv6EchoRequest]
+    assert (request.type, request.id, request.seq) == (128, 0x4242, 3)
+    # The quote is whole here (548 bytes hold 528 of the request): its checksum must verify.
+    whole = raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(id=0x4242, seq=3,
+                                                                   data=b"q" * 1400))
+    assert raw(quoted)[40:44] == whole[40:44]

@@ -28,6 +28,7 @@ from sixgate.workers.engine.icmp import (
     ICMP_TIME_EXCEEDED,
     ICMPV6_DEST_UNREACHABLE,
     ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
     ICMPV6_PACKET_TOO_BIG,
     ICMPV6_PARAMETER_PROBLEM,
     ICMPV6_TIME_EXCEEDED,
@@ -194,6 +195,21 @@ def _rewrite_quote(segment: bytearray, proto: int, old_pseudo: int, new_pseudo: 
         U16.pack_into(segment, csum_offset, fold_udp(total))
 
 
+def _rewrite_echo_quote(segment: bytearray, ident: int, pseudo6: int) -> None:
+    """A quoted (possibly truncated) ICMPv4 echo request as the ICMPv6 one it was: type 128,
+    the client's identifier, the checksum adjusted by difference (RFC 1624) from one without a
+    pseudo-header to one with ``pseudo6``."""
+    if len(segment) < 8:
+        return
+    old_word, old_csum = (segment[0] << 8) | segment[1], (segment[2] << 8) | segment[3]
+    old_ident = (segment[4] << 8) | segment[5]
+    segment[0] = ICMPV6_ECHO_REQUEST
+    U16.pack_into(segment, 4, ident)
+    new_word = (segment[0] << 8) | segment[1]
+    total = 0xFFFF - old_csum - old_word - old_ident + new_word + ident + pseudo6
+    U16.pack_into(segment, 2, fold(total))
+
+
 # RFC 7915 §4.2: ICMPv4 Destination Unreachable code -> (ICMPv6 type, code); absent = drop.
 _UNREACH_V4_TO_V6: dict[int, tuple[int, int]] = {
     0: (ICMPV6_DEST_UNREACHABLE, 0), 1: (ICMPV6_DEST_UNREACHABLE, 0),
@@ -225,6 +241,12 @@ def icmpv4_error_key(packet: bytes | memoryview, header_len: int,
     if inner[0] >> 4 != 4 or inner_hl < 20 or len(inner) < inner_hl + 4:
         return DropReason.TRUNCATED
     proto = inner[9]
+    if proto == PROTO_ICMP and inner[inner_hl] == ICMP_ECHO_REQUEST and (
+            len(inner) >= inner_hl + 8):
+        # NAT64: an error about an echo request, whose identifier is the query's pool port
+        # (RFC 6146 §3.5.3).
+        ident = (inner[inner_hl + 4] << 8) | inner[inner_hl + 5]
+        return (proto, bytes(inner[12:16]), ident, bytes(inner[16:20]), 0)
     if proto not in (PROTO_TCP, PROTO_UDP):
         return DropReason.ICMP_NOT_TRANSLATED
     sport, dport = PORTS.unpack_from(inner, inner_hl)
@@ -269,10 +291,16 @@ def translate_icmpv4_error(packet: bytes | memoryview, header_len: int, total_le
     # §4.3: the embedded packet keeps its TTL as hop limit; lengths come from what is quoted.
     segment = bytearray(inner[inner_hl:])
     length = max(inner_total - inner_hl, 0)
-    _rewrite_quote(segment, proto,
-                   pseudo_sum_v4(session.pool4, session.target4, proto, length),
-                   pseudo_sum_v6(session.client6, session.gw6, proto, length),
-                   session.cport, session.gwport)
+    if proto == PROTO_ICMP:
+        # The quoted echo request goes back to what the client sent (RFC 7915 §4.3).
+        proto = PROTO_ICMPV6
+        _rewrite_echo_quote(segment, session.cport,
+                            pseudo_sum_v6(session.client6, session.gw6, PROTO_ICMPV6, length))
+    else:
+        _rewrite_quote(segment, proto,
+                       pseudo_sum_v4(session.pool4, session.target4, proto, length),
+                       pseudo_sum_v6(session.client6, session.gw6, proto, length),
+                       session.cport, session.gwport)
     embedded = build_ipv6(session.client6, session.gw6, proto, segment, hop_limit=inner[8])
     # build_ipv6 wrote the quoted length; restore the original payload length (§4.3 says the
     # embedded header describes the original packet, not the truncated quote).

@@ -1,0 +1,155 @@
+"""The NAT64 lab (issue 16): an IPv6-only client, the sixgate NAT64 host and an IPv4 "internet".
+
+```
+ client namespace (-peer)          gateway namespace (-gw)               IPv4 namespace (-v4)
+ IPv6 only, no IPv4 route          sixgate run ([nat64])                  real servers:
+ 2001:db8:100::10/64               2001:db8:100::1/64 on veth6            198.51.100.7:80   HTTP
+ 2001:db8:100:1::10/64             198.51.100.254/24 on veth4             198.51.100.53:53  dnsmasq
+ 2001:db8:999::10/64 (a stranger)  default via 198.51.100.1               route 203.0.113.5 -> gw
+ default via 2001:db8:100::1       kernel IPv6 on, forwarding off         (pool4 of the NAT64)
+```
+
+The client reaches the IPv4 servers as 64:ff9b::198.51.100.x through the gateway's kernel,
+which routes the prefix to sixgate's TUN device. Documentation addresses are not global, so
+the config sets ``allow_non_global`` (RFC 6052 §3.1 would refuse them under the well-known
+prefix). Built on ``netlab.Lab``: the same naming, cleanup, process and logging rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from netlab import (
+    DNS_BIG_NAME,
+    DNS_EDNS_MAX,
+    DNS_SMALL_A,
+    DNS_SMALL_NAME,
+    SMALL_NAME,
+    SMALL_TEXT,
+    Lab,
+    LabError,
+    ServedFiles,
+    big_txt_strings,
+    delete_namespace,
+    http_server_argv,
+    run,
+    tail,
+    wait_until,
+)
+
+PREFIX = "64:ff9b::/96"
+CLIENT6 = "2001:db8:100::10"
+CLIENT6_OTHER = "2001:db8:100:1::10"  # a second /64 of the allowed /56
+STRANGER6 = "2001:db8:999::10"  # outside [nat64] clients
+GATEWAY6 = "2001:db8:100::1"
+GATEWAY4 = "198.51.100.254"
+ROUTER4 = "198.51.100.1"  # the IPv4 namespace: the gateway's default route
+HTTP4 = "198.51.100.7"
+DNS4 = "198.51.100.53"
+# Reached through a 1300-byte route of the gateway's: its packets over that get Fragmentation
+# Needed from the gateway's own IPv4 routing (RFC 1191), like from a router on the path.
+MTU_LIMITED4 = "198.51.100.8"
+POOL4 = "203.0.113.5"
+HTTP_PORT = 80
+DNS_PORT = 53
+
+
+def synthesized(ipv4: str) -> str:
+    """The RFC 6052 address of ``ipv4`` under the well-known prefix."""
+    return f"64:ff9b::{ipv4}"
+
+
+class Nat64Lab(Lab):
+    """Three namespaces, real IPv4 servers and the real ``sixgate run`` in NAT64 mode."""
+
+    def __init__(self, workers: int, files: ServedFiles, *, extra_toml: str = "") -> None:
+        super().__init__("6in4", workers, files)
+        self.v4_ns = self.gw_ns.removesuffix("-gw") + "-v4"
+        self.extra_toml = extra_toml
+
+    def start(self) -> None:
+        self.create_namespaces()
+        self.start_services()
+        self.write_config()
+        self.start_gateway()
+
+    def create_namespaces(self) -> None:
+        for namespace in (self.gw_ns, self.peer_ns, self.v4_ns):
+            run(["ip", "netns", "add", namespace])
+            self._cleanup.callback(delete_namespace, namespace)
+            self.ip(namespace, "link", "set", "lo", "up")
+        self.sysctl(self.peer_ns, "net.ipv6.conf.all.disable_ipv6=0",
+                    "net.ipv6.conf.default.disable_ipv6=0")
+        self.sysctl(self.gw_ns, "net.ipv6.conf.all.disable_ipv6=0",
+                    "net.ipv6.conf.default.disable_ipv6=0", "net.ipv6.conf.all.forwarding=0",
+                    "net.ipv4.ip_forward=0")
+        # Created inside the namespaces: no link ever appears in the host namespace.
+        self.ip(self.gw_ns, "link", "add", "veth6", "type", "veth", "peer", "name", "veth6",
+                "netns", self.peer_ns)
+        self.ip(self.gw_ns, "link", "add", "veth4", "type", "veth", "peer", "name", "veth4",
+                "netns", self.v4_ns)
+        for namespace in (self.gw_ns, self.peer_ns):
+            self.ip(namespace, "link", "set", "veth6", "up")
+        for namespace in (self.gw_ns, self.v4_ns):
+            self.ip(namespace, "link", "set", "veth4", "up")
+        self.ip(self.gw_ns, "addr", "add", f"{GATEWAY6}/64", "dev", "veth6", "nodad")
+        for prefix in ("2001:db8:100:1::/64", "2001:db8:999::/64"):
+            self.ip(self.gw_ns, "-6", "route", "add", prefix, "dev", "veth6")
+        self.ip(self.gw_ns, "addr", "add", f"{GATEWAY4}/24", "dev", "veth4")
+        self.ip(self.gw_ns, "route", "add", "default", "via", ROUTER4)
+        for address in (CLIENT6, CLIENT6_OTHER, STRANGER6):
+            # Only the first is chosen as a source by itself (RFC 6724 rule 3).
+            extra = [] if address == CLIENT6 else ["preferred_lft", "0"]
+            self.ip(self.peer_ns, "addr", "add", f"{address}/64", "dev", "veth6", "nodad",
+                    *extra)
+        self.ip(self.peer_ns, "-6", "route", "add", "default", "via", GATEWAY6)
+        self.ip(self.v4_ns, "addr", "add", f"{ROUTER4}/24", "dev", "veth4")
+        for address in (HTTP4, DNS4, MTU_LIMITED4):
+            self.ip(self.v4_ns, "addr", "add", f"{address}/32", "dev", "veth4")
+        self.ip(self.gw_ns, "route", "add", f"{MTU_LIMITED4}/32", "via", ROUTER4, "mtu", "1300")
+        self.ip(self.v4_ns, "route", "add", f"{POOL4}/32", "via", GATEWAY4)
+
+    def start_services(self) -> None:
+        self.spawn("http", self.v4_ns, http_server_argv(HTTP4, HTTP_PORT, self.files.directory))
+        self.spawn("dnsmasq", self.v4_ns, [
+            "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+            f"--listen-address={DNS4}", f"--port={DNS_PORT}", "--bind-interfaces",
+            "--pid-file=", "--log-facility=-", f"--edns-packet-max={DNS_EDNS_MAX}",
+            f"--host-record={DNS_SMALL_NAME},{DNS_SMALL_A}",
+            f"--txt-record={DNS_BIG_NAME}," + ",".join(big_txt_strings())])
+        for key, flag, port in (("http", "-t", HTTP_PORT), ("dnsmasq", "-u", DNS_PORT)):
+            self._wait_listening_v4(key, flag, port)
+        body = self.v4(["curl", "-sS", "--max-time", "5",
+                         f"http://{HTTP4}/{SMALL_NAME}"]).stdout
+        if body != SMALL_TEXT:
+            raise LabError(f"the IPv4 HTTP server does not serve {SMALL_NAME}: {body!r}")
+
+    def _wait_listening_v4(self, key: str, proto_flag: str, port: int) -> None:
+        def listening() -> bool:
+            if not self.alive(key):
+                raise LabError(f"{key} died:\n{tail(self.log_path(key))}")
+            return bool(self.v4(["ss", "-Hln", proto_flag, f"sport = :{port}"]).stdout.strip())
+
+        wait_until(listening, timeout=15, what=f"{key} listening on port {port}")
+
+    def v4(self, argv: list[str], **kwargs: Any) -> Any:
+        """Run a command in the IPv4 namespace."""
+        return self.exec_in(self.v4_ns, argv, **kwargs)
+
+    def config_text(self) -> str:
+        return (
+            "[gateway]\n"
+            f"workers = {self.workers}\n"
+            f'run_dir = "{self.tmp / "run"}"\n'
+            f'name = "{self.name}"\n'
+            "\n[nat64]\n"
+            f'prefix = "{PREFIX}"\n'
+            'clients = ["2001:db8:100::/56"]\n'
+            "allow_non_global = true  # documentation addresses (RFC 6052 §3.1)\n"
+            f"{self.extra_toml}"
+            "\n[[nat64.pool4]]\n"
+            f'address = "{POOL4}"\n'
+            'tcp = "61001-65535"\n'
+            'udp = "61001-65535"\n'
+            'icmp = "0-65535"\n'
+        )

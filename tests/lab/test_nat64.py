@@ -1,0 +1,165 @@
+"""NAT64 mode (issue 16) in the real lab: an IPv6-only client reaches real IPv4 servers through
+the real ``sixgate run`` with real ``curl``, ``ping`` and ``dig`` (tests/lab/nat64lab.py draws
+the three namespaces). The client's kernel and the gateway's kernel are real Linux IPv6 stacks:
+nothing in the path is written for the test."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import netlab
+import pytest
+from conftest import shutdown_problems
+from nat64lab import (
+    CLIENT6_OTHER,
+    DNS4,
+    HTTP4,
+    MTU_LIMITED4,
+    STRANGER6,
+    Nat64Lab,
+    synthesized,
+)
+
+pytestmark = pytest.mark.usefixtures("io_uring")
+
+NAT64_SYSCTLS = ("net.ipv4.conf.veth4.forwarding", "net.ipv6.conf.all.forwarding")
+
+
+def counters(lab: Nat64Lab) -> tuple[dict[str, int], dict[str, int]]:
+    """(drops, events) summed over the workers."""
+    events: dict[str, int] = {}
+    for worker in lab.flows()["counters"]["workers"]:
+        for name, count in worker.get("counters", {}).get("events", {}).items():
+            events[name] = events.get(name, 0) + int(count)
+    return netlab.drops(lab), events
+
+
+@pytest.fixture(scope="class")
+def nat64_lab(request: pytest.FixtureRequest,
+              served_files: netlab.ServedFiles) -> Iterator[Nat64Lab]:
+    """One NAT64 lab for the class; teardown proves the shutdown contract (no internal error,
+    exit 0 on SIGTERM, no link, nftables table or forwarding switch left behind)."""
+    failed_before = request.session.testsfailed
+    with Nat64Lab(1, served_files, extra_toml=getattr(request.cls, "EXTRA_TOML", "")) as lab:
+        yield lab
+        problems = shutdown_problems(lab, request.session.testsfailed > failed_before,
+                                     NAT64_SYSCTLS)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def python_in(lab: Nat64Lab, namespace: str, code: str, timeout: float = 30) -> str:
+    """Run a short Python program in a namespace; its stdout (LabError if it fails)."""
+    done = lab.exec_in(namespace, [sys.executable, "-c", code], timeout=timeout)
+    if done.returncode != 0:
+        raise netlab.LabError(f"program failed:\n{code}\n{done.stderr}")
+    return str(done.stdout)
+
+
+class TestNat64:
+    """Through the well-known prefix, one worker."""
+
+    def test_curl_100mb_from_an_ipv4_server_arrives_whole(self, nat64_lab: Nat64Lab,
+                                                          served_files: netlab.ServedFiles
+                                                          ) -> None:
+        got = netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/big.bin")
+        assert got.exit_code == 0, got.stderr
+        assert (got.size_bytes, got.sha256) == (served_files.big.size_bytes,
+                                                served_files.big.sha256)
+        print(f"NAT64 curl 100 MB: {got.megabytes_per_s:.1f} MB/s")
+
+    @pytest.mark.parametrize("size", [56, 3000])
+    def test_ping_through_the_prefix(self, nat64_lab: Nat64Lab, size: int) -> None:
+        """RFC 6146 §3.5.3 / RFC 7915 §4.2, §5.2: echo with the identifier as port; 3000
+        bytes leave the client as IPv6 fragments and come back from IPv4 fragments."""
+        done = nat64_lab.peer(["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-s", str(size),
+                               synthesized(HTTP4)], timeout=20)
+        assert done.returncode == 0 and " 0% packet loss" in done.stdout, done.stdout
+
+    def test_dig_small_and_an_answer_bigger_than_the_mtu(self, nat64_lab: Nat64Lab) -> None:
+        small = nat64_lab.peer(["dig", f"@{synthesized(DNS4)}", "+short", "+tries=1",
+                                "+time=3", netlab.DNS_SMALL_NAME, "A"])
+        assert small.stdout.strip() == netlab.DNS_SMALL_A, small.stdout + small.stderr
+        big = nat64_lab.peer(["dig", f"@{synthesized(DNS4)}", "+tries=1", "+time=3",
+                              "+bufsize=8192", "+ignore", netlab.DNS_BIG_NAME, "TXT"])
+        output = big.stdout + big.stderr
+        assert big.returncode == 0 and "(UDP)" in output, output
+        assert netlab.dig_message_bytes(output) > 1500
+        assert netlab.dig_txt_strings(output) == netlab.big_txt_strings()
+
+    def test_icmpv4_port_unreachable_comes_back_as_icmpv6(self, nat64_lab: Nat64Lab) -> None:
+        """RFC 7915 §4.2: the IPv4 server's port unreachable reaches the client's socket as
+        ICMPv6 port unreachable: its next receive fails with "connection refused"."""
+        out = python_in(nat64_lab, nat64_lab.peer_ns, (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+            "s.settimeout(5)\n"
+            f"s.connect(('{synthesized(HTTP4)}', 9))\n"
+            "s.send(b'x')\n"
+            "try:\n"
+            "    s.recv(100)\n"
+            "    print('answered')\n"
+            "except ConnectionRefusedError:\n"
+            "    print('refused')\n"))
+        assert out.strip() == "refused"
+
+    def test_fragmentation_needed_from_an_ipv4_router_becomes_packet_too_big(
+            self, nat64_lab: Nat64Lab) -> None:
+        """RFC 7915 §4.2: the gateway's own IPv4 routing has a 1300-byte path to
+        MTU_LIMITED4; the client's 1400-byte ping leaves as IPv4 with DF set (RFC 7915 §5.1),
+        the router answers Fragmentation Needed, the client gets Packet Too Big and its next
+        pings go as IPv6 fragments, which arrive."""
+        _, before = counters(nat64_lab)
+        done = nat64_lab.peer(["ping", "-6", "-c", "4", "-i", "0.3", "-W", "2", "-s", "1400",
+                               synthesized(MTU_LIMITED4)], timeout=20)
+        _, after = counters(nat64_lab)
+        assert after.get("icmp_errors_translated", 0) > before.get("icmp_errors_translated", 0)
+        assert " 0 received" not in done.stdout, done.stdout
+
+    def test_a_client_outside_clients_is_refused(self, nat64_lab: Nat64Lab) -> None:
+        before, _ = counters(nat64_lab)
+        done = nat64_lab.peer(["curl", "-sS", "--max-time", "5", "--interface", STRANGER6,
+                               f"http://[{synthesized(HTTP4)}]/"], timeout=20)
+        after, _ = counters(nat64_lab)
+        assert done.returncode != 0
+        assert after["source_not_allowed"] > before["source_not_allowed"]
+
+    def test_endpoint_independent_mapping_seen_from_two_ipv4_servers(
+            self, nat64_lab: Nat64Lab) -> None:
+        """RFC 4787 REQ-1 / RFC 6146 §3.5.1: one client socket sending to two IPv4 servers
+        is seen from the same pool4 address and port by both (the IPv4 side records it)."""
+        code = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+            f"s.bind(('{CLIENT6_OTHER}', 0))\n"
+            "s.settimeout(5)\n"
+            "seen = []\n"
+            f"for dst in ('{synthesized(HTTP4)}', '{synthesized(DNS4)}'):\n"
+            "    s.sendto(b'who am i', (dst, 7777))\n"
+            "    data, _ = s.recvfrom(100)\n"
+            "    seen.append(data.decode())\n"
+            "print(' '.join(seen))\n")
+        echo = nat64_lab.spawn("udp_reflector", nat64_lab.v4_ns, [sys.executable, "-c", (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.bind(('0.0.0.0', 7777))\n"
+            "while True:\n"
+            "    data, peer = s.recvfrom(100)\n"
+            "    s.sendto(f'{peer[0]}:{peer[1]}'.encode(), peer)\n")])
+        try:
+            netlab.wait_until(lambda: nat64_lab.v4(["ss", "-Hlnu", "sport = :7777"]).stdout,
+                              timeout=10, what="the UDP reflector")
+            first, second = python_in(nat64_lab, nat64_lab.peer_ns, code).split()
+        finally:
+            netlab.stop_process(echo, 5)
+        assert first == second and first.startswith("203.0.113.5:")
+        assert 61001 <= int(first.split(":")[1]) <= 65535
+
+    def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
+        netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
+        bindings = nat64_lab.flows()["bindings"]
+        rows = [b for b in bindings if b["rule"] == "nat64" and b["proto"] == "tcp"]
+        assert rows, bindings
+        assert all(row["pool"].startswith("203.0.113.5:") for row in rows)
+        assert any(row["target"] == f"{HTTP4}:80" for row in rows)
