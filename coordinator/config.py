@@ -553,11 +553,11 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     gateway = doc.get("gateway", {})
     values = _checked(ctx, "gateway", gateway)
     if nat64_values:
-        # One worker owns the whole pool4 until IPv6 input is sharded by source.
-        if "workers" in gateway and values["workers"] != 1:
-            raise ctx.error("gateway", "workers", "NAT64 runs one worker for now; set "
-                            "workers = 1")
-        values["workers"] = 1
+        for address, proto, lo, hi in nat64_values["nat64_pool4"]:
+            if (hi - lo + 1) < 2 * values["workers"]:
+                raise ctx.error("nat64.pool4", None, f"{address} {proto} {lo}-{hi} is too "
+                                f"small to give each of {values['workers']} workers two ports; "
+                                "widen the range or use fewer workers")
         if values["backend"] == "kernel":
             raise ctx.error("gateway", "backend", "NAT64 runs in userspace only; set "
                             "backend = \"userspace\" or leave it out")

@@ -24,10 +24,16 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 
-from sixgate.workers.engine.settings import Settings
+from sixgate.workers.engine.settings import (
+    PROTOCOL_NUMBERS,
+    Settings,
+    nat64_table,
+    worker_pool4,
+)
 
 log = logging.getLogger("sixgate.forwarding")
 
@@ -208,6 +214,51 @@ def local_pool4(settings: Settings) -> list[str]:
     return sorted(addresses & owned)
 
 
+# Where the NAT64's policy routing rules sit (before the main table's 32766).
+STEER_PRIORITY = 1000
+# Byte offsets inside an ICMPv4 error (RFC 792): the quoted IPv4 header follows the 8-byte
+# ICMP header; sixgate's own packets carry no options, so the quoted transport header (its
+# source port, or an echo request's identifier at +4) starts 20 bytes later.
+QUOTED_PROTO_BITS = (8 + 9) * 8
+QUOTED_SPORT_BITS = (8 + 20) * 8
+QUOTED_ECHO_ID_BITS = (8 + 20 + 4) * 8
+
+
+def nat64_steering(settings: Settings) -> tuple[list[str], list[str]]:
+    """Chain bodies (ip, ip6) that mark each packet with the routing table of the worker that
+    owns it, so it reaches that worker's TUN device: IPv6 from the clients by a hash of the
+    source /64 (all of a client's bindings in one worker: endpoint-independent mapping and the
+    per-/64 quota hold), IPv4 to pool4 by the worker slice its port (an echo reply's
+    identifier; an error's quoted source port or identifier) falls in."""
+    workers = settings.workers
+    base = nat64_table(settings.name, 0)
+    v6 = [f"    ip6 daddr {settings.nat64_prefix} meta mark set jhash ip6 saddr & "
+          f"ffff:ffff:ffff:ffff:: mod {workers} seed {settings.hash_seed:#x} offset {base:#x}"]
+    v4 = []
+    names = {number: name for name, number in PROTOCOL_NUMBERS.items()}
+    slices = [worker_pool4(settings.nat64_pool4, workers, index) for index in range(workers)]
+    by_row: dict[tuple[int, bytes, int], list[str]] = {}
+    for index, slice_ in enumerate(slices):
+        for proto, rows in slice_.items():
+            for row, (address, lo, hi) in enumerate(rows):
+                by_row.setdefault((proto, address, row), []).append(
+                    f"{lo}-{hi} : {base + index:#x}")
+    for (proto, address, _row), entries in sorted(by_row.items()):
+        dst = f"ip daddr {ipaddress.IPv4Address(address)}"
+        ports = "{ " + ", ".join(entries) + " }"
+        name = names[proto]
+        if proto == PROTOCOL_NUMBERS["icmp"]:
+            v4.append(f"    {dst} icmp type echo-reply meta mark set icmp id map {ports}")
+            quoted = QUOTED_ECHO_ID_BITS
+        else:
+            v4.append(f"    {dst} meta mark set {name} dport map {ports}")
+            quoted = QUOTED_SPORT_BITS
+        v4.append(f"    {dst} icmp type {{ destination-unreachable, time-exceeded, "
+                  f"parameter-problem }} @th,{QUOTED_PROTO_BITS},8 {proto} meta mark set "
+                  f"@th,{quoted},16 map {ports}")
+    return v4, v6
+
+
 def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool) -> str:
     """The NAT64 gateway's nftables tables (``nft -f`` input).
 
@@ -219,27 +270,84 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool)
     table = table_name(settings)
     pool4 = ", ".join(sorted({row[0] for row in settings.nat64_pool4}))
     ours = f'"{settings.name}*"'
+    steer4, steer6 = nat64_steering(settings)
     lines = [f"table ip {table} {{",
              "  chain prerouting {",
              "    type filter hook prerouting priority raw; policy accept;",
              f"    ip saddr {{ {pool4} }} iifname != {ours} counter drop",
+             # Not tracked (the NAT64 keeps its own state), but a conntrack expression in the
+             # table makes the kernel put IPv4 fragments together before this hook
+             # (nf_defrag_ipv4, priority -400): a non-first fragment has no port to steer by.
+             f"    ip daddr {{ {pool4} }} notrack",
+             f"    ip daddr {{ {pool4} }} ct state untracked",
+             "  }",
+             "  chain steer {",
+             "    type filter hook prerouting priority mangle; policy accept;",
+             *steer4,
+             "  }",
+             # What this host's own stack sends to pool4 (Fragmentation Needed of its routing).
+             "  chain steer_local {",
+             "    type route hook output priority mangle; policy accept;",
+             *steer4,
              "  }"]
+    lines += ["  chain forward {",
+              "    type filter hook forward priority filter; policy accept;",
+              # pool4 lives behind our devices only: what no worker took never goes back out.
+              f"    ip daddr {{ {pool4} }} oifname != {ours} counter drop"]
     if opened4:
-        lines += ["  chain forward {",
-                  "    type filter hook forward priority filter; policy accept;",
-                  f'    iifname "{uplink}" ip daddr != {{ {pool4} }} counter drop',
-                  "  }"]
-    lines.append("}")
+        lines.append(f'    iifname "{uplink}" ip daddr != {{ {pool4} }} counter drop')
+    lines.append("  }")
+    lines += ["}",
+              f"table ip6 {table} {{",
+              "  chain steer {",
+              "    type filter hook prerouting priority mangle; policy accept;",
+              *steer6,
+              "  }",
+              "  chain steer_local {",
+              "    type route hook output priority mangle; policy accept;",
+              *steer6,
+              "  }"]
+    lines += ["  chain forward {",
+              "    type filter hook forward priority filter; policy accept;",
+              f"    ip6 daddr {settings.nat64_prefix} oifname != {ours} counter drop"]
     if opened6:
-        lines += [f"table ip6 {table} {{",
-                  "  chain forward {",
-                  "    type filter hook forward priority filter; policy accept;",
-                  f"    iifname {ours} accept",
+        lines += [f"    iifname {ours} accept",
                   f"    oifname {ours} ip6 daddr {settings.nat64_prefix} accept",
-                  "    counter drop",
-                  "  }",
-                  "}"]
+                  "    counter drop"]
+    lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
+
+
+def nat64_routing(settings: Settings) -> list[tuple[int, int]]:
+    """(family, table = mark) of each worker: a packet with the mark looks up the worker's
+    table (its device's routes); when that is empty (the worker is being restarted) the next
+    rule throws it away rather than let the main table send it back out."""
+    return [(int(family), nat64_table(settings.name, index))
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for index in range(settings.workers)]
+
+
+def _rule_variants(family: int, table: int) -> list[dict[str, Any]]:
+    return [dict(family=family, table=table, fwmark=table, priority=STEER_PRIORITY),
+            dict(family=family, fwmark=table, priority=STEER_PRIORITY + 1,
+                 action="FR_ACT_BLACKHOLE")]
+
+
+def _install_routing(rules: list[tuple[int, int]]) -> None:
+    with IPRoute() as ipr:
+        for family, table in rules:
+            for rule in _rule_variants(family, table):
+                ipr.rule("add", **rule)
+
+
+def _remove_routing(rules: list[list[int]]) -> None:
+    with IPRoute() as ipr:
+        for family, table in rules:
+            for rule in _rule_variants(family, table):
+                try:
+                    ipr.rule("del", **rule)
+                except Exception as exc:  # noqa: BLE001 - NetlinkError: already gone
+                    log.debug("rule for table %#x already gone: %s", table, exc)
 
 
 def enable_nat64(settings: Settings) -> None:
@@ -261,9 +369,15 @@ def enable_nat64(settings: Settings) -> None:
     opened = {path for path, _ in changed}
     ruleset = nat64_ruleset(settings, uplink, str(_sysctl_path(uplink)) in opened,
                             str(IPV6_FORWARDING) in opened)
+    rules = nat64_routing(settings)
+    # Recorded before anything is made, so a failure half-way is undone like a crash.
+    _state_path(settings).write_text(json.dumps({
+        "paths": changed, "table": table, "table6": table, "rules": rules}))
     nft(replace_table("ip", table) + replace_table("ip6", table, ruleset))
-    _state_path(settings).write_text(json.dumps({"paths": changed, "table": table,
-                                                 "table6": table}))
+    try:
+        _install_routing(rules)
+    except Exception as exc:  # noqa: BLE001 - NetlinkError: say which step
+        raise ForwardingError(f"cannot install the NAT64's policy routing: {exc}") from None
     for path_text, _old in changed:
         Path(path_text).write_text("1")
 
@@ -284,6 +398,8 @@ def undo(settings: Settings) -> None:
             Path(path_text).write_text(old)
         except OSError as exc:
             log.warning("cannot restore %s to %s: %s", path_text, old, exc)
+    if state.get("rules"):
+        _remove_routing(state["rules"])
     for family, key in (("ip", "table"), ("ip6", "table6")):
         table = state.get(key)
         if table:

@@ -38,7 +38,12 @@ from sixgate.workers.engine.datapath import Datapath, Output
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.flows import Session
 from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP
-from sixgate.workers.engine.settings import Settings, worker_pool, worker_routes
+from sixgate.workers.engine.settings import (
+    Settings,
+    nat64_table,
+    worker_pool,
+    worker_routes,
+)
 from sixgate.workers.engine.wire import decode_batch, fanout_filter
 from sixgate.workers.mmsg import BatchSender
 from sixgate.workers.privileges import drop_privileges
@@ -153,7 +158,8 @@ class Worker:
             # NAT64: the prefix and this worker's pool4 addresses are routed to its device,
             # which carries IPv6 from the clients and IPv4 from the internet; no tunnel.
             pool4 = {ipaddress.IPv4Network(row[0]) for row in settings.nat64_pool4}
-            configure_tun(name, sorted(pool4), [ipaddress.IPv6Network(settings.nat64_prefix)])
+            configure_tun(name, sorted(pool4), [ipaddress.IPv6Network(settings.nat64_prefix)],
+                          nat64_table(settings.name, self.index))
         else:
             configure_tun(name, worker_routes(settings.pool, settings.workers, self.index))
         if settings.tun_writes == "io_uring":

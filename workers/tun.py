@@ -48,9 +48,11 @@ def set_sysctl(device: str, key: str, value: str) -> None:
 
 
 def configure_tun(name: str, routes: list[ipaddress.IPv4Network],
-                  routes6: list[ipaddress.IPv6Network] | None = None) -> None:
+                  routes6: list[ipaddress.IPv6Network] | None = None,
+                  table: int | None = None) -> None:
     """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it (and,
-    for a NAT64, its IPv6 prefix: the device then carries both families)."""
+    for a NAT64, its IPv6 prefix: the device then carries both families; in routing table
+    ``table``, which the gateway's packet marks select)."""
     # RFC 1122 §3.2.1.3 makes 127/8 martian on any other device; the services listen there.
     set_sysctl(name, "route_localnet", "1")
     # Targets on other hosts are forwarded from this device only (per-device, not global).
@@ -65,4 +67,5 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network],
             # "add", never "replace": a route of the host's own is never taken over (the
             # coordinator refused such a pool already; this is the last line).
             ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
-                      family=socket.AF_INET6 if net.version == 6 else socket.AF_INET)
+                      family=socket.AF_INET6 if net.version == 6 else socket.AF_INET,
+                      **({"table": table} if table is not None else {}))

@@ -41,6 +41,9 @@ PREFIX = "64:ff9b::/96"
 CLIENT6 = "2001:db8:100::10"
 CLIENT6_OTHER = "2001:db8:100:1::10"  # a second /64 of the allowed /56
 STRANGER6 = "2001:db8:999::10"  # outside [nat64] clients
+# One client address in each of 16 further /64s of the allowed /56: what spreads the clients
+# over the workers (the gateway steers by source /64).
+MANY_CLIENTS6 = tuple(f"2001:db8:100:{n:x}::10" for n in range(0x10, 0x20))
 GATEWAY6 = "2001:db8:100::1"
 GATEWAY4 = "198.51.100.254"
 ROUTER4 = "198.51.100.1"  # the IPv4 namespace: the gateway's default route
@@ -93,11 +96,11 @@ class Nat64Lab(Lab):
         for namespace in (self.gw_ns, self.v4_ns):
             self.ip(namespace, "link", "set", "veth4", "up")
         self.ip(self.gw_ns, "addr", "add", f"{GATEWAY6}/64", "dev", "veth6", "nodad")
-        for prefix in ("2001:db8:100:1::/64", "2001:db8:999::/64"):
+        for prefix in ("2001:db8:100::/56", "2001:db8:999::/64"):
             self.ip(self.gw_ns, "-6", "route", "add", prefix, "dev", "veth6")
         self.ip(self.gw_ns, "addr", "add", f"{GATEWAY4}/24", "dev", "veth4")
         self.ip(self.gw_ns, "route", "add", "default", "via", ROUTER4)
-        for address in (CLIENT6, CLIENT6_OTHER, STRANGER6):
+        for address in (CLIENT6, CLIENT6_OTHER, STRANGER6, *MANY_CLIENTS6):
             # Only the first is chosen as a source by itself (RFC 6724 rule 3).
             extra = [] if address == CLIENT6 else ["preferred_lft", "0"]
             self.ip(self.peer_ns, "addr", "add", f"{address}/64", "dev", "veth6", "nodad",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import zlib
 from dataclasses import asdict, dataclass, field
 
 from sixgate.workers.engine.flows import Timeouts
@@ -204,3 +205,10 @@ def worker_pool4(rows: tuple[tuple[str, str, int, int], ...], workers: int,
         out.setdefault(PROTOCOL_NUMBERS[proto], []).append(
             (ipaddress.IPv4Address(address).packed, lo, hi))
     return out
+
+
+def nat64_table(name: str, index: int) -> int:
+    """The routing table (and packet mark) of NAT64 worker ``index`` of gateway ``name``: its
+    device's routes live there, and the gateway's steering marks select it (one number per
+    gateway name, so two gateways on one host never share one)."""
+    return 0x5A600000 | ((zlib.crc32(name.encode()) & 0xFFF) << 8) | index
