@@ -65,10 +65,12 @@ def synthesized(ipv4: str) -> str:
 class Nat64Lab(Lab):
     """Three namespaces, real IPv4 servers and the real ``sixgate run`` in NAT64 mode."""
 
-    def __init__(self, workers: int, files: ServedFiles, *, extra_toml: str = "") -> None:
+    def __init__(self, workers: int, files: ServedFiles, *, extra_toml: str = "",
+                 udp_ports: str = "61001-65535") -> None:
         super().__init__("6in4", workers, files)
         self.v4_ns = self.gw_ns.removesuffix("-gw") + "-v4"
         self.extra_toml = extra_toml
+        self.udp_ports = udp_ports
 
     def start(self) -> None:
         self.create_namespaces()
@@ -153,6 +155,6 @@ class Nat64Lab(Lab):
             "\n[[nat64.pool4]]\n"
             f'address = "{POOL4}"\n'
             'tcp = "61001-65535"\n'
-            'udp = "61001-65535"\n'
+            f'udp = "{self.udp_ports}"\n'
             'icmp = "0-65535"\n'
         )

@@ -5,6 +5,7 @@ nothing in the path is written for the test."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 from collections.abc import Iterator
@@ -13,11 +14,13 @@ import netlab
 import pytest
 from conftest import shutdown_problems
 from nat64lab import (
+    CLIENT6,
     CLIENT6_OTHER,
     DNS4,
     HTTP4,
     MANY_CLIENTS6,
     MTU_LIMITED4,
+    POOL4,
     STRANGER6,
     Nat64Lab,
     synthesized,
@@ -178,6 +181,40 @@ class TestNat64:
         # 16 /64s hashed over 4 workers leave one empty now and then; never all but one.
         assert len(workers) > 1 if nat64_lab.workers > 1 else workers == {0}, workers
 
+    def test_rfc6146_3_8_hairpinning_between_two_ipv6_clients(self, nat64_lab: Nat64Lab
+                                                              ) -> None:
+        """Client A learns its binding (pool4 address and port) from an IPv4 reflector; client
+        B sends to A's binding through the prefix and A receives it from B's binding."""
+        reflector = nat64_lab.spawn("hairpin_reflector", nat64_lab.v4_ns, [
+            sys.executable, "-c",
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.bind(('0.0.0.0', 7778))\n"
+            "while True:\n"
+            "    data, peer = s.recvfrom(100)\n"
+            "    s.sendto(f'{peer[0]} {peer[1]}'.encode(), peer)\n"])
+        try:
+            netlab.wait_until(lambda: nat64_lab.v4(["ss", "-Hlnu", "sport = :7778"]).stdout,
+                              timeout=10, what="the UDP reflector")
+            out = python_in(nat64_lab, nat64_lab.peer_ns, (
+                "import socket\n"
+                "a = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                f"a.bind(('{CLIENT6_OTHER}', 0))\n"
+                "a.settimeout(5)\n"
+                f"a.sendto(b'x', ('{synthesized(HTTP4)}', 7778))\n"
+                "pool4, port = a.recvfrom(100)[0].decode().split()\n"
+                "b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                f"b.bind(('{MANY_CLIENTS6[3]}', 0))\n"
+                "b.sendto(b'hello A', (f'64:ff9b::{pool4}', int(port)))\n"
+                "data, source = a.recvfrom(100)\n"
+                "print(data.decode(), source[0], pool4)\n"))
+        finally:
+            netlab.stop_process(reflector, 5)
+        text, source, pool4 = out.strip().rsplit(" ", 2)
+        assert text == "hello A" and pool4 == POOL4
+        # B as its binding stands for it: the pool4 address under the prefix.
+        assert ipaddress.IPv6Address(source) == ipaddress.IPv6Address(synthesized(POOL4))
+
     def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
         netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
         bindings = nat64_lab.flows()["bindings"]
@@ -185,3 +222,54 @@ class TestNat64:
         assert rows, bindings
         assert all(row["pool"].startswith("203.0.113.5:") for row in rows)
         assert any(row["target"] == f"{HTTP4}:80" for row in rows)
+
+
+@pytest.fixture(scope="class")
+def limits_lab(served_files: netlab.ServedFiles) -> Iterator[Nat64Lab]:
+    """A NAT64 with 10 UDP ports of pool4 and a quota of 4 ports per client /64."""
+    with Nat64Lab(1, served_files, extra_toml="ports_per_client = 4\n",
+                  udp_ports="61001-61010") as lab:
+        yield lab
+        problems = shutdown_problems(lab, False, NAT64_SYSCTLS)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def dns_queries(lab: Nat64Lab, sources: list[str]) -> int:
+    """One DNS query per source address, each from its own socket, all kept open; how many
+    were answered."""
+    return int(python_in(lab, lab.peer_ns, (
+        "import socket, time\n"
+        "query = bytes.fromhex('1234010000010000000000000573'\n"
+        "                      '6d616c6c036c61620000010001')\n"
+        "socks = []\n"
+        f"for source in {sources!r}:\n"
+        "    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+        "    s.bind((source, 0))\n"
+        f"    s.sendto(query, ('{synthesized(DNS4)}', 53))\n"
+        "    socks.append(s)\n"
+        "answered = 0\n"
+        "deadline = time.monotonic() + 2\n"
+        "for s in socks:\n"
+        "    s.settimeout(max(0.05, deadline - time.monotonic()))\n"
+        "    try:\n"
+        "        answered += len(s.recv(512)) > 12\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print(answered)\n"), timeout=60))
+
+
+class TestNat64Limits:
+    """RFC 6888: the per-client port quota (REQ-4) and pool exhaustion are counted and
+    answered (REQ-11), and others keep working."""
+
+    def test_rfc6888_port_quota_then_pool_exhaustion(self, limits_lab: Nat64Lab) -> None:
+        before, _ = counters(limits_lab)
+        # Six sockets of one /64 against a quota of four.
+        assert dns_queries(limits_lab, [CLIENT6] * 6) == 4
+        after, _ = counters(limits_lab)
+        assert after["port_quota"] - before["port_quota"] == 2
+        # Three more /64s want four ports each; the pool holds six more.
+        assert dns_queries(limits_lab, [*MANY_CLIENTS6[:3]] * 4) == 6
+        last, _ = counters(limits_lab)
+        assert last["pool_exhausted"] - after["pool_exhausted"] == 6
