@@ -122,6 +122,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dns64_emit(args: argparse.Namespace) -> int:
+    from sixgate.coordinator.dns64 import EmitError, tnat64_config, unbound_config
+    settings = _load(args.config)
+    try:
+        print(unbound_config(settings) if args.unbound else tnat64_config(settings), end="")
+    except EmitError as exc:
+        print(f"sixgate: {args.config}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
 def _print_nat64(settings: Settings) -> None:
     """``sixgate check`` of a NAT64 gateway: prefix, clients, pool4 and its worker slices,
     and the way packets take."""
@@ -338,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="print one plain frame (two scrapes --interval apart) and exit")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("dns64", help="configuration for the clients of a NAT64: a DNS64 "
+                       "resolver, TNAT64")
+    dns64 = p.add_subparsers(dest="dns64_command", required=True)
+    p = dns64.add_parser("emit", help="print the configuration for the NAT64's prefix")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--unbound", action="store_true",
+                      help="a server: clause for unbound's DNS64 module")
+    what.add_argument("--tnat64", action="store_true", help="tnat64.conf (TNAT64_CONF_FILE)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_dns64_emit)
     from sixgate.deploy.cli import add_parser as add_deploy_parser
     add_deploy_parser(sub).set_defaults(func=cmd_deploy)
     return parser

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iproute2 iputils-ping dnsutils dnsmasq-base curl nftables procps python3-venv gcc libc6-dev
-              qemu-system-x86 busybox-static prometheus openssh-server openssh-client)
+              qemu-system-x86 busybox-static prometheus openssh-server openssh-client
+              unbound tnat64)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -15,7 +16,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "bootstrap: installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Packages with a daemon (unbound, ssh) must not start one on this machine: the tests run
+    # their own in namespaces. policy-rc.d is Debian's switch for that (kept if already there).
+    guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d
+      guard=/usr/sbin/policy-rc.d
+    fi
+    status=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+    if [ -n "$guard" ]; then rm -f "$guard"; fi
+    if [ "$status" -ne 0 ]; then exit "$status"; fi
   else
     echo "bootstrap: missing Debian packages: ${missing[*]} (run as root to install them)" >&2
   fi

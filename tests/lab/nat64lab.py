@@ -17,6 +17,8 @@ prefix). Built on ``netlab.Lab``: the same naming, cleanup, process and logging 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from netlab import (
@@ -52,6 +54,9 @@ DNS4 = "198.51.100.53"
 # Reached through a 1300-byte route of the gateway's: its packets over that get Fragmentation
 # Needed from the gateway's own IPv4 routing (RFC 1191), like from a router on the path.
 MTU_LIMITED4 = "198.51.100.8"
+SSH4 = "198.51.100.22"
+V4ONLY_NAME = "v4only.lab"  # has an A record (HTTP4) and no AAAA: DNS64 synthesizes one
+SSHD = "/usr/sbin/sshd"
 POOL4 = "203.0.113.5"
 HTTP_PORT = 80
 DNS_PORT = 53
@@ -66,17 +71,92 @@ class Nat64Lab(Lab):
     """Three namespaces, real IPv4 servers and the real ``sixgate run`` in NAT64 mode."""
 
     def __init__(self, workers: int, files: ServedFiles, *, extra_toml: str = "",
-                 udp_ports: str = "61001-65535") -> None:
+                 udp_ports: str = "61001-65535", with_clients_kit: bool = True) -> None:
         super().__init__("6in4", workers, files)
         self.v4_ns = self.gw_ns.removesuffix("-gw") + "-v4"
         self.extra_toml = extra_toml
         self.udp_ports = udp_ports
+        self.with_clients_kit = with_clients_kit
+        self.ssh_key = self.tmp / "id_ed25519"
+        self.known_hosts = self.tmp / "known_hosts"
+        self.tnat64_conf = self.tmp / "tnat64.conf"
 
     def start(self) -> None:
         self.create_namespaces()
         self.start_services()
         self.write_config()
         self.start_gateway()
+        if self.with_clients_kit:
+            self.start_dns64()
+            self.start_sshd()
+            self.tnat64_conf.write_text(self.sixgate_out("dns64", "emit", "--tnat64"))
+
+    def sixgate_out(self, *args: str) -> str:
+        """stdout of ``sixgate <args> --config <file>`` (LabError unless it exits 0)."""
+        done = self.sixgate(*args)
+        if done.returncode != 0:
+            raise LabError(f"sixgate {' '.join(args)} exited {done.returncode}: {done.stderr}")
+        return str(done.stdout)
+
+    def start_dns64(self) -> None:
+        """unbound in the gateway namespace with the DNS64 clause ``sixgate dns64 emit
+        --unbound`` prints, forwarding to the IPv4 dnsmasq; the client's resolv.conf names it
+        (``ip netns exec`` mounts /etc/netns/<namespace>/resolv.conf over /etc/resolv.conf)."""
+        config = self.tmp / "unbound.conf"
+        config.write_text(self.sixgate_out("dns64", "emit", "--unbound") + (
+            "server:\n"
+            f"    interface: {GATEWAY6}\n"
+            "    port: 53\n"
+            "    access-control: 2001:db8:100::/56 allow\n"
+            "    do-daemonize: no\n"
+            '    username: ""\n'
+            '    chroot: ""\n'
+            f'    directory: "{self.tmp}"\n'
+            '    pidfile: ""\n'
+            "    use-syslog: no\n"
+            '    logfile: ""\n'
+            "    num-threads: 1\n"
+            "forward-zone:\n"
+            '    name: "."\n'
+            f"    forward-addr: {DNS4}\n"))
+        self.spawn("unbound", self.gw_ns, ["unbound", "-d", "-c", str(config)])
+        netns_etc = Path("/etc/netns") / self.peer_ns
+        netns_etc.mkdir(parents=True, exist_ok=True)
+        self._cleanup.callback(shutil.rmtree, netns_etc, ignore_errors=True)
+        (netns_etc / "resolv.conf").write_text(f"nameserver {GATEWAY6}\n")
+
+        def answering() -> bool:
+            if not self.alive("unbound"):
+                raise LabError(f"unbound died:\n{tail(self.log_path('unbound'))}")
+            return bool(self.gw(["ss", "-Hlnu", "sport = :53"]).stdout.strip())
+
+        wait_until(answering, timeout=15, what="unbound listening")
+
+    def start_sshd(self) -> None:
+        """Debian's sshd on SSH4 in the IPv4 namespace, a key of the client's trusted (a tmpfs
+        /run in the mount namespace ``ip netns exec`` made, so the host's /run is untouched)."""
+        host_key = self.tmp / "ssh_host_ed25519_key"
+        for key in (self.ssh_key, host_key):
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+        public = host_key.with_suffix(".pub").read_text().split()
+        self.known_hosts.write_text(f"{SSH4} {public[0]} {public[1]}\n")
+        shutil.copy(self.ssh_key.with_suffix(".pub"), self.tmp / "authorized_keys")
+        config = self.tmp / "sshd_config"
+        config.write_text(
+            f"ListenAddress {SSH4}:22\nHostKey {host_key}\nPidFile {self.tmp / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {self.tmp / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n")
+        script = ("mount -t tmpfs -o mode=0755,size=16m sixgate-nat64-run /run"
+                  ' && mkdir -m 0755 /run/sshd && exec "$0" -D -e -f "$1"')
+        self.spawn("sshd", self.v4_ns, ["sh", "-c", script, SSHD, str(config)])
+        self._wait_listening_v4("sshd", "-t", 22)
+
+    def ssh_argv(self, command: str) -> list[str]:
+        """A plain ``ssh root@SSH4 command`` (an IPv4 literal) that trusts only the lab's keys."""
+        return ["ssh", "-F", "/dev/null", "-i", str(self.ssh_key), "-o", "BatchMode=yes",
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o",
+                "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10", f"root@{SSH4}", command]
 
     def create_namespaces(self) -> None:
         for namespace in (self.gw_ns, self.peer_ns, self.v4_ns):
@@ -109,7 +189,7 @@ class Nat64Lab(Lab):
                     *extra)
         self.ip(self.peer_ns, "-6", "route", "add", "default", "via", GATEWAY6)
         self.ip(self.v4_ns, "addr", "add", f"{ROUTER4}/24", "dev", "veth4")
-        for address in (HTTP4, DNS4, MTU_LIMITED4):
+        for address in (HTTP4, DNS4, MTU_LIMITED4, SSH4):
             self.ip(self.v4_ns, "addr", "add", f"{address}/32", "dev", "veth4")
         self.ip(self.gw_ns, "route", "add", f"{MTU_LIMITED4}/32", "via", ROUTER4, "mtu", "1300")
         self.ip(self.v4_ns, "route", "add", f"{POOL4}/32", "via", GATEWAY4)
@@ -121,6 +201,7 @@ class Nat64Lab(Lab):
             f"--listen-address={DNS4}", f"--port={DNS_PORT}", "--bind-interfaces",
             "--pid-file=", "--log-facility=-", f"--edns-packet-max={DNS_EDNS_MAX}",
             f"--host-record={DNS_SMALL_NAME},{DNS_SMALL_A}",
+            f"--host-record={V4ONLY_NAME},{HTTP4}",
             f"--txt-record={DNS_BIG_NAME}," + ",".join(big_txt_strings())])
         for key, flag, port in (("http", "-t", HTTP_PORT), ("dnsmasq", "-u", DNS_PORT)):
             self._wait_listening_v4(key, flag, port)

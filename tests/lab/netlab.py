@@ -74,7 +74,9 @@ FAR_HTTP_PORT = 8181
 ALLOWLIST_TCP_PORT = 8282
 ALLOWLIST_FROM = "2001:db8:eeee::/48"
 
-REQUIRED_PROGRAMS = ("ip", "ping", "dig", "dnsmasq", "curl", "ss", "sysctl")
+REQUIRED_PROGRAMS = ("ip", "ping", "dig", "dnsmasq", "curl", "ss", "sysctl",
+                     # the NAT64 lab's resolver, clients and server (tests/lab/nat64lab.py)
+                     "unbound", "tnat64", "ssh", "ssh-keygen", "sshd")
 
 SMALL_NAME = "small.txt"
 SMALL_TEXT = "sixgate lab: a small file served over IPv4 loopback, fetched over IPv6\n"

@@ -22,6 +22,7 @@ from nat64lab import (
     MTU_LIMITED4,
     POOL4,
     STRANGER6,
+    V4ONLY_NAME,
     Nat64Lab,
     synthesized,
 )
@@ -215,6 +216,27 @@ class TestNat64:
         # B as its binding stands for it: the pool4 address under the prefix.
         assert ipaddress.IPv6Address(source) == ipaddress.IPv6Address(synthesized(POOL4))
 
+    def test_dns64_by_unbound_from_the_gateways_prefix(self, nat64_lab: Nat64Lab) -> None:
+        """RFC 6147: unbound, configured with what ``sixgate dns64 emit --unbound`` prints,
+        synthesizes an AAAA for a name with only an A record; curl by name connects."""
+        done = nat64_lab.peer(["curl", "-sS", "--max-time", "10",
+                               f"http://{V4ONLY_NAME}/{netlab.SMALL_NAME}"], timeout=20)
+        assert done.returncode == 0 and done.stdout == netlab.SMALL_TEXT, done.stderr
+        answer = nat64_lab.peer(["dig", "+short", V4ONLY_NAME, "AAAA"]).stdout.split()
+        assert [ipaddress.IPv6Address(a) for a in answer] == [
+            ipaddress.IPv6Address(synthesized(HTTP4))]
+
+    def test_ssh_to_an_ipv4_literal_under_tnat64(self, nat64_lab: Nat64Lab) -> None:
+        """Seed 001's case: an unmodified ``ssh 198.51.100.22`` on an IPv6-only host works
+        under Debian's TNAT64 (LD_PRELOAD), configured by ``sixgate dns64 emit --tnat64``;
+        without it the IPv4 literal has no route."""
+        plain = nat64_lab.peer(nat64_lab.ssh_argv("echo hello"), timeout=30)
+        assert plain.returncode != 0
+        done = nat64_lab.peer(["env", f"TNAT64_CONF_FILE={nat64_lab.tnat64_conf}", "tnat64",
+                               *nat64_lab.ssh_argv("echo hello over NAT64")], timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "hello over NAT64"
+
     def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
         netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
         bindings = nat64_lab.flows()["bindings"]
@@ -228,7 +250,7 @@ class TestNat64:
 def limits_lab(served_files: netlab.ServedFiles) -> Iterator[Nat64Lab]:
     """A NAT64 with 10 UDP ports of pool4 and a quota of 4 ports per client /64."""
     with Nat64Lab(1, served_files, extra_toml="ports_per_client = 4\n",
-                  udp_ports="61001-61010") as lab:
+                  udp_ports="61001-61010", with_clients_kit=False) as lab:
         yield lab
         problems = shutdown_problems(lab, False, NAT64_SYSCTLS)
     if problems:
