@@ -228,8 +228,14 @@ def report(results: dict[str, Any], plan: Plan) -> list[str]:
 def best_sixgate(systems: dict[str, Any], kind: str, payload: int,
                  key: Callable[[dict[str, Any], str, int], float | None]) -> dict[str, Any] | None:
     """The sixgate configuration (worker count) with the highest ``key`` figure."""
+    return best_of(systems, "sixgate", kind, payload, key)
+
+
+def best_of(systems: dict[str, Any], prefix: str, kind: str, payload: int,
+            key: Callable[[dict[str, Any], str, int], float | None]) -> dict[str, Any] | None:
+    """The configuration of the systems named ``prefix ...`` with the highest ``key``."""
     candidates = [s for name, s in systems.items()
-                  if name.startswith("sixgate") and key(s, kind, payload) is not None]
+                  if name.startswith(prefix) and key(s, kind, payload) is not None]
     return max(candidates, key=lambda s: key(s, kind, payload) or 0.0, default=None)
 
 
@@ -266,6 +272,7 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
                 f"loss-free rate, {kind.replace('_', ' ')} {payload} B: {name} {_k(rate)}, "
                 f"sixgate/TAYGA {_ratio(rate, _loss_free(tayga, kind, payload))}, "
                 f"sixgate/kernel {_ratio(rate, _loss_free(kernel, kind, payload))}")
+    lines += nat64_ratio_lines(systems, plan, tayga)
     shares = []
     for system in systems.values():
         over = system.get("forward", {}).get("64", {}).get("overload")
@@ -275,6 +282,26 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
     if shares:
         lines.append("coordinator's share of sixgate's CPU at overload (64 B forward): "
                      + ", ".join(shares))
+    return lines
+
+
+def nat64_ratio_lines(systems: dict[str, Any], plan: Plan, tayga: dict[str, Any]) -> list[str]:
+    """sixgate's NAT64 mode beside TAYGA: the same input, prefix and sink (like with like)."""
+    best = best_of(systems, "nat64", "forward", 64, _per_core)
+    if best is None:
+        return []
+    lines = [f"sixgate-nat64/TAYGA per-core ratio: "
+             f"{_ratio(_per_core(best, 'forward', 64), _per_core(tayga, 'forward', 64))}",
+             f"  (64 B forward, same plain IPv6 UDP in, same IPv4 sink: {best['label']} "
+             f"{_k(_per_core(best, 'forward', 64))}, TAYGA {_k(_per_core(tayga, 'forward', 64))})"]
+    for kind in ("forward", "round_trip"):
+        payloads = plan.forward_payloads if kind == "forward" else plan.round_trip_payloads
+        for payload in payloads:
+            top = best_of(systems, "nat64", kind, payload, _per_core)
+            ours = _per_core(top, kind, payload) if top else None
+            lines.append(f"  {kind.replace('_', ' ')} {payload} B per core: "
+                         f"{top['label'] if top else 'nat64'} {_k(ours)}, sixgate-nat64/TAYGA "
+                         f"{_ratio(ours, _per_core(tayga, kind, payload))}")
     return lines
 
 
@@ -354,7 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="split: traffic programs on CPU 0, gateways on the other CPUs "
                              "(default); none: no pinning")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="measure only these systems: sixgate TAYGA kernel")
+                        help="measure only these systems: sixgate nat64 TAYGA kernel")
     parser.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a [gateway] setting for every sixgate run (VALUE in TOML, e.g. "
                              "workers-independent options of the datapath); repeatable")
@@ -394,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU {pins['gateway_cpus']} ({pins['how']})" if gateway else "pinning: none")
     log("inputs: sixgate gets 6to4 (IPv6 UDP in IPv4 proto 41); TAYGA (NAT64) and the kernel "
         "(plain IPv6 forwarding, no translation) get the same IPv6 UDP without the outer header")
-    wanted = set(args.only) if args.only else {"sixgate", "TAYGA", "kernel"}
+    wanted = set(args.only) if args.only else {"sixgate", "nat64", "TAYGA", "kernel"}
     common = {"traffic_cpus": traffic or None, "gateway_cpus": gateway}
     settings = dict(item.split("=", 1) for item in args.gateway_set)
     results["gateway_settings"] = settings
@@ -408,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                            lambda w=workers: labs.SixgateLab(w, max_flows=4_000_000,
                                                              gateway_settings=settings, **common),
                            plan, programs, latency=last, flows=last)
+        if "nat64" in wanted:
+            # TAYGA's job on the same engine: its input, its prefix, its IPv4 sink.
+            for workers in plan.workers:
+                run_system(results, f"nat64 {workers}w",
+                           lambda w=workers: labs.Sixgate64Lab(w, **common), plan, programs,
+                           latency=workers == plan.workers[0], flows=False)
         if "TAYGA" in wanted:
             run_system(results, "TAYGA", lambda: labs.TaygaLab(**common), plan, programs,
                        latency=True, flows=False)

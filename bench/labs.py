@@ -357,17 +357,7 @@ class SixgateLab(BenchTarget, netlab.Lab):
         # and never retransmits a SYN+ACK (which would count twice).
         self.sysctl(self.gw_ns, "net.ipv4.tcp_syncookies=2")
         self.write_config()
-        previous = os.environ.get("SIXGATE_LAB_COMMAND")
-        # netlab starts the gateway with this command: pinned, the workers inherit the CPUs.
-        os.environ["SIXGATE_LAB_COMMAND"] = " ".join(
-            taskset(self.gateway_cpus, netlab.sixgate_command()))
-        try:
-            self.start_gateway(timeout=60)
-        finally:
-            if previous is None:
-                del os.environ["SIXGATE_LAB_COMMAND"]
-            else:
-                os.environ["SIXGATE_LAB_COMMAND"] = previous
+        start_pinned(self)
 
     def config_text(self) -> str:
         # The lab's config with the benchmark's forward rules, and the limits raised: the
@@ -396,23 +386,49 @@ class SixgateLab(BenchTarget, netlab.Lab):
         return f"127.0.0.1:{SERVICE_PORT}"
 
     def gateway_processes(self) -> dict[str, int]:
-        coordinator = self.processes["sixgate"].pid
-        found = {"coordinator": coordinator}
-        for pid in children(coordinator):
-            argv = netlab.process_cmdline(pid)
-            index = argv[argv.index("--index") + 1] if "--index" in argv else str(pid)
-            found[f"worker-{index}"] = pid
-        return found
+        return sixgate_processes(self)
 
     def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-        text = self.exec_in(self.gw_ns, ["curl", "-sS", "--max-time", "10",
-                                         "http://127.0.0.1:9641/metrics"], timeout=15).stdout
-        series: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = tuple(sorted(sample.labels.items()))
-                series.setdefault(sample.name, {})[labels] = sample.value
-        return series
+        return sixgate_metrics(self)
+
+
+def start_pinned(lab: Any) -> None:
+    """``sixgate run`` in the lab's gateway namespace, pinned to the gateway CPUs (the
+    workers inherit them)."""
+    previous = os.environ.get("SIXGATE_LAB_COMMAND")
+    # netlab starts the gateway with this command.
+    os.environ["SIXGATE_LAB_COMMAND"] = " ".join(
+        taskset(lab.gateway_cpus, netlab.sixgate_command()))
+    try:
+        lab.start_gateway(timeout=60)
+    finally:
+        if previous is None:
+            del os.environ["SIXGATE_LAB_COMMAND"]
+        else:
+            os.environ["SIXGATE_LAB_COMMAND"] = previous
+
+
+def sixgate_processes(lab: Any) -> dict[str, int]:
+    """The coordinator and its workers by name."""
+    coordinator = lab.processes["sixgate"].pid
+    found = {"coordinator": coordinator}
+    for pid in children(coordinator):
+        argv = netlab.process_cmdline(pid)
+        index = argv[argv.index("--index") + 1] if "--index" in argv else str(pid)
+        found[f"worker-{index}"] = pid
+    return found
+
+
+def sixgate_metrics(lab: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The gateway's /metrics, by name and label set."""
+    text = lab.exec_in(lab.gw_ns, ["curl", "-sS", "--max-time", "10",
+                                   "http://127.0.0.1:9641/metrics"], timeout=15).stdout
+    series: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            series.setdefault(sample.name, {})[labels] = sample.value
+    return series
 
 
 # --------------------------------------------------------------------------- TAYGA
@@ -482,6 +498,59 @@ class TaygaLab(PlainIPv6Target, netlab.Lab):
 
     def gateway_processes(self) -> dict[str, int]:
         return {"tayga": self.processes["tayga"].pid}
+
+
+# --------------------------------------------------------------------------- sixgate NAT64
+
+
+class Sixgate64Lab(PlainIPv6Target, netlab.Lab):
+    """The real ``sixgate run`` in NAT64 mode with TAYGA's input and TAYGA's job: the same
+    plain IPv6 UDP to the same /96 (RFC 6052 network-specific prefix), translated to the
+    same IPv4 sink, the bindings from pool4 ports of one address."""
+
+    def __init__(self, workers: int, **cpus: str | None) -> None:
+        super().__init__(**cpus)
+        self.workers = workers
+        self.label = f"NAT64 {workers}w"
+
+    def start(self) -> None:
+        self.create_namespaces()
+        self.ipv6_on(self.gw_ns, "veth0", "lo")  # forwarding: sixgate switches it on itself
+        self.ip(self.peer_ns, "addr", "add", f"{PEER_LINK_V6}/64", "dev", "veth0", "nodad")
+        self.ip(self.gw_ns, "addr", "add", f"{GW_LINK_V6}/64", "dev", "veth0", "nodad")
+        self.ip(self.peer_ns, "route", "add", f"{NAT64_PREFIX}/96", "via", GW_LINK_V6)
+        self.ip(self.gw_ns, "route", "add", f"{CLIENTS_48}::/48", "via", PEER_LINK_V6)
+        # The lab routed 203.0.113.0/24 to the peer; here 203.0.113.1 is pool4.
+        self.ip(self.gw_ns, "route", "del", TAYGA_POOL)
+        self.write_config()
+        start_pinned(self)
+        self.resolve_neighbours((self.peer_ns, GW_LINK_V6))
+
+    def config_text(self) -> str:
+        return (
+            "[gateway]\n"
+            f"workers = {self.workers}\n"
+            f'run_dir = "{self.tmp / "run"}"\n'
+            f'name = "{self.name}"\n'
+            'log_level = "warning"\n'
+            "max_flows = 4000000\nmax_flows_per_prefix = 4000000\nmax_flows_per_48 = 4000000\n"
+            "\n[nat64]\n"
+            f'prefix = "{NAT64_PREFIX}/96"\n'
+            f'clients = ["{CLIENTS_48}::/48"]\n'
+            "ports_per_client = 64512\n"
+            "log_bindings = false\n"
+            "\n[[nat64.pool4]]\n"
+            f'address = "{TAYGA_IPV4}"\n'
+            'tcp = "1024-65535"\nudp = "1024-65535"\nicmp = "0-65535"\n')
+
+    def sink_endpoint(self) -> str:
+        return f"{SERVICE_IPV4}:{SERVICE_PORT}"
+
+    def gateway_processes(self) -> dict[str, int]:
+        return sixgate_processes(self)
+
+    def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        return sixgate_metrics(self)
 
 
 # --------------------------------------------------------------------------- kernel

@@ -213,6 +213,9 @@ SCHEMA: tuple[Key, ...] = (
         "a /128", lambda *a: _client_prefix(*a), DEFAULTS["nat64_client_prefix"]),
     Key("nat64", "port_hold_s", "seconds", "a freed pool4 port waits this long before reuse "
         "(RFC 6888 REQ-8)", _ranged_number(0, 3600), DEFAULTS["nat64_port_hold_s"]),
+    Key("nat64", "log_bindings", "boolean", "one log line per binding made and ended (client "
+        "address and port, pool4 address and port, never the destination: RFC 6888 REQ-12)",
+        lambda *a: _bool(*a), True),
     Key("nat64", "pool4", "list of tables", "the [[nat64.pool4]] entries: IPv4 addresses and "
         "port ranges the clients are translated to (RFC 6146 §3.5.1)",
         default_text="required"),
@@ -705,7 +708,8 @@ def _parse_nat64(ctx: _Ctx, nat64: Any) -> dict[str, Any]:
                 nat64_filtering=values["filtering"],
                 nat64_ports_per_client=values["ports_per_client"],
                 nat64_client_prefix=values["client_prefix"],
-                nat64_port_hold_s=values["port_hold_s"], mtu=values["mtu"])
+                nat64_port_hold_s=values["port_hold_s"],
+                nat64_log_bindings=values["log_bindings"], mtu=values["mtu"])
 
 
 def _name(ctx: _Ctx, table: str, key: str, value: Any) -> str:

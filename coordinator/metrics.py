@@ -67,6 +67,7 @@ METRIC_NAMES = (
     "sixgate_drops", "sixgate_flows_active", "sixgate_flows_created", "sixgate_flows_expired",
     "sixgate_flows_evicted", "sixgate_control_errors",
     "sixgate_flow_limit", "sixgate_pool_addresses", "sixgate_pool_addresses_in_use",
+    "sixgate_nat64_pool4_ports", "sixgate_nat64_pool4_ports_in_use",
     "sixgate_queue_drops", "sixgate_icmp_errors_sent", "sixgate_tcp_resets_sent",
     "sixgate_icmp_errors_suppressed", "sixgate_echo_replies", "sixgate_worker_up",
     "sixgate_worker_restarts", "sixgate_cpu_seconds", "sixgate_resident_memory_bytes",
@@ -178,6 +179,12 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
                              labels=["process"])
     pool_used = GaugeMetricFamily("sixgate_pool_addresses_in_use", "Pool addresses bound to "
                                   "a client", labels=["process"])
+    pool4 = GaugeMetricFamily("sixgate_nat64_pool4_ports", "NAT64 pool4 ports this worker "
+                              "owns, per protocol and address (its slice)",
+                              labels=["process", "protocol", "address"])
+    pool4_used = GaugeMetricFamily("sixgate_nat64_pool4_ports_in_use", "NAT64 pool4 ports "
+                                   "bound to a client (RFC 6146 BIB entries)",
+                                   labels=["process", "protocol", "address"])
     queue_drops = CounterMetricFamily("sixgate_queue_drops", "Packets lost because this "
                                       "worker's ZeroMQ queue was full", labels=["process"])
     errors_sent = CounterMetricFamily("sixgate_icmp_errors_sent", "ICMPv6 errors sent",
@@ -230,9 +237,13 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
                 octets.add_metric([name, direction, protocol], counters["bytes"].get(key, 0))
         events = counters["events"]
         flows = stats["flows"]
-        for protocol in ("tcp", "udp"):
-            active.add_metric([name, protocol], flows["active"][protocol])
-            created.add_metric([name, protocol], flows["created"][protocol])
+        for protocol in ("tcp", "udp", "icmp"):
+            active.add_metric([name, protocol], flows["active"].get(protocol, 0))
+            created.add_metric([name, protocol], flows["created"].get(protocol, 0))
+        for row in stats.get("pool4", []):
+            labels = [name, row["protocol"], row["address"]]
+            pool4.add_metric(labels, row["ports"])
+            pool4_used.add_metric(labels, row["in_use"])
         expired.add_metric([name], flows["expired"])
         evicted.add_metric([name], events.get(Event.FLOWS_EVICTED.value, 0))
         pool.add_metric([name], flows["pool_size"])
@@ -251,7 +262,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
                 timings.append(([name, direction], hist))
 
     out += [packets, octets, drops, control_errors, active, created, expired, evicted,
-            flow_limit, pool, pool_used,
+            flow_limit, pool, pool_used, pool4, pool4_used,
             queue_drops, errors_sent, resets, suppressed, echo, up, restarts, cpu, rss]
     out.append(_histogram("sixgate_coordinator_batch_packets",
                           "Packets per coordinator-to-worker ZeroMQ message", [],

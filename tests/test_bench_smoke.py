@@ -104,3 +104,20 @@ def test_engine_benchmark_runs_every_path() -> None:
     rows = [line for line in done.stdout.splitlines() if "pkt/s" in line]
     assert [row.split(":")[0].strip() for row in rows] == [
         "reference", "sixgate inbound", "sixgate return"], done.stdout
+
+
+def test_nat64_target_delivers_and_reflects_a_burst(bench_lab) -> None:  # type: ignore[no-untyped-def]
+    """The NAT64 system (TAYGA's input and job on sixgate) carries the same burst to the
+    IPv4 sink and back, as its /metrics count."""
+    _lab, programs = bench_lab
+    sink = programs["sink"]
+    with labs.Sixgate64Lab(1) as lab:
+        with lab.service_sink(sink, reflect=True) as counters, \
+                lab.return_counter(sink) as returns:
+            before = packets(lab, "to_services"), packets(lab, "outbound")
+            assert burst(lab, programs) == {"sent": BURST, "errors": 0}
+            arrived, back = labs.wait_quiet(lambda: (read_counts(counters),
+                                                     read_counts(returns)))
+            after = packets(lab, "to_services"), packets(lab, "outbound")
+        assert arrived.packets == after[0] - before[0] > BURST * 0.9
+        assert back.packets == after[1] - before[1] > arrived.packets * 0.9

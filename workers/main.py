@@ -36,8 +36,8 @@ from sixgate.workers.control import control_endpoint, data_endpoint
 from sixgate.workers.engine.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
 from sixgate.workers.engine.datapath import Datapath, Output
 from sixgate.workers.engine.drops import DropReason, Event
-from sixgate.workers.engine.flows import Session
-from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP
+from sixgate.workers.engine.flows import Bib, FlowTable, Session
+from sixgate.workers.engine.packet import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from sixgate.workers.engine.settings import (
     Settings,
     nat64_table,
@@ -91,8 +91,34 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+PROTOCOL_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp"}
+
+
+def pool4_usage(flows: FlowTable) -> list[dict[str, object]]:
+    """A NAT64 worker's pool4 per address and protocol: ports and ports in use."""
+    if flows.ports is None:
+        return []
+    return [{"protocol": PROTOCOL_NAMES[proto], "address": str(ipaddress.IPv4Address(address)),
+             "ports": size, "in_use": in_use}
+            for proto, address, size, in_use in flows.ports.usage()]
+
+
+BINDING_LOG = logging.getLogger("sixgate.nat64.bindings")
+
+
+def log_bindings(events: list[tuple[bool, Bib]]) -> None:
+    """RFC 6888 REQ-12: one logfmt line per NAT64 binding made or ended, with the client's
+    transport address and its pool4 one, never a destination; the list is emptied."""
+    for made, bib in events:
+        BINDING_LOG.info("nat64_binding=%s proto=%s client=[%s]:%d pool4=%s:%d",
+                         "create" if made else "delete", PROTOCOL_NAMES.get(bib.proto, "?"),
+                         ipaddress.IPv6Address(bib.client6), bib.cport,
+                         ipaddress.IPv4Address(bib.pool4), bib.pport)
+    events.clear()
+
+
 def describe_session(session: Session, now: float, index: int) -> dict[str, Any]:
-    proto = {PROTO_TCP: "tcp", PROTO_UDP: "udp"}.get(session.proto, str(session.proto))
+    proto = PROTOCOL_NAMES.get(session.proto, str(session.proto))
     return {
         "proto": proto,
         "client": f"[{ipaddress.IPv6Address(session.client6)}]:{session.cport}",
@@ -138,6 +164,8 @@ class Worker:
         self.nat64 = settings.mode == "nat64"
         self.datapath = Datapath(settings, worker_pool(settings.pool, settings.workers, index),
                                  settings.workers, index=index)
+        if self.nat64 and settings.nat64_log_bindings:
+            self.datapath.flows.binding_events = []
         self.running = True
         self.errors = InternalErrorLog(f"worker {index}")
         self.tun_fd = -1
@@ -320,6 +348,9 @@ class Worker:
     def _send(self, output: Output) -> None:
         """Send what the engine returned; log what a packet raised (rate-limited)."""
         counters = self.datapath.counters
+        events = self.datapath.flows.binding_events
+        if events:
+            log_bindings(events)
         if output.raised is not None:
             self.errors.packet_raised(output.raised)
         to_tun = output.to_services + output.to_ipv6 if output.to_ipv6 else output.to_services
@@ -372,7 +403,7 @@ class Worker:
             reply = control.ok(index=self.index, **worker_stats(
                 self.datapath.counters, flows.active_by_proto, flows.created_by_proto,
                 flows.expired_total, flows.max_flows, flows.pool_in_use(), flows.pool_size,
-                self.processing))
+                self.processing, pool4_usage(flows)))
         elif cmd == "flows":
             flows = self.datapath.flows
             page = islice(flows.sessions_iter(), control.page_limit(fields))

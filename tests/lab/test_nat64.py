@@ -26,6 +26,7 @@ from nat64lab import (
     Nat64Lab,
     synthesized,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.usefixtures("io_uring")
 
@@ -236,6 +237,31 @@ class TestNat64:
                                *nat64_lab.ssh_argv("echo hello over NAT64")], timeout=30)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "hello over NAT64"
+
+    def test_pool4_metrics_and_the_binding_log(self, nat64_lab: Nat64Lab) -> None:
+        """Per worker, protocol and address: pool4 ports owned (the slices add up to the
+        configured ranges) and in use; each binding logged once, never with a destination
+        (RFC 6888 REQ-12)."""
+        got = netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
+        assert got.exit_code == 0, got.stderr
+        body = nat64_lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+        owned: dict[str, float] = {}
+        in_use = 0.0
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == "sixgate_nat64_pool4_ports":
+                    assert sample.labels["address"] == POOL4
+                    protocol = sample.labels["protocol"]
+                    owned[protocol] = owned.get(protocol, 0) + sample.value
+                elif sample.name == "sixgate_nat64_pool4_ports_in_use":
+                    in_use += sample.value
+        assert owned == {"tcp": 4535, "udp": 4535, "icmp": 65536}
+        assert in_use >= 1
+        lines = [line for line in nat64_lab.log_path("sixgate").read_text().splitlines()
+                 if "nat64_binding=" in line]
+        assert any("nat64_binding=create proto=tcp client=[2001:db8:100::10]:" in line
+                   and f"pool4={POOL4}:" in line for line in lines), lines[-5:]
+        assert not [line for line in lines if "198.51.100." in line]
 
     def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
         netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")

@@ -126,7 +126,8 @@ def test_no_unbounded_labels() -> None:
     samples = _exposed(_snapshot([_worker_stats(), _worker_stats()]))
     names = {label for _name, labels in samples for label, _value in labels}
     assert names <= {"process", "direction", "protocol", "reason", "type", "mode", "le",
-                     "version", "backend", "delivery", "tunnel_mode"}
+                     "version", "backend", "delivery", "tunnel_mode",
+                     "address"}  # NAT64 pool4 addresses: as many as the config names
 
 
 def test_families_are_exactly_the_documented_names() -> None:

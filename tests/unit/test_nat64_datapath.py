@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, TCPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw, raw
 
@@ -215,9 +215,11 @@ def test_rfc7915_4_2_icmpv4_error_from_a_router_comes_from_its_synthesized_addre
 
 
 def test_tcp_from_ipv4_without_a_session_is_not_let_in() -> None:
+    """Only a SYN may open a session from the IPv4 side (RFC 6146 §3.5.2.2)."""
     dp = nat64()
-    syn = IP(src=SERVER, dst=POOL4) / TCP(sport=80, dport=61001, flags="S")
-    assert not dp.from_services([raw(syn)], 1.0).to_ipv6
+    one_v4(dp.from_ipv6([udp6(sport=61001)], 1.0))
+    ack = IP(src=SERVER, dst=POOL4) / TCP(sport=80, dport=61001, flags="A")
+    assert not dp.from_services([raw(ack)], 1.0).to_ipv6
     assert dp.counters.drops[DropReason.NO_SESSION] == 1
 
 
@@ -290,3 +292,32 @@ def test_rfc7915_4_3_fragmentation_needed_about_an_echo_quotes_the_client_reques
     whole = raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(id=0x4242, seq=3,
                                                                    data=b"q" * 1400))
     assert raw(quoted)[40:44] == whole[40:44]
+
+
+def test_rfc6146_3_5_2_2_ipv4_syn_to_a_binding_opens_v4_init_then_the_client_syn() -> None:
+    dp = nat64()
+    pport = one_v4(dp.from_ipv6([raw(IPv6(src=CLIENT, dst=SERVER6) / TCP(
+        sport=50000, dport=80, flags="S"))], 1.0))[TCP].sport
+    # Endpoint-independent filtering: another IPv4 host's SYN to the binding reaches the client.
+    syn = IP(src="198.51.100.99", dst=POOL4) / TCP(sport=4444, dport=pport, flags="S")
+    back = one_v6(dp.from_services([raw(syn)], 1.1))
+    assert back[TCP].flags == "S" and back[TCP].dport == 50000 and valid(back)
+    session = dp.flows.lookup_v4(6, ipaddress.IPv4Address(POOL4).packed, pport,
+                                 ipaddress.IPv4Address("198.51.100.99").packed, 4444)
+    assert session is not None and session.state == "v4_init"
+    reply = raw(IPv6(src=CLIENT, dst="64:ff9b::c633:6463") / TCP(sport=50000, dport=4444,
+                                                                  flags="S"))
+    assert one_v4(dp.from_ipv6([reply], 1.2))[TCP].sport == pport
+    assert session.state == "established"
+
+
+def test_rfc6146_3_5_2_2_ipv4_syn_to_no_binding_waits_six_seconds_then_port_unreachable() -> None:
+    dp = nat64()
+    syn = IP(src=SERVER, dst=POOL4) / TCP(sport=4444, dport=61234, flags="S", seq=99)
+    assert not dp.from_services([raw(syn)], 10.0).to_ipv6
+    assert not dp.tick(15.9).to_services  # still waiting
+    error = one_v4(dp.tick(16.1))
+    assert (error.src, error.dst) == (POOL4, SERVER)
+    assert (error[ICMP].type, error[ICMP].code) == (3, 3) and valid(error)
+    assert error[TCPerror].seq == 99  # RFC 792: the SYN's header and 8 bytes quoted
+    assert dp.counters.drops[DropReason.NO_SESSION] == 1

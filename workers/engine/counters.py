@@ -123,11 +123,14 @@ BATCH_PACKETS_BOUNDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 
 def worker_stats(counters: Counters, active_by_proto: dict[int, int],
                  created_by_proto: dict[int, int], expired: int, limit: int, pool_in_use: int,
-                 pool_size: int, processing: dict[str, Histogram]) -> dict[str, object]:
+                 pool_size: int, processing: dict[str, Histogram],
+                 pool4: list[dict[str, object]] | None = None) -> dict[str, object]:
     """What a worker answers to the ``stats`` control request: plain JSON data, the same for
-    the userspace datapath and the kernel backend's relays (coordinator/metrics.py exports it)."""
+    the userspace datapath and the kernel backend's relays (coordinator/metrics.py exports it).
+    ``pool4``: a NAT64 worker's pool4 rows (address, protocol, ports, in use)."""
     def by_name(table: dict[int, int]) -> dict[str, int]:
-        return {"tcp": table.get(PROTO_TCP, 0), "udp": table.get(PROTO_UDP, 0)}
+        return {"tcp": table.get(PROTO_TCP, 0), "udp": table.get(PROTO_UDP, 0),
+                "icmp": table.get(PROTO_ICMP, 0)}
 
     return {
         "counters": counters.as_dict(),
@@ -135,4 +138,5 @@ def worker_stats(counters: Counters, active_by_proto: dict[int, int],
                   "expired": expired, "limit": limit, "pool_in_use": pool_in_use,
                   "pool_size": pool_size},
         "processing_seconds": {d: h.as_dict() for d, h in processing.items()},
+        "pool4": pool4 or [],
     }

@@ -40,6 +40,7 @@ from sixgate.workers.engine.icmp import (
     ICMP_ECHO_REPLY,
     ICMP_FRAGMENTATION_NEEDED,
     ICMP_PARAMETER_PROBLEM,
+    ICMP_PORT_UNREACHABLE,
     ICMP_TIME_EXCEEDED,
     ICMPV6_DEST_UNREACHABLE,
     ICMPV6_ECHO_REQUEST,
@@ -129,6 +130,10 @@ class Output:
 
 # The rule label of NAT64 sessions (``sixgate flows``).
 NAT64_RULE = "nat64"
+# RFC 6146 §4 TCP_INCOMING_SYN: how long an IPv4 SYN to no binding waits for the client's own
+# SYN before it is answered with port unreachable; at most this many wait at once (§5.3).
+TCP_INCOMING_SYN_S = 6.0
+MAX_HELD_SYNS = 1024
 
 
 def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
@@ -181,6 +186,9 @@ class Datapath:
                                               settings.fragment_bytes)
                              if self.nat64 is not None else None)
         self._fragmented = False  # the packet being translated came in IPv6 fragments
+        # NAT64: IPv4 SYNs to no binding, waiting (RFC 6146 §3.5.2.2), oldest first:
+        # (pool4, pool port, remote IPv4, remote port) -> (deadline, the SYN)
+        self._held_syns: dict[tuple[bytes, int, bytes, int], tuple[float, bytes]] = {}
         # RFC 4443 §2.4(f): errors and RSTs, and echo replies (reflection: one source must not
         # turn the gateway into a firehose), each per source /64 and in all.
         self.error_limiter = SourceRateLimiter(settings.icmp_errors_per_s,
@@ -689,6 +697,8 @@ class Datapath:
             session = created
             self.counters.event(Event.FLOWS_CREATED_TCP if proto == PROTO_TCP
                                 else Event.FLOWS_CREATED_UDP)
+            if self._held_syns and proto == PROTO_TCP:
+                self._discard_held_syn(session)
             if self.flows.removed:
                 # Unassured sessions evicted to make room (Linux conntrack's early drop).
                 self.counters.event(Event.FLOWS_EVICTED, len(self.flows.removed))
@@ -809,7 +819,8 @@ class Datapath:
                 if self.nat64 is None:
                     self._drop(DropReason.NO_SESSION)
                     return
-                session = self._nat64_session_from_v4(proto, dst, dport, src, sport, now)
+                session = self._nat64_session_from_v4(proto, dst, dport, src, sport, now,
+                                                      packet, header_len)
                 if session is None:
                     return
             if hop_limit_after(ttl) <= 0:
@@ -847,16 +858,27 @@ class Datapath:
             self._drop(DropReason.UNSUPPORTED_PROTOCOL)
 
     def _nat64_session_from_v4(self, proto: int, pool4: bytes, pport: int, remote4: bytes,
-                               rport: int, now: float) -> Session | None:
+                               rport: int, now: float, packet: bytes,
+                               header_len: int) -> Session | None:
         """An IPv4 packet to a NAT64 binding from a peer it has no session with: RFC 6146
         §3.5.1 filtering decides (endpoint-independent: anyone may reach the binding;
         address-dependent: only an address it has a session with), and a new session is made
-        for it. A TCP SYN from IPv4 waits for the IPv6 side's (§3.5.2.2): not yet held, it is
-        dropped as no_session. Counted when refused."""
+        for it; for TCP only a SYN makes one, in V4 INIT (§3.5.2.2). A SYN to no binding is
+        held TCP_INCOMING_SYN_S for the client's own SYN (simultaneous open), then answered
+        with port unreachable (``tick``). Counted when refused."""
         assert self.nat64 is not None
         bib = self.flows.binding_v4(proto, pool4, pport)
-        if bib is None or proto == PROTO_TCP:
+        syn = proto == PROTO_TCP and (packet[header_len + 13] & (TCP_SYN | TCP_ACK | TCP_RST)
+                                      == TCP_SYN)
+        if proto == PROTO_TCP and not syn:
             self._drop(DropReason.NO_SESSION)
+            return None
+        if bib is None:
+            key = (pool4, pport, remote4, rport)
+            if syn and key not in self._held_syns and len(self._held_syns) < MAX_HELD_SYNS:
+                self._held_syns[key] = (now + TCP_INCOMING_SYN_S, bytes(packet))
+            else:
+                self._drop(DropReason.NO_SESSION)
             return None
         if not self.eif and remote4 not in bib.remotes:
             self._drop(DropReason.FILTERED)
@@ -865,13 +887,36 @@ class Datapath:
             self._drop(DropReason.NON_GLOBAL_DESTINATION)
             return None
         created = self.flows.create(proto, bib.client6, bib.cport, self.nat64.synthesize(remote4),
-                                    rport, remote4, rport, NAT64_RULE, now)
+                                    rport, remote4, rport, NAT64_RULE, now, from_v4=True)
         if isinstance(created, DropReason):
             self._drop(created)
             self.limit_hits.hit(created)
             return None
-        self.counters.event(Event.FLOWS_CREATED_UDP)
+        self.counters.event(Event.FLOWS_CREATED_TCP if syn else Event.FLOWS_CREATED_UDP)
         return created
+
+    def _expire_held_syns(self, now: float) -> None:
+        """RFC 6146 §3.5.2.2: an IPv4 SYN nobody's SYN answered in TCP_INCOMING_SYN_S is
+        answered with ICMPv4 port unreachable (through the IPv4 side, like any packet)."""
+        held = self._held_syns
+        while held:
+            key, (deadline, syn) = next(iter(held.items()))
+            if deadline > now:
+                return
+            del held[key]
+            self._drop(DropReason.NO_SESSION)
+            header_len = (syn[0] & 0x0F) * 4
+            message = bytearray(bytes((ICMP_DEST_UNREACHABLE, ICMP_PORT_UNREACHABLE)) + bytes(6)
+                                + syn[:header_len + 8])
+            message[2:4] = checksum(message).to_bytes(2, "big")
+            self._to_services.append(build_ipv4(key[0], key[2], PROTO_ICMP, message))
+
+    def _discard_held_syn(self, session: Session) -> None:
+        """The client's SYN made the binding an IPv4 SYN was waiting for: the held SYN goes
+        (RFC 6146 §3.5.2.2), counted once."""
+        if self._held_syns.pop((session.pool4, session.pport, session.target4, session.tport),
+                               None) is not None:
+            self._drop(DropReason.NO_SESSION)
 
     def _emit(self, session: Session, proto: int, segment: bytes, hop_limit: int,
               tos: int) -> None:
@@ -974,6 +1019,7 @@ class Datapath:
             self._forget_templates()
         if self.reassembler4 is not None:
             self.counters.drop(DropReason.FRAGMENT_TIMEOUT, self.reassembler4.expire(now))
+            self._expire_held_syns(now)
         timed_out, firsts = self.reassembler.expire(now)
         if timed_out:
             self.counters.drop(DropReason.FRAGMENT_TIMEOUT, timed_out)

@@ -40,6 +40,7 @@ from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN
 # TCP states of RFC 6146 §3.5.2.2 (CLOSED is "no session"), plus V4_SYN_RCV: the service
 # answered the client's SYN and the client's ACK is awaited (conntrack's SYN_RECV).
 V6_INIT = "v6_init"
+V4_INIT = "v4_init"  # NAT64: an IPv4 host's SYN to a binding, the client's SYN awaited
 V4_SYN_RCV = "v4_syn_rcv"
 ESTABLISHED = "established"
 V6_FIN = "v6_fin"
@@ -57,6 +58,8 @@ KEEP, ASSURE, TRANSITORY = 0, 1, 2
 TCP_TRANSITIONS: dict[str, tuple[tuple[bool, int, int, str, int], ...]] = {
     # The service's SYN(+ACK): the handshake is under way, not yet assured.
     V6_INIT: ((False, TCP_SYN, 0, V4_SYN_RCV, KEEP),),
+    # RFC 6146 §3.5.2.2: the client's SYN answers an IPv4-initiated one (simultaneous open).
+    V4_INIT: ((True, TCP_SYN, 0, ESTABLISHED, ASSURE),),
     # The client's ACK of it (the third packet) completes the handshake: assured, as
     # conntrack assures on the third packet.
     V4_SYN_RCV: ((True, TCP_ACK, TCP_SYN, ESTABLISHED, ASSURE),),
@@ -158,7 +161,7 @@ class PortPool:
         self.hold_s = hold_s
         # proto -> address -> four queues: (well-known?, parity) -> free ports, oldest first.
         self._free: dict[int, dict[bytes, list[deque[int]]]] = {}
-        self.size: dict[int, int] = {}
+        self.size: dict[tuple[int, bytes], int] = {}
         self.in_use: dict[tuple[int, bytes], int] = {}
         for proto, rows in ranges.items():
             by_address = self._free.setdefault(proto, {})
@@ -166,7 +169,7 @@ class PortPool:
                 queues = by_address.setdefault(address, [deque(), deque(), deque(), deque()])
                 for port in range(first, last + 1):
                     queues[_port_class(port)].append(port)
-                self.size[proto] = self.size.get(proto, 0) + last - first + 1
+                self.size[proto, address] = self.size.get((proto, address), 0) + last - first + 1
                 self.in_use.setdefault((proto, address), 0)
         self._held: deque[tuple[float, int, bytes, int]] = deque()
 
@@ -200,6 +203,11 @@ class PortPool:
 
     def held(self) -> int:
         return len(self._held)
+
+    def usage(self) -> list[tuple[int, bytes, int, int]]:
+        """(protocol, address, ports, ports in use) of every address of every protocol."""
+        return [(proto, address, size, self.in_use[proto, address])
+                for (proto, address), size in sorted(self.size.items())]
 
 
 def _port_class(port: int) -> int:
@@ -264,6 +272,9 @@ class FlowTable:
         self.bindings_created = 0
         self.bindings_removed = 0
         self._clock = 0.0  # the latest ``now`` seen: when a port freed by ``close`` was freed
+        # When a list, each NAT64 binding made (True) or ended (False) is appended, for the
+        # shell's binding log (RFC 6888 REQ-12).
+        self.binding_events: list[tuple[bool, Bib]] | None = None
         # Unassured sessions, oldest first (dict order): who goes first when room is needed.
         # An OrderedDict: taking the oldest is O(1) however many were taken before (a plain
         # dict would scan the holes its deletions leave at the front).
@@ -337,7 +348,7 @@ class FlowTable:
 
     def create(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
                target4: bytes, tport: int, rule: str, now: float,
-               outer4: bytes = b"") -> Session | DropReason:
+               outer4: bytes = b"", from_v4: bool = False) -> Session | DropReason:
         """Create a session for a new flow from an IPv6 client, or say why not.
 
         ``outer4``: the outer IPv4 source the packet came from, counted against
@@ -361,7 +372,7 @@ class FlowTable:
         binding = self._client_pool.get(client6)
         if self.ports is not None:
             return self._create_nat64(proto, client6, cport, gw6, gwport, target4, tport, rule,
-                                      now, binding)
+                                      now, binding, from_v4)
         if binding is None:
             if not self._free and not self._evict_unassured_client():
                 return DropReason.POOL_EXHAUSTED
@@ -387,7 +398,7 @@ class FlowTable:
 
     def _create_nat64(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
                       target4: bytes, tport: int, rule: str, now: float,
-                      binding: _Binding | None) -> Session | DropReason:
+                      binding: _Binding | None, from_v4: bool = False) -> Session | DropReason:
         """NAT64: the session's binding is the client transport address's (endpoint-independent
         mapping, RFC 6146 §3.5.1), made on first use within the client's port quota."""
         assert self.ports is not None
@@ -406,6 +417,8 @@ class FlowTable:
             self._bib_v4[proto, bib.pool4, bib.pport] = bib
             self._ports_per_client[owner] = self._ports_per_client.get(owner, 0) + 1
             self.bindings_created += 1
+            if self.binding_events is not None:
+                self.binding_events.append((True, bib))
         v4_key = (proto, bib.pool4, bib.pport, target4, tport)
         if v4_key in self._by_v4:
             return DropReason.PORT_IN_USE
@@ -415,7 +428,8 @@ class FlowTable:
         bib.sessions += 1
         bib.remotes[target4] = bib.remotes.get(target4, 0) + 1
         session = Session(proto, client6, cport, gw6, gwport, bib.pool4, target4, tport, rule,
-                          V6_INIT if proto == PROTO_TCP else UDP_OPEN, now,
+                          (V4_INIT if from_v4 else V6_INIT) if proto == PROTO_TCP
+                          else UDP_OPEN, now,
                           self.timeouts.unassured_s, pport=bib.pport)
         self._add(session, v4_key, now)
         return session
@@ -623,6 +637,8 @@ class FlowTable:
         _decrement(self._ports_per_client, session.client6[:self.quota_prefix_bytes])
         self.ports.release(session.proto, bib.pool4, bib.pport, self._clock)
         self.bindings_removed += 1
+        if self.binding_events is not None:
+            self.binding_events.append((False, bib))
 
     # --- views --------------------------------------------------------------------------------
 

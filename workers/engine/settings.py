@@ -120,6 +120,8 @@ class Settings:
     nat64_client_prefix: int = 64
     # RFC 6888 REQ-8: a freed pool4 port waits this long before it is handed out again.
     nat64_port_hold_s: float = 120.0
+    # RFC 6888 REQ-12: one log line per binding made and ended, without destinations.
+    nat64_log_bindings: bool = True
 
     @property
     def max_mss(self) -> int:
