@@ -72,6 +72,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config {args.config}: OK")
     print(f"  backend       {backend or 'NONE'}: {backend_why}")
     if settings.mode == "nat64":
+        problem = _pool4_problem(settings)
+        if problem:
+            print(f"sixgate: {args.config}: nat64.pool4: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
         _print_nat64(settings)
         _print_every_key(settings, args.config)
         return EXIT_OK
@@ -131,6 +135,27 @@ def cmd_dns64_emit(args: argparse.Namespace) -> int:
         print(f"sixgate: {args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return EXIT_OK
+
+
+LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _pool4_problem(settings: Settings) -> str:
+    """Why pool4 cannot work on this host ("" when it can): an address the host owns would
+    have its replies go to the host's own sockets, whose ephemeral ports come from
+    net.ipv4.ip_local_port_range (Jool's users meet this)."""
+    from sixgate.coordinator.forwarding import local_pool4
+    owned = local_pool4(settings)
+    if not owned:
+        return ""
+    low, high = (int(word) for word in LOCAL_PORT_RANGE.read_text().split())
+    clashes = [f"{proto} {lo}-{hi}" for address, proto, lo, hi in settings.nat64_pool4
+               if address in owned and proto != "icmp" and lo <= high and low <= hi]
+    clash = (f"; its {', '.join(clashes)} also overlap net.ipv4.ip_local_port_range "
+             f"{low}-{high}, the ports the host's own connections take") if clashes else ""
+    return (f"{', '.join(owned)} is an address of this host{clash}: replies to it would reach "
+            "the host's own sockets; route an address of its own to this host for pool4 "
+            "(ip route add ADDRESS/32 via THIS-HOST on the router)")
 
 
 def _print_nat64(settings: Settings) -> None:

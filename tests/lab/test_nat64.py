@@ -17,6 +17,7 @@ from nat64lab import (
     CLIENT6,
     CLIENT6_OTHER,
     DNS4,
+    GATEWAY4,
     HTTP4,
     MANY_CLIENTS6,
     MTU_LIMITED4,
@@ -262,6 +263,19 @@ class TestNat64:
         assert any("nat64_binding=create proto=tcp client=[2001:db8:100::10]:" in line
                    and f"pool4={POOL4}:" in line for line in lines), lines[-5:]
         assert not [line for line in lines if "198.51.100." in line]
+
+    def test_check_refuses_pool4_on_the_hosts_own_address(self, nat64_lab: Nat64Lab) -> None:
+        """``sixgate check`` on the gateway host: pool4 on one of its own addresses is refused
+        with the clash with ip_local_port_range named, and the fix."""
+        config = nat64_lab.tmp / "own-address.toml"
+        config.write_text(nat64_lab.config_text().replace(f'address = "{POOL4}"',
+                                                          f'address = "{GATEWAY4}"')
+                          .replace('tcp = "61001-65535"', 'tcp = "30000-65535"'))
+        done = nat64_lab.gw([*netlab.sixgate_command(), "check", "--config", str(config)])
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"{GATEWAY4} is an address of this host" in done.stderr
+        assert "tcp 30000-65535 also overlap net.ipv4.ip_local_port_range" in done.stderr
+        assert "route an address of its own to this host" in done.stderr
 
     def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
         netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
