@@ -71,11 +71,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     backend, backend_why = choose_backend(settings.backend, caps)
     print(f"config {args.config}: OK")
     print(f"  backend       {backend or 'NONE'}: {backend_why}")
+    problem = _pool4_problem(settings) if settings.nat64_prefix else ""
+    if problem:
+        print(f"sixgate: {args.config}: nat64.pool4: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     if settings.mode == "nat64":
-        problem = _pool4_problem(settings)
-        if problem:
-            print(f"sixgate: {args.config}: nat64.pool4: {problem}", file=sys.stderr)
-            return EXIT_CONFIG
         _print_nat64(settings)
         _print_every_key(settings, args.config)
         return EXIT_OK
@@ -122,6 +122,9 @@ def cmd_check(args: argparse.Namespace) -> int:
               "forwarded ports from IPv6 sockets")
     else:
         print(f"  delivery      {method or 'NONE'}: {why}")
+    if settings.nat64_prefix:
+        print("  NAT64 beside the tunnel:")
+        _print_nat64(settings)
     _print_every_key(settings, args.config)
     return EXIT_OK
 
@@ -182,10 +185,18 @@ def _print_nat64(settings: Settings) -> None:
           f"(RFC 6888 REQ-4), freed ports held {settings.nat64_port_hold_s:g} s (REQ-8)")
     print(f"  mtu           {settings.mtu} on the IPv6 side (TCP MSS clamped to "
           f"{settings.max_mss})")
-    print(f"  packets in    IPv6: the kernel routes {settings.nat64_prefix} to the TUN device; "
-          "IPv4: it routes the pool4 addresses there")
-    print("  packets out   written to the TUN device; the kernel forwards them (sixgate turns "
-          "IPv4 and IPv6 forwarding on while it runs)")
+    if settings.nat64_input == "tun":
+        print(f"  packets in    IPv6: the kernel routes {settings.nat64_prefix} to the TUN "
+              "devices; IPv4: it routes the pool4 addresses there (steered to the owning "
+              "worker by sixgate's nftables marks)")
+        print("  packets out   written to the TUN devices; the kernel forwards them (sixgate "
+              "turns IPv4 and IPv6 forwarding on while it runs)")
+    else:
+        print(f"  packets in    IPv6 to {settings.nat64_prefix} over the tunnel; IPv4: the "
+              "kernel routes the pool4 addresses to the TUN devices")
+        print("  packets out   IPv4 written to the TUN devices (the kernel forwards it: sixgate "
+              "turns the uplink's IPv4 forwarding on while it runs); IPv6 back into the "
+              "tunnel")
     t = settings.timeouts
     print(f"  timeouts      tcp established {t.tcp_established_s:g} s, transitory "
           f"{t.tcp_transitory_s:g} s, udp {t.udp_s:g} s, icmp {t.icmp_s:g} s, unassured "

@@ -115,7 +115,8 @@ TUN_WRITES = {"io_uring": "a batch of packets per system call (write(2) where io
                           "refused)",
               "write": "one write(2) per packet"}
 NAT64_INPUTS = {"tun": "IPv6 arrives over this host's kernel IPv6: the prefix is routed to "
-                        "sixgate's TUN device (TAYGA's model)"}
+                        "sixgate's TUN devices (TAYGA's model)",
+                "tunnel": "a remote IPv6-only site over this gateway's [tunnel]"}
 FILTERINGS = {"endpoint-independent": "any IPv4 host may reach a binding (RFC 4787 REQ-8)",
               "address-dependent": "only IPv4 hosts the client has sent to (RFC 4787)"}
 LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
@@ -282,9 +283,9 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
         if key.table in ("forward", "nat64.pool4"):
             continue
         if key.table == "nat64":
-            if settings.mode != "nat64":
+            if not settings.nat64_prefix or key.name == "mtu" and settings.mode != "nat64":
                 continue
-            value: Any = (settings.mtu if key.name == "mtu" else "tun" if key.name == "input"
+            value: Any = (settings.mtu if key.name == "mtu"
                           else getattr(settings, f"nat64_{key.name}"))
             out.append((key, value, key.name in doc.get("nat64", {})))
             continue
@@ -542,16 +543,21 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
 
     nat64_values: dict[str, Any] = {}
     if "nat64" in doc:
-        if "tunnel" in doc:
-            raise ctx.error("nat64", None, "a gateway with both [tunnel] and [nat64] is not "
-                            "supported yet; run the NAT64 as a second sixgate with its own "
-                            "[gateway] name and run_dir")
         nat64_values = _parse_nat64(ctx, doc["nat64"])
+        mtu = nat64_values.pop("mtu")
+    if nat64_values and "tunnel" not in doc:
+        if nat64_values["nat64_input"] == "tunnel":
+            raise ctx.error("nat64", "input", "\"tunnel\" needs a [tunnel] table (the 6in4 or "
+                            "6to4 tunnel the IPv6-only site comes over); add one, or use "
+                            "\"tun\"")
         tunnel_values = dict(mode="nat64", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
-                             prefix=nat64_values["nat64_prefix"], addresses=(),
-                             mtu=nat64_values.pop("mtu"), martian_ipv4=DEFAULT_MARTIAN_IPV4)
+                             prefix=nat64_values["nat64_prefix"], addresses=(), mtu=mtu,
+                             martian_ipv4=DEFAULT_MARTIAN_IPV4)
     else:
         tunnel_values = _parse_tunnel(ctx, doc.get("tunnel"))
+        if nat64_values and "mtu" in doc["nat64"]:
+            raise ctx.error("nat64", "mtu", "beside a [tunnel] the tunnel's mtu applies to "
+                            "both; remove this key")
     local_ipv4 = tunnel_values["local_ipv4"]
     gateway = doc.get("gateway", {})
     values = _checked(ctx, "gateway", gateway)
@@ -565,7 +571,7 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ctx.error("gateway", "backend", "NAT64 runs in userspace only; set "
                             "backend = \"userspace\" or leave it out")
         values["backend"] = "userspace"
-        if doc.get("forward"):
+        if doc.get("forward") and "tunnel" not in doc:
             raise ctx.error("forward", None, "[[forward]] rules need a [tunnel]; a NAT64 "
                             "gateway translates its whole prefix")
     workers = values["workers"]
@@ -709,7 +715,8 @@ def _parse_nat64(ctx: _Ctx, nat64: Any) -> dict[str, Any]:
                 nat64_ports_per_client=values["ports_per_client"],
                 nat64_client_prefix=values["client_prefix"],
                 nat64_port_hold_s=values["port_hold_s"],
-                nat64_log_bindings=values["log_bindings"], mtu=values["mtu"])
+                nat64_log_bindings=values["log_bindings"], nat64_input=values["input"],
+                mtu=values["mtu"])
 
 
 def _name(ctx: _Ctx, table: str, key: str, value: Any) -> str:

@@ -154,36 +154,79 @@ def guard_ruleset(settings: Settings, uplinks: dict[str, list[str]],
                          "counter drop")
         if opened:
             names = ", ".join(f'"{ifname}"' for ifname in opened)
-            lines.append(f"    iifname {{ {names} }} ip daddr != {pool} drop")
+            # A NAT64 beside the tunnel receives its replies there too.
+            ours = ", ".join([pool, *sorted({row[0] for row in settings.nat64_pool4})])
+            lines.append(f"    iifname {{ {names} }} ip daddr != {{ {ours} }} drop")
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 def enable(settings: Settings) -> None:
-    """Install the guard table and open forwarding for the replies of remote targets (see
-    the module docstring)."""
+    """Install the guard tables and open the forwarding the gateway needs: for the replies
+    of a tunnel's remote forward targets (see the module docstring), and for a NAT64 (IPv6
+    forwarding when its clients are on this host's side, IPv4 forwarding on the uplink to
+    the IPv4 internet, steering and policy rules). All undone on stop, or at the next start
+    after a crash (the state file is written before anything is changed)."""
     undo(settings)
-    conflicts = pool_conflicts(settings)
-    if conflicts:
-        raise ForwardingError(f"the pool {settings.pool} overlaps this host's route(s) "
-                              f"{', '.join(conflicts)}; set [gateway] pool to a block no "
-                              "route of this host uses")
-    uplinks = uplinks_for_remote_targets(settings)
-    changed: list[tuple[str, str]] = []
-    for ifname, targets in sorted(uplinks.items()):
-        path = _sysctl_path(ifname)
-        old = path.read_text().strip()
-        if old != "1":
-            changed.append((ifname, old))
-            log.info("forwarding on %s switched on for replies from %s (restored on stop)",
-                     ifname, ", ".join(targets))
     table = table_name(settings)
-    nft(replace_table("ip", table,
-                      guard_ruleset(settings, uplinks, [ifname for ifname, _ in changed])))
-    _state_path(settings).write_text(json.dumps({"sysctls": changed, "table": table}))
-    for ifname, _old in changed:
-        _sysctl_path(ifname).write_text("1")
+    ruleset = ""
+    changed: list[tuple[str, str]] = []  # (sysctl path, value before)
+    if settings.mode != "nat64":
+        conflicts = pool_conflicts(settings)
+        if conflicts:
+            raise ForwardingError(f"the pool {settings.pool} overlaps this host's route(s) "
+                                  f"{', '.join(conflicts)}; set [gateway] pool to a block no "
+                                  "route of this host uses")
+        uplinks = uplinks_for_remote_targets(settings)
+        opened = []
+        for ifname, targets in sorted(uplinks.items()):
+            path = _sysctl_path(ifname)
+            old = path.read_text().strip()
+            if old != "1":
+                changed.append((str(path), old))
+                opened.append(ifname)
+                log.info("forwarding on %s switched on for replies from %s (restored on stop)",
+                         ifname, ", ".join(targets))
+        ruleset += guard_ruleset(settings, uplinks, opened)
+    rules: list[tuple[int, int]] = []
+    if settings.nat64_prefix:
+        ruleset, rules = _enable_nat64(settings, changed, ruleset)
+    # Recorded before anything is made, so a failure half-way is undone like a crash.
+    _state_path(settings).write_text(json.dumps({
+        "paths": changed, "table": table, "table6": table if settings.nat64_prefix else None,
+        "rules": rules}))
+    nft(replace_table("ip", table)
+        + (replace_table("ip6", table) if settings.nat64_prefix else "") + ruleset)
+    try:
+        _install_routing(rules)
+    except Exception as exc:  # noqa: BLE001 - NetlinkError: say which step
+        raise ForwardingError(f"cannot install the NAT64's policy routing: {exc}") from None
+    for path_text, _old in changed:
+        Path(path_text).write_text("1")
+
+
+def _enable_nat64(settings: Settings, changed: list[tuple[str, str]],
+                  ruleset: str) -> tuple[str, list[tuple[int, int]]]:
+    """The NAT64's part of ``enable``: checks, the sysctls it needs (appended to
+    ``changed``), its tables (appended to ``ruleset``) and its policy rules."""
+    owned = local_pool4(settings)
+    if owned:
+        raise ForwardingError(f"pool4 address(es) {', '.join(owned)} belong to this host; "
+                              "use addresses routed to this host but not assigned to it")
+    uplink = nat64_uplink()
+    wanted = [_sysctl_path(uplink)]
+    if settings.nat64_input == "tun":
+        wanted.append(IPV6_FORWARDING)
+    for path in wanted:
+        old = path.read_text().strip()
+        if old != "1" and str(path) not in {known for known, _ in changed}:
+            changed.append((str(path), old))
+            log.info("%s switched on for the NAT64 (restored on stop)", path)
+    opened = {path for path, _ in changed}
+    ruleset += nat64_ruleset(settings, uplink, str(_sysctl_path(uplink)) in opened,
+                             str(IPV6_FORWARDING) in opened)
+    return ruleset, nat64_routing(settings)
 
 
 # The sysctl that makes the kernel forward IPv6 at all (per interface in IPv6 only since
@@ -272,7 +315,7 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool)
     ours = f'"{settings.name}*"'
     steer4, steer6 = nat64_steering(settings)
     lines = [f"table ip {table} {{",
-             "  chain prerouting {",
+             "  chain nat64_prerouting {",
              "    type filter hook prerouting priority raw; policy accept;",
              f"    ip saddr {{ {pool4} }} iifname != {ours} counter drop",
              # Not tracked (the NAT64 keeps its own state), but a conntrack expression in the
@@ -290,15 +333,19 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool)
              "    type route hook output priority mangle; policy accept;",
              *steer4,
              "  }"]
-    lines += ["  chain forward {",
+    lines += ["  chain nat64_forward {",
               "    type filter hook forward priority filter; policy accept;",
               # pool4 lives behind our devices only: what no worker took never goes back out.
               f"    ip daddr {{ {pool4} }} oifname != {ours} counter drop"]
     if opened4:
-        lines.append(f'    iifname "{uplink}" ip daddr != {{ {pool4} }} counter drop')
+        # Beside a tunnel, its pool's replies from remote forward targets come in here too.
+        allowed = pool4 if settings.mode == "nat64" else f"{pool4}, {settings.pool}"
+        lines.append(f'    iifname "{uplink}" ip daddr != {{ {allowed} }} counter drop')
     lines.append("  }")
-    lines += ["}",
-              f"table ip6 {table} {{",
+    lines.append("}")
+    if settings.nat64_input != "tun":
+        return "\n".join(lines) + "\n"  # IPv6 comes over the tunnel: no IPv6 forwarding
+    lines += [f"table ip6 {table} {{",
               "  chain steer {",
               "    type filter hook prerouting priority mangle; policy accept;",
               *steer6,
@@ -322,9 +369,10 @@ def nat64_routing(settings: Settings) -> list[tuple[int, int]]:
     """(family, table = mark) of each worker: a packet with the mark looks up the worker's
     table (its device's routes); when that is empty (the worker is being restarted) the next
     rule throws it away rather than let the main table send it back out."""
+    families = (socket.AF_INET, socket.AF_INET6) if settings.nat64_input == "tun" else (
+        socket.AF_INET,)
     return [(int(family), nat64_table(settings.name, index))
-            for family in (socket.AF_INET, socket.AF_INET6)
-            for index in range(settings.workers)]
+            for family in families for index in range(settings.workers)]
 
 
 def _rule_variants(family: int, table: int) -> list[dict[str, Any]]:
@@ -348,38 +396,6 @@ def _remove_routing(rules: list[list[int]]) -> None:
                     ipr.rule("del", **rule)
                 except Exception as exc:  # noqa: BLE001 - NetlinkError: already gone
                     log.debug("rule for table %#x already gone: %s", table, exc)
-
-
-def enable_nat64(settings: Settings) -> None:
-    """What a NAT64 needs of the kernel, undone on stop (or at the next start after a
-    crash): IPv6 forwarding, IPv4 forwarding on the uplink, and the guard tables."""
-    undo(settings)
-    owned = local_pool4(settings)
-    if owned:
-        raise ForwardingError(f"pool4 address(es) {', '.join(owned)} belong to this host; "
-                              "use addresses routed to this host but not assigned to it")
-    uplink = nat64_uplink()
-    changed: list[tuple[str, str]] = []
-    for path in (_sysctl_path(uplink), IPV6_FORWARDING):
-        old = path.read_text().strip()
-        if old != "1":
-            changed.append((str(path), old))
-            log.info("%s switched on for the NAT64 (restored on stop)", path)
-    table = table_name(settings)
-    opened = {path for path, _ in changed}
-    ruleset = nat64_ruleset(settings, uplink, str(_sysctl_path(uplink)) in opened,
-                            str(IPV6_FORWARDING) in opened)
-    rules = nat64_routing(settings)
-    # Recorded before anything is made, so a failure half-way is undone like a crash.
-    _state_path(settings).write_text(json.dumps({
-        "paths": changed, "table": table, "table6": table, "rules": rules}))
-    nft(replace_table("ip", table) + replace_table("ip6", table, ruleset))
-    try:
-        _install_routing(rules)
-    except Exception as exc:  # noqa: BLE001 - NetlinkError: say which step
-        raise ForwardingError(f"cannot install the NAT64's policy routing: {exc}") from None
-    for path_text, _old in changed:
-        Path(path_text).write_text("1")
 
 
 def undo(settings: Settings) -> None:

@@ -270,15 +270,12 @@ class Coordinator:
                 raise RuntimeError(str(exc)) from None
         else:
             try:
-                if settings.mode == "nat64":
-                    forwarding.enable_nat64(settings)
-                else:
-                    forwarding.enable(settings)
+                forwarding.enable(settings)
             except forwarding.ForwardingError as exc:
                 raise RuntimeError(str(exc)) from None
             self.forwarding_enabled = True
         if (settings.backend != "kernel" and settings.fanout == "coordinator"
-                and settings.mode != "nat64"):
+                and settings.mode != "nat64"):  # a NAT64 alone has no tunnel to capture
             # Every packet, outer fragments put together (workers/capture.py); the workers'
             # raw protocol-41 sockets take the IP layer's copy and accept none of it.
             self.capture = TunnelCapture(settings.local_ipv4, None, True, self.counters,
@@ -309,6 +306,9 @@ class Coordinator:
                      ", ".join(f"{a} {p} {lo}-{hi}" for a, p, lo, hi in settings.nat64_pool4),
                      settings.workers)
             return
+        if settings.nat64_prefix:
+            log.info("NAT64 beside the tunnel: %s for %s, IPv6 in by %s", settings.nat64_prefix,
+                     ", ".join(settings.nat64_clients), settings.nat64_input)
         log.info("sixgate up: %s backend, %s tunnel, local %s, addresses %s, %d worker(s)%s",
                  settings.backend, settings.mode, settings.local_ipv4,
                  ", ".join(settings.addresses), settings.workers,

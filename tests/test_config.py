@@ -442,7 +442,8 @@ def test_nat64_config_gives_a_nat64_gateway() -> None:
      "n.toml:6: nat64.pool4[0].sctp", "unknown key"),
     ('icmp = "0-65535"', 'icmp = "0-6"\n[gateway]\nworkers = 4', "nat64.pool4",
      "icmp 0-6 is too small to give each of 4 workers two ports"),
-    ('[nat64]', '[tunnel]\nmode = "6in4"\n[nat64]', "nat64", "not supported yet"),
+    ('prefix = "64:ff9b::/96"', 'prefix = "64:ff9b::/96"\ninput = "tunnel"',
+     "n.toml:3: nat64.input", "needs a [tunnel] table"),
     ('[nat64]', '[[forward]]\nproto = "tcp"\nport = 80\nto = "127.0.0.1"\n[nat64]', "forward",
      "need a [tunnel]"),
 ])

@@ -161,9 +161,12 @@ class Worker:
     def __init__(self, settings: Settings, index: int) -> None:
         self.settings = settings
         self.index = index
-        self.nat64 = settings.mode == "nat64"
-        self.datapath = Datapath(settings, worker_pool(settings.pool, settings.workers, index),
-                                 settings.workers, index=index)
+        self.nat64 = bool(settings.nat64_prefix)
+        self.nat64_alone = settings.mode == "nat64"
+        # A NAT64 alone has no forward rules, so no pool of their own.
+        pool = [] if settings.mode == "nat64" else worker_pool(settings.pool, settings.workers,
+                                                                index)
+        self.datapath = Datapath(settings, pool, settings.workers, index=index)
         if self.nat64 and settings.nat64_log_bindings:
             self.datapath.flows.binding_events = []
         self.running = True
@@ -182,14 +185,18 @@ class Worker:
         settings = self.settings
         name = tun_name(settings, self.index)
         self.tun_fd = open_tun(name)
+        nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         if self.nat64:
-            # NAT64: the prefix and this worker's pool4 addresses are routed to its device,
-            # which carries IPv6 from the clients and IPv4 from the internet; no tunnel.
-            pool4 = {ipaddress.IPv4Network(row[0]) for row in settings.nat64_pool4}
-            configure_tun(name, sorted(pool4), [ipaddress.IPv6Network(settings.nat64_prefix)],
-                          nat64_table(settings.name, self.index))
-        else:
-            configure_tun(name, worker_routes(settings.pool, settings.workers, self.index))
+            # NAT64: this worker's pool4 addresses (and the prefix, when its clients are on
+            # this host's side) are routed to its device, in its own table: the device
+            # carries IPv6 from the clients and IPv4 from the internet.
+            nat64_routes += sorted({ipaddress.IPv4Network(row[0])
+                                    for row in settings.nat64_pool4})
+            if settings.nat64_input == "tun":
+                nat64_routes.append(ipaddress.IPv6Network(settings.nat64_prefix))
+        configure_tun(name, [] if self.nat64_alone else worker_routes(
+            settings.pool, settings.workers, self.index), nat64_routes,
+            nat64_table(settings.name, self.index))
         if settings.tun_writes == "io_uring":
             try:
                 self.tun_writer = UringWriter.open(self.tun_fd)
@@ -204,8 +211,8 @@ class Worker:
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(control_endpoint(settings.run_dir, self.index))
-        if self.nat64:
-            return
+        if self.nat64_alone:
+            return  # no tunnel
         self.send_sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
         self.send_sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
         self.send_sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)

@@ -48,11 +48,12 @@ def set_sysctl(device: str, key: str, value: str) -> None:
 
 
 def configure_tun(name: str, routes: list[ipaddress.IPv4Network],
-                  routes6: list[ipaddress.IPv6Network] | None = None,
+                  nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
                   table: int | None = None) -> None:
-    """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it (and,
-    for a NAT64, its IPv6 prefix: the device then carries both families; in routing table
-    ``table``, which the gateway's packet marks select)."""
+    """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it; for a
+    NAT64 also pool4 (and its IPv6 prefix when its clients are on this host's side: the
+    device then carries both families) in routing table ``table``, which the gateway's
+    packet marks select."""
     # RFC 1122 §3.2.1.3 makes 127/8 martian on any other device; the services listen there.
     set_sysctl(name, "route_localnet", "1")
     # Targets on other hosts are forwarded from this device only (per-device, not global).
@@ -62,10 +63,11 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network],
         # A deeper transmit queue than the default 500 absorbs the services' bursts while the
         # worker is busy with inbound packets.
         ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
-        nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [*routes, *(routes6 or [])]
-        for net in nets:
+        tables: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = [
+            *((net, None) for net in routes), *((net, table) for net in nat64_routes or [])]
+        for net, in_table in tables:
             # "add", never "replace": a route of the host's own is never taken over (the
             # coordinator refused such a pool already; this is the last line).
             ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
                       family=socket.AF_INET6 if net.version == 6 else socket.AF_INET,
-                      **({"table": table} if table is not None else {}))
+                      **({"table": in_table} if in_table is not None else {}))

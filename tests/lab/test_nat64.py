@@ -335,3 +335,73 @@ class TestNat64Limits:
         assert dns_queries(limits_lab, [*MANY_CLIENTS6[:3]] * 4) == 6
         last, _ = counters(limits_lab)
         assert last["pool_exhausted"] - after["pool_exhausted"] == 6
+
+
+# --- beside a tunnel: a remote IPv6-only site over 6in4 ------------------------------------------
+
+SITE_POOL4 = "192.0.2.20"  # pool4 of the gateway's NAT64 (routed to it by the peer)
+
+
+class TunnelSiteLab(netlab.Lab):
+    """The 6in4 lab with a NAT64 beside the tunnel (``input = "tunnel"``): the peer is both
+    the remote IPv6-only site and, at 203.0.113.1, an IPv4 web server it reaches through the
+    gateway's NAT64. The tunnel's own forward rules stay as they are."""
+
+    def __init__(self, files: netlab.ServedFiles) -> None:
+        super().__init__("6in4", 1, files)
+
+    def config_text(self) -> str:
+        return super().config_text() + (
+            "\n[nat64]\n"
+            'prefix = "64:ff9b::/96"\n'
+            f'clients = ["{self.plan.client_prefix}::/48"]\n'
+            'input = "tunnel"\n'
+            "allow_non_global = true\n"
+            "\n[[nat64.pool4]]\n"
+            f'address = "{SITE_POOL4}"\n'
+            'tcp = "61001-65535"\nudp = "61001-65535"\nicmp = "0-65535"\n')
+
+    def start(self) -> None:
+        super().start()
+        self.ip(self.peer_ns, "-6", "route", "add", "64:ff9b::/96", "dev", netlab.PEER_TUN)
+        self.ip(self.peer_ns, "route", "add", f"{SITE_POOL4}/32", "via", netlab.GATEWAY_IPV4)
+        self.spawn("far_http", self.peer_ns, netlab.http_server_argv(
+            netlab.PEER_FAR_IPV4, 80, self.files.directory))
+        netlab.wait_until(lambda: self.peer(["ss", "-Hltn", "sport = :80"]).stdout.strip(),
+                          timeout=15, what="the IPv4 web server in the peer namespace")
+
+
+@pytest.fixture(scope="class")
+def site_lab(request: pytest.FixtureRequest,
+             served_files: netlab.ServedFiles) -> Iterator[TunnelSiteLab]:
+    failed_before = request.session.testsfailed
+    with TunnelSiteLab(served_files) as lab:
+        yield lab
+        problems = shutdown_problems(lab, request.session.testsfailed > failed_before)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+class TestNat64OverTheTunnel:
+    """One gateway, its 6in4 tunnel's forward rules and a NAT64 for the site behind it."""
+
+    def test_the_site_reaches_an_ipv4_server_through_the_prefix(self, site_lab: TunnelSiteLab,
+                                                                served_files: netlab.ServedFiles
+                                                                ) -> None:
+        got = netlab.download(site_lab, f"http://[{synthesized(netlab.PEER_FAR_IPV4)}]/mid.bin",
+                              max_time_s=60)
+        assert got.exit_code == 0, got.stderr
+        assert (got.size_bytes, got.sha256) == (served_files.mid.size_bytes,
+                                                served_files.mid.sha256)
+        ping = site_lab.peer(["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2",
+                              synthesized(netlab.PEER_FAR_IPV4)], timeout=20)
+        assert ping.returncode == 0, ping.stdout
+        rows = [b for b in site_lab.flows()["bindings"] if b["rule"] == "nat64"]
+        assert any(row["pool"].startswith(f"{SITE_POOL4}:") for row in rows), rows
+
+    def test_the_tunnels_forward_rules_still_work_beside_it(self, site_lab: TunnelSiteLab
+                                                            ) -> None:
+        got = netlab.download(site_lab, netlab.http_url(site_lab, f"/{netlab.SMALL_NAME}"))
+        assert got.exit_code == 0 and got.size_bytes == len(netlab.SMALL_TEXT), got.stderr
+        done = netlab.dig(site_lab, netlab.DNS_SMALL_NAME, "A", "+short")
+        assert done.stdout.strip() == netlab.DNS_SMALL_A

@@ -98,7 +98,9 @@ def test_rfc6146_3_5_1_1_port_keeps_parity_and_mapping_is_endpoint_independent()
     # pool4 transport address.
     other = one_v4(dp.from_ipv6([udp6(dst="64:ff9b::c633:6407", sport=40000)], 1.0))
     assert (other.src, other[UDP].sport, other.dst) == (POOL4, even, "198.51.100.7")
-    assert len(dp.flows) == 3 and dp.flows.pool_in_use() == 2
+    assert len(dp.flows) == 3
+    assert dp.flows.ports is not None
+    assert [row[3] for row in dp.flows.ports.usage()] == [0, 0, 2]  # icmp, tcp, udp ports
 
 
 def test_rfc6146_endpoint_independent_filtering_lets_a_new_peer_in() -> None:
@@ -321,3 +323,56 @@ def test_rfc6146_3_5_2_2_ipv4_syn_to_no_binding_waits_six_seconds_then_port_unre
     assert (error[ICMP].type, error[ICMP].code) == (3, 3) and valid(error)
     assert error[TCPerror].seq == 99  # RFC 792: the SYN's header and 8 bytes quoted
     assert dp.counters.drops[DropReason.NO_SESSION] == 1
+
+
+# --- beside a tunnel: [tunnel] and [nat64] in one gateway ---------------------------------------
+
+POOL4_ROWS = ((POOL4, "tcp", 61001, 65535), (POOL4, "udp", 61001, 65535),
+              (POOL4, "icmp", 0, 65535))
+
+
+def beside_6in4(nat64_input: str) -> Datapath:
+    from support.helpers import make_settings
+    return Datapath(make_settings("6in4", nat64_prefix=PREFIX, nat64_clients=CLIENTS,
+                                  nat64_pool4=POOL4_ROWS, nat64_allow_non_global=True,
+                                  nat64_input=nat64_input), [b"\x64\x40\x00\x01"])
+
+
+def test_nat64_over_the_tunnel_a_remote_ipv6_only_site() -> None:
+    """input = "tunnel": IPv6 to the prefix arrives over 6in4 and the answers go back in."""
+    from support.helpers import GW4, REMOTE4, encapsulate
+    dp = beside_6in4("tunnel")
+    out4 = one_v4(dp.from_tunnel([encapsulate(udp6(), REMOTE4)], 1.0))
+    assert (out4.src, out4.dst, out4[UDP].dport) == (POOL4, SERVER, 53) and valid(out4)
+    reply = IP(src=SERVER, dst=POOL4) / UDP(sport=53, dport=out4[UDP].sport) / Raw(b"ok")
+    out = dp.from_services([raw(reply)], 1.1)
+    assert not out.to_ipv6 and len(out.to_tunnel) == 1
+    packet, outer = out.to_tunnel[0]
+    assert outer == ipaddress.IPv4Address(REMOTE4).packed
+    back = IPv6(packet)
+    assert (back.src, back.dst, back[UDP].dport) == (SERVER6, CLIENT, 40000) and valid(back)
+    # The tunnel's own forward rules still work beside it, and the prefix is not reachable
+    # from the TUN side in this mode.
+    assert GW4 and not dp.from_ipv6([udp6()], 1.2).to_services
+    assert dp.counters.drops[DropReason.NOT_OUR_ADDRESS] == 1
+
+
+def test_nat64_for_this_hosts_side_beside_a_tunnel_routes_answers_by_destination() -> None:
+    """input = "tun" beside 6in4: the NAT64's clients are answered through the TUN devices,
+    the tunnel's clients (forward rules) through the tunnel."""
+    from support.helpers import GW6_6IN4, REMOTE4, encapsulate
+    dp = beside_6in4("tun")
+    out4 = one_v4(dp.from_ipv6([udp6()], 1.0))
+    reply = IP(src=SERVER, dst=POOL4) / UDP(sport=53, dport=out4[UDP].sport) / Raw(b"ok")
+    assert one_v6(dp.from_services([raw(reply)], 1.1)).dst == CLIENT
+    # A tunnel client of the forward rule udp/53 -> 127.0.0.1:5353.
+    query = udp6(src="2001:db8:77::1", dst=GW6_6IN4)
+    to_service = one_v4(dp.from_tunnel([encapsulate(query, REMOTE4)], 1.2))
+    assert to_service.dst == "127.0.0.1" and to_service[UDP].dport == 5353
+    answer = IP(src="127.0.0.1", dst=to_service.src) / UDP(sport=5353,
+                                                           dport=to_service[UDP].sport)
+    out = dp.from_services([raw(answer)], 1.3)
+    assert not out.to_ipv6 and len(out.to_tunnel) == 1
+    # The prefix over the tunnel is not this mode's input: not ours.
+    assert not dp.from_tunnel([encapsulate(udp6(src="2001:db8:77::1"), REMOTE4)],
+                              1.4).to_services

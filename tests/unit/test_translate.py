@@ -332,8 +332,9 @@ def test_rfc4443_2_4_c_translated_error_at_most_1280_bytes() -> None:
 @pytest.mark.parametrize(("quote", "expected"), [
     pytest.param(raw(quoted_request())[:23], DropReason.TRUNCATED, id="quote_too_short"),
     pytest.param(b"\x65" + raw(quoted_request())[1:], DropReason.TRUNCATED, id="quote_not_v4"),
-    pytest.param(raw(IP(src=POOL4, dst=SVC) / ICMP()), DropReason.ICMP_NOT_TRANSLATED,
-                 id="quote_is_icmp"),
+    # An echo request's quote names a NAT64 query session (RFC 6146 §3.5.3); no other ICMP.
+    pytest.param(raw(IP(src=POOL4, dst=SVC) / ICMP(type=0)), DropReason.ICMP_NOT_TRANSLATED,
+                 id="quote_is_icmp_not_an_echo_request"),
 ])
 def test_rfc7915_4_3_icmpv4_error_key_rejects(quote: bytes, expected: DropReason) -> None:
     packet = icmp_error(3, 3, quote=quote)

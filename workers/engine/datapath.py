@@ -33,7 +33,7 @@ from sixgate.workers.engine.fastpath import (
     inbound_template,
     return_template,
 )
-from sixgate.workers.engine.flows import FlowTable, PortPool, Session
+from sixgate.workers.engine.flows import NAT64_RULE, FlowTable, PortPool, Session
 from sixgate.workers.engine.fragment import OuterReassembler, Reassembler, fragment_ipv6
 from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
@@ -128,8 +128,6 @@ class Output:
     # NAT64: IPv6 packets for the IPv6 side (the TUN device; the IPv4 ones are to_services).
     to_ipv6: list[bytes] = field(default_factory=list)
 
-# The rule label of NAT64 sessions (``sixgate flows``).
-NAT64_RULE = "nat64"
 # RFC 6146 §4 TCP_INCOMING_SYN: how long an IPv4 SYN to no binding waits for the client's own
 # SYN before it is answered with port unreachable; at most this many wait at once (§5.3).
 TCP_INCOMING_SYN_S = 6.0
@@ -166,7 +164,14 @@ class Datapath:
         # NAT64 (RFC 6146): IPv6 to the prefix from the IPv6 side, pool4 ports of this worker.
         self.nat64: Nat64Prefix | None = None
         ports = None
-        if settings.mode == "nat64":
+        # Beside a tunnel ([tunnel] and [nat64]) or alone (mode "nat64"); IPv6 to the prefix
+        # comes from the TUN devices (``from_ipv6``) or through the tunnel (``nat64_tun``).
+        self.nat64_tun = settings.nat64_input == "tun"
+        self.nat64_alone = settings.mode == "nat64"
+        self.pool4_addresses = frozenset(ipaddress.IPv4Address(row[0]).packed
+                                         for row in settings.nat64_pool4)
+        self._entry_tun = False  # the packets being handled came from the TUN devices
+        if settings.nat64_prefix:
             self.nat64 = Nat64Prefix.parse(settings.nat64_prefix)
             ports = PortPool(worker_pool4(settings.nat64_pool4, workers, index),
                              settings.nat64_port_hold_s)
@@ -198,9 +203,9 @@ class Datapath:
         self.counters = Counters()
         # The tunnel checks (workers/engine/tunnel.py) and their cache of address verdicts; a
         # NAT64 gateway has no tunnel.
-        self.policy = None if self.nat64 is not None else TunnelPolicy.build(
+        self.policy = None if self.nat64_alone else TunnelPolicy.build(
             settings.mode, settings.local_ipv4, settings.remote_ipv4, list(settings.addresses),
-            settings.martian_ipv4)
+            settings.martian_ipv4, None if self.nat64_tun else self.nat64)
         self.accepted: set[bytes] = set()
         # What the current call produced, handed back as its Output (``_take``).
         self._to_services: list[bytes] = []
@@ -245,15 +250,13 @@ class Datapath:
         self.counters.drops[reason] += 1
 
     def _send_v6(self, packet: bytes, proto: int) -> None:
-        """Queue an IPv6 packet for the tunnel (NAT64: the IPv6 side), fragmenting it to the
-        MTU."""
+        """Queue an IPv6 packet for the tunnel or (NAT64 clients on this host's side) the TUN
+        devices, fragmenting it to the MTU."""
         dst = packet[24:40]
-        outer: bytes | None = b""
-        if self.nat64 is None:
-            outer = outer_destination(dst, self.mode, self.remote_ipv4, self.relay_ipv4)
-            if outer is None:
-                self._drop(DropReason.INTERNAL_ERROR)
-                return
+        outer = self._outer_for(dst)
+        if outer is None:
+            self._drop(DropReason.INTERNAL_ERROR)
+            return
         if len(packet) > self.mtu:
             self._ident6 = (self._ident6 + 1) & 0xFFFFFFFF
             traffic_class = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
@@ -269,6 +272,15 @@ class Datapath:
             else:
                 self._to_ipv6.append(piece)
             self.counters.count("outbound", proto, len(piece))
+
+    def _outer_for(self, client6: bytes) -> bytes | None:
+        """Where an IPv6 packet to ``client6`` goes: b"" for the TUN devices (a NAT64 alone,
+        or one whose clients are on this host's side: routed by destination, as a router
+        does), else the tunnel endpoint (None: no way there)."""
+        if self.nat64_alone or (self.nat64_tun and self.nat64 is not None
+                                and source_allowed(self.nat64_clients, client6)):
+            return b""
+        return outer_destination(client6, self.mode, self.remote_ipv4, self.relay_ipv4)
 
     def _error(self, packet: bytes | memoryview, view: IPv6View, icmp_type: int, code: int,
                rest: int = 0) -> None:
@@ -377,11 +389,18 @@ class Datapath:
     def from_ipv6(self, packets: Iterable[bytes], now: float) -> Output:
         """NAT64: IPv6 packets from the IPv6 side (the kernel routed the prefix to our TUN),
         in order, each through ``_inbound``; a packet that raises costs only itself."""
+        if self.nat64 is None or not self.nat64_tun:
+            # Only a NAT64 for this host's side takes IPv6 from the TUN devices.
+            packets = list(packets)
+            self.counters.drop(DropReason.NOT_OUR_ADDRESS, len(packets))
+            return self._take()
+        self._entry_tun = True
         for packet in packets:
             try:
                 self._inbound(packet, now)
             except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
                 self._internal_error(exc)
+        self._entry_tun = False
         return self._take()
 
     def _count_batch(self, first: dict[int, tuple[str, str]],
@@ -476,7 +495,8 @@ class Datapath:
                 self._drop(DropReason.BAD_FRAGMENT)
                 return
             proto = view[4]
-        if self.nat64 is not None:
+        if self.nat64 is not None and self._entry_tun == self.nat64_tun and (
+                self._entry_tun or self.nat64.extract(view[3]) is not None):
             self._nat64_inbound(packet, view, proto, now)
             return
         if view[3] not in self.addresses:
@@ -743,7 +763,7 @@ class Datapath:
         fast = self.fast_path
         caches = self._fast_out
         append = self._to_tunnel.append
-        to_ipv6 = self._to_ipv6.append if self.nat64 is not None else None
+        to_ipv6 = self._to_ipv6.append
         touch_tcp = self.flows.touch_tcp
         mtu = self.mtu
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
@@ -759,9 +779,9 @@ class Datapath:
                 if out is None:
                     self._from_services_full(packet, now)
                     continue
-                if to_ipv6 is None:
+                if template[2]:  # type: ignore[index]
                     append((out, template[2]))  # type: ignore[index]
-                else:
+                else:  # NAT64: a client on this host's side
                     to_ipv6(out)
                 if proto == PROTO_UDP:
                     template[0].last_seen = now  # type: ignore[index]
@@ -816,7 +836,7 @@ class Datapath:
             sport, dport = PORTS.unpack_from(packet, header_len)
             session = self.flows.lookup_v4(proto, dst, dport, src, sport)
             if session is None:
-                if self.nat64 is None:
+                if self.nat64 is None or dst not in self.pool4_addresses:
                     self._drop(DropReason.NO_SESSION)
                     return
                 session = self._nat64_session_from_v4(proto, dst, dport, src, sport, now,
@@ -847,9 +867,7 @@ class Datapath:
             self._emit(session, proto, segment, hop_limit_after(ttl), tos)
             if header_len == 20:
                 key = bytes(packet[12:24])
-                outer = (b"" if self.nat64 is not None else
-                         outer_destination(session.client6, self.mode, self.remote_ipv4,
-                                           self.relay_ipv4))
+                outer = self._outer_for(session.client6)
                 if outer is not None and key not in self._fast_out[proto]:
                     self._fast_out[proto][key] = return_template(session, outer)
         elif proto == PROTO_ICMP:
@@ -930,7 +948,7 @@ class Datapath:
             self._drop(DropReason.TRUNCATED)
             return
         icmp_type = packet[header_len]
-        if icmp_type == ICMP_ECHO_REPLY and self.nat64 is not None:
+        if icmp_type == ICMP_ECHO_REPLY and bytes(packet[16:20]) in self.pool4_addresses:
             self._nat64_echo_reply(packet, header_len, total_len)
             return
         if icmp_type not in (ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_PARAMETER_PROBLEM):
@@ -951,7 +969,7 @@ class Datapath:
             self._drop(DropReason.NO_SESSION)
             return
         source6 = None
-        if self.nat64 is not None:
+        if self.nat64 is not None and session.rule == NAT64_RULE:
             # RFC 7915 §4.2 / RFC 6052: the error comes from the IPv4 router as the client sees
             # it; one the prefix may not stand for is sent as from the destination.
             router4 = bytes(packet[12:16])

@@ -73,6 +73,10 @@ TCP_TRANSITIONS: dict[str, tuple[tuple[bool, int, int, str, int], ...]] = {
 _TCP_RELEVANT = {state: sum({row[1] for row in rows}) for state, rows in TCP_TRANSITIONS.items()}
 
 
+# The rule label of NAT64 sessions: their pool4 transport address comes from a PortPool
+# (the forward rules' from the paired pool, port preserved). ``sixgate flows`` shows it.
+NAT64_RULE = "nat64"
+
 # Unassured sessions a pool-exhausted create looks at before giving up (bounded work per
 # packet, as conntrack's early_drop scans a bounded number of entries).
 EVICT_SCAN = 64
@@ -258,6 +262,8 @@ class FlowTable:
         self._by_v6: dict[Key, Session] = {}
         self._by_v4: dict[Key, Session] = {}
         self._client_pool: dict[bytes, _Binding] = {}
+        # NAT64 clients' pool4 address (paired, RFC 6888 REQ-2) and session counts.
+        self._nat64_pairs: dict[bytes, _Binding] = {}
         self._per_prefix: dict[bytes, int] = {}
         self._per_48: dict[bytes, int] = {}
         self._per_outer4: dict[bytes, int] = {}
@@ -315,10 +321,11 @@ class FlowTable:
         return self.active_by_proto.get(proto, 0)
 
     def pool_in_use(self) -> int:
-        """Pool addresses held by clients; NAT64: pool4 ports held by bindings."""
-        if self.ports is not None:
-            return len(self._bib_v6)
+        """Pool addresses held by clients (NAT64's pool4 ports: ``ports.usage``)."""
         return len(self._client_pool)
+
+    def _pairs_of(self, session: Session) -> dict[bytes, _Binding]:
+        return self._nat64_pairs if session.rule == NAT64_RULE else self._client_pool
 
     def binding_v4(self, proto: int, pool4: bytes, pport: int) -> Bib | None:
         """The NAT64 binding of a pool4 transport address (RFC 6146 §3.5.1: filtering)."""
@@ -369,10 +376,10 @@ class FlowTable:
             return DropReason.SOURCE_FLOW_LIMIT
         if full:
             self._evict_oldest_unassured()
-        binding = self._client_pool.get(client6)
-        if self.ports is not None:
+        if rule == NAT64_RULE and self.ports is not None:
             return self._create_nat64(proto, client6, cport, gw6, gwport, target4, tport, rule,
-                                      now, binding, from_v4)
+                                      now, self._nat64_pairs.get(client6), from_v4)
+        binding = self._client_pool.get(client6)
         if binding is None:
             if not self._free and not self._evict_unassured_client():
                 return DropReason.POOL_EXHAUSTED
@@ -423,7 +430,7 @@ class FlowTable:
         if v4_key in self._by_v4:
             return DropReason.PORT_IN_USE
         if binding is None:
-            binding = self._client_pool[client6] = _Binding(bib.pool4)
+            binding = self._nat64_pairs[client6] = _Binding(bib.pool4)
         binding.sessions += 1
         bib.sessions += 1
         bib.remotes[target4] = bib.remotes.get(target4, 0) + 1
@@ -460,6 +467,8 @@ class FlowTable:
         """Free a pool address by removing the sessions of a client none of whose sessions is
         assured, oldest first; at most ``EVICT_SCAN`` sessions looked at."""
         for session in list(islice(self._unassured, EVICT_SCAN)):
+            if session.rule == NAT64_RULE:
+                continue  # holds pool4 ports, not a pool address
             binding = self._client_pool.get(session.client6)
             if binding is None or binding.assured:
                 continue
@@ -486,7 +495,7 @@ class FlowTable:
         if not session.assured:
             session.assured = True
             del self._unassured[session]
-            self._client_pool[session.client6].assured += 1
+            self._pairs_of(session)[session.client6].assured += 1
             if session.proto == PROTO_TCP:
                 session.timeout_s = self.timeouts.tcp_established_s
             elif session.proto == PROTO_UDP:
@@ -609,16 +618,17 @@ class FlowTable:
         _decrement(self._per_48, session.client6[:6])
         if session.outer4:
             _decrement(self._per_outer4, session.outer4)
-        binding = self._client_pool.get(session.client6)
+        pairs = self._pairs_of(session)
+        binding = pairs.get(session.client6)
         if binding is not None:
             binding.sessions -= 1
             if session.assured:
                 binding.assured -= 1
             if binding.sessions == 0:
-                del self._client_pool[session.client6]
-                if self.ports is None:
+                del pairs[session.client6]
+                if pairs is self._client_pool:
                     self._free.append(session.pool4)  # RFC 6888 REQ-8: reused last
-        if self.ports is not None:
+        if session.rule == NAT64_RULE and self.ports is not None:
             self._unbind(session)
 
     def _unbind(self, session: Session) -> None:

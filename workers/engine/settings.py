@@ -108,6 +108,9 @@ class Settings:
     # NAT64 (mode "nat64", the [nat64] table): the RFC 6052 prefix, the IPv6 sources that may
     # use it, and pool4 as (address, protocol, first port, last port) rows.
     nat64_prefix: str = ""
+    # Where its IPv6 comes from: "tun" (this host's kernel routes the prefix to the workers'
+    # devices) or "tunnel" (a remote IPv6-only site over this gateway's 6in4/6to4 tunnel).
+    nat64_input: str = "tun"
     nat64_clients: tuple[str, ...] = ()
     nat64_pool4: tuple[tuple[str, str, int, int], ...] = ()
     # RFC 6052 §3.1: the well-known prefix never stands for a non-global IPv4 address, unless

@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.nat64 import Nat64Prefix
 from sixgate.workers.engine.packet import (
     PROTO_DSTOPTS,
     PROTO_FRAGMENT,
@@ -143,16 +144,20 @@ class TunnelPolicy:
     remote_ipv4: bytes | None  # 6in4 only
     addresses: frozenset[bytes]  # our own IPv6 addresses
     martian_ipv4: NetTable
+    # A NAT64 served over the tunnel: its prefix's addresses are ours too.
+    nat64: Nat64Prefix | None = None
 
     @staticmethod
     def build(mode: str, local_ipv4: str, remote_ipv4: str | None, addresses: list[str],
-              martian_ipv4: tuple[tuple[str, str], ...] = DEFAULT_MARTIAN_IPV4) -> TunnelPolicy:
+              martian_ipv4: tuple[tuple[str, str], ...] = DEFAULT_MARTIAN_IPV4,
+              nat64: Nat64Prefix | None = None) -> TunnelPolicy:
         return TunnelPolicy(
             mode=mode,
             local_ipv4=ipaddress.IPv4Address(local_ipv4).packed,
             remote_ipv4=ipaddress.IPv4Address(remote_ipv4).packed if remote_ipv4 else None,
             addresses=our_addresses(mode, local_ipv4, addresses),
             martian_ipv4=NetTable(martian_ipv4),
+            nat64=nat64,
         )
 
 
@@ -256,7 +261,8 @@ def _check_inbound(buf: memoryview, policy: TunnelPolicy) -> Decapsulated | Drop
         v4 = embedded_ipv4(src6)
         if v4 is not None and v4 in policy.martian_ipv4:
             return DropReason.MARTIAN_SOURCE
-    if dst6 not in policy.addresses:
+    if dst6 not in policy.addresses and (policy.nat64 is None
+                                         or policy.nat64.extract(dst6) is None):
         return DropReason.NOT_OUR_ADDRESS
     # RFC 3964 §5.1: never decapsulate Neighbor Discovery (link-local attacks from afar);
     # a configured tunnel must answer its peer's NUD probes (RFC 4213 §3.8), so 6in4 lets
