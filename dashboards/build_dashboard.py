@@ -204,18 +204,6 @@ def limits() -> list[Panel]:
              target(f"sum by (instance, process) ({sel('sixgate_pool_addresses')})",
                     "{{instance}} {{process}} size")],
             "short"), ".* size$"),
-        dashed(timeseries(
-            "NAT64 pool4 ports in use",
-            "NAT64 mode: pool4 ports bound to a client, per protocol and address, summed over "
-            "the workers (sixgate_nat64_pool4_ports_in_use) against the ports pool4 has "
-            "(sixgate_nat64_pool4_ports, dashed). Freed ports wait port_hold_s before reuse; "
-            "when none is free, new bindings are dropped as pool_exhausted.",
-            [target(f"sum by (instance, protocol, address) "
-                    f"({sel('sixgate_nat64_pool4_ports_in_use')})",
-                    "{{instance}} {{protocol}} {{address}} in use"),
-             target(f"sum by (instance, protocol, address) ({sel('sixgate_nat64_pool4_ports')})",
-                    "{{instance}} {{protocol}} {{address}} size")],
-            "short"), ".* size$"),
         timeseries(
             "ZeroMQ queue drops per worker",
             "Packets per second the coordinator could not queue to a worker because its "

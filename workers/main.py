@@ -186,6 +186,9 @@ class Worker:
         name = tun_name(settings, self.index)
         self.tun_fd = open_tun(name)
         nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        main_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        if not self.nat64_alone:
+            main_routes += worker_routes(settings.pool, settings.workers, self.index)
         if self.nat64:
             # NAT64: this worker's pool4 addresses (and the prefix, when its clients are on
             # this host's side) are routed to its device, in its own table: the device
@@ -194,9 +197,12 @@ class Worker:
                                     for row in settings.nat64_pool4})
             if settings.nat64_input == "tun":
                 nat64_routes.append(ipaddress.IPv6Network(settings.nat64_prefix))
-        configure_tun(name, [] if self.nat64_alone else worker_routes(
-            settings.pool, settings.workers, self.index), nat64_routes,
-            nat64_table(settings.name, self.index))
+            if self.index == 0:
+                # The host's own sockets look a route up before its packets are marked (the
+                # output hook then steers them to the owner): worker 0's device in the main
+                # table gives them one.
+                main_routes += nat64_routes
+        configure_tun(name, main_routes, nat64_routes, nat64_table(settings.name, self.index))
         if settings.tun_writes == "io_uring":
             try:
                 self.tun_writer = UringWriter.open(self.tun_fd)

@@ -47,7 +47,7 @@ def set_sysctl(device: str, key: str, value: str) -> None:
     Path(f"/proc/sys/net/ipv4/conf/{device}/{key}").write_text(value)
 
 
-def configure_tun(name: str, routes: list[ipaddress.IPv4Network],
+def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
                   nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
                   table: int | None = None) -> None:
     """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it; for a
