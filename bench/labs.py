@@ -536,7 +536,8 @@ class Sixgate64Lab(PlainIPv6Target, netlab.Lab):
             "max_flows = 4000000\nmax_flows_per_prefix = 4000000\nmax_flows_per_48 = 4000000\n"
             "\n[nat64]\n"
             f'prefix = "{NAT64_PREFIX}/96"\n'
-            f'clients = ["{CLIENTS_48}::/48"]\n'
+            # The generator's clients, and the pinger on the peer's link.
+            f'clients = ["{CLIENTS_48}::/48", "{PEER_LINK_V6}/128"]\n'
             "ports_per_client = 64512\n"
             "log_bindings = false\n"
             "\n[[nat64.pool4]]\n"

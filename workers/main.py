@@ -172,6 +172,9 @@ class Worker:
         self.running = True
         self.errors = InternalErrorLog(f"worker {index}")
         self.tun_fd = -1
+        # NAT64 for this host's side: a second device, for the clients' IPv6 only, so an IPv6
+        # flood cannot crowd the IPv4 answers out of one queue (each is read in turn).
+        self.tun6_fd = -1
         self.tun_writer: UringWriter | None = None
         self.capture: TunnelCapture | None = None
         self.processing = {"inbound": Histogram(PROCESSING_SECONDS_BOUNDS),
@@ -189,20 +192,21 @@ class Worker:
         main_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         if not self.nat64_alone:
             main_routes += worker_routes(settings.pool, settings.workers, self.index)
+        table = nat64_table(settings.name, self.index)
         if self.nat64:
-            # NAT64: this worker's pool4 addresses (and the prefix, when its clients are on
-            # this host's side) are routed to its device, in its own table: the device
-            # carries IPv6 from the clients and IPv4 from the internet.
+            # NAT64: this worker's pool4 addresses are routed to its device, in its own table
+            # (the gateway's marks select it). The host's own sockets look a route up before
+            # their packets are marked (the output hook then steers them to the owner): worker
+            # 0's devices in the main table give them one.
             nat64_routes += sorted({ipaddress.IPv4Network(row[0])
                                     for row in settings.nat64_pool4})
-            if settings.nat64_input == "tun":
-                nat64_routes.append(ipaddress.IPv6Network(settings.nat64_prefix))
-            if self.index == 0:
-                # The host's own sockets look a route up before its packets are marked (the
-                # output hook then steers them to the owner): worker 0's device in the main
-                # table gives them one.
-                main_routes += nat64_routes
-        configure_tun(name, main_routes, nat64_routes, nat64_table(settings.name, self.index))
+            main_routes += nat64_routes if self.index == 0 else []
+        configure_tun(name, main_routes, nat64_routes, table)
+        if self.nat64 and settings.nat64_input == "tun":
+            prefix: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+                ipaddress.IPv6Network(settings.nat64_prefix)]
+            self.tun6_fd = open_tun(f"{name}i")
+            configure_tun(f"{name}i", prefix if self.index == 0 else [], prefix, table)
         if settings.tun_writes == "io_uring":
             try:
                 self.tun_writer = UringWriter.open(self.tun_fd)
@@ -255,6 +259,9 @@ class Worker:
         if self.tun_fd >= 0:
             os.close(self.tun_fd)
             self.tun_fd = -1
+        if self.tun6_fd >= 0:
+            os.close(self.tun6_fd)
+            self.tun6_fd = -1
         if self.capture is not None:
             self.capture.close()
             self.capture = None
@@ -266,6 +273,8 @@ class Worker:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.tun_fd, zmq.POLLIN)
+        if self.tun6_fd >= 0:
+            poller.register(self.tun6_fd, zmq.POLLIN)
         capture_fd = self.capture.fileno() if self.capture is not None else -1
         if self.capture is not None:
             poller.register(capture_fd, zmq.POLLIN)
@@ -277,6 +286,8 @@ class Worker:
                 self._drain_pull(now)
             if capture_fd in events:
                 self._drain_capture(now)
+            if self.tun6_fd in events:
+                self._drain_tun6(now)
             if self.tun_fd in events:
                 self._drain_tun(now)
             if self.control in events:
@@ -327,31 +338,35 @@ class Worker:
                                                 len(packets))
         self._send(output)
 
-    def _drain_tun(self, now: float) -> None:
-        """The services' packets waiting on the TUN device (one read each, up to TUN_BATCH),
-        translated as one batch; its time observed as its mean per packet."""
+    @staticmethod
+    def _read_tun(fd: int) -> list[bytes]:
+        """What waits on a TUN device: one read each, up to TUN_BATCH."""
         packets = []
-        read, fd = os.read, self.tun_fd
+        read = os.read
         for _ in range(TUN_BATCH):
             try:
                 packets.append(read(fd, 65536))
             except BlockingIOError:
                 break
+        return packets
+
+    def _drain_tun6(self, now: float) -> None:
+        """NAT64: the clients' IPv6 waiting on the IPv6 device, translated as one batch."""
+        packets = self._read_tun(self.tun6_fd)
         if not packets:
             return
-        if self.nat64:
-            # NAT64: IPv6 from the clients and IPv4 from the internet share the device; each
-            # family keeps its order.
-            ipv6 = [packet for packet in packets if packet[:1] and packet[0] >> 4 == 6]
-            if ipv6:
-                packets = [packet for packet in packets if not packet[:1] or packet[0] >> 4 != 6]
-                start = time.perf_counter()
-                output = self.datapath.from_ipv6(ipv6, now)
-                self.processing["inbound"].observe_many(
-                    (time.perf_counter() - start) / len(ipv6), len(ipv6))
-                self._send(output)
-            if not packets:
-                return
+        start = time.perf_counter()
+        output = self.datapath.from_ipv6(packets, now)
+        self.processing["inbound"].observe_many((time.perf_counter() - start) / len(packets),
+                                                len(packets))
+        self._send(output)
+
+    def _drain_tun(self, now: float) -> None:
+        """The services' packets (NAT64: the IPv4 internet's) waiting on the TUN device,
+        translated as one batch; its time observed as its mean per packet."""
+        packets = self._read_tun(self.tun_fd)
+        if not packets:
+            return
         start = time.perf_counter()
         output = self.datapath.from_services(packets, now)
         self.processing["from_services"].observe_many(
