@@ -265,6 +265,8 @@ STEER_PRIORITY = 1000
 QUOTED_PROTO_BITS = (8 + 9) * 8
 QUOTED_SPORT_BITS = (8 + 20) * 8
 QUOTED_ECHO_ID_BITS = (8 + 20 + 4) * 8
+# In an ICMPv6 error: the quoted IPv6 packet's destination follows 8 + 24 bytes.
+QUOTED_CLIENT6_BITS = (8 + 24) * 8
 
 
 def nat64_steering(settings: Settings) -> tuple[list[str], list[str]]:
@@ -275,8 +277,14 @@ def nat64_steering(settings: Settings) -> tuple[list[str], list[str]]:
     identifier; an error's quoted source port or identifier) falls in."""
     workers = settings.workers
     base = nat64_table(settings.name, 0)
-    v6 = [f"    ip6 daddr {settings.nat64_prefix} meta mark set jhash ip6 saddr & "
-          f"ffff:ffff:ffff:ffff:: mod {workers} seed {settings.hash_seed:#x} offset {base:#x}"]
+    # The hash reads the same 8 bytes (a /64) of the client in both rules: its source
+    # address, or, in an ICMPv6 error a router on its path sent about one of our packets,
+    # the quoted packet's destination (8 bytes of ICMPv6 header + 24 of the quoted header).
+    hashed = f"mod {workers} seed {settings.hash_seed:#x} offset {base:#x}"
+    v6 = [f"    ip6 daddr {settings.nat64_prefix} meta mark set jhash @nh,64,64 {hashed}",
+          f"    ip6 daddr {settings.nat64_prefix} icmpv6 type {{ destination-unreachable, "
+          f"packet-too-big, time-exceeded, parameter-problem }} meta mark set "
+          f"jhash @th,{QUOTED_CLIENT6_BITS},64 {hashed}"]
     v4 = []
     names = {number: name for name, number in PROTOCOL_NUMBERS.items()}
     slices = [worker_pool4(settings.nat64_pool4, workers, index) for index in range(workers)]

@@ -131,6 +131,30 @@ class TestNat64:
         assert after.get("icmp_errors_translated", 0) > before.get("icmp_errors_translated", 0)
         assert " 0 received" not in done.stdout, done.stdout
 
+    def test_packet_too_big_from_a_router_on_the_clients_path(
+            self, nat64_lab: Nat64Lab, served_files: netlab.ServedFiles) -> None:
+        """The gateway's own link to the clients shrinks to 1400 bytes: its kernel answers the
+        translated 1500-byte segments with Packet Too Big, which must reach the worker that
+        owns the session (steered by the quoted client, not by the router's own address, in
+        another /64) and go to the IPv4 server as Fragmentation Needed (RFC 7915 §5.2). Four
+        clients of four /64s, the server's path MTU cache flushed before each."""
+        _, before = counters(nat64_lab)
+        nat64_lab.gw(["ip", "link", "set", "veth6", "mtu", "1400"], check=True)
+        try:
+            sizes = []
+            for client in MANY_CLIENTS6[:4]:
+                nat64_lab.v4(["ip", "route", "flush", "cache"], check=True)
+                done = nat64_lab.peer(["curl", "-sS", "--max-time", "30", "--interface", client,
+                                       "-o", "/dev/null", "-w", "%{size_download}",
+                                       f"http://[{synthesized(HTTP4)}]/mid.bin"], timeout=40)
+                sizes.append((done.returncode, done.stdout, done.stderr.strip()))
+        finally:
+            nat64_lab.gw(["ip", "link", "set", "veth6", "mtu", "1500"], check=True)
+        _, after = counters(nat64_lab)
+        assert sizes == [(0, str(served_files.mid.size_bytes), "")] * 4
+        assert after.get("icmp_errors_translated", 0) - before.get(
+            "icmp_errors_translated", 0) >= 4
+
     def test_a_client_outside_clients_is_refused(self, nat64_lab: Nat64Lab) -> None:
         before, _ = counters(nat64_lab)
         done = nat64_lab.peer(["curl", "-sS", "--max-time", "5", "--interface", STRANGER6,

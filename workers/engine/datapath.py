@@ -523,8 +523,10 @@ class Datapath:
         if target4 is None:
             self._drop(DropReason.NOT_OUR_ADDRESS)
             return
-        if not source_allowed(self.nat64_clients, view[2]):
-            # Default deny: only the configured clients may use the translator.
+        error = proto == PROTO_ICMPV6 and len(packet) > view[5] and packet[view[5]] < 128
+        if not error and not source_allowed(self.nat64_clients, view[2]):
+            # Default deny: only the configured clients may use the translator. An ICMPv6
+            # error (a router on a client's path) only ever reaches a live session.
             self._drop(DropReason.SOURCE_NOT_ALLOWED)
             self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
             return
