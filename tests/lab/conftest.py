@@ -67,40 +67,9 @@ def lab(request: pytest.FixtureRequest, served_files: netlab.ServedFiles) -> Ite
     with netlab.Lab(request.cls.MODE, request.param, served_files, fanout=fanout,
                     tun_writes=tun_writes) as the_lab:
         yield the_lab
-        problems = shutdown_problems(the_lab, request.session.testsfailed > failed_before)
+        problems = netlab.shutdown_problems(the_lab, request.session.testsfailed > failed_before)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
-
-
-def shutdown_problems(lab: netlab.Lab, tests_failed: bool,
-                      sysctls: tuple[str, ...] = ("net.ipv4.conf.veth0.forwarding",)) -> list[str]:
-    """What went wrong at the end of a combination (empty when all is well); ``sysctls``:
-    forwarding switches of the gateway namespace that must be back at 0."""
-    problems = []
-    if lab.alive("sixgate"):
-        internal_errors = netlab.drops(lab).get("internal_error")
-        if internal_errors != 0:
-            problems.append(f"drops['internal_error'] is {internal_errors}, expected 0")
-    else:
-        problems.append("sixgate run was no longer running at the end of the tests")
-    exit_code = lab.stop_gateway(timeout=10)
-    if exit_code != 0 and not tests_failed:
-        problems.append(f"sixgate run exited {exit_code} after SIGTERM, expected 0")
-    leftovers = lab.gateway_links()
-    if leftovers:
-        problems.append(f"links named {lab.name!r} left after SIGTERM: {leftovers}")
-    # A forward rule to another host made the gateway open forwarding on the uplink and guard
-    # it with its own nftables table; both must be undone.
-    tables = lab.gw(["nft", "list", "tables"]).stdout.strip()
-    if tables:
-        problems.append(f"nftables tables left in the gateway namespace: {tables}")
-    for key in sysctls:
-        forwarding = lab.gw(["sysctl", "-n", key]).stdout.strip()
-        if forwarding != "0":
-            problems.append(f"{key} is {forwarding!r} after stop, expected 0")
-    if problems:
-        problems.append(f"----- sixgate stderr (tail) -----\n{lab.gateway_stderr()}")
-    return problems
 
 
 @pytest.hookimpl(hookwrapper=True)

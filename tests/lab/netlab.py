@@ -743,6 +743,15 @@ def drops(lab: Lab) -> dict[str, int]:
     return {str(k): int(v) for k, v in lab.flows()["drops"].items()}
 
 
+def events(lab: Lab) -> dict[str, int]:
+    """Worker events summed over the workers (``sixgate flows --json``)."""
+    total: dict[str, int] = {}
+    for worker in lab.flows()["counters"]["workers"]:
+        for name, count in worker.get("counters", {}).get("events", {}).items():
+            total[name] = total.get(name, 0) + int(count)
+    return total
+
+
 def drops_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """Reasons whose counter changed, with the change."""
     return {k: after.get(k, 0) - before.get(k, 0)
@@ -871,3 +880,34 @@ def open_tcp_connection(lab: Lab, port: int = 80) -> Iterator[tuple[str, int]]:
         if process.stdin and not process.stdin.closed:
             process.stdin.close()
         stop_process(process, 5)
+
+
+def shutdown_problems(lab: Lab, tests_failed: bool,
+                      sysctls: tuple[str, ...] = ("net.ipv4.conf.veth0.forwarding",)) -> list[str]:
+    """What went wrong at the end of a combination (empty when all is well); ``sysctls``:
+    forwarding switches of the gateway namespace that must be back at 0."""
+    problems = []
+    if lab.alive("sixgate"):
+        internal_errors = drops(lab).get("internal_error")
+        if internal_errors != 0:
+            problems.append(f"drops['internal_error'] is {internal_errors}, expected 0")
+    else:
+        problems.append("sixgate run was no longer running at the end of the tests")
+    exit_code = lab.stop_gateway(timeout=10)
+    if exit_code != 0 and not tests_failed:
+        problems.append(f"sixgate run exited {exit_code} after SIGTERM, expected 0")
+    leftovers = lab.gateway_links()
+    if leftovers:
+        problems.append(f"links named {lab.name!r} left after SIGTERM: {leftovers}")
+    # A forward rule to another host made the gateway open forwarding on the uplink and guard
+    # it with its own nftables table; both must be undone.
+    tables = lab.gw(["nft", "list", "tables"]).stdout.strip()
+    if tables:
+        problems.append(f"nftables tables left in the gateway namespace: {tables}")
+    for key in sysctls:
+        forwarding = lab.gw(["sysctl", "-n", key]).stdout.strip()
+        if forwarding != "0":
+            problems.append(f"{key} is {forwarding!r} after stop, expected 0")
+    if problems:
+        problems.append(f"----- sixgate stderr (tail) -----\n{lab.gateway_stderr()}")
+    return problems

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import netlab
 import pytest
-from conftest import shutdown_problems
 from nat64lab import (
     CLIENT6,
     CLIENT6_OTHER,
@@ -36,11 +35,7 @@ NAT64_SYSCTLS = ("net.ipv4.conf.veth4.forwarding", "net.ipv6.conf.all.forwarding
 
 def counters(lab: Nat64Lab) -> tuple[dict[str, int], dict[str, int]]:
     """(drops, events) summed over the workers."""
-    events: dict[str, int] = {}
-    for worker in lab.flows()["counters"]["workers"]:
-        for name, count in worker.get("counters", {}).get("events", {}).items():
-            events[name] = events.get(name, 0) + int(count)
-    return netlab.drops(lab), events
+    return netlab.drops(lab), netlab.events(lab)
 
 
 @pytest.fixture(scope="class", params=[1, 4], ids=lambda workers: f"workers{workers}")
@@ -53,7 +48,7 @@ def nat64_lab(request: pytest.FixtureRequest,
     with Nat64Lab(request.param, served_files,
                   extra_toml=getattr(request.cls, "EXTRA_TOML", "")) as lab:
         yield lab
-        problems = shutdown_problems(lab, request.session.testsfailed > failed_before,
+        problems = netlab.shutdown_problems(lab, request.session.testsfailed > failed_before,
                                      NAT64_SYSCTLS)
         for family in ("-4", "-6"):
             rules = lab.gw(["ip", family, "rule", "show"]).stdout
@@ -316,7 +311,7 @@ def limits_lab(served_files: netlab.ServedFiles) -> Iterator[Nat64Lab]:
     with Nat64Lab(1, served_files, extra_toml="ports_per_client = 4\n",
                   udp_ports="61001-61010", with_clients_kit=False) as lab:
         yield lab
-        problems = shutdown_problems(lab, False, NAT64_SYSCTLS)
+        problems = netlab.shutdown_problems(lab, False, NAT64_SYSCTLS)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
 
@@ -401,7 +396,7 @@ def site_lab(request: pytest.FixtureRequest,
     failed_before = request.session.testsfailed
     with TunnelSiteLab(served_files) as lab:
         yield lab
-        problems = shutdown_problems(lab, request.session.testsfailed > failed_before)
+        problems = netlab.shutdown_problems(lab, request.session.testsfailed > failed_before)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
 

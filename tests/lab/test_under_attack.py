@@ -21,7 +21,7 @@ from pathlib import Path
 import netlab
 import pytest
 import zmq
-from netlab import Lab
+from netlab import Lab, events
 
 from sixgate.coordinator import metrics
 from sixgate.workers import control
@@ -41,15 +41,6 @@ class SmallTableLab(Lab):
 def attack_lab(served_files: netlab.ServedFiles) -> Iterator[Lab]:
     with SmallTableLab("6to4", 2, served_files, fanout="kernel") as lab:
         yield lab
-
-
-def events(lab: Lab) -> dict[str, int]:
-    """Worker events summed over the workers (``sixgate flows --json``)."""
-    total: dict[str, int] = {}
-    for worker in lab.flows()["counters"]["workers"]:
-        for name, count in worker.get("counters", {}).get("events", {}).items():
-            total[name] = total.get(name, 0) + int(count)
-    return total
 
 
 def test_syn_flood_from_one_48_leaves_room_for_a_real_client(attack_lab: Lab) -> None:

@@ -495,10 +495,11 @@ class Datapath:
                 self._drop(DropReason.BAD_FRAGMENT)
                 return
             proto = view[4]
-        if self.nat64 is not None and self._entry_tun == self.nat64_tun and (
-                self._entry_tun or self.nat64.extract(view[3]) is not None):
-            self._nat64_inbound(packet, view, proto, now)
-            return
+        if self.nat64 is not None and self._entry_tun == self.nat64_tun:
+            target4 = self.nat64.extract(view[3])
+            if target4 is not None or self._entry_tun:
+                self._nat64_inbound(packet, view, proto, now, target4)
+                return
         if view[3] not in self.addresses:
             self._drop(DropReason.NOT_OUR_ADDRESS)
             return
@@ -516,10 +517,10 @@ class Datapath:
                         view[8])
 
     def _nat64_inbound(self, packet: bytes | memoryview, view: IPv6View, proto: int,
-                       now: float) -> None:
-        """NAT64: a whole IPv6 packet to an address of the prefix (RFC 6146 §3.4)."""
+                       now: float, target4: bytes | None) -> None:
+        """NAT64: a whole IPv6 packet to an address of the prefix (RFC 6146 §3.4);
+        ``target4`` the IPv4 address it embeds (None: not an address of the prefix)."""
         assert self.nat64 is not None
-        target4 = self.nat64.extract(view[3])
         if target4 is None:
             self._drop(DropReason.NOT_OUR_ADDRESS)
             return
@@ -547,19 +548,27 @@ class Datapath:
             self._error(packet, view, ICMPV6_PARAMETER_PROBLEM, PARAM_UNRECOGNIZED_NEXT_HEADER,
                         view[8])
 
+    def _icmpv6_message(self, packet: bytes | memoryview,
+                        view: IPv6View) -> bytes | memoryview | None:
+        """The ICMPv6 message of ``packet`` once its length and checksum (RFC 4443 §2.3)
+        hold; None when not (counted)."""
+        segment = packet[view[5]:]
+        if len(segment) < 8:
+            self._drop(DropReason.TRUNCATED)
+            return None
+        if not sum_is_valid(pseudo_sum_v6(view[2], view[3], PROTO_ICMPV6, len(segment))
+                            + sum16(segment)):
+            self._drop(DropReason.BAD_CHECKSUM)
+            return None
+        return segment
+
     def _nat64_icmp(self, packet: bytes | memoryview, view: IPv6View, target4: bytes,
                     now: float) -> None:
         """NAT64 ICMPv6: an echo request opens or uses a query session whose identifier is
         its port (RFC 6146 §3.5.3) and leaves as ICMPv4 (RFC 7915 §5.2); an error about a
         session is translated with its quote; the rest is not translated."""
-        offset = view[5]
-        segment = packet[offset:]
-        if len(segment) < 8:
-            self._drop(DropReason.TRUNCATED)
-            return
-        if not sum_is_valid(pseudo_sum_v6(view[2], view[3], PROTO_ICMPV6, len(segment))
-                            + sum16(segment)):
-            self._drop(DropReason.BAD_CHECKSUM)
+        segment = self._icmpv6_message(packet, view)
+        if segment is None:
             return
         if segment[0] < 128:
             self._inbound_icmp_error(segment)
@@ -599,13 +608,8 @@ class Datapath:
 
     def _inbound_icmp(self, packet: bytes | memoryview, view: IPv6View) -> None:
         offset = view[5]
-        segment = packet[offset:]
-        if len(segment) < 8:
-            self._drop(DropReason.TRUNCATED)
-            return
-        if not sum_is_valid(pseudo_sum_v6(view[2], view[3], PROTO_ICMPV6, len(segment))
-                            + sum16(segment)):
-            self._drop(DropReason.BAD_CHECKSUM)
+        segment = self._icmpv6_message(packet, view)
+        if segment is None:
             return
         if segment[0] == ICMPV6_ECHO_REQUEST:
             if not self.echo_limiter.allow(view[2], self._now):
