@@ -230,7 +230,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
         return ping(settings, args.address, args.count, interval_s=args.interval,
                     size=args.size)
     except PermissionError:
-        print("sixgate ping: needs root or CAP_NET_RAW for the proto-41 raw socket",
+        print("sixgate ping: needs root or CAP_NET_RAW for its raw socket",
               file=sys.stderr)
         return EXIT_RUNTIME
     except ValueError as exc:
@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("probe", help="what this kernel and these privileges allow")
     p.set_defaults(func=cmd_probe)
-    p = sub.add_parser("ping", help="ICMPv6 echo through the tunnel from userspace")
+    p = sub.add_parser("ping", help="ICMPv6 echo through the tunnel from userspace, or to an "
+                       "IPv4 address through the NAT64")
     p.add_argument("address")
     p.add_argument("--count", "-c", type=int, default=4)
     p.add_argument("--interval", "-i", type=float, default=1.0)

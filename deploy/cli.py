@@ -137,7 +137,8 @@ def describe(inventory: Inventory, rollout: Rollout, hosts: list[Host], release:
     if rollout.readyz:
         gate.append("/readyz answers 200")
     if rollout.ping:
-        gate.append(f"`sixgate ping <ping_target>` gets a reply (of {rollout.ping_count})")
+        gate.append(f"`sixgate ping <ping_target>` gets a reply (of {rollout.ping_count}; an "
+                    "IPv4 target through the NAT64)")
     print(f"health      {' and '.join(gate) or 'none'}, within {rollout.timeout_s} s")
     print(f"on failure  roll back the {rollout.on_failure} (previous release and config); "
           f"more than {rollout.max_fail_percentage}% failed in a batch stops the rollout"
@@ -149,8 +150,10 @@ def describe(inventory: Inventory, rollout: Rollout, hosts: list[Host], release:
 def cmd_plan(args: argparse.Namespace) -> int:
     import hashlib
 
+    from sixgate.deploy.inventory import has_nat64
     from sixgate.deploy.render import render_gateway_config
     from sixgate.deploy.runner import AnsibleMissing
+    from sixgate.workers.engine.nat64 import WELL_KNOWN_PREFIX
     inventory, rollout, hosts = load(args)
     print(f"inventory   {inventory.file}: {len(inventory.hosts)} hosts, groups "
           f"{', '.join(inventory.groups) or '(none)'}; rollout {rollout.file}: OK")
@@ -160,9 +163,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         v = host.vars
         config = render_gateway_config(host)
         digest = hashlib.sha1(config.encode()).hexdigest()[:12]
-        tunnel = f"{v['mode']} local {v['local_ipv4']}"
+        tunnel = "no tunnel" if v["mode"] == "nat64" else f"{v['mode']} local {v['local_ipv4']}"
         tunnel += f" relay {v['relay_ipv4']}" if v["relay_ipv4"] else ""
         tunnel += f" remote {v['remote_ipv4']} prefix {v['prefix']}" if v["remote_ipv4"] else ""
+        if has_nat64(v):
+            pool4 = ", ".join(row["address"] for row in v["nat64_pool4"] or ())
+            tunnel += (f"; nat64 {v['nat64_prefix'] or WELL_KNOWN_PREFIX} pool4 "
+                       f"{pool4 or '(none)'}")
         rules = ", ".join(f"{r['proto']} {r['port']}->{r['to']}" for r in host.forward)
         print(f"  {host.name}: ssh {v['ssh_user']}@{v['ssh']}:{v['ssh_port']}, {v['service']}, "
               f"root {v['install_root']}; {tunnel}; workers {v['workers'] or 'CPUs'}; "

@@ -68,7 +68,6 @@ def _address(kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address], la
 
 
 _ipv4 = _address(ipaddress.IPv4Address, "IPv4", "192.0.2.10")
-_ipv6 = _address(ipaddress.IPv6Address, "IPv6", "2001:db8::1")
 
 
 def _int_range(lo: int, hi: int) -> Callable[[TomlSource, KeyPath, Any], int]:
@@ -111,6 +110,52 @@ def _string_list(source: TomlSource, path: KeyPath, value: Any) -> list[str]:
     if not isinstance(value, list):
         raise source.error(path, "must be a list of strings, like [\"2002:c000:20a::1\"]")
     return [_text(source, (*path, index), item) for index, item in enumerate(value)]
+
+
+def _bool(source: TomlSource, path: KeyPath, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise source.error(path, f"{value!r} must be true or false")
+    return value
+
+
+def _client_prefix(source: TomlSource, path: KeyPath, value: Any) -> int:
+    if value not in (64, 128) or isinstance(value, bool):
+        raise source.error(path, f"{value!r} must be 64 or 128")
+    return int(value)
+
+
+def _ping_target(source: TomlSource, path: KeyPath, value: Any) -> str:
+    """An IPv6 address (pinged through the tunnel) or an IPv4 one (through the NAT64)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except (ValueError, TypeError):
+        raise source.error(path, f"{value!r} is not an IP address; write an IPv6 address "
+                           "reached through the tunnel, like \"2001:db8::1\", or an IPv4 one "
+                           "reached through the NAT64, like \"198.51.100.1\"") from None
+
+
+POOL4_KEYS = frozenset({"address", "tcp", "udp", "icmp"})
+
+
+def _pool4(source: TomlSource, path: KeyPath, value: Any) -> list[dict[str, str]]:
+    """NAT64 pool4 entries as the gateway's [[nat64.pool4]] tables; the gateway's parser checks
+    them further once rendered (addresses, ranges, overlaps)."""
+    if not isinstance(value, list) or not value:
+        raise source.error(path, "must be a list of tables like "
+                           "[{ address = \"203.0.113.5\", tcp = \"61001-65535\" }]")
+    rows = []
+    for index, row in enumerate(value):
+        where = (*path, index)
+        if not isinstance(row, dict):
+            raise source.error(where, "must be a table { address = ..., tcp = ..., udp = ..., "
+                               "icmp = ... }")
+        reject_unknown(source, row, where, POOL4_KEYS)
+        if "address" not in row:
+            raise source.error(where, "missing address")
+        rows.append({"address": _ipv4(source, (*where, "address"), row["address"]),
+                     **{key: _text(source, (*where, key), row[key])
+                        for key in ("tcp", "udp", "icmp") if key in row}})
+    return rows
 
 
 FORWARD_KEYS = frozenset({"proto", "port", "to"})
@@ -159,8 +204,10 @@ VARIABLES: dict[str, Variable] = {
                      "the unit's User= and [gateway] user (pidfile hosts: [gateway] user's "
                      "default, nobody)"),
     # -- the gateway's config (README "Configuration")
-    "mode": Variable(_choice("6to4", "6in4"), None, "tunnel.mode"),
-    "local_ipv4": Variable(_ipv4, None, "tunnel.local_ipv4: the host's public IPv4"),
+    "mode": Variable(_choice("6to4", "6in4", "nat64"), None, "tunnel.mode; \"nat64\": no "
+                     "tunnel, the host is a NAT64 only (nat64_* below)"),
+    "local_ipv4": Variable(_ipv4, None, "tunnel.local_ipv4: the host's public IPv4 (not "
+                           "for mode \"nat64\")"),
     "relay_ipv4": Variable(_ipv4, None, "tunnel.relay_ipv4 (6to4)"),
     "remote_ipv4": Variable(_ipv4, None, "tunnel.remote_ipv4 (6in4 broker endpoint)"),
     "prefix": Variable(_text, None, "tunnel.prefix (6in4 routed prefix)"),
@@ -176,11 +223,34 @@ VARIABLES: dict[str, Variable] = {
                                                          "asks its /readyz)"),
     "rules": Variable(_string_list, [], "names of [rules.NAME] sets, forwarded first"),
     "forward": Variable(_forward, [], "forward rules of this host/group, after the sets"),
+    # -- NAT64 (README "NAT64"): a [nat64] table is written when mode is "nat64" or any of
+    # these is set (beside the tunnel of a 6to4/6in4 host)
+    "nat64_prefix": Variable(_text, None, "nat64.prefix (default 64:ff9b::/96)"),
+    "nat64_clients": Variable(_string_list, None, "nat64.clients: IPv6 prefixes that may use it"),
+    "nat64_input": Variable(_choice("tun", "tunnel"), None, "nat64.input"),
+    "nat64_pool4": Variable(_pool4, None, "the [[nat64.pool4]] entries: [{ address, tcp, udp, "
+                            "icmp }]"),
+    "nat64_mtu": Variable(_int_range(1280, 65535), None, "nat64.mtu (mode \"nat64\" only)"),
+    "nat64_allow_non_global": Variable(_bool, None, "nat64.allow_non_global"),
+    "nat64_filtering": Variable(_choice("endpoint-independent", "address-dependent"), None,
+                                "nat64.filtering"),
+    "nat64_ports_per_client": Variable(_int_range(1, 1 << 20), None, "nat64.ports_per_client"),
+    "nat64_client_prefix": Variable(_client_prefix, None, "nat64.client_prefix"),
+    "nat64_port_hold_s": Variable(_int_range(0, 3600), None, "nat64.port_hold_s"),
+    "nat64_log_bindings": Variable(_bool, None, "nat64.log_bindings"),
     # -- the health gate
-    "ping_target": Variable(_ipv6, None, "IPv6 address `sixgate ping` must reach through "
-                                         "the new gateway"),
+    "ping_target": Variable(_ping_target, None, "what `sixgate ping` must reach through the "
+                            "new gateway: an IPv6 address through the tunnel, or an IPv4 "
+                            "address through the NAT64"),
 }
-REQUIRED = ("ssh", "mode", "local_ipv4")
+REQUIRED = ("ssh", "mode")
+NAT64_VARIABLES = tuple(key for key in VARIABLES if key.startswith("nat64_"))
+
+
+def has_nat64(variables: dict[str, Any]) -> bool:
+    """Whether a host with these variables gets a [nat64] table."""
+    return variables["mode"] == "nat64" or any(variables[key] is not None
+                                               for key in NAT64_VARIABLES)
 
 
 @dataclass(frozen=True)
@@ -325,7 +395,8 @@ def _effective(source: TomlSource, name: str, defaults: dict[str, Any],
             from_group[key] = group
     values.update(own)
     origin.update({key: ("hosts", name, key) for key in own})
-    for key in REQUIRED:
+    required = REQUIRED if values["mode"] == "nat64" else (*REQUIRED, "local_ipv4")
+    for key in required:
         if values[key] is None:
             raise source.error(("hosts", name, key), f"host {name!r} has no {key} "
                                f"({VARIABLES[key].help}); set it on the host, a group or "
@@ -346,13 +417,21 @@ def _effective(source: TomlSource, name: str, defaults: dict[str, Any],
 
 
 def _check_unique(source: TomlSource, hosts: list[Host]) -> None:
-    """Two hosts with one SSH endpoint or one tunnel address are a copy-paste mistake."""
+    """Two hosts with one SSH endpoint, one tunnel address or one pool4 address are a
+    copy-paste mistake (each NAT64 owns its pool4: replies route to one host)."""
     seen: dict[tuple[str, Any], str] = {}
     for host in hosts:
-        for key in ("ssh", "local_ipv4"):
-            mark = (key, (host.vars[key], host.vars["ssh_port"]) if key == "ssh"
-                    else host.vars[key])
-            if mark in seen:
-                raise source.error(host.origin[key], f"host {host.name!r} has the same {key} "
-                                   f"{host.vars[key]!r} as host {seen[mark]!r}")
-            seen[mark] = host.name
+        for key in ("ssh", "local_ipv4", "nat64_pool4"):
+            if key == "ssh":
+                marks = [(host.vars[key], host.vars["ssh_port"])]
+            elif key == "nat64_pool4":
+                marks = [row["address"] for row in host.vars[key] or ()]
+            else:
+                marks = [host.vars[key]] if host.vars[key] is not None else []
+            for value in marks:
+                mark = (key, value)
+                if mark in seen:
+                    shown = value if key == "nat64_pool4" else host.vars[key]
+                    raise source.error(host.origin[key], f"host {host.name!r} has the same "
+                                       f"{key} {shown!r} as host {seen[mark]!r}")
+                seen[mark] = host.name

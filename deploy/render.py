@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 
 from sixgate.coordinator.config import ConfigError, parse_config
-from sixgate.deploy.inventory import Host, Inventory
+from sixgate.deploy.inventory import NAT64_VARIABLES, Host, Inventory, has_nat64
 from sixgate.deploy.source import KeyPath
 
 ANSIBLE_DIR = Path(__file__).resolve().parent / "ansible"
@@ -32,7 +32,8 @@ CONFIG_KEY_TO_VARIABLE = {
     "gateway.workers": "workers", "gateway.pool": "pool", "gateway.name": "gateway_name",
     "gateway.backend": "backend", "gateway.log_level": "log_level",
     "gateway.run_dir": "install_root", "metrics.listen": "metrics_listen",
-    "gateway.user": "user",
+    "gateway.user": "user", "nat64": "nat64_clients", "nat64.pool4": "nat64_pool4",
+    **{f"nat64.{key.removeprefix('nat64_')}": key for key in NAT64_VARIABLES},
 }
 
 
@@ -87,6 +88,11 @@ def ansible_host_vars(host: Host) -> dict[str, Any]:
         "sixgate_metrics_listen": v["metrics_listen"],
         "sixgate_forward": [dict(rule) for rule in host.forward],
         "sixgate_ping_target": v["ping_target"],
+        # The [nat64] table: its keys as the gateway names them, only those set.
+        "sixgate_nat64": ({key.removeprefix("nat64_"): v[key] for key in NAT64_VARIABLES
+                           if v[key] is not None and key != "nat64_pool4"}
+                          if has_nat64(v) else None),
+        "sixgate_nat64_pool4": v["nat64_pool4"] or [],
     })
     return hostvars
 
@@ -125,6 +131,9 @@ def check_gateway_config(inventory: Inventory, host: Host) -> str:
 
 def _inventory_key(host: Host, config_key: str) -> KeyPath:
     """The inventory key path that produced gateway config key ``config_key``."""
+    pool4 = re.fullmatch(r"nat64\.pool4(?:\[(\d+)\])?(?:\..*)?", config_key)
+    if pool4 and "nat64_pool4" in host.origin:
+        return (*host.origin["nat64_pool4"], *((int(pool4.group(1)),) if pool4.group(1) else ()))
     match = re.fullmatch(r"forward(?:\[(\d+)\])?(?:\..*)?", config_key)
     if match:
         index = int(match.group(1) or 0)

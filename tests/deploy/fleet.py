@@ -9,6 +9,11 @@
                                   (6to4) on tun6 2002:c633:6401::1/48, route 2002::/16, real ping -6
 ```
 
+The last host is also a NAT64 (its gateway has a [nat64] table beside the 6to4 tunnel): its
+kernel IPv6 is on, with ``NAT64_CLIENT6`` on eth0 (one of its NAT64 clients), and the IPv4
+side routes its pool4 address ``nat64_pool4(N)`` back to it, so its health gate pings the IPv4
+peer 198.51.100.1 through the NAT64.
+
 Each host runs its own Debian sshd (``/usr/sbin/sshd -D``) on its documentation address, with a
 host key made for the run, root login by a throwaway ed25519 key only, and a private ``/run``
 (a tmpfs mounted in the mount namespace ``ip netns exec`` gives sshd, so the privilege separation
@@ -54,6 +59,19 @@ REQUIRED_PROGRAMS = ("ip", "ping", "curl", "ss", "ssh", "ssh-keygen")
 
 _fleet_numbers = itertools.count(1)
 STAGE_SECONDS: dict[str, float] = {}  # how long each rollout stage took, for the summary
+
+
+NAT64_CLIENTS = "2001:db8:64::/64"
+
+
+def nat64_client6(number: int) -> str:
+    """The NAT64 host's own IPv6 address, inside ``NAT64_CLIENTS``."""
+    return f"2001:db8:64::{10 + number}"
+
+
+def nat64_pool4(number: int) -> str:
+    """The NAT64 host's pool4 address: 203.0.113.1N."""
+    return f"203.0.113.{10 + number}"
 
 
 def host_ipv4(number: int) -> str:
@@ -129,6 +147,7 @@ class Fleet:
 
     def __init__(self, count: int = 4) -> None:
         self.count = count
+        self.nat64_host = count  # the last host is also a NAT64
         self.tag = f"{NAME_PREFIX}{os.getpid()}x{next(_fleet_numbers)}"
         self.ctl_ns = f"{self.tag}-ctl"
         self.net_ns = f"{self.tag}-net"
@@ -192,9 +211,16 @@ class Fleet:
         self.ip(self.net_ns, "route", "add", "192.0.2.0/24", "dev", "eth0", "src", PEER_IPV4)
         for number in range(1, self.count + 1):
             namespace = self.host_ns(number)
-            self.add_namespace(namespace, ipv6=False)  # the gateway is the host's IPv6 stack
+            nat64 = number == self.nat64_host
+            # The gateway is the host's IPv6 stack; the NAT64 host's kernel is its client.
+            self.add_namespace(namespace, ipv6=nat64)
             self.plug(namespace, f"h{number}", f"{host_ipv4(number)}/24")
             self.ip(namespace, "route", "add", "198.51.100.0/24", "dev", "eth0")
+            if nat64:
+                self.ip(namespace, "addr", "add", f"{nat64_client6(number)}/64", "dev", "eth0",
+                        "nodad")
+                self.ip(self.net_ns, "route", "add", nat64_pool4(number), "via",
+                        host_ipv4(number))
             self.root(number).mkdir(parents=True)
 
     def start_tunnel_peer(self) -> None:
@@ -303,6 +329,13 @@ class Fleet:
         """Real ``ping -6`` from the IPv6 side to host ``number``'s gateway: replies received."""
         done = self.exec_in(self.net_ns, ["ping", "-6", "-n", "-c", str(count), "-i", "0.2",
                                           "-W", "2", gateway_address(number)], timeout=30)
+        return netlab.ping_received(done.stdout)
+
+    def ping_nat64(self, number: int, count: int = 2) -> int:
+        """Real ``ping -6`` from the NAT64 host's kernel to the IPv4 peer through its NAT64
+        (RFC 6052: 64:ff9b::198.51.100.1): replies received."""
+        done = self.host(number, ["ping", "-6", "-n", "-c", str(count), "-i", "0.2", "-W", "2",
+                                  f"64:ff9b::{PEER_IPV4}"], timeout=30)
         return netlab.ping_received(done.stdout)
 
     def ssh_ok(self, number: int) -> bool:

@@ -105,12 +105,13 @@ def test_the_shipped_examples_are_valid(tmp_path: Path) -> None:
         shutil.copy(EXAMPLES / name, tmp_path / "deploy" / name)
     inventory = load_inventory(str(tmp_path / "deploy" / "inventory.toml"))
     rollout = load_rollout(str(tmp_path / "deploy" / "rollout.toml"))
-    assert [h.name for h in inventory.hosts] == ["edge1", "edge2", "edge3", "edge4"]
+    assert [h.name for h in inventory.hosts] == ["edge1", "edge2", "edge3", "edge4", "nat1"]
     for host in inventory.hosts:
         check_gateway_config(inventory, host)
+    assert parse_config(render_gateway_config(inventory.host("nat1"))).mode == "nat64"
     assert rollout.version == "0.1.0"
     assert batches([h.name for h in inventory.hosts], rollout.serial) == [
-        ["edge1"], ["edge2"], ["edge3", "edge4"]]
+        ["edge1"], ["edge2"], ["edge3", "edge4", "nat1"]]
     edge4 = inventory.host("edge4")
     assert edge4.vars["workers"] == 1 and edge4.origin["workers"] == ("groups", "resolvers",
                                                                        "workers")
@@ -155,6 +156,28 @@ INVENTORY_MISTAKES = [
      "defaults.python", "python =", "absolute path"),
     ("key file missing", 'mode = "6to4"', 'mode = "6to4"\nssh_key = "no-such-key"',
      "defaults.ssh_key", "ssh_key", "does not exist"),
+    ("ping target not an address", 'ping_target = "2002:c633:6401::1"',
+     'ping_target = "gw.example"', "defaults.ping_target", "ping_target", "not an IP address"),
+    ("pool4 address", 'local_ipv4 = "192.0.2.11"',
+     'local_ipv4 = "192.0.2.11"\nnat64_clients = ["2001:db8:100::/56"]\n'
+     'nat64_pool4 = [{ address = "203.0.113.500" }]', "hosts.edge1.nat64_pool4[0].address",
+     "nat64_pool4", "not an IPv4 address"),
+    ("pool4 unknown key", 'local_ipv4 = "192.0.2.11"',
+     'local_ipv4 = "192.0.2.11"\nnat64_clients = ["2001:db8:100::/56"]\n'
+     'nat64_pool4 = [{ address = "203.0.113.5", sctp = "1-2" }]', "hosts.edge1.nat64_pool4[0].sctp",
+     "nat64_pool4", "unknown key"),
+    ("pool4 range refused by the gateway", 'local_ipv4 = "192.0.2.11"',
+     'local_ipv4 = "192.0.2.11"\nnat64_clients = ["2001:db8:100::/56"]\n'
+     'nat64_pool4 = [{ address = "203.0.113.5", tcp = "9-2" }]', "hosts.edge1.nat64_pool4[0]",
+     "nat64_pool4", "low first"),
+    ("same pool4 address on two hosts", 'local_ipv4 = "192.0.2.12"',
+     'local_ipv4 = "192.0.2.12"\nnat64_clients = ["2001:db8:100::/56"]\n'
+     'nat64_pool4 = [{ address = "203.0.113.5", tcp = "61001-65535" }]\n\n'
+     '[groups.nat]\nhosts = ["edge1"]\nnat64_clients = ["2001:db8:100::/56"]\n'
+     'nat64_pool4 = [{ address = "203.0.113.5", tcp = "61001-65535" }]',
+     "hosts.edge2.nat64_pool4", "nat64_pool4 = [{", "same nat64_pool4 '203.0.113.5'"),
+    ("NAT64 filtering", 'workers = 1', 'workers = 1\nnat64_filtering = "full-cone"',
+     "groups.eu.nat64_filtering", "nat64_filtering", "must be one of"),
 ]
 
 
@@ -304,6 +327,62 @@ def test_rendered_config_is_what_the_gateway_parses(files: Path) -> None:
     assert [(f.proto, f.port_lo, f.port_hi, f.target_port) for f in settings.forwards] == [
         ("tcp", 80, 80, 8080), ("udp", 5000, 5009, 6000)]
     assert settings.metrics_listen == "127.0.0.1:9641"
+
+
+NAT64_HOSTS = """
+[hosts.nat1]
+ssh = "192.0.2.21"
+mode = "nat64"
+rules = []
+ping_target = "198.51.100.1"
+nat64_clients = ["2001:db8:100::/56", "2001:db8:200::/64"]
+nat64_allow_non_global = true
+nat64_filtering = "address-dependent"
+nat64_mtu = 1400
+nat64_pool4 = [
+  { address = "203.0.113.5", tcp = "61001-65535", udp = "61001-65535", icmp = "0-65535" },
+  { address = "203.0.113.6", tcp = "1024-65535" },
+]
+
+[hosts.both]
+ssh = "192.0.2.22"
+local_ipv4 = "192.0.2.22"
+nat64_prefix = "2001:db8:64::/96"
+nat64_input = "tunnel"
+nat64_clients = ["2002:c000:216::/48"]
+nat64_pool4 = [{ address = "203.0.113.7", udp = "40000-49999" }]
+"""
+
+
+def test_nat64_hosts_render_the_nat64_table(files: Path) -> None:
+    """A NAT64-only host (mode "nat64": no [tunnel], no local_ipv4 needed) and a 6to4 host with
+    a NAT64 beside its tunnel: the gateway's parser reads back what the inventory said."""
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY + NAT64_HOSTS))
+    nat = inventory.host("nat1")
+    text = check_gateway_config(inventory, nat)
+    assert "[tunnel]" not in text and "local_ipv4" not in text
+    settings = parse_config(text)
+    assert settings.mode == "nat64" and settings.nat64_prefix == "64:ff9b::/96"
+    assert settings.nat64_clients == ("2001:db8:100::/56", "2001:db8:200::/64")
+    assert settings.nat64_allow_non_global and settings.nat64_filtering == "address-dependent"
+    assert settings.mtu == 1400 and settings.forwards == ()
+    assert sorted(settings.nat64_pool4) == [
+        ("203.0.113.5", "icmp", 0, 65535), ("203.0.113.5", "tcp", 61001, 65535),
+        ("203.0.113.5", "udp", 61001, 65535), ("203.0.113.6", "tcp", 1024, 65535)]
+    both = parse_config(check_gateway_config(inventory, inventory.host("both")))
+    assert both.mode == "6to4" and both.local_ipv4 == "192.0.2.22"
+    assert both.nat64_prefix == "2001:db8:64::/96" and both.nat64_input == "tunnel"
+    assert both.nat64_pool4 == (("203.0.113.7", "udp", 40000, 49999),)
+    assert [f.port_lo for f in both.forwards] == [80]
+    # A 6to4 host without nat64_* variables gets no [nat64] table.
+    assert "[nat64]" not in render_gateway_config(inventory.host("edge1"))
+
+
+def test_nat64_without_clients_is_refused_at_the_host(files: Path) -> None:
+    text = INVENTORY + NAT64_HOSTS.replace(
+        'nat64_clients = ["2001:db8:100::/56", "2001:db8:200::/64"]\n', "")
+    error = inventory_error(files, text)
+    assert error.key == "hosts.nat1" and "clients" in error.message, error
 
 
 def test_systemd_unit_runs_the_current_release(files: Path) -> None:

@@ -9,7 +9,9 @@ must stop after the first batch and be rolled back there, leaving the other host
 ``sixgate deploy rollback`` of one host. Every assertion reads the hosts' real state: the links
 and virtualenvs in their install roots, the processes behind the pidfiles (and the network
 namespace they run in), /readyz and /metrics of each gateway, and a real ``ping -6`` through it
-from the IPv6 side. Ansible's output is only printed when something fails.
+from the IPv6 side. The last host also runs a NAT64 beside its tunnel (variables nat64_*): its
+health gate pings an IPv4 address through the NAT64, and so does a real ``ping -6`` of
+64:ff9b::198.51.100.1 from its kernel. Ansible's output is only printed when something fails.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ def inventory_text(fleet: Fleet, tunnel: str = GOOD) -> str:
                  f'ssh = "{host_ipv4(number)}"\n'
                  f'local_ipv4 = "{host_ipv4(number)}"\n'
                  f'install_root = "{fleet.root(number)}"\n')
+        if number == fleet.nat64_host:
+            # A NAT64 beside its 6to4 tunnel; its health gate pings IPv4 through the NAT64.
+            text += (f'nat64_clients = ["{fleet_module.NAT64_CLIENTS}"]\n'
+                     "nat64_allow_non_global = true\n"  # documentation addresses (RFC 6052 §3.1)
+                     f'nat64_pool4 = [{{ address = "{fleet_module.nat64_pool4(number)}", '
+                     'icmp = "0-65535", tcp = "61001-65535" }]\n'
+                     f'ping_target = "{fleet_module.PEER_IPV4}"\n')
     return text
 
 
@@ -177,6 +186,9 @@ def assert_serving(fleet: Fleet, number: int, release: str, output: str) -> Host
     assert state.gateway_namespace == fleet.host_ns(number), state
     assert installed_version(fleet, number, release) == release
     assert fleet.ping6(number) >= 1, f"h{number}: no ping -6 reply through its gateway"
+    if number == fleet.nat64_host:
+        assert "[nat64]" in (state.config or ""), state.config
+        assert fleet.ping_nat64(number) >= 1, f"h{number}: no ping -6 reply through its NAT64"
     return state
 
 

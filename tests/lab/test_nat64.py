@@ -17,6 +17,7 @@ from nat64lab import (
     CLIENT6_OTHER,
     DNS4,
     GATEWAY4,
+    GATEWAY6,
     HTTP4,
     MANY_CLIENTS6,
     MTU_LIMITED4,
@@ -85,6 +86,15 @@ class TestNat64:
         done = nat64_lab.peer(["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-s", str(size),
                                synthesized(HTTP4)], timeout=20)
         assert done.returncode == 0 and " 0% packet loss" in done.stdout, done.stdout
+
+    def test_sixgate_ping_of_an_ipv4_address_from_the_gateway_host(self, nat64_lab: Nat64Lab
+                                                                   ) -> None:
+        """``sixgate ping <IPv4>`` (deploy's health gate of a NAT64 host) sends from the host's
+        kernel through the prefix; the gateway's own address is one of the clients."""
+        done = nat64_lab.sixgate("ping", HTTP4, "--count", "2", "--interval", "0.2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"from {GATEWAY6} through the NAT64" in done.stdout, done.stdout
+        assert "2 received" in done.stdout, done.stdout
 
     def test_dig_small_and_an_answer_bigger_than_the_mtu(self, nat64_lab: Nat64Lab) -> None:
         small = nat64_lab.peer(["dig", f"@{synthesized(DNS4)}", "+short", "+tries=1",
