@@ -51,6 +51,26 @@ def settings() -> Settings:
                     forwards=(Forward("udp", 53, 53, "127.0.0.1", 5353),))
 
 
+NAT64_CLIENT6 = ipaddress.IPv6Address("2001:db8:100::10").packed
+NAT64_SERVER6 = ipaddress.IPv6Address("64:ff9b::198.51.100.53").packed
+
+
+def nat64_settings() -> Settings:
+    return Settings(mode="nat64", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
+                    prefix="64:ff9b::/96", addresses=(), mtu=1500, workers=1, pool="",
+                    run_dir="/tmp/sixgate-bench", name="bench", forwards=(),
+                    nat64_prefix="64:ff9b::/96", nat64_clients=("2001:db8:100::/56",),
+                    nat64_pool4=(("203.0.113.5", "udp", 61001, 65535),),
+                    nat64_allow_non_global=True)
+
+
+def nat64_udp6(payload: bytes) -> bytes:
+    segment = bytearray(struct.pack("!HHHH", 40000, 53, 8 + len(payload), 0) + payload)
+    set_checksum(segment, 6, pseudo_sum_v6(NAT64_CLIENT6, NAT64_SERVER6, PROTO_UDP,
+                                           len(segment)), udp=True)
+    return build_ipv6(NAT64_CLIENT6, NAT64_SERVER6, PROTO_UDP, segment)
+
+
 def rate(n: int, loop: object) -> float:
     start = time.perf_counter()
     loop()  # type: ignore[operator]
@@ -92,10 +112,32 @@ def main() -> None:
         for _ in range(n // 64):
             datapath.from_services(batch, 1.0)
 
+    nat64 = Datapath(nat64_settings(), [])
+    request6 = nat64_udp6(b"x" * 64)
+
+    def nat64_from_ipv6() -> None:
+        batch = [request6] * 64
+        for _ in range(n // 64):
+            nat64.from_ipv6(batch, 1.0)
+
+    out4 = nat64.from_ipv6([request6], 1.0).to_services[0]
+    answer_segment = bytearray(struct.pack("!HHHH", 53, out4[20] << 8 | out4[21], 8 + 64, 0)
+                               + b"y" * 64)
+    set_checksum(answer_segment, 6, pseudo_sum_v4(out4[16:20], out4[12:16], PROTO_UDP,
+                                                   len(answer_segment)), udp=True)
+    answer4 = build_ipv4(bytes(out4[16:20]), bytes(out4[12:16]), PROTO_UDP, answer_segment)
+
+    def nat64_from_ipv4() -> None:
+        batch = [answer4] * 64
+        for _ in range(n // 64):
+            nat64.from_services(batch, 1.0)
+
     ref = rate(n, reference)
     rows = [("reference: bare header rewrite", ref),
             ("sixgate inbound: Datapath.from_tunnel", rate(n, sixgate_from_tunnel)),
-            ("sixgate return: Datapath.from_services", rate(n, sixgate_return))]
+            ("sixgate return: Datapath.from_services", rate(n, sixgate_return)),
+            ("sixgate NAT64 IPv6 -> IPv4: Datapath.from_ipv6", rate(n, nat64_from_ipv6)),
+            ("sixgate NAT64 IPv4 -> IPv6: Datapath.from_services", rate(n, nat64_from_ipv4))]
     print(f"64-byte UDP, {n} packets, one core, no syscalls")
     for name, pps in rows:
         print(f"  {name:<52} {pps:>12,.0f} pkt/s   ratio {pps / ref:5.2f}")

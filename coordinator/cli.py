@@ -71,7 +71,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     backend, backend_why = choose_backend(settings.backend, caps)
     print(f"config {args.config}: OK")
     print(f"  backend       {backend or 'NONE'}: {backend_why}")
-    problem = _pool4_problem(settings) if settings.nat64_prefix else ""
+    from sixgate.coordinator.forwarding import pool4_problem
+    problem = pool4_problem(settings) if settings.nat64_prefix else ""
     if problem:
         print(f"sixgate: {args.config}: nat64.pool4: {problem}", file=sys.stderr)
         return EXIT_CONFIG
@@ -140,27 +141,6 @@ def cmd_dns64_emit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-
-
-def _pool4_problem(settings: Settings) -> str:
-    """Why pool4 cannot work on this host ("" when it can): an address the host owns would
-    have its replies go to the host's own sockets, whose ephemeral ports come from
-    net.ipv4.ip_local_port_range (Jool's users meet this)."""
-    from sixgate.coordinator.forwarding import local_pool4
-    owned = local_pool4(settings)
-    if not owned:
-        return ""
-    low, high = (int(word) for word in LOCAL_PORT_RANGE.read_text().split())
-    clashes = [f"{proto} {lo}-{hi}" for address, proto, lo, hi in settings.nat64_pool4
-               if address in owned and proto != "icmp" and lo <= high and low <= hi]
-    clash = (f"; its {', '.join(clashes)} also overlap net.ipv4.ip_local_port_range "
-             f"{low}-{high}, the ports the host's own connections take") if clashes else ""
-    return (f"{', '.join(owned)} is an address of this host{clash}: replies to it would reach "
-            "the host's own sockets; route an address of its own to this host for pool4 "
-            "(ip route add ADDRESS/32 via THIS-HOST on the router)")
-
-
 def _print_nat64(settings: Settings) -> None:
     """``sixgate check`` of a NAT64 gateway: prefix, clients, pool4 and its worker slices,
     and the way packets take."""
@@ -172,8 +152,16 @@ def _print_nat64(settings: Settings) -> None:
           + ("allowed (allow_non_global)" if settings.nat64_allow_non_global or
              not prefix.well_known else "refused (RFC 6052 §3.1)"))
     print(f"  clients       {', '.join(settings.nat64_clients)} (everyone else refused)")
+    from sixgate.coordinator.forwarding import local_pool4
+    owned = local_pool4(settings)
     for address, proto, lo, hi in settings.nat64_pool4:
-        print(f"  pool4         {address} {proto} {lo}-{hi}")
+        print(f"  pool4         {address} {proto} {lo}-{hi}"
+              + (" (an address of this host: these ports are the NAT64's, the rest stay the "
+                 "host's)" if address in owned else ""))
+    if any(a in owned and proto == "icmp" for a, proto, _lo, _hi in settings.nat64_pool4):
+        print("  note          echo replies to this host's own address with an identifier in "
+              "pool4's icmp range go to the NAT64: pings of the host's own from that address "
+              "may lose theirs; narrow icmp to leave identifiers free")
     for index in range(settings.workers):
         slices = worker_pool4(settings.nat64_pool4, settings.workers, index)
         text = "; ".join(f"{PROTOCOL_NAMES[proto]} " + ", ".join(

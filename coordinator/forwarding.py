@@ -34,6 +34,7 @@ from sixgate.workers.engine.settings import (
     nat64_table,
     worker_pool4,
 )
+from sixgate.workers.tun import local_ipv4_addresses
 
 log = logging.getLogger("sixgate.forwarding")
 
@@ -190,16 +191,19 @@ def enable(settings: Settings) -> None:
                          ifname, ", ".join(targets))
         ruleset += guard_ruleset(settings, uplinks, opened)
     rules: list[tuple[int, int]] = []
+    move_local = False
     if settings.nat64_prefix:
-        ruleset, rules = _enable_nat64(settings, changed, ruleset)
+        ruleset, rules, move_local = _enable_nat64(settings, changed, ruleset)
     # Recorded before anything is made, so a failure half-way is undone like a crash.
     _state_path(settings).write_text(json.dumps({
         "paths": changed, "table": table, "table6": table if settings.nat64_prefix else None,
-        "rules": rules}))
+        "rules": rules, "local_rule": LOCAL_RULE_PRIORITY if move_local else None}))
     nft(replace_table("ip", table)
         + (replace_table("ip6", table) if settings.nat64_prefix else "") + ruleset)
     try:
         _install_routing(rules)
+        if move_local:
+            _move_local_rule(LOCAL_RULE_PRIORITY)
     except Exception as exc:  # noqa: BLE001 - NetlinkError: say which step
         raise ForwardingError(f"cannot install the NAT64's policy routing: {exc}") from None
     for path_text, _old in changed:
@@ -207,13 +211,13 @@ def enable(settings: Settings) -> None:
 
 
 def _enable_nat64(settings: Settings, changed: list[tuple[str, str]],
-                  ruleset: str) -> tuple[str, list[tuple[int, int]]]:
+                  ruleset: str) -> tuple[str, list[tuple[int, int]], bool]:
     """The NAT64's part of ``enable``: checks, the sysctls it needs (appended to
-    ``changed``), its tables (appended to ``ruleset``) and its policy rules."""
-    owned = local_pool4(settings)
-    if owned:
-        raise ForwardingError(f"pool4 address(es) {', '.join(owned)} belong to this host; "
-                              "use addresses routed to this host but not assigned to it")
+    ``changed``), its tables (appended to ``ruleset``), its policy rules, and whether a pool4
+    address is this host's own (the local table's rule then moves behind the NAT64's)."""
+    problem = pool4_problem(settings)
+    if problem:
+        raise ForwardingError(f"nat64.pool4: {problem}")
     uplink = nat64_uplink()
     wanted = [_sysctl_path(uplink)]
     if settings.nat64_input == "tun":
@@ -224,9 +228,10 @@ def _enable_nat64(settings: Settings, changed: list[tuple[str, str]],
             changed.append((str(path), old))
             log.info("%s switched on for the NAT64 (restored on stop)", path)
     opened = {path for path, _ in changed}
+    owned = local_pool4(settings)
     ruleset += nat64_ruleset(settings, uplink, str(_sysctl_path(uplink)) in opened,
-                             str(IPV6_FORWARDING) in opened)
-    return ruleset, nat64_routing(settings)
+                             str(IPV6_FORWARDING) in opened, owned)
+    return ruleset, nat64_routing(settings), bool(owned)
 
 
 # The sysctl that makes the kernel forward IPv6 at all (per interface in IPv6 only since
@@ -250,11 +255,37 @@ def nat64_uplink() -> str:
 
 
 def local_pool4(settings: Settings) -> list[str]:
-    """pool4 addresses this host owns itself: their replies would go to its own sockets."""
-    addresses = {row[0] for row in settings.nat64_pool4}
-    with IPRoute() as ipr:
-        owned = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
-    return sorted(addresses & owned)
+    """pool4 addresses this host owns itself (the README's "pool4 on this host's address")."""
+    return sorted({row[0] for row in settings.nat64_pool4} & local_ipv4_addresses())
+
+
+LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+RP_FILTER_ALL = Path("/proc/sys/net/ipv4/conf/all/rp_filter")
+
+
+def pool4_problem(settings: Settings) -> str:
+    """Why pool4 cannot work on this host ("" when it can). On an address the host owns, the
+    NAT64 takes only the pool4 ports and the host keeps the rest; ports the host's own
+    connections draw from (net.ipv4.ip_local_port_range) would be taken from under them, so a
+    TCP or UDP range overlapping it is refused (Jool's users meet this)."""
+    owned = local_pool4(settings)
+    if not owned:
+        return ""
+    if RP_FILTER_ALL.read_text().strip() == "1":
+        return (f"{', '.join(owned)} is an address of this host and net.ipv4.conf.all.rp_filter "
+                "is 1 (strict): the translated packets the NAT64 sends from it would be "
+                "dropped; set it to 2 (loose: sysctl -w net.ipv4.conf.all.rp_filter=2) or use "
+                "an address routed to this host")
+    low, high = (int(word) for word in LOCAL_PORT_RANGE.read_text().split())
+    clashes = [f"{address} {proto} {lo}-{hi}" for address, proto, lo, hi in settings.nat64_pool4
+               if address in owned and proto != "icmp" and lo <= high and low <= hi]
+    if not clashes:
+        return ""
+    return (f"{', '.join(clashes)} on an address of this host overlap(s) "
+            f"net.ipv4.ip_local_port_range {low}-{high}, the ports the host's own connections "
+            f"take: give pool4 ports outside it (like tcp = \"{high + 1}-65535\"), narrow the "
+            "host's range (sysctl net.ipv4.ip_local_port_range), or route an address of its "
+            "own to this host (ip route add ADDRESS/32 via THIS-HOST on the router)")
 
 
 # Where the NAT64's policy routing rules sit (before the main table's 32766).
@@ -310,7 +341,28 @@ def nat64_steering(settings: Settings) -> tuple[list[str], list[str]]:
     return v4, v6
 
 
-def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool) -> str:
+def _untracked_pool4(settings: Settings, owned: list[str], ours: str) -> list[str]:
+    """Rules keeping pool4 traffic out of conntrack (the NAT64 keeps its own state) and
+    dropping packets from a pool4 address that did not come out of our TUN devices. An
+    address of this host's own keeps its other ports: only the pool4 ranges are untracked,
+    and its other traffic stays the host's."""
+    routed = sorted({row[0] for row in settings.nat64_pool4} - set(owned))
+    lines = []
+    if routed:
+        lines += [f"    ip saddr {{ {', '.join(routed)} }} iifname != {ours} counter drop",
+                  f"    ip daddr {{ {', '.join(routed)} }} notrack"]
+    # The host's own address as a source from outside is a martian the kernel drops itself
+    # (no accept_local on the uplink).
+    for address, proto, lo, hi in settings.nat64_pool4:
+        if address in owned:
+            match = (f"icmp type echo-reply icmp id {lo}-{hi}" if proto == "icmp"
+                     else f"{proto} dport {lo}-{hi}")
+            lines.append(f"    ip daddr {address} {match} notrack")
+    return lines
+
+
+def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool,
+                  owned: list[str]) -> str:
     """The NAT64 gateway's nftables tables (``nft -f`` input).
 
     - ip prerouting: a packet from a pool4 address that did not come out of our TUN devices is
@@ -325,11 +377,10 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool)
     lines = [f"table ip {table} {{",
              "  chain nat64_prerouting {",
              "    type filter hook prerouting priority raw; policy accept;",
-             f"    ip saddr {{ {pool4} }} iifname != {ours} counter drop",
-             # Not tracked (the NAT64 keeps its own state), but a conntrack expression in the
-             # table makes the kernel put IPv4 fragments together before this hook
-             # (nf_defrag_ipv4, priority -400): a non-first fragment has no port to steer by.
-             f"    ip daddr {{ {pool4} }} notrack",
+             *_untracked_pool4(settings, owned, ours),
+             # A conntrack expression in the table makes the kernel put IPv4 fragments
+             # together before this hook (nf_defrag_ipv4, priority -400): a non-first
+             # fragment has no port to steer by.
              f"    ip daddr {{ {pool4} }} ct state untracked",
              "  }",
              "  chain steer {",
@@ -389,6 +440,37 @@ def _rule_variants(family: int, table: int) -> list[dict[str, Any]]:
                  action="FR_ACT_BLACKHOLE")]
 
 
+# pool4 on an address of this host: its packets would reach the host's own sockets by the
+# local table, whose rule comes first (priority 0). It moves behind the NAT64's mark rules, so
+# the marked packets (pool4 ports only) reach the workers and all else is delivered as before.
+LOCAL_TABLE = 255
+LOCAL_RULE_PRIORITY = STEER_PRIORITY + 2
+
+
+def _local_rule(priority: int) -> dict[str, Any]:
+    return dict(family=socket.AF_INET, table=LOCAL_TABLE, priority=priority)
+
+
+def _move_local_rule(priority: int) -> None:
+    """The IPv4 local table's rule from priority 0 to ``priority`` (added there first, so
+    there is no instant without it)."""
+    with IPRoute() as ipr:
+        ipr.rule("add", **_local_rule(priority))
+        ipr.rule("del", **_local_rule(0))
+    log.info("IPv4 local table rule moved from priority 0 to %d, behind the NAT64's (pool4 on "
+             "this host's address; restored on stop)", priority)
+
+
+def _restore_local_rule(priority: int) -> None:
+    with IPRoute() as ipr:
+        present = {(r.get_attr("FRA_PRIORITY") or 0) for r in ipr.get_rules(family=socket.AF_INET)
+                   if r.get_attr("FRA_TABLE") == LOCAL_TABLE}
+        if 0 not in present:
+            ipr.rule("add", **_local_rule(0))
+        if priority in present:
+            ipr.rule("del", **_local_rule(priority))
+
+
 def _install_routing(rules: list[tuple[int, int]]) -> None:
     with IPRoute() as ipr:
         for family, table in rules:
@@ -422,6 +504,12 @@ def undo(settings: Settings) -> None:
             Path(path_text).write_text(old)
         except OSError as exc:
             log.warning("cannot restore %s to %s: %s", path_text, old, exc)
+    if state.get("local_rule"):
+        try:
+            _restore_local_rule(int(state["local_rule"]))
+        except Exception as exc:  # noqa: BLE001 - NetlinkError: say it, go on undoing
+            log.error("cannot put the IPv4 local table's rule back at priority 0: %s; do it "
+                      "by hand: ip rule add priority 0 lookup local", exc)
     if state.get("rules"):
         _remove_routing(state["rules"])
     for family, key in (("ip", "table"), ("ip6", "table6")):

@@ -183,7 +183,11 @@ class Worker:
     # --- setup --------------------------------------------------------------------------------
 
     def open(self) -> None:
-        from sixgate.workers.tun import configure_tun, open_tun  # pyroute2: userspace backend only
+        from sixgate.workers.tun import (  # pyroute2: userspace backend only
+            configure_tun,
+            local_ipv4_addresses,
+            open_tun,
+        )
 
         settings = self.settings
         name = tun_name(settings, self.index)
@@ -201,7 +205,9 @@ class Worker:
             nat64_routes += sorted({ipaddress.IPv4Network(row[0])
                                     for row in settings.nat64_pool4})
             main_routes += nat64_routes if self.index == 0 else []
-        configure_tun(name, main_routes, nat64_routes, table)
+        owned = bool(self.nat64 and {row[0] for row in settings.nat64_pool4}
+                     & local_ipv4_addresses())
+        configure_tun(name, main_routes, nat64_routes, table, sends_from_local=owned)
         if self.nat64 and settings.nat64_input == "tun":
             prefix: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
                 ipaddress.IPv6Network(settings.nat64_prefix)]

@@ -8,8 +8,9 @@ owns them, the kernel never answers the services' replies with its own RST or un
 the worker, also after a crash, so nothing is left behind.
 
 I/O shell: opens /dev/net/tun, configures the link and routes with pyroute2 (netlink), writes
-two per-device sysctls (``route_localnet`` for 127.0.0.0/8 targets, ``forwarding`` for
-targets on other hosts).
+per-device sysctls (``route_localnet`` for 127.0.0.0/8 targets, ``forwarding`` for targets on
+other hosts; for a NAT64 whose pool4 holds an address of this host, ``accept_local`` and
+``rp_filter`` 0, so the translated packets it sends from that address are not martians).
 """
 
 from __future__ import annotations
@@ -47,15 +48,27 @@ def set_sysctl(device: str, key: str, value: str) -> None:
     Path(f"/proc/sys/net/ipv4/conf/{device}/{key}").write_text(value)
 
 
+def local_ipv4_addresses() -> set[str]:
+    """The IPv4 addresses assigned to this host's interfaces."""
+    with IPRoute() as ipr:
+        return {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)}
+
+
 def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
                   nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
-                  table: int | None = None) -> None:
+                  table: int | None = None, sends_from_local: bool = False) -> None:
     """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it; for a
     NAT64 also pool4 (and its IPv6 prefix when its clients are on this host's side: the
     device then carries both families) in routing table ``table``, which the gateway's
-    packet marks select."""
+    packet marks select. ``sends_from_local``: packets from the device may carry a source
+    address of this host (pool4 on the host's own address)."""
     # RFC 1122 §3.2.1.3 makes 127/8 martian on any other device; the services listen there.
     set_sysctl(name, "route_localnet", "1")
+    if sends_from_local:
+        # A packet coming in with a local source is a martian unless the device accepts it
+        # (and strict reverse-path filtering would look for the source behind this device).
+        set_sysctl(name, "accept_local", "1")
+        set_sysctl(name, "rp_filter", "0")
     # Targets on other hosts are forwarded from this device only (per-device, not global).
     set_sysctl(name, "forwarding", "1")
     with IPRoute() as ipr:

@@ -71,11 +71,13 @@ class Nat64Lab(Lab):
     """Three namespaces, real IPv4 servers and the real ``sixgate run`` in NAT64 mode."""
 
     def __init__(self, workers: int, files: ServedFiles, *, extra_toml: str = "",
-                 udp_ports: str = "61001-65535", with_clients_kit: bool = True) -> None:
+                 udp_ports: str = "61001-65535", with_clients_kit: bool = True,
+                 pool4: str = POOL4) -> None:
         super().__init__("6in4", workers, files)
         self.v4_ns = self.gw_ns.removesuffix("-gw") + "-v4"
         self.extra_toml = extra_toml
         self.udp_ports = udp_ports
+        self.pool4 = pool4  # POOL4 (routed to the gateway) or GATEWAY4 (its own address)
         self.with_clients_kit = with_clients_kit
         self.ssh_key = self.tmp / "id_ed25519"
         self.known_hosts = self.tmp / "known_hosts"
@@ -234,7 +236,7 @@ class Nat64Lab(Lab):
             "allow_non_global = true  # documentation addresses (RFC 6052 §3.1)\n"
             f"{self.extra_toml}"
             "\n[[nat64.pool4]]\n"
-            f'address = "{POOL4}"\n'
+            f'address = "{self.pool4}"\n'
             'tcp = "61001-65535"\n'
             f'udp = "{self.udp_ports}"\n'
             'icmp = "0-65535"\n'

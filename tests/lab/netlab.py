@@ -882,6 +882,11 @@ def open_tcp_connection(lab: Lab, port: int = 80) -> Iterator[tuple[str, int]]:
         stop_process(process, 5)
 
 
+DEFAULT_RULES4 = ("0: from all lookup local", "32766: from all lookup main",
+                  "32767: from all lookup default")
+DEFAULT_RULES6 = ("0: from all lookup local", "32766: from all lookup main")
+
+
 def shutdown_problems(lab: Lab, tests_failed: bool,
                       sysctls: tuple[str, ...] = ("net.ipv4.conf.veth0.forwarding",)) -> list[str]:
     """What went wrong at the end of a combination (empty when all is well); ``sysctls``:
@@ -904,6 +909,13 @@ def shutdown_problems(lab: Lab, tests_failed: bool,
     tables = lab.gw(["nft", "list", "tables"]).stdout.strip()
     if tables:
         problems.append(f"nftables tables left in the gateway namespace: {tables}")
+    # Policy rules (a NAT64's steering, and the local table's rule it moves for pool4 on the
+    # host's own address) must be the kernel's defaults again.
+    for family, default in (("-4", DEFAULT_RULES4), ("-6", DEFAULT_RULES6)):
+        rules = lab.gw(["ip", family, "rule", "show"]).stdout.split("\n")
+        rules = [" ".join(line.split()) for line in rules if line.strip()]
+        if rules != list(default):
+            problems.append(f"ip {family} rule show after stop: {rules}, expected {default}")
     for key in sysctls:
         forwarding = lab.gw(["sysctl", "-n", key]).stdout.strip()
         if forwarding != "0":

@@ -302,9 +302,15 @@ class TestNat64:
                           .replace('tcp = "61001-65535"', 'tcp = "30000-65535"'))
         done = nat64_lab.gw([*netlab.sixgate_command(), "check", "--config", str(config)])
         assert done.returncode == 2, done.stdout + done.stderr
-        assert f"{GATEWAY4} is an address of this host" in done.stderr
-        assert "tcp 30000-65535 also overlap net.ipv4.ip_local_port_range" in done.stderr
-        assert "route an address of its own to this host" in done.stderr
+        assert (f"{GATEWAY4} tcp 30000-65535 on an address of this host overlap(s) "
+                "net.ipv4.ip_local_port_range 32768-60999") in done.stderr, done.stderr
+        assert 'give pool4 ports outside it (like tcp = "61000-65535")' in done.stderr
+        # Outside the host's range it is fine: only the pool4 ports are the NAT64's.
+        config.write_text(nat64_lab.config_text().replace(f'address = "{POOL4}"',
+                                                          f'address = "{GATEWAY4}"'))
+        done = nat64_lab.gw([*netlab.sixgate_command(), "check", "--config", str(config)])
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "(an address of this host: these ports are the NAT64's" in done.stdout
 
     def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
         netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
@@ -317,9 +323,10 @@ class TestNat64:
 
 @pytest.fixture(scope="class")
 def limits_lab(served_files: netlab.ServedFiles) -> Iterator[Nat64Lab]:
-    """A NAT64 with 10 UDP ports of pool4 and a quota of 4 ports per client /64."""
+    """A NAT64 with 10 UDP ports of pool4 and a quota of 4 ports per client /64; its pool4 is
+    the gateway's own address (GATEWAY4), the rest of whose ports stay the host's."""
     with Nat64Lab(1, served_files, extra_toml="ports_per_client = 4\n",
-                  udp_ports="61001-61010", with_clients_kit=False) as lab:
+                  udp_ports="61001-61010", with_clients_kit=False, pool4=GATEWAY4) as lab:
         yield lab
         problems = netlab.shutdown_problems(lab, False, NAT64_SYSCTLS)
     if problems:
@@ -364,6 +371,47 @@ class TestNat64Limits:
         assert dns_queries(limits_lab, [*MANY_CLIENTS6[:3]] * 4) == 6
         last, _ = counters(limits_lab)
         assert last["pool_exhausted"] - after["pool_exhausted"] == 6
+
+    def test_pool4_on_the_hosts_own_address_leaves_the_host_its_other_ports(
+            self, limits_lab: Nat64Lab, served_files: netlab.ServedFiles) -> None:
+        """pool4 = the gateway's own address: the NAT64 takes its pool4 ports (61001-65535,
+        outside net.ipv4.ip_local_port_range), the host's own connections and services keep
+        working on the rest."""
+        # A client /64 of its own: the quota test may have spent CLIENT6's four ports.
+        client = MANY_CLIENTS6[-1]
+        mid = served_files.mid
+        got = limits_lab.peer(["bash", "-c", "set -o pipefail; curl -sS --fail --max-time 60 "
+                               f"--interface {client} http://[{synthesized(HTTP4)}]/{mid.name} "
+                               "| sha256sum"], timeout=90)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.split()[0] == mid.sha256
+        done = limits_lab.peer(["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", "-I", client,
+                                synthesized(HTTP4)], timeout=20)
+        assert netlab.ping_received(done.stdout) == 2, done.stdout
+        rows = [b for b in limits_lab.flows()["bindings"] if b["proto"] == "tcp"]
+        assert rows and all(row["pool"].startswith(f"{GATEWAY4}:") for row in rows), rows
+        # The host itself, from the same address: an ephemeral port of its own (TCP to the
+        # IPv4 web server) and an ICMP echo it answers (not an echo reply: not the NAT64's).
+        own = limits_lab.gw(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                             "--max-time", "5", f"http://{HTTP4}/{netlab.SMALL_NAME}"])
+        assert own.stdout == "200", own.stdout + own.stderr
+        echo = limits_lab.exec_in(limits_lab.v4_ns, ["ping", "-c", "2", "-i", "0.2", "-W", "2",
+                                                    GATEWAY4])
+        assert netlab.ping_received(echo.stdout) == 2, echo.stdout
+        rules = limits_lab.gw(["ip", "-4", "rule", "show"]).stdout
+        assert "1002:\tfrom all lookup local" in rules and "0:\tfrom all lookup local" \
+            not in rules, rules
+        # Strict reverse-path filtering would drop what the NAT64 sends from the host's own
+        # address: check refuses it, naming the fix.
+        key = "net.ipv4.conf.all.rp_filter"
+        before = limits_lab.gw(["sysctl", "-n", key]).stdout.strip()
+        try:
+            limits_lab.gw(["sysctl", "-q", "-w", f"{key}=1"], check=True)
+            done = limits_lab.sixgate("check")
+        finally:
+            limits_lab.gw(["sysctl", "-q", "-w", f"{key}={before}"], check=True)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "rp_filter is 1 (strict)" in done.stderr and "set it to 2" in done.stderr
 
 
 # --- beside a tunnel: a remote IPv6-only site over 6in4 ------------------------------------------
