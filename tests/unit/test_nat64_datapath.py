@@ -144,6 +144,28 @@ def test_tcp_handshake_and_data_through_the_fast_path() -> None:
         assert back[TCP].dport == 50000 and valid(back)
 
 
+def test_a_batch_takes_the_fast_path_and_a_bad_packet_costs_only_itself() -> None:
+    """from_ipv6's batch loop: the first packet makes the binding, the rest of the batch is
+    translated from its template (fresh IPv4 identifications, the same binding); a packet
+    with a broken checksum in between is dropped under its reason, and every packet and byte
+    is counted once."""
+    dp = nat64()
+    good = [udp6(payload=b"q%d" % i) for i in range(5)]
+    bad = bytearray(good[0])
+    bad[-1] ^= 0xFF  # the UDP checksum no longer holds
+    out = dp.from_ipv6([*good[:2], bytes(bad), *good[2:]], 1.0)
+    translated = [IP(packet) for packet in out.to_services]
+    assert [bytes(p[Raw].load) for p in translated] == [b"q%d" % i for i in range(5)]
+    assert len({p[UDP].sport for p in translated}) == 1 and all(valid(p) for p in translated)
+    assert len({p.id for p in translated}) == 5
+    assert dp.counters.drops[DropReason.BAD_CHECKSUM] == 1
+    # Inbound counts what arrived, the dropped one too.
+    assert dp.counters.packets[("inbound", "udp")] == 6
+    assert dp.counters.bytes[("inbound", "udp")] == sum(len(p) for p in good) + len(bad)
+    assert dp.counters.packets[("to_services", "udp")] == 5
+    assert dp.counters.bytes[("to_services", "udp")] == sum(len(p) for p in out.to_services)
+
+
 def test_rfc6146_3_5_3_icmp_echo_identifier_is_the_binding_port() -> None:
     dp = nat64()
     ping = raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(id=0x1234, seq=7,

@@ -394,13 +394,52 @@ class Datapath:
             packets = list(packets)
             self.counters.drop(DropReason.NOT_OUR_ADDRESS, len(packets))
             return self._take()
+        # The loop of ``from_tunnel`` without the outer header: a plain packet of a session
+        # with an inbound template is translated here with one lookup (the same template and
+        # checks ``_inbound`` would use first); everything else takes ``_inbound``.
         self._entry_tun = True
+        fast = self.fast_path
+        templates = self._fast_in
+        append = self._to_services.append
+        touch_tcp = self.flows.touch_tcp
+        ident = self._ident4
+        udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
         for packet in packets:
             try:
-                self._inbound(packet, now)
+                size = len(packet)
+                template = None
+                if fast and size >= 44 and packet[0] >> 4 == 6:
+                    proto = packet[6]
+                    cache = templates.get(proto)
+                    if cache is not None:
+                        template = cache.get(bytes(packet[8:44]))
+                out = (None if template is None
+                       else fast_v6_to_v4(packet, proto, template, (ident + 1) & 0xFFFF))
+                if out is None:
+                    self._ident4 = ident
+                    self._inbound(packet, now)
+                    ident = self._ident4
+                    continue
+                ident = (ident + 1) & 0xFFFF
+                append(out)
+                session = template[0]  # type: ignore[index]
+                if proto == PROTO_UDP:
+                    session.last_seen = now
+                    udp_n += 1
+                    udp_in += size
+                    udp_out += len(out)
+                else:
+                    touch_tcp(session, packet[53], True, now)
+                    tcp_n += 1
+                    tcp_in += size
+                    tcp_out += len(out)
             except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
                 self._internal_error(exc)
+                ident = self._ident4
+        self._ident4 = ident
         self._entry_tun = False
+        self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, (udp_n, udp_in, udp_out),
+                          (tcp_n, tcp_in, tcp_out))
         return self._take()
 
     def _count_batch(self, first: dict[int, tuple[str, str]],
