@@ -181,6 +181,9 @@ SCHEMA: tuple[Key, ...] = (
              _ranged_int(65536, 1 << 34)),
     _gateway("fanout", "string", "; ".join(f'"{k}": {v}' for k, v in FANOUTS.items()),
              _one_of(FANOUTS)),
+    _gateway("flow_journal", "boolean", "workers journal their sessions to the coordinator; a "
+             "worker restarted after a crash resumes them (false: it starts empty)",
+             lambda *a: _bool(*a)),
     _gateway("tun_writes", "string", "; ".join(f'"{k}": {v}' for k, v in TUN_WRITES.items()),
              _one_of(TUN_WRITES)),
     Key("metrics", "listen", "host:port", "/metrics, /healthz, /readyz; \"[::1]:9641\" works "

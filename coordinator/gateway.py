@@ -40,8 +40,10 @@ from sixgate.workers.capture import TunnelCapture
 from sixgate.workers.control import control_endpoint, coordinator_endpoint, data_endpoint
 from sixgate.workers.engine.counters import BATCH_PACKETS_BOUNDS, Counters, Histogram
 from sixgate.workers.engine.drops import DropReason, Event
+from sixgate.workers.engine.flows import worker_share
 from sixgate.workers.engine.settings import Settings
 from sixgate.workers.engine.wire import encode_batch, fanout_index
+from sixgate.workers.journal import ShardCopy, journal_endpoint
 from sixgate.workers.main import tun_name
 from sixgate.workers.privileges import (
     CAP_DAC_OVERRIDE,
@@ -126,7 +128,8 @@ def prepare_run_dir(settings: Settings) -> Path:
             except ProcessLookupError:
                 pass
     for leftover in list(run_dir.glob("worker-*")) + [run_dir / "control", pidfile,
-                                                        run_dir / "settings.json"]:
+                                                        run_dir / "settings.json",
+                                                        run_dir / "journal"]:
         try:
             leftover.unlink()
         except FileNotFoundError:
@@ -218,6 +221,9 @@ class Coordinator:
         self.loop_seen = time.monotonic()  # /healthz: the main loop went round recently
         self.metrics_server: MetricsServer | None = None
         self.sit_link: str | None = None
+        self.journal: zmq.Socket[Any] | None = None
+        self.shard_copy: ShardCopy | None = None
+        self.shard_lock = threading.Lock()
 
     # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
 
@@ -258,6 +264,13 @@ class Coordinator:
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(coordinator_endpoint(settings.run_dir))
+        if settings.flow_journal and settings.backend != "kernel":
+            # The workers' shard journals (workers/journal.py): bound before any worker starts.
+            self.journal = self.ctx.socket(zmq.PULL)
+            self.journal.setsockopt(zmq.LINGER, 0)
+            self.journal.bind(journal_endpoint(settings.run_dir))
+            self.shard_copy = ShardCopy(settings.workers,
+                                        worker_share(settings.max_flows, settings.workers) or 1)
         if settings.backend == "kernel":
             # The kernel's sit link does the tunnel; workers only relay ports, with up to two
             # descriptors a session: the limit is raised here (the workers inherit it) or the
@@ -356,9 +369,12 @@ class Coordinator:
         for sock in getattr(self, "pushes", []):
             sock.close(0)
         self.running = False
-        thread = getattr(self, "control_thread", None)
-        if thread is not None:
-            thread.join(timeout=5)
+        for name in ("control_thread", "journal_thread"):
+            thread = getattr(self, name, None)
+            if thread is not None:
+                thread.join(timeout=5)
+        if self.journal is not None:
+            self.journal.close(0)
         if getattr(self, "control", None) is not None:
             self.control.close(0)
         if getattr(self, "ctx", None) is not None:
@@ -372,6 +388,7 @@ class Coordinator:
         run_dir = getattr(self, "run_dir", None)
         if run_dir is not None:
             for path in list(run_dir.glob("worker-*")) + [run_dir / "control",
+                                                          run_dir / "journal",
                                                           run_dir / "settings.json",
                                                           run_dir / "coordinator.pid"]:
                 try:
@@ -403,6 +420,10 @@ class Coordinator:
         self.control_thread = threading.Thread(target=self._control_loop, name="control",
                                                daemon=True)
         self.control_thread.start()
+        if self.journal is not None:
+            self.journal_thread = threading.Thread(target=self._journal_loop, name="journal",
+                                                   daemon=True)
+            self.journal_thread.start()
         next_check = time.monotonic() + 1.0
         while self.running:
             if self.capture is not None:
@@ -479,7 +500,38 @@ class Coordinator:
                 worker.restarts += 1
                 worker.next_start = 0.0
                 self.counters.event(Event.WORKER_RESTARTS)
+                self._hand_shard(worker.index)
                 self._spawn(worker)
+
+    # --- the shard journal ----------------------------------------------------------------------
+
+    def _journal_loop(self) -> None:
+        """Apply the workers' journal messages to the copy (its own thread: a burst of new
+        flows never holds up capture or supervision)."""
+        assert self.journal is not None and self.shard_copy is not None
+        while self.running:
+            try:
+                if not self.journal.poll(200):
+                    continue
+                message = self.journal.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:
+                return  # closed at stop
+            with self.shard_lock:
+                self.shard_copy.apply(message)
+
+    def _hand_shard(self, index: int) -> None:
+        """Before worker ``index`` starts again: its shard, for it to resume."""
+        if self.shard_copy is None:
+            return
+        with self.shard_lock:
+            try:
+                count = self.shard_copy.write(self.settings.run_dir, index)
+            except OSError as exc:
+                log.error("cannot hand worker %d its shard (%s): it starts empty", index, exc)
+                return
+        log.info("worker %d gets its shard of %d session(s) to resume", index, count)
 
     # --- control ------------------------------------------------------------------------------
 

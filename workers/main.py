@@ -45,6 +45,8 @@ from sixgate.workers.engine.settings import (
     worker_routes,
 )
 from sixgate.workers.engine.wire import decode_batch, fanout_filter
+from sixgate.workers.journal import FLUSH_INTERVAL_S, journal_endpoint, read_shard
+from sixgate.workers.journal import encode as encode_journal
 from sixgate.workers.mmsg import BatchSender
 from sixgate.workers.privileges import drop_privileges
 from sixgate.workers.uring import UringWriter
@@ -135,6 +137,7 @@ def describe_session(session: Session, now: float, index: int) -> dict[str, Any]
 # How long a starting worker waits for the coordinator's data socket (bound before any worker
 # is spawned, so this is reached only when something is badly wrong).
 DATA_CONNECT_TIMEOUT_S = 10.0
+JOURNAL_QUEUE = 1000  # journal messages queued towards the coordinator before one is lost
 
 
 def connect_now(sock: zmq.Socket[bytes], endpoint: str, timeout_s: float) -> None:
@@ -169,6 +172,10 @@ class Worker:
         self.datapath = Datapath(settings, pool, settings.workers, index=index)
         if self.nat64 and settings.nat64_log_bindings:
             self.datapath.flows.binding_events = []
+        self.journal: zmq.Socket[Any] | None = None  # the shard journal's push socket
+        self.next_journal = 0.0
+        if settings.flow_journal:
+            self.datapath.flows.journal = {}
         self.running = True
         self.errors = InternalErrorLog(f"worker {index}")
         self.tun_fd = -1
@@ -227,6 +234,12 @@ class Worker:
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(control_endpoint(settings.run_dir, self.index))
+        if settings.flow_journal:
+            self.journal = self.ctx.socket(zmq.PUSH)
+            self.journal.setsockopt(zmq.SNDHWM, JOURNAL_QUEUE)
+            self.journal.setsockopt(zmq.LINGER, 0)
+            self.journal.connect(journal_endpoint(settings.run_dir))
+        self._resume_shard()
         if self.nat64_alone:
             return  # no tunnel
         self.send_sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
@@ -253,8 +266,34 @@ class Worker:
             connect_now(self.pull, data_endpoint(settings.run_dir, self.index),
                         DATA_CONNECT_TIMEOUT_S)
 
+    def _resume_shard(self) -> None:
+        """After a crash: the sessions of this shard the coordinator kept (workers/journal.py)."""
+        records = read_shard(self.settings.run_dir, self.index)
+        if records is None:
+            return
+        resumed, refused = self.datapath.flows.restore(records, time.monotonic())
+        self.datapath.counters.event(Event.FLOWS_RESUMED, resumed)
+        log.info("worker %d: resumed %d session(s) of its shard%s", self.index, resumed,
+                 f" ({refused} refused: malformed or not this shard's)" if refused else "")
+
+    def _flush_journal(self, now: float) -> None:
+        """Push what changed in the shard to the coordinator, at most every
+        FLUSH_INTERVAL_S."""
+        flows = self.datapath.flows
+        if self.journal is None or now < self.next_journal or not (
+                flows.journal or flows.journal_removed):
+            return
+        self.next_journal = now + FLUSH_INTERVAL_S
+        records, removed = flows.take_journal()
+        try:
+            self.journal.send(encode_journal(self.index, records, removed), zmq.NOBLOCK)
+        except zmq.Again:
+            # The coordinator is not taking them: its copy misses these (counted).
+            self.datapath.counters.event(Event.JOURNAL_LOST)
+
     def close(self) -> None:
-        for sock in (getattr(self, "pull", None), getattr(self, "control", None)):
+        for sock in (getattr(self, "pull", None), getattr(self, "control", None),
+                     self.journal):
             if sock is not None:
                 sock.close(0)
         if getattr(self, "ctx", None) is not None:
@@ -285,8 +324,11 @@ class Worker:
         if self.capture is not None:
             poller.register(capture_fd, zmq.POLLIN)
         next_tick = time.monotonic() + 1.0
+        flows = self.datapath.flows
         while self.running:
-            events = dict(poller.poll(timeout=500))
+            # A journal waiting to go out is sent within its interval even when all is quiet.
+            pending = flows.journal or flows.journal_removed
+            events = dict(poller.poll(timeout=int(FLUSH_INTERVAL_S * 1000) if pending else 500))
             now = time.monotonic()
             if self.pull in events:
                 self._drain_pull(now)
@@ -298,6 +340,7 @@ class Worker:
                 self._drain_tun(now)
             if self.control in events:
                 self._answer_control(now)
+            self._flush_journal(now)
             if now >= next_tick:
                 next_tick = now + 1.0
                 self._send(self.datapath.tick(now))

@@ -22,6 +22,7 @@ def coordinator_with_one_worker() -> Any:
     coord.workers = [gateway.WorkerProcess(0)]
     coord.counters = Counters()
     coord._spawn = lambda worker: None  # type: ignore[method-assign]
+    coord.shard_copy = None  # no journal
     return coord
 
 

@@ -149,6 +149,10 @@ class Event(enum.Enum):
     """A local kernel peer's packet had its inner checksum left to offload: computed here."""
     OUTER_REASSEMBLED = "outer_reassembled"
     """Outer IPv4 fragments of a protocol-41 packet were put back together (RFC 791 §3.2)."""
+    FLOWS_RESUMED = "flows_resumed"
+    """A worker started again after a crash resumed a session of its shard's journal."""
+    JOURNAL_LOST = "journal_lost"
+    """A shard journal message was not sent: the coordinator's queue was full."""
 
 
 # The ICMPv6 errors the gateway originates, by (type, code), and the type each belongs to.

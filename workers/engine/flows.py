@@ -194,6 +194,25 @@ class PortPool:
                     return address, queue.popleft()
         return None
 
+    def claim(self, wanted: set[tuple[int, bytes, int]]) -> set[tuple[int, bytes, int]]:
+        """Take these (protocol, address, port) out of the free queues at once (a restarted
+        worker resuming its bindings); returns those taken (the others were not free here)."""
+        taken: set[tuple[int, bytes, int]] = set()
+        by_queue: dict[tuple[int, bytes], set[int]] = {}
+        for proto, address, port in wanted:
+            by_queue.setdefault((proto, address), set()).add(port)
+        for (proto, address), ports in by_queue.items():
+            queues = self._free.get(proto, {}).get(address)
+            if queues is None:
+                continue
+            for index, queue in enumerate(queues):
+                found = ports.intersection(queue)
+                if found:
+                    queues[index] = deque(p for p in queue if p not in found)
+                    taken.update((proto, address, port) for port in found)
+                    self.in_use[proto, address] += len(found)
+        return taken
+
     def release(self, proto: int, address: bytes, port: int, now: float) -> None:
         self.in_use[proto, address] -= 1
         self._held.append((now + self.hold_s, proto, address, port))
@@ -298,6 +317,11 @@ class FlowTable:
         self.created_by_proto: dict[int, int] = {}
         # When a list, every removed session is appended (the datapath drops its templates).
         self.removed: list[Session] | None = None
+        # The shard journal (issue 17), when a dict: sessions made or changed (state, assured,
+        # timeout) since the last ``take_journal``, and the keys of those removed; the worker
+        # sends them to the coordinator, which hands them to a worker restarted after a crash.
+        self.journal: dict[Session, None] | None = None
+        self.journal_removed: list[Key] = []
 
     @classmethod
     def for_shard(cls, pool: list[bytes], workers: int, max_flows: int,
@@ -441,8 +465,8 @@ class FlowTable:
         self._add(session, v4_key, now)
         return session
 
-    def _add(self, session: Session, v4_key: Key, now: float) -> None:
-        """Index a new session and start its timer."""
+    def _add(self, session: Session, v4_key: Key, now: float, restored: bool = False) -> None:
+        """Index a new (or ``restored``: not counted as created) session, start its timer."""
         proto = session.proto
         self._by_v6[session.v6_key()] = session
         self._by_v4[v4_key] = session
@@ -455,9 +479,13 @@ class FlowTable:
         if outer4:
             self._per_outer4[outer4] = self._per_outer4.get(outer4, 0) + 1
         self._place(session, int(now + session.timeout_s))
+        self.active_by_proto[proto] = self.active_by_proto.get(proto, 0) + 1
+        if self.journal is not None:
+            self.journal[session] = None
+        if restored:
+            return
         self.created_total += 1
         self.created_by_proto[proto] = self.created_by_proto.get(proto, 0) + 1
-        self.active_by_proto[proto] = self.active_by_proto.get(proto, 0) + 1
 
     def _evict_oldest_unassured(self) -> None:
         """conntrack's early drop: make room by removing the oldest unassured session."""
@@ -494,6 +522,8 @@ class FlowTable:
         """The session carried traffic both ways as its protocol expects: keep it."""
         if not session.assured:
             session.assured = True
+            if self.journal is not None:
+                self.journal[session] = None
             del self._unassured[session]
             self._pairs_of(session)[session.client6].assured += 1
             if session.proto == PROTO_TCP:
@@ -528,6 +558,8 @@ class FlowTable:
                     session.timeout_s = self.timeouts.tcp_established_s
                 else:
                     session.state = V6_INIT
+                if self.journal is not None:
+                    self.journal[session] = None
             else:
                 # A state the table does not know is a bug: never guess a transition; the
                 # session ends soon, as after a RST.
@@ -541,6 +573,8 @@ class FlowTable:
                     self._shorten(session, after, self.timeouts.tcp_transitory_s, now)
                 else:
                     session.state = after
+                    if self.journal is not None:
+                        self.journal[session] = None
                     if effect == ASSURE:
                         self.assure(session)
                 return
@@ -549,6 +583,8 @@ class FlowTable:
         """Enter ``state`` with ``timeout_s`` (never above the unassured lifetime for an
         unassured session); an earlier deadline moves the session's one timer."""
         session.state = state
+        if self.journal is not None:
+            self.journal[session] = None
         if not session.assured:
             timeout_s = min(timeout_s, self.timeouts.unassured_s)
         session.timeout_s = timeout_s
@@ -609,6 +645,9 @@ class FlowTable:
     def _remove(self, session: Session) -> None:
         del self._by_v6[session.v6_key()]
         session.alive = False
+        if self.journal is not None:
+            self.journal.pop(session, None)
+            self.journal_removed.append(session.v6_key())
         self.active_by_proto[session.proto] -= 1
         if self.removed is not None:
             self.removed.append(session)
@@ -650,6 +689,131 @@ class FlowTable:
         if self.binding_events is not None:
             self.binding_events.append((False, bib))
 
+    # --- the shard journal --------------------------------------------------------------------
+
+    def take_journal(self) -> tuple[list[Record], list[Key]]:
+        """Records of the sessions made or changed since the last call, and the keys of those
+        removed; both emptied."""
+        journal = self.journal
+        if journal is None:
+            return [], []
+        records = [session_record(s) for s in journal if s.alive]
+        removed = self.journal_removed
+        self.journal = {}
+        self.journal_removed = []
+        return records, removed
+
+    def restore(self, records: list[object], now: float) -> tuple[int, int]:
+        """Resume the sessions a crashed worker of this shard journaled: (resumed, refused).
+
+        A record is refused when it is malformed, already here, or does not fit this shard:
+        its pool address or pool4 port is not this worker's (or is taken), or it disagrees with
+        the client's pairing or binding. Resumed sessions keep their pool (address, port),
+        state and assurance; their idle timers start at ``now``; they are not counted as
+        created, and their NAT64 bindings are not logged again."""
+        sessions: list[Session] = []
+        refused = 0
+        for record in records:
+            try:
+                sessions.append(parse_record(record))
+            except (ValueError, TypeError):
+                refused += 1
+        nat64 = [s for s in sessions if s.rule == NAT64_RULE and self.ports is not None]
+        others = [s for s in sessions if not (s.rule == NAT64_RULE and self.ports is not None)]
+        resumed = self._restore_pooled(others, now) + self._restore_nat64(nat64, now)
+        return resumed, refused + len(sessions) - resumed
+
+    def _restore_common(self, session: Session, now: float) -> bool:
+        """Index a parsed session unless its keys are taken; its limits are not checked (it
+        was admitted once)."""
+        v4_key = session.v4_key()
+        if session.v6_key() in self._by_v6 or v4_key in self._by_v4:
+            return False
+        session.last_seen = session.created = now
+        assured, timeout_s = session.assured, session.timeout_s
+        session.assured = False
+        self._add(session, v4_key, now, restored=True)
+        if assured:
+            self.assure(session)
+            session.timeout_s = timeout_s  # e.g. TRANS's transitory lifetime, not assure's
+        return True
+
+    def _restore_pooled(self, sessions: list[Session], now: float) -> int:
+        """Forward-rule sessions: each client keeps its pool address (paired, REQ-2)."""
+        free = set(self._free)
+        taken: set[bytes] = set()
+        resumed = 0
+        for session in sessions:
+            binding = self._client_pool.get(session.client6)
+            if binding is None:
+                if session.pool4 not in free or session.pool4 in taken:
+                    continue
+                binding = self._client_pool[session.client6] = _Binding(session.pool4)
+                taken.add(session.pool4)
+            elif binding.pool4 != session.pool4:
+                continue
+            binding.sessions += 1
+            if self._restore_common(session, now):
+                resumed += 1
+            else:
+                binding.sessions -= 1
+        if taken:
+            self._free = deque(a for a in self._free if a not in taken)
+        for client6, binding in list(self._client_pool.items()):
+            if binding.sessions == 0:
+                del self._client_pool[client6]
+                self._free.append(binding.pool4)
+        return resumed
+
+    def _restore_nat64(self, sessions: list[Session], now: float) -> int:
+        """NAT64 sessions: their bindings (pool4 transport addresses) are claimed from the port
+        pool first, all at once; a session whose binding cannot be had is refused."""
+        if not sessions:
+            return 0
+        assert self.ports is not None
+        wanted: dict[tuple[int, bytes, int], tuple[bytes, int]] = {}
+        for session in sessions:
+            key = (session.proto, session.client6, session.cport)
+            if key in self._bib_v6:
+                continue
+            wanted.setdefault(key, (session.pool4, session.pport))
+        claimed = self.ports.claim({(proto, address, port)
+                                    for (proto, _c, _p), (address, port) in wanted.items()})
+        for (proto, client6, cport), (address, port) in wanted.items():
+            if (proto, address, port) not in claimed or (proto, address, port) in self._bib_v4:
+                continue
+            bib = Bib(proto, client6, cport, address, port)
+            self._bib_v6[proto, client6, cport] = bib
+            self._bib_v4[proto, address, port] = bib
+            owner = client6[:self.quota_prefix_bytes]
+            self._ports_per_client[owner] = self._ports_per_client.get(owner, 0) + 1
+        resumed = 0
+        for session in sessions:
+            entry = self._bib_v6.get((session.proto, session.client6, session.cport))
+            pair = self._nat64_pairs.get(session.client6)
+            if (entry is None or (entry.pool4, entry.pport) != (session.pool4, session.pport)
+                    or pair is not None and pair.pool4 != session.pool4):
+                continue
+            if pair is None:
+                pair = self._nat64_pairs[session.client6] = _Binding(session.pool4)
+            pair.sessions += 1
+            if self._restore_common(session, now):
+                entry.sessions += 1
+                entry.remotes[session.target4] = entry.remotes.get(session.target4, 0) + 1
+                resumed += 1
+            else:
+                pair.sessions -= 1
+        for key, bib in list(self._bib_v6.items()):
+            if bib.sessions == 0:  # claimed for sessions that were all refused: give it back
+                del self._bib_v6[key]
+                del self._bib_v4[bib.proto, bib.pool4, bib.pport]
+                _decrement(self._ports_per_client, bib.client6[:self.quota_prefix_bytes])
+                self.ports.release(bib.proto, bib.pool4, bib.pport, now - self.ports.hold_s)
+        for client6, pair in list(self._nat64_pairs.items()):
+            if pair.sessions == 0:
+                del self._nat64_pairs[client6]
+        return resumed
+
     # --- views --------------------------------------------------------------------------------
 
     def sessions(self) -> list[Session]:
@@ -671,6 +835,71 @@ class FlowTable:
             }
             for s in self._by_v6.values()
         ]
+
+
+# --- the shard journal (issue 17: a worker restarted after a crash resumes its sessions) ------
+
+# A session as journal record: plain JSON data, addresses in hex. Its clock (last_seen) is not
+# kept: a resumed session starts its idle timeout again, so it can only live longer.
+RECORD_FIELDS = ("proto", "client6", "cport", "gw6", "gwport", "pool4", "pport", "target4",
+                 "tport", "rule", "state", "timeout_s", "assured", "outer4")
+SESSION_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, 1, 58})  # TCP, UDP, ICMP echo (v4, v6)
+STATES = frozenset({V6_INIT, V4_INIT, V4_SYN_RCV, ESTABLISHED, V6_FIN, V4_FIN, V6_V4_FIN,
+                    TRANS, UDP_OPEN})
+Record = list[object]
+
+
+def session_record(s: Session) -> Record:
+    return [s.proto, s.client6.hex(), s.cport, s.gw6.hex(), s.gwport, s.pool4.hex(), s.pport,
+            s.target4.hex(), s.tport, s.rule, s.state, s.timeout_s, s.assured, s.outer4.hex()]
+
+
+def record_key(record: Record) -> tuple[object, ...]:
+    """A record's identity (its IPv6 side, as ``Session.v6_key``): the coordinator keys its
+    copy of the shard by it."""
+    return tuple(record[:5])
+
+
+def journal_key(key: Key) -> tuple[object, ...]:
+    """``record_key`` of a removed session's ``Key``."""
+    return (key[0], key[1].hex(), key[2], key[3].hex(), key[4])
+
+
+def _port(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
+        raise ValueError(f"bad port {value!r}")
+    return value
+
+
+def _address(value: object, lengths: tuple[int, ...]) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError(f"bad address {value!r}")
+    packed = bytes.fromhex(value)
+    if len(packed) not in lengths:
+        raise ValueError(f"bad address {value!r}")
+    return packed
+
+
+def parse_record(record: object) -> Session:
+    """A journal record as a (not yet indexed) Session; ValueError when it is not one. The
+    records come from another process: each field is checked, nothing is trusted."""
+    if not isinstance(record, list) or len(record) != len(RECORD_FIELDS):
+        raise ValueError("not a session record")
+    (proto, client6, cport, gw6, gwport, pool4, pport, target4, tport, rule, state, timeout_s,
+     assured, outer4) = record
+    if proto not in SESSION_PROTOCOLS or isinstance(proto, bool) or not isinstance(proto, int):
+        raise ValueError(f"bad protocol {proto!r}")
+    if not isinstance(rule, str) or state not in STATES or not isinstance(assured, bool):
+        raise ValueError("bad rule, state or assured")
+    if (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
+            or not 0 < timeout_s <= 1e7):
+        raise ValueError(f"bad timeout {timeout_s!r}")
+    session = Session(proto, _address(client6, (16,)), _port(cport), _address(gw6, (16,)),
+                      _port(gwport), _address(pool4, (4,)), _address(target4, (4,)),
+                      _port(tport), rule, str(state), 0.0, float(timeout_s),
+                      _address(outer4, (0, 4)), _port(pport))
+    session.assured = assured
+    return session
 
 
 def _decrement(counts: dict[bytes, int], key: bytes) -> None:

@@ -105,6 +105,9 @@ class Settings:
     tun_writes: str = "io_uring"
     # Who a userspace worker becomes once its devices and sockets are open ("": stay root).
     user: str = "nobody"
+    # Workers journal their sessions to the coordinator, so a worker restarted after a crash
+    # resumes them (workers/journal.py).
+    flow_journal: bool = True
     # NAT64 (mode "nat64", the [nat64] table): the RFC 6052 prefix, the IPv6 sources that may
     # use it, and pool4 as (address, protocol, first port, last port) rows.
     nat64_prefix: str = ""

@@ -1,0 +1,126 @@
+"""Issue 17: no connection lost when a worker crashes. The real ``sixgate run`` in a lab of its
+own per combination (6to4 and 6in4, kernel and coordinator fan-out, four workers): a real
+``curl -6`` of the 100 MB file, rate-limited so it runs for seconds, goes on while the worker
+that owns it is SIGKILLed twice; the coordinator starts it again with the sessions of its shard
+(workers/journal.py), so the download completes byte-identical. A UDP binding keeps its pool
+transport address (what the service sees) across the restarts, and ``sixgate flows`` shows
+the same bindings before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import netlab
+import pytest
+from netlab import Lab
+
+pytestmark = pytest.mark.lab
+
+RESTART_WITHIN_S = 15.0
+RATE = "20M"  # bytes/s: the 100 MB download lasts 5 s unhindered; each crash stalls it
+DNS_CLIENT_PORT = 45353
+
+
+@pytest.fixture(params=[("6to4", "kernel"), ("6to4", "coordinator"), ("6in4", "kernel"),
+                        ("6in4", "coordinator")], ids=lambda p: f"{p[0]}-{p[1]}-fanout")
+def crash_lab(request: pytest.FixtureRequest,
+              served_files: netlab.ServedFiles) -> Iterator[Lab]:
+    mode, fanout = request.param
+    with Lab(mode, 4, served_files, fanout=fanout) as lab:
+        yield lab
+
+
+def bindings(lab: Lab) -> list[dict[str, Any]]:
+    return list(lab.flows()["bindings"])
+
+
+def workers(lab: Lab) -> dict[int, dict[str, Any]]:
+    return {int(w["index"]): w for w in lab.flows()["counters"]["workers"]}
+
+
+def dig_from_fixed_port(lab: Lab) -> str:
+    """A DNS query through the gateway from one client transport address: the answer."""
+    done = lab.peer(["dig", "-6", f"@{lab.plan.gateway_address}", "-p", "53", "-b",
+                     f"{lab.plan.peer_address}#{DNS_CLIENT_PORT}", "+tries=1", "+time=3",
+                     "+short", netlab.DNS_SMALL_NAME, "A"], timeout=20)
+    return done.stdout.strip()
+
+
+def binding_of(lab: Lab, proto: str, client_port: int | None = None) -> dict[str, Any] | None:
+    for binding in bindings(lab):
+        if binding["proto"] != proto or not binding["client"].startswith(
+                f"[{lab.plan.peer_address}]"):
+            continue
+        if client_port is None or binding["client"].endswith(f"]:{client_port}"):
+            return binding
+    return None
+
+
+def kill_and_wait_restart(lab: Lab, index: int) -> None:
+    """SIGKILL worker ``index`` (checked to be the gateway's child), wait for its successor."""
+    gateway_pid = lab.processes["sixgate"].pid
+    victim = int(workers(lab)[index]["pid"])
+    state = netlab.process_state(victim)
+    assert state is not None and state[1] == gateway_pid, (victim, state)
+    assert "sixgate.workers.main" in netlab.process_cmdline(victim)
+    os.kill(victim, signal.SIGKILL)
+
+    def back() -> bool:
+        entry = workers(lab)[index]
+        return bool(entry.get("up")) and entry.get("pid") not in (None, victim)
+
+    netlab.wait_until(back, timeout=RESTART_WITHIN_S, what=f"worker {index} restarted",
+                      interval=0.1)
+
+
+def test_a_download_and_a_udp_binding_survive_two_worker_crashes(
+        crash_lab: Lab, served_files: netlab.ServedFiles) -> None:
+    lab = crash_lab
+    answer = dig_from_fixed_port(lab)
+    assert answer == netlab.DNS_SMALL_A
+    udp_before = binding_of(lab, "udp", DNS_CLIENT_PORT)
+    assert udp_before is not None, bindings(lab)
+
+    big = served_files.big
+    curl = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+        "bash", "-c", "set -o pipefail; curl -6 -g -sS --fail --max-time 120 --limit-rate "
+        f"{RATE} {netlab.http_url(lab, big.name)} | sha256sum"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        netlab.wait_until(lambda: binding_of(lab, "tcp") is not None, timeout=10,
+                          what="the download's session")
+        tcp_before = binding_of(lab, "tcp")
+        assert tcp_before is not None
+        owner = int(tcp_before["worker"])
+        time.sleep(0.5)  # the download is under way: some of the file has crossed
+        for _ in range(2):
+            kill_and_wait_restart(lab, owner)
+            time.sleep(0.5)
+        tcp_after = binding_of(lab, "tcp")
+        assert tcp_after is not None, bindings(lab)
+        # The same session: same client and pool transport addresses, on the same worker.
+        assert {k: tcp_after[k] for k in ("client", "pool", "target", "worker", "rule")} == \
+            {k: tcp_before[k] for k in ("client", "pool", "target", "worker", "rule")}
+        stdout, stderr = curl.communicate(timeout=150)
+    finally:
+        if curl.poll() is None:
+            netlab.stop_process(curl, 5)
+    assert curl.returncode == 0, stderr
+    assert stdout.split()[0] == big.sha256, "the download arrived damaged"
+
+    assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
+    udp_after = binding_of(lab, "udp", DNS_CLIENT_PORT)
+    assert udp_after is not None and udp_after["pool"] == udp_before["pool"], (udp_before,
+                                                                             udp_after)
+    entry = workers(lab)[owner]
+    assert entry["restarts"] == 2, entry
+    assert entry["counters"]["events"].get("flows_resumed", 0) >= 1, entry["counters"]["events"]
+    assert "gets its shard of" in lab.gateway_stderr() or "gets its shard of" in \
+        lab.log_path("sixgate").read_text()
+    assert netlab.drops(lab)["internal_error"] == 0
