@@ -65,7 +65,7 @@ METRIC_NAMES = (
     "sixgate_prefix_flow_limit", "sixgate_queue_limit_batches",
     "sixgate_icmp_error_rate_limit_per_second", "sixgate_packets", "sixgate_bytes",
     "sixgate_drops", "sixgate_flows_active", "sixgate_flows_created", "sixgate_flows_expired",
-    "sixgate_flows_evicted", "sixgate_control_errors",
+    "sixgate_flows_evicted", "sixgate_flows_resumed", "sixgate_control_errors",
     "sixgate_flow_limit", "sixgate_pool_addresses", "sixgate_pool_addresses_in_use",
     "sixgate_nat64_pool4_ports", "sixgate_nat64_pool4_ports_in_use",
     "sixgate_queue_drops", "sixgate_icmp_errors_sent", "sixgate_tcp_resets_sent",
@@ -173,6 +173,9 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
                                   "timeout", labels=["process"])
     evicted = CounterMetricFamily("sixgate_flows_evicted", "Unassured bindings removed to make "
                                   "room for a new one (table or pool full)", labels=["process"])
+    resumed = CounterMetricFamily("sixgate_flows_resumed", "Sessions a worker started again "
+                                  "after a crash resumed from its shard journal",
+                                  labels=["process"])
     flow_limit = GaugeMetricFamily("sixgate_flow_limit", "Most bindings this worker may hold "
                                    "(its share of max_flows)", labels=["process"])
     pool = GaugeMetricFamily("sixgate_pool_addresses", "IPv4 pool addresses this worker owns",
@@ -246,6 +249,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
             pool4_used.add_metric(labels, row["in_use"])
         expired.add_metric([name], flows["expired"])
         evicted.add_metric([name], events.get(Event.FLOWS_EVICTED.value, 0))
+        resumed.add_metric([name], events.get(Event.FLOWS_RESUMED.value, 0))
         pool.add_metric([name], flows["pool_size"])
         pool_used.add_metric([name], flows["pool_in_use"])
         sent = dict.fromkeys(ICMPV6_ERROR_TYPES.values(), 0)
@@ -261,7 +265,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
             if hist is not None:
                 timings.append(([name, direction], hist))
 
-    out += [packets, octets, drops, control_errors, active, created, expired, evicted,
+    out += [packets, octets, drops, control_errors, active, created, expired, evicted, resumed,
             flow_limit, pool, pool_used, pool4, pool4_used,
             queue_drops, errors_sent, resets, suppressed, echo, up, restarts, cpu, rss]
     out.append(_histogram("sixgate_coordinator_batch_packets",

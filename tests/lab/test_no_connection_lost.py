@@ -10,6 +10,7 @@ the same bindings before and after.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -121,6 +122,10 @@ def test_a_download_and_a_udp_binding_survive_two_worker_crashes(
     entry = workers(lab)[owner]
     assert entry["restarts"] == 2, entry
     assert entry["counters"]["events"].get("flows_resumed", 0) >= 1, entry["counters"]["events"]
+    body = lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+    resumed = re.search(rf'^sixgate_flows_resumed_total{{process="worker-{owner}"}} (\S+)$', body,
+                        re.MULTILINE)
+    assert resumed and float(resumed.group(1)) >= 1, body[:2000]
     assert "gets its shard of" in lab.gateway_stderr() or "gets its shard of" in \
         lab.log_path("sixgate").read_text()
     assert netlab.drops(lab)["internal_error"] == 0

@@ -43,6 +43,7 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
                                                 "protocol": ("tcp", "udp", "icmp")}),
     "sixgate_flows_expired_total": ("counter", {"process": WORKERS}),
     "sixgate_flows_evicted_total": ("counter", {"process": WORKERS}),
+    "sixgate_flows_resumed_total": ("counter", {"process": WORKERS}),
     "sixgate_control_errors_total": ("counter", {"process": PROCESSES}),
     "sixgate_flow_limit": ("gauge", {"process": WORKERS}),
     "sixgate_prefix_flow_limit": ("gauge", {}),
