@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import tomli
 import zmq
 
+from sixgate.coordinator.config import SCHEMA as CONFIG_SCHEMA
 from sixgate.coordinator.config import ConfigError, effective_values, load_config
 from sixgate.workers import control
 from sixgate.workers.engine.nat64 import Nat64Prefix
@@ -32,6 +34,8 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 DEFAULT_CONFIG = "/etc/sixgate/gateway.toml"
+DEFAULT_RUN_DIR = next(str(key.default) for key in CONFIG_SCHEMA
+                       if (key.table, key.name) == ("gateway", "run_dir"))
 
 
 def _load(path: str) -> Settings:
@@ -211,6 +215,34 @@ def cmd_probe(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Hand the file's text (read here, as the caller) to the running gateway, which validates
+    it as ``check`` does and against what it runs, then applies or refuses it; a refusal is
+    also logged and exported by the gateway. A file too broken to name its run_dir is sent to
+    the run_dir it would have by default."""
+    try:
+        text = Path(args.config).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"sixgate reload: cannot read {args.config} ({exc.strerror})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        run_dir = load_config(args.config).run_dir
+    except ConfigError as exc:
+        print(f"sixgate: bad config: {exc}", file=sys.stderr)
+        run_dir = _run_dir_of(text)
+    try:
+        reply = query_gateway(run_dir, "reload", config=os.path.abspath(args.config),
+                              text=text)
+    except RuntimeError as exc:
+        print(f"sixgate reload: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if not reply.get("ok"):
+        print(f"sixgate reload: refused: {reply.get('error')}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"sixgate reload: {reply.get('message')}")
+    return EXIT_OK
+
+
 def cmd_ping(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     from sixgate.coordinator.ping import ping
@@ -226,13 +258,24 @@ def cmd_ping(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
-def query_gateway(settings: Settings, cmd: str, timeout_ms: int = 15000,
+def _run_dir_of(text: str) -> str:
+    """[gateway] run_dir of a config that does not validate, or the default one."""
+    try:
+        run_dir = tomli.loads(text).get("gateway", {}).get("run_dir")
+    except (tomli.TOMLDecodeError, AttributeError):
+        run_dir = None
+    return run_dir if isinstance(run_dir, str) and run_dir else DEFAULT_RUN_DIR
+
+
+def query_gateway(settings: Settings | str, cmd: str, timeout_ms: int = 15000,
                   **args: Any) -> dict[str, Any]:
-    """Ask the running gateway's control socket; raises RuntimeError when nobody answers."""
-    endpoint = control.coordinator_endpoint(settings.run_dir)
+    """Ask the running gateway's control socket (of ``settings``, or of a run_dir); raises
+    RuntimeError when nobody answers."""
+    run_dir = settings if isinstance(settings, str) else settings.run_dir
+    endpoint = control.coordinator_endpoint(run_dir)
     if not os.path.exists(endpoint.removeprefix("ipc://")):
         # No socket file: no gateway runs with this run_dir (answer at once, don't wait).
-        raise RuntimeError(f"no gateway runs with run_dir {settings.run_dir} (no {endpoint}); "
+        raise RuntimeError(f"no gateway runs with run_dir {run_dir} (no {endpoint}); "
                            "start `sixgate run` with this config")
     reply = control.ask(zmq.Context.instance(), [endpoint], control.request(cmd, **args),
                         timeout_ms)[0]
@@ -357,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", "-s", type=int, default=56)
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_ping)
+    p = sub.add_parser("reload", help="re-read the config into the running gateway (as "
+                       "SIGHUP does): rules, limits, timeouts, log level, metrics address")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_reload)
     p = sub.add_parser("flows", help="list the live bindings of a running gateway")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -34,6 +34,8 @@ import zmq
 from pyroute2 import NetlinkError
 
 from sixgate.coordinator import forwarding, kernel_backend
+from sixgate.coordinator import reload as reloading
+from sixgate.coordinator.config import ConfigError, parse_config
 from sixgate.coordinator.metrics import GatewayView, MetricsServer, WorkerView
 from sixgate.workers import control
 from sixgate.workers.capture import TunnelCapture
@@ -224,6 +226,10 @@ class Coordinator:
         self.journal: zmq.Socket[Any] | None = None
         self.shard_copy: ShardCopy | None = None
         self.shard_lock = threading.Lock()
+        self.reload_ok = True
+        self.reload_success_unix = self.started_unix
+        self.reload_requested = False  # SIGHUP: the main loop reloads
+        self.reload_lock = threading.Lock()
 
     # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
 
@@ -239,7 +245,8 @@ class Coordinator:
             started_unix=self.started_unix, loop_age_s=time.monotonic() - self.loop_seen,
             batch_packets=self.batch_packets.as_dict(),
             capture_open=self.capture is not None and self.capture.fileno() >= 0,
-            sit_link=self.sit_link)
+            sit_link=self.sit_link, reload_ok=self.reload_ok,
+            reload_success_unix=self.reload_success_unix)
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
         return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
@@ -436,6 +443,9 @@ class Coordinator:
             self.loop_seen = time.monotonic()
             if sock_fd in events:
                 self._capture()
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload(None)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 1.0
@@ -533,6 +543,68 @@ class Coordinator:
                 return
         log.info("worker %d gets its shard of %d session(s) to resume", index, count)
 
+    # --- reload -------------------------------------------------------------------------------
+
+    def reload(self, path: str | None, text: str | None = None) -> tuple[bool, str]:
+        """Re-read the config (``path``, else the file the gateway started with; ``text``: its
+        content as ``sixgate reload`` read it) and apply what may change live
+        (coordinator/reload.py); (applied?, what happened). A refused reload changes nothing
+        and says why, in the log and in the metrics."""
+        with self.reload_lock:
+            done, message = self._reload(path or self.settings.source_file, text)
+            self.reload_ok = done
+            if done:
+                self.reload_success_unix = time.time()
+                log.info("config reloaded: %s", message)
+            else:
+                log.error("config reload refused, the running config stays: %s", message)
+            return done, message
+
+    def _reload(self, path: str, text: str | None) -> tuple[bool, str]:
+        running = self.settings
+        if running.backend == "kernel":
+            return False, "the kernel backend does not reload yet: restart needed"
+        if text is None:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                return False, (f"{path}: cannot read it as {who_am_i()!r} ({exc.strerror}): "
+                               "make it readable by the gateway's user, or run `sixgate "
+                               f"reload --config {path}` as root")
+        try:
+            new = reloading.as_running(running, parse_config(text, path))
+        except ConfigError as exc:
+            return False, str(exc)
+        blocked = reloading.restart_needed(running, new)
+        if blocked:
+            return False, (f"{path}: {', '.join(blocked)} cannot change while sixgate runs: "
+                           "restart needed (the running config stays)")
+        what = reloading.changed(running, new)
+        if not what:
+            return True, f"{path}: nothing changed"
+        if new.metrics_listen != running.metrics_listen:
+            try:
+                server = MetricsServer(self, new.metrics_listen) if new.metrics_listen else None
+            except OSError as exc:
+                return False, (f"{path}: cannot listen for metrics on {new.metrics_listen} "
+                               f"({exc.strerror}); the running config stays")
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            self.metrics_server = server
+        self.settings = new
+        # A worker started from here on reads the new settings; the running ones re-read them.
+        staged = self.settings_file.with_suffix(".new")
+        staged.write_text(new.to_json())
+        staged.replace(self.settings_file)
+        logging.getLogger().setLevel(new.log_level.upper())
+        replies = control.ask_workers(self.ctx, new.run_dir, new.workers, "reload",
+                                      CONTROL_TIMEOUT_MS)
+        ended = sum(int(r.get("ended", 0)) for r in replies if r is not None and r.get("ok"))
+        late = [str(i) for i, r in enumerate(replies) if r is None or not r.get("ok")]
+        return True, (f"{path}: {', '.join(what)} changed; {ended} flow(s) of removed rules "
+                      "ended" + (f"; worker(s) {', '.join(late)} did not answer: they take it "
+                                 "when they start again" if late else ""))
+
     # --- control ------------------------------------------------------------------------------
 
     def _control_loop(self) -> None:
@@ -549,7 +621,7 @@ class Coordinator:
             frames = self.control.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        cmd, fields, error = control.parse_request(frames)
+        cmd, fields, error = control.parse_request(frames, control.MAX_RELOAD_BYTES)
         if error is not None:
             self.counters.event(Event.CONTROL_ERRORS)
             self.control.send_json(error)
@@ -572,6 +644,12 @@ class Coordinator:
                           "pool": self.settings.pool},
                 coordinator=self.counters.as_dict(),
                 workers=workers))
+        elif cmd == "reload":
+            path, text = fields.get("config"), fields.get("text")
+            done, message = self.reload(path if isinstance(path, str) and path else None,
+                                        text if isinstance(text, str) else None)
+            self.control.send_json(control.ok(message=message) if done
+                                   else control.error(message))
         elif cmd == "ping":
             self.control.send_json(control.ok())
         else:
@@ -587,8 +665,12 @@ def run_gateway(settings: Settings) -> int:
         log.info("signal %d: shutting down", signum)
         coordinator.running = False
 
+    def hangup(_signum: int, _frame: object) -> None:
+        coordinator.reload_requested = True  # the main loop reloads (never in a handler)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
     try:
         coordinator.start()
         coordinator.run()

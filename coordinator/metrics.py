@@ -61,6 +61,8 @@ HEALTHY_LOOP_AGE_S = 5.0  # the loop polls every 0.5 s; 10 missed rounds means i
 # prometheus_client adds to counters); the dashboards and tests check their names against it.
 METRIC_NAMES = (
     "sixgate_build_info", "sixgate_backend_info", "sixgate_ready", "sixgate_start_time_seconds",
+    "sixgate_config_last_reload_successful",
+    "sixgate_config_last_reload_success_timestamp_seconds",
     "sixgate_tunnel_received_packets", "sixgate_tunnel_received_bytes",
     "sixgate_prefix_flow_limit", "sixgate_queue_limit_batches",
     "sixgate_icmp_error_rate_limit_per_second", "sixgate_packets", "sixgate_bytes",
@@ -140,6 +142,10 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     gauge("sixgate_ready", "1 when the capture socket is open and every worker answers",
           1 if snap["ready"] else 0)
     gauge("sixgate_start_time_seconds", "Unix time the coordinator started", snap["start_time"])
+    gauge("sixgate_config_last_reload_successful", "1 when the last config reload (or the "
+          "start) succeeded, 0 when the last reload was refused", 1 if snap["reload_ok"] else 0)
+    gauge("sixgate_config_last_reload_success_timestamp_seconds", "Unix time the config in use "
+          "was loaded", snap["reload_success_unix"])
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_packets", "Protocol-41 packets received, before any check",
         value=snap["tunnel_received"][0]))
@@ -296,6 +302,8 @@ class GatewayView:
     batch_packets: dict[str, Any]  # Histogram.as_dict of packets per fan-out message
     capture_open: bool  # coordinator fan-out: its protocol-41 socket is open
     sit_link: str | None  # kernel backend: the sit link it made
+    reload_ok: bool = True  # the last config reload (or the start) succeeded
+    reload_success_unix: float = 0.0  # when the config in use was loaded
 
 
 class Gateway(Protocol):
@@ -342,6 +350,8 @@ class GatewayCollector:
             "delivery": "socket_relay" if kernel else "tun", "mode": settings.mode,
             "ready": readiness(settings, view, replies) is None,
             "start_time": view.started_unix,
+            "reload_ok": view.reload_ok,
+            "reload_success_unix": view.reload_success_unix or view.started_unix,
             "tunnel_received": received,
             "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,
                        "queue_batches": settings.queue_batches,

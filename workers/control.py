@@ -34,8 +34,10 @@ def control_endpoint(run_dir: str, index: int) -> str:
     return f"ipc://{run_dir}/worker-{index}.ctl"
 
 
-# A request is a few dozen bytes; anything far larger is refused before it is parsed.
+# A request is a few dozen bytes; anything far larger is refused before it is parsed. The
+# coordinator takes a config file's text in ``reload`` (sixgate reload), up to a megabyte.
 MAX_REQUEST_BYTES = 4096
+MAX_RELOAD_BYTES = 1 << 20
 # ``flows`` answers at most this many bindings per worker (``limit`` asks for fewer): a worker
 # serializes them inside its packet loop, so the work per request is bounded.
 FLOWS_PAGE_DEFAULT = 1000
@@ -46,7 +48,8 @@ def request(cmd: str, **args: Any) -> dict[str, Any]:
     return {"v": CONTROL_VERSION, "cmd": cmd, **args}
 
 
-def parse_request(frames: list[bytes]) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+def parse_request(frames: list[bytes], max_bytes: int = MAX_REQUEST_BYTES
+                  ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
     """(command, the request's fields, None), or ("", {}, the error reply to send instead).
 
     Whatever arrives is answered: more than one frame, an oversized or deeply nested body
@@ -54,8 +57,8 @@ def parse_request(frames: list[bytes]) -> tuple[str, dict[str, Any], dict[str, A
     if len(frames) != 1:
         return "", {}, error(f"a request is one frame, not {len(frames)}")
     raw = frames[0]
-    if len(raw) > MAX_REQUEST_BYTES:
-        return "", {}, error(f"request of {len(raw)} bytes; at most {MAX_REQUEST_BYTES}")
+    if len(raw) > max_bytes:
+        return "", {}, error(f"request of {len(raw)} bytes; at most {max_bytes}")
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError):

@@ -161,8 +161,9 @@ def connect_now(sock: zmq.Socket[bytes], endpoint: str, timeout_s: float) -> Non
 
 
 class Worker:
-    def __init__(self, settings: Settings, index: int) -> None:
+    def __init__(self, settings: Settings, index: int, settings_path: str = "") -> None:
         self.settings = settings
+        self.settings_path = settings_path  # re-read at a reload
         self.index = index
         self.nat64 = bool(settings.nat64_prefix)
         self.nat64_alone = settings.mode == "nat64"
@@ -265,6 +266,23 @@ class Worker:
         if settings.fanout != "kernel":
             connect_now(self.pull, data_endpoint(settings.run_dir, self.index),
                         DATA_CONNECT_TIMEOUT_S)
+
+    def _reload(self) -> dict[str, Any]:
+        """The coordinator reloaded the config (coordinator/reload.py): take the new settings
+        file; the sessions of removed rules end (``Datapath.reconfigure``)."""
+        try:
+            with open(self.settings_path, encoding="utf-8") as f:
+                settings = Settings.from_json(f.read())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return control.error(f"worker {self.index} cannot read the new settings: {exc}")
+        before = self.datapath.counters.events.get(Event.FLOWS_ENDED_BY_RELOAD.value, 0)
+        self._send(self.datapath.reconfigure(settings))
+        self.settings = settings
+        logging.getLogger().setLevel(settings.log_level.upper())
+        ended = self.datapath.counters.events.get(Event.FLOWS_ENDED_BY_RELOAD.value, 0) - before
+        if ended:
+            log.info("worker %d: %d session(s) of removed rules ended", self.index, ended)
+        return control.ok(index=self.index, ended=ended)
 
     def _resume_shard(self) -> None:
         """After a crash: the sessions of this shard the coordinator kept (workers/journal.py)."""
@@ -481,6 +499,8 @@ class Worker:
                 self.datapath.counters, flows.active_by_proto, flows.created_by_proto,
                 flows.expired_total, flows.max_flows, flows.pool_in_use(), flows.pool_size,
                 self.processing, pool4_usage(flows)))
+        elif cmd == "reload":
+            reply = self._reload()
         elif cmd == "flows":
             flows = self.datapath.flows
             page = islice(flows.sessions_iter(), control.page_limit(fields))
@@ -519,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("worker %d cannot start its relays: %s", args.index, exc)
             return 1
         return 0
-    worker = Worker(settings, args.index)
+    worker = Worker(settings, args.index, args.settings)
 
     def stop(_signum: int, _frame: object) -> None:
         worker.running = False

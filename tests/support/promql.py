@@ -30,6 +30,8 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
                                        "tunnel_mode": ("6to4",)}),
     "sixgate_ready": ("gauge", {}),
     "sixgate_start_time_seconds": ("gauge", {}),
+    "sixgate_config_last_reload_successful": ("gauge", {}),
+    "sixgate_config_last_reload_success_timestamp_seconds": ("gauge", {}),
     "sixgate_tunnel_received_packets_total": ("counter", {}),
     "sixgate_tunnel_received_bytes_total": ("counter", {}),
     "sixgate_packets_total": ("counter", {"process": WORKERS, "direction": DIRECTIONS,

@@ -7,6 +7,8 @@ nothing sleeps.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
 from scapy.layers.inet6 import (
@@ -788,3 +790,39 @@ def test_parse_fully_tcp_data_offset_outside_the_segment_is_bad_header(dataofs: 
     p = party()
     step = p.client(_lying(TCP(sport=40000, dport=80, flags="S", dataofs=dataofs)))
     assert step.to_services == [] and step.drops == {DropReason.BAD_HEADER: 1}
+
+
+# --- a reloaded config (issue 17) -------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reload_ends_the_sessions_of_a_removed_rule_with_a_reset_on_both_sides(mode: str) -> None:
+    """Datapath.reconfigure without the rule of port 80: that TCP session ends; each side gets
+    an out-of-window ACK, whose answer meets no session and is reset with exactly the sequence
+    number it expects (RFC 9293 §3.10.7.1); the UDP session of a kept rule goes on."""
+    p = party(mode)
+    syn = client_tcp(mode, sport=40000, dport=80, flags="S", seq=1000)
+    request, answer = p.round_trip(syn)
+    p.client(client_tcp(mode, sport=40000, dport=80, flags="A", seq=1001, ack=5001))
+    p.round_trip(client_udp(mode, sport=40001, dport=53))
+    kept = [f for f in p.datapath.settings.forwards if f.port_lo != 80]
+    out = p.datapath.reconfigure(dataclasses.replace(p.datapath.settings, forwards=tuple(kept)))
+    assert [(s.proto, s.cport) for s in p.datapath.flows.sessions()] == [(17, 40001)]
+    probe6 = IPv6(out.to_tunnel[0][0])
+    assert len(out.to_tunnel) == 1 and probe6[TCP].flags == "A"
+    assert (probe6.src, probe6[TCP].sport, probe6.dst, probe6[TCP].dport) == (
+        gw6(mode), 80, client6(mode), 40000)
+    probe4 = IP(out.to_services[0])
+    assert len(out.to_services) == 1 and probe4[TCP].flags == "A"
+    assert (probe4.src, probe4[TCP].sport, probe4.dst, probe4[TCP].dport) == (
+        request.src, request[TCP].sport, request.dst, request[TCP].dport)
+    # The client answers the out-of-window ACK with its own: reset at SEG.ACK.
+    client_ack = client_tcp(mode, sport=40000, dport=80, flags="A", seq=1001, ack=5001)
+    reset6 = p.client(client_ack).only_outbound()
+    assert reset6[TCP].flags == "R" and reset6[TCP].seq == 5001
+    # So does the service: reset towards it at its SEG.ACK.
+    service_ack = reply_to(request, tcp_flags="A")
+    reset4 = p.service(service_ack).only_to_services()
+    assert reset4[TCP].flags == "R" and reset4[TCP].seq == IP(service_ack)[TCP].ack
+    assert (reset4.src, reset4.dst) == (request.src, request.dst)
+    assert p.datapath.counters.events.get(Event.FLOWS_ENDED_BY_RELOAD.value) == 1
+    assert answer.outbound  # the SYN-ACK reached the client

@@ -52,6 +52,7 @@ def _snapshot(workers: list[dict[str, Any] | None]) -> dict[str, Any]:
     return {
         "version": "0.1.0", "backend": "userspace", "delivery": "tun", "mode": "6to4",
         "ready": all(w is not None for w in workers), "start_time": 1.7e9,
+        "reload_ok": True, "reload_success_unix": 1.7e9,
         "tunnel_received": (20, 2400),
         "limits": {"max_flows_per_prefix": 50, "queue_batches": 1000, "icmp_errors_per_s": 100},
         "processes": [{"name": "coordinator", "usage": (1.0, 0.5, 4096),

@@ -33,7 +33,13 @@ from sixgate.workers.engine.fastpath import (
     inbound_template,
     return_template,
 )
-from sixgate.workers.engine.flows import NAT64_RULE, FlowTable, PortPool, Session
+from sixgate.workers.engine.flows import (
+    NAT64_RULE,
+    FlowTable,
+    PortPool,
+    Session,
+    worker_share,
+)
 from sixgate.workers.engine.fragment import OuterReassembler, Reassembler, fragment_ipv6
 from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
@@ -57,7 +63,9 @@ from sixgate.workers.engine.icmp import (
     icmpv6_error,
     may_send_error,
     neighbor_advertisement,
+    tcp_probe,
     tcp_reset,
+    tcp_reset_v4,
 )
 from sixgate.workers.engine.nat64 import Nat64Prefix
 from sixgate.workers.engine.packet import (
@@ -152,6 +160,7 @@ class Datapath:
     def __init__(self, settings: Settings, pool: list[bytes], workers: int = 1,
                  fast_path: bool = True, index: int = 0) -> None:
         self.settings = settings
+        self.workers = workers
         self.mtu = settings.mtu
         self.max_mss = settings.max_mss
         self.mode = settings.mode
@@ -883,6 +892,14 @@ class Datapath:
             if session is None:
                 if self.nat64 is None or dst not in self.pool4_addresses:
                     self._drop(DropReason.NO_SESSION)
+                    if proto == PROTO_TCP:
+                        # A service's segment of a connection whose session is gone (ended
+                        # by a reload, or lost): reset it, as a closed port would (RFC 9293
+                        # §3.10.7.1), so the service learns at once.
+                        reset = tcp_reset_v4(packet, header_len)
+                        if reset is not None:
+                            self._to_services.append(reset)
+                            self.counters.event(Event.TCP_RST_SENT)
                     return
                 session = self._nat64_session_from_v4(proto, dst, dport, src, sport, now,
                                                       packet, header_len)
@@ -1061,6 +1078,40 @@ class Datapath:
         return build_ipv4(bytes(packet[16:20]), bytes(packet[12:16]), PROTO_ICMP, message)
 
     # --- time ---------------------------------------------------------------------------------
+
+    def reconfigure(self, settings: Settings) -> Output:
+        """A reloaded config (issue 17): forward rules, flow limits, timeouts and rate limits
+        change in place; every session whose rule still exists goes on. A session of a rule
+        that is gone ends: removed, and each side of a TCP one is sent ``tcp_probe``, whose
+        answer then meets no session and is reset (both sides learn at once). The caller
+        checked that nothing else changed (coordinator/reload.py)."""
+        self.settings = settings
+        self.rules = build_rule_table(settings)
+        workers = self.workers
+        flows = self.flows
+        flows.max_flows = worker_share(settings.max_flows, workers) or 1
+        flows.max_flows_per_prefix = settings.max_flows_per_prefix
+        flows.max_flows_per_48 = worker_share(settings.max_flows_per_48, workers)
+        flows.max_flows_per_ipv4_source = worker_share(settings.max_flows_per_ipv4_source,
+                                                       workers)
+        flows.timeouts = settings.timeouts
+        self._fast_tunnel_max = 2 * flows.max_flows + 1024
+        self.error_limiter = SourceRateLimiter(settings.icmp_errors_per_s,
+                                               settings.icmp_error_burst)
+        self.echo_limiter = SourceRateLimiter(settings.echo_replies_per_s, settings.echo_burst)
+        labels = {rule.label for rule in settings.forwards} | {NAT64_RULE}
+        ended = [s for s in flows.sessions_iter() if s.rule not in labels]
+        for session in ended:
+            if session.proto == PROTO_TCP:
+                self._send_v6(tcp_probe(session.gw6, session.gwport, session.client6,
+                                        session.cport), PROTO_TCP)
+                self._to_services.append(tcp_probe(session.pool4, session.pport,
+                                                   session.target4, session.tport))
+            flows.close(session)
+        if ended:
+            self.counters.event(Event.FLOWS_ENDED_BY_RELOAD, len(ended))
+        self._forget_templates()
+        return self._take()
 
     def _forget_templates(self) -> None:
         """Drop the fast-path templates of the sessions the flow table just removed."""

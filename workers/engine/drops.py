@@ -151,6 +151,8 @@ class Event(enum.Enum):
     """Outer IPv4 fragments of a protocol-41 packet were put back together (RFC 791 §3.2)."""
     FLOWS_RESUMED = "flows_resumed"
     """A worker started again after a crash resumed a session of its shard's journal."""
+    FLOWS_ENDED_BY_RELOAD = "flows_ended_by_reload"
+    """A session ended because a reloaded config no longer has its forward rule."""
     JOURNAL_LOST = "journal_lost"
     """A shard journal message was not sent: the coordinator's queue was full."""
 

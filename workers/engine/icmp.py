@@ -17,7 +17,9 @@ from sixgate.workers.engine.packet import (
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
+    build_ipv4,
     build_ipv6,
+    pseudo_sum_v4,
     pseudo_sum_v6,
     set_checksum,
 )
@@ -139,6 +141,41 @@ def tcp_reset(invoking: bytes | memoryview, upper_offset: int) -> bytes | None:
         out_seq, out_ack, out_flags = 0, (seq + seg_len) & 0xFFFFFFFF, TCP_RST | TCP_ACK
     segment = bytearray(TCP_HEADER.pack(dport, sport, out_seq, out_ack, 5 << 4, out_flags,
                                         0, 0, 0))
+    set_checksum(segment, 16, pseudo_sum_v6(src, dst, PROTO_TCP, len(segment)))
+    return build_ipv6(src, dst, PROTO_TCP, segment)
+
+
+def tcp_reset_v4(invoking: bytes | memoryview, header_len: int) -> bytes | None:
+    """``tcp_reset`` for an IPv4 segment (a service's segment that meets no session)."""
+    if len(invoking) < header_len + 20:
+        return None
+    sport, dport, seq, ack, data_off, flags, _win, _csum, _urg = TCP_HEADER.unpack_from(
+        invoking, header_len)
+    if flags & TCP_RST:
+        return None
+    src, dst = bytes(invoking[16:20]), bytes(invoking[12:16])
+    seg_len = len(invoking) - header_len - (data_off >> 4) * 4
+    seg_len += (1 if flags & TCP_SYN else 0) + (1 if flags & TCP_FIN else 0)
+    if flags & TCP_ACK:
+        out_seq, out_ack, out_flags = ack, 0, TCP_RST
+    else:
+        out_seq, out_ack, out_flags = 0, (seq + seg_len) & 0xFFFFFFFF, TCP_RST | TCP_ACK
+    segment = bytearray(TCP_HEADER.pack(dport, sport, out_seq, out_ack, 5 << 4, out_flags,
+                                        0, 0, 0))
+    set_checksum(segment, 16, pseudo_sum_v4(src, dst, PROTO_TCP, len(segment)))
+    return build_ipv4(src, dst, PROTO_TCP, segment)
+
+
+def tcp_probe(src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
+    """An ACK with sequence and acknowledgment 0 from (src, sport) to (dst, dport), IPv4 or
+    IPv6 by the address length. Out of the receiver's window, it makes the receiver answer
+    with an ACK carrying its own sequence numbers (RFC 9293 §3.10.7.4, RFC 5961 §4); that
+    answer meets no session here and is reset exactly (``tcp_reset``): how a connection whose
+    session ended is closed on both sides without knowing its sequence numbers."""
+    segment = bytearray(TCP_HEADER.pack(sport, dport, 0, 0, 5 << 4, TCP_ACK, 0, 0, 0))
+    if len(src) == 4:
+        set_checksum(segment, 16, pseudo_sum_v4(src, dst, PROTO_TCP, len(segment)))
+        return build_ipv4(src, dst, PROTO_TCP, segment)
     set_checksum(segment, 16, pseudo_sum_v6(src, dst, PROTO_TCP, len(segment)))
     return build_ipv6(src, dst, PROTO_TCP, segment)
 

@@ -1,0 +1,43 @@
+"""What a config reload may change while sixgate runs (issue 17: SIGHUP, ``sixgate reload``).
+
+A reload re-reads the config file and validates it as ``sixgate check`` does; a bad file
+changes nothing (the error, ``file:line: key: problem``, is logged and
+``sixgate_config_last_reload_successful`` goes to 0, as Prometheus does it). A good one may
+change the forward rules, the flow limits, timeouts and rate limits, the log level and the
+metrics address: the workers apply them in place (``Datapath.reconfigure``), every flow whose
+rule still exists goes on, and the flows of a removed rule end with a RST on both sides.
+Anything else (the tunnel, its addresses, the pool, pool4, the worker count, ...) is refused
+with the keys that changed: that needs a restart. Pure: Settings in, a verdict out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sixgate.workers.engine.settings import Settings
+
+# Settings fields a running gateway takes on at a reload.
+LIVE_FIELDS = frozenset({
+    "forwards", "max_flows", "max_flows_per_prefix", "max_flows_per_48",
+    "max_flows_per_ipv4_source", "timeouts", "icmp_errors_per_s", "icmp_error_burst",
+    "echo_replies_per_s", "echo_burst", "log_level", "metrics_listen", "source_file",
+})
+
+
+def restart_needed(running: Settings, new: Settings) -> list[str]:
+    """The fields that differ and cannot change while sixgate runs (empty: reloadable)."""
+    return [f.name for f in dataclasses.fields(Settings)
+            if f.name not in LIVE_FIELDS and getattr(running, f.name) != getattr(new, f.name)]
+
+
+def as_running(running: Settings, new: Settings) -> Settings:
+    """``new`` as the running gateway would see it: what the start decided and the config
+    cannot say again (the random fan-out seed, the backend ``auto`` chose) is kept."""
+    backend = running.backend if new.backend == "auto" else new.backend
+    return dataclasses.replace(new, hash_seed=running.hash_seed, backend=backend)
+
+
+def changed(running: Settings, new: Settings) -> list[str]:
+    """The live fields a reload changes, for the log."""
+    return [name for name in sorted(LIVE_FIELDS - {"source_file"})
+            if getattr(running, name) != getattr(new, name)]
