@@ -16,6 +16,7 @@ ours).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
@@ -45,7 +46,13 @@ from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.flows import worker_share
 from sixgate.workers.engine.settings import Settings
 from sixgate.workers.engine.wire import encode_batch, fanout_index
-from sixgate.workers.journal import ShardCopy, journal_endpoint
+from sixgate.workers.journal import (
+    HANDOVER_MAX_AGE_S,
+    ShardCopy,
+    journal_endpoint,
+    take_handover,
+    write_handover,
+)
 from sixgate.workers.main import tun_name
 from sixgate.workers.privileges import (
     CAP_DAC_OVERRIDE,
@@ -64,6 +71,7 @@ RECV_BUDGET = 256  # packets read per wakeup before batches are sent
 WORKER_READY_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+JOURNAL_DRAIN_MS = 300  # at a stop: how long the last journal messages are waited for
 # A worker that ran this long before it died starts the backoff over (systemd's
 # StartLimitIntervalSec idea): one crash a day never waits the longest delay.
 STABLE_RUN_S = 60.0
@@ -226,6 +234,7 @@ class Coordinator:
         self.journal: zmq.Socket[Any] | None = None
         self.shard_copy: ShardCopy | None = None
         self.shard_lock = threading.Lock()
+        self.handed_over: list[list[Any]] = []  # the previous run's shards, to resume
         self.reload_ok = True
         self.reload_success_unix = self.started_unix
         self.reload_requested = False  # SIGHUP: the main loop reloads
@@ -257,6 +266,15 @@ class Coordinator:
     def start(self) -> None:
         settings = self.settings
         self.run_dir = prepare_run_dir(settings)
+        if settings.flow_journal and settings.backend != "kernel":
+            # A restart or an upgrade: the sessions the previous run handed over at its stop,
+            # with its fan-out seed so every client reaches the worker that has its sessions.
+            seed, self.handed_over, message = take_handover(
+                str(self.run_dir), dataclasses.asdict(settings), time.time())
+            if message:
+                log.info("%s", message)
+            if seed is not None:
+                settings = self.settings = dataclasses.replace(settings, hash_seed=seed)
         self.settings_file = self.run_dir / "settings.json"
         self.settings_file.write_text(settings.to_json())
         if settings.user:
@@ -278,6 +296,8 @@ class Coordinator:
             self.journal.bind(journal_endpoint(settings.run_dir))
             self.shard_copy = ShardCopy(settings.workers,
                                         worker_share(settings.max_flows, settings.workers) or 1)
+            for index, records in enumerate(self.handed_over):
+                self.shard_copy.load(index, records)
         if settings.backend == "kernel":
             # The kernel's sit link does the tunnel; workers only relay ports, with up to two
             # descriptors a session: the limit is raised here (the workers inherit it) or the
@@ -318,7 +338,10 @@ class Coordinator:
         # and every worker starts (and restarts) as that user too.
         log.info("%s", become_supervisor(settings.user, hand_over(self.run_dir, settings)))
         for worker in self.workers:
+            if self.handed_over:
+                self._hand_shard(worker.index)
             self._spawn(worker)
+        self.handed_over = []
         self._wait_workers_ready()
         if settings.mode == "nat64":
             log.info("sixgate up: NAT64 %s for %s, pool4 %s, %d worker(s)",
@@ -381,6 +404,7 @@ class Coordinator:
             if thread is not None:
                 thread.join(timeout=5)
         if self.journal is not None:
+            self._hand_over()
             self.journal.close(0)
         if getattr(self, "control", None) is not None:
             self.control.close(0)
@@ -542,6 +566,21 @@ class Coordinator:
                 log.error("cannot hand worker %d its shard (%s): it starts empty", index, exc)
                 return
         log.info("worker %d gets its shard of %d session(s) to resume", index, count)
+
+    def _hand_over(self) -> None:
+        """At a stop: the workers' last journal messages, then every shard for the next run
+        (a restart, an upgrade, a deploy) to resume."""
+        assert self.journal is not None and self.shard_copy is not None
+        while self.journal.poll(JOURNAL_DRAIN_MS):
+            self.shard_copy.apply(self.journal.recv())
+        try:
+            count = write_handover(self.settings.run_dir, self.shard_copy,
+                                   dataclasses.asdict(self.settings), time.time())
+        except OSError as exc:
+            log.error("cannot hand the sessions over to the next run (%s)", exc)
+            return
+        log.info("%d session(s) handed over to the next run (taken within %.0f s)", count,
+                 HANDOVER_MAX_AGE_S)
 
     # --- reload -------------------------------------------------------------------------------
 

@@ -90,6 +90,16 @@ class ShardCopy:
     def sessions(self, index: int) -> int:
         return len(self.shards[index])
 
+    def load(self, index: int, records: list[Any]) -> None:
+        """Worker ``index``'s shard as a previous run handed it over (checked again by the
+        worker that resumes it)."""
+        for record in records[:self.limit]:
+            if isinstance(record, list) and len(record) >= 5:
+                try:
+                    self.shards[index][record_key(record)] = record
+                except TypeError:
+                    self.refused += 1
+
     def write(self, run_dir: str, index: int) -> int:
         """Write worker ``index``'s shard for its next start (0600, replaced atomically); the
         number of sessions in it."""
@@ -101,6 +111,71 @@ class ShardCopy:
             json.dump(records, out, separators=(",", ":"))
         temporary.replace(path)
         return len(records)
+
+
+# --- a restart or an upgrade: the whole copy handed to the next run ---------------------------
+
+HANDOVER_FILE = "handover.json"
+# A handover older than this is not taken: its sessions have likely ended meanwhile.
+HANDOVER_MAX_AGE_S = 300.0
+# What must be the same in the next run for its workers to own the same sessions: the fan-out
+# (seed, worker count) sends each client to the same worker, which owns the same pool slice.
+HANDOVER_KEYS = ("workers", "mode", "local_ipv4", "pool", "nat64_pool4", "nat64_prefix")
+
+
+def handover_path(run_dir: str) -> Path:
+    return Path(run_dir) / HANDOVER_FILE
+
+
+def write_handover(run_dir: str, copy: ShardCopy, settings: dict[str, Any], now_unix: float
+                   ) -> int:
+    """At a clean stop: every shard and what the next run needs to resume them (0600, replaced
+    atomically); the number of sessions handed over."""
+    doc = {"v": JOURNAL_VERSION, "written_unix": now_unix, "hash_seed": settings["hash_seed"],
+           "settings": {key: settings[key] for key in HANDOVER_KEYS}, "shards": copy.shards}
+    path = handover_path(run_dir)
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump({**doc, "shards": [list(shard.values()) for shard in copy.shards]}, out,
+                  separators=(",", ":"))
+    temporary.replace(path)
+    return sum(len(shard) for shard in copy.shards)
+
+
+def take_handover(run_dir: str, settings: dict[str, Any], now_unix: float
+                  ) -> tuple[int | None, list[list[Any]], str]:
+    """At a start: (the fan-out seed to keep, every worker's records, what happened) from the
+    previous run's handover, which is deleted; (None, [], why) when there is none to take."""
+    path = handover_path(run_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, [], ""
+    finally:
+        path.unlink(missing_ok=True)
+    try:
+        doc = json.loads(text)
+        seed, shards, saved = doc["hash_seed"], doc["shards"], doc["settings"]
+        age = now_unix - float(doc["written_unix"])
+        if (doc.get("v") != JOURNAL_VERSION or not isinstance(seed, int)
+                or not isinstance(shards, list) or not isinstance(saved, dict)):
+            raise ValueError("not a handover")
+    except (ValueError, KeyError, TypeError):
+        return None, [], "the previous run's handover is unreadable: starting empty"
+    if not 0 <= age <= HANDOVER_MAX_AGE_S:
+        return None, [], (f"the previous run's handover is {age:.0f} s old (at most "
+                          f"{HANDOVER_MAX_AGE_S:.0f}): starting empty")
+    # JSON turns tuples into lists: compare as JSON sees them.
+    differ = [key for key in HANDOVER_KEYS
+              if json.loads(json.dumps(settings[key])) != saved.get(key)]
+    if differ:
+        return None, [], (f"the previous run had another {', '.join(differ)}: its sessions "
+                          "belong to other workers or addresses, starting empty")
+    if len(shards) != settings["workers"] or not all(isinstance(s, list) for s in shards):
+        return None, [], "the previous run's handover does not match: starting empty"
+    return seed, shards, (f"resuming {sum(len(s) for s in shards)} session(s) handed over by "
+                          "the previous run")
 
 
 def read_shard(run_dir: str, index: int) -> list[Any] | None:

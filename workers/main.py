@@ -138,6 +138,7 @@ def describe_session(session: Session, now: float, index: int) -> dict[str, Any]
 # is spawned, so this is reached only when something is badly wrong).
 DATA_CONNECT_TIMEOUT_S = 10.0
 JOURNAL_QUEUE = 1000  # journal messages queued towards the coordinator before one is lost
+JOURNAL_LINGER_MS = 1000
 
 
 def connect_now(sock: zmq.Socket[bytes], endpoint: str, timeout_s: float) -> None:
@@ -238,7 +239,8 @@ class Worker:
         if settings.flow_journal:
             self.journal = self.ctx.socket(zmq.PUSH)
             self.journal.setsockopt(zmq.SNDHWM, JOURNAL_QUEUE)
-            self.journal.setsockopt(zmq.LINGER, 0)
+            # At a stop the last message is still delivered (the next run resumes from it).
+            self.journal.setsockopt(zmq.LINGER, JOURNAL_LINGER_MS)
             self.journal.connect(journal_endpoint(settings.run_dir))
         self._resume_shard()
         if self.nat64_alone:
@@ -294,11 +296,11 @@ class Worker:
         log.info("worker %d: resumed %d session(s) of its shard%s", self.index, resumed,
                  f" ({refused} refused: malformed or not this shard's)" if refused else "")
 
-    def _flush_journal(self, now: float) -> None:
+    def _flush_journal(self, now: float, last: bool = False) -> None:
         """Push what changed in the shard to the coordinator, at most every
-        FLUSH_INTERVAL_S."""
+        FLUSH_INTERVAL_S (``last``: now, the worker is stopping)."""
         flows = self.datapath.flows
-        if self.journal is None or now < self.next_journal or not (
+        if self.journal is None or (now < self.next_journal and not last) or not (
                 flows.journal or flows.journal_removed):
             return
         self.next_journal = now + FLUSH_INTERVAL_S
@@ -365,6 +367,7 @@ class Worker:
                 if self.capture is not None:
                     self.capture.tick(now)
                 self._log_limits(now)
+        self._flush_journal(time.monotonic(), last=True)
 
     def _drain_pull(self, now: float) -> None:
         """Coordinator fan-out: batches of captured packets from the coordinator."""

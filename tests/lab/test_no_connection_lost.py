@@ -129,3 +129,49 @@ def test_a_download_and_a_udp_binding_survive_two_worker_crashes(
     assert "gets its shard of" in lab.gateway_stderr() or "gets its shard of" in \
         lab.log_path("sixgate").read_text()
     assert netlab.drops(lab)["internal_error"] == 0
+
+
+@pytest.fixture
+def restart_lab(served_files: netlab.ServedFiles) -> Iterator[Lab]:
+    with Lab("6to4", 2, served_files, fanout="kernel") as lab:
+        yield lab
+
+
+def test_a_download_survives_a_restart_of_the_whole_gateway(
+        restart_lab: Lab, served_files: netlab.ServedFiles) -> None:
+    """SIGTERM ``sixgate run`` mid-download and start it again (what a restart, an upgrade or
+    a deploy does): the stopping run hands its sessions over in the run directory, the next
+    one resumes them with the same fan-out, and the download completes byte-identical on the
+    same binding; the UDP binding keeps its pool transport address."""
+    lab = restart_lab
+    assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
+    udp_before = binding_of(lab, "udp", DNS_CLIENT_PORT)
+    big = served_files.big
+    curl = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+        "bash", "-c", "set -o pipefail; curl -6 -g -sS --fail --max-time 120 --limit-rate "
+        f"{RATE} {netlab.http_url(lab, big.name)} | sha256sum"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        netlab.wait_until(lambda: binding_of(lab, "tcp") is not None, timeout=10,
+                          what="the download's session")
+        tcp_before = binding_of(lab, "tcp")
+        time.sleep(0.5)
+        assert lab.stop_gateway(timeout=15) == 0, lab.gateway_stderr()
+        assert "handed over to the next run" in lab.log_path("sixgate").read_text()
+        lab.start_gateway(key="sixgate-next")
+        log = lab.log_path("sixgate-next").read_text()
+        assert re.search(r"resuming [1-9]\d* session\(s\) handed over", log), log
+        tcp_after = binding_of(lab, "tcp")
+        assert tcp_after is not None and tcp_before is not None
+        keys = ("client", "pool", "target", "worker", "rule")
+        assert {k: tcp_after[k] for k in keys} == {k: tcp_before[k] for k in keys}
+        stdout, stderr = curl.communicate(timeout=150)
+    finally:
+        if curl.poll() is None:
+            netlab.stop_process(curl, 5)
+    assert curl.returncode == 0, stderr
+    assert stdout.split()[0] == big.sha256, "the download arrived damaged"
+    assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
+    udp_after = binding_of(lab, "udp", DNS_CLIENT_PORT)
+    assert udp_before is not None and udp_after is not None
+    assert udp_after["pool"] == udp_before["pool"], (udp_before, udp_after)
