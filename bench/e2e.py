@@ -273,6 +273,7 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
                 f"sixgate/TAYGA {_ratio(rate, _loss_free(tayga, kind, payload))}, "
                 f"sixgate/kernel {_ratio(rate, _loss_free(kernel, kind, payload))}")
     lines += nat64_ratio_lines(systems, plan, tayga)
+    lines += journal_lines(systems, plan)
     shares = []
     for system in systems.values():
         over = system.get("forward", {}).get("64", {}).get("overload")
@@ -283,6 +284,19 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
         lines.append("coordinator's share of sixgate's CPU at overload (64 B forward): "
                      + ", ".join(shares))
     return lines
+
+
+def journal_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
+    """The shard journal's cost: sixgate with it on (the default) over sixgate with it off,
+    the same worker count, same run (issue 17: at least 0.95)."""
+    workers = plan.workers[0]
+    on, off = systems.get(f"sixgate {workers}w"), systems.get(f"journal-off {workers}w")
+    if not on or not off:
+        return []
+    return [f"flow journal on/off per-core ratio: "
+            f"{_ratio(_per_core(on, 'forward', 64), _per_core(off, 'forward', 64))} "
+            f"(64 B forward, sixgate {workers}w {_k(_per_core(on, 'forward', 64))} with, "
+            f"{_k(_per_core(off, 'forward', 64))} without; goal >= 0.95)"]
 
 
 def nat64_ratio_lines(systems: dict[str, Any], plan: Plan, tayga: dict[str, Any]) -> list[str]:
@@ -381,7 +395,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="split: traffic programs on CPU 0, gateways on the other CPUs "
                              "(default); none: no pinning")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="measure only these systems: sixgate nat64 TAYGA kernel")
+                        help="measure only these systems: sixgate journal (sixgate with "
+                             "[gateway] flow_journal off, beside it) nat64 TAYGA kernel")
     parser.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a [gateway] setting for every sixgate run (VALUE in TOML, e.g. "
                              "workers-independent options of the datapath); repeatable")
@@ -421,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU {pins['gateway_cpus']} ({pins['how']})" if gateway else "pinning: none")
     log("inputs: sixgate gets 6to4 (IPv6 UDP in IPv4 proto 41); TAYGA (NAT64) and the kernel "
         "(plain IPv6 forwarding, no translation) get the same IPv6 UDP without the outer header")
-    wanted = set(args.only) if args.only else {"sixgate", "nat64", "TAYGA", "kernel"}
+    wanted = set(args.only) if args.only else {"sixgate", "journal", "nat64", "TAYGA",
+                                                "kernel"}
     common = {"traffic_cpus": traffic or None, "gateway_cpus": gateway}
     settings = dict(item.split("=", 1) for item in args.gateway_set)
     results["gateway_settings"] = settings
@@ -435,6 +451,14 @@ def main(argv: list[str] | None = None) -> int:
                            lambda w=workers: labs.SixgateLab(w, max_flows=4_000_000,
                                                              gateway_settings=settings, **common),
                            plan, programs, latency=last, flows=last)
+        if "sixgate" in wanted and "journal" in wanted:
+            # The shard journal's cost (issue 17): the same gateway with it off, same run.
+            workers = plan.workers[0]
+            run_system(results, f"journal-off {workers}w",
+                       lambda w=workers: labs.SixgateLab(
+                           w, max_flows=4_000_000, label="journal-off",
+                           gateway_settings={**settings, "flow_journal": "false"}, **common),
+                       plan, programs, latency=False, flows=False)
         if "nat64" in wanted:
             # TAYGA's job on the same engine: its input, its prefix, its IPv4 sink.
             for workers in plan.workers:

@@ -334,10 +334,11 @@ class SixgateLab(BenchTarget, netlab.Lab):
 
     def __init__(self, workers: int, *, max_flows: int = 200_000,
                  gateway_settings: dict[str, str] | None = None,
-                 traffic_cpus: str | None = None, gateway_cpus: str | None = None) -> None:
+                 traffic_cpus: str | None = None, gateway_cpus: str | None = None,
+                 label: str = "sixgate") -> None:
         # The product's default fan-out; --gateway-set 'fanout="coordinator"' for the other.
         super().__init__("6to4", workers, NO_FILES, fanout="kernel")
-        self.label = f"sixgate {workers}w"
+        self.label = f"{label} {workers}w"
         self.max_flows = max_flows
         # More [gateway] settings (key -> TOML value), replacing the lab's: the variants of
         # the datapath to compare (bench/e2e.py --gateway-set).

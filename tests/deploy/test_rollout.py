@@ -16,11 +16,15 @@ health gate pings an IPv4 address through the NAT64, and so does a real ``ping -
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fleet as fleet_module
 import pytest
@@ -31,6 +35,8 @@ from sixgate.deploy.inventory import load_inventory
 from sixgate.deploy.render import render_gateway_config
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
+
+PROGRAMS = fleet_module.LAB_DIR / "programs"
 
 HOSTS = (1, 2, 3, 4)
 RELEASE = checkout_version()
@@ -192,6 +198,53 @@ def assert_serving(fleet: Fleet, number: int, release: str, output: str) -> Host
     return state
 
 
+class LongDownload:
+    """A paced HTTP download from the IPv6 side through host ``number``'s gateway (its port-80
+    rule, to an http.server on the host's 127.0.0.1:8080) that lasts until ``finish``."""
+
+    def __init__(self, fleet: Fleet, number: int, size: int = 48 << 20) -> None:
+        self.fleet, self.number, self.size = fleet, number, size
+        self.directory = fleet.tmp / f"www-h{number}"
+        self.go_file = fleet.tmp / f"download-h{number}.go"
+        self.process: subprocess.Popen[str] | None = None
+        self.sha256 = ""
+
+    def __enter__(self) -> LongDownload:
+        self.directory.mkdir(exist_ok=True)
+        self.go_file.unlink(missing_ok=True)
+        self.sha256 = fleet_module.netlab.write_random_file(self.directory / "big.bin",
+                                                            self.size).sha256
+        key = f"http-h{self.number}"
+        if not self.fleet.alive(key):
+            self.fleet.spawn(key, self.fleet.host_ns(self.number), [
+                sys.executable, str(PROGRAMS / "http_server.py"), "127.0.0.1", "8080",
+                str(self.directory)])
+            fleet_module.wait_for(lambda: self.fleet.host(self.number, [
+                "ss", "-Hltn", "sport = :8080"]).stdout.strip(), 15, "http.server")
+        self.process = subprocess.Popen(fleet_module.netlab.in_ns(self.fleet.net_ns, [
+            sys.executable, str(PROGRAMS / "paced_download.py"),
+            f"[{fleet_module.gateway_address(self.number)}]", "80", "/big.bin",
+            str(self.go_file)]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert self.running(), self.process.communicate(timeout=10)
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def finish(self) -> dict[str, Any]:
+        assert self.process is not None
+        self.go_file.touch()
+        stdout, stderr = self.process.communicate(timeout=120)
+        assert stdout.strip(), stderr
+        return dict(json.loads(stdout.strip().splitlines()[-1]))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.running():
+            assert self.process is not None
+            fleet_module.netlab.stop_process(self.process, 5)
+
+
 def stage(name: str, started: float) -> None:
     STAGE_SECONDS[name] = time.monotonic() - started
     _done.append(name)
@@ -236,13 +289,27 @@ def test_check_mode_changes_nothing(fleet: Fleet, wheelhouse: Path) -> None:
 
 
 def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
+    """The upgrade to a second release, in batches; a download through h1's gateway that runs
+    all along survives h1's upgrade byte-identical (issue 17: the stopping release hands its
+    sessions over in the run directory, the new release resumes them)."""
     require("install", "check mode")
     started = time.monotonic()
     before = {n: host_state(fleet, n) for n in HOSTS}
+    log = fleet.root(1) / "var" / "log" / "sixgate" / "gateway.log"
+    log_before = log.stat().st_size
+    download = LongDownload(fleet, 1)
     inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
         f'wheel = "wheelhouse/sixgate-{UPGRADE}-py3-none-any.whl"', '[1, "25%", "100%"]'))
-    code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout)
-    assert code == 0, output
+    with download:
+        code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout)
+        assert code == 0, output
+        assert download.running(), "the download ended before the rollout did"
+        result = download.finish()
+    assert (result["status"], result["bytes"], result.get("sha256")) == (
+        200, download.size, download.sha256), result
+    text = log.read_text()[log_before:]
+    assert "handed over to the next run" in text and re.search(
+        r"resuming [1-9]\d* session\(s\) handed over", text), text[-3000:]
     after = {n: assert_serving(fleet, n, UPGRADE, output) for n in HOSTS}
     for number in HOSTS:
         assert after[number].previous == RELEASE, after[number]
