@@ -223,7 +223,7 @@ class LongDownload:
                 "ss", "-Hltn", "sport = :8080"]).stdout.strip(), 15, "http.server")
         self.process = subprocess.Popen(fleet_module.netlab.in_ns(self.fleet.net_ns, [
             sys.executable, str(PROGRAMS / "paced_download.py"),
-            f"[{fleet_module.gateway_address(self.number)}]", "80", "/big.bin",
+            fleet_module.gateway_address(self.number), "80", "/big.bin",
             str(self.go_file)]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
         assert self.running(), self.process.communicate(timeout=10)

@@ -1,7 +1,7 @@
 """An HTTP download that takes its time until told to hurry, for tests that must keep one
 connection open across an event (a gateway restart, an upgrade, a reload).
 
-    python paced_download.py URL_HOST PORT PATH GO_FILE
+    python paced_download.py HOST PORT PATH GO_FILE      (HOST: a name or a bare address)
 
 Reads the body in 16 KiB steps every 0.1 s (about 160 KiB/s) until GO_FILE exists, then as
 fast as it comes. Prints one JSON line: {"status", "bytes", "sha256", "seconds"} (status -1:
