@@ -71,6 +71,7 @@ RECV_BUDGET = 256  # packets read per wakeup before batches are sent
 WORKER_READY_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+SUPERVISE_INTERVAL_S = 0.2  # how often the coordinator looks for a dead worker
 JOURNAL_DRAIN_MS = 300  # at a stop: how long the last journal messages are waited for
 # A worker that ran this long before it died starts the backoff over (systemd's
 # StartLimitIntervalSec idea): one crash a day never waits the longest delay.
@@ -455,15 +456,16 @@ class Coordinator:
             self.journal_thread = threading.Thread(target=self._journal_loop, name="journal",
                                                    daemon=True)
             self.journal_thread.start()
-        next_check = time.monotonic() + 1.0
+        next_check = next_tick = time.monotonic() + 1.0
+        wait_s = SUPERVISE_INTERVAL_S
         while self.running:
             if self.capture is not None:
-                events = dict(poller.poll(timeout=500))
+                events = dict(poller.poll(timeout=int(wait_s * 1000)))
             else:
                 # Kernel fan-out or backend: nothing to poll here (the control socket has its
                 # own thread), and zmq_poll of no socket returns at once: sleep instead.
                 events = {}
-                time.sleep(0.5)
+                time.sleep(wait_s)
             self.loop_seen = time.monotonic()
             if sock_fd in events:
                 self._capture()
@@ -472,8 +474,11 @@ class Coordinator:
                 self.reload(None)
             now = time.monotonic()
             if now >= next_check:
-                next_check = now + 1.0
+                # A dead worker is noticed within this interval (its sessions wait for it).
+                next_check = now + SUPERVISE_INTERVAL_S
                 self._supervise(now)
+            if now >= next_tick:
+                next_tick = now + 1.0
                 if self.capture is not None:
                     self.capture.tick(now)  # outer fragments that did not complete in time
 

@@ -2,9 +2,11 @@
 own per combination (6to4 and 6in4, kernel and coordinator fan-out, four workers): a real
 ``curl -6`` of the 100 MB file, rate-limited so it runs for seconds, goes on while the worker
 that owns it is SIGKILLed twice; the coordinator starts it again with the sessions of its shard
-(workers/journal.py), so the download completes byte-identical. A UDP binding keeps its pool
-transport address (what the service sees) across the restarts, and ``sixgate flows`` shows
-the same bindings before and after.
+(workers/journal.py), so the download completes byte-identical and a real SSH session (Debian's
+ssh and sshd, behind a port-22 rule) prints every line. A UDP binding keeps its pool transport
+address (what the service sees) across the restarts, and ``sixgate flows`` shows the same
+bindings before and after. Last, a restart of the whole gateway (SIGTERM, a new ``sixgate run``)
+keeps them too.
 """
 
 from __future__ import annotations
@@ -28,12 +30,54 @@ RATE = "20M"  # bytes/s: the 100 MB download lasts 5 s unhindered; each crash st
 DNS_CLIENT_PORT = 45353
 
 
+SSH_PORT = 22  # the forward rule's port; Debian's sshd listens on 127.0.0.1:SSHD_PORT
+SSHD_PORT = 2222
+SSHD = "/usr/sbin/sshd"
+
+
+class SshLab(Lab):
+    """The tunnel lab with a real sshd behind the gateway (a forward rule of port 22)."""
+
+    def config_text(self) -> str:
+        return super().config_text() + (
+            f'\n[[forward]]\nproto = "tcp"\nport = {SSH_PORT}\nto = "127.0.0.1:{SSHD_PORT}"\n')
+
+    def start_services(self) -> None:
+        super().start_services()
+        self.ssh_key = self.tmp / "id_ed25519"
+        self.known_hosts = self.tmp / "known_hosts"
+        host_key = self.tmp / "ssh_host_ed25519_key"
+        for key in (self.ssh_key, host_key):
+            netlab.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+        public = host_key.with_suffix(".pub").read_text().split()
+        self.known_hosts.write_text(f"{self.plan.gateway_address} {public[0]} {public[1]}\n")
+        (self.tmp / "authorized_keys").write_text(self.ssh_key.with_suffix(".pub").read_text())
+        config = self.tmp / "sshd_config"
+        config.write_text(
+            f"ListenAddress 127.0.0.1:{SSHD_PORT}\nHostKey {host_key}\n"
+            f"PidFile {self.tmp / 'sshd.pid'}\nAuthorizedKeysFile {self.tmp / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n")
+        # A private /run in the mount namespace ``ip netns exec`` made: the host's is untouched.
+        script = ("mount -t tmpfs -o mode=0755,size=16m sixgate-lab-run /run"
+                  ' && mkdir -m 0755 /run/sshd && exec "$0" -D -e -f "$1"')
+        self.spawn("sshd", self.gw_ns, ["sh", "-c", script, SSHD, str(config)])
+        self.wait_listening("sshd", "-t", SSHD_PORT)
+
+    def ssh_argv(self, command: str) -> list[str]:
+        """A real ``ssh -6`` to the gateway's port 22, trusting only the lab's keys."""
+        return ["ssh", "-6", "-F", "/dev/null", "-i", str(self.ssh_key), "-o", "BatchMode=yes",
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o",
+                "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10", "-p", str(SSH_PORT),
+                f"root@{self.plan.gateway_address}", command]
+
+
 @pytest.fixture(params=[("6to4", "kernel"), ("6to4", "coordinator"), ("6in4", "kernel"),
                         ("6in4", "coordinator")], ids=lambda p: f"{p[0]}-{p[1]}-fanout")
 def crash_lab(request: pytest.FixtureRequest,
-              served_files: netlab.ServedFiles) -> Iterator[Lab]:
+              served_files: netlab.ServedFiles) -> Iterator[SshLab]:
     mode, fanout = request.param
-    with Lab(mode, 4, served_files, fanout=fanout) as lab:
+    with SshLab(mode, 4, served_files, fanout=fanout) as lab:
         yield lab
 
 
@@ -53,12 +97,19 @@ def dig_from_fixed_port(lab: Lab) -> str:
     return done.stdout.strip()
 
 
-def binding_of(lab: Lab, proto: str, client_port: int | None = None) -> dict[str, Any] | None:
+HTTP_TARGET = f"127.0.0.1:{netlab.HTTP_PORT}"
+SSH_TARGET = f"127.0.0.1:{SSHD_PORT}"
+
+
+def binding_of(lab: Lab, proto: str, client_port: int | None = None,
+               target: str | None = None) -> dict[str, Any] | None:
     for binding in bindings(lab):
         if binding["proto"] != proto or not binding["client"].startswith(
                 f"[{lab.plan.peer_address}]"):
             continue
-        if client_port is None or binding["client"].endswith(f"]:{client_port}"):
+        if client_port is not None and not binding["client"].endswith(f"]:{client_port}"):
+            continue
+        if target is None or binding["target"] == target:
             return binding
     return None
 
@@ -80,8 +131,8 @@ def kill_and_wait_restart(lab: Lab, index: int) -> None:
                       interval=0.1)
 
 
-def test_a_download_and_a_udp_binding_survive_two_worker_crashes(
-        crash_lab: Lab, served_files: netlab.ServedFiles) -> None:
+def test_a_download_an_ssh_session_and_a_udp_binding_survive_two_worker_crashes(
+        crash_lab: SshLab, served_files: netlab.ServedFiles) -> None:
     lab = crash_lab
     answer = dig_from_fixed_port(lab)
     assert answer == netlab.DNS_SMALL_A
@@ -93,27 +144,39 @@ def test_a_download_and_a_udp_binding_survive_two_worker_crashes(
         "bash", "-c", "set -o pipefail; curl -6 -g -sS --fail --max-time 120 --limit-rate "
         f"{RATE} {netlab.http_url(lab, big.name)} | sha256sum"]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # An SSH session (Debian's ssh and sshd) printing a line every 0.25 s while it lasts.
+    ssh = subprocess.Popen(netlab.in_ns(lab.peer_ns, lab.ssh_argv(
+        "for i in $(seq 1 28); do echo line $i; sleep 0.25; done")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        netlab.wait_until(lambda: binding_of(lab, "tcp") is not None, timeout=10,
-                          what="the download's session")
-        tcp_before = binding_of(lab, "tcp")
-        assert tcp_before is not None
+        netlab.wait_until(lambda: binding_of(lab, "tcp", None, HTTP_TARGET) is not None
+                          and binding_of(lab, "tcp", None, SSH_TARGET) is not None,
+                          timeout=10, what="the download's and the SSH session's sessions")
+        tcp_before = binding_of(lab, "tcp", None, HTTP_TARGET)
+        ssh_before = binding_of(lab, "tcp", None, SSH_TARGET)
+        assert tcp_before is not None and ssh_before is not None
         owner = int(tcp_before["worker"])
+        assert int(ssh_before["worker"]) == owner  # one client /64, one worker
         time.sleep(0.5)  # the download is under way: some of the file has crossed
         for _ in range(2):
             kill_and_wait_restart(lab, owner)
             time.sleep(0.5)
-        tcp_after = binding_of(lab, "tcp")
-        assert tcp_after is not None, bindings(lab)
-        # The same session: same client and pool transport addresses, on the same worker.
-        assert {k: tcp_after[k] for k in ("client", "pool", "target", "worker", "rule")} == \
-            {k: tcp_before[k] for k in ("client", "pool", "target", "worker", "rule")}
+        keys = ("client", "pool", "target", "worker", "rule")
+        for before in (tcp_before, ssh_before):
+            after = binding_of(lab, "tcp", None, before["target"])
+            assert after is not None, bindings(lab)
+            # The same session: same client and pool transport addresses, on the same worker.
+            assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
         stdout, stderr = curl.communicate(timeout=150)
+        ssh_out, ssh_err = ssh.communicate(timeout=60)
     finally:
-        if curl.poll() is None:
-            netlab.stop_process(curl, 5)
+        for process in (curl, ssh):
+            if process.poll() is None:
+                netlab.stop_process(process, 5)
     assert curl.returncode == 0, stderr
     assert stdout.split()[0] == big.sha256, "the download arrived damaged"
+    assert ssh.returncode == 0, ssh_err
+    assert ssh_out.split("\n")[:28] == [f"line {i}" for i in range(1, 29)], ssh_out
 
     assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
     udp_after = binding_of(lab, "udp", DNS_CLIENT_PORT)
