@@ -34,7 +34,7 @@ from sixgate.workers.engine.settings import (
     nat64_table,
     worker_pool4,
 )
-from sixgate.workers.tun import local_ipv4_addresses
+from sixgate.workers.tun import local_pool4 as owned_pool4
 
 log = logging.getLogger("sixgate.forwarding")
 
@@ -215,7 +215,8 @@ def _enable_nat64(settings: Settings, changed: list[tuple[str, str]],
     """The NAT64's part of ``enable``: checks, the sysctls it needs (appended to
     ``changed``), its tables (appended to ``ruleset``), its policy rules, and whether a pool4
     address is this host's own (the local table's rule then moves behind the NAT64's)."""
-    problem = pool4_problem(settings)
+    owned = local_pool4(settings)
+    problem = pool4_problem(settings, owned)
     if problem:
         raise ForwardingError(f"nat64.pool4: {problem}")
     uplink = nat64_uplink()
@@ -228,7 +229,6 @@ def _enable_nat64(settings: Settings, changed: list[tuple[str, str]],
             changed.append((str(path), old))
             log.info("%s switched on for the NAT64 (restored on stop)", path)
     opened = {path for path, _ in changed}
-    owned = local_pool4(settings)
     ruleset += nat64_ruleset(settings, uplink, str(_sysctl_path(uplink)) in opened,
                              str(IPV6_FORWARDING) in opened, owned)
     return ruleset, nat64_routing(settings), bool(owned)
@@ -256,19 +256,20 @@ def nat64_uplink() -> str:
 
 def local_pool4(settings: Settings) -> list[str]:
     """pool4 addresses this host owns itself (the README's "pool4 on this host's address")."""
-    return sorted({row[0] for row in settings.nat64_pool4} & local_ipv4_addresses())
+    return owned_pool4(settings.nat64_pool4)
 
 
 LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 RP_FILTER_ALL = Path("/proc/sys/net/ipv4/conf/all/rp_filter")
 
 
-def pool4_problem(settings: Settings) -> str:
+def pool4_problem(settings: Settings, owned: list[str] | None = None) -> str:
     """Why pool4 cannot work on this host ("" when it can). On an address the host owns, the
     NAT64 takes only the pool4 ports and the host keeps the rest; ports the host's own
     connections draw from (net.ipv4.ip_local_port_range) would be taken from under them, so a
-    TCP or UDP range overlapping it is refused (Jool's users meet this)."""
-    owned = local_pool4(settings)
+    TCP or UDP range overlapping it is refused (Jool's users meet this). ``owned``: the
+    pool4 addresses this host owns, when the caller has them."""
+    owned = local_pool4(settings) if owned is None else owned
     if not owned:
         return ""
     if RP_FILTER_ALL.read_text().strip() == "1":

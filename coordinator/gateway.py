@@ -267,7 +267,9 @@ class Coordinator:
     def start(self) -> None:
         settings = self.settings
         self.run_dir = prepare_run_dir(settings)
-        if settings.flow_journal and settings.backend != "kernel":
+        # The kernel backend's relays keep no sessions to journal.
+        journaling = settings.flow_journal and settings.backend != "kernel"
+        if journaling:
             # A restart or an upgrade: the sessions the previous run handed over at its stop,
             # with its fan-out seed so every client reaches the worker that has its sessions.
             seed, self.handed_over, message = take_handover(
@@ -290,7 +292,7 @@ class Coordinator:
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(coordinator_endpoint(settings.run_dir))
-        if settings.flow_journal and settings.backend != "kernel":
+        if journaling:
             # The workers' shard journals (workers/journal.py): bound before any worker starts.
             self.journal = self.ctx.socket(zmq.PULL)
             self.journal.setsockopt(zmq.LINGER, 0)

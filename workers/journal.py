@@ -71,6 +71,13 @@ class ShardCopy:
         for key in removed:
             if isinstance(key, list):
                 shard.pop(tuple(key), None)
+        self._put(index, records)
+        return index
+
+    def _put(self, index: int, records: list[Any]) -> None:
+        """Store records in worker ``index``'s shard by their key, within the limit (their
+        fields are checked by the worker that resumes them)."""
+        shard = self.shards[index]
         for record in records:
             if not isinstance(record, list) or len(record) < 5:
                 self.refused += 1
@@ -85,32 +92,28 @@ class ShardCopy:
                 self.refused += 1
                 continue
             shard[key] = record
-        return index
 
     def sessions(self, index: int) -> int:
         return len(self.shards[index])
 
     def load(self, index: int, records: list[Any]) -> None:
-        """Worker ``index``'s shard as a previous run handed it over (checked again by the
-        worker that resumes it)."""
-        for record in records[:self.limit]:
-            if isinstance(record, list) and len(record) >= 5:
-                try:
-                    self.shards[index][record_key(record)] = record
-                except TypeError:
-                    self.refused += 1
+        """Worker ``index``'s shard as a previous run handed it over."""
+        self._put(index, records)
 
     def write(self, run_dir: str, index: int) -> int:
-        """Write worker ``index``'s shard for its next start (0600, replaced atomically); the
-        number of sessions in it."""
-        path = shard_path(run_dir, index)
+        """Write worker ``index``'s shard for its next start; the number of sessions in it."""
         records = list(self.shards[index].values())
-        temporary = path.with_suffix(".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(records, out, separators=(",", ":"))
-        temporary.replace(path)
+        _write_private_json(shard_path(run_dir, index), records)
         return len(records)
+
+
+def _write_private_json(path: Path, doc: Any) -> None:
+    """``doc`` as JSON at ``path``, mode 0600, replaced atomically (a reader never sees half)."""
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump(doc, out, separators=(",", ":"))
+    temporary.replace(path)
 
 
 # --- a restart or an upgrade: the whole copy handed to the next run ---------------------------
@@ -131,15 +134,10 @@ def write_handover(run_dir: str, copy: ShardCopy, settings: dict[str, Any], now_
                    ) -> int:
     """At a clean stop: every shard and what the next run needs to resume them (0600, replaced
     atomically); the number of sessions handed over."""
-    doc = {"v": JOURNAL_VERSION, "written_unix": now_unix, "hash_seed": settings["hash_seed"],
-           "settings": {key: settings[key] for key in HANDOVER_KEYS}, "shards": copy.shards}
-    path = handover_path(run_dir)
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump({**doc, "shards": [list(shard.values()) for shard in copy.shards]}, out,
-                  separators=(",", ":"))
-    temporary.replace(path)
+    _write_private_json(handover_path(run_dir), {
+        "v": JOURNAL_VERSION, "written_unix": now_unix, "hash_seed": settings["hash_seed"],
+        "settings": {key: settings[key] for key in HANDOVER_KEYS},
+        "shards": [list(shard.values()) for shard in copy.shards]})
     return sum(len(shard) for shard in copy.shards)
 
 

@@ -194,7 +194,7 @@ class Worker:
     def open(self) -> None:
         from sixgate.workers.tun import (  # pyroute2: userspace backend only
             configure_tun,
-            local_ipv4_addresses,
+            local_pool4,
             open_tun,
         )
 
@@ -214,9 +214,8 @@ class Worker:
             nat64_routes += sorted({ipaddress.IPv4Network(row[0])
                                     for row in settings.nat64_pool4})
             main_routes += nat64_routes if self.index == 0 else []
-        owned = bool(self.nat64 and {row[0] for row in settings.nat64_pool4}
-                     & local_ipv4_addresses())
-        configure_tun(name, main_routes, nat64_routes, table, sends_from_local=owned)
+        configure_tun(name, main_routes, nat64_routes, table,
+                      sends_from_local=bool(local_pool4(settings.nat64_pool4)))
         if self.nat64 and settings.nat64_input == "tun":
             prefix: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
                 ipaddress.IPv6Network(settings.nat64_prefix)]

@@ -48,10 +48,11 @@ def set_sysctl(device: str, key: str, value: str) -> None:
     Path(f"/proc/sys/net/ipv4/conf/{device}/{key}").write_text(value)
 
 
-def local_ipv4_addresses() -> set[str]:
-    """The IPv4 addresses assigned to this host's interfaces."""
+def local_pool4(pool4: tuple[tuple[str, str, int, int], ...]) -> list[str]:
+    """The pool4 addresses (``Settings.nat64_pool4`` rows) this host owns itself."""
     with IPRoute() as ipr:
-        return {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)}
+        owned = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)}
+    return sorted({row[0] for row in pool4} & owned)
 
 
 def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],

@@ -33,13 +33,7 @@ from sixgate.workers.engine.fastpath import (
     inbound_template,
     return_template,
 )
-from sixgate.workers.engine.flows import (
-    NAT64_RULE,
-    FlowTable,
-    PortPool,
-    Session,
-    worker_share,
-)
+from sixgate.workers.engine.flows import NAT64_RULE, FlowTable, PortPool, Session
 from sixgate.workers.engine.fragment import OuterReassembler, Reassembler, fragment_ipv6
 from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
@@ -203,12 +197,7 @@ class Datapath:
         # NAT64: IPv4 SYNs to no binding, waiting (RFC 6146 §3.5.2.2), oldest first:
         # (pool4, pool port, remote IPv4, remote port) -> (deadline, the SYN)
         self._held_syns: dict[tuple[bytes, int, bytes, int], tuple[float, bytes]] = {}
-        # RFC 4443 §2.4(f): errors and RSTs, and echo replies (reflection: one source must not
-        # turn the gateway into a firehose), each per source /64 and in all.
-        self.error_limiter = SourceRateLimiter(settings.icmp_errors_per_s,
-                                               settings.icmp_error_burst)
-        self.echo_limiter = SourceRateLimiter(settings.echo_replies_per_s,
-                                              settings.echo_burst)
+        self._set_rate_limits(settings)
         self.counters = Counters()
         # The tunnel checks (workers/engine/tunnel.py) and their cache of address verdicts; a
         # NAT64 gateway has no tunnel.
@@ -240,6 +229,13 @@ class Datapath:
         self.flows.removed = []
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _set_rate_limits(self, settings: Settings) -> None:
+        """RFC 4443 §2.4(f): errors and RSTs, and echo replies (reflection: one source must not
+        turn the gateway into a firehose), each per source /64 and in all."""
+        self.error_limiter = SourceRateLimiter(settings.icmp_errors_per_s,
+                                               settings.icmp_error_burst)
+        self.echo_limiter = SourceRateLimiter(settings.echo_replies_per_s, settings.echo_burst)
 
     def _take(self) -> Output:
         """Hand over what was produced since the last call."""
@@ -1087,18 +1083,12 @@ class Datapath:
         checked that nothing else changed (coordinator/reload.py)."""
         self.settings = settings
         self.rules = build_rule_table(settings)
-        workers = self.workers
         flows = self.flows
-        flows.max_flows = worker_share(settings.max_flows, workers) or 1
-        flows.max_flows_per_prefix = settings.max_flows_per_prefix
-        flows.max_flows_per_48 = worker_share(settings.max_flows_per_48, workers)
-        flows.max_flows_per_ipv4_source = worker_share(settings.max_flows_per_ipv4_source,
-                                                       workers)
-        flows.timeouts = settings.timeouts
+        flows.set_shard_limits(self.workers, settings.max_flows, settings.max_flows_per_prefix,
+                               settings.timeouts, max_flows_per_48=settings.max_flows_per_48,
+                               max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source)
         self._fast_tunnel_max = 2 * flows.max_flows + 1024
-        self.error_limiter = SourceRateLimiter(settings.icmp_errors_per_s,
-                                               settings.icmp_error_burst)
-        self.echo_limiter = SourceRateLimiter(settings.echo_replies_per_s, settings.echo_burst)
+        self._set_rate_limits(settings)
         labels = {rule.label for rule in settings.forwards} | {NAT64_RULE}
         ended = [s for s in flows.sessions_iter() if s.rule not in labels]
         for session in ended:

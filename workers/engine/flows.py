@@ -35,7 +35,16 @@ from dataclasses import dataclass
 from itertools import islice
 
 from sixgate.workers.engine.drops import DropReason
-from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from sixgate.workers.engine.packet import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+)
 
 # TCP states of RFC 6146 §3.5.2.2 (CLOSED is "no session"), plus V4_SYN_RCV: the service
 # answered the client's SYN and the client's ACK is awaited (conntrack's SYN_RECV).
@@ -330,13 +339,27 @@ class FlowTable:
                   max_flows_per_ipv4_source: int | None = None,
                   ports: PortPool | None = None, port_quota: int | None = None,
                   quota_prefix_bytes: int = 8) -> FlowTable:
-        """One worker's table: its share of the gateway-wide limits. The per /64 limit is
-        exact because one shard sees all of a /64 (workers/engine/wire.py fanout_index); the
-        /48 and outer-IPv4 limits spread over the shards like the global one."""
-        return cls(pool, worker_share(max_flows, workers) or 1, max_flows_per_prefix, timeouts,
-                   max_flows_per_48=worker_share(max_flows_per_48, workers),
-                   max_flows_per_ipv4_source=worker_share(max_flows_per_ipv4_source, workers),
-                   ports=ports, port_quota=port_quota, quota_prefix_bytes=quota_prefix_bytes)
+        """One worker's table with its share of the gateway-wide limits
+        (``set_shard_limits``)."""
+        table = cls(pool, 1, max_flows_per_prefix, timeouts, ports=ports, port_quota=port_quota,
+                    quota_prefix_bytes=quota_prefix_bytes)
+        table.set_shard_limits(workers, max_flows, max_flows_per_prefix, timeouts,
+                               max_flows_per_48=max_flows_per_48,
+                               max_flows_per_ipv4_source=max_flows_per_ipv4_source)
+        return table
+
+    def set_shard_limits(self, workers: int, max_flows: int, max_flows_per_prefix: int,
+                         timeouts: Timeouts, *, max_flows_per_48: int | None,
+                         max_flows_per_ipv4_source: int | None) -> None:
+        """This worker's share of the gateway-wide limits, at the start or a reload. The per
+        /64 limit is exact because one shard sees all of a /64 (workers/engine/wire.py
+        fanout_index); the /48 and outer-IPv4 limits spread over the shards like the global
+        one. New timeouts apply from each session's next state change."""
+        self.max_flows = worker_share(max_flows, workers) or 1
+        self.max_flows_per_prefix = max_flows_per_prefix
+        self.max_flows_per_48 = worker_share(max_flows_per_48, workers)
+        self.max_flows_per_ipv4_source = worker_share(max_flows_per_ipv4_source, workers)
+        self.timeouts = timeouts
 
     def __len__(self) -> int:
         return len(self._by_v6)
@@ -480,8 +503,7 @@ class FlowTable:
             self._per_outer4[outer4] = self._per_outer4.get(outer4, 0) + 1
         self._place(session, int(now + session.timeout_s))
         self.active_by_proto[proto] = self.active_by_proto.get(proto, 0) + 1
-        if self.journal is not None:
-            self.journal[session] = None
+        self._journal_changed(session)
         if restored:
             return
         self.created_total += 1
@@ -522,8 +544,7 @@ class FlowTable:
         """The session carried traffic both ways as its protocol expects: keep it."""
         if not session.assured:
             session.assured = True
-            if self.journal is not None:
-                self.journal[session] = None
+            self._journal_changed(session)
             del self._unassured[session]
             self._pairs_of(session)[session.client6].assured += 1
             if session.proto == PROTO_TCP:
@@ -558,8 +579,7 @@ class FlowTable:
                     session.timeout_s = self.timeouts.tcp_established_s
                 else:
                     session.state = V6_INIT
-                if self.journal is not None:
-                    self.journal[session] = None
+                self._journal_changed(session)
             else:
                 # A state the table does not know is a bug: never guess a transition; the
                 # session ends soon, as after a RST.
@@ -573,8 +593,7 @@ class FlowTable:
                     self._shorten(session, after, self.timeouts.tcp_transitory_s, now)
                 else:
                     session.state = after
-                    if self.journal is not None:
-                        self.journal[session] = None
+                    self._journal_changed(session)
                     if effect == ASSURE:
                         self.assure(session)
                 return
@@ -583,8 +602,7 @@ class FlowTable:
         """Enter ``state`` with ``timeout_s`` (never above the unassured lifetime for an
         unassured session); an earlier deadline moves the session's one timer."""
         session.state = state
-        if self.journal is not None:
-            self.journal[session] = None
+        self._journal_changed(session)
         if not session.assured:
             timeout_s = min(timeout_s, self.timeouts.unassured_s)
         session.timeout_s = timeout_s
@@ -690,6 +708,11 @@ class FlowTable:
             self.binding_events.append((False, bib))
 
     # --- the shard journal --------------------------------------------------------------------
+
+    def _journal_changed(self, session: Session) -> None:
+        """``session`` was made or its state, assurance or timeout changed (not per packet)."""
+        if self.journal is not None:
+            self.journal[session] = None
 
     def take_journal(self) -> tuple[list[Record], list[Key]]:
         """Records of the sessions made or changed since the last call, and the keys of those
@@ -824,17 +847,10 @@ class FlowTable:
         return iter(self._by_v6.values())
 
     def snapshot(self) -> list[dict[str, object]]:
-        """Plain-data state of every session (hex addresses), for listing and resumption."""
-        return [
-            {
-                "proto": s.proto, "client6": s.client6.hex(), "cport": s.cport, "pport": s.pport,
-                "gw6": s.gw6.hex(), "gwport": s.gwport, "pool4": s.pool4.hex(),
-                "target4": s.target4.hex(), "tport": s.tport, "rule": s.rule,
-                "state": s.state, "last_seen": s.last_seen, "timeout_s": s.timeout_s,
-                "assured": s.assured, "outer4": s.outer4.hex(),
-            }
-            for s in self._by_v6.values()
-        ]
+        """Plain-data state of every session: its journal record (hex addresses) by field
+        name, and its clock."""
+        return [dict(zip(RECORD_FIELDS, session_record(s), strict=True), last_seen=s.last_seen)
+                for s in self._by_v6.values()]
 
 
 # --- the shard journal (issue 17: a worker restarted after a crash resumes its sessions) ------
@@ -843,9 +859,8 @@ class FlowTable:
 # kept: a resumed session starts its idle timeout again, so it can only live longer.
 RECORD_FIELDS = ("proto", "client6", "cport", "gw6", "gwport", "pool4", "pport", "target4",
                  "tport", "rule", "state", "timeout_s", "assured", "outer4")
-SESSION_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, 1, 58})  # TCP, UDP, ICMP echo (v4, v6)
-STATES = frozenset({V6_INIT, V4_INIT, V4_SYN_RCV, ESTABLISHED, V6_FIN, V4_FIN, V6_V4_FIN,
-                    TRANS, UDP_OPEN})
+SESSION_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
+STATES = frozenset(TCP_TRANSITIONS) | {TRANS, UDP_OPEN}
 Record = list[object]
 
 

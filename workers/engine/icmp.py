@@ -117,8 +117,22 @@ def icmpv6_error(our_addr: bytes, invoking: bytes | memoryview, icmp_type: int, 
     return build_icmpv6(our_addr, bytes(invoking[8:24]), icmp_type, code, rest, body)
 
 
-def tcp_reset(invoking: bytes | memoryview, upper_offset: int) -> bytes | None:
-    """The RST that answers a segment for which no connection exists (RFC 9293 §3.10.7.1).
+def _tcp_segment(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
+                 flags: int) -> bytes:
+    """A bare TCP segment (no options, no data, window 0) in its IPv4 or IPv6 packet, by the
+    address length, checksums right."""
+    segment = bytearray(TCP_HEADER.pack(sport, dport, seq, ack, 5 << 4, flags, 0, 0, 0))
+    if len(src) == 4:
+        set_checksum(segment, 16, pseudo_sum_v4(src, dst, PROTO_TCP, len(segment)))
+        return build_ipv4(src, dst, PROTO_TCP, segment)
+    set_checksum(segment, 16, pseudo_sum_v6(src, dst, PROTO_TCP, len(segment)))
+    return build_ipv6(src, dst, PROTO_TCP, segment)
+
+
+def _reset_answering(invoking: bytes | memoryview, upper_offset: int, src: bytes,
+                     dst: bytes) -> bytes | None:
+    """The RST that answers a segment for which no connection exists (RFC 9293 §3.10.7.1),
+    from ``src`` (the segment's destination) to ``dst`` (its source).
 
     If the segment had ACK set the reset takes its sequence number from SEG.ACK; otherwise
     SEQ=0 and ACK=SEG.SEQ+SEG.LEN with RST,ACK. A RST is never answered (RFC 9293 §3.10.7.1).
@@ -129,41 +143,24 @@ def tcp_reset(invoking: bytes | memoryview, upper_offset: int) -> bytes | None:
         invoking, upper_offset)
     if flags & TCP_RST:
         return None
-    src = bytes(invoking[24:40])
-    dst = bytes(invoking[8:24])
-    header_len = (data_off >> 4) * 4
-    seg_len = len(invoking) - upper_offset - header_len
-    seg_len += 1 if flags & TCP_SYN else 0
-    seg_len += 1 if flags & TCP_FIN else 0
+    seg_len = len(invoking) - upper_offset - (data_off >> 4) * 4
+    seg_len += (1 if flags & TCP_SYN else 0) + (1 if flags & TCP_FIN else 0)
     if flags & TCP_ACK:
-        out_seq, out_ack, out_flags = ack, 0, TCP_RST
-    else:
-        out_seq, out_ack, out_flags = 0, (seq + seg_len) & 0xFFFFFFFF, TCP_RST | TCP_ACK
-    segment = bytearray(TCP_HEADER.pack(dport, sport, out_seq, out_ack, 5 << 4, out_flags,
-                                        0, 0, 0))
-    set_checksum(segment, 16, pseudo_sum_v6(src, dst, PROTO_TCP, len(segment)))
-    return build_ipv6(src, dst, PROTO_TCP, segment)
+        return _tcp_segment(src, dst, dport, sport, ack, 0, TCP_RST)
+    return _tcp_segment(src, dst, dport, sport, 0, (seq + seg_len) & 0xFFFFFFFF,
+                        TCP_RST | TCP_ACK)
+
+
+def tcp_reset(invoking: bytes | memoryview, upper_offset: int) -> bytes | None:
+    """``_reset_answering`` an IPv6 segment (a client's that meets no session)."""
+    return _reset_answering(invoking, upper_offset, bytes(invoking[24:40]),
+                            bytes(invoking[8:24]))
 
 
 def tcp_reset_v4(invoking: bytes | memoryview, header_len: int) -> bytes | None:
-    """``tcp_reset`` for an IPv4 segment (a service's segment that meets no session)."""
-    if len(invoking) < header_len + 20:
-        return None
-    sport, dport, seq, ack, data_off, flags, _win, _csum, _urg = TCP_HEADER.unpack_from(
-        invoking, header_len)
-    if flags & TCP_RST:
-        return None
-    src, dst = bytes(invoking[16:20]), bytes(invoking[12:16])
-    seg_len = len(invoking) - header_len - (data_off >> 4) * 4
-    seg_len += (1 if flags & TCP_SYN else 0) + (1 if flags & TCP_FIN else 0)
-    if flags & TCP_ACK:
-        out_seq, out_ack, out_flags = ack, 0, TCP_RST
-    else:
-        out_seq, out_ack, out_flags = 0, (seq + seg_len) & 0xFFFFFFFF, TCP_RST | TCP_ACK
-    segment = bytearray(TCP_HEADER.pack(dport, sport, out_seq, out_ack, 5 << 4, out_flags,
-                                        0, 0, 0))
-    set_checksum(segment, 16, pseudo_sum_v4(src, dst, PROTO_TCP, len(segment)))
-    return build_ipv4(src, dst, PROTO_TCP, segment)
+    """``_reset_answering`` an IPv4 segment (a service's that meets no session)."""
+    return _reset_answering(invoking, header_len, bytes(invoking[16:20]),
+                            bytes(invoking[12:16]))
 
 
 def tcp_probe(src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
@@ -172,12 +169,7 @@ def tcp_probe(src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
     with an ACK carrying its own sequence numbers (RFC 9293 §3.10.7.4, RFC 5961 §4); that
     answer meets no session here and is reset exactly (``tcp_reset``): how a connection whose
     session ended is closed on both sides without knowing its sequence numbers."""
-    segment = bytearray(TCP_HEADER.pack(sport, dport, 0, 0, 5 << 4, TCP_ACK, 0, 0, 0))
-    if len(src) == 4:
-        set_checksum(segment, 16, pseudo_sum_v4(src, dst, PROTO_TCP, len(segment)))
-        return build_ipv4(src, dst, PROTO_TCP, segment)
-    set_checksum(segment, 16, pseudo_sum_v6(src, dst, PROTO_TCP, len(segment)))
-    return build_ipv6(src, dst, PROTO_TCP, segment)
+    return _tcp_segment(src, dst, sport, dport, 0, 0, TCP_ACK)
 
 
 class TokenBucket:
