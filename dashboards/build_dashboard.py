@@ -204,6 +204,19 @@ def limits() -> list[Panel]:
              target(f"sum by (instance, process) ({sel('sixgate_pool_addresses')})",
                     "{{instance}} {{process}} size")],
             "short"), ".* size$"),
+        dashed(timeseries(
+            "NAT64 pool4 ports in use",
+            "NAT64 bindings: pool4 ports (ICMP identifiers for icmp) in use per protocol and "
+            "pool4 address, summed over the workers (sixgate_nat64_pool4_ports_in_use), against "
+            "the ports configured (sixgate_nat64_pool4_ports, dashed). When a protocol's ports "
+            "run out, new bindings are dropped as pool_exhausted and answered with ICMPv6 "
+            "unreachable (RFC 6888 REQ-8 holds freed ports for port_hold_s before reuse).",
+            [target(f"sum by (instance, protocol, address) "
+                    f"({sel('sixgate_nat64_pool4_ports_in_use')})",
+                    "{{instance}} {{address}} {{protocol}} in use"),
+             target(f"sum by (instance, protocol, address) ({sel('sixgate_nat64_pool4_ports')})",
+                    "{{instance}} {{address}} {{protocol}} size")],
+            "short"), ".* size$"),
         timeseries(
             "ZeroMQ queue drops per worker",
             "Packets per second the coordinator could not queue to a worker because its "

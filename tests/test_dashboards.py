@@ -41,7 +41,8 @@ INSTANCES = ("gw-a:9641", "gw-b:9641")
 STEP_S = 15
 SAMPLES = 240  # one hour
 ALERTS = {"SixgateDown", "SixgateNotReady", "SixgateDropRatioHigh",
-          "SixgateFlowTableNearlyFull", "SixgateWorkerRestarting"}
+          "SixgateFlowTableNearlyFull",
+          "SixgateNat64Pool4NearlyExhausted", "SixgateWorkerRestarting"}
 
 
 def _binary(name: str) -> str:
