@@ -45,6 +45,10 @@ def guest_session(request: pytest.FixtureRequest) -> vmsession.GuestSession:
     _session_summary.append(
         f"kvm: one VM session ran {len(session.tests)} guest test(s) in {session.elapsed_s:.1f} s"
         f" (vmrun exit {session.vmrun_exit})")
+    # Where the guest's time goes (the rest is the boot and the guest pytest's own start-up).
+    _session_summary.extend(
+        f"  {result['duration_s']:6.1f} s  {nodeid}"
+        for nodeid, result in sorted(session.tests.items(), key=lambda kv: -kv[1]["duration_s"]))
     return session
 
 

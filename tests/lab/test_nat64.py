@@ -29,7 +29,7 @@ from nat64lab import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-pytestmark = pytest.mark.usefixtures("io_uring")
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("io_uring")]
 
 NAT64_SYSCTLS = ("net.ipv4.conf.veth4.forwarding", "net.ipv6.conf.all.forwarding")
 
