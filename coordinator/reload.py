@@ -3,9 +3,11 @@
 A reload re-reads the config file and validates it as ``sixgate check`` does; a bad file
 changes nothing (the error, ``file:line: key: problem``, is logged and
 ``sixgate_config_last_reload_successful`` goes to 0, as Prometheus does it). A good one may
-change the forward rules, the flow limits, timeouts and rate limits, the log level and the
+change the forward rules, the flow limits, timeouts and rate limits, the NAT64 policy (clients,
+filtering, quota, port hold time, binding log, non-global destinations), the log level and the
 metrics address: the workers apply them in place (``Datapath.reconfigure``), every flow whose
-rule still exists goes on, and the flows of a removed rule end with a RST on both sides.
+rule still exists goes on, and the flows of a removed rule (or of a NAT64 client no longer
+listed) end with a RST on both sides.
 Anything else (the tunnel, its addresses, the pool, pool4, the worker count, ...) is refused
 with the keys that changed: that needs a restart. Pure: Settings in, a verdict out.
 """
@@ -21,6 +23,9 @@ LIVE_FIELDS = frozenset({
     "forwards", "max_flows", "max_flows_per_prefix", "max_flows_per_48",
     "max_flows_per_ipv4_source", "timeouts", "icmp_errors_per_s", "icmp_error_burst",
     "echo_replies_per_s", "echo_burst", "log_level", "metrics_listen", "source_file",
+    # The NAT64 policy (its prefix and pool4 are the network's shape: a restart).
+    "nat64_clients", "nat64_allow_non_global", "nat64_filtering", "nat64_ports_per_client",
+    "nat64_client_prefix", "nat64_port_hold_s", "nat64_log_bindings",
 })
 
 

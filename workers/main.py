@@ -279,6 +279,12 @@ class Worker:
         before = self.datapath.counters.events.get(Event.FLOWS_ENDED_BY_RELOAD.value, 0)
         self._send(self.datapath.reconfigure(settings))
         self.settings = settings
+        if self.nat64:  # RFC 6888 REQ-12's log, switched on or off
+            flows = self.datapath.flows
+            if not settings.nat64_log_bindings:
+                flows.binding_events = None
+            elif flows.binding_events is None:
+                flows.binding_events = []
         logging.getLogger().setLevel(settings.log_level.upper())
         ended = self.datapath.counters.events.get(Event.FLOWS_ENDED_BY_RELOAD.value, 0) - before
         if ended:

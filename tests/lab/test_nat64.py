@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -57,6 +58,22 @@ def nat64_lab(request: pytest.FixtureRequest,
                 problems.append(f"policy rules left behind:\n{rules}")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+# A TCP connection from a chosen source address, held until the other side ends it.
+HOLD_FROM = """
+import socket, sys
+sock = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=10,
+                                source_address=(sys.argv[1], 0))
+print("connected", flush=True)
+sock.settimeout(30)
+try:
+    print("eof" if sock.recv(1) == b"" else "data", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+except OSError as exc:
+    print(f"error {exc}", flush=True)
+"""
 
 
 def python_in(lab: Nat64Lab, namespace: str, code: str, timeout: float = 30) -> str:
@@ -311,6 +328,42 @@ class TestNat64:
         done = nat64_lab.gw([*netlab.sixgate_command(), "check", "--config", str(config)])
         assert done.returncode == 0, done.stdout + done.stderr
         assert "(an address of this host: these ports are the NAT64's" in done.stdout
+
+    def test_a_reload_narrows_clients_a_removed_client_is_reset_the_rest_go_on(
+            self, nat64_lab: Nat64Lab, served_files: netlab.ServedFiles) -> None:
+        """Issue 17: ``sixgate reload`` takes the second /64 out of ``clients``. A connection
+        held from it is reset at once (the client's answer to the gateway's probe meets no
+        session and is no client's: RST); a rate-limited 100 MB download from the first /64
+        goes on and arrives whole; the old clients come back with the next reload."""
+        lab = nat64_lab
+        original = lab.config_path.read_text()
+        big = served_files.big
+        curl = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+            "bash", "-c", "set -o pipefail; curl -6 -g -sS --fail --max-time 60 --limit-rate 25M "
+            f"--interface {CLIENT6} http://[{synthesized(HTTP4)}]/{big.name} | sha256sum"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        hold = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+            sys.executable, "-c", HOLD_FROM, CLIENT6_OTHER, synthesized(HTTP4), "80"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert hold.stdout is not None and hold.stdout.readline().strip() == "connected"
+            lab.config_path.write_text(original.replace('"2001:db8:100::/56"',
+                                                        '"2001:db8:100::/64"'))
+            done = lab.sixgate("reload")
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "nat64_clients changed" in done.stdout, done.stdout
+            assert hold.stdout.readline().strip() == "reset"
+            stdout, stderr = curl.communicate(timeout=90)
+        finally:
+            lab.config_path.write_text(original)
+            restored = lab.sixgate("reload")
+            for process in (curl, hold):
+                if process.poll() is None:
+                    netlab.stop_process(process, 5)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert curl.returncode == 0, stderr
+        assert stdout.split()[0] == big.sha256, "the download arrived damaged"
+        assert netlab.events(lab).get("flows_ended_by_reload", 0) >= 1
 
     def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
         netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")

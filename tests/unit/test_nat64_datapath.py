@@ -4,6 +4,7 @@ implementation): the engine's own codecs never judge the engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -11,6 +12,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, TCPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw, raw
 
+from sixgate.workers.engine.counters import Event
 from sixgate.workers.engine.datapath import Datapath, Output
 from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.flows import Timeouts
@@ -398,3 +400,43 @@ def test_nat64_for_this_hosts_side_beside_a_tunnel_routes_answers_by_destination
     # The prefix over the tunnel is not this mode's input: not ours.
     assert not dp.from_tunnel([encapsulate(udp6(src="2001:db8:77::1"), REMOTE4)],
                               1.4).to_services
+
+
+def test_reload_changes_the_nat64_policy_live_and_ends_a_removed_clients_sessions() -> None:
+    """Issue 17: a reload narrows ``clients``, lowers the quota, switches filtering and the
+    prefix length the quota counts by, in place. The TCP session of the client that is no
+    longer listed ends with an out-of-window ACK to each side; the listed client's goes on."""
+    dp = nat64()
+    syn = raw(IPv6(src=OTHER_CLIENT, dst=SERVER6) / TCP(sport=50000, dport=80, flags="S"))
+    pport = one_v4(dp.from_ipv6([syn], 1.0))[TCP].sport
+    kept = one_v4(dp.from_ipv6([udp6(sport=1000)], 1.0))[UDP].sport
+    one_v4(dp.from_ipv6([udp6(src="2001:db8:100::11", sport=1001)], 1.0))
+    narrowed = dataclasses.replace(
+        dp.settings, nat64_clients=("2001:db8:100::/64",), nat64_ports_per_client=2,
+        nat64_filtering="address-dependent", nat64_client_prefix=128)
+    out = dp.reconfigure(narrowed)
+    probe6, probe4 = IPv6(out.to_ipv6[0]), IP(out.to_services[0])
+    assert (probe6.dst, probe6[TCP].dport, probe6[TCP].flags) == (OTHER_CLIENT, 50000, "A")
+    assert (probe4.src, probe4[TCP].sport, probe4[TCP].flags) == (POOL4, pport, "A")
+    assert dp.counters.events.get(Event.FLOWS_ENDED_BY_RELOAD.value) == 1
+    assert sorted(s.cport for s in dp.flows.sessions()) == [1000, 1001]
+    # The client answers the probe; it is no longer a client: reset at its SEG.ACK at once.
+    answer6 = raw(IPv6(src=OTHER_CLIENT, dst=SERVER6) / TCP(sport=50000, dport=80, flags="A",
+                                                             seq=1, ack=77))
+    reset = one_v6(dp.from_ipv6([answer6], 1.05))
+    assert (reset.dst, reset[TCP].flags, reset[TCP].seq) == (OTHER_CLIENT, "R", 77)
+    # The kept binding goes on; the stranger now is one.
+    answer = IP(src=SERVER, dst=POOL4) / UDP(sport=53, dport=kept) / Raw(b"a")
+    assert one_v6(dp.from_services([raw(answer)], 1.1))[UDP].dport == 1000
+    refused = dp.from_ipv6([udp6(src=OTHER_CLIENT, sport=1002)], 1.2)
+    assert dp.counters.drops[DropReason.SOURCE_NOT_ALLOWED] == 2 and not refused.to_services
+    # Address-dependent filtering from now on.
+    stranger = IP(src="198.51.100.99", dst=POOL4) / UDP(sport=3478, dport=kept)
+    assert not dp.from_services([raw(stranger)], 1.3).to_ipv6
+    assert dp.counters.drops[DropReason.FILTERED] == 1
+    # Counted per /128 now: ::10 has one port of its two, ::11 too; a second port each fits,
+    # a third does not.
+    one_v4(dp.from_ipv6([udp6(sport=1003)], 1.4))
+    dp.from_ipv6([udp6(sport=1004)], 1.4)
+    assert dp.counters.drops[DropReason.PORT_QUOTA] == 1
+    one_v4(dp.from_ipv6([udp6(src="2001:db8:100::11", sport=1005)], 1.4))

@@ -41,3 +41,30 @@ def test_the_tunnel_the_pool_and_the_worker_count_need_a_restart() -> None:
     new = as_running(old, parse_config(BASE.replace("192.0.2.10", "192.0.2.11").replace(
         "workers = 2", 'workers = 3\npool = "100.65.0.0/16"')))
     assert restart_needed(old, new) == ["local_ipv4", "prefix", "addresses", "workers", "pool"]
+
+
+NAT64 = """\
+[nat64]
+prefix = "64:ff9b::/96"
+clients = ["2001:db8:100::/56"]
+[[nat64.pool4]]
+address = "203.0.113.5"
+tcp = "61001-65535"
+udp = "61001-65535"
+icmp = "0-65535"
+"""
+
+
+def test_the_nat64_policy_changes_live_its_prefix_and_pool4_need_a_restart() -> None:
+    old = as_running(running(), parse_config(BASE + NAT64))
+    policy = as_running(old, parse_config(BASE + NAT64.replace(
+        '/56"]', '/56", "2001:db8:200::/48"]\nfiltering = "address-dependent"\n'
+        'ports_per_client = 100\nclient_prefix = 128\nport_hold_s = 30\n'
+        'log_bindings = false\nallow_non_global = true')))
+    assert restart_needed(old, policy) == []
+    assert changed(old, policy) == [
+        "nat64_allow_non_global", "nat64_client_prefix", "nat64_clients", "nat64_filtering",
+        "nat64_log_bindings", "nat64_port_hold_s", "nat64_ports_per_client"]
+    shape = as_running(old, parse_config(BASE + NAT64.replace("64:ff9b::/96", "2001:db8:64::/96")
+                                         .replace("203.0.113.5", "203.0.113.6")))
+    assert restart_needed(old, shape) == ["nat64_prefix", "nat64_pool4"]

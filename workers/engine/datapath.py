@@ -178,10 +178,7 @@ class Datapath:
             self.nat64 = Nat64Prefix.parse(settings.nat64_prefix)
             ports = PortPool(worker_pool4(settings.nat64_pool4, workers, index),
                              settings.nat64_port_hold_s)
-            self.nat64_clients = tuple(
-                (int(net.network_address), int(net.netmask))
-                for net in map(ipaddress.IPv6Network, settings.nat64_clients))
-            self.eif = settings.nat64_filtering == "endpoint-independent"
+            self._set_nat64_policy(settings)
         self.flows = FlowTable.for_shard(
             pool, workers, settings.max_flows, settings.max_flows_per_prefix, settings.timeouts,
             max_flows_per_48=settings.max_flows_per_48,
@@ -573,7 +570,14 @@ class Datapath:
             # Default deny: only the configured clients may use the translator. An ICMPv6
             # error (a router on a client's path) only ever reaches a live session.
             self._drop(DropReason.SOURCE_NOT_ALLOWED)
-            self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
+            if (proto == PROTO_TCP and len(packet) > view[5] + 13
+                    and packet[view[5] + 13] & TCP_ACK):
+                # A segment of a connection (one a reload ended by taking its client out of
+                # ``clients``): reset at once (RFC 9293 §3.10.7.1), as Linux takes ICMPv6
+                # errors about an established connection as soft errors and would wait.
+                self._reset(packet, view)
+            else:
+                self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
             return
         if not self.settings.nat64_allow_non_global and not self.nat64.may_represent(target4):
             self._drop(DropReason.NON_GLOBAL_DESTINATION)
@@ -1076,9 +1080,10 @@ class Datapath:
     # --- time ---------------------------------------------------------------------------------
 
     def reconfigure(self, settings: Settings) -> Output:
-        """A reloaded config (issue 17): forward rules, flow limits, timeouts and rate limits
-        change in place; every session whose rule still exists goes on. A session of a rule
-        that is gone ends: removed, and each side of a TCP one is sent ``tcp_probe``, whose
+        """A reloaded config (issue 17): forward rules, flow limits, timeouts, rate limits and
+        the NAT64 policy change in place; every session whose rule still exists goes on. A
+        session of a rule that is gone, or of a NAT64 client no longer in ``clients``, ends:
+        removed, and each side of a TCP one is sent ``tcp_probe``, whose
         answer then meets no session and is reset (both sides learn at once). The caller
         checked that nothing else changed (coordinator/reload.py)."""
         self.settings = settings
@@ -1089,8 +1094,15 @@ class Datapath:
                                max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source)
         self._fast_tunnel_max = 2 * flows.max_flows + 1024
         self._set_rate_limits(settings)
-        labels = {rule.label for rule in settings.forwards} | {NAT64_RULE}
-        ended = [s for s in flows.sessions_iter() if s.rule not in labels]
+        labels = {rule.label for rule in settings.forwards}
+        if self.nat64 is not None:
+            # The NAT64 policy too; a client no longer in ``clients`` loses its sessions.
+            self._set_nat64_policy(settings)
+            flows.set_port_quota(settings.nat64_ports_per_client, settings.nat64_client_prefix // 8,
+                                 settings.nat64_port_hold_s)
+            labels.add(NAT64_RULE)
+        ended = [s for s in flows.sessions_iter() if s.rule not in labels
+                 or s.rule == NAT64_RULE and not source_allowed(self.nat64_clients, s.client6)]
         for session in ended:
             if session.proto == PROTO_TCP:
                 self._send_v6(tcp_probe(session.gw6, session.gwport, session.client6,
@@ -1102,6 +1114,14 @@ class Datapath:
             self.counters.event(Event.FLOWS_ENDED_BY_RELOAD, len(ended))
         self._forget_templates()
         return self._take()
+
+    def _set_nat64_policy(self, settings: Settings) -> None:
+        """Who may use the NAT64 and how its bindings filter (RFC 6146 §3.5.1): at the start
+        and at a reload."""
+        self.nat64_clients = tuple(
+            (int(net.network_address), int(net.netmask))
+            for net in map(ipaddress.IPv6Network, settings.nat64_clients))
+        self.eif = settings.nat64_filtering == "endpoint-independent"
 
     def _forget_templates(self) -> None:
         """Drop the fast-path templates of the sessions the flow table just removed."""

@@ -707,6 +707,21 @@ class FlowTable:
         if self.binding_events is not None:
             self.binding_events.append((False, bib))
 
+    def set_port_quota(self, quota: int | None, quota_prefix_bytes: int, hold_s: float) -> None:
+        """A reloaded NAT64 policy (issue 17): the per-client quota (RFC 6888 REQ-4) and the
+        port hold time (REQ-8) from now on. Bindings over a lowered quota stay (they are in
+        use); the client makes no new one until it is under. Ports per client are counted
+        again when the client prefix length changed."""
+        assert self.ports is not None
+        self.port_quota = quota
+        self.ports.hold_s = hold_s
+        if quota_prefix_bytes != self.quota_prefix_bytes:
+            self.quota_prefix_bytes = quota_prefix_bytes
+            self._ports_per_client.clear()
+            for bib in self._bib_v6.values():
+                owner = bib.client6[:quota_prefix_bytes]
+                self._ports_per_client[owner] = self._ports_per_client.get(owner, 0) + 1
+
     # --- the shard journal --------------------------------------------------------------------
 
     def _journal_changed(self, session: Session) -> None:
