@@ -48,8 +48,11 @@ from sixgate.workers.engine.settings import Settings
 from sixgate.workers.engine.wire import encode_batch, fanout_index
 from sixgate.workers.journal import (
     HANDOVER_MAX_AGE_S,
+    CrashLog,
     ShardCopy,
+    crash_log_path,
     journal_endpoint,
+    take_crash_log,
     take_handover,
     write_handover,
 )
@@ -236,6 +239,7 @@ class Coordinator:
         self.shard_copy: ShardCopy | None = None
         self.shard_lock = threading.Lock()
         self.handed_over: list[list[Any]] = []  # the previous run's shards, to resume
+        self.crash_log: CrashLog | None = None  # the copy on disk, for a coordinator crash
         self.reload_ok = True
         self.reload_success_unix = self.started_unix
         self.reload_requested = False  # SIGHUP: the main loop reloads
@@ -276,6 +280,14 @@ class Coordinator:
                 str(self.run_dir), dataclasses.asdict(settings), time.time())
             if message:
                 log.info("%s", message)
+            if seed is None:
+                # No clean stop before this start: the previous coordinator may have crashed.
+                seed, self.handed_over, message = take_crash_log(
+                    str(self.run_dir), dataclasses.asdict(settings), time.time())
+                if message:
+                    log.info("%s", message)
+            else:
+                crash_log_path(str(self.run_dir)).unlink(missing_ok=True)
             if seed is not None:
                 settings = self.settings = dataclasses.replace(settings, hash_seed=seed)
         self.settings_file = self.run_dir / "settings.json"
@@ -301,6 +313,9 @@ class Coordinator:
                                         worker_share(settings.max_flows, settings.workers) or 1)
             for index, records in enumerate(self.handed_over):
                 self.shard_copy.load(index, records)
+            # Kept on disk as it changes, for the next coordinator should this one crash.
+            self.crash_log = CrashLog(settings.run_dir, dataclasses.asdict(settings), time.time())
+            self.crash_log.rewrite(self.shard_copy)
         if settings.backend == "kernel":
             # The kernel's sit link does the tunnel; workers only relay ports, with up to two
             # descriptors a session: the limit is raised here (the workers inherit it) or the
@@ -560,7 +575,15 @@ class Coordinator:
             except zmq.ZMQError:
                 return  # closed at stop
             with self.shard_lock:
-                self.shard_copy.apply(message)
+                if self.shard_copy.apply(message) is not None and self.crash_log is not None:
+                    try:
+                        self.crash_log.append(message, self.shard_copy)
+                    except OSError as exc:
+                        log.error("cannot write the session log %s (%s): a crash of the "
+                                  "coordinator would now lose the sessions; a worker's "
+                                  "crash would not", self.crash_log.path, exc)
+                        self.crash_log.remove()
+                        self.crash_log = None
 
     def _hand_shard(self, index: int) -> None:
         """Before worker ``index`` starts again: its shard, for it to resume."""
@@ -585,7 +608,9 @@ class Coordinator:
                                    dataclasses.asdict(self.settings), time.time())
         except OSError as exc:
             log.error("cannot hand the sessions over to the next run (%s)", exc)
-            return
+            return  # the session log, if any, stays for it instead
+        if self.crash_log is not None:
+            self.crash_log.remove()  # the handover supersedes it
         log.info("%d session(s) handed over to the next run (taken within %.0f s)", count,
                  HANDOVER_MAX_AGE_S)
 

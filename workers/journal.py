@@ -12,6 +12,10 @@ every record) and deletes the file.
 What a crash can lose: the sessions made or changed in the last flush interval before it (at
 most ``FLUSH_INTERVAL_S`` of new flows; their packets then meet no session, like after any
 restart). Timers restart at the resumption, so a resumed session can only live longer.
+
+A clean stop hands the whole copy to the next run (``write_handover``: a restart, an upgrade);
+a crash of the coordinator itself leaves ``CrashLog``, the copy as it changed, which the next
+run (systemd's Restart=on-failure) resumes the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sixgate.workers.engine.flows import Key, Record, journal_key, record_key
+from sixgate.workers.engine.flows import Key, Record, journal_key, record_key, worker_share
 
 FLUSH_INTERVAL_S = 0.05
 JOURNAL_VERSION = 1
@@ -174,6 +178,107 @@ def take_handover(run_dir: str, settings: dict[str, Any], now_unix: float
         return None, [], "the previous run's handover does not match: starting empty"
     return seed, shards, (f"resuming {sum(len(s) for s in shards)} session(s) handed over by "
                           "the previous run")
+
+
+# --- a crash of the coordinator: its copy kept on disk as it changes ----------------------------
+
+CRASH_LOG_FILE = "sessions.log"
+# The crash log is rewritten from the copy (compacted) once it is past this size and twice
+# the size of its last rewrite: writing it costs O(1) per journalled byte, however many
+# sessions there are.
+CRASH_LOG_COMPACT_BYTES = 8 << 20
+
+
+def crash_log_path(run_dir: str) -> Path:
+    return Path(run_dir) / CRASH_LOG_FILE
+
+
+class CrashLog:
+    """The coordinator's copy on disk, so that a coordinator restarted after a crash (SIGKILL,
+    the OOM killer; its workers die with it) resumes every session the crashed one knew.
+
+    ``<run_dir>/sessions.log`` (0600): a header line (the fan-out seed and the settings
+    ``HANDOVER_KEYS`` names), then one line per journal message the copy applied, in order:
+    each is appended as it is applied (one write; the page cache keeps it when the process
+    dies). Past ``CRASH_LOG_COMPACT_BYTES`` it is rewritten as the header and one message per
+    shard. A clean stop removes it: its handover supersedes it."""
+
+    def __init__(self, run_dir: str, settings: dict[str, Any], now_unix: float) -> None:
+        self.path = crash_log_path(run_dir)
+        self.header = json.dumps({
+            "v": JOURNAL_VERSION, "started_unix": now_unix, "hash_seed": settings["hash_seed"],
+            "settings": {key: settings[key] for key in HANDOVER_KEYS}},
+            separators=(",", ":")).encode() + b"\n"
+        self.fd = -1
+        self.size = 0
+        self.compact_at = CRASH_LOG_COMPACT_BYTES
+
+    def rewrite(self, copy: ShardCopy) -> None:
+        """Write the header and the whole copy anew (atomically), then append from there."""
+        temporary = self.path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(self.header)
+            for index, shard in enumerate(copy.shards):
+                out.write(encode(index, list(shard.values()), []) + b"\n")
+        temporary.replace(self.path)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.size = os.fstat(self.fd).st_size
+        self.compact_at = max(CRASH_LOG_COMPACT_BYTES, 2 * self.size)
+
+    def append(self, message: bytes, copy: ShardCopy) -> None:
+        """One applied journal message (compact JSON: never a newline inside)."""
+        self.size += os.write(self.fd, message + b"\n")
+        if self.size > self.compact_at:
+            self.rewrite(copy)
+
+    def remove(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+def take_crash_log(run_dir: str, settings: dict[str, Any], now_unix: float
+                   ) -> tuple[int | None, list[list[Any]], str]:
+    """At a start with no handover: (seed, every worker's records, what happened) from the
+    crash log a coordinator that died left (then deleted); (None, [], why) when none is to be
+    taken. Its messages are replayed into a copy within the same limits; a line cut short by
+    the crash is skipped."""
+    path = crash_log_path(run_dir)
+    try:
+        age = now_unix - path.stat().st_mtime
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return None, [], ""
+    finally:
+        path.unlink(missing_ok=True)
+    try:
+        header = json.loads(lines[0])
+        seed, saved = header["hash_seed"], header["settings"]
+        if (header.get("v") != JOURNAL_VERSION or not isinstance(seed, int)
+                or not isinstance(saved, dict)):
+            raise ValueError("not a crash log")
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None, [], "the crashed run's session log is unreadable: starting empty"
+    if not 0 <= age <= HANDOVER_MAX_AGE_S:
+        return None, [], (f"the crashed run's session log is {age:.0f} s old (at most "
+                          f"{HANDOVER_MAX_AGE_S:.0f}): starting empty")
+    differ = [key for key in HANDOVER_KEYS
+              if json.loads(json.dumps(settings[key])) != saved.get(key)]
+    if differ:
+        return None, [], (f"the crashed run had another {', '.join(differ)}: its sessions "
+                          "belong to other workers or addresses, starting empty")
+    copy = ShardCopy(settings["workers"],
+                     worker_share(settings["max_flows"], settings["workers"]) or 1)
+    for line in lines[1:]:
+        if line:
+            copy.apply(line)
+    shards = [list(shard.values()) for shard in copy.shards]
+    return seed, shards, (f"resuming {sum(len(s) for s in shards)} session(s) the previous "
+                          "run had when it crashed")
 
 
 def read_shard(run_dir: str, index: int) -> list[Any] | None:

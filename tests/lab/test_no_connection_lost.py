@@ -6,7 +6,7 @@ that owns it is SIGKILLed twice; the coordinator starts it again with the sessio
 ssh and sshd, behind a port-22 rule) prints every line. A UDP binding keeps its pool transport
 address (what the service sees) across the restarts, and ``sixgate flows`` shows the same
 bindings before and after. Last, a restart of the whole gateway (SIGTERM, a new ``sixgate run``)
-keeps them too.
+keeps them too, and so does a crash of the coordinator (SIGKILL, then a new ``sixgate run``).
 """
 
 from __future__ import annotations
@@ -224,6 +224,63 @@ def test_a_download_survives_a_restart_of_the_whole_gateway(
         lab.start_gateway(key="sixgate-next")
         log = lab.log_path("sixgate-next").read_text()
         assert re.search(r"resuming [1-9]\d* session\(s\) handed over", log), log
+        tcp_after = binding_of(lab, "tcp")
+        assert tcp_after is not None and tcp_before is not None
+        keys = ("client", "pool", "target", "worker", "rule")
+        assert {k: tcp_after[k] for k in keys} == {k: tcp_before[k] for k in keys}
+        stdout, stderr = curl.communicate(timeout=150)
+    finally:
+        if curl.poll() is None:
+            netlab.stop_process(curl, 5)
+    assert curl.returncode == 0, stderr
+    assert stdout.split()[0] == big.sha256, "the download arrived damaged"
+    assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
+    udp_after = binding_of(lab, "udp", DNS_CLIENT_PORT)
+    assert udp_before is not None and udp_after is not None
+    assert udp_after["pool"] == udp_before["pool"], (udp_before, udp_after)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it holds no socket or device any more)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_download_survives_a_crash_of_the_coordinator(
+        restart_lab: Lab, served_files: netlab.ServedFiles) -> None:
+    """SIGKILL the coordinator mid-download: its workers die with it (PDEATHSIG), and the new
+    ``sixgate run`` (what systemd's Restart=on-failure starts a second later) finds the session
+    log the crashed one kept in the run directory (workers/journal.py ``CrashLog``), resumes
+    every session with the same fan-out, and the download completes byte-identical on the
+    same binding; the UDP binding keeps its pool transport address."""
+    lab = restart_lab
+    assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
+    udp_before = binding_of(lab, "udp", DNS_CLIENT_PORT)
+    big = served_files.big
+    curl = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+        "bash", "-c", "set -o pipefail; curl -6 -g -sS --fail --max-time 120 --limit-rate "
+        f"{RATE} {netlab.http_url(lab, big.name)} | sha256sum"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        netlab.wait_until(lambda: binding_of(lab, "tcp") is not None, timeout=10,
+                          what="the download's session")
+        tcp_before = binding_of(lab, "tcp")
+        time.sleep(0.5)
+        workers = [int(path.read_text()) for path in (lab.tmp / "run").glob("worker-*.pid")]
+        assert len(workers) == 2, workers
+        coordinator = lab.processes["sixgate"]
+        os.kill(coordinator.pid, signal.SIGKILL)
+        coordinator.wait(timeout=10)
+        netlab.wait_until(lambda: all(_gone(pid) for pid in workers), timeout=10,
+                          what="the workers to die with their coordinator")
+        time.sleep(1.0)  # systemd's RestartSec
+        lab.start_gateway(key="sixgate-next")
+        log = lab.log_path("sixgate-next").read_text()
+        assert re.search(r"resuming [1-9]\d* session\(s\) the previous run had when it "
+                         r"crashed", log), log
         tcp_after = binding_of(lab, "tcp")
         assert tcp_after is not None and tcp_before is not None
         keys = ("client", "pool", "target", "worker", "rule")

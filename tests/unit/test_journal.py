@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 from support.helpers import make_settings
 
+from sixgate.workers import journal
 from sixgate.workers.journal import (
+    CrashLog,
     ShardCopy,
+    crash_log_path,
     encode,
     handover_path,
     read_shard,
     shard_path,
+    take_crash_log,
     take_handover,
     write_handover,
 )
@@ -83,3 +87,67 @@ def test_an_unreadable_handover_is_not_taken(tmp_path: Path) -> None:
     handover_path(str(tmp_path)).write_text("{not json")
     settings = dataclasses.asdict(make_settings())
     assert take_handover(str(tmp_path), settings, 0.0)[:2] == (None, [])
+
+
+def other_record(port: int) -> list[object]:
+    return [6, RECORD[1], port, *RECORD[3:6], port, *RECORD[7:]]
+
+
+def key_of(record: list[object]) -> tuple[int, bytes, int, bytes, int]:
+    """The flow table's key of a removed session (what ``encode`` takes)."""
+    proto, client6, cport, gw6, gwport = record[:5]
+    return (proto, bytes.fromhex(client6), cport, bytes.fromhex(gw6), gwport)  # type: ignore[arg-type]
+
+
+def test_a_crashed_coordinators_session_log_is_replayed_by_the_next_run(tmp_path: Path) -> None:
+    """The log holds the copy at the start and every message applied since; the line the
+    crash cut short is skipped; the next run takes it once, with the fan-out seed."""
+    settings = dataclasses.asdict(make_settings(workers=2, hash_seed=4321))
+    copy = copy_with_one_session()
+    log = CrashLog(str(tmp_path), settings, 1000.0)
+    log.rewrite(copy)
+    assert (crash_log_path(str(tmp_path)).stat().st_mode & 0o777) == 0o600
+    for message in (encode(0, [other_record(40001)], []), encode(1, [], [key_of(RECORD)]),
+                    encode(0, [other_record(40002)], [])):
+        assert copy.apply(message) is not None
+        log.append(message, copy)
+    with crash_log_path(str(tmp_path)).open("ab") as f:
+        f.write(encode(0, [other_record(40003)], [])[:-9])  # the write the crash cut short
+    seed, shards, message = take_crash_log(str(tmp_path), settings,
+                                           crash_log_path(str(tmp_path)).stat().st_mtime + 5)
+    assert seed == 4321 and "resuming 2 session(s)" in message and "crashed" in message
+    assert shards == [[other_record(40001), other_record(40002)], []]
+    assert take_crash_log(str(tmp_path), settings, 0.0) == (None, [], "")
+
+
+def test_the_session_log_is_compacted_from_the_copy(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal, "CRASH_LOG_COMPACT_BYTES", 2000)
+    settings = dataclasses.asdict(make_settings(workers=2))
+    copy = ShardCopy(2, 100)
+    log = CrashLog(str(tmp_path), settings, 1000.0)
+    log.rewrite(copy)
+    for port in range(50):  # each session made, then ended: the copy ends empty
+        for message in (encode(0, [other_record(port)], []),
+                        encode(0, [], [key_of(other_record(port))])):
+            copy.apply(message)
+            log.append(message, copy)
+    assert crash_log_path(str(tmp_path)).stat().st_size < 2000 < 50 * 2 * 200
+    _seed, shards, _message = take_crash_log(str(tmp_path), settings,
+                                             crash_log_path(str(tmp_path)).stat().st_mtime)
+    assert shards == [[], []]
+
+
+@pytest.mark.parametrize(("change", "late", "why"), [
+    ({"workers": 3}, 0.0, "another workers"),
+    ({}, 400.0, "s old"),
+])
+def test_a_session_log_that_does_not_fit_is_not_taken(tmp_path: Path, change: dict[str, object],
+                                                      late: float, why: str) -> None:
+    settings = dataclasses.asdict(make_settings(workers=2))
+    log = CrashLog(str(tmp_path), settings, 1000.0)
+    log.rewrite(copy_with_one_session())
+    now = crash_log_path(str(tmp_path)).stat().st_mtime + late
+    seed, shards, message = take_crash_log(str(tmp_path), {**settings, **change}, now)
+    assert (seed, shards) == (None, []) and why in message and "starting empty" in message
+    assert not crash_log_path(str(tmp_path)).exists()
