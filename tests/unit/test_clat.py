@@ -1,0 +1,165 @@
+"""The CLAT translator (issue 18, RFC 6877 §6 with RFC 7915): the host's IPv4 out as IPv6 under
+the PLAT's prefix and back. Packets are built and judged by scapy (an independent
+implementation): its checksums and its reassembly, never the engine's own codecs."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror, fragment
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrFragment,
+    defragment6,
+    fragment6,
+    in6_chksum,
+)
+from scapy.packet import Packet, Raw, raw
+from scapy.utils import checksum
+
+from sixgate.workers.engine.clat import Clat
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.nat64 import Nat64Prefix
+
+HOST4 = "192.0.0.1"  # RFC 7335
+CLAT6 = "2001:db8:100::c1a7"
+SERVER4 = "198.51.100.7"
+SERVER6 = "64:ff9b::c633:6407"  # 64:ff9b::198.51.100.7 (RFC 6052 §2.2)
+ROUTER6 = "64:ff9b::c633:6401"  # 198.51.100.1, a router on the IPv4 path
+
+
+def clat() -> Clat:
+    return Clat(Nat64Prefix.parse("64:ff9b::/96"), ipaddress.IPv6Address(CLAT6).packed,
+                ipaddress.IPv4Address(HOST4).packed)
+
+
+def checksums_hold(packet: Packet) -> bool:
+    """scapy computes every checksum of ``packet`` anew: the same bytes if they were right."""
+    again = packet.__class__(raw(packet))
+    for layer in (IP, TCP, UDP, ICMP, ICMPv6EchoRequest, ICMPv6EchoReply, ICMPv6DestUnreach,
+                  ICMPv6PacketTooBig):
+        for found in again.iterpayloads():
+            if isinstance(found, layer) and hasattr(found, "chksum"):
+                del found.chksum
+            if isinstance(found, layer) and hasattr(found, "cksum"):
+                del found.cksum
+    return raw(again.__class__(raw(again))) == raw(packet)
+
+
+def test_rfc7915_4_tcp_from_the_host_leaves_as_ipv6_under_the_prefix_and_back() -> None:
+    c = clat()
+    syn = IP(src=HOST4, dst=SERVER4, ttl=64) / TCP(sport=40000, dport=80, flags="S", seq=7)
+    out = c.to_ipv6(raw(syn))
+    assert isinstance(out, bytes)
+    six = IPv6(out)
+    assert (six.src, six.dst, six.hlim, six[TCP].sport, six[TCP].dport) == (
+        CLAT6, SERVER6, 63, 40000, 80)
+    assert checksums_hold(six)
+    answer = IPv6(src=SERVER6, dst=CLAT6, hlim=60) / TCP(sport=80, dport=40000, flags="SA",
+                                                         seq=99, ack=8) / Raw(b"x" * 33)
+    back = c.to_ipv4(raw(answer))
+    assert isinstance(back, bytes)
+    four = IP(back)
+    assert (four.src, four.dst, four.ttl, four[TCP].flags) == (SERVER4, HOST4, 59, "SA")
+    assert four[Raw].load == b"x" * 33 and checksums_hold(four)
+
+
+def test_rfc7915_4_5_a_zero_udp_checksum_from_the_host_gets_one() -> None:
+    datagram = IP(src=HOST4, dst=SERVER4) / UDP(sport=5353, dport=53, chksum=0) / Raw(b"q" * 20)
+    out = clat().to_ipv6(raw(datagram))
+    assert isinstance(out, bytes)
+    six = IPv6(out)
+    assert six[UDP].chksum != 0 and checksums_hold(six)
+
+
+def test_rfc7915_4_2_and_5_2_echo_both_ways() -> None:
+    c = clat()
+    ping = IP(src=HOST4, dst=SERVER4) / ICMP(type=8, id=77, seq=3) / Raw(b"p" * 56)
+    six = IPv6(c.to_ipv6(raw(ping)))  # type: ignore[arg-type]
+    assert six.haslayer(ICMPv6EchoRequest) and six[ICMPv6EchoRequest].id == 77
+    assert checksums_hold(six)
+    reply = IPv6(src=SERVER6, dst=CLAT6) / ICMPv6EchoReply(id=77, seq=3, data=b"p" * 56)
+    four = IP(c.to_ipv4(raw(reply)))  # type: ignore[arg-type]
+    assert (four[ICMP].type, four[ICMP].id, four[ICMP].seq) == (0, 77, 3)
+    assert checksums_hold(four)
+
+
+def test_rfc7915_4_1_ipv4_fragments_leave_as_ipv6_fragments_scapy_reassembles() -> None:
+    c = clat()
+    datagram = IP(src=HOST4, dst=SERVER4, id=0x1234) / UDP(sport=5000, dport=53) / Raw(
+        bytes(range(256)) * 8)
+    pieces = [c.to_ipv6(raw(piece)) for piece in fragment(datagram, fragsize=1000)]
+    assert len(pieces) == 3 and all(isinstance(p, bytes) for p in pieces)
+    sixes = [IPv6(p) for p in pieces]  # type: ignore[arg-type]
+    assert all(s[IPv6ExtHdrFragment].id == 0x1234 for s in sixes)
+    whole = defragment6(sixes)
+    assert whole[UDP].load == bytes(range(256)) * 8
+    assert checksums_hold(IPv6(raw(whole)))
+
+
+def test_rfc7915_5_1_ipv6_fragments_come_in_as_ipv4_fragments_the_host_reassembles() -> None:
+    c = clat()
+    datagram = IPv6(src=SERVER6, dst=CLAT6) / IPv6ExtHdrFragment(id=0xABCDEF12) / UDP(
+        sport=53, dport=5000) / Raw(bytes(range(256)) * 10)
+    pieces = [c.to_ipv4(raw(piece)) for piece in fragment6(datagram, 1280)]
+    assert len(pieces) == 3 and all(isinstance(p, bytes) for p in pieces)
+    fours = [IP(p) for p in pieces]  # type: ignore[arg-type]
+    assert {f.id for f in fours} == {0xEF12} and [bool(f.flags.MF) for f in fours] == [
+        True, True, False]
+    payload = b"".join(raw(f.payload) for f in sorted(fours, key=lambda f: f.frag))
+    whole = IP(src=SERVER4, dst=HOST4, proto=17) / UDP(payload)
+    assert whole[UDP].load == bytes(range(256)) * 10
+    assert checksums_hold(IP(raw(whole)))
+
+
+def test_rfc7915_5_2_packet_too_big_becomes_fragmentation_needed_about_the_hosts_packet() -> None:
+    c = clat()
+    sent = IPv6(c.to_ipv6(raw(IP(src=HOST4, dst=SERVER4) / TCP(  # type: ignore[arg-type]
+        sport=40000, dport=80, flags="A") / Raw(b"d" * 1200))))
+    error = IPv6(src=ROUTER6, dst=CLAT6) / ICMPv6PacketTooBig(mtu=1300) / raw(sent)[:1232]
+    four = IP(c.to_ipv4(raw(error)))  # type: ignore[arg-type]
+    assert (four.src, four.dst, four[ICMP].type, four[ICMP].code) == (
+        "198.51.100.1", HOST4, 3, 4)
+    assert four[ICMP].nexthopmtu == 1280
+    assert (four[IPerror].src, four[IPerror].dst) == (HOST4, SERVER4)
+    # The IPv4 header and the ICMP message (no pseudo-header) each sum to zero.
+    assert checksum(raw(four)[:20]) == 0 and checksum(raw(four[ICMP])) == 0
+
+
+def test_rfc7915_4_2_port_unreachable_from_the_host_goes_out_as_icmpv6() -> None:
+    c = clat()
+    inbound = IP(c.to_ipv4(raw(IPv6(src=SERVER6, dst=CLAT6) / UDP(  # type: ignore[arg-type]
+        sport=53, dport=9999) / Raw(b"a" * 10))))
+    unreachable = IP(src=HOST4, dst=SERVER4) / ICMP(type=3, code=3) / raw(inbound)
+    six = IPv6(c.to_ipv6(raw(unreachable)))  # type: ignore[arg-type]
+    assert (six.src, six.dst, six[ICMPv6DestUnreach].code) == (CLAT6, SERVER6, 4)
+    assert six[ICMPv6DestUnreach].payload.src == SERVER6
+    assert six[ICMPv6DestUnreach][UDPerror].dport == 9999
+    message = raw(six)[40:]
+    assert in6_chksum(58, six, message) == 0  # over the IPv6 pseudo-header
+
+
+@pytest.mark.parametrize(("packet", "reason"), [
+    (IP(src="192.0.0.2", dst=SERVER4) / UDP(sport=1, dport=53), DropReason.SOURCE_NOT_ALLOWED),
+    (IP(src=HOST4, dst=SERVER4, ttl=1) / UDP(sport=1, dport=53), DropReason.HOP_LIMIT_EXCEEDED),
+    (IP(src=HOST4, dst=SERVER4, proto=47) / Raw(b"gre!"), DropReason.UNSUPPORTED_PROTOCOL),
+])
+def test_what_the_host_may_not_send_out(packet: Packet, reason: DropReason) -> None:
+    assert clat().to_ipv6(raw(packet)) == reason
+
+
+@pytest.mark.parametrize(("packet", "reason"), [
+    (IPv6(src="2001:db8:999::1", dst=CLAT6) / UDP(sport=53, dport=1),
+     DropReason.SOURCE_NOT_ALLOWED),
+    (IPv6(src=SERVER6, dst="2001:db8:100::1") / UDP(sport=53, dport=1),
+     DropReason.NOT_OUR_ADDRESS),
+    (IPv6(src=SERVER6, dst=CLAT6) / UDP(sport=53, dport=1, chksum=0x1234),
+     DropReason.BAD_CHECKSUM),
+])
+def test_what_may_not_come_in(packet: Packet, reason: DropReason) -> None:
+    assert clat().to_ipv4(raw(packet)) == reason

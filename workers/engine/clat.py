@@ -1,0 +1,259 @@
+"""CLAT, the customer side of 464XLAT (RFC 6877 §6): the host's IPv4 as IPv6 to a NAT64.
+
+Stateless RFC 7915 translation between one IPv4 address of the host (``address4``, RFC 7335's
+192.0.0.0/29) and one IPv6 address of the CLAT (``address6``); every IPv4 destination is
+written as its RFC 6052 address under the PLAT's prefix, and only packets from that prefix to
+``address6`` come back. Ports and ICMP identifiers stay as they are (no state: the NAT64 keeps
+the sessions), so TCP/UDP checksums change only by the addresses (RFC 1624), which also works
+for a fragment. Errors are translated with the packet they quote (§4.2-§4.3, §5.2-§5.3) by
+the same functions the NAT64 uses, over a session made up from the quote.
+
+Pure: bytes in, bytes or a named ``DropReason`` out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.flows import Session
+from sixgate.workers.engine.icmp import (
+    ICMP_DEST_UNREACHABLE,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMP_PARAMETER_PROBLEM,
+    ICMP_TIME_EXCEEDED,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+)
+from sixgate.workers.engine.nat64 import Nat64Prefix
+from sixgate.workers.engine.packet import (
+    FRAGMENT_HEADER,
+    IPV4_DF,
+    PROTO_FRAGMENT,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    U16,
+    ParameterProblem,
+    build_ipv4,
+    build_ipv6,
+    fold,
+    fold_udp,
+    parse_ipv4,
+    parse_ipv6,
+    pseudo_sum_v6,
+    set_checksum,
+    sum16,
+    sum_is_valid,
+)
+from sixgate.workers.engine.translate import (
+    DF_THRESHOLD,
+    translate_icmpv4_error,
+    translate_icmpv6_error,
+)
+
+IPV4_MF = 0x2000
+CLAT_RULE = "clat"
+# RFC 7915 §4.1/§5.1: ICMP echo types across the families.
+_ECHO_V4_TO_V6 = {ICMP_ECHO_REQUEST: ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY: ICMPV6_ECHO_REPLY}
+_ECHO_V6_TO_V4 = {v6: v4 for v4, v6 in _ECHO_V4_TO_V6.items()}
+_ERRORS_V4 = (ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_PARAMETER_PROBLEM)
+
+
+def _address_sum(address: bytes) -> int:
+    return int.from_bytes(address, "big")
+
+
+def _adjust(segment: bytearray, offset: int, delta: int, udp: bool) -> None:
+    """Add ``delta`` to the checksum at ``offset`` (RFC 1624 eqn 3, in sum form)."""
+    old = (segment[offset] << 8) | segment[offset + 1]
+    total = 0xFFFF - old + delta
+    U16.pack_into(segment, offset, fold_udp(total) if udp else fold(total))
+
+
+@dataclass(frozen=True)
+class Clat:
+    """One CLAT: the PLAT's prefix, the CLAT's IPv6 address, the host's IPv4 address."""
+
+    prefix: Nat64Prefix
+    address6: bytes
+    address4: bytes
+    mtu: int = 1260
+
+    # --- the host's IPv4, out as IPv6 (RFC 7915 §4) --------------------------------------------
+
+    def to_ipv6(self, packet: bytes | memoryview) -> bytes | DropReason:
+        view = parse_ipv4(packet)
+        if isinstance(view, DropReason):
+            return view
+        header_len, total_len, ident, flags_offset, ttl, proto, src, dst, tos = view
+        if src != self.address4:
+            return DropReason.SOURCE_NOT_ALLOWED  # only the host's own CLAT address
+        if ttl <= 1:
+            return DropReason.HOP_LIMIT_EXCEEDED
+        offset = (flags_offset & 0x1FFF) * 8
+        fragmented = bool(flags_offset & IPV4_MF) or offset != 0
+        dst6 = self.prefix.synthesize(dst)
+        payload = bytearray(packet[header_len:total_len])
+        if proto == PROTO_ICMP:
+            if fragmented:
+                # The ICMPv6 checksum covers the whole message's length, which no fragment
+                # knows (RFC 7915 §4.1 leaves fragmented ICMP to a reassembling translator).
+                return DropReason.ICMP_NOT_TRANSLATED
+            translated = self._icmp_to_ipv6(packet, header_len, total_len, payload, dst6)
+            if not isinstance(translated, bytearray):
+                return translated  # an error translated whole, or refused
+            payload, proto = translated, PROTO_ICMPV6
+        elif proto not in (PROTO_TCP, PROTO_UDP):
+            return DropReason.UNSUPPORTED_PROTOCOL
+        elif offset == 0:
+            dropped = self._transport_to_ipv6(payload, proto, src, dst, dst6, fragmented)
+            if dropped is not None:
+                return dropped
+        if not fragmented:
+            return build_ipv6(self.address6, dst6, proto, payload, hop_limit=ttl - 1,
+                              traffic_class=tos)
+        # §4.1: a fragment (or DF clear) keeps its identity in a Fragment header.
+        more = 1 if flags_offset & IPV4_MF else 0
+        fragment = FRAGMENT_HEADER.pack(proto, 0, offset | more, ident)
+        return build_ipv6(self.address6, dst6, PROTO_FRAGMENT, fragment + payload,
+                          hop_limit=ttl - 1, traffic_class=tos)
+
+    def _transport_to_ipv6(self, segment: bytearray, proto: int, src: bytes, dst: bytes,
+                           dst6: bytes, fragmented: bool) -> DropReason | None:
+        """TCP/UDP (the first fragment, when fragmented): the checksum over the IPv6
+        pseudo-header. Whole: computed anew (the local stack may leave it partial,
+        DESIGN.md); a first fragment: by the addresses' difference."""
+        csum = 16 if proto == PROTO_TCP else 6
+        if len(segment) < csum + 2:
+            return DropReason.TRUNCATED
+        udp = proto == PROTO_UDP
+        if not fragmented:
+            # RFC 7915 §4.5: a zero UDP checksum gets a computed one.
+            set_checksum(segment, csum, pseudo_sum_v6(self.address6, dst6, proto,
+                                                      len(segment)), udp)
+            return None
+        if udp and segment[csum:csum + 2] == b"\0\0":
+            return DropReason.BAD_CHECKSUM  # §4.5: cannot be computed from a fragment
+        _adjust(segment, csum, _address_sum(self.address6) + _address_sum(dst6)
+                - _address_sum(src) - _address_sum(dst), udp)
+        return None
+
+    def _icmp_to_ipv6(self, packet: bytes | memoryview, header_len: int, total_len: int,
+                      message: bytearray, dst6: bytes) -> bytearray | bytes | DropReason:
+        """An echo as ICMPv6 (its message, §4.2), or an error as the whole ICMPv6 packet."""
+        if len(message) < 8:
+            return DropReason.TRUNCATED
+        echo = _ECHO_V4_TO_V6.get(message[0])
+        if echo is not None:
+            message[0] = echo
+            set_checksum(message, 2, pseudo_sum_v6(self.address6, dst6, PROTO_ICMPV6,
+                                                   len(message)))
+            return message
+        if message[0] not in _ERRORS_V4:
+            return DropReason.ICMP_NOT_TRANSLATED
+        if not sum_is_valid(sum16(message)):
+            return DropReason.BAD_CHECKSUM
+        # The quoted packet came from the remote end to the host: made up as the session.
+        quote = message[8:]
+        quote_hl = (quote[0] & 0x0F) * 4 if quote else 0
+        if len(quote) < quote_hl + 4 or quote_hl < 20 or quote[9] not in (PROTO_TCP, PROTO_UDP):
+            return DropReason.ICMP_NOT_TRANSLATED
+        remote4, sport = bytes(quote[12:16]), (quote[quote_hl] << 8) | quote[quote_hl + 1]
+        dport = (quote[quote_hl + 2] << 8) | quote[quote_hl + 3]
+        session = Session(quote[9], self.prefix.synthesize(remote4), sport, self.address6,
+                          dport, self.address4, remote4, sport, CLAT_RULE, "", 0.0, 0.0,
+                          pport=dport)
+        # From the CLAT's address to the quote's source (the remote end).
+        return translate_icmpv4_error(packet, header_len, total_len, session, 0xFFFF,
+                                      source6=self.address6)
+
+    # --- IPv6 from the PLAT, in as the host's IPv4 (RFC 7915 §5) -------------------------------
+
+    def to_ipv4(self, packet: bytes | memoryview) -> bytes | DropReason:
+        view = parse_ipv6(packet)
+        if isinstance(view, ParameterProblem):
+            return view.reason
+        if isinstance(view, DropReason):
+            return view
+        payload_len, hop_limit, src, dst, proto, upper, fragment, tclass, _nh = view
+        if dst != self.address6:
+            return DropReason.NOT_OUR_ADDRESS
+        remote4 = self.prefix.extract(src)
+        if remote4 is None:
+            return DropReason.SOURCE_NOT_ALLOWED  # only the PLAT's prefix speaks for IPv4
+        if hop_limit <= 1:
+            return DropReason.HOP_LIMIT_EXCEEDED
+        end = 40 + payload_len
+        payload = bytearray(packet[upper:end])
+        first = fragment is None or fragment[0] == 0
+        fragmented = fragment is not None
+        if proto == PROTO_ICMPV6:
+            if fragmented:
+                return DropReason.ICMP_NOT_TRANSLATED  # as in to_ipv6: the length is unknown
+            translated = self._icmp_to_ipv4(payload, src, remote4)
+            if not isinstance(translated, bytearray):
+                return translated  # an error translated whole, or refused
+            payload, proto = translated, PROTO_ICMP
+        elif proto in (PROTO_TCP, PROTO_UDP):
+            if first:
+                csum = 16 if proto == PROTO_TCP else 6
+                if len(payload) < csum + 2:
+                    return DropReason.TRUNCATED
+                if not fragmented and not sum_is_valid(
+                        pseudo_sum_v6(src, dst, proto, len(payload)) + sum16(payload)):
+                    return DropReason.BAD_CHECKSUM
+                _adjust(payload, csum, _address_sum(remote4) + _address_sum(self.address4)
+                        - _address_sum(src) - _address_sum(dst), proto == PROTO_UDP)
+        else:
+            return DropReason.UNSUPPORTED_PROTOCOL
+        ttl = hop_limit - 1
+        if fragment is None:
+            flags = IPV4_DF if 20 + len(payload) > DF_THRESHOLD else 0  # §5.1
+            return build_ipv4(remote4, self.address4, proto, payload, ttl=ttl, tos=tclass,
+                              flags_offset=flags)
+        offset, more, ident, _fh, _nho = fragment
+        return build_ipv4(remote4, self.address4, proto, payload, ttl=ttl, tos=tclass,
+                          ident=ident & 0xFFFF,
+                          flags_offset=(offset // 8) | (IPV4_MF if more else 0))
+
+    def _icmp_to_ipv4(self, message: bytearray, src: bytes, remote4: bytes
+                      ) -> bytearray | bytes | DropReason:
+        """An echo as ICMPv4 (its message, §5.2), or an error as the whole IPv4 packet."""
+        if len(message) < 8:
+            return DropReason.TRUNCATED
+        if not sum_is_valid(pseudo_sum_v6(src, self.address6, PROTO_ICMPV6, len(message))
+                            + sum16(message)):
+            return DropReason.BAD_CHECKSUM
+        echo = _ECHO_V6_TO_V4.get(message[0])
+        if echo is not None:
+            message[0] = echo
+            set_checksum(message, 2, 0)
+            return message
+        if message[0] >= 128:
+            return DropReason.ICMP_NOT_TRANSLATED
+        # The quoted packet went from the host to the remote end: made up as the session.
+        quote = message[8:]
+        if len(quote) < 44 or quote[6] not in (PROTO_TCP, PROTO_UDP):
+            return DropReason.ICMP_NOT_TRANSLATED
+        if bytes(quote[8:24]) != self.address6:
+            return DropReason.ICMP_NOT_TRANSLATED
+        quoted4 = self.prefix.extract(bytes(quote[24:40]))
+        if quoted4 is None:
+            return DropReason.ICMP_NOT_TRANSLATED
+        sport, dport = (quote[40] << 8) | quote[41], (quote[42] << 8) | quote[43]
+        session = Session(quote[6], self.address6, sport, bytes(quote[24:40]), dport,
+                          quoted4, self.address4, sport, CLAT_RULE, "", 0.0, 0.0,
+                          pport=dport)
+        translated = translate_icmpv6_error(bytes(message), session, 0xFFFF)
+        if isinstance(translated, DropReason):
+            return translated
+        # translate_icmpv6_error sends from the quote's destination; the error came from
+        # ``remote4`` (a router of the IPv4 path, through the PLAT).
+        out = bytearray(translated)
+        out[12:16] = remote4
+        out[10:12] = b"\0\0"
+        U16.pack_into(out, 10, fold(sum16(out[:20])))
+        return bytes(out)
