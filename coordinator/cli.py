@@ -84,6 +84,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         _print_nat64(settings)
         _print_every_key(settings, args.config)
         return EXIT_OK
+    if settings.mode == "clat":
+        found = _print_clat(settings)
+        _print_every_key(settings, args.config)
+        return EXIT_OK if found else EXIT_RUNTIME
     print(f"  tunnel        {settings.mode} "
           f"({'RFC 3056 6to4' if settings.mode == '6to4' else 'RFC 4213 configured tunnel'})")
     print(f"  local IPv4    {settings.local_ipv4}")
@@ -193,6 +197,22 @@ def _print_nat64(settings: Settings) -> None:
     print(f"  timeouts      tcp established {t.tcp_established_s:g} s, transitory "
           f"{t.tcp_transitory_s:g} s, udp {t.udp_s:g} s, icmp {t.icmp_s:g} s, unassured "
           f"{t.unassured_s:g} s")
+
+
+def _print_clat(settings: Settings) -> bool:
+    """``sixgate check`` of a CLAT: the PLAT prefix found and how, the addresses and the
+    routes it makes; False when no prefix can be found."""
+    from sixgate.coordinator.clat import plat_prefix
+    from sixgate.workers.tun import CLAT_ROUTE_METRIC
+    prefix, how = plat_prefix(settings)
+    print(f"  CLAT          RFC 6877 §6: this host's IPv4 as {settings.clat_ipv6_address}")
+    print(f"  PLAT prefix   {prefix or 'NONE'}: {how}")
+    print(f"  IPv4          {settings.clat_ipv4_address} on {settings.name}0, a default "
+          f"route through it (metric {CLAT_ROUTE_METRIC}, MTU {settings.clat_mtu}) unless this "
+          "host has an IPv4 default route of its own")
+    print(f"  IPv6          {settings.clat_ipv6_address} routed to {settings.name}0, "
+          "answered for on the uplink (proxy neighbour discovery)")
+    return prefix is not None
 
 
 def _print_every_key(settings: Settings, config: str) -> None:

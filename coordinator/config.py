@@ -230,6 +230,18 @@ SCHEMA: tuple[Key, ...] = (
     Key("nat64.pool4", "udp", "port range", "its UDP ports", default_text="none"),
     Key("nat64.pool4", "icmp", "identifier range", "its ICMP query identifiers",
         default_text="none"),
+    Key("clat", "plat_prefix", "IPv6 prefix or \"auto\"", "CLAT (RFC 6877: this IPv6-only "
+        "host's IPv4 programs reach IPv4 through a NAT64): the NAT64's RFC 6052 prefix; "
+        "\"auto\" asks the resolver for ipv4only.arpa at the start (RFC 7050)",
+        lambda *a: _plat_prefix(*a), "auto"),
+    Key("clat", "ipv6_address", "IPv6 address", "the CLAT's own IPv6 address, in the "
+        "uplink's /64 (sixgate answers neighbour solicitations for it there) and one the "
+        "NAT64 serves", default_text="required"),
+    Key("clat", "ipv4_address", "IPv4 address", "the host's IPv4 address on the CLAT device "
+        "(RFC 7335: 192.0.0.0/29)", lambda *a: _ipv4(*a), DEFAULTS["clat_ipv4_address"]),
+    Key("clat", "mtu", "integer 576-65515", "IPv4 MTU of the CLAT's default route; 1260 keeps "
+        "every translated packet within IPv6's 1280 (RFC 6877 §6.3)", _ranged_int(576, 65515),
+        DEFAULTS["clat_mtu"]),
     Key("forward", "proto", "string", '"tcp" or "udp"', default_text="required"),
     Key("forward", "port", "port or range", '80, or "8000-8099"', default_text="required"),
     Key("forward", "to", "IPv4 host[:port]", "the service; a range shifts (\"8000-8099\" -> "
@@ -292,7 +304,12 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
                           else getattr(settings, f"nat64_{key.name}"))
             out.append((key, value, key.name in doc.get("nat64", {})))
             continue
-        if settings.mode == "nat64" and key.table == "tunnel":
+        if key.table == "clat":
+            if settings.mode == "clat":
+                out.append((key, getattr(settings, f"clat_{key.name}"),
+                            key.name in doc.get("clat", {})))
+            continue
+        if settings.mode in ("nat64", "clat") and key.table == "tunnel":
             continue
         if key.table == "timeouts":
             value = getattr(settings.timeouts, key.name)
@@ -544,6 +561,8 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             if key not in keys:
                 raise ctx.error(table, key, f"unknown key; allowed: {', '.join(sorted(keys))}")
 
+    if "clat" in doc:
+        return _parse_clat(ctx, doc)
     nat64_values: dict[str, Any] = {}
     if "nat64" in doc:
         nat64_values = _parse_nat64(ctx, doc["nat64"])
@@ -617,6 +636,56 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
         source_file=file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
         **values)
+
+
+def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:
+    """A CLAT host: [clat] with [gateway] and [metrics]; one worker, userspace."""
+    for other in ("tunnel", "nat64", "forward"):
+        if other in doc:
+            raise ctx.error(other, None, "a CLAT runs on its own (a 464XLAT box with a NAT64 "
+                            "too is not there yet): run it as a second sixgate with its own "
+                            "[gateway] name and run_dir, or remove this table")
+    values = _checked(ctx, "clat", doc["clat"])
+    address6 = doc["clat"].get("ipv6_address")
+    if address6 is None:
+        raise ctx.error("clat", "ipv6_address", "missing: name the CLAT's own IPv6 address, "
+                        "one of this host's uplink /64, like \"2001:db8:100::c1a7\"")
+    try:
+        if not isinstance(address6, str):
+            raise ValueError(address6)
+        parsed = ipaddress.IPv6Address(address6)
+    except ValueError:
+        raise ctx.error("clat", "ipv6_address", f"{address6!r} must be an IPv6 address of "
+                        "this host's uplink /64, like \"2001:db8:100::c1a7\"") from None
+    if parsed.is_multicast or parsed.is_loopback or parsed.is_link_local or parsed.is_unspecified:
+        raise ctx.error("clat", "ipv6_address", f"{parsed} must be a unicast global or unique "
+                        "local address")
+    gateway = doc.get("gateway", {})
+    settings = _checked(ctx, "gateway", gateway)
+    if "workers" not in gateway:
+        settings["workers"] = 1
+    elif settings["workers"] != 1:
+        raise ctx.error("gateway", "workers", "a CLAT translates this host's own traffic in "
+                        "one worker; set workers = 1 or leave it out")
+    if settings["backend"] == "kernel":
+        raise ctx.error("gateway", "backend", "a CLAT runs in userspace only; set backend = "
+                        "\"userspace\" or leave it out")
+    settings["backend"] = "userspace"
+    prefix = values["plat_prefix"]
+    return Settings(
+        mode="clat", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
+        prefix=prefix if prefix != "auto" else "", addresses=(), mtu=1500,
+        martian_ipv4=DEFAULT_MARTIAN_IPV4, pool=_given(gateway, "pool"), forwards=(),
+        timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
+        source_file=ctx.file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
+        clat_plat_prefix=prefix, clat_ipv6_address=str(parsed),
+        clat_ipv4_address=values["ipv4_address"], clat_mtu=values["mtu"], **settings)
+
+
+def _plat_prefix(ctx: _Ctx, table: str, key: str, value: Any) -> str:
+    if value == "auto":
+        return "auto"
+    return _nat64_prefix(ctx, table, key, value)
 
 
 def _nat64_prefix(ctx: _Ctx, table: str, key: str, value: Any) -> str:

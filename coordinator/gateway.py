@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 from pyroute2 import NetlinkError
 
-from sixgate.coordinator import forwarding, kernel_backend
+from sixgate.coordinator import clat, forwarding, kernel_backend
 from sixgate.coordinator import reload as reloading
 from sixgate.coordinator.config import ConfigError, parse_config
 from sixgate.coordinator.metrics import GatewayView, MetricsServer, WorkerView
@@ -272,7 +272,16 @@ class Coordinator:
         settings = self.settings
         self.run_dir = prepare_run_dir(settings)
         # The kernel backend's relays keep no sessions to journal.
-        journaling = settings.flow_journal and settings.backend != "kernel"
+        # A CLAT is stateless: nothing to journal either.
+        journaling = (settings.flow_journal and settings.backend != "kernel"
+                      and settings.mode != "clat")
+        if settings.mode == "clat" and settings.clat_plat_prefix == "auto":
+            prefix, how = clat.plat_prefix(settings)
+            if prefix is None:
+                raise RuntimeError(f"clat.plat_prefix = \"auto\": {how}")
+            log.info("CLAT: PLAT prefix %s %s", prefix, how)
+            settings = self.settings = dataclasses.replace(settings, clat_plat_prefix=prefix,
+                                                           prefix=prefix)
         if journaling:
             # A restart or an upgrade: the sessions the previous run handed over at its stop,
             # with its fan-out seed so every client reaches the worker that has its sessions.
@@ -326,6 +335,12 @@ class Coordinator:
                 self.sit_link = kernel_backend.setup(settings)
             except kernel_backend.KernelBackendError as exc:
                 raise RuntimeError(str(exc)) from None
+        elif settings.mode == "clat":
+            try:
+                clat.enable(settings)
+            except clat.ClatError as exc:
+                raise RuntimeError(str(exc)) from None
+            self.clat_enabled = True
         else:
             try:
                 forwarding.enable(settings)
@@ -333,7 +348,7 @@ class Coordinator:
                 raise RuntimeError(str(exc)) from None
             self.forwarding_enabled = True
         if (settings.backend != "kernel" and settings.fanout == "coordinator"
-                and settings.mode != "nat64"):  # a NAT64 alone has no tunnel to capture
+                and settings.mode not in ("nat64", "clat")):  # no tunnel to capture
             # Every packet, outer fragments put together (workers/capture.py); the workers'
             # raw protocol-41 sockets take the IP layer's copy and accept none of it.
             self.capture = TunnelCapture(settings.local_ipv4, None, True, self.counters,
@@ -361,6 +376,10 @@ class Coordinator:
             self._spawn(worker)
         self.handed_over = []
         self._wait_workers_ready()
+        if settings.mode == "clat":
+            log.info("sixgate up: CLAT %s <-> %s under %s", settings.clat_ipv4_address,
+                     settings.clat_ipv6_address, settings.clat_plat_prefix)
+            return
         if settings.mode == "nat64":
             log.info("sixgate up: NAT64 %s for %s, pool4 %s, %d worker(s)",
                      settings.nat64_prefix, ", ".join(settings.nat64_clients),
@@ -432,6 +451,8 @@ class Coordinator:
             self.capture.close()
         if getattr(self, "forwarding_enabled", False):
             forwarding.undo(self.settings)
+        if getattr(self, "clat_enabled", False):
+            clat.undo(self.settings)
         if self.sit_link is not None:
             kernel_backend.teardown(self.settings)
         run_dir = getattr(self, "run_dir", None)

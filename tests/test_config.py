@@ -393,7 +393,8 @@ def test_every_settings_field_a_file_can_set_is_a_schema_key() -> None:
     from sixgate.workers.engine.settings import Settings
 
     keys = ({key.name for key in SCHEMA} | {"timeouts", "forwards", "metrics_listen"}
-            | {f"nat64_{key.name}" for key in SCHEMA if key.table == "nat64"})
+            | {f"nat64_{key.name}" for key in SCHEMA if key.table == "nat64"}
+            | {f"clat_{key.name}" for key in SCHEMA if key.table == "clat"})
     derived = {"source_file"}
     assert {f.name for f in fields(Settings)} - derived <= keys
 
@@ -453,3 +454,36 @@ def test_nat64_config_mistakes_name_the_place_and_the_fix(old: str, new: str, wh
     with pytest.raises(ConfigError) as caught:
         parse_config(NAT64.replace(old, new, 1), "n.toml")
     assert where in str(caught.value) and says in str(caught.value)
+
+
+GOOD_CLAT = """\
+[clat]
+plat_prefix = "64:ff9b::/96"
+ipv6_address = "2001:db8:100::c1a7"
+"""
+
+
+def test_clat_defaults_one_worker_rfc7335_address_and_1260() -> None:
+    settings = parse_config(GOOD_CLAT, "clat.toml")
+    assert (settings.mode, settings.workers, settings.backend) == ("clat", 1, "userspace")
+    assert (settings.clat_plat_prefix, settings.clat_ipv6_address, settings.clat_ipv4_address,
+            settings.clat_mtu) == ("64:ff9b::/96", "2001:db8:100::c1a7", "192.0.0.1", 1260)
+    auto = parse_config(GOOD_CLAT.replace('"64:ff9b::/96"', '"auto"'), "clat.toml")
+    assert auto.clat_plat_prefix == "auto"
+
+
+@pytest.mark.parametrize(("text", "key", "line", "advice"), [
+    (GOOD_CLAT.replace('ipv6_address = "2001:db8:100::c1a7"\n', ""), "clat.ipv6_address",
+     1, "missing"),
+    (GOOD_CLAT.replace("2001:db8:100::c1a7", "fe80::1"), "clat.ipv6_address", 3, "unicast"),
+    (GOOD_CLAT.replace("64:ff9b::/96", "64:ff9b::/80"), "clat.plat_prefix", 2, "RFC 6052"),
+    (GOOD_CLAT + "[gateway]\nworkers = 2\n", "gateway.workers", 5, "one worker"),
+    (GOOD_CLAT + "mtu = 9\n", "clat.mtu", 4, "576"),
+    (GOOD_CLAT + '[tunnel]\nmode = "6to4"\n', "tunnel", 4, "second sixgate"),
+])
+def test_clat_mistakes_name_the_key(text: str, key: str, line: int | None, advice: str
+                                    ) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "clat.toml")
+    assert (info.value.key, info.value.line) == (key, line), str(info.value)
+    assert advice in info.value.message, str(info.value)

@@ -201,6 +201,9 @@ class Worker:
         settings = self.settings
         name = tun_name(settings, self.index)
         self.tun_fd = open_tun(name)
+        if settings.mode == "clat":
+            self._open_clat(name)
+            return
         nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         main_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         if not self.nat64_alone:
@@ -315,6 +318,26 @@ class Worker:
         except zmq.Again:
             # The coordinator is not taking them: its copy misses these (counted).
             self.datapath.counters.event(Event.JOURNAL_LOST)
+
+    def _open_clat(self, name: str) -> None:
+        """The CLAT's device: its addresses and routes; its control socket. Nothing else: no
+        tunnel, no sessions to journal (a CLAT is stateless)."""
+        from sixgate.workers.tun import configure_clat
+        settings = self.settings
+        routed = configure_clat(name, settings.clat_ipv4_address, settings.clat_ipv6_address,
+                                settings.clat_mtu)
+        log.info("worker %d: CLAT %s <-> %s under %s on %s%s", self.index,
+                 settings.clat_ipv4_address, settings.clat_ipv6_address,
+                 settings.clat_plat_prefix, name,
+                 f", IPv4 default route through it (MTU {settings.clat_mtu})" if routed else
+                 ": this host has an IPv4 default route of its own, so none through the CLAT "
+                 "(native IPv4 wins, RFC 6877 §6.3)")
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)  # never connected: no tunnel batches
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_endpoint(settings.run_dir, self.index))
+        self.journal = None
 
     def close(self) -> None:
         for sock in (getattr(self, "pull", None), getattr(self, "control", None),
@@ -437,13 +460,15 @@ class Worker:
         self._send(output)
 
     def _drain_tun(self, now: float) -> None:
-        """The services' packets (NAT64: the IPv4 internet's) waiting on the TUN device,
-        translated as one batch; its time observed as its mean per packet."""
+        """The services' packets (NAT64: the IPv4 internet's; CLAT: the host's IPv4 and the
+        PLAT's IPv6) waiting on the TUN device, translated as one batch; its time observed as
+        its mean per packet."""
         packets = self._read_tun(self.tun_fd)
         if not packets:
             return
         start = time.perf_counter()
-        output = self.datapath.from_services(packets, now)
+        output = (self.datapath.from_services(packets, now) if self.datapath.clat is None
+                  else self.datapath.from_clat(packets, now))
         self.processing["from_services"].observe_many(
             (time.perf_counter() - start) / len(packets), len(packets))
         self._send(output)

@@ -31,6 +31,9 @@ IFF_NO_PI = 0x1000
 # are fragmented as IPv6 by the worker (RFC 7915 §4) or answered with Fragmentation Needed.
 TUN_MTU = 65535
 TUN_TXQUEUE = 4096
+# A CLAT's default route goes in only where the host has none of its own (RFC 6877 §6.3: native
+# IPv4 wins); its metric keeps it behind any that appears later.
+CLAT_ROUTE_METRIC = 2048
 
 
 def open_tun(name: str) -> int:
@@ -85,3 +88,23 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6
             ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
                       family=socket.AF_INET6 if net.version == 6 else socket.AF_INET,
                       **({"table": in_table} if in_table is not None else {}))
+
+
+def configure_clat(name: str, ipv4_address: str, ipv6_address: str, mtu: int) -> bool:
+    """The CLAT device (issue 18): the host's IPv4 address on it, a default route through it
+    with the CLAT's MTU unless the host has an IPv4 default route of its own (RFC 6877 §6.3:
+    native IPv4 wins), and the CLAT's IPv6 address routed to it. The device's own MTU stays
+    large (IPv6 needs 1280, and the PLAT's packets may be bigger); the route's MTU is what the
+    host's IPv4 uses. Whether the default route was installed."""
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
+        ipr.addr("add", index=index, address=ipv4_address, prefixlen=32)
+        native = any(route.get_attr("RTA_OIF") != index
+                     for route in ipr.get_default_routes(family=socket.AF_INET))
+        if not native:
+            ipr.route("add", dst="0.0.0.0", dst_len=0, oif=index, priority=CLAT_ROUTE_METRIC,
+                      prefsrc=ipv4_address, metrics={"mtu": mtu},
+                      family=socket.AF_INET)
+        ipr.route("add", dst=ipv6_address, dst_len=128, oif=index, family=socket.AF_INET6)
+    return not native

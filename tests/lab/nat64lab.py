@@ -204,6 +204,9 @@ class Nat64Lab(Lab):
             "--pid-file=", "--log-facility=-", f"--edns-packet-max={DNS_EDNS_MAX}",
             f"--host-record={DNS_SMALL_NAME},{DNS_SMALL_A}",
             f"--host-record={V4ONLY_NAME},{HTTP4}",
+            # RFC 7050 §2.2: the well-known name a CLAT asks for (through DNS64) to learn
+            # the NAT64's prefix.
+            "--host-record=ipv4only.arpa,192.0.0.170", "--host-record=ipv4only.arpa,192.0.0.171",
             f"--txt-record={DNS_BIG_NAME}," + ",".join(big_txt_strings())])
         for key, flag, port in (("http", "-t", HTTP_PORT), ("dnsmasq", "-u", DNS_PORT)):
             self._wait_listening_v4(key, flag, port)

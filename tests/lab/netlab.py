@@ -835,9 +835,10 @@ def http_url(lab: Lab, path: str, port: int = 80) -> str:
     return f"http://[{lab.plan.gateway_address}]:{port}/{path.lstrip('/')}"
 
 
-def download(lab: Lab, url: str, max_time_s: float = 120) -> Download:
-    """Real ``curl -6`` in the peer namespace; the body is hashed as it streams in."""
-    argv = in_ns(lab.peer_ns, ["curl", "-6", "-g", "-sS", "--fail", "--max-time",
+def download(lab: Lab, url: str, max_time_s: float = 120, family: str = "-6") -> Download:
+    """Real ``curl -6`` (or ``family``) in the peer namespace; the body is hashed as it
+    streams in."""
+    argv = in_ns(lab.peer_ns, ["curl", family, "-g", "-sS", "--fail", "--max-time",
                                str(max_time_s), url])
     digest, size = hashlib.sha256(), 0
     started = time.monotonic()

@@ -6,6 +6,9 @@ changed, and streams of fragments for the reassembler.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
@@ -215,3 +218,29 @@ def test_corpus_is_made_of_valid_packets() -> None:
         dp.from_services([packet], 1000.0)
         assert watch.delta() == {}
     assert [len(decode_batch(b) or []) for b in BATCHES] == [3]
+
+
+# --- the CLAT (issue 18): its two directions, straight and through Datapath.from_clat ----------
+
+CLAT_HOST4 = bytes((192, 0, 0, 1))
+CLAT6 = bytes.fromhex("20010db80100000000000000" "0000c1a7")  # 2001:db8:100::c1a7
+PLAT6 = bytes.fromhex("0064ff9b0000000000000000c6336407")  # 64:ff9b::198.51.100.7
+
+
+def clat_datapath() -> Datapath:
+    settings = dataclasses.replace(
+        helpers.make_settings("6to4"), mode="clat", clat_plat_prefix="64:ff9b::/96",
+        clat_ipv6_address=str(ipaddress.IPv6Address(CLAT6)))
+    return Datapath(settings, [])
+
+
+@given(st.integers(0, 255), st.binary(max_size=120), st.integers(0, 0xFFFF),
+       st.integers(0, 255))
+def test_the_clat_never_raises_on_plausible_packets_either_way(proto: int, payload: bytes,
+                                                               flags: int, ttl: int) -> None:
+    dp = clat_datapath()
+    out = dp.from_clat([ipv4(CLAT_HOST4, bytes((198, 51, 100, 7)), proto, payload, ttl=ttl,
+                             flags_offset=flags),
+                        ipv6(PLAT6, CLAT6, proto, payload, hop_limit=ttl),
+                        payload], 1.0)
+    assert out.raised is None and dp.counters.drops[DropReason.INTERNAL_ERROR] == 0

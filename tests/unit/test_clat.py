@@ -22,6 +22,7 @@ from scapy.layers.inet6 import (
 from scapy.packet import Packet, Raw, raw
 from scapy.utils import checksum
 
+from sixgate.coordinator.clat import prefix_of_synthesized
 from sixgate.workers.engine.clat import Clat
 from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.nat64 import Nat64Prefix
@@ -163,3 +164,18 @@ def test_what_the_host_may_not_send_out(packet: Packet, reason: DropReason) -> N
 ])
 def test_what_may_not_come_in(packet: Packet, reason: DropReason) -> None:
     assert clat().to_ipv4(raw(packet)) == reason
+
+
+@pytest.mark.parametrize(("synthesized", "prefix"), [
+    ("64:ff9b::c000:aa", "64:ff9b::/96"),
+    ("64:ff9b::c000:ab", "64:ff9b::/96"),
+    ("2001:db8:64:0:c0:0:aa00:0", "2001:db8:64::/64"),  # bits 64-71 skipped (RFC 6052 §2.2)
+    ("2001:db8:c000:aa::", "2001:db8::/32"),
+])
+def test_rfc7050_3_the_prefix_is_where_the_well_known_address_sits(synthesized: str,
+                                                                   prefix: str) -> None:
+    assert prefix_of_synthesized(ipaddress.IPv6Address(synthesized).packed) == prefix
+
+
+def test_rfc7050_3_an_aaaa_without_the_well_known_address_gives_no_prefix() -> None:
+    assert prefix_of_synthesized(ipaddress.IPv6Address("2001:db8::1").packed) is None

@@ -30,6 +30,7 @@ from sixgate.workers.engine.nat64 import Nat64Prefix
 from sixgate.workers.engine.packet import (
     FRAGMENT_HEADER,
     IPV4_DF,
+    IPV4_MF,
     PROTO_FRAGMENT,
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -54,7 +55,6 @@ from sixgate.workers.engine.translate import (
     translate_icmpv6_error,
 )
 
-IPV4_MF = 0x2000
 CLAT_RULE = "clat"
 # RFC 7915 §4.1/§5.1: ICMP echo types across the families.
 _ECHO_V4_TO_V6 = {ICMP_ECHO_REQUEST: ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY: ICMPV6_ECHO_REPLY}

@@ -23,6 +23,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from sixgate.workers.engine.clat import Clat
 from sixgate.workers.engine.counters import Counters, LimitHits
 from sixgate.workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
 from sixgate.workers.engine.fastpath import (
@@ -163,6 +164,12 @@ class Datapath:
         self.relay_ipv4 = (ipaddress.IPv4Address(settings.relay_ipv4).packed
                            if settings.relay_ipv4 else None)
         self.addresses = our_addresses(settings.mode, settings.local_ipv4, settings.addresses)
+        # CLAT (mode "clat"): stateless, its prefix resolved by the coordinator at the start.
+        self.clat = (Clat(Nat64Prefix.parse(settings.clat_plat_prefix),
+                          ipaddress.IPv6Address(settings.clat_ipv6_address).packed,
+                          ipaddress.IPv4Address(settings.clat_ipv4_address).packed,
+                          settings.clat_mtu)
+                     if settings.mode == "clat" and settings.clat_plat_prefix != "auto" else None)
         self.rules = build_rule_table(settings)
         # NAT64 (RFC 6146): IPv6 to the prefix from the IPv6 side, pool4 ports of this worker.
         self.nat64: Nat64Prefix | None = None
@@ -198,7 +205,7 @@ class Datapath:
         self.counters = Counters()
         # The tunnel checks (workers/engine/tunnel.py) and their cache of address verdicts; a
         # NAT64 gateway has no tunnel.
-        self.policy = None if self.nat64_alone else TunnelPolicy.build(
+        self.policy = None if settings.mode in ("nat64", "clat") else TunnelPolicy.build(
             settings.mode, settings.local_ipv4, settings.remote_ipv4, list(settings.addresses),
             settings.martian_ipv4, None if self.nat64_tun else self.nat64)
         self.accepted: set[bytes] = set()
@@ -806,6 +813,41 @@ class Datapath:
             self._reset(packet, view)
         else:
             self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_PORT)
+
+    # --- CLAT: the host's IPv4 and the PLAT's IPv6 on one device --------------------------------
+
+    def from_clat(self, packets: Iterable[bytes], now: float) -> Output:
+        """CLAT (workers/engine/clat.py): the host's IPv4 leaves as IPv6, the PLAT's IPv6
+        comes in as IPv4; both go back to the CLAT device (``to_services``). Counted like the
+        other modes: IPv4 read is from_services, IPv6 written outbound, IPv6 read inbound,
+        IPv4 written to_services."""
+        clat = self.clat
+        assert clat is not None
+        count, drop = self.counters.count, self._drop
+        for packet in packets:
+            try:
+                version = packet[0] >> 4 if packet else 0
+                if version == 4:
+                    count("from_services", packet[9] if len(packet) > 9 else 0, len(packet))
+                    result = clat.to_ipv6(packet)
+                    if isinstance(result, DropReason):
+                        drop(result)
+                        continue
+                    count("outbound", result[6], len(result))
+                elif version == 6:
+                    count("inbound", packet[6] if len(packet) > 6 else 0, len(packet))
+                    result = clat.to_ipv4(packet)
+                    if isinstance(result, DropReason):
+                        drop(result)
+                        continue
+                    count("to_services", result[9], len(result))
+                else:
+                    drop(DropReason.BAD_VERSION)
+                    continue
+                self._to_services.append(result)
+            except Exception as exc:  # noqa: BLE001 - the one per-packet guard
+                self._internal_error(exc)
+        return self._take()
 
     # --- from services: IPv4 to a pool address ------------------------------------------------
 

@@ -128,6 +128,13 @@ class Settings:
     nat64_port_hold_s: float = 120.0
     # RFC 6888 REQ-12: one log line per binding made and ended, without destinations.
     nat64_log_bindings: bool = True
+    # CLAT (mode "clat", the [clat] table, RFC 6877 §6): the PLAT's prefix ("auto": found at
+    # the start, RFC 7050), the CLAT's IPv6 address, the host's IPv4 address on the CLAT
+    # device and the IPv4 MTU of its default route.
+    clat_plat_prefix: str = ""
+    clat_ipv6_address: str = ""
+    clat_ipv4_address: str = "192.0.0.1"
+    clat_mtu: int = 1260
 
     @property
     def max_mss(self) -> int:

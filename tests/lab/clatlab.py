@@ -1,0 +1,84 @@
+"""The CLAT lab (issue 18): the NAT64 lab's IPv6-only client runs sixgate as a CLAT.
+
+```
+ client namespace (-peer)              NAT64 namespace (-gw)        IPv4 namespace (-v4)
+ IPv6 only; sixgate [clat]:            sixgate [nat64] (PLAT),      198.51.100.7   HTTP
+ 192.0.0.1 + IPv4 default route        unbound DNS64                198.51.100.53  dnsmasq
+   on the CLAT device                                               198.51.100.22  sshd
+ 2001:db8:100::c1a7 (the CLAT's,
+   answered for by proxy NDP)
+```
+
+Unmodified IPv4 programs in the client (curl, ping, dig, ssh, busybox's static wget) reach
+IPv4 literals: the CLAT writes their packets as IPv6 from 2001:db8:100::c1a7 to
+64:ff9b::<IPv4>, which the NAT64 translates again. The CLAT finds the prefix itself (RFC 7050:
+the client's resolver is the DNS64, which synthesizes ipv4only.arpa's AAAA).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from nat64lab import Nat64Lab
+from netlab import LabError, ServedFiles, sixgate_command, stop_process, wait_until
+
+CLAT6 = "2001:db8:100::c1a7"
+CLAT4 = "192.0.0.1"
+
+
+class ClatLab(Nat64Lab):
+    """The NAT64 lab plus a second ``sixgate run`` in the client namespace, in CLAT mode."""
+
+    def __init__(self, files: ServedFiles, *, plat_prefix: str = "auto") -> None:
+        super().__init__(1, files)
+        self.plat_prefix = plat_prefix
+        self.clat_config = self.tmp / "clat.toml"
+
+    def start(self) -> None:
+        super().start()
+        self.clat_config.write_text(
+            "[gateway]\n"
+            f'name = "{self.name}"\n'
+            f'run_dir = "{self.tmp / "clat-run"}"\n'
+            "\n[clat]\n"
+            f'plat_prefix = "{self.plat_prefix}"\n'
+            f'ipv6_address = "{CLAT6}"\n')
+        self.state_before = self.client_state()
+        self.start_clat()
+
+    def start_clat(self, key: str = "clat") -> None:
+        self.spawn(key, self.peer_ns, [*sixgate_command(), "run", "--config",
+                                       str(self.clat_config)])
+
+        def ready() -> bool:
+            if not self.alive(key):
+                raise LabError(f"the CLAT exited {self.processes[key].returncode}:\n"
+                               f"{self.log_path(key).read_text()}")
+            return self.clat_sixgate("flows", "--json").returncode == 0
+
+        wait_until(ready, timeout=30, what="the CLAT's `sixgate flows` to exit 0")
+
+    def clat_sixgate(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """``sixgate <args> --config <the CLAT's>`` in the client namespace."""
+        return self.peer([*sixgate_command(), *args, "--config", str(self.clat_config)],
+                         timeout=timeout)
+
+    def stop_clat(self, key: str = "clat") -> int:
+        return stop_process(self.processes[key], 10)
+
+    def client_state(self) -> dict[str, Any]:
+        """What the CLAT leaves in the client namespace: routes, addresses, links, switches."""
+        return {
+            "ipv4 routes": self.peer(["ip", "-4", "route", "show"]).stdout.strip(),
+            "ipv4 addresses": self.peer(["ip", "-4", "-o", "addr", "show"]).stdout.strip(),
+            "ipv6 routes to the CLAT": self.peer(["ip", "-6", "route", "show", CLAT6]
+                                                 ).stdout.strip(),
+            "links": sorted(line.split(":")[1].strip().split("@")[0] for line in self.peer(
+                ["ip", "-o", "link", "show"]).stdout.splitlines()),
+            "proxy": self.peer(["ip", "-6", "neigh", "show", "proxy"]).stdout.strip(),
+            "forwarding": self.peer(["sysctl", "-n", "net.ipv6.conf.all.forwarding"]
+                                    ).stdout.strip(),
+            "proxy_ndp": self.peer(["sysctl", "-n", "net.ipv6.conf.veth6.proxy_ndp"]
+                                   ).stdout.strip(),
+        }

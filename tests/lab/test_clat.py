@@ -1,0 +1,122 @@
+"""Issue 18: CLAT mode. An IPv6-only client runs the real ``sixgate run`` with [clat]; its
+unmodified IPv4 programs reach IPv4 literals through the lab's NAT64 (the real ``sixgate run``
+with [nat64] as the PLAT) with no LD_PRELOAD: curl of the 100 MB file (sha256), ping, dig (an
+answer bigger than the MTU: fragments both ways), ssh to an IPv4 literal, a UDP program, and a
+statically linked busybox wget. The CLAT finds the PLAT prefix by RFC 7050 through the real
+unbound DNS64. Stopping it, or killing it and starting it again, leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+import netlab
+import pytest
+from clatlab import CLAT4, CLAT6, ClatLab
+from nat64lab import DNS4, HTTP4
+
+pytestmark = pytest.mark.lab
+
+BUSYBOX = "/bin/busybox"
+
+
+@pytest.fixture(scope="class")
+def clat_lab(served_files: netlab.ServedFiles) -> Iterator[ClatLab]:
+    with ClatLab(served_files) as lab:
+        yield lab
+
+
+class TestClat:
+    def test_the_prefix_was_found_by_rfc7050_through_the_dns64(self, clat_lab: ClatLab) -> None:
+        log = clat_lab.log_path("clat").read_text()
+        assert "PLAT prefix 64:ff9b::/96 found by RFC 7050" in log, log
+        check = clat_lab.clat_sixgate("check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "PLAT prefix   64:ff9b::/96: found by RFC 7050" in check.stdout, check.stdout
+
+    def test_the_host_has_ipv4_through_the_clat_and_nothing_else(self, clat_lab: ClatLab
+                                                                 ) -> None:
+        state = clat_lab.client_state()
+        assert clat_lab.state_before["ipv4 routes"] == "", clat_lab.state_before
+        assert "default dev" in state["ipv4 routes"] and "mtu 1260" in state["ipv4 routes"]
+        assert f"inet {CLAT4}/32" in state["ipv4 addresses"], state
+        assert state["proxy"].startswith(CLAT6), state
+
+    def test_curl_100mb_from_an_ipv4_literal(self, clat_lab: ClatLab,
+                                             served_files: netlab.ServedFiles) -> None:
+        got = netlab.download(clat_lab, f"http://{HTTP4}/big.bin", family="-4")
+        assert got.exit_code == 0, got.stderr
+        assert (got.size_bytes, got.sha256) == (served_files.big.size_bytes,
+                                                served_files.big.sha256)
+        print(f"CLAT + NAT64 curl 100 MB: {got.megabytes_per_s:.1f} MB/s")
+
+    def test_ping_an_ipv4_literal(self, clat_lab: ClatLab) -> None:
+        done = clat_lab.peer(["ping", "-4", "-c", "3", "-i", "0.2", "-W", "2", HTTP4],
+                             timeout=20)
+        assert done.returncode == 0 and " 0% packet loss" in done.stdout, done.stdout
+
+    def test_dig_small_and_an_answer_bigger_than_the_mtu(self, clat_lab: ClatLab) -> None:
+        small = clat_lab.peer(["dig", f"@{DNS4}", "+short", "+tries=1", "+time=3",
+                               netlab.DNS_SMALL_NAME, "A"])
+        assert small.stdout.strip() == netlab.DNS_SMALL_A, small.stdout + small.stderr
+        big = clat_lab.peer(["dig", f"@{DNS4}", "+tries=1", "+time=3", "+bufsize=8192",
+                             "+ignore", netlab.DNS_BIG_NAME, "TXT"])
+        output = big.stdout + big.stderr
+        assert big.returncode == 0 and "(UDP)" in output, output
+        assert netlab.dig_message_bytes(output) > 1500
+        assert netlab.dig_txt_strings(output) == netlab.big_txt_strings()
+
+    def test_ssh_to_an_ipv4_literal_without_ld_preload(self, clat_lab: ClatLab) -> None:
+        env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+        assert "LD_PRELOAD" not in env
+        done = clat_lab.peer(clat_lab.ssh_argv("echo through-the-clat"), timeout=30)
+        assert done.returncode == 0 and done.stdout.strip() == "through-the-clat", (
+            done.stdout + done.stderr)
+
+    def test_a_udp_program(self, clat_lab: ClatLab) -> None:
+        """A plain IPv4 UDP socket (a DNS query by hand): sent from the CLAT's address."""
+        program = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.settimeout(3)\n"
+            f"s.connect(('{DNS4}', 53))\n"
+            "s.send(bytes.fromhex('1234010000010000000000000573'\n"
+            "                     '6d616c6c036c61620000010001'))\n"
+            "answer, source = s.recvfrom(512)\n"
+            "print(s.getsockname()[0], source[0], answer[:2].hex(), len(answer) > 12)\n")
+        done = clat_lab.peer([sys.executable, "-c", program])
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [CLAT4, DNS4, "1234", "True"], done.stdout
+
+    def test_a_statically_linked_busybox_wget(self, clat_lab: ClatLab) -> None:
+        if not os.path.exists(BUSYBOX):
+            pytest.fail(f"{BUSYBOX} is missing: install busybox-static", pytrace=False)
+        done = clat_lab.peer([BUSYBOX, "wget", "-q", "-O", "-",
+                              f"http://{HTTP4}/{netlab.SMALL_NAME}"], timeout=20)
+        assert done.returncode == 0 and done.stdout == netlab.SMALL_TEXT, done.stderr
+
+    def test_the_nat64_saw_the_clats_address_writing_to_the_prefix(self, clat_lab: ClatLab
+                                                                      ) -> None:
+        """The PLAT's bindings: the CLAT's IPv6 address as the client, the IPv4 server as
+        the target it took from 64:ff9b::198.51.100.7 (the CLAT keeps the port)."""
+        clat_lab.peer(["curl", "-4", "-sS", "--local-port", "45454", "-o", "/dev/null",
+                       f"http://{HTTP4}/{netlab.SMALL_NAME}"], timeout=20)
+        rows = [b for b in clat_lab.flows()["bindings"]
+                if b["client"] == f"[{CLAT6}]:45454"]
+        assert rows and rows[0]["rule"] == "nat64" and rows[0]["target"] == f"{HTTP4}:80", (
+            clat_lab.flows()["bindings"])
+
+    def test_sigkill_then_a_new_start_then_a_stop_leave_nothing_behind(
+            self, clat_lab: ClatLab) -> None:
+        clat = clat_lab.processes["clat"]
+        os.kill(clat.pid, signal.SIGKILL)
+        clat.wait(timeout=10)
+        clat_lab.start_clat("clat-again")
+        log = clat_lab.log_path("clat-again").read_text()
+        done = clat_lab.peer(["ping", "-4", "-c", "1", "-W", "2", HTTP4], timeout=20)
+        assert done.returncode == 0, done.stdout + log
+        assert clat_lab.stop_clat("clat-again") == 0, log
+        assert clat_lab.client_state() == clat_lab.state_before
