@@ -17,23 +17,75 @@ the client's resolver is the DNS64, which synthesizes ipv4only.arpa's AAAA).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from typing import Any
 
 from nat64lab import Nat64Lab
-from netlab import LabError, ServedFiles, sixgate_command, stop_process, wait_until
+from netlab import LabError, ServedFiles, sixgate_command, stop_process, tail, wait_until
 
 CLAT6 = "2001:db8:100::c1a7"
 CLAT4 = "192.0.0.1"
 
 
-class ClatLab(Nat64Lab):
-    """The NAT64 lab plus a second ``sixgate run`` in the client namespace, in CLAT mode."""
+# TAYGA as the PLAT: its own IPv4 address and the pool it maps IPv6 sources to, masqueraded
+# behind the NAT64 namespace's IPv4 address by the kernel (RFC 1918 space, never routed out).
+TAYGA_IPV4 = "192.168.255.1"
+TAYGA_POOL = "192.168.255.0/24"
+TAYGA_IPV6 = "2001:db8:6464::1"
+TAYGA_PREFIX = "2001:db8:64::/96"
 
-    def __init__(self, files: ServedFiles, *, plat_prefix: str = "auto") -> None:
+
+class ClatLab(Nat64Lab):
+    """The NAT64 lab plus a second ``sixgate run`` in the client namespace, in CLAT mode.
+    ``plat``: who translates again in the NAT64 namespace, sixgate's ``[nat64]`` or TAYGA
+    (Debian's package, an independent implementation) with kernel masquerading."""
+
+    def __init__(self, files: ServedFiles, *, plat: str = "sixgate") -> None:
         super().__init__(1, files)
-        self.plat_prefix = plat_prefix
+        self.plat = plat
+        # Against sixgate the CLAT finds the prefix itself (RFC 7050 through the lab's DNS64,
+        # which synthesizes under sixgate's); TAYGA's is named.
+        self.plat_prefix = "auto" if plat == "sixgate" else TAYGA_PREFIX
         self.clat_config = self.tmp / "clat.toml"
+
+    def start_gateway(self, timeout: float = 30, key: str = "sixgate") -> None:
+        if self.plat == "sixgate":
+            super().start_gateway(timeout, key)
+        else:
+            self.start_tayga()
+
+    def start_tayga(self) -> None:
+        binary = shutil.which("tayga")
+        if binary is None:
+            raise LabError("tayga is not installed (apt-get install tayga)")
+        device = f"{self.name}t"
+        data_dir = self.tmp / "tayga"
+        data_dir.mkdir()
+        config = self.tmp / "tayga.conf"
+        # A network-specific prefix: under the well-known one TAYGA 0.9.2 refuses the lab's
+        # documentation addresses (RFC 6052 §3.1) with no switch to allow them. Its own IPv6
+        # address sources the ICMPv6 errors it makes.
+        config.write_text(f"tun-device {device}\nipv4-addr {TAYGA_IPV4}\n"
+                          f"ipv6-addr {TAYGA_IPV6}\nprefix {TAYGA_PREFIX}\n"
+                          f"dynamic-pool {TAYGA_POOL}\ndata-dir {data_dir}\n")
+        self.sysctl(self.gw_ns, "net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1")
+        process = self.spawn("tayga", self.gw_ns, [binary, "--nodetach", "-c", str(config)])
+
+        def device_exists() -> bool:
+            if process.poll() is not None:
+                raise LabError(f"tayga exited:\n{tail(self.log_path('tayga'))}")
+            return device in self.gw(["ip", "-o", "link", "show"]).stdout
+
+        wait_until(device_exists, timeout=10, what=f"tayga's TUN device {device}")
+        self.ip(self.gw_ns, "link", "set", device, "up")
+        self.ip(self.gw_ns, "route", "add", TAYGA_PREFIX, "dev", device)
+        self.ip(self.gw_ns, "route", "add", TAYGA_POOL, "dev", device)
+        self.ip(self.gw_ns, "route", "add", TAYGA_IPV6, "dev", device)
+        # The table lives and dies with the namespace.
+        self.gw(["nft", "-f", "-"], check=True, input=(
+            "table ip taygaplat {\n chain post {\n  type nat hook postrouting priority 100;\n"
+            f'  oifname "veth4" ip saddr {TAYGA_POOL} masquerade\n }}\n}}\n'))
 
     def start(self) -> None:
         super().start()
