@@ -16,7 +16,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import select
 import socket
+import time
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -67,11 +69,136 @@ def discover_rfc7050() -> tuple[str | None, str]:
                   "(RFC 7050 §3): name the prefix in plat_prefix")
 
 
-def plat_prefix(settings: Settings) -> tuple[str | None, str]:
-    """The PLAT prefix the CLAT translates to and how it was found."""
+# --- RFC 8781: PREF64 in router advertisements, as the kernel hands them to userspace ----------
+
+ND_OPT_PREF64 = 38
+# Linux passes the RA options it does not act on itself (RDNSS, DNSSL, PREF64) to netlink
+# listeners of this group as RTM_NEWNDUSEROPT (struct nduseroptmsg, then the options).
+RTNLGRP_ND_USEROPT = 20
+RTM_NEWNDUSEROPT = 68
+NDUSEROPT_HEADER = 16
+# RFC 8781 §4: Prefix Length Code -> prefix length.
+PLC_LENGTHS = {0: 96, 1: 64, 2: 56, 3: 48, 4: 40, 5: 32}
+# How long ``plat_prefix`` waits for an answer to its router solicitation.
+PREF64_WAIT_S = 2.0
+ICMPV6_ROUTER_SOLICITATION = 133
+
+
+def parse_pref64(option: bytes) -> tuple[str, int] | None:
+    """RFC 8781 §4: (prefix, lifetime in seconds) of one PREF64 option, or None when it is
+    malformed (16 bytes: type 38, length 2, the scaled lifetime and the PLC in one 16-bit
+    word, 96 bits of prefix; bits past the prefix length are ignored)."""
+    if len(option) != 16 or option[0] != ND_OPT_PREF64 or option[1] != 2:
+        return None
+    word = int.from_bytes(option[2:4], "big")
+    length = PLC_LENGTHS.get(word & 7)
+    if length is None:
+        return None
+    network = ipaddress.IPv6Network((bytes(option[4:16]) + bytes(4), length), strict=False)
+    return str(network), (word >> 3) * 8
+
+
+def pref64_messages(data: bytes) -> list[tuple[int, str, int]]:
+    """(interface index, prefix, lifetime) of every PREF64 option in a netlink datagram of
+    RTM_NEWNDUSEROPT messages; anything else in it is skipped."""
+    found = []
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = int.from_bytes(data[offset:offset + 4], "little"), \
+            int.from_bytes(data[offset + 4:offset + 6], "little")
+        if length < 16 or offset + length > len(data):
+            break
+        body = data[offset + 16:offset + length]
+        offset += (length + 3) & ~3
+        if kind != RTM_NEWNDUSEROPT or len(body) < NDUSEROPT_HEADER:
+            continue
+        opts_len = int.from_bytes(body[2:4], "little")
+        ifindex = int.from_bytes(body[4:8], "little", signed=True)
+        options = body[NDUSEROPT_HEADER:NDUSEROPT_HEADER + opts_len]
+        at = 0
+        while at + 2 <= len(options) and options[at + 1]:
+            size = options[at + 1] * 8
+            parsed = parse_pref64(options[at:at + size])
+            if parsed is not None:
+                found.append((ifindex, *parsed))
+            at += size
+    return found
+
+
+class Pref64Listener:
+    """The kernel's copies of RA options (rtnetlink RTNLGRP_ND_USEROPT), read non-blocking."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                  socket.NETLINK_ROUTE)
+        self.sock.bind((0, 1 << (RTNLGRP_ND_USEROPT - 1)))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> list[tuple[int, str, int]]:
+        found = []
+        while True:
+            try:
+                found += pref64_messages(self.sock.recv(65536))
+            except (BlockingIOError, InterruptedError):
+                return found
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def solicit_router(ifname: str) -> None:
+    """A Router Solicitation on ``ifname`` (RFC 4861 §6.3.7), so a router answers with its RA
+    now instead of at its next periodic one; best effort (it needs a raw socket)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF,
+                            socket.if_nametoindex(ifname))
+            sock.sendto(bytes((ICMPV6_ROUTER_SOLICITATION, 0, 0, 0, 0, 0, 0, 0)),
+                        ("ff02::2", 0, 0, socket.if_nametoindex(ifname)))
+    except OSError as exc:
+        log.debug("no router solicitation on %s: %s", ifname, exc)
+
+
+def discover_pref64(uplink: str, wait_s: float = PREF64_WAIT_S) -> tuple[str | None, str]:
+    """The PLAT prefix from a router advertisement's PREF64 on ``uplink`` (RFC 8781), asked
+    for with a router solicitation; (None, why) when none came within ``wait_s``."""
+    index = socket.if_nametoindex(uplink)
+    listener = Pref64Listener()
+    try:
+        solicit_router(uplink)
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            select.select([listener], [], [], left)
+            for ifindex, prefix, lifetime in listener.read():
+                if ifindex == index and lifetime > 0:
+                    return prefix, f"found by RFC 8781 (PREF64 in a router advertisement on " \
+                                   f"{uplink})"
+    finally:
+        listener.close()
+    return None, f"no router advertisement on {uplink} carried a PREF64 (RFC 8781)"
+
+
+def plat_prefix(settings: Settings) -> tuple[str | None, str, str]:
+    """(the PLAT prefix the CLAT translates to, its source for the metrics, how it was found
+    in words). RFC 8781's PREF64 first (it comes with the network, RFC 8781 §1), then RFC
+    7050's DNS64 query."""
     if settings.clat_plat_prefix != "auto":
-        return settings.clat_plat_prefix, "configured (plat_prefix)"
-    return discover_rfc7050()
+        return settings.clat_plat_prefix, "configured", "configured (plat_prefix)"
+    try:
+        uplink = uplink_of(settings.clat_ipv6_address)
+    except ClatError:
+        uplink = ""
+    how = ""
+    if uplink:
+        prefix, how = discover_pref64(uplink)
+        if prefix is not None:
+            return prefix, "rfc8781", how
+    found, how7050 = discover_rfc7050()
+    return found, "rfc7050", f"{how}; {how7050}" if found is None and how else how7050
 
 
 def _state_path(settings: Settings) -> Path:

@@ -204,7 +204,7 @@ def _print_clat(settings: Settings) -> bool:
     routes it makes; False when no prefix can be found."""
     from sixgate.coordinator.clat import plat_prefix
     from sixgate.workers.tun import CLAT_ROUTE_METRIC
-    prefix, how = plat_prefix(settings)
+    prefix, _source, how = plat_prefix(settings)
     print(f"  CLAT          RFC 6877 §6: this host's IPv4 as {settings.clat_ipv6_address}")
     print(f"  PLAT prefix   {prefix or 'NONE'}: {how}")
     print(f"  IPv4          {settings.clat_ipv4_address} on {settings.name}0, a default "

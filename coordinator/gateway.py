@@ -21,6 +21,7 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -240,6 +241,11 @@ class Coordinator:
         self.shard_lock = threading.Lock()
         self.handed_over: list[list[Any]] = []  # the previous run's shards, to resume
         self.crash_log: CrashLog | None = None  # the copy on disk, for a coordinator crash
+        # CLAT: how its PLAT prefix was found; with "auto", the RA options the kernel hands on.
+        self.plat_source = ""
+        self.plat_changes = 0
+        self.pref64: clat.Pref64Listener | None = None
+        self.pref64_uplink = -1
         self.reload_ok = True
         self.reload_success_unix = self.started_unix
         self.reload_requested = False  # SIGHUP: the main loop reloads
@@ -260,7 +266,8 @@ class Coordinator:
             batch_packets=self.batch_packets.as_dict(),
             capture_open=self.capture is not None and self.capture.fileno() >= 0,
             sit_link=self.sit_link, reload_ok=self.reload_ok,
-            reload_success_unix=self.reload_success_unix)
+            reload_success_unix=self.reload_success_unix, plat_source=self.plat_source,
+            plat_changes=self.plat_changes)
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
         return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
@@ -275,13 +282,8 @@ class Coordinator:
         # A CLAT is stateless: nothing to journal either.
         journaling = (settings.flow_journal and settings.backend != "kernel"
                       and settings.mode != "clat")
-        if settings.mode == "clat" and settings.clat_plat_prefix == "auto":
-            prefix, how = clat.plat_prefix(settings)
-            if prefix is None:
-                raise RuntimeError(f"clat.plat_prefix = \"auto\": {how}")
-            log.info("CLAT: PLAT prefix %s %s", prefix, how)
-            settings = self.settings = dataclasses.replace(settings, clat_plat_prefix=prefix,
-                                                           prefix=prefix)
+        if settings.mode == "clat":
+            settings = self._find_plat_prefix(settings)
         if journaling:
             # A restart or an upgrade: the sessions the previous run handed over at its stop,
             # with its fan-out seed so every client reaches the worker that has its sessions.
@@ -395,6 +397,44 @@ class Coordinator:
                  f", pool {settings.pool}, fan-out by the {settings.fanout}"
                  if settings.backend != "kernel" else "")
 
+    def _find_plat_prefix(self, settings: Settings) -> Settings:
+        """CLAT: the PLAT prefix (coordinator/clat.py); with "auto", router advertisements
+        are watched from now on, and a PREF64 that changes it is taken (``_watch_pref64``)."""
+        if settings.clat_plat_prefix == "auto":
+            uplink = clat.uplink_of(settings.clat_ipv6_address) if settings.clat_ipv6_address \
+                else ""
+            self.pref64 = clat.Pref64Listener()
+            self.pref64_uplink = socket.if_nametoindex(uplink) if uplink else -1
+        prefix, self.plat_source, how = clat.plat_prefix(settings)
+        if prefix is None:
+            raise RuntimeError(f"clat.plat_prefix = \"auto\": {how}")
+        log.info("CLAT: PLAT prefix %s %s", prefix, how)
+        self.settings = dataclasses.replace(settings, clat_plat_prefix=prefix, prefix=prefix)
+        return self.settings
+
+    def _watch_pref64(self) -> None:
+        """RFC 8781 §5 (a host uses the latest PREF64): a router advertisement on the uplink
+        with another prefix changes the CLAT's at once: logged, counted, the worker told."""
+        assert self.pref64 is not None
+        for ifindex, prefix, lifetime in self.pref64.read():
+            if (ifindex != self.pref64_uplink or lifetime == 0
+                    or prefix == self.settings.clat_plat_prefix):
+                continue
+            old = self.settings.clat_plat_prefix
+            self.settings = dataclasses.replace(self.settings, clat_plat_prefix=prefix,
+                                                prefix=prefix)
+            self.plat_source = "rfc8781"
+            self.plat_changes += 1
+            staged = self.settings_file.with_suffix(".new")
+            staged.write_text(self.settings.to_json())
+            staged.replace(self.settings_file)
+            replies = control.ask_workers(self.ctx, self.settings.run_dir,
+                                          self.settings.workers, "reload", CONTROL_TIMEOUT_MS)
+            log.warning("CLAT: PLAT prefix changed from %s to %s (RFC 8781 PREF64 in a router "
+                        "advertisement)%s", old, prefix,
+                        "" if all(r is not None and r.get("ok") for r in replies)
+                        else "; the worker did not answer: it takes it when it starts again")
+
     def _spawn(self, worker: WorkerProcess) -> None:
         cmd = [sys.executable, "-m", "sixgate.workers.main", "--settings", str(self.settings_file),
                "--index", str(worker.index)]
@@ -453,6 +493,8 @@ class Coordinator:
             forwarding.undo(self.settings)
         if getattr(self, "clat_enabled", False):
             clat.undo(self.settings)
+        if self.pref64 is not None:
+            self.pref64.close()
         if self.sit_link is not None:
             kernel_backend.teardown(self.settings)
         run_dir = getattr(self, "run_dir", None)
@@ -515,6 +557,8 @@ class Coordinator:
                 # A dead worker is noticed within this interval (its sessions wait for it).
                 next_check = now + SUPERVISE_INTERVAL_S
                 self._supervise(now)
+                if self.pref64 is not None:
+                    self._watch_pref64()
             if now >= next_tick:
                 next_tick = now + 1.0
                 if self.capture is not None:

@@ -74,6 +74,7 @@ METRIC_NAMES = (
     "sixgate_icmp_errors_suppressed", "sixgate_echo_replies", "sixgate_worker_up",
     "sixgate_worker_restarts", "sixgate_cpu_seconds", "sixgate_resident_memory_bytes",
     "sixgate_coordinator_batch_packets", "sixgate_packet_processing_seconds",
+    "sixgate_clat_plat_prefix_info", "sixgate_clat_plat_prefix_changes",
 )
 
 # RFC 4443 §2.1 error message types, the ``type`` label of sixgate_icmp_errors_sent_total.
@@ -146,6 +147,19 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
           "start) succeeded, 0 when the last reload was refused", 1 if snap["reload_ok"] else 0)
     gauge("sixgate_config_last_reload_success_timestamp_seconds", "Unix time the config in use "
           "was loaded", snap["reload_success_unix"])
+    # CLAT (issue 18): the PLAT prefix in use; empty families in the other modes.
+    clat = snap.get("clat")
+    info = GaugeMetricFamily("sixgate_clat_plat_prefix_info", "CLAT: the PLAT prefix in use "
+                             "and how it was found: configured, rfc8781 (a router "
+                             "advertisement's PREF64) or rfc7050 (DNS64) (value 1)",
+                             labels=["prefix", "source"])
+    changes = CounterMetricFamily("sixgate_clat_plat_prefix_changes", "CLAT: times a router "
+                                  "advertisement changed the PLAT prefix while running (RFC "
+                                  "8781)", labels=[])
+    if clat is not None:
+        info.add_metric([clat["prefix"], clat["source"]], 1)
+        changes.add_metric([], clat["changes"])
+    out += [info, changes]
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_packets", "Protocol-41 packets received, before any check",
         value=snap["tunnel_received"][0]))
@@ -304,6 +318,8 @@ class GatewayView:
     sit_link: str | None  # kernel backend: the sit link it made
     reload_ok: bool = True  # the last config reload (or the start) succeeded
     reload_success_unix: float = 0.0  # when the config in use was loaded
+    plat_source: str = ""  # CLAT: how its PLAT prefix was found
+    plat_changes: int = 0  # CLAT: PREF64 changes of the prefix while running
 
 
 class Gateway(Protocol):
@@ -352,6 +368,8 @@ class GatewayCollector:
             "start_time": view.started_unix,
             "reload_ok": view.reload_ok,
             "reload_success_unix": view.reload_success_unix or view.started_unix,
+            "clat": {"prefix": settings.clat_plat_prefix, "source": view.plat_source,
+                     "changes": view.plat_changes} if settings.mode == "clat" else None,
             "tunnel_received": received,
             "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,
                        "queue_batches": settings.queue_batches,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from typing import Any
 
 from nat64lab import Nat64Lab
@@ -36,17 +37,44 @@ TAYGA_IPV6 = "2001:db8:6464::1"
 TAYGA_PREFIX = "2001:db8:64::/96"
 
 
+# Router advertisements with a PREF64 option, from the interface's link-local address.
+RA_SENDER = """
+import sys, time
+from scapy.arch import get_if_hwaddr
+from scapy.layers.inet6 import ICMPv6ND_RA, ICMPv6NDOptPREF64, IPv6
+from scapy.layers.l2 import Ether
+from scapy.sendrecv import sendp
+from scapy.utils6 import in6_mactoifaceid
+iface, prefix = sys.argv[1], sys.argv[2]
+mac = get_if_hwaddr(iface)
+address, length = prefix.split("/")
+plc = {96: 0, 64: 1, 56: 2, 48: 3, 40: 4, 32: 5}[int(length)]
+ra = (Ether(src=mac, dst="33:33:00:00:00:01")
+      / IPv6(src="fe80::" + in6_mactoifaceid(mac).lower(), dst="ff02::1", hlim=255)
+      / ICMPv6ND_RA(routerlifetime=0)
+      / ICMPv6NDOptPREF64(scaledlifetime=225, plc=plc, prefix=address))
+print("sending", flush=True)
+while True:
+    sendp(ra, iface=iface, verbose=False)
+    time.sleep(0.5)
+"""
+
+
 class ClatLab(Nat64Lab):
     """The NAT64 lab plus a second ``sixgate run`` in the client namespace, in CLAT mode.
     ``plat``: who translates again in the NAT64 namespace, sixgate's ``[nat64]`` or TAYGA
     (Debian's package, an independent implementation) with kernel masquerading."""
 
-    def __init__(self, files: ServedFiles, *, plat: str = "sixgate") -> None:
+    def __init__(self, files: ServedFiles, *, plat: str = "sixgate",
+                 advertise: str | None = None) -> None:
         super().__init__(1, files)
         self.plat = plat
         # Against sixgate the CLAT finds the prefix itself (RFC 7050 through the lab's DNS64,
-        # which synthesizes under sixgate's); TAYGA's is named.
+        # which synthesizes under sixgate's; or a router advertisement's PREF64, RFC 8781);
+        # TAYGA's is named.
         self.plat_prefix = "auto" if plat == "sixgate" else TAYGA_PREFIX
+        # A PREF64 the NAT64 namespace advertises from the start (``advertise_pref64``).
+        self.advertise = advertise
         self.clat_config = self.tmp / "clat.toml"
 
     def start_gateway(self, timeout: float = 30, key: str = "sixgate") -> None:
@@ -97,6 +125,8 @@ class ClatLab(Nat64Lab):
             f'plat_prefix = "{self.plat_prefix}"\n'
             f'ipv6_address = "{CLAT6}"\n')
         self.state_before = self.client_state()
+        if self.advertise is not None:
+            self.advertise_pref64(self.advertise)
         self.start_clat()
 
     def start_clat(self, key: str = "clat") -> None:
@@ -110,6 +140,18 @@ class ClatLab(Nat64Lab):
             return self.clat_sixgate("flows", "--json").returncode == 0
 
         wait_until(ready, timeout=30, what="the CLAT's `sixgate flows` to exit 0")
+
+    def advertise_pref64(self, prefix: str) -> None:
+        """The NAT64 namespace's router advertisements (scapy: Debian's radvd 2.19 has no
+        PREF64) carry ``prefix`` as PREF64 (RFC 8781) from now on, every 0.5 s, from its
+        link-local address with hop limit 255 and router lifetime 0 (the client keeps its own
+        default route)."""
+        key = "ra"
+        if key in self.processes:
+            stop_process(self.processes.pop(key), 5)
+        self.spawn(key, self.gw_ns, [sys.executable, "-c", RA_SENDER, "veth6", prefix])
+        wait_until(lambda: "sending" in self.log_path(key, "out").read_text(), timeout=15,
+                   what="the router advertisement sender")
 
     def clat_sixgate(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
         """``sixgate <args> --config <the CLAT's>`` in the client namespace."""

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 import netlab
 import pytest
 from clatlab import CLAT4, CLAT6, ClatLab
-from nat64lab import DNS4, GATEWAY4, HTTP4
+from nat64lab import DNS4, GATEWAY4, HTTP4, PREFIX
 
 pytestmark = pytest.mark.lab
 
 BUSYBOX = "/bin/busybox"
+UNSERVED_PREFIX = "2001:db8:6400::/96"  # a PREF64 no NAT64 of the lab serves
 
 
 @pytest.fixture(scope="class", params=["sixgate", "tayga"], ids=lambda plat: f"plat-{plat}")
@@ -136,3 +137,50 @@ class TestClat:
         assert done.returncode == 0, done.stdout + log
         assert clat_lab.stop_clat("clat-again") == 0, log
         assert clat_lab.client_state() == clat_lab.state_before
+
+
+@pytest.fixture(scope="class")
+def pref64_lab(served_files: netlab.ServedFiles) -> Iterator[ClatLab]:
+    """The CLAT against sixgate's NAT64, its router advertising the NAT64's prefix as PREF64
+    before the CLAT starts."""
+    with ClatLab(served_files, advertise=PREFIX) as lab:
+        yield lab
+
+
+def clat_metric(lab: ClatLab, name: str) -> list[str]:
+    body = lab.peer(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+    return [line for line in body.splitlines() if line.startswith(name)]
+
+
+class TestClatPref64:
+    """RFC 8781: a router advertisement's PREF64 is found first and followed when it changes
+    (the DNS64 would say 64:ff9b::/96 too: the log and the metric name the source)."""
+
+    def test_the_prefix_came_from_the_router_advertisement(self, pref64_lab: ClatLab) -> None:
+        log = pref64_lab.log_path("clat").read_text()
+        assert f"PLAT prefix {PREFIX} found by RFC 8781 (PREF64 in a router advertisement on " \
+               "veth6)" in log, log
+        assert clat_metric(pref64_lab, "sixgate_clat_plat_prefix_info") == [
+            f'sixgate_clat_plat_prefix_info{{prefix="{PREFIX}",source="rfc8781"}} 1.0']
+        done = pref64_lab.peer(["ping", "-4", "-c", "1", "-W", "2", HTTP4], timeout=20)
+        assert done.returncode == 0, done.stdout
+
+    def test_a_new_pref64_is_followed_and_logged(self, pref64_lab: ClatLab) -> None:
+        """Another prefix (one no NAT64 serves here): the CLAT writes to it at once, so IPv4
+        stops working; the NAT64's prefix again, and it works again. Each change is logged
+        and counted."""
+        lab = pref64_lab
+        lab.advertise_pref64(UNSERVED_PREFIX)
+        netlab.wait_until(lambda: f"PLAT prefix changed from {PREFIX} to {UNSERVED_PREFIX}"
+                          in lab.log_path("clat").read_text(), timeout=10,
+                          what="the CLAT to take the new PREF64")
+        failed = lab.peer(["ping", "-4", "-c", "1", "-W", "2", HTTP4], timeout=20)
+        assert failed.returncode != 0, failed.stdout
+        lab.advertise_pref64(PREFIX)
+        netlab.wait_until(lambda: f"PLAT prefix changed from {UNSERVED_PREFIX} to {PREFIX}"
+                          in lab.log_path("clat").read_text(), timeout=10,
+                          what="the CLAT to take the NAT64's PREF64 again")
+        done = lab.peer(["ping", "-4", "-c", "1", "-W", "2", HTTP4], timeout=20)
+        assert done.returncode == 0, done.stdout
+        assert clat_metric(lab, "sixgate_clat_plat_prefix_changes_total") == [
+            "sixgate_clat_plat_prefix_changes_total 2.0"]

@@ -71,6 +71,9 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sixgate_worker_restarts_total": ("counter", {"process": WORKERS}),
     "sixgate_cpu_seconds_total": ("counter", {"process": PROCESSES, "mode": ("user", "system")}),
     "sixgate_resident_memory_bytes": ("gauge", {"process": PROCESSES}),
+    "sixgate_clat_plat_prefix_info": ("gauge", {"prefix": ("64:ff9b::/96",),
+                                                "source": ("rfc8781",)}),
+    "sixgate_clat_plat_prefix_changes_total": ("counter", {}),
 }
 BUCKETS = {
     "sixgate_coordinator_batch_packets": ("1", "2", "4", "8", "16", "32", "64", "128", "256"),

@@ -5,6 +5,7 @@ implementation): its checksums and its reassembly, never the engine's own codecs
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror, fragment
@@ -22,7 +23,7 @@ from scapy.layers.inet6 import (
 from scapy.packet import Packet, Raw, raw
 from scapy.utils import checksum
 
-from sixgate.coordinator.clat import prefix_of_synthesized
+from sixgate.coordinator.clat import parse_pref64, pref64_messages, prefix_of_synthesized
 from sixgate.workers.engine.clat import Clat
 from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.nat64 import Nat64Prefix
@@ -179,3 +180,30 @@ def test_rfc7050_3_the_prefix_is_where_the_well_known_address_sits(synthesized: 
 
 def test_rfc7050_3_an_aaaa_without_the_well_known_address_gives_no_prefix() -> None:
     assert prefix_of_synthesized(ipaddress.IPv6Address("2001:db8::1").packed) is None
+
+
+@pytest.mark.parametrize(("plc", "prefix"), [
+    ("/96", "64:ff9b::/96"), ("/64", "2001:db8:64:ff9b::/64"), ("/32", "2001:db8::/32")])
+def test_rfc8781_4_a_pref64_option_as_scapy_builds_it(plc: str, prefix: str) -> None:
+    from scapy.layers.inet6 import ICMPv6NDOptPREF64
+    option = raw(ICMPv6NDOptPREF64(scaledlifetime=225, plc=plc, prefix=prefix.split("/")[0]))
+    assert parse_pref64(option) == (prefix, 1800)
+
+
+def test_rfc8781_4_a_malformed_pref64_is_ignored() -> None:
+    good = bytes((38, 2, 0x07, 0x08)) + bytes(12)  # lifetime 1800 s, PLC 0
+    assert parse_pref64(good) == ("::/96", 1800)
+    assert parse_pref64(good[:15]) is None  # short
+    assert parse_pref64(bytes((38, 3)) + good[2:]) is None  # wrong length field
+    assert parse_pref64(bytes((38, 2, 0x07, 0x0E)) + bytes(12)) is None  # PLC 6: reserved
+
+
+def test_the_kernels_nduseropt_message_is_read_for_its_pref64() -> None:
+    """An RTM_NEWNDUSEROPT datagram as Linux sends it (nlmsghdr, struct nduseroptmsg, the RA's
+    options): an RDNSS option beside it is skipped."""
+    from scapy.layers.inet6 import ICMPv6NDOptPREF64, ICMPv6NDOptRDNSS
+    options = raw(ICMPv6NDOptRDNSS(dns=["2001:db8::53"])) + raw(ICMPv6NDOptPREF64(
+        scaledlifetime=10, plc="/96", prefix="64:ff9b::"))
+    body = struct.pack("<BBHiBBHI", 10, 0, len(options), 7, 134, 0, 0, 0) + options
+    message = struct.pack("<IHHII", 16 + len(body), 68, 0, 0, 0) + body
+    assert pref64_messages(message + message) == [(7, "64:ff9b::/96", 80)] * 2

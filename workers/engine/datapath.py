@@ -19,6 +19,7 @@ passed in, no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -1129,6 +1130,9 @@ class Datapath:
         answer then meets no session and is reset (both sides learn at once). The caller
         checked that nothing else changed (coordinator/reload.py)."""
         self.settings = settings
+        if self.clat is not None:  # a new PLAT prefix (RFC 8781 PREF64 changed it)
+            self.clat = dataclasses.replace(self.clat,
+                                            prefix=Nat64Prefix.parse(settings.clat_plat_prefix))
         self.rules = build_rule_table(settings)
         flows = self.flows
         flows.set_shard_limits(self.workers, settings.max_flows, settings.max_flows_per_prefix,
