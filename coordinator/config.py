@@ -119,6 +119,10 @@ NAT64_INPUTS = {"tun": "IPv6 arrives over this host's kernel IPv6: the prefix is
                 "tunnel": "a remote IPv6-only site over this gateway's [tunnel]"}
 FILTERINGS = {"endpoint-independent": "any IPv4 host may reach a binding (RFC 4787 REQ-8)",
               "address-dependent": "only IPv4 hosts the client has sent to (RFC 4787)"}
+# RFC 7915 §4.5: what the CLAT does with IPv4 UDP that has no checksum (TAYGA's udp-cksum-mode).
+UDP_ZERO_CHECKSUM = {"calculate": "give it one (a fragment's cannot be: dropped)",
+                     "drop": "drop it (bad_checksum)",
+                     "forward": "send it on without one (IPv6 receivers drop it: RFC 8200 §8.1)"}
 LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
               "warning": "problems only", "error": "failures only"}
 
@@ -242,6 +246,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("clat", "mtu", "integer 576-65515", "IPv4 MTU of the CLAT's default route; 1260 keeps "
         "every translated packet within IPv6's 1280 (RFC 6877 §6.3)", _ranged_int(576, 65515),
         DEFAULTS["clat_mtu"]),
+    Key("clat", "udp_zero_checksum", "string", "; ".join(
+        f'"{k}": {v}' for k, v in UDP_ZERO_CHECKSUM.items()), _one_of(UDP_ZERO_CHECKSUM),
+        DEFAULTS["clat_udp_zero_checksum"]),
     Key("forward", "proto", "string", '"tcp" or "udp"', default_text="required"),
     Key("forward", "port", "port or range", '80, or "8000-8099"', default_text="required"),
     Key("forward", "to", "IPv4 host[:port]", "the service; a range shifts (\"8000-8099\" -> "
@@ -679,7 +686,8 @@ def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:
         timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
         source_file=ctx.file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
         clat_plat_prefix=prefix, clat_ipv6_address=str(parsed),
-        clat_ipv4_address=values["ipv4_address"], clat_mtu=values["mtu"], **settings)
+        clat_ipv4_address=values["ipv4_address"], clat_mtu=values["mtu"],
+        clat_udp_zero_checksum=values["udp_zero_checksum"], **settings)
 
 
 def _plat_prefix(ctx: _Ctx, table: str, key: str, value: Any) -> str:

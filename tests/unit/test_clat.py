@@ -207,3 +207,26 @@ def test_the_kernels_nduseropt_message_is_read_for_its_pref64() -> None:
     body = struct.pack("<BBHiBBHI", 10, 0, len(options), 7, 134, 0, 0, 0) + options
     message = struct.pack("<IHHII", 16 + len(body), 68, 0, 0, 0) + body
     assert pref64_messages(message + message) == [(7, "64:ff9b::/96", 80)] * 2
+
+
+@pytest.mark.parametrize(("mode", "whole", "first_fragment"), [
+    ("calculate", "computed", DropReason.BAD_CHECKSUM),
+    ("drop", DropReason.BAD_CHECKSUM, DropReason.BAD_CHECKSUM),
+    ("forward", "zero", "zero"),
+])
+def test_rfc7915_4_5_zero_udp_checksum_modes(mode: str, whole: object,
+                                             first_fragment: object) -> None:
+    """TAYGA's udp-cksum-mode: a whole datagram and a first fragment without a checksum."""
+    c = Clat(Nat64Prefix.parse("64:ff9b::/96"), ipaddress.IPv6Address(CLAT6).packed,
+             ipaddress.IPv4Address(HOST4).packed, udp_zero_checksum=mode)
+    datagram = IP(src=HOST4, dst=SERVER4) / UDP(sport=5353, dport=53, chksum=0) / Raw(
+        b"q" * 2000)
+    for packet, expected in ((datagram, whole),
+                             (fragment(datagram, 1000)[0], first_fragment)):
+        out = c.to_ipv6(raw(packet))
+        if isinstance(expected, DropReason):
+            assert out == expected
+            continue
+        assert isinstance(out, bytes)
+        checksum_field = IPv6(out)[UDP].chksum
+        assert (checksum_field == 0) == (expected == "zero")

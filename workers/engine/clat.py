@@ -81,6 +81,9 @@ class Clat:
     address6: bytes
     address4: bytes
     mtu: int = 1260
+    # RFC 7915 §4.5, IPv4 UDP without a checksum (TAYGA's udp-cksum-mode): "calculate" one
+    # (not possible for a fragment: dropped), "drop" it, or "forward" it as it is.
+    udp_zero_checksum: str = "calculate"
 
     # --- the host's IPv4, out as IPv6 (RFC 7915 §4) --------------------------------------------
 
@@ -130,13 +133,16 @@ class Clat:
         if len(segment) < csum + 2:
             return DropReason.TRUNCATED
         udp = proto == PROTO_UDP
+        if udp and segment[csum:csum + 2] == b"\0\0":
+            # RFC 7915 §4.5: no checksum in IPv4; IPv6 requires one (RFC 8200 §8.1).
+            if self.udp_zero_checksum == "forward":
+                return None
+            if self.udp_zero_checksum == "drop" or fragmented:
+                return DropReason.BAD_CHECKSUM  # a fragment's cannot be computed
         if not fragmented:
-            # RFC 7915 §4.5: a zero UDP checksum gets a computed one.
             set_checksum(segment, csum, pseudo_sum_v6(self.address6, dst6, proto,
                                                       len(segment)), udp)
             return None
-        if udp and segment[csum:csum + 2] == b"\0\0":
-            return DropReason.BAD_CHECKSUM  # §4.5: cannot be computed from a fragment
         _adjust(segment, csum, _address_sum(self.address6) + _address_sum(dst6)
                 - _address_sum(src) - _address_sum(dst), udp)
         return None

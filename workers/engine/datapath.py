@@ -169,7 +169,7 @@ class Datapath:
         self.clat = (Clat(Nat64Prefix.parse(settings.clat_plat_prefix),
                           ipaddress.IPv6Address(settings.clat_ipv6_address).packed,
                           ipaddress.IPv4Address(settings.clat_ipv4_address).packed,
-                          settings.clat_mtu)
+                          settings.clat_mtu, settings.clat_udp_zero_checksum)
                      if settings.mode == "clat" and settings.clat_plat_prefix != "auto" else None)
         self.rules = build_rule_table(settings)
         # NAT64 (RFC 6146): IPv6 to the prefix from the IPv6 side, pool4 ports of this worker.

@@ -135,6 +135,7 @@ class Settings:
     clat_ipv6_address: str = ""
     clat_ipv4_address: str = "192.0.0.1"
     clat_mtu: int = 1260
+    clat_udp_zero_checksum: str = "calculate"  # "calculate" | "drop" | "forward"
 
     @property
     def max_mss(self) -> int:
