@@ -13,6 +13,7 @@ workers/engine/clat.py.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import logging
@@ -216,6 +217,86 @@ def uplink_of(address6: str) -> str:
                             "/64 of an interface with IPv6 (clat.ipv6_address)") from None
         oif = route.get_attr("RTA_OIF")
         return str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"))
+
+
+# --- ipv6_address = "auto": an address of the uplink's /64, checked by the kernel's DAD -------
+
+# A global IPv6 destination: the route to it names the uplink (a lookup; nothing is sent).
+SOME_IPV6 = "2001:db8::1"
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+IFA_F_TEMPORARY = 0x01
+DAD_ATTEMPTS = 3
+DAD_WAIT_S = 5.0
+
+
+def candidate_address(prefix64: ipaddress.IPv6Network, name: str, attempt: int) -> str:
+    """The ``attempt``-th address sixgate would pick in ``prefix64``: a stable interface
+    identifier from the gateway's name and the prefix (RFC 7217's idea: the same network gives
+    the same address, so the NAT64's sessions survive a restart), another one per attempt."""
+    seed = hashlib.sha256(f"sixgate-clat {name} {prefix64} {attempt}".encode()).digest()
+    return str(prefix64[int.from_bytes(seed[:8], "big")])
+
+
+def _uplink_prefix(ipr: IPRoute) -> tuple[int, str, ipaddress.IPv6Network]:
+    """(index, name, /64) of the interface this host's IPv6 default route leaves by."""
+    try:
+        route = ipr.route("get", dst=SOME_IPV6)[0]
+    except Exception:  # noqa: BLE001 - pyroute2 raises NetlinkError subclasses
+        raise ClatError("this host has no IPv6 default route: a CLAT needs IPv6 to reach the "
+                        "NAT64; configure IPv6 (or name clat.ipv6_address)") from None
+    index = route.get_attr("RTA_OIF")
+    name = str(ipr.get_links(index)[0].get_attr("IFLA_IFNAME"))
+    source = route.get_attr("RTA_PREFSRC")
+    if source:  # the address the kernel itself sends from (RFC 6724): its /64
+        return index, name, ipaddress.IPv6Network(f"{source}/64", strict=False)
+    for entry in ipr.get_addr(family=socket.AF_INET6, index=index):
+        address = ipaddress.IPv6Address(entry.get_attr("IFA_ADDRESS"))
+        flags = entry.get_attr("IFA_FLAGS") or entry["flags"]
+        usable = not (address.is_link_local or address.is_loopback or address.is_multicast)
+        if entry["prefixlen"] == 64 and usable and not flags & IFA_F_TEMPORARY:
+            return index, name, ipaddress.IPv6Network(f"{address}/64", strict=False)
+    raise ClatError(f"{name} (the IPv6 default route's interface) has no /64 address to pick "
+                    "the CLAT's address in; name clat.ipv6_address")
+
+
+def _dad_passes(ipr: IPRoute, index: int, address: str) -> bool:
+    """RFC 4862 §5.4 by the kernel: the address is put on the uplink (not optimistic), and
+    whether its duplicate address detection passed; it is removed again either way."""
+    ipr.addr("add", index=index, address=address, prefixlen=128)
+    try:
+        deadline = time.monotonic() + DAD_WAIT_S
+        while time.monotonic() < deadline:
+            entries = [e for e in ipr.get_addr(family=socket.AF_INET6, index=index)
+                       if e.get_attr("IFA_ADDRESS") == address]
+            flags = (entries[0].get_attr("IFA_FLAGS") or entries[0]["flags"]) if entries else 0
+            if not entries or flags & IFA_F_DADFAILED:
+                return False
+            if not flags & IFA_F_TENTATIVE:
+                return True
+            time.sleep(0.1)
+        return False
+    finally:
+        try:
+            ipr.addr("del", index=index, address=address, prefixlen=128)
+        except Exception:  # noqa: BLE001 - gone with a failed DAD already
+            pass
+
+
+def pick_ipv6_address(name: str) -> tuple[str, str]:
+    """``ipv6_address = "auto"``: (an address of the uplink's /64 nobody else uses, how it was
+    picked). From then on sixgate defends it with proxy neighbour answers (``enable``)."""
+    with IPRoute() as ipr:
+        index, uplink, prefix64 = _uplink_prefix(ipr)
+        for attempt in range(DAD_ATTEMPTS):
+            candidate = candidate_address(prefix64, name, attempt)
+            if _dad_passes(ipr, index, candidate):
+                return candidate, (f"picked in {uplink}'s {prefix64}, duplicate address "
+                                   f"detection passed (attempt {attempt + 1})")
+            log.warning("CLAT address %s is in use on %s (duplicate address detection "
+                        "failed): picking another", candidate, uplink)
+    raise ClatError(f"{DAD_ATTEMPTS} addresses picked in {prefix64} were all in use on "
+                    f"{uplink}; name clat.ipv6_address")
 
 
 def enable(settings: Settings) -> str:

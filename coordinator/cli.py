@@ -205,7 +205,10 @@ def _print_clat(settings: Settings) -> bool:
     from sixgate.coordinator.clat import plat_prefix
     from sixgate.workers.tun import CLAT_ROUTE_METRIC
     prefix, _source, how = plat_prefix(settings)
-    print(f"  CLAT          RFC 6877 §6: this host's IPv4 as {settings.clat_ipv6_address}")
+    address = settings.clat_ipv6_address
+    print("  CLAT          RFC 6877 §6: this host's IPv4 as " + (
+        address if address != "auto" else "an address picked at the start in the /64 of the "
+        "IPv6 default route's interface (duplicate address detection, RFC 4862)"))
     print(f"  PLAT prefix   {prefix or 'NONE'}: {how}")
     print(f"  IPv4          {settings.clat_ipv4_address} on {settings.name}0, a default "
           f"route through it (metric {CLAT_ROUTE_METRIC}, MTU {settings.clat_mtu}) unless this "

@@ -238,9 +238,11 @@ SCHEMA: tuple[Key, ...] = (
         "host's IPv4 programs reach IPv4 through a NAT64): the NAT64's RFC 6052 prefix; "
         "\"auto\" asks the resolver for ipv4only.arpa at the start (RFC 7050)",
         lambda *a: _plat_prefix(*a), "auto"),
-    Key("clat", "ipv6_address", "IPv6 address", "the CLAT's own IPv6 address, in the "
-        "uplink's /64 (sixgate answers neighbour solicitations for it there) and one the "
-        "NAT64 serves", default_text="required"),
+    Key("clat", "ipv6_address", "IPv6 address or \"auto\"", "the CLAT's own IPv6 address, "
+        "in the uplink's /64 (sixgate answers neighbour solicitations for it there) and one the "
+        "NAT64 serves; \"auto\" picks a stable one in the /64 of the IPv6 default route's "
+        "interface, checked by duplicate address detection (RFC 4862 §5.4)",
+        default_text='"auto"'),
     Key("clat", "ipv4_address", "IPv4 address", "the host's IPv4 address on the CLAT device "
         "(RFC 7335: 192.0.0.0/29)", lambda *a: _ipv4(*a), DEFAULTS["clat_ipv4_address"]),
     Key("clat", "mtu", "integer 576-65515", "IPv4 MTU of the CLAT's default route; 1260 keeps "
@@ -653,20 +655,21 @@ def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:
                             "too is not there yet): run it as a second sixgate with its own "
                             "[gateway] name and run_dir, or remove this table")
     values = _checked(ctx, "clat", doc["clat"])
-    address6 = doc["clat"].get("ipv6_address")
-    if address6 is None:
-        raise ctx.error("clat", "ipv6_address", "missing: name the CLAT's own IPv6 address, "
-                        "one of this host's uplink /64, like \"2001:db8:100::c1a7\"")
-    try:
-        if not isinstance(address6, str):
-            raise ValueError(address6)
-        parsed = ipaddress.IPv6Address(address6)
-    except ValueError:
-        raise ctx.error("clat", "ipv6_address", f"{address6!r} must be an IPv6 address of "
-                        "this host's uplink /64, like \"2001:db8:100::c1a7\"") from None
-    if parsed.is_multicast or parsed.is_loopback or parsed.is_link_local or parsed.is_unspecified:
-        raise ctx.error("clat", "ipv6_address", f"{parsed} must be a unicast global or unique "
-                        "local address")
+    address6 = doc["clat"].get("ipv6_address", "auto")
+    parsed: ipaddress.IPv6Address | None = None  # "auto": picked at the start
+    if address6 != "auto":
+        try:
+            if not isinstance(address6, str):
+                raise ValueError(address6)
+            parsed = ipaddress.IPv6Address(address6)
+        except ValueError:
+            raise ctx.error("clat", "ipv6_address", f"{address6!r} must be an IPv6 address of "
+                            "this host's uplink /64, like \"2001:db8:100::c1a7\", or "
+                            "\"auto\"") from None
+        if (parsed.is_multicast or parsed.is_loopback or parsed.is_link_local
+                or parsed.is_unspecified):
+            raise ctx.error("clat", "ipv6_address", f"{parsed} must be a unicast global or "
+                            "unique local address")
     gateway = doc.get("gateway", {})
     settings = _checked(ctx, "gateway", gateway)
     if "workers" not in gateway:
@@ -685,7 +688,7 @@ def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:
         martian_ipv4=DEFAULT_MARTIAN_IPV4, pool=_given(gateway, "pool"), forwards=(),
         timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
         source_file=ctx.file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
-        clat_plat_prefix=prefix, clat_ipv6_address=str(parsed),
+        clat_plat_prefix=prefix, clat_ipv6_address=str(parsed) if parsed else "auto",
         clat_ipv4_address=values["ipv4_address"], clat_mtu=values["mtu"],
         clat_udp_zero_checksum=values["udp_zero_checksum"], **settings)
 

@@ -398,8 +398,16 @@ class Coordinator:
                  if settings.backend != "kernel" else "")
 
     def _find_plat_prefix(self, settings: Settings) -> Settings:
-        """CLAT: the PLAT prefix (coordinator/clat.py); with "auto", router advertisements
-        are watched from now on, and a PREF64 that changes it is taken (``_watch_pref64``)."""
+        """CLAT: its address (``ipv6_address = "auto"``: picked and checked by DAD) and the
+        PLAT prefix (coordinator/clat.py); with "auto", router advertisements are watched from
+        now on, and a PREF64 that changes it is taken (``_watch_pref64``)."""
+        if settings.clat_ipv6_address == "auto":
+            try:
+                address, how = clat.pick_ipv6_address(settings.name)
+            except clat.ClatError as exc:
+                raise RuntimeError(f"clat.ipv6_address = \"auto\": {exc}") from None
+            log.info("CLAT: address %s %s", address, how)
+            settings = dataclasses.replace(settings, clat_ipv6_address=address)
         if settings.clat_plat_prefix == "auto":
             uplink = clat.uplink_of(settings.clat_ipv6_address) if settings.clat_ipv6_address \
                 else ""

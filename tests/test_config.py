@@ -468,13 +468,14 @@ def test_clat_defaults_one_worker_rfc7335_address_and_1260() -> None:
     assert (settings.mode, settings.workers, settings.backend) == ("clat", 1, "userspace")
     assert (settings.clat_plat_prefix, settings.clat_ipv6_address, settings.clat_ipv4_address,
             settings.clat_mtu) == ("64:ff9b::/96", "2001:db8:100::c1a7", "192.0.0.1", 1260)
-    auto = parse_config(GOOD_CLAT.replace('"64:ff9b::/96"', '"auto"'), "clat.toml")
-    assert auto.clat_plat_prefix == "auto"
+    auto = parse_config(GOOD_CLAT.replace('"64:ff9b::/96"', '"auto"').replace(
+        'ipv6_address = "2001:db8:100::c1a7"\n', ""), "clat.toml")
+    assert (auto.clat_plat_prefix, auto.clat_ipv6_address) == ("auto", "auto")
 
 
 @pytest.mark.parametrize(("text", "key", "line", "advice"), [
-    (GOOD_CLAT.replace('ipv6_address = "2001:db8:100::c1a7"\n', ""), "clat.ipv6_address",
-     1, "missing"),
+    (GOOD_CLAT.replace('"2001:db8:100::c1a7"', '"c1a7"'), "clat.ipv6_address", 3,
+     "or \"auto\""),
     (GOOD_CLAT.replace("2001:db8:100::c1a7", "fe80::1"), "clat.ipv6_address", 3, "unicast"),
     (GOOD_CLAT.replace("64:ff9b::/96", "64:ff9b::/80"), "clat.plat_prefix", 2, "RFC 6052"),
     (GOOD_CLAT + "[gateway]\nworkers = 2\n", "gateway.workers", 5, "one worker"),

@@ -17,6 +17,8 @@ the client's resolver is the DNS64, which synthesizes ipv4only.arpa's AAAA).
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +27,10 @@ from typing import Any
 from nat64lab import Nat64Lab
 from netlab import LabError, ServedFiles, sixgate_command, stop_process, tail, wait_until
 
+from sixgate.coordinator.clat import candidate_address
+
 CLAT6 = "2001:db8:100::c1a7"
+CLIENTS_64 = "2001:db8:100::/64"  # the client's /64, where an "auto" CLAT address is picked
 CLAT4 = "192.0.0.1"
 
 
@@ -75,6 +80,12 @@ class ClatLab(Nat64Lab):
         self.plat_prefix = "auto" if plat == "sixgate" else TAYGA_PREFIX
         # A PREF64 the NAT64 namespace advertises from the start (``advertise_pref64``).
         self.advertise = advertise
+        # Against TAYGA the CLAT picks its address itself ("auto"), and the first one it
+        # would pick is taken already (by the NAT64 namespace): duplicate address detection
+        # must make it pick another.
+        self.clat_address = CLAT6 if plat == "sixgate" else "auto"
+        self.taken_address = (candidate_address(ipaddress.IPv6Network(CLIENTS_64), self.name, 0)
+                              if plat != "sixgate" else None)
         self.clat_config = self.tmp / "clat.toml"
 
     def start_gateway(self, timeout: float = 30, key: str = "sixgate") -> None:
@@ -123,7 +134,10 @@ class ClatLab(Nat64Lab):
             f'run_dir = "{self.tmp / "clat-run"}"\n'
             "\n[clat]\n"
             f'plat_prefix = "{self.plat_prefix}"\n'
-            f'ipv6_address = "{CLAT6}"\n')
+            f'ipv6_address = "{self.clat_address}"\n')
+        if self.taken_address is not None:
+            self.ip(self.gw_ns, "addr", "add", f"{self.taken_address}/64", "dev", "veth6",
+                    "nodad")
         self.state_before = self.client_state()
         if self.advertise is not None:
             self.advertise_pref64(self.advertise)
@@ -140,6 +154,9 @@ class ClatLab(Nat64Lab):
             return self.clat_sixgate("flows", "--json").returncode == 0
 
         wait_until(ready, timeout=30, what="the CLAT's `sixgate flows` to exit 0")
+        picked = re.search(r"CLAT: address (\S+) picked", self.log_path(key).read_text())
+        if picked:
+            self.clat_address = picked.group(1)
 
     def advertise_pref64(self, prefix: str) -> None:
         """The NAT64 namespace's router advertisements (scapy: Debian's radvd 2.19 has no
@@ -166,8 +183,8 @@ class ClatLab(Nat64Lab):
         return {
             "ipv4 routes": self.peer(["ip", "-4", "route", "show"]).stdout.strip(),
             "ipv4 addresses": self.peer(["ip", "-4", "-o", "addr", "show"]).stdout.strip(),
-            "ipv6 routes to the CLAT": self.peer(["ip", "-6", "route", "show", CLAT6]
-                                                 ).stdout.strip(),
+            "ipv6 routes to the CLAT": self.peer(["ip", "-6", "route", "show", "table", "all",
+                                                  "proto", "boot"]).stdout.strip(),
             "links": sorted(line.split(":")[1].strip().split("@")[0] for line in self.peer(
                 ["ip", "-o", "link", "show"]).stdout.splitlines()),
             "proxy": self.peer(["ip", "-6", "neigh", "show", "proxy"]).stdout.strip(),

@@ -10,6 +10,7 @@ and starting it again, leaves nothing behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -53,7 +54,21 @@ class TestClat:
         assert clat_lab.state_before["ipv4 routes"] == "", clat_lab.state_before
         assert "default dev" in state["ipv4 routes"] and "mtu 1260" in state["ipv4 routes"]
         assert f"inet {CLAT4}/32" in state["ipv4 addresses"], state
-        assert state["proxy"].startswith(CLAT6), state
+        assert state["proxy"].startswith(f"{clat_lab.clat_address} "), state
+
+    def test_an_auto_address_is_picked_by_duplicate_address_detection(
+            self, clat_lab: ClatLab) -> None:
+        """Against TAYGA the CLAT picks its address: the first candidate is in use on the
+        link (the NAT64 namespace holds it), so DAD fails and the second is taken."""
+        if clat_lab.taken_address is None:
+            assert clat_lab.clat_address == CLAT6  # named in the config
+            return
+        log = clat_lab.log_path("clat").read_text()
+        assert f"CLAT address {clat_lab.taken_address} is in use on veth6" in log, log
+        assert re.search(rf"CLAT: address {re.escape(clat_lab.clat_address)} picked in veth6's "
+                         r"2001:db8:100::/64, duplicate address detection passed \(attempt 2\)",
+                         log), log
+        assert clat_lab.clat_address != clat_lab.taken_address
 
     def test_curl_100mb_from_an_ipv4_literal(self, clat_lab: ClatLab,
                                              served_files: netlab.ServedFiles) -> None:
