@@ -32,3 +32,17 @@ def test_mypy_strict_workers() -> None:
     result = subprocess.run([*_tool("mypy")], cwd=ROOT, capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_test_module_basenames_are_unique() -> None:
+    """pytest imports test modules by basename (rootdir, no packages): two of one name stop
+    the whole run at collection, which only the full suite shows."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if "guest" in path.parts:
+            continue  # collected only inside the VM, on its own
+        other = seen.setdefault(path.name, path)
+        if other != path:
+            clashes.append(f"{other.relative_to(ROOT)} and {path.relative_to(ROOT)}")
+    assert not clashes, "rename one of each: " + "; ".join(clashes)
