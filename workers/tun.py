@@ -27,6 +27,7 @@ from pyroute2 import IPRoute
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_MULTICAST = 0x1000  # a link flag (ip link), not a TUNSETIFF one
 # The largest IPv4 packet: the local stack then never fragments towards us; oversized replies
 # are fragmented as IPv6 by the worker (RFC 7915 §4) or answered with Fragmentation Needed.
 TUN_MTU = 65535
@@ -96,8 +97,12 @@ def configure_clat(name: str, ipv4_address: str, ipv6_address: str, mtu: int) ->
     native IPv4 wins), and the CLAT's IPv6 address routed to it. The device's own MTU stays
     large (IPv6 needs 1280, and the PLAT's packets may be bigger); the route's MTU is what the
     host's IPv4 uses. Whether the default route was installed."""
+    # No link-local address and no multicast on the device: the kernel then sends it no router
+    # solicitations or MLD reports of its own, which would reach the worker as strangers'.
+    Path(f"/proc/sys/net/ipv6/conf/{name}/addr_gen_mode").write_text("1")
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=index, flags=0, change=IFF_MULTICAST)
         ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
         ipr.addr("add", index=index, address=ipv4_address, prefixlen=32)
         native = any(route.get_attr("RTA_OIF") != index
