@@ -44,7 +44,12 @@ pytestmark = [pytest.mark.lab, pytest.mark.prometheus]
 DASHBOARD = netlab.REPO_ROOT / "dashboards" / "sixgate.json"
 RULES = netlab.REPO_ROOT / "dashboards" / "alerts.rules.yml"
 ALERTS = ("SixgateDown", "SixgateNotReady", "SixgateDropRatioHigh",
-          "SixgateFlowTableNearlyFull", "SixgateWorkerRestarting")
+          "SixgateFlowTableNearlyFull", "SixgateNat64Pool4NearlyExhausted",
+          "SixgateWorkerRestarting")
+# Families only a NAT64 has series in: this lab's 6to4 gateway exports them empty, so a panel
+# made of them only is checked to be a valid query here (tests/test_dashboards.py's synthetic
+# series check it returns data).
+NAT64_ONLY = frozenset({"sixgate_nat64_pool4_ports", "sixgate_nat64_pool4_ports_in_use"})
 
 METRICS_LISTEN = "127.0.0.1:9641"  # the gateway's default; also the target's instance label
 PROMETHEUS_LISTEN = "127.0.0.1:9090"  # inside the gateway namespace, so never in use
@@ -401,7 +406,7 @@ def test_counters_match_the_traffic_really_sent(prometheus: PrometheusServer,
 def test_every_dashboard_query_is_valid_and_returns_data(prometheus: PrometheusServer,
                                                          sent: Sent) -> None:
     """Each panel expr, expanded as Grafana sends it for this instance, is accepted by
-    Prometheus and returns at least one series with a finite value."""
+    Prometheus and returns at least one series with a finite value (NAT64 panels: accepted)."""
     queries = promql.panel_queries(DASHBOARD)
     assert queries, f"no panel queries in {DASHBOARD}"
     problems = []
@@ -412,6 +417,8 @@ def test_every_dashboard_query_is_valid_and_returns_data(prometheus: PrometheusS
             problems.append(f"{title!r}: {expanded}\n  -> {answer.get('error')}")
             continue
         values = [float(s["value"][1]) for s in answer["data"]["result"]]
+        if promql.metric_names(expr) <= NAT64_ONLY:
+            continue
         if not any(math.isfinite(v) for v in values):
             problems.append(f"{title!r}: {expanded}\n  -> no finite value: {values}")
     assert not problems, "\n".join(problems)
@@ -434,7 +441,7 @@ def test_dashboard_instance_variable_lists_the_gateway(prometheus: PrometheusSer
 
 
 def test_every_alert_rule_is_loaded_valid_and_evaluated(prometheus: PrometheusServer) -> None:
-    """Prometheus loaded all five alerts from dashboards/alerts.rules.yml, evaluates them
+    """Prometheus loaded every alert of dashboards/alerts.rules.yml, evaluates them
     without error, and each expr alone is a valid query."""
     rules = promql.alert_rules(RULES)
     assert sorted(r["alert"] for r in rules) == sorted(ALERTS)
