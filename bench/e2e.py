@@ -87,7 +87,7 @@ def trial_summary(overload: measure.Trial, best: measure.Trial | None) -> dict[s
 
 
 def measure_system(lab: labs.BenchTarget, plan: Plan, programs: dict[str, Path], *,
-                   latency: bool, flows: bool) -> dict[str, Any]:
+                   latency: bool, flows: bool, round_trip: bool = True) -> dict[str, Any]:
     """Every figure the plan asks of one system (its lab is up)."""
     bench = measure.Bench(lab, programs, plan.duration_s, log)
     sink = programs["sink"]
@@ -101,7 +101,7 @@ def measure_system(lab: labs.BenchTarget, plan: Plan, programs: dict[str, Path],
         if latency:
             out["latency"] = bench.latency(0.5 * (loss_free_64 or 0), plan.pings,
                                            plan.ping_interval_ms)
-    if plan.round_trip_payloads:
+    if plan.round_trip_payloads and round_trip:
         with lab.service_sink(sink, reflect=True) as counters, \
                 lab.return_counter(sink) as returns:
             for payload in plan.round_trip_payloads:
@@ -273,6 +273,7 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
                 f"sixgate/TAYGA {_ratio(rate, _loss_free(tayga, kind, payload))}, "
                 f"sixgate/kernel {_ratio(rate, _loss_free(kernel, kind, payload))}")
     lines += nat64_ratio_lines(systems, plan, tayga)
+    lines += clat_ratio_lines(systems)
     lines += journal_lines(systems, plan)
     shares = []
     for system in systems.values():
@@ -297,6 +298,21 @@ def journal_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
             f"{_ratio(_per_core(on, 'forward', 64), _per_core(off, 'forward', 64))} "
             f"(64 B forward, sixgate {workers}w {_k(_per_core(on, 'forward', 64))} with, "
             f"{_k(_per_core(off, 'forward', 64))} without; goal >= 0.95)"]
+
+
+def clat_ratio_lines(systems: dict[str, Any]) -> list[str]:
+    """sixgate's CLAT beside TAYGA as a CLAT: the same IPv4 in, the same IPv6 out (issue 18)."""
+    ours, theirs = systems.get("clat", {}), systems.get("TAYGA-clat", {})
+    if not ours and not theirs:
+        return []
+    lines = [f"sixgate-clat/TAYGA-clat per-core ratio: "
+             f"{_ratio(_per_core(ours, 'forward', 64), _per_core(theirs, 'forward', 64))} "
+             f"(64 B forward, sixgate {_k(_per_core(ours, 'forward', 64))}, TAYGA "
+             f"{_k(_per_core(theirs, 'forward', 64))})"]
+    for payload in (1400,):
+        ratio = _ratio(_per_core(ours, "forward", payload), _per_core(theirs, "forward", payload))
+        lines.append(f"  {payload} B forward: sixgate-clat/TAYGA-clat {ratio}")
+    return lines
 
 
 def nat64_ratio_lines(systems: dict[str, Any], plan: Plan, tayga: dict[str, Any]) -> list[str]:
@@ -396,7 +412,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default); none: no pinning")
     parser.add_argument("--only", nargs="*", default=None,
                         help="measure only these systems: sixgate journal (sixgate with "
-                             "[gateway] flow_journal off, beside it) nat64 TAYGA kernel")
+                             "[gateway] flow_journal off, beside it) nat64 TAYGA clat (sixgate's "
+                             "CLAT and TAYGA as a CLAT) kernel")
     parser.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a [gateway] setting for every sixgate run (VALUE in TOML, e.g. "
                              "workers-independent options of the datapath); repeatable")
@@ -437,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     log("inputs: sixgate gets 6to4 (IPv6 UDP in IPv4 proto 41); TAYGA (NAT64) and the kernel "
         "(plain IPv6 forwarding, no translation) get the same IPv6 UDP without the outer header")
     wanted = set(args.only) if args.only else {"sixgate", "journal", "nat64", "TAYGA",
-                                                "kernel"}
+                                                "clat", "kernel"}
     common = {"traffic_cpus": traffic or None, "gateway_cpus": gateway}
     settings = dict(item.split("=", 1) for item in args.gateway_set)
     results["gateway_settings"] = settings
@@ -468,6 +485,13 @@ def main(argv: list[str] | None = None) -> int:
         if "TAYGA" in wanted:
             run_system(results, "TAYGA", lambda: labs.TaygaLab(**common), plan, programs,
                        latency=True, flows=False)
+        if "clat" in wanted:
+            # The host side of 464XLAT: sixgate's CLAT beside TAYGA run as a CLAT (issue 18);
+            # forward only (pinger.c has no IPv4 mode, the sink's replies would not cross
+            # the CLAT the way the peer's return counter sees them).
+            for key, make in (("clat", labs.SixgateClatLab), ("TAYGA-clat", labs.TaygaClatLab)):
+                run_system(results, key, lambda make=make: make(**common), plan, programs,
+                           latency=False, flows=False, round_trip=False)
         if "kernel" in wanted:
             run_system(results, "kernel", lambda: labs.KernelLab(**common), plan, programs,
                        latency=False, flows=False)

@@ -7,6 +7,9 @@
                    the kernel writes the outer IPv4 header, we write the inner IPv6 packet.
      --mode ipv6   plain IPv6 (for TAYGA and the kernel reference): a raw IPv6 socket with
                    IPV6_HDRINCL (IPPROTO_RAW), we write the whole IPv6 packet.
+     --mode ipv4   plain IPv4 UDP from --src4 to --dst4 (a CLAT's host side: one address, the
+                   flows are source ports): a raw IPv4 socket with IP_HDRINCL (IPPROTO_RAW),
+                   we write the whole packet; the kernel fills in the header checksum.
      --fragments   each packet is the first fragment (RFC 8200 §4.5: M set, offset 0, its own
                    identification) of a datagram whose rest never comes: a fragment flood
                    (make soak). The fragmentable part must be a multiple of 8 bytes.
@@ -34,6 +37,7 @@
 
 #define MAX_BATCH 1024
 #define IPV6_HEADER 40
+#define IPV4_HEADER 20
 #define UDP_HEADER 8
 #define TCP_HEADER 20
 #define FRAGMENT_HEADER 8
@@ -65,7 +69,8 @@ static uint16_t fold(uint64_t sum) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: gen --mode 6to4|ipv6 [--src4 A --dst4 B] --prefix48 2002:c633:6401 --dst6 ADDR\n"
+            "usage: gen --mode 6to4|ipv6|ipv4 [--src4 A --dst4 B] --prefix48 2002:c633:6401\n"
+            "           --dst6 ADDR (ipv4: --src4 A --dst4 B only)\n"
             "           --dport P [--syn] [--payload N] [--subnets S] [--hosts H] [--ports P]\n"
             "           [--port-base B] [--rate PPS (0 = flat out)] [--count N] [--duration S]\n"
             "           [--batch B] [--first-flow F] [--fragments]\n");
@@ -110,7 +115,16 @@ int main(int argc, char **argv) {
         }
     }
     int six_to_four = mode && strcmp(mode, "6to4") == 0;
-    if (!mode || (!six_to_four && strcmp(mode, "ipv6") != 0) || !prefix48 || !dst6 ||
+    int ipv4 = mode && strcmp(mode, "ipv4") == 0;
+    if (ipv4) {
+        /* One source address: the flows are the source ports; a fixed IPv6 template below
+           is never used. */
+        if (!src4 || !dst4 || syn || fragments) usage();
+        subnets = hosts = 1;
+        prefix48 = "2001:db8";
+        dst6 = "2001:db8::1";
+    }
+    if (!mode || (!six_to_four && !ipv4 && strcmp(mode, "ipv6") != 0) || !prefix48 || !dst6 ||
         dport < 0 || dport > 65535 || payload < 0 || payload > 1452 || subnets < 1 ||
         subnets > 65536 || hosts < 1 || ports < 1 || port_base + ports > 65536 || batch < 1 ||
         batch > MAX_BATCH || (six_to_four && (!src4 || !dst4)) || (!count && duration <= 0))
@@ -160,12 +174,41 @@ int main(int argc, char **argv) {
     uint32_t base = sum16(template + 8, 32) + (uint32_t)l4_length +
                     (syn ? IPPROTO_TCP : IPPROTO_UDP) +
                     sum16(l4, (size_t)l4_header) + sum16(data, (size_t)payload);
+    if (ipv4) {
+        /* The IPv4 header instead (RFC 791), the UDP header after it, the IPv4 pseudo-header
+           (RFC 768) in the sum. */
+        struct in_addr s4, d4;
+        if (inet_pton(AF_INET, src4, &s4) != 1 || inet_pton(AF_INET, dst4, &d4) != 1) usage();
+        memset(template, 0, sizeof template);
+        l3 = IPV4_HEADER;
+        template[0] = 0x45;
+        template[2] = (uint8_t)((l3 + l4_length) >> 8);
+        template[3] = (uint8_t)(l3 + l4_length);
+        template[8] = 64;
+        template[9] = IPPROTO_UDP;
+        memcpy(template + 12, &s4, 4);
+        memcpy(template + 16, &d4, 4);
+        l4 = template + l3;
+        l4[2] = (uint8_t)(dport >> 8);
+        l4[3] = (uint8_t)dport;
+        l4[4] = (uint8_t)(l4_length >> 8);
+        l4[5] = (uint8_t)l4_length;
+        base = sum16(template + 12, 8) + (uint32_t)l4_length + IPPROTO_UDP +
+               sum16(l4, (size_t)l4_header) + sum16(data, (size_t)payload);
+    }
 
     int fd;
     struct sockaddr_storage to;
     socklen_t to_len;
     memset(&to, 0, sizeof to);
-    if (six_to_four) {
+    if (ipv4) {
+        fd = socket(AF_INET, SOCK_RAW, IPPROTO_RAW); /* IP_HDRINCL implied */
+        if (fd < 0) die("socket(AF_INET, SOCK_RAW, IPPROTO_RAW)");
+        struct sockaddr_in *remote = (struct sockaddr_in *)&to;
+        remote->sin_family = AF_INET;
+        if (inet_pton(AF_INET, dst4, &remote->sin_addr) != 1) usage();
+        to_len = sizeof *remote;
+    } else if (six_to_four) {
         fd = socket(AF_INET, SOCK_RAW, 41);
         if (fd < 0) die("socket(AF_INET, SOCK_RAW, 41)");
         struct sockaddr_in local = {.sin_family = AF_INET};
@@ -233,12 +276,14 @@ int main(int argc, char **argv) {
             uint32_t host = (uint32_t)(1 + rest % (unsigned long long)hosts);
             unsigned sport = (unsigned)(port_base + (long)(rest / (unsigned long long)hosts));
             if (++flow == flows) flow = 0;
-            h[14] = (uint8_t)(subnet >> 8);
-            h[15] = (uint8_t)subnet;
-            h[20] = (uint8_t)(host >> 24);
-            h[21] = (uint8_t)(host >> 16);
-            h[22] = (uint8_t)(host >> 8);
-            h[23] = (uint8_t)host;
+            if (!ipv4) { /* the IPv6 source address's subnet and host */
+                h[14] = (uint8_t)(subnet >> 8);
+                h[15] = (uint8_t)subnet;
+                h[20] = (uint8_t)(host >> 24);
+                h[21] = (uint8_t)(host >> 16);
+                h[22] = (uint8_t)(host >> 8);
+                h[23] = (uint8_t)host;
+            }
             h[l3] = (uint8_t)(sport >> 8);
             h[l3 + 1] = (uint8_t)sport;
             if (fragments) { /* a new datagram each packet: its own identification */
@@ -248,7 +293,7 @@ int main(int argc, char **argv) {
                 h[IPV6_HEADER + 6] = (uint8_t)(ident >> 8);
                 h[IPV6_HEADER + 7] = (uint8_t)ident;
             }
-            uint64_t sum = base + subnet + (host >> 16) + (host & 0xffff) + sport;
+            uint64_t sum = base + sport + (ipv4 ? 0 : subnet + (host >> 16) + (host & 0xffff));
             if (syn) {
                 uint32_t seq = (uint32_t)(f * 2654435761u);
                 h[l3 + 4] = (uint8_t)(seq >> 24);

@@ -555,6 +555,114 @@ class Sixgate64Lab(PlainIPv6Target, netlab.Lab):
         return sixgate_metrics(self)
 
 
+# --------------------------------------------------------------------------- CLAT
+
+
+CLAT_HOST_IPV4 = "192.0.0.1"  # RFC 7335: the host's IPv4 address on the CLAT device
+CLAT_IPV6 = "2001:db8:fffe::c1a7"  # the CLAT's address, in the peer's link /64
+TAYGA_CLAT_IPV4 = "192.0.0.2"  # TAYGA's own address as a CLAT
+
+
+class ClatTarget(BenchTarget):
+    """A CLAT on the peer (the host whose IPv4 programs speak through it): the generator sends
+    plain IPv4 UDP from 192.0.0.1 to SERVICE_IPV4 (the flows are source ports), the CLAT
+    writes it as IPv6 from CLAT_IPV6 to SERVICE_V6 (NAT64_PREFIX), and the sink in the gateway
+    namespace receives it there: the CLAT's own job, translation and nothing else."""
+
+    def __init__(self, *, traffic_cpus: str | None = None,
+                 gateway_cpus: str | None = None) -> None:
+        super().__init__("6to4", 1, NO_FILES, with_gateway=False)  # type: ignore[call-arg]
+        self.traffic_cpus = traffic_cpus
+        self.gateway_cpus = gateway_cpus
+
+    def gen_args(self) -> list[str]:
+        return ["--mode", "ipv4", "--src4", CLAT_HOST_IPV4, "--dst4", SERVICE_IPV4]
+
+    def pinger_args(self) -> list[str]:
+        raise NotImplementedError("pinger.c has no IPv4 mode: no latency for a CLAT yet")
+
+    def sink_endpoint(self) -> str:
+        return f"[{SERVICE_V6}]:{SERVICE_PORT}"
+
+    def build_network(self) -> None:
+        """The peer: IPv6 only towards the gateway namespace (its IPv4 route to the sink's
+        network removed), the NAT64 prefix routed there; the sink's address on the gateway's
+        loopback."""
+        self.create_namespaces()
+        self.ipv6_on(self.gw_ns, "veth0", "lo")
+        self.ip(self.peer_ns, "route", "del", "192.0.2.0/24")
+        self.ip(self.peer_ns, "addr", "add", f"{PEER_LINK_V6}/64", "dev", "veth0", "nodad")
+        self.ip(self.gw_ns, "addr", "add", f"{GW_LINK_V6}/64", "dev", "veth0", "nodad")
+        self.ip(self.gw_ns, "addr", "add", f"{SERVICE_V6}/128", "dev", "lo")
+        self.ip(self.peer_ns, "route", "add", f"{NAT64_PREFIX}/96", "via", GW_LINK_V6)
+
+
+class SixgateClatLab(ClatTarget, netlab.Lab):
+    """The real ``sixgate run`` with [clat] in the peer namespace, pinned to the gateway
+    CPUs."""
+
+    label = "sixgate-clat"
+
+    def start(self) -> None:
+        self.build_network()
+        self.config_path.write_text(
+            "[gateway]\n"
+            f'run_dir = "{self.tmp / "run"}"\n'
+            f'name = "{self.name}"\n'
+            'log_level = "warning"\n'
+            "\n[clat]\n"
+            f'plat_prefix = "{NAT64_PREFIX}/96"\n'
+            f'ipv6_address = "{CLAT_IPV6}"\n')
+        self.spawn("sixgate", self.peer_ns, taskset(self.gateway_cpus, [
+            *netlab.sixgate_command(), "run", "--config", str(self.config_path)]))
+        netlab.wait_until(lambda: self.exec_in(self.peer_ns, [
+            *netlab.sixgate_command(), "flows", "--json", "--config", str(self.config_path)]
+        ).returncode == 0, timeout=60, what="the CLAT's `sixgate flows`")
+        self.resolve_neighbours((self.peer_ns, GW_LINK_V6))
+
+    def gateway_processes(self) -> dict[str, int]:
+        return sixgate_processes(self)
+
+
+class TaygaClatLab(ClatTarget, netlab.Lab):
+    """TAYGA 0.9.2 as a CLAT, the way clatd runs it: the host's 192.0.0.1 mapped to the CLAT's
+    IPv6 address (``map``), the IPv4 default route through its device, proxy NDP for the
+    address on the uplink."""
+
+    label = "TAYGA-clat"
+
+    def start(self) -> None:
+        binary = shutil.which("tayga")
+        if binary is None:
+            raise netlab.LabError("tayga is not installed (apt-get install tayga; "
+                                  "bench/bootstrap.sh does)")
+        self.build_network()
+        device = f"{self.name}t"
+        data_dir = self.tmp / "tayga"
+        data_dir.mkdir()
+        config = self.tmp / "tayga.conf"
+        config.write_text(f"tun-device {device}\nipv4-addr {TAYGA_CLAT_IPV4}\n"
+                          f"prefix {NAT64_PREFIX}/96\nmap {CLAT_HOST_IPV4} {CLAT_IPV6}\n"
+                          f"data-dir {data_dir}\n")
+        process = self.spawn("tayga", self.peer_ns,
+                             taskset(self.gateway_cpus, [binary, "--nodetach", "-c",
+                                                         str(config)]))
+        netlab.wait_until(lambda: process.poll() is None and any(
+            link["ifname"] == device for link in self.links(self.peer_ns)), timeout=10,
+            what=f"tayga's TUN device {device}")
+        self.sysctl(self.peer_ns, "net.ipv6.conf.all.forwarding=1",
+                    "net.ipv6.conf.veth0.proxy_ndp=1")
+        self.ip(self.peer_ns, "link", "set", device, "up")
+        self.ip(self.peer_ns, "addr", "add", f"{CLAT_HOST_IPV4}/32", "dev", device)
+        self.ip(self.peer_ns, "route", "add", "default", "dev", device, "mtu", "1260")
+        self.ip(self.peer_ns, "route", "add", f"{CLAT_IPV6}/128", "dev", device)
+        self.ip(self.peer_ns, "-6", "neigh", "add", "proxy", CLAT_IPV6, "dev", "veth0")
+        self.resolve_neighbours((self.peer_ns, GW_LINK_V6))
+
+    def gateway_processes(self) -> dict[str, int]:
+        return {"tayga": self.processes["tayga"].pid}
+
+
 # --------------------------------------------------------------------------- kernel
 
 
