@@ -37,9 +37,19 @@ def restart_needed(running: Settings, new: Settings) -> list[str]:
 
 def as_running(running: Settings, new: Settings) -> Settings:
     """``new`` as the running gateway would see it: what the start decided and the config
-    cannot say again (the random fan-out seed, the backend ``auto`` chose) is kept."""
+    cannot say again (the random fan-out seed, the backend ``auto`` chose, a CLAT's "auto"
+    address and prefix) is kept."""
     backend = running.backend if new.backend == "auto" else new.backend
-    return dataclasses.replace(new, hash_seed=running.hash_seed, backend=backend)
+    new = dataclasses.replace(new, hash_seed=running.hash_seed, backend=backend)
+    if running.mode == "clat" and new.mode == "clat":
+        # The CLAT's "auto" address and prefix were found at the start (and a PREF64 may
+        # have changed the prefix since): "auto" again keeps what runs.
+        if new.clat_ipv6_address == "auto":
+            new = dataclasses.replace(new, clat_ipv6_address=running.clat_ipv6_address)
+        if new.clat_plat_prefix == "auto":
+            new = dataclasses.replace(new, clat_plat_prefix=running.clat_plat_prefix,
+                                      prefix=running.prefix)
+    return new
 
 
 def changed(running: Settings, new: Settings) -> list[str]:

@@ -141,6 +141,13 @@ class TestClat:
         assert rows and rows[0]["rule"] == "nat64" and rows[0]["target"] == f"{HTTP4}:80", (
             clat_lab.flows()["bindings"])
 
+    def test_a_reload_of_the_same_file_changes_nothing(self, clat_lab: ClatLab) -> None:
+        """The address and prefix "auto" found at the start stay what runs (issue 17's
+        reload keeps them)."""
+        done = clat_lab.clat_sixgate("reload")
+        assert done.returncode == 0 and "nothing changed" in done.stdout, (
+            done.stdout + done.stderr)
+
     def test_sigkill_then_a_new_start_then_a_stop_leave_nothing_behind(
             self, clat_lab: ClatLab) -> None:
         clat = clat_lab.processes["clat"]

@@ -68,3 +68,25 @@ def test_the_nat64_policy_changes_live_its_prefix_and_pool4_need_a_restart() -> 
     shape = as_running(old, parse_config(BASE + NAT64.replace("64:ff9b::/96", "2001:db8:64::/96")
                                          .replace("203.0.113.5", "203.0.113.6")))
     assert restart_needed(old, shape) == ["nat64_prefix", "nat64_pool4"]
+
+
+CLAT = """\
+[clat]
+plat_prefix = "auto"
+[gateway]
+log_level = "info"
+"""
+
+
+def test_a_clat_with_auto_keeps_what_the_start_found() -> None:
+    """A CLAT's "auto" address and PLAT prefix were found at the start: reloading the same
+    file changes nothing; a log level changes live; a named prefix needs a restart."""
+    running = dataclasses.replace(parse_config(CLAT), backend="userspace",
+                                  clat_ipv6_address="2001:db8:100::c1a7",
+                                  clat_plat_prefix="64:ff9b::/96", prefix="64:ff9b::/96")
+    same = as_running(running, parse_config(CLAT))
+    assert restart_needed(running, same) == [] and changed(running, same) == []
+    louder = as_running(running, parse_config(CLAT.replace('"info"', '"debug"')))
+    assert restart_needed(running, louder) == [] and changed(running, louder) == ["log_level"]
+    named = as_running(running, parse_config(CLAT.replace('"auto"', '"2001:db8:64::/96"')))
+    assert restart_needed(running, named) == ["prefix", "clat_plat_prefix"]
