@@ -51,10 +51,8 @@ from sixgate.workers.journal import (
     HANDOVER_MAX_AGE_S,
     CrashLog,
     ShardCopy,
-    crash_log_path,
     journal_endpoint,
-    take_crash_log,
-    take_handover,
+    take_previous_sessions,
     write_handover,
 )
 from sixgate.workers.main import tun_name
@@ -287,18 +285,11 @@ class Coordinator:
         if journaling:
             # A restart or an upgrade: the sessions the previous run handed over at its stop,
             # with its fan-out seed so every client reaches the worker that has its sessions.
-            seed, self.handed_over, message = take_handover(
+            # (Or the sessions a crashed coordinator had: its session log.)
+            seed, self.handed_over, messages = take_previous_sessions(
                 str(self.run_dir), dataclasses.asdict(settings), time.time())
-            if message:
+            for message in messages:
                 log.info("%s", message)
-            if seed is None:
-                # No clean stop before this start: the previous coordinator may have crashed.
-                seed, self.handed_over, message = take_crash_log(
-                    str(self.run_dir), dataclasses.asdict(settings), time.time())
-                if message:
-                    log.info("%s", message)
-            else:
-                crash_log_path(str(self.run_dir)).unlink(missing_ok=True)
             if seed is not None:
                 settings = self.settings = dataclasses.replace(settings, hash_seed=seed)
         self.settings_file = self.run_dir / "settings.json"
@@ -429,19 +420,24 @@ class Coordinator:
                     or prefix == self.settings.clat_plat_prefix):
                 continue
             old = self.settings.clat_plat_prefix
-            self.settings = dataclasses.replace(self.settings, clat_plat_prefix=prefix,
-                                                prefix=prefix)
             self.plat_source = "rfc8781"
             self.plat_changes += 1
-            staged = self.settings_file.with_suffix(".new")
-            staged.write_text(self.settings.to_json())
-            staged.replace(self.settings_file)
-            replies = control.ask_workers(self.ctx, self.settings.run_dir,
-                                          self.settings.workers, "reload", CONTROL_TIMEOUT_MS)
+            replies = self._publish(dataclasses.replace(self.settings, clat_plat_prefix=prefix,
+                                                        prefix=prefix))
             log.warning("CLAT: PLAT prefix changed from %s to %s (RFC 8781 PREF64 in a router "
                         "advertisement)%s", old, prefix,
                         "" if all(r is not None and r.get("ok") for r in replies)
                         else "; the worker did not answer: it takes it when it starts again")
+
+    def _publish(self, new: Settings) -> list[dict[str, Any] | None]:
+        """``new`` becomes the running settings: a worker started from here on reads them and
+        the running ones re-read them (``reload``); their replies (None: no answer)."""
+        self.settings = new
+        staged = self.settings_file.with_suffix(".new")
+        staged.write_text(new.to_json())
+        staged.replace(self.settings_file)
+        return control.ask_workers(self.ctx, new.run_dir, new.workers, "reload",
+                                   CONTROL_TIMEOUT_MS)
 
     def _spawn(self, worker: WorkerProcess) -> None:
         cmd = [sys.executable, "-m", "sixgate.workers.main", "--settings", str(self.settings_file),
@@ -735,14 +731,8 @@ class Coordinator:
             if self.metrics_server is not None:
                 self.metrics_server.close()
             self.metrics_server = server
-        self.settings = new
-        # A worker started from here on reads the new settings; the running ones re-read them.
-        staged = self.settings_file.with_suffix(".new")
-        staged.write_text(new.to_json())
-        staged.replace(self.settings_file)
         logging.getLogger().setLevel(new.log_level.upper())
-        replies = control.ask_workers(self.ctx, new.run_dir, new.workers, "reload",
-                                      CONTROL_TIMEOUT_MS)
+        replies = self._publish(new)
         ended = sum(int(r.get("ended", 0)) for r in replies if r is not None and r.get("ok"))
         late = [str(i) for i, r in enumerate(replies) if r is None or not r.get("ok")]
         return True, (f"{path}: {', '.join(what)} changed; {ended} flow(s) of removed rules "

@@ -165,19 +165,42 @@ def take_handover(run_dir: str, settings: dict[str, Any], now_unix: float
             raise ValueError("not a handover")
     except (ValueError, KeyError, TypeError):
         return None, [], "the previous run's handover is unreadable: starting empty"
-    if not 0 <= age <= HANDOVER_MAX_AGE_S:
-        return None, [], (f"the previous run's handover is {age:.0f} s old (at most "
-                          f"{HANDOVER_MAX_AGE_S:.0f}): starting empty")
-    # JSON turns tuples into lists: compare as JSON sees them.
-    differ = [key for key in HANDOVER_KEYS
-              if json.loads(json.dumps(settings[key])) != saved.get(key)]
-    if differ:
-        return None, [], (f"the previous run had another {', '.join(differ)}: its sessions "
-                          "belong to other workers or addresses, starting empty")
+    refused = _refusal("the previous run", "handover", age, saved, settings)
+    if refused:
+        return None, [], refused
     if len(shards) != settings["workers"] or not all(isinstance(s, list) for s in shards):
         return None, [], "the previous run's handover does not match: starting empty"
     return seed, shards, (f"resuming {sum(len(s) for s in shards)} session(s) handed over by "
                           "the previous run")
+
+
+def _refusal(who: str, what: str, age: float, saved: dict[str, Any],
+             settings: dict[str, Any]) -> str:
+    """Why ``who``'s sessions (its ``what``) cannot be resumed by this run ("" when they can):
+    too old, or another fan-out or addressing (``HANDOVER_KEYS``)."""
+    if not 0 <= age <= HANDOVER_MAX_AGE_S:
+        return (f"{who}'s {what} is {age:.0f} s old (at most {HANDOVER_MAX_AGE_S:.0f}): "
+                "starting empty")
+    # JSON turns tuples into lists: compare as JSON sees them.
+    differ = [key for key in HANDOVER_KEYS
+              if json.loads(json.dumps(settings[key])) != saved.get(key)]
+    if differ:
+        return (f"{who} had another {', '.join(differ)}: its sessions belong to other workers "
+                "or addresses, starting empty")
+    return ""
+
+
+def take_previous_sessions(run_dir: str, settings: dict[str, Any], now_unix: float
+                           ) -> tuple[int | None, list[list[Any]], list[str]]:
+    """At a start: (seed, every worker's records, what happened) from the previous run's
+    handover (a clean stop), else from the session log a crashed coordinator left; both are
+    consumed."""
+    seed, shards, message = take_handover(run_dir, settings, now_unix)
+    if seed is not None:
+        crash_log_path(run_dir).unlink(missing_ok=True)  # older than the handover
+        return seed, shards, [message]
+    crashed_seed, crashed_shards, crashed = take_crash_log(run_dir, settings, now_unix)
+    return crashed_seed, crashed_shards, [m for m in (message, crashed) if m]
 
 
 # --- a crash of the coordinator: its copy kept on disk as it changes ----------------------------
@@ -263,14 +286,9 @@ def take_crash_log(run_dir: str, settings: dict[str, Any], now_unix: float
             raise ValueError("not a crash log")
     except (ValueError, KeyError, TypeError, IndexError):
         return None, [], "the crashed run's session log is unreadable: starting empty"
-    if not 0 <= age <= HANDOVER_MAX_AGE_S:
-        return None, [], (f"the crashed run's session log is {age:.0f} s old (at most "
-                          f"{HANDOVER_MAX_AGE_S:.0f}): starting empty")
-    differ = [key for key in HANDOVER_KEYS
-              if json.loads(json.dumps(settings[key])) != saved.get(key)]
-    if differ:
-        return None, [], (f"the crashed run had another {', '.join(differ)}: its sessions "
-                          "belong to other workers or addresses, starting empty")
+    refused = _refusal("the crashed run", "session log", age, saved, settings)
+    if refused:
+        return None, [], refused
     copy = ShardCopy(settings["workers"],
                      worker_share(settings["max_flows"], settings["workers"]) or 1)
     for line in lines[1:]:

@@ -13,7 +13,7 @@ Pure: bytes in, bytes or a named ``DropReason`` out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.flows import Session
@@ -84,6 +84,13 @@ class Clat:
     # RFC 7915 §4.5, IPv4 UDP without a checksum (TAYGA's udp-cksum-mode): "calculate" one
     # (not possible for a fragment: dropped), "drop" it, or "forward" it as it is.
     udp_zero_checksum: str = "calculate"
+    # What the checksums of every packet gain by the CLAT's own two addresses (IPv4 -> IPv6):
+    # the same for every packet, so summed once here.
+    own_delta: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "own_delta",
+                           _address_sum(self.address6) - _address_sum(self.address4))
 
     # --- the host's IPv4, out as IPv6 (RFC 7915 §4) --------------------------------------------
 
@@ -112,7 +119,7 @@ class Clat:
         elif proto not in (PROTO_TCP, PROTO_UDP):
             return DropReason.UNSUPPORTED_PROTOCOL
         elif offset == 0:
-            dropped = self._transport_to_ipv6(payload, proto, src, dst, dst6, fragmented)
+            dropped = self._transport_to_ipv6(payload, proto, dst, dst6, fragmented)
             if dropped is not None:
                 return dropped
         if not fragmented:
@@ -124,8 +131,8 @@ class Clat:
         return build_ipv6(self.address6, dst6, PROTO_FRAGMENT, fragment + payload,
                           hop_limit=ttl - 1, traffic_class=tos)
 
-    def _transport_to_ipv6(self, segment: bytearray, proto: int, src: bytes, dst: bytes,
-                           dst6: bytes, fragmented: bool) -> DropReason | None:
+    def _transport_to_ipv6(self, segment: bytearray, proto: int, dst: bytes, dst6: bytes,
+                           fragmented: bool) -> DropReason | None:
         """TCP/UDP (the first fragment, when fragmented): the checksum over the IPv6
         pseudo-header. Whole: computed anew (the local stack may leave it partial,
         DESIGN.md); a first fragment: by the addresses' difference."""
@@ -143,8 +150,8 @@ class Clat:
             set_checksum(segment, csum, pseudo_sum_v6(self.address6, dst6, proto,
                                                       len(segment)), udp)
             return None
-        _adjust(segment, csum, _address_sum(self.address6) + _address_sum(dst6)
-                - _address_sum(src) - _address_sum(dst), udp)
+        # The source is ``address4`` (checked): only the remote address is the packet's own.
+        _adjust(segment, csum, self.own_delta + _address_sum(dst6) - _address_sum(dst), udp)
         return None
 
     def _icmp_to_ipv6(self, packet: bytes | memoryview, header_len: int, total_len: int,
@@ -211,8 +218,9 @@ class Clat:
                 if not fragmented and not sum_is_valid(
                         pseudo_sum_v6(src, dst, proto, len(payload)) + sum16(payload)):
                     return DropReason.BAD_CHECKSUM
-                _adjust(payload, csum, _address_sum(remote4) + _address_sum(self.address4)
-                        - _address_sum(src) - _address_sum(dst), proto == PROTO_UDP)
+                # ``dst`` is ``address6`` (checked): only the remote address is the packet's.
+                _adjust(payload, csum, _address_sum(remote4) - _address_sum(src)
+                        - self.own_delta, proto == PROTO_UDP)
         else:
             return DropReason.UNSUPPORTED_PROTOCOL
         ttl = hop_limit - 1
