@@ -71,6 +71,36 @@ def nat64_udp6(payload: bytes) -> bytes:
     return build_ipv6(NAT64_CLIENT6, NAT64_SERVER6, PROTO_UDP, segment)
 
 
+CLAT_HOST4 = ipaddress.IPv4Address("192.0.0.1").packed
+CLAT_SELF6 = ipaddress.IPv6Address("2001:db8:100::c1a7").packed
+CLAT_SERVER4 = ipaddress.IPv4Address("198.51.100.53").packed
+CLAT_SERVER6 = ipaddress.IPv6Address("64:ff9b::198.51.100.53").packed
+
+
+def clat_settings() -> Settings:
+    return Settings(mode="clat", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
+                    prefix="64:ff9b::/96", addresses=(), mtu=1500, workers=1, pool="",
+                    run_dir="/tmp/sixgate-bench", name="bench", forwards=(),
+                    clat_plat_prefix="64:ff9b::/96", clat_ipv4_address="192.0.0.1",
+                    clat_ipv6_address="2001:db8:100::c1a7")
+
+
+def clat_udp4(payload: bytes) -> bytes:
+    """The host's IPv4 UDP datagram, as the CLAT device reads it."""
+    segment = bytearray(struct.pack("!HHHH", 40000, 53, 8 + len(payload), 0) + payload)
+    set_checksum(segment, 6, pseudo_sum_v4(CLAT_HOST4, CLAT_SERVER4, PROTO_UDP, len(segment)),
+                 udp=True)
+    return build_ipv4(CLAT_HOST4, CLAT_SERVER4, PROTO_UDP, segment)
+
+
+def clat_udp6(payload: bytes) -> bytes:
+    """The PLAT's IPv6 answer to the CLAT's address."""
+    segment = bytearray(struct.pack("!HHHH", 53, 40000, 8 + len(payload), 0) + payload)
+    set_checksum(segment, 6, pseudo_sum_v6(CLAT_SERVER6, CLAT_SELF6, PROTO_UDP, len(segment)),
+                 udp=True)
+    return build_ipv6(CLAT_SERVER6, CLAT_SELF6, PROTO_UDP, segment)
+
+
 def rate(n: int, loop: object) -> float:
     start = time.perf_counter()
     loop()  # type: ignore[operator]
@@ -132,12 +162,29 @@ def main() -> None:
         for _ in range(n // 64):
             nat64.from_services(batch, 1.0)
 
+    clat = Datapath(clat_settings(), [])
+    host4 = clat_udp4(b"x" * 64)
+
+    def clat_to_ipv6() -> None:
+        batch = [host4] * 64
+        for _ in range(n // 64):
+            clat.from_clat(batch, 1.0)
+
+    plat6 = clat_udp6(b"y" * 64)
+
+    def clat_to_ipv4() -> None:
+        batch = [plat6] * 64
+        for _ in range(n // 64):
+            clat.from_clat(batch, 1.0)
+
     ref = rate(n, reference)
     rows = [("reference: bare header rewrite", ref),
             ("sixgate inbound: Datapath.from_tunnel", rate(n, sixgate_from_tunnel)),
             ("sixgate return: Datapath.from_services", rate(n, sixgate_return)),
             ("sixgate NAT64 IPv6 -> IPv4: Datapath.from_ipv6", rate(n, nat64_from_ipv6)),
-            ("sixgate NAT64 IPv4 -> IPv6: Datapath.from_services", rate(n, nat64_from_ipv4))]
+            ("sixgate NAT64 IPv4 -> IPv6: Datapath.from_services", rate(n, nat64_from_ipv4)),
+            ("sixgate CLAT IPv4 -> IPv6: Datapath.from_clat", rate(n, clat_to_ipv6)),
+            ("sixgate CLAT IPv6 -> IPv4: Datapath.from_clat", rate(n, clat_to_ipv4))]
     print(f"64-byte UDP, {n} packets, one core, no syscalls")
     for name, pps in rows:
         print(f"  {name:<52} {pps:>12,.0f} pkt/s   ratio {pps / ref:5.2f}")

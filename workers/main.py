@@ -224,15 +224,7 @@ class Worker:
                 ipaddress.IPv6Network(settings.nat64_prefix)]
             self.tun6_fd = open_tun(f"{name}i")
             configure_tun(f"{name}i", prefix if self.index == 0 else [], prefix, table)
-        if settings.tun_writes == "io_uring":
-            try:
-                self.tun_writer = UringWriter.open(self.tun_fd)
-            except OSError as exc:
-                log.warning("worker %d: io_uring refused (%s): one write(2) per packet to the "
-                            "services; set [gateway] tun_writes = \"write\" to say so", self.index,
-                            exc)
-        log.info("worker %d: packets to the services by %s", self.index,
-                 "io_uring" if self.tun_writer is not None else "write(2)")
+        self._open_writer()
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.control = self.ctx.socket(zmq.REP)
@@ -270,6 +262,19 @@ class Worker:
         if settings.fanout != "kernel":
             connect_now(self.pull, data_endpoint(settings.run_dir, self.index),
                         DATA_CONNECT_TIMEOUT_S)
+
+    def _open_writer(self) -> None:
+        """A batch of packets to the device in one io_uring submission (workers/uring.py), or
+        one write(2) each."""
+        if self.settings.tun_writes == "io_uring":
+            try:
+                self.tun_writer = UringWriter.open(self.tun_fd)
+            except OSError as exc:
+                log.warning("worker %d: io_uring refused (%s): one write(2) per packet to the "
+                            "device; set [gateway] tun_writes = \"write\" to say so", self.index,
+                            exc)
+        log.info("worker %d: packets to the device by %s", self.index,
+                 "io_uring" if self.tun_writer is not None else "write(2)")
 
     def _reload(self) -> dict[str, Any]:
         """The coordinator reloaded the config (coordinator/reload.py): take the new settings
@@ -332,6 +337,7 @@ class Worker:
                  f", IPv4 default route through it (MTU {settings.clat_mtu})" if routed else
                  ": this host has an IPv4 default route of its own, so none through the CLAT "
                  "(native IPv4 wins, RFC 6877 §6.3)")
+        self._open_writer()
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)  # never connected: no tunnel batches
         self.control = self.ctx.socket(zmq.REP)

@@ -96,7 +96,7 @@ class GatewayBehaviour:
             request.getfixturevalue("io_uring")
         expected = "io_uring" if self.TUN_WRITES == "io_uring" else "write(2)"
         log = lab.log_path("sixgate").read_text()
-        said = [f"worker {i}: packets to the services by {expected}" in log
+        said = [f"worker {i}: packets to the device by {expected}" in log
                 for i in range(lab.workers)]
         assert all(said), netlab.tail(lab.log_path("sixgate"))
         assert "io_uring refused" not in log

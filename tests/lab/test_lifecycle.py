@@ -371,7 +371,7 @@ def test_io_uring_refused_by_seccomp_workers_fall_back_to_write(private_lab: Lab
     log = lab.log_path("sixgate").read_text()
     for index in range(lab.workers):
         assert f"worker {index}: io_uring refused ([Errno 1]" in log, lab.gateway_stderr()
-        assert f"worker {index}: packets to the services by write(2)" in log, log
+        assert f"worker {index}: packets to the device by write(2)" in log, log
     assert_ping6_answered(lab)
     assert_http_small_file(lab)
     assert netlab.dig(lab, netlab.DNS_SMALL_NAME, "A", "+short").stdout.strip() == \

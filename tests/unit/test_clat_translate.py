@@ -8,6 +8,8 @@ import ipaddress
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror, fragment
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -25,8 +27,10 @@ from scapy.utils import checksum
 
 from sixgate.coordinator.clat import parse_pref64, pref64_messages, prefix_of_synthesized
 from sixgate.workers.engine.clat import Clat
+from sixgate.workers.engine.datapath import Datapath
 from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.nat64 import Nat64Prefix
+from sixgate.workers.engine.settings import Settings
 
 HOST4 = "192.0.0.1"  # RFC 7335
 CLAT6 = "2001:db8:100::c1a7"
@@ -38,6 +42,15 @@ ROUTER6 = "64:ff9b::c633:6401"  # 198.51.100.1, a router on the IPv4 path
 def clat() -> Clat:
     return Clat(Nat64Prefix.parse("64:ff9b::/96"), ipaddress.IPv6Address(CLAT6).packed,
                 ipaddress.IPv4Address(HOST4).packed)
+
+
+def clat_datapath() -> Datapath:
+    """The CLAT as a worker runs it (``Datapath.from_clat``: the plain-packet path first)."""
+    return Datapath(Settings(mode="clat", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
+                             prefix="64:ff9b::/96", addresses=(), mtu=1500, workers=1, pool="",
+                             run_dir="/tmp/sixgate-unit", name="unit", forwards=(),
+                             clat_plat_prefix="64:ff9b::/96", clat_ipv4_address=HOST4,
+                             clat_ipv6_address=CLAT6), [])
 
 
 def checksums_hold(packet: Packet) -> bool:
@@ -153,6 +166,26 @@ def test_rfc7915_4_2_port_unreachable_from_the_host_goes_out_as_icmpv6() -> None
 ])
 def test_what_the_host_may_not_send_out(packet: Packet, reason: DropReason) -> None:
     assert clat().to_ipv6(raw(packet)) == reason
+    assert_dropped_by_the_datapath(raw(packet), reason)
+
+
+def assert_dropped_by_the_datapath(packet: bytes, reason: DropReason) -> None:
+    """The worker's loop (plain-packet path first) drops it under the same one reason."""
+    dp = clat_datapath()
+    out = dp.from_clat([packet], 1.0)
+    assert out.to_services == []
+    assert {r: n for r, n in dp.counters.drops.items() if n} == {reason: 1}
+
+
+def broken_ipv4_header_checksum() -> bytes:
+    packet = bytearray(raw(IP(src=HOST4, dst=SERVER4) / UDP(sport=1, dport=53)))
+    packet[10] ^= 0x01
+    return bytes(packet)
+
+
+def test_rfc791_a_host_packet_with_a_wrong_header_checksum_is_dropped() -> None:
+    assert clat().to_ipv6(broken_ipv4_header_checksum()) == DropReason.BAD_CHECKSUM
+    assert_dropped_by_the_datapath(broken_ipv4_header_checksum(), DropReason.BAD_CHECKSUM)
 
 
 @pytest.mark.parametrize(("packet", "reason"), [
@@ -162,9 +195,72 @@ def test_what_the_host_may_not_send_out(packet: Packet, reason: DropReason) -> N
      DropReason.NOT_OUR_ADDRESS),
     (IPv6(src=SERVER6, dst=CLAT6) / UDP(sport=53, dport=1, chksum=0x1234),
      DropReason.BAD_CHECKSUM),
+    (IPv6(src=SERVER6, dst=CLAT6) / TCP(sport=80, dport=1, chksum=0x1234),
+     DropReason.BAD_CHECKSUM),
+    (IPv6(src=SERVER6, dst=CLAT6, hlim=1) / UDP(sport=53, dport=1),
+     DropReason.HOP_LIMIT_EXCEEDED),
 ])
 def test_what_may_not_come_in(packet: Packet, reason: DropReason) -> None:
     assert clat().to_ipv4(raw(packet)) == reason
+    assert_dropped_by_the_datapath(raw(packet), reason)
+
+
+_PAYLOADS = st.binary(max_size=1500)
+_PORTS = st.integers(1, 65535)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["tcp", "udp"]), _PORTS, _PORTS, st.integers(2, 255),
+       st.integers(0, 255), st.sampled_from([0, 2]), st.ip_addresses(v=4), _PAYLOADS)
+def test_the_plain_path_gives_the_bytes_of_the_full_translation_out(
+        kind: str, sport: int, dport: int, ttl: int, tos: int, df: int,
+        dst: ipaddress.IPv4Address, payload: bytes) -> None:
+    """The host's whole TCP/UDP datagram: ``plain_to_ipv6`` (one lookup) takes it and gives
+    exactly what ``to_ipv6`` gives; scapy finds every checksum right."""
+    transport = (TCP(sport=sport, dport=dport, flags="A") if kind == "tcp"
+                 else UDP(sport=sport, dport=dport))
+    packet = raw(IP(src=HOST4, dst=str(dst), ttl=ttl, tos=tos, flags=df) / transport
+                 / Raw(payload))
+    c = clat()
+    plain = c.plain_to_ipv6(packet)
+    assert plain is not None and plain == c.to_ipv6(packet)
+    assert checksums_hold(IPv6(plain))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["tcp", "udp"]), _PORTS, _PORTS, st.integers(2, 255),
+       st.integers(0, 255), st.ip_addresses(v=4), _PAYLOADS)
+def test_the_plain_path_gives_the_bytes_of_the_full_translation_in(
+        kind: str, sport: int, dport: int, hlim: int, tclass: int,
+        src: ipaddress.IPv4Address, payload: bytes) -> None:
+    transport = (TCP(sport=sport, dport=dport, flags="A") if kind == "tcp"
+                 else UDP(sport=sport, dport=dport))
+    packet = raw(IPv6(src=f"64:ff9b::{src}", dst=CLAT6, hlim=hlim, tc=tclass) / transport
+                 / Raw(payload))
+    c = clat()
+    plain = c.plain_to_ipv4(packet)
+    assert plain is not None and plain == c.to_ipv4(packet)
+    assert checksums_hold(IP(plain))
+
+
+def test_the_plain_path_is_counted_like_the_full_one() -> None:
+    """A batch through the plain path counts packets and bytes per direction and protocol as
+    the full path counts them one by one."""
+    out4 = raw(IP(src=HOST4, dst=SERVER4) / UDP(sport=5000, dport=53) / Raw(b"q" * 30))
+    in6 = raw(IPv6(src=SERVER6, dst=CLAT6) / TCP(sport=80, dport=5000, flags="A") / Raw(b"a"))
+    ping = raw(IP(src=HOST4, dst=SERVER4) / ICMP(type=8, id=1, seq=1))  # the full path
+    dp = clat_datapath()
+    out = dp.from_clat([out4, in6, out4, ping], 1.0)
+    assert len(out.to_services) == 4
+    got = {key: n for key, n in dp.counters.packets.items() if n}
+    assert got == {("from_services", "udp"): 2, ("outbound", "udp"): 2,
+                   ("inbound", "tcp"): 1, ("to_services", "tcp"): 1,
+                   ("from_services", "icmp"): 1, ("outbound", "icmp"): 1}
+    octets = dp.counters.bytes
+    assert octets[("from_services", "udp")] == 2 * len(out4)
+    assert octets[("outbound", "udp")] == 2 * (len(out4) + 20)
+    assert octets[("inbound", "tcp")] == len(in6)
+    assert octets[("to_services", "tcp")] == len(in6) - 20
 
 
 @pytest.mark.parametrize(("synthesized", "prefix"), [

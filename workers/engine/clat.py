@@ -5,8 +5,12 @@ Stateless RFC 7915 translation between one IPv4 address of the host (``address4`
 written as its RFC 6052 address under the PLAT's prefix, and only packets from that prefix to
 ``address6`` come back. Ports and ICMP identifiers stay as they are (no state: the NAT64 keeps
 the sessions), so TCP/UDP checksums change only by the addresses (RFC 1624), which also works
-for a fragment. Errors are translated with the packet they quote (§4.2-§4.3, §5.2-§5.3) by
-the same functions the NAT64 uses, over a session made up from the quote.
+for a fragment and for a whole packet alike: the kernel hands a TUN device without offloads
+(no IFF_VNET_HDR, no TUNSETOFFLOAD) complete checksums, finished in software before the
+device, as a translator of this kind (TAYGA) relies on too. Errors are translated with the
+packet they quote (§4.2-§4.3, §5.2-§5.3) by the same functions the NAT64 uses, over a session
+made up from the quote. The common packet takes ``plain_to_ipv6``/``plain_to_ipv4``: the same
+checks and bytes with one lookup of the remote address.
 
 Pure: bytes in, bytes or a named ``DropReason`` out.
 """
@@ -30,7 +34,9 @@ from sixgate.workers.engine.nat64 import Nat64Prefix
 from sixgate.workers.engine.packet import (
     FRAGMENT_HEADER,
     IPV4_DF,
+    IPV4_HEADER,
     IPV4_MF,
+    IPV6_HEADER,
     PROTO_FRAGMENT,
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -60,6 +66,9 @@ CLAT_RULE = "clat"
 _ECHO_V4_TO_V6 = {ICMP_ECHO_REQUEST: ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY: ICMPV6_ECHO_REPLY}
 _ECHO_V6_TO_V4 = {v6: v4 for v4, v6 in _ECHO_V4_TO_V6.items()}
 _ERRORS_V4 = (ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_PARAMETER_PROBLEM)
+# The remote addresses a plain packet's translation remembers (``Clat.plain_to_ipv6``/
+# ``plain_to_ipv4``); past this the memory starts again (a miss costs one synthesis).
+REMEMBERED_ADDRESSES = 4096
 
 
 def _address_sum(address: bytes) -> int:
@@ -87,10 +96,103 @@ class Clat:
     # What the checksums of every packet gain by the CLAT's own two addresses (IPv4 -> IPv6):
     # the same for every packet, so summed once here.
     own_delta: int = field(init=False)
+    # Per remote address, what a plain packet's translation needs: IPv4 destination ->
+    # (its IPv6 address, the checksum's delta); IPv6 source -> (its IPv4 address, the IPv6
+    # pseudo-header's address sum, the checksum's delta). A cache, not state.
+    _out: dict[bytes, tuple[bytes, int]] = field(init=False, default_factory=dict,
+                                                 compare=False, repr=False)
+    _in: dict[bytes, tuple[bytes, int, int]] = field(init=False, default_factory=dict,
+                                                     compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "own_delta",
                            _address_sum(self.address6) - _address_sum(self.address4))
+
+    # --- the plain packet, with one lookup ------------------------------------------------------
+
+    def plain_to_ipv6(self, packet: bytes) -> bytes | None:
+        """The host's common packet: a whole TCP or UDP datagram, 20-byte header, from
+        ``address4``, TTL above 1, header checksum right, a transport checksum (UDP's not 0),
+        nothing after it. The same bytes ``to_ipv6`` makes of it; None for any other packet
+        (``to_ipv6`` answers that one)."""
+        if len(packet) < 28 or packet[0] != 0x45 or packet[6] & 0x3F or packet[7] \
+                or packet[8] <= 1:
+            return None
+        proto = packet[9]
+        if proto == PROTO_UDP:
+            csum = 26
+        elif proto == PROTO_TCP and len(packet) >= 40:
+            csum = 36
+        else:
+            return None
+        old = (packet[csum] << 8) | packet[csum + 1]
+        if (packet[12:16] != self.address4 or (packet[2] << 8 | packet[3]) != len(packet)
+                or not sum_is_valid(sum16(packet[:20])) or (old == 0 and proto == PROTO_UDP)):
+            return None
+        dst = packet[16:20]
+        entry = self._out.get(dst)
+        if entry is None:
+            entry = self._remember_out(dst)
+        dst6, delta = entry
+        total = 0xFFFF - old + delta
+        new = fold_udp(total) if proto == PROTO_UDP else fold(total)
+        return b"".join((IPV6_HEADER.pack(0x60000000 | packet[1] << 20, len(packet) - 20, proto,
+                                          packet[8] - 1, self.address6, dst6),
+                         packet[20:csum], U16.pack(new), packet[csum + 2:]))
+
+    def plain_to_ipv4(self, packet: bytes) -> bytes | None:
+        """The PLAT's common packet: a whole TCP or UDP datagram with no extension header,
+        from under the prefix to ``address6``, hop limit above 1, its checksum right (RFC 8200
+        §8.1), nothing after it. The same bytes ``to_ipv4`` makes of it; None for any other
+        (``to_ipv4`` answers or drops that one)."""
+        if len(packet) < 48 or packet[0] >> 4 != 6 or packet[7] <= 1:
+            return None
+        proto = packet[6]
+        if proto == PROTO_UDP:
+            csum = 46
+        elif proto == PROTO_TCP and len(packet) >= 60:
+            csum = 56
+        else:
+            return None
+        payload_len = (packet[4] << 8) | packet[5]
+        if 40 + payload_len != len(packet) or packet[24:40] != self.address6:
+            return None
+        src = packet[8:24]
+        entry = self._in.get(src)
+        if entry is None:
+            entry = self._remember_in(src)
+            if entry is None:
+                return None  # not under the prefix: ``to_ipv4`` drops it
+        remote4, pseudo, delta = entry
+        if not sum_is_valid(pseudo + proto + payload_len + sum16(packet[40:])):
+            return None  # ``to_ipv4`` counts it
+        old = (packet[csum] << 8) | packet[csum + 1]
+        total = 0xFFFF - old + delta
+        new = fold_udp(total) if proto == PROTO_UDP else fold(total)
+        length = 20 + payload_len
+        header = bytearray(IPV4_HEADER.pack(
+            0x45, (packet[0] & 0x0F) << 4 | packet[1] >> 4, length, 0,
+            IPV4_DF if length > DF_THRESHOLD else 0, packet[7] - 1, proto, 0, remote4,
+            self.address4))
+        U16.pack_into(header, 10, fold(sum16(header)))
+        return b"".join((header, packet[40:csum], U16.pack(new), packet[csum + 2:]))
+
+    def _remember_out(self, dst: bytes) -> tuple[bytes, int]:
+        if len(self._out) >= REMEMBERED_ADDRESSES:
+            self._out.clear()
+        dst6 = self.prefix.synthesize(dst)
+        entry = self._out[dst] = (dst6, self.own_delta + _address_sum(dst6) - _address_sum(dst))
+        return entry
+
+    def _remember_in(self, src: bytes) -> tuple[bytes, int, int] | None:
+        remote4 = self.prefix.extract(src)
+        if remote4 is None:
+            return None
+        if len(self._in) >= REMEMBERED_ADDRESSES:
+            self._in.clear()
+        entry = self._in[src] = (remote4, _address_sum(src) + _address_sum(self.address6),
+                                 _address_sum(remote4) - _address_sum(src) - self.own_delta)
+        return entry
 
     # --- the host's IPv4, out as IPv6 (RFC 7915 §4) --------------------------------------------
 
@@ -134,8 +236,8 @@ class Clat:
     def _transport_to_ipv6(self, segment: bytearray, proto: int, dst: bytes, dst6: bytes,
                            fragmented: bool) -> DropReason | None:
         """TCP/UDP (the first fragment, when fragmented): the checksum over the IPv6
-        pseudo-header. Whole: computed anew (the local stack may leave it partial,
-        DESIGN.md); a first fragment: by the addresses' difference."""
+        pseudo-header, by the addresses' difference (a UDP datagram without one: computed
+        whole, RFC 7915 §4.5)."""
         csum = 16 if proto == PROTO_TCP else 6
         if len(segment) < csum + 2:
             return DropReason.TRUNCATED
@@ -146,7 +248,6 @@ class Clat:
                 return None
             if self.udp_zero_checksum == "drop" or fragmented:
                 return DropReason.BAD_CHECKSUM  # a fragment's cannot be computed
-        if not fragmented:
             set_checksum(segment, csum, pseudo_sum_v6(self.address6, dst6, proto,
                                                       len(segment)), udp)
             return None

@@ -825,9 +825,25 @@ class Datapath:
         clat = self.clat
         assert clat is not None
         count, drop = self.counters.count, self._drop
+        plain_to_ipv6, plain_to_ipv4 = clat.plain_to_ipv6, clat.plain_to_ipv4
+        append = self._to_services.append
+        # The plain packets' totals, added once per batch: (packets, bytes in, bytes out) by
+        # direction and protocol.
+        out_totals = {PROTO_UDP: [0, 0, 0], PROTO_TCP: [0, 0, 0]}
+        in_totals = {PROTO_UDP: [0, 0, 0], PROTO_TCP: [0, 0, 0]}
         for packet in packets:
             try:
                 version = packet[0] >> 4 if packet else 0
+                plain = (plain_to_ipv6(packet) if version == 4 else
+                         plain_to_ipv4(packet) if version == 6 else None)
+                if plain is not None:
+                    append(plain)
+                    totals = (out_totals[packet[9]] if version == 4 else
+                              in_totals[packet[6]])
+                    totals[0] += 1
+                    totals[1] += len(packet)
+                    totals[2] += len(plain)
+                    continue
                 if version == 4:
                     count("from_services", packet[9] if len(packet) > 9 else 0, len(packet))
                     result = clat.to_ipv6(packet)
@@ -845,9 +861,17 @@ class Datapath:
                 else:
                     drop(DropReason.BAD_VERSION)
                     continue
-                self._to_services.append(result)
+                append(result)
             except Exception as exc:  # noqa: BLE001 - the one per-packet guard
                 self._internal_error(exc)
+        for proto, (n, size_in, size_out) in out_totals.items():
+            if n:
+                self.counters.count_pair(FROM_SERVICES_KEYS[proto], size_in,
+                                         OUTBOUND_KEYS[proto], size_out, n)
+        for proto, (n, size_in, size_out) in in_totals.items():
+            if n:
+                self.counters.count_pair(INBOUND_KEYS[proto], size_in, TO_SERVICES_KEYS[proto],
+                                         size_out, n)
         return self._take()
 
     # --- from services: IPv4 to a pool address ------------------------------------------------
