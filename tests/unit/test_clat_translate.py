@@ -227,6 +227,32 @@ def test_the_plain_path_gives_the_bytes_of_the_full_translation_out(
     assert checksums_hold(IPv6(plain))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["tcp", "udp"]), _PORTS, st.integers(0, 0xFFFF),
+       st.sampled_from([64, 504, 1000]), st.integers(1100, 3000))
+def test_the_plain_path_gives_the_bytes_of_the_full_translation_for_fragments(
+        kind: str, sport: int, ident: int, fragsize: int, size: int) -> None:
+    """The host fragments a datagram larger than the route's MTU: each fragment, first and
+    later ones, comes out of ``plain_to_ipv6`` as ``to_ipv6`` makes it, and scapy puts the
+    IPv6 fragments back together into a datagram whose checksum holds."""
+    transport = (TCP(sport=sport, dport=80, flags="A") if kind == "tcp"
+                 else UDP(sport=sport, dport=53))
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    datagram = IP(src=HOST4, dst=SERVER4, id=ident) / transport / Raw(payload)
+    c = clat()
+    pieces = []
+    for piece in fragment(datagram, fragsize=fragsize):
+        plain = c.plain_to_ipv6(raw(piece))
+        if plain is None:  # a short later fragment: the full path's
+            assert len(raw(piece)) < 40 and piece.frag > 0
+            plain = c.to_ipv6(raw(piece))
+        assert plain == c.to_ipv6(raw(piece))
+        pieces.append(IPv6(plain))  # type: ignore[arg-type]
+    assert len(pieces) > 1
+    whole = defragment6(pieces)
+    assert raw(whole[Raw]).endswith(payload) and checksums_hold(IPv6(raw(whole)))
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from(["tcp", "udp"]), _PORTS, _PORTS, st.integers(2, 255),
        st.integers(0, 255), st.ip_addresses(v=4), _PAYLOADS)

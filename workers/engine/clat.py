@@ -111,12 +111,12 @@ class Clat:
     # --- the plain packet, with one lookup ------------------------------------------------------
 
     def plain_to_ipv6(self, packet: bytes) -> bytes | None:
-        """The host's common packet: a whole TCP or UDP datagram, 20-byte header, from
-        ``address4``, TTL above 1, header checksum right, a transport checksum (UDP's not 0),
-        nothing after it. The same bytes ``to_ipv6`` makes of it; None for any other packet
-        (``to_ipv6`` answers that one)."""
-        if len(packet) < 28 or packet[0] != 0x45 or packet[6] & 0x3F or packet[7] \
-                or packet[8] <= 1:
+        """The host's common packet: TCP or UDP with a 20-byte header from ``address4``, TTL
+        above 1, header checksum right, nothing after it; whole with a transport checksum
+        (UDP's not 0), or a fragment (the host fragments datagrams larger than the route's
+        MTU: the first one's checksum adjusted, the rest as they are, §4.1). The same bytes
+        ``to_ipv6`` makes of it; None for any other packet (``to_ipv6`` answers that one)."""
+        if len(packet) < 28 or packet[0] != 0x45 or packet[8] <= 1:
             return None
         proto = packet[9]
         if proto == PROTO_UDP:
@@ -125,20 +125,34 @@ class Clat:
             csum = 36
         else:
             return None
-        old = (packet[csum] << 8) | packet[csum + 1]
         if (packet[12:16] != self.address4 or (packet[2] << 8 | packet[3]) != len(packet)
-                or not sum_is_valid(sum16(packet[:20])) or (old == 0 and proto == PROTO_UDP)):
+                or not sum_is_valid(sum16(packet[:20]))):
             return None
         dst = packet[16:20]
         entry = self._out.get(dst)
         if entry is None:
             entry = self._remember_out(dst)
         dst6, delta = entry
+        vtf = 0x60000000 | packet[1] << 20
+        flags_offset = (packet[6] << 8) | packet[7]
+        fragment = b""
+        if flags_offset & 0x3FFF:  # MF or an offset: a Fragment header keeps its identity
+            offset = (flags_offset & 0x1FFF) * 8
+            fragment = FRAGMENT_HEADER.pack(proto, 0, offset | (flags_offset >> 13 & 1),
+                                            (packet[4] << 8) | packet[5])
+            if offset:
+                return b"".join((IPV6_HEADER.pack(vtf, len(packet) - 12, PROTO_FRAGMENT,
+                                                  packet[8] - 1, self.address6, dst6),
+                                 fragment, packet[20:]))
+        old = (packet[csum] << 8) | packet[csum + 1]
+        if old == 0 and proto == PROTO_UDP:
+            return None  # RFC 7915 §4.5: ``to_ipv6`` decides
         total = 0xFFFF - old + delta
         new = fold_udp(total) if proto == PROTO_UDP else fold(total)
-        return b"".join((IPV6_HEADER.pack(0x60000000 | packet[1] << 20, len(packet) - 20, proto,
-                                          packet[8] - 1, self.address6, dst6),
-                         packet[20:csum], U16.pack(new), packet[csum + 2:]))
+        return b"".join((IPV6_HEADER.pack(vtf, len(packet) - 20 + len(fragment),
+                                          PROTO_FRAGMENT if fragment else proto, packet[8] - 1,
+                                          self.address6, dst6),
+                         fragment, packet[20:csum], U16.pack(new), packet[csum + 2:]))
 
     def plain_to_ipv4(self, packet: bytes) -> bytes | None:
         """The PLAT's common packet: a whole TCP or UDP datagram with no extension header,
