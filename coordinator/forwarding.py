@@ -350,15 +350,22 @@ def _untracked_pool4(settings: Settings, owned: list[str], ours: str) -> list[st
     routed = sorted({row[0] for row in settings.nat64_pool4} - set(owned))
     lines = []
     if routed:
-        lines += [f"    ip saddr {{ {', '.join(routed)} }} iifname != {ours} counter drop",
-                  f"    ip daddr {{ {', '.join(routed)} }} notrack"]
+        addresses = ", ".join(routed)
+        lines += [f"    ip saddr {{ {addresses} }} iifname != {ours} counter drop",
+                  f"    ip daddr {{ {addresses} }} notrack",
+                  # What the workers translated, on its way out: no conntrack entry either
+                  # (one per binding, and its lookup on every packet, for nothing).
+                  f"    ip saddr {{ {addresses} }} notrack"]
     # The host's own address as a source from outside is a martian the kernel drops itself
     # (no accept_local on the uplink).
     for address, proto, lo, hi in settings.nat64_pool4:
         if address in owned:
-            match = (f"icmp type echo-reply icmp id {lo}-{hi}" if proto == "icmp"
-                     else f"{proto} dport {lo}-{hi}")
-            lines.append(f"    ip daddr {address} {match} notrack")
+            inbound, outbound = ((f"icmp type echo-reply icmp id {lo}-{hi}",
+                                  f"icmp type echo-request icmp id {lo}-{hi}")
+                                 if proto == "icmp" else
+                                 (f"{proto} dport {lo}-{hi}", f"{proto} sport {lo}-{hi}"))
+            lines += [f"    ip daddr {address} {inbound} notrack",
+                      f"    iifname {ours} ip saddr {address} {outbound} notrack"]
     return lines
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -365,6 +366,19 @@ class TestNat64:
         assert stdout.split()[0] == big.sha256, "the download arrived damaged"
         assert netlab.events(lab).get("flows_ended_by_reload", 0) >= 1
 
+    def test_the_kernel_keeps_no_conntrack_entry_for_pool4(self, nat64_lab: Nat64Lab,
+                                                          served_files: netlab.ServedFiles
+                                                          ) -> None:
+        """The NAT64 keeps the state: pool4 traffic, in and translated out, is untracked by
+        the gateway's table (one entry per binding and a lookup per packet for nothing)."""
+        got = netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
+        assert got.exit_code == 0, got.stderr
+        done = nat64_lab.peer(["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2",
+                               synthesized(HTTP4)], timeout=20)
+        assert netlab.ping_received(done.stdout) == 2, done.stdout
+        table = nat64_lab.gw(["cat", "/proc/net/nf_conntrack"], check=True).stdout
+        assert POOL4 not in table, table
+
     def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
         netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
         bindings = nat64_lab.flows()["bindings"]
@@ -451,6 +465,12 @@ class TestNat64Limits:
         echo = limits_lab.exec_in(limits_lab.v4_ns, ["ping", "-c", "2", "-i", "0.2", "-W", "2",
                                                     GATEWAY4])
         assert netlab.ping_received(echo.stdout) == 2, echo.stdout
+        # The NAT64's ports of the host's address are untracked both ways; the host's own
+        # connection (an ephemeral port, below 61001) is tracked as ever.
+        table = limits_lab.gw(["cat", "/proc/net/nf_conntrack"], check=True).stdout
+        ports = [int(p) for line in table.splitlines() if GATEWAY4 in line
+                 for p in re.findall(r"(?:sport|dport)=(\d+)", line)]
+        assert ports and not [p for p in ports if 61001 <= p <= 65535], table
         rules = limits_lab.gw(["ip", "-4", "rule", "show"]).stdout
         assert "1002:\tfrom all lookup local" in rules and "0:\tfrom all lookup local" \
             not in rules, rules
