@@ -141,7 +141,8 @@ JOURNAL_QUEUE = 1000  # journal messages queued towards the coordinator before o
 JOURNAL_LINGER_MS = 1000
 
 
-def connect_now(sock: zmq.Socket[bytes], endpoint: str, timeout_s: float) -> None:
+def connect_now(sock: zmq.Socket[bytes], endpoint: str, timeout_s: float,
+                what: str = "data") -> None:
     """Connect ``sock`` to ``endpoint`` and block until the connection is made.
 
     ZeroMQ connects in its I/O thread, later than ``connect()`` returns. The run directory is
@@ -153,7 +154,7 @@ def connect_now(sock: zmq.Socket[bytes], endpoint: str, timeout_s: float) -> Non
     try:
         sock.connect(endpoint)
         if not monitor.poll(int(timeout_s * 1000)):
-            raise OSError(f"no connection to the coordinator's data socket {endpoint} after "
+            raise OSError(f"no connection to the coordinator's {what} socket {endpoint} after "
                           f"{timeout_s:g} s")
         monitor.recv_multipart()
     finally:
@@ -235,7 +236,11 @@ class Worker:
             self.journal.setsockopt(zmq.SNDHWM, JOURNAL_QUEUE)
             # At a stop the last message is still delivered (the next run resumes from it).
             self.journal.setsockopt(zmq.LINGER, JOURNAL_LINGER_MS)
-            self.journal.connect(journal_endpoint(settings.run_dir))
+            # Connected while still root, like the data socket (``connect_now``): a NAT64 alone
+            # connects nothing else, and nothing would wait for ZeroMQ's I/O thread, which
+            # then tried for ever under the seccomp filter (EPERM).
+            connect_now(self.journal, journal_endpoint(settings.run_dir),
+                        DATA_CONNECT_TIMEOUT_S, "journal")
         self._resume_shard()
         if self.nat64_alone:
             return  # no tunnel

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import netlab
@@ -365,6 +368,47 @@ class TestNat64:
         assert curl.returncode == 0, stderr
         assert stdout.split()[0] == big.sha256, "the download arrived damaged"
         assert netlab.events(lab).get("flows_ended_by_reload", 0) >= 1
+
+    def test_a_download_survives_a_crash_of_its_worker(self, nat64_lab: Nat64Lab,
+                                                      served_files: netlab.ServedFiles) -> None:
+        """Issue 17 for the NAT64: the worker holding a rate-limited download's binding is
+        SIGKILLed; its successor resumes the binding from the coordinator's copy of the shard
+        (the same pool4 address and port) and the download arrives whole."""
+        lab = nat64_lab
+        big = served_files.big
+        curl = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+            "bash", "-c", "set -o pipefail; curl -6 -g -sS --fail --max-time 60 --limit-rate 25M "
+            f"--interface {CLIENT6} http://[{synthesized(HTTP4)}]/{big.name} | sha256sum"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def download_binding() -> dict[str, object] | None:
+                return next((b for b in lab.flows()["bindings"] if b["proto"] == "tcp"
+                             and b["client"].startswith(f"[{CLIENT6}]:")
+                             and b["target"] == f"{HTTP4}:80" and b["state"] == "established"),
+                            None)
+
+            binding = netlab.wait_until(download_binding, timeout=15, what="the binding")
+            time.sleep(0.5)  # past the workers' journal interval (50 ms)
+            index = int(binding["worker"])  # type: ignore[call-overload]
+            workers = {int(w["index"]): w for w in lab.flows()["counters"]["workers"]}
+            victim = int(workers[index]["pid"])
+            assert "sixgate.workers.main" in netlab.process_cmdline(victim)
+            os.kill(victim, signal.SIGKILL)
+
+            def restarted() -> bool:
+                entry = {int(w["index"]): w for w in lab.flows()["counters"]["workers"]}[index]
+                return bool(entry.get("up")) and entry.get("pid") not in (None, victim)
+
+            netlab.wait_until(restarted, timeout=15, what=f"worker {index} restarted")
+            resumed = download_binding()
+            assert resumed is not None and resumed["pool"] == binding["pool"], (binding,
+                                                                                 resumed)
+            stdout, stderr = curl.communicate(timeout=90)
+        finally:
+            if curl.poll() is None:
+                netlab.stop_process(curl, 5)
+        assert curl.returncode == 0, stderr
+        assert stdout.split()[0] == big.sha256, "the download arrived damaged"
 
     def test_the_kernel_keeps_no_conntrack_entry_for_pool4(self, nat64_lab: Nat64Lab,
                                                           served_files: netlab.ServedFiles
