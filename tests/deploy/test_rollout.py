@@ -5,8 +5,10 @@ The stages run in order on one fleet: first install everywhere; the upgrade in A
 mode (nothing may change); the upgrade in batches
 (serial [1, "25%", "100%"]) to the same checkout built as <version>+upgrade; a broken config
 (a mistyped tunnel broker: `sixgate check` accepts it, the health gate's ICMPv6 echo fails) that
-must stop after the first batch and be rolled back there, leaving the other hosts untouched; and
-``sixgate deploy rollback`` of one host. Every assertion reads the hosts' real state: the links
+must stop after the first batch and be rolled back there, leaving the other hosts untouched; a
+new release on one host whose health gate fails, rolled back while a download through it goes
+on (its sessions handed to the new release and back); and ``sixgate deploy rollback`` of one
+host. Every assertion reads the hosts' real state: the links
 and virtualenvs in their install roots, the processes behind the pidfiles (and the network
 namespace they run in), /readyz and /metrics of each gateway, and a real ``ping -6`` through it
 from the IPv6 side. The last host also runs a NAT64 beside its tunnel (variables nat64_*): its
@@ -45,11 +47,14 @@ UPGRADE = f"{RELEASE}+upgrade"
 # passes, but nothing answers at 198.51.100.99, so no echo comes back through the tunnel.
 BROKEN = ('mode = "6in4"\nremote_ipv4 = "198.51.100.99"\nprefix = "2001:db8:bad::/64"\n')
 GOOD = 'mode = "6to4"\nrelay_ipv4 = "198.51.100.1"\n'
+# A health gate that cannot pass: nothing answers this address beyond the relay.
+UNANSWERED = "2001:db8:dead::1"
 
 _done: list[str] = []
 
 
-def inventory_text(fleet: Fleet, tunnel: str = GOOD) -> str:
+def inventory_text(fleet: Fleet, tunnel: str = GOOD,
+                   ping_target: str = fleet_module.PEER_IPV6) -> str:
     text = (
         "[defaults]\n"
         f'ssh_key = "{fleet.key}"\n'
@@ -57,7 +62,7 @@ def inventory_text(fleet: Fleet, tunnel: str = GOOD) -> str:
         'service = "pidfile"\n'
         f"{tunnel}"
         "workers = 1\n"
-        f'ping_target = "{fleet_module.PEER_IPV6}"\n'
+        f'ping_target = "{ping_target}"\n'
         'rules = ["web"]\n'
         "\n[rules.web]\n"
         'forward = [{ proto = "tcp", port = 80, to = "127.0.0.1:8080" }]\n'
@@ -348,8 +353,39 @@ def test_broken_config_stops_after_first_batch_and_rolls_back(fleet: Fleet,
     stage("broken config", started)
 
 
-def test_rollback_command(fleet: Fleet, wheelhouse: Path) -> None:
+def test_a_failed_release_hands_the_sessions_back(fleet: Fleet, wheelhouse: Path) -> None:
+    """Issue 17: a new release on h1 whose health gate fails (its echo goes unanswered) is
+    rolled back, and a download through h1's gateway running all along arrives byte-identical:
+    the stopping release hands its sessions to the new one, which hands them back at its stop
+    (the same config: the same fan-out and addresses)."""
     require("install", "check mode", "upgrade", "broken config")
+    started = time.monotonic()
+    before = host_state(fleet, 1)
+    log = fleet.root(1) / "var" / "log" / "sixgate" / "gateway.log"
+    log_before = log.stat().st_size
+    download = LongDownload(fleet, 1)
+    inventory, rollout = write_files(
+        fleet, inventory_text(fleet, ping_target=UNANSWERED),
+        rollout_text(f'version = "{RELEASE}"', '["100%"]'))
+    with download:
+        code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout, "--limit", "h1")
+        assert code == 1, output
+        assert download.running(), "the download ended before the rollback did"
+        result = download.finish()
+    assert (result["status"], result["bytes"], result.get("sha256")) == (
+        200, download.size, download.sha256), result
+    # h1 ran the new release (its gateway took the sessions), then the old one again.
+    text = log.read_text()[log_before:]
+    assert text.count("handed over to the next run") >= 2, text[-3000:]
+    assert len(re.findall(r"resuming [1-9]\d* session\(s\) handed over", text)) >= 2, (
+        text[-3000:])
+    state = assert_serving(fleet, 1, UPGRADE, output)
+    assert state.config == before.config and state.gateway_pid != before.gateway_pid
+    stage("failed release", started)
+
+
+def test_rollback_command(fleet: Fleet, wheelhouse: Path) -> None:
+    require("install", "check mode", "upgrade", "broken config", "failed release")
     started = time.monotonic()
     before = {n: host_state(fleet, n) for n in HOSTS}
     inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
