@@ -248,6 +248,12 @@ SCHEMA: tuple[Key, ...] = (
     Key("clat", "mtu", "integer 576-65515", "IPv4 MTU of the CLAT's default route; 1260 keeps "
         "every translated packet within IPv6's 1280 (RFC 6877 §6.3)", _ranged_int(576, 65515),
         DEFAULTS["clat_mtu"]),
+    Key("clat", "rediscovery_interval_s", "seconds 1-86400", "with plat_prefix = \"auto\" and a "
+        "prefix found by RFC 7050: how often the resolver is asked again (RFC 7050 §3: the "
+        "prefix is learned again when the answer's TTL has run out, which getaddrinfo does not "
+        "show); a new one is taken, logged and counted. A PREF64 in a router advertisement is "
+        "taken whenever one comes", _ranged_number(1, 86400),
+        DEFAULTS["clat_rediscovery_interval_s"]),
     Key("clat", "udp_zero_checksum", "string", "; ".join(
         f'"{k}": {v}' for k, v in UDP_ZERO_CHECKSUM.items()), _one_of(UDP_ZERO_CHECKSUM),
         DEFAULTS["clat_udp_zero_checksum"]),
@@ -690,7 +696,8 @@ def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:
         source_file=ctx.file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
         clat_plat_prefix=prefix, clat_ipv6_address=str(parsed) if parsed else "auto",
         clat_ipv4_address=values["ipv4_address"], clat_mtu=values["mtu"],
-        clat_udp_zero_checksum=values["udp_zero_checksum"], **settings)
+        clat_udp_zero_checksum=values["udp_zero_checksum"],
+        clat_rediscovery_interval_s=values["rediscovery_interval_s"], **settings)
 
 
 def _plat_prefix(ctx: _Ctx, table: str, key: str, value: Any) -> str:

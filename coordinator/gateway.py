@@ -244,6 +244,11 @@ class Coordinator:
         self.plat_changes = 0
         self.pref64: clat.Pref64Listener | None = None
         self.pref64_uplink = -1
+        # RFC 7050 asked again in a thread of its own (a resolver that does not answer must
+        # not hold up the supervision); its latest answer, taken by the main loop.
+        self.rediscovery: threading.Thread | None = None
+        self.rediscovered: tuple[str | None, str] | None = None
+        self.stopping = threading.Event()
         self.reload_ok = True
         self.reload_success_unix = self.started_unix
         self.reload_requested = False  # SIGHUP: the main loop reloads
@@ -419,15 +424,36 @@ class Coordinator:
             if (ifindex != self.pref64_uplink or lifetime == 0
                     or prefix == self.settings.clat_plat_prefix):
                 continue
-            old = self.settings.clat_plat_prefix
-            self.plat_source = "rfc8781"
-            self.plat_changes += 1
-            replies = self._publish(dataclasses.replace(self.settings, clat_plat_prefix=prefix,
-                                                        prefix=prefix))
-            log.warning("CLAT: PLAT prefix changed from %s to %s (RFC 8781 PREF64 in a router "
-                        "advertisement)%s", old, prefix,
-                        "" if all(r is not None and r.get("ok") for r in replies)
-                        else "; the worker did not answer: it takes it when it starts again")
+            self._change_plat_prefix(prefix, "rfc8781",
+                                     "RFC 8781 PREF64 in a router advertisement")
+
+    def _rediscover(self) -> None:
+        """RFC 7050 again every ``clat_rediscovery_interval_s`` (thread): the answer is left
+        in ``rediscovered`` for the main loop (``_take_rediscovered``)."""
+        while not self.stopping.wait(self.settings.clat_rediscovery_interval_s):
+            self.rediscovered = clat.discover_rfc7050()
+
+    def _take_rediscovered(self) -> None:
+        found, how = self.rediscovered or (None, "")
+        self.rediscovered = None
+        if self.plat_source != "rfc7050":
+            return  # a router advertisement's PREF64 has taken over (RFC 8781 comes first)
+        if found is None:
+            log.info("CLAT: RFC 7050 asked again: %s; keeping %s", how,
+                     self.settings.clat_plat_prefix)
+        elif found != self.settings.clat_plat_prefix:
+            self._change_plat_prefix(found, "rfc7050", how)
+
+    def _change_plat_prefix(self, prefix: str, source: str, how: str) -> None:
+        """A new PLAT prefix: logged, counted, the worker told (``_publish``)."""
+        old = self.settings.clat_plat_prefix
+        self.plat_source = source
+        self.plat_changes += 1
+        replies = self._publish(dataclasses.replace(self.settings, clat_plat_prefix=prefix,
+                                                    prefix=prefix))
+        log.warning("CLAT: PLAT prefix changed from %s to %s (%s)%s", old, prefix, how,
+                    "" if all(r is not None and r.get("ok") for r in replies)
+                    else "; the worker did not answer: it takes it when it starts again")
 
     def _publish(self, new: Settings) -> list[dict[str, Any] | None]:
         """``new`` becomes the running settings: a worker started from here on reads them and
@@ -463,6 +489,7 @@ class Coordinator:
                                    f"{WORKER_READY_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
+        self.stopping.set()  # the RFC 7050 thread ends (a query it is in can run out first)
         if self.metrics_server is not None:
             self.metrics_server.close()
         for worker in self.workers:
@@ -540,6 +567,10 @@ class Coordinator:
             self.journal_thread = threading.Thread(target=self._journal_loop, name="journal",
                                                    daemon=True)
             self.journal_thread.start()
+        if self.plat_source == "rfc7050":
+            self.rediscovery = threading.Thread(target=self._rediscover, name="rfc7050",
+                                                daemon=True)
+            self.rediscovery.start()
         next_check = next_tick = time.monotonic() + 1.0
         wait_s = SUPERVISE_INTERVAL_S
         while self.running:
@@ -563,6 +594,8 @@ class Coordinator:
                 self._supervise(now)
                 if self.pref64 is not None:
                     self._watch_pref64()
+                if self.rediscovered is not None:
+                    self._take_rediscovered()
             if now >= next_tick:
                 next_tick = now + 1.0
                 if self.capture is not None:

@@ -153,9 +153,9 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
                              "and how it was found: configured, rfc8781 (a router "
                              "advertisement's PREF64) or rfc7050 (DNS64) (value 1)",
                              labels=["prefix", "source"])
-    changes = CounterMetricFamily("sixgate_clat_plat_prefix_changes", "CLAT: times a router "
-                                  "advertisement changed the PLAT prefix while running (RFC "
-                                  "8781)", labels=[])
+    changes = CounterMetricFamily("sixgate_clat_plat_prefix_changes", "CLAT: times the PLAT "
+                                  "prefix changed while running (a router advertisement's "
+                                  "PREF64, or the DNS64 asked again)", labels=[])
     if clat is not None:
         info.add_metric([clat["prefix"], clat["source"]], 1)
         changes.add_metric([], clat["changes"])

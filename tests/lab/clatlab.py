@@ -71,7 +71,7 @@ class ClatLab(Nat64Lab):
     (Debian's package, an independent implementation) with kernel masquerading."""
 
     def __init__(self, files: ServedFiles, *, plat: str = "sixgate",
-                 advertise: str | None = None) -> None:
+                 advertise: str | None = None, clat_toml: str = "") -> None:
         super().__init__(1, files)
         self.plat = plat
         # Against sixgate the CLAT finds the prefix itself (RFC 7050 through the lab's DNS64,
@@ -87,6 +87,7 @@ class ClatLab(Nat64Lab):
         self.taken_address = (candidate_address(ipaddress.IPv6Network(CLIENTS_64), self.name, 0)
                               if plat != "sixgate" else None)
         self.clat_config = self.tmp / "clat.toml"
+        self.clat_toml = clat_toml  # more [clat] keys
 
     def start_gateway(self, timeout: float = 30, key: str = "sixgate") -> None:
         if self.plat == "sixgate":
@@ -134,7 +135,7 @@ class ClatLab(Nat64Lab):
             f'run_dir = "{self.tmp / "clat-run"}"\n'
             "\n[clat]\n"
             f'plat_prefix = "{self.plat_prefix}"\n'
-            f'ipv6_address = "{self.clat_address}"\n')
+            f'ipv6_address = "{self.clat_address}"\n{self.clat_toml}')
         if self.taken_address is not None:
             self.ip(self.gw_ns, "addr", "add", f"{self.taken_address}/64", "dev", "veth6",
                     "nodad")

@@ -17,6 +17,7 @@ prefix). Built on ``netlab.Lab``: the same naming, cleanup, process and logging 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from netlab import (
     delete_namespace,
     http_server_argv,
     run,
+    stop_process,
     tail,
     wait_until,
 )
@@ -100,12 +102,19 @@ class Nat64Lab(Lab):
             raise LabError(f"sixgate {' '.join(args)} exited {done.returncode}: {done.stderr}")
         return str(done.stdout)
 
-    def start_dns64(self) -> None:
+    def start_dns64(self, prefix: str | None = None) -> None:
         """unbound in the gateway namespace with the DNS64 clause ``sixgate dns64 emit
         --unbound`` prints, forwarding to the IPv4 dnsmasq; the client's resolv.conf names it
-        (``ip netns exec`` mounts /etc/netns/<namespace>/resolv.conf over /etc/resolv.conf)."""
+        (``ip netns exec`` mounts /etc/netns/<namespace>/resolv.conf over /etc/resolv.conf).
+        ``prefix``: synthesize under that one instead (a network whose DNS64 changed; a running
+        unbound is stopped first)."""
+        if "unbound" in self.processes:
+            stop_process(self.processes.pop("unbound"), 5)
+        clause = self.sixgate_out("dns64", "emit", "--unbound")
+        if prefix is not None:
+            clause = re.sub(r"dns64-prefix: \S+", f"dns64-prefix: {prefix}", clause)
         config = self.tmp / "unbound.conf"
-        config.write_text(self.sixgate_out("dns64", "emit", "--unbound") + (
+        config.write_text(clause + (
             "server:\n"
             f"    interface: {GATEWAY6}\n"
             "    port: 53\n"

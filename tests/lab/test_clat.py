@@ -207,3 +207,35 @@ class TestClatPref64:
         assert done.returncode == 0, done.stdout
         assert clat_metric(lab, "sixgate_clat_plat_prefix_changes_total") == [
             "sixgate_clat_plat_prefix_changes_total 2.0"]
+
+
+@pytest.fixture(scope="class")
+def rediscovery_lab(served_files: netlab.ServedFiles) -> Iterator[ClatLab]:
+    """The CLAT against sixgate's NAT64, its prefix from the DNS64, asked again every second."""
+    with ClatLab(served_files, clat_toml="rediscovery_interval_s = 1\n") as lab:
+        yield lab
+
+
+class TestClatRediscovery:
+    def test_a_new_dns64_prefix_is_followed_and_logged(self, rediscovery_lab: ClatLab) -> None:
+        """RFC 7050 asked again: the network's DNS64 now synthesizes under another prefix (one
+        no NAT64 here serves): the CLAT takes it within its interval, so IPv4 stops working;
+        the NAT64's prefix again, and it works again. Each change logged and counted."""
+        lab = rediscovery_lab
+        assert f"PLAT prefix {PREFIX} found by RFC 7050" in lab.log_path("clat").read_text()
+        lab.start_dns64(UNSERVED_PREFIX)
+        netlab.wait_until(lambda: f"PLAT prefix changed from {PREFIX} to {UNSERVED_PREFIX} "
+                          "(found by RFC 7050" in lab.log_path("clat").read_text(), timeout=15,
+                          what="the CLAT to take the DNS64's new prefix")
+        failed = lab.peer(["ping", "-4", "-c", "1", "-W", "2", HTTP4], timeout=20)
+        assert failed.returncode != 0, failed.stdout
+        lab.start_dns64()
+        netlab.wait_until(lambda: f"PLAT prefix changed from {UNSERVED_PREFIX} to {PREFIX}"
+                          in lab.log_path("clat").read_text(), timeout=15,
+                          what="the CLAT to take the NAT64's prefix again")
+        done = lab.peer(["ping", "-4", "-c", "1", "-W", "2", HTTP4], timeout=20)
+        assert done.returncode == 0, done.stdout
+        assert clat_metric(lab, "sixgate_clat_plat_prefix_changes_total") == [
+            "sixgate_clat_plat_prefix_changes_total 2.0"]
+        assert clat_metric(lab, "sixgate_clat_plat_prefix_info") == [
+            f'sixgate_clat_plat_prefix_info{{prefix="{PREFIX}",source="rfc7050"}} 1.0']

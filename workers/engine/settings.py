@@ -136,6 +136,7 @@ class Settings:
     clat_ipv4_address: str = "192.0.0.1"
     clat_mtu: int = 1260
     clat_udp_zero_checksum: str = "calculate"  # "calculate" | "drop" | "forward"
+    clat_rediscovery_interval_s: float = 600.0  # RFC 7050: the resolver asked again
 
     @property
     def max_mss(self) -> int:
