@@ -113,16 +113,22 @@ class ShardCopy:
 
 def _write_private_json(path: Path, doc: Any) -> None:
     """``doc`` as JSON at ``path``, mode 0600, replaced atomically (a reader never sees half)."""
+    _write_private_text(path, json.dumps(doc, separators=(",", ":")))
+
+
+def _write_private_text(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump(doc, out, separators=(",", ":"))
+        out.write(text)
     temporary.replace(path)
 
 
 # --- a restart or an upgrade: the whole copy handed to the next run ---------------------------
 
 HANDOVER_FILE = "handover.json"
+# A recent handover of other settings, kept for a later run with those (``take_handover``).
+SET_ASIDE_FILE = "handover.set-aside.json"
 # A handover older than this is not taken: its sessions have likely ended meanwhile.
 HANDOVER_MAX_AGE_S = 300.0
 # What must be the same in the next run for its workers to own the same sessions: the fan-out
@@ -145,17 +151,60 @@ def write_handover(run_dir: str, copy: ShardCopy, settings: dict[str, Any], now_
     return sum(len(shard) for shard in copy.shards)
 
 
+def set_aside_path(run_dir: str) -> Path:
+    return Path(run_dir) / SET_ASIDE_FILE
+
+
 def take_handover(run_dir: str, settings: dict[str, Any], now_unix: float
                   ) -> tuple[int | None, list[list[Any]], str]:
     """At a start: (the fan-out seed to keep, every worker's records, what happened) from the
-    previous run's handover, which is deleted; (None, [], why) when there is none to take."""
-    path = handover_path(run_dir)
+    previous run's handover, which is deleted; (None, [], why) when there is none to take.
+
+    A handover that is recent but of other settings (another mode, pool ...) is set aside, not
+    lost: a run between with another config (one a deploy then rolls back for failing its
+    health gate) leaves the sessions for a later run with the first settings, which takes them
+    from there (within the same age limit)."""
+    path, aside = handover_path(run_dir), set_aside_path(run_dir)
+    text = _take_text(path)
+    message, other_settings = "", False
+    if text is not None:
+        taken, message, other_settings = _fitting(text, "the previous run", settings, now_unix)
+        if taken is not None:
+            return (*taken, message)
+    # What a run before the previous one handed over, set aside by the previous run.
+    older = _take_text(aside)
+    taken = None
+    if older is not None:
+        taken, older_message, waiting = _fitting(older, "an earlier run", settings, now_unix)
+        if taken is not None:
+            message = "; ".join(m for m in (older_message, message) if m)
+        elif not waiting:
+            older = None  # too old or unreadable: gone
+            message = "; ".join(m for m in (message, older_message) if m)
+    if text is not None and other_settings:
+        _write_private_text(aside, text)  # the newest waits for its settings
+        message += " (its handover is set aside for a run with its settings)"
+    elif older is not None and taken is None:
+        _write_private_text(aside, older)  # still waiting for its settings
+    if taken is None:
+        return None, [], message + (": starting empty" if message else "")
+    return (*taken, message)
+
+
+def _take_text(path: Path) -> str | None:
+    """The file's text, the file deleted; None when there is none."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None, [], ""
+        return None
     finally:
         path.unlink(missing_ok=True)
+
+
+def _fitting(text: str, who: str, settings: dict[str, Any], now_unix: float
+             ) -> tuple[tuple[int, list[list[Any]]] | None, str, bool]:
+    """((seed, shards) or None, what happened, whether it was refused only for other
+    settings) of one handover's text."""
     try:
         doc = json.loads(text)
         seed, shards, saved = doc["hash_seed"], doc["shards"], doc["settings"]
@@ -164,14 +213,14 @@ def take_handover(run_dir: str, settings: dict[str, Any], now_unix: float
                 or not isinstance(shards, list) or not isinstance(saved, dict)):
             raise ValueError("not a handover")
     except (ValueError, KeyError, TypeError):
-        return None, [], "the previous run's handover is unreadable: starting empty"
-    refused = _refusal("the previous run", "handover", age, saved, settings)
+        return None, f"{who}'s handover is unreadable", False
+    refused = _refusal(who, "handover", age, saved, settings)
     if refused:
-        return None, [], refused
+        return None, refused, 0 <= age <= HANDOVER_MAX_AGE_S
     if len(shards) != settings["workers"] or not all(isinstance(s, list) for s in shards):
-        return None, [], "the previous run's handover does not match: starting empty"
-    return seed, shards, (f"resuming {sum(len(s) for s in shards)} session(s) handed over by "
-                          "the previous run")
+        return None, f"{who}'s handover does not match", False
+    return (seed, shards), (f"resuming {sum(len(s) for s in shards)} session(s) handed over "
+                            f"by {who}"), False
 
 
 def _refusal(who: str, what: str, age: float, saved: dict[str, Any],
@@ -179,14 +228,13 @@ def _refusal(who: str, what: str, age: float, saved: dict[str, Any],
     """Why ``who``'s sessions (its ``what``) cannot be resumed by this run ("" when they can):
     too old, or another fan-out or addressing (``HANDOVER_KEYS``)."""
     if not 0 <= age <= HANDOVER_MAX_AGE_S:
-        return (f"{who}'s {what} is {age:.0f} s old (at most {HANDOVER_MAX_AGE_S:.0f}): "
-                "starting empty")
+        return f"{who}'s {what} is {age:.0f} s old (at most {HANDOVER_MAX_AGE_S:.0f})"
     # JSON turns tuples into lists: compare as JSON sees them.
     differ = [key for key in HANDOVER_KEYS
               if json.loads(json.dumps(settings[key])) != saved.get(key)]
     if differ:
         return (f"{who} had another {', '.join(differ)}: its sessions belong to other workers "
-                "or addresses, starting empty")
+                "or addresses")
     return ""
 
 
@@ -288,7 +336,7 @@ def take_crash_log(run_dir: str, settings: dict[str, Any], now_unix: float
         return None, [], "the crashed run's session log is unreadable: starting empty"
     refused = _refusal("the crashed run", "session log", age, saved, settings)
     if refused:
-        return None, [], refused
+        return None, [], refused + ": starting empty"
     copy = ShardCopy(settings["workers"],
                      worker_share(settings["max_flows"], settings["workers"]) or 1)
     for line in lines[1:]:

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -234,6 +235,65 @@ def test_a_download_survives_a_restart_of_the_whole_gateway(
             netlab.stop_process(curl, 5)
     assert curl.returncode == 0, stderr
     assert stdout.split()[0] == big.sha256, "the download arrived damaged"
+    assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
+    udp_after = binding_of(lab, "udp", DNS_CLIENT_PORT)
+    assert udp_before is not None and udp_after is not None
+    assert udp_after["pool"] == udp_before["pool"], (udp_before, udp_after)
+
+
+HOLD_IDLE = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], 80), timeout=10)
+print("connected", flush=True)
+sys.stdin.readline()  # idle until told
+sock.sendall(b"GET /" + sys.argv[2].encode() + b" HTTP/1.0\\r\\n\\r\\n")
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+print(data.split(b"\\r\\n\\r\\n", 1)[-1].decode(errors="replace"), flush=True)
+"""
+
+
+def test_a_run_with_another_mode_between_leaves_the_sessions_for_the_next(
+        restart_lab: Lab) -> None:
+    """A deploy rolls a config back: the gateway is stopped, started with another tunnel mode
+    (6in4: its workers cannot own 6to4 sessions), stopped, started with the first config. The
+    run between sets the first run's handover aside instead of dropping it, so the last run
+    resumes it: an idle TCP connection held through all three gets its answer, and the UDP
+    binding keeps its pool transport address."""
+    lab = restart_lab
+    assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
+    udp_before = binding_of(lab, "udp", DNS_CLIENT_PORT)
+    hold = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+        sys.executable, "-c", HOLD_IDLE, lab.plan.gateway_address, netlab.SMALL_NAME]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = lab.config_path.read_text()
+    try:
+        assert hold.stdout is not None and hold.stdout.readline().strip() == "connected"
+        netlab.wait_until(lambda: binding_of(lab, "tcp") is not None, timeout=10,
+                          what="the held connection's session")
+        time.sleep(0.5)  # past the workers' journal interval
+        assert lab.stop_gateway(timeout=15) == 0, lab.gateway_stderr()
+        lab.config_path.write_text(first.replace(lab.plan.tunnel_toml,
+                                                 netlab.PLANS["6in4"].tunnel_toml))
+        lab.start_gateway(key="sixgate-6in4")
+        between = lab.log_path("sixgate-6in4").read_text()
+        assert "set aside for a run with its settings" in between, between
+        assert netlab.stop_process(lab.processes.pop("sixgate-6in4"), 15) == 0
+        lab.config_path.write_text(first)
+        lab.start_gateway(key="sixgate-again")
+        log = lab.log_path("sixgate-again").read_text()
+        assert re.search(r"resuming [1-9]\d* session\(s\) handed over by an earlier run",
+                         log), log
+        assert hold.stdin is not None
+        hold.stdin.write("go\n")
+        hold.stdin.flush()
+        stdout, stderr = hold.communicate(timeout=30)
+    finally:
+        lab.config_path.write_text(first)
+        if hold.poll() is None:
+            netlab.stop_process(hold, 5)
+    assert hold.returncode == 0 and stdout.strip() == netlab.SMALL_TEXT.strip(), stderr
     assert dig_from_fixed_port(lab) == netlab.DNS_SMALL_A
     udp_after = binding_of(lab, "udp", DNS_CLIENT_PORT)
     assert udp_before is not None and udp_after is not None

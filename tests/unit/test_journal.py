@@ -151,3 +151,34 @@ def test_a_session_log_that_does_not_fit_is_not_taken(tmp_path: Path, change: di
     seed, shards, message = take_crash_log(str(tmp_path), {**settings, **change}, now)
     assert (seed, shards) == (None, []) and why in message and "starting empty" in message
     assert not crash_log_path(str(tmp_path)).exists()
+
+
+def test_a_handover_of_other_settings_waits_for_a_run_with_them(tmp_path: Path) -> None:
+    """A deploy rolls a new config back: the run between (another mode) sets the first run's
+    handover aside and hands over its own; the rolled-back run takes the first one, and the
+    one between waits in turn. Each is taken once."""
+    run_dir = str(tmp_path)
+    first = dataclasses.asdict(make_settings(workers=2, hash_seed=1234))
+    between = {**first, "mode": "6in4", "hash_seed": 99}
+    write_handover(run_dir, copy_with_one_session(), first, 1000.0)
+    seed, shards, message = take_handover(run_dir, between, 1010.0)
+    assert (seed, shards) == (None, []) and "set aside" in message, message
+    write_handover(run_dir, ShardCopy(2, 10), between, 1020.0)  # the run between stops
+    seed, shards, message = take_handover(run_dir, first, 1030.0)
+    assert (seed, shards) == (1234, [[], [RECORD]]), message
+    assert "handed over by an earlier run" in message and "set aside" in message, message
+    # The run between's (empty) handover waits now; the first one is gone.
+    assert take_handover(run_dir, first, 1040.0)[:2] == (None, [])
+    assert take_handover(run_dir, between, 1040.0)[:2] == (99, [[], []])
+    assert not list(tmp_path.glob("handover*"))
+
+
+def test_a_set_aside_handover_expires(tmp_path: Path) -> None:
+    run_dir = str(tmp_path)
+    first = dataclasses.asdict(make_settings(workers=2))
+    write_handover(run_dir, copy_with_one_session(), first, 1000.0)
+    take_handover(run_dir, {**first, "pool": "100.65.0.0/16"}, 1010.0)
+    seed, _shards, message = take_handover(run_dir, first, 1000.0 + journal.HANDOVER_MAX_AGE_S
+                                           + 1)
+    assert seed is None and "s old" in message and "starting empty" in message
+    assert not list(tmp_path.glob("handover*"))
