@@ -90,9 +90,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_OK if found else EXIT_RUNTIME
     print(f"  tunnel        {settings.mode} "
           f"({'RFC 3056 6to4' if settings.mode == '6to4' else 'RFC 4213 configured tunnel'})")
-    print(f"  local IPv4    {settings.local_ipv4}")
+    public = settings.public_ipv4 or settings.local_ipv4
+    if public == settings.local_ipv4:
+        print(f"  local IPv4    {settings.local_ipv4}")
+    else:
+        # Behind a 1:1 NAT: say which address does what.
+        print(f"  local IPv4    {settings.local_ipv4} (the capture and the sending socket bind "
+              "it: the NAT delivers the tunnel's packets here)")
+        print(f"  public IPv4   {public} (what the tunnel is known by: "
+              + ("embedded in the 6to4 prefix, checked by the RFC 3964 rules)"
+                 if settings.mode == "6to4" else
+                 "the broker's remote for this tunnel, our 6in4 link-local fe80::"
+                 f"{public})"))
     if settings.mode == "6to4":
-        print(f"  6to4 prefix   {settings.prefix} (derived from local_ipv4)")
+        print(f"  6to4 prefix   {settings.prefix} (derived from "
+              f"{'public_ipv4' if public != settings.local_ipv4 else 'local_ipv4'})")
         print(f"  relay         {settings.relay_ipv4} (for non-2002::/16 destinations)")
     else:
         print(f"  remote        {settings.remote_ipv4} (only source accepted, RFC 4213 §3.6)")

@@ -131,8 +131,14 @@ LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
 SCHEMA: tuple[Key, ...] = (
     Key("tunnel", "mode", "string", '"6to4" (RFC 3056) or "6in4" (RFC 4213 configured tunnel)',
         default_text="required"),
-    Key("tunnel", "local_ipv4", "IPv4 address", "this host's public IPv4; in 6to4 the "
-        "2002::/48 prefix derives from it", default_text="required"),
+    Key("tunnel", "local_ipv4", "IPv4 address", "the address on this host the tunnel's "
+        "packets arrive at and leave from (the capture and the sending socket bind it); behind "
+        "a 1:1 NAT the private one", default_text="required"),
+    Key("tunnel", "public_ipv4", "IPv4 address", "the address the tunnel is known by: the one "
+        "the broker has as its remote, embedded in the 6to4 2002::/48 and checked by the RFC "
+        "3964 rules; set it when a 1:1 NAT (a cloud VM's public address) maps it to "
+        "local_ipv4 (6to4 behind one runs in userspace: Linux sit cannot)",
+        default_text="local_ipv4"),
     Key("tunnel", "relay_ipv4", "IPv4 address", "6to4 only: where packets to non-2002::/16 "
         "destinations go", default_text="required in 6to4 (RFC 7526: no anycast default)"),
     Key("tunnel", "remote_ipv4", "IPv4 address", "6in4 only: the tunnel broker's endpoint, "
@@ -485,6 +491,9 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
     if "local_ipv4" not in tunnel:
         raise ctx.error("tunnel", None, "local_ipv4 is missing; set this host's public IPv4")
     local_ipv4 = _ipv4(ctx, "tunnel", "local_ipv4", tunnel["local_ipv4"])
+    public_ipv4 = local_ipv4
+    if "public_ipv4" in tunnel:
+        public_ipv4 = _ipv4(ctx, "tunnel", "public_ipv4", tunnel["public_ipv4"])
     relay_ipv4 = remote_ipv4 = None
     if mode == "6to4":
         if "relay_ipv4" not in tunnel:
@@ -495,10 +504,13 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
         relay_ipv4 = _ipv4(ctx, "tunnel", "relay_ipv4", tunnel["relay_ipv4"])
         if "remote_ipv4" in tunnel:
             raise ctx.error("tunnel", "remote_ipv4", "only for mode = \"6in4\"; remove it")
-        derived = prefix_6to4(local_ipv4)
+        # RFC 3056 §2: the prefix embeds the address the world knows (behind a 1:1 NAT, the
+        # public one).
+        derived = prefix_6to4(public_ipv4)
         if "prefix" in tunnel and _ipv6_network(tunnel["prefix"]) != derived:
             raise ctx.error("tunnel", "prefix", f"in 6to4 mode the prefix is derived from "
-                            f"local_ipv4 ({derived}); remove the key")
+                            f"{'public_ipv4' if 'public_ipv4' in tunnel else 'local_ipv4'} "
+                            f"({derived}); remove the key")
         prefix = derived
     else:
         if "remote_ipv4" not in tunnel:
@@ -548,7 +560,7 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
                 raise ctx.error("tunnel", "martian_ipv4", f"{cidr!r} is not an IPv4 prefix "
                                 "like \"10.0.0.0/8\"") from None
         martian_rows = tuple(rows)
-    return dict(mode=mode, local_ipv4=local_ipv4, relay_ipv4=relay_ipv4,
+    return dict(mode=mode, local_ipv4=local_ipv4, public_ipv4=public_ipv4, relay_ipv4=relay_ipv4,
                 remote_ipv4=remote_ipv4, prefix=str(prefix), addresses=tuple(addresses),
                 mtu=mtu, martian_ipv4=martian_rows)
 
@@ -611,6 +623,15 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         if doc.get("forward") and "tunnel" not in doc:
             raise ctx.error("forward", None, "[[forward]] rules need a [tunnel]; a NAT64 "
                             "gateway translates its whole prefix")
+    if tunnel_values["mode"] == "6to4" and tunnel_values.get("public_ipv4") != local_ipv4:
+        # Linux sit drops what a 1:1 NAT delivers: the inner destination embeds the public
+        # address, the outer one is local_ipv4 (its RFC 3964 check, is_spoofed_6rd).
+        if values["backend"] == "kernel":
+            raise ctx.error("tunnel", "public_ipv4", "6to4 behind a 1:1 NAT needs the "
+                            "userspace backend (the kernel's sit link checks the inner "
+                            "destination against local_ipv4); set backend = \"userspace\" or "
+                            "\"auto\"")
+        values["backend"] = "userspace"
     workers = values["workers"]
     pool_text = _given(gateway, "pool")
     try:
@@ -641,8 +662,8 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             if other != i:
                 raise ctx.error("forward", "port", f"{rule.proto} port {port} is already "
                                 f"forwarded by rule {other}; each port may have one rule", i)
-    for key in ("local_ipv4", "relay_ipv4", "remote_ipv4"):
-        value = tunnel_values[key]
+    for key in ("local_ipv4", "public_ipv4", "relay_ipv4", "remote_ipv4"):
+        value = tunnel_values.get(key)
         if value and ipaddress.IPv4Address(value) in pool:
             raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
                             f"{value}; choose a pool no real host uses")

@@ -67,6 +67,26 @@ def test_6to4_prefix_derived_from_local_ipv4() -> None:
                                                     "udp/53 -> 127.0.0.1:5353"]
 
 
+def test_behind_a_1to1_nat_the_6to4_prefix_embeds_the_public_address() -> None:
+    """Issue 19: ``public_ipv4`` is what the tunnel is known by (RFC 3056 §2), ``local_ipv4``
+    what it binds; 6to4 behind a NAT runs in userspace (Linux sit cannot), 6in4 may not."""
+    text = GOOD_6TO4.replace('local_ipv4 = "192.0.2.10"\n',
+                             'local_ipv4 = "10.0.0.10"\npublic_ipv4 = "192.0.2.10"\n')
+    settings = parse_config(text.replace('addresses = ["2002:c000:20a::1"]\n', ""), "gw.toml")
+    assert (settings.local_ipv4, settings.public_ipv4, settings.prefix, settings.addresses) == (
+        "10.0.0.10", "192.0.2.10", "2002:c000:20a::/48", ("2002:c000:20a::1",))
+    assert settings.backend == "userspace"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text.replace("workers = 2\n", 'workers = 2\nbackend = "kernel"\n'),
+                     "gw.toml")
+    assert "tunnel.public_ipv4" in str(err.value) and "userspace" in str(err.value)
+    assert parse_config(GOOD_6TO4, "gw.toml").public_ipv4 == "192.0.2.10"  # defaults to local
+    in4 = parse_config(GOOD_6IN4.replace('local_ipv4 = "192.0.2.10"\n',
+                                         'local_ipv4 = "10.0.0.10"\npublic_ipv4 = '
+                                         '"192.0.2.10"\n'), "gw.toml")
+    assert (in4.local_ipv4, in4.public_ipv4, in4.backend) == ("10.0.0.10", "192.0.2.10", "auto")
+
+
 def test_6in4_default_address_is_prefix_1_and_range_shifts() -> None:
     settings = parse_config(GOOD_6IN4, "gw.toml")
     assert settings.addresses == ("2001:db8:1::1",)

@@ -40,7 +40,8 @@ def test_the_tunnel_the_pool_and_the_worker_count_need_a_restart() -> None:
     old = running()
     new = as_running(old, parse_config(BASE.replace("192.0.2.10", "192.0.2.11").replace(
         "workers = 2", 'workers = 3\npool = "100.65.0.0/16"')))
-    assert restart_needed(old, new) == ["local_ipv4", "prefix", "addresses", "workers", "pool"]
+    assert restart_needed(old, new) == ["local_ipv4", "prefix", "addresses", "workers", "pool",
+                                        "public_ipv4"]
 
 
 NAT64 = """\

@@ -125,13 +125,14 @@ def link_local_6in4(local_ipv4: bytes) -> bytes:
     return b"\xfe\x80" + bytes(10) + local_ipv4
 
 
-def our_addresses(mode: str, local_ipv4: str, addresses: list[str] | tuple[str, ...]) -> (
+def our_addresses(mode: str, public_ipv4: str, addresses: list[str] | tuple[str, ...]) -> (
         frozenset[bytes]):
     """Every IPv6 address the gateway answers for: the configured ones, plus the tunnel's
-    link-local address in 6in4 mode (RFC 4213 §3.7)."""
+    link-local address in 6in4 mode (RFC 4213 §3.7: from the IPv4 address the peer knows the
+    tunnel by, the public one behind a 1:1 NAT)."""
     out = {ipaddress.IPv6Address(a).packed for a in addresses}
     if mode == "6in4":
-        out.add(link_local_6in4(ipaddress.IPv4Address(local_ipv4).packed))
+        out.add(link_local_6in4(ipaddress.IPv4Address(public_ipv4).packed))
     return frozenset(out)
 
 
@@ -142,6 +143,9 @@ class TunnelPolicy:
     mode: str  # "6to4" or "6in4"
     local_ipv4: bytes
     remote_ipv4: bytes | None  # 6in4 only
+    # The address the world knows the tunnel by: what 2002::/16 destinations embed (RFC 3964
+    # §5.2). Behind a 1:1 NAT packets arrive addressed to ``local_ipv4`` instead.
+    public_ipv4: bytes
     addresses: frozenset[bytes]  # our own IPv6 addresses
     martian_ipv4: NetTable
     # A NAT64 served over the tunnel: its prefix's addresses are ours too.
@@ -150,12 +154,14 @@ class TunnelPolicy:
     @staticmethod
     def build(mode: str, local_ipv4: str, remote_ipv4: str | None, addresses: list[str],
               martian_ipv4: tuple[tuple[str, str], ...] = DEFAULT_MARTIAN_IPV4,
-              nat64: Nat64Prefix | None = None) -> TunnelPolicy:
+              nat64: Nat64Prefix | None = None, public_ipv4: str = "") -> TunnelPolicy:
+        public_ipv4 = public_ipv4 or local_ipv4
         return TunnelPolicy(
             mode=mode,
             local_ipv4=ipaddress.IPv4Address(local_ipv4).packed,
             remote_ipv4=ipaddress.IPv4Address(remote_ipv4).packed if remote_ipv4 else None,
-            addresses=our_addresses(mode, local_ipv4, addresses),
+            public_ipv4=ipaddress.IPv4Address(public_ipv4).packed,
+            addresses=our_addresses(mode, public_ipv4, addresses),
             martian_ipv4=NetTable(martian_ipv4),
             nat64=nat64,
         )
@@ -254,8 +260,10 @@ def _check_inbound(buf: memoryview, policy: TunnelPolicy) -> Decapsulated | Drop
     if dst6 in _MARTIAN_DST6:
         return DropReason.MARTIAN_DESTINATION
     if policy.mode == "6to4":
-        # RFC 3964 §5.2 (Linux sit packet_is_spoofed).
-        if packet_is_spoofed_6to4(src4, dst4, src6, dst6):
+        # RFC 3964 §5.2 (Linux sit packet_is_spoofed), with the address the sender meant: a
+        # 1:1 NAT in front rewrote the public destination to ``local_ipv4``.
+        if packet_is_spoofed_6to4(src4, policy.public_ipv4 if dst4 == policy.local_ipv4
+                                  else dst4, src6, dst6):
             return DropReason.SPOOFED_6TO4
         # RFC 3964 §5.3.1: a 2002::/16 source must not embed a martian IPv4 address.
         v4 = embedded_ipv4(src6)
