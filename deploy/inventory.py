@@ -208,6 +208,8 @@ VARIABLES: dict[str, Variable] = {
                      "tunnel, the host is a NAT64 only (nat64_* below)"),
     "local_ipv4": Variable(_ipv4, None, "tunnel.local_ipv4: the host's public IPv4 (not "
                            "for mode \"nat64\")"),
+    "public_ipv4": Variable(_ipv4, None, "tunnel.public_ipv4: behind a 1:1 NAT, the address "
+                            "the tunnel is known by (default: local_ipv4)"),
     "relay_ipv4": Variable(_ipv4, None, "tunnel.relay_ipv4 (6to4)"),
     "remote_ipv4": Variable(_ipv4, None, "tunnel.remote_ipv4 (6in4 broker endpoint)"),
     "prefix": Variable(_text, None, "tunnel.prefix (6in4 routed prefix)"),

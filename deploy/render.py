@@ -27,6 +27,7 @@ UNIT_TEMPLATE = "sixgate.service.j2"
 # Gateway config keys (as ConfigError names them) -> the inventory variable that sets them.
 CONFIG_KEY_TO_VARIABLE = {
     "tunnel.mode": "mode", "tunnel.local_ipv4": "local_ipv4", "tunnel.relay_ipv4": "relay_ipv4",
+    "tunnel.public_ipv4": "public_ipv4",
     "tunnel.remote_ipv4": "remote_ipv4", "tunnel.prefix": "prefix",
     "tunnel.addresses": "addresses", "tunnel.mtu": "mtu", "tunnel": "mode",
     "gateway.workers": "workers", "gateway.pool": "pool", "gateway.name": "gateway_name",
@@ -76,6 +77,7 @@ def ansible_host_vars(host: Host) -> dict[str, Any]:
         "sixgate_mode": v["mode"],
         "sixgate_local_ipv4": v["local_ipv4"],
         "sixgate_relay_ipv4": v["relay_ipv4"],
+        "sixgate_public_ipv4": v["public_ipv4"],
         "sixgate_remote_ipv4": v["remote_ipv4"],
         "sixgate_prefix": v["prefix"],
         "sixgate_addresses": v["addresses"],

@@ -354,6 +354,19 @@ nat64_pool4 = [{ address = "203.0.113.7", udp = "40000-49999" }]
 """
 
 
+def test_a_host_behind_a_1to1_nat_renders_both_addresses(files: Path) -> None:
+    """Issue 19: ``public_ipv4`` reaches the gateway's [tunnel] (and its 6to4 prefix); a host
+    without it renders none (the gateway's default: local_ipv4)."""
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY.replace(
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"',
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "10.0.0.11"\n'
+        'public_ipv4 = "192.0.2.11"')))
+    behind = parse_config(render_gateway_config(inventory.host("edge1")))
+    assert (behind.local_ipv4, behind.public_ipv4, behind.prefix) == (
+        "10.0.0.11", "192.0.2.11", "2002:c000:20b::/48")
+    assert "public_ipv4" not in render_gateway_config(inventory.host("edge2"))
+
+
 def test_nat64_hosts_render_the_nat64_table(files: Path) -> None:
     """A NAT64-only host (mode "nat64": no [tunnel], no local_ipv4 needed) and a 6to4 host with
     a NAT64 beside its tunnel: the gateway's parser reads back what the inventory said."""
