@@ -20,7 +20,7 @@ import tomli
 
 from sixgate.workers.engine.flows import Timeouts
 from sixgate.workers.engine.nat64 import WELL_KNOWN_PREFIX, Nat64Prefix
-from sixgate.workers.engine.settings import Forward, Settings, pool_addresses
+from sixgate.workers.engine.settings import Forward, Settings, pool_size
 from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
 
 # Directories a run_dir must never be: sixgate chmods its run_dir to 0700 and cleans it.
@@ -641,7 +641,7 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     except (ValueError, TypeError) as exc:
         raise ctx.error("gateway", "pool", f"{pool_text!r} is not an IPv4 prefix ({exc}); "
                         "write it like \"100.64.0.0/16\"") from None
-    if len(pool_addresses(str(pool))) < workers:
+    if pool_size(str(pool)) < workers:
         raise ctx.error("gateway", "pool", f"{pool} has fewer addresses than workers "
                         f"({workers}); use a larger block")
     forwards_raw = doc.get("forward", [])

@@ -12,6 +12,7 @@ from sixgate.workers.engine.settings import (
     Forward,
     Settings,
     pool_addresses,
+    pool_size,
     worker_pool,
     worker_pool_range,
     worker_routes,
@@ -83,6 +84,12 @@ def test_worker_routes_cover_exactly_the_slice(pool: str, workers: int) -> None:
         assert int(nets[-1].broadcast_address) == last
         for address in worker_pool(pool, workers, i):
             assert any(ipaddress.IPv4Address(address) in n for n in nets)
+
+
+@pytest.mark.parametrize("pool", ["100.64.0.0/32", "100.64.0.8/31", "100.64.0.0/30",
+                                  "100.64.0.0/24", "100.64.0.0/16"])
+def test_pool_size_counts_what_pool_addresses_lists(pool: str) -> None:
+    assert pool_size(pool) == len(pool_addresses(pool))
 
 
 def test_pool_addresses_leave_out_network_and_broadcast() -> None:

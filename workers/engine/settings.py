@@ -173,6 +173,12 @@ def source_allowed(nets: tuple[tuple[int, int], ...] | None, address: bytes) -> 
     return any(value & mask == network for network, mask in nets)
 
 
+def pool_size(pool: str) -> int:
+    """How many addresses ``pool_addresses`` has, without making them (a /16 is 65534)."""
+    count = ipaddress.IPv4Network(pool).num_addresses
+    return count if count <= 2 else count - 2
+
+
 def pool_addresses(pool: str) -> list[ipaddress.IPv4Address]:
     """Usable pool addresses: the network and broadcast addresses of the block are left out."""
     net = ipaddress.IPv4Network(pool)
