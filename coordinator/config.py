@@ -152,6 +152,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("tunnel", "martian_ipv4", "list of IPv4 prefixes", "outer sources and 2002::/16 "
         "embeddings refused (RFC 3964 §5.3.1); [] turns the check off",
         default_text="0/8, 10/8, 127/8, 169.254/16, 172.16/12, 192.168/16, 224/4, 240/4"),
+    Key("tunnel", "probe_interval_s", "seconds 0-3600", "6in4: how often an ICMPv6 echo goes "
+        "to the broker's link-local address fe80::<remote_ipv4> (RFC 4213 §3.7, §3.8) to tell "
+        "whether it still answers (sixgate_tunnel_peer_reachable); 0: never",
+        _ranged_number(0, 3600), DEFAULTS["probe_interval_s"]),
     _gateway("backend", "string", "; ".join(f'"{k}": {v}' for k, v in BACKENDS.items()),
              _one_of(BACKENDS)),
     _gateway("workers", "integer 1-64", "worker processes", _ranged_int(1, 64),
@@ -544,7 +548,8 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
             raise ctx.error("tunnel", "addresses", f"{addr} is outside the tunnel prefix "
                             f"{prefix}; packets for it would never reach this host")
         addresses.append(str(addr))
-    mtu = _checked(ctx, "tunnel", tunnel)["mtu"]
+    checked = _checked(ctx, "tunnel", tunnel)
+    mtu = checked["mtu"]
     martian_rows = DEFAULT_MARTIAN_IPV4
     if "martian_ipv4" in tunnel:
         if not isinstance(tunnel["martian_ipv4"], list):
@@ -560,7 +565,11 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
                 raise ctx.error("tunnel", "martian_ipv4", f"{cidr!r} is not an IPv4 prefix "
                                 "like \"10.0.0.0/8\"") from None
         martian_rows = tuple(rows)
+    if "probe_interval_s" in tunnel and mode != "6in4":
+        raise ctx.error("tunnel", "probe_interval_s", "only for mode = \"6in4\" (6to4 has no "
+                        "one peer to probe); remove it")
     return dict(mode=mode, local_ipv4=local_ipv4, public_ipv4=public_ipv4, relay_ipv4=relay_ipv4,
+                probe_interval_s=checked["probe_interval_s"],
                 remote_ipv4=remote_ipv4, prefix=str(prefix), addresses=tuple(addresses),
                 mtu=mtu, martian_ipv4=martian_rows)
 

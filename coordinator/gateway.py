@@ -17,6 +17,7 @@ ours).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import pwd
@@ -38,6 +39,7 @@ from pyroute2 import NetlinkError
 from sixgate.coordinator import clat, forwarding, kernel_backend
 from sixgate.coordinator import reload as reloading
 from sixgate.coordinator.config import ConfigError, parse_config
+from sixgate.coordinator.liveness import PROBE_TIMEOUT_S, PeerProbe
 from sixgate.coordinator.metrics import GatewayView, MetricsServer, WorkerView
 from sixgate.workers import control
 from sixgate.workers.capture import TunnelCapture
@@ -249,6 +251,8 @@ class Coordinator:
         self.rediscovery: threading.Thread | None = None
         self.rediscovered: tuple[str | None, str] | None = None
         self.stopping = threading.Event()
+        # 6in4: the broker's reachability (RFC 4213 §3.8), probed from a thread of its own.
+        self.peer_probe: PeerProbe | None = None
         self.reload_ok = True
         self.reload_success_unix = self.started_unix
         self.reload_requested = False  # SIGHUP: the main loop reloads
@@ -270,7 +274,9 @@ class Coordinator:
             capture_open=self.capture is not None and self.capture.fileno() >= 0,
             sit_link=self.sit_link, reload_ok=self.reload_ok,
             reload_success_unix=self.reload_success_unix, plat_source=self.plat_source,
-            plat_changes=self.plat_changes)
+            plat_changes=self.plat_changes,
+            peer_reachable=None if self.peer_probe is None else self.peer_probe.reachable,
+            peer_rtt_s=None if self.peer_probe is None else self.peer_probe.rtt_s)
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
         return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
@@ -365,6 +371,9 @@ class Coordinator:
                 raise RuntimeError(f"cannot listen for metrics on {settings.metrics_listen} "
                                    f"({exc.strerror}); set [metrics] listen to a free "
                                    "address:port, or \"\" to turn metrics off") from None
+        if settings.mode == "6in4" and settings.probe_interval_s > 0:
+            # A raw socket: opened while root.
+            self.peer_probe = PeerProbe(settings)
         # Everything only root could make exists: from here on the coordinator is the user,
         # and every worker starts (and restarts) as that user too.
         log.info("%s", become_supervisor(settings.user, hand_over(self.run_dir, settings)))
@@ -433,6 +442,29 @@ class Coordinator:
         while not self.stopping.wait(self.settings.clat_rediscovery_interval_s):
             self.rediscovered = clat.discover_rfc7050()
 
+    def _probe_peer(self) -> None:
+        """RFC 4213 §3.8: the broker probed every ``probe_interval_s`` (thread); a change of
+        its answer is logged."""
+        probe = self.peer_probe
+        assert probe is not None
+        while not self.stopping.is_set():
+            interval = self.settings.probe_interval_s  # a reload may change it
+            if interval <= 0:
+                probe.reachable = None
+                self.stopping.wait(5.0)
+                continue
+            before = probe.reachable
+            probe.probe(min(PROBE_TIMEOUT_S, interval))
+            if probe.reachable != before:
+                if probe.reachable:
+                    log.info("6in4 peer %s answers (RFC 4213 §3.8 probe, %.1f ms)", probe.peer,
+                             (probe.rtt_s or 0) * 1000)
+                else:
+                    log.warning("6in4 peer %s does not answer its link-local %s: the broker is "
+                                "down or no longer forwards to this host", probe.peer,
+                                ipaddress.IPv6Address(probe.target))
+            self.stopping.wait(interval)
+
     def _take_rediscovered(self) -> None:
         found, how = self.rediscovered or (None, "")
         self.rediscovered = None
@@ -489,7 +521,7 @@ class Coordinator:
                                    f"{WORKER_READY_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
-        self.stopping.set()  # the RFC 7050 thread ends (a query it is in can run out first)
+        self.stopping.set()  # the RFC 7050 and probe threads end (a wait in them runs out)
         if self.metrics_server is not None:
             self.metrics_server.close()
         for worker in self.workers:
@@ -526,6 +558,8 @@ class Coordinator:
             clat.undo(self.settings)
         if self.pref64 is not None:
             self.pref64.close()
+        if self.peer_probe is not None:
+            self.peer_probe.close()
         if self.sit_link is not None:
             kernel_backend.teardown(self.settings)
         run_dir = getattr(self, "run_dir", None)
@@ -567,6 +601,8 @@ class Coordinator:
             self.journal_thread = threading.Thread(target=self._journal_loop, name="journal",
                                                    daemon=True)
             self.journal_thread.start()
+        if self.peer_probe is not None:
+            threading.Thread(target=self._probe_peer, name="peer-probe", daemon=True).start()
         if self.plat_source == "rfc7050":
             self.rediscovery = threading.Thread(target=self._rediscover, name="rfc7050",
                                                 daemon=True)

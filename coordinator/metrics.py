@@ -75,6 +75,7 @@ METRIC_NAMES = (
     "sixgate_worker_restarts", "sixgate_cpu_seconds", "sixgate_resident_memory_bytes",
     "sixgate_coordinator_batch_packets", "sixgate_packet_processing_seconds",
     "sixgate_clat_plat_prefix_info", "sixgate_clat_plat_prefix_changes",
+    "sixgate_tunnel_peer_reachable", "sixgate_tunnel_peer_rtt_seconds",
 )
 
 # RFC 4443 §2.1 error message types, the ``type`` label of sixgate_icmp_errors_sent_total.
@@ -160,6 +161,18 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
         info.add_metric([clat["prefix"], clat["source"]], 1)
         changes.add_metric([], clat["changes"])
     out += [info, changes]
+    # 6in4: the broker's reachability (RFC 4213 §3.8 probes); empty until the first ends.
+    peer = snap.get("peer")
+    reachable = GaugeMetricFamily("sixgate_tunnel_peer_reachable", "6in4: 1 when the broker "
+                                  "answered the last probe of its link-local address (RFC 4213 "
+                                  "§3.8), 0 when it did not", labels=["peer"])
+    rtt = GaugeMetricFamily("sixgate_tunnel_peer_rtt_seconds", "6in4: round trip of the "
+                            "broker's last answer to a probe", labels=["peer"])
+    if peer is not None:
+        reachable.add_metric([peer["address"]], 1 if peer["reachable"] else 0)
+        if peer["rtt_s"] is not None:
+            rtt.add_metric([peer["address"]], peer["rtt_s"])
+    out += [reachable, rtt]
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_packets", "Protocol-41 packets received, before any check",
         value=snap["tunnel_received"][0]))
@@ -320,6 +333,8 @@ class GatewayView:
     reload_success_unix: float = 0.0  # when the config in use was loaded
     plat_source: str = ""  # CLAT: how its PLAT prefix was found
     plat_changes: int = 0  # CLAT: PREF64 changes of the prefix while running
+    peer_reachable: bool | None = None  # 6in4: the last probe of the broker (None: none yet)
+    peer_rtt_s: float | None = None  # 6in4: its last answer's round trip
 
 
 class Gateway(Protocol):
@@ -370,6 +385,8 @@ class GatewayCollector:
             "reload_success_unix": view.reload_success_unix or view.started_unix,
             "clat": {"prefix": settings.clat_plat_prefix, "source": view.plat_source,
                      "changes": view.plat_changes} if settings.mode == "clat" else None,
+            "peer": {"address": settings.remote_ipv4, "reachable": view.peer_reachable,
+                     "rtt_s": view.peer_rtt_s} if view.peer_reachable is not None else None,
             "tunnel_received": received,
             "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,
                        "queue_batches": settings.queue_batches,

@@ -218,6 +218,15 @@ def limits() -> list[Panel]:
                     "{{instance}} {{address}} {{protocol}} size")],
             "short"), ".* size$"),
         timeseries(
+            "6in4 broker reachable",
+            "6in4: 1 while the tunnel broker answers the gateway's probes of its link-local "
+            "address (RFC 4213 §3.8, every [tunnel] probe_interval_s), 0 when the last one went "
+            "unanswered (sixgate_tunnel_peer_reachable; the last answer's round trip is "
+            "sixgate_tunnel_peer_rtt_seconds). Empty for 6to4 and NAT64.",
+            [target(f"max by (instance, peer) ({sel('sixgate_tunnel_peer_reachable')})",
+                    "{{instance}} {{peer}} reachable")],
+            "short"),
+        timeseries(
             "ZeroMQ queue drops per worker",
             "Packets per second the coordinator could not queue to a worker because its "
             "ZeroMQ high-water mark (sixgate_queue_limit_batches) was reached "

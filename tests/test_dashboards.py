@@ -42,7 +42,8 @@ STEP_S = 15
 SAMPLES = 240  # one hour
 ALERTS = {"SixgateDown", "SixgateNotReady", "SixgateDropRatioHigh",
           "SixgateFlowTableNearlyFull",
-          "SixgateNat64Pool4NearlyExhausted", "SixgateWorkerRestarting"}
+          "SixgateNat64Pool4NearlyExhausted", "SixgateTunnelPeerUnreachable",
+          "SixgateWorkerRestarting"}
 
 
 def _binary(name: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import itertools
 import json
 import os
@@ -612,6 +613,12 @@ class Lab:
         self.ip(self.peer_ns, "link", "set", PEER_TUN, "mtu", str(TUNNEL_MTU), "up")
         self.ip(self.peer_ns, "addr", "add", self.plan.peer_cidr, "dev", PEER_TUN, "nodad")
         self.ip(self.peer_ns, "route", "add", self.plan.peer_route, "dev", PEER_TUN)
+        if self.mode == "6in4":
+            # RFC 4213 §3.7: the broker's end has fe80::<its IPv4> (Linux sit configures it),
+            # which the gateway probes (RFC 4213 §3.8, coordinator/liveness.py).
+            link_local = ipaddress.IPv6Address(
+                b"\xfe\x80" + bytes(10) + ipaddress.IPv4Address(PEER_IPV4).packed)
+            self.ip(self.peer_ns, "addr", "add", f"{link_local}/64", "dev", PEER_TUN, "nodad")
         # Deprecated (preferred_lft 0, RFC 6724 rule 3): never chosen as a source address
         # by themselves, so ping/curl/dig keep using peer_address; probes bind them explicitly.
         batch = "".join(f"addr add {address}/64 dev {PEER_TUN} nodad preferred_lft 0\n"

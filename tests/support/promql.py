@@ -74,6 +74,8 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sixgate_clat_plat_prefix_info": ("gauge", {"prefix": ("64:ff9b::/96",),
                                                 "source": ("rfc8781",)}),
     "sixgate_clat_plat_prefix_changes_total": ("counter", {}),
+    "sixgate_tunnel_peer_reachable": ("gauge", {"peer": ("198.51.100.1",)}),
+    "sixgate_tunnel_peer_rtt_seconds": ("gauge", {"peer": ("198.51.100.1",)}),
 }
 BUCKETS = {
     "sixgate_coordinator_batch_packets": ("1", "2", "4", "8", "16", "32", "64", "128", "256"),

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import UDP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.packet import raw
 from support.helpers import client_udp, encapsulate
 
@@ -26,6 +26,7 @@ from sixgate.workers.engine.wire import (
     WIRE_VERSION,
     capture_filter,
     decode_batch,
+    echo_reply_filter,
     encode_batch,
     fanout_filter,
     fanout_index,
@@ -302,3 +303,25 @@ def test_capture_filter_shares_plain_packets_and_gives_fragments_to_worker_0(
         accepted = [i for i in range(workers) if run_classic_bpf(capture_filter(
             GW4_PACKED, fanout_filter(i, workers, 7), fragments=i == 0), piece)]
         assert accepted == [0]
+
+
+# --- the 6in4 broker probe's socket filter (coordinator/liveness.py) ------------------------------
+
+def _probe_reply(**fields: object) -> bytes:
+    return _outer(raw(IPv6(src="fe80::c633:6401", dst="fe80::c000:20a")
+                      / ICMPv6EchoReply(id=7, seq=1, data=b"probe")), **fields)
+
+
+@pytest.mark.parametrize(("packet", "accepted"), [
+    pytest.param(_probe_reply(), True, id="the_brokers_echo_reply"),
+    pytest.param(_probe_reply(src="198.51.100.2"), False, id="from_another_host"),
+    pytest.param(_outer(CAPTURE_INNER), False, id="tunnel_traffic"),
+    pytest.param(_outer(raw(IPv6(src="fe80::c633:6401", dst="fe80::c000:20a")
+                            / ICMPv6EchoRequest(id=7, seq=1))), False, id="an_echo_request"),
+    pytest.param(_probe_reply(proto=4), False, id="not_protocol_41"),
+])
+def test_the_probe_socket_queues_only_the_brokers_echo_replies(packet: bytes,
+                                                               accepted: bool) -> None:
+    program = echo_reply_filter(bytes([198, 51, 100, 1]))
+    assert bool(run_classic_bpf(program, packet)) is accepted
+    pack_filter(program)  # packs as the kernel takes it

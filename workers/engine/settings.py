@@ -74,6 +74,8 @@ class Settings:
     # The address the tunnel is known by (RFC 3056 prefix, RFC 3964 checks, the 6in4
     # link-local); "" is local_ipv4. Differs behind a 1:1 NAT.
     public_ipv4: str = ""
+    # 6in4: seconds between reachability probes of the broker (coordinator/liveness.py).
+    probe_interval_s: float = 60.0
     max_flows: int = 200_000
     max_flows_per_prefix: int = 5_000
     # RFC 6888 REQ-4: one /48 (a site) and one outer IPv4 source (a 6to4 relay or router,

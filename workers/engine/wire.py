@@ -184,5 +184,20 @@ def capture_filter(local_ipv4: bytes, share: list[tuple[int, int, int, int]] | N
     return program + body + [(_RET_K, 0, 0, 0), (_RET_K, 0, 0, ACCEPT if fragments else 0)]
 
 
+def echo_reply_filter(peer_ipv4: bytes) -> list[tuple[int, int, int, int]]:
+    """The tunnel-peer probe's raw socket filter (coordinator/liveness.py): protocol 41 from
+    ``peer_ipv4`` carrying an ICMPv6 echo reply right after a 20-byte outer and a 40-byte inner
+    header; nothing else is queued to it (a raw socket gets a copy of every protocol-41
+    packet, which at full load would cost as much as the capture)."""
+    checks = [(_LD_B_ABS, 9, PROTO_41), (_LD_W_ABS, 12, int.from_bytes(peer_ipv4, "big")),
+              (_LD_B_ABS, 0, 0x45), (_LD_B_ABS, 26, 58), (_LD_B_ABS, 60, 129)]
+    program: list[tuple[int, int, int, int]] = []
+    drop = 2 * len(checks) + 1
+    for load, offset, value in checks:
+        at = len(program) + 1
+        program += [(load, 0, 0, offset), (_JEQ_K, 0, drop - at - 1, value)]
+    return program + [(_RET_K, 0, 0, ACCEPT), (_RET_K, 0, 0, 0)]
+
+
 def pack_filter(program: list[tuple[int, int, int, int]]) -> bytes:
     return b"".join(_INSN.pack(*insn) for insn in program)
