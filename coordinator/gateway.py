@@ -371,8 +371,9 @@ class Coordinator:
                 raise RuntimeError(f"cannot listen for metrics on {settings.metrics_listen} "
                                    f"({exc.strerror}); set [metrics] listen to a free "
                                    "address:port, or \"\" to turn metrics off") from None
-        if settings.mode == "6in4" and settings.probe_interval_s > 0:
-            # A raw socket: opened while root.
+        if settings.mode == "6in4":
+            # A raw socket: opened while root (also with probe_interval_s = 0, which a reload
+            # may raise).
             self.peer_probe = PeerProbe(settings)
         # Everything only root could make exists: from here on the coordinator is the user,
         # and every worker starts (and restarts) as that user too.
