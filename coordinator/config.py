@@ -687,9 +687,10 @@ def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:
     """A CLAT host: [clat] with [gateway] and [metrics]; one worker, userspace."""
     for other in ("tunnel", "nat64", "forward"):
         if other in doc:
-            raise ctx.error(other, None, "a CLAT runs on its own (a 464XLAT box with a NAT64 "
-                            "too is not there yet): run it as a second sixgate with its own "
-                            "[gateway] name and run_dir, or remove this table")
+            raise ctx.error(other, None, "a CLAT runs on its own, on the IPv6-only host: a "
+                            "host with a tunnel or a NAT64 has the native IPv4 routes a CLAT "
+                            "leaves alone (RFC 6877 §6.3). Run it as a second sixgate with its "
+                            "own [gateway] name and run_dir, or remove this table")
     values = _checked(ctx, "clat", doc["clat"])
     address6 = doc["clat"].get("ipv6_address", "auto")
     parsed: ipaddress.IPv6Address | None = None  # "auto": picked at the start
