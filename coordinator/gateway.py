@@ -374,7 +374,12 @@ class Coordinator:
         if settings.mode == "6in4":
             # A raw socket: opened while root (also with probe_interval_s = 0, which a reload
             # may raise).
-            self.peer_probe = PeerProbe(settings)
+            try:
+                self.peer_probe = PeerProbe(settings)
+            except OSError as exc:
+                raise RuntimeError(f"cannot open the 6in4 broker probe's raw socket on "
+                                   f"{settings.local_ipv4} ({exc.strerror}): is local_ipv4 an "
+                                   "address of this host?") from None
         # Everything only root could make exists: from here on the coordinator is the user,
         # and every worker starts (and restarts) as that user too.
         log.info("%s", become_supervisor(settings.user, hand_over(self.run_dir, settings)))
@@ -456,6 +461,8 @@ class Coordinator:
                 continue
             before = probe.reachable
             probe.probe(min(PROBE_TIMEOUT_S, interval))
+            if self.stopping.is_set():
+                return
             if probe.reachable != before:
                 if probe.reachable:
                     log.info("6in4 peer %s answers (RFC 4213 §3.8 probe, %.1f ms)", probe.peer,

@@ -80,17 +80,20 @@ class PeerProbe:
             self.reachable = False  # no route to the broker at all
             return False
         deadline = sent_at + timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self.sock], [], [], remaining)
-            if not ready:
-                break
-            packet = self.sock.recv(65535)
-            if is_probe_reply(packet, self.peer_ipv4, self.source, self.target, self.ident,
-                              self.seq):
-                self.answered += 1
-                self.rtt_s = time.monotonic() - sent_at
-                self.reachable = True
-                return True
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([self.sock], [], [], remaining)
+                if not ready:
+                    break
+                packet = self.sock.recv(65535)
+                if is_probe_reply(packet, self.peer_ipv4, self.source, self.target,
+                                  self.ident, self.seq):
+                    self.answered += 1
+                    self.rtt_s = time.monotonic() - sent_at
+                    self.reachable = True
+                    return True
+        except (OSError, ValueError):
+            pass  # the socket was closed under us: the gateway is stopping
         self.reachable = False
         return False
 
