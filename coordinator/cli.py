@@ -90,7 +90,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_OK if found else EXIT_RUNTIME
     print(f"  tunnel        {settings.mode} "
           f"({'RFC 3056 6to4' if settings.mode == '6to4' else 'RFC 4213 configured tunnel'})")
-    public = settings.public_ipv4 or settings.local_ipv4
+    public = settings.known_ipv4
     if public == settings.local_ipv4:
         print(f"  local IPv4    {settings.local_ipv4}")
     else:

@@ -248,7 +248,6 @@ class Coordinator:
         self.pref64_uplink = -1
         # RFC 7050 asked again in a thread of its own (a resolver that does not answer must
         # not hold up the supervision); its latest answer, taken by the main loop.
-        self.rediscovery: threading.Thread | None = None
         self.rediscovered: tuple[str | None, str] | None = None
         self.stopping = threading.Event()
         # 6in4: the broker's reachability (RFC 4213 §3.8), probed from a thread of its own.
@@ -612,9 +611,7 @@ class Coordinator:
         if self.peer_probe is not None:
             threading.Thread(target=self._probe_peer, name="peer-probe", daemon=True).start()
         if self.plat_source == "rfc7050":
-            self.rediscovery = threading.Thread(target=self._rediscover, name="rfc7050",
-                                                daemon=True)
-            self.rediscovery.start()
+            threading.Thread(target=self._rediscover, name="rfc7050", daemon=True).start()
         next_check = next_tick = time.monotonic() + 1.0
         wait_s = SUPERVISE_INTERVAL_S
         while self.running:

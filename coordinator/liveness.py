@@ -56,8 +56,7 @@ class PeerProbe:
         assert settings.mode == "6in4" and settings.remote_ipv4
         self.peer = settings.remote_ipv4
         self.peer_ipv4 = ipaddress.IPv4Address(settings.remote_ipv4).packed
-        self.source = link_local_6in4(
-            ipaddress.IPv4Address(settings.public_ipv4 or settings.local_ipv4).packed)
+        self.source = link_local_6in4(ipaddress.IPv4Address(settings.known_ipv4).packed)
         self.target = link_local_6in4(self.peer_ipv4)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
         attach_filter(self.sock, pack_filter(echo_reply_filter(self.peer_ipv4)))

@@ -56,7 +56,7 @@ def ping(settings: Settings, address: str, count: int, interval_s: float = 1.0,
         return 2
     outer_ip = socket.inet_ntoa(outer)
     policy = TunnelPolicy.build(settings.mode, settings.local_ipv4, settings.remote_ipv4,
-                                list(settings.addresses))
+                                list(settings.addresses), public_ipv4=settings.known_ipv4)
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
     sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)

@@ -164,28 +164,26 @@ def take_handover(run_dir: str, settings: dict[str, Any], now_unix: float
     lost: a run between with another config (one a deploy then rolls back for failing its
     health gate) leaves the sessions for a later run with the first settings, which takes them
     from there (within the same age limit)."""
-    path, aside = handover_path(run_dir), set_aside_path(run_dir)
-    text = _take_text(path)
-    message, other_settings = "", False
-    if text is not None:
-        taken, message, other_settings = _fitting(text, "the previous run", settings, now_unix)
-        if taken is not None:
-            return (*taken, message)
-    # What a run before the previous one handed over, set aside by the previous run.
-    older = _take_text(aside)
-    taken = None
-    if older is not None:
-        taken, older_message, waiting = _fitting(older, "an earlier run", settings, now_unix)
-        if taken is not None:
-            message = "; ".join(m for m in (older_message, message) if m)
-        elif not waiting:
-            older = None  # too old or unreadable: gone
-            message = "; ".join(m for m in (message, older_message) if m)
-    if text is not None and other_settings:
-        _write_private_text(aside, text)  # the newest waits for its settings
-        message += " (its handover is set aside for a run with its settings)"
-    elif older is not None and taken is None:
-        _write_private_text(aside, older)  # still waiting for its settings
+    texts = ((_take_text(handover_path(run_dir)), "the previous run"),
+             (_take_text(set_aside_path(run_dir)), "an earlier run"))  # set aside by it
+    taken: tuple[int, list[list[Any]]] | None = None
+    waiting: str | None = None  # the newest text refused only for its settings
+    messages = []
+    for text, who in texts:
+        if text is None:
+            continue
+        fits, message, other_settings = _fitting(text, who, settings, now_unix)
+        if fits is not None:
+            if taken is not None:
+                continue  # an older handover of these settings: the newer one was taken
+            taken = fits
+        elif other_settings and waiting is None:
+            waiting = text
+            message += " (its handover is set aside for a run with its settings)"
+        messages.append(message)
+    if waiting is not None:
+        _write_private_text(set_aside_path(run_dir), waiting)
+    message = "; ".join(messages)
     if taken is None:
         return None, [], message + (": starting empty" if message else "")
     return (*taken, message)

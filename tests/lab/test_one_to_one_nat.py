@@ -108,6 +108,14 @@ def test_ping_and_a_100mb_download_through_the_nat(nat_lab: NatLab) -> None:
         ("spoofed_6to4", "not_our_address", "wrong_tunnel_peer", "martian_source"), 0), dropped
 
 
+def test_sixgate_ping_from_the_gateway_host_through_the_nat(nat_lab: NatLab) -> None:
+    """``sixgate ping`` (its own raw socket and its own copy of the tunnel checks) gets its
+    replies: they embed the public address and arrive at the private one."""
+    done = nat_lab.sixgate("ping", nat_lab.plan.peer_address, "--count", "2", "--interval",
+                           "0.2")
+    assert done.returncode == 0 and "2 received" in done.stdout, done.stdout + done.stderr
+
+
 def test_the_tunnel_checks_hold_behind_the_nat(nat_lab: NatLab) -> None:
     """6to4 (RFC 3964 §5.2): the peer's legitimate packets embed the public address and pass
     (above); one whose inner destination embeds the private address, the outer destination

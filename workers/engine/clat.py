@@ -75,11 +75,17 @@ def _address_sum(address: bytes) -> int:
     return int.from_bytes(address, "big")
 
 
-def _adjust(segment: bytearray, offset: int, delta: int, udp: bool) -> None:
-    """Add ``delta`` to the checksum at ``offset`` (RFC 1624 eqn 3, in sum form)."""
-    old = (segment[offset] << 8) | segment[offset + 1]
+def _checksum_after(old: int, delta: int, udp: bool) -> int:
+    """The checksum field ``old`` once its sum gains ``delta`` (RFC 1624 eqn 3, in sum
+    form); UDP sends a computed 0 as 0xffff (RFC 768)."""
     total = 0xFFFF - old + delta
-    U16.pack_into(segment, offset, fold_udp(total) if udp else fold(total))
+    return fold_udp(total) if udp else fold(total)
+
+
+def _adjust(segment: bytearray, offset: int, delta: int, udp: bool) -> None:
+    """Add ``delta`` to the checksum at ``offset``."""
+    U16.pack_into(segment, offset, _checksum_after(
+        (segment[offset] << 8) | segment[offset + 1], delta, udp))
 
 
 @dataclass(frozen=True)
@@ -147,8 +153,7 @@ class Clat:
         old = (packet[csum] << 8) | packet[csum + 1]
         if old == 0 and proto == PROTO_UDP:
             return None  # RFC 7915 §4.5: ``to_ipv6`` decides
-        total = 0xFFFF - old + delta
-        new = fold_udp(total) if proto == PROTO_UDP else fold(total)
+        new = _checksum_after(old, delta, proto == PROTO_UDP)
         return b"".join((IPV6_HEADER.pack(vtf, len(packet) - 20 + len(fragment),
                                           PROTO_FRAGMENT if fragment else proto, packet[8] - 1,
                                           self.address6, dst6),
@@ -180,9 +185,7 @@ class Clat:
         remote4, pseudo, delta = entry
         if not sum_is_valid(pseudo + proto + payload_len + sum16(packet[40:])):
             return None  # ``to_ipv4`` counts it
-        old = (packet[csum] << 8) | packet[csum + 1]
-        total = 0xFFFF - old + delta
-        new = fold_udp(total) if proto == PROTO_UDP else fold(total)
+        new = _checksum_after((packet[csum] << 8) | packet[csum + 1], delta, proto == PROTO_UDP)
         length = 20 + payload_len
         header = bytearray(IPV4_HEADER.pack(
             0x45, (packet[0] & 0x0F) << 4 | packet[1] >> 4, length, 0,

@@ -164,8 +164,7 @@ class Datapath:
                             if settings.remote_ipv4 else None)
         self.relay_ipv4 = (ipaddress.IPv4Address(settings.relay_ipv4).packed
                            if settings.relay_ipv4 else None)
-        self.addresses = our_addresses(settings.mode, settings.public_ipv4 or settings.local_ipv4,
-                                       settings.addresses)
+        self.addresses = our_addresses(settings.mode, settings.known_ipv4, settings.addresses)
         # CLAT (mode "clat"): stateless, its prefix resolved by the coordinator at the start.
         self.clat = (Clat(Nat64Prefix.parse(settings.clat_plat_prefix),
                           ipaddress.IPv6Address(settings.clat_ipv6_address).packed,
@@ -209,7 +208,7 @@ class Datapath:
         # NAT64 gateway has no tunnel.
         self.policy = None if settings.mode in ("nat64", "clat") else TunnelPolicy.build(
             settings.mode, settings.local_ipv4, settings.remote_ipv4, list(settings.addresses),
-            settings.martian_ipv4, None if self.nat64_tun else self.nat64, settings.public_ipv4)
+            settings.martian_ipv4, None if self.nat64_tun else self.nat64, settings.known_ipv4)
         self.accepted: set[bytes] = set()
         # What the current call produced, handed back as its Output (``_take``).
         self._to_services: list[bytes] = []

@@ -144,6 +144,11 @@ class Settings:
     clat_rediscovery_interval_s: float = 600.0  # RFC 7050: the resolver asked again
 
     @property
+    def known_ipv4(self) -> str:
+        """The address the tunnel is known by (``public_ipv4``; ``local_ipv4`` without a NAT)."""
+        return self.public_ipv4 or self.local_ipv4
+
+    @property
     def max_mss(self) -> int:
         """MSS both directions are clamped to: tunnel MTU - IPv6 header - TCP header."""
         return self.mtu - 60
