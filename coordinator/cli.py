@@ -69,12 +69,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args.config)
-    from sixgate.coordinator.probe import choose_backend, delivery_method, probe
+    from sixgate.coordinator.probe import (
+        choose_backend,
+        delivery_method,
+        fast_path_method,
+        probe,
+    )
     caps = probe()
     method, why = delivery_method(caps)
     backend, backend_why = choose_backend(settings.backend, caps)
     print(f"config {args.config}: OK")
     print(f"  backend       {backend or 'NONE'}: {backend_why}")
+    fast_path, fast_path_why = fast_path_method(settings, backend)
+    print(f"  fast path     {fast_path}: {fast_path_why}")
     from sixgate.coordinator.forwarding import pool4_problem
     problem = pool4_problem(settings) if settings.nat64_prefix else ""
     if problem:

@@ -198,6 +198,9 @@ SCHEMA: tuple[Key, ...] = (
     _gateway("flow_journal", "boolean", "workers journal their sessions to the coordinator; a "
              "worker restarted after a crash resumes them (false: it starts empty)",
              lambda *a: _bool(*a)),
+    _gateway("compiled_fast_path", "boolean", "the fast path's batch loops run compiled when "
+             "the C helper was built at install (workers/engine/_fastpath.c); false: in Python, "
+             "the same rules and bytes", lambda *a: _bool(*a)),
     _gateway("tun_writes", "string", "; ".join(f'"{k}": {v}' for k, v in TUN_WRITES.items()),
              _one_of(TUN_WRITES)),
     Key("metrics", "listen", "host:port", "/metrics, /healthz, /readyz; \"[::1]:9641\" works "

@@ -42,6 +42,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from sixgate.coordinator.config import parse_listen
+from sixgate.coordinator.probe import fast_path_method
 from sixgate.workers.engine.counters import DIRECTIONS, PROTOCOLS
 from sixgate.workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
 from sixgate.workers.engine.flows import worker_share
@@ -137,9 +138,9 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     build.add_metric([snap["version"]], 1)
     out.append(build)
     backend = GaugeMetricFamily(
-        "sixgate_backend_info", "Tunnel backend, delivery to services and tunnel mode (value 1)",
-        labels=["backend", "delivery", "tunnel_mode"])
-    backend.add_metric([snap["backend"], snap["delivery"], snap["mode"]], 1)
+        "sixgate_backend_info", "Tunnel backend, delivery to services, tunnel mode and how the "
+        "fast path runs (value 1)", labels=["backend", "delivery", "tunnel_mode", "fast_path"])
+    backend.add_metric([snap["backend"], snap["delivery"], snap["mode"], snap["fast_path"]], 1)
     out.append(backend)
     gauge("sixgate_ready", "1 when the capture socket is open and every worker answers",
           1 if snap["ready"] else 0)
@@ -379,6 +380,7 @@ class GatewayCollector:
         return {
             "version": self.version, "backend": settings.backend,
             "delivery": "socket_relay" if kernel else "tun", "mode": settings.mode,
+            "fast_path": fast_path_method(settings, settings.backend)[0],
             "ready": readiness(settings, view, replies) is None,
             "start_time": view.started_unix,
             "reload_ok": view.reload_ok,

@@ -14,6 +14,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from sixgate.workers.engine.fastpath import compiled
+from sixgate.workers.engine.settings import Settings
+
 
 @dataclass(frozen=True)
 class Capability:
@@ -132,6 +135,20 @@ def delivery_method(capabilities: list[Capability]) -> tuple[str | None, str]:
     if tun.ok:
         return "tun", "TUN device per worker; the pool is routed to it (no firewall rule)"
     return None, f"no delivery method: {tun.detail}"
+
+
+def fast_path_method(settings: Settings, backend: str | None) -> tuple[str, str]:
+    """How the workers' fast path runs: ("compiled" | "python" | "none", why)."""
+    if backend == "kernel":
+        return "none", "the kernel's sit link translates nothing: the workers relay sockets"
+    if not settings.compiled_fast_path:
+        return "python", "configured (compiled_fast_path = false)"
+    if compiled is None:
+        return "python", ("the compiled loops (workers/engine/_fastpath.c) were not built at "
+                          "install: install gcc and the Python headers (Debian: gcc "
+                          "python3-dev), then reinstall sixgate")
+    return "compiled", ("batch loops in C (workers/engine/_fastpath.c) for the plain packets "
+                        "of live sessions; the engine in Python decides the rest")
 
 
 def choose_backend(requested: str, capabilities: list[Capability]) -> tuple[str | None, str]:

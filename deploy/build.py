@@ -59,7 +59,7 @@ def build(out: Path, local_version: str | None = None, with_dependencies: bool =
             shutil.copy2(checkout / name, source / name)
         for package in PACKAGES:
             shutil.copytree(checkout / package, source / package, symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
         pyproject = source / "pyproject.toml"
         pyproject.write_text(VERSION_LINE.sub(f'version = "{version}"',
                                               pyproject.read_text(encoding="utf-8"), count=1))

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 iputils-ping dnsutils dnsmasq-base curl nftables procps python3-venv gcc libc6-dev
+APT_PACKAGES=(iproute2 iputils-ping dnsutils dnsmasq-base curl nftables procps python3-venv python3-dev gcc libc6-dev
               qemu-system-x86 busybox-static prometheus openssh-server openssh-client
               unbound tnat64)
 
@@ -45,7 +45,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.sixgate-deps
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# The compiled fast path (workers/engine/_fastpath.c) is built by the install: again when it changes.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ workers/engine/_fastpath.c -nt "$stamp" ]; then
   echo "bootstrap: installing Python dependencies into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]'

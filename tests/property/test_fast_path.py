@@ -10,6 +10,8 @@ the same session states. Packets are built with scapy.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 
 import pytest
@@ -23,6 +25,7 @@ from support import helpers
 from sixgate.workers.engine import datapath as datapath_module
 from sixgate.workers.engine.datapath import Datapath, Output
 from sixgate.workers.engine.drops import DropReason
+from sixgate.workers.engine.fastpath import compiled
 from sixgate.workers.engine.packet import PROTO_TCP
 from sixgate.workers.engine.settings import worker_pool
 from sixgate.workers.engine.tunnel import TunnelPolicy, check_inbound
@@ -35,11 +38,33 @@ REPLY_MUTATIONS = ("none", "none", "none", "ttl_1", "bad_header_checksum", "ip_o
                    "more_fragments", "padding", "big", "big_df", "zero_udp_checksum")
 
 
-def engines() -> tuple[Datapath, Datapath]:
-    """The same engine twice: with and without the fast path."""
-    settings = helpers.make_settings("6to4", mtu=1280)
-    pair = (Datapath(settings, worker_pool(settings.pool, 1, 0), fast_path=True),
-            Datapath(settings, worker_pool(settings.pool, 1, 0), fast_path=False))
+# The fast path runs as compiled batch loops (workers/engine/_fastpath.c) when they were
+# built, else in Python: every comparison below runs with each.
+FLAVOURS = pytest.mark.parametrize("flavour", ["compiled", "python"])
+
+
+def require_compiled() -> None:
+    """The compiled loops must exist in CI (``make test`` builds them: gcc is in bootstrap);
+    elsewhere their tests skip, saying why."""
+    if compiled is None:
+        reason = ("workers/engine/_fastpath.c was not built: reinstall with gcc and the Python "
+                  "headers (`.venv/bin/pip install -e .`)")
+        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def engines(flavour: str = "python", mode: str = "6to4",
+            **overrides: object) -> tuple[Datapath, Datapath]:
+    """The same engine twice: with the fast path (``flavour``: "compiled" or "python") and
+    without it."""
+    if flavour == "compiled":
+        require_compiled()
+    settings = dataclasses.replace(helpers.make_settings(
+        "6to4", mtu=1280, compiled_fast_path=flavour == "compiled"), mode=mode, **overrides)
+    pool = [] if mode == "nat64" else worker_pool(settings.pool, 1, 0)
+    pair = (Datapath(settings, pool, fast_path=True), Datapath(settings, pool, fast_path=False))
+    assert (pair[0].compiled is not None) == (flavour == "compiled")
     helpers.MADE.extend(pair)
     return pair
 
@@ -74,9 +99,9 @@ client_packets = st.builds(
 
 
 def client_packet(src: str, proto: str, sport: int, dport: int, flags: str, options: str,
-                  size: int, mutation: str) -> bytes:
+                  size: int, mutation: str, dst: str = helpers.GW6_6TO4) -> bytes:
     payload = Raw((bytes(range(256)) * 6)[:size])
-    ip6 = IPv6(src=src, dst=helpers.GW6_6TO4, hlim=64, tc=0x28)
+    ip6 = IPv6(src=src, dst=dst, hlim=64, tc=0x28)
     if proto == "udp":
         return mutate6(raw(ip6 / UDP(sport=sport, dport=dport) / payload), mutation, 17)
     opts = {"none": [], "timestamp": [("NOP", None), ("NOP", None), ("Timestamp", (1, 2))],
@@ -137,11 +162,12 @@ def state(dp: Datapath) -> tuple[object, ...]:
 Pair = tuple[Output, Output]
 
 
+@FLAVOURS
 @settings(max_examples=300)
 @given(steps)
 def test_fast_path_gives_the_full_paths_bytes_counters_and_states(
-        script: list[tuple[str, object]]) -> None:
-    fast, full = engines()
+        flavour: str, script: list[tuple[str, object]]) -> None:
+    fast, full = engines(flavour)
 
     def client(arg: object) -> Pair:
         packet = client_packet(*arg)  # type: ignore[misc]
@@ -177,10 +203,13 @@ def run_script(fast: Datapath, full: Datapath, script: list[tuple[str, object]],
         assert state(fast) == state(full), kind
 
 
-def test_fast_path_is_taken_for_plain_packets(monkeypatch: pytest.MonkeyPatch) -> None:
+@FLAVOURS
+def test_fast_path_is_taken_for_plain_packets(flavour: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Not a vacuous comparison: after the first packet of a session, plain packets in both
-    directions come from the templates, and what they produce is valid (scapy recomputes
-    every checksum and length and gets the same bytes)."""
+    directions come from the templates (the compiled loops take them before the Python
+    functions see them), and what they produce is valid (scapy recomputes every checksum and
+    length and gets the same bytes)."""
     taken: list[str] = []
     for name in ("fast_v6_to_v4", "fast_v4_to_v6"):
         real = getattr(datapath_module, name)
@@ -192,18 +221,21 @@ def test_fast_path_is_taken_for_plain_packets(monkeypatch: pytest.MonkeyPatch) -
             return out
 
         monkeypatch.setattr(datapath_module, name, counting)
-    fast, _full = engines()
+    fast, _full = engines(flavour)
     for proto, flags in (("udp", "A"), ("tcp", "S")):
         first = client_packet(CLIENTS[0], proto, 40000, 53 if proto == "udp" else 80, flags,
                               "none", 10, "none")
         request = fast.from_tunnel([encapsulate(first, CLIENT4, "plain")], 1.0).to_services[-1]
         fast.from_services([reply_packet(request, "SA", 20, "none")], 1.0)
-        taken.clear()
         second = client_packet(CLIENTS[0], proto, 40000, 53 if proto == "udp" else 80, "PA",
                                "timestamp", 333, "none")
+        # The client's ACK completes the handshake (a state change: never compiled).
+        fast.from_tunnel([encapsulate(second, CLIENT4, "plain")], 1.5)
+        taken.clear()
         out_in = fast.from_tunnel([encapsulate(second, CLIENT4, "plain")], 2.0)
         out_back = fast.from_services([reply_packet(request, "PA", 777, "none")], 2.0)
-        assert taken == ["fast_v6_to_v4", "fast_v4_to_v6"], proto
+        assert taken == ([] if flavour == "compiled" else ["fast_v6_to_v4", "fast_v4_to_v6"])
+        assert len(out_in.to_services) == len(out_back.to_tunnel) == 1, proto
         out4 = IP(out_in.to_services[0])
         fresh4 = out4.copy()
         del fresh4.chksum, fresh4.len
@@ -269,13 +301,14 @@ def encapsulate(inner: bytes, outer_src: str, shape: str) -> bytes:
 tunnel_steps = scripts(st.tuples(client_packets, OUTER, OUTER_SHAPES))
 
 
+@FLAVOURS
 @settings(max_examples=300)
 @given(tunnel_steps)
 def test_from_tunnel_equals_check_inbound_then_full_path(
-        script: list[tuple[str, object]]) -> None:
+        flavour: str, script: list[tuple[str, object]]) -> None:
     """The one-lookup path gives exactly what the tunnel checks followed by the full-path
     engine give (an engine without the fast path): bytes, counters, session states."""
-    fast, full = engines()
+    fast, full = engines(flavour)
 
     def client(arg: object) -> Pair:
         args, outer_src, shape = arg  # type: ignore[misc]
@@ -310,15 +343,16 @@ def test_from_tunnel_second_packet_of_a_flow_skips_the_full_checks(
     assert out.to_services == []
 
 
+@FLAVOURS
 @settings(max_examples=200)
 @given(st.lists(st.one_of(
     st.lists(st.tuples(client_packets, OUTER, OUTER_SHAPES), min_size=1, max_size=12),
     st.sampled_from([1.0, 30.0, 400.0])), min_size=1, max_size=12))
-def test_batches_equal_one_packet_at_a_time(script: list[object]) -> None:
+def test_batches_equal_one_packet_at_a_time(flavour: str, script: list[object]) -> None:
     """A batch (the worker's recvmmsg, or its TUN reads) gives what its packets give one by
     one through the full path; the batch's summed counters and ident included. The services
     answer each client batch in one batch."""
-    fast, full = engines()
+    fast, full = engines(flavour)
     now = 1000.0
     for step in script:
         if isinstance(step, float):
@@ -361,3 +395,42 @@ def test_a_packet_that_raises_is_counted_and_the_batch_goes_on(
     assert isinstance(out.raised, ValueError)
     assert [IP(p)[UDP].sport for p in out.to_services] == [40000, 40002]
     fast.counters.drops[DropReason.INTERNAL_ERROR] = 0  # provoked: not for the suite's guard
+
+
+# --- NAT64 (issue 16): IPv6 from this host's side, replies back to it -------------------------
+
+NAT64_SERVER = "198.51.100.53"
+NAT64_CLIENTS = ("2001:db8:100::10", "2001:db8:100:1::20")
+NAT64_SESSIONS = ((NAT64_CLIENTS[0], "udp", 40000, 53), (NAT64_CLIENTS[1], "udp", 40001, 53),
+                  (NAT64_CLIENTS[0], "tcp", 40000, 80), (NAT64_CLIENTS[1], "tcp", 40001, 22))
+nat64_steps = scripts(st.builds(
+    lambda session, flags, options, size, mutation: (*session, flags, options, size, mutation),
+    st.sampled_from(NAT64_SESSIONS), st.sampled_from(["S", "A", "PA", "PA", "PA", "FA", "R"]),
+    st.sampled_from(["none", "none", "timestamp", "mss"]), st.integers(0, 1400),
+    st.sampled_from(MUTATIONS)))
+
+
+def nat64_engines(flavour: str) -> tuple[Datapath, Datapath]:
+    return engines(flavour, "nat64", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
+                   addresses=(),
+                   prefix="64:ff9b::/96", forwards=(), nat64_prefix="64:ff9b::/96",
+                   nat64_clients=("2001:db8:100::/56",), nat64_allow_non_global=True,
+                   nat64_pool4=(("203.0.113.5", "tcp", 61001, 65535),
+                                ("203.0.113.5", "udp", 61001, 65535),
+                                ("203.0.113.5", "icmp", 0, 65535)))
+
+
+@FLAVOURS
+@settings(max_examples=200)
+@given(nat64_steps)
+def test_nat64_fast_path_gives_the_full_paths_bytes_counters_and_states(
+        flavour: str, script: list[tuple[str, object]]) -> None:
+    """The same comparison for a NAT64 on this host (``from_ipv6`` in, ``to_ipv6`` back)."""
+    fast, full = nat64_engines(flavour)
+
+    def client(arg: object) -> Pair:
+        packet = client_packet(*arg, dst="64:ff9b::" + NAT64_SERVER)  # type: ignore[misc]
+        return fast.from_ipv6([packet], now_of[0]), full.from_ipv6([packet], now_of[0])
+
+    now_of = [1000.0]
+    run_script(fast, full, script, client, now_of)

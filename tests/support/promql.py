@@ -27,7 +27,7 @@ REASONS = ("truncated", "spoofed_6to4", "no_rule", "icmp_rate_limited", "interna
 METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sixgate_build_info": ("gauge", {"version": ("0.1.0",)}),
     "sixgate_backend_info": ("gauge", {"backend": ("userspace",), "delivery": ("tun",),
-                                       "tunnel_mode": ("6to4",)}),
+                                       "tunnel_mode": ("6to4",), "fast_path": ("compiled",)}),
     "sixgate_ready": ("gauge", {}),
     "sixgate_start_time_seconds": ("gauge", {}),
     "sixgate_config_last_reload_successful": ("gauge", {}),

@@ -5,6 +5,7 @@ source with ``ast``, so a lazy import inside a function is caught as well."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,12 @@ def test_nothing_in_workers_imports_coordinator() -> None:
         assert not any(name == "sixgate.coordinator" or name.startswith("sixgate.coordinator.")
                        for name in names), f"{path.relative_to(WORKERS.parent)} imports it"
         assert "coordinator" not in top_levels(names), path
+
+
+def test_the_engines_compiled_loops_include_nothing_that_does_io() -> None:
+    """workers/engine/_fastpath.c is the engine too: it may include Python's API and the C
+    headers of integers and memory copies, nothing that reaches a file, socket, clock or
+    process (the same rule as FORBIDDEN for the Python modules)."""
+    source = (WORKERS / "engine" / "_fastpath.c").read_text()
+    includes = set(re.findall(r"^#include\s+[<\"]([^>\"]+)[>\"]", source, re.M))
+    assert includes == {"Python.h", "stdint.h", "string.h"}, includes

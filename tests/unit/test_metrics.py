@@ -51,6 +51,7 @@ def _snapshot(workers: list[dict[str, Any] | None]) -> dict[str, Any]:
     coordinator.drop(DropReason.SPOOFED_6TO4, 7)
     return {
         "version": "0.1.0", "backend": "userspace", "delivery": "tun", "mode": "6to4",
+        "fast_path": "compiled",
         "ready": all(w is not None for w in workers), "start_time": 1.7e9,
         "reload_ok": True, "reload_success_unix": 1.7e9,
         "clat": {"prefix": "64:ff9b::/96", "source": "rfc8781", "changes": 2},
@@ -111,6 +112,7 @@ def test_worker_counters_become_named_series() -> None:
     assert samples[("sixgate_packet_processing_seconds_bucket",
                     (("direction", "inbound"), ("le", "1e-05"), ("process", "worker-0")))] == 0
     assert samples[("sixgate_backend_info", (("backend", "userspace"), ("delivery", "tun"),
+                                             ("fast_path", "compiled"),
                                              ("tunnel_mode", "6to4")))] == 1
 
 
@@ -129,7 +131,7 @@ def test_no_unbounded_labels() -> None:
     samples = _exposed(_snapshot([_worker_stats(), _worker_stats()]))
     names = {label for _name, labels in samples for label, _value in labels}
     assert names <= {"process", "direction", "protocol", "reason", "type", "mode", "le",
-                     "version", "backend", "delivery", "tunnel_mode",
+                     "version", "backend", "delivery", "tunnel_mode", "fast_path",
                      "address",  # NAT64 pool4 addresses: as many as the config names
                      "prefix", "source",  # CLAT: the one PLAT prefix in use
                      "peer"}  # 6in4: the one broker

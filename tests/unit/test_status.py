@@ -45,7 +45,7 @@ def idle_gateway(workers: int = 2) -> dict[Key, float]:
     """Every series of a gateway with ``workers`` workers, all counters at 0."""
     series = {key("sixgate_build_info", version="0.1.0"): 1.0,
               key("sixgate_backend_info", backend="userspace", delivery="tun",
-                  tunnel_mode="6to4"): 1.0,
+                  tunnel_mode="6to4", fast_path="compiled"): 1.0,
               key("sixgate_ready"): 1.0,
               key("sixgate_start_time_seconds"): START_UNIX,
               key("sixgate_tunnel_received_packets_total"): 0.0}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sixgate.workers.engine.clat import Clat
@@ -30,12 +30,13 @@ from sixgate.workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
 from sixgate.workers.engine.fastpath import (
     InTemplate,
     OutTemplate,
+    compiled,
     fast_v4_to_v6,
     fast_v6_to_v4,
     inbound_template,
     return_template,
 )
-from sixgate.workers.engine.flows import NAT64_RULE, FlowTable, PortPool, Session
+from sixgate.workers.engine.flows import ESTABLISHED, NAT64_RULE, FlowTable, PortPool, Session
 from sixgate.workers.engine.fragment import OuterReassembler, Reassembler, fragment_ipv6
 from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
@@ -92,6 +93,7 @@ from sixgate.workers.engine.packet import (
 )
 from sixgate.workers.engine.settings import Settings, source_allowed, worker_pool4
 from sixgate.workers.engine.translate import (
+    DF_THRESHOLD,
     hop_limit_after,
     icmpv4_error_key,
     icmpv6_error_key,
@@ -223,6 +225,9 @@ class Datapath:
         # workers/engine/fastpath.py templates of live sessions, keyed by the packet bytes that name
         # the session: IPv6 src, dst, ports (inbound); IPv4 src, dst, ports (return).
         self.fast_path = fast_path
+        # The fast path's batch loops compiled (workers/engine/_fastpath.c): they take the
+        # plain packets of a batch up to the first one they leave to the loops below.
+        self.compiled = compiled if fast_path and settings.compiled_fast_path else None
         self._fast_in: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         self._fast_out: dict[int, dict[bytes, OutTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         # Kernel fan-out (``from_tunnel``): the same inbound templates keyed by the captured
@@ -354,7 +359,17 @@ class Datapath:
         touch_tcp = self.flows.touch_tcp
         ident = self._ident4
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
-        for packet in packets:
+        packets = packets if isinstance(packets, list) else list(packets)
+        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 6
+        while index < total:
+            if loops is not None:
+                index, ident = self._run_compiled(
+                    loops.inbound, totals, packets, index, caches, 20, ident, now, ESTABLISHED,
+                    DF_THRESHOLD, self._to_services)
+                if index >= total:
+                    break
+            packet = packets[index]
+            index += 1
             try:
                 size = len(packet)
                 template = None
@@ -393,7 +408,7 @@ class Datapath:
                 ident = self._ident4
         self._ident4 = ident
         self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, (udp_n, udp_in, udp_out),
-                          (tcp_n, tcp_in, tcp_out))
+                          (tcp_n, tcp_in, tcp_out), totals)
         return self._take()
 
     def from_ipv6(self, packets: Iterable[bytes], now: float) -> Output:
@@ -414,7 +429,17 @@ class Datapath:
         touch_tcp = self.flows.touch_tcp
         ident = self._ident4
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
-        for packet in packets:
+        packets = packets if isinstance(packets, list) else list(packets)
+        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 6
+        while index < total:
+            if loops is not None:
+                index, ident = self._run_compiled(
+                    loops.inbound, totals, packets, index, templates, 0, ident, now, ESTABLISHED,
+                    DF_THRESHOLD, self._to_services)
+                if index >= total:
+                    break
+            packet = packets[index]
+            index += 1
             try:
                 size = len(packet)
                 template = None
@@ -449,14 +474,32 @@ class Datapath:
         self._ident4 = ident
         self._entry_tun = False
         self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, (udp_n, udp_in, udp_out),
-                          (tcp_n, tcp_in, tcp_out))
+                          (tcp_n, tcp_in, tcp_out), totals)
         return self._take()
+
+    def _run_compiled(self, loop: Callable[..., tuple[int, ...]], totals: list[int],
+                      packets: list[bytes], *args: object) -> tuple[int, int]:
+        """One call of a compiled batch loop (workers/engine/_fastpath.c): (the index of the
+        first packet it left to Python, IPv4 ident); its (packets, bytes in, bytes out) for
+        UDP and TCP added to ``totals``. It raises only when memory runs out: the batch ends
+        there, counted once."""
+        try:
+            index, ident, *counts = loop(packets, *args)
+        except Exception as exc:  # noqa: BLE001 - one batch must never kill the worker
+            self._internal_error(exc)
+            return len(packets), self._ident4
+        for i, value in enumerate(counts):
+            totals[i] += value
+        return index, ident
 
     def _count_batch(self, first: dict[int, tuple[str, str]],
                      second: dict[int, tuple[str, str]], udp: tuple[int, int, int],
-                     tcp: tuple[int, int, int]) -> None:
-        """A batch's fast-path totals per protocol: (packets, bytes in, bytes out)."""
-        for proto, (n, size_in, size_out) in ((PROTO_UDP, udp), (PROTO_TCP, tcp)):
+                     tcp: tuple[int, int, int], compiled: list[int]) -> None:
+        """A batch's fast-path totals per protocol: (packets, bytes in, bytes out), the
+        Python loop's plus the compiled one's (UDP's three, then TCP's)."""
+        for proto, (n, size_in, size_out), extra in ((PROTO_UDP, udp, compiled[:3]),
+                                                      (PROTO_TCP, tcp, compiled[3:])):
+            n, size_in, size_out = n + extra[0], size_in + extra[1], size_out + extra[2]
             if n:
                 self.counters.count_pair(first[proto], size_in, second[proto], size_out, n)
 
@@ -888,7 +931,17 @@ class Datapath:
         touch_tcp = self.flows.touch_tcp
         mtu = self.mtu
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
-        for packet in packets:
+        packets = packets if isinstance(packets, list) else list(packets)
+        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 6
+        while index < total:
+            if loops is not None:
+                index, _ = self._run_compiled(
+                    loops.returning, totals, packets, index, caches, mtu, now, ESTABLISHED,
+                    self._to_tunnel, self._to_ipv6)
+                if index >= total:
+                    break
+            packet = packets[index]
+            index += 1
             try:
                 template = None
                 if fast and len(packet) >= 28 and packet[0] == 0x45:
@@ -917,7 +970,7 @@ class Datapath:
             except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
                 self._internal_error(exc)
         self._count_batch(FROM_SERVICES_KEYS, OUTBOUND_KEYS, (udp_n, udp_in, udp_out),
-                          (tcp_n, tcp_in, tcp_out))
+                          (tcp_n, tcp_in, tcp_out), totals)
         return self._take()
 
     def _from_services_full(self, packet: bytes, now: float) -> None:
@@ -1158,6 +1211,7 @@ class Datapath:
             self.clat = dataclasses.replace(self.clat,
                                             prefix=Nat64Prefix.parse(settings.clat_plat_prefix))
         self.rules = build_rule_table(settings)
+        self.compiled = compiled if self.fast_path and settings.compiled_fast_path else None
         flows = self.flows
         flows.set_shard_limits(self.workers, settings.max_flows, settings.max_flows_per_prefix,
                                settings.timeouts, max_flows_per_48=settings.max_flows_per_48,

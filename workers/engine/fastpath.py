@@ -29,12 +29,20 @@ from sixgate.workers.engine.packet import (
     IPV4_DF,
     IPV4_MF,
     IPV4_OFFSET_MASK,
+    PORTS,
     PROTO_UDP,
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
 )
 from sixgate.workers.engine.translate import DF_THRESHOLD
+
+try:  # the same loops compiled (workers/engine/_fastpath.c), when the build had a compiler
+    import sixgate.workers.engine._fastpath as _loops
+
+    compiled = _loops
+except ImportError:  # pragma: no cover - a host without gcc at install time
+    compiled = None  # type: ignore[assignment]
 
 TCP_SYN_FIN_RST = TCP_SYN | TCP_FIN | TCP_RST
 
@@ -54,12 +62,13 @@ def _words(data: bytes) -> int:
 
 # Template of the inbound direction (IPv6 client -> IPv4 service): (session, sum of the IPv6
 # pseudo-header without its length, sum of the IPv4 addresses and protocol, what the
-# transport checksum's sum changes by: new pseudo-header and ports minus the old ones)
-InTemplate = tuple[Session, int, int, int]
+# transport checksum's sum changes by: new pseudo-header and ports minus the old ones, the
+# translated addresses and ports as they are written: pool4, target4, pool port, target port)
+InTemplate = tuple[Session, int, int, int, bytes]
 # Template of the return direction (IPv4 service -> IPv6 client): (session, sum of the IPv6
 # pseudo-header without its length plus the new ports minus the old ones, outer IPv4
-# destination)
-OutTemplate = tuple[Session, int, bytes]
+# destination, the translated addresses and ports: gw6, client6, gateway port, client port)
+OutTemplate = tuple[Session, int, bytes, bytes]
 
 
 def inbound_template(session: Session) -> InTemplate:
@@ -67,8 +76,9 @@ def inbound_template(session: Session) -> InTemplate:
     addr4 = _words(session.pool4 + session.target4) + session.proto
     # The source port becomes the pool port (the same but in NAT64), the destination port
     # the target's.
-    return session, sum6, addr4, (addr4 - sum6 + session.pport - session.cport + session.tport
-                                  - session.gwport) % 0xFFFF
+    return (session, sum6, addr4, (addr4 - sum6 + session.pport - session.cport + session.tport
+                                   - session.gwport) % 0xFFFF,
+            session.pool4 + session.target4 + PORTS.pack(session.pport, session.tport))
 
 
 def return_template(session: Session, outer: bytes) -> OutTemplate:
@@ -76,7 +86,8 @@ def return_template(session: Session, outer: bytes) -> OutTemplate:
     # port the gateway's.
     return (session,
             _words(session.gw6 + session.client6) + session.proto + session.gwport
-            - session.tport + session.cport - session.pport, outer)
+            - session.tport + session.cport - session.pport, outer,
+            session.gw6 + session.client6 + PORTS.pack(session.gwport, session.cport))
 
 
 def _tcp_is_plain(segment_len: int, offset: int, flags: int) -> bool:
@@ -112,7 +123,7 @@ def fast_v6_to_v4(packet: bytes | memoryview, proto: int, template: InTemplate,
         if not _tcp_is_plain(plen, offset, flags):
             return None
         zero = 0
-    session, sum6, addr4, delta = template
+    session, sum6, addr4, delta, _addresses = template
     # RFC 8200 §8.1: verify over the IPv6 pseudo-header (length < 65536: one word). The
     # segment's ones' complement sum is its value modulo 0xffff, reduced once (RFC 1071
     # §4.1: an odd last byte is padded with zero). Written out here and below rather than
@@ -175,7 +186,7 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
     value = int.from_bytes(packet[20:], "big") % 0xFFFF
     if seglen & 1:
         value = (value << 8) % 0xFFFF
-    session, delta, _outer = template
+    session, delta, _outer, _addresses = template
     gw6, client6 = session.gw6, session.client6
     # Summed whole, so the checksum is recomputed rather than carried over (the local
     # stack's checksums are not trusted, DESIGN.md): the segment without its checksum field,

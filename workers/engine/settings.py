@@ -113,6 +113,8 @@ class Settings:
     # Workers journal their sessions to the coordinator, so a worker restarted after a crash
     # resumes them (workers/journal.py).
     flow_journal: bool = True
+    # The fast path's batch loops in C when the helper was built (workers/engine/_fastpath.c).
+    compiled_fast_path: bool = True
     # NAT64 (mode "nat64", the [nat64] table): the RFC 6052 prefix, the IPv6 sources that may
     # use it, and pool4 as (address, protocol, first port, last port) rows.
     nat64_prefix: str = ""

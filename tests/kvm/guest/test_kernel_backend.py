@@ -222,7 +222,7 @@ def _assert_same_metrics_as_userspace(lab: KernelLab) -> None:
     assert set(METRIC_NAMES) <= set(families), sorted(set(METRIC_NAMES) - set(families))
     [info] = families["sixgate_backend_info"].samples
     assert info.labels == {"backend": "kernel", "delivery": "socket_relay",
-                           "tunnel_mode": lab.mode}, info
+                           "tunnel_mode": lab.mode, "fast_path": "none"}, info
     [received] = families["sixgate_tunnel_received_packets"].samples
     assert received.value >= 3, body  # at least the three pings, counted by the sit link
 

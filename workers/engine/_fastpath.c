@@ -1,0 +1,393 @@
+/* The fast path's batch loops, compiled: workers/engine/fastpath.py in C, for speed only.
+ *
+ * The engine stays in Python: it decides, builds a session's template on its first packet
+ * and handles every packet that is not the plain case. These loops only apply templates the
+ * engine built, to a run of plain packets of live sessions, and stop at the first packet they
+ * do not translate (no template, a dead session, a TCP session not established, a flag that
+ * moves the state machine, a checksum that does not verify, hop limit/TTL 1, a size that is
+ * not the header's, too big for the MTU, ...). The caller hands that packet to the Python
+ * path and calls again after it, so packets leave in the order they came.
+ *
+ * Each check and each output byte is fast_v6_to_v4 / fast_v4_to_v6's (fastpath.py, with the
+ * RFC sections there); tests/unit/test_fastpath_compiled.py compares the two packet for packet.
+ * No I/O, no state of its own.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define TCP_SYN_FIN_RST 0x07
+#define IPV4_DF 0x4000
+#define IPV4_MF_OFFSET 0x3FFF
+
+static PyObject *str_last_seen, *str_alive, *str_state;
+
+/* The ones' complement sum of a byte string, odd last byte padded with zero (RFC 1071),
+ * reduced modulo 0xffff: the value fastpath.py gets from int.from_bytes(...) % 0xFFFF. */
+static uint32_t sum_mod(const uint8_t *p, Py_ssize_t n)
+{
+    uint64_t sum = 0;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        sum += ((uint32_t)p[i] << 8 | p[i + 1]) + ((uint32_t)p[i + 2] << 8 | p[i + 3])
+               + ((uint32_t)p[i + 4] << 8 | p[i + 5]) + ((uint32_t)p[i + 6] << 8 | p[i + 7]);
+    for (; i + 2 <= n; i += 2)
+        sum += (uint32_t)p[i] << 8 | p[i + 1];
+    if (i < n)
+        sum += (uint32_t)p[i] << 8;
+    return (uint32_t)(sum % 0xFFFF);
+}
+
+static long mod_ffff(long long value)
+{
+    long long r = value % 0xFFFF;
+    return (long)(r < 0 ? r + 0xFFFF : r);
+}
+
+static inline unsigned get16(const uint8_t *p) { return (unsigned)p[0] << 8 | p[1]; }
+
+static inline void put16(uint8_t *p, unsigned v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+/* A session that may still be translated by its template: alive, and for TCP established
+ * (a plain segment in any other state may move FlowTable.touch_tcp's state machine). */
+static int session_usable(PyObject *session, int proto, PyObject *established)
+{
+    PyObject *alive = PyObject_GetAttr(session, str_alive);
+    if (alive == NULL)
+        return -1;
+    int usable = alive == Py_True;
+    Py_DECREF(alive);
+    if (!usable || proto != PROTO_TCP)
+        return usable;
+    PyObject *state = PyObject_GetAttr(session, str_state);
+    if (state == NULL)
+        return -1;
+    usable = state == established ? 1 : PyObject_RichCompareBool(state, established, Py_EQ);
+    Py_DECREF(state);
+    return usable;
+}
+
+/* fast_v6_to_v4 for one packet: the IPv4 packet, Py_None when the Python path must decide,
+ * NULL on error. ``p`` is the IPv6 packet (no extension header, next header ``proto``). */
+static PyObject *v6_to_v4(const uint8_t *p, Py_ssize_t n, int proto, PyObject *template,
+                          unsigned ident, long df_threshold)
+{
+    unsigned plen = get16(p + 4), hop_limit = p[7], old_csum, zero;
+    if (40 + (Py_ssize_t)plen != n || hop_limit <= 1)
+        Py_RETURN_NONE;
+    if (proto == PROTO_UDP) {
+        if (plen < 8)
+            Py_RETURN_NONE;
+        old_csum = get16(p + 46);
+        if (old_csum == 0 || get16(p + 44) != plen)
+            Py_RETURN_NONE;
+        zero = 0xFFFF;
+    } else {
+        if (plen < 20)
+            Py_RETURN_NONE;
+        unsigned data_offset = (unsigned)(p[52] >> 4) * 4;
+        if (p[53] & TCP_SYN_FIN_RST || data_offset < 20 || data_offset > plen)
+            Py_RETURN_NONE;
+        old_csum = get16(p + 56);
+        zero = 0;
+    }
+    /* (session, sum6, addr4, delta, addresses): fastpath.inbound_template */
+    long sum6 = PyLong_AsLong(PyTuple_GET_ITEM(template, 1));
+    long addr4 = PyLong_AsLong(PyTuple_GET_ITEM(template, 2));
+    long delta = PyLong_AsLong(PyTuple_GET_ITEM(template, 3));
+    PyObject *addresses = PyTuple_GET_ITEM(template, 4);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(addresses) || PyBytes_GET_SIZE(addresses) != 12) {
+        PyErr_SetString(PyExc_ValueError, "template addresses must be 12 bytes");
+        return NULL;
+    }
+    uint32_t value = sum_mod(p + 40, plen);
+    if (mod_ffff((long long)sum6 + plen + value))
+        Py_RETURN_NONE;
+    long rest = mod_ffff((long long)delta - old_csum);
+    unsigned csum = rest ? 0xFFFF - (unsigned)rest : zero;
+    unsigned total_len = 20 + plen;
+    unsigned flags_offset = (long)total_len > df_threshold ? IPV4_DF : 0;
+    unsigned tos = (unsigned)(p[0] & 0x0F) << 4 | p[1] >> 4;
+    unsigned ttl = hop_limit - 1;
+    rest = mod_ffff(0x4500LL + tos + total_len + ident + flags_offset + (ttl << 8) + addr4);
+    unsigned header_csum = rest ? 0xFFFF - (unsigned)rest : 0;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total_len);
+    if (out == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    const uint8_t *a = (const uint8_t *)PyBytes_AS_STRING(addresses);
+    o[0] = 0x45;
+    o[1] = (uint8_t)tos;
+    put16(o + 2, total_len);
+    put16(o + 4, ident);
+    put16(o + 6, flags_offset);
+    o[8] = (uint8_t)ttl;
+    o[9] = (uint8_t)proto;
+    put16(o + 10, header_csum);
+    memcpy(o + 12, a, 12);  /* pool4, target4, pool port, target port */
+    memcpy(o + 24, p + 44, plen - 4);
+    put16(o + (proto == PROTO_UDP ? 26 : 36), csum);
+    return out;
+}
+
+/* fast_v4_to_v6 for one packet (20-byte IPv4 header): the IPv6 packet, Py_None, or NULL. */
+static PyObject *v4_to_v6(const uint8_t *p, Py_ssize_t n, int proto, PyObject *template,
+                          long mtu)
+{
+    unsigned total_len = get16(p + 2), ttl = p[8], old_csum, zero;
+    if ((Py_ssize_t)total_len != n || ttl <= 1 || get16(p + 6) & IPV4_MF_OFFSET)
+        Py_RETURN_NONE;
+    unsigned seglen = total_len - 20;
+    if (40 + (long)seglen > mtu)
+        Py_RETURN_NONE;
+    if (proto == PROTO_UDP) {
+        if (seglen < 8)
+            Py_RETURN_NONE;
+        old_csum = get16(p + 26);
+        zero = 0xFFFF;
+    } else {
+        if (seglen < 20)
+            Py_RETURN_NONE;
+        unsigned data_offset = (unsigned)(p[32] >> 4) * 4;
+        if (p[33] & TCP_SYN_FIN_RST || data_offset < 20 || data_offset > seglen)
+            Py_RETURN_NONE;
+        old_csum = get16(p + 36);
+        zero = 0;
+    }
+    if (sum_mod(p, 20))
+        Py_RETURN_NONE;
+    /* (session, delta, outer, addresses): fastpath.return_template */
+    long delta = PyLong_AsLong(PyTuple_GET_ITEM(template, 1));
+    PyObject *addresses = PyTuple_GET_ITEM(template, 3);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(addresses) || PyBytes_GET_SIZE(addresses) != 36) {
+        PyErr_SetString(PyExc_ValueError, "template addresses must be 36 bytes");
+        return NULL;
+    }
+    uint32_t value = sum_mod(p + 20, seglen);
+    long rest = mod_ffff((long long)value - old_csum + delta + seglen);
+    unsigned csum = rest ? 0xFFFF - (unsigned)rest : zero;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 40 + (Py_ssize_t)seglen);
+    if (out == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    o[0] = 0x60 | p[1] >> 4;
+    o[1] = (uint8_t)(p[1] << 4);
+    o[2] = o[3] = 0;
+    put16(o + 4, seglen);
+    o[6] = (uint8_t)proto;
+    o[7] = (uint8_t)(ttl - 1);
+    memcpy(o + 8, PyBytes_AS_STRING(addresses), 36);  /* gw6, client6, gw port, client port */
+    memcpy(o + 44, p + 24, seglen - 4);
+    put16(o + (proto == PROTO_UDP ? 46 : 56), csum);
+    return out;
+}
+
+/* Count one translated packet: totals[0..2] UDP (packets, bytes in, out), [3..5] TCP. */
+static inline void count(Py_ssize_t *totals, int proto, Py_ssize_t in, Py_ssize_t out)
+{
+    Py_ssize_t *t = proto == PROTO_UDP ? totals : totals + 3;
+    t[0] += 1;
+    t[1] += in;
+    t[2] += out;
+}
+
+static int touch(PyObject *session, PyObject *now)
+{
+    return PyObject_SetAttr(session, str_last_seen, now);
+}
+
+static PyObject *result(Py_ssize_t index, unsigned long ident, const Py_ssize_t *t)
+{
+    return Py_BuildValue("(nknnnnnn)", index, ident, t[0], t[1], t[2], t[3], t[4], t[5]);
+}
+
+PyDoc_STRVAR(inbound_doc,
+"inbound(packets, start, caches, outer, ident, now, established, df_threshold, out)\n"
+"Translate packets[start:] while they are plain packets of live sessions with an inbound\n"
+"template, appending each IPv4 packet to ``out``. ``outer`` is 0 (IPv6 packets, key\n"
+"packet[8:44]) or 20 (protocol-41 packets, key outer addresses + packet[28:64]).\n"
+"Returns (index of the first packet not taken, ident, udp packets, bytes in, bytes out,\n"
+"tcp packets, bytes in, bytes out).");
+
+static PyObject *inbound(PyObject *self, PyObject *args)
+{
+    PyObject *packets, *caches, *now, *established, *out;
+    Py_ssize_t start, outer;
+    unsigned long ident;
+    long df_threshold;
+    if (!PyArg_ParseTuple(args, "O!nO!nkOOlO!", &PyList_Type, &packets, &start, &PyDict_Type,
+                          &caches, &outer, &ident, &now, &established, &df_threshold,
+                          &PyList_Type, &out))
+        return NULL;
+    Py_ssize_t totals[6] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
+    for (; i < count_all; i++) {
+        PyObject *packet = PyList_GET_ITEM(packets, i);
+        if (!PyBytes_Check(packet))
+            break;
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(packet);
+        Py_ssize_t size = PyBytes_GET_SIZE(packet);
+        PyObject *key;
+        int proto;
+        if (outer == 0) {
+            if (size < 44 || p[0] >> 4 != 6)
+                break;
+            proto = p[6];
+            key = PyBytes_FromStringAndSize((const char *)p + 8, 36);
+        } else {
+            if (size < 64 || p[0] != 0x45 || p[9] != 41 || p[20] >> 4 != 6
+                    || (Py_ssize_t)get16(p + 2) != size)
+                break;
+            proto = p[26];
+            key = PyBytes_FromStringAndSize(NULL, 44);
+            if (key != NULL) {
+                memcpy(PyBytes_AS_STRING(key), p + 12, 8);
+                memcpy(PyBytes_AS_STRING(key) + 8, p + 28, 36);
+            }
+        }
+        if (key == NULL)
+            return NULL;
+        if (proto != PROTO_UDP && proto != PROTO_TCP) {
+            Py_DECREF(key);
+            break;
+        }
+        PyObject *proto_obj = PyLong_FromLong(proto);  /* small int: cached, no allocation */
+        PyObject *cache = PyDict_GetItemWithError(caches, proto_obj);
+        Py_DECREF(proto_obj);
+        PyObject *template = NULL;
+        if (cache != NULL && PyDict_Check(cache))
+            template = PyDict_GetItemWithError(cache, key);
+        Py_DECREF(key);
+        if (PyErr_Occurred())
+            return NULL;
+        if (template == NULL || !PyTuple_Check(template) || PyTuple_GET_SIZE(template) != 5)
+            break;
+        PyObject *session = PyTuple_GET_ITEM(template, 0);
+        int usable = session_usable(session, proto, established);
+        if (usable < 0)
+            return NULL;
+        if (!usable)
+            break;
+        PyObject *translated = v6_to_v4(p + outer, size - outer, proto, template,
+                                        (unsigned)((ident + 1) & 0xFFFF), df_threshold);
+        if (translated == NULL)
+            return NULL;
+        if (translated == Py_None) {
+            Py_DECREF(translated);
+            break;
+        }
+        int failed = PyList_Append(out, translated) < 0 || touch(session, now) < 0;
+        count(totals, proto, size - outer, PyBytes_GET_SIZE(translated));
+        Py_DECREF(translated);
+        if (failed)
+            return NULL;
+        ident = (ident + 1) & 0xFFFF;
+    }
+    return result(i, ident, totals);
+}
+
+PyDoc_STRVAR(returning_doc,
+"returning(packets, start, caches, mtu, now, established, to_tunnel, to_ipv6)\n"
+"Translate packets[start:] (IPv4 from the services) while they are plain packets of live\n"
+"sessions with a return template: (packet, outer) to ``to_tunnel`` for a tunnel client,\n"
+"the packet to ``to_ipv6`` for a NAT64 client on this host's side. Returns like inbound,\n"
+"with ident 0.");
+
+static PyObject *returning(PyObject *self, PyObject *args)
+{
+    PyObject *packets, *caches, *now, *established, *to_tunnel, *to_ipv6;
+    Py_ssize_t start;
+    long mtu;
+    if (!PyArg_ParseTuple(args, "O!nO!lOOO!O!", &PyList_Type, &packets, &start, &PyDict_Type,
+                          &caches, &mtu, &now, &established, &PyList_Type, &to_tunnel,
+                          &PyList_Type, &to_ipv6))
+        return NULL;
+    Py_ssize_t totals[6] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
+    for (; i < count_all; i++) {
+        PyObject *packet = PyList_GET_ITEM(packets, i);
+        if (!PyBytes_Check(packet))
+            break;
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(packet);
+        Py_ssize_t size = PyBytes_GET_SIZE(packet);
+        if (size < 28 || p[0] != 0x45)
+            break;
+        int proto = p[9];
+        if (proto != PROTO_UDP && proto != PROTO_TCP)
+            break;
+        PyObject *key = PyBytes_FromStringAndSize((const char *)p + 12, 12);
+        if (key == NULL)
+            return NULL;
+        PyObject *proto_obj = PyLong_FromLong(proto);
+        PyObject *cache = PyDict_GetItemWithError(caches, proto_obj);
+        Py_DECREF(proto_obj);
+        PyObject *template = NULL;
+        if (cache != NULL && PyDict_Check(cache))
+            template = PyDict_GetItemWithError(cache, key);
+        Py_DECREF(key);
+        if (PyErr_Occurred())
+            return NULL;
+        if (template == NULL || !PyTuple_Check(template) || PyTuple_GET_SIZE(template) != 4)
+            break;
+        PyObject *session = PyTuple_GET_ITEM(template, 0);
+        PyObject *outer4 = PyTuple_GET_ITEM(template, 2);
+        int usable = session_usable(session, proto, established);
+        if (usable < 0)
+            return NULL;
+        if (!usable || !PyBytes_Check(outer4))
+            break;
+        PyObject *translated = v4_to_v6(p, size, proto, template, mtu);
+        if (translated == NULL)
+            return NULL;
+        if (translated == Py_None) {
+            Py_DECREF(translated);
+            break;
+        }
+        int failed;
+        if (PyBytes_GET_SIZE(outer4)) {
+            PyObject *pair = PyTuple_Pack(2, translated, outer4);
+            failed = pair == NULL || PyList_Append(to_tunnel, pair) < 0;
+            Py_XDECREF(pair);
+        } else {
+            failed = PyList_Append(to_ipv6, translated) < 0;
+        }
+        failed = failed || touch(session, now) < 0;
+        count(totals, proto, size, PyBytes_GET_SIZE(translated));
+        Py_DECREF(translated);
+        if (failed)
+            return NULL;
+    }
+    return result(i, 0, totals);
+}
+
+static PyMethodDef methods[] = {
+    {"inbound", inbound, METH_VARARGS, inbound_doc},
+    {"returning", returning, METH_VARARGS, returning_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastpath",
+    "The fast path's batch loops in C (workers/engine/fastpath.py has the rules).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    str_last_seen = PyUnicode_InternFromString("last_seen");
+    str_alive = PyUnicode_InternFromString("alive");
+    str_state = PyUnicode_InternFromString("state");
+    if (str_last_seen == NULL || str_alive == NULL || str_state == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,9 @@
+# Types of the compiled batch loops (workers/engine/_fastpath.c; the rules: fastpath.py).
+from typing import Any
+
+def inbound(packets: list[bytes], start: int, caches: dict[int, dict[bytes, Any]], outer: int,
+            ident: int, now: float, established: str, df_threshold: int,
+            out: list[bytes]) -> tuple[int, int, int, int, int, int, int, int]: ...
+def returning(packets: list[bytes], start: int, caches: dict[int, dict[bytes, Any]], mtu: int,
+              now: float, established: str, to_tunnel: list[tuple[bytes, bytes]],
+              to_ipv6: list[bytes]) -> tuple[int, int, int, int, int, int, int, int]: ...
