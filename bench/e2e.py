@@ -275,6 +275,7 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
     lines += nat64_ratio_lines(systems, plan, tayga)
     lines += clat_ratio_lines(systems)
     lines += journal_lines(systems, plan)
+    lines += compiled_lines(systems, plan)
     shares = []
     for system in systems.values():
         over = system.get("forward", {}).get("64", {}).get("overload")
@@ -284,6 +285,23 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
     if shares:
         lines.append("coordinator's share of sixgate's CPU at overload (64 B forward): "
                      + ", ".join(shares))
+    return lines
+
+
+def compiled_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
+    """The compiled fast path over the Python one (``--only ... python``), same run."""
+    workers = plan.workers[0]
+    lines = []
+    for name, compiled, python in (
+            ("6to4", f"sixgate {workers}w", f"python-loops {workers}w"),
+            ("NAT64", f"nat64 {workers}w", f"nat64-python-loops {workers}w")):
+        on, off = systems.get(compiled), systems.get(python)
+        if not on or not off:
+            continue
+        lines.append(f"compiled/python fast path per-core ratio, {name} {workers}w: " + ", ".join(
+            f"{kind.replace('_', ' ')} {payload} B "
+            f"{_ratio(_per_core(on, kind, payload), _per_core(off, kind, payload))}"
+            for kind, payload in (("forward", 64), ("forward", 1400), ("round_trip", 64))))
     return lines
 
 
@@ -412,8 +430,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default); none: no pinning")
     parser.add_argument("--only", nargs="*", default=None,
                         help="measure only these systems: sixgate journal (sixgate with "
-                             "[gateway] flow_journal off, beside it) nat64 TAYGA clat (sixgate's "
-                             "CLAT and TAYGA as a CLAT) kernel")
+                             "[gateway] flow_journal off, beside it) nat64 TAYGA python "
+                             "(sixgate and its NAT64 with compiled_fast_path = false, beside "
+                             "them) clat (sixgate's CLAT and TAYGA as a CLAT) kernel")
     parser.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a [gateway] setting for every sixgate run (VALUE in TOML, e.g. "
                              "workers-independent options of the datapath); repeatable")
@@ -480,8 +499,25 @@ def main(argv: list[str] | None = None) -> int:
             # TAYGA's job on the same engine: its input, its prefix, its IPv4 sink.
             for workers in plan.workers:
                 run_system(results, f"nat64 {workers}w",
-                           lambda w=workers: labs.Sixgate64Lab(w, **common), plan, programs,
+                           lambda w=workers: labs.Sixgate64Lab(
+                               w, gateway_settings=settings, **common), plan, programs,
                            latency=workers == plan.workers[0], flows=False)
+        if "python" in wanted:
+            # The compiled fast path's worth (workers/engine/_fastpath.c): the same gateways
+            # with the Python loops, same run.
+            off = {**settings, "compiled_fast_path": "false"}
+            workers = plan.workers[0]
+            if "sixgate" in wanted:
+                run_system(results, f"python-loops {workers}w",
+                           lambda w=workers: labs.SixgateLab(
+                               w, max_flows=4_000_000, label="python-loops",
+                               gateway_settings=off, **common),
+                           plan, programs, latency=False, flows=False)
+            if "nat64" in wanted:
+                run_system(results, f"nat64-python-loops {workers}w",
+                           lambda w=workers: labs.Sixgate64Lab(
+                               w, label="NAT64 python-loops", gateway_settings=off, **common),
+                           plan, programs, latency=False, flows=False)
         if "TAYGA" in wanted:
             run_system(results, "TAYGA", lambda: labs.TaygaLab(**common), plan, programs,
                        latency=True, flows=False)

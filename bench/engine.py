@@ -185,9 +185,19 @@ def main() -> None:
             ("sixgate NAT64 IPv4 -> IPv6: Datapath.from_services", rate(n, nat64_from_ipv4)),
             ("sixgate CLAT IPv4 -> IPv6: Datapath.from_clat", rate(n, clat_to_ipv6)),
             ("sixgate CLAT IPv6 -> IPv4: Datapath.from_clat", rate(n, clat_to_ipv4))]
+    # The same two inbound loops without the compiled fast path (compiled_fast_path =
+    # false, or a host where workers/engine/_fastpath.c was not built).
+    loops = datapath.compiled
+    if loops is not None:
+        datapath.compiled = nat64.compiled = None
+        rows += [("sixgate inbound, Python loops: Datapath.from_tunnel",
+                  rate(n, sixgate_from_tunnel)),
+                 ("sixgate NAT64 IPv6 -> IPv4, Python loops: Datapath.from_ipv6",
+                  rate(n, nat64_from_ipv6))]
+        datapath.compiled = nat64.compiled = loops
     print(f"64-byte UDP, {n} packets, one core, no syscalls")
     for name, pps in rows:
-        print(f"  {name:<52} {pps:>12,.0f} pkt/s   ratio {pps / ref:5.2f}")
+        print(f"  {name:<62} {pps:>12,.0f} pkt/s   ratio {pps / ref:5.2f}")
 
 
 if __name__ == "__main__":

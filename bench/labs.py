@@ -509,10 +509,12 @@ class Sixgate64Lab(PlainIPv6Target, netlab.Lab):
     plain IPv6 UDP to the same /96 (RFC 6052 network-specific prefix), translated to the
     same IPv4 sink, the bindings from pool4 ports of one address."""
 
-    def __init__(self, workers: int, **cpus: str | None) -> None:
+    def __init__(self, workers: int, label: str = "NAT64",
+                 gateway_settings: dict[str, str] | None = None, **cpus: str | None) -> None:
         super().__init__(**cpus)
         self.workers = workers
-        self.label = f"NAT64 {workers}w"
+        self.label = f"{label} {workers}w"
+        self.gateway_settings = gateway_settings or {}
 
     def start(self) -> None:
         self.create_namespaces()
@@ -535,7 +537,8 @@ class Sixgate64Lab(PlainIPv6Target, netlab.Lab):
             f'name = "{self.name}"\n'
             'log_level = "warning"\n'
             "max_flows = 4000000\nmax_flows_per_prefix = 4000000\nmax_flows_per_48 = 4000000\n"
-            "\n[nat64]\n"
+            + "".join(f"{key} = {value}\n" for key, value in self.gateway_settings.items())
+            + "\n[nat64]\n"
             f'prefix = "{NAT64_PREFIX}/96"\n'
             # The generator's clients, and the pinger on the peer's link.
             f'clients = ["{CLIENTS_48}::/48", "{PEER_LINK_V6}/128"]\n'

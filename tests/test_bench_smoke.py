@@ -105,7 +105,8 @@ def test_engine_benchmark_runs_every_path() -> None:
     rows = [line for line in done.stdout.splitlines() if "pkt/s" in line]
     assert [row.split(":")[0].strip() for row in rows] == [
         "reference", "sixgate inbound", "sixgate return", "sixgate NAT64 IPv6 -> IPv4",
-        "sixgate NAT64 IPv4 -> IPv6", "sixgate CLAT IPv4 -> IPv6", "sixgate CLAT IPv6 -> IPv4"
+        "sixgate NAT64 IPv4 -> IPv6", "sixgate CLAT IPv4 -> IPv6", "sixgate CLAT IPv6 -> IPv4",
+        "sixgate inbound, Python loops", "sixgate NAT64 IPv6 -> IPv4, Python loops"
     ], done.stdout
 
 
