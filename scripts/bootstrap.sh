@@ -45,8 +45,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.sixgate-deps
-# The compiled fast path (workers/engine/_fastpath.c) is built by the install: again when it changes.
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ workers/engine/_fastpath.c -nt "$stamp" ]; then
+# The compiled helpers (workers/engine/_fastpath.c, workers/_tunread.c) are built by the install:
+# again when they change.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ workers/engine/_fastpath.c -nt "$stamp" ] \
+    || [ workers/_tunread.c -nt "$stamp" ]; then
   echo "bootstrap: installing Python dependencies into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]'

@@ -51,6 +51,11 @@ from sixgate.workers.mmsg import BatchSender
 from sixgate.workers.privileges import drop_privileges
 from sixgate.workers.uring import UringWriter
 
+try:  # a batch of TUN reads in C, built at install beside the engine's compiled loops
+    from sixgate.workers._tunread import read_packets
+except ImportError:  # pragma: no cover - a host without gcc at install time
+    read_packets = None  # type: ignore[assignment]
+
 log = logging.getLogger("sixgate.worker")
 
 PR_SET_PDEATHSIG = 1
@@ -447,9 +452,11 @@ class Worker:
                                                 len(packets))
         self._send(output)
 
-    @staticmethod
-    def _read_tun(fd: int) -> list[bytes]:
-        """What waits on a TUN device: one read each, up to TUN_BATCH."""
+    def _read_tun(self, fd: int) -> list[bytes]:
+        """What waits on a TUN device: one read each, up to TUN_BATCH; compiled
+        (workers/_tunread.c) where it was built, with the engine's compiled loops."""
+        if read_packets is not None and self.datapath.compiled is not None:
+            return read_packets(fd, TUN_BATCH)
         packets = []
         read = os.read
         for _ in range(TUN_BATCH):
