@@ -421,7 +421,7 @@ def nat64_engines(flavour: str) -> tuple[Datapath, Datapath]:
 
 
 @FLAVOURS
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(nat64_steps)
 def test_nat64_fast_path_gives_the_full_paths_bytes_counters_and_states(
         flavour: str, script: list[tuple[str, object]]) -> None:
