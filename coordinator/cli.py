@@ -95,8 +95,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         found = _print_clat(settings)
         _print_every_key(settings, args.config)
         return EXIT_OK if found else EXIT_RUNTIME
-    print(f"  tunnel        {settings.mode} "
-          f"({'RFC 3056 6to4' if settings.mode == '6to4' else 'RFC 4213 configured tunnel'})")
+    kinds = {"6to4": "RFC 3056 6to4", "6in4": "RFC 4213 configured tunnel",
+             "6rd": "RFC 5969 6rd: the 6to4 mechanism inside an ISP's prefix"}
+    print(f"  tunnel        {settings.mode} ({kinds[settings.mode]})")
     public = settings.known_ipv4
     if public == settings.local_ipv4:
         print(f"  local IPv4    {settings.local_ipv4}")
@@ -109,10 +110,17 @@ def cmd_check(args: argparse.Namespace) -> int:
                  if settings.mode == "6to4" else
                  "the broker's remote for this tunnel, our 6in4 link-local fe80::"
                  f"{public})"))
+    derived_from = 'public_ipv4' if public != settings.local_ipv4 else 'local_ipv4'
     if settings.mode == "6to4":
-        print(f"  6to4 prefix   {settings.prefix} (derived from "
-              f"{'public_ipv4' if public != settings.local_ipv4 else 'local_ipv4'})")
+        print(f"  6to4 prefix   {settings.prefix} (derived from {derived_from})")
         print(f"  relay         {settings.relay_ipv4} (for non-2002::/16 destinations)")
+    elif settings.mode == "6rd":
+        print(f"  6rd prefix    {settings.sixrd_prefix}, IPv4MaskLen {settings.ipv4_mask_len}: "
+              f"6rd destinations go straight to the IPv4 address they embed (RFC 5969 §7.1.1)")
+        print(f"  delegated     {settings.prefix} (RFC 5969 §4: the 6rd prefix, then "
+              f"{derived_from} {public} without its {settings.ipv4_mask_len} shared bits)")
+        print(f"  border relay  {settings.relay_ipv4} (for destinations outside the 6rd "
+              "prefix, and the only source of packets from outside it, RFC 5969 §12)")
     else:
         print(f"  remote        {settings.remote_ipv4} (only source accepted, RFC 4213 §3.6)")
         print(f"  prefix        {settings.prefix}")

@@ -21,7 +21,7 @@ import tomli
 from sixgate.workers.engine.flows import Timeouts
 from sixgate.workers.engine.nat64 import WELL_KNOWN_PREFIX, Nat64Prefix
 from sixgate.workers.engine.settings import Forward, Settings, pool_size
-from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, prefix_6to4
+from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, SixrdDomain, prefix_6to4
 
 # Directories a run_dir must never be: sixgate chmods its run_dir to 0700 and cleans it.
 SYSTEM_DIRECTORIES = frozenset({
@@ -129,8 +129,8 @@ LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
 # The configuration's one schema: parsing, defaults, ``sixgate check`` and the README's key
 # reference (README.md "Every key"; ``python -m sixgate.coordinator.config`` prints it) all read it.
 SCHEMA: tuple[Key, ...] = (
-    Key("tunnel", "mode", "string", '"6to4" (RFC 3056) or "6in4" (RFC 4213 configured tunnel)',
-        default_text="required"),
+    Key("tunnel", "mode", "string", '"6to4" (RFC 3056), "6in4" (RFC 4213 configured tunnel) '
+        'or "6rd" (RFC 5969, an ISP\'s 6rd domain)', default_text="required"),
     Key("tunnel", "local_ipv4", "IPv4 address", "the address on this host the tunnel's "
         "packets arrive at and leave from (the capture and the sending socket bind it); behind "
         "a 1:1 NAT the private one", default_text="required"),
@@ -143,8 +143,15 @@ SCHEMA: tuple[Key, ...] = (
         "destinations go", default_text="required in 6to4 (RFC 7526: no anycast default)"),
     Key("tunnel", "remote_ipv4", "IPv4 address", "6in4 only: the tunnel broker's endpoint, "
         "the only source accepted (RFC 4213 §3.6)", default_text="required in 6in4"),
-    Key("tunnel", "prefix", "IPv6 prefix", "6in4: the routed prefix; 6to4: derived, leave it "
-        "out", default_text="required in 6in4"),
+    Key("tunnel", "prefix", "IPv6 prefix", "6in4: the routed prefix; 6rd: the ISP's 6rd "
+        "prefix (this host's delegated prefix is derived from it, RFC 5969 §4); 6to4: derived, "
+        "leave it out", default_text="required in 6in4 and 6rd"),
+    Key("tunnel", "ipv4_mask_len", "integer 0-32", "6rd only: IPv4MaskLen, how many high bits "
+        "every IPv4 address of the 6rd domain shares (they are left out of the delegated "
+        "prefix, RFC 5969 §4)", _ranged_int(0, 32), 0),
+    Key("tunnel", "border_relay_ipv4", "IPv4 address", "6rd only: the ISP's border relay, "
+        "where packets to destinations outside the 6rd prefix go and the only source of "
+        "packets from outside it (RFC 5969 §7.1.1, §12)", default_text="required in 6rd"),
     Key("tunnel", "addresses", "list of IPv6 addresses", "the gateway's own addresses, inside "
         "the prefix", default_text="[prefix::1]"),
     Key("tunnel", "mtu", "integer 1280-1480", "tunnel MTU (RFC 4213 §3.2.1); TCP MSS is "
@@ -347,6 +354,10 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
             value = [cidr for cidr, _ in settings.martian_ipv4]
         elif key.name == "addresses":
             value = list(settings.addresses)
+        elif key.name == "border_relay_ipv4":  # held as relay_ipv4
+            value = settings.relay_ipv4 if settings.mode == "6rd" else None
+        elif key.name == "prefix" and settings.mode == "6rd":
+            value = settings.sixrd_prefix  # the file's; the delegated one is derived
         else:
             value = getattr(settings, key.name)
         out.append((key, value, key.name in doc.get(key.table, {})))
@@ -492,9 +503,9 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
     if not tunnel:
         raise ConfigError(ctx.file, "tunnel", None, "missing [tunnel] table; see README.md")
     mode = tunnel.get("mode")
-    if mode not in ("6to4", "6in4"):
-        raise ctx.error("tunnel", "mode", f"{mode!r} must be \"6to4\" (RFC 3056) or "
-                        "\"6in4\" (RFC 4213 configured tunnel)")
+    if mode not in ("6to4", "6in4", "6rd"):
+        raise ctx.error("tunnel", "mode", f"{mode!r} must be \"6to4\" (RFC 3056), "
+                        "\"6in4\" (RFC 4213 configured tunnel) or \"6rd\" (RFC 5969)")
     if "local_ipv4" not in tunnel:
         raise ctx.error("tunnel", None, "local_ipv4 is missing; set this host's public IPv4")
     local_ipv4 = _ipv4(ctx, "tunnel", "local_ipv4", tunnel["local_ipv4"])
@@ -502,7 +513,13 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
     if "public_ipv4" in tunnel:
         public_ipv4 = _ipv4(ctx, "tunnel", "public_ipv4", tunnel["public_ipv4"])
     relay_ipv4 = remote_ipv4 = None
-    if mode == "6to4":
+    sixrd_prefix, mask_len = "", 0
+    for key in ("ipv4_mask_len", "border_relay_ipv4"):
+        if key in tunnel and mode != "6rd":
+            raise ctx.error("tunnel", key, "only for mode = \"6rd\"; remove it")
+    if mode == "6rd":
+        sixrd_prefix, mask_len, relay_ipv4, prefix = _parse_6rd(ctx, tunnel, public_ipv4)
+    elif mode == "6to4":
         if "relay_ipv4" not in tunnel:
             # RFC 7526: the anycast relay is deprecated, so there is no silent default.
             raise ctx.error("tunnel", None, "relay_ipv4 is missing: 6to4 needs a relay for "
@@ -536,6 +553,11 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
                             f"({exc}); write it like \"2001:db8:1::/64\"") from None
         if "relay_ipv4" in tunnel:
             raise ctx.error("tunnel", "relay_ipv4", "only for mode = \"6to4\"; remove it")
+    if mode == "6rd":
+        for key in ("relay_ipv4", "remote_ipv4"):
+            if key in tunnel:
+                raise ctx.error("tunnel", key, "not for mode = \"6rd\" (its relay is "
+                                "border_relay_ipv4); remove it")
     raw_addresses = tunnel.get("addresses", [str(prefix.network_address + 1)])
     if not isinstance(raw_addresses, list) or not raw_addresses:
         raise ctx.error("tunnel", "addresses", "must be a non-empty list of IPv6 addresses")
@@ -569,12 +591,40 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
                                 "like \"10.0.0.0/8\"") from None
         martian_rows = tuple(rows)
     if "probe_interval_s" in tunnel and mode != "6in4":
-        raise ctx.error("tunnel", "probe_interval_s", "only for mode = \"6in4\" (6to4 has no "
-                        "one peer to probe); remove it")
+        raise ctx.error("tunnel", "probe_interval_s", f"only for mode = \"6in4\" ({mode} has "
+                        "no one peer to probe); remove it")
     return dict(mode=mode, local_ipv4=local_ipv4, public_ipv4=public_ipv4, relay_ipv4=relay_ipv4,
-                probe_interval_s=checked["probe_interval_s"],
+                probe_interval_s=checked["probe_interval_s"], sixrd_prefix=sixrd_prefix,
+                ipv4_mask_len=mask_len,
                 remote_ipv4=remote_ipv4, prefix=str(prefix), addresses=tuple(addresses),
                 mtu=mtu, martian_ipv4=martian_rows)
+
+
+def _parse_6rd(ctx: _Ctx, tunnel: dict[str, Any], public_ipv4: str
+               ) -> tuple[str, int, str, ipaddress.IPv6Network]:
+    """RFC 5969 §4: the 6rd prefix, IPv4MaskLen, the border relay and the delegated prefix
+    they give this host's (public) IPv4 address."""
+    for key, what in (("prefix", "the ISP's 6rd prefix, e.g. \"2001:db8::/32\""),
+                      ("border_relay_ipv4", "the ISP's 6rd border relay")):
+        if key not in tunnel:
+            raise ctx.error("tunnel", None, f"{key} is missing: 6rd needs {what}")
+    try:
+        if not isinstance(tunnel["prefix"], str):
+            raise TypeError(tunnel["prefix"])
+        sixrd = ipaddress.IPv6Network(tunnel["prefix"])
+    except (ValueError, TypeError) as exc:
+        raise ctx.error("tunnel", "prefix", f"{tunnel['prefix']!r} is not an IPv6 prefix "
+                        f"({exc}); write the 6rd prefix like \"2001:db8::/32\"") from None
+    mask_len = _checked(ctx, "tunnel", tunnel)["ipv4_mask_len"]
+    relay = _ipv4(ctx, "tunnel", "border_relay_ipv4", tunnel["border_relay_ipv4"])
+    length = sixrd.prefixlen + 32 - mask_len
+    if length > 64:
+        # RFC 5969 §4: the delegated prefix must leave room for /64 links.
+        raise ctx.error("tunnel", "ipv4_mask_len", f"the delegated prefix would be /{length} "
+                        f"({sixrd.prefixlen} + 32 - {mask_len}); it must be /64 or shorter: "
+                        "check the ISP's 6rd prefix and IPv4MaskLen")
+    domain = SixrdDomain.build(str(sixrd), mask_len, relay, public_ipv4)
+    return str(sixrd), mask_len, relay, domain.delegated(public_ipv4)
 
 
 def parse_config(text: str, file: str = "<config>") -> Settings:
@@ -635,6 +685,13 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         if doc.get("forward") and "tunnel" not in doc:
             raise ctx.error("forward", None, "[[forward]] rules need a [tunnel]; a NAT64 "
                             "gateway translates its whole prefix")
+    if tunnel_values["mode"] == "6rd":
+        # Linux sit does 6rd, but the kernel backend does not configure it yet.
+        if values["backend"] == "kernel":
+            raise ctx.error("gateway", "backend", "6rd runs in userspace for now (the kernel "
+                            "backend does not configure sit's 6rd mode yet); set backend = "
+                            "\"userspace\" or \"auto\"")
+        values["backend"] = "userspace"
     if tunnel_values["mode"] == "6to4" and tunnel_values.get("public_ipv4") != local_ipv4:
         # Linux sit drops what a 1:1 NAT delivers: the inner destination embeds the public
         # address, the outer one is local_ipv4 (its RFC 3964 check, is_spoofed_6rd).

@@ -50,13 +50,15 @@ def ping(settings: Settings, address: str, count: int, interval_s: float = 1.0,
     outer = outer_destination(
         target, settings.mode,
         ipaddress.IPv4Address(settings.remote_ipv4).packed if settings.remote_ipv4 else None,
-        ipaddress.IPv4Address(settings.relay_ipv4).packed if settings.relay_ipv4 else None)
+        ipaddress.IPv4Address(settings.relay_ipv4).packed if settings.relay_ipv4 else None,
+        settings.sixrd)
     if outer is None:
         print(f"sixgate ping: no IPv4 tunnel destination for {address}")
         return 2
     outer_ip = socket.inet_ntoa(outer)
     policy = TunnelPolicy.build(settings.mode, settings.local_ipv4, settings.remote_ipv4,
-                                list(settings.addresses), public_ipv4=settings.known_ipv4)
+                                list(settings.addresses), public_ipv4=settings.known_ipv4,
+                                sixrd=settings.sixrd)
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
     sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)

@@ -204,7 +204,7 @@ VARIABLES: dict[str, Variable] = {
                      "the unit's User= and [gateway] user (pidfile hosts: [gateway] user's "
                      "default, nobody)"),
     # -- the gateway's config (README "Configuration")
-    "mode": Variable(_choice("6to4", "6in4", "nat64"), None, "tunnel.mode; \"nat64\": no "
+    "mode": Variable(_choice("6to4", "6in4", "6rd", "nat64"), None, "tunnel.mode; \"nat64\": no "
                      "tunnel, the host is a NAT64 only (nat64_* below)"),
     "local_ipv4": Variable(_ipv4, None, "tunnel.local_ipv4: the host's public IPv4 (not "
                            "for mode \"nat64\")"),
@@ -212,7 +212,10 @@ VARIABLES: dict[str, Variable] = {
                             "the tunnel is known by (default: local_ipv4)"),
     "relay_ipv4": Variable(_ipv4, None, "tunnel.relay_ipv4 (6to4)"),
     "remote_ipv4": Variable(_ipv4, None, "tunnel.remote_ipv4 (6in4 broker endpoint)"),
-    "prefix": Variable(_text, None, "tunnel.prefix (6in4 routed prefix)"),
+    "prefix": Variable(_text, None, "tunnel.prefix (6in4 routed prefix, 6rd: the ISP's 6rd "
+                       "prefix)"),
+    "ipv4_mask_len": Variable(_int_range(0, 32), None, "tunnel.ipv4_mask_len (6rd)"),
+    "border_relay_ipv4": Variable(_ipv4, None, "tunnel.border_relay_ipv4 (6rd)"),
     "addresses": Variable(_string_list, None, "tunnel.addresses"),
     "mtu": Variable(_int_range(1280, 1480), None, "tunnel.mtu"),
     "workers": Variable(_int_range(1, 256), None, "gateway.workers (default: CPUs)"),

@@ -137,7 +137,7 @@ INVENTORY_MISTAKES = [
      "unknown key"),
     ("bad IPv4", 'local_ipv4 = "192.0.2.11"', 'local_ipv4 = "192.0.2.300"',
      "hosts.edge1.local_ipv4", '"192.0.2.300"', "not an IPv4 address"),
-    ("bad mode", 'mode = "6to4"', 'mode = "6rd"', "defaults.mode", '"6rd"', "must be one of"),
+    ("bad mode", 'mode = "6to4"', 'mode = "6rdx"', "defaults.mode", '"6rdx"', "must be one of"),
     ("workers out of range", 'workers = 1', 'workers = 0', "groups.eu.workers", "workers = 0",
      "from 1 to 256"),
     ("group of unknown host", 'hosts = ["edge1", "edge2"]', 'hosts = ["edge1", "edge9"]',
@@ -367,6 +367,20 @@ def test_a_host_behind_a_1to1_nat_renders_both_addresses(files: Path) -> None:
     assert "public_ipv4" not in render_gateway_config(inventory.host("edge2"))
 
 
+def test_a_6rd_host_renders_its_domain(files: Path) -> None:
+    """Issue 19: a 6rd host's 6rd prefix, IPv4MaskLen and border relay reach its [tunnel];
+    the gateway derives the delegated prefix from them."""
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY.replace(
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"',
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"\nmode = "6rd"\n'
+        'prefix = "2001:db8:8000::/33"\nipv4_mask_len = 5\n'
+        'border_relay_ipv4 = "198.51.100.1"')))
+    sixrd = parse_config(render_gateway_config(inventory.host("edge1")))
+    assert (sixrd.mode, sixrd.sixrd_prefix, sixrd.ipv4_mask_len, sixrd.relay_ipv4,
+            sixrd.prefix) == ("6rd", "2001:db8:8000::/33", 5, "198.51.100.1",
+                              "2001:db8:8000:20b0::/60")
+
+
 def test_nat64_hosts_render_the_nat64_table(files: Path) -> None:
     """A NAT64-only host (mode "nat64": no [tunnel], no local_ipv4 needed) and a 6to4 host with
     a NAT64 beside its tunnel: the gateway's parser reads back what the inventory said."""
@@ -512,8 +526,12 @@ def test_the_wheel_installs_one_import_name(tmp_path: Path) -> None:
 
     wheel = build(tmp_path / "wheels", with_dependencies=False)
     names = zipfile.ZipFile(wheel).namelist()
-    assert {name.split("/")[0] for name in names} == {"sixgate", wheel.name.split("-py3")[0]
-                                                      + ".dist-info"}, names
+    # sixgate-<version>-<tags>.whl: platform tags since the compiled fast path (like pyzmq's
+    # wheel beside it in the wheelhouse, built for the controller's Python and platform).
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
+    assert {name.split("/")[0] for name in names} == {"sixgate", dist_info}, names
+    assert any(name.startswith("sixgate/workers/engine/_fastpath") and name.endswith(".so")
+               for name in names), names
     assert "sixgate/workers/engine/datapath.py" in names
     assert "sixgate/deploy/ansible/roles/sixgate/templates/sixgate.service.j2" in names
     entry_points = zipfile.ZipFile(wheel).read(

@@ -155,6 +155,30 @@ PLANS: dict[str, TunnelPlan] = {
             f"mtu = {TUNNEL_MTU}\n"
         ),
     ),
+    # RFC 5969: an ISP's 6rd domain 2001:db8:8000::/33 whose CEs share the first 5 bits of
+    # their IPv4 addresses (192.0.2.10 and 198.51.100.1 both start 11000): a CE's delegated
+    # prefix is the 6rd prefix and its address's other 27 bits, a /60. 192.0.2.10's 27 bits
+    # are 0x000020a: 2001:db8:8000:20a0::/60; 198.51.100.1's are 0x6336401:
+    # 2001:db8:e336:4010::/60. The peer is a CE and the border relay; its extra clients are
+    # outside the 6rd prefix (2001:db8:1::/48), so they come through the relay.
+    "6rd": TunnelPlan(
+        mode="6rd",
+        gateway_address="2001:db8:8000:20a0::1",
+        peer_address="2001:db8:e336:4010::1",
+        peer_cidr="2001:db8:e336:4010::1/60",
+        peer_route="2001:db8:8000::/33",
+        client_prefix="2001:db8:1",
+        tunnel_toml=(
+            "[tunnel]\n"
+            'mode = "6rd"\n'
+            f'local_ipv4 = "{GATEWAY_IPV4}"\n'
+            'prefix = "2001:db8:8000::/33"\n'
+            "ipv4_mask_len = 5\n"
+            f'border_relay_ipv4 = "{PEER_IPV4}"\n'
+            'addresses = ["2001:db8:8000:20a0::1"]\n'
+            f"mtu = {TUNNEL_MTU}\n"
+        ),
+    ),
 }
 
 FORWARD_TOML = (
@@ -603,6 +627,8 @@ class Lab:
                 "--mode", self.mode, "--local", PEER_IPV4, "--ready-file", str(ready)]
         if self.mode == "6in4":
             argv += ["--remote", GATEWAY_IPV4]
+        if self.mode == "6rd":
+            argv += ["--sixrd-prefix", "2001:db8:8000::/33", "--ipv4-mask-len", "5"]
         if self.path_mtu:
             argv += ["--path-mtu", str(self.path_mtu), "--router", self.plan.router_address]
         self.spawn("tunnel_peer", self.peer_ns, argv)

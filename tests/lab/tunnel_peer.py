@@ -1,11 +1,13 @@
-"""An independent userspace 6in4 / 6to4 tunnel peer: the lab's "other end" of the tunnel.
+"""An independent userspace 6in4 / 6to4 / 6rd tunnel peer: the lab's "other end" of the tunnel.
 
 It bridges a TUN device (IPv6 packets of the peer namespace's real kernel stack) and an IPv4
 protocol-41 raw socket, RFC 4213 §3 (6in4) and RFC 3056 §5 (6to4):
 
 - outbound: an IPv6 packet read from the TUN is encapsulated in IPv4 protocol 41 and sent to
-  ``--remote`` (6in4) or to the IPv4 address embedded in a 2002::/16 destination (6to4); the
-  kernel builds the outer IPv4 header.
+  ``--remote`` (6in4) or to the IPv4 address embedded in a 2002::/16 destination (6to4), or
+  in a destination of the 6rd prefix (6rd, RFC 5969 §7.1.1: this end's first
+  ``--ipv4-mask-len`` bits, then the address's bits after the 6rd prefix); the kernel builds
+  the outer IPv4 header.
 - inbound: a protocol-41 packet from the raw socket (it arrives with its IPv4 header) is
   decapsulated (strip IHL*4 bytes, trim to 40 + IPv6 payload length) and written into the TUN.
   In 6in4 mode only packets from ``--remote`` are accepted (RFC 4213 §3.6).
@@ -87,8 +89,15 @@ class TunnelPeer:
     """The encapsulate/decapsulate decisions, kept apart from the select loop."""
 
     def __init__(self, mode: str, remote: str | None, relay: str | None,
-                 path_mtu: int | None = None, router: str | None = None) -> None:
+                 path_mtu: int | None = None, router: str | None = None,
+                 sixrd_prefix: str | None = None, ipv4_mask_len: int = 0,
+                 local: str | None = None) -> None:
         self.mode = mode
+        # 6rd: the domain's prefix and the high IPv4 bits every CE shares (ours).
+        self.sixrd = ipaddress.IPv6Network(sixrd_prefix) if sixrd_prefix else None
+        self.shared = (int(ipaddress.IPv4Address(local)) >> (32 - ipv4_mask_len)
+                       << (32 - ipv4_mask_len) if local and ipv4_mask_len else 0)
+        self.ipv4_mask_len = ipv4_mask_len
         # Acting as a router whose next hop has a smaller MTU: packets from the tunnel larger
         # than ``path_mtu`` are answered with Packet Too Big from ``router`` (RFC 8201 §4).
         self.path_mtu = path_mtu
@@ -106,6 +115,14 @@ class TunnelPeer:
         if self.mode == "6in4":
             return self.remote
         destination = packet[24:40]
+        if self.sixrd is not None:
+            address = ipaddress.IPv6Address(destination)
+            if address in self.sixrd:
+                bits = 32 - self.ipv4_mask_len
+                shift = 128 - self.sixrd.prefixlen - bits
+                low = (int(address) >> shift) & ((1 << bits) - 1)
+                return str(ipaddress.IPv4Address(self.shared | low))
+            return self.relay
         # RFC 3056 §5.3: a 2002::/16 destination is reached at its embedded IPv4 address.
         if destination[:2] == PREFIX_6TO4:
             return socket.inet_ntoa(destination[2:6])
@@ -198,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     tun = open_tun(args.tun)
     sock = open_raw_socket(args.local)
-    peer = TunnelPeer(args.mode, args.remote, args.relay, args.path_mtu, args.router)
+    peer = TunnelPeer(args.mode, args.remote, args.relay, args.path_mtu, args.router,
+                      args.sixrd_prefix, args.ipv4_mask_len, args.local)
     if args.ready_file:
         Path(args.ready_file).write_text(f"{os.getpid()}\n")
     print(f"tunnel_peer ready: mode={args.mode} tun={args.tun} local={args.local}", flush=True)
@@ -220,10 +238,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; 6in4 needs --remote."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tun", required=True, help="TUN device name to create")
-    parser.add_argument("--mode", choices=("6to4", "6in4"), required=True)
+    parser.add_argument("--mode", choices=("6to4", "6in4", "6rd"), required=True)
     parser.add_argument("--local", required=True, help="our IPv4 tunnel endpoint")
     parser.add_argument("--remote", help="6in4: the remote IPv4 endpoint")
-    parser.add_argument("--relay", help="6to4: IPv4 relay for non-2002::/16 destinations")
+    parser.add_argument("--relay", help="6to4: IPv4 relay for non-2002::/16 destinations; "
+                        "6rd: the border relay, for destinations outside the 6rd prefix")
+    parser.add_argument("--sixrd-prefix", help="6rd: the domain's 6rd prefix")
+    parser.add_argument("--ipv4-mask-len", type=int, default=0,
+                        help="6rd: IPv4 bits every CE of the domain shares")
     parser.add_argument("--ready-file", help="created once the tunnel is up")
     parser.add_argument("--path-mtu", type=int, help="act as a router with this next-hop "
                         "MTU: bigger packets from the tunnel get Packet Too Big")
@@ -231,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.mode == "6in4" and not args.remote:
         parser.error("--mode 6in4 needs --remote")
+    if args.mode == "6rd" and not args.sixrd_prefix:
+        parser.error("--mode 6rd needs --sixrd-prefix")
     for address in (args.local, args.remote, args.relay):
         if address:
             ipaddress.IPv4Address(address)

@@ -166,6 +166,7 @@ class Datapath:
                             if settings.remote_ipv4 else None)
         self.relay_ipv4 = (ipaddress.IPv4Address(settings.relay_ipv4).packed
                            if settings.relay_ipv4 else None)
+        self.sixrd = settings.sixrd  # mode "6rd": the domain (RFC 5969)
         self.addresses = our_addresses(settings.mode, settings.known_ipv4, settings.addresses)
         # CLAT (mode "clat"): stateless, its prefix resolved by the coordinator at the start.
         self.clat = (Clat(Nat64Prefix.parse(settings.clat_plat_prefix),
@@ -210,7 +211,8 @@ class Datapath:
         # NAT64 gateway has no tunnel.
         self.policy = None if settings.mode in ("nat64", "clat") else TunnelPolicy.build(
             settings.mode, settings.local_ipv4, settings.remote_ipv4, list(settings.addresses),
-            settings.martian_ipv4, None if self.nat64_tun else self.nat64, settings.known_ipv4)
+            settings.martian_ipv4, None if self.nat64_tun else self.nat64, settings.known_ipv4,
+            self.sixrd)
         self.accepted: set[bytes] = set()
         # What the current call produced, handed back as its Output (``_take``).
         self._to_services: list[bytes] = []
@@ -295,7 +297,8 @@ class Datapath:
         if self.nat64_alone or (self.nat64_tun and self.nat64 is not None
                                 and source_allowed(self.nat64_clients, client6)):
             return b""
-        return outer_destination(client6, self.mode, self.remote_ipv4, self.relay_ipv4)
+        return outer_destination(client6, self.mode, self.remote_ipv4, self.relay_ipv4,
+                                 self.sixrd)
 
     def _error(self, packet: bytes | memoryview, view: IPv6View, icmp_type: int, code: int,
                rest: int = 0) -> None:
@@ -544,7 +547,7 @@ class Datapath:
     def _inbound(self, packet: bytes | memoryview, now: float, outer4: bytes = b"") -> None:
         """One decapsulated IPv6 packet; ``outer4`` is the outer IPv4 source it came from."""
         self._now = now
-        self._outer4 = outer4 if self.mode == "6to4" else b""
+        self._outer4 = outer4 if self.mode in ("6to4", "6rd") else b""
         if len(packet) >= 44 and packet[0] >> 4 == 6 and self.fast_path:
             proto = packet[6]
             if proto == PROTO_UDP or proto == PROTO_TCP:

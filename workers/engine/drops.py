@@ -29,6 +29,8 @@ class DropReason(enum.Enum):
     """6in4 outer source is not the configured remote; dropped silently (RFC 4213 §3.6)."""
     SPOOFED_6TO4 = "spoofed_6to4"
     """2002::/16 address does not embed the outer IPv4 address (RFC 3964 §5.2, Linux sit)."""
+    SPOOFED_6RD = "spoofed_6rd"
+    """6rd source not its CE's outer address, or not from the border relay (RFC 5969 §12)."""
     MARTIAN_SOURCE = "martian_source"
     """Source address that must never appear on the wire (RFC 4213 §3.6, RFC 3964 §5.3)."""
     MARTIAN_DESTINATION = "martian_destination"

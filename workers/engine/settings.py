@@ -13,7 +13,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 
 from sixgate.workers.engine.flows import Timeouts
-from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4
+from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, SixrdDomain
 
 SETTINGS_VERSION = 1
 
@@ -144,11 +144,23 @@ class Settings:
     clat_mtu: int = 1260
     clat_udp_zero_checksum: str = "calculate"  # "calculate" | "drop" | "forward"
     clat_rediscovery_interval_s: float = 600.0  # RFC 7050: the resolver asked again
+    # 6rd (mode "6rd", RFC 5969): the ISP's 6rd prefix ([tunnel] prefix; ``prefix`` above is
+    # the delegated prefix derived from it) and IPv4MaskLen; the border relay is relay_ipv4.
+    sixrd_prefix: str = ""
+    ipv4_mask_len: int = 0
 
     @property
     def known_ipv4(self) -> str:
         """The address the tunnel is known by (``public_ipv4``; ``local_ipv4`` without a NAT)."""
         return self.public_ipv4 or self.local_ipv4
+
+    @property
+    def sixrd(self) -> SixrdDomain | None:
+        """The 6rd domain (mode "6rd"), its CE addresses sharing the high bits of ours."""
+        if self.mode != "6rd" or not self.relay_ipv4:
+            return None
+        return SixrdDomain.build(self.sixrd_prefix, self.ipv4_mask_len, self.relay_ipv4,
+                                 self.known_ipv4)
 
     @property
     def max_mss(self) -> int:

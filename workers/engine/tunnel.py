@@ -1,8 +1,9 @@
-"""6to4 and 6in4 tunnel logic: decapsulation checks, address tables, outer destinations.
+"""6to4, 6rd and 6in4 tunnel logic: decapsulation checks, address tables, outer destinations.
 
 Implements RFC 4213 §3.5-§3.6 (decapsulation, configured tunnel peer check), RFC 3056 §2 and
 §5.3 (6to4 prefix and where packets are sent), RFC 3964 §5 (6to4 spoofing and martian checks,
-as Linux ``net/ipv6/sit.c`` ``packet_is_spoofed`` and KAME ``if_stf.c``). Pure: no I/O.
+as Linux ``net/ipv6/sit.c`` ``packet_is_spoofed`` and KAME ``if_stf.c``), RFC 5969 §4, §7.1.1
+and §12 (6rd: the delegated prefix, where packets are sent, the source checks). Pure: no I/O.
 The coordinator runs ``check_inbound`` on every received proto-41 packet before fan-out.
 """
 
@@ -44,6 +45,46 @@ def prefix_6to4(ipv4: str) -> ipaddress.IPv6Network:
     """The /48 6to4 site prefix of a public IPv4 address (RFC 3056 §2)."""
     v4 = ipaddress.IPv4Address(ipv4).packed
     return ipaddress.IPv6Network((PREFIX_6TO4 + v4 + bytes(10), 48))
+
+
+@dataclass(frozen=True)
+class SixrdDomain:
+    """An ISP's 6rd domain (RFC 5969 §4): its 6rd prefix, how many high bits every CE's IPv4
+    address in it shares (``mask_len``, IPv4MaskLen; they are left out of the addresses), and
+    its border relay."""
+
+    prefix: int  # the 6rd prefix as a 128-bit value
+    prefix_len: int
+    mask_len: int
+    common: int  # the shared high bits, in place in a 32-bit value
+    relay: bytes
+
+    @staticmethod
+    def build(prefix: str, mask_len: int, relay: str, ipv4: str) -> SixrdDomain:
+        net = ipaddress.IPv6Network(prefix)
+        own = int(ipaddress.IPv4Address(ipv4))
+        common = own & ~((1 << (32 - mask_len)) - 1) & 0xFFFFFFFF if mask_len else 0
+        return SixrdDomain(int(net.network_address), net.prefixlen, mask_len, common,
+                           ipaddress.IPv4Address(relay).packed)
+
+    def delegated(self, ipv4: str) -> ipaddress.IPv6Network:
+        """RFC 5969 §4: a CE's delegated prefix, the 6rd prefix followed by its IPv4 address
+        without the ``mask_len`` shared bits."""
+        bits = 32 - self.mask_len
+        suffix = int(ipaddress.IPv4Address(ipv4)) & ((1 << bits) - 1)
+        length = self.prefix_len + bits
+        return ipaddress.IPv6Network((self.prefix | suffix << (128 - length), length))
+
+    def embedded_ipv4(self, addr6: bytes) -> bytes | None:
+        """RFC 5969 §7.1.1: the IPv4 address of the CE a 6rd-domain address belongs to (the
+        shared bits, then the bits after the 6rd prefix), else None: not in the domain."""
+        value = int.from_bytes(addr6, "big")
+        shift = 128 - self.prefix_len
+        if value >> shift != self.prefix >> shift:
+            return None
+        bits = 32 - self.mask_len
+        suffix = value >> (shift - bits) & ((1 << bits) - 1)
+        return (self.common | suffix).to_bytes(4, "big")
 
 
 # RFC 3964 §5.3.1 / RFC 6890: IPv4 ranges that must never appear as a tunnel endpoint or
@@ -150,11 +191,13 @@ class TunnelPolicy:
     martian_ipv4: NetTable
     # A NAT64 served over the tunnel: its prefix's addresses are ours too.
     nat64: Nat64Prefix | None = None
+    sixrd: SixrdDomain | None = None  # mode "6rd" only
 
     @staticmethod
     def build(mode: str, local_ipv4: str, remote_ipv4: str | None, addresses: list[str],
               martian_ipv4: tuple[tuple[str, str], ...] = DEFAULT_MARTIAN_IPV4,
-              nat64: Nat64Prefix | None = None, public_ipv4: str = "") -> TunnelPolicy:
+              nat64: Nat64Prefix | None = None, public_ipv4: str = "",
+              sixrd: SixrdDomain | None = None) -> TunnelPolicy:
         public_ipv4 = public_ipv4 or local_ipv4
         return TunnelPolicy(
             mode=mode,
@@ -164,6 +207,7 @@ class TunnelPolicy:
             addresses=our_addresses(mode, public_ipv4, addresses),
             martian_ipv4=NetTable(martian_ipv4),
             nat64=nat64,
+            sixrd=sixrd,
         )
 
 
@@ -269,6 +313,13 @@ def _check_inbound(buf: memoryview, policy: TunnelPolicy) -> Decapsulated | Drop
         v4 = embedded_ipv4(src6)
         if v4 is not None and v4 in policy.martian_ipv4:
             return DropReason.MARTIAN_SOURCE
+    elif policy.sixrd is not None:
+        # RFC 5969 §12 (Linux sit: check_6rd): a source inside the 6rd domain must be the CE
+        # the outer source is; any other source only comes through the border relay.
+        v4 = policy.sixrd.embedded_ipv4(src6)
+        spoofed = v4 != src4 if v4 is not None else src4 != policy.sixrd.relay
+        if spoofed:
+            return DropReason.SPOOFED_6RD
     if dst6 not in policy.addresses and (policy.nat64 is None
                                          or policy.nat64.extract(dst6) is None):
         return DropReason.NOT_OUR_ADDRESS
@@ -323,10 +374,15 @@ def complete_checksum(packet: bytes) -> bytes:
 
 
 def outer_destination(dst6: bytes, mode: str, remote_ipv4: bytes | None,
-                      relay_ipv4: bytes | None) -> bytes | None:
-    """Where an outbound IPv6 packet is sent in IPv4 (RFC 3056 §5.3, RFC 4213 §3)."""
+                      relay_ipv4: bytes | None, sixrd: SixrdDomain | None = None
+                      ) -> bytes | None:
+    """Where an outbound IPv6 packet is sent in IPv4 (RFC 3056 §5.3, RFC 4213 §3, RFC 5969
+    §7.1.1: a 6rd-domain destination to its CE, every other one to the border relay)."""
     if mode == "6in4":
         return remote_ipv4
+    if sixrd is not None:
+        v4 = sixrd.embedded_ipv4(dst6)
+        return v4 if v4 is not None else sixrd.relay
     v4 = embedded_ipv4(dst6)
     if v4 is not None:
         return v4
