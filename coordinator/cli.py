@@ -165,6 +165,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tunnel_update(args: argparse.Namespace) -> int:
+    """``sixgate tunnel update``: tell the 6in4 broker our address now ([broker])."""
+    from sixgate.coordinator.broker import RESULTS, KeyFileError, broker_of, update
+    settings = _load(args.config)
+    if not settings.broker_url:
+        print(f"sixgate: {args.config}: no [broker] table: nothing to update (see README "
+              "\"With a real tunnel broker\")", file=sys.stderr)
+        return EXIT_CONFIG
+    myip = args.myip or settings.known_ipv4
+    try:
+        broker = broker_of(settings)
+    except KeyFileError as exc:
+        print(f"sixgate: {args.config}: broker.key_file: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    done = update(broker, myip)
+    print(f"{done.result}: {done.detail}")
+    fix = RESULTS[done.result]
+    if fix is not None:
+        print(f"sixgate: {fix}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
 def cmd_dns64_emit(args: argparse.Namespace) -> int:
     from sixgate.coordinator.dns64 import EmitError, tnat64_config, unbound_config
     settings = _load(args.config)
@@ -471,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="print one plain frame (two scrapes --interval apart) and exit")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("tunnel", help="the tunnel's broker")
+    tunnel = p.add_subparsers(dest="tunnel_command", required=True)
+    p = tunnel.add_parser("update", help="tell the 6in4 broker our address now ([broker]: "
+                          "HE's update API)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--myip", help="the address to register (default: public_ipv4, else "
+                   "local_ipv4)")
+    p.set_defaults(func=cmd_tunnel_update)
     p = sub.add_parser("dns64", help="configuration for the clients of a NAT64: a DNS64 "
                        "resolver, TNAT64")
     dns64 = p.add_subparsers(dest="dns64_command", required=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import tomli
 
+from sixgate.coordinator.broker import HE_UPDATE_URL
 from sixgate.workers.engine.flows import Timeouts
 from sixgate.workers.engine.nat64 import WELL_KNOWN_PREFIX, Nat64Prefix
 from sixgate.workers.engine.settings import Forward, Settings, pool_size
@@ -277,6 +278,22 @@ SCHEMA: tuple[Key, ...] = (
     Key("clat", "udp_zero_checksum", "string", "; ".join(
         f'"{k}": {v}' for k, v in UDP_ZERO_CHECKSUM.items()), _one_of(UDP_ZERO_CHECKSUM),
         DEFAULTS["clat_udp_zero_checksum"]),
+    Key("broker", "url", "https URL", "6in4: the tunnel broker's update API, told our "
+        "address at each start and by `sixgate tunnel update` (an HTTPS GET with basic auth, "
+        "hostname = tunnel_id, myip = public_ipv4; Hurricane Electric's by default)",
+        default=HE_UPDATE_URL),
+    Key("broker", "tunnel_id", "string", "the tunnel's id at the broker",
+        default_text="required with [broker]"),
+    Key("broker", "username", "string", "the broker account's user name",
+        default_text="required with [broker]"),
+    Key("broker", "key_file", "path", "a file holding the update key, mode 0600 (refused "
+        "otherwise); read once at the start, before sixgate drops root",
+        default_text="required with [broker]"),
+    Key("broker", "ca_file", "path", "CA certificates the broker's certificate must chain to",
+        default_text="the system's"),
+    Key("broker", "min_interval_s", "seconds 60-86400", "never ask the broker more often than "
+        "this (a failed update is retried after 60 s, doubling, at least this)",
+        _ranged_number(60, 86400), DEFAULTS["broker_min_interval_s"]),
     Key("forward", "proto", "string", '"tcp" or "udp"', default_text="required"),
     Key("forward", "port", "port or range", '80, or "8000-8099"', default_text="required"),
     Key("forward", "to", "IPv4 host[:port]", "the service; a range shifts (\"8000-8099\" -> "
@@ -338,6 +355,11 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
             value: Any = (settings.mtu if key.name == "mtu"
                           else getattr(settings, f"nat64_{key.name}"))
             out.append((key, value, key.name in doc.get("nat64", {})))
+            continue
+        if key.table == "broker":
+            if settings.broker_url:
+                out.append((key, getattr(settings, f"broker_{key.name}"),
+                            key.name in doc.get("broker", {})))
             continue
         if key.table == "clat":
             if settings.mode == "clat":
@@ -736,11 +758,36 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         if value and ipaddress.IPv4Address(value) in pool:
             raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
                             f"{value}; choose a pool no real host uses")
+    broker_values = _parse_broker(ctx, doc["broker"], tunnel_values) if "broker" in doc else {}
     return Settings(
-        **tunnel_values, **nat64_values, pool=str(pool), forwards=forwards,
+        **tunnel_values, **nat64_values, **broker_values, pool=str(pool), forwards=forwards,
         timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
         source_file=file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
         **values)
+
+
+def _parse_broker(ctx: _Ctx, broker: dict[str, Any], tunnel: dict[str, Any]) -> dict[str, Any]:
+    """[broker]: the 6in4 broker's update API (coordinator/broker.py)."""
+    if tunnel["mode"] != "6in4":
+        raise ctx.error("broker", None, f"a tunnel broker serves 6in4 tunnels; this is "
+                        f"{tunnel['mode']}: remove [broker]")
+    values: dict[str, Any] = {"broker_min_interval_s":
+                              _checked(ctx, "broker", broker)["min_interval_s"]}
+    url = broker.get("url", HE_UPDATE_URL)
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise ctx.error("broker", "url", f"{url!r} must be an https:// URL")
+    values["broker_url"] = url
+    for key in ("tunnel_id", "username", "key_file", "ca_file"):
+        value = broker.get(key, "")
+        if not isinstance(value, str) or (not value and key != "ca_file"):
+            raise ctx.error("broker", key if key in broker else None,
+                            f"{key} must be a non-empty string" if key in broker
+                            else f"{key} is missing: the broker update needs it")
+        values[f"broker_{key}"] = value
+    for key in ("key_file", "ca_file"):
+        if values[f"broker_{key}"] and not values[f"broker_{key}"].startswith("/"):
+            raise ctx.error("broker", key, "must be an absolute path")
+    return values
 
 
 def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:

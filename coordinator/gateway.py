@@ -38,6 +38,8 @@ from pyroute2 import NetlinkError
 
 from sixgate.coordinator import clat, forwarding, kernel_backend
 from sixgate.coordinator import reload as reloading
+from sixgate.coordinator.broker import RESULTS as BROKER_RESULTS
+from sixgate.coordinator.broker import Broker, KeyFileError, broker_of, retry_after, update
 from sixgate.coordinator.config import ConfigError, parse_config
 from sixgate.coordinator.liveness import PROBE_TIMEOUT_S, PeerProbe
 from sixgate.coordinator.metrics import GatewayView, MetricsServer, WorkerView
@@ -252,6 +254,8 @@ class Coordinator:
         self.stopping = threading.Event()
         # 6in4: the broker's reachability (RFC 4213 §3.8), probed from a thread of its own.
         self.peer_probe: PeerProbe | None = None
+        self.broker: Broker | None = None  # [broker]: the 6in4 broker's update API
+        self.broker_updates: dict[str, int] = {}  # result -> count (the update thread's)
         self.reload_ok = True
         self.reload_success_unix = self.started_unix
         self.reload_requested = False  # SIGHUP: the main loop reloads
@@ -275,7 +279,8 @@ class Coordinator:
             reload_success_unix=self.reload_success_unix, plat_source=self.plat_source,
             plat_changes=self.plat_changes,
             peer_reachable=None if self.peer_probe is None else self.peer_probe.reachable,
-            peer_rtt_s=None if self.peer_probe is None else self.peer_probe.rtt_s)
+            peer_rtt_s=None if self.peer_probe is None else self.peer_probe.rtt_s,
+            broker_updates=dict(self.broker_updates))
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
         return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
@@ -379,6 +384,12 @@ class Coordinator:
                 raise RuntimeError(f"cannot open the 6in4 broker probe's raw socket on "
                                    f"{settings.local_ipv4} ({exc.strerror}): is local_ipv4 an "
                                    "address of this host?") from None
+        if settings.broker_url:
+            # The key file is root's (0600): read now, kept in memory.
+            try:
+                self.broker = broker_of(settings)
+            except KeyFileError as exc:
+                raise RuntimeError(f"{settings.source_file}: {exc}") from None
         # Everything only root could make exists: from here on the coordinator is the user,
         # and every worker starts (and restarts) as that user too.
         log.info("%s", become_supervisor(settings.user, hand_over(self.run_dir, settings)))
@@ -446,6 +457,28 @@ class Coordinator:
         in ``rediscovered`` for the main loop (``_take_rediscovered``)."""
         while not self.stopping.wait(self.settings.clat_rediscovery_interval_s):
             self.rediscovered = clat.discover_rfc7050()
+
+    def _update_broker(self) -> None:
+        """Tell the 6in4 broker our address at the start (thread), retried after an error
+        (coordinator/broker.py ``retry_after``), never after a refusal the operator must fix;
+        each result logged and counted."""
+        assert self.broker is not None
+        failures = 0
+        myip = self.settings.known_ipv4
+        while not self.stopping.is_set():
+            done = update(self.broker, myip)
+            self.broker_updates[done.result] = self.broker_updates.get(done.result, 0) + 1
+            fix = BROKER_RESULTS[done.result]
+            if fix is None:
+                log.info("broker %s: our end is %s (%s)", self.broker.url, myip, done.detail)
+            else:
+                log.warning("broker %s: update to %s: %s (%s): %s", self.broker.url, myip,
+                            done.result, done.detail, fix)
+            failures = 0 if fix is None else failures + 1
+            delay = retry_after(done.result, failures, self.settings.broker_min_interval_s)
+            if delay is None:
+                return
+            self.stopping.wait(delay)
 
     def _probe_peer(self) -> None:
         """RFC 4213 §3.8: the broker probed every ``probe_interval_s`` (thread); a change of
@@ -610,6 +643,9 @@ class Coordinator:
             self.journal_thread.start()
         if self.peer_probe is not None:
             threading.Thread(target=self._probe_peer, name="peer-probe", daemon=True).start()
+        if self.broker is not None:
+            threading.Thread(target=self._update_broker, name="broker-update",
+                             daemon=True).start()
         if self.plat_source == "rfc7050":
             threading.Thread(target=self._rediscover, name="rfc7050", daemon=True).start()
         next_check = next_tick = time.monotonic() + 1.0

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from pathlib import Path
@@ -77,6 +77,7 @@ METRIC_NAMES = (
     "sixgate_coordinator_batch_packets", "sixgate_packet_processing_seconds",
     "sixgate_clat_plat_prefix_info", "sixgate_clat_plat_prefix_changes",
     "sixgate_tunnel_peer_reachable", "sixgate_tunnel_peer_rtt_seconds",
+    "sixgate_tunnel_endpoint_updates",
 )
 
 # RFC 4443 §2.1 error message types, the ``type`` label of sixgate_icmp_errors_sent_total.
@@ -174,6 +175,12 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
         if peer["rtt_s"] is not None:
             rtt.add_metric([peer["address"]], peer["rtt_s"])
     out += [reachable, rtt]
+    updates = CounterMetricFamily("sixgate_tunnel_endpoint_updates", "6in4 with [broker]: "
+                                  "updates of our address at the broker, by result",
+                                  labels=["result"])
+    for result, count in sorted(snap.get("broker_updates", {}).items()):
+        updates.add_metric([result], count)
+    out.append(updates)
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_packets", "Protocol-41 packets received, before any check",
         value=snap["tunnel_received"][0]))
@@ -336,6 +343,7 @@ class GatewayView:
     plat_changes: int = 0  # CLAT: PREF64 changes of the prefix while running
     peer_reachable: bool | None = None  # 6in4: the last probe of the broker (None: none yet)
     peer_rtt_s: float | None = None  # 6in4: its last answer's round trip
+    broker_updates: dict[str, int] = field(default_factory=dict)  # [broker]: result -> count
 
 
 class Gateway(Protocol):
@@ -387,6 +395,7 @@ class GatewayCollector:
             "reload_success_unix": view.reload_success_unix or view.started_unix,
             "clat": {"prefix": settings.clat_plat_prefix, "source": view.plat_source,
                      "changes": view.plat_changes} if settings.mode == "clat" else None,
+            "broker_updates": view.broker_updates,
             "peer": {"address": settings.remote_ipv4, "reachable": view.peer_reachable,
                      "rtt_s": view.peer_rtt_s} if view.peer_reachable is not None else None,
             "tunnel_received": received,

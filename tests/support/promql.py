@@ -76,6 +76,7 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sixgate_clat_plat_prefix_changes_total": ("counter", {}),
     "sixgate_tunnel_peer_reachable": ("gauge", {"peer": ("198.51.100.1",)}),
     "sixgate_tunnel_peer_rtt_seconds": ("gauge", {"peer": ("198.51.100.1",)}),
+    "sixgate_tunnel_endpoint_updates_total": ("counter", {"result": ("good", "badauth")}),
 }
 BUCKETS = {
     "sixgate_coordinator_batch_packets": ("1", "2", "4", "8", "16", "32", "64", "128", "256"),

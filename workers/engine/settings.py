@@ -148,6 +148,13 @@ class Settings:
     # the delegated prefix derived from it) and IPv4MaskLen; the border relay is relay_ipv4.
     sixrd_prefix: str = ""
     ipv4_mask_len: int = 0
+    # 6in4: the broker's update API ([broker], coordinator/broker.py); "" url: not used.
+    broker_url: str = ""
+    broker_tunnel_id: str = ""
+    broker_username: str = ""
+    broker_key_file: str = ""
+    broker_ca_file: str = ""
+    broker_min_interval_s: float = 300.0
 
     @property
     def known_ipv4(self) -> str:
