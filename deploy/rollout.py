@@ -181,7 +181,8 @@ def _release(source: TomlSource, release: dict[str, Any]) -> tuple[str, Path | N
     match = WHEEL_NAME.fullmatch(wheel.name)
     if not match or match.group("name") != "sixgate":
         raise source.error(("release", "wheel"), f"{wheel.name!r} is not a sixgate wheel "
-                           "(sixgate-VERSION-py3-none-any.whl)")
+                           "(sixgate-VERSION-TAGS.whl, as `sixgate deploy build` "
+                           "writes it)")
     if not wheel.is_file():
         raise source.error(("release", "wheel"), f"{str(wheel)!r} does not exist on this "
                            "controller; build it with `sixgate deploy build`")

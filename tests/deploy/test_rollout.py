@@ -261,11 +261,18 @@ def require(*stages: str) -> None:
         pytest.fail(f"an earlier stage did not pass: {', '.join(missing)}", pytrace=False)
 
 
+def wheel_of(wheelhouse: Path, version: str) -> str:
+    """The wheel of ``version`` in the wheelhouse, as the rollout names it: platform tags
+    since the compiled fast path (workers/engine/_fastpath.c)."""
+    [wheel] = wheelhouse.glob(f"sixgate-{version}-*.whl")
+    return f"wheelhouse/{wheel.name}"
+
+
 def test_first_install_everywhere(fleet: Fleet, wheelhouse: Path) -> None:
     started = time.monotonic()
     assert all(fleet.ssh_ok(n) for n in HOSTS)
     inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
-        f'wheel = "wheelhouse/sixgate-{RELEASE}-py3-none-any.whl"', '["100%"]'))
+        f'wheel = "{wheel_of(wheelhouse, RELEASE)}"', '["100%"]'))
     code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout)
     assert code == 0, output
     fleet_inventory = load_inventory(inventory)
@@ -283,7 +290,7 @@ def test_check_mode_changes_nothing(fleet: Fleet, wheelhouse: Path) -> None:
     started = time.monotonic()
     before = {n: host_state(fleet, n) for n in HOSTS}
     inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
-        f'wheel = "wheelhouse/sixgate-{UPGRADE}-py3-none-any.whl"', '["100%"]'))
+        f'wheel = "{wheel_of(wheelhouse, UPGRADE)}"', '["100%"]'))
     code, output = deploy(fleet, "apply", "--check", "-i", inventory, "-r", rollout)
     assert code == 0, output
     for number in HOSTS:
@@ -304,7 +311,7 @@ def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
     log_before = log.stat().st_size
     download = LongDownload(fleet, 1)
     inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
-        f'wheel = "wheelhouse/sixgate-{UPGRADE}-py3-none-any.whl"', '[1, "25%", "100%"]'))
+        f'wheel = "{wheel_of(wheelhouse, UPGRADE)}"', '[1, "25%", "100%"]'))
     with download:
         code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout)
         assert code == 0, output

@@ -371,9 +371,239 @@ static PyObject *returning(PyObject *self, PyObject *args)
     return result(i, 0, totals);
 }
 
+/* --- the CLAT's plain packets (workers/engine/clat.py plain_to_ipv6, plain_to_ipv4) --- */
+
+/* A sum the CLAT remembered (a Python int of any size, clat._address_sum): its value modulo
+ * 0xffff, and whether it is exactly ``small`` (which needs the whole value). */
+typedef struct {
+    long mod;
+    int fits;
+    long long exact;
+} Sum;
+
+static int sum_item(PyObject *tuple, Py_ssize_t index, Sum *out)
+{
+    PyObject *value = PyTuple_GET_ITEM(tuple, index);
+    int overflow = 0;
+    out->exact = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (out->exact == -1 && PyErr_Occurred())
+        return -1;
+    out->fits = !overflow;
+    if (out->fits) {
+        out->mod = mod_ffff(out->exact);
+        return 0;
+    }
+    PyObject *modulus = PyLong_FromLong(0xFFFF);
+    PyObject *rest = modulus == NULL ? NULL : PyNumber_Remainder(value, modulus);
+    Py_XDECREF(modulus);
+    if (rest == NULL)
+        return -1;
+    out->mod = PyLong_AsLong(rest);  /* Python's % of 0xffff: 0 .. 0xfffe */
+    Py_DECREF(rest);
+    return out->mod == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* packet.fold / fold_udp of RFC 1624 eqn 3 in sum form: clat._checksum_after(old, delta). A
+ * sum congruent to 0 is sent as 0 unless it is exactly 0 (then 0xffff), as ``fold`` does. */
+static unsigned checksum_after(unsigned old, const Sum *delta, int udp)
+{
+    long rest = mod_ffff(0xFFFFLL - old + delta->mod);
+    int exactly_zero = delta->fits && delta->exact == (long long)old - 0xFFFF;
+    unsigned folded = rest ? 0xFFFF - (unsigned)rest : (exactly_zero ? 0xFFFF : 0);
+    return udp && folded == 0 ? 0xFFFF : folded;
+}
+
+/* plain_to_ipv6 for one packet: bytes, Py_None (the Python path decides), NULL on error. */
+static PyObject *clat_to_ipv6(const uint8_t *p, Py_ssize_t n, PyObject *out_cache,
+                              const uint8_t *address4, const uint8_t *address6)
+{
+    if (n < 28 || p[0] != 0x45 || p[8] <= 1)
+        Py_RETURN_NONE;
+    int proto = p[9];
+    Py_ssize_t csum;
+    if (proto == PROTO_UDP)
+        csum = 26;
+    else if (proto == PROTO_TCP && n >= 40)
+        csum = 36;
+    else
+        Py_RETURN_NONE;
+    if (memcmp(p + 12, address4, 4) != 0 || (Py_ssize_t)get16(p + 2) != n || sum_mod(p, 20))
+        Py_RETURN_NONE;
+    PyObject *key = PyBytes_FromStringAndSize((const char *)p + 16, 4);
+    if (key == NULL)
+        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(out_cache, key);  /* (dst6, delta) */
+    Py_DECREF(key);
+    if (entry == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    PyObject *dst6 = PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2
+                     ? PyTuple_GET_ITEM(entry, 0) : NULL;
+    Sum delta;
+    if (dst6 == NULL || !PyBytes_Check(dst6) || PyBytes_GET_SIZE(dst6) != 16) {
+        PyErr_SetString(PyExc_ValueError, "CLAT cache entry must be (16 bytes, int)");
+        return NULL;
+    }
+    if (sum_item(entry, 1, &delta) < 0)
+        return NULL;
+    unsigned flags_offset = get16(p + 6), offset = (flags_offset & 0x1FFF) * 8;
+    int fragmented = (flags_offset & IPV4_MF_OFFSET) != 0;
+    unsigned new_csum = 0;
+    if (!fragmented || offset == 0) {
+        unsigned old = get16(p + csum);
+        if (old == 0 && proto == PROTO_UDP)
+            Py_RETURN_NONE;  /* RFC 7915 §4.5: to_ipv6 decides */
+        new_csum = checksum_after(old, &delta, proto == PROTO_UDP);
+    }
+    Py_ssize_t extra = fragmented ? 8 : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n - 20 + 40 + extra);
+    if (out == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    o[0] = 0x60 | p[1] >> 4;
+    o[1] = (uint8_t)(p[1] << 4);
+    o[2] = o[3] = 0;
+    put16(o + 4, (unsigned)(n - 20 + extra));
+    o[6] = fragmented ? 44 : (uint8_t)proto;
+    o[7] = (uint8_t)(p[8] - 1);
+    memcpy(o + 8, address6, 16);
+    memcpy(o + 24, PyBytes_AS_STRING(dst6), 16);
+    if (fragmented) {  /* RFC 7915 §5.1.1: the Fragment header keeps the identification */
+        o[40] = (uint8_t)proto;
+        o[41] = 0;
+        put16(o + 42, offset | (flags_offset >> 13 & 1));
+        o[44] = o[45] = 0;
+        o[46] = p[4];
+        o[47] = p[5];
+    }
+    memcpy(o + 40 + extra, p + 20, n - 20);
+    if (!fragmented || offset == 0)
+        put16(o + 40 + extra + (csum - 20), new_csum);
+    return out;
+}
+
+/* plain_to_ipv4 for one packet: bytes, Py_None, or NULL. */
+static PyObject *clat_to_ipv4(const uint8_t *p, Py_ssize_t n, PyObject *in_cache,
+                              const uint8_t *address4, const uint8_t *address6,
+                              long df_threshold)
+{
+    if (n < 48 || p[0] >> 4 != 6 || p[7] <= 1)
+        Py_RETURN_NONE;
+    int proto = p[6];
+    Py_ssize_t csum;
+    if (proto == PROTO_UDP)
+        csum = 46;
+    else if (proto == PROTO_TCP && n >= 60)
+        csum = 56;
+    else
+        Py_RETURN_NONE;
+    unsigned payload_len = get16(p + 4);
+    if (40 + (Py_ssize_t)payload_len != n || memcmp(p + 24, address6, 16) != 0)
+        Py_RETURN_NONE;
+    PyObject *key = PyBytes_FromStringAndSize((const char *)p + 8, 16);
+    if (key == NULL)
+        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(in_cache, key);  /* (remote4, pseudo, delta) */
+    Py_DECREF(key);
+    if (entry == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    PyObject *remote4 = PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 3
+                        ? PyTuple_GET_ITEM(entry, 0) : NULL;
+    Sum pseudo, delta;
+    if (remote4 == NULL || !PyBytes_Check(remote4) || PyBytes_GET_SIZE(remote4) != 4) {
+        PyErr_SetString(PyExc_ValueError, "CLAT cache entry must be (4 bytes, int, int)");
+        return NULL;
+    }
+    if (sum_item(entry, 1, &pseudo) < 0 || sum_item(entry, 2, &delta) < 0)
+        return NULL;
+    /* RFC 8200 §8.1: the checksum must verify. */
+    if (mod_ffff((long long)pseudo.mod + proto + payload_len + sum_mod(p + 40, payload_len)))
+        Py_RETURN_NONE;
+    unsigned new_csum = checksum_after(get16(p + csum), &delta, proto == PROTO_UDP);
+    unsigned length = 20 + payload_len;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, length);
+    if (out == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    o[0] = 0x45;
+    o[1] = (uint8_t)((p[0] & 0x0F) << 4 | p[1] >> 4);
+    put16(o + 2, length);
+    put16(o + 4, 0);
+    put16(o + 6, (long)length > df_threshold ? IPV4_DF : 0);
+    o[8] = (uint8_t)(p[7] - 1);
+    o[9] = (uint8_t)proto;
+    put16(o + 10, 0);
+    memcpy(o + 12, PyBytes_AS_STRING(remote4), 4);
+    memcpy(o + 16, address4, 4);
+    uint32_t header_sum = sum_mod(o, 20);
+    put16(o + 10, header_sum ? 0xFFFF - header_sum : 0);
+    memcpy(o + 20, p + 40, payload_len);
+    put16(o + 20 + (csum - 40), new_csum);
+    return out;
+}
+
+PyDoc_STRVAR(clat_doc,
+"clat(packets, start, out_cache, in_cache, address4, address6, df_threshold, out)\n"
+"The CLAT's plain packets from packets[start:] (the host's IPv4 and the PLAT's IPv6 mixed,\n"
+"as the device gives them) with the remembered remote addresses, appended to ``out``, up\n"
+"to the first one the Python path must handle. Returns (index, then packets, bytes in,\n"
+"bytes out for: IPv4 UDP, IPv4 TCP, IPv6 UDP, IPv6 TCP).");
+
+static PyObject *clat(PyObject *self, PyObject *args)
+{
+    PyObject *packets, *out_cache, *in_cache, *out;
+    Py_ssize_t start, len4, len6;
+    const char *address4, *address6;
+    long df_threshold;
+    if (!PyArg_ParseTuple(args, "O!nO!O!y#y#lO!", &PyList_Type, &packets, &start,
+                          &PyDict_Type, &out_cache, &PyDict_Type, &in_cache, &address4, &len4,
+                          &address6, &len6, &df_threshold, &PyList_Type, &out))
+        return NULL;
+    if (len4 != 4 || len6 != 16) {
+        PyErr_SetString(PyExc_ValueError, "address4 must be 4 bytes, address6 16");
+        return NULL;
+    }
+    Py_ssize_t totals[12] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
+    for (; i < count_all; i++) {
+        PyObject *packet = PyList_GET_ITEM(packets, i);
+        if (!PyBytes_Check(packet) || PyBytes_GET_SIZE(packet) == 0)
+            break;
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(packet);
+        Py_ssize_t size = PyBytes_GET_SIZE(packet);
+        int version = p[0] >> 4;
+        PyObject *translated;
+        if (version == 4)
+            translated = clat_to_ipv6(p, size, out_cache, (const uint8_t *)address4,
+                                      (const uint8_t *)address6);
+        else if (version == 6)
+            translated = clat_to_ipv4(p, size, in_cache, (const uint8_t *)address4,
+                                      (const uint8_t *)address6, df_threshold);
+        else
+            break;
+        if (translated == NULL)
+            return NULL;
+        if (translated == Py_None) {
+            Py_DECREF(translated);
+            break;
+        }
+        int failed = PyList_Append(out, translated) < 0;
+        int proto = version == 4 ? p[9] : p[6];
+        Py_ssize_t *t = totals + (version == 4 ? 0 : 6) + (proto == PROTO_UDP ? 0 : 3);
+        t[0] += 1;
+        t[1] += size;
+        t[2] += PyBytes_GET_SIZE(translated);
+        Py_DECREF(translated);
+        if (failed)
+            return NULL;
+    }
+    return Py_BuildValue("(nnnnnnnnnnnnn)", i, totals[0], totals[1], totals[2], totals[3],
+                         totals[4], totals[5], totals[6], totals[7], totals[8], totals[9],
+                         totals[10], totals[11]);
+}
+
 static PyMethodDef methods[] = {
     {"inbound", inbound, METH_VARARGS, inbound_doc},
     {"returning", returning, METH_VARARGS, returning_doc},
+    {"clat", clat, METH_VARARGS, clat_doc},
     {NULL, NULL, 0, NULL},
 };
 

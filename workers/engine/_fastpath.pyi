@@ -7,3 +7,6 @@ def inbound(packets: list[bytes], start: int, caches: dict[int, dict[bytes, Any]
 def returning(packets: list[bytes], start: int, caches: dict[int, dict[bytes, Any]], mtu: int,
               now: float, established: str, to_tunnel: list[tuple[bytes, bytes]],
               to_ipv6: list[bytes]) -> tuple[int, int, int, int, int, int, int, int]: ...
+def clat(packets: list[bytes], start: int, out_cache: dict[bytes, tuple[bytes, int]],
+         in_cache: dict[bytes, tuple[bytes, int, int]], address4: bytes, address6: bytes,
+         df_threshold: int, out: list[bytes]) -> tuple[int, ...]: ...

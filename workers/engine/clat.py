@@ -114,6 +114,16 @@ class Clat:
         object.__setattr__(self, "own_delta",
                            _address_sum(self.address6) - _address_sum(self.address4))
 
+    @property
+    def remembered_out(self) -> dict[bytes, tuple[bytes, int]]:
+        """The remote addresses remembered for the host's packets (the compiled loop reads
+        them; a miss is left to ``plain_to_ipv6``, which remembers)."""
+        return self._out
+
+    @property
+    def remembered_in(self) -> dict[bytes, tuple[bytes, int, int]]:
+        return self._in
+
     # --- the plain packet, with one lookup ------------------------------------------------------
 
     def plain_to_ipv6(self, packet: bytes) -> bytes | None:
