@@ -344,7 +344,7 @@ def test_from_tunnel_second_packet_of_a_flow_skips_the_full_checks(
 
 
 @FLAVOURS
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(st.lists(st.one_of(
     st.lists(st.tuples(client_packets, OUTER, OUTER_SHAPES), min_size=1, max_size=12),
     st.sampled_from([1.0, 30.0, 400.0])), min_size=1, max_size=12))

@@ -392,7 +392,7 @@ _STEPS = st.lists(st.tuples(
     min_size=1, max_size=24)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(_STEPS, min_size=1, max_size=4))
 def test_the_compiled_loop_gives_the_python_loops_bytes_and_counters(
         batches: list[list[tuple[str, str, str, int, int, str]]]) -> None:
