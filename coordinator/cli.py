@@ -124,6 +124,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"  remote        {settings.remote_ipv4} (only source accepted, RFC 4213 §3.6)")
         print(f"  prefix        {settings.prefix}")
+        if settings.broker_url:
+            from sixgate.coordinator.broker import KeyFileError, broker_of
+            try:
+                broker_of(settings)
+            except KeyFileError as exc:
+                print(f"sixgate: {args.config}: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            print(f"  broker        {settings.broker_url}: tunnel {settings.broker_tunnel_id} "
+                  f"as {settings.broker_username} is told {public} at each start "
+                  f"(`sixgate tunnel update` by hand); key file {settings.broker_key_file}")
     print(f"  addresses     {', '.join(settings.addresses)}")
     print(f"  mtu           {settings.mtu} (TCP MSS clamped to {settings.max_mss})")
     print(f"  workers       {settings.workers}, fan-out by the {settings.fanout}"

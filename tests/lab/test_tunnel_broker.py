@@ -127,6 +127,17 @@ def test_the_gateway_tells_the_broker_at_the_start(broker_lab: BrokerLab) -> Non
                       what="sixgate_tunnel_endpoint_updates_total{result=\"good\"} 1")
 
 
+def test_check_names_the_broker_and_refuses_a_loose_key_file(broker_lab: BrokerLab) -> None:
+    done = broker_lab.sixgate("check")
+    assert done.returncode == 0, done.stderr
+    assert (f"broker        https://{PEER_IPV4}:8443/nic/update: tunnel {TUNNEL_ID} as {USER} "
+            f"is told {GATEWAY_IPV4} at each start") in done.stdout, done.stdout
+    loose = broker_lab.write_key("loose-check.key", KEY, 0o640)
+    config = broker_lab.other_config("loose-check.toml", loose)
+    done = broker_lab.gw([*netlab.sixgate_command(), "check", "--config", str(config)])
+    assert done.returncode == 2 and f"run chmod 600 {loose}" in done.stderr, done.stderr
+
+
 def test_sixgate_tunnel_update_by_hand(broker_lab: BrokerLab) -> None:
     done = broker_lab.sixgate("tunnel", "update")
     assert done.returncode == 0, done.stdout + done.stderr
