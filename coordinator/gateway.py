@@ -770,7 +770,8 @@ class Coordinator:
             return
         with self.shard_lock:
             try:
-                count = self.shard_copy.write(self.settings.run_dir, index)
+                count = self.shard_copy.write(self.settings.run_dir, index,
+                                              self.settings.nat64_port_hold_s)
             except OSError as exc:
                 log.error("cannot hand worker %d its shard (%s): it starts empty", index, exc)
                 return

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sixgate.workers.engine.flows import Key, Record, journal_key, record_key, worker_share
 
 FLUSH_INTERVAL_S = 0.05
+HELD = "held"  # a shard entry that is a NAT64 port on hold, not a session record
 JOURNAL_VERSION = 1
 # The coordinator's copy of a shard holds at most this many times the worker's flow limit:
 # a worker that misbehaves cannot grow the coordinator without bound.
@@ -44,9 +47,11 @@ def shard_path(run_dir: str, index: int) -> Path:
     return Path(run_dir) / f"worker-{index}.shard"
 
 
-def encode(index: int, records: list[Record], removed: list[Key]) -> bytes:
+def encode(index: int, records: list[Record], removed: list[Key],
+           held: Sequence[tuple[int, bytes, int]] = ()) -> bytes:
     return json.dumps({"v": JOURNAL_VERSION, "worker": index, "records": records,
-                       "removed": [journal_key(key) for key in removed]},
+                       "removed": [journal_key(key) for key in removed],
+                       "held": [[proto, address.hex(), port] for proto, address, port in held]},
                       separators=(",", ":")).encode()
 
 
@@ -55,6 +60,8 @@ class ShardCopy:
 
     def __init__(self, workers: int, limit_per_worker: int) -> None:
         self.shards: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in range(workers)]
+        # NAT64: pool4 ports put on hold, (protocol, address hex, port) -> when (monotonic)
+        self.held: list[dict[tuple[int, str, int], float]] = [{} for _ in range(workers)]
         self.limit = limit_per_worker * COPY_SLACK
         self.refused = 0  # messages or records not applied (malformed, over the limit)
 
@@ -76,7 +83,23 @@ class ShardCopy:
             if isinstance(key, list):
                 shard.pop(tuple(key), None)
         self._put(index, records)
+        self._hold(index, doc.get("held", []))
         return index
+
+    def _hold(self, index: int, held: Any) -> None:
+        """Ports put on hold, within the limit (checked again by the worker that resumes)."""
+        ports = self.held[index]
+        now = time.monotonic()
+        for entry in held if isinstance(held, list) else []:
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)
+                    and isinstance(entry[1], str) and isinstance(entry[2], int)):
+                self.refused += 1
+                continue
+            key = (entry[0], entry[1], entry[2])
+            if key not in ports and len(ports) >= self.limit:
+                self.refused += 1
+                continue
+            ports[key] = now
 
     def _put(self, index: int, records: list[Any]) -> None:
         """Store records in worker ``index``'s shard by their key, within the limit (their
@@ -104,11 +127,21 @@ class ShardCopy:
         """Worker ``index``'s shard as a previous run handed it over."""
         self._put(index, records)
 
-    def write(self, run_dir: str, index: int) -> int:
-        """Write worker ``index``'s shard for its next start; the number of sessions in it."""
-        records = list(self.shards[index].values())
+    def write(self, run_dir: str, index: int, hold_s: float = 0.0) -> int:
+        """Write worker ``index``'s shard for its next start; the number of sessions in it.
+        NAT64 ports put on hold less than ``hold_s`` ago follow the records as
+        ``["held", protocol, address hex, port, seconds left]``."""
+        records: list[Any] = list(self.shards[index].values())
+        ports = self.held[index]
+        now = time.monotonic()
+        for key, when in list(ports.items()):
+            left = when + hold_s - now
+            if left <= 0:
+                del ports[key]
+            else:
+                records.append([HELD, *key, round(left, 3)])
         _write_private_json(shard_path(run_dir, index), records)
-        return len(records)
+        return len(records) - len(ports)
 
 
 def _write_private_json(path: Path, doc: Any) -> None:
@@ -343,6 +376,26 @@ def take_crash_log(run_dir: str, settings: dict[str, Any], now_unix: float
     shards = [list(shard.values()) for shard in copy.shards]
     return seed, shards, (f"resuming {sum(len(s) for s in shards)} session(s) the previous "
                           "run had when it crashed")
+
+
+def split_held(doc: list[Any]) -> tuple[list[Any], list[tuple[int, bytes, int, float]]]:
+    """A shard's session records, and its held NAT64 ports (protocol, address, port,
+    seconds left); malformed held entries are left out."""
+    records: list[Any] = []
+    held: list[tuple[int, bytes, int, float]] = []
+    for entry in doc:
+        if not (isinstance(entry, list) and entry and entry[0] == HELD):
+            records.append(entry)
+            continue
+        try:
+            _, proto, address, port, left = entry
+            packed = bytes.fromhex(address)
+            if (isinstance(proto, int) and isinstance(port, int) and len(packed) == 4
+                    and 0 <= port <= 0xFFFF and isinstance(left, (int, float)) and left > 0):
+                held.append((proto, packed, port, float(left)))
+        except (ValueError, TypeError):
+            continue
+    return records, held
 
 
 def read_shard(run_dir: str, index: int) -> list[Any] | None:

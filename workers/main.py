@@ -45,7 +45,7 @@ from sixgate.workers.engine.settings import (
     worker_routes,
 )
 from sixgate.workers.engine.wire import decode_batch, fanout_filter
-from sixgate.workers.journal import FLUSH_INTERVAL_S, journal_endpoint, read_shard
+from sixgate.workers.journal import FLUSH_INTERVAL_S, journal_endpoint, read_shard, split_held
 from sixgate.workers.journal import encode as encode_journal
 from sixgate.workers.mmsg import BatchSender
 from sixgate.workers.privileges import drop_privileges
@@ -314,22 +314,27 @@ class Worker:
         records = read_shard(self.settings.run_dir, self.index)
         if records is None:
             return
-        resumed, refused = self.datapath.flows.restore(records, time.monotonic())
+        records, held = split_held(records)
+        now = time.monotonic()
+        resumed, refused = self.datapath.flows.restore(records, now)
+        holding = self.datapath.flows.restore_held(held, now)
         self.datapath.counters.event(Event.FLOWS_RESUMED, resumed)
-        log.info("worker %d: resumed %d session(s) of its shard%s", self.index, resumed,
-                 f" ({refused} refused: malformed or not this shard's)" if refused else "")
+        log.info("worker %d: resumed %d session(s) of its shard%s%s", self.index, resumed,
+                 f" ({refused} refused: malformed or not this shard's)" if refused else "",
+                 f"; {holding} pool4 port(s) still held (RFC 6888 REQ-8)" if holding else "")
 
     def _flush_journal(self, now: float, last: bool = False) -> None:
         """Push what changed in the shard to the coordinator, at most every
         FLUSH_INTERVAL_S (``last``: now, the worker is stopping)."""
         flows = self.datapath.flows
         if self.journal is None or (now < self.next_journal and not last) or not (
-                flows.journal or flows.journal_removed):
+                flows.journal or flows.journal_removed or flows.journal_held):
             return
         self.next_journal = now + FLUSH_INTERVAL_S
         records, removed = flows.take_journal()
         try:
-            self.journal.send(encode_journal(self.index, records, removed), zmq.NOBLOCK)
+            self.journal.send(encode_journal(self.index, records, removed, flows.take_held()),
+                              zmq.NOBLOCK)
         except zmq.Again:
             # The coordinator is not taking them: its copy misses these (counted).
             self.datapath.counters.event(Event.JOURNAL_LOST)

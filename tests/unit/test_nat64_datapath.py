@@ -440,3 +440,39 @@ def test_reload_changes_the_nat64_policy_live_and_ends_a_removed_clients_session
     dp.from_ipv6([udp6(sport=1004)], 1.4)
     assert dp.counters.drops[DropReason.PORT_QUOTA] == 1
     one_v4(dp.from_ipv6([udp6(src="2001:db8:100::11", sport=1005)], 1.4))
+
+
+def test_rfc6888_req8_a_held_port_stays_held_across_a_worker_crash(tmp_path: object) -> None:
+    """Issue 16/17: a binding ends, its pool4 port goes on hold (RFC 6888 REQ-8); the worker
+    journals it, the coordinator's copy writes it into the shard of a worker started after a
+    crash, and that worker does not hand the port out before the hold time is over."""
+    from pathlib import Path
+
+    from sixgate.workers.journal import ShardCopy, encode, read_shard, split_held
+
+    run_dir = str(tmp_path)
+    dp = nat64(nat64_port_hold_s=120.0, nat64_pool4=((POOL4, "udp", 61001, 61002),))
+    dp.flows.journal = {}
+    pport = one_v4(dp.from_ipv6([udp6(sport=40000)], 1.0))[UDP].sport
+    dp.tick(1000.0)  # the UDP session times out: its binding ends, the port is held
+    held = dp.flows.take_held()
+    assert held == [(17, ipaddress.IPv4Address(POOL4).packed, pport)]
+    copy = ShardCopy(1, 100)
+    records, removed = dp.flows.take_journal()
+    assert copy.apply(encode(0, records, removed, held)) == 0
+    copy.write(run_dir, 0, hold_s=120.0)
+    records, held_again = split_held(read_shard(run_dir, 0) or [])
+    assert records == [] and [entry[:3] for entry in held_again] == held
+    assert 119 < held_again[0][3] <= 120
+    assert not Path(run_dir, "worker-0.shard").exists()  # read once
+
+    restarted = nat64(nat64_port_hold_s=120.0, nat64_pool4=((POOL4, "udp", 61001, 61002),))
+    assert restarted.flows.restore_held(held_again, 2000.0) == 1
+    # The other port of the range is handed out; then the pool is exhausted, not the held
+    # port reused, until the hold is over.
+    first = one_v4(restarted.from_ipv6([udp6(sport=40002)], 2000.0))[UDP].sport
+    assert first != pport
+    assert not restarted.from_ipv6([udp6(src=OTHER_CLIENT, sport=40004)], 2001.0).to_services
+    restarted.tick(2121.0)  # the hold is over (and the first session's port goes on hold)
+    later = restarted.from_ipv6([udp6(src=OTHER_CLIENT, sport=40004)], 2121.0)
+    assert IP(later.to_services[0])[UDP].sport == pport

@@ -331,6 +331,9 @@ class FlowTable:
         # sends them to the coordinator, which hands them to a worker restarted after a crash.
         self.journal: dict[Session, None] | None = None
         self.journal_removed: list[Key] = []
+        # NAT64: pool4 ports whose binding ended (held before reuse, RFC 6888 REQ-8), for the
+        # journal too: a worker restarted after a crash keeps holding them.
+        self.journal_held: list[tuple[int, bytes, int]] = []
 
     @classmethod
     def for_shard(cls, pool: list[bytes], workers: int, max_flows: int,
@@ -703,6 +706,8 @@ class FlowTable:
         del self._bib_v4[session.proto, bib.pool4, bib.pport]
         _decrement(self._ports_per_client, session.client6[:self.quota_prefix_bytes])
         self.ports.release(session.proto, bib.pool4, bib.pport, self._clock)
+        if self.journal is not None:
+            self.journal_held.append((session.proto, bib.pool4, bib.pport))
         self.bindings_removed += 1
         if self.binding_events is not None:
             self.binding_events.append((False, bib))
@@ -740,6 +745,24 @@ class FlowTable:
         self.journal = {}
         self.journal_removed = []
         return records, removed
+
+    def take_held(self) -> list[tuple[int, bytes, int]]:
+        """The pool4 ports put on hold since the last call (the journal's), emptied."""
+        held, self.journal_held = self.journal_held, []
+        return held
+
+    def restore_held(self, held: list[tuple[int, bytes, int, float]], now: float) -> int:
+        """After a crash: pool4 ports whose binding ended less than the hold time ago stay
+        held for the rest of it (RFC 6888 REQ-8), those no resumed session took; how many."""
+        if self.ports is None:
+            return 0
+        hold_s = self.ports.hold_s
+        wanted = {(proto, address, port): min(remaining, hold_s)
+                  for proto, address, port, remaining in held}
+        taken = self.ports.claim(set(wanted))
+        for key in sorted(taken, key=wanted.__getitem__):  # the hold queue stays in order
+            self.ports.release(*key, now - hold_s + wanted[key])
+        return len(taken)
 
     def restore(self, records: list[object], now: float) -> tuple[int, int]:
         """Resume the sessions a crashed worker of this shard journaled: (resumed, refused).
