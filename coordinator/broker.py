@@ -22,7 +22,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from importlib import metadata
 
 from sixgate.workers.engine.settings import Settings
 
@@ -127,11 +126,12 @@ def retry_after(result: str, failures: int, min_interval_s: float) -> float | No
 
 def update(broker: Broker, myip: str, timeout_s: float = TIMEOUT_S) -> UpdateResult:
     """One update: our end is now ``myip``."""
+    from sixgate.coordinator.metrics import sixgate_version  # config imports this module
     query = urllib.parse.urlencode({"hostname": broker.tunnel_id, "myip": myip})
     request = urllib.request.Request(f"{broker.url}?{query}", headers={
         "Authorization": "Basic " + base64.b64encode(
             f"{broker.username}:{broker.key}".encode()).decode(),
-        "User-Agent": f"sixgate/{_version()}"})
+        "User-Agent": f"sixgate/{sixgate_version()}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s,
                                     context=broker.context) as reply:
@@ -143,9 +143,3 @@ def update(broker: Broker, myip: str, timeout_s: float = TIMEOUT_S) -> UpdateRes
     except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
         return UpdateResult("unreachable", str(getattr(exc, "reason", exc)))
 
-
-def _version() -> str:
-    try:
-        return metadata.version("sixgate")
-    except metadata.PackageNotFoundError:  # pragma: no cover - a checkout not installed
-        return "0"

@@ -327,7 +327,8 @@ class Coordinator:
             self.journal.setsockopt(zmq.LINGER, 0)
             self.journal.bind(journal_endpoint(settings.run_dir))
             self.shard_copy = ShardCopy(settings.workers,
-                                        worker_share(settings.max_flows, settings.workers) or 1)
+                                        worker_share(settings.max_flows, settings.workers) or 1,
+                                        settings.nat64_port_hold_s)
             for index, records in enumerate(self.handed_over):
                 self.shard_copy.load(index, records)
             # Kept on disk as it changes, for the next coordinator should this one crash.
@@ -770,8 +771,7 @@ class Coordinator:
             return
         with self.shard_lock:
             try:
-                count = self.shard_copy.write(self.settings.run_dir, index,
-                                              self.settings.nat64_port_hold_s)
+                count = self.shard_copy.write(self.settings.run_dir, index)
             except OSError as exc:
                 log.error("cannot hand worker %d its shard (%s): it starts empty", index, exc)
                 return

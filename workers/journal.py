@@ -58,10 +58,12 @@ def encode(index: int, records: list[Record], removed: list[Key],
 class ShardCopy:
     """The coordinator's copy of every worker's shard, built from their journal messages."""
 
-    def __init__(self, workers: int, limit_per_worker: int) -> None:
+    def __init__(self, workers: int, limit_per_worker: int, hold_s: float = 0.0) -> None:
         self.shards: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in range(workers)]
-        # NAT64: pool4 ports put on hold, (protocol, address hex, port) -> when (monotonic)
+        # NAT64: pool4 ports on hold (``hold_s``, RFC 6888 REQ-8), (protocol, address hex,
+        # port) -> when (monotonic), oldest first: expired ones leave from the front.
         self.held: list[dict[tuple[int, str, int], float]] = [{} for _ in range(workers)]
+        self.hold_s = hold_s
         self.limit = limit_per_worker * COPY_SLACK
         self.refused = 0  # messages or records not applied (malformed, over the limit)
 
@@ -90,6 +92,7 @@ class ShardCopy:
         """Ports put on hold, within the limit (checked again by the worker that resumes)."""
         ports = self.held[index]
         now = time.monotonic()
+        self._expire_held(ports, now)
         for entry in held if isinstance(held, list) else []:
             if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)
                     and isinstance(entry[1], str) and isinstance(entry[2], int)):
@@ -99,7 +102,15 @@ class ShardCopy:
             if key not in ports and len(ports) >= self.limit:
                 self.refused += 1
                 continue
+            ports.pop(key, None)  # to the back: the dict stays oldest first
             ports[key] = now
+
+    def _expire_held(self, ports: dict[tuple[int, str, int], float], now: float) -> None:
+        while ports:
+            key, when = next(iter(ports.items()))
+            if when + self.hold_s > now:
+                return
+            del ports[key]
 
     def _put(self, index: int, records: list[Any]) -> None:
         """Store records in worker ``index``'s shard by their key, within the limit (their
@@ -127,21 +138,19 @@ class ShardCopy:
         """Worker ``index``'s shard as a previous run handed it over."""
         self._put(index, records)
 
-    def write(self, run_dir: str, index: int, hold_s: float = 0.0) -> int:
+    def write(self, run_dir: str, index: int) -> int:
         """Write worker ``index``'s shard for its next start; the number of sessions in it.
-        NAT64 ports put on hold less than ``hold_s`` ago follow the records as
-        ``["held", protocol, address hex, port, seconds left]``."""
+        NAT64 ports still on hold follow the records as ``["held", protocol, address hex,
+        port, seconds left]``."""
         records: list[Any] = list(self.shards[index].values())
+        sessions = len(records)
         ports = self.held[index]
         now = time.monotonic()
-        for key, when in list(ports.items()):
-            left = when + hold_s - now
-            if left <= 0:
-                del ports[key]
-            else:
-                records.append([HELD, *key, round(left, 3)])
+        self._expire_held(ports, now)
+        records += [[HELD, *key, round(when + self.hold_s - now, 3)]
+                    for key, when in ports.items()]
         _write_private_json(shard_path(run_dir, index), records)
-        return len(records) - len(ports)
+        return sessions
 
 
 def _write_private_json(path: Path, doc: Any) -> None:

@@ -11,7 +11,6 @@ the same session states. Packets are built with scapy.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
 import pytest
@@ -43,23 +42,12 @@ REPLY_MUTATIONS = ("none", "none", "none", "ttl_1", "bad_header_checksum", "ip_o
 FLAVOURS = pytest.mark.parametrize("flavour", ["compiled", "python"])
 
 
-def require_compiled() -> None:
-    """The compiled loops must exist in CI (``make test`` builds them: gcc is in bootstrap);
-    elsewhere their tests skip, saying why."""
-    if compiled is None:
-        reason = ("workers/engine/_fastpath.c was not built: reinstall with gcc and the Python "
-                  "headers (`.venv/bin/pip install -e .`)")
-        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
 def engines(flavour: str = "python", mode: str = "6to4",
             **overrides: object) -> tuple[Datapath, Datapath]:
     """The same engine twice: with the fast path (``flavour``: "compiled" or "python") and
     without it."""
     if flavour == "compiled":
-        require_compiled()
+        helpers.require_compiled(compiled, "workers/engine/_fastpath.c")
     settings = dataclasses.replace(helpers.make_settings(
         "6to4", mtu=1280, compiled_fast_path=flavour == "compiled"), mode=mode, **overrides)
     pool = [] if mode == "nat64" else worker_pool(settings.pool, 1, 0)

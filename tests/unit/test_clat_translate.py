@@ -24,6 +24,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Packet, Raw, raw
 from scapy.utils import checksum
+from support.helpers import require_compiled
 
 from sixgate.coordinator.clat import parse_pref64, pref64_messages, prefix_of_synthesized
 from sixgate.workers.engine.clat import Clat
@@ -401,8 +402,7 @@ def test_the_compiled_loop_gives_the_python_loops_bytes_and_counters(
     sources not under the prefix, ICMP) through the compiled loop and through the Python
     loop: the same bytes out, in the same order, and the same counters."""
     from sixgate.workers.engine.fastpath import compiled
-    if compiled is None:
-        pytest.skip("workers/engine/_fastpath.c was not built")
+    require_compiled(compiled, "workers/engine/_fastpath.c")
     fast, python = clat_datapath(), clat_datapath()
     python.compiled = None
     assert fast.compiled is not None
@@ -423,8 +423,7 @@ def test_the_compiled_loop_takes_the_plain_packets(monkeypatch: pytest.MonkeyPat
     """Not vacuous: once the remote addresses are remembered, the Python plain path never
     sees a plain packet; what comes out is valid (scapy)."""
     from sixgate.workers.engine.fastpath import compiled
-    if compiled is None:
-        pytest.skip("workers/engine/_fastpath.c was not built")
+    require_compiled(compiled, "workers/engine/_fastpath.c")
     dp = clat_datapath()
     out4 = raw(IP(src=HOST4, dst=SERVER4) / UDP(sport=5000, dport=53) / Raw(b"q" * 30))
     in6 = raw(IPv6(src=SERVER6, dst=CLAT6) / TCP(sport=80, dport=5000, flags="A") / Raw(b"a"))

@@ -182,3 +182,22 @@ def test_a_set_aside_handover_expires(tmp_path: Path) -> None:
                                            + 1)
     assert seed is None and "s old" in message and "starting empty" in message
     assert not list(tmp_path.glob("handover*"))
+
+
+def test_held_ports_leave_the_copy_when_their_hold_is_over(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy's held ports are bounded by their hold time, not only by its size: an expired
+    one makes room for the next (it would otherwise refuse every hold once full) and is not
+    written into a shard."""
+    clock = [100.0]
+    monkeypatch.setattr(journal.time, "monotonic", lambda: clock[0])
+    copy = ShardCopy(1, 1, hold_s=120.0)  # room for two held ports (twice the flow limit)
+    for port in (61001, 61002):
+        copy.apply(encode(0, [], [], [(17, bytes([203, 0, 113, 5]), port)]))
+    copy.apply(encode(0, [], [], [(17, bytes([203, 0, 113, 5]), 61003)]))
+    assert copy.refused == 1  # full
+    clock[0] = 221.0  # the first two are over
+    copy.apply(encode(0, [], [], [(17, bytes([203, 0, 113, 5]), 61004)]))
+    assert copy.refused == 1 and list(copy.held[0]) == [(17, "cb007105", 61004)]
+    assert copy.write(str(tmp_path), 0) == 0
+    assert read_shard(str(tmp_path), 0) == [["held", 17, "cb007105", 61004, 120.0]]

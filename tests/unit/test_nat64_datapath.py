@@ -457,10 +457,10 @@ def test_rfc6888_req8_a_held_port_stays_held_across_a_worker_crash(tmp_path: obj
     dp.tick(1000.0)  # the UDP session times out: its binding ends, the port is held
     held = dp.flows.take_held()
     assert held == [(17, ipaddress.IPv4Address(POOL4).packed, pport)]
-    copy = ShardCopy(1, 100)
+    copy = ShardCopy(1, 100, hold_s=120.0)
     records, removed = dp.flows.take_journal()
     assert copy.apply(encode(0, records, removed, held)) == 0
-    copy.write(run_dir, 0, hold_s=120.0)
+    copy.write(run_dir, 0)
     records, held_again = split_held(read_shard(run_dir, 0) or [])
     assert records == [] and [entry[:3] for entry in held_again] == held
     assert 119 < held_again[0][3] <= 120

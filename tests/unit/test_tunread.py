@@ -4,21 +4,17 @@ as a TUN device does (the labs read real TUN devices through it)."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
+from support.helpers import require_compiled
 
 from sixgate.workers.main import read_packets
 
 
 @pytest.fixture()
 def pair() -> tuple[socket.socket, socket.socket]:
-    if read_packets is None:
-        reason = "workers/_tunread.c was not built: reinstall with gcc and the Python headers"
-        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_compiled(read_packets, "workers/_tunread.c")
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     b.setblocking(False)
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)

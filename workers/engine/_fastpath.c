@@ -195,6 +195,23 @@ static PyObject *v4_to_v6(const uint8_t *p, Py_ssize_t n, int proto, PyObject *t
     return out;
 }
 
+/* The per-protocol template dicts of ``caches`` ({6: dict, 17: dict}), looked up once per
+ * call, not per packet (borrowed: no Python code runs while a loop holds them). */
+static int protocol_caches(PyObject *caches, PyObject **tcp, PyObject **udp)
+{
+    PyObject *numbers[2] = {PyLong_FromLong(PROTO_TCP), PyLong_FromLong(PROTO_UDP)};
+    PyObject **found[2] = {tcp, udp};
+    int failed = 0;
+    for (int i = 0; i < 2; i++) {
+        PyObject *cache = numbers[i] == NULL ? NULL
+                          : PyDict_GetItemWithError(caches, numbers[i]);
+        *found[i] = cache != NULL && PyDict_Check(cache) ? cache : NULL;
+        failed |= numbers[i] == NULL || PyErr_Occurred() != NULL;
+        Py_XDECREF(numbers[i]);
+    }
+    return failed ? -1 : 0;
+}
+
 /* Count one translated packet: totals[0..2] UDP (packets, bytes in, out), [3..5] TCP. */
 static inline void count(Py_ssize_t *totals, int proto, Py_ssize_t in, Py_ssize_t out)
 {
@@ -232,6 +249,9 @@ static PyObject *inbound(PyObject *self, PyObject *args)
                           &caches, &outer, &ident, &now, &established, &df_threshold,
                           &PyList_Type, &out))
         return NULL;
+    PyObject *tcp_cache, *udp_cache;
+    if (protocol_caches(caches, &tcp_cache, &udp_cache) < 0)
+        return NULL;
     Py_ssize_t totals[6] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
     for (; i < count_all; i++) {
         PyObject *packet = PyList_GET_ITEM(packets, i);
@@ -263,12 +283,8 @@ static PyObject *inbound(PyObject *self, PyObject *args)
             Py_DECREF(key);
             break;
         }
-        PyObject *proto_obj = PyLong_FromLong(proto);  /* small int: cached, no allocation */
-        PyObject *cache = PyDict_GetItemWithError(caches, proto_obj);
-        Py_DECREF(proto_obj);
-        PyObject *template = NULL;
-        if (cache != NULL && PyDict_Check(cache))
-            template = PyDict_GetItemWithError(cache, key);
+        PyObject *cache = proto == PROTO_UDP ? udp_cache : tcp_cache;
+        PyObject *template = cache == NULL ? NULL : PyDict_GetItemWithError(cache, key);
         Py_DECREF(key);
         if (PyErr_Occurred())
             return NULL;
@@ -314,6 +330,9 @@ static PyObject *returning(PyObject *self, PyObject *args)
                           &caches, &mtu, &now, &established, &PyList_Type, &to_tunnel,
                           &PyList_Type, &to_ipv6))
         return NULL;
+    PyObject *tcp_cache, *udp_cache;
+    if (protocol_caches(caches, &tcp_cache, &udp_cache) < 0)
+        return NULL;
     Py_ssize_t totals[6] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
     for (; i < count_all; i++) {
         PyObject *packet = PyList_GET_ITEM(packets, i);
@@ -329,12 +348,8 @@ static PyObject *returning(PyObject *self, PyObject *args)
         PyObject *key = PyBytes_FromStringAndSize((const char *)p + 12, 12);
         if (key == NULL)
             return NULL;
-        PyObject *proto_obj = PyLong_FromLong(proto);
-        PyObject *cache = PyDict_GetItemWithError(caches, proto_obj);
-        Py_DECREF(proto_obj);
-        PyObject *template = NULL;
-        if (cache != NULL && PyDict_Check(cache))
-            template = PyDict_GetItemWithError(cache, key);
+        PyObject *cache = proto == PROTO_UDP ? udp_cache : tcp_cache;
+        PyObject *template = cache == NULL ? NULL : PyDict_GetItemWithError(cache, key);
         Py_DECREF(key);
         if (PyErr_Occurred())
             return NULL;
@@ -545,8 +560,8 @@ PyDoc_STRVAR(clat_doc,
 "clat(packets, start, out_cache, in_cache, address4, address6, df_threshold, out)\n"
 "The CLAT's plain packets from packets[start:] (the host's IPv4 and the PLAT's IPv6 mixed,\n"
 "as the device gives them) with the remembered remote addresses, appended to ``out``, up\n"
-"to the first one the Python path must handle. Returns (index, then packets, bytes in,\n"
-"bytes out for: IPv4 UDP, IPv4 TCP, IPv6 UDP, IPv6 TCP).");
+"to the first one the Python path must handle. Returns (index, 0 (no ident: like\n"
+"returning), then packets, bytes in, bytes out for: IPv4 UDP, IPv4 TCP, IPv6 UDP, IPv6 TCP).");
 
 static PyObject *clat(PyObject *self, PyObject *args)
 {
@@ -595,7 +610,7 @@ static PyObject *clat(PyObject *self, PyObject *args)
         if (failed)
             return NULL;
     }
-    return Py_BuildValue("(nnnnnnnnnnnnn)", i, totals[0], totals[1], totals[2], totals[3],
+    return Py_BuildValue("(nknnnnnnnnnnnn)", i, 0UL, totals[0], totals[1], totals[2], totals[3],
                          totals[4], totals[5], totals[6], totals[7], totals[8], totals[9],
                          totals[10], totals[11]);
 }

@@ -366,6 +366,7 @@ class Datapath:
         loops, total, index, totals = self.compiled, len(packets), 0, [0] * 6
         while index < total:
             if loops is not None:
+                self._ident4 = ident  # what _run_compiled hands back if the loop fails
                 index, ident = self._run_compiled(
                     loops.inbound, totals, packets, index, caches, 20, ident, now, ESTABLISHED,
                     DF_THRESHOLD, self._to_services)
@@ -436,6 +437,7 @@ class Datapath:
         loops, total, index, totals = self.compiled, len(packets), 0, [0] * 6
         while index < total:
             if loops is not None:
+                self._ident4 = ident  # what _run_compiled hands back if the loop fails
                 index, ident = self._run_compiled(
                     loops.inbound, totals, packets, index, templates, 0, ident, now, ESTABLISHED,
                     DF_THRESHOLD, self._to_services)
@@ -483,9 +485,9 @@ class Datapath:
     def _run_compiled(self, loop: Callable[..., tuple[int, ...]], totals: list[int],
                       packets: list[bytes], *args: object) -> tuple[int, int]:
         """One call of a compiled batch loop (workers/engine/_fastpath.c): (the index of the
-        first packet it left to Python, IPv4 ident); its (packets, bytes in, bytes out) for
-        UDP and TCP added to ``totals``. It raises only when memory runs out: the batch ends
-        there, counted once."""
+        first packet it left to Python, IPv4 ident); its (packets, bytes in, bytes out) per
+        protocol (and direction, for the CLAT) added to ``totals``. It raises only when memory
+        runs out: the batch ends there, counted once, with the ident in ``_ident4``."""
         try:
             index, ident, *counts = loop(packets, *args)
         except Exception as exc:  # noqa: BLE001 - one batch must never kill the worker
@@ -879,19 +881,14 @@ class Datapath:
         in_totals = {PROTO_UDP: [0, 0, 0], PROTO_TCP: [0, 0, 0]}
         packets = packets if isinstance(packets, list) else list(packets)
         loops, total, index = self.compiled, len(packets), 0
+        # The compiled loop's totals: IPv4 UDP, IPv4 TCP, IPv6 UDP, IPv6 TCP, three each.
+        compiled_totals = [0] * 12
         while index < total:
             if loops is not None:  # the same plain packets, compiled (as in from_tunnel)
-                try:
-                    index, *counts = loops.clat(packets, index, clat.remembered_out,
-                                                clat.remembered_in, clat.address4,
-                                                clat.address6, DF_THRESHOLD, self._to_services)
-                except Exception as exc:  # noqa: BLE001 - memory only: the batch ends here
-                    self._internal_error(exc)
-                    break
-                for totals, at in ((out_totals[PROTO_UDP], 0), (out_totals[PROTO_TCP], 3),
-                                   (in_totals[PROTO_UDP], 6), (in_totals[PROTO_TCP], 9)):
-                    for i in range(3):
-                        totals[i] += counts[at + i]
+                index, _ = self._run_compiled(
+                    loops.clat, compiled_totals, packets, index, clat.remembered_out,
+                    clat.remembered_in, clat.address4, clat.address6, DF_THRESHOLD,
+                    self._to_services)
                 if index >= total:
                     break
             packet = packets[index]
@@ -928,6 +925,10 @@ class Datapath:
                 append(result)
             except Exception as exc:  # noqa: BLE001 - the one per-packet guard
                 self._internal_error(exc)
+        for at, totals in enumerate((out_totals[PROTO_UDP], out_totals[PROTO_TCP],
+                                     in_totals[PROTO_UDP], in_totals[PROTO_TCP])):
+            for i in range(3):
+                totals[i] += compiled_totals[3 * at + i]
         for proto, (n, size_in, size_out) in out_totals.items():
             if n:
                 self.counters.count_pair(FROM_SERVICES_KEYS[proto], size_in,
