@@ -707,18 +707,12 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         if doc.get("forward") and "tunnel" not in doc:
             raise ctx.error("forward", None, "[[forward]] rules need a [tunnel]; a NAT64 "
                             "gateway translates its whole prefix")
-    if tunnel_values["mode"] == "6rd":
-        # Linux sit does 6rd, but the kernel backend does not configure it yet.
-        if values["backend"] == "kernel":
-            raise ctx.error("gateway", "backend", "6rd runs in userspace for now (the kernel "
-                            "backend does not configure sit's 6rd mode yet); set backend = "
-                            "\"userspace\" or \"auto\"")
-        values["backend"] = "userspace"
-    if tunnel_values["mode"] == "6to4" and tunnel_values.get("public_ipv4") != local_ipv4:
+    mode = tunnel_values["mode"]
+    if mode in ("6to4", "6rd") and tunnel_values.get("public_ipv4") != local_ipv4:
         # Linux sit drops what a 1:1 NAT delivers: the inner destination embeds the public
         # address, the outer one is local_ipv4 (its RFC 3964 check, is_spoofed_6rd).
         if values["backend"] == "kernel":
-            raise ctx.error("tunnel", "public_ipv4", "6to4 behind a 1:1 NAT needs the "
+            raise ctx.error("tunnel", "public_ipv4", f"{mode} behind a 1:1 NAT needs the "
                             "userspace backend (the kernel's sit link checks the inner "
                             "destination against local_ipv4); set backend = \"userspace\" or "
                             "\"auto\"")

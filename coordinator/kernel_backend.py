@@ -6,12 +6,14 @@ relay the forwarded ports to the IPv4 services (``workers/relay.py``).
 
 What is created, per RFC:
 - the sit link ``<name>sit``: 6to4 has no fixed remote and local = local_ipv4 (RFC 3056 §3);
-  6in4 has remote = remote_ipv4 (RFC 4213 §3); MTU from the config (RFC 4213 §3.2.1),
-  TTL 64 (RFC 4213 §3.3 lets the admin set it);
+  6in4 has remote = remote_ipv4 (RFC 4213 §3); 6rd is 6to4's link with sit's 6rd
+  parameters (RFC 5969 §4: the 6rd prefix and the IPv4 bits every CE shares, ``ip tunnel
+  6rd``); MTU from the config (RFC 4213 §3.2.1), TTL 64 (RFC 4213 §3.3 lets the admin set it);
 - the gateway's addresses on it (/128);
 - routes: 6to4: 2002::/16 on the link (sit takes the IPv4 destination from the 6to4 address,
-  RFC 3056 §5.3) and the default route via the relay in its ``::V4ADDR`` form; 6in4: the
-  default route over the link.
+  RFC 3056 §5.3) and the default route via the relay in its ``::V4ADDR`` form; 6rd the same
+  with its 6rd prefix and border relay (RFC 5969 §7.1.1; sit also does its §12 check,
+  ``is_spoofed_6rd``); 6in4: the default route over the link.
 
 What is reachable (issue 13, finding 4): the host's own IPv6 listeners (sshd on ``[::]``,
 ...) must not open to the IPv6 internet because the tunnel exists. An nftables table
@@ -130,6 +132,21 @@ def _pool_route(settings: Settings) -> dict[str, object]:
             "table": RT_TABLE_LOCAL, "family": socket.AF_INET}
 
 
+def sixrd_link(settings: Settings) -> dict[str, object]:
+    """The sit link's 6rd attributes (IFLA_IPTUN_6RD_*, what ``ip tunnel 6rd dev D
+    6rd-prefix P 6rd-relay_prefix R`` sets): the 6rd prefix and the IPv4MaskLen high bits that
+    every CE of the domain shares (RFC 5969 §4); none outside mode "6rd". Pure."""
+    if settings.mode != "6rd":
+        return {}
+    prefix = ipaddress.IPv6Network(settings.sixrd_prefix)
+    common = ipaddress.IPv4Network(f"{settings.known_ipv4}/{settings.ipv4_mask_len}",
+                                   strict=False)
+    return {"sit_6rd_prefix": str(prefix.network_address),
+            "sit_6rd_prefixlen": prefix.prefixlen,
+            "sit_6rd_relay_prefix": str(common.network_address),
+            "sit_6rd_relay_prefixlen": settings.ipv4_mask_len}
+
+
 def remove_leftovers(settings: Settings) -> None:
     """Delete what a crashed earlier run created (named in its state file): the sit link,
     the pool's local route and the input table."""
@@ -174,6 +191,7 @@ def setup(settings: Settings) -> str:
                                "sit_ttl": 64}
     if settings.mode == "6in4":
         link["sit_remote"] = settings.remote_ipv4
+    link.update(sixrd_link(settings))
     with IPRoute() as ipr:
         try:
             ipr.link("add", **link)
@@ -192,8 +210,11 @@ def setup(settings: Settings) -> str:
             # IFA_F_NODAD: the tunnel has no neighbours to detect; bind at once.
             ipr.addr("add", index=index, address=address, prefixlen=128, family=10,
                      flags=0x02)
-        if settings.mode == "6to4":
-            ipr.route("add", dst="2002::", dst_len=16, oif=index, family=10)
+        if settings.mode in ("6to4", "6rd"):
+            on_link = ipaddress.IPv6Network(settings.sixrd_prefix if settings.mode == "6rd"
+                                            else "2002::/16")
+            ipr.route("add", dst=str(on_link.network_address), dst_len=on_link.prefixlen,
+                      oif=index, family=10)
             relay = ipaddress.IPv6Address("::" + str(settings.relay_ipv4))
             ipr.route("add", dst="::", dst_len=0, gateway=str(relay), oif=index, family=10)
         else:
@@ -212,7 +233,10 @@ def setup(settings: Settings) -> str:
     _state_path(settings).write_text(json.dumps(state))
     log.info("kernel backend: sit link %s up (%s, local %s%s, mtu %d), addresses %s", name,
              settings.mode, settings.local_ipv4,
-             f", remote {settings.remote_ipv4}" if settings.remote_ipv4 else "",
+             f", remote {settings.remote_ipv4}" if settings.remote_ipv4 else
+             f", 6rd prefix {settings.sixrd_prefix} relay prefix "
+             f"{link['sit_6rd_relay_prefix']}/{settings.ipv4_mask_len}"
+             if settings.mode == "6rd" else "",
              settings.mtu, ", ".join(settings.addresses))
     log.info("kernel backend: only the forwarded ports and RFC 4890 ICMPv6 reach this host "
              "through %s (nftables table inet %s); relayed clients reach the services from "

@@ -136,9 +136,22 @@ def test_bad_6rd_configs_are_refused_with_the_key(tunnel: str, problem: str) -> 
         parse_config(f"[tunnel]\n{tunnel}[gateway]\npool = \"100.64.0.0/16\"\n")
 
 
-def test_6rd_runs_in_userspace_and_the_kernel_backend_is_refused() -> None:
-    tunnel = ('[tunnel]\nmode = "6rd"\nlocal_ipv4 = "192.0.2.10"\nprefix = "2001:db8::/32"\n'
-              'border_relay_ipv4 = "203.0.113.1"\n')
-    assert parse_config(tunnel + '[gateway]\npool = "100.64.0.0/16"\n').backend == "userspace"
-    with pytest.raises(ConfigError, match="6rd runs in userspace"):
-        parse_config(tunnel + '[gateway]\npool = "100.64.0.0/16"\nbackend = "kernel"\n')
+def test_6rd_configures_the_kernels_sit_in_6rd_mode() -> None:
+    """RFC 5969 §4 on Linux sit: the 6rd prefix and the IPv4 bits every CE shares (what ``ip
+    tunnel 6rd ... 6rd-relay_prefix`` sets), not the whole address; behind a 1:1 NAT the
+    kernel is refused (sit checks the inner destination against local_ipv4)."""
+    from sixgate.coordinator.kernel_backend import sixrd_link
+    tunnel = ('[tunnel]\nmode = "6rd"\nlocal_ipv4 = "192.0.2.10"\nprefix = "2001:db8:8000::/33"\n'
+              'ipv4_mask_len = 5\nborder_relay_ipv4 = "203.0.113.1"\n')
+    settings = parse_config(tunnel + '[gateway]\npool = "100.64.0.0/16"\nbackend = "kernel"\n')
+    assert settings.backend == "kernel"
+    assert sixrd_link(settings) == {"sit_6rd_prefix": "2001:db8:8000::",
+                                    "sit_6rd_prefixlen": 33,
+                                    "sit_6rd_relay_prefix": "192.0.0.0",
+                                    "sit_6rd_relay_prefixlen": 5}
+    assert sixrd_link(parse_config(tunnel.replace('"6rd"', '"6to4"').replace(
+        'prefix = "2001:db8:8000::/33"\nipv4_mask_len = 5\nborder_relay_ipv4', "relay_ipv4")
+        + '[gateway]\npool = "100.64.0.0/16"\n')) == {}
+    with pytest.raises(ConfigError, match="6rd behind a 1:1 NAT needs the userspace"):
+        parse_config(tunnel + 'public_ipv4 = "198.51.100.9"\n[gateway]\n'
+                     'pool = "100.64.0.0/16"\nbackend = "kernel"\n')

@@ -53,6 +53,11 @@ from netlab import (  # noqa: E402
 GW_IPV4 = "192.0.2.10"
 PEER_IPV4 = "198.51.100.1"
 RELAY_IPV4 = "192.88.99.1"  # RFC 3068 anycast (deprecated by RFC 7526); nothing answers it here
+BORDER_RELAY_IPV4 = "203.0.113.1"  # the 6rd domain's border relay; nothing answers it here
+SIXRD_PREFIX_LEN = 33
+SIXRD_PREFIX = f"2001:db8:8000::/{SIXRD_PREFIX_LEN}"
+SIXRD_MASK_LEN = 5
+SIXRD_RELAY_PREFIX = f"192.0.0.0/{SIXRD_MASK_LEN}"  # the IPv4 bits every CE of it shares
 NAME = "sgk"
 SIT = f"{NAME}sit"  # coordinator/kernel_backend.py: "<name>sit"
 PEER_SIT = "t6"
@@ -73,6 +78,13 @@ MODES: dict[str, tuple[str, str, str]] = {
     "6to4": ("2002:c000:20a::1", "2002:c633:6401::1/16",
              f'mode = "6to4"\nlocal_ipv4 = "{GW_IPV4}"\nrelay_ipv4 = "{RELAY_IPV4}"\n'
              'addresses = ["2002:c000:20a::1"]\n'),
+    # RFC 5969: a 6rd domain 2001:db8:8000::/33 whose CEs share the first 5 bits of their IPv4
+    # addresses (192.0.2.10 and 198.51.100.1 both start 11000): the gateway's delegated prefix
+    # is 2001:db8:8000:20a0::/60, the peer's 2001:db8:e336:4010::/60 (tests/lab/netlab.py).
+    "6rd": ("2001:db8:8000:20a0::1", f"2001:db8:e336:4010::1/{SIXRD_PREFIX_LEN}",
+            f'mode = "6rd"\nlocal_ipv4 = "{GW_IPV4}"\nprefix = "{SIXRD_PREFIX}"\n'
+            f'ipv4_mask_len = {SIXRD_MASK_LEN}\nborder_relay_ipv4 = "{BORDER_RELAY_IPV4}"\n'
+            'addresses = ["2001:db8:8000:20a0::1"]\n'),
 }
 
 FORWARD_TOML = (f'[[forward]]\nproto = "tcp"\nport = 80\nto = "127.0.0.1:{HTTP_PORT}"\n\n'
@@ -234,13 +246,18 @@ class KernelLab:
             ip("link", "set", dev, "up", netns=ns)
             ip("route", "add", f"{theirs}/32", "dev", dev, netns=ns)
         # A plain kernel sit peer: 6in4 names the gateway as remote; a 6to4 host has none (with
-        # local set it does not collide with the fallback device sit0).
+        # local set it does not collide with the fallback device sit0); a 6rd CE is a 6to4
+        # link with the domain's 6rd prefix and shared IPv4 bits (RFC 5969 §4).
         ip("tunnel", "add", PEER_SIT, "mode", "sit", "local", PEER_IPV4, "remote",
            GW_IPV4 if self.mode == "6in4" else "any", "ttl", "64", netns=peer)
+        if self.mode == "6rd":
+            ip("tunnel", "6rd", "dev", PEER_SIT, "6rd-prefix", SIXRD_PREFIX,
+               "6rd-relay_prefix", SIXRD_RELAY_PREFIX, netns=peer)
         ip("link", "set", PEER_SIT, "up", netns=peer)
         ip("-6", "addr", "add", self.peer_address, "dev", PEER_SIT, "nodad", netns=peer)
         if self.mode == "6in4":
-            # The routed prefix lives behind the tunnel; 6to4's 2002::/16 is on-link already.
+            # The routed prefix lives behind the tunnel; 6to4's 2002::/16 and the 6rd prefix are
+        # on-link already (the peer's address carries their length).
             ip("-6", "route", "add", "2001:db8:1::/64", "dev", PEER_SIT, netns=peer)
 
     def gw(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:

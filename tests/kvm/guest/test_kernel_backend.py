@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from kernelgw import (
+    BORDER_RELAY_IPV4,
     DNS_ANSWER,
     FILE_NAME,
     GATEWAY_STOP_TIMEOUT_S,
@@ -31,6 +32,8 @@ from kernelgw import (
     NAME,
     PEER_IPV4,
     SIT,
+    SIXRD_PREFIX,
+    SIXRD_RELAY_PREFIX,
     KernelLab,
     config_text,
     counter_total,
@@ -187,9 +190,13 @@ def _assert_policy_and_pool_removed(lab: KernelLab) -> None:
     assert local.strip() == "", local
 
 
-def test_kernel_backend_6to4_ping_curl(netns: Netns) -> None:
-    """6to4 (RFC 3056): a sit link with no remote, 2002::/16 on it, the relay as default."""
-    with KernelLab(netns, "6to4") as lab:
+@pytest.mark.parametrize("mode", ["6to4", "6rd"])
+def test_kernel_backend_6to4_and_6rd_ping_curl(netns: Netns, mode: str) -> None:
+    """6to4 (RFC 3056): a sit link with no remote, 2002::/16 on it, the relay as default.
+    6rd (RFC 5969, issue 19): the same link in sit's 6rd mode (the domain's prefix and shared
+    IPv4 bits), the 6rd prefix on it, the border relay as default; the peer is a Linux sit CE
+    of the same domain, reached straight at the IPv4 address its delegated prefix embeds."""
+    with KernelLab(netns, mode) as lab:
         _start(lab, dns=False)
         _assert_backend_kernel(lab.runs[0].stderr)
 
@@ -200,8 +207,16 @@ def test_kernel_backend_6to4_ping_curl(netns: Netns) -> None:
         assert re.search(rf"\bremote any local {re.escape(GW_IPV4)}\b", details), details
         assert re.search(rf"\bmtu {MTU}\b", details), details
         routes = lab.gw(["ip", "-6", "route", "show", "dev", SIT]).stdout
-        assert re.search(r"^2002::/16\b", routes, re.MULTILINE), routes
-        assert re.search(r"^default via ::192\.88\.99\.1\b", routes, re.MULTILINE), routes
+        if mode == "6rd":
+            assert re.search(rf"\b6rd-prefix {re.escape(SIXRD_PREFIX)}\b", details), details
+            assert re.search(rf"\b6rd-relay_prefix {re.escape(SIXRD_RELAY_PREFIX)}\b",
+                             details), details
+            assert re.search(rf"^{re.escape(SIXRD_PREFIX)}\b", routes, re.MULTILINE), routes
+            assert re.search(rf"^default via ::{re.escape(BORDER_RELAY_IPV4)}\b", routes,
+                             re.MULTILINE), routes
+        else:
+            assert re.search(r"^2002::/16\b", routes, re.MULTILINE), routes
+            assert re.search(r"^default via ::192\.88\.99\.1\b", routes, re.MULTILINE), routes
 
         lab.ping()
         assert lab.curl_sha256() == lab.file_sha256

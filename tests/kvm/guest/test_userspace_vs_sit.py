@@ -5,7 +5,8 @@ CHECKSUM_PARTIAL (the veth's TX checksum offload is left on, as it is by default
 socket capture took for bad checksums: ICMPv6 worked and nothing else did. Here the peer is the
 kernel's own sit tunnel made with ``ip tunnel``, the gateway is the real ``sixgate run`` with
 ``backend = "userspace"`` and kernel fan-out, and real ping, curl (sha256 of a 3 MB file), dig
-(UDP) and a refused TCP port check what a user sees, in both modes. Helpers: kernelgw.py.
+(UDP) and a refused TCP port check what a user sees, in each mode (6rd: issue 19, the peer a
+Linux sit CE of the same 6rd domain). Helpers: kernelgw.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.kvm
 Netns = Callable[[str], str]
 
 
-@pytest.mark.parametrize("mode", ["6in4", "6to4"])
+@pytest.mark.parametrize("mode", ["6in4", "6to4", "6rd"])
 def test_userspace_backend_serves_a_kernel_sit_peer_with_offloads_on(netns: Netns,
                                                                      mode: str) -> None:
     with KernelLab(netns, mode) as lab:
