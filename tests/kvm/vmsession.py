@@ -35,6 +35,7 @@ SESSION_TIMEOUT_S = 900
 # Per guest test, so one hang fails that test instead of losing the whole session's report.
 GUEST_TEST_TIMEOUT_S = 300
 TRANSCRIPT_TAIL_CHARS = 6000
+RUNNING: list[subprocess.Popen[str]] = []  # vmrun.py processes of this pytest session
 
 
 class CannotRun(Exception):
@@ -109,14 +110,27 @@ def run_session(requested: list[str]) -> GuestSession:
     command = [sys.executable, str(VMRUN), "--timeout", str(SESSION_TIMEOUT_S),
                "--modules", "sit veth tun", "--", *guest_pytest_command(requested)]
     started = time.monotonic()
-    finished = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              errors="replace", check=False)
-    session = GuestSession(finished.returncode, finished.stdout, finished.stderr,
-                           time.monotonic() - started, requested)
-    session.report = guestreport.parse(finished.stdout)
+    with subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace") as vmrun:
+        RUNNING.append(vmrun)
+        try:
+            stdout, stderr = vmrun.communicate()
+        finally:
+            RUNNING.remove(vmrun)
+    session = GuestSession(vmrun.returncode, stdout, stderr, time.monotonic() - started,
+                           requested)
+    session.report = guestreport.parse(stdout)
     if session.report is not None:
         session.tests = session.report["tests"]
     return session
+
+
+def stop_running() -> None:
+    """SIGTERM a VM session still running (by its vmrun PID: vmrun then kills its qemu and
+    removes its files), e.g. when the host session ends early."""
+    for vmrun in list(RUNNING):
+        if vmrun.poll() is None:
+            vmrun.terminate()
 
 
 def check_guest_test(session: GuestSession, guest_nodeid: str) -> None:
