@@ -110,6 +110,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                  if settings.mode == "6to4" else
                  "the broker's remote for this tunnel, our 6in4 link-local fe80::"
                  f"{public})"))
+    if settings.uplink:
+        print(f"  uplink        {settings.uplink}: when its IPv4 address changes, the tunnel "
+              "moves to the new one without a restart, sessions kept"
+              + (", and the broker is told" if settings.broker_url else ""))
     derived_from = 'public_ipv4' if public != settings.local_ipv4 else 'local_ipv4'
     if settings.mode == "6to4":
         print(f"  6to4 prefix   {settings.prefix} (derived from {derived_from})")
@@ -184,6 +188,13 @@ def cmd_tunnel_update(args: argparse.Namespace) -> int:
               "\"With a real tunnel broker\")", file=sys.stderr)
         return EXIT_CONFIG
     myip = args.myip or settings.known_ipv4
+    if not args.myip and settings.uplink:
+        # The tunnel follows the uplink (coordinator/uplink.py): its address now.
+        from pyroute2 import IPRoute
+
+        from sixgate.coordinator.uplink import follow, ipv4_addresses
+        with IPRoute() as ipr:
+            myip = follow(myip, ipv4_addresses(ipr, settings.uplink)) or myip
     try:
         broker = broker_of(settings)
     except KeyFileError as exc:
@@ -510,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "HE's update API)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--myip", help="the address to register (default: public_ipv4, else "
-                   "local_ipv4)")
+                   "local_ipv4, or [tunnel] uplink's address if it moved)")
     p.set_defaults(func=cmd_tunnel_update)
     p = sub.add_parser("dns64", help="configuration for the clients of a NAT64: a DNS64 "
                        "resolver, TNAT64")

@@ -160,6 +160,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("tunnel", "martian_ipv4", "list of IPv4 prefixes", "outer sources and 2002::/16 "
         "embeddings refused (RFC 3964 §5.3.1); [] turns the check off",
         default_text="0/8, 10/8, 127/8, 169.254/16, 172.16/12, 192.168/16, 224/4, 240/4"),
+    Key("tunnel", "uplink", "interface name", "6in4: the interface that holds local_ipv4; "
+        "when its IPv4 address changes (a new DHCP lease, a PPP reconnect) sixgate moves the "
+        "tunnel to the new address without a restart, keeping every session, and tells the "
+        "broker ([broker]); \"\": local_ipv4 is fixed",
+        lambda *a: _interface(*a), default=""),
     Key("tunnel", "probe_interval_s", "seconds 0-3600", "6in4: how often an ICMPv6 echo goes "
         "to the broker's link-local address fe80::<remote_ipv4> (RFC 4213 §3.7, §3.8) to tell "
         "whether it still answers (sixgate_tunnel_peer_reachable); 0: never",
@@ -612,12 +617,21 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
                 raise ctx.error("tunnel", "martian_ipv4", f"{cidr!r} is not an IPv4 prefix "
                                 "like \"10.0.0.0/8\"") from None
         martian_rows = tuple(rows)
+    uplink = checked["uplink"]
+    if uplink and mode != "6in4":
+        raise ctx.error("tunnel", "uplink", f"only for mode = \"6in4\" ({mode}'s prefix is "
+                        "the IPv4 address: a new address is a new prefix, a restart); remove "
+                        "it")
+    if uplink and public_ipv4 != local_ipv4:
+        raise ctx.error("tunnel", "uplink", "not behind a 1:1 NAT (public_ipv4): the address "
+                        "to follow is then the NAT's, which this host's interface does not "
+                        "show; remove one of them")
     if "probe_interval_s" in tunnel and mode != "6in4":
         raise ctx.error("tunnel", "probe_interval_s", f"only for mode = \"6in4\" ({mode} has "
                         "no one peer to probe); remove it")
     return dict(mode=mode, local_ipv4=local_ipv4, public_ipv4=public_ipv4, relay_ipv4=relay_ipv4,
                 probe_interval_s=checked["probe_interval_s"], sixrd_prefix=sixrd_prefix,
-                ipv4_mask_len=mask_len,
+                ipv4_mask_len=mask_len, uplink=uplink,
                 remote_ipv4=remote_ipv4, prefix=str(prefix), addresses=tuple(addresses),
                 mtu=mtu, martian_ipv4=martian_rows)
 
@@ -708,6 +722,13 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ctx.error("forward", None, "[[forward]] rules need a [tunnel]; a NAT64 "
                             "gateway translates its whole prefix")
     mode = tunnel_values["mode"]
+    if tunnel_values.get("uplink"):
+        # The kernel backend's sit link keeps the local address it was made with.
+        if values["backend"] == "kernel":
+            raise ctx.error("tunnel", "uplink", "following the uplink's address needs the "
+                            "userspace backend for now; set backend = \"userspace\" or "
+                            "\"auto\", or remove uplink")
+        values["backend"] = "userspace"
     if mode in ("6to4", "6rd") and tunnel_values.get("public_ipv4") != local_ipv4:
         # Linux sit drops what a 1:1 NAT delivers: the inner destination embeds the public
         # address, the outer one is local_ipv4 (its RFC 3964 check, is_spoofed_6rd).
@@ -945,6 +966,14 @@ def _name(ctx: _Ctx, table: str, key: str, value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z][a-z0-9]{0,9}", value):
         raise ctx.error(table, key, f"{value!r} must be 1-10 lower-case letters/digits "
                         "starting with a letter (TUN devices are named <name><worker>)")
+    return value
+
+
+def _interface(ctx: _Ctx, table: str, key: str, value: Any) -> str:
+    # Linux: IFNAMSIZ - 1 characters, no "/" or white space (dev_valid_name).
+    if not isinstance(value, str) or (value and not re.fullmatch(r"[^/\s:]{1,15}", value)):
+        raise ctx.error(table, key, f"{value!r} is not an interface name (1-15 characters, "
+                        "no \"/\", \":\" or spaces), e.g. \"eth0\"")
     return value
 
 

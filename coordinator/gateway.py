@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 from pyroute2 import NetlinkError
 
-from sixgate.coordinator import clat, forwarding, kernel_backend
+from sixgate.coordinator import clat, forwarding, kernel_backend, uplink
 from sixgate.coordinator import reload as reloading
 from sixgate.coordinator.broker import RESULTS as BROKER_RESULTS
 from sixgate.coordinator.broker import Broker, KeyFileError, broker_of, retry_after, update
@@ -79,6 +79,7 @@ CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 SUPERVISE_INTERVAL_S = 0.2  # how often the coordinator looks for a dead worker
 JOURNAL_DRAIN_MS = 300  # at a stop: how long the last journal messages are waited for
+WORKER_STOP_TIMEOUT_S = 5.0  # a worker stopped on purpose (SIGTERM) before SIGKILL
 # A worker that ran this long before it died starts the backoff over (systemd's
 # StartLimitIntervalSec idea): one crash a day never waits the longest delay.
 STABLE_RUN_S = 60.0
@@ -256,6 +257,12 @@ class Coordinator:
         self.peer_probe: PeerProbe | None = None
         self.broker: Broker | None = None  # [broker]: the 6in4 broker's update API
         self.broker_updates: dict[str, int] = {}  # result -> count (the update thread's)
+        # [tunnel] uplink: the interface's address changes, watched from a thread of its own;
+        # the address to move to, taken by the main loop (``_move_tunnel``).
+        self.uplink_watch: uplink.UplinkWatch | None = None
+        self.move_to: str | None = None
+        self.endpoint_changes = 0
+        self.broker_wake = threading.Event()  # a new address for the broker
         self.reload_ok = True
         self.reload_success_unix = self.started_unix
         self.reload_requested = False  # SIGHUP: the main loop reloads
@@ -280,7 +287,7 @@ class Coordinator:
             plat_changes=self.plat_changes,
             peer_reachable=None if self.peer_probe is None else self.peer_probe.reachable,
             peer_rtt_s=None if self.peer_probe is None else self.peer_probe.rtt_s,
-            broker_updates=dict(self.broker_updates))
+            broker_updates=dict(self.broker_updates), endpoint_changes=self.endpoint_changes)
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
         return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
@@ -291,6 +298,8 @@ class Coordinator:
     def start(self) -> None:
         settings = self.settings
         self.run_dir = prepare_run_dir(settings)
+        if settings.uplink:
+            settings = self.settings = self._watch_uplink_from(settings)
         # The kernel backend's relays keep no sessions to journal.
         # A CLAT is stateless: nothing to journal either.
         journaling = (settings.flow_journal and settings.backend != "kernel"
@@ -419,6 +428,95 @@ class Coordinator:
                  f", pool {settings.pool}, fan-out by the {settings.fanout}"
                  if settings.backend != "kernel" else "")
 
+    def _watch_uplink_from(self, settings: Settings) -> Settings:
+        """``[tunnel] uplink``: its address changes are watched from now on; the tunnel starts
+        on local_ipv4 if the interface has it, else on the interface's address."""
+        try:
+            self.uplink_watch = uplink.UplinkWatch(settings.uplink)
+        except (OSError, NetlinkError) as exc:
+            raise RuntimeError(f"cannot watch the addresses of [tunnel] uplink "
+                               f"{settings.uplink!r}: {exc}") from None
+        try:
+            socket.if_nametoindex(settings.uplink)
+        except OSError:
+            raise RuntimeError(f"[tunnel] uplink {settings.uplink!r} is not an interface of "
+                               "this host; name the one that holds local_ipv4 (ip -4 addr)"
+                               ) from None
+        address = uplink.follow(settings.local_ipv4, self.uplink_watch.addresses())
+        if address is None:
+            return settings
+        log.warning("tunnel: local_ipv4 %s is not on %s, which has %s now: the tunnel starts "
+                    "there", settings.local_ipv4, settings.uplink, address)
+        return dataclasses.replace(settings, local_ipv4=address, public_ipv4=address)
+
+    def _watch_uplink(self) -> None:
+        """Thread: each announcement of an address change on the uplink is checked against
+        the tunnel's address (``uplink.follow``); a move is left for the main loop."""
+        import select
+        watch = self.uplink_watch
+        assert watch is not None
+        while not self.stopping.is_set():
+            try:
+                readable, _, _ = select.select([watch], [], [], 1.0)
+                if not readable:
+                    continue
+                watch.drain()
+                address = uplink.follow(self.settings.local_ipv4, watch.addresses())
+            except (OSError, NetlinkError, ValueError) as exc:
+                if self.stopping.is_set():
+                    return
+                log.warning("watching %s's addresses: %s", self.settings.uplink, exc)
+                self.stopping.wait(1.0)
+                continue
+            if address is not None:
+                self.move_to = address
+
+    def _move_tunnel(self, address: str) -> None:
+        """The uplink's address changed: the tunnel moves to ``address`` without a restart.
+        New settings; the capture (coordinator fan-out) and the broker probe on the new
+        address; each worker started again on them with its shard, as after a crash, so
+        every session goes on (workers/journal.py); the broker told."""
+        old = self.settings.local_ipv4
+        new = dataclasses.replace(self.settings, local_ipv4=address, public_ipv4=address)
+        self.settings = new
+        staged = self.settings_file.with_suffix(".new")
+        staged.write_text(new.to_json())
+        staged.replace(self.settings_file)
+        self.endpoint_changes += 1
+        log.warning("tunnel: %s left %s, which has %s now: the tunnel moves there (workers "
+                    "start again with their sessions)%s", old, new.uplink, address,
+                    "; the broker is told" if self.broker is not None else "")
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = TunnelCapture(address, None, True, self.counters,
+                                         min(new.batch_packets, RECV_BUDGET))
+        if self.peer_probe is not None:
+            try:
+                probe = PeerProbe(new)
+            except OSError as exc:
+                log.error("cannot probe the 6in4 peer from %s (%s)", address, exc.strerror)
+            else:
+                self.peer_probe = probe  # the old one closes once its last probe is over
+        for worker in self.workers:
+            self._restart_worker(worker)
+        self.broker_wake.set()
+
+    def _restart_worker(self, worker: WorkerProcess) -> None:
+        """Stop a worker and start it again at once on the current settings, with its shard
+        (a planned restart: not counted as a crash)."""
+        proc = worker.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        time.sleep(JOURNAL_DRAIN_MS / 1000)  # its last journal message reaches the copy
+        worker.next_start = 0.0
+        self._hand_shard(worker.index)
+        self._spawn(worker)
+
     def _find_plat_prefix(self, settings: Settings) -> Settings:
         """CLAT: its address (``ipv6_address = "auto"``: picked and checked by DAD) and the
         PLAT prefix (coordinator/clat.py); with "auto", router advertisements are watched from
@@ -467,6 +565,11 @@ class Coordinator:
         failures = 0
         myip = self.settings.known_ipv4
         while not self.stopping.is_set():
+            if self.broker_wake.is_set():
+                # The tunnel moved (``_move_tunnel``): a new address is told at once (what
+                # the update API is for); retries of one address keep min_interval_s.
+                self.broker_wake.clear()
+                myip, failures = self.settings.known_ipv4, 0
             done = update(self.broker, myip)
             self.broker_updates[done.result] = self.broker_updates.get(done.result, 0) + 1
             fix = BROKER_RESULTS[done.result]
@@ -477,16 +580,19 @@ class Coordinator:
                             done.result, done.detail, fix)
             failures = 0 if fix is None else failures + 1
             delay = retry_after(done.result, failures, self.settings.broker_min_interval_s)
-            if delay is None:
-                return
-            self.stopping.wait(delay)
+            # Until the retry is due (for ever after a final answer); a move or a stop ends
+            # the wait.
+            due = time.monotonic() + (delay if delay is not None else float("inf"))
+            while (not self.stopping.is_set() and not self.broker_wake.is_set()
+                   and time.monotonic() < due):
+                self.broker_wake.wait(min(1.0, max(0.0, due - time.monotonic())))
 
     def _probe_peer(self) -> None:
         """RFC 4213 §3.8: the broker probed every ``probe_interval_s`` (thread); a change of
         its answer is logged."""
-        probe = self.peer_probe
-        assert probe is not None
         while not self.stopping.is_set():
+            probe = self.peer_probe  # a move of the tunnel replaces it
+            assert probe is not None
             interval = self.settings.probe_interval_s  # a reload may change it
             if interval <= 0:
                 probe.reachable = None
@@ -599,6 +705,8 @@ class Coordinator:
             clat.undo(self.settings)
         if self.pref64 is not None:
             self.pref64.close()
+        if self.uplink_watch is not None:
+            self.uplink_watch.close()
         if self.peer_probe is not None:
             self.peer_probe.close()
         if self.sit_link is not None:
@@ -649,6 +757,8 @@ class Coordinator:
                              daemon=True).start()
         if self.plat_source == "rfc7050":
             threading.Thread(target=self._rediscover, name="rfc7050", daemon=True).start()
+        if self.uplink_watch is not None:
+            threading.Thread(target=self._watch_uplink, name="uplink", daemon=True).start()
         next_check = next_tick = time.monotonic() + 1.0
         wait_s = SUPERVISE_INTERVAL_S
         while self.running:
@@ -662,6 +772,14 @@ class Coordinator:
             self.loop_seen = time.monotonic()
             if sock_fd in events:
                 self._capture()
+            if self.move_to is not None:
+                address, self.move_to = self.move_to, None
+                if address != self.settings.local_ipv4:
+                    self._move_tunnel(address)
+                    if self.capture is not None:  # the new capture socket
+                        poller.unregister(sock_fd)
+                        sock_fd = self.capture.fileno()
+                        poller.register(sock_fd, zmq.POLLIN)
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload(None)

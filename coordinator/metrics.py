@@ -78,6 +78,7 @@ METRIC_NAMES = (
     "sixgate_clat_plat_prefix_info", "sixgate_clat_plat_prefix_changes",
     "sixgate_tunnel_peer_reachable", "sixgate_tunnel_peer_rtt_seconds",
     "sixgate_tunnel_endpoint_updates",
+    "sixgate_tunnel_endpoint_changes",
 )
 
 # RFC 4443 §2.1 error message types, the ``type`` label of sixgate_icmp_errors_sent_total.
@@ -181,6 +182,9 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     for result, count in sorted(snap.get("broker_updates", {}).items()):
         updates.add_metric([result], count)
     out.append(updates)
+    out.append(CounterMetricFamily(
+        "sixgate_tunnel_endpoint_changes", "6in4 with [tunnel] uplink: moves of the tunnel to "
+        "a new address of the uplink", value=snap.get("endpoint_changes", 0)))
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_packets", "Protocol-41 packets received, before any check",
         value=snap["tunnel_received"][0]))
@@ -344,6 +348,7 @@ class GatewayView:
     peer_reachable: bool | None = None  # 6in4: the last probe of the broker (None: none yet)
     peer_rtt_s: float | None = None  # 6in4: its last answer's round trip
     broker_updates: dict[str, int] = field(default_factory=dict)  # [broker]: result -> count
+    endpoint_changes: int = 0  # [tunnel] uplink: moves to a new address
 
 
 class Gateway(Protocol):
@@ -396,6 +401,7 @@ class GatewayCollector:
             "clat": {"prefix": settings.clat_plat_prefix, "source": view.plat_source,
                      "changes": view.plat_changes} if settings.mode == "clat" else None,
             "broker_updates": view.broker_updates,
+            "endpoint_changes": view.endpoint_changes,
             "peer": {"address": settings.remote_ipv4, "reachable": view.peer_reachable,
                      "rtt_s": view.peer_rtt_s} if view.peer_reachable is not None else None,
             "tunnel_received": received,

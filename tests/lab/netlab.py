@@ -626,7 +626,7 @@ class Lab:
         argv = [sys.executable, str(LAB_DIR / "tunnel_peer.py"), "--tun", PEER_TUN,
                 "--mode", self.mode, "--local", PEER_IPV4, "--ready-file", str(ready)]
         if self.mode == "6in4":
-            argv += ["--remote", GATEWAY_IPV4]
+            argv += ["--remote", GATEWAY_IPV4, "--remote-file", str(self.tmp / "remote")]
         if self.mode == "6rd":
             argv += ["--sixrd-prefix", "2001:db8:8000::/33", "--ipv4-mask-len", "5"]
         if self.path_mtu:

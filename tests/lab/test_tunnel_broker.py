@@ -5,7 +5,10 @@ made here with ``cryptography``) listens on the peer's 198.51.100.1:8443. The re
 run`` tells it our address once at the start (``good``, counted in
 ``sixgate_tunnel_endpoint_updates_total``); ``sixgate tunnel update`` does it by hand
 (``nochg``); a wrong key is ``badauth``: exit 1 by hand, and at the start one request, counted,
-never repeated (no retry storm); a key file others may read is refused with the fix.
+never repeated (no retry storm); a key file others may read is refused with the fix. With
+``[tunnel] uplink``, a new address of the gateway's interface mid-download moves the tunnel
+(workers started again with their sessions) and the broker is told it; the stand-in's "broker"
+then re-points its end (tunnel_peer.py, SIGUSR1) and the download arrives whole.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -95,7 +101,11 @@ class BrokerLab(Lab):
                 f'key_file = "{key_file}"\nca_file = "{self.ca}"\n')
 
     def config_text(self) -> str:
-        return super().config_text() + self.broker_toml(self.key_file)
+        # The tunnel follows veth0's address (the lab's uplink).
+        return super().config_text().replace(
+            f'local_ipv4 = "{GATEWAY_IPV4}"\n',
+            f'local_ipv4 = "{GATEWAY_IPV4}"\nuplink = "veth0"\n', 1) + self.broker_toml(
+            self.key_file)
 
     def other_config(self, name: str, key_file: Path) -> Path:
         path = self.tmp / name
@@ -142,6 +152,62 @@ def test_sixgate_tunnel_update_by_hand(broker_lab: BrokerLab) -> None:
     done = broker_lab.sixgate("tunnel", "update")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == f"nochg: nochg {GATEWAY_IPV4}", done.stdout
+
+
+def counter(lab: Lab, name: str) -> float:
+    body = lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+    found = re.search(rf"^{name} (\S+)$", body, re.MULTILINE)
+    assert found, f"{name} is not exported"
+    return float(found.group(1))
+
+
+def move_uplink(lab: BrokerLab, old: str, new: str) -> None:
+    """The gateway's uplink gets ``new`` and loses ``old`` (a new lease); once the broker was
+    told ``new``, the broker's end of the tunnel is re-pointed to it."""
+    before = len(lab.logged())
+    # The new address is added first and the old one's removal promotes it (else Linux
+    # removes the secondaries of a removed primary, and with the last address every route
+    # through veth0: the lab's routes to the peer).
+    lab.exec_in(lab.gw_ns, ["sysctl", "-qw", "net.ipv4.conf.veth0.promote_secondaries=1"])
+    lab.ip(lab.gw_ns, "addr", "add", f"{new}/24", "dev", "veth0")
+    lab.ip(lab.gw_ns, "addr", "del", f"{old}/24", "dev", "veth0")
+    netlab.wait_until(lambda: any(entry["myip"] == new for entry in lab.logged()[before:]),
+                      timeout=20, what=lambda: f"the broker to be told {new}; gateway log:\n"
+                                                f"{lab.gateway_stderr()}")
+    (lab.tmp / "remote").write_text(new + "\n")
+    os.kill(lab.processes["tunnel_peer"].pid, signal.SIGUSR1)
+
+
+def test_an_address_change_mid_download_is_followed_and_told(
+        broker_lab: BrokerLab, served_files: netlab.ServedFiles) -> None:
+    lab = broker_lab
+    moved = "192.0.2.11"
+    big = served_files.big
+    changes = counter(lab, "sixgate_tunnel_endpoint_changes_total")
+    good = updates(lab).get("good", 0.0)
+    curl = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+        "bash", "-c", "set -o pipefail; curl -6 -g -sS --fail --max-time 60 --limit-rate 20M "
+        f"{netlab.http_url(lab, big.name)} | sha256sum"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # under way
+        move_uplink(lab, GATEWAY_IPV4, moved)
+        stdout, stderr = curl.communicate(timeout=90)
+        assert curl.returncode == 0, stderr + lab.gateway_stderr()
+        assert stdout.split()[0] == big.sha256, "the download arrived damaged"
+        assert "the tunnel moves there" in lab.gateway_stderr()
+        assert counter(lab, "sixgate_tunnel_endpoint_changes_total") == changes + 1
+        assert updates(lab).get("good", 0.0) == good + 1
+        assert netlab.events(lab).get("flows_resumed", 0) >= 1
+        ping = lab.exec_in(lab.peer_ns, ["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2",
+                                         lab.plan.gateway_address])
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        if curl.poll() is None:
+            netlab.stop_process(curl, 5)
+        # Back where the other tests expect it (the gateway follows again).
+        move_uplink(lab, moved, GATEWAY_IPV4)
+    assert counter(lab, "sixgate_tunnel_endpoint_changes_total") == changes + 2
 
 
 def test_a_key_file_others_may_read_is_refused(broker_lab: BrokerLab) -> None:

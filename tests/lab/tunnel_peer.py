@@ -107,6 +107,12 @@ class TunnelPeer:
         self.relay = relay
         self.stats: Counter[str] = Counter()
 
+    def repoint(self, remote: str) -> None:
+        """6in4: the other end moved (a broker's tunnel after an update of its address)."""
+        ipaddress.IPv4Address(remote)
+        self.remote, self.remote_bytes = remote, socket.inet_aton(remote)
+        self.stats["repointed"] += 1
+
     def outer_destination(self, packet: bytes) -> str | None:
         """IPv4 address to which an IPv6 packet from the TUN is sent, or None to drop it."""
         if len(packet) < 40 or packet[0] >> 4 != 6:
@@ -217,6 +223,15 @@ def run(args: argparse.Namespace) -> int:
     sock = open_raw_socket(args.local)
     peer = TunnelPeer(args.mode, args.remote, args.relay, args.path_mtu, args.router,
                       args.sixrd_prefix, args.ipv4_mask_len, args.local)
+
+    def repoint(_signum: int, _frame: object) -> None:
+        if args.remote_file:
+            try:
+                peer.repoint(Path(args.remote_file).read_text().strip())
+            except (OSError, ValueError):
+                peer.stats["repoint_failed"] += 1
+
+    signal.signal(signal.SIGUSR1, repoint)
     if args.ready_file:
         Path(args.ready_file).write_text(f"{os.getpid()}\n")
     print(f"tunnel_peer ready: mode={args.mode} tun={args.tun} local={args.local}", flush=True)
@@ -247,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ipv4-mask-len", type=int, default=0,
                         help="6rd: IPv4 bits every CE of the domain shares")
     parser.add_argument("--ready-file", help="created once the tunnel is up")
+    parser.add_argument("--remote-file", help="6in4: on SIGUSR1 the remote endpoint is read "
+                        "again from this file (as a broker re-points a tunnel)")
     parser.add_argument("--path-mtu", type=int, help="act as a router with this next-hop "
                         "MTU: bigger packets from the tunnel get Packet Too Big")
     parser.add_argument("--router", help="IPv6 source address of those Packet Too Big")

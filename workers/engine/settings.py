@@ -147,6 +147,8 @@ class Settings:
     # 6rd (mode "6rd", RFC 5969): the ISP's 6rd prefix ([tunnel] prefix; ``prefix`` above is
     # the delegated prefix derived from it) and IPv4MaskLen; the border relay is relay_ipv4.
     sixrd_prefix: str = ""
+    # 6in4: the interface whose IPv4 address the tunnel follows ("": local_ipv4 is fixed).
+    uplink: str = ""
     ipv4_mask_len: int = 0
     # 6in4: the broker's update API ([broker], coordinator/broker.py); "" url: not used.
     broker_url: str = ""
