@@ -260,6 +260,21 @@ SCHEMA: tuple[Key, ...] = (
     Key("nat64.pool4", "udp", "port range", "its UDP ports", default_text="none"),
     Key("nat64.pool4", "icmp", "identifier range", "its ICMP query identifiers",
         default_text="none"),
+    Key("lan", "interface", "interface name", "a LAN behind the tunnel (kernel backend): the "
+        "interface it is on; sixgate routes [lan] prefix to it, sends it router "
+        "advertisements (radvd) and guards it (nftables, RFC 6092 simple security)",
+        lambda *a: _interface(*a), default="", default_text="required"),
+    Key("lan", "prefix", "IPv6 /64", "the LAN's prefix, inside the tunnel's (hosts "
+        "autoconfigure in it, RFC 4862); the router takes its ::1", default_text="required"),
+    Key("lan", "rdnss", "list of IPv6 addresses", "DNS servers the router advertisements "
+        "name (RFC 8106)", default_text="[]"),
+    Key("lan", "allow", "list of tables", "the [[lan.allow]] holes: what the IPv6 internet "
+        "may open to the LAN; everything else it did not ask for is dropped", default_text="[]"),
+    Key("lan.allow", "proto", "string", '[[lan.allow]]: "tcp" or "udp"',
+        default_text="required"),
+    Key("lan.allow", "port", "port or range", '80, or "8000-8099"', default_text="required"),
+    Key("lan.allow", "address", "IPv6 address", "the LAN host it opens (a stable address: "
+        "give the host a static one or a token)", default_text="every LAN host"),
     Key("clat", "plat_prefix", "IPv6 prefix or \"auto\"", "CLAT (RFC 6877: this IPv6-only "
         "host's IPv4 programs reach IPv4 through a NAT64): the NAT64's RFC 6052 prefix; "
         "\"auto\" asks the resolver for ipv4only.arpa at the start (RFC 7050)",
@@ -352,7 +367,12 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
     doc = tomli.loads(text)
     out: list[tuple[Key, Any, bool]] = []
     for key in SCHEMA:
-        if key.table in ("forward", "nat64.pool4"):
+        if key.table in ("forward", "nat64.pool4", "lan.allow"):
+            continue
+        if key.table == "lan":
+            if settings.lan_interface:
+                out.append((key, getattr(settings, f"lan_{key.name}"),
+                            key.name in doc.get("lan", {})))
             continue
         if key.table == "nat64":
             if not settings.nat64_prefix or key.name == "mtu" and settings.mode != "nat64":
@@ -677,7 +697,7 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ConfigError(file, table, _locate(text, table, None), "unknown table; "
                               f"allowed: {', '.join(sorted(ALLOWED))}")
     for table, keys in ALLOWED.items():
-        if table in ("forward", "nat64.pool4"):
+        if table in ("forward", "nat64.pool4", "lan.allow"):
             continue
         section = doc.get(table, {})
         if not isinstance(section, dict):
@@ -774,11 +794,101 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
                             f"{value}; choose a pool no real host uses")
     broker_values = _parse_broker(ctx, doc["broker"], tunnel_values) if "broker" in doc else {}
+    lan_values = _parse_lan(ctx, doc["lan"], tunnel_values, values) if "lan" in doc else {}
     return Settings(
-        **tunnel_values, **nat64_values, **broker_values, pool=str(pool), forwards=forwards,
+        **tunnel_values, **nat64_values, **broker_values, **lan_values, pool=str(pool),
+        forwards=forwards,
         timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
         source_file=file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
         **values)
+
+
+def _parse_lan(ctx: _Ctx, lan: dict[str, Any], tunnel: dict[str, Any],
+               gateway: dict[str, Any]) -> dict[str, Any]:
+    """[lan] and its [[lan.allow]] holes (coordinator/lan.py): a LAN routed behind the tunnel,
+    on the kernel backend."""
+    if tunnel["mode"] not in ("6in4", "6to4", "6rd"):
+        raise ctx.error("lan", None, "a LAN is routed behind a tunnel; add a [tunnel] or "
+                        "remove [lan]")
+    if gateway["backend"] == "userspace":
+        # The userspace backend has no IPv6 forwarding of its own to a LAN (issue 19 note).
+        raise ctx.error("lan", None, "a LAN needs the kernel backend (the kernel routes to "
+                        "it, radvd advertises it, nftables guards it); set [gateway] backend = "
+                        "\"kernel\" or \"auto\" on a host with sit, or remove [lan]")
+    gateway["backend"] = "kernel"  # "auto" too: on a host without sit, `run` says so and stops
+    if not lan.get("interface"):
+        raise ctx.error("lan", None, "interface is missing: name the LAN's interface, like "
+                        "\"eth1\"")
+    values = _checked(ctx, "lan", lan)
+    if "prefix" not in lan:
+        raise ctx.error("lan", None, "prefix is missing: give the LAN a /64 of the tunnel's "
+                        "prefix, like \"2001:db8:1:1::/64\"")
+    try:
+        if not isinstance(lan["prefix"], str):
+            raise TypeError(lan["prefix"])
+        prefix = ipaddress.IPv6Network(lan["prefix"])
+    except (ValueError, TypeError) as exc:
+        raise ctx.error("lan", "prefix", f"{lan['prefix']!r} is not an IPv6 prefix ({exc}); "
+                        "write it like \"2001:db8:1:1::/64\"") from None
+    if prefix.prefixlen != 64:
+        raise ctx.error("lan", "prefix", f"{prefix} must be a /64: hosts autoconfigure only in "
+                        "a /64 (RFC 4862 §5.5.3, RFC 4291 §2.5.1)")
+    routed = ipaddress.IPv6Network(tunnel["prefix"])
+    if not prefix.subnet_of(routed):
+        raise ctx.error("lan", "prefix", f"{prefix} is outside the tunnel's prefix {routed}: "
+                        "the internet would not route it here; take a /64 of it")
+    for address in tunnel["addresses"]:
+        if ipaddress.IPv6Address(address) in prefix:
+            raise ctx.error("lan", "prefix", f"{prefix} holds the tunnel's address {address}; "
+                            "give the LAN another /64 (or the tunnel other addresses)")
+    rdnss = lan.get("rdnss", [])
+    if not isinstance(rdnss, list):
+        raise ctx.error("lan", "rdnss", "must be a list of IPv6 addresses")
+    servers = []
+    for value in rdnss:
+        try:
+            if not isinstance(value, str):
+                raise TypeError(value)
+            servers.append(str(ipaddress.IPv6Address(value)))
+        except (ValueError, TypeError):
+            raise ctx.error("lan", "rdnss", f"{value!r} is not an IPv6 address") from None
+    holes_raw = lan.get("allow", [])
+    if not isinstance(holes_raw, list):
+        raise ctx.error("lan", "allow", "write each hole as a [[lan.allow]] table")
+    holes = []
+    for index, raw in enumerate(holes_raw):
+        if not isinstance(raw, dict):
+            raise ctx.error("lan.allow", None, "write each hole as a [[lan.allow]] table with "
+                            "proto and port", index)
+        for key in raw:
+            if key not in ALLOWED["lan.allow"]:
+                raise ctx.error("lan.allow", key, "unknown key; allowed: "
+                                f"{', '.join(sorted(ALLOWED['lan.allow']))}", index)
+        proto = raw.get("proto")
+        if proto not in ("tcp", "udp"):
+            raise ctx.error("lan.allow", "proto", f"{proto!r} must be \"tcp\" or \"udp\"",
+                            index)
+        if "port" not in raw:
+            raise ctx.error("lan.allow", None, "port is missing", index)
+        lo, hi = _port_range(ctx, index, "port", raw["port"], "lan.allow")
+        if lo == 0:
+            raise ctx.error("lan.allow", "port", "ports run from 1", index)
+        address = raw.get("address", "")
+        if address:
+            try:
+                if not isinstance(address, str):
+                    raise TypeError(address)
+                host = ipaddress.IPv6Address(address)
+            except (ValueError, TypeError):
+                raise ctx.error("lan.allow", "address", f"{address!r} is not an IPv6 address",
+                                index) from None
+            if host not in prefix:
+                raise ctx.error("lan.allow", "address", f"{host} is not in the LAN {prefix}",
+                                index)
+            address = str(host)
+        holes.append((proto, lo, hi, address))
+    return {"lan_interface": values["interface"], "lan_prefix": str(prefix),
+            "lan_rdnss": tuple(servers), "lan_allow": tuple(holes)}
 
 
 def _parse_broker(ctx: _Ctx, broker: dict[str, Any], tunnel: dict[str, Any]) -> dict[str, Any]:
@@ -881,7 +991,8 @@ def _client_prefix(ctx: _Ctx, table: str, key: str, value: Any) -> int:
     return int(value)
 
 
-def _port_range(ctx: _Ctx, index: int, key: str, value: Any) -> tuple[int, int]:
+def _port_range(ctx: _Ctx, index: int, key: str, value: Any, table: str = "nat64.pool4"
+                ) -> tuple[int, int]:
     """``"61001-65535"`` or one number, inside 0-65535, low first."""
     if isinstance(value, int) and not isinstance(value, bool):
         lo = hi = value
@@ -889,10 +1000,10 @@ def _port_range(ctx: _Ctx, index: int, key: str, value: Any) -> tuple[int, int]:
         low, _, high = value.partition("-")
         lo, hi = int(low), int(high or low)
     else:
-        raise ctx.error("nat64.pool4", key, f"{value!r} must be a range like \"61001-65535\"",
+        raise ctx.error(table, key, f"{value!r} must be a range like \"61001-65535\"",
                         index)
     if not 0 <= lo <= hi <= 65535:
-        raise ctx.error("nat64.pool4", key, f"{value!r}: ports run from 0 to 65535, low first",
+        raise ctx.error(table, key, f"{value!r}: ports run from 0 to 65535, low first",
                         index)
     return lo, hi
 

@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 from pyroute2 import NetlinkError
 
-from sixgate.coordinator import clat, forwarding, kernel_backend, uplink
+from sixgate.coordinator import clat, forwarding, kernel_backend, lan, uplink
 from sixgate.coordinator import reload as reloading
 from sixgate.coordinator.broker import RESULTS as BROKER_RESULTS
 from sixgate.coordinator.broker import Broker, KeyFileError, broker_of, retry_after, update
@@ -239,6 +239,8 @@ class Coordinator:
         self.loop_seen = time.monotonic()  # /healthz: the main loop went round recently
         self.metrics_server: MetricsServer | None = None
         self.sit_link: str | None = None
+        self.radvd: subprocess.Popen[bytes] | None = None  # [lan]: its router advertisements
+        self.lan_enabled = False
         self.journal: zmq.Socket[Any] | None = None
         self.shard_copy: ShardCopy | None = None
         self.shard_lock = threading.Lock()
@@ -353,6 +355,13 @@ class Coordinator:
                 self.sit_link = kernel_backend.setup(settings)
             except kernel_backend.KernelBackendError as exc:
                 raise RuntimeError(str(exc)) from None
+            lan.remove_leftovers(settings)  # a crashed run's LAN, even if this one has none
+            if settings.lan_interface:
+                self.lan_enabled = True
+                try:
+                    self.radvd = lan.setup(settings, self.sit_link)
+                except lan.LanError as exc:
+                    raise RuntimeError(str(exc)) from None
         elif settings.mode == "clat":
             try:
                 clat.enable(settings)
@@ -709,6 +718,8 @@ class Coordinator:
             self.uplink_watch.close()
         if self.peer_probe is not None:
             self.peer_probe.close()
+        if self.lan_enabled:
+            lan.teardown(self.settings, self.radvd)
         if self.sit_link is not None:
             kernel_backend.teardown(self.settings)
         run_dir = getattr(self, "run_dir", None)

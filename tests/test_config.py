@@ -415,7 +415,8 @@ def test_every_settings_field_a_file_can_set_is_a_schema_key() -> None:
     keys = ({key.name for key in SCHEMA} | {"timeouts", "forwards", "metrics_listen"}
             | {f"nat64_{key.name}" for key in SCHEMA if key.table == "nat64"}
             | {f"clat_{key.name}" for key in SCHEMA if key.table == "clat"}
-            | {f"broker_{key.name}" for key in SCHEMA if key.table == "broker"})
+            | {f"broker_{key.name}" for key in SCHEMA if key.table == "broker"}
+            | {f"lan_{key.name}" for key in SCHEMA if key.table == "lan"})
     derived = {"source_file", "sixrd_prefix"}  # 6rd: [tunnel] prefix (settings.prefix: delegated)
     assert {f.name for f in fields(Settings)} - derived <= keys
 

@@ -149,6 +149,11 @@ class Settings:
     sixrd_prefix: str = ""
     # 6in4: the interface whose IPv4 address the tunnel follows ("": local_ipv4 is fixed).
     uplink: str = ""
+    # [lan] (kernel backend, coordinator/lan.py): "" interface: no LAN.
+    lan_interface: str = ""
+    lan_prefix: str = ""
+    lan_rdnss: tuple[str, ...] = ()
+    lan_allow: tuple[tuple[str, int, int, str], ...] = ()  # (proto, port lo, hi, address)
     ipv4_mask_len: int = 0
     # 6in4: the broker's update API ([broker], coordinator/broker.py); "" url: not used.
     broker_url: str = ""
@@ -192,6 +197,8 @@ class Settings:
         raw["martian_ipv4"] = tuple(tuple(r) for r in raw["martian_ipv4"])
         raw["nat64_clients"] = tuple(raw.get("nat64_clients", ()))
         raw["nat64_pool4"] = tuple(tuple(r) for r in raw.get("nat64_pool4", ()))
+        raw["lan_rdnss"] = tuple(raw.get("lan_rdnss", ()))
+        raw["lan_allow"] = tuple(tuple(r) for r in raw.get("lan_allow", ()))
         return Settings(**raw)
 
 
