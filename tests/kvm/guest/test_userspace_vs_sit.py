@@ -12,6 +12,7 @@ Linux sit CE of the same 6rd domain). Helpers: kernelgw.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Callable
@@ -53,6 +54,17 @@ def test_userspace_backend_serves_a_kernel_sit_peer_with_offloads_on(netns: Netn
             for name, count in worker.get("counters", {}).get("events", {}).items():
                 events[name] = events.get(name, 0) + int(count)
         assert events.get("checksums_completed", 0) > 0, events  # the peer's kernel left them
+
+        if mode == "6in4":
+            # Issue 19, RFC 4213 §3.8: the kernel's sit answers the probe sent to its
+            # link-local fe80::<its IPv4> (RFC 4213 §3.7), so the broker's end is reachable.
+            body = lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+            reachable = re.search(r'^sixgate_tunnel_peer_reachable\{peer="198\.51\.100\.1"\} '
+                                  r"(\S+)$", body, re.MULTILINE)
+            assert reachable and float(reachable.group(1)) == 1.0, (
+                "the Linux sit peer did not answer the RFC 4213 §3.8 probe:\n"
+                + "\n".join(line for line in body.splitlines() if "peer" in line)
+                + gateway.stderr)
 
         os.kill(gateway.process.pid, signal.SIGTERM)
         try:
