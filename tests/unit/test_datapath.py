@@ -53,7 +53,7 @@ from support.helpers import (
     tcp_mss,
 )
 
-from sixgate.workers.engine.datapath import Datapath
+from sixgate.workers.engine.datapath import PROBE_AGAIN_S, Datapath
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.flows import ESTABLISHED, V4_SYN_RCV, V6_FIN, Timeouts
 from sixgate.workers.engine.settings import worker_pool
@@ -826,3 +826,12 @@ def test_reload_ends_the_sessions_of_a_removed_rule_with_a_reset_on_both_sides(m
     assert (reset4.src, reset4.dst) == (request.src, request.dst)
     assert p.datapath.counters.events.get(Event.FLOWS_ENDED_BY_RELOAD.value) == 1
     assert answer.outbound  # the SYN-ACK reached the client
+    # Both probes go once more PROBE_AGAIN_S after the next tick (Linux answers one
+    # out-of-window segment per socket per 500 ms), and only once.
+    first = p.datapath.tick(100.0)
+    assert not first.to_tunnel and not first.to_services
+    again = p.datapath.tick(100.0 + PROBE_AGAIN_S)
+    assert [bytes(IPv6(packet)) for packet, _ in again.to_tunnel] == [bytes(probe6)]
+    assert [bytes(IP(packet)) for packet in again.to_services] == [bytes(probe4)]
+    later = p.datapath.tick(102.0)
+    assert not later.to_tunnel and not later.to_services

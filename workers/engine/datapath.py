@@ -138,6 +138,9 @@ class Output:
 # SYN before it is answered with port unreachable; at most this many wait at once (§5.3).
 TCP_INCOMING_SYN_S = 6.0
 MAX_HELD_SYNS = 1024
+# A reload's probe is sent again this long after the next tick: past Linux's per-socket limit
+# of one out-of-window answer per net.ipv4.tcp_invalid_ratelimit (500 ms).
+PROBE_AGAIN_S = 0.6
 
 
 def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
@@ -223,6 +226,10 @@ class Datapath:
         self._ident6 = 0
         self.limit_hits = LimitHits()
         self._now = 0.0  # the time of the packet being handled, for the error rate limiter
+        # Probes of sessions a reload ended, sent once more PROBE_AGAIN_S after the next tick
+        # (``reconfigure``, which knows no time); that tick sets when.
+        self._probes_again: list[tuple[bytes, int, bytes]] = []
+        self._probes_due: float | None = None
         self._outer4 = b""  # its outer IPv4 source (6to4: counted per source by the flows)
         # workers/engine/fastpath.py templates of live sessions, keyed by the packet bytes that name
         # the session: IPv6 src, dst, ports (inbound); IPv4 src, dst, ports (return).
@@ -1251,10 +1258,17 @@ class Datapath:
                  or s.rule == NAT64_RULE and not source_allowed(self.nat64_clients, s.client6)]
         for session in ended:
             if session.proto == PROTO_TCP:
-                self._send_v6(tcp_probe(session.gw6, session.gwport, session.client6,
-                                        session.cport), PROTO_TCP)
-                self._to_services.append(tcp_probe(session.pool4, session.pport,
-                                                   session.target4, session.tport))
+                to_client = tcp_probe(session.gw6, session.gwport, session.client6,
+                                      session.cport)
+                to_service = tcp_probe(session.pool4, session.pport, session.target4,
+                                       session.tport)
+                self._send_v6(to_client, PROTO_TCP)
+                self._to_services.append(to_service)
+                # Once more a tick later: Linux answers at most one out-of-window segment per
+                # socket every net.ipv4.tcp_invalid_ratelimit (500 ms, RFC 5961 §7), so a
+                # probe right after another such answer (a duplicate SYN-ACK's) goes unheard.
+                self._probes_again.append((to_client, PROTO_TCP, to_service))
+                self._probes_due = None
             flows.close(session)
         if ended:
             self.counters.event(Event.FLOWS_ENDED_BY_RELOAD, len(ended))
@@ -1287,6 +1301,15 @@ class Datapath:
         if expired:
             self.counters.event(Event.FLOWS_EXPIRED, expired)
             self._forget_templates()
+        if self._probes_again:
+            if self._probes_due is None:
+                self._probes_due = now + PROBE_AGAIN_S
+            elif now >= self._probes_due:
+                # Never more than a reload ended; a connection already reset answers a RST.
+                for to_client, proto, to_service in self._probes_again:
+                    self._send_v6(to_client, proto)
+                    self._to_services.append(to_service)
+                self._probes_again = []
         if self.reassembler4 is not None:
             self.counters.drop(DropReason.FRAGMENT_TIMEOUT, self.reassembler4.expire(now))
             self._expire_held_syns(now)
