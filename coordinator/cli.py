@@ -114,6 +114,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  uplink        {settings.uplink}: when its IPv4 address changes, the tunnel "
               "moves to the new one without a restart, sessions kept"
               + (", and the broker is told" if settings.broker_url else ""))
+    if settings.public_ipv4_url:
+        print(f"  public from   {settings.public_ipv4_url}, asked at the start and every "
+              f"{settings.public_ipv4_check_s:g} s: a new answer moves the tunnel's public "
+              "address without a restart")
     derived_from = 'public_ipv4' if public != settings.local_ipv4 else 'local_ipv4'
     if settings.mode == "6to4":
         print(f"  6to4 prefix   {settings.prefix} (derived from {derived_from})")

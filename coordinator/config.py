@@ -165,6 +165,13 @@ SCHEMA: tuple[Key, ...] = (
         "tunnel to the new address without a restart, keeping every session, and tells the "
         "broker ([broker]); \"\": local_ipv4 is fixed",
         lambda *a: _interface(*a), default=""),
+    Key("tunnel", "public_ipv4_url", "http(s) URL", "6in4 behind a 1:1 NAT: a \"what is my "
+        "address\" service that answers this host's public IPv4 address as text; asked at "
+        "the start and every public_ipv4_check_s, a new answer moves the tunnel's public "
+        "address without a restart (the broker told); \"\": public_ipv4 is fixed",
+        lambda *a: _url(*a), default=""),
+    Key("tunnel", "public_ipv4_check_s", "seconds 5-86400", "how often public_ipv4_url is "
+        "asked", _ranged_number(5, 86400), DEFAULTS["public_ipv4_check_s"]),
     Key("tunnel", "probe_interval_s", "seconds 0-3600", "6in4: how often an ICMPv6 echo goes "
         "to the broker's link-local address fe80::<remote_ipv4> (RFC 4213 §3.7, §3.8) to tell "
         "whether it still answers (sixgate_tunnel_peer_reachable); 0: never",
@@ -642,16 +649,23 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
         raise ctx.error("tunnel", "uplink", f"only for mode = \"6in4\" ({mode}'s prefix is "
                         "the IPv4 address: a new address is a new prefix, a restart); remove "
                         "it")
-    if uplink and public_ipv4 != local_ipv4:
-        raise ctx.error("tunnel", "uplink", "not behind a 1:1 NAT (public_ipv4): the address "
-                        "to follow is then the NAT's, which this host's interface does not "
-                        "show; remove one of them")
+    url = checked["public_ipv4_url"]
+    if url and mode != "6in4":
+        raise ctx.error("tunnel", "public_ipv4_url", f"only for mode = \"6in4\" ({mode}'s "
+                        "prefix is the IPv4 address: a new address is a new prefix, a "
+                        "restart); remove it")
+    if uplink and public_ipv4 != local_ipv4 and not url:
+        raise ctx.error("tunnel", "uplink", "behind a 1:1 NAT (public_ipv4) the address to "
+                        "follow is the NAT's, which this host's interface does not show: add "
+                        "public_ipv4_url (a \"what is my address\" service), or remove one "
+                        "of them")
     if "probe_interval_s" in tunnel and mode != "6in4":
         raise ctx.error("tunnel", "probe_interval_s", f"only for mode = \"6in4\" ({mode} has "
                         "no one peer to probe); remove it")
     return dict(mode=mode, local_ipv4=local_ipv4, public_ipv4=public_ipv4, relay_ipv4=relay_ipv4,
                 probe_interval_s=checked["probe_interval_s"], sixrd_prefix=sixrd_prefix,
-                ipv4_mask_len=mask_len, uplink=uplink,
+                ipv4_mask_len=mask_len, uplink=uplink, public_ipv4_url=url,
+                public_ipv4_check_s=checked["public_ipv4_check_s"],
                 remote_ipv4=remote_ipv4, prefix=str(prefix), addresses=tuple(addresses),
                 mtu=mtu, martian_ipv4=martian_rows)
 
@@ -1077,6 +1091,14 @@ def _name(ctx: _Ctx, table: str, key: str, value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z][a-z0-9]{0,9}", value):
         raise ctx.error(table, key, f"{value!r} must be 1-10 lower-case letters/digits "
                         "starting with a letter (TUN devices are named <name><worker>)")
+    return value
+
+
+def _url(ctx: _Ctx, table: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or (value and not re.fullmatch(r"https?://[^\s/]+\S*",
+                                                                  value)):
+        raise ctx.error(table, key, f"{value!r} is not an http(s) URL, e.g. "
+                        "\"https://ipv4.icanhazip.com/\"")
     return value
 
 

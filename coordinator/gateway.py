@@ -262,7 +262,9 @@ class Coordinator:
         # [tunnel] uplink: the interface's address changes, watched from a thread of its own;
         # the address to move to, taken by the main loop (``_move_tunnel``).
         self.uplink_watch: uplink.UplinkWatch | None = None
-        self.move_to: str | None = None
+        # (local, public): where the tunnel moves, taken by the main loop; [tunnel] uplink and
+        # public_ipv4_url set it from their threads.
+        self.move_to: tuple[str, str] | None = None
         self.endpoint_changes = 0
         self.broker_wake = threading.Event()  # a new address for the broker
         self.reload_ok = True
@@ -302,6 +304,15 @@ class Coordinator:
         self.run_dir = prepare_run_dir(settings)
         if settings.uplink:
             settings = self.settings = self._watch_uplink_from(settings)
+        if settings.public_ipv4_url:
+            address, how = uplink.ask_public_ipv4(settings.public_ipv4_url)
+            if address is not None and address != settings.known_ipv4:
+                log.warning("tunnel: the public address is %s, not %s (%s)", address,
+                            settings.known_ipv4, how)
+                settings = self.settings = dataclasses.replace(settings, public_ipv4=address)
+            elif address is None:
+                log.warning("tunnel: %s; public_ipv4 %s until it answers", how,
+                            settings.known_ipv4)
         # The kernel backend's relays keep no sessions to journal.
         # A CLAT is stateless: nothing to journal either.
         journaling = (settings.flow_journal and settings.backend != "kernel"
@@ -456,7 +467,14 @@ class Coordinator:
             return settings
         log.warning("tunnel: local_ipv4 %s is not on %s, which has %s now: the tunnel starts "
                     "there", settings.local_ipv4, settings.uplink, address)
-        return dataclasses.replace(settings, local_ipv4=address, public_ipv4=address)
+        return dataclasses.replace(settings, local_ipv4=address,
+                                   public_ipv4=self._public_after(settings, address))
+
+    @staticmethod
+    def _public_after(settings: Settings, local: str) -> str:
+        """The public address once the local one is ``local``: the same without a NAT; with
+        one, the NAT's (learnt from public_ipv4_url), unchanged."""
+        return settings.known_ipv4 if settings.public_ipv4_url else local
 
     def _watch_uplink(self) -> None:
         """Thread: each announcement of an address change on the uplink is checked against
@@ -478,23 +496,39 @@ class Coordinator:
                 self.stopping.wait(1.0)
                 continue
             if address is not None:
-                self.move_to = address
+                self.move_to = (address, self._public_after(self.settings, address))
 
-    def _move_tunnel(self, address: str) -> None:
-        """The uplink's address changed: the tunnel moves to ``address`` without a restart.
-        New settings; the capture (coordinator fan-out) and the broker probe on the new
-        address; each worker started again on them with its shard, as after a crash, so
-        every session goes on (workers/journal.py); the broker told."""
-        old = self.settings.local_ipv4
-        new = dataclasses.replace(self.settings, local_ipv4=address, public_ipv4=address)
+    def _watch_public(self) -> None:
+        """Thread: ``public_ipv4_url`` asked every ``public_ipv4_check_s``; a new answer is a
+        move of the tunnel's public address, left for the main loop."""
+        while not self.stopping.wait(self.settings.public_ipv4_check_s):
+            address, how = uplink.ask_public_ipv4(self.settings.public_ipv4_url)
+            if address is None:
+                log.warning("tunnel: %s; keeping %s", how, self.settings.known_ipv4)
+            elif address != self.settings.known_ipv4:
+                self.move_to = (self.settings.local_ipv4, address)
+
+    def _move_tunnel(self, address: str, public: str) -> None:
+        """The uplink's address (``address``) or the public one behind a NAT (``public``)
+        changed: the tunnel moves without a restart. New settings; the capture (coordinator
+        fan-out) and the broker probe on the new address; each worker started again on them
+        with its shard, as after a crash, so every session goes on (workers/journal.py); the
+        broker told."""
+        old = self.settings
+        new = dataclasses.replace(old, local_ipv4=address, public_ipv4=public)
         self.settings = new
         staged = self.settings_file.with_suffix(".new")
         staged.write_text(new.to_json())
         staged.replace(self.settings_file)
         self.endpoint_changes += 1
-        log.warning("tunnel: %s left %s, which has %s now: the tunnel moves there (workers "
-                    "start again with their sessions)%s", old, new.uplink, address,
-                    "; the broker is told" if self.broker is not None else "")
+        moved = (f"{old.local_ipv4} left {new.uplink}, which has {address} now"
+                 if address != old.local_ipv4 else "")
+        if public != old.known_ipv4 and old.public_ipv4_url:
+            moved += ("; " if moved else "") + (f"the public address is {public} now, not "
+                                                f"{old.known_ipv4} ({old.public_ipv4_url})")
+        log.warning("tunnel: %s: the tunnel moves there (workers start again with their "
+                    "sessions)%s", moved, "; the broker is told" if self.broker is not None
+                    else "")
         if self.capture is not None:
             self.capture.close()
             self.capture = TunnelCapture(address, None, True, self.counters,
@@ -770,6 +804,9 @@ class Coordinator:
             threading.Thread(target=self._rediscover, name="rfc7050", daemon=True).start()
         if self.uplink_watch is not None:
             threading.Thread(target=self._watch_uplink, name="uplink", daemon=True).start()
+        if self.settings.public_ipv4_url:
+            threading.Thread(target=self._watch_public, name="public-ipv4",
+                             daemon=True).start()
         next_check = next_tick = time.monotonic() + 1.0
         wait_s = SUPERVISE_INTERVAL_S
         while self.running:
@@ -784,9 +821,9 @@ class Coordinator:
             if sock_fd in events:
                 self._capture()
             if self.move_to is not None:
-                address, self.move_to = self.move_to, None
-                if address != self.settings.local_ipv4:
-                    self._move_tunnel(address)
+                (address, public), self.move_to = self.move_to, None
+                if (address, public) != (self.settings.local_ipv4, self.settings.known_ipv4):
+                    self._move_tunnel(address, public)
                     if self.capture is not None:  # the new capture socket
                         poller.unregister(sock_fd)
                         sock_fd = self.capture.fileno()

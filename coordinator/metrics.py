@@ -183,8 +183,8 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
         updates.add_metric([result], count)
     out.append(updates)
     out.append(CounterMetricFamily(
-        "sixgate_tunnel_endpoint_changes", "6in4 with [tunnel] uplink: moves of the tunnel to "
-        "a new address of the uplink", value=snap.get("endpoint_changes", 0)))
+        "sixgate_tunnel_endpoint_changes", "6in4 with [tunnel] uplink or public_ipv4_url: "
+        "moves of the tunnel to a new address", value=snap.get("endpoint_changes", 0)))
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_packets", "Protocol-41 packets received, before any check",
         value=snap["tunnel_received"][0]))

@@ -7,14 +7,21 @@ tunnel must move and to which address. The coordinator then moves it (gateway.py
 ``_move_tunnel``): new settings, each worker started again on them with its shard (the crash
 path, so every session goes on), the broker told (coordinator/broker.py).
 
-I/O shell: pyroute2's IPRoute. ``follow`` is pure.
+Behind a 1:1 NAT the interface never shows the public address: a "what is my address"
+service (``[tunnel] public_ipv4_url``) is asked instead (``ask_public_ipv4``; its answer read
+by ``public_ipv4_in``), and a new answer moves the tunnel's public address the same way.
+
+I/O shell: pyroute2's IPRoute, urllib. ``follow`` and ``public_ipv4_in`` are pure.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
 from pyroute2 import IPRoute
@@ -32,6 +39,32 @@ def follow(current: str, addresses: Sequence[str]) -> str | None:
     if current in addresses or not addresses:
         return None
     return addresses[0]
+
+
+def public_ipv4_in(body: str) -> str | None:
+    """The address a "what is my address" service answered (plain text, perhaps with more
+    around it: the first dotted quad that is an IPv4 address), or None."""
+    for candidate in re.findall(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])", body[:4096]):
+        try:
+            return str(ipaddress.IPv4Address(candidate))
+        except ValueError:
+            continue
+    return None
+
+
+def ask_public_ipv4(url: str, timeout_s: float = 10.0) -> tuple[str | None, str]:
+    """Ask the service once: (its answer or None, what happened, for the log)."""
+    from sixgate.coordinator.metrics import sixgate_version
+    request = urllib.request.Request(url, headers={"User-Agent":
+                                                   f"sixgate/{sixgate_version()}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            body = reply.read(4096).decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return None, f"{url} did not answer ({exc})"
+    address = public_ipv4_in(body)
+    return address, (f"{url} says {address}" if address else
+                     f"{url} answered no IPv4 address ({body[:80]!r})")
 
 
 def ipv4_addresses(ipr: IPRoute, ifname: str) -> list[str]:

@@ -6,12 +6,19 @@ as 192.0.2.10 (``public_ipv4``); a NAT namespace owns that address and maps it 1
 DNAT/SNAT, as a cloud provider's edge does, protocol 41 included. Through the real ``sixgate
 run``: ping, a 100 MB curl byte-identical, the 6to4 prefix derived from the public address,
 the RFC 3964 check against the public one (a spoofed 6to4 source is still dropped), and
-``sixgate check`` saying what each address is for.
+``sixgate check`` saying what each address is for. 6in4 also learns its public address from a
+"what is my address" service on the peer side (``public_ipv4_url``): when the NAT maps the
+gateway to a new public address, the tunnel follows without a restart (issue 19).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import netlab
 import pytest
@@ -22,6 +29,7 @@ pytestmark = [pytest.mark.lab]
 PUBLIC_IPV4 = GATEWAY_IPV4  # what the peer knows the tunnel by
 LOCAL_IPV4 = "192.0.2.202"  # the gateway's own address behind the NAT
 NAT_INSIDE_IPV4 = "192.0.2.201"  # the NAT's address on the gateway's link
+MYIP_PORT = 8088  # the peer side's "what is my address" service
 
 
 class NatLab(Lab):
@@ -61,19 +69,42 @@ class NatLab(Lab):
         self.ip(self.gw_ns, "addr", "add", f"{LOCAL_IPV4}/30", "dev", "veth0")
         self.ip(self.gw_ns, "link", "set", "veth0", "up")
         self.ip(self.gw_ns, "route", "add", "default", "via", NAT_INSIDE_IPV4)
-        # 1:1, every protocol (41 has no ports): the table dies with the namespace.
+        self.map_public(PUBLIC_IPV4)
+
+    def map_public(self, public: str) -> None:
+        """1:1, every protocol (41 has no ports), ``public`` <-> LOCAL_IPV4; the table dies
+        with the namespace. "What is my address" answers ``public`` from now on."""
         run(netlab.in_ns(self.nat_ns, ["nft", "-f", "-"]), input=(
+            "table ip one_to_one {}\ndelete table ip one_to_one\n"
             "table ip one_to_one {\n"
             " chain pre { type nat hook prerouting priority dstnat;\n"
-            f"  ip daddr {PUBLIC_IPV4} dnat to {LOCAL_IPV4}\n }}\n"
+            f"  ip daddr {public} dnat to {LOCAL_IPV4}\n }}\n"
             " chain post { type nat hook postrouting priority srcnat;\n"
-            f"  ip saddr {LOCAL_IPV4} snat to {PUBLIC_IPV4}\n }}\n"
+            f"  ip saddr {LOCAL_IPV4} snat to {public}\n }}\n"
             "}\n"))
+        # As MASQUERADE does when its address changes: the old mappings are forgotten (a
+        # flow's conntrack entry would keep the old public address otherwise).
+        run(netlab.in_ns(self.nat_ns, [sys.executable, "-c",
+                                       "from pyroute2 import Conntrack; Conntrack().flush()"]))
+        (self.myip_dir / "myip").write_text(f"{public}\n")
+
+    @property
+    def myip_dir(self) -> Path:
+        path = self.tmp / "myip"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def start_services(self) -> None:
+        super().start_services()
+        self.spawn("myip", self.peer_ns, netlab.http_server_argv(PEER_IPV4, MYIP_PORT,
+                                                                 self.myip_dir))
 
     def config_text(self) -> str:
-        return super().config_text().replace(
-            f'local_ipv4 = "{GATEWAY_IPV4}"\n',
-            f'local_ipv4 = "{LOCAL_IPV4}"\npublic_ipv4 = "{PUBLIC_IPV4}"\n')
+        tunnel = f'local_ipv4 = "{LOCAL_IPV4}"\npublic_ipv4 = "{PUBLIC_IPV4}"\n'
+        if self.mode == "6in4":
+            tunnel += (f'public_ipv4_url = "http://{PEER_IPV4}:{MYIP_PORT}/myip"\n'
+                       "public_ipv4_check_s = 5\n")
+        return super().config_text().replace(f'local_ipv4 = "{GATEWAY_IPV4}"\n', tunnel)
 
 
 @pytest.fixture(scope="module", params=["6to4", "6in4"])
@@ -135,3 +166,41 @@ def test_the_tunnel_checks_hold_behind_the_nat(nat_lab: NatLab) -> None:
     after = netlab.wait_for_drops(lab, before, reason, 5)
     assert netlab.drops_delta(before, after).get(reason) == 5, (sent, netlab.drops_delta(
         before, after))
+
+
+@pytest.mark.parametrize("nat_lab", ["6in4"], indirect=True)
+def test_a_new_public_address_is_learnt_and_followed(nat_lab: NatLab) -> None:
+    """The NAT maps the gateway to 192.0.2.11 instead; "what is my address" says so; within
+    public_ipv4_check_s the tunnel's public address moves (workers started again, counted),
+    and once the broker's end follows (SIGUSR1 to tunnel_peer.py) ping works again; then back."""
+    lab = nat_lab
+
+    def changes() -> float:
+        body = lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+        found = re.search(r"^sixgate_tunnel_endpoint_changes_total (\S+)$", body, re.MULTILINE)
+        assert found, body
+        return float(found.group(1))
+
+    def move(public: str, expected: float) -> None:
+        lab.ip(lab.nat_ns, "addr", "replace", f"{public}/24", "dev", "up0")
+        lab.map_public(public)
+        netlab.wait_until(lambda: changes() == expected, timeout=30,
+                          what=lambda: f"the tunnel to move to {public}; gateway log:\n"
+                                       f"{lab.gateway_stderr()}")
+        (lab.tmp / "remote").write_text(public + "\n")
+        os.kill(lab.processes["tunnel_peer"].pid, signal.SIGUSR1)
+
+        def answers() -> bool:  # once the workers are up again
+            done = lab.peer(["ping", "-6", "-c", "1", "-W", "1", lab.plan.gateway_address],
+                            timeout=10, check=False)
+            return netlab.ping_received(done.stdout) == 1
+
+        netlab.wait_until(answers, timeout=20, what=lambda: f"ping through {public}; gateway "
+                          f"log:\n{lab.gateway_stderr()}")
+
+    before = changes()
+    try:
+        move("192.0.2.11", before + 1)
+        assert "the public address is 192.0.2.11 now, not 192.0.2.10" in lab.gateway_stderr()
+    finally:
+        move(PUBLIC_IPV4, before + 2)

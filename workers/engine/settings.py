@@ -149,6 +149,9 @@ class Settings:
     sixrd_prefix: str = ""
     # 6in4: the interface whose IPv4 address the tunnel follows ("": local_ipv4 is fixed).
     uplink: str = ""
+    # 6in4 behind a 1:1 NAT: where the public address is learnt ("": public_ipv4 is fixed).
+    public_ipv4_url: str = ""
+    public_ipv4_check_s: float = 300.0
     # [lan] (kernel backend, coordinator/lan.py): "" interface: no LAN.
     lan_interface: str = ""
     lan_prefix: str = ""
