@@ -4,7 +4,10 @@ Reference: the least any translator must do per 64-byte UDP packet in Python: sl
 IPv6 header fields and pack a new IPv4 header (no checks, no flow table, no checksums). sixgate,
 every check, session lookup, checksum update and counter included: inbound as a worker runs it
 (``Datapath.from_tunnel``, batches of 64 captured packets, the same under either fan-out), and
-the return path as the worker runs it (``Datapath.from_services``, batches of 64).
+the return path as the worker runs it (``Datapath.from_services``, batches of 64). Flow setup
+(issue 21): TCP SYNs each of a new session (8 clients x 2000 ports, within the per-client
+limits), through the slow path that builds the session, its pool binding and its fast-path
+templates, as new flows/s.
 Prints packets/s per core for each and the ratio to the reference; figures vary 2-3x between
 machines, only the ratios of one run compare.
 
@@ -14,6 +17,7 @@ machines, only the ratios of one run compare.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import struct
 import time
@@ -21,6 +25,7 @@ import time
 from sixgate.workers.engine.datapath import Datapath
 from sixgate.workers.engine.packet import (
     PROTO_IPV6,
+    PROTO_TCP,
     PROTO_UDP,
     build_ipv4,
     build_ipv6,
@@ -101,6 +106,42 @@ def clat_udp6(payload: bytes) -> bytes:
     return build_ipv6(CLAT_SERVER6, CLAT_SELF6, PROTO_UDP, segment)
 
 
+SETUP_CLIENTS, SETUP_PORTS = 8, 2000  # new sessions: 16,000, inside every per-client limit
+
+
+def tcp_syn(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """A TCP SYN over IPv6 with its checksum."""
+    segment = bytearray(struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 65535,
+                                    0, 0))
+    set_checksum(segment, 16, pseudo_sum_v6(src, dst, PROTO_TCP, len(segment)))
+    return build_ipv6(src, dst, PROTO_TCP, segment)
+
+
+def new_sessions(prefix: bytes, dst: bytes, dport: int, outer: bool) -> list[bytes]:
+    """SYNs of SETUP_CLIENTS clients (one /64 each under ``prefix``, 6 bytes) x SETUP_PORTS."""
+    packets = []
+    for client in range(SETUP_CLIENTS):
+        src = prefix + struct.pack("!H", client) + bytes(7) + b"\x01"
+        for port in range(20000, 20000 + SETUP_PORTS):
+            syn = tcp_syn(src, dst, port, dport)
+            packets.append(build_ipv4(PEER4, GW4, PROTO_IPV6, syn) if outer else syn)
+    return packets
+
+
+def flow_setup(make: object, feed: str, packets: list[bytes]) -> float:
+    """New sessions per second: a fresh Datapath fed ``packets`` (each a new session) in
+    batches of 64; every one must have made its session."""
+    datapath = make()  # type: ignore[operator]
+    handle = getattr(datapath, feed)
+    start = time.perf_counter()
+    for first in range(0, len(packets), 64):
+        handle(packets[first:first + 64], 1.0)
+    elapsed = time.perf_counter() - start
+    made = len(datapath.flows)
+    assert made == len(packets), f"{feed}: {made} sessions for {len(packets)} SYNs"
+    return len(packets) / elapsed
+
+
 def rate(n: int, loop: object) -> float:
     start = time.perf_counter()
     loop()  # type: ignore[operator]
@@ -125,6 +166,17 @@ def main() -> None:
 
     s = settings()
     datapath = Datapath(s, worker_pool(s.pool, 1, 0))
+    tcp_settings = dataclasses.replace(s, forwards=(*s.forwards,
+                                                    Forward("tcp", 80, 80, "127.0.0.1", 8080)))
+    nat64_tcp = dataclasses.replace(nat64_settings(), nat64_pool4=(
+        ("203.0.113.5", "tcp", 1024, 65535),), nat64_ports_per_client=SETUP_PORTS)
+    setup_rows = [
+        ("sixgate new TCP sessions: from_tunnel, slow path", flow_setup(
+            lambda: Datapath(tcp_settings, worker_pool(s.pool, 1, 0)), "from_tunnel",
+            new_sessions(CLIENT6[:6], GW6, 80, outer=True))),
+        ("sixgate NAT64 new TCP sessions: from_ipv6, slow path", flow_setup(
+            lambda: Datapath(nat64_tcp, []), "from_ipv6",
+            new_sessions(NAT64_CLIENT6[:6], NAT64_SERVER6, 80, outer=False)))]
 
     def sixgate_from_tunnel() -> None:
         batch = [outer] * 64
@@ -198,6 +250,9 @@ def main() -> None:
     print(f"64-byte UDP, {n} packets, one core, no syscalls")
     for name, pps in rows:
         print(f"  {name:<62} {pps:>12,.0f} pkt/s   ratio {pps / ref:5.2f}")
+    print(f"flow setup: {SETUP_CLIENTS * SETUP_PORTS} TCP SYNs, each a new session, one core")
+    for name, fps in setup_rows:
+        print(f"  {name:<62} {fps:>12,.0f} flows/s ratio {fps / ref:5.2f}")
 
 
 if __name__ == "__main__":

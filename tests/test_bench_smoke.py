@@ -97,7 +97,8 @@ def test_trial_reads_rates_and_cpu(bench_lab) -> None:  # type: ignore[no-untype
 
 def test_engine_benchmark_runs_every_path() -> None:
     """bench/engine.py (in-process, no namespace) prints its reference, both directions of
-    the tunnel, both of the NAT64 and both of the CLAT."""
+    the tunnel, both of the NAT64 and both of the CLAT, and the flow setup rows (each SYN a
+    new session, checked inside the benchmark)."""
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "engine.py"), "--packets",
                            "6400"], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
@@ -108,6 +109,9 @@ def test_engine_benchmark_runs_every_path() -> None:
         "sixgate NAT64 IPv4 -> IPv6", "sixgate CLAT IPv4 -> IPv6", "sixgate CLAT IPv6 -> IPv4",
         "sixgate inbound, Python loops", "sixgate NAT64 IPv6 -> IPv4, Python loops"
     ], done.stdout
+    setups = [line for line in done.stdout.splitlines() if "flows/s" in line]
+    assert [row.split(":")[0].strip() for row in setups] == [
+        "sixgate new TCP sessions", "sixgate NAT64 new TCP sessions"], done.stdout
 
 
 def test_nat64_target_delivers_and_reflects_a_burst(bench_lab) -> None:  # type: ignore[no-untyped-def]
