@@ -979,8 +979,6 @@ class Coordinator:
 
     def _reload(self, path: str, text: str | None) -> tuple[bool, str]:
         running = self.settings
-        if running.backend == "kernel":
-            return False, "the kernel backend does not reload yet: restart needed"
         if text is None:
             try:
                 text = Path(path).read_text(encoding="utf-8")
@@ -999,6 +997,17 @@ class Coordinator:
         what = reloading.changed(running, new)
         if not what:
             return True, f"{path}: nothing changed"
+        if running.backend == "kernel":
+            # The relays run unprivileged: a new listener on a privileged port needs a start.
+            privileged = kernel_backend.new_privileged_ports(running, new)
+            if privileged:
+                return False, (f"{path}: new forward port(s) {', '.join(privileged)} are below "
+                               "net.ipv4.ip_unprivileged_port_start, which the unprivileged "
+                               "relays cannot open: restart needed (the running config stays)")
+            try:
+                kernel_backend.update_input_policy(new, self.sit_link or "")
+            except kernel_backend.KernelBackendError as exc:
+                return False, f"{path}: {exc} (the running config stays)"
         if new.metrics_listen != running.metrics_listen:
             try:
                 server = MetricsServer(self, new.metrics_listen) if new.metrics_listen else None

@@ -244,6 +244,31 @@ def setup(settings: Settings) -> str:
     return name
 
 
+UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+
+
+def new_privileged_ports(running: Settings, new: Settings) -> list[str]:
+    """Ports the new forward rules listen on that the running ones do not, and that only a
+    privileged process may bind (the relays have dropped their capabilities): "tcp/80"..."""
+    try:
+        start = int(UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        start = 1024
+    def ports(settings: Settings) -> set[tuple[str, int]]:
+        return {(rule.proto, port) for rule in settings.forwards
+                for port in range(rule.port_lo, rule.port_hi + 1)}
+    return [f"{proto}/{port}" for proto, port in sorted(ports(new) - ports(running))
+            if port < start]
+
+
+def update_input_policy(settings: Settings, link: str) -> None:
+    """A reload: the input table opens the new rules' ports (one nft transaction)."""
+    try:
+        nft(replace_table("inet", table_name(settings), input_ruleset(settings, link)))
+    except ForwardingError as exc:
+        raise KernelBackendError(f"cannot update the input policy of {link}: {exc}") from None
+
+
 def teardown(settings: Settings) -> None:
     """Remove exactly what ``setup`` created."""
     try:

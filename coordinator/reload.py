@@ -9,7 +9,11 @@ metrics address: the workers apply them in place (``Datapath.reconfigure``), eve
 rule still exists goes on, and the flows of a removed rule (or of a NAT64 client no longer
 listed) end with a RST on both sides.
 Anything else (the tunnel, its addresses, the pool, pool4, the worker count, ...) is refused
-with the keys that changed: that needs a restart. Pure: Settings in, a verdict out.
+with the keys that changed: that needs a restart. The kernel backend reloads too: its relays
+close the listeners of removed rules, open those of new ones (not a privileged port: they run
+unprivileged, so such a reload is refused, kernel_backend.new_privileged_ports) and reset the
+sessions of removed rules; the input table follows the rules. Pure: Settings in, a verdict
+out.
 """
 
 from __future__ import annotations

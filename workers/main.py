@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             asyncio.run(run_relay(settings, args.index,
-                                  control_endpoint(settings.run_dir, args.index)))
+                                  control_endpoint(settings.run_dir, args.index), args.settings))
         except OSError as exc:
             log.error("worker %d cannot start its relays: %s", args.index, exc)
             return 1

@@ -30,10 +30,12 @@ as the userspace datapath (``workers/engine/counters.py``); the control socket a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import resource
 import socket
+import struct
 import time
 from itertools import islice
 from typing import Any, cast
@@ -90,10 +92,18 @@ class RelaySession:
         """The pool address the service sees this client as."""
         return "" if self.session is None else socket.inet_ntoa(self.session.pool4)
 
-    def close(self) -> None:
-        """The table removed the session (expired, evicted): close what it holds."""
+    def close(self, reset: bool = False) -> None:
+        """The table removed the session (expired, evicted): close what it holds. ``reset``:
+        a TCP connection ends with a RST on both sides (SO_LINGER 0), as a reload ends the
+        sessions of a removed rule (issue 17)."""
         for transport in (self.transport, self.upstream):
             if transport is not None:
+                if reset:
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None and sock.type == socket.SOCK_STREAM:
+                        with contextlib.suppress(OSError):
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                            struct.pack("ii", 1, 0))
                 if isinstance(transport, asyncio.WriteTransport):
                     transport.abort()
                 else:
@@ -150,8 +160,9 @@ class _UdpListener(asyncio.DatagramProtocol):
 
 
 class Relay:
-    def __init__(self, settings: Settings, index: int) -> None:
+    def __init__(self, settings: Settings, index: int, settings_path: str = "") -> None:
         self.settings = settings
+        self.settings_path = settings_path  # where a reload's settings are (the coordinator's)
         self.index = index
         self.counters = Counters()
         pool = worker_pool(settings.pool, settings.workers, index)
@@ -162,8 +173,9 @@ class Relay:
         self.connections: dict[Session, RelaySession] = {}
         self.limit_hits = LimitHits()
         self.running = True
-        self._servers: list[asyncio.Server] = []
-        self._udp: list[asyncio.DatagramTransport] = []
+        # (proto, port, address) -> (its rule, its listener): what ``reconfigure`` changes.
+        self._listeners: dict[tuple[str, int, str], tuple[Forward, asyncio.Server
+                                                          | asyncio.BaseTransport]] = {}
         self._filters: dict[Forward, tuple[tuple[int, int], ...]] = {}
         self.drain_timeout_s = DRAIN_TIMEOUT_S
         self.pool_addresses = [socket.inet_ntoa(a) for a in pool]
@@ -371,31 +383,76 @@ class Relay:
         finally:
             probe.close()
 
+    @staticmethod
+    def wanted(settings: Settings) -> dict[tuple[str, int, str], Forward]:
+        """Every listener the forward rules ask for: (proto, port, address) -> its rule."""
+        return {(rule.proto, port, address): rule for rule in settings.forwards
+                for port in range(rule.port_lo, rule.port_hi + 1)
+                for address in settings.addresses}
+
+    async def _listen(self, key: tuple[str, int, str], rule: Forward) -> None:
+        proto, port, address = key
+        if proto == "tcp":
+            sock = self._listener_socket(socket.SOCK_STREAM, address, port)
+            listener: asyncio.Server | asyncio.BaseTransport = await asyncio.start_server(
+                functools.partial(self._tcp_client, rule=rule, gateway=address, port=port),
+                sock=sock, backlog=1024)
+        else:
+            sock = self._listener_socket(socket.SOCK_DGRAM, address, port)
+            listener, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                functools.partial(_UdpListener, self, rule, address, port), sock=sock)
+        self._listeners[key] = (rule, listener)
+
+    def _unlisten(self, key: tuple[str, int, str]) -> None:
+        _, listener = self._listeners.pop(key)
+        listener.close()
+
     async def start(self) -> None:
         self.check_pool_is_local()
-        loop = asyncio.get_running_loop()
-        for rule in self.settings.forwards:
-            for port in range(rule.port_lo, rule.port_hi + 1):
-                for address in self.settings.addresses:
-                    if rule.proto == "tcp":
-                        sock = self._listener_socket(socket.SOCK_STREAM, address, port)
-                        server = await asyncio.start_server(
-                            functools.partial(self._tcp_client, rule=rule, gateway=address,
-                                              port=port),
-                            sock=sock, backlog=1024)
-                        self._servers.append(server)
-                    else:
-                        sock = self._listener_socket(socket.SOCK_DGRAM, address, port)
-                        transport, _ = await loop.create_datagram_endpoint(
-                            functools.partial(_UdpListener, self, rule, address, port),
-                            sock=sock)
-                        self._udp.append(transport)
+        for key, rule in self.wanted(self.settings).items():
+            await self._listen(key, rule)
+
+    async def reconfigure(self, settings: Settings) -> dict[str, Any]:
+        """A reloaded config (issue 17; coordinator/reload.py checked what changed): the
+        limits and timeouts change in place; listeners of removed rules close and those of
+        new ones open (the coordinator refused a reload that needs a privileged port this
+        unprivileged process may not bind); the sessions of removed rules end with a RST on
+        both sides, every other session goes on. The reply: how many ended, and the
+        listeners that could not open."""
+        self.settings = settings
+        self._filters.clear()
+        self.flows.set_shard_limits(settings.workers, settings.max_flows,
+                                    settings.max_flows_per_prefix, settings.timeouts,
+                                    max_flows_per_48=settings.max_flows_per_48,
+                                    max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source)
+        wanted = self.wanted(settings)
+        for key, (rule, _) in list(self._listeners.items()):
+            if wanted.get(key) != rule:
+                self._unlisten(key)
+        failed = []
+        for key, rule in wanted.items():
+            if key not in self._listeners:
+                try:
+                    await self._listen(key, rule)
+                except OSError as exc:
+                    failed.append(f"{key[0]}/[{key[2]}]:{key[1]} ({exc.strerror})")
+        labels = {rule.label for rule in settings.forwards}
+        ended = [c for c in self.connections.values() if c.rule not in labels]
+        for connection in ended:
+            connection.close(reset=True)
+            self._forget(connection)
+        if ended:
+            self.counters.event(Event.FLOWS_ENDED_BY_RELOAD, len(ended))
+            log.info("worker %d: %d session(s) of removed rules ended", self.index, len(ended))
+        if failed:
+            log.error("worker %d: cannot listen on %s: restart sixgate to open them",
+                      self.index, ", ".join(failed))
+            return protocol.error(f"worker {self.index} cannot listen on {', '.join(failed)}")
+        return protocol.ok(ended=len(ended))
 
     async def stop(self) -> None:
-        for server in self._servers:
-            server.close()
-        for transport in self._udp:
-            transport.close()
+        for key in list(self._listeners):
+            self._unlisten(key)
         for connection in list(self.connections.values()):
             connection.close()
 
@@ -432,6 +489,15 @@ class Relay:
                     self.counters, flows.active_by_proto, flows.created_by_proto,
                     flows.expired_total, flows.max_flows, flows.pool_in_use(), flows.pool_size,
                     {}))
+            elif cmd == "reload":
+                try:
+                    with open(self.settings_path, encoding="utf-8") as f:
+                        new = Settings.from_json(f.read())
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    reply = protocol.error(f"worker {self.index} cannot read the new "
+                                           f"settings: {exc}")
+                else:
+                    reply = await self.reconfigure(new)
             elif cmd == "flows":
                 reply = protocol.ok(
                     index=self.index,
@@ -474,10 +540,11 @@ def raise_descriptor_limit(settings: Settings) -> int:
     return need
 
 
-async def run_relay(settings: Settings, index: int, control_endpoint: str) -> None:
+async def run_relay(settings: Settings, index: int, control_endpoint: str,
+                    settings_path: str = "") -> None:
     log.info("worker %d: up to %d open files (RLIMIT_NOFILE) for max_flows", index,
              raise_descriptor_limit(settings))
-    relay = Relay(settings, index)
+    relay = Relay(settings, index, settings_path)
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     import signal

@@ -220,9 +220,62 @@ def test_kernel_backend_6to4_and_6rd_ping_curl(netns: Netns, mode: str) -> None:
 
         lab.ping()
         assert lab.curl_sha256() == lab.file_sha256
+        if mode == "6to4":
+            _assert_a_reload_changes_the_relays_and_keeps_the_rest(lab)
         _assert_same_metrics_as_userspace(lab)
         _assert_clean_stop(lab)
         _assert_policy_and_pool_removed(lab)
+
+
+UDP_RULE = 'proto = "udp"\nport = 53\nto = "127.0.0.1:5353"'
+NEW_RULE = 'proto = "tcp"\nport = 8081\nto = "127.0.0.1:8080"'
+
+
+def _http_status(sock: socket.socket) -> bytes:
+    sock.sendall(f"GET /{FILE_NAME} HTTP/1.0\r\n\r\n".encode())
+    return sock.recv(12)
+
+
+def _assert_a_reload_changes_the_relays_and_keeps_the_rest(lab: KernelLab) -> None:
+    """Issue 17 on the kernel backend: ``sixgate reload`` swaps the udp/53 rule for tcp/8081
+    (unprivileged, so the relays may open it): the new port answers through the tunnel and
+    the input table, a connection held on the kept port 80 goes on; a second reload takes
+    tcp/8081 away and a connection held on it is reset; udp/53 back (a privileged port the
+    unprivileged relays cannot open) is refused: restart needed."""
+    original = lab.config_path.read_text()
+    held = hold_tcp(lab.peer_ns, lab.gw_address, 80)
+    try:
+        lab.config_path.write_text(original.replace(UDP_RULE, NEW_RULE))
+        done = lab.sixgate("reload")
+        assert done.returncode == 0 and "forwards changed" in done.stdout, (
+            done.stdout + done.stderr + lab.runs[-1].stderr)
+        fetched = lab.peer(["curl", "-6", "-g", "-sS", "--max-time", "30", "-o", "/dev/null",
+                            "-w", "%{http_code}", f"http://[{lab.gw_address}]:8081/{FILE_NAME}"],
+                           check=False)
+        assert fetched.stdout == "200", fetched.stdout + fetched.stderr + lab.runs[-1].stderr
+        assert _http_status(held) == b"HTTP/1.0 200", "the connection on port 80 was lost"
+        removed = hold_tcp(lab.peer_ns, lab.gw_address, 8081)
+        assert f"[[forward]]\n{UDP_RULE}\n" in original
+        lab.config_path.write_text(original.replace(f"[[forward]]\n{UDP_RULE}\n", ""))
+        done = lab.sixgate("reload")
+        assert done.returncode == 0 and "1 flow(s) of removed rules ended" in done.stdout, (
+            done.stdout + done.stderr + lab.runs[-1].stderr)
+        removed.settimeout(10)
+        try:
+            removed.recv(1)
+        except ConnectionResetError:
+            pass
+        else:
+            raise AssertionError("a connection of the removed rule was not reset")
+        finally:
+            removed.close()
+        lab.config_path.write_text(original)
+        done = lab.sixgate("reload")
+        assert done.returncode == 2 and "udp/53" in done.stderr and "restart needed" in (
+            done.stderr), done.stdout + done.stderr
+    finally:
+        held.close()
+        lab.config_path.write_text(original)
 
 
 def _assert_same_metrics_as_userspace(lab: KernelLab) -> None:
