@@ -210,6 +210,12 @@ VARIABLES: dict[str, Variable] = {
                            "for mode \"nat64\")"),
     "public_ipv4": Variable(_ipv4, None, "tunnel.public_ipv4: behind a 1:1 NAT, the address "
                             "the tunnel is known by (default: local_ipv4)"),
+    "uplink": Variable(_text, None, "tunnel.uplink (6in4): the interface whose IPv4 address "
+                       "the tunnel follows without a restart"),
+    "public_ipv4_url": Variable(_text, None, "tunnel.public_ipv4_url (6in4 behind a 1:1 NAT): "
+                                "a \"what is my address\" service"),
+    "public_ipv4_check_s": Variable(_int_range(5, 86400), None,
+                                    "tunnel.public_ipv4_check_s"),
     "relay_ipv4": Variable(_ipv4, None, "tunnel.relay_ipv4 (6to4)"),
     "remote_ipv4": Variable(_ipv4, None, "tunnel.remote_ipv4 (6in4 broker endpoint)"),
     "prefix": Variable(_text, None, "tunnel.prefix (6in4 routed prefix, 6rd: the ISP's 6rd "

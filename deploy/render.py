@@ -28,6 +28,8 @@ UNIT_TEMPLATE = "sixgate.service.j2"
 CONFIG_KEY_TO_VARIABLE = {
     "tunnel.mode": "mode", "tunnel.local_ipv4": "local_ipv4", "tunnel.relay_ipv4": "relay_ipv4",
     "tunnel.public_ipv4": "public_ipv4",
+    "tunnel.uplink": "uplink", "tunnel.public_ipv4_url": "public_ipv4_url",
+    "tunnel.public_ipv4_check_s": "public_ipv4_check_s",
     "tunnel.remote_ipv4": "remote_ipv4", "tunnel.prefix": "prefix",
     "tunnel.ipv4_mask_len": "ipv4_mask_len", "tunnel.border_relay_ipv4": "border_relay_ipv4",
     "tunnel.addresses": "addresses", "tunnel.mtu": "mtu", "tunnel": "mode",
@@ -79,6 +81,9 @@ def ansible_host_vars(host: Host) -> dict[str, Any]:
         "sixgate_local_ipv4": v["local_ipv4"],
         "sixgate_relay_ipv4": v["relay_ipv4"],
         "sixgate_public_ipv4": v["public_ipv4"],
+        "sixgate_uplink": v["uplink"],
+        "sixgate_public_ipv4_url": v["public_ipv4_url"],
+        "sixgate_public_ipv4_check_s": v["public_ipv4_check_s"],
         "sixgate_remote_ipv4": v["remote_ipv4"],
         "sixgate_prefix": v["prefix"],
         "sixgate_ipv4_mask_len": v["ipv4_mask_len"],

@@ -367,6 +367,26 @@ def test_a_host_behind_a_1to1_nat_renders_both_addresses(files: Path) -> None:
     assert "public_ipv4" not in render_gateway_config(inventory.host("edge2"))
 
 
+def test_a_6in4_host_renders_what_its_tunnel_follows(files: Path) -> None:
+    """Issue 19: ``uplink`` and ``public_ipv4_url`` reach the gateway's [tunnel]; a 6to4 host
+    with uplink is refused at the render check, naming the inventory variable."""
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY.replace(
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"',
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "10.0.0.11"\nmode = "6in4"\n'
+        'public_ipv4 = "192.0.2.11"\nremote_ipv4 = "198.51.100.1"\n'
+        'prefix = "2001:db8:1::/64"\nuplink = "eth0"\n'
+        'public_ipv4_url = "https://ipv4.icanhazip.com/"\npublic_ipv4_check_s = 600')))
+    settings = parse_config(render_gateway_config(inventory.host("edge1")))
+    assert (settings.uplink, settings.public_ipv4_url, settings.public_ipv4_check_s) == (
+        "eth0", "https://ipv4.icanhazip.com/", 600)
+    assert "uplink" not in render_gateway_config(inventory.host("edge2"))
+    sixto4 = load_inventory(write(files, "bad.toml", INVENTORY.replace(
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"',
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"\nuplink = "eth0"')))
+    with pytest.raises(ConfigError, match="uplink"):
+        check_gateway_config(sixto4, sixto4.host("edge1"))
+
+
 def test_a_6rd_host_renders_its_domain(files: Path) -> None:
     """Issue 19: a 6rd host's 6rd prefix, IPv4MaskLen and border relay reach its [tunnel];
     the gateway derives the delegated prefix from them."""
