@@ -21,6 +21,7 @@ import dataclasses
 import ipaddress
 import struct
 import time
+from collections.abc import Callable
 
 from sixgate.workers.engine.datapath import Datapath
 from sixgate.workers.engine.packet import (
@@ -128,10 +129,10 @@ def new_sessions(prefix: bytes, dst: bytes, dport: int, outer: bool) -> list[byt
     return packets
 
 
-def flow_setup(make: object, feed: str, packets: list[bytes]) -> float:
+def flow_setup(make: Callable[[], Datapath], feed: str, packets: list[bytes]) -> float:
     """New sessions per second: a fresh Datapath fed ``packets`` (each a new session) in
     batches of 64; every one must have made its session."""
-    datapath = make()  # type: ignore[operator]
+    datapath = make()
     handle = getattr(datapath, feed)
     start = time.perf_counter()
     for first in range(0, len(packets), 64):

@@ -617,12 +617,7 @@ def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
         raise ctx.error("tunnel", "addresses", "must be a non-empty list of IPv6 addresses")
     addresses = []
     for value in raw_addresses:
-        try:
-            if not isinstance(value, str):
-                raise TypeError(value)
-            addr = ipaddress.IPv6Address(value)
-        except (ValueError, TypeError):
-            raise ctx.error("tunnel", "addresses", f"{value!r} is not an IPv6 address") from None
+        addr = _ipv6_address(ctx, "tunnel", "addresses", value)
         if addr not in prefix:
             raise ctx.error("tunnel", "addresses", f"{addr} is outside the tunnel prefix "
                             f"{prefix}; packets for it would never reach this host")
@@ -858,14 +853,7 @@ def _parse_lan(ctx: _Ctx, lan: dict[str, Any], tunnel: dict[str, Any],
     rdnss = lan.get("rdnss", [])
     if not isinstance(rdnss, list):
         raise ctx.error("lan", "rdnss", "must be a list of IPv6 addresses")
-    servers = []
-    for value in rdnss:
-        try:
-            if not isinstance(value, str):
-                raise TypeError(value)
-            servers.append(str(ipaddress.IPv6Address(value)))
-        except (ValueError, TypeError):
-            raise ctx.error("lan", "rdnss", f"{value!r} is not an IPv6 address") from None
+    servers = [str(_ipv6_address(ctx, "lan", "rdnss", value)) for value in rdnss]
     holes_raw = lan.get("allow", [])
     if not isinstance(holes_raw, list):
         raise ctx.error("lan", "allow", "write each hole as a [[lan.allow]] table")
@@ -889,13 +877,7 @@ def _parse_lan(ctx: _Ctx, lan: dict[str, Any], tunnel: dict[str, Any],
             raise ctx.error("lan.allow", "port", "ports run from 1", index)
         address = raw.get("address", "")
         if address:
-            try:
-                if not isinstance(address, str):
-                    raise TypeError(address)
-                host = ipaddress.IPv6Address(address)
-            except (ValueError, TypeError):
-                raise ctx.error("lan.allow", "address", f"{address!r} is not an IPv6 address",
-                                index) from None
+            host = _ipv6_address(ctx, "lan.allow", "address", address, index)
             if host not in prefix:
                 raise ctx.error("lan.allow", "address", f"{host} is not in the LAN {prefix}",
                                 index)
@@ -1132,6 +1114,16 @@ def _choice(ctx: _Ctx, table: str, key: str, value: object, allowed: dict[str, s
         choices = "; ".join(f'"{name}": {what}' for name, what in allowed.items())
         raise ctx.error(table, key, f"{value!r} is not one of: {choices}")
     return str(value)
+
+
+def _ipv6_address(ctx: _Ctx, table: str, key: str, value: Any, index: int | None = None
+                  ) -> ipaddress.IPv6Address:
+    try:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return ipaddress.IPv6Address(value)
+    except (ValueError, TypeError):
+        raise ctx.error(table, key, f"{value!r} is not an IPv6 address", index) from None
 
 
 def _ipv6_network(value: object) -> ipaddress.IPv6Network | None:

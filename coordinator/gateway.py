@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import select
 import signal
 import socket
 import stat
@@ -452,16 +453,16 @@ class Coordinator:
         """``[tunnel] uplink``: its address changes are watched from now on; the tunnel starts
         on local_ipv4 if the interface has it, else on the interface's address."""
         try:
-            self.uplink_watch = uplink.UplinkWatch(settings.uplink)
-        except (OSError, NetlinkError) as exc:
-            raise RuntimeError(f"cannot watch the addresses of [tunnel] uplink "
-                               f"{settings.uplink!r}: {exc}") from None
-        try:
             socket.if_nametoindex(settings.uplink)
         except OSError:
             raise RuntimeError(f"[tunnel] uplink {settings.uplink!r} is not an interface of "
                                "this host; name the one that holds local_ipv4 (ip -4 addr)"
                                ) from None
+        try:
+            self.uplink_watch = uplink.UplinkWatch(settings.uplink)
+        except (OSError, NetlinkError) as exc:
+            raise RuntimeError(f"cannot watch the addresses of [tunnel] uplink "
+                               f"{settings.uplink!r}: {exc}") from None
         address = uplink.follow(settings.local_ipv4, self.uplink_watch.addresses())
         if address is None:
             return settings
@@ -479,7 +480,6 @@ class Coordinator:
     def _watch_uplink(self) -> None:
         """Thread: each announcement of an address change on the uplink is checked against
         the tunnel's address (``uplink.follow``); a move is left for the main loop."""
-        import select
         watch = self.uplink_watch
         assert watch is not None
         while not self.stopping.is_set():
@@ -516,10 +516,7 @@ class Coordinator:
         broker told."""
         old = self.settings
         new = dataclasses.replace(old, local_ipv4=address, public_ipv4=public)
-        self.settings = new
-        staged = self.settings_file.with_suffix(".new")
-        staged.write_text(new.to_json())
-        staged.replace(self.settings_file)
+        self._write_settings(new)
         self.endpoint_changes += 1
         moved = (f"{old.local_ipv4} left {new.uplink}, which has {address} now"
                  if address != old.local_ipv4 else "")
@@ -680,12 +677,17 @@ class Coordinator:
     def _publish(self, new: Settings) -> list[dict[str, Any] | None]:
         """``new`` becomes the running settings: a worker started from here on reads them and
         the running ones re-read them (``reload``); their replies (None: no answer)."""
+        self._write_settings(new)
+        return control.ask_workers(self.ctx, new.run_dir, new.workers, "reload",
+                                   CONTROL_TIMEOUT_MS)
+
+    def _write_settings(self, new: Settings) -> None:
+        """``new`` becomes the running settings, and the file a worker starts from (replaced
+        atomically: a worker starting now reads the old or the new one, whole)."""
         self.settings = new
         staged = self.settings_file.with_suffix(".new")
         staged.write_text(new.to_json())
         staged.replace(self.settings_file)
-        return control.ask_workers(self.ctx, new.run_dir, new.workers, "reload",
-                                   CONTROL_TIMEOUT_MS)
 
     def _spawn(self, worker: WorkerProcess) -> None:
         cmd = [sys.executable, "-m", "sixgate.workers.main", "--settings", str(self.settings_file),

@@ -228,7 +228,7 @@ class Datapath:
         self._now = 0.0  # the time of the packet being handled, for the error rate limiter
         # Probes of sessions a reload ended, sent once more PROBE_AGAIN_S after the next tick
         # (``reconfigure``, which knows no time); that tick sets when.
-        self._probes_again: list[tuple[bytes, int, bytes]] = []
+        self._probes_again: list[tuple[bytes, bytes]] = []  # (to the client, to the service)
         self._probes_due: float | None = None
         self._outer4 = b""  # its outer IPv4 source (6to4: counted per source by the flows)
         # workers/engine/fastpath.py templates of live sessions, keyed by the packet bytes that name
@@ -1267,7 +1267,7 @@ class Datapath:
                 # Once more a tick later: Linux answers at most one out-of-window segment per
                 # socket every net.ipv4.tcp_invalid_ratelimit (500 ms, RFC 5961 §7), so a
                 # probe right after another such answer (a duplicate SYN-ACK's) goes unheard.
-                self._probes_again.append((to_client, PROTO_TCP, to_service))
+                self._probes_again.append((to_client, to_service))
                 self._probes_due = None
             flows.close(session)
         if ended:
@@ -1306,8 +1306,8 @@ class Datapath:
                 self._probes_due = now + PROBE_AGAIN_S
             elif now >= self._probes_due:
                 # Never more than a reload ended; a connection already reset answers a RST.
-                for to_client, proto, to_service in self._probes_again:
-                    self._send_v6(to_client, proto)
+                for to_client, to_service in self._probes_again:
+                    self._send_v6(to_client, PROTO_TCP)
                     self._to_services.append(to_service)
                 self._probes_again = []
         if self.reassembler4 is not None:
