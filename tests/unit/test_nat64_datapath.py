@@ -476,3 +476,33 @@ def test_rfc6888_req8_a_held_port_stays_held_across_a_worker_crash(tmp_path: obj
     restarted.tick(2121.0)  # the hold is over (and the first session's port goes on hold)
     later = restarted.from_ipv6([udp6(src=OTHER_CLIENT, sport=40004)], 2121.0)
     assert IP(later.to_services[0])[UDP].sport == pport
+
+
+def test_reload_resets_every_probed_connection_however_many_answer_at_once() -> None:
+    """Issue 17 (CI failure of stop 31): a reload ends 300 sessions of 16 /64s at once. The
+    clients of closed connections answer the probes with RSTs, which are never answered (RFC
+    9293 §3.10.7.1) and so cost no token of the RFC 4443 §2.4(f) buckets; the live ones answer
+    with ACKs, each of which is reset although 150 answers of one /64 far exceed its bucket:
+    the probes were ours, so these RSTs are not a reflection anyone else can trigger."""
+    dp = nat64()
+    clients = [f"2001:db8:100:{0x10 + i % 16:x}::10" for i in range(300)]
+    for number, client in enumerate(clients):
+        syn = IPv6(src=client, dst=SERVER6) / TCP(sport=20000 + number, dport=80, flags="S")
+        one_v4(dp.from_ipv6([raw(syn)], 1.0))
+    out = dp.reconfigure(dataclasses.replace(dp.settings, nat64_clients=("2001:db8:100::/64",)))
+    assert len(out.to_ipv6) == 300 and len(out.to_services) == 300
+    closed = [raw(IPv6(src=client, dst=SERVER6) / TCP(sport=20000 + number, dport=80,
+                                                       flags="R", seq=0))
+              for number, client in enumerate(clients) if number % 2 == 0]
+    live = [raw(IPv6(src=client, dst=SERVER6) / TCP(sport=20000 + number, dport=80,
+                                                     flags="A", seq=1, ack=77))
+            for number, client in enumerate(clients) if number % 2 == 1]
+    answered = dp.from_ipv6(closed, 1.1)
+    assert not answered.to_ipv6, "a RST was answered"
+    resets = dp.from_ipv6(live, 1.1).to_ipv6
+    assert len(resets) == 150 and all(IPv6(r)[TCP].flags == "R" for r in resets)
+    # Past the second probe's time, an answer is no longer ours: rate-limited as before.
+    dp.tick(2.0)
+    dp.tick(2.0 + 5)
+    late = dp.from_ipv6(live, 10.0).to_ipv6
+    assert 0 < len(late) < 150

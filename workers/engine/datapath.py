@@ -141,6 +141,9 @@ MAX_HELD_SYNS = 1024
 # A reload's probe is sent again this long after the next tick: past Linux's per-socket limit
 # of one out-of-window answer per net.ipv4.tcp_invalid_ratelimit (500 ms).
 PROBE_AGAIN_S = 0.6
+# How long after its second probe a connection a reload ended is still answered with a RST
+# past the RFC 4443 §2.4(f) buckets (its answers are the probes' own, not a reflection).
+PROBE_ANSWERS_S = 2.0
 
 
 def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
@@ -230,6 +233,10 @@ class Datapath:
         # (``reconfigure``, which knows no time); that tick sets when.
         self._probes_again: list[tuple[bytes, bytes]] = []  # (to the client, to the service)
         self._probes_due: float | None = None
+        # The connections probed, keyed as ``_fast_in`` (client, gateway address, ports):
+        # their answers are reset at once until ``_probed_until``, however many come.
+        self._probed: set[bytes] = set()
+        self._probed_until = float("inf")
         self._outer4 = b""  # its outer IPv4 source (6to4: counted per source by the flows)
         # workers/engine/fastpath.py templates of live sessions, keyed by the packet bytes that name
         # the session: IPv6 src, dst, ports (inbound); IPv4 src, dst, ports (return).
@@ -343,7 +350,10 @@ class Datapath:
         rst = tcp_reset(packet, view[5])
         if rst is None:
             return
-        if not self.error_limiter.allow(packet[8:24], self._now):
+        if self._probed and self._now <= self._probed_until and (
+                bytes(packet[8:40]) + bytes(packet[view[5]:view[5] + 4]) in self._probed):
+            pass  # the answer to a reload's probe: ours to finish, one per connection
+        elif not self.error_limiter.allow(packet[8:24], self._now):
             self.counters.event(Event.REPLIES_SUPPRESSED)
             return
         self.counters.event(Event.TCP_RST_SENT)
@@ -634,10 +644,11 @@ class Datapath:
             # error (a router on a client's path) only ever reaches a live session.
             self._drop(DropReason.SOURCE_NOT_ALLOWED)
             if (proto == PROTO_TCP and len(packet) > view[5] + 13
-                    and packet[view[5] + 13] & TCP_ACK):
+                    and packet[view[5] + 13] & (TCP_ACK | TCP_RST)):
                 # A segment of a connection (one a reload ended by taking its client out of
                 # ``clients``): reset at once (RFC 9293 §3.10.7.1), as Linux takes ICMPv6
-                # errors about an established connection as soft errors and would wait.
+                # errors about an established connection as soft errors and would wait. A
+                # RST (a closed socket's answer to a reload's probe) is never answered.
                 self._reset(packet, view)
             else:
                 self._error(packet, view, ICMPV6_DEST_UNREACHABLE, UNREACH_ADMIN_PROHIBITED)
@@ -1264,6 +1275,9 @@ class Datapath:
                                        session.tport)
                 self._send_v6(to_client, PROTO_TCP)
                 self._to_services.append(to_service)
+                self._probed.add(session.client6 + session.gw6
+                                 + PORTS.pack(session.cport, session.gwport))
+                self._probed_until = float("inf")
                 # Once more a tick later: Linux answers at most one out-of-window segment per
                 # socket every net.ipv4.tcp_invalid_ratelimit (500 ms, RFC 5961 §7), so a
                 # probe right after another such answer (a duplicate SYN-ACK's) goes unheard.
@@ -1310,6 +1324,9 @@ class Datapath:
                     self._send_v6(to_client, PROTO_TCP)
                     self._to_services.append(to_service)
                 self._probes_again = []
+                self._probed_until = now + PROBE_ANSWERS_S
+        elif self._probed and now > self._probed_until:
+            self._probed = set()
         if self.reassembler4 is not None:
             self.counters.drop(DropReason.FRAGMENT_TIMEOUT, self.reassembler4.expire(now))
             self._expire_held_syns(now)
