@@ -67,6 +67,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_gateway(dataclasses.replace(settings, backend=backend))
 
 
+def _print_further_tunnels(settings: Settings) -> None:
+    """``check``: the [[tunnel]]s after the first, which share its local address."""
+    print(f"  name          {settings.tunnel_name} (its metrics' tunnel label)")
+    for tunnel in settings.tunnels:
+        peer = {"6in4": f"remote {tunnel.remote_ipv4} (its only source)",
+                "6to4": f"relay {tunnel.relay_ipv4}",
+                "6rd": f"6rd prefix {tunnel.sixrd_prefix}/{tunnel.ipv4_mask_len} bits shared, "
+                       f"border relay {tunnel.relay_ipv4}"}[tunnel.mode]
+        print(f"  tunnel {tunnel.name!r}: {tunnel.mode} on the same local IPv4, {peer}, prefix "
+              f"{tunnel.prefix}, addresses {', '.join(tunnel.addresses)}, mtu {tunnel.mtu}")
+    print(f"  several       a packet is the tunnel's of its 6in4 broker, else the "
+          "6to4/6rd one's; answers leave by the tunnel of the address they come from; "
+          f"the engine fragments to the smallest mtu ({settings.engine_mtu})")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     from sixgate.coordinator.probe import (
@@ -144,6 +159,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"(`sixgate tunnel update` by hand); key file {settings.broker_key_file}")
     print(f"  addresses     {', '.join(settings.addresses)}")
     print(f"  mtu           {settings.mtu} (TCP MSS clamped to {settings.max_mss})")
+    if settings.tunnels:
+        _print_further_tunnels(settings)
     print(f"  workers       {settings.workers}, fan-out by the {settings.fanout}"
           + (" (ZeroMQ batches)" if settings.fanout == "coordinator"
              else " (a BPF filter on each worker's capture socket)"))

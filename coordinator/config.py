@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import tomli
 from sixgate.coordinator.broker import HE_UPDATE_URL
 from sixgate.workers.engine.flows import Timeouts
 from sixgate.workers.engine.nat64 import WELL_KNOWN_PREFIX, Nat64Prefix
-from sixgate.workers.engine.settings import Forward, Settings, pool_size
+from sixgate.workers.engine.settings import Forward, Settings, TunnelEntry, pool_size
 from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, SixrdDomain, prefix_6to4
 
 # Directories a run_dir must never be: sixgate chmods its run_dir to 0700 and cleans it.
@@ -130,6 +130,8 @@ LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
 # The configuration's one schema: parsing, defaults, ``sixgate check`` and the README's key
 # reference (README.md "Every key"; ``python -m sixgate.coordinator.config`` prints it) all read it.
 SCHEMA: tuple[Key, ...] = (
+    Key("tunnel", "name", "string", "the tunnel's name, its metrics' `tunnel` label; with "
+        "several tunnels ([[tunnel]], one table each) each needs its own", default_text="mode"),
     Key("tunnel", "mode", "string", '"6to4" (RFC 3056), "6in4" (RFC 4213 configured tunnel) '
         'or "6rd" (RFC 5969, an ISP\'s 6rd domain)', default_text="required"),
     Key("tunnel", "local_ipv4", "IPv4 address", "the address on this host the tunnel's "
@@ -372,6 +374,8 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
     """Each key (but the forward rules') as ``settings`` has it, and whether the config
     ``text`` it came from sets it; for ``sixgate check``."""
     doc = tomli.loads(text)
+    if isinstance(doc.get("tunnel"), list):  # [[tunnel]]: the first; ``check`` lists the rest
+        doc["tunnel"] = doc["tunnel"][0]
     out: list[tuple[Key, Any, bool]] = []
     for key in SCHEMA:
         if key.table in ("forward", "nat64.pool4", "lan.allow"):
@@ -408,6 +412,8 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
             value = [cidr for cidr, _ in settings.martian_ipv4]
         elif key.name == "addresses":
             value = list(settings.addresses)
+        elif key.table == "tunnel" and key.name == "name":
+            value = settings.tunnel_name
         elif key.name == "border_relay_ipv4":  # held as relay_ipv4
             value = settings.relay_ipv4 if settings.mode == "6rd" else None
         elif key.name == "prefix" and settings.mode == "6rd":
@@ -442,9 +448,14 @@ def _locate(text: str, table: str, key: str | None, index: int = 0) -> int | Non
 class _Ctx:
     file: str
     text: str
+    # The [[table]] being parsed, for tables whose parsers do not pass an index themselves
+    # ([[tunnel]]: ``_parse_tunnel`` reads one table of the list or the single [tunnel]).
+    indexes: dict[str, int] = field(default_factory=dict)
 
     def error(self, table: str, key: str | None, message: str, index: int | None = None) -> (
             ConfigError):
+        if index is None:
+            index = self.indexes.get(table)
         path = table if key is None else f"{table}.{key}"
         if index is not None:
             path = f"{table}[{index}]" + (f".{key}" if key else "")
@@ -550,6 +561,97 @@ def _parse_forward(ctx: _Ctx, index: int, raw: Any) -> Forward:
                             "like \"2001:db8::/32\" (host bits zero)", index) from None
     return Forward(proto=proto, port_lo=lo, port_hi=hi, target_ipv4=target_ip,
                    target_port=target_port, sources=tuple(nets))
+
+
+MAX_TUNNELS = 8  # the ``tunnel`` label's values are bounded by this
+_TUNNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+def _parse_tunnels(ctx: _Ctx, raw: Any) -> dict[str, Any]:
+    """[tunnel], or several [[tunnel]] tables (issue 19: two 6in4 brokers and 6to4, say).
+    The first gives Settings' own tunnel fields; the others are ``tunnels``. They share the
+    host's address (one capture, one sending socket); a packet belongs to the 6in4 tunnel
+    whose broker sent it, else to the one 6to4 or 6rd tunnel, so at most one of those."""
+    if not isinstance(raw, list):
+        values = _parse_tunnel(ctx, raw)
+        values["tunnel_name"] = _tunnel_name(ctx, raw, values["mode"])
+        return {**values, "tunnels": ()}
+    if not raw:
+        raise ConfigError(ctx.file, "tunnel", None, "missing [[tunnel]] table; see README.md")
+    if len(raw) > MAX_TUNNELS:
+        raise ctx.error("tunnel", None, f"at most {MAX_TUNNELS} tunnels", MAX_TUNNELS)
+    parsed: list[dict[str, Any]] = []
+    names: dict[str, int] = {}
+    any_source: int | None = None
+    remotes: dict[str, int] = {}
+    try:
+        for index, entry in enumerate(raw):
+            ctx.indexes["tunnel"] = index
+            values = _parse_tunnel(ctx, entry)
+            name = values["tunnel_name"] = _tunnel_name(ctx, entry, values["mode"])
+            if name in names:
+                raise ctx.error("tunnel", "name", f"{name!r} is taken by tunnel {names[name]}; "
+                                "give each [[tunnel]] its own name")
+            names[name] = index
+            if index:
+                first = parsed[0]
+                for key in ("local_ipv4", "public_ipv4"):
+                    if values[key] != first[key]:
+                        raise ctx.error("tunnel", key if key in entry else "local_ipv4",
+                                        f"{values[key]}: every tunnel shares the first one's "
+                                        f"{key} ({first[key]}; one capture and one sending "
+                                        "socket); use that address")
+                for key in ("uplink", "public_ipv4_url", "probe_interval_s"):
+                    if key in entry:
+                        raise ctx.error("tunnel", key, "only the first tunnel has it for now "
+                                        "(its address followed, its broker probed); move "
+                                        "this tunnel first or remove the key")
+            if values["mode"] == "6in4":
+                remote = values["remote_ipv4"]
+                if remote in remotes:
+                    raise ctx.error("tunnel", "remote_ipv4", f"{remote} is tunnel "
+                                    f"{remotes[remote]}'s broker too: a packet from it could "
+                                    "not tell its tunnel; one tunnel per broker address")
+                remotes[remote] = index
+            elif any_source is not None:
+                raise ctx.error("tunnel", "mode", f"tunnel {any_source} is "
+                                f"{parsed[any_source]['mode']} already: 6to4 and 6rd take "
+                                "packets from any IPv4 address, so a second one could not tell "
+                                "its packets; keep one")
+            else:
+                any_source = index
+            for other, earlier in enumerate(parsed):
+                if ipaddress.IPv6Network(values["prefix"]).overlaps(
+                        ipaddress.IPv6Network(earlier["prefix"])):
+                    raise ctx.error("tunnel", "prefix" if "prefix" in entry else "mode",
+                                    f"{values['prefix']} overlaps tunnel {other}'s "
+                                    f"{earlier['prefix']}: each tunnel routes its own prefix")
+            parsed.append(values)
+        if any_source is not None:
+            relay = parsed[any_source]["relay_ipv4"]
+            if relay in remotes:
+                ctx.indexes["tunnel"] = remotes[relay]
+                raise ctx.error("tunnel", "remote_ipv4", f"{relay} is the "
+                                f"{parsed[any_source]['mode']} tunnel's relay too: its packets "
+                                "would be taken for this 6in4 tunnel's")
+    finally:
+        ctx.indexes.pop("tunnel", None)
+    first = parsed[0]
+    first["tunnels"] = tuple(
+        TunnelEntry(name=t["tunnel_name"], mode=t["mode"], remote_ipv4=t["remote_ipv4"],
+                    relay_ipv4=t["relay_ipv4"], prefix=t["prefix"], addresses=t["addresses"],
+                    mtu=t["mtu"], martian_ipv4=t["martian_ipv4"],
+                    sixrd_prefix=t["sixrd_prefix"], ipv4_mask_len=t["ipv4_mask_len"])
+        for t in parsed[1:])
+    return first
+
+
+def _tunnel_name(ctx: _Ctx, tunnel: dict[str, Any], mode: str) -> str:
+    name = tunnel.get("name", mode)
+    if not isinstance(name, str) or not _TUNNEL_NAME.fullmatch(name):
+        raise ctx.error("tunnel", "name", f"{name!r} must be 1-32 letters, digits, '_', '.' "
+                        "or '-', starting with a letter or digit")
+    return name
 
 
 def _parse_tunnel(ctx: _Ctx, tunnel: Any) -> dict[str, Any]:
@@ -708,6 +810,16 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     for table, keys in ALLOWED.items():
         if table in ("forward", "nat64.pool4", "lan.allow"):
             continue
+        if table == "tunnel" and isinstance(doc.get(table), list):
+            for index, section in enumerate(doc[table]):
+                if not isinstance(section, dict):
+                    raise ctx.error(table, None, "write each tunnel as a [[tunnel]] table",
+                                    index)
+                for key in section:
+                    if key not in keys:
+                        raise ctx.error(table, key, "unknown key; allowed: "
+                                        f"{', '.join(sorted(keys))}", index)
+            continue
         section = doc.get(table, {})
         if not isinstance(section, dict):
             raise ctx.error(table, None, "must be a table ([" + table + "])")
@@ -730,7 +842,11 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                              prefix=nat64_values["nat64_prefix"], addresses=(), mtu=mtu,
                              martian_ipv4=DEFAULT_MARTIAN_IPV4)
     else:
-        tunnel_values = _parse_tunnel(ctx, doc.get("tunnel"))
+        tunnel_values = _parse_tunnels(ctx, doc.get("tunnel"))
+        if tunnel_values["tunnels"] and nat64_values.get("nat64_input") == "tunnel":
+            raise ctx.error("nat64", "input", "\"tunnel\" with several tunnels is not "
+                            "supported (whose tunnel would a NAT64 client's answers take?); "
+                            "keep one [tunnel], or use \"tun\"")
         if nat64_values and "mtu" in doc["nat64"]:
             raise ctx.error("nat64", "mtu", "beside a [tunnel] the tunnel's mtu applies to "
                             "both; remove this key")
@@ -751,6 +867,15 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             raise ctx.error("forward", None, "[[forward]] rules need a [tunnel]; a NAT64 "
                             "gateway translates its whole prefix")
     mode = tunnel_values["mode"]
+    if tunnel_values.get("tunnels"):
+        # The kernel backend makes one sit link; several need several (not built yet).
+        if values["backend"] == "kernel":
+            raise ctx.error("gateway", "backend", "several tunnels run on the userspace "
+                            "backend for now; set backend = \"userspace\" or \"auto\"")
+        if "lan" in doc:
+            raise ctx.error("lan", None, "a LAN (kernel backend) sits behind one tunnel; "
+                            "keep one [tunnel] or remove [lan]")
+        values["backend"] = "userspace"
     if tunnel_values.get("uplink"):
         # The kernel backend's sit link keeps the local address it was made with.
         if values["backend"] == "kernel":
@@ -798,10 +923,11 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                 raise ctx.error("forward", "port", f"{rule.proto} port {port} is already "
                                 f"forwarded by rule {other}; each port may have one rule", i)
     for key in ("local_ipv4", "public_ipv4", "relay_ipv4", "remote_ipv4"):
-        value = tunnel_values.get(key)
-        if value and ipaddress.IPv4Address(value) in pool:
-            raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
-                            f"{value}; choose a pool no real host uses")
+        for value in [tunnel_values.get(key), *(getattr(t, key, None)
+                                                for t in tunnel_values.get("tunnels", ()))]:
+            if value and ipaddress.IPv4Address(value) in pool:
+                raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
+                                f"{value}; choose a pool no real host uses")
     broker_values = _parse_broker(ctx, doc["broker"], tunnel_values) if "broker" in doc else {}
     lan_values = _parse_lan(ctx, doc["lan"], tunnel_values, values) if "lan" in doc else {}
     return Settings(

@@ -391,7 +391,8 @@ class Coordinator:
             # Every packet, outer fragments put together (workers/capture.py); the workers'
             # raw protocol-41 sockets take the IP layer's copy and accept none of it.
             self.capture = TunnelCapture(settings.local_ipv4, None, True, self.counters,
-                                         min(settings.batch_packets, RECV_BUDGET))
+                                         min(settings.batch_packets, RECV_BUDGET),
+                                         tunnels=settings.all_tunnels())
         for worker in self.workers if self.capture is not None else ():
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, settings.queue_batches)
@@ -529,7 +530,8 @@ class Coordinator:
         if self.capture is not None:
             self.capture.close()
             self.capture = TunnelCapture(address, None, True, self.counters,
-                                         min(new.batch_packets, RECV_BUDGET))
+                                         min(new.batch_packets, RECV_BUDGET),
+                                         tunnels=new.all_tunnels())
         if self.peer_probe is not None:
             try:
                 probe = PeerProbe(new)

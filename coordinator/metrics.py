@@ -65,6 +65,7 @@ METRIC_NAMES = (
     "sixgate_config_last_reload_successful",
     "sixgate_config_last_reload_success_timestamp_seconds",
     "sixgate_tunnel_received_packets", "sixgate_tunnel_received_bytes",
+    "sixgate_tunnel_packets", "sixgate_tunnel_bytes",
     "sixgate_prefix_flow_limit", "sixgate_queue_limit_batches",
     "sixgate_icmp_error_rate_limit_per_second", "sixgate_packets", "sixgate_bytes",
     "sixgate_drops", "sixgate_flows_active", "sixgate_flows_created", "sixgate_flows_expired",
@@ -191,6 +192,18 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_bytes", "Bytes of those packets, outer IPv4 header included",
         value=snap["tunnel_received"][1]))
+    # Per tunnel ([[tunnel]]: at most MAX_TUNNELS label values), outer header included.
+    per_packets = CounterMetricFamily(
+        "sixgate_tunnel_packets", "Protocol-41 packets per tunnel: received from its peers "
+        "(before any check) and sent to them", labels=["tunnel", "direction"])
+    per_bytes = CounterMetricFamily(
+        "sixgate_tunnel_bytes", "Bytes of those packets, outer IPv4 header included",
+        labels=["tunnel", "direction"])
+    for name, row in sorted(snap.get("tunnels", {}).items()):
+        for direction, at in (("received", 0), ("sent", 2)):
+            per_packets.add_metric([name, direction], row[at])
+            per_bytes.add_metric([name, direction], row[at + 1])
+    out += [per_packets, per_bytes]
 
     limits = snap["limits"]
     gauge("sixgate_prefix_flow_limit", "Most bindings one client /64 may hold",
@@ -381,6 +394,7 @@ class GatewayCollector:
             everyone = [events] + [r["counters"]["events"] for r in replies if r is not None]
             received = (sum(e.get(Event.TUNNEL_PACKETS_RECEIVED.value, 0) for e in everyone),
                         sum(e.get(Event.TUNNEL_BYTES_RECEIVED.value, 0) for e in everyone))
+        tunnels = per_tunnel(settings, view, replies)
         processes: list[dict[str, Any]] = [{
             "name": "coordinator", "usage": process_usage(os.getpid()),
             "stats": {"counters": view.counters}}]
@@ -405,6 +419,7 @@ class GatewayCollector:
             "peer": {"address": settings.remote_ipv4, "reachable": view.peer_reachable,
                      "rtt_s": view.peer_rtt_s} if view.peer_reachable is not None else None,
             "tunnel_received": received,
+            "tunnels": tunnels,
             "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,
                        "queue_batches": settings.queue_batches,
                        "icmp_errors_per_s": settings.icmp_errors_per_s},
@@ -418,13 +433,34 @@ class GatewayCollector:
 
 def kernel_link_received(link: str | None) -> tuple[int, int]:
     """Packets and bytes the sit link received: the kernel backend's tunnel counters."""
+    return kernel_link_statistics(link)[:2]
+
+
+def kernel_link_statistics(link: str | None) -> tuple[int, int, int, int]:
+    """The sit link's packets and bytes received, then sent (zeros without the link)."""
     if link is None:
-        return 0, 0
+        return 0, 0, 0, 0
     base = Path(f"/sys/class/net/{link}/statistics")
     try:
-        return (int((base / "rx_packets").read_text()), int((base / "rx_bytes").read_text()))
+        return tuple(int((base / name).read_text())  # type: ignore[return-value]
+                     for name in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"))
     except (OSError, ValueError):
-        return 0, 0
+        return 0, 0, 0, 0
+
+
+def per_tunnel(settings: Settings, view: GatewayView,
+               replies: list[dict[str, Any] | None]) -> dict[str, list[int]]:
+    """[packets received, bytes, packets sent, bytes] per tunnel name: the sit link's own
+    counters on the kernel backend, else the sum of every process's (``TunnelTraffic``)."""
+    if settings.backend == "kernel":
+        return {settings.tunnel_name or settings.mode:
+                list(kernel_link_statistics(view.sit_link))}
+    out: dict[str, list[int]] = {t.name: [0, 0, 0, 0] for t in settings.all_tunnels()}
+    for counters in [view.counters] + [r["counters"] for r in replies if r is not None]:
+        for name, row in counters.get("tunnels", {}).items():
+            if name in out:  # a name a reload removed is not one of ours any more
+                out[name] = [a + b for a, b in zip(out[name], row, strict=True)]
+    return out
 
 
 def readiness(settings: Settings, view: GatewayView,

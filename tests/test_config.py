@@ -416,8 +416,10 @@ def test_every_settings_field_a_file_can_set_is_a_schema_key() -> None:
             | {f"nat64_{key.name}" for key in SCHEMA if key.table == "nat64"}
             | {f"clat_{key.name}" for key in SCHEMA if key.table == "clat"}
             | {f"broker_{key.name}" for key in SCHEMA if key.table == "broker"}
-            | {f"lan_{key.name}" for key in SCHEMA if key.table == "lan"})
-    derived = {"source_file", "sixrd_prefix"}  # 6rd: [tunnel] prefix (settings.prefix: delegated)
+            | {f"lan_{key.name}" for key in SCHEMA if key.table == "lan"}
+            | {f"tunnel_{key.name}" for key in SCHEMA if key.table == "tunnel"})
+    # 6rd: [tunnel] prefix (settings.prefix: delegated); tunnels: the further [[tunnel]]s
+    derived = {"source_file", "sixrd_prefix", "tunnels"}
     assert {f.name for f in fields(Settings)} - derived <= keys
 
 
@@ -510,3 +512,82 @@ def test_clat_mistakes_name_the_key(text: str, key: str, line: int | None, advic
         parse_config(text, "clat.toml")
     assert (info.value.key, info.value.line) == (key, line), str(info.value)
     assert advice in info.value.message, str(info.value)
+
+
+# --- several tunnels (issue 19) ------------------------------------------------------------------
+
+SEVERAL = """\
+[[tunnel]]
+name = "broker-a"
+mode = "6in4"
+local_ipv4 = "192.0.2.10"
+remote_ipv4 = "198.51.100.1"
+prefix = "2001:db8:1::/64"
+
+[[tunnel]]
+name = "broker-b"
+mode = "6in4"
+local_ipv4 = "192.0.2.10"
+remote_ipv4 = "198.51.100.3"
+prefix = "2001:db8:2::/64"
+mtu = 1400
+
+[[tunnel]]
+mode = "6to4"
+local_ipv4 = "192.0.2.10"
+relay_ipv4 = "192.88.99.1"
+
+[[forward]]
+proto = "tcp"
+port = 80
+to = "127.0.0.1:8080"
+"""
+
+
+def test_several_tunnels_the_first_is_settings_own_the_rest_are_tunnels() -> None:
+    settings = parse_config(SEVERAL, "gw.toml")
+    assert (settings.tunnel_name, settings.mode, settings.remote_ipv4) == (
+        "broker-a", "6in4", "198.51.100.1")
+    assert [(t.name, t.mode, t.prefix, t.addresses) for t in settings.tunnels] == [
+        ("broker-b", "6in4", "2001:db8:2::/64", ("2001:db8:2::1",)),
+        ("6to4", "6to4", "2002:c000:20a::/48", ("2002:c000:20a::1",))]
+    assert settings.backend == "userspace" and settings.engine_mtu == 1400
+    assert parse_config(GOOD_6IN4, "gw.toml").tunnel_name == "6in4"  # the mode by default
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "line", "advice"),
+    [
+        ('name = "broker-b"', 'name = "broker-a"', "tunnel[1].name", 9, "its own name"),
+        ('name = "broker-b"', 'name = "broker b"', "tunnel[1].name", 9, "letters, digits"),
+        ('remote_ipv4 = "198.51.100.3"', 'remote_ipv4 = "198.51.100.1"',
+         "tunnel[1].remote_ipv4", 12, "one tunnel per broker"),
+        ('local_ipv4 = "192.0.2.10"\nrelay', 'local_ipv4 = "192.0.2.11"\nrelay',
+         "tunnel[2].local_ipv4", 18, "shares the first one's local_ipv4"),
+        ('prefix = "2001:db8:2::/64"', 'prefix = "2001:db8:1::/48"', "tunnel[1].prefix", 13,
+         "overlaps tunnel 0"),
+        ('relay_ipv4 = "192.88.99.1"', 'relay_ipv4 = "198.51.100.3"',
+         "tunnel[1].remote_ipv4", 12, "relay too"),
+        ("mtu = 1400", 'mtu = 1400\nuplink = "lo"', "tunnel[1].uplink", 15,
+         "only the first tunnel"),
+        ('mode = "6to4"\nlocal_ipv4 = "192.0.2.10"\nrelay_ipv4 = "192.88.99.1"\n',
+         'mode = "6rd"\nlocal_ipv4 = "192.0.2.10"\nprefix = "2001:db8:8000::/33"\n'
+         'border_relay_ipv4 = "203.0.113.1"\nipv4_mask_len = 5\n', "tunnel[2].mode", 16,
+         "keep one"),
+        ('[[forward]]', '[gateway]\nbackend = "kernel"\n\n[[forward]]', "gateway.backend",
+         22, "userspace backend for now"),
+        ('name = "broker-a"', 'name = "broker-a"\ncolour = "blue"', "tunnel[0].colour", 3,
+         "unknown key"),
+    ],
+)
+def test_several_tunnels_mistakes_name_the_table_and_the_fix(old: str, new: str, key: str,
+                                                             line: int, advice: str) -> None:
+    text = SEVERAL.replace(old, new, 1)
+    if "6rd" in new:  # a second tunnel taking any source: the first is 6to4 then
+        text = text.replace('mode = "6in4"', 'mode = "6to4"\nrelay_ipv4 = "192.88.99.1"', 1)
+        text = text.replace('remote_ipv4 = "198.51.100.1"\nprefix = "2001:db8:1::/64"\n', "")
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "gw.toml")
+    err = info.value
+    assert (err.key, err.line) == (key, line), str(err)
+    assert advice in err.message, str(err)

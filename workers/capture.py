@@ -27,10 +27,12 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+from collections.abc import Sequence
 
-from sixgate.workers.engine.counters import Counters
+from sixgate.workers.engine.counters import Counters, TunnelTraffic
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.fragment import OuterReassembler
+from sixgate.workers.engine.settings import TunnelEntry
 from sixgate.workers.engine.tunnel import complete_checksum
 from sixgate.workers.engine.wire import capture_filter, pack_filter
 from sixgate.workers.mmsg import TP_STATUS_CSUMNOTREADY, BatchReceiver
@@ -72,8 +74,9 @@ class TunnelCapture:
 
     def __init__(self, local_ipv4: str, share: list[tuple[int, int, int, int]] | None,
                  fragments: bool, counters: Counters, batch: int = 64,
-                 rcvbuf: int = 8 << 20) -> None:
+                 rcvbuf: int = 8 << 20, tunnels: Sequence[TunnelEntry] = ()) -> None:
         self.counters = counters
+        self.traffic = TunnelTraffic(counters, tunnels)  # per tunnel, for the metrics
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
         try:
             self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
@@ -106,7 +109,9 @@ class TunnelCapture:
             return packets, 0
         counters = self.counters
         counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
-        counters.event(Event.TUNNEL_BYTES_RECEIVED, sum(map(len, packets)))
+        size = sum(map(len, packets))
+        counters.event(Event.TUNNEL_BYTES_RECEIVED, size)
+        self.traffic.received(packets, size)
         if not self.fragments and not any(statuses):
             return packets, len(packets)  # the common batch: nothing to complete or reassemble
         out: list[bytes] = []

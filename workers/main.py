@@ -33,7 +33,12 @@ import zmq
 from sixgate.workers import control, seccomp
 from sixgate.workers.capture import DROP_ALL, TunnelCapture, attach_filter
 from sixgate.workers.control import control_endpoint, data_endpoint
-from sixgate.workers.engine.counters import PROCESSING_SECONDS_BOUNDS, Histogram, worker_stats
+from sixgate.workers.engine.counters import (
+    PROCESSING_SECONDS_BOUNDS,
+    Histogram,
+    TunnelTraffic,
+    worker_stats,
+)
 from sixgate.workers.engine.datapath import Datapath, Output
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.flows import Bib, FlowTable, Session
@@ -265,8 +270,10 @@ class Worker:
             self.capture = TunnelCapture(
                 settings.local_ipv4, fanout_filter(self.index, settings.workers,
                                                    settings.hash_seed),
-                self.index == 0, self.datapath.counters, min(settings.batch_packets, 256))
+                self.index == 0, self.datapath.counters, min(settings.batch_packets, 256),
+                tunnels=settings.all_tunnels())
         self.sender = BatchSender(self.send_sock)
+        self.traffic = TunnelTraffic(self.datapath.counters, settings.all_tunnels())
         self.pull.setsockopt(zmq.RCVHWM, settings.queue_batches)
         self.pull.setsockopt(zmq.LINGER, 0)
         if settings.fanout != "kernel":
@@ -527,6 +534,7 @@ class Worker:
                         counters.drop(DropReason.SEND_FAILED)
         if output.to_tunnel:
             failed = self.sender.send(output.to_tunnel)
+            self.traffic.sent(output.to_tunnel, self.sender.last_bytes)
             if failed:
                 counters.drop(DropReason.SEND_FAILED, failed)
                 if self.sender.last_errno not in QUIET_SEND_ERRORS:

@@ -169,17 +169,19 @@ class BatchSender:
         self._names_view = memoryview(self._names).cast("B")
         self._msgs_ptr = ctypes.addressof(self._msgs)
         self.last_errno = 0
+        self.last_bytes = 0  # the payload bytes of the last ``send``'s packets
 
     def send(self, packets: list[tuple[bytes, bytes]]) -> int:
         """Send every packet (to port 0 of its IPv4 address); the number the kernel refused
         (each refusal is one packet, never retried: RFC 1812 §5.3.6 lets routers drop)."""
-        failed = 0
+        failed = total = 0
         view, iovs, names, slot = self._view, self._iovs_view, self._names_view, self.slot
         for first in range(0, len(packets), self.batch):
             chunk = packets[first:first + self.batch]
             for i, (payload, dst) in enumerate(chunk):
                 start = i * slot
                 length = len(payload)  # at most 65535: an IPv4 datagram fits a slot
+                total += length
                 view[start:start + length] = payload
                 _SIZE.pack_into(iovs, i * _IOV_SIZE + _IOV_LEN_AT, length)
                 _SOCKADDR_IN.pack_into(names, 16 * i, socket.AF_INET, b"\0\0", dst)
@@ -197,4 +199,5 @@ class BatchSender:
                     done += 1
                 else:
                     done += sent
+        self.last_bytes = total
         return failed

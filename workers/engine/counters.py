@@ -7,10 +7,16 @@ value 0, so rates work in any exporter. Pure: no I/O.
 
 from __future__ import annotations
 
+import ipaddress
 from bisect import bisect_left
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+
+if TYPE_CHECKING:
+    from sixgate.workers.engine.settings import TunnelEntry
 
 DIRECTIONS = ("inbound", "to_services", "from_services", "outbound")
 PROTO_LABELS = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMPV6: "icmp", PROTO_ICMP: "icmp"}
@@ -18,7 +24,7 @@ PROTOCOLS = ("tcp", "udp", "icmp", "other")
 
 
 class Counters:
-    __slots__ = ("drops", "packets", "bytes", "events")
+    __slots__ = ("drops", "packets", "bytes", "events", "tunnels")
 
     def __init__(self) -> None:
         self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
@@ -28,6 +34,9 @@ class Counters:
         # Events (workers/engine/drops.py Event) by value: ICMP errors sent, RSTs sent, flows
         # created.
         self.events: dict[str, int] = {}
+        # Per tunnel (its name): [packets received, bytes, packets sent, bytes], outer IPv4
+        # header included (``TunnelTraffic``).
+        self.tunnels: dict[str, list[int]] = {}
 
     def drop(self, reason: DropReason, n: int = 1) -> None:
         self.drops[reason] += n
@@ -56,7 +65,59 @@ class Counters:
             "packets": {f"{d}/{p}": n for (d, p), n in self.packets.items()},
             "bytes": {f"{d}/{p}": n for (d, p), n in self.bytes.items()},
             "events": dict(self.events),
+            "tunnels": {name: list(row) for name, row in self.tunnels.items()},
         }
+
+
+OUTER_HEADER = 20  # the IPv4 header the kernel puts before a sent packet (not in the payload)
+
+
+class TunnelTraffic:
+    """Packets and bytes per tunnel, counted where they are received and sent (the I/O
+    shells), told apart by the peer's IPv4 address as the engine tells them apart
+    (tunnel.TunnelTable): a 6in4 tunnel's broker, else the one 6to4/6rd tunnel, else the first.
+    With one tunnel nothing is looked up per packet."""
+
+    __slots__ = ("rows", "by_peer", "default")
+
+    def __init__(self, counters: Counters, tunnels: Sequence[TunnelEntry]) -> None:
+        for tunnel in tunnels:
+            counters.tunnels.setdefault(tunnel.name, [0, 0, 0, 0])
+        self.rows = counters.tunnels
+        self.by_peer = {ipaddress.IPv4Address(t.remote_ipv4).packed: self.rows[t.name]
+                        for t in tunnels if t.mode == "6in4" and t.remote_ipv4}
+        default = next((t for t in tunnels if t.mode != "6in4"), tunnels[0] if tunnels else None)
+        self.default = self.rows[default.name] if default is not None else [0, 0, 0, 0]
+        if len(tunnels) < 2:
+            self.by_peer = {}
+
+    def received(self, packets: list[bytes], total_bytes: int) -> None:
+        """Protocol-41 packets as captured (outer header first), ``total_bytes`` in all: by
+        their source."""
+        if not self.by_peer:
+            row = self.default
+            row[0] += len(packets)
+            row[1] += total_bytes
+            return
+        by_peer, default = self.by_peer, self.default
+        for packet in packets:
+            row = by_peer.get(packet[12:16], default)
+            row[0] += 1
+            row[1] += len(packet)
+
+    def sent(self, packets: list[tuple[bytes, bytes]], payload_bytes: int) -> None:
+        """(IPv6 packet, IPv4 destination) pairs sent, their payloads ``payload_bytes`` in all:
+        by their destination."""
+        if not self.by_peer:
+            row = self.default
+            row[2] += len(packets)
+            row[3] += payload_bytes + OUTER_HEADER * len(packets)
+            return
+        by_peer, default = self.by_peer, self.default
+        for payload, dst in packets:
+            row = by_peer.get(dst, default)
+            row[2] += 1
+            row[3] += len(payload) + OUTER_HEADER
 
 
 class LimitHits:

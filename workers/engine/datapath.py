@@ -105,10 +105,10 @@ from sixgate.workers.engine.translate import (
     translate_v6_to_v4,
 )
 from sixgate.workers.engine.tunnel import (
+    Tunnel,
     TunnelPolicy,
+    TunnelTable,
     check_inbound,
-    our_addresses,
-    outer_destination,
 )
 
 # Counter keys of the fast path, by protocol (the same keys Counters.count builds).
@@ -165,15 +165,9 @@ class Datapath:
                  fast_path: bool = True, index: int = 0) -> None:
         self.settings = settings
         self.workers = workers
-        self.mtu = settings.mtu
+        self.mtu = settings.engine_mtu
         self.max_mss = settings.max_mss
         self.mode = settings.mode
-        self.remote_ipv4 = (ipaddress.IPv4Address(settings.remote_ipv4).packed
-                            if settings.remote_ipv4 else None)
-        self.relay_ipv4 = (ipaddress.IPv4Address(settings.relay_ipv4).packed
-                           if settings.relay_ipv4 else None)
-        self.sixrd = settings.sixrd  # mode "6rd": the domain (RFC 5969)
-        self.addresses = our_addresses(settings.mode, settings.known_ipv4, settings.addresses)
         # CLAT (mode "clat"): stateless, its prefix resolved by the coordinator at the start.
         self.clat = (Clat(Nat64Prefix.parse(settings.clat_plat_prefix),
                           ipaddress.IPv6Address(settings.clat_ipv6_address).packed,
@@ -213,13 +207,21 @@ class Datapath:
         self._held_syns: dict[tuple[bytes, int, bytes, int], tuple[float, bytes]] = {}
         self._set_rate_limits(settings)
         self.counters = Counters()
-        # The tunnel checks (workers/engine/tunnel.py) and their cache of address verdicts; a
-        # NAT64 gateway has no tunnel.
-        self.policy = None if settings.mode in ("nat64", "clat") else TunnelPolicy.build(
-            settings.mode, settings.local_ipv4, settings.remote_ipv4, list(settings.addresses),
-            settings.martian_ipv4, None if self.nat64_tun else self.nat64, settings.known_ipv4,
-            self.sixrd)
-        self.accepted: set[bytes] = set()
+        # The tunnels, each with its checks (workers/engine/tunnel.py) and their cache of
+        # address verdicts; a NAT64 or CLAT gateway has none.
+        tunnels = [Tunnel(
+            entry.name,
+            TunnelPolicy.build(entry.mode, settings.local_ipv4, entry.remote_ipv4,
+                               list(entry.addresses), entry.martian_ipv4,
+                               None if self.nat64_tun else self.nat64, settings.known_ipv4,
+                               entry.sixrd(settings.known_ipv4)),
+            ipaddress.IPv4Address(entry.remote_ipv4).packed if entry.remote_ipv4 else None,
+            ipaddress.IPv4Address(entry.relay_ipv4).packed if entry.relay_ipv4 else None,
+            entry.sixrd(settings.known_ipv4), set()) for entry in settings.all_tunnels()]
+        self.tunnels = TunnelTable.build(tunnels) if tunnels else None
+        self.addresses = frozenset().union(*(t.policy.addresses for t in tunnels))
+        # The tunnel of the packet being answered (``_outer_for``).
+        self._tunnel = self.tunnels.any_source if self.tunnels is not None else None
         # What the current call produced, handed back as its Output (``_take``).
         self._to_services: list[bytes] = []
         self._to_tunnel: list[tuple[bytes, bytes]] = []
@@ -284,7 +286,7 @@ class Datapath:
         """Queue an IPv6 packet for the tunnel or (NAT64 clients on this host's side) the TUN
         devices, fragmenting it to the MTU."""
         dst = packet[24:40]
-        outer = self._outer_for(dst)
+        outer = self._outer_for(dst, packet[8:24])
         if outer is None:
             self._drop(DropReason.INTERNAL_ERROR)
             return
@@ -304,15 +306,20 @@ class Datapath:
                 self._to_ipv6.append(piece)
             self.counters.count("outbound", proto, len(piece))
 
-    def _outer_for(self, client6: bytes) -> bytes | None:
-        """Where an IPv6 packet to ``client6`` goes: b"" for the TUN devices (a NAT64 alone,
-        or one whose clients are on this host's side: routed by destination, as a router
-        does), else the tunnel endpoint (None: no way there)."""
+    def _outer_for(self, client6: bytes, our6: bytes) -> bytes | None:
+        """Where an IPv6 packet from ``our6`` to ``client6`` goes: b"" for the TUN devices (a
+        NAT64 alone, or one whose clients are on this host's side: routed by destination, as
+        a router does), else the endpoint of the tunnel ``our6`` belongs to (``TunnelTable``)
+        (None: no way there)."""
         if self.nat64_alone or (self.nat64_tun and self.nat64 is not None
                                 and source_allowed(self.nat64_clients, client6)):
             return b""
-        return outer_destination(client6, self.mode, self.remote_ipv4, self.relay_ipv4,
-                                 self.sixrd)
+        tunnels = self.tunnels
+        if tunnels is None:
+            return None
+        tunnel = tunnels.by_address.get(our6, self._tunnel) if len(tunnels.tunnels) > 1 else (
+            self._tunnel)
+        return tunnel.outer_destination(client6) if tunnel is not None else None
 
     def _error(self, packet: bytes | memoryview, view: IPv6View, icmp_type: int, code: int,
                rest: int = 0) -> None:
@@ -528,10 +535,12 @@ class Datapath:
     def _from_tunnel_full(self, packet: bytes, now: float) -> None:
         """``check_inbound`` and ``_inbound`` for a packet the one-lookup path did not take;
         a plain packet that ends up with an inbound template gets its one-lookup entry."""
-        if self.policy is None:
+        tunnels = self.tunnels
+        if tunnels is None:
             self._drop(DropReason.NOT_PROTO_41)  # no tunnel in NAT64 mode
             return
-        result = check_inbound(packet, self.policy, self.accepted)
+        tunnel = self._tunnel = tunnels.for_outer_source(packet[12:16])
+        result = check_inbound(packet, tunnel.policy, tunnel.accepted)
         if isinstance(result, DropReason):
             self.counters.drops[result] += 1
             return
@@ -566,7 +575,8 @@ class Datapath:
     def _inbound(self, packet: bytes | memoryview, now: float, outer4: bytes = b"") -> None:
         """One decapsulated IPv6 packet; ``outer4`` is the outer IPv4 source it came from."""
         self._now = now
-        self._outer4 = outer4 if self.mode in ("6to4", "6rd") else b""
+        self._outer4 = (outer4 if self._tunnel is not None and self._tunnel.mode != "6in4"
+                        else b"")
         if len(packet) >= 44 and packet[0] >> 4 == 6 and self.fast_path:
             proto = packet[6]
             if proto == PROTO_UDP or proto == PROTO_TCP:
@@ -773,7 +783,8 @@ class Datapath:
                                segment: bytes | memoryview) -> None:
         """RFC 4213 §3.8: a configured tunnel MUST answer NUD probes. RFC 4861 §7.1.1: a valid
         NS has hop limit 255, code 0, 24+ bytes, and a unicast target; ours, or it is ignored."""
-        if (self.mode != "6in4" or view[1] != ND_HOP_LIMIT or segment[1] != 0
+        if (self._tunnel is None or self._tunnel.mode != "6in4" or view[1] != ND_HOP_LIMIT
+                or segment[1] != 0
                 or len(segment) < 24 or view[2] == bytes(16)):
             self._drop(DropReason.NEIGHBOR_DISCOVERY)
             return
@@ -1089,7 +1100,7 @@ class Datapath:
             self._emit(session, proto, segment, hop_limit_after(ttl), tos)
             if header_len == 20:
                 key = bytes(packet[12:24])
-                outer = self._outer_for(session.client6)
+                outer = self._outer_for(session.client6, session.gw6)
                 if outer is not None and key not in self._fast_out[proto]:
                     self._fast_out[proto][key] = return_template(session, outer)
         elif proto == PROTO_ICMP:

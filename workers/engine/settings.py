@@ -58,6 +58,31 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class TunnelEntry:
+    """One tunnel of a gateway with several (issue 19, ``[[tunnel]]``): all share the host's
+    local (and public) IPv4 address, the forward rules, the pool and the workers; each has its
+    own mode, peer, prefix and addresses. The first is also held in Settings' own fields."""
+
+    name: str  # the ``tunnel`` label of its metrics
+    mode: str  # "6in4" | "6to4" | "6rd"
+    remote_ipv4: str | None  # 6in4: the broker's endpoint
+    relay_ipv4: str | None  # 6to4: the relay; 6rd: the border relay
+    prefix: str  # 6rd: the delegated prefix
+    addresses: tuple[str, ...]
+    mtu: int
+    martian_ipv4: tuple[tuple[str, str], ...] = DEFAULT_MARTIAN_IPV4
+    sixrd_prefix: str = ""
+    ipv4_mask_len: int = 0
+
+    def sixrd(self, known_ipv4: str) -> SixrdDomain | None:
+        """The 6rd domain (mode "6rd"), its CE addresses sharing the high bits of ours."""
+        if self.mode != "6rd" or not self.relay_ipv4:
+            return None
+        return SixrdDomain.build(self.sixrd_prefix, self.ipv4_mask_len, self.relay_ipv4,
+                                 known_ipv4)
+
+
+@dataclass(frozen=True)
 class Settings:
     mode: str
     local_ipv4: str
@@ -165,6 +190,24 @@ class Settings:
     broker_key_file: str = ""
     broker_ca_file: str = ""
     broker_min_interval_s: float = 300.0
+    # Several tunnels ([[tunnel]], issue 19): the first one's name (its metrics' label), and
+    # every further one.
+    tunnel_name: str = ""
+    tunnels: tuple[TunnelEntry, ...] = ()
+
+    def all_tunnels(self) -> list[TunnelEntry]:
+        """Every tunnel, the first (Settings' own fields) first; none in NAT64/CLAT mode."""
+        if self.mode not in ("6in4", "6to4", "6rd"):
+            return []
+        first = TunnelEntry(self.tunnel_name or self.mode, self.mode, self.remote_ipv4,
+                            self.relay_ipv4, self.prefix, self.addresses, self.mtu,
+                            self.martian_ipv4, self.sixrd_prefix, self.ipv4_mask_len)
+        return [first, *self.tunnels]
+
+    @property
+    def engine_mtu(self) -> int:
+        """The MTU the engine fragments and clamps to: the smallest of all tunnels'."""
+        return min([self.mtu, *(t.mtu for t in self.tunnels)])
 
     @property
     def known_ipv4(self) -> str:
@@ -182,7 +225,7 @@ class Settings:
     @property
     def max_mss(self) -> int:
         """MSS both directions are clamped to: tunnel MTU - IPv6 header - TCP header."""
-        return self.mtu - 60
+        return self.engine_mtu - 60
 
     def to_json(self) -> str:
         return json.dumps({"version": SETTINGS_VERSION, "settings": asdict(self)})
@@ -202,6 +245,10 @@ class Settings:
         raw["nat64_pool4"] = tuple(tuple(r) for r in raw.get("nat64_pool4", ()))
         raw["lan_rdnss"] = tuple(raw.get("lan_rdnss", ()))
         raw["lan_allow"] = tuple(tuple(r) for r in raw.get("lan_allow", ()))
+        raw["tunnels"] = tuple(
+            TunnelEntry(**{**t, "addresses": tuple(t["addresses"]),
+                           "martian_ipv4": tuple(tuple(r) for r in t["martian_ipv4"])})
+            for t in raw.get("tunnels", ()))
         return Settings(**raw)
 
 

@@ -388,3 +388,54 @@ def outer_destination(dst6: bytes, mode: str, remote_ipv4: bytes | None,
         return v4
     return relay_ipv4
 
+
+
+@dataclass
+class Tunnel:
+    """One tunnel as the engine runs it (several with ``[[tunnel]]``, issue 19): its checks
+    and their verdict cache, and where its outbound packets go."""
+
+    name: str
+    policy: TunnelPolicy
+    remote_ipv4: bytes | None  # 6in4: the broker
+    relay_ipv4: bytes | None  # 6to4: the relay; 6rd: the border relay
+    sixrd: SixrdDomain | None
+    accepted: set[bytes]  # ``check_inbound``'s cache for this policy
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode
+
+    def outer_destination(self, dst6: bytes) -> bytes | None:
+        return outer_destination(dst6, self.policy.mode, self.remote_ipv4, self.relay_ipv4,
+                                 self.sixrd)
+
+
+@dataclass(frozen=True)
+class TunnelTable:
+    """Which tunnel a packet belongs to. In: by the outer source, the 6in4 tunnel of that
+    broker (RFC 4213 §3.6 names one source per configured tunnel), else the one 6to4 or 6rd
+    tunnel (any source), else the first, whose checks then refuse it. Out: by our IPv6
+    source address, the tunnel it belongs to; an address several share (the 6in4 link-local
+    fe80::<our IPv4>) or none (a NAT64 address) leaves by the tunnel the packet being
+    answered came in by."""
+
+    tunnels: tuple[Tunnel, ...]
+    by_remote: dict[bytes, Tunnel]
+    any_source: Tunnel
+    by_address: dict[bytes, Tunnel]
+
+    @staticmethod
+    def build(tunnels: list[Tunnel]) -> TunnelTable:
+        by_remote = {t.remote_ipv4: t for t in tunnels
+                     if t.mode == "6in4" and t.remote_ipv4 is not None}
+        any_source = next((t for t in tunnels if t.mode != "6in4"), tunnels[0])
+        owners: dict[bytes, list[Tunnel]] = {}
+        for tunnel in tunnels:
+            for address in tunnel.policy.addresses:
+                owners.setdefault(address, []).append(tunnel)
+        by_address = {a: ts[0] for a, ts in owners.items() if len(ts) == 1}
+        return TunnelTable(tuple(tunnels), by_remote, any_source, by_address)
+
+    def for_outer_source(self, src4: bytes) -> Tunnel:
+        return self.by_remote.get(src4, self.any_source)
