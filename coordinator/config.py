@@ -131,7 +131,8 @@ LOG_LEVELS = {"debug": "everything", "info": "start, stop, limits hit",
 # reference (README.md "Every key"; ``python -m sixgate.coordinator.config`` prints it) all read it.
 SCHEMA: tuple[Key, ...] = (
     Key("tunnel", "name", "string", "the tunnel's name, its metrics' `tunnel` label; with "
-        "several tunnels ([[tunnel]], one table each) each needs its own", default_text="mode"),
+        "several tunnels ([[tunnel]], one table each, README \"Several tunnels\") each "
+        "needs its own", default_text="mode"),
     Key("tunnel", "mode", "string", '"6to4" (RFC 3056), "6in4" (RFC 4213 configured tunnel) '
         'or "6rd" (RFC 5969, an ISP\'s 6rd domain)', default_text="required"),
     Key("tunnel", "local_ipv4", "IPv4 address", "the address on this host the tunnel's "
@@ -628,6 +629,15 @@ def _parse_tunnels(ctx: _Ctx, raw: Any) -> dict[str, Any]:
                                     f"{earlier['prefix']}: each tunnel routes its own prefix")
             parsed.append(values)
         if any_source is not None:
+            for key in ("uplink", "public_ipv4_url"):
+                if parsed[0][key]:
+                    # The tunnels share the address: following it would move the 6to4/6rd
+                    # tunnel's too, whose prefix is that address.
+                    ctx.indexes["tunnel"] = 0
+                    raise ctx.error("tunnel", key, f"the {parsed[any_source]['mode']} tunnel "
+                                    f"{any_source} shares this address and its prefix is "
+                                    "made of it: a new address would be a new prefix; remove "
+                                    f"{key} or that tunnel")
             relay = parsed[any_source]["relay_ipv4"]
             if relay in remotes:
                 ctx.indexes["tunnel"] = remotes[relay]

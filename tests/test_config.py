@@ -578,6 +578,8 @@ def test_several_tunnels_the_first_is_settings_own_the_rest_are_tunnels() -> Non
          22, "userspace backend for now"),
         ('name = "broker-a"', 'name = "broker-a"\ncolour = "blue"', "tunnel[0].colour", 3,
          "unknown key"),
+        ('name = "broker-a"', 'name = "broker-a"\nuplink = "lo"', "tunnel[0].uplink", 3,
+         "a new address would be a new prefix"),
     ],
 )
 def test_several_tunnels_mistakes_name_the_table_and_the_fix(old: str, new: str, key: str,
