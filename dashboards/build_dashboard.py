@@ -169,6 +169,15 @@ def overview() -> list[Panel]:
             [target(f"sum by (instance) ({rate('sixgate_tunnel_received_packets_total')})",
                     "{{instance}}")],
             "pps"),
+        timeseries(
+            "Traffic per tunnel",
+            "Bits per second each tunnel received from its peers and sent to them, outer "
+            "header included (sixgate_tunnel_bytes_total{tunnel,direction}): with several "
+            "tunnels ([[tunnel]]), which broker or 6to4 carries the load.",
+            [target(f"sum by (instance, tunnel, direction) "
+                    f"({rate('sixgate_tunnel_bytes_total')}) * 8",
+                    "{{instance}} {{tunnel}} {{direction}}")],
+            "bps"),
     ]
 
 
