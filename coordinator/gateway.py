@@ -257,7 +257,7 @@ class Coordinator:
         self.rediscovered: tuple[str | None, str] | None = None
         self.stopping = threading.Event()
         # 6in4: the broker's reachability (RFC 4213 §3.8), probed from a thread of its own.
-        self.peer_probe: PeerProbe | None = None
+        self.peer_probes: list[PeerProbe] = []  # one per 6in4 tunnel's broker
         self.broker: Broker | None = None  # [broker]: the 6in4 broker's update API
         self.broker_updates: dict[str, int] = {}  # result -> count (the update thread's)
         # [tunnel] uplink: the interface's address changes, watched from a thread of its own;
@@ -290,8 +290,7 @@ class Coordinator:
             sit_link=self.sit_link, reload_ok=self.reload_ok,
             reload_success_unix=self.reload_success_unix, plat_source=self.plat_source,
             plat_changes=self.plat_changes,
-            peer_reachable=None if self.peer_probe is None else self.peer_probe.reachable,
-            peer_rtt_s=None if self.peer_probe is None else self.peer_probe.rtt_s,
+            peers=tuple((p.peer, p.reachable, p.rtt_s) for p in self.peer_probes),
             broker_updates=dict(self.broker_updates), endpoint_changes=self.endpoint_changes)
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
@@ -407,11 +406,11 @@ class Coordinator:
                 raise RuntimeError(f"cannot listen for metrics on {settings.metrics_listen} "
                                    f"({exc.strerror}); set [metrics] listen to a free "
                                    "address:port, or \"\" to turn metrics off") from None
-        if settings.mode == "6in4":
-            # A raw socket: opened while root (also with probe_interval_s = 0, which a reload
+        if any(t.mode == "6in4" for t in settings.all_tunnels()):
+            # Raw sockets: opened while root (also with probe_interval_s = 0, which a reload
             # may raise).
             try:
-                self.peer_probe = PeerProbe(settings)
+                self.peer_probes = self._peer_probes(settings)
             except OSError as exc:
                 raise RuntimeError(f"cannot open the 6in4 broker probe's raw socket on "
                                    f"{settings.local_ipv4} ({exc.strerror}): is local_ipv4 an "
@@ -532,13 +531,13 @@ class Coordinator:
             self.capture = TunnelCapture(address, None, True, self.counters,
                                          min(new.batch_packets, RECV_BUDGET),
                                          tunnels=new.all_tunnels())
-        if self.peer_probe is not None:
+        if self.peer_probes:
             try:
-                probe = PeerProbe(new)
+                probes = self._peer_probes(new)
             except OSError as exc:
                 log.error("cannot probe the 6in4 peer from %s (%s)", address, exc.strerror)
             else:
-                self.peer_probe = probe  # the old one closes once its last probe is over
+                self.peer_probes = probes  # the old ones close once their last probe is over
         for worker in self.workers:
             self._restart_worker(worker)
         self.broker_wake.set()
@@ -629,22 +628,38 @@ class Coordinator:
                    and time.monotonic() < due):
                 self.broker_wake.wait(min(1.0, max(0.0, due - time.monotonic())))
 
+    @staticmethod
+    def _peer_probes(settings: Settings) -> list[PeerProbe]:
+        """A probe of each 6in4 tunnel's broker (several with [[tunnel]])."""
+        probes: list[PeerProbe] = []
+        try:
+            for tunnel in settings.all_tunnels():
+                if tunnel.mode == "6in4":
+                    probes.append(PeerProbe(settings, tunnel.remote_ipv4))
+        except OSError:
+            for probe in probes:
+                probe.close()
+            raise
+        return probes
+
     def _probe_peer(self) -> None:
-        """RFC 4213 §3.8: the broker probed every ``probe_interval_s`` (thread); a change of
+        """RFC 4213 §3.8: each broker probed every ``probe_interval_s`` (thread); a change of
         its answer is logged."""
         while not self.stopping.is_set():
-            probe = self.peer_probe  # a move of the tunnel replaces it
-            assert probe is not None
+            probes = self.peer_probes  # a move of the tunnel replaces them
             interval = self.settings.probe_interval_s  # a reload may change it
             if interval <= 0:
-                probe.reachable = None
+                for probe in probes:
+                    probe.reachable = None
                 self.stopping.wait(5.0)
                 continue
-            before = probe.reachable
-            probe.probe(min(PROBE_TIMEOUT_S, interval))
-            if self.stopping.is_set():
-                return
-            if probe.reachable != before:
+            for probe in probes:
+                before = probe.reachable
+                probe.probe(min(PROBE_TIMEOUT_S, interval))
+                if self.stopping.is_set():
+                    return
+                if probe.reachable == before:
+                    continue
                 if probe.reachable:
                     log.info("6in4 peer %s answers (RFC 4213 §3.8 probe, %.1f ms)", probe.peer,
                              (probe.rtt_s or 0) * 1000)
@@ -754,8 +769,8 @@ class Coordinator:
             self.pref64.close()
         if self.uplink_watch is not None:
             self.uplink_watch.close()
-        if self.peer_probe is not None:
-            self.peer_probe.close()
+        for probe in self.peer_probes:
+            probe.close()
         if self.lan_enabled:
             lan.teardown(self.settings, self.radvd)
         if self.sit_link is not None:
@@ -799,7 +814,7 @@ class Coordinator:
             self.journal_thread = threading.Thread(target=self._journal_loop, name="journal",
                                                    daemon=True)
             self.journal_thread.start()
-        if self.peer_probe is not None:
+        if self.peer_probes:
             threading.Thread(target=self._probe_peer, name="peer-probe", daemon=True).start()
         if self.broker is not None:
             threading.Thread(target=self._update_broker, name="broker-update",

@@ -52,10 +52,12 @@ class PeerProbe:
     """The 6in4 peer's reachability, probed on demand (``probe``) from a thread of the
     coordinator."""
 
-    def __init__(self, settings: Settings) -> None:
-        assert settings.mode == "6in4" and settings.remote_ipv4
-        self.peer = settings.remote_ipv4
-        self.peer_ipv4 = ipaddress.IPv4Address(settings.remote_ipv4).packed
+    def __init__(self, settings: Settings, remote_ipv4: str | None = None) -> None:
+        """The broker ``remote_ipv4`` (a 6in4 [[tunnel]]'s), the first tunnel's by default."""
+        remote_ipv4 = remote_ipv4 or settings.remote_ipv4
+        assert remote_ipv4
+        self.peer = remote_ipv4
+        self.peer_ipv4 = ipaddress.IPv4Address(remote_ipv4).packed
         self.source = link_local_6in4(ipaddress.IPv4Address(settings.known_ipv4).packed)
         self.target = link_local_6in4(self.peer_ipv4)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 41)

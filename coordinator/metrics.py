@@ -12,8 +12,9 @@ same ``stats`` document, so both backends export the same metric names.
 
 Naming follows Prometheus conventions: ``sixgate_`` prefix, ``_total`` counters, seconds and
 bytes. Labels are bounded: ``process`` (coordinator, worker-N), ``direction`` (the four words
-of STYLE.md), ``protocol``, ``reason`` (workers/engine/drops.py), ICMPv6 error ``type``; never a
-per-flow or per-address label.
+of STYLE.md, and received/sent per tunnel), ``protocol``, ``reason`` (workers/engine/drops.py),
+ICMPv6 error ``type``, ``tunnel`` and ``peer`` (at most config.MAX_TUNNELS tunnels and their
+brokers); never a per-flow or per-client label.
 
 The HTTP server runs in a daemon thread beside the coordinator's loop; it reads the
 coordinator's counters (plain ints, read under the GIL) and uses its own ZeroMQ sockets.
@@ -165,14 +166,13 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
         info.add_metric([clat["prefix"], clat["source"]], 1)
         changes.add_metric([], clat["changes"])
     out += [info, changes]
-    # 6in4: the broker's reachability (RFC 4213 §3.8 probes); empty until the first ends.
-    peer = snap.get("peer")
+    # 6in4: each broker's reachability (RFC 4213 §3.8 probes); empty until the first ends.
     reachable = GaugeMetricFamily("sixgate_tunnel_peer_reachable", "6in4: 1 when the broker "
                                   "answered the last probe of its link-local address (RFC 4213 "
                                   "§3.8), 0 when it did not", labels=["peer"])
     rtt = GaugeMetricFamily("sixgate_tunnel_peer_rtt_seconds", "6in4: round trip of the "
                             "broker's last answer to a probe", labels=["peer"])
-    if peer is not None:
+    for peer in snap.get("peers", []):
         reachable.add_metric([peer["address"]], 1 if peer["reachable"] else 0)
         if peer["rtt_s"] is not None:
             rtt.add_metric([peer["address"]], peer["rtt_s"])
@@ -358,8 +358,8 @@ class GatewayView:
     reload_success_unix: float = 0.0  # when the config in use was loaded
     plat_source: str = ""  # CLAT: how its PLAT prefix was found
     plat_changes: int = 0  # CLAT: PREF64 changes of the prefix while running
-    peer_reachable: bool | None = None  # 6in4: the last probe of the broker (None: none yet)
-    peer_rtt_s: float | None = None  # 6in4: its last answer's round trip
+    # 6in4: each broker, the last probe of it (None: none yet) and its answer's round trip
+    peers: tuple[tuple[str, bool | None, float | None], ...] = ()
     broker_updates: dict[str, int] = field(default_factory=dict)  # [broker]: result -> count
     endpoint_changes: int = 0  # [tunnel] uplink: moves to a new address
 
@@ -416,8 +416,8 @@ class GatewayCollector:
                      "changes": view.plat_changes} if settings.mode == "clat" else None,
             "broker_updates": view.broker_updates,
             "endpoint_changes": view.endpoint_changes,
-            "peer": {"address": settings.remote_ipv4, "reachable": view.peer_reachable,
-                     "rtt_s": view.peer_rtt_s} if view.peer_reachable is not None else None,
+            "peers": [{"address": address, "reachable": reachable, "rtt_s": rtt_s}
+                      for address, reachable, rtt_s in view.peers if reachable is not None],
             "tunnel_received": received,
             "tunnels": tunnels,
             "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,

@@ -11,6 +11,7 @@ A's address; the per-tunnel metrics count each tunnel's traffic.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from collections.abc import Iterator
@@ -108,6 +109,10 @@ class SeveralTunnels:
         lab.ip(namespace, "link", "set", PEER_TUN, "mtu", str(TUNNEL_MTU), "up")
         lab.ip(namespace, "addr", "add", cidr, "dev", PEER_TUN, "nodad")
         lab.ip(namespace, "route", "add", route, "dev", PEER_TUN)
+        if mode == "6in4":  # RFC 4213 §3.7: fe80::<its IPv4>, which the gateway probes
+            link_local = ipaddress.IPv6Address(b"\xfe\x80" + bytes(10)
+                                               + ipaddress.IPv4Address(ipv4).packed)
+            lab.ip(namespace, "addr", "add", f"{link_local}/64", "dev", PEER_TUN, "nodad")
 
     def run_in(self, name: str, argv: list[str], timeout: float = 30
                ) -> netlab.subprocess.CompletedProcess[str]:
@@ -165,6 +170,17 @@ def test_a_broker_cannot_reach_another_tunnels_address(several: SeveralTunnels) 
     assert after.get("not_our_address", 0) - before.get("not_our_address", 0) >= 2
     done = several.run_in("broker-a", ["ping", "-6", "-c", "1", "-W", "2", "2001:db8:1::1"])
     assert netlab.ping_received(done.stdout) == 1, done.stdout
+
+
+def test_each_broker_is_probed(several: SeveralTunnels) -> None:
+    """RFC 4213 §3.8 for every 6in4 tunnel: both brokers answer their link-local probe."""
+    def reachable() -> set[str]:
+        body = several.lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+        return set(re.findall(r'^sixgate_tunnel_peer_reachable\{peer="([\d.]+)"\} 1\.0$',
+                              body, re.MULTILINE))
+
+    netlab.wait_until(lambda: reachable() == {PEER_IPV4, BROKER_B_IPV4}, timeout=15,
+                      what="both brokers reachable")
 
 
 def test_each_tunnel_has_its_own_traffic_counters(several: SeveralTunnels) -> None:

@@ -55,8 +55,9 @@ def _snapshot(workers: list[dict[str, Any] | None]) -> dict[str, Any]:
         "ready": all(w is not None for w in workers), "start_time": 1.7e9,
         "reload_ok": True, "reload_success_unix": 1.7e9,
         "clat": {"prefix": "64:ff9b::/96", "source": "rfc8781", "changes": 2},
-        "peer": {"address": "198.51.100.1", "reachable": True, "rtt_s": 0.012},
+        "peers": [{"address": "198.51.100.1", "reachable": True, "rtt_s": 0.012}],
         "tunnel_received": (20, 2400),
+        "tunnels": {"6to4": [20, 2400, 18, 2000]},
         "limits": {"max_flows_per_prefix": 50, "queue_batches": 1000, "icmp_errors_per_s": 100},
         "processes": [{"name": "coordinator", "usage": (1.0, 0.5, 4096),
                        "stats": {"counters": coordinator.as_dict()}}]
@@ -134,7 +135,7 @@ def test_no_unbounded_labels() -> None:
                      "version", "backend", "delivery", "tunnel_mode", "fast_path",
                      "address",  # NAT64 pool4 addresses: as many as the config names
                      "prefix", "source",  # CLAT: the one PLAT prefix in use
-                     "peer"}  # 6in4: the one broker
+                     "peer", "tunnel"}  # each tunnel and 6in4 broker (at most 8)
 
 
 def test_families_are_exactly_the_documented_names() -> None:
