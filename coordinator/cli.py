@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -358,6 +359,43 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """[cluster]: the running node withdraws its announcements, then stops once its traffic
+    has ended (or at drain_timeout_s); this command waits for that end."""
+    settings = _load(args.config)
+    try:
+        reply = query_gateway(settings, "drain")
+    except RuntimeError as exc:
+        print(f"sixgate drain: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if not reply.get("ok"):
+        print(f"sixgate drain: refused: {reply.get('error')}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"sixgate drain: {reply.get('message')}", flush=True)
+    if args.no_wait:
+        return EXIT_OK
+    deadline = time.monotonic() + settings.cluster_drain_timeout_s + 30
+    while time.monotonic() < deadline:
+        try:
+            query_gateway(settings, "ping", timeout_ms=1000)
+        except RuntimeError:
+            print("sixgate drain: the gateway has stopped")
+            return EXIT_OK
+        time.sleep(0.5)
+    print("sixgate drain: the gateway still runs past its drain timeout", file=sys.stderr)
+    return EXIT_RUNTIME
+
+
+def cmd_cluster_bird_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if not settings.cluster_announce:
+        print(f"sixgate cluster: {args.config} has no [cluster] table", file=sys.stderr)
+        return EXIT_CONFIG
+    from sixgate.coordinator.cluster import bird_config
+    sys.stdout.write(bird_config(settings))
+    return EXIT_OK
+
+
 def cmd_ping(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     from sixgate.coordinator.ping import ping
@@ -519,6 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "SIGHUP does): rules, limits, timeouts, log level, metrics address")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("drain", help="[cluster]: withdraw this node's BGP announcements, "
+                       "then stop once its traffic has ended")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--no-wait", action="store_true", help="return once the drain started")
+    p.set_defaults(func=cmd_drain)
+    p = sub.add_parser("cluster", help="[cluster]: the node's BGP speaker")
+    clustered = p.add_subparsers(dest="cluster_command", required=True)
+    p = clustered.add_parser("bird-config", help="print the node's bird.conf (BIRD 2): its "
+                             "announcements, up while sixgate holds them up")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_cluster_bird_config)
     p = sub.add_parser("flows", help="list the live bindings of a running gateway")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -324,6 +324,28 @@ SCHEMA: tuple[Key, ...] = (
     Key("broker", "min_interval_s", "seconds 60-86400", "never ask the broker more often than "
         "this (a failed update is retried after 60 s, doubling, at least this)",
         _ranged_number(60, 86400), DEFAULTS["broker_min_interval_s"]),
+    Key("cluster", "announce", "list of IPv4 prefixes", "what this node announces over BGP "
+        "while it is ready (/readyz 200) and not draining: the 6to4 anycast local_ipv4/32, a "
+        "6in4 endpoint, its NAT64 pool4 slice; BIRD withdraws them when sixgate stops, "
+        "crashes or drains (README \"A fleet behind ECMP\")", default_text="required"),
+    Key("cluster", "local_as", "AS number", "this node's BGP AS", default_text="required"),
+    Key("cluster", "peer_as", "AS number", "the routers' AS", default_text="required"),
+    Key("cluster", "neighbors", "list of IPv4 addresses", "the routers BIRD peers with",
+        default_text="required"),
+    Key("cluster", "router_id", "IPv4 address", "this node's BGP router id (unique in the "
+        "fleet: not the anycast address)", default_text="required"),
+    Key("cluster", "hold_time_s", "seconds 3-65535", "BGP hold time: how soon a router "
+        "drops a node that died whole (BIRD too)", _ranged_int(3, 65535),
+        DEFAULTS["cluster_hold_time_s"]),
+    Key("cluster", "withdraw_after_s", "seconds 1-300", "how long the node must be unready "
+        "before it withdraws (a worker restarting for a second is no reason to move every "
+        "flow)", _ranged_number(1, 300), DEFAULTS["cluster_withdraw_after_s"]),
+    Key("cluster", "drain_timeout_s", "seconds 1-86400", "`sixgate drain`: the longest it "
+        "waits for this node's traffic to end after the withdrawal",
+        _ranged_number(1, 86400), DEFAULTS["cluster_drain_timeout_s"]),
+    Key("cluster", "drain_quiet_s", "seconds 0.5-600", "`sixgate drain`: the node's traffic "
+        "has ended when no packet came for this long", _ranged_number(0.5, 600),
+        DEFAULTS["cluster_drain_quiet_s"]),
     Key("forward", "proto", "string", '"tcp" or "udp"', default_text="required"),
     Key("forward", "port", "port or range", '80, or "8000-8099"', default_text="required"),
     Key("forward", "to", "IPv4 host[:port]", "the service; a range shifts (\"8000-8099\" -> "
@@ -392,6 +414,11 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
             value: Any = (settings.mtu if key.name == "mtu"
                           else getattr(settings, f"nat64_{key.name}"))
             out.append((key, value, key.name in doc.get("nat64", {})))
+            continue
+        if key.table == "cluster":
+            if settings.cluster_announce:
+                out.append((key, getattr(settings, f"cluster_{key.name}"),
+                            key.name in doc.get("cluster", {})))
             continue
         if key.table == "broker":
             if settings.broker_url:
@@ -939,6 +966,8 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
                 raise ctx.error("gateway", "pool", f"the pool {pool} contains tunnel.{key} "
                                 f"{value}; choose a pool no real host uses")
     broker_values = _parse_broker(ctx, doc["broker"], tunnel_values) if "broker" in doc else {}
+    if "cluster" in doc:
+        broker_values.update(_parse_cluster(ctx, doc["cluster"]))
     lan_values = _parse_lan(ctx, doc["lan"], tunnel_values, values) if "lan" in doc else {}
     return Settings(
         **tunnel_values, **nat64_values, **broker_values, **lan_values, pool=str(pool),
@@ -1021,6 +1050,40 @@ def _parse_lan(ctx: _Ctx, lan: dict[str, Any], tunnel: dict[str, Any],
         holes.append((proto, lo, hi, address))
     return {"lan_interface": values["interface"], "lan_prefix": str(prefix),
             "lan_rdnss": tuple(servers), "lan_allow": tuple(holes)}
+
+
+def _parse_cluster(ctx: _Ctx, cluster: dict[str, Any]) -> dict[str, Any]:
+    """[cluster] (issue 20, coordinator/cluster.py): the node's BGP announcements."""
+    for key in ("announce", "local_as", "peer_as", "neighbors", "router_id"):
+        if key not in cluster:
+            raise ctx.error("cluster", None, f"{key} is missing (README \"A fleet behind "
+                            "ECMP\")")
+    values = _checked(ctx, "cluster", cluster)
+    announce = cluster["announce"]
+    if not isinstance(announce, list) or not announce:
+        raise ctx.error("cluster", "announce", "must be a non-empty list of IPv4 prefixes "
+                        "like [\"192.0.2.10/32\"]")
+    prefixes = []
+    for value in announce:
+        try:
+            if not isinstance(value, str):
+                raise TypeError(value)
+            prefixes.append(str(ipaddress.IPv4Network(value)))
+        except (ValueError, TypeError):
+            raise ctx.error("cluster", "announce", f"{value!r} is not an IPv4 prefix like "
+                            "\"192.0.2.10/32\" (host bits zero)") from None
+    neighbors = cluster["neighbors"]
+    if not isinstance(neighbors, list) or not neighbors:
+        raise ctx.error("cluster", "neighbors", "must be a non-empty list of the routers' "
+                        "IPv4 addresses")
+    peers = tuple(_ipv4(ctx, "cluster", "neighbors", n) for n in neighbors)
+    router_id = _ipv4(ctx, "cluster", "router_id", cluster["router_id"])
+    return {"cluster_announce": tuple(prefixes), "cluster_neighbors": peers,
+            "cluster_router_id": router_id,
+            **{f"cluster_{key}": _int(ctx, "cluster", key, cluster[key], 1, 4294967294)
+               for key in ("local_as", "peer_as")},
+            **{f"cluster_{key}": values[key] for key in (
+                "hold_time_s", "withdraw_after_s", "drain_timeout_s", "drain_quiet_s")}}
 
 
 def _parse_broker(ctx: _Ctx, broker: dict[str, Any], tunnel: dict[str, Any]) -> dict[str, Any]:

@@ -37,13 +37,19 @@ from typing import Any
 import zmq
 from pyroute2 import NetlinkError
 
-from sixgate.coordinator import clat, forwarding, kernel_backend, lan, uplink
+from sixgate.coordinator import clat, cluster, forwarding, kernel_backend, lan, uplink
 from sixgate.coordinator import reload as reloading
 from sixgate.coordinator.broker import RESULTS as BROKER_RESULTS
 from sixgate.coordinator.broker import Broker, KeyFileError, broker_of, retry_after, update
 from sixgate.coordinator.config import ConfigError, parse_config
 from sixgate.coordinator.liveness import PROBE_TIMEOUT_S, PeerProbe
-from sixgate.coordinator.metrics import GatewayView, MetricsServer, WorkerView
+from sixgate.coordinator.metrics import (
+    READY_WORKER_TIMEOUT_MS,
+    GatewayView,
+    MetricsServer,
+    WorkerView,
+    readiness,
+)
 from sixgate.workers import control
 from sixgate.workers.capture import TunnelCapture
 from sixgate.workers.control import control_endpoint, coordinator_endpoint, data_endpoint
@@ -79,6 +85,7 @@ WORKER_READY_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 SUPERVISE_INTERVAL_S = 0.2  # how often the coordinator looks for a dead worker
+ANNOUNCE_CHECK_S = 0.5  # [cluster]: how often readiness decides the BGP announcement
 JOURNAL_DRAIN_MS = 300  # at a stop: how long the last journal messages are waited for
 WORKER_STOP_TIMEOUT_S = 5.0  # a worker stopped on purpose (SIGTERM) before SIGKILL
 # A worker that ran this long before it died starts the backoff over (systemd's
@@ -272,6 +279,10 @@ class Coordinator:
         self.reload_success_unix = self.started_unix
         self.reload_requested = False  # SIGHUP: the main loop reloads
         self.reload_lock = threading.Lock()
+        # [cluster] (issue 20): the anchor device BIRD announces through, and a drain.
+        self.anchor: cluster.Anchor | None = None
+        self.draining = False
+        self.drain_started = 0.0
 
     # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
 
@@ -291,7 +302,9 @@ class Coordinator:
             reload_success_unix=self.reload_success_unix, plat_source=self.plat_source,
             plat_changes=self.plat_changes,
             peers=tuple((p.peer, p.reachable, p.rtt_s) for p in self.peer_probes),
-            broker_updates=dict(self.broker_updates), endpoint_changes=self.endpoint_changes)
+            broker_updates=dict(self.broker_updates), endpoint_changes=self.endpoint_changes,
+            announced=None if self.anchor is None else self.anchor.up,
+            draining=self.draining)
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
         return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
@@ -415,6 +428,17 @@ class Coordinator:
                 raise RuntimeError(f"cannot open the 6in4 broker probe's raw socket on "
                                    f"{settings.local_ipv4} ({exc.strerror}): is local_ipv4 an "
                                    "address of this host?") from None
+        if settings.cluster_announce:
+            # Created while root; set up and down later with CAP_NET_ADMIN, which the
+            # coordinator keeps as the supervisor.
+            try:
+                self.anchor = cluster.Anchor(settings)
+            except OSError as exc:
+                raise RuntimeError(f"cannot create the BGP anchor device "
+                                   f"{cluster.anchor_name(settings)} ({exc}); is another "
+                                   "gateway of this name running?") from None
+            log.info("cluster: BIRD announces %s through %s while this node is ready",
+                     ", ".join(settings.cluster_announce), self.anchor.name)
         if settings.broker_url:
             # The key file is root's (0600): read now, kept in memory.
             try:
@@ -628,6 +652,52 @@ class Coordinator:
                    and time.monotonic() < due):
                 self.broker_wake.wait(min(1.0, max(0.0, due - time.monotonic())))
 
+    def _announce(self) -> None:
+        """[cluster]: the anchor device up while the node is ready and not draining
+        (``cluster.announce_state``), checked every ANNOUNCE_CHECK_S; a drain ends the run
+        once the node's traffic has been quiet for drain_quiet_s, or at drain_timeout_s."""
+        unready_since: float | None = None
+        inbound, quiet_since = -1, time.monotonic()
+        while not self.stopping.is_set():
+            anchor = self.anchor
+            if anchor is None:
+                return
+            now = time.monotonic()
+            replies = self.ask_workers("stats" if self.draining else "ping",
+                                       READY_WORKER_TIMEOUT_MS)
+            reason = readiness(self.settings, self.view(), replies)
+            if reason is None or self.draining:
+                unready_since = None
+            elif unready_since is None:
+                unready_since = now
+            up = cluster.announce_state(
+                reason is None, self.draining, anchor.up,
+                0.0 if unready_since is None else now - unready_since,
+                self.settings.cluster_withdraw_after_s)
+            if up != anchor.up:
+                try:
+                    anchor.set(up)
+                except OSError as exc:
+                    log.error("cluster: cannot set %s %s: %s", anchor.name,
+                              "up" if up else "down", exc)
+                else:
+                    log.info("cluster: %s %s (%s)", "announcing" if up else "withdrew",
+                             ", ".join(self.settings.cluster_announce),
+                             "ready" if up else "draining" if self.draining else reason)
+            if self.draining:
+                total = sum(sum(n for key, n in r["counters"]["packets"].items()
+                                if key.startswith("inbound/"))
+                            for r in replies if r is not None)
+                if total != inbound:
+                    inbound, quiet_since = total, now
+                quiet = now - quiet_since >= self.settings.cluster_drain_quiet_s
+                if quiet or now - self.drain_started >= self.settings.cluster_drain_timeout_s:
+                    log.info("cluster: drained (%s after %.1f s): stopping",
+                             "quiet" if quiet else "timeout", now - self.drain_started)
+                    self.running = False
+                    return
+            self.stopping.wait(ANNOUNCE_CHECK_S)
+
     @staticmethod
     def _peer_probes(settings: Settings) -> list[PeerProbe]:
         """A probe of each 6in4 tunnel's broker (several with [[tunnel]])."""
@@ -731,6 +801,9 @@ class Coordinator:
 
     def stop(self) -> None:
         self.stopping.set()  # the RFC 7050 and probe threads end (a wait in them runs out)
+        if self.anchor is not None:
+            self.anchor.close()  # first: BIRD withdraws before anything stops answering
+            self.anchor = None
         if self.metrics_server is not None:
             self.metrics_server.close()
         for worker in self.workers:
@@ -816,6 +889,8 @@ class Coordinator:
             self.journal_thread.start()
         if self.peer_probes:
             threading.Thread(target=self._probe_peer, name="peer-probe", daemon=True).start()
+        if self.anchor is not None:
+            threading.Thread(target=self._announce, name="announce", daemon=True).start()
         if self.broker is not None:
             threading.Thread(target=self._update_broker, name="broker-update",
                              daemon=True).start()
@@ -1091,6 +1166,19 @@ class Coordinator:
                                    else control.error(message))
         elif cmd == "ping":
             self.control.send_json(control.ok())
+        elif cmd == "drain":
+            if self.anchor is None:
+                self.control.send_json(control.error(
+                    "this gateway has no [cluster]: nothing to withdraw; stop it instead"))
+            else:
+                if not self.draining:
+                    self.drain_started = time.monotonic()
+                    self.draining = True
+                    log.info("cluster: drain asked: withdrawing")
+                self.control.send_json(control.ok(
+                    message=f"withdrawing {', '.join(self.settings.cluster_announce)}; stops "
+                    f"once no packet came for {self.settings.cluster_drain_quiet_s:g} s, "
+                    f"at most {self.settings.cluster_drain_timeout_s:g} s"))
         else:
             self.counters.event(Event.CONTROL_ERRORS)
             self.control.send_json(control.error(f"unknown command {cmd!r}"))

@@ -14,7 +14,8 @@ Naming follows Prometheus conventions: ``sixgate_`` prefix, ``_total`` counters,
 bytes. Labels are bounded: ``process`` (coordinator, worker-N), ``direction`` (the four words
 of STYLE.md, and received/sent per tunnel), ``protocol``, ``reason`` (workers/engine/drops.py),
 ICMPv6 error ``type``, ``tunnel`` and ``peer`` (at most config.MAX_TUNNELS tunnels and their
-brokers); never a per-flow or per-client label.
+brokers), ``prefix`` ([cluster] announce, as the config lists them); never a per-flow or
+per-client label.
 
 The HTTP server runs in a daemon thread beside the coordinator's loop; it reads the
 coordinator's counters (plain ints, read under the GIL) and uses its own ZeroMQ sockets.
@@ -67,6 +68,7 @@ METRIC_NAMES = (
     "sixgate_config_last_reload_success_timestamp_seconds",
     "sixgate_tunnel_received_packets", "sixgate_tunnel_received_bytes",
     "sixgate_tunnel_packets", "sixgate_tunnel_bytes",
+    "sixgate_cluster_announced", "sixgate_cluster_draining",
     "sixgate_prefix_flow_limit", "sixgate_queue_limit_batches",
     "sixgate_icmp_error_rate_limit_per_second", "sixgate_packets", "sixgate_bytes",
     "sixgate_drops", "sixgate_flows_active", "sixgate_flows_created", "sixgate_flows_expired",
@@ -192,6 +194,18 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_bytes", "Bytes of those packets, outer IPv4 header included",
         value=snap["tunnel_received"][1]))
+    # [cluster]: what BIRD announces (the anchor device up) and whether a drain runs.
+    announced = GaugeMetricFamily("sixgate_cluster_announced", "[cluster]: 1 while BIRD "
+                                  "announces the prefix (this node ready, not draining)",
+                                  labels=["prefix"])
+    draining = GaugeMetricFamily("sixgate_cluster_draining", "[cluster]: 1 once `sixgate "
+                                 "drain` asked (withdrawn, stopping when quiet)", labels=[])
+    node = snap.get("cluster")
+    if node is not None:
+        for prefix in node["announce"]:
+            announced.add_metric([prefix], 1 if node["announced"] else 0)
+        draining.add_metric([], 1 if node["draining"] else 0)
+    out += [announced, draining]
     # Per tunnel ([[tunnel]]: at most MAX_TUNNELS label values), outer header included.
     per_packets = CounterMetricFamily(
         "sixgate_tunnel_packets", "Protocol-41 packets per tunnel: received from its peers "
@@ -360,6 +374,8 @@ class GatewayView:
     plat_changes: int = 0  # CLAT: PREF64 changes of the prefix while running
     # 6in4: each broker, the last probe of it (None: none yet) and its answer's round trip
     peers: tuple[tuple[str, bool | None, float | None], ...] = ()
+    announced: bool | None = None  # [cluster]: the anchor device is up (None: no cluster)
+    draining: bool = False  # `sixgate drain` asked
     broker_updates: dict[str, int] = field(default_factory=dict)  # [broker]: result -> count
     endpoint_changes: int = 0  # [tunnel] uplink: moves to a new address
 
@@ -420,6 +436,9 @@ class GatewayCollector:
                       for address, reachable, rtt_s in view.peers if reachable is not None],
             "tunnel_received": received,
             "tunnels": tunnels,
+            "cluster": {"announce": list(settings.cluster_announce),
+                        "announced": view.announced, "draining": view.draining}
+            if view.announced is not None else None,
             "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,
                        "queue_batches": settings.queue_batches,
                        "icmp_errors_per_s": settings.icmp_errors_per_s},
@@ -466,6 +485,8 @@ def per_tunnel(settings: Settings, view: GatewayView,
 def readiness(settings: Settings, view: GatewayView,
               replies: list[dict[str, Any] | None]) -> str | None:
     """None when ready, else what the gateway is waiting for (the /readyz body)."""
+    if view.draining:
+        return "draining (sixgate drain): withdrawn, stops once its traffic has ended"
     if settings.backend == "kernel":
         if view.sit_link is None or not Path(f"/sys/class/net/{view.sit_link}").exists():
             return "the sit tunnel link is not up"

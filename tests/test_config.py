@@ -417,7 +417,8 @@ def test_every_settings_field_a_file_can_set_is_a_schema_key() -> None:
             | {f"clat_{key.name}" for key in SCHEMA if key.table == "clat"}
             | {f"broker_{key.name}" for key in SCHEMA if key.table == "broker"}
             | {f"lan_{key.name}" for key in SCHEMA if key.table == "lan"}
-            | {f"tunnel_{key.name}" for key in SCHEMA if key.table == "tunnel"})
+            | {f"tunnel_{key.name}" for key in SCHEMA if key.table == "tunnel"}
+            | {f"cluster_{key.name}" for key in SCHEMA if key.table == "cluster"})
     # 6rd: [tunnel] prefix (settings.prefix: delegated); tunnels: the further [[tunnel]]s
     derived = {"source_file", "sixrd_prefix", "tunnels"}
     assert {f.name for f in fields(Settings)} - derived <= keys
@@ -593,3 +594,44 @@ def test_several_tunnels_mistakes_name_the_table_and_the_fix(old: str, new: str,
     err = info.value
     assert (err.key, err.line) == (key, line), str(err)
     assert advice in err.message, str(err)
+
+
+# --- a fleet behind ECMP (issue 20) ----------------------------------------------------------
+
+CLUSTER = """
+[cluster]
+announce = ["192.0.2.10/32"]
+local_as = 65001
+peer_as = 65000
+neighbors = ["198.51.100.1"]
+router_id = "198.51.100.2"
+"""
+
+
+def test_cluster_table_parsed_with_defaults() -> None:
+    settings = parse_config(GOOD_6TO4 + CLUSTER, "gw.toml")
+    assert (settings.cluster_announce, settings.cluster_local_as, settings.cluster_peer_as,
+            settings.cluster_neighbors, settings.cluster_router_id) == (
+        ("192.0.2.10/32",), 65001, 65000, ("198.51.100.1",), "198.51.100.2")
+    assert (settings.cluster_hold_time_s, settings.cluster_withdraw_after_s) == (30, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "advice"),
+    [
+        ('announce = ["192.0.2.10/32"]', 'announce = ["192.0.2.10/24"]', "cluster.announce",
+         "host bits zero"),
+        ('announce = ["192.0.2.10/32"]', "announce = []", "cluster.announce", "non-empty"),
+        ("local_as = 65001", "local_as = 0", "cluster.local_as", "1 to 4294967294"),
+        ('router_id = "198.51.100.2"', 'router_id = "me"', "cluster.router_id",
+         "IPv4 address"),
+        ('neighbors = ["198.51.100.1"]\n', "", "cluster", "neighbors is missing"),
+        ("peer_as = 65000", "peer_as = 65000\nhold_time_s = 1", "cluster.hold_time_s",
+         "3 to 65535"),
+    ],
+)
+def test_cluster_mistakes_name_the_key(old: str, new: str, key: str, advice: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(GOOD_6TO4 + CLUSTER.replace(old, new), "gw.toml")
+    assert info.value.key == key and advice in info.value.message, str(info.value)
+    assert info.value.line is not None

@@ -49,7 +49,7 @@ LAB_DIR = Path(__file__).resolve().parent
 PROGRAMS = LAB_DIR / "programs"  # what the tests run inside the namespaces
 REPO_ROOT = LAB_DIR.parents[1]
 NAME_PREFIX = "sgl"
-NAMESPACE_PATTERN = re.compile(rf"^{NAME_PREFIX}(\d+)x(\d+)-(gw|peer|v4)$")
+NAMESPACE_PATTERN = re.compile(rf"^{NAME_PREFIX}(\d+)x(\d+)-([a-z0-9]+)$")
 TMPDIR_PATTERN = re.compile(rf"^{NAME_PREFIX}(\d+)(x\d+|-files)-")
 
 GATEWAY_IPV4 = "192.0.2.10"

@@ -194,6 +194,17 @@ class Settings:
     # every further one.
     tunnel_name: str = ""
     tunnels: tuple[TunnelEntry, ...] = ()
+    # [cluster] (issue 20, coordinator/cluster.py): what this node announces over BGP while
+    # healthy, and the BGP speaker's (BIRD's) session; () announce: no cluster.
+    cluster_announce: tuple[str, ...] = ()
+    cluster_local_as: int = 0
+    cluster_peer_as: int = 0
+    cluster_neighbors: tuple[str, ...] = ()
+    cluster_router_id: str = ""
+    cluster_hold_time_s: int = 30
+    cluster_withdraw_after_s: float = 3.0
+    cluster_drain_timeout_s: float = 60.0
+    cluster_drain_quiet_s: float = 2.0
 
     def all_tunnels(self) -> list[TunnelEntry]:
         """Every tunnel, the first (Settings' own fields) first; none in NAT64/CLAT mode."""
@@ -245,6 +256,8 @@ class Settings:
         raw["nat64_pool4"] = tuple(tuple(r) for r in raw.get("nat64_pool4", ()))
         raw["lan_rdnss"] = tuple(raw.get("lan_rdnss", ()))
         raw["lan_allow"] = tuple(tuple(r) for r in raw.get("lan_allow", ()))
+        raw["cluster_announce"] = tuple(raw.get("cluster_announce", ()))
+        raw["cluster_neighbors"] = tuple(raw.get("cluster_neighbors", ()))
         raw["tunnels"] = tuple(
             TunnelEntry(**{**t, "addresses": tuple(t["addresses"]),
                            "martian_ipv4": tuple(tuple(r) for r in t["martian_ipv4"])})

@@ -1,0 +1,357 @@
+"""Issue 20: a fleet of three sixgate nodes behind ECMP, with real BGP (BIRD 2 on every node and
+on the router), health-gated announcements and drains.
+
+Namespaces: a router (BIRD, eBGP to each node, the learnt anycast route installed as one
+multipath route, layer-3 hash), three nodes (each: the 6to4 anycast address 192.0.2.10 on lo,
+``sixgate run`` with [cluster], its BIRD from ``sixgate cluster bird-config``, an HTTP service
+that names the node) and a client side of 16 independent 6to4 sites (tunnel_peer.py, one per
+IPv4 address, policy-routed by source). Protocol 41 has no ports, so the router's layer-3
+hash keeps each site on one node.
+
+Assert: every node carries traffic; a sixgate killed with SIGKILL is withdrawn at once (its
+anchor device dies with it) and every site's new connections succeed on the others while a
+connection held on a surviving node goes on; ``sixgate drain`` withdraws a node, new
+connections go elsewhere and the node stops. Failover time and connections lost per event
+are printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import netlab
+import pytest
+from netlab import LAB_DIR, NAME_PREFIX
+
+pytestmark = [pytest.mark.lab, pytest.mark.cluster]
+
+ANYCAST_IPV4 = "192.0.2.10"  # every node's 6to4 address: 2002:c000:20a::/48
+ANYCAST_IPV6 = "2002:c000:20a::1"
+ROUTER_AS, NODE_AS = 65000, 65001
+NODES = ("n1", "n2", "n3")
+SITES = 16  # P(a node gets no site) = 3 * (2/3)^16, about 1 in 2000
+HOLD_TIME_S = 3
+
+
+def link_addresses(number: int) -> tuple[str, str]:
+    """(router, node) on the /30 to node ``number`` (1-3) inside 198.51.100.0/24."""
+    base = 4 * (number - 1)
+    return f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
+
+
+def site_ipv4(i: int) -> str:
+    return f"203.0.113.{10 + i}"
+
+
+def site_ipv6(i: int) -> str:
+    """RFC 3056 §2: 2002:<203.0.113.(10+i)>::1."""
+    return f"2002:cb00:71{10 + i:02x}::1"
+
+
+ROUTER_BIRD = """\
+router id 198.51.100.1;
+protocol device { }
+protocol kernel { ipv4 { export all; }; merge paths on; }
+""" + "".join(f"""\
+protocol bgp {node} {{
+  local {link_addresses(n)[0]} as {ROUTER_AS};
+  neighbor {link_addresses(n)[1]} as {NODE_AS};
+  hold time {HOLD_TIME_S}; keepalive time 1; connect retry time 1;
+  ipv4 {{ import all; export none; }};
+}}
+""" for n, node in enumerate(NODES, 1))
+
+
+def node_config(node: str, number: int, tmp: Path) -> str:
+    return f"""\
+[tunnel]
+mode = "6to4"
+local_ipv4 = "{ANYCAST_IPV4}"
+relay_ipv4 = "192.88.99.1"
+
+[gateway]
+workers = 1
+run_dir = "{tmp / node / 'run'}"
+name = "sgc{number}"
+
+[cluster]
+announce = ["{ANYCAST_IPV4}/32"]
+local_as = {NODE_AS}
+peer_as = {ROUTER_AS}
+neighbors = ["{link_addresses(number)[0]}"]
+router_id = "{link_addresses(number)[1]}"
+hold_time_s = {HOLD_TIME_S}
+withdraw_after_s = 10
+drain_quiet_s = 3
+drain_timeout_s = 20
+
+[[forward]]
+proto = "tcp"
+port = 80
+to = "127.0.0.1:8080"
+"""
+
+
+class Fleet:
+    """The namespaces, links and processes; everything is removed at the end."""
+
+    def __init__(self) -> None:
+        tag = f"{NAME_PREFIX}{os.getpid()}x{next(netlab._lab_numbers)}"
+        self.tag = tag
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{tag}-"))
+        self.tmp.chmod(0o755)
+        self.cleanup = contextlib.ExitStack()
+        self.cleanup.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.router = f"{tag}-rt"
+        self.clients = f"{tag}-cl"
+        self.nodes = {node: f"{tag}-{node}" for node in NODES}
+
+    def ns(self, name: str) -> None:
+        netlab.run(["ip", "netns", "add", name])
+        self.cleanup.callback(netlab.delete_namespace, name)
+        netlab.run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+    def ip(self, namespace: str, *args: str) -> None:
+        netlab.run(["ip", "-n", namespace, *args])
+
+    def spawn(self, key: str, namespace: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with (self.tmp / f"{key}.out").open("wb") as out, \
+                (self.tmp / f"{key}.err").open("wb") as err:
+            process = subprocess.Popen(netlab.in_ns(namespace, argv), stdout=out, stderr=err,
+                                       stdin=subprocess.DEVNULL, cwd=netlab.REPO_ROOT, env=env)
+        self.processes[key] = process
+        self.cleanup.callback(netlab.stop_process, process, 5)
+        return process
+
+    def exec_in(self, namespace: str, argv: list[str], timeout: float = 30
+                ) -> subprocess.CompletedProcess[str]:
+        return netlab.run(netlab.in_ns(namespace, argv), timeout=timeout, check=False)
+
+    def build(self) -> None:
+        for name in (self.router, self.clients, *self.nodes.values()):
+            self.ns(name)
+        netlab.run(["ip", "netns", "exec", self.router, "sysctl", "-qw",
+                    "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=0"])
+        for number, (node, namespace) in enumerate(self.nodes.items(), 1):
+            router_side, node_side = link_addresses(number)
+            self.ip(self.router, "link", "add", node, "type", "veth", "peer", "name", "eth0",
+                    "netns", namespace)
+            self.ip(self.router, "addr", "add", f"{router_side}/30", "dev", node)
+            self.ip(self.router, "link", "set", node, "up")
+            netlab.run(["ip", "netns", "exec", namespace, "sysctl", "-qw",
+                        "net.ipv6.conf.all.disable_ipv6=1",
+                        "net.ipv6.conf.default.disable_ipv6=1"])
+            self.ip(namespace, "addr", "add", f"{node_side}/30", "dev", "eth0")
+            self.ip(namespace, "link", "set", "eth0", "up")
+            self.ip(namespace, "addr", "add", f"{ANYCAST_IPV4}/32", "dev", "lo")
+            self.ip(namespace, "route", "add", "default", "via", router_side)
+            site = self.tmp / node / "www"
+            site.mkdir(parents=True)
+            (site / "node.txt").write_text(node)
+            (self.tmp / node / "run").mkdir()
+            (self.tmp / node).chmod(0o755)
+            self.spawn(f"http-{node}", namespace,
+                       netlab.http_server_argv("127.0.0.1", 8080, site))
+        self.ip(self.router, "link", "add", "cl", "type", "veth", "peer", "name", "eth0",
+                "netns", self.clients)
+        self.ip(self.router, "addr", "add", "203.0.113.1/24", "dev", "cl")
+        self.ip(self.router, "link", "set", "cl", "up")
+        self.ip(self.clients, "link", "set", "eth0", "up")
+        netlab.run(["ip", "netns", "exec", self.clients, "sysctl", "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=0"])
+        for i in range(SITES):
+            self.ip(self.clients, "addr", "add", f"{site_ipv4(i)}/24", "dev", "eth0")
+        self.ip(self.clients, "route", "add", "192.0.2.0/24", "via", "203.0.113.1")
+        (self.tmp / "router.conf").write_text(ROUTER_BIRD)
+        self.bird("router", self.router, self.tmp / "router.conf")
+        for i in range(SITES):
+            self.start_site(i)
+        for number, node in enumerate(NODES, 1):
+            config = self.config(node)
+            config.write_text(node_config(node, number, self.tmp))
+            done = self.exec_in(self.nodes[node], [*netlab.sixgate_command(), "cluster",
+                                                   "bird-config", "--config", str(config)])
+            assert done.returncode == 0, done.stderr
+            (self.tmp / node / "bird.conf").write_text(done.stdout)
+            self.bird(node, self.nodes[node], self.tmp / node / "bird.conf")
+            self.start_gateway(node)
+
+    def config(self, node: str) -> Path:
+        return self.tmp / node / "sixgate.toml"
+
+    def bird(self, key: str, namespace: str, config: Path) -> None:
+        socket_path = self.tmp / f"{key}.ctl"
+        self.spawn(f"bird-{key}", namespace, ["bird", "-f", "-c", str(config), "-s",
+                                              str(socket_path)])
+        netlab.wait_until(lambda: socket_path.exists(), timeout=10, what=f"BIRD of {key}")
+
+    def start_site(self, i: int) -> None:
+        """A 6to4 site: tunnel_peer.py on its own TUN, its /48 routed by source."""
+        tun = f"tun{i}"
+        ready = self.tmp / f"site{i}.ready"
+        self.spawn(f"site{i}", self.clients, [
+            sys.executable, str(LAB_DIR / "tunnel_peer.py"), "--tun", tun, "--mode", "6to4",
+            "--local", site_ipv4(i), "--ready-file", str(ready)])
+        netlab.wait_until(ready.exists, timeout=15, what=f"site {i}'s tunnel_peer.py")
+        self.ip(self.clients, "link", "set", tun, "mtu", "1480", "up")
+        self.ip(self.clients, "addr", "add", f"{site_ipv6(i)}/48", "dev", tun, "nodad")
+        self.ip(self.clients, "-6", "rule", "add", "from", f"{site_ipv6(i)[:-1]}/48",
+                "table", str(100 + i))
+        self.ip(self.clients, "-6", "route", "add", "2002::/16", "dev", tun, "table",
+                str(100 + i))
+
+    def start_gateway(self, node: str) -> None:
+        key = f"sixgate-{node}-{time.monotonic_ns()}"
+        self.spawn(key, self.nodes[node], [*netlab.sixgate_command(), "run", "--config",
+                                           str(self.config(node))])
+        self.processes[f"sixgate-{node}"] = self.processes[key]
+        netlab.wait_until(lambda: node in self.next_hops(), timeout=30,
+                          what=f"{node} announced at the router")
+
+    def next_hops(self) -> set[str]:
+        """The nodes the router's route to the anycast address points to now."""
+        out = netlab.run(["ip", "-n", self.router, "route", "show", f"{ANYCAST_IPV4}/32"]).stdout
+        return {node for number, node in enumerate(NODES, 1)
+                if f"via {link_addresses(number)[1]} " in out}
+
+    def fetch(self, site: int, timeout: float = 5) -> str:
+        """The node that served site ``site``'s request ("" if it failed)."""
+        done = self.exec_in(self.clients, [
+            "curl", "-6", "-g", "-sS", "--max-time", str(timeout), "--interface",
+            site_ipv6(site), f"http://[{ANYCAST_IPV6}]/node.txt"], timeout=timeout + 5)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    def served_by(self) -> dict[int, str]:
+        return {i: self.fetch(i) for i in range(SITES)}
+
+    def diagnostics(self) -> str:
+        return "\n".join(f"--- {path.name}\n{netlab.tail(path, 2000)}"
+                         for path in sorted(self.tmp.glob("*.err")) if path.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def fleet(served_files: netlab.ServedFiles) -> Iterator[Fleet]:
+    missing = [program for program in ("bird", "birdc") if shutil.which(program) is None]
+    if missing:
+        reason = f"CLUSTER LAB CANNOT RUN: {', '.join(missing)} missing (Debian bird2)"
+        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    built = Fleet()
+    with built.cleanup:
+        try:
+            built.build()
+        except BaseException:
+            print(built.diagnostics())
+            raise
+        yield built
+
+
+def test_the_nodes_bird_config_is_what_bird_accepts(fleet: Fleet) -> None:
+    done = fleet.exec_in(fleet.nodes["n1"], ["bird", "-p", "-c",
+                                             str(fleet.tmp / "n1" / "bird.conf")])
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_node_carries_traffic(fleet: Fleet) -> None:
+    assert fleet.next_hops() == set(NODES)
+    served = fleet.served_by()
+    assert "" not in served.values(), (served, fleet.diagnostics())
+    assert set(served.values()) == set(NODES), served
+    # Protocol 41 has no ports: the router's layer-3 hash keeps a site on its node.
+    assert fleet.served_by() == served
+    for node, namespace in fleet.nodes.items():
+        body = fleet.exec_in(namespace, ["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+        assert f'sixgate_cluster_announced{{prefix="{ANYCAST_IPV4}/32"}} 1.0' in body, node
+
+
+HOLD = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 80), timeout=5, source_address=(sys.argv[2], 0))
+print("connected", flush=True)
+sys.stdin.readline()
+s.sendall(b"GET /node.txt HTTP/1.0\\r\\n\\r\\n")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.decode().rsplit("\\n", 1)[-1], flush=True)
+"""
+
+
+def test_a_killed_sixgate_is_withdrawn_at_once_and_the_others_take_its_sites(
+        fleet: Fleet) -> None:
+    served = fleet.served_by()
+    victim = "n2"
+    kept_site = next(i for i, node in served.items() if node != victim)
+    hold = subprocess.Popen(netlab.in_ns(fleet.clients, [
+        sys.executable, "-c", HOLD, ANYCAST_IPV6, site_ipv6(kept_site)]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hold.stdout is not None and hold.stdin is not None
+        assert hold.stdout.readline().strip() == "connected"
+        killed_at = time.monotonic()
+        os.kill(fleet.processes[f"sixgate-{victim}"].pid, signal.SIGKILL)
+        netlab.wait_until(lambda: victim not in fleet.next_hops(), timeout=HOLD_TIME_S + 5,
+                          what=f"{victim} withdrawn")
+        failover_s = time.monotonic() - killed_at
+        after = fleet.served_by()
+        lost = [i for i, node in after.items() if not node]
+        print(f"\ncluster: sixgate of {victim} killed: withdrawn in {failover_s * 1000:.0f} ms; "
+              f"connections lost after it: {len(lost)} of {SITES}")
+        assert not lost, (after, fleet.diagnostics())
+        assert victim not in after.values()
+        moved = [i for i, node in served.items() if node == victim]
+        assert all(after[i] != victim for i in moved)
+        # A connection held on a surviving node goes on.
+        hold.stdin.write("go\n")
+        hold.stdin.flush()
+        assert hold.stdout.readline().strip() == served[kept_site]
+    finally:
+        if hold.poll() is None:
+            netlab.stop_process(hold, 5)
+        fleet.start_gateway(victim)  # back for the next tests
+    assert fleet.next_hops() == set(NODES)
+
+
+def test_drain_withdraws_the_node_then_it_stops(fleet: Fleet) -> None:
+    """The withdrawal comes first, at once (not after withdraw_after_s, 10 s here); while the
+    drained node still runs (it waits until no packet came for drain_quiet_s, 3 s here) every
+    site is served by the others; then it stops by itself, exit code 0."""
+    node = "n3"
+    gateway = fleet.processes[f"sixgate-{node}"]
+    drain = subprocess.Popen(netlab.in_ns(fleet.nodes[node], [
+        *netlab.sixgate_command(), "drain", "--config", str(fleet.config(node))]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        netlab.wait_until(lambda: node not in fleet.next_hops(), timeout=2,
+                          what=f"{node} withdrawn by the drain")
+        withdrawn_s = time.monotonic() - started
+        assert gateway.poll() is None, "the node stopped before it was withdrawn"
+        during: dict[int, Any] = fleet.served_by()
+        stdout, stderr = drain.communicate(timeout=60)
+    finally:
+        if drain.poll() is None:
+            netlab.stop_process(drain, 5)
+    assert drain.returncode == 0, stdout + stderr
+    assert "withdrawing 192.0.2.10/32" in stdout and "stopped" in stdout, stdout
+    assert gateway.wait(timeout=10) == 0
+    lost = [i for i, served in during.items() if not served]
+    print(f"\ncluster: drain of {node}: withdrawn in {withdrawn_s * 1000:.0f} ms, stopped "
+          f"after {time.monotonic() - started:.1f} s; connections lost meanwhile: {len(lost)} "
+          f"of {SITES}")
+    assert not lost and node not in during.values(), during
+    fleet.start_gateway(node)
+    assert fleet.next_hops() == set(NODES)

@@ -1,0 +1,41 @@
+"""Issue 20: when a node announces (pure decision) and the BIRD config it writes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from support.helpers import make_settings
+
+from sixgate.coordinator.cluster import anchor_name, announce_state, bird_config
+
+
+@pytest.mark.parametrize(
+    ("ready", "draining", "announced", "unready_s", "expected"),
+    [
+        (True, False, False, 0.0, True),  # ready: announce at once
+        (True, True, True, 0.0, False),  # a drain withdraws at once, ready or not
+        (False, False, True, 2.9, True),  # a worker restarting: keep it for a while
+        (False, False, True, 3.0, False),  # unready for withdraw_after_s: withdraw
+        (False, False, False, 0.0, False),  # never announced while unready
+    ],
+)
+def test_announce_state(ready: bool, draining: bool, announced: bool, unready_s: float,
+                        expected: bool) -> None:
+    assert announce_state(ready, draining, announced, unready_s, 3.0) is expected
+
+
+def test_bird_config_routes_each_prefix_through_the_anchor_to_each_router() -> None:
+    settings = dataclasses.replace(
+        make_settings("6to4"), cluster_announce=("192.0.2.10/32", "203.0.113.0/28"),
+        cluster_local_as=65001, cluster_peer_as=65000,
+        cluster_neighbors=("198.51.100.1", "198.51.100.5"), cluster_router_id="198.51.100.2",
+        cluster_hold_time_s=9)
+    text = bird_config(settings)
+    anchor = anchor_name(settings)
+    assert anchor == "sgtestbgp"
+    assert f'route 192.0.2.10/32 via "{anchor}";' in text
+    assert f'route 203.0.113.0/28 via "{anchor}";' in text
+    assert text.count("protocol bgp ") == 2 and "neighbor 198.51.100.5 as 65000;" in text
+    assert "hold time 9; keepalive time 3;" in text and "router id 198.51.100.2;" in text
+    assert "import none;" in text
