@@ -178,6 +178,13 @@ def overview() -> list[Panel]:
                     f"({rate('sixgate_tunnel_bytes_total')}) * 8",
                     "{{instance}} {{tunnel}} {{direction}}")],
             "bps"),
+        up_down(
+            "Cluster: announced",
+            "[cluster]: 1 while the node's BGP speaker announces the prefix (ready, not "
+            "draining), 0 while it is withdrawn (sixgate_cluster_announced): which nodes the "
+            "routers spread the traffic over.",
+            [target("max by (instance, prefix) (sixgate_cluster_announced"
+                    "{instance=~\"$instance\"})", "{{instance}} {{prefix}}")]),
     ]
 
 

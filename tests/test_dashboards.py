@@ -43,6 +43,7 @@ SAMPLES = 240  # one hour
 ALERTS = {"SixgateDown", "SixgateNotReady", "SixgateDropRatioHigh",
           "SixgateFlowTableNearlyFull",
           "SixgateNat64Pool4NearlyExhausted", "SixgateTunnelPeerUnreachable",
+          "SixgateClusterNodeWithdrawn",
           "SixgateWorkerRestarting"}
 
 

@@ -45,12 +45,13 @@ DASHBOARD = netlab.REPO_ROOT / "dashboards" / "sixgate.json"
 RULES = netlab.REPO_ROOT / "dashboards" / "alerts.rules.yml"
 ALERTS = ("SixgateDown", "SixgateNotReady", "SixgateDropRatioHigh",
           "SixgateFlowTableNearlyFull", "SixgateNat64Pool4NearlyExhausted",
-          "SixgateTunnelPeerUnreachable", "SixgateWorkerRestarting")
+          "SixgateTunnelPeerUnreachable", "SixgateClusterNodeWithdrawn",
+          "SixgateWorkerRestarting")
 # Families only a NAT64 (pool4) or a 6in4 gateway (its broker) has series in: this lab's 6to4
 # gateway exports them empty, so a panel made of them only is checked to be a valid query here
 # (tests/test_dashboards.py's synthetic series check it returns data).
 EMPTY_ON_6TO4 = frozenset({"sixgate_nat64_pool4_ports", "sixgate_nat64_pool4_ports_in_use",
-                           "sixgate_tunnel_peer_reachable"})
+                           "sixgate_tunnel_peer_reachable", "sixgate_cluster_announced"})
 
 METRICS_LISTEN = "127.0.0.1:9641"  # the gateway's default; also the target's instance label
 PROMETHEUS_LISTEN = "127.0.0.1:9090"  # inside the gateway namespace, so never in use
