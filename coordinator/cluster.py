@@ -55,7 +55,9 @@ def bird_config(settings: Settings) -> str:
             f"  local as {settings.cluster_local_as};",
             f"  neighbor {neighbor} as {settings.cluster_peer_as};",
             f"  hold time {settings.cluster_hold_time_s}; keepalive time {keepalive};",
-            "  connect retry time 5;",
+            # After a failure (a hold time run out) BIRD would wait a minute or more before
+            # it tries again; a node that is back should be back within seconds.
+            "  connect retry time 5; error wait time 2, 30;",
             f'  ipv4 {{ import none; export where proto = "{STATIC_PROTOCOL}"; '
             "next hop self; };",
             "}",

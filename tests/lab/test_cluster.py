@@ -66,7 +66,7 @@ protocol kernel { ipv4 { export all; }; merge paths on; }
 protocol bgp {node} {{
   local {link_addresses(n)[0]} as {ROUTER_AS};
   neighbor {link_addresses(n)[1]} as {NODE_AS};
-  hold time {HOLD_TIME_S}; keepalive time 1; connect retry time 1;
+  hold time {HOLD_TIME_S}; keepalive time 1; connect retry time 1; error wait time 1, 5;
   ipv4 {{ import all; export none; }};
 }}
 """ for n, node in enumerate(NODES, 1))
@@ -355,3 +355,32 @@ def test_drain_withdraws_the_node_then_it_stops(fleet: Fleet) -> None:
     assert not lost and node not in during.values(), during
     fleet.start_gateway(node)
     assert fleet.next_hops() == set(NODES)
+
+
+def test_a_node_that_freezes_whole_is_dropped_within_the_hold_time(fleet: Fleet) -> None:
+    """A hung host: every process of node n1 (BIRD too) stopped with SIGSTOP. Its BGP session
+    stays open but sends no keepalive; the router drops the node when the hold time (3 s)
+    runs out, and every site's new connection succeeds on the other two. SIGCONT brings it
+    back."""
+    node = "n1"
+    frozen = netlab.namespace_pids(fleet.nodes[node])
+    assert frozen
+    started = time.monotonic()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        netlab.wait_until(lambda: node not in fleet.next_hops(), timeout=HOLD_TIME_S + 5,
+                          what=f"{node} dropped by the router")
+        failover_s = time.monotonic() - started
+        after = fleet.served_by()
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    lost = [i for i, served in after.items() if not served]
+    print(f"\ncluster: {node} frozen whole: dropped after {failover_s:.1f} s (hold time "
+          f"{HOLD_TIME_S} s); connections lost after it: {len(lost)} of {SITES}")
+    assert failover_s <= HOLD_TIME_S + 1.5
+    assert not lost and node not in after.values(), after
+    netlab.wait_until(lambda: fleet.next_hops() == set(NODES), timeout=30,
+                      what=f"{node} announced again")
