@@ -1,23 +1,26 @@
 """Issue 20: a fleet of three sixgate nodes behind ECMP, with real BGP (BIRD 2 on every node and
 on the router), health-gated announcements and drains.
 
-Namespaces: a router (BIRD, eBGP to each node, the learnt anycast route installed as one
-multipath route, layer-3 hash), three nodes (each: the 6to4 anycast address 192.0.2.10 on lo,
-``sixgate run`` with [cluster], its BIRD from ``sixgate cluster bird-config``, an HTTP service
-that names the node) and a client side of 16 independent 6to4 sites (tunnel_peer.py, one per
-IPv4 address, policy-routed by source). Protocol 41 has no ports, so the router's layer-3
-hash keeps each site on one node.
+Namespaces: a router (BIRD, eBGP to each node; the multipath route it learns is mirrored into
+a Linux resilient next-hop group, programs/resilient_router.py, layer-3 hash), three nodes
+(each: the 6to4 anycast address 192.0.2.10 on lo, ``sixgate run`` with [cluster], its BIRD
+from ``sixgate cluster bird-config``, an HTTP service that names the node) and a client side
+of 16 independent 6to4 sites (tunnel_peer.py, one per IPv4 address, policy-routed by source).
+Protocol 41 has no ports, so the router's layer-3 hash keeps each site on one node.
 
 Assert: every node carries traffic; a sixgate killed with SIGKILL is withdrawn at once (its
 anchor device dies with it) and every site's new connections succeed on the others while a
-connection held on a surviving node goes on; ``sixgate drain`` withdraws a node, new
-connections go elsewhere and the node stops. Failover time and connections lost per event
-are printed.
+connection held on a surviving node goes on, and no site of a surviving node moves (the
+resilient group: with a plain multipath route, hash-threshold, removing the first node moved
+sites between the others); ``sixgate drain`` withdraws a node, new connections go elsewhere
+and the node stops; a node frozen whole is dropped within the BGP hold time. Failover time
+and connections lost per event are printed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -41,6 +44,7 @@ ROUTER_AS, NODE_AS = 65000, 65001
 NODES = ("n1", "n2", "n3")
 SITES = 16  # P(a node gets no site) = 3 * (2/3)^16, about 1 in 2000
 HOLD_TIME_S = 3
+GROUP_ID = 100  # the router's resilient next-hop group
 
 
 def link_addresses(number: int) -> tuple[str, str]:
@@ -61,7 +65,7 @@ def site_ipv6(i: int) -> str:
 ROUTER_BIRD = """\
 router id 198.51.100.1;
 protocol device { }
-protocol kernel { ipv4 { export all; }; merge paths on; }
+protocol kernel { kernel table 100; ipv4 { export all; }; merge paths on; }
 """ + "".join(f"""\
 protocol bgp {node} {{
   local {link_addresses(n)[0]} as {ROUTER_AS};
@@ -176,6 +180,13 @@ class Fleet:
         self.ip(self.clients, "route", "add", "192.0.2.0/24", "via", "203.0.113.1")
         (self.tmp / "router.conf").write_text(ROUTER_BIRD)
         self.bird("router", self.router, self.tmp / "router.conf")
+        # BIRD's multipath route (table 100) mirrored into a resilient next-hop group.
+        ready = self.tmp / "resilient.ready"
+        self.spawn("resilient", self.router, [
+            sys.executable, str(netlab.PROGRAMS / "resilient_router.py"), "100",
+            f"{ANYCAST_IPV4}/32", str(GROUP_ID), str(ready),
+            *(f"{n}={link_addresses(n)[1]}@{node}" for n, node in enumerate(NODES, 1))])
+        netlab.wait_until(ready.exists, timeout=10, what="the router's resilient group")
         for i in range(SITES):
             self.start_site(i)
         for number, node in enumerate(NODES, 1):
@@ -221,10 +232,15 @@ class Fleet:
                           what=f"{node} announced at the router")
 
     def next_hops(self) -> set[str]:
-        """The nodes the router's route to the anycast address points to now."""
-        out = netlab.run(["ip", "-n", self.router, "route", "show", f"{ANYCAST_IPV4}/32"]).stdout
-        return {node for number, node in enumerate(NODES, 1)
-                if f"via {link_addresses(number)[1]} " in out}
+        """The nodes the router forwards the anycast address to now (its resilient group)."""
+        route = netlab.run(["ip", "-n", self.router, "route", "show",
+                            f"{ANYCAST_IPV4}/32"]).stdout
+        if f"nhid {GROUP_ID}" not in route:
+            return set()
+        out = netlab.run(["ip", "-n", self.router, "-j", "nexthop", "show", "id",
+                          str(GROUP_ID)], check=False).stdout
+        groups = json.loads(out) if out.strip() else []
+        return {NODES[member["id"] - 1] for group in groups for member in group.get("group", [])}
 
     def fetch(self, site: int, timeout: float = 5) -> str:
         """The node that served site ``site``'s request ("" if it failed)."""
@@ -312,8 +328,9 @@ def test_a_killed_sixgate_is_withdrawn_at_once_and_the_others_take_its_sites(
               f"connections lost after it: {len(lost)} of {SITES}")
         assert not lost, (after, fleet.diagnostics())
         assert victim not in after.values()
-        moved = [i for i, node in served.items() if node == victim]
-        assert all(after[i] != victim for i in moved)
+        # Only the victim's sites move (resilient next-hop group on the router).
+        stayed = {i: node for i, node in served.items() if node != victim}
+        assert {i: after[i] for i in stayed} == stayed, (served, after)
         # A connection held on a surviving node goes on.
         hold.stdin.write("go\n")
         hold.stdin.flush()
@@ -363,6 +380,7 @@ def test_a_node_that_freezes_whole_is_dropped_within_the_hold_time(fleet: Fleet)
     runs out, and every site's new connection succeeds on the other two. SIGCONT brings it
     back."""
     node = "n1"
+    served = fleet.served_by()
     frozen = netlab.namespace_pids(fleet.nodes[node])
     assert frozen
     started = time.monotonic()
@@ -382,5 +400,7 @@ def test_a_node_that_freezes_whole_is_dropped_within_the_hold_time(fleet: Fleet)
           f"{HOLD_TIME_S} s); connections lost after it: {len(lost)} of {SITES}")
     assert failover_s <= HOLD_TIME_S + 1.5
     assert not lost and node not in after.values(), after
+    stayed = {i: served_by for i, served_by in served.items() if served_by != node}
+    assert {i: after[i] for i in stayed} == stayed, (served, after)
     netlab.wait_until(lambda: fleet.next_hops() == set(NODES), timeout=30,
                       what=f"{node} announced again")
