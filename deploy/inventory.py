@@ -249,6 +249,19 @@ VARIABLES: dict[str, Variable] = {
     "nat64_client_prefix": Variable(_client_prefix, None, "nat64.client_prefix"),
     "nat64_port_hold_s": Variable(_int_range(0, 3600), None, "nat64.port_hold_s"),
     "nat64_log_bindings": Variable(_bool, None, "nat64.log_bindings"),
+    # -- a fleet behind ECMP (README "A fleet behind ECMP"): a [cluster] table is written when
+    # cluster_announce is set; each node its own router_id
+    "cluster_announce": Variable(_string_list, None, "cluster.announce: the prefixes this "
+                                 "node announces over BGP while ready"),
+    "cluster_local_as": Variable(_int_range(1, 4294967294), None, "cluster.local_as"),
+    "cluster_peer_as": Variable(_int_range(1, 4294967294), None, "cluster.peer_as"),
+    "cluster_neighbors": Variable(_string_list, None, "cluster.neighbors: the routers"),
+    "cluster_router_id": Variable(_ipv4, None, "cluster.router_id (unique per node)"),
+    "cluster_hold_time_s": Variable(_int_range(3, 65535), None, "cluster.hold_time_s"),
+    "cluster_withdraw_after_s": Variable(_int_range(1, 300), None,
+                                         "cluster.withdraw_after_s"),
+    "cluster_drain_timeout_s": Variable(_int_range(1, 86400), None, "cluster.drain_timeout_s"),
+    "cluster_drain_quiet_s": Variable(_int_range(1, 600), None, "cluster.drain_quiet_s"),
     # -- the health gate
     "ping_target": Variable(_ping_target, None, "what `sixgate ping` must reach through the "
                             "new gateway: an IPv6 address through the tunnel, or an IPv4 "
@@ -256,6 +269,7 @@ VARIABLES: dict[str, Variable] = {
 }
 REQUIRED = ("ssh", "mode")
 NAT64_VARIABLES = tuple(key for key in VARIABLES if key.startswith("nat64_"))
+CLUSTER_VARIABLES = tuple(key for key in VARIABLES if key.startswith("cluster_"))
 
 
 def has_nat64(variables: dict[str, Any]) -> bool:

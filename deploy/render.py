@@ -16,7 +16,13 @@ from typing import Any
 import jinja2
 
 from sixgate.coordinator.config import ConfigError, parse_config
-from sixgate.deploy.inventory import NAT64_VARIABLES, Host, Inventory, has_nat64
+from sixgate.deploy.inventory import (
+    CLUSTER_VARIABLES,
+    NAT64_VARIABLES,
+    Host,
+    Inventory,
+    has_nat64,
+)
 from sixgate.deploy.source import KeyPath
 
 ANSIBLE_DIR = Path(__file__).resolve().parent / "ansible"
@@ -38,6 +44,8 @@ CONFIG_KEY_TO_VARIABLE = {
     "gateway.run_dir": "install_root", "metrics.listen": "metrics_listen",
     "gateway.user": "user", "nat64": "nat64_clients", "nat64.pool4": "nat64_pool4",
     **{f"nat64.{key.removeprefix('nat64_')}": key for key in NAT64_VARIABLES},
+    "cluster": "cluster_announce",
+    **{f"cluster.{key.removeprefix('cluster_')}": key for key in CLUSTER_VARIABLES},
 }
 
 
@@ -103,6 +111,9 @@ def ansible_host_vars(host: Host) -> dict[str, Any]:
                            if v[key] is not None and key != "nat64_pool4"}
                           if has_nat64(v) else None),
         "sixgate_nat64_pool4": v["nat64_pool4"] or [],
+        # The [cluster] table, when the host announces anything: the keys set.
+        "sixgate_cluster": ({key.removeprefix("cluster_"): v[key] for key in CLUSTER_VARIABLES
+                             if v[key] is not None} if v["cluster_announce"] else None),
     })
     return hostvars
 

@@ -557,3 +557,25 @@ def test_the_wheel_installs_one_import_name(tmp_path: Path) -> None:
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "sixgate = sixgate.coordinator.cli:main" in entry_points
+
+
+def test_a_cluster_node_renders_its_announcements(files: Path) -> None:
+    """Issue 20: the cluster_* variables reach the gateway's [cluster] (a host without them
+    has none); a bad one is refused at the render check, naming the inventory variable."""
+    node = ('[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"\n'
+            'cluster_announce = ["192.0.2.11/32"]\ncluster_local_as = 65001\n'
+            'cluster_peer_as = 65000\ncluster_neighbors = ["198.51.100.1"]\n'
+            'cluster_router_id = "198.51.100.2"\ncluster_hold_time_s = 9')
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY.replace(
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"', node)))
+    settings = parse_config(render_gateway_config(inventory.host("edge1")))
+    assert (settings.cluster_announce, settings.cluster_local_as, settings.cluster_peer_as,
+            settings.cluster_neighbors, settings.cluster_router_id,
+            settings.cluster_hold_time_s) == (("192.0.2.11/32",), 65001, 65000,
+                                               ("198.51.100.1",), "198.51.100.2", 9)
+    assert "[cluster]" not in render_gateway_config(inventory.host("edge2"))
+    bad = load_inventory(write(files, "bad.toml", INVENTORY.replace(
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"',
+        node.replace('["192.0.2.11/32"]', '["192.0.2.11/24"]'))))
+    with pytest.raises(ConfigError, match="cluster_announce"):
+        check_gateway_config(bad, bad.host("edge1"))
