@@ -262,6 +262,9 @@ VARIABLES: dict[str, Variable] = {
                                          "cluster.withdraw_after_s"),
     "cluster_drain_timeout_s": Variable(_int_range(1, 86400), None, "cluster.drain_timeout_s"),
     "cluster_drain_quiet_s": Variable(_int_range(1, 600), None, "cluster.drain_quiet_s"),
+    "bird_socket": Variable(_absolute, "/run/bird/bird.ctl", "[cluster] hosts: the running "
+                            "BIRD's control socket; a rollout writes <etc>/bird.conf and runs "
+                            "`birdc configure` on it when it exists"),
     # -- the health gate
     "ping_target": Variable(_ping_target, None, "what `sixgate ping` must reach through the "
                             "new gateway: an IPv6 address through the tunnel, or an IPv4 "

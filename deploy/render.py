@@ -111,6 +111,7 @@ def ansible_host_vars(host: Host) -> dict[str, Any]:
                            if v[key] is not None and key != "nat64_pool4"}
                           if has_nat64(v) else None),
         "sixgate_nat64_pool4": v["nat64_pool4"] or [],
+        "sixgate_bird_socket": v["bird_socket"],
         # The [cluster] table, when the host announces anything: the keys set.
         "sixgate_cluster": ({key.removeprefix("cluster_"): v[key] for key in CLUSTER_VARIABLES
                              if v[key] is not None} if v["cluster_announce"] else None),

@@ -55,7 +55,7 @@ CONTROLLER_IPV4 = "192.0.2.1"
 PEER_IPV4 = "198.51.100.1"  # the 6to4 peer, also every gateway's relay
 PEER_IPV6 = "2002:c633:6401::1"  # RFC 3056 §2: 2002:<198.51.100.1>::1, what health gates ping
 SSHD = "/usr/sbin/sshd"
-REQUIRED_PROGRAMS = ("ip", "ping", "curl", "ss", "ssh", "ssh-keygen")
+REQUIRED_PROGRAMS = ("ip", "ping", "curl", "ss", "ssh", "ssh-keygen", "bird", "birdc")
 
 _fleet_numbers = itertools.count(1)
 STAGE_SECONDS: dict[str, float] = {}  # how long each rollout stage took, for the summary

@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 PROGRAMS = fleet_module.LAB_DIR / "programs"
 
 HOSTS = (1, 2, 3, 4)
+CLUSTER_HOST = 2  # a [cluster] node: its BIRD (started after the install) announces its address
 RELEASE = checkout_version()
 UPGRADE = f"{RELEASE}+upgrade"
 # A typo in the broker's address: a valid config that `sixgate check` accepts and /readyz
@@ -73,6 +74,15 @@ def inventory_text(fleet: Fleet, tunnel: str = GOOD,
                  f'ssh = "{host_ipv4(number)}"\n'
                  f'local_ipv4 = "{host_ipv4(number)}"\n'
                  f'install_root = "{fleet.root(number)}"\n')
+        if number == CLUSTER_HOST:
+            # Issue 20: a BGP node. Its BIRD peers with the controller, where nothing answers:
+            # what is checked is the static route BIRD takes from sixgate's anchor device.
+            text += (f'cluster_announce = ["{host_ipv4(number)}/32"]\n'
+                     "cluster_local_as = 65001\ncluster_peer_as = 65000\n"
+                     f'cluster_neighbors = ["{fleet_module.CONTROLLER_IPV4}"]\n'
+                     f'cluster_router_id = "{host_ipv4(number)}"\n'
+                     "cluster_drain_quiet_s = 1\n"
+                     f'bird_socket = "{bird_socket(fleet)}"\n')
         if number == fleet.nat64_host:
             # A NAT64 beside its 6to4 tunnel; its health gate pings IPv4 through the NAT64.
             text += (f'nat64_clients = ["{fleet_module.NAT64_CLIENTS}"]\n'
@@ -81,6 +91,20 @@ def inventory_text(fleet: Fleet, tunnel: str = GOOD,
                      'icmp = "0-65535", tcp = "61001-65535" }]\n'
                      f'ping_target = "{fleet_module.PEER_IPV4}"\n')
     return text
+
+
+def bird_socket(fleet: Fleet) -> Path:
+    return fleet.root(CLUSTER_HOST) / "run" / "bird.ctl"
+
+
+def birdc(fleet: Fleet, *args: str) -> str:
+    done = fleet.host(CLUSTER_HOST, ["birdc", "-s", str(bird_socket(fleet)), *args])
+    return done.stdout + done.stderr
+
+
+def announced_by_bird(fleet: Fleet) -> bool:
+    """Whether the cluster host's BIRD has the route of its anchor device (gateway up)."""
+    return f"{host_ipv4(CLUSTER_HOST)}/32" in birdc(fleet, "show", "route")
 
 
 def rollout_text(release: str, serial: str) -> str:
@@ -281,6 +305,13 @@ def test_first_install_everywhere(fleet: Fleet, wheelhouse: Path) -> None:
         assert state.previous is None
         # Ansible's rendering on the host is the text validated on the controller.
         assert state.config == render_gateway_config(fleet_inventory.host(f"h{number}"))
+    # The [cluster] host got its BIRD config; its BIRD (started now, as an operator would)
+    # announces the host's address through the running gateway's anchor device.
+    bird_conf = fleet.root(CLUSTER_HOST) / "etc" / "sixgate" / "bird.conf"
+    assert f"route {host_ipv4(CLUSTER_HOST)}/32 via" in bird_conf.read_text()
+    fleet.spawn("bird", fleet.host_ns(CLUSTER_HOST), [
+        "bird", "-f", "-c", str(bird_conf), "-s", str(bird_socket(fleet))])
+    fleet_module.wait_for(lambda: announced_by_bird(fleet), 10, "BIRD's route of the cluster host")
     stage("install", started)
 
 
@@ -309,6 +340,7 @@ def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
     before = {n: host_state(fleet, n) for n in HOSTS}
     log = fleet.root(1) / "var" / "log" / "sixgate" / "gateway.log"
     log_before = log.stat().st_size
+    reconfigured_before = birdc(fleet, "show", "status")
     download = LongDownload(fleet, 1)
     inventory, rollout = write_files(fleet, inventory_text(fleet), rollout_text(
         f'wheel = "{wheel_of(wheelhouse, UPGRADE)}"', '[1, "25%", "100%"]'))
@@ -322,6 +354,14 @@ def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
     text = log.read_text()[log_before:]
     assert "handed over to the next run" in text and re.search(
         r"resuming [1-9]\d* session\(s\) handed over", text), text[-3000:]
+    # The [cluster] host was drained before its restart (withdrawn, then stopped once quiet),
+    # its BIRD reconfigured, and the new gateway announces again.
+    cluster_log = (fleet.root(CLUSTER_HOST) / "var" / "log" / "sixgate" / "gateway.log"
+                   ).read_text()
+    assert "cluster: drain asked" in cluster_log and "cluster: drained" in cluster_log, (
+        cluster_log[-3000:])
+    assert reconfigured_before != birdc(fleet, "show", "status"), output
+    fleet_module.wait_for(lambda: announced_by_bird(fleet), 15, "BIRD's route after the upgrade")
     after = {n: assert_serving(fleet, n, UPGRADE, output) for n in HOSTS}
     for number in HOSTS:
         assert after[number].previous == RELEASE, after[number]
