@@ -117,6 +117,7 @@ class Fleet:
         self.cleanup = contextlib.ExitStack()
         self.cleanup.callback(shutil.rmtree, self.tmp, ignore_errors=True)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.spawned: list[subprocess.Popen[bytes]] = []
         self.router = f"{tag}-rt"
         self.clients = f"{tag}-cl"
         self.nodes = {node: f"{tag}-{node}" for node in NODES}
@@ -136,8 +137,16 @@ class Fleet:
             process = subprocess.Popen(netlab.in_ns(namespace, argv), stdout=out, stderr=err,
                                        stdin=subprocess.DEVNULL, cwd=netlab.REPO_ROOT, env=env)
         self.processes[key] = process
-        self.cleanup.callback(netlab.stop_process, process, 5)
+        self.spawned.append(process)
         return process
+
+    def stop_all(self) -> None:
+        for process in self.spawned:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        for process in reversed(self.spawned):
+            netlab.stop_process(process, 5)
 
     def exec_in(self, namespace: str, argv: list[str], timeout: float = 30
                 ) -> subprocess.CompletedProcess[str]:
@@ -272,6 +281,10 @@ def fleet(served_files: netlab.ServedFiles) -> Iterator[Fleet]:
         except BaseException:
             print(built.diagnostics())
             raise
+        finally:
+            # Runs first: every process told to stop at once, then each waited for (about 25),
+            # before the namespaces go (which kills whatever is left in them).
+            built.cleanup.callback(built.stop_all)
         yield built
 
 
