@@ -194,10 +194,10 @@ def run_script(fast: Datapath, full: Datapath, script: list[tuple[str, object]],
 @FLAVOURS
 def test_fast_path_is_taken_for_plain_packets(flavour: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not a vacuous comparison: after the first packet of a session, plain packets in both
-    directions come from the templates (the compiled loops take them before the Python
-    functions see them), and what they produce is valid (scapy recomputes every checksum and
-    length and gets the same bytes)."""
+    """Not a vacuous comparison: once a session's templates exist (made from its second
+    packet each way), plain packets in both directions come from them (the compiled loops take
+    them before the Python functions see them), and what they produce is valid (scapy
+    recomputes every checksum and length and gets the same bytes)."""
     taken: list[str] = []
     for name in ("fast_v6_to_v4", "fast_v4_to_v6"):
         real = getattr(datapath_module, name)
@@ -217,8 +217,10 @@ def test_fast_path_is_taken_for_plain_packets(flavour: str,
         fast.from_services([reply_packet(request, "SA", 20, "none")], 1.0)
         second = client_packet(CLIENTS[0], proto, 40000, 53 if proto == "udp" else 80, "PA",
                                "timestamp", 333, "none")
-        # The client's ACK completes the handshake (a state change: never compiled).
+        # The client's ACK completes the handshake (a state change: never compiled); it makes
+        # the inbound template, the service's next answer the return one.
         fast.from_tunnel([encapsulate(second, CLIENT4, "plain")], 1.5)
+        fast.from_services([reply_packet(request, "A", 500, "none")], 1.6)
         taken.clear()
         out_in = fast.from_tunnel([encapsulate(second, CLIENT4, "plain")], 2.0)
         out_back = fast.from_services([reply_packet(request, "PA", 777, "none")], 2.0)
@@ -309,12 +311,16 @@ def test_from_tunnel_equals_check_inbound_then_full_path(
 
 def test_from_tunnel_second_packet_of_a_flow_skips_the_full_checks(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not vacuous: the second packet of a flow from the same tunnel addresses is translated
+    """Not vacuous: the third packet of a flow from the same tunnel addresses is translated
     from the one-lookup cache without running check_inbound again; a spoofed outer source
-    for the same inner packet is not (the key holds the outer addresses) and is dropped."""
+    for the same inner packet is not (the key holds the outer addresses) and is dropped.
+    The first packet makes no template (a flow of one packet never pays for one), the second
+    makes it and the cache entry."""
     fast, _full = engines()
     first = client_packet(CLIENTS[0], "udp", 40000, 53, "A", "none", 10, "none")
     out = fast.from_tunnel([encapsulate(first, CLIENT4, "plain")], 1.0)
+    assert len(out.to_services) == 1 and len(fast._fast_tunnel[17]) == 0
+    out = fast.from_tunnel([encapsulate(first, CLIENT4, "plain")], 1.5)
     assert len(out.to_services) == 1 and len(fast._fast_tunnel[17]) == 1
 
     def must_not_run(*_args: object) -> object:

@@ -220,6 +220,7 @@ class Datapath:
             entry.sixrd(settings.known_ipv4), set()) for entry in settings.all_tunnels()]
         self.tunnels = TunnelTable.build(tunnels) if tunnels else None
         self.addresses = frozenset().union(*(t.policy.addresses for t in tunnels))
+        self._our_objects = {address: address for address in self.addresses}
         # The tunnel of the packet being answered (``_outer_for``).
         self._tunnel = self.tunnels.any_source if self.tunnels is not None else None
         # What the current call produced, handed back as its Output (``_take``).
@@ -827,6 +828,9 @@ class Datapath:
         sport, dport = PORTS.unpack_from(segment)
         session = self.flows.lookup_v6(proto, view[2], sport, view[3], dport)
         flags = segment[13] if proto == PROTO_TCP else 0
+        # A session's templates are made from its second packet each way: a flow of one
+        # packet (a DNS query) never pays for them (issue 21: memory, flow setup).
+        again = session is not None
         if session is None:
             rule = (self.rules.get((proto, dport)) if target4 is None
                     else (NAT64_RULE, target4, dport, None))
@@ -848,7 +852,9 @@ class Datapath:
             if hop_limit_after(view[1]) <= 0:
                 self._expired_in_transit(packet, view)
                 return
-            created = self.flows.create(proto, view[2], sport, view[3], dport, rule[1],
+            # Our address as one object for all its sessions (issue 21: memory).
+            gw6 = self._our_objects.get(view[3], view[3])
+            created = self.flows.create(proto, view[2], sport, gw6, dport, rule[1],
                                         rule[2], rule[0], now, self._outer4)
             if isinstance(created, DropReason):
                 self._refused_by_limits(created, packet, view)
@@ -875,7 +881,7 @@ class Datapath:
                                  self._fragmented)
         self._to_services.append(out)
         self.counters.count("to_services", proto, len(out))
-        if offset == 40:
+        if offset == 40 and again:
             key = bytes(packet[8:44])
             if key not in self._fast_in[proto]:
                 self._fast_in[proto][key] = inbound_template(session)
@@ -1079,6 +1085,7 @@ class Datapath:
             if hop_limit_after(ttl) <= 0:
                 self._drop(DropReason.HOP_LIMIT_EXCEEDED)
                 return
+            again = session.assured  # the service answered before: its template is worth it
             if proto == PROTO_TCP:
                 self.flows.touch_tcp(session, packet[header_len + 13], False, now)
             else:
@@ -1098,7 +1105,7 @@ class Datapath:
                 self._to_services.append(self._frag_needed(packet, header_len, total_len))
                 return
             self._emit(session, proto, segment, hop_limit_after(ttl), tos)
-            if header_len == 20:
+            if header_len == 20 and again:
                 key = bytes(packet[12:24])
                 outer = self._outer_for(session.client6, session.gw6)
                 if outer is not None and key not in self._fast_out[proto]:

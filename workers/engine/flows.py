@@ -112,7 +112,7 @@ class Session:
     """One live session; attributes are plain values for speed (STYLE.md: hot path)."""
 
     __slots__ = ("proto", "client6", "cport", "gw6", "gwport", "pool4", "target4", "tport",
-                 "rule", "state", "last_seen", "timeout_s", "prefix64", "created", "alive",
+                 "rule", "state", "last_seen", "timeout_s", "created", "alive",
                  "assured", "outer4", "slot", "pport")
 
     def __init__(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
@@ -130,7 +130,6 @@ class Session:
         self.state = state
         self.last_seen = now
         self.timeout_s = timeout_s
-        self.prefix64 = client6[:8]
         self.created = now
         self.alive = True  # False once the table removed it (caches drop it when they see it)
         self.assured = False
@@ -148,14 +147,16 @@ class Session:
 
 
 class _Binding:
-    """A client address's pool address and how many of its sessions live / are assured."""
+    """A client address's pool address and how many of its sessions live / are assured; its
+    address object, which every session of the client shares (issue 21: memory)."""
 
-    __slots__ = ("pool4", "sessions", "assured")
+    __slots__ = ("pool4", "sessions", "assured", "client6")
 
-    def __init__(self, pool4: bytes) -> None:
+    def __init__(self, pool4: bytes, client6: bytes) -> None:
         self.pool4 = pool4
         self.sessions = 0
         self.assured = 0
+        self.client6 = client6
 
 
 # The two port ranges of RFC 6146 §3.5.1.1: a binding keeps the range of the client's port.
@@ -295,6 +296,7 @@ class FlowTable:
         self._per_prefix: dict[bytes, int] = {}
         self._per_48: dict[bytes, int] = {}
         self._per_outer4: dict[bytes, int] = {}
+        self._outer4_objects: dict[bytes, bytes] = {}  # the one object of each live source
         # NAT64 (``ports`` set): bindings by each side, and pool4 ports per client (RFC 6888
         # REQ-4 quota, per /64 or /128: ``quota_prefix_bytes`` 8 or 16).
         self.ports = ports
@@ -436,12 +438,13 @@ class FlowTable:
             pool4 = self._free[0]
         else:
             pool4 = binding.pool4
+            client6 = binding.client6  # one address object for all of a client's sessions
         v4_key = (proto, pool4, cport, target4, tport)
         if v4_key in self._by_v4:
             return DropReason.PORT_IN_USE
         if binding is None:
             self._free.popleft()
-            binding = _Binding(pool4)
+            binding = _Binding(pool4, client6)
             self._client_pool[client6] = binding
         binding.sessions += 1
         if proto == PROTO_TCP:
@@ -480,7 +483,9 @@ class FlowTable:
         if v4_key in self._by_v4:
             return DropReason.PORT_IN_USE
         if binding is None:
-            binding = self._nat64_pairs[client6] = _Binding(bib.pool4)
+            binding = self._nat64_pairs[client6] = _Binding(bib.pool4, client6)
+        else:
+            client6 = binding.client6  # one address object for all of a client's sessions
         binding.sessions += 1
         bib.sessions += 1
         bib.remotes[target4] = bib.remotes.get(target4, 0) + 1
@@ -497,12 +502,14 @@ class FlowTable:
         self._by_v6[session.v6_key()] = session
         self._by_v4[v4_key] = session
         self._unassured[session] = None
-        prefix = session.prefix64
+        prefix = session.client6[:8]
         self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
         prefix48 = session.client6[:6]
         self._per_48[prefix48] = self._per_48.get(prefix48, 0) + 1
         outer4 = session.outer4
         if outer4:
+            # One address object for all the sessions of a relay or site (issue 21: memory).
+            outer4 = session.outer4 = self._outer4_objects.setdefault(outer4, outer4)
             self._per_outer4[outer4] = self._per_outer4.get(outer4, 0) + 1
         self._place(session, int(now + session.timeout_s))
         self.active_by_proto[proto] = self.active_by_proto.get(proto, 0) + 1
@@ -674,10 +681,10 @@ class FlowTable:
             self.removed.append(session)
         self._by_v4.pop(session.v4_key(), None)
         self._unassured.pop(session, None)
-        _decrement(self._per_prefix, session.prefix64)
+        _decrement(self._per_prefix, session.client6[:8])
         _decrement(self._per_48, session.client6[:6])
-        if session.outer4:
-            _decrement(self._per_outer4, session.outer4)
+        if session.outer4 and not _decrement(self._per_outer4, session.outer4):
+            self._outer4_objects.pop(session.outer4, None)
         pairs = self._pairs_of(session)
         binding = pairs.get(session.client6)
         if binding is not None:
@@ -809,10 +816,13 @@ class FlowTable:
             if binding is None:
                 if session.pool4 not in free or session.pool4 in taken:
                     continue
-                binding = self._client_pool[session.client6] = _Binding(session.pool4)
+                binding = self._client_pool[session.client6] = _Binding(session.pool4,
+                                                                        session.client6)
                 taken.add(session.pool4)
             elif binding.pool4 != session.pool4:
                 continue
+            else:
+                session.client6 = binding.client6
             binding.sessions += 1
             if self._restore_common(session, now):
                 resumed += 1
@@ -856,7 +866,10 @@ class FlowTable:
                     or pair is not None and pair.pool4 != session.pool4):
                 continue
             if pair is None:
-                pair = self._nat64_pairs[session.client6] = _Binding(session.pool4)
+                pair = self._nat64_pairs[session.client6] = _Binding(session.pool4,
+                                                                     session.client6)
+            else:
+                session.client6 = pair.client6
             pair.sessions += 1
             if self._restore_common(session, now):
                 entry.sessions += 1
@@ -955,9 +968,11 @@ def parse_record(record: object) -> Session:
     return session
 
 
-def _decrement(counts: dict[bytes, int], key: bytes) -> None:
+def _decrement(counts: dict[bytes, int], key: bytes) -> int:
+    """One fewer of ``key`` (gone at 0); how many are left."""
     count = counts.get(key, 1) - 1
     if count:
         counts[key] = count
     else:
         counts.pop(key, None)
+    return count
