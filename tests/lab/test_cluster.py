@@ -96,7 +96,7 @@ neighbors = ["{link_addresses(number)[0]}"]
 router_id = "{link_addresses(number)[1]}"
 hold_time_s = {HOLD_TIME_S}
 withdraw_after_s = 10
-drain_quiet_s = 3
+drain_quiet_s = 5
 drain_timeout_s = 20
 
 [[forward]]
@@ -356,9 +356,10 @@ def test_a_killed_sixgate_is_withdrawn_at_once_and_the_others_take_its_sites(
 
 
 def test_drain_withdraws_the_node_then_it_stops(fleet: Fleet) -> None:
-    """The withdrawal comes first, at once (not after withdraw_after_s, 10 s here); while the
-    drained node still runs (it waits until no packet came for drain_quiet_s, 3 s here) every
-    site is served by the others; then it stops by itself, exit code 0."""
+    """The withdrawal comes first, at once (within 4 s under load; not after withdraw_after_s,
+    10 s here); while the drained node still runs (it waits until no packet came for
+    drain_quiet_s, 5 s here) every site is served by the others; then it stops by itself,
+    exit code 0."""
     node = "n3"
     gateway = fleet.processes[f"sixgate-{node}"]
     drain = subprocess.Popen(netlab.in_ns(fleet.nodes[node], [
@@ -366,7 +367,7 @@ def test_drain_withdraws_the_node_then_it_stops(fleet: Fleet) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         started = time.monotonic()
-        netlab.wait_until(lambda: node not in fleet.next_hops(), timeout=2,
+        netlab.wait_until(lambda: node not in fleet.next_hops(), timeout=4,
                           what=f"{node} withdrawn by the drain")
         withdrawn_s = time.monotonic() - started
         assert gateway.poll() is None, "the node stopped before it was withdrawn"
