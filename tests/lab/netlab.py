@@ -465,6 +465,12 @@ def base36(value: int) -> str:
             return text
 
 
+def next_tag() -> str:
+    """A new ``sgl<pid>x<n>`` prefix for a lab's namespaces and temp dir (swept by
+    ``sweep_leftovers`` once this process is gone)."""
+    return f"{NAME_PREFIX}{os.getpid()}x{next(_lab_numbers)}"
+
+
 def gateway_name(pid: int, number: int) -> str:
     """The gateway's ``name`` (its TUN devices are ``<name><worker>``): at most 8 characters
     so that ``<name><worker>`` fits IFNAMSIZ; pid and lab number keep it unique per run."""
@@ -556,6 +562,11 @@ class Lab:
             self.ip(self.peer_ns, "addr", "add", f"{address}/24", "dev", "veth0")
         self.ip(self.peer_ns, "link", "set", "veth0", "up")
         self.ip(self.peer_ns, "route", "add", "192.0.2.0/24", "dev", "veth0", "src", PEER_IPV4)
+
+    def add_namespace(self, namespace: str) -> None:
+        """A further namespace of this lab (a test's extra peer), deleted at ``close``."""
+        run(["ip", "netns", "add", namespace])
+        self._cleanup.callback(delete_namespace, namespace)
 
     def ip(self, namespace: str, *args: str) -> None:
         """``ip -n namespace ...``, checked."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import netlab
 import pytest
-from netlab import LAB_DIR, NAME_PREFIX
+from netlab import LAB_DIR
 
 pytestmark = [pytest.mark.lab, pytest.mark.cluster]
 
@@ -110,7 +110,7 @@ class Fleet:
     """The namespaces, links and processes; everything is removed at the end."""
 
     def __init__(self) -> None:
-        tag = f"{NAME_PREFIX}{os.getpid()}x{next(netlab._lab_numbers)}"
+        tag = netlab.next_tag()
         self.tag = tag
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{tag}-"))
         self.tmp.chmod(0o755)

@@ -77,8 +77,7 @@ class SeveralTunnels:
         lab = self.lab
         _, suffix, ipv4, mode, cidr, route = SITES[name]
         namespace = f"{lab.peer_ns[:-len('peer')]}{suffix}"
-        netlab.run(["ip", "netns", "add", namespace])
-        lab._cleanup.callback(netlab.delete_namespace, namespace)
+        lab.add_namespace(namespace)
         self.namespaces[name] = namespace
         link = f"v{suffix}"
         lab.ip(lab.peer_ns, "link", "add", link, "type", "veth", "peer", "name", "veth0",
