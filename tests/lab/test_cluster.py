@@ -292,6 +292,11 @@ def test_the_nodes_bird_config_is_what_bird_accepts(fleet: Fleet) -> None:
     done = fleet.exec_in(fleet.nodes["n1"], ["bird", "-p", "-c",
                                              str(fleet.tmp / "n1" / "bird.conf")])
     assert done.returncode == 0, done.stderr
+    check = fleet.exec_in(fleet.nodes["n1"], [*netlab.sixgate_command(), "check", "--config",
+                                              str(fleet.config("n1"))])
+    assert check.returncode == 0, check.stderr
+    assert (f"cluster       BIRD announces {ANYCAST_IPV4}/32 through sgc1bgp while this node "
+            "is ready") in check.stdout, check.stdout
 
 
 def test_every_node_carries_traffic(fleet: Fleet) -> None:
