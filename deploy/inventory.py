@@ -158,6 +158,31 @@ def _pool4(source: TomlSource, path: KeyPath, value: Any) -> list[dict[str, str]
     return rows
 
 
+EXTRA_TUNNEL_KEYS = frozenset({"name", "mode", "remote_ipv4", "relay_ipv4", "prefix",
+                               "ipv4_mask_len", "border_relay_ipv4", "addresses", "mtu",
+                               "martian_ipv4"})
+
+
+def _extra_tunnels(source: TomlSource, path: KeyPath, value: Any) -> list[dict[str, Any]]:
+    """Further tunnels of the host ([[tunnel]] after the first, README "Several tunnels"): each
+    a table of the gateway's tunnel keys but the shared local_ipv4/public_ipv4; the gateway's
+    parser checks them once rendered."""
+    if not isinstance(value, list) or not value:
+        raise source.error(path, "must be a list of tables like [{ name = \"backup\", mode = "
+                           "\"6in4\", remote_ipv4 = \"198.51.100.3\", prefix = "
+                           "\"2001:db8:2::/64\" }]")
+    tunnels = []
+    for index, tunnel in enumerate(value):
+        where = (*path, index)
+        if not isinstance(tunnel, dict):
+            raise source.error(where, "must be a table { name = ..., mode = ..., ... }")
+        reject_unknown(source, tunnel, where, EXTRA_TUNNEL_KEYS)
+        if "mode" not in tunnel:
+            raise source.error(where, "missing mode")
+        tunnels.append(dict(tunnel))
+    return tunnels
+
+
 FORWARD_KEYS = frozenset({"proto", "port", "to"})
 
 
@@ -204,6 +229,10 @@ VARIABLES: dict[str, Variable] = {
                      "the unit's User= and [gateway] user (pidfile hosts: [gateway] user's "
                      "default, nobody)"),
     # -- the gateway's config (README "Configuration")
+    "tunnel_name": Variable(_text, None, "tunnel.name of the first tunnel (its metrics' label)"),
+    "extra_tunnels": Variable(_extra_tunnels, None, "further tunnels on the same local_ipv4, "
+                              "each a table of tunnel keys: [{ name, mode, remote_ipv4, prefix, "
+                              "... }] (README \"Several tunnels\")"),
     "mode": Variable(_choice("6to4", "6in4", "6rd", "nat64"), None, "tunnel.mode; \"nat64\": no "
                      "tunnel, the host is a NAT64 only (nat64_* below)"),
     "local_ipv4": Variable(_ipv4, None, "tunnel.local_ipv4: the host's public IPv4 (not "

@@ -39,6 +39,7 @@ CONFIG_KEY_TO_VARIABLE = {
     "tunnel.remote_ipv4": "remote_ipv4", "tunnel.prefix": "prefix",
     "tunnel.ipv4_mask_len": "ipv4_mask_len", "tunnel.border_relay_ipv4": "border_relay_ipv4",
     "tunnel.addresses": "addresses", "tunnel.mtu": "mtu", "tunnel": "mode",
+    "tunnel.name": "tunnel_name",
     "gateway.workers": "workers", "gateway.pool": "pool", "gateway.name": "gateway_name",
     "gateway.backend": "backend", "gateway.log_level": "log_level",
     "gateway.run_dir": "install_root", "metrics.listen": "metrics_listen",
@@ -112,6 +113,8 @@ def ansible_host_vars(host: Host) -> dict[str, Any]:
                           if has_nat64(v) else None),
         "sixgate_nat64_pool4": v["nat64_pool4"] or [],
         "sixgate_bird_socket": v["bird_socket"],
+        "sixgate_tunnel_name": v["tunnel_name"],
+        "sixgate_extra_tunnels": v["extra_tunnels"] or [],
         # The [cluster] table, when the host announces anything: the keys set.
         "sixgate_cluster": ({key.removeprefix("cluster_"): v[key] for key in CLUSTER_VARIABLES
                              if v[key] is not None} if v["cluster_announce"] else None),
@@ -156,6 +159,11 @@ def _inventory_key(host: Host, config_key: str) -> KeyPath:
     pool4 = re.fullmatch(r"nat64\.pool4(?:\[(\d+)\])?(?:\..*)?", config_key)
     if pool4 and "nat64_pool4" in host.origin:
         return (*host.origin["nat64_pool4"], *((int(pool4.group(1)),) if pool4.group(1) else ()))
+    extra = re.fullmatch(r"tunnel\[(\d+)\](?:\.(.*))?", config_key)
+    if extra and "extra_tunnels" in host.origin and int(extra.group(1)) > 0:
+        return (*host.origin["extra_tunnels"], int(extra.group(1)) - 1)
+    if extra:  # the first of several: its flat variables
+        config_key = f"tunnel.{extra.group(2)}" if extra.group(2) else "tunnel"
     match = re.fullmatch(r"forward(?:\[(\d+)\])?(?:\..*)?", config_key)
     if match:
         index = int(match.group(1) or 0)

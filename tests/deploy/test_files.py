@@ -579,3 +579,28 @@ def test_a_cluster_node_renders_its_announcements(files: Path) -> None:
         node.replace('["192.0.2.11/32"]', '["192.0.2.11/24"]'))))
     with pytest.raises(ConfigError, match="cluster_announce"):
         check_gateway_config(bad, bad.host("edge1"))
+
+
+def test_a_host_with_several_tunnels_renders_each(files: Path) -> None:
+    """Issue 19: ``tunnel_name`` and ``extra_tunnels`` render [[tunnel]] tables on the host's
+    local_ipv4 (a host without them keeps its single [tunnel]); a mistake in an extra tunnel
+    is refused at the render check, naming its entry of extra_tunnels."""
+    node = ('[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"\nmode = "6in4"\n'
+            'tunnel_name = "he"\nremote_ipv4 = "198.51.100.1"\nprefix = "2001:db8:1::/64"\n'
+            'extra_tunnels = [{ name = "backup", mode = "6in4", remote_ipv4 = "198.51.100.3", '
+            'prefix = "2001:db8:2::/64" }, { mode = "6to4", relay_ipv4 = "192.88.99.1" }]')
+    inventory = load_inventory(write(files, "inventory.toml", INVENTORY.replace(
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"', node)))
+    text = check_gateway_config(inventory, inventory.host("edge1"))
+    settings = parse_config(text)
+    assert settings.tunnel_name == "he" and settings.remote_ipv4 == "198.51.100.1"
+    assert [(t.name, t.mode, t.remote_ipv4, t.prefix) for t in settings.tunnels] == [
+        ("backup", "6in4", "198.51.100.3", "2001:db8:2::/64"),
+        ("6to4", "6to4", None, "2002:c000:20b::/48")]
+    assert "[[tunnel]]" not in render_gateway_config(inventory.host("edge2"))
+    bad = load_inventory(write(files, "bad.toml", INVENTORY.replace(
+        '[hosts.edge1]\nssh = "192.0.2.11"\nlocal_ipv4 = "192.0.2.11"',
+        node.replace('"198.51.100.3"', '"198.51.100.1"'))))
+    with pytest.raises(ConfigError, match="extra_tunnels") as info:
+        check_gateway_config(bad, bad.host("edge1"))
+    assert "one tunnel per broker" in str(info.value), str(info.value)
