@@ -401,16 +401,12 @@ class GatewayCollector:
         settings = self.gateway.settings
         replies = self.gateway.ask_workers("stats", SCRAPE_WORKER_TIMEOUT_MS)
         view = self.gateway.view()
-        events = view.counters["events"]
         kernel = settings.backend == "kernel"
-        if kernel:
-            received = kernel_link_received(view.sit_link)
-        else:
-            # Counted by the coordinator, or with kernel fan-out by each worker.
-            everyone = [events] + [r["counters"]["events"] for r in replies if r is not None]
-            received = (sum(e.get(Event.TUNNEL_PACKETS_RECEIVED.value, 0) for e in everyone),
-                        sum(e.get(Event.TUNNEL_BYTES_RECEIVED.value, 0) for e in everyone))
+        # Counted by the coordinator, or with kernel fan-out by each worker; every captured
+        # packet is one tunnel's, so the tunnel's totals are their sum.
         tunnels = per_tunnel(settings, view, replies)
+        received = (sum(row[0] for row in tunnels.values()),
+                    sum(row[1] for row in tunnels.values()))
         processes: list[dict[str, Any]] = [{
             "name": "coordinator", "usage": process_usage(os.getpid()),
             "stats": {"counters": view.counters}}]
@@ -450,11 +446,6 @@ class GatewayCollector:
         yield from build_families(self.snapshot())
 
 
-def kernel_link_received(link: str | None) -> tuple[int, int]:
-    """Packets and bytes the sit link received: the kernel backend's tunnel counters."""
-    return kernel_link_statistics(link)[:2]
-
-
 def kernel_link_statistics(link: str | None) -> tuple[int, int, int, int]:
     """The sit link's packets and bytes received, then sent (zeros without the link)."""
     if link is None:
@@ -472,8 +463,7 @@ def per_tunnel(settings: Settings, view: GatewayView,
     """[packets received, bytes, packets sent, bytes] per tunnel name: the sit link's own
     counters on the kernel backend, else the sum of every process's (``TunnelTraffic``)."""
     if settings.backend == "kernel":
-        return {settings.tunnel_name or settings.mode:
-                list(kernel_link_statistics(view.sit_link))}
+        return {settings.all_tunnels()[0].name: list(kernel_link_statistics(view.sit_link))}
     out: dict[str, list[int]] = {t.name: [0, 0, 0, 0] for t in settings.all_tunnels()}
     for counters in [view.counters] + [r["counters"] for r in replies if r is not None]:
         for name, row in counters.get("tunnels", {}).items():

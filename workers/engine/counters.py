@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from sixgate.workers.engine.tunnel import peer_tunnels
 
 if TYPE_CHECKING:
     from sixgate.workers.engine.settings import TunnelEntry
@@ -81,15 +82,14 @@ class TunnelTraffic:
     __slots__ = ("rows", "by_peer", "default")
 
     def __init__(self, counters: Counters, tunnels: Sequence[TunnelEntry]) -> None:
-        for tunnel in tunnels:
-            counters.tunnels.setdefault(tunnel.name, [0, 0, 0, 0])
+        rows = [counters.tunnels.setdefault(t.name, [0, 0, 0, 0]) for t in tunnels]
         self.rows = counters.tunnels
-        self.by_peer = {ipaddress.IPv4Address(t.remote_ipv4).packed: self.rows[t.name]
-                        for t in tunnels if t.mode == "6in4" and t.remote_ipv4}
-        default = next((t for t in tunnels if t.mode != "6in4"), tunnels[0] if tunnels else None)
-        self.default = self.rows[default.name] if default is not None else [0, 0, 0, 0]
-        if len(tunnels) < 2:
-            self.by_peer = {}
+        by_broker, other = peer_tunnels([
+            (t.mode, ipaddress.IPv4Address(t.remote_ipv4).packed if t.remote_ipv4 else None)
+            for t in tunnels])
+        self.by_peer = ({broker: rows[i] for broker, i in by_broker.items()}
+                        if len(rows) > 1 else {})
+        self.default = rows[other] if rows else [0, 0, 0, 0]
 
     def received(self, packets: list[bytes], total_bytes: int) -> None:
         """Protocol-41 packets as captured (outer header first), ``total_bytes`` in all: by

@@ -215,9 +215,8 @@ class Datapath:
                                list(entry.addresses), entry.martian_ipv4,
                                None if self.nat64_tun else self.nat64, settings.known_ipv4,
                                entry.sixrd(settings.known_ipv4)),
-            ipaddress.IPv4Address(entry.remote_ipv4).packed if entry.remote_ipv4 else None,
             ipaddress.IPv4Address(entry.relay_ipv4).packed if entry.relay_ipv4 else None,
-            entry.sixrd(settings.known_ipv4), set()) for entry in settings.all_tunnels()]
+            set()) for entry in settings.all_tunnels()]
         self.tunnels = TunnelTable.build(tunnels) if tunnels else None
         self.addresses = frozenset().union(*(t.policy.addresses for t in tunnels))
         self._our_objects = {address: address for address in self.addresses}
@@ -318,8 +317,7 @@ class Datapath:
         tunnels = self.tunnels
         if tunnels is None:
             return None
-        tunnel = tunnels.by_address.get(our6, self._tunnel) if len(tunnels.tunnels) > 1 else (
-            self._tunnel)
+        tunnel = tunnels.by_address.get(our6, self._tunnel)
         return tunnel.outer_destination(client6) if tunnel is not None else None
 
     def _error(self, packet: bytes | memoryview, view: IPv6View, icmp_type: int, code: int,

@@ -228,10 +228,8 @@ class Settings:
     @property
     def sixrd(self) -> SixrdDomain | None:
         """The 6rd domain (mode "6rd"), its CE addresses sharing the high bits of ours."""
-        if self.mode != "6rd" or not self.relay_ipv4:
-            return None
-        return SixrdDomain.build(self.sixrd_prefix, self.ipv4_mask_len, self.relay_ipv4,
-                                 self.known_ipv4)
+        tunnels = self.all_tunnels()
+        return tunnels[0].sixrd(self.known_ipv4) if tunnels else None
 
     @property
     def max_mss(self) -> int:

@@ -10,6 +10,7 @@ The coordinator runs ``check_inbound`` on every received proto-41 packet before 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sixgate.workers.engine.drops import DropReason
@@ -390,6 +391,17 @@ def outer_destination(dst6: bytes, mode: str, remote_ipv4: bytes | None,
 
 
 
+def peer_tunnels(tunnels: Sequence[tuple[str, bytes | None]]) -> tuple[dict[bytes, int], int]:
+    """Which of several tunnels, given as (mode, 6in4 broker), a protocol-41 packet belongs
+    to by its outer IPv4 source: the 6in4 tunnel of that broker (RFC 4213 §3.6 names one
+    source per configured tunnel), else the one 6to4 or 6rd tunnel (any source), else the
+    first (whose checks then refuse it). (broker -> index, the index of every other source)."""
+    by_broker = {remote: index for index, (mode, remote) in enumerate(tunnels)
+                 if mode == "6in4" and remote is not None}
+    other = next((index for index, (mode, _) in enumerate(tunnels) if mode != "6in4"), 0)
+    return by_broker, other
+
+
 @dataclass
 class Tunnel:
     """One tunnel as the engine runs it (several with ``[[tunnel]]``, issue 19): its checks
@@ -397,9 +409,7 @@ class Tunnel:
 
     name: str
     policy: TunnelPolicy
-    remote_ipv4: bytes | None  # 6in4: the broker
     relay_ipv4: bytes | None  # 6to4: the relay; 6rd: the border relay
-    sixrd: SixrdDomain | None
     accepted: set[bytes]  # ``check_inbound``'s cache for this policy
 
     @property
@@ -407,18 +417,17 @@ class Tunnel:
         return self.policy.mode
 
     def outer_destination(self, dst6: bytes) -> bytes | None:
-        return outer_destination(dst6, self.policy.mode, self.remote_ipv4, self.relay_ipv4,
-                                 self.sixrd)
+        policy = self.policy
+        return outer_destination(dst6, policy.mode, policy.remote_ipv4, self.relay_ipv4,
+                                 policy.sixrd)
 
 
 @dataclass(frozen=True)
 class TunnelTable:
-    """Which tunnel a packet belongs to. In: by the outer source, the 6in4 tunnel of that
-    broker (RFC 4213 §3.6 names one source per configured tunnel), else the one 6to4 or 6rd
-    tunnel (any source), else the first, whose checks then refuse it. Out: by our IPv6
-    source address, the tunnel it belongs to; an address several share (the 6in4 link-local
-    fe80::<our IPv4>) or none (a NAT64 address) leaves by the tunnel the packet being
-    answered came in by."""
+    """Which tunnel a packet belongs to. In: by the outer source (``peer_tunnels``). Out: by
+    our IPv6 source address, the tunnel it belongs to; an address several share (the 6in4
+    link-local fe80::<our IPv4>) or none (a NAT64 address), and every address when there is
+    one tunnel, leaves by the tunnel the packet being answered came in by."""
 
     tunnels: tuple[Tunnel, ...]
     by_remote: dict[bytes, Tunnel]
@@ -427,15 +436,15 @@ class TunnelTable:
 
     @staticmethod
     def build(tunnels: list[Tunnel]) -> TunnelTable:
-        by_remote = {t.remote_ipv4: t for t in tunnels
-                     if t.mode == "6in4" and t.remote_ipv4 is not None}
-        any_source = next((t for t in tunnels if t.mode != "6in4"), tunnels[0])
+        by_broker, other = peer_tunnels([(t.mode, t.policy.remote_ipv4) for t in tunnels])
         owners: dict[bytes, list[Tunnel]] = {}
         for tunnel in tunnels:
             for address in tunnel.policy.addresses:
                 owners.setdefault(address, []).append(tunnel)
-        by_address = {a: ts[0] for a, ts in owners.items() if len(ts) == 1}
-        return TunnelTable(tuple(tunnels), by_remote, any_source, by_address)
+        by_address = ({a: ts[0] for a, ts in owners.items() if len(ts) == 1}
+                      if len(tunnels) > 1 else {})
+        return TunnelTable(tuple(tunnels), {b: tunnels[i] for b, i in by_broker.items()},
+                           tunnels[other], by_address)
 
     def for_outer_source(self, src4: bytes) -> Tunnel:
         return self.by_remote.get(src4, self.any_source)
