@@ -317,7 +317,10 @@ def nat64_steering(settings: Settings) -> tuple[list[str], list[str]]:
           f"    ip6 daddr {settings.nat64_prefix} icmpv6 type {{ destination-unreachable, "
           f"packet-too-big, time-exceeded, parameter-problem }} meta mark set "
           f"jhash @th,{QUOTED_CLIENT6_BITS},64 {hashed}"]
-    v4 = []
+    pool4 = ", ".join(sorted({row[0] for row in settings.nat64_pool4}))
+    # Most IPv4 the hook sees is the workers' own, leaving for the IPv4 internet: it leaves
+    # the chain at its first rule instead of being tested by every port map.
+    v4 = [f"    ip daddr != {{ {pool4} }} accept"]
     names = {number: name for name, number in PROTOCOL_NUMBERS.items()}
     slices = [worker_pool4(settings.nat64_pool4, workers, index) for index in range(workers)]
     by_row: dict[tuple[int, bytes, int], list[str]] = {}

@@ -43,6 +43,12 @@ SQE_LEN_AT = 24
 CQE_SIZE = 16  # user_data (u64), res (s32), flags (u32)
 U32 = struct.Struct("<I")
 
+try:  # the per-packet copy and the system call compiled (workers/_tunread.c), when built
+    from sixgate.workers._tunread import fill_slots, uring_enter
+except ImportError:  # pragma: no cover - a host without a C compiler
+    fill_slots = uring_enter = None  # type: ignore[assignment]
+COMPILED = fill_slots is not None
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -66,6 +72,9 @@ class UringWriter:
         self.entries = entries
         self.slot = slot
         self.last_errno = 0
+        # The compiled copy and system call (workers/_tunread.c) where built; tests turn
+        # it off to compare the two.
+        self.compiled = COMPILED
         self._sq = mmap.mmap(ring_fd, sq_array + 4 * entries, offset=IORING_OFF_SQ_RING)
         self._cq = mmap.mmap(ring_fd, cq_cqes + CQE_SIZE * cq_entries,
                              offset=IORING_OFF_CQ_RING)
@@ -114,11 +123,15 @@ class UringWriter:
         for first in range(0, len(packets), entries):
             chunk = packets[first:first + entries]
             start = self._tail
-            for position, packet in enumerate(chunk, start):
-                i = position & mask
-                at = slot_at[i]
-                view[at:at + len(packet)] = packet
-                pack_len(sqes, len_at[i], len(packet))
+            if self.compiled:
+                fill_slots(self._data, sqes, chunk, start, mask, self.slot, SQE.size,
+                           SQE_LEN_AT)
+            else:
+                for position, packet in enumerate(chunk, start):
+                    i = position & mask
+                    at = slot_at[i]
+                    view[at:at + len(packet)] = packet
+                    pack_len(sqes, len_at[i], len(packet))
             self._tail = (start + len(chunk)) & 0xFFFFFFFF
             U32.pack_into(self._sq, self._sq_tail_at, self._tail)
             failed += self._submit_and_reap(len(chunk))
@@ -129,9 +142,15 @@ class UringWriter:
         to_submit, waiting = count, count
         failed = 0
         while waiting:
-            done = _syscall(ctypes.c_long(SYS_IO_URING_ENTER), ctypes.c_int(self.ring_fd),
-                            ctypes.c_uint(to_submit), ctypes.c_uint(waiting),
-                            ctypes.c_uint(IORING_ENTER_GETEVENTS), None, ctypes.c_size_t(0))
+            if self.compiled:
+                done = uring_enter(self.ring_fd, to_submit, waiting, IORING_ENTER_GETEVENTS)
+                if done < 0:  # EINTR
+                    continue
+            else:
+                done = _syscall(ctypes.c_long(SYS_IO_URING_ENTER), ctypes.c_int(self.ring_fd),
+                                ctypes.c_uint(to_submit), ctypes.c_uint(waiting),
+                                ctypes.c_uint(IORING_ENTER_GETEVENTS), None,
+                                ctypes.c_size_t(0))
             if done < 0:
                 code = ctypes.get_errno()
                 if code == EINTR:
