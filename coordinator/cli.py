@@ -105,6 +105,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if settings.mode == "nat64":
         _print_nat64(settings)
+        if settings.clat_enabled:  # a 464XLAT box
+            _print_clat(settings)
         _print_every_key(settings, args.config)
         return EXIT_OK
     if settings.mode == "clat":
@@ -287,7 +289,9 @@ def _print_nat64(settings: Settings) -> None:
               "devices; IPv4: it routes the pool4 addresses there (steered to the owning "
               "worker by sixgate's nftables marks)")
         print("  packets out   written to the TUN devices; the kernel forwards them (sixgate "
-              "turns IPv4 and IPv6 forwarding on while it runs)")
+              "turns IPv4 and IPv6 forwarding on while it runs)"
+              + (f", the IPv4 by routing table {settings.nat64_egress_table} "
+                 "(nat64.egress_table)" if settings.nat64_egress_table else ""))
     else:
         print(f"  packets in    IPv6 to {settings.nat64_prefix} over the tunnel; IPv4: the "
               "kernel routes the pool4 addresses to the TUN devices")
@@ -304,17 +308,22 @@ def _print_clat(settings: Settings) -> bool:
     """``sixgate check`` of a CLAT: the PLAT prefix found and how, the addresses and the
     routes it makes; False when no prefix can be found."""
     from sixgate.coordinator.clat import plat_prefix
+    from sixgate.workers.main import clat_device
     from sixgate.workers.tun import CLAT_ROUTE_METRIC
     prefix, _source, how = plat_prefix(settings)
+    device = clat_device(settings)
     address = settings.clat_ipv6_address
     print("  CLAT          RFC 6877 §6: this host's IPv4 as " + (
         address if address != "auto" else "an address picked at the start in the /64 of the "
         "IPv6 default route's interface (duplicate address detection, RFC 4862)"))
     print(f"  PLAT prefix   {prefix or 'NONE'}: {how}")
-    print(f"  IPv4          {settings.clat_ipv4_address} on {settings.name}0, a default "
+    if settings.mode == "nat64":
+        print("                the NAT64 beside it (worker 0 translates for both); its own "
+              "address is one of the NAT64's clients")
+    print(f"  IPv4          {settings.clat_ipv4_address} on {device}, a default "
           f"route through it (metric {CLAT_ROUTE_METRIC}, MTU {settings.clat_mtu}) unless this "
           "host has an IPv4 default route of its own")
-    print(f"  IPv6          {settings.clat_ipv6_address} routed to {settings.name}0, "
+    print(f"  IPv6          {settings.clat_ipv6_address} routed to {device}, "
           "answered for on the uplink (proxy neighbour discovery)")
     return prefix is not None
 

@@ -260,6 +260,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("nat64", "log_bindings", "boolean", "one log line per binding made and ended (client "
         "address and port, pool4 address and port, never the destination: RFC 6888 REQ-12)",
         lambda *a: _bool(*a), True),
+    Key("nat64", "egress_table", "integer 0-2147483647", "the routing table the NAT64's "
+        "translated IPv4 is routed by (an `ip rule` per worker device, removed on stop); 0: "
+        "the main table. On a 464XLAT box ([clat] beside [nat64]) keep the IPv4 uplink's "
+        "routes in this table, so that this host's own IPv4 programs take the CLAT",
+        _ranged_int(0, 2**31 - 1), 0),
     Key("nat64", "pool4", "list of tables", "the [[nat64.pool4]] entries: IPv4 addresses and "
         "port ranges the clients are translated to (RFC 6146 §3.5.1)",
         default_text="required"),
@@ -426,7 +431,7 @@ def effective_values(settings: Settings, text: str) -> list[tuple[Key, Any, bool
                             key.name in doc.get("broker", {})))
             continue
         if key.table == "clat":
-            if settings.mode == "clat":
+            if settings.clat_enabled:
                 out.append((key, getattr(settings, f"clat_{key.name}"),
                             key.name in doc.get("clat", {})))
             continue
@@ -864,12 +869,25 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
             if key not in keys:
                 raise ctx.error(table, key, f"unknown key; allowed: {', '.join(sorted(keys))}")
 
-    if "clat" in doc:
+    if "clat" in doc and "nat64" not in doc:
         return _parse_clat(ctx, doc)
     nat64_values: dict[str, Any] = {}
     if "nat64" in doc:
         nat64_values = _parse_nat64(ctx, doc["nat64"])
         mtu = nat64_values.pop("mtu")
+    if "clat" in doc:
+        # A 464XLAT box (RFC 6877): the CLAT for this host's own IPv4 programs beside the
+        # NAT64, in its worker 0; the kernel routes between the CLAT device and the NAT64's.
+        if "tunnel" in doc:
+            raise ctx.error("clat", None, "a CLAT beside a tunnel has nothing to do: the "
+                            "tunnel's host has native IPv4 (RFC 6877 §6.3); remove [clat]")
+        if nat64_values["nat64_input"] != "tun":
+            raise ctx.error("nat64", "input", "beside a [clat] the NAT64 takes IPv6 from its "
+                            "devices; set input = \"tun\"")
+        clat_values = _clat_values(ctx, doc["clat"])
+        if clat_values["clat_plat_prefix"] == "auto":  # this host's own NAT64
+            clat_values["clat_plat_prefix"] = nat64_values["nat64_prefix"]
+        nat64_values.update(clat_values)
     if nat64_values and "tunnel" not in doc:
         if nat64_values["nat64_input"] == "tunnel":
             raise ctx.error("nat64", "input", "\"tunnel\" needs a [tunnel] table (the 6in4 or "
@@ -1112,14 +1130,38 @@ def _parse_broker(ctx: _Ctx, broker: dict[str, Any], tunnel: dict[str, Any]) -> 
 
 def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:
     """A CLAT host: [clat] with [gateway] and [metrics]; one worker, userspace."""
-    for other in ("tunnel", "nat64", "forward"):
+    for other in ("tunnel", "forward"):
         if other in doc:
             raise ctx.error(other, None, "a CLAT runs on its own, on the IPv6-only host: a "
-                            "host with a tunnel or a NAT64 has the native IPv4 routes a CLAT "
-                            "leaves alone (RFC 6877 §6.3). Run it as a second sixgate with its "
-                            "own [gateway] name and run_dir, or remove this table")
-    values = _checked(ctx, "clat", doc["clat"])
-    address6 = doc["clat"].get("ipv6_address", "auto")
+                            "host with a tunnel has the native IPv4 routes a CLAT leaves alone "
+                            "(RFC 6877 §6.3). Run it as a second sixgate with its own [gateway] "
+                            "name and run_dir, or remove this table")
+    clat_values = _clat_values(ctx, doc["clat"])
+    gateway = doc.get("gateway", {})
+    settings = _checked(ctx, "gateway", gateway)
+    if "workers" not in gateway:
+        settings["workers"] = 1
+    elif settings["workers"] != 1:
+        raise ctx.error("gateway", "workers", "a CLAT translates this host's own traffic in "
+                        "one worker; set workers = 1 or leave it out")
+    if settings["backend"] == "kernel":
+        raise ctx.error("gateway", "backend", "a CLAT runs in userspace only; set backend = "
+                        "\"userspace\" or leave it out")
+    settings["backend"] = "userspace"
+    prefix = clat_values["clat_plat_prefix"]
+    return Settings(
+        mode="clat", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
+        prefix=prefix if prefix != "auto" else "", addresses=(), mtu=1500,
+        martian_ipv4=DEFAULT_MARTIAN_IPV4, pool=_given(gateway, "pool"), forwards=(),
+        timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
+        source_file=ctx.file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
+        **clat_values, **settings)
+
+
+def _clat_values(ctx: _Ctx, clat: dict[str, Any]) -> dict[str, Any]:
+    """[clat] as the Settings' clat_* fields."""
+    values = _checked(ctx, "clat", clat)
+    address6 = clat.get("ipv6_address", "auto")
     parsed: ipaddress.IPv6Address | None = None  # "auto": picked at the start
     if address6 != "auto":
         try:
@@ -1134,28 +1176,11 @@ def _parse_clat(ctx: _Ctx, doc: dict[str, Any]) -> Settings:
                 or parsed.is_unspecified):
             raise ctx.error("clat", "ipv6_address", f"{parsed} must be a unicast global or "
                             "unique local address")
-    gateway = doc.get("gateway", {})
-    settings = _checked(ctx, "gateway", gateway)
-    if "workers" not in gateway:
-        settings["workers"] = 1
-    elif settings["workers"] != 1:
-        raise ctx.error("gateway", "workers", "a CLAT translates this host's own traffic in "
-                        "one worker; set workers = 1 or leave it out")
-    if settings["backend"] == "kernel":
-        raise ctx.error("gateway", "backend", "a CLAT runs in userspace only; set backend = "
-                        "\"userspace\" or leave it out")
-    settings["backend"] = "userspace"
-    prefix = values["plat_prefix"]
-    return Settings(
-        mode="clat", local_ipv4="", relay_ipv4=None, remote_ipv4=None,
-        prefix=prefix if prefix != "auto" else "", addresses=(), mtu=1500,
-        martian_ipv4=DEFAULT_MARTIAN_IPV4, pool=_given(gateway, "pool"), forwards=(),
-        timeouts=Timeouts(**_checked(ctx, "timeouts", doc.get("timeouts", {}))),
-        source_file=ctx.file, metrics_listen=_metrics_listen(ctx, doc.get("metrics", {})),
-        clat_plat_prefix=prefix, clat_ipv6_address=str(parsed) if parsed else "auto",
-        clat_ipv4_address=values["ipv4_address"], clat_mtu=values["mtu"],
-        clat_udp_zero_checksum=values["udp_zero_checksum"],
-        clat_rediscovery_interval_s=values["rediscovery_interval_s"], **settings)
+    return dict(clat_plat_prefix=values["plat_prefix"],
+                clat_ipv6_address=str(parsed) if parsed else "auto",
+                clat_ipv4_address=values["ipv4_address"], clat_mtu=values["mtu"],
+                clat_udp_zero_checksum=values["udp_zero_checksum"],
+                clat_rediscovery_interval_s=values["rediscovery_interval_s"])
 
 
 def _plat_prefix(ctx: _Ctx, table: str, key: str, value: Any) -> str:
@@ -1265,6 +1290,7 @@ def _parse_nat64(ctx: _Ctx, nat64: Any) -> dict[str, Any]:
                 nat64_client_prefix=values["client_prefix"],
                 nat64_port_hold_s=values["port_hold_s"],
                 nat64_log_bindings=values["log_bindings"], nat64_input=values["input"],
+                nat64_egress_table=values["egress_table"],
                 mtu=values["mtu"])
 
 

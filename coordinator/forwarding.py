@@ -195,13 +195,15 @@ def enable(settings: Settings) -> None:
     if settings.nat64_prefix:
         ruleset, rules, move_local = _enable_nat64(settings, changed, ruleset)
     # Recorded before anything is made, so a failure half-way is undone like a crash.
+    egress = nat64_egress_rules(settings)
     _state_path(settings).write_text(json.dumps({
         "paths": changed, "table": table, "table6": table if settings.nat64_prefix else None,
-        "rules": rules, "local_rule": LOCAL_RULE_PRIORITY if move_local else None}))
+        "rules": rules, "egress": egress,
+        "local_rule": LOCAL_RULE_PRIORITY if move_local else None}))
     nft(replace_table("ip", table)
         + (replace_table("ip6", table) if settings.nat64_prefix else "") + ruleset)
     try:
-        _install_routing(rules)
+        _install_routing(rules, egress)
         if move_local:
             _move_local_rule(LOCAL_RULE_PRIORITY)
     except Exception as exc:  # noqa: BLE001 - NetlinkError: say which step
@@ -219,7 +221,7 @@ def _enable_nat64(settings: Settings, changed: list[tuple[str, str]],
     problem = pool4_problem(settings, owned)
     if problem:
         raise ForwardingError(f"nat64.pool4: {problem}")
-    uplink = nat64_uplink()
+    uplink = nat64_uplink(settings.nat64_egress_table)
     wanted = [_sysctl_path(uplink)]
     if settings.nat64_input == "tun":
         wanted.append(IPV6_FORWARDING)
@@ -241,9 +243,18 @@ IPV6_FORWARDING = Path("/proc/sys/net/ipv6/conf/all/forwarding")
 SOME_IPV4 = "192.0.2.1"
 
 
-def nat64_uplink() -> str:
-    """The interface of this host's route to the IPv4 internet (its default route)."""
+def nat64_uplink(table: int = 0) -> str:
+    """The interface of this host's route to the IPv4 internet (its default route; that of
+    routing table ``table`` when one is given, ``[nat64] egress_table``)."""
     with IPRoute() as ipr:
+        if table:
+            routes = ipr.get_default_routes(family=socket.AF_INET, table=table)
+            oifs = [r.get_attr("RTA_OIF") for r in routes if r.get_attr("RTA_OIF")]
+            if not oifs:
+                raise ForwardingError(f"routing table {table} (nat64.egress_table) has no "
+                                      "IPv4 default route: add one (ip route add default via "
+                                      f"ROUTER table {table})")
+            return str(ipr.get_links(oifs[0])[0].get_attr("IFLA_IFNAME"))
         try:
             route = ipr.route("get", dst=SOME_IPV4)[0]
         except Exception:  # noqa: BLE001 - pyroute2 raises NetlinkError subclasses
@@ -291,6 +302,9 @@ def pool4_problem(settings: Settings, owned: list[str] | None = None) -> str:
 
 # Where the NAT64's policy routing rules sit (before the main table's 32766).
 STEER_PRIORITY = 1000
+# [nat64] egress_table's rules: behind the steering ones (a hairpinned packet to pool4 keeps
+# its worker's table) and the local table's when it moved behind them.
+EGRESS_PRIORITY = STEER_PRIORITY + 3
 # Byte offsets inside an ICMPv4 error (RFC 792): the quoted IPv4 header follows the 8-byte
 # ICMP header; sixgate's own packets carry no options, so the quoted transport header (its
 # source port, or an echo request's identifier at +4) starts 20 bytes later.
@@ -445,6 +459,19 @@ def nat64_routing(settings: Settings) -> list[tuple[int, int]]:
             for family in families for index in range(settings.workers)]
 
 
+def nat64_egress_rules(settings: Settings) -> list[tuple[str, int]]:
+    """(device, table): the NAT64's translated IPv4 leaves each worker's device routed by
+    ``[nat64] egress_table`` (none for 0, the main table)."""
+    from sixgate.workers.main import tun_name
+    table = settings.nat64_egress_table
+    return [(tun_name(settings, index), table) for index in range(settings.workers)] \
+        if table else []
+
+
+def _egress_rule(ifname: str, table: int) -> dict[str, Any]:
+    return dict(family=socket.AF_INET, iifname=ifname, table=table, priority=EGRESS_PRIORITY)
+
+
 def _rule_variants(family: int, table: int) -> list[dict[str, Any]]:
     return [dict(family=family, table=table, fwmark=table, priority=STEER_PRIORITY),
             dict(family=family, fwmark=table, priority=STEER_PRIORITY + 1,
@@ -482,14 +509,16 @@ def _restore_local_rule(priority: int) -> None:
             ipr.rule("del", **_local_rule(priority))
 
 
-def _install_routing(rules: list[tuple[int, int]]) -> None:
+def _install_routing(rules: list[tuple[int, int]], egress: list[tuple[str, int]]) -> None:
     with IPRoute() as ipr:
         for family, table in rules:
             for rule in _rule_variants(family, table):
                 ipr.rule("add", **rule)
+        for ifname, table in egress:
+            ipr.rule("add", **_egress_rule(ifname, table))
 
 
-def _remove_routing(rules: list[list[int]]) -> None:
+def _remove_routing(rules: list[list[int]], egress: list[list[Any]]) -> None:
     with IPRoute() as ipr:
         for family, table in rules:
             for rule in _rule_variants(family, table):
@@ -497,6 +526,11 @@ def _remove_routing(rules: list[list[int]]) -> None:
                     ipr.rule("del", **rule)
                 except Exception as exc:  # noqa: BLE001 - NetlinkError: already gone
                     log.debug("rule for table %#x already gone: %s", table, exc)
+        for ifname, table in egress:
+            try:
+                ipr.rule("del", **_egress_rule(ifname, table))
+            except Exception as exc:  # noqa: BLE001 - NetlinkError: already gone
+                log.debug("egress rule of %s already gone: %s", ifname, exc)
 
 
 def undo(settings: Settings) -> None:
@@ -521,8 +555,8 @@ def undo(settings: Settings) -> None:
         except Exception as exc:  # noqa: BLE001 - NetlinkError: say it, go on undoing
             log.error("cannot put the IPv4 local table's rule back at priority 0: %s; do it "
                       "by hand: ip rule add priority 0 lookup local", exc)
-    if state.get("rules"):
-        _remove_routing(state["rules"])
+    if state.get("rules") or state.get("egress"):
+        _remove_routing(state.get("rules") or [], state.get("egress") or [])
     for family, key in (("ip", "table"), ("ip6", "table6")):
         table = state.get(key)
         if table:

@@ -330,7 +330,7 @@ class Coordinator:
         # A CLAT is stateless: nothing to journal either.
         journaling = (settings.flow_journal and settings.backend != "kernel"
                       and settings.mode != "clat")
-        if settings.mode == "clat":
+        if settings.clat_enabled:
             settings = self._find_plat_prefix(settings)
         if journaling:
             # A restart or an upgrade: the sessions the previous run handed over at its stop,
@@ -393,11 +393,19 @@ class Coordinator:
                 raise RuntimeError(str(exc)) from None
             self.clat_enabled = True
         else:
+            if settings.clat_enabled:  # a crashed run's CLAT switches, before the NAT64's
+                clat.undo(settings)
             try:
                 forwarding.enable(settings)
             except forwarding.ForwardingError as exc:
                 raise RuntimeError(str(exc)) from None
             self.forwarding_enabled = True
+            if settings.clat_enabled:  # a 464XLAT box: the CLAT beside the NAT64
+                try:
+                    clat.enable(settings)
+                except clat.ClatError as exc:
+                    raise RuntimeError(str(exc)) from None
+                self.clat_enabled = True
         if (settings.backend != "kernel" and settings.fanout == "coordinator"
                 and settings.mode not in ("nat64", "clat")):  # no tunnel to capture
             # Every packet, outer fragments put together (workers/capture.py); the workers'
@@ -454,9 +462,10 @@ class Coordinator:
             self._spawn(worker)
         self.handed_over = []
         self._wait_workers_ready()
-        if settings.mode == "clat":
+        if settings.clat_enabled:
             log.info("sixgate up: CLAT %s <-> %s under %s", settings.clat_ipv4_address,
                      settings.clat_ipv6_address, settings.clat_plat_prefix)
+        if settings.mode == "clat":
             return
         if settings.mode == "nat64":
             log.info("sixgate up: NAT64 %s for %s, pool4 %s, %d worker(s)",
@@ -602,7 +611,15 @@ class Coordinator:
         if prefix is None:
             raise RuntimeError(f"clat.plat_prefix = \"auto\": {how}")
         log.info("CLAT: PLAT prefix %s %s", prefix, how)
-        self.settings = dataclasses.replace(settings, clat_plat_prefix=prefix, prefix=prefix)
+        if settings.mode == "clat":
+            self.settings = dataclasses.replace(settings, clat_plat_prefix=prefix, prefix=prefix)
+            return self.settings
+        # Beside this host's NAT64: the CLAT's own address is one of its clients.
+        own = ipaddress.IPv6Address(settings.clat_ipv6_address)
+        if not any(own in ipaddress.IPv6Network(c) for c in settings.nat64_clients):
+            settings = dataclasses.replace(settings, nat64_clients=(
+                *settings.nat64_clients, f"{own}/128"))
+        self.settings = dataclasses.replace(settings, clat_plat_prefix=prefix)
         return self.settings
 
     def _watch_pref64(self) -> None:
@@ -755,8 +772,9 @@ class Coordinator:
         old = self.settings.clat_plat_prefix
         self.plat_source = source
         self.plat_changes += 1
-        replies = self._publish(dataclasses.replace(self.settings, clat_plat_prefix=prefix,
-                                                    prefix=prefix))
+        replies = self._publish(dataclasses.replace(
+            self.settings, clat_plat_prefix=prefix,
+            prefix=prefix if self.settings.mode == "clat" else self.settings.prefix))
         log.warning("CLAT: PLAT prefix changed from %s to %s (%s)%s", old, prefix, how,
                     "" if all(r is not None and r.get("ok") for r in replies)
                     else "; the worker did not answer: it takes it when it starts again")
@@ -834,10 +852,11 @@ class Coordinator:
             self.ctx.term()
         if self.capture is not None:
             self.capture.close()
-        if getattr(self, "forwarding_enabled", False):
-            forwarding.undo(self.settings)
+        # The CLAT's switches first: beside a NAT64 it found some of them set by the NAT64.
         if getattr(self, "clat_enabled", False):
             clat.undo(self.settings)
+        if getattr(self, "forwarding_enabled", False):
+            forwarding.undo(self.settings)
         if self.pref64 is not None:
             self.pref64.close()
         if self.uplink_watch is not None:

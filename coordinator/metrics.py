@@ -425,7 +425,7 @@ class GatewayCollector:
             "reload_ok": view.reload_ok,
             "reload_success_unix": view.reload_success_unix or view.started_unix,
             "clat": {"prefix": settings.clat_plat_prefix, "source": view.plat_source,
-                     "changes": view.plat_changes} if settings.mode == "clat" else None,
+                     "changes": view.plat_changes} if settings.clat_enabled else None,
             "broker_updates": view.broker_updates,
             "endpoint_changes": view.endpoint_changes,
             "peers": [{"address": address, "reachable": reachable, "rtt_s": rtt_s}

@@ -47,7 +47,7 @@ def as_running(running: Settings, new: Settings) -> Settings:
     address and prefix) is kept."""
     backend = running.backend if new.backend == "auto" else new.backend
     new = dataclasses.replace(new, hash_seed=running.hash_seed, backend=backend)
-    if running.mode == "clat" and new.mode == "clat":
+    if running.clat_enabled and new.clat_enabled:
         # The CLAT's "auto" address and prefix were found at the start (and a PREF64 may
         # have changed the prefix since): "auto" again keeps what runs.
         if new.clat_ipv6_address == "auto":

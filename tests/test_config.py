@@ -515,6 +515,31 @@ def test_clat_mistakes_name_the_key(text: str, key: str, line: int | None, advic
     assert advice in info.value.message, str(info.value)
 
 
+def test_clat_beside_nat64_is_a_464xlat_box_whose_auto_prefix_is_its_own() -> None:
+    box = parse_config(NAT64.replace("[[nat64.pool4]]", "egress_table = 100\n[[nat64.pool4]]")
+                       + GOOD_CLAT.replace(
+        '"64:ff9b::/96"', '"auto"'), "box.toml")
+    assert (box.mode, box.clat_enabled, box.clat_plat_prefix, box.nat64_egress_table) == (
+        "nat64", True, "64:ff9b::/96", 100)
+    assert box.prefix == "64:ff9b::/96" and box.clat_ipv6_address == "2001:db8:100::c1a7"
+    alone = parse_config(NAT64, "n.toml")
+    assert (alone.clat_enabled, alone.nat64_egress_table) == (False, 0)
+    assert parse_config(GOOD_CLAT, "clat.toml").clat_enabled
+
+
+@pytest.mark.parametrize(("text", "key", "advice"), [
+    (NAT64 + GOOD_CLAT + '[tunnel]\nmode = "6to4"\nlocal_ipv4 = "192.0.2.1"\n', "clat",
+     "nothing to do"),
+    (NAT64.replace("[[nat64.pool4]]", "egress_table = -1\n[[nat64.pool4]]") + GOOD_CLAT,
+     "nat64.egress_table", "0"),
+])
+def test_464xlat_box_mistakes_name_the_key(text: str, key: str, advice: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "box.toml")
+    assert info.value.key == key, str(info.value)
+    assert advice in info.value.message, str(info.value)
+
+
 # --- several tunnels (issue 19) ------------------------------------------------------------------
 
 SEVERAL = """\

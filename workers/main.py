@@ -94,7 +94,14 @@ class InternalErrorLog:
 
 
 def tun_name(settings: Settings, index: int) -> str:
+    """Worker ``index``'s device (its NAT64 IPv6 one adds "i", a 464XLAT box's CLAT one "c")."""
     return f"{settings.name}{index}"
+
+
+def clat_device(settings: Settings) -> str:
+    """The CLAT's device: worker 0's own alone (mode "clat"), a third one of worker 0's beside
+    the NAT64 (a 464XLAT box)."""
+    return tun_name(settings, 0) + ("" if settings.mode == "clat" else "c")
 
 
 def die_with_parent() -> None:
@@ -196,6 +203,9 @@ class Worker:
         # flood cannot crowd the IPv4 answers out of one queue (each is read in turn).
         self.tun6_fd = -1
         self.tun_writer: UringWriter | None = None
+        # A 464XLAT box: worker 0 also has the CLAT's device (the NAT64's own stay as above).
+        self.clat_fd = -1
+        self.clat_writer: UringWriter | None = None
         self.capture: TunnelCapture | None = None
         self.processing = {"inbound": Histogram(PROCESSING_SECONDS_BOUNDS),
                            "from_services": Histogram(PROCESSING_SECONDS_BOUNDS)}
@@ -236,6 +246,10 @@ class Worker:
             self.tun6_fd = open_tun(f"{name}i")
             configure_tun(f"{name}i", prefix if self.index == 0 else [], prefix, table)
         self._open_writer()
+        if settings.clat_enabled and self.index == 0:
+            self.clat_fd = open_tun(clat_device(settings))
+            self._configure_clat(clat_device(settings))
+            self.clat_writer = self._uring_for(self.clat_fd)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.control = self.ctx.socket(zmq.REP)
@@ -283,15 +297,20 @@ class Worker:
     def _open_writer(self) -> None:
         """A batch of packets to the device in one io_uring submission (workers/uring.py), or
         one write(2) each."""
-        if self.settings.tun_writes == "io_uring":
-            try:
-                self.tun_writer = UringWriter.open(self.tun_fd)
-            except OSError as exc:
-                log.warning("worker %d: io_uring refused (%s): one write(2) per packet to the "
-                            "device; set [gateway] tun_writes = \"write\" to say so", self.index,
-                            exc)
+        self.tun_writer = self._uring_for(self.tun_fd)
         log.info("worker %d: packets to the device by %s", self.index,
                  "io_uring" if self.tun_writer is not None else "write(2)")
+
+    def _uring_for(self, fd: int) -> UringWriter | None:
+        if self.settings.tun_writes != "io_uring":
+            return None
+        try:
+            return UringWriter.open(fd)
+        except OSError as exc:
+            log.warning("worker %d: io_uring refused (%s): one write(2) per packet to the "
+                        "device; set [gateway] tun_writes = \"write\" to say so", self.index,
+                        exc)
+            return None
 
     def _reload(self) -> dict[str, Any]:
         """The coordinator reloaded the config (coordinator/reload.py): take the new settings
@@ -349,6 +368,17 @@ class Worker:
     def _open_clat(self, name: str) -> None:
         """The CLAT's device: its addresses and routes; its control socket. Nothing else: no
         tunnel, no sessions to journal (a CLAT is stateless)."""
+        self._configure_clat(name)
+        self._open_writer()
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)  # never connected: no tunnel batches
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_endpoint(self.settings.run_dir, self.index))
+        self.journal = None
+
+    def _configure_clat(self, name: str) -> None:
+        """The CLAT device's addresses and routes (workers/tun.py ``configure_clat``)."""
         from sixgate.workers.tun import configure_clat
         settings = self.settings
         routed = configure_clat(name, settings.clat_ipv4_address, settings.clat_ipv6_address,
@@ -359,13 +389,6 @@ class Worker:
                  f", IPv4 default route through it (MTU {settings.clat_mtu})" if routed else
                  ": this host has an IPv4 default route of its own, so none through the CLAT "
                  "(native IPv4 wins, RFC 6877 §6.3)")
-        self._open_writer()
-        self.ctx = zmq.Context()
-        self.pull = self.ctx.socket(zmq.PULL)  # never connected: no tunnel batches
-        self.control = self.ctx.socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(control_endpoint(settings.run_dir, self.index))
-        self.journal = None
 
     def close(self) -> None:
         for sock in (getattr(self, "pull", None), getattr(self, "control", None),
@@ -374,12 +397,16 @@ class Worker:
                 sock.close(0)
         if getattr(self, "ctx", None) is not None:
             self.ctx.term()
-        if self.tun_writer is not None:
-            self.tun_writer.close()
-            self.tun_writer = None
+        for writer in (self.tun_writer, self.clat_writer):
+            if writer is not None:
+                writer.close()
+        self.tun_writer = self.clat_writer = None
         if self.tun_fd >= 0:
             os.close(self.tun_fd)
             self.tun_fd = -1
+        if self.clat_fd >= 0:
+            os.close(self.clat_fd)
+            self.clat_fd = -1
         if self.tun6_fd >= 0:
             os.close(self.tun6_fd)
             self.tun6_fd = -1
@@ -396,6 +423,8 @@ class Worker:
         poller.register(self.tun_fd, zmq.POLLIN)
         if self.tun6_fd >= 0:
             poller.register(self.tun6_fd, zmq.POLLIN)
+        if self.clat_fd >= 0:
+            poller.register(self.clat_fd, zmq.POLLIN)
         capture_fd = self.capture.fileno() if self.capture is not None else -1
         if self.capture is not None:
             poller.register(capture_fd, zmq.POLLIN)
@@ -414,6 +443,8 @@ class Worker:
                 self._drain_tun6(now)
             if self.tun_fd in events:
                 self._drain_tun(now)
+            if self.clat_fd in events:
+                self._drain_clat(now)
             if self.control in events:
                 self._answer_control(now)
             self._flush_journal(now)
@@ -497,14 +528,27 @@ class Worker:
         if not packets:
             return
         start = time.perf_counter()
-        output = (self.datapath.from_services(packets, now) if self.datapath.clat is None
-                  else self.datapath.from_clat(packets, now))
+        output = (self.datapath.from_clat(packets, now) if self.settings.mode == "clat"
+                  else self.datapath.from_services(packets, now))
         self.processing["from_services"].observe_many(
             (time.perf_counter() - start) / len(packets), len(packets))
         self._send(output)
 
-    def _send(self, output: Output) -> None:
-        """Send what the engine returned; log what a packet raised (rate-limited)."""
+    def _drain_clat(self, now: float) -> None:
+        """A 464XLAT box: the CLAT device beside the NAT64's (this host's IPv4 and the IPv6
+        answers to the CLAT's address), translated and written back to it."""
+        packets = self._read_tun(self.clat_fd)
+        if not packets:
+            return
+        start = time.perf_counter()
+        output = self.datapath.from_clat(packets, now)
+        self.processing["from_services"].observe_many(
+            (time.perf_counter() - start) / len(packets), len(packets))
+        self._send(output, clat=True)
+
+    def _send(self, output: Output, clat: bool = False) -> None:
+        """Send what the engine returned (``clat``: what ``from_clat`` returned beside a
+        NAT64, for the CLAT's device); log what a packet raised (rate-limited)."""
         counters = self.datapath.counters
         events = self.datapath.flows.binding_events
         if events:
@@ -513,23 +557,28 @@ class Worker:
             self.errors.packet_raised(output.raised)
         to_tun = output.to_services + output.to_ipv6 if output.to_ipv6 else output.to_services
         if to_tun:
-            if self.tun_writer is not None:
+            writer = self.clat_writer if clat else self.tun_writer
+            if writer is not None:
                 try:
-                    failed = self.tun_writer.write(to_tun)
+                    failed = writer.write(to_tun)
                 except OSError as exc:
                     # The ring itself failed (not a packet): how far the batch got is not
                     # known, so it counts as failed, and write(2) takes over for good.
                     log.warning("worker %d: io_uring failed (%s): one write(2) per packet to "
-                                "the services from now on", self.index, exc)
-                    self.tun_writer.close()
-                    self.tun_writer = None
+                                "the device from now on", self.index, exc)
+                    writer.close()
+                    if clat:
+                        self.clat_writer = None
+                    else:
+                        self.tun_writer = None
                     failed = len(to_tun)
                 if failed:
                     counters.drop(DropReason.SEND_FAILED, failed)
             else:
+                fd = self.clat_fd if clat else self.tun_fd
                 for packet in to_tun:
                     try:
-                        os.write(self.tun_fd, packet)
+                        os.write(fd, packet)
                     except OSError:
                         counters.drop(DropReason.SEND_FAILED)
         if output.to_tunnel:

@@ -35,6 +35,7 @@ TUN_TXQUEUE = 4096
 # A CLAT's default route goes in only where the host has none of its own (RFC 6877 §6.3: native
 # IPv4 wins); its metric keeps it behind any that appears later.
 CLAT_ROUTE_METRIC = 2048
+MAIN_TABLE = 254
 
 
 def open_tun(name: str) -> int:
@@ -105,8 +106,11 @@ def configure_clat(name: str, ipv4_address: str, ipv6_address: str, mtu: int) ->
         ipr.link("set", index=index, flags=0, change=IFF_MULTICAST)
         ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
         ipr.addr("add", index=index, address=ipv4_address, prefixlen=32)
+        # The main table's: a default route in another (a 464XLAT box's NAT64 egress table)
+        # is no route of this host's own programs.
         native = any(route.get_attr("RTA_OIF") != index
-                     for route in ipr.get_default_routes(family=socket.AF_INET))
+                     for route in ipr.get_default_routes(family=socket.AF_INET)
+                     if (route.get_attr("RTA_TABLE") or route["table"]) == MAIN_TABLE)
         if not native:
             ipr.route("add", dst="0.0.0.0", dst_len=0, oif=index, priority=CLAT_ROUTE_METRIC,
                       prefsrc=ipv4_address, metrics={"mtu": mtu},

@@ -168,12 +168,14 @@ class Datapath:
         self.mtu = settings.engine_mtu
         self.max_mss = settings.max_mss
         self.mode = settings.mode
-        # CLAT (mode "clat"): stateless, its prefix resolved by the coordinator at the start.
+        # CLAT (mode "clat", or beside the NAT64 in its worker 0): stateless, its prefix
+        # resolved by the coordinator at the start.
         self.clat = (Clat(Nat64Prefix.parse(settings.clat_plat_prefix),
                           ipaddress.IPv6Address(settings.clat_ipv6_address).packed,
                           ipaddress.IPv4Address(settings.clat_ipv4_address).packed,
                           settings.clat_mtu, settings.clat_udp_zero_checksum)
-                     if settings.mode == "clat" and settings.clat_plat_prefix != "auto" else None)
+                     if settings.clat_enabled and index == 0
+                     and settings.clat_plat_prefix != "auto" else None)
         self.rules = build_rule_table(settings)
         # NAT64 (RFC 6146): IPv6 to the prefix from the IPv6 side, pool4 ports of this worker.
         self.nat64: Nat64Prefix | None = None

@@ -160,9 +160,12 @@ class Settings:
     nat64_port_hold_s: float = 120.0
     # RFC 6888 REQ-12: one log line per binding made and ended, without destinations.
     nat64_log_bindings: bool = True
-    # CLAT (mode "clat", the [clat] table, RFC 6877 §6): the PLAT's prefix ("auto": found at
-    # the start, RFC 7050), the CLAT's IPv6 address, the host's IPv4 address on the CLAT
-    # device and the IPv4 MTU of its default route.
+    # The routing table the NAT64's translated IPv4 is routed by (0: main): on a 464XLAT box
+    # the IPv4 uplink's routes live there, so this host's own IPv4 takes the CLAT.
+    nat64_egress_table: int = 0
+    # CLAT (mode "clat", or beside a NAT64: the [clat] table, RFC 6877 §6): the PLAT's prefix
+    # ("auto": found at the start, RFC 7050), the CLAT's IPv6 address, the host's IPv4 address
+    # on the CLAT device and the IPv4 MTU of its default route.
     clat_plat_prefix: str = ""
     clat_ipv6_address: str = ""
     clat_ipv4_address: str = "192.0.0.1"
@@ -214,6 +217,11 @@ class Settings:
                             self.relay_ipv4, self.prefix, self.addresses, self.mtu,
                             self.martian_ipv4, self.sixrd_prefix, self.ipv4_mask_len)
         return [first, *self.tunnels]
+
+    @property
+    def clat_enabled(self) -> bool:
+        """A CLAT runs: alone (mode "clat") or beside the NAT64 (a 464XLAT box), in worker 0."""
+        return self.mode == "clat" or bool(self.clat_plat_prefix)
 
     @property
     def engine_mtu(self) -> int:
