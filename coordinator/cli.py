@@ -65,7 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if method is None:
             log.error("sixgate cannot deliver packets to the services: %s", why)
             return EXIT_RUNTIME
-    return run_gateway(dataclasses.replace(settings, backend=backend))
+    return run_gateway(dataclasses.replace(settings, backend=backend),
+                       take_over=bool(getattr(args, "take_over", False)))
 
 
 def _print_further_tunnels(settings: Settings) -> None:
@@ -556,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the gateway in the foreground")
     p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--take-over", action="store_true",
+                   help="an upgrade or restart with less outage: if a sixgate runs with this "
+                   "run_dir, get ready beside it (this run's workers started and loaded), "
+                   "then stop it and start in its place, resuming the sessions it hands over")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="validate a config and print the effective settings")
     p.add_argument("--config", default=DEFAULT_CONFIG)

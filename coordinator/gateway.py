@@ -82,11 +82,14 @@ RECV_BUDGET = 256  # packets read per wakeup before batches are sent
 # Generous: a slow machine (or a software-emulated VM) takes seconds to import a worker; a
 # worker that dies instead is noticed at once.
 WORKER_READY_TIMEOUT_S = 60.0
+TAKE_OVER_WAIT_S = 30.0  # ``sixgate run --take-over``: how long the old gateway may take to stop
 CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 SUPERVISE_INTERVAL_S = 0.2  # how often the coordinator looks for a dead worker
 ANNOUNCE_CHECK_S = 0.5  # [cluster]: how often readiness decides the BGP announcement
-JOURNAL_DRAIN_MS = 300  # at a stop: how long the last journal messages are waited for
+# At a stop, once every worker has exited (its last journal message sent, ZeroMQ's linger):
+# how long a quiet journal socket is waited on for what is still on its way.
+JOURNAL_DRAIN_MS = 100
 WORKER_STOP_TIMEOUT_S = 5.0  # a worker stopped on purpose (SIGTERM) before SIGKILL
 # A worker that ran this long before it died starts the backoff over (systemd's
 # StartLimitIntervalSec idea): one crash a day never waits the longest delay.
@@ -106,6 +109,15 @@ def _pid_is_ours(pid: int) -> bool:
     except OSError:
         return False
     return b"sixgate" in cmdline
+
+
+def running_coordinator(settings: Settings) -> int | None:
+    """The pid of another sixgate's coordinator running with this run_dir, if one runs."""
+    try:
+        pid = int((Path(settings.run_dir) / "coordinator.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid and pid != os.getpid() and _pid_is_ours(pid) else None
 
 
 class RunDirBusy(Exception):
@@ -231,6 +243,7 @@ class WorkerProcess:
         self.next_start = 0.0
         self.started = 0.0  # monotonic time of the last spawn
         self.crash_streak = -1  # deaths in a row after a short run (-1: none yet)
+        self.standby: subprocess.Popen[bytes] | None = None  # ``take_over``'s, waiting
 
 
 class Coordinator:
@@ -254,6 +267,7 @@ class Coordinator:
         self.shard_lock = threading.Lock()
         self.handed_over: list[list[Any]] = []  # the previous run's shards, to resume
         self.crash_log: CrashLog | None = None  # the copy on disk, for a coordinator crash
+        self.kept_caps: tuple[int, ...] = ()  # what the coordinator keeps after setup
         # CLAT: how its PLAT prefix was found; with "auto", the RA options the kernel hands on.
         self.plat_source = ""
         self.plat_changes = 0
@@ -311,6 +325,44 @@ class Coordinator:
                                    timeout_ms)
 
     # --- lifecycle ----------------------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """``sixgate run --take-over``: this run's workers are started beside the running
+        gateway of this run_dir and wait, loaded (an interpreter and its imports are most of
+        a start); then that gateway is stopped (SIGTERM: it hands its sessions over as at
+        any stop) and this one starts in its place, its workers going at once. The outage is
+        the old one's stop and this one's setup, not two starts. Without a running gateway
+        it is an ordinary start."""
+        old = running_coordinator(self.settings)
+        if old is None:
+            log.info("take-over: no sixgate runs with run_dir %s; starting as usual",
+                     self.settings.run_dir)
+            return
+        settings_file = Path(self.settings.run_dir) / "settings.json"
+        for worker in self.workers:
+            worker.standby = subprocess.Popen(
+                [sys.executable, "-m", "sixgate.workers.main", "--standby", "--settings",
+                 str(settings_file), "--index", str(worker.index)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        for worker in self.workers:
+            assert worker.standby is not None and worker.standby.stdout is not None
+            ready, _, _ = select.select([worker.standby.stdout], [], [], WORKER_READY_TIMEOUT_S)
+            line = worker.standby.stdout.readline() if ready else b""
+            worker.standby.stdout.close()
+            if line.strip() != b"ready":
+                raise RuntimeError(f"take-over: worker {worker.index} did not get ready "
+                                   f"beside the running gateway (pid {old}); it runs on")
+        started = time.monotonic()
+        log.info("take-over: this run's %d worker(s) are ready; stopping pid %d",
+                 len(self.workers), old)
+        os.kill(old, signal.SIGTERM)
+        while _pid_is_ours(old):
+            if time.monotonic() - started > TAKE_OVER_WAIT_S:
+                raise RuntimeError(f"take-over: pid {old} did not stop within "
+                                   f"{TAKE_OVER_WAIT_S:.0f} s; stop it, then start again")
+            time.sleep(0.005)
+        log.info("take-over: pid %d stopped in %.2f s; starting in its place", old,
+                 time.monotonic() - started)
 
     def start(self) -> None:
         settings = self.settings
@@ -455,7 +507,8 @@ class Coordinator:
                 raise RuntimeError(f"{settings.source_file}: {exc}") from None
         # Everything only root could make exists: from here on the coordinator is the user,
         # and every worker starts (and restarts) as that user too.
-        log.info("%s", become_supervisor(settings.user, hand_over(self.run_dir, settings)))
+        self.kept_caps = hand_over(self.run_dir, settings)
+        log.info("%s", become_supervisor(settings.user, self.kept_caps))
         for worker in self.workers:
             if self.handed_over:
                 self._hand_shard(worker.index)
@@ -795,9 +848,18 @@ class Coordinator:
         staged.replace(self.settings_file)
 
     def _spawn(self, worker: WorkerProcess) -> None:
-        cmd = [sys.executable, "-m", "sixgate.workers.main", "--settings", str(self.settings_file),
-               "--index", str(worker.index)]
-        worker.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        standby, worker.standby = worker.standby, None
+        if standby is not None and standby.poll() is None and standby.stdin is not None:
+            # Started by ``take_over`` (as root) and waiting: it becomes what a worker started
+            # now would be (the user with the coordinator's capabilities), then reads the
+            # settings file.
+            standby.stdin.write(f"go {' '.join(map(str, self.kept_caps))}\n".encode())
+            standby.stdin.close()
+            worker.proc = standby
+        else:
+            cmd = [sys.executable, "-m", "sixgate.workers.main", "--settings",
+                   str(self.settings_file), "--index", str(worker.index)]
+            worker.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         worker.started = time.monotonic()
         (self.run_dir / f"worker-{worker.index}.pid").write_text(f"{worker.proc.pid}\n")
 
@@ -825,6 +887,10 @@ class Coordinator:
         if self.metrics_server is not None:
             self.metrics_server.close()
         for worker in self.workers:
+            if worker.standby is not None:  # a take-over that did not get to start them
+                worker.standby.kill()
+                worker.standby.wait()
+                worker.standby = None
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.proc.terminate()
         for worker in self.workers:
@@ -1203,8 +1269,9 @@ class Coordinator:
             self.control.send_json(control.error(f"unknown command {cmd!r}"))
 
 
-def run_gateway(settings: Settings) -> int:
-    """Run until SIGINT/SIGTERM; exit code 0 on a clean stop, 1 on a runtime failure."""
+def run_gateway(settings: Settings, take_over: bool = False) -> int:
+    """Run until SIGINT/SIGTERM; exit code 0 on a clean stop, 1 on a runtime failure.
+    ``take_over``: in place of the gateway running with this run_dir (``take_over``)."""
     coordinator = Coordinator(settings)
 
     def stop(signum: int, _frame: object) -> None:
@@ -1218,6 +1285,8 @@ def run_gateway(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, hangup)
     try:
+        if take_over:
+            coordinator.take_over()
         coordinator.start()
         coordinator.run()
     except (OSError, RuntimeError, RunDirBusy, zmq.ZMQError, NetlinkError) as exc:

@@ -59,6 +59,7 @@ REQUEST_TIMEOUT_S = 5.0
 SCRAPE_WORKER_TIMEOUT_MS = 1500  # below Prometheus' default 10 s scrape timeout
 READY_WORKER_TIMEOUT_MS = 1000
 HEALTHY_LOOP_AGE_S = 5.0  # the loop polls every 0.5 s; 10 missed rounds means it is stuck
+SHUTDOWN_POLL_S = 0.05  # how soon the metrics thread notices a stop
 
 # Every metric family the endpoint exports, for both backends (names without the _total suffix
 # prometheus_client adds to counters); the dashboards and tests check their names against it.
@@ -500,8 +501,9 @@ class MetricsServer:
         host, port = parse_listen(listen)
         server_class = _Server6 if ":" in host else _BoundedServer
         self.httpd = server_class((host, port), _handler(self))
+        # A short poll interval: a stop (a restart's, an upgrade's) waits for it in shutdown.
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
-                                       daemon=True)
+                                       args=(SHUTDOWN_POLL_S,), daemon=True)
         self.thread.start()
         log.info("metrics on http://%s/metrics (also /healthz, /readyz)", listen)
 

@@ -53,7 +53,7 @@ from sixgate.workers.engine.wire import decode_batch, fanout_filter
 from sixgate.workers.journal import FLUSH_INTERVAL_S, journal_endpoint, read_shard, split_held
 from sixgate.workers.journal import encode as encode_journal
 from sixgate.workers.mmsg import BatchSender
-from sixgate.workers.privileges import drop_privileges
+from sixgate.workers.privileges import become_supervisor, drop_privileges
 from sixgate.workers.uring import UringWriter
 
 try:  # a batch of TUN reads in C, built at install beside the engine's compiled loops
@@ -203,6 +203,7 @@ class Worker:
         # flood cannot crowd the IPv4 answers out of one queue (each is read in turn).
         self.tun6_fd = -1
         self.tun_writer: UringWriter | None = None
+        self.wake_fd = -1  # signals wake the loop here (``main``)
         # A 464XLAT box: worker 0 also has the CLAT's device (the NAT64's own stay as above).
         self.clat_fd = -1
         self.clat_writer: UringWriter | None = None
@@ -421,6 +422,8 @@ class Worker:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.tun_fd, zmq.POLLIN)
+        if self.wake_fd >= 0:
+            poller.register(self.wake_fd, zmq.POLLIN)
         if self.tun6_fd >= 0:
             poller.register(self.tun6_fd, zmq.POLLIN)
         if self.clat_fd >= 0:
@@ -435,6 +438,8 @@ class Worker:
             pending = flows.journal or flows.journal_removed
             events = dict(poller.poll(timeout=int(FLUSH_INTERVAL_S * 1000) if pending else 500))
             now = time.monotonic()
+            if self.wake_fd in events:  # a signal's byte: the loop's condition decides
+                os.read(self.wake_fd, 512)
             if self.pull in events:
                 self._drain_pull(now)
             if capture_fd in events:
@@ -630,16 +635,40 @@ class Worker:
         self.control.send_json(reply)
 
 
+def standby() -> tuple[int, ...] | None:
+    """``--standby``: what a start loads (this module and pyroute2, the slow part) is loaded;
+    say so, then wait for the coordinator's go: the capabilities it kept (None: its end of
+    the pipe closed)."""
+    import sixgate.workers.tun  # noqa: F401 - pyroute2, imported by ``open`` otherwise
+    print("ready", flush=True)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nobody reads the pipe from here on
+    words = sys.stdin.readline().split()
+    if not words or words[0] != "go":
+        return None
+    return tuple(int(word) for word in words[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sixgate-worker")
     parser.add_argument("--settings", required=True)
     parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--standby", action="store_true",
+                        help="load, say \"ready\" on stdout, then wait for \"go\" on stdin "
+                        "before reading the settings (``sixgate run --take-over``)")
     args = parser.parse_args(argv)
+    die_with_parent()
+    caps = standby() if args.standby else ()
+    if caps is None:
+        return 0  # the coordinator went away before it needed us
     with open(args.settings, encoding="utf-8") as f:
         settings = Settings.from_json(f.read())
+    if args.standby and os.geteuid() == 0:
+        # Started as root beside the old gateway: what a worker the coordinator started now
+        # would be (its user, its ambient capabilities).
+        become_supervisor(settings.user, caps)
+        die_with_parent()  # a change of credentials cleared it
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker-{args.index} %(levelname)s %(message)s")
-    die_with_parent()
     if settings.backend == "kernel":
         import asyncio
 
@@ -657,6 +686,11 @@ def main(argv: list[str] | None = None) -> int:
     def stop(_signum: int, _frame: object) -> None:
         worker.running = False
 
+    # The loop sleeps in poll(): a SIGTERM writes a byte here (the interpreter's wakeup fd),
+    # so it wakes at once and ends instead of at its next timeout (a stop is a restart's or an
+    # upgrade's outage).
+    worker.wake_fd, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C goes to it
     try:
