@@ -39,6 +39,32 @@ while True:
 """
 
 
+# A release that knows `sixgate run --take-over`: it says so in --help; with it, it stops the
+# gateway of coordinator.pid (SIGTERM) and waits for it to go before it runs in its place.
+TAKE_OVER_GATEWAY = """\
+import os, signal, sys, time
+from pathlib import Path
+if "--help" in sys.argv:
+    print("usage: sixgate run [--take-over] --config FILE")
+    sys.exit(0)
+config = Path(sys.argv[sys.argv.index("--config") + 1])
+run_dir = Path(config.read_text().splitlines()[0])
+run_dir.mkdir(parents=True, exist_ok=True)
+pidfile = run_dir / "coordinator.pid"
+if "--take-over" in sys.argv and pidfile.exists():
+    old = int(pidfile.read_text())
+    os.kill(old, signal.SIGTERM)
+    while Path(f"/proc/{old}").exists() and "Z" not in Path(
+            f"/proc/{old}/stat").read_text().rpartition(")")[2].split()[:1]:
+        time.sleep(0.02)
+    print("took over from", old, flush=True)
+pidfile.write_text(f"{os.getpid()}\\n")
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    time.sleep(0.1)
+"""
+
+
 class Host:
     """A fake install root and the helper's command line for it."""
 
@@ -51,11 +77,11 @@ class Host:
         self.log = root / "var" / "log" / "sixgate" / "gateway.log"
         self.etc.mkdir(parents=True)
 
-    def release(self, version: str) -> str:
+    def release(self, version: str, gateway: str = FAKE_GATEWAY) -> str:
         directory = self.home / "releases" / version
         (directory / "bin").mkdir(parents=True)
         script = directory / "bin" / "sixgate"
-        script.write_text(f"#!{sys.executable}\n{FAKE_GATEWAY}")
+        script.write_text(f"#!{sys.executable}\n{gateway}")
         script.chmod(0o755)
         return str(directory)
 
@@ -171,6 +197,38 @@ def test_supervisor_starts_restarts_and_stops_the_gateway(host: Host) -> None:
     assert final["supervisor_pid"] is None and final["gateway_pid"] is None
     assert not host.pidfile.exists()
     assert "sixgate run exited -9" in host.log.read_text()
+
+
+def test_a_restart_is_a_take_over_where_the_release_knows_it(host: Host) -> None:
+    """restart with a release that knows --take-over: a new supervisor's gateway takes over
+    from the running one, which exits 0 and so ends the old supervisor; restart returns once
+    the old gateway is gone. A release without it is stopped and started."""
+    host.candidate("one")
+    host.run(f"--release={host.release('1.0', TAKE_OVER_GATEWAY)}", "switch")
+    host.run("start")
+    first = wait_for(lambda: (s := host.status())["gateway_pid"] and s)
+    assert isinstance(first, dict), host.log.read_text()
+    done = host.run("restart")
+    assert "restarted by take-over" in done.stdout, done.stdout
+    after = host.status()
+    assert after["gateway_pid"] and after["gateway_pid"] != first["gateway_pid"]
+    assert after["supervisor_pid"] and after["supervisor_pid"] != first["supervisor_pid"]
+    text = host.log.read_text()
+    assert f"took over from {first['gateway_pid']}" in text and "run --take-over" in text
+    assert wait_for(lambda: not Path(f"/proc/{first['supervisor_pid']}").exists()
+                    or "Z" in Path(f"/proc/{first['supervisor_pid']}/stat").read_text()
+                    .rpartition(")")[2].split()[:1]), text
+    # The next restart again; a stop ends everything.
+    assert "restarted by take-over" in host.run("restart").stdout
+    assert host.run("stop").stdout.strip() == "stopped"
+    assert host.status()["gateway_pid"] is None
+    # A release without --take-over (FAKE_GATEWAY): stop and start as before.
+    host.candidate("two")
+    host.run(f"--release={host.release('2.0')}", "switch")
+    host.run("start")
+    assert wait_for(lambda: host.status()["gateway_pid"]), host.log.read_text()
+    plain = host.run("restart").stdout
+    assert "stopped" in plain and "take-over" not in plain, plain
 
 
 def test_supervision_ends_on_a_bad_config_exit(host: Host) -> None:

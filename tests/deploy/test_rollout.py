@@ -354,6 +354,9 @@ def test_upgrade_in_batches(fleet: Fleet, wheelhouse: Path) -> None:
     text = log.read_text()[log_before:]
     assert "handed over to the next run" in text and re.search(
         r"resuming [1-9]\d* session\(s\) handed over", text), text[-3000:]
+    # By take-over (sixgate run --take-over): the new release's workers were ready before
+    # the old release was stopped.
+    assert "take-over: this run's" in text, text[-3000:]
     # The [cluster] host was drained before its restart (withdrawn, then stopped once quiet),
     # its BIRD reconfigured, and the new gateway announces again.
     cluster_log = (fleet.root(CLUSTER_HOST) / "var" / "log" / "sixgate" / "gateway.log"
