@@ -278,6 +278,8 @@ VARIABLES: dict[str, Variable] = {
     "nat64_client_prefix": Variable(_client_prefix, None, "nat64.client_prefix"),
     "nat64_port_hold_s": Variable(_int_range(0, 3600), None, "nat64.port_hold_s"),
     "nat64_log_bindings": Variable(_bool, None, "nat64.log_bindings"),
+    "nat64_egress_table": Variable(_int_range(0, 2**31 - 1), None, "nat64.egress_table (the "
+                                   "routing table of the NAT64's translated IPv4; 0: main)"),
     # -- a fleet behind ECMP (README "A fleet behind ECMP"): a [cluster] table is written when
     # cluster_announce is set; each node its own router_id
     "cluster_announce": Variable(_string_list, None, "cluster.announce: the prefixes this "

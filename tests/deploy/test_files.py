@@ -339,6 +339,7 @@ nat64_clients = ["2001:db8:100::/56", "2001:db8:200::/64"]
 nat64_allow_non_global = true
 nat64_filtering = "address-dependent"
 nat64_mtu = 1400
+nat64_egress_table = 100
 nat64_pool4 = [
   { address = "203.0.113.5", tcp = "61001-65535", udp = "61001-65535", icmp = "0-65535" },
   { address = "203.0.113.6", tcp = "1024-65535" },
@@ -412,7 +413,7 @@ def test_nat64_hosts_render_the_nat64_table(files: Path) -> None:
     assert settings.mode == "nat64" and settings.nat64_prefix == "64:ff9b::/96"
     assert settings.nat64_clients == ("2001:db8:100::/56", "2001:db8:200::/64")
     assert settings.nat64_allow_non_global and settings.nat64_filtering == "address-dependent"
-    assert settings.mtu == 1400 and settings.forwards == ()
+    assert settings.mtu == 1400 and settings.forwards == () and settings.nat64_egress_table == 100
     assert sorted(settings.nat64_pool4) == [
         ("203.0.113.5", "icmp", 0, 65535), ("203.0.113.5", "tcp", 61001, 65535),
         ("203.0.113.5", "udp", 61001, 65535), ("203.0.113.6", "tcp", 1024, 65535)]
