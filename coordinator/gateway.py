@@ -111,12 +111,17 @@ def _pid_is_ours(pid: int) -> bool:
     return b"sixgate" in cmdline
 
 
+def _pidfile_pid(path: Path) -> int:
+    """The pid a pidfile names (0: none, or unreadable)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
 def running_coordinator(settings: Settings) -> int | None:
     """The pid of another sixgate's coordinator running with this run_dir, if one runs."""
-    try:
-        pid = int((Path(settings.run_dir) / "coordinator.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
+    pid = _pidfile_pid(Path(settings.run_dir) / "coordinator.pid")
     return pid if pid and pid != os.getpid() and _pid_is_ours(pid) else None
 
 
@@ -139,14 +144,13 @@ def prepare_run_dir(settings: Settings) -> Path:
                            "directory of sixgate's own")
     pidfile = run_dir / "coordinator.pid"
     if pidfile.exists():
-        try:
-            pid = int(pidfile.read_text().strip())
-        except ValueError:
-            pid = 0
-        if pid and pid != os.getpid() and _pid_is_ours(pid):
-            raise RunDirBusy(f"another sixgate (pid {pid}) runs with run_dir {run_dir}; stop "
-                             "it first or give this gateway its own gateway.run_dir")
-        log.info("cleaning up after a stale run (pid %s) in %s", pid or "?", run_dir)
+        running = running_coordinator(settings)
+        if running is not None:
+            raise RunDirBusy(f"another sixgate (pid {running}) runs with run_dir {run_dir}; "
+                             "stop it first, take over from it (sixgate run --take-over), or "
+                             "give this gateway its own gateway.run_dir")
+        log.info("cleaning up after a stale run (pid %s) in %s",
+                 _pidfile_pid(pidfile) or "?", run_dir)
     if info.st_uid != os.geteuid():
         # The gateway user's, from the last run: root takes it back before cleaning, so no
         # process of that user can plant a link in it while root writes there.

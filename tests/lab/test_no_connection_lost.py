@@ -262,6 +262,11 @@ def test_a_download_survives_a_take_over_by_a_new_run(
         netlab.wait_until(lambda: binding_of(lab, "tcp") is not None, timeout=10,
                           what="the download's session")
         tcp_before = binding_of(lab, "tcp")
+        # A plain second run is refused, naming the way, and the first goes on.
+        second = lab.gw([*netlab.sixgate_command(), "run", "--config", str(lab.config_path)],
+                        timeout=60)
+        assert second.returncode == 1 and "--take-over" in second.stderr, second.stderr
+        assert lab.alive("sixgate") and binding_of(lab, "tcp") == tcp_before
         time.sleep(0.5)
         old = lab.processes["sixgate"]
         lab.spawn("next", lab.gw_ns, [*netlab.sixgate_command(), "run", "--take-over",
