@@ -201,9 +201,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  NAT64 beside the tunnel:")
         _print_nat64(settings)
     if settings.cluster_announce:
-        from sixgate.coordinator.cluster import anchor_name
+        from sixgate.coordinator.cluster import anchor_name, drain_anchor_name
         print(f"  cluster       BIRD announces {', '.join(settings.cluster_announce)} through "
-              f"{anchor_name(settings)} while this node is ready and not draining (AS "
+              f"{anchor_name(settings)} while this node is ready, through "
+              f"{drain_anchor_name(settings)} with the GRACEFUL_SHUTDOWN community while it "
+              f"drains (AS "
               f"{settings.cluster_local_as} to {', '.join(settings.cluster_neighbors)} AS "
               f"{settings.cluster_peer_as}, router id {settings.cluster_router_id}, hold time "
               f"{settings.cluster_hold_time_s} s); `sixgate cluster bird-config` writes its "

@@ -6,8 +6,16 @@ each ``[cluster] announce`` prefix as a static route through the node's anchor d
 answers 200 for) and not draining, down otherwise (``announce_state`` decides), and gone with
 the coordinator (a TUN device without persist dies with its last file descriptor). BIRD
 follows the device over netlink and withdraws within milliseconds: nothing polls BIRD, and a
-crashed sixgate is withdrawn as fast as a drained one. A node that dies whole, BIRD with it, is
-dropped by its routers when the BGP hold time runs out.
+crashed sixgate is withdrawn at once. A node that dies whole, BIRD with it, is dropped by its
+routers when the BGP hold time runs out.
+
+A drain does not withdraw at once: it moves the announcements to a second device, ``<name>drn``,
+whose static routes carry the well-known GRACEFUL_SHUTDOWN community (65535:0, RFC 8326), so
+the routers know the node is leaving while its connections still reach it: a router that
+keeps such a path in its resilient next-hop group at the lowest weight (its active buckets
+stay, its idle ones move, README "A fleet behind ECMP") sends the node no new flows and lets
+its established ones end there. Once no packet came for drain_quiet_s the node stops and both
+devices go: the last withdrawal moves nothing that is still in use.
 
 The routers spread the announced addresses over the nodes with ECMP. Protocol 41 has no
 ports: a router's layer-3 hash (Linux ``fib_multipath_hash_policy`` 0: source and
@@ -27,6 +35,10 @@ from sixgate.workers.tun import open_tun
 log = logging.getLogger("sixgate.cluster")
 
 STATIC_PROTOCOL = "sixgate_announce"
+DRAIN_PROTOCOL = "sixgate_drain"
+GRACEFUL_SHUTDOWN = (65535, 0)  # RFC 8326 §4: the path is about to go away
+# Announcement states (``announce_state``): the anchor up; the drain device up; neither.
+ANNOUNCE, DRAIN, WITHDRAWN = "announce", "drain", "withdrawn"
 
 
 def anchor_name(settings: Settings) -> str:
@@ -34,19 +46,31 @@ def anchor_name(settings: Settings) -> str:
     return f"{settings.name}bgp"
 
 
+def drain_anchor_name(settings: Settings) -> str:
+    """The device the announcements move to while the node drains."""
+    return f"{settings.name}drn"
+
+
 def bird_config(settings: Settings) -> str:
     """The node's ``bird.conf``: a static route per announced prefix through the anchor
     device, exported to each router over eBGP; nothing imported (the node routes nothing)."""
-    anchor = anchor_name(settings)
+    anchor, drain = anchor_name(settings), drain_anchor_name(settings)
     keepalive = max(1, settings.cluster_hold_time_s // 3)
+    community = "({}, {})".format(*GRACEFUL_SHUTDOWN)
     lines = [
         f"# Written by sixgate for gateway {settings.name!r} ({settings.source_file}):",
-        "# the routes below are up only while sixgate holds its anchor device up.",
+        "# the routes below are up only while sixgate holds their device up; while it",
+        "# drains, the second set's, with the GRACEFUL_SHUTDOWN community (RFC 8326).",
         f"router id {settings.cluster_router_id};",
         "protocol device { }",
         f"protocol static {STATIC_PROTOCOL} {{",
         "  ipv4;",
         *(f'  route {prefix} via "{anchor}";' for prefix in settings.cluster_announce),
+        "}",
+        f"protocol static {DRAIN_PROTOCOL} {{",
+        "  ipv4 { preference 90; };",  # below the static default 200: never chosen over it
+        *(f'  route {prefix} via "{drain}" {{ bgp_community.add({community}); }};'
+          for prefix in settings.cluster_announce),
         "}",
     ]
     for number, neighbor in enumerate(settings.cluster_neighbors, 1):
@@ -58,47 +82,64 @@ def bird_config(settings: Settings) -> str:
             # After a failure (a hold time run out) BIRD would wait a minute or more before
             # it tries again; a node that is back should be back within seconds.
             "  connect retry time 5; error wait time 2, 30;",
-            f'  ipv4 {{ import none; export where proto = "{STATIC_PROTOCOL}"; '
-            "next hop self; };",
+            f'  ipv4 {{ import none; export where proto = "{STATIC_PROTOCOL}" || '
+            f'proto = "{DRAIN_PROTOCOL}"; next hop self; }};',
             "}",
         ]
     return "\n".join(lines) + "\n"
 
 
 def announce_state(ready: bool, draining: bool, announced: bool, unready_s: float,
-                   withdraw_after_s: float) -> bool:
-    """Whether the node announces now: at once when it is ready and not draining; withdrawn
-    at once when draining, else only after ``withdraw_after_s`` of not being ready (a worker
-    that restarts in a second keeps its sessions: moving every flow would be worse)."""
+                   withdraw_after_s: float) -> str:
+    """How the node announces now: ANNOUNCE at once when it is ready; DRAIN at once when it
+    drains and is announced (a drain never announces a withdrawn node); WITHDRAWN only after
+    ``withdraw_after_s`` of not being ready (a worker that restarts in a second keeps its
+    sessions: moving every flow would be worse)."""
     if draining:
-        return False
-    if ready:
-        return True
-    return announced and unready_s < withdraw_after_s
+        return DRAIN if announced else WITHDRAWN
+    if ready or (announced and unready_s < withdraw_after_s):
+        return ANNOUNCE
+    return WITHDRAWN
 
 
 class Anchor:
-    """The anchor device: created at the start (root), held open, set up or down."""
+    """The anchor device and the drain one: created at the start (root), held open, set up
+    or down."""
 
     def __init__(self, settings: Settings) -> None:
         self.name = anchor_name(settings)
+        self.drain_name = drain_anchor_name(settings)
         self.fd = open_tun(self.name)
-        self.up = False
+        try:
+            self.drain_fd = open_tun(self.drain_name)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.state = WITHDRAWN
 
-    def set(self, up: bool) -> None:
-        if up == self.up:
+    @property
+    def up(self) -> bool:
+        """Announced (also while draining)."""
+        return self.state != WITHDRAWN
+
+    def set(self, state: str) -> None:
+        if state == self.state:
             return
         with IPRoute() as ipr:
-            index = ipr.link_lookup(ifname=self.name)
-            if not index:
-                raise OSError(f"anchor device {self.name} is gone")
-            ipr.link("set", index=index[0], state="up" if up else "down")
-        self.up = up
+            # The drain device first: the prefixes never leave BIRD's table between the two
+            # (the anchor's routes win while both are up).
+            for name, up in ((self.drain_name, state == DRAIN), (self.name, state == ANNOUNCE)):
+                index = ipr.link_lookup(ifname=name)
+                if not index:
+                    raise OSError(f"anchor device {name} is gone")
+                ipr.link("set", index=index[0], state="up" if up else "down")
+        self.state = state
 
     def close(self) -> None:
-        """The device goes with its descriptor: BIRD withdraws."""
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        """The devices go with their descriptors: BIRD withdraws."""
+        for fd in (self.fd, self.drain_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 

@@ -330,9 +330,10 @@ SCHEMA: tuple[Key, ...] = (
         "this (a failed update is retried after 60 s, doubling, at least this)",
         _ranged_number(60, 86400), DEFAULTS["broker_min_interval_s"]),
     Key("cluster", "announce", "list of IPv4 prefixes", "what this node announces over BGP "
-        "while it is ready (/readyz 200) and not draining: the 6to4 anycast local_ipv4/32, a "
-        "6in4 endpoint, its NAT64 pool4 slice; BIRD withdraws them when sixgate stops, "
-        "crashes or drains (README \"A fleet behind ECMP\")", default_text="required"),
+        "while it is ready (/readyz 200): the 6to4 anycast local_ipv4/32, a 6in4 endpoint, "
+        "its NAT64 pool4 slice; with RFC 8326's GRACEFUL_SHUTDOWN community while it drains; "
+        "BIRD withdraws them when sixgate stops or crashes (README \"A fleet behind ECMP\")",
+        default_text="required"),
     Key("cluster", "local_as", "AS number", "this node's BGP AS", default_text="required"),
     Key("cluster", "peer_as", "AS number", "the routers' AS", default_text="required"),
     Key("cluster", "neighbors", "list of IPv4 addresses", "the routers BIRD peers with",
@@ -346,7 +347,7 @@ SCHEMA: tuple[Key, ...] = (
         "before it withdraws (a worker restarting for a second is no reason to move every "
         "flow)", _ranged_number(1, 300), DEFAULTS["cluster_withdraw_after_s"]),
     Key("cluster", "drain_timeout_s", "seconds 1-86400", "`sixgate drain`: the longest it "
-        "waits for this node's traffic to end after the withdrawal",
+        "waits for this node's traffic to end",
         _ranged_number(1, 86400), DEFAULTS["cluster_drain_timeout_s"]),
     Key("cluster", "drain_quiet_s", "seconds 0.5-600", "`sixgate drain`: the node's traffic "
         "has ended when no packet came for this long", _ranged_number(0.5, 600),

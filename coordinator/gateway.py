@@ -744,20 +744,22 @@ class Coordinator:
                 unready_since = None
             elif unready_since is None:
                 unready_since = now
-            up = cluster.announce_state(
+            state = cluster.announce_state(
                 reason is None, self.draining, anchor.up,
                 0.0 if unready_since is None else now - unready_since,
                 self.settings.cluster_withdraw_after_s)
-            if up != anchor.up:
+            if state != anchor.state:
                 try:
-                    anchor.set(up)
+                    anchor.set(state)
                 except OSError as exc:
-                    log.error("cluster: cannot set %s %s: %s", anchor.name,
-                              "up" if up else "down", exc)
+                    log.error("cluster: cannot make the announcements %s: %s", state, exc)
                 else:
-                    log.info("cluster: %s %s (%s)", "announcing" if up else "withdrew",
-                             ", ".join(self.settings.cluster_announce),
-                             "ready" if up else "draining" if self.draining else reason)
+                    prefixes = ", ".join(self.settings.cluster_announce)
+                    log.info("cluster: %s", {
+                        cluster.ANNOUNCE: f"announcing {prefixes} (ready)",
+                        cluster.DRAIN: f"draining: {prefixes} announced with the "
+                                       "GRACEFUL_SHUTDOWN community (RFC 8326)",
+                        cluster.WITHDRAWN: f"withdrew {prefixes} ({reason})"}[state])
             if self.draining:
                 total = sum(sum(n for key, n in r["counters"]["packets"].items()
                                 if key.startswith("inbound/"))
@@ -1263,11 +1265,13 @@ class Coordinator:
                 if not self.draining:
                     self.drain_started = time.monotonic()
                     self.draining = True
-                    log.info("cluster: drain asked: withdrawing")
+                    log.info("cluster: drain asked")
                 self.control.send_json(control.ok(
-                    message=f"withdrawing {', '.join(self.settings.cluster_announce)}; stops "
-                    f"once no packet came for {self.settings.cluster_drain_quiet_s:g} s, "
-                    f"at most {self.settings.cluster_drain_timeout_s:g} s"))
+                    message=f"draining {', '.join(self.settings.cluster_announce)}: announced "
+                    "with the GRACEFUL_SHUTDOWN community (RFC 8326) until the node stops, "
+                    "once no packet came for "
+                    f"{self.settings.cluster_drain_quiet_s:g} s, at most "
+                    f"{self.settings.cluster_drain_timeout_s:g} s; then withdrawn"))
         else:
             self.counters.event(Event.CONTROL_ERRORS)
             self.control.send_json(control.error(f"unknown command {cmd!r}"))

@@ -7,22 +7,32 @@ import dataclasses
 import pytest
 from support.helpers import make_settings
 
-from sixgate.coordinator.cluster import anchor_name, announce_state, bird_config
+from sixgate.coordinator.cluster import (
+    ANNOUNCE,
+    DRAIN,
+    WITHDRAWN,
+    anchor_name,
+    announce_state,
+    bird_config,
+    drain_anchor_name,
+)
 
 
 @pytest.mark.parametrize(
     ("ready", "draining", "announced", "unready_s", "expected"),
     [
-        (True, False, False, 0.0, True),  # ready: announce at once
-        (True, True, True, 0.0, False),  # a drain withdraws at once, ready or not
-        (False, False, True, 2.9, True),  # a worker restarting: keep it for a while
-        (False, False, True, 3.0, False),  # unready for withdraw_after_s: withdraw
-        (False, False, False, 0.0, False),  # never announced while unready
+        (True, False, False, 0.0, ANNOUNCE),  # ready: announce at once
+        (True, True, True, 0.0, DRAIN),  # a drain: the shutdown community at once
+        (False, True, True, 9.0, DRAIN),  # ready or not, until the node stops
+        (True, True, False, 0.0, WITHDRAWN),  # a drain never announces a withdrawn node
+        (False, False, True, 2.9, ANNOUNCE),  # a worker restarting: keep it for a while
+        (False, False, True, 3.0, WITHDRAWN),  # unready for withdraw_after_s: withdraw
+        (False, False, False, 0.0, WITHDRAWN),  # never announced while unready
     ],
 )
 def test_announce_state(ready: bool, draining: bool, announced: bool, unready_s: float,
-                        expected: bool) -> None:
-    assert announce_state(ready, draining, announced, unready_s, 3.0) is expected
+                        expected: str) -> None:
+    assert announce_state(ready, draining, announced, unready_s, 3.0) == expected
 
 
 def test_bird_config_routes_each_prefix_through_the_anchor_to_each_router() -> None:
@@ -39,3 +49,11 @@ def test_bird_config_routes_each_prefix_through_the_anchor_to_each_router() -> N
     assert text.count("protocol bgp ") == 2 and "neighbor 198.51.100.5 as 65000;" in text
     assert "hold time 9; keepalive time 3;" in text and "router id 198.51.100.2;" in text
     assert "import none;" in text
+    # While it drains: the same prefixes through the drain device, with RFC 8326's community,
+    # below the anchor's routes, and exported too.
+    drain = drain_anchor_name(settings)
+    assert drain == "sgtestdrn"
+    assert (f'route 192.0.2.10/32 via "{drain}" {{ bgp_community.add((65535, 0)); }};'
+            in text)
+    assert "preference 90;" in text
+    assert 'proto = "sixgate_announce" || proto = "sixgate_drain"' in text
