@@ -300,6 +300,7 @@ class Coordinator:
         # [cluster] (issue 20): the anchor device BIRD announces through, and a drain.
         self.anchor: cluster.Anchor | None = None
         self.draining = False
+        self.drain_quiet_s = 0.0  # while draining: how long no packet has come (metrics)
         self.drain_started = 0.0
 
     # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
@@ -322,7 +323,7 @@ class Coordinator:
             peers=tuple((p.peer, p.reachable, p.rtt_s) for p in self.peer_probes),
             broker_updates=dict(self.broker_updates), endpoint_changes=self.endpoint_changes,
             announced=None if self.anchor is None else self.anchor.up,
-            draining=self.draining)
+            draining=self.draining, drain_quiet_s=self.drain_quiet_s)
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
         return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
@@ -766,7 +767,8 @@ class Coordinator:
                             for r in replies if r is not None)
                 if total != inbound:
                     inbound, quiet_since = total, now
-                quiet = now - quiet_since >= self.settings.cluster_drain_quiet_s
+                self.drain_quiet_s = now - quiet_since
+                quiet = self.drain_quiet_s >= self.settings.cluster_drain_quiet_s
                 if quiet or now - self.drain_started >= self.settings.cluster_drain_timeout_s:
                     log.info("cluster: drained (%s after %.1f s): stopping",
                              "quiet" if quiet else "timeout", now - self.drain_started)

@@ -70,6 +70,7 @@ METRIC_NAMES = (
     "sixgate_tunnel_received_packets", "sixgate_tunnel_received_bytes",
     "sixgate_tunnel_packets", "sixgate_tunnel_bytes",
     "sixgate_cluster_announced", "sixgate_cluster_draining",
+    "sixgate_cluster_drain_quiet_seconds",
     "sixgate_prefix_flow_limit", "sixgate_queue_limit_batches",
     "sixgate_icmp_error_rate_limit_per_second", "sixgate_packets", "sixgate_bytes",
     "sixgate_drops", "sixgate_flows_active", "sixgate_flows_created", "sixgate_flows_expired",
@@ -195,18 +196,24 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     out.append(CounterMetricFamily(
         "sixgate_tunnel_received_bytes", "Bytes of those packets, outer IPv4 header included",
         value=snap["tunnel_received"][1]))
-    # [cluster]: what BIRD announces (the anchor device up) and whether a drain runs.
+    # [cluster]: what BIRD announces (the anchor or the drain device up), whether a drain
+    # runs and how far it is.
     announced = GaugeMetricFamily("sixgate_cluster_announced", "[cluster]: 1 while BIRD "
-                                  "announces the prefix (this node ready, not draining)",
-                                  labels=["prefix"])
+                                  "announces the prefix (this node ready; or draining, then "
+                                  "with the GRACEFUL_SHUTDOWN community)", labels=["prefix"])
     draining = GaugeMetricFamily("sixgate_cluster_draining", "[cluster]: 1 once `sixgate "
-                                 "drain` asked (withdrawn, stopping when quiet)", labels=[])
+                                 "drain` asked (announced with the GRACEFUL_SHUTDOWN community "
+                                 "until the node stops, once quiet)", labels=[])
+    quiet = GaugeMetricFamily("sixgate_cluster_drain_quiet_seconds", "[cluster]: while "
+                              "draining, how long no packet has come (the node stops when "
+                              "this reaches drain_quiet_s); 0 otherwise", labels=[])
     node = snap.get("cluster")
     if node is not None:
         for prefix in node["announce"]:
             announced.add_metric([prefix], 1 if node["announced"] else 0)
         draining.add_metric([], 1 if node["draining"] else 0)
-    out += [announced, draining]
+        quiet.add_metric([], node.get("quiet_s", 0.0))
+    out += [announced, draining, quiet]
     # Per tunnel ([[tunnel]]: at most MAX_TUNNELS label values), outer header included.
     per_packets = CounterMetricFamily(
         "sixgate_tunnel_packets", "Protocol-41 packets per tunnel: received from its peers "
@@ -377,6 +384,7 @@ class GatewayView:
     peers: tuple[tuple[str, bool | None, float | None], ...] = ()
     announced: bool | None = None  # [cluster]: the anchor device is up (None: no cluster)
     draining: bool = False  # `sixgate drain` asked
+    drain_quiet_s: float = 0.0  # while draining: how long no packet has come
     broker_updates: dict[str, int] = field(default_factory=dict)  # [broker]: result -> count
     endpoint_changes: int = 0  # [tunnel] uplink: moves to a new address
 
@@ -434,7 +442,8 @@ class GatewayCollector:
             "tunnel_received": received,
             "tunnels": tunnels,
             "cluster": {"announce": list(settings.cluster_announce),
-                        "announced": view.announced, "draining": view.draining}
+                        "announced": view.announced, "draining": view.draining,
+                        "quiet_s": view.drain_quiet_s}
             if view.announced is not None else None,
             "limits": {"max_flows_per_prefix": settings.max_flows_per_prefix,
                        "queue_batches": settings.queue_batches,

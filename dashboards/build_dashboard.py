@@ -180,9 +180,9 @@ def overview() -> list[Panel]:
             "bps"),
         up_down(
             "Cluster: announced",
-            "[cluster]: 1 while the node's BGP speaker announces the prefix (ready, not "
-            "draining), 0 while it is withdrawn (sixgate_cluster_announced): which nodes the "
-            "routers spread the traffic over.",
+            "[cluster]: 1 while the node's BGP speaker announces the prefix (ready; or "
+            "draining, then with the GRACEFUL_SHUTDOWN community), 0 while it is withdrawn "
+            "(sixgate_cluster_announced): which nodes the routers spread the traffic over.",
             [target("max by (instance, prefix) (sixgate_cluster_announced"
                     "{instance=~\"$instance\"})", "{{instance}} {{prefix}}")]),
     ]

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -433,6 +434,20 @@ def test_a_drain_keeps_the_nodes_connections_then_it_stops(fleet: Fleet) -> None
         during: dict[int, Any] = fleet.served_by()
         assert gateway.poll() is None and node in fleet.next_hops(), \
             "the drained node left while its download ran"
+        # Its metrics: still announced, draining, and how long it has been quiet (the drain's
+        # progress), which grows once the download is over.
+        metrics: list[str] = []
+
+        def quiet_for_a_second() -> bool:
+            metrics[:] = [fleet.exec_in(fleet.nodes[node], [
+                "curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout]
+            found = re.search(r"^sixgate_cluster_drain_quiet_seconds (\S+)$", metrics[0],
+                              re.MULTILINE)
+            return found is not None and float(found.group(1)) >= 1.0
+
+        netlab.wait_until(quiet_for_a_second, timeout=30, what="the drain's quiet time")
+        assert f'sixgate_cluster_announced{{prefix="{ANYCAST_IPV4}/32"}} 1.0' in metrics[0]
+        assert "sixgate_cluster_draining 1.0" in metrics[0]
         stdout, stderr = drain.communicate(timeout=60)
         fetched, failed = download.communicate(timeout=60)
         finished = True

@@ -40,6 +40,7 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
                                                "direction": ("received", "sent")}),
     "sixgate_cluster_announced": ("gauge", {"prefix": ("192.0.2.10/32",)}),
     "sixgate_cluster_draining": ("gauge", {}),
+    "sixgate_cluster_drain_quiet_seconds": ("gauge", {}),
     "sixgate_packets_total": ("counter", {"process": WORKERS, "direction": DIRECTIONS,
                                           "protocol": PROTOCOLS}),
     "sixgate_bytes_total": ("counter", {"process": WORKERS, "direction": DIRECTIONS,

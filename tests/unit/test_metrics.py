@@ -58,7 +58,8 @@ def _snapshot(workers: list[dict[str, Any] | None]) -> dict[str, Any]:
         "peers": [{"address": "198.51.100.1", "reachable": True, "rtt_s": 0.012}],
         "tunnel_received": (20, 2400),
         "tunnels": {"6to4": [20, 2400, 18, 2000]},
-        "cluster": {"announce": ["192.0.2.10/32"], "announced": True, "draining": False},
+        "cluster": {"announce": ["192.0.2.10/32"], "announced": True, "draining": True,
+                    "quiet_s": 1.5},
         "limits": {"max_flows_per_prefix": 50, "queue_batches": 1000, "icmp_errors_per_s": 100},
         "processes": [{"name": "coordinator", "usage": (1.0, 0.5, 4096),
                        "stats": {"counters": coordinator.as_dict()}}]
@@ -113,7 +114,8 @@ def test_worker_counters_become_named_series() -> None:
     assert samples[("sixgate_tunnel_bytes_total", (("direction", "sent"),
                                                    ("tunnel", "6to4")))] == 2000
     assert samples[("sixgate_cluster_announced", (("prefix", "192.0.2.10/32"),))] == 1
-    assert samples[("sixgate_cluster_draining", ())] == 0
+    assert samples[("sixgate_cluster_draining", ())] == 1
+    assert samples[("sixgate_cluster_drain_quiet_seconds", ())] == 1.5
     assert samples[("sixgate_packet_processing_seconds_bucket",
                     (("direction", "inbound"), ("le", "2e-05"), ("process", "worker-0")))] == 1
     assert samples[("sixgate_packet_processing_seconds_bucket",
