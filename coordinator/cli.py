@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.error("sixgate cannot deliver packets to the services: %s", why)
             return EXIT_RUNTIME
     return run_gateway(dataclasses.replace(settings, backend=backend),
-                       take_over=bool(getattr(args, "take_over", False)))
+                       take_over=args.take_over)
 
 
 def _print_further_tunnels(settings: Settings) -> None:
@@ -205,8 +205,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  cluster       BIRD announces {', '.join(settings.cluster_announce)} through "
               f"{anchor_name(settings)} while this node is ready, through "
               f"{drain_anchor_name(settings)} with the GRACEFUL_SHUTDOWN community while it "
-              f"drains (AS "
-              f"{settings.cluster_local_as} to {', '.join(settings.cluster_neighbors)} AS "
+              f"drains (AS {settings.cluster_local_as} to "
+              f"{', '.join(settings.cluster_neighbors)} AS "
               f"{settings.cluster_peer_as}, router id {settings.cluster_router_id}, hold time "
               f"{settings.cluster_hold_time_s} s); `sixgate cluster bird-config` writes its "
               "config")

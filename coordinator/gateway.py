@@ -125,6 +125,13 @@ def running_coordinator(settings: Settings) -> int | None:
     return pid if pid and pid != os.getpid() and _pid_is_ours(pid) else None
 
 
+def with_plat_prefix(settings: Settings, prefix: str) -> Settings:
+    """``settings`` with the CLAT's PLAT prefix; a CLAT alone's ``prefix`` is that prefix too
+    (beside a NAT64 it stays the NAT64's)."""
+    return dataclasses.replace(settings, clat_plat_prefix=prefix,
+                               prefix=prefix if settings.mode == "clat" else settings.prefix)
+
+
 class RunDirBusy(Exception):
     pass
 
@@ -272,6 +279,8 @@ class Coordinator:
         self.handed_over: list[list[Any]] = []  # the previous run's shards, to resume
         self.crash_log: CrashLog | None = None  # the copy on disk, for a coordinator crash
         self.kept_caps: tuple[int, ...] = ()  # what the coordinator keeps after setup
+        # What the workers read their settings from (written by ``start``).
+        self.settings_file = Path(settings.run_dir) / "settings.json"
         # CLAT: how its PLAT prefix was found; with "auto", the RA options the kernel hands on.
         self.plat_source = ""
         self.plat_changes = 0
@@ -343,12 +352,9 @@ class Coordinator:
             log.info("take-over: no sixgate runs with run_dir %s; starting as usual",
                      self.settings.run_dir)
             return
-        settings_file = Path(self.settings.run_dir) / "settings.json"
         for worker in self.workers:
-            worker.standby = subprocess.Popen(
-                [sys.executable, "-m", "sixgate.workers.main", "--standby", "--settings",
-                 str(settings_file), "--index", str(worker.index)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            worker.standby = subprocess.Popen(self._worker_command(worker.index, "--standby"),
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         for worker in self.workers:
             assert worker.standby is not None and worker.standby.stdout is not None
             ready, _, _ = select.select([worker.standby.stdout], [], [], WORKER_READY_TIMEOUT_S)
@@ -399,7 +405,6 @@ class Coordinator:
                 log.info("%s", message)
             if seed is not None:
                 settings = self.settings = dataclasses.replace(settings, hash_seed=seed)
-        self.settings_file = self.run_dir / "settings.json"
         self.settings_file.write_text(settings.to_json())
         if settings.user:
             try:
@@ -669,15 +674,13 @@ class Coordinator:
         if prefix is None:
             raise RuntimeError(f"clat.plat_prefix = \"auto\": {how}")
         log.info("CLAT: PLAT prefix %s %s", prefix, how)
-        if settings.mode == "clat":
-            self.settings = dataclasses.replace(settings, clat_plat_prefix=prefix, prefix=prefix)
-            return self.settings
-        # Beside this host's NAT64: the CLAT's own address is one of its clients.
-        own = ipaddress.IPv6Address(settings.clat_ipv6_address)
-        if not any(own in ipaddress.IPv6Network(c) for c in settings.nat64_clients):
-            settings = dataclasses.replace(settings, nat64_clients=(
-                *settings.nat64_clients, f"{own}/128"))
-        self.settings = dataclasses.replace(settings, clat_plat_prefix=prefix)
+        if settings.mode != "clat":
+            # Beside this host's NAT64: the CLAT's own address is one of its clients.
+            own = ipaddress.IPv6Address(settings.clat_ipv6_address)
+            if not any(own in ipaddress.IPv6Network(c) for c in settings.nat64_clients):
+                settings = dataclasses.replace(settings, nat64_clients=(
+                    *settings.nat64_clients, f"{own}/128"))
+        self.settings = with_plat_prefix(settings, prefix)
         return self.settings
 
     def _watch_pref64(self) -> None:
@@ -833,9 +836,7 @@ class Coordinator:
         old = self.settings.clat_plat_prefix
         self.plat_source = source
         self.plat_changes += 1
-        replies = self._publish(dataclasses.replace(
-            self.settings, clat_plat_prefix=prefix,
-            prefix=prefix if self.settings.mode == "clat" else self.settings.prefix))
+        replies = self._publish(with_plat_prefix(self.settings, prefix))
         log.warning("CLAT: PLAT prefix changed from %s to %s (%s)%s", old, prefix, how,
                     "" if all(r is not None and r.get("ok") for r in replies)
                     else "; the worker did not answer: it takes it when it starts again")
@@ -855,6 +856,10 @@ class Coordinator:
         staged.write_text(new.to_json())
         staged.replace(self.settings_file)
 
+    def _worker_command(self, index: int, *flags: str) -> list[str]:
+        return [sys.executable, "-m", "sixgate.workers.main", *flags, "--settings",
+                str(self.settings_file), "--index", str(index)]
+
     def _spawn(self, worker: WorkerProcess) -> None:
         standby, worker.standby = worker.standby, None
         if standby is not None and standby.poll() is None and standby.stdin is not None:
@@ -865,9 +870,8 @@ class Coordinator:
             standby.stdin.close()
             worker.proc = standby
         else:
-            cmd = [sys.executable, "-m", "sixgate.workers.main", "--settings",
-                   str(self.settings_file), "--index", str(worker.index)]
-            worker.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+            worker.proc = subprocess.Popen(self._worker_command(worker.index),
+                                           stdin=subprocess.DEVNULL)
         worker.started = time.monotonic()
         (self.run_dir / f"worker-{worker.index}.pid").write_text(f"{worker.proc.pid}\n")
 

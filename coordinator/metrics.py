@@ -212,7 +212,7 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
         for prefix in node["announce"]:
             announced.add_metric([prefix], 1 if node["announced"] else 0)
         draining.add_metric([], 1 if node["draining"] else 0)
-        quiet.add_metric([], node.get("quiet_s", 0.0))
+        quiet.add_metric([], node["quiet_s"])
     out += [announced, draining, quiet]
     # Per tunnel ([[tunnel]]: at most MAX_TUNNELS label values), outer header included.
     per_packets = CounterMetricFamily(

@@ -106,6 +106,40 @@ def clat_device(settings: Settings) -> str:
     return tun_name(settings, 0) + ("" if settings.mode == "clat" else "c")
 
 
+class DeviceOut:
+    """Writes to one TUN device: a batch per io_uring submission (workers/uring.py) where the
+    ring works, else one write(2) per packet; a ring that fails as a whole (not a packet:
+    how far the batch got is not known, so all of it counts as failed) gives way to write(2)
+    for good. ``write`` returns how many packets failed."""
+
+    def __init__(self, fd: int, ring: UringWriter | None, index: int) -> None:
+        self.fd = fd
+        self.ring = ring
+        self.index = index  # the worker's, for the log
+
+    def write(self, packets: list[bytes]) -> int:
+        if self.ring is not None:
+            try:
+                return self.ring.write(packets)
+            except OSError as exc:
+                log.warning("worker %d: io_uring failed (%s): one write(2) per packet to the "
+                            "device from now on", self.index, exc)
+                self.close()
+                return len(packets)
+        failed = 0
+        for packet in packets:
+            try:
+                os.write(self.fd, packet)
+            except OSError:
+                failed += 1
+        return failed
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
 def die_with_parent() -> None:
     """Ask the kernel to SIGTERM us when the coordinator dies, so no worker outlives it."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -204,11 +238,11 @@ class Worker:
         # NAT64 for this host's side: a second device, for the clients' IPv6 only, so an IPv6
         # flood cannot crowd the IPv4 answers out of one queue (each is read in turn).
         self.tun6_fd = -1
-        self.tun_writer: UringWriter | None = None
+        self.tun_out: DeviceOut | None = None  # the TUN device's writes
         self.wake_fd = -1  # signals wake the loop here (``main``)
         # A 464XLAT box: worker 0 also has the CLAT's device (the NAT64's own stay as above).
         self.clat_fd = -1
-        self.clat_writer: UringWriter | None = None
+        self.clat_out: DeviceOut | None = None
         self.capture: TunnelCapture | None = None
         self.processing = {"inbound": Histogram(PROCESSING_SECONDS_BOUNDS),
                            "from_services": Histogram(PROCESSING_SECONDS_BOUNDS)}
@@ -252,7 +286,7 @@ class Worker:
         if settings.clat_enabled and self.index == 0:
             self.clat_fd = open_tun(clat_device(settings))
             self._configure_clat(clat_device(settings))
-            self.clat_writer = self._uring_for(self.clat_fd)
+            self.clat_out = self._device_out(self.clat_fd)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.control = self.ctx.socket(zmq.REP)
@@ -298,22 +332,23 @@ class Worker:
                         DATA_CONNECT_TIMEOUT_S)
 
     def _open_writer(self) -> None:
-        """A batch of packets to the device in one io_uring submission (workers/uring.py), or
-        one write(2) each."""
-        self.tun_writer = self._uring_for(self.tun_fd)
+        """The TUN device's writes (``DeviceOut``)."""
+        self.tun_out = self._device_out(self.tun_fd)
         log.info("worker %d: packets to the device by %s", self.index,
-                 "io_uring" if self.tun_writer is not None else "write(2)")
+                 "io_uring" if self.tun_out.ring is not None else "write(2)")
 
-    def _uring_for(self, fd: int) -> UringWriter | None:
-        if self.settings.tun_writes != "io_uring":
-            return None
-        try:
-            return UringWriter.open(fd)
-        except OSError as exc:
-            log.warning("worker %d: io_uring refused (%s): one write(2) per packet to the "
-                        "device; set [gateway] tun_writes = \"write\" to say so", self.index,
-                        exc)
-            return None
+    def _device_out(self, fd: int) -> DeviceOut:
+        """A batch of packets to ``fd`` in one io_uring submission, where [gateway]
+        tun_writes asks for it and the kernel allows it, or one write(2) each."""
+        ring = None
+        if self.settings.tun_writes == "io_uring":
+            try:
+                ring = UringWriter.open(fd)
+            except OSError as exc:
+                log.warning("worker %d: io_uring refused (%s): one write(2) per packet to the "
+                            "device; set [gateway] tun_writes = \"write\" to say so",
+                            self.index, exc)
+        return DeviceOut(fd, ring, self.index)
 
     def _reload(self) -> dict[str, Any]:
         """The coordinator reloaded the config (coordinator/reload.py): take the new settings
@@ -400,10 +435,10 @@ class Worker:
                 sock.close(0)
         if getattr(self, "ctx", None) is not None:
             self.ctx.term()
-        for writer in (self.tun_writer, self.clat_writer):
-            if writer is not None:
-                writer.close()
-        self.tun_writer = self.clat_writer = None
+        for out in (self.tun_out, self.clat_out):
+            if out is not None:
+                out.close()
+        self.tun_out = self.clat_out = None
         if self.tun_fd >= 0:
             os.close(self.tun_fd)
             self.tun_fd = -1
@@ -531,10 +566,10 @@ class Worker:
         """A 464XLAT box: the CLAT device beside the NAT64's (this host's IPv4 and the IPv6
         answers to the CLAT's address), translated and written back to it."""
         self._drain_device(self.clat_fd, self.datapath.from_clat, "from_services", now,
-                           clat=True)
+                           self.clat_out)
 
     def _drain_device(self, fd: int, translate: Callable[[list[bytes], float], Output],
-                      processing: str, now: float, clat: bool = False) -> None:
+                      processing: str, now: float, out: DeviceOut | None = None) -> None:
         """What waits on a device, translated and sent in batches, each one's time observed
         as its mean per packet. A busy device (a batch of BUSY_BATCH or more) is read again
         at once, up to INBOUND_BATCHES times, instead of through another poll: under load
@@ -547,13 +582,14 @@ class Worker:
             output = translate(packets, now)
             self.processing[processing].observe_many(
                 (time.perf_counter() - start) / len(packets), len(packets))
-            self._send(output, clat=clat)
+            self._send(output, out)
             if len(packets) < BUSY_BATCH:
                 return
 
-    def _send(self, output: Output, clat: bool = False) -> None:
-        """Send what the engine returned (``clat``: what ``from_clat`` returned beside a
-        NAT64, for the CLAT's device); log what a packet raised (rate-limited)."""
+    def _send(self, output: Output, out: DeviceOut | None = None) -> None:
+        """Send what the engine returned, its device packets through ``out`` (the TUN
+        device's by default; beside a NAT64, the CLAT device's for ``from_clat``); log what
+        a packet raised (rate-limited)."""
         counters = self.datapath.counters
         events = self.datapath.flows.binding_events
         if events:
@@ -562,30 +598,11 @@ class Worker:
             self.errors.packet_raised(output.raised)
         to_tun = output.to_services + output.to_ipv6 if output.to_ipv6 else output.to_services
         if to_tun:
-            writer = self.clat_writer if clat else self.tun_writer
-            if writer is not None:
-                try:
-                    failed = writer.write(to_tun)
-                except OSError as exc:
-                    # The ring itself failed (not a packet): how far the batch got is not
-                    # known, so it counts as failed, and write(2) takes over for good.
-                    log.warning("worker %d: io_uring failed (%s): one write(2) per packet to "
-                                "the device from now on", self.index, exc)
-                    writer.close()
-                    if clat:
-                        self.clat_writer = None
-                    else:
-                        self.tun_writer = None
-                    failed = len(to_tun)
-                if failed:
-                    counters.drop(DropReason.SEND_FAILED, failed)
-            else:
-                fd = self.clat_fd if clat else self.tun_fd
-                for packet in to_tun:
-                    try:
-                        os.write(fd, packet)
-                    except OSError:
-                        counters.drop(DropReason.SEND_FAILED)
+            device = out or self.tun_out
+            assert device is not None
+            failed = device.write(to_tun)
+            if failed:
+                counters.drop(DropReason.SEND_FAILED, failed)
         if output.to_tunnel:
             failed = self.sender.send(output.to_tunnel)
             self.traffic.sent(output.to_tunnel, self.sender.last_bytes)

@@ -69,11 +69,14 @@ def draining(bird_socket: str, prefix: str) -> set[str]:
     return found
 
 
-def sync(prefix: str, group: str, members: dict[str, str], now: set[str],
-         leaving: set[str]) -> dict[str, int]:
-    """Point ``prefix`` at a resilient group of the members whose gateway BIRD has, weighed."""
-    weights = {member: DRAINING_WEIGHT if gateway in leaving else WEIGHT
-               for member, gateway in sorted(members.items()) if gateway in now}
+def weighed(members: dict[str, str], now: set[str], leaving: set[str]) -> dict[str, int]:
+    """The members whose gateway BIRD has, each with its weight (a draining one the least)."""
+    return {member: DRAINING_WEIGHT if gateway in leaving else WEIGHT
+            for member, gateway in sorted(members.items()) if gateway in now}
+
+
+def sync(prefix: str, group: str, weights: dict[str, int]) -> dict[str, int]:
+    """Point ``prefix`` at a resilient group of ``weights``' members."""
     if not weights:
         ip("route", "del", prefix, check=False)
         ip("nexthop", "del", "id", group, check=False)
@@ -96,17 +99,15 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     events.bind((0, RTMGRP_IPV4_ROUTE))
-    current = sync(prefix, group, members, learnt(table, prefix),
-                   draining(bird_socket, prefix))
+    current = sync(prefix, group, weighed(members, learnt(table, prefix),
+                                          draining(bird_socket, prefix)))
     ready.write_text("ready\n")
     while True:
         if select.select([events], [], [], POLL_S)[0]:
             events.recv(65536)
-        now, leaving = learnt(table, prefix), draining(bird_socket, prefix)
-        wanted = {member: DRAINING_WEIGHT if gateway in leaving else WEIGHT
-                  for member, gateway in sorted(members.items()) if gateway in now}
+        wanted = weighed(members, learnt(table, prefix), draining(bird_socket, prefix))
         if wanted != current:
-            current = sync(prefix, group, members, now, leaving)
+            current = sync(prefix, group, wanted)
             print(f"group {group}: {current}", flush=True)
 
 
