@@ -221,6 +221,9 @@ SCHEMA: tuple[Key, ...] = (
     _gateway("flow_journal", "boolean", "workers journal their sessions to the coordinator; a "
              "worker restarted after a crash resumes them (false: it starts empty)",
              lambda *a: _bool(*a)),
+    _gateway("take_over_drain_s", "seconds 1-86400", "kernel backend: at `sixgate run "
+             "--take-over`, the longest the retiring run's relays keep carrying their "
+             "connections (the new run's relays take every new one)", _ranged_number(1, 86400)),
     _gateway("compiled_fast_path", "boolean", "the fast path's batch loops run compiled when "
              "the C helper was built at install (workers/engine/_fastpath.c); false: in Python, "
              "the same rules and bytes", lambda *a: _bool(*a)),

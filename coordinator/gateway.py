@@ -82,6 +82,7 @@ RECV_BUDGET = 256  # packets read per wakeup before batches are sent
 # Generous: a slow machine (or a software-emulated VM) takes seconds to import a worker; a
 # worker that dies instead is noticed at once.
 WORKER_READY_TIMEOUT_S = 60.0
+RETIRE_POLL_S = 0.05  # a retiring run looks this often at its signals and relays
 TAKE_OVER_WAIT_S = 30.0  # ``sixgate run --take-over``: how long the old gateway may take to stop
 CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -311,6 +312,13 @@ class Coordinator:
         self.draining = False
         self.drain_quiet_s = 0.0  # while draining: how long no packet has come (metrics)
         self.drain_started = 0.0
+        # The kernel backend's take-over (``retire``): this run retires (SIGUSR2 from the next
+        # run), is told the next run's relays listen (SIGUSR1), or is stopped while retiring.
+        self.retiring = False
+        self.retire_release = threading.Event()
+        self.retire_stop = threading.Event()
+        self.retiree: int | None = None  # the retiring run this one took over from
+        self.retired = False
 
     # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
 
@@ -352,6 +360,11 @@ class Coordinator:
             log.info("take-over: no sixgate runs with run_dir %s; starting as usual",
                      self.settings.run_dir)
             return
+        if self.settings.backend == "kernel":
+            # Before the standby relays start: they inherit the limit (``start`` raises it
+            # for workers it spawns itself).
+            from sixgate.workers.relay import raise_descriptor_limit
+            raise_descriptor_limit(self.settings)
         for worker in self.workers:
             worker.standby = subprocess.Popen(self._worker_command(worker.index, "--standby"),
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -364,16 +377,21 @@ class Coordinator:
                 raise RuntimeError(f"take-over: worker {worker.index} did not get ready "
                                    f"beside the running gateway (pid {old}); it runs on")
         started = time.monotonic()
-        log.info("take-over: this run's %d worker(s) are ready; stopping pid %d",
-                 len(self.workers), old)
-        os.kill(old, signal.SIGTERM)
-        while _pid_is_ours(old):
+        # The kernel backend's run retires instead (``retire``): its relays keep the
+        # connections they carry; it gives up its pidfile once this run may start.
+        kernel = self.settings.backend == "kernel"
+        log.info("take-over: this run's %d worker(s) are ready; %s pid %d",
+                 len(self.workers), "retiring" if kernel else "stopping", old)
+        os.kill(old, signal.SIGUSR2 if kernel else signal.SIGTERM)
+        while running_coordinator(self.settings) == old if kernel else _pid_is_ours(old):
             if time.monotonic() - started > TAKE_OVER_WAIT_S:
                 raise RuntimeError(f"take-over: pid {old} did not stop within "
                                    f"{TAKE_OVER_WAIT_S:.0f} s; stop it, then start again")
             time.sleep(0.005)
-        log.info("take-over: pid %d stopped in %.2f s; starting in its place", old,
-                 time.monotonic() - started)
+        if kernel and _pid_is_ours(old):
+            self.retiree = old
+        log.info("take-over: pid %d %s in %.2f s; starting in its place", old,
+                 "retired" if self.retiree else "stopped", time.monotonic() - started)
 
     def start(self) -> None:
         settings = self.settings
@@ -438,7 +456,7 @@ class Coordinator:
             from sixgate.workers.relay import raise_descriptor_limit
             raise_descriptor_limit(settings)
             try:
-                self.sit_link = kernel_backend.setup(settings)
+                self.sit_link = kernel_backend.setup(settings, adopt=self.retiree is not None)
             except kernel_backend.KernelBackendError as exc:
                 raise RuntimeError(str(exc)) from None
             lan.remove_leftovers(settings)  # a crashed run's LAN, even if this one has none
@@ -525,6 +543,10 @@ class Coordinator:
             self._spawn(worker)
         self.handed_over = []
         self._wait_workers_ready()
+        if self.retiree is not None:
+            self._signal_retiree(signal.SIGUSR1, "this run's relays listen: the retiring run "
+                                 "closes its listeners and keeps its connections until they "
+                                 f"end (at most {settings.take_over_drain_s:g} s)")
         if settings.clat_enabled:
             log.info("sixgate up: CLAT %s <-> %s under %s", settings.clat_ipv4_address,
                      settings.clat_ipv6_address, settings.clat_plat_prefix)
@@ -891,8 +913,65 @@ class Coordinator:
                 raise RuntimeError(f"workers {sorted(pending)} did not answer within "
                                    f"{WORKER_READY_TIMEOUT_S:.0f} s")
 
+    def _signal_retiree(self, signum: int, why: str) -> None:
+        retiree = self.retiree
+        if retiree is not None and _pid_is_ours(retiree):
+            log.info("take-over: %s (pid %d)", why, retiree)
+            try:
+                os.kill(retiree, signum)
+            except ProcessLookupError:
+                pass
+
+    def retire(self) -> None:
+        """The kernel backend's side of a take-over (SIGUSR2 from the next run's ``sixgate
+        run --take-over``): what the next run makes again is given up at once (the metrics
+        listener, the control socket, the run directory's files and last the pidfile, which
+        the next run waits for); the sit link, pool route and input policy are left to it
+        (it keeps them: ``kernel_backend.setup(adopt=True)``); the relays go on, listening
+        until the next run's listen beside them (its SIGUSR1), carrying their connections
+        until these end, at most take_over_drain_s. Returns when the relays have exited;
+        SIGTERM ends them at once."""
+        self.stopping.set()
+        if self.anchor is not None:
+            self.anchor.close()
+            self.anchor = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        thread = getattr(self, "control_thread", None)
+        if thread is not None:
+            thread.join(timeout=5)
+        if getattr(self, "control", None) is not None:
+            self.control.close(0)
+        for probe in self.peer_probes:
+            probe.close()
+        self.peer_probes = []
+        if self.lan_enabled:
+            lan.teardown(self.settings, self.radvd)  # the next run starts its own radvd
+            self.lan_enabled = False
+        self.retired = True  # the run directory is the next run's from now on
+        self.sit_link = None  # so is the link: never torn down by this run
+        self._remove_run_files()
+        started = time.monotonic()
+        log.info("take-over: retiring; the sit link is the next run's, this run's relays "
+                 "carry their connections on")
+        told = False
+        while any(w.proc is not None and w.proc.poll() is None for w in self.workers):
+            if self.retire_stop.is_set():
+                break
+            if self.retire_release.is_set() and not told:
+                told = True
+                for worker in self.workers:
+                    if worker.proc is not None and worker.proc.poll() is None:
+                        worker.proc.send_signal(signal.SIGUSR1)
+            time.sleep(RETIRE_POLL_S)
+        log.info("take-over: retired after %.1f s", time.monotonic() - started)
+
     def stop(self) -> None:
         self.stopping.set()  # the RFC 7050 and probe threads end (a wait in them runs out)
+        # A retiring run this one took over from carries connections over the link this
+        # stop removes: they end now.
+        self._signal_retiree(signal.SIGTERM, "stopping the retiring run too")
         if self.anchor is not None:
             self.anchor.close()  # first: BIRD withdraws before anything stops answering
             self.anchor = None
@@ -945,17 +1024,17 @@ class Coordinator:
             lan.teardown(self.settings, self.radvd)
         if self.sit_link is not None:
             kernel_backend.teardown(self.settings)
-        run_dir = getattr(self, "run_dir", None)
-        if run_dir is not None:
-            for path in list(run_dir.glob("worker-*")) + [run_dir / "control",
-                                                          run_dir / "journal",
-                                                          run_dir / "settings.json",
-                                                          run_dir / "coordinator.pid"]:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+        if not self.retired:
+            self._remove_run_files()
         self._check_no_tun_left()
+
+    def _remove_run_files(self) -> None:
+        run_dir = getattr(self, "run_dir", None)
+        if run_dir is None:
+            return
+        for path in [*run_dir.glob("worker-*"), run_dir / "control", run_dir / "journal",
+                     run_dir / "settings.json", run_dir / "coordinator.pid"]:
+            path.unlink(missing_ok=True)
 
     def _check_no_tun_left(self) -> None:
         """Warn about a TUN device our own stopped worker left (never about another run's)."""
@@ -1291,6 +1370,14 @@ def run_gateway(settings: Settings, take_over: bool = False) -> int:
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
         coordinator.running = False
+        coordinator.retire_stop.set()
+
+    def retire(_signum: int, _frame: object) -> None:
+        # The next run takes over: the kernel backend's run retires (``retire``), another
+        # stops as on SIGTERM (it hands its sessions over).
+        log.info("take-over asked by the next run")
+        coordinator.retiring = settings.backend == "kernel"
+        coordinator.running = False
 
     def hangup(_signum: int, _frame: object) -> None:
         coordinator.reload_requested = True  # the main loop reloads (never in a handler)
@@ -1298,11 +1385,15 @@ def run_gateway(settings: Settings, take_over: bool = False) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, hangup)
+    signal.signal(signal.SIGUSR2, retire)
+    signal.signal(signal.SIGUSR1, lambda *_: coordinator.retire_release.set())
     try:
         if take_over:
             coordinator.take_over()
         coordinator.start()
         coordinator.run()
+        if coordinator.retiring:
+            coordinator.retire()
     except (OSError, RuntimeError, RunDirBusy, zmq.ZMQError, NetlinkError) as exc:
         log.error("sixgate cannot run: %s", exc)
         return 1

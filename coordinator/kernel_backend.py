@@ -57,6 +57,7 @@ from sixgate.workers.engine.settings import Settings
 log = logging.getLogger("sixgate.kernel")
 
 STATE_FILE = "kernel-backend.json"
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 RTN_LOCAL = 2
 RT_TABLE_LOCAL = 255
 RT_SCOPE_HOST = 254  # a local route must be host scope (fib_props), as `ip route add local` sets
@@ -161,12 +162,13 @@ def remove_leftovers(settings: Settings) -> None:
                 ipr.link("del", index=index[0])
         route = state.get("pool_route")
         if isinstance(route, dict):
-            lo = ipr.link_lookup(ifname="lo")
-            try:
-                ipr.route("del", oif=lo[0] if lo else 1, **route)
-            except NetlinkError as exc:
-                if exc.code != errno.ESRCH:
-                    raise
+            _delete_route(ipr, route)
+    switched = state.get("sysctls")
+    for sysctl, before in (switched.items() if isinstance(switched, dict) else ()):
+        try:
+            Path(sysctl).write_text(str(before))
+        except OSError as exc:
+            log.warning("cannot put %s back to %s (%s)", sysctl, before, exc.strerror)
     table = state.get("table")
     if isinstance(table, str):
         try:
@@ -176,54 +178,82 @@ def remove_leftovers(settings: Settings) -> None:
     path.unlink(missing_ok=True)
 
 
-def setup(settings: Settings) -> str:
-    """Create and configure the sit tunnel; returns the link name."""
+def link_spec(settings: Settings) -> dict[str, object]:
+    """The sit link's netlink attributes (what ``ip tunnel add`` would be given). Pure."""
+    link: dict[str, object] = {"ifname": sit_name(settings), "kind": "sit",
+                               "sit_local": settings.local_ipv4, "sit_ttl": 64}
+    if settings.mode == "6in4":
+        link["sit_remote"] = settings.remote_ipv4
+    link.update(sixrd_link(settings))
+    return link
+
+
+def _adoptable(settings: Settings, link: dict[str, object]) -> bool:
+    """A take-over (``sixgate run --take-over``): the sit link the retiring run leaves is
+    kept when it is the one this config makes (its state file says how it was made)."""
+    state = _read_state(_state_path(settings))
+    with IPRoute() as ipr:
+        exists = bool(ipr.link_lookup(ifname=sit_name(settings)))
+    return exists and state.get("link") == link
+
+
+def setup(settings: Settings, adopt: bool = False) -> str:
+    """Create and configure the sit tunnel; returns the link name. ``adopt``: a take-over
+    from a retiring run whose relays still carry connections over the link: a link made
+    the same way is kept (its addresses, routes, pool route and input policy updated in
+    place), so those connections go on; another one is replaced."""
     name = sit_name(settings)
-    remove_leftovers(settings)
+    link = link_spec(settings)
+    kept = adopt and _adoptable(settings, link)
+    if not kept:
+        remove_leftovers(settings)
     # Refused before anything is created: the pool becomes local below (the relays bind its
     # addresses as their clients' sources), which would take traffic from such routes.
-    conflicts = pool_conflicts(settings)
+    state = _read_state(_state_path(settings)) if kept else {}
+    conflicts = [route for route in pool_conflicts(settings)
+                 if route != _pool_route_text(state.get("pool_route"))]  # a kept link's own
     if conflicts:
         raise KernelBackendError(
             f"the pool {settings.pool} overlaps this host's route(s) {', '.join(conflicts)}; "
             "set [gateway] pool to a block no route of this host uses")
-    link: dict[str, object] = {"ifname": name, "kind": "sit", "sit_local": settings.local_ipv4,
-                               "sit_ttl": 64}
-    if settings.mode == "6in4":
-        link["sit_remote"] = settings.remote_ipv4
-    link.update(sixrd_link(settings))
     with IPRoute() as ipr:
-        try:
-            ipr.link("add", **link)
-        except NetlinkError as exc:
-            if exc.code in (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL):
-                raise KernelBackendError(
-                    "the kernel has no sit driver (CONFIG_IPV6_SIT); use backend = "
-                    "\"userspace\" or \"auto\"") from None
-            raise KernelBackendError(f"cannot create sit link {name}: "
-                                     f"{exc.args[-1] if exc.args else exc}") from None
-        state: dict[str, object] = {"links": [name]}
+        if not kept:
+            try:
+                ipr.link("add", **link)
+            except NetlinkError as exc:
+                if exc.code in (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL):
+                    raise KernelBackendError(
+                        "the kernel has no sit driver (CONFIG_IPV6_SIT); use backend = "
+                        "\"userspace\" or \"auto\"") from None
+                raise KernelBackendError(f"cannot create sit link {name}: "
+                                         f"{exc.args[-1] if exc.args else exc}") from None
+        state.update(links=[name], link=link)
         _state_path(settings).write_text(json.dumps(state))
         index = ipr.link_lookup(ifname=name)[0]
         ipr.link("set", index=index, mtu=settings.mtu, state="up")
-        for address in settings.addresses:
-            # IFA_F_NODAD: the tunnel has no neighbours to detect; bind at once.
-            ipr.addr("add", index=index, address=address, prefixlen=128, family=10,
-                     flags=0x02)
+        _configure_addresses(ipr, index, settings.addresses)
         if settings.mode in ("6to4", "6rd"):
             on_link = ipaddress.IPv6Network(settings.sixrd_prefix if settings.mode == "6rd"
                                             else "2002::/16")
-            ipr.route("add", dst=str(on_link.network_address), dst_len=on_link.prefixlen,
+            ipr.route("replace", dst=str(on_link.network_address), dst_len=on_link.prefixlen,
                       oif=index, family=10)
             relay = ipaddress.IPv6Address("::" + str(settings.relay_ipv4))
-            ipr.route("add", dst="::", dst_len=0, gateway=str(relay), oif=index, family=10)
+            ipr.route("replace", dst="::", dst_len=0, gateway=str(relay), oif=index, family=10)
         else:
-            ipr.route("add", dst="::", dst_len=0, oif=index, family=10)
+            ipr.route("replace", dst="::", dst_len=0, oif=index, family=10)
         # The pool becomes local: relays bind its addresses as their clients' sources.
         route = _pool_route(settings)
-        ipr.route("add", oif=ipr.link_lookup(ifname="lo")[0], **route)
+        old_route = state.get("pool_route")
+        if isinstance(old_route, dict) and old_route != route:
+            _delete_route(ipr, old_route)
+        ipr.route("replace", oif=ipr.link_lookup(ifname="lo")[0], **route)
         state["pool_route"] = route
         _state_path(settings).write_text(json.dumps(state))
+    # Listeners of a worker that stops (a crash, a take-over's retiring relays) hand their
+    # not yet accepted connections to the others of their SO_REUSEPORT group.
+    state.setdefault("sysctls", {})
+    _switch_sysctl(MIGRATE_REQ, "1", cast(dict[str, str], state["sysctls"]))
+    _state_path(settings).write_text(json.dumps(state))
     table = table_name(settings)
     try:
         nft(replace_table("inet", table, input_ruleset(settings, name)))
@@ -231,6 +261,9 @@ def setup(settings: Settings) -> str:
         raise KernelBackendError(f"cannot install the input policy of {name}: {exc}") from None
     state["table"] = table
     _state_path(settings).write_text(json.dumps(state))
+    if kept:
+        log.info("kernel backend: sit link %s kept from the run this one takes over from "
+                 "(the connections its relays carry go on)", name)
     log.info("kernel backend: sit link %s up (%s, local %s%s, mtu %d), addresses %s", name,
              settings.mode, settings.local_ipv4,
              f", remote {settings.remote_ipv4}" if settings.remote_ipv4 else
@@ -242,6 +275,46 @@ def setup(settings: Settings) -> str:
              "through %s (nftables table inet %s); relayed clients reach the services from "
              "pool %s", name, table, settings.pool)
     return name
+
+
+def _pool_route_text(route: object) -> str:
+    """How ``pool_conflicts`` names a pool route this backend made ("" for none)."""
+    if not isinstance(route, dict):
+        return ""
+    return f"{route.get('dst')}/{route.get('dst_len')} dev lo"
+
+
+def _configure_addresses(ipr: IPRoute, index: int, addresses: tuple[str, ...]) -> None:
+    """The gateway's addresses on the link (/128), no other global /128 (a kept link may
+    carry a previous config's; sit's own IPv4-compatible /96 of a 6to4 link stays)."""
+    present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=10)
+               if a["scope"] == 0 and a["prefixlen"] == 128}
+    wanted = {str(ipaddress.IPv6Address(a)) for a in addresses}
+    for address in sorted(present - wanted):
+        ipr.addr("del", index=index, address=address, prefixlen=128, family=10)
+    for address in sorted(wanted - present):
+        # IFA_F_NODAD: the tunnel has no neighbours to detect; bind at once.
+        ipr.addr("add", index=index, address=address, prefixlen=128, family=10, flags=0x02)
+
+
+def _delete_route(ipr: IPRoute, route: dict[str, object]) -> None:
+    lo = ipr.link_lookup(ifname="lo")
+    try:
+        ipr.route("del", oif=lo[0] if lo else 1, **route)
+    except NetlinkError as exc:
+        if exc.code != errno.ESRCH:
+            raise
+
+
+def _switch_sysctl(path: Path, value: str, switched: dict[str, str]) -> None:
+    """Set a sysctl, remembering its value before (once) so teardown puts it back."""
+    try:
+        before = path.read_text().strip()
+        if before != value:
+            path.write_text(value)
+            switched.setdefault(str(path), before)
+    except OSError as exc:
+        log.warning("cannot set %s to %s (%s)", path, value, exc.strerror)
 
 
 UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")

@@ -31,6 +31,7 @@ LIVE_FIELDS = frozenset({
     "nat64_clients", "nat64_allow_non_global", "nat64_filtering", "nat64_ports_per_client",
     "nat64_client_prefix", "nat64_port_hold_s", "nat64_log_bindings",
     "clat_rediscovery_interval_s", "probe_interval_s",
+    "take_over_drain_s",  # read by a relay when it retires
     "compiled_fast_path",  # the engine switches its batch loops (Datapath.reconfigure)
 })
 

@@ -62,6 +62,7 @@ DRAIN_TIMEOUT_S = 120.0
 # Descriptors besides the sessions': listeners, the control socket, ZeroMQ, logging.
 SPARE_DESCRIPTORS = 256
 PENDING_DATAGRAMS = 16  # per new UDP session, while its service socket opens
+RETIRE_POLL_S = 0.2  # a retiring relay looks this often whether its last connection ended
 
 
 class RelaySession:
@@ -450,6 +451,31 @@ class Relay:
             return protocol.error(f"worker {self.index} cannot listen on {', '.join(failed)}")
         return protocol.ok(ended=len(ended))
 
+    async def retire(self) -> None:
+        """A take-over's retiring relay (SIGUSR1, sent once the next run's relays listen
+        beside ours in each port's SO_REUSEPORT group): our listeners close, so every new
+        client reaches the next run (connections not yet accepted move there too:
+        net.ipv4.tcp_migrate_req); UDP sessions end (a client's next datagram opens one
+        there); TCP connections go on until they end, at most take_over_drain_s. Returns
+        when none is left; the worker then stops."""
+        for key in list(self._listeners):
+            self._unlisten(key)
+        for connection in [c for c in self.connections.values() if c.proto == PROTO_UDP]:
+            connection.close()
+            self._forget(connection)
+        bound = self.settings.take_over_drain_s
+        log.info("worker %d: retiring: listeners closed, the next run takes new clients; %d "
+                 "connection(s) go on until they end (at most %g s)", self.index,
+                 len(self.connections), bound)
+        deadline = time.monotonic() + bound
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(RETIRE_POLL_S)
+        if self.connections:
+            log.warning("worker %d: retiring: %d connection(s) still open after %g s "
+                        "(take_over_drain_s): closed", self.index, len(self.connections), bound)
+        else:
+            log.info("worker %d: retired: its last connection ended", self.index)
+
     async def stop(self) -> None:
         for key in list(self._listeners):
             self._unlisten(key)
@@ -549,6 +575,15 @@ async def run_relay(settings: Settings, index: int, control_endpoint: str,
     stopped = asyncio.Event()
     import signal
     loop.add_signal_handler(signal.SIGTERM, stopped.set)
+
+    def retire() -> None:
+        loop.remove_signal_handler(signal.SIGUSR1)  # once
+        task = asyncio.ensure_future(relay.retire())
+        task.add_done_callback(lambda _: stopped.set())
+        retiring.append(task)
+
+    retiring: list[asyncio.Future[None]] = []
+    loop.add_signal_handler(signal.SIGUSR1, retire)
     ctx = zmq.asyncio.Context()
     control = ctx.socket(zmq.REP)
     control.setsockopt(zmq.LINGER, 0)

@@ -107,12 +107,17 @@ def announced_by_bird(fleet: Fleet) -> bool:
     return f"{host_ipv4(CLUSTER_HOST)}/32" in birdc(fleet, "show", "route")
 
 
-def rollout_text(release: str, serial: str) -> str:
+# The health gate's wait where it must pass, and where it is meant to fail (a stage waits it out).
+HEALTH_S = 10
+FAILING_HEALTH_S = 4
+
+
+def rollout_text(release: str, serial: str, health_s: int = HEALTH_S) -> str:
     return ("[release]\n"
             f"{release}\n"
             'wheelhouse = "wheelhouse"\n'
             f"\n[batches]\nserial = {serial}\nmax_fail_percentage = 0\n"
-            "\n[health]\ntimeout_s = 10\nping_count = 1\n"
+            f"\n[health]\ntimeout_s = {health_s}\nping_count = 1\n"
             '\n[on_failure]\nrollback = "batch"\n')
 
 
@@ -385,7 +390,7 @@ def test_broken_config_stops_after_first_batch_and_rolls_back(fleet: Fleet,
     log = fleet.root(1) / "var" / "log" / "sixgate" / "gateway.log"
     log_before = log.stat().st_size
     inventory, rollout = write_files(fleet, inventory_text(fleet, BROKEN), rollout_text(
-        f'version = "{UPGRADE}"', '[1, "25%", "100%"]'))
+        f'version = "{UPGRADE}"', '[1, "25%", "100%"]', FAILING_HEALTH_S))
     code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout)
     assert code == 1, output
     # h1 really switched to the broken config (its gateway started a 6in4 tunnel) ...
@@ -416,7 +421,7 @@ def test_a_failed_release_hands_the_sessions_back(fleet: Fleet, wheelhouse: Path
     download = LongDownload(fleet, 1)
     inventory, rollout = write_files(
         fleet, inventory_text(fleet, ping_target=UNANSWERED),
-        rollout_text(f'version = "{RELEASE}"', '["100%"]'))
+        rollout_text(f'version = "{RELEASE}"', '["100%"]', FAILING_HEALTH_S))
     with download:
         code, output = deploy(fleet, "apply", "-i", inventory, "-r", rollout, "--limit", "h1")
         assert code == 1, output

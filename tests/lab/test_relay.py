@@ -81,17 +81,37 @@ class RelayLab:
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     def ask(self, cmd: str) -> dict[str, Any]:
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        req = ctx.socket(zmq.REQ)
-        req.setsockopt(zmq.LINGER, 0)
-        req.connect(control.control_endpoint(str(self.run_dir), 0))
-        try:
-            req.send_json(control.request(cmd))
-            assert req.poll(10_000), f"worker did not answer {cmd!r}:\n{netlab.tail(self.log)}"
-            reply: dict[str, Any] = json.loads(req.recv())
-            return reply
-        finally:
-            req.close(0)
+        return ask_worker(self.run_dir, cmd, self.log)
+
+    def start_worker(self, settings_text: str, directory: Path) -> tuple[
+            subprocess.Popen[bytes], Path]:
+        """A relay worker of ``settings_text`` (a config) in this namespace, as ``sixgate
+        run`` starts it with the kernel backend; its log in ``directory``."""
+        (directory / "run").mkdir(parents=True)
+        settings = dataclasses.replace(parse_config(settings_text, "relay.toml"),
+                                       backend="kernel")
+        settings_file = directory / "settings.json"
+        settings_file.write_text(settings.to_json())
+        log = directory / "worker.log"
+        with log.open("wb") as out:
+            worker = subprocess.Popen(["ip", "netns", "exec", self.namespace, sys.executable,
+                                       "-m", "sixgate.workers.main", "--settings",
+                                       str(settings_file), "--index", "0"], stderr=out)
+        return worker, log
+
+
+def ask_worker(run_dir: Path, cmd: str, log: Path) -> dict[str, Any]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(control.control_endpoint(str(run_dir), 0))
+    try:
+        req.send_json(control.request(cmd))
+        assert req.poll(10_000), f"worker did not answer {cmd!r}:\n{netlab.tail(log)}"
+        reply: dict[str, Any] = json.loads(req.recv())
+        return reply
+    finally:
+        req.close(0)
 
 
 @pytest.fixture(scope="module")
@@ -124,20 +144,11 @@ def relay_lab(served_files: netlab.ServedFiles, tmp_path_factory: pytest.TempPat
              "--bind-interfaces", "--pid-file=", "--log-facility=-",
              f"--host-record={netlab.DNS_SMALL_NAME},{netlab.DNS_SMALL_A}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        run_dir = tmp / "run"
-        run_dir.mkdir()
-        settings = parse_config(CONFIG.format(run_dir=run_dir, http_port=http_port,
-                                              dns_port=dns_port, pool=POOL), "relay.toml")
-        settings = dataclasses.replace(settings, backend="kernel")
-        settings_file = tmp / "settings.json"
-        settings_file.write_text(settings.to_json())
-        log = tmp / "worker.log"
-        with log.open("wb") as out:
-            worker = subprocess.Popen([*ns, sys.executable, "-m", "sixgate.workers.main",
-                                       "--settings", str(settings_file), "--index", "0"],
-                                      stderr=out)
+        lab = RelayLab(namespace, tmp / "run", None, tmp / "worker.log")  # type: ignore[arg-type]
+        worker, _ = lab.start_worker(CONFIG.format(run_dir=lab.run_dir, http_port=http_port,
+                                                   dns_port=dns_port, pool=POOL), tmp)
         processes.append(worker)
-        lab = RelayLab(namespace, run_dir, worker, log)
+        lab.worker = worker
         netlab.wait_until(lambda: lab.exec(["ss", "-Hlnt", "sport = :80"]).stdout.strip()
                           and lab.exec(["ss", "-Hlnt", f"sport = :{http_port}"]).stdout.strip(),
                           timeout=30, what="relay and http.server listening")
@@ -225,6 +236,93 @@ def test_open_files_limit_raised_for_max_flows(relay_lab: RelayLab) -> None:
     settings = parse_config(CONFIG.format(run_dir=relay_lab.run_dir, http_port=8080,
                                           dns_port=5353, pool=POOL), "relay.toml")
     assert soft >= descriptors_needed(dataclasses.replace(settings, backend="kernel")), line
+
+
+# Two relays of one forward rule, each with a run directory of its own: a take-over's old and
+# new run (the coordinator's part and the sit link's are the VM test's, tests/kvm).
+TAKE_OVER_CONFIG = f"""\
+[tunnel]
+mode = "6in4"
+local_ipv4 = "192.0.2.10"
+remote_ipv4 = "198.51.100.1"
+prefix = "2001:db8:1::/64"
+
+[gateway]
+workers = 1
+pool = "{POOL}"
+max_flows = 5000
+run_dir = "{{run_dir}}"
+
+[[forward]]
+proto = "tcp"
+port = 90
+to = "127.0.0.1:8080"
+"""
+# Connects, says so, waits for a line on stdin, then fetches PATH over that connection and
+# prints the body's sha256.
+HELD_CLIENT = """\
+import hashlib, socket, sys
+sock = socket.create_connection((sys.argv[1], 90), timeout=30)
+print("connected", flush=True)
+sys.stdin.readline()
+sock.sendall(f"GET /{sys.argv[2]} HTTP/1.0\\r\\n\\r\\n".encode())
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+head, _, body = data.partition(b"\\r\\n\\r\\n")
+print(head.split(b"\\r\\n")[0].decode(), hashlib.sha256(body).hexdigest())
+"""
+
+
+def test_a_retiring_relay_carries_its_connection_on_while_the_next_takes_new_ones(
+        relay_lab: RelayLab, served_files: netlab.ServedFiles, tmp_path: Path) -> None:
+    """Issue 17, the kernel backend's take-over as the relays live it: the next run's relay
+    listens beside the old one (SO_REUSEPORT); SIGUSR1 retires the old: its listener closes
+    (new clients reach the next relay), the connection it carries goes on and completes a
+    whole exchange afterwards, and the old relay exits 0 by itself once it ended."""
+    ns = ["ip", "netns", "exec", relay_lab.namespace]
+    started: list[subprocess.Popen[Any]] = []
+
+    def listeners() -> int:
+        return len(relay_lab.exec(["ss", "-Hlnt", "sport = :90"]).stdout.splitlines())
+
+    try:
+        old, old_log = relay_lab.start_worker(
+            TAKE_OVER_CONFIG.format(run_dir=tmp_path / "old" / "run"), tmp_path / "old")
+        started.append(old)
+        netlab.wait_until(lambda: listeners() == 1, timeout=30, what="the old relay")
+        held = subprocess.Popen([*ns, sys.executable, "-c", HELD_CLIENT, GATEWAY6,
+                                 served_files.mid.name], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        started.append(held)
+        assert held.stdout is not None and held.stdin is not None
+        assert held.stdout.readline().strip() == "connected"
+        netlab.wait_until(lambda: ask_worker(tmp_path / "old" / "run", "flows",
+                                             old_log)["bindings"], timeout=10,
+                          what="the held connection's relay")
+        new, new_log = relay_lab.start_worker(
+            TAKE_OVER_CONFIG.format(run_dir=tmp_path / "new" / "run"), tmp_path / "new")
+        started.append(new)
+        netlab.wait_until(lambda: listeners() == 2, timeout=30, what="the new relay")
+        assert ask_worker(tmp_path / "new" / "run", "ping", new_log)["ok"]
+        os.kill(old.pid, signal.SIGUSR1)
+        netlab.wait_until(lambda: "retiring: listeners closed" in netlab.tail(old_log),
+                          timeout=10, what="the old relay to retire")
+        assert listeners() == 1
+        for _ in range(3):
+            done = relay_lab.exec(["curl", "-6", "-g", "-sS", "--max-time", "10",
+                                   f"http://[{GATEWAY6}]:90/{netlab.SMALL_NAME}"])
+            assert done.stdout == netlab.SMALL_TEXT, done.stderr
+        created = ask_worker(tmp_path / "new" / "run", "flows", new_log)["flows"]["created"]
+        assert created == 3, created  # every new client reached the next relay
+        assert old.poll() is None, netlab.tail(old_log)  # it still carries the held one
+        out, _ = held.communicate("go\n", timeout=60)
+        assert out.split() == ["HTTP/1.0", "200", "OK", served_files.mid.sha256], out
+        assert old.wait(timeout=15) == 0, netlab.tail(old_log)
+        assert "retired: its last connection ended" in netlab.tail(old_log)
+    finally:
+        for process in reversed(started):
+            netlab.stop_process(process, 10)
 
 
 def test_sigterm_stops_the_relay_worker_cleanly(relay_lab: RelayLab) -> None:

@@ -31,3 +31,18 @@ def test_only_new_ports_below_the_unprivileged_start_need_a_restart(
     assert kernel_backend.new_privileged_ports(running, new) == ["tcp/442", "tcp/443", "udp/53"]
     start.write_text("0\n")  # a host that lets anyone bind any port
     assert kernel_backend.new_privileged_ports(running, new) == []
+
+
+def test_a_take_over_keeps_the_link_only_when_it_is_made_the_same_way() -> None:
+    """The kept link's description goes through the state file (JSON) and must compare equal
+    to the new config's; another broker or local address is another link."""
+    import json
+    settings = parse_config(CONFIG)
+    spec = kernel_backend.link_spec(settings)
+    assert spec == {"ifname": "sixgatesit", "kind": "sit", "sit_local": "192.0.2.10", "sit_ttl": 64,
+                    "sit_remote": "198.51.100.1"}
+    assert json.loads(json.dumps(spec)) == spec
+    assert json.loads(json.dumps(spec)) == kernel_backend.link_spec(
+        dataclasses.replace(settings, forwards=()))  # the rules are not the link's
+    assert kernel_backend.link_spec(parse_config(CONFIG.replace("198.51.100.1",
+                                                                "198.51.100.2"))) != spec

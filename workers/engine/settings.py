@@ -138,6 +138,9 @@ class Settings:
     # Workers journal their sessions to the coordinator, so a worker restarted after a crash
     # resumes them (workers/journal.py).
     flow_journal: bool = True
+    # The kernel backend's take-over: how long the retiring run's relays keep the connections
+    # they carry (the next run's relays take every new one) before they close them.
+    take_over_drain_s: float = 600.0
     # The fast path's batch loops in C when the helper was built (workers/engine/_fastpath.c).
     compiled_fast_path: bool = True
     # NAT64 (mode "nat64", the [nat64] table): the RFC 6052 prefix, the IPv6 sources that may

@@ -335,11 +335,11 @@ class KernelLab:
         return self.gw([*sixgate_command(), *args, "--config", str(self.config_path)],
                        timeout=timeout, check=False)
 
-    def spawn_gateway(self) -> GatewayRun:
+    def spawn_gateway(self, *flags: str) -> GatewayRun:
         number = len(self.runs) + 1
         process, err = self._spawn(f"sixgate-{number}", self.gw_ns,
                                    [*sixgate_command(), "run", "--config",
-                                    str(self.config_path)])
+                                    str(self.config_path), *flags])
         gateway = GatewayRun(process, err)
         self.runs.append(gateway)
         return gateway

@@ -13,6 +13,8 @@ alone takes seconds there. Helpers: kernelgw.py.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import signal
@@ -43,6 +45,7 @@ from kernelgw import (
     run,
     run_together,
     sixgate_command,
+    wait_until,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -223,8 +226,11 @@ def test_kernel_backend_6to4_and_6rd_ping_curl(netns: Netns, mode: str) -> None:
         if mode == "6to4":
             _assert_a_reload_changes_the_relays_and_keeps_the_rest(lab)
         _assert_same_metrics_as_userspace(lab)
+        if mode == "6rd":  # one mode each: a gateway start costs a minute here
+            _assert_a_take_over_keeps_the_link_and_the_relays_connections(lab)
         _assert_clean_stop(lab)
         _assert_policy_and_pool_removed(lab)
+        assert _migrate_req(lab) == "0", "net.ipv4.tcp_migrate_req was not put back"
 
 
 UDP_RULE = 'proto = "udp"\nport = 53\nto = "127.0.0.1:5353"'
@@ -276,6 +282,57 @@ def _assert_a_reload_changes_the_relays_and_keeps_the_rest(lab: KernelLab) -> No
     finally:
         held.close()
         lab.config_path.write_text(original)
+
+
+def _migrate_req(lab: KernelLab) -> str:
+    return lab.gw(["sysctl", "-n", "net.ipv4.tcp_migrate_req"]).stdout.strip()
+
+
+def _link_index(lab: KernelLab) -> int:
+    return int(json.loads(lab.gw(["ip", "-j", "link", "show", "dev", SIT]).stdout)[0]["ifindex"])
+
+
+def _assert_a_take_over_keeps_the_link_and_the_relays_connections(lab: KernelLab) -> None:
+    """Issue 17 on the kernel backend: ``sixgate run --take-over`` makes the running gateway
+    retire rather than stop. The new run keeps its sit link (the same interface index), its
+    relays listen beside the old ones (SO_REUSEPORT; not yet accepted connections move over,
+    net.ipv4.tcp_migrate_req), then the old relays close their listeners: a new curl goes
+    through the new run, while a connection an old relay carried from before the take-over
+    still completes a whole HTTP exchange afterwards. Once it ended, the retired run exits 0
+    by itself."""
+    first = lab.runs[-1]
+    assert _migrate_req(lab) == "1"
+    index = _link_index(lab)
+    held = hold_tcp(lab.peer_ns, lab.gw_address, 80)
+    try:
+        client = f"[{held.getsockname()[0]}]:{held.getsockname()[1]}"
+        assert any(b["client"] == client and b["state"] == "established"
+                   for b in lab.flows()["bindings"]), "the held connection has no relay yet"
+        second = lab.spawn_gateway("--take-over")
+        lab.wait_gateway(second)
+        assert "kept from the run this one takes over from" in second.stderr, second.stderr
+        assert _link_index(lab) == index, "the sit link was made again"
+        wait_until(lambda: first.stderr.count("retiring: listeners closed") == lab.workers,
+                   timeout=30, what=lambda: f"the old relays to close their listeners; old "
+                                            f"run's stderr:\n{first.stderr}")
+        assert first.process.poll() is None, first.stderr  # it still carries the held one
+        assert lab.curl_sha256() == lab.file_sha256  # by the new run's relays
+        assert not any(b["client"] == client for b in lab.flows()["bindings"]), (
+            "the new run lists the old run's connection")
+        held.settimeout(60)
+        held.sendall(f"GET /{FILE_NAME} HTTP/1.0\r\n\r\n".encode())
+        response = b""
+        while chunk := held.recv(65536):
+            response += chunk
+    finally:
+        held.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head[:200]
+    assert hashlib.sha256(body).hexdigest() == lab.file_sha256, "the held exchange was damaged"
+    assert first.process.wait(timeout=60) == 0, first.stderr
+    assert "retired: its last connection ended" in first.stderr, first.stderr
+    assert "take-over: retired after" in first.stderr, first.stderr
+    lab.ping()  # the new run's link, as before
 
 
 def _assert_same_metrics_as_userspace(lab: KernelLab) -> None:
