@@ -65,6 +65,34 @@ while True:
 """
 
 
+# The kernel backend's take-over: the running gateway is asked to retire (SIGUSR2); it gives
+# up coordinator.pid and runs on (its relays carry their connections) until <run_dir>/drained
+# exists, then exits 0.
+RETIRING_GATEWAY = """\
+import os, signal, sys, time
+from pathlib import Path
+if "--help" in sys.argv:
+    print("usage: sixgate run [--take-over] --config FILE")
+    sys.exit(0)
+config = Path(sys.argv[sys.argv.index("--config") + 1])
+run_dir = Path(config.read_text().splitlines()[0])
+run_dir.mkdir(parents=True, exist_ok=True)
+pidfile = run_dir / "coordinator.pid"
+if "--take-over" in sys.argv and pidfile.exists():
+    old = int(pidfile.read_text())
+    os.kill(old, signal.SIGUSR2)
+    while pidfile.exists() and pidfile.read_text().strip() == str(old):
+        time.sleep(0.02)
+    print("took over from", old, flush=True)
+pidfile.write_text(f"{os.getpid()}\\n")
+retiring = []
+signal.signal(signal.SIGUSR2, lambda *_: (retiring.append(1), pidfile.unlink()))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while not (retiring and (run_dir / "drained").exists()):
+    time.sleep(0.05)
+"""
+
+
 class Host:
     """A fake install root and the helper's command line for it."""
 
@@ -229,6 +257,28 @@ def test_a_restart_is_a_take_over_where_the_release_knows_it(host: Host) -> None
     assert wait_for(lambda: host.status()["gateway_pid"]), host.log.read_text()
     plain = host.run("restart").stdout
     assert "stopped" in plain and "take-over" not in plain, plain
+
+
+def test_a_take_over_returns_while_the_old_gateway_retires(host: Host) -> None:
+    """The kernel backend's take-over: the old gateway gives up the run directory and runs on
+    while its relays carry their connections; restart returns as soon as the new gateway
+    holds it (not when the old one exits), and the old supervisor ends with its gateway."""
+    host.candidate("one")
+    host.run(f"--release={host.release('1.0', RETIRING_GATEWAY)}", "switch")
+    host.run("start")
+    first = wait_for(lambda: (s := host.status())["gateway_pid"] and s)
+    assert isinstance(first, dict), host.log.read_text()
+    done = host.run("restart")
+    assert "restarted by take-over" in done.stdout, done.stdout + done.stderr
+    after = host.status()
+    assert after["gateway_pid"] and after["gateway_pid"] != first["gateway_pid"]
+    assert Path(f"/proc/{first['gateway_pid']}").exists(), "the old gateway did not retire"
+    (host.run_dir / "drained").touch()
+    assert wait_for(lambda: not Path(f"/proc/{first['supervisor_pid']}").exists()
+                    or "Z" in Path(f"/proc/{first['supervisor_pid']}/stat").read_text()
+                    .rpartition(")")[2].split()[:1]), host.log.read_text()
+    assert host.status()["gateway_pid"] == after["gateway_pid"]
+    assert host.run("stop").stdout.strip() == "stopped"
 
 
 def test_supervision_ends_on_a_bad_config_exit(host: Host) -> None:

@@ -331,7 +331,10 @@ def restart(args: argparse.Namespace) -> int:
         return 1
     new = read_pid(Path(args.pidfile))
     deadline = time.monotonic() + STOP_TIMEOUT_S + START_TIMEOUT_S
-    while alive(gateway, "sixgate"):
+    coordinator = Path(args.run_dir, "coordinator.pid")
+    # Taken over: the old gateway is gone, or (the kernel backend's) it retired, carrying
+    # its relays' connections on, and the new one holds the run directory.
+    while alive(gateway, "sixgate") and read_pid(coordinator) in (gateway, None):
         if not alive(new, SUPERVISOR_MARK) or time.monotonic() > deadline:
             # The new supervisor must not go on trying beside the running gateway; the old
             # one supervises it as before.
