@@ -51,9 +51,15 @@ def drain_anchor_name(settings: Settings) -> str:
     return f"{settings.name}drn"
 
 
+def _family(prefix: str) -> str:
+    return "ipv6" if ":" in prefix else "ipv4"
+
+
 def bird_config(settings: Settings) -> str:
     """The node's ``bird.conf``: a static route per announced prefix through the anchor
-    device, exported to each router over eBGP; nothing imported (the node routes nothing)."""
+    device, exported to each router over eBGP; nothing imported (the node routes nothing).
+    A BIRD static protocol has one channel: the IPv6 prefixes (a NAT64 prefix) get static
+    protocols of their own, and each session carries the prefixes of its neighbor's family."""
     anchor, drain = anchor_name(settings), drain_anchor_name(settings)
     keepalive = max(1, settings.cluster_hold_time_s // 3)
     community = "({}, {})".format(*GRACEFUL_SHUTDOWN)
@@ -63,17 +69,26 @@ def bird_config(settings: Settings) -> str:
         "# drains, the second set's, with the GRACEFUL_SHUTDOWN community (RFC 8326).",
         f"router id {settings.cluster_router_id};",
         "protocol device { }",
-        f"protocol static {STATIC_PROTOCOL} {{",
-        "  ipv4;",
-        *(f'  route {prefix} via "{anchor}";' for prefix in settings.cluster_announce),
-        "}",
-        f"protocol static {DRAIN_PROTOCOL} {{",
-        "  ipv4 { preference 90; };",  # below the static default 200: never chosen over it
-        *(f'  route {prefix} via "{drain}" {{ bgp_community.add({community}); }};'
-          for prefix in settings.cluster_announce),
-        "}",
     ]
+    for family in ("ipv4", "ipv6"):
+        prefixes = [p for p in settings.cluster_announce if _family(p) == family]
+        if not prefixes:
+            continue
+        static, draining = static_protocols(family)
+        lines += [
+            f"protocol static {static} {{",
+            f"  {family};",
+            *(f'  route {prefix} via "{anchor}";' for prefix in prefixes),
+            "}",
+            f"protocol static {draining} {{",
+            f"  {family} {{ preference 90; }};",  # below the static default 200: never chosen
+            *(f'  route {prefix} via "{drain}" {{ bgp_community.add({community}); }};'
+              for prefix in prefixes),
+            "}",
+        ]
     for number, neighbor in enumerate(settings.cluster_neighbors, 1):
+        family = _family(neighbor)
+        static, draining = static_protocols(family)
         lines += [
             f"protocol bgp router{number} {{",
             f"  local as {settings.cluster_local_as};",
@@ -82,11 +97,17 @@ def bird_config(settings: Settings) -> str:
             # After a failure (a hold time run out) BIRD would wait a minute or more before
             # it tries again; a node that is back should be back within seconds.
             "  connect retry time 5; error wait time 2, 30;",
-            f'  ipv4 {{ import none; export where proto = "{STATIC_PROTOCOL}" || '
-            f'proto = "{DRAIN_PROTOCOL}"; next hop self; }};',
+            f'  {family} {{ import none; export where proto = "{static}" || '
+            f'proto = "{draining}"; next hop self; }};',
             "}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def static_protocols(family: str) -> tuple[str, str]:
+    """BIRD's static protocols of one address family: (announce, drain)."""
+    suffix = "6" if family == "ipv6" else ""
+    return STATIC_PROTOCOL + suffix, DRAIN_PROTOCOL + suffix
 
 
 def announce_state(ready: bool, draining: bool, announced: bool, unready_s: float,

@@ -332,14 +332,16 @@ SCHEMA: tuple[Key, ...] = (
     Key("broker", "min_interval_s", "seconds 60-86400", "never ask the broker more often than "
         "this (a failed update is retried after 60 s, doubling, at least this)",
         _ranged_number(60, 86400), DEFAULTS["broker_min_interval_s"]),
-    Key("cluster", "announce", "list of IPv4 prefixes", "what this node announces over BGP "
+    Key("cluster", "announce", "list of prefixes", "what this node announces over BGP "
         "while it is ready (/readyz 200): the 6to4 anycast local_ipv4/32, a 6in4 endpoint, "
-        "its NAT64 pool4 slice; with RFC 8326's GRACEFUL_SHUTDOWN community while it drains; "
+        "its NAT64 pool4 slice, the NAT64 prefix (IPv6 prefixes go to the IPv6 neighbors); "
+        "with RFC 8326's GRACEFUL_SHUTDOWN community while it drains; "
         "BIRD withdraws them when sixgate stops or crashes (README \"A fleet behind ECMP\")",
         default_text="required"),
     Key("cluster", "local_as", "AS number", "this node's BGP AS", default_text="required"),
     Key("cluster", "peer_as", "AS number", "the routers' AS", default_text="required"),
-    Key("cluster", "neighbors", "list of IPv4 addresses", "the routers BIRD peers with",
+    Key("cluster", "neighbors", "list of addresses", "the routers BIRD peers with (IPv4 "
+        "and IPv6: a session each, carrying the prefixes of its family)",
         default_text="required"),
     Key("cluster", "router_id", "IPv4 address", "this node's BGP router id (unique in the "
         "fleet: not the anycast address)", default_text="required"),
@@ -1083,24 +1085,42 @@ def _parse_cluster(ctx: _Ctx, cluster: dict[str, Any]) -> dict[str, Any]:
     values = _checked(ctx, "cluster", cluster)
     announce = cluster["announce"]
     if not isinstance(announce, list) or not announce:
-        raise ctx.error("cluster", "announce", "must be a non-empty list of IPv4 prefixes "
-                        "like [\"192.0.2.10/32\"]")
+        raise ctx.error("cluster", "announce", "must be a non-empty list of prefixes like "
+                        "[\"192.0.2.10/32\"] or [\"64:ff9b::/96\"]")
     prefixes = []
     for value in announce:
         try:
             if not isinstance(value, str):
                 raise TypeError(value)
-            prefixes.append(str(ipaddress.IPv4Network(value)))
+            prefixes.append(ipaddress.ip_network(value))
         except (ValueError, TypeError):
-            raise ctx.error("cluster", "announce", f"{value!r} is not an IPv4 prefix like "
-                            "\"192.0.2.10/32\" (host bits zero)") from None
+            raise ctx.error("cluster", "announce", f"{value!r} is not an IPv4 or IPv6 prefix "
+                            "like \"192.0.2.10/32\" or \"64:ff9b::/96\" (host bits zero)"
+                            ) from None
     neighbors = cluster["neighbors"]
     if not isinstance(neighbors, list) or not neighbors:
         raise ctx.error("cluster", "neighbors", "must be a non-empty list of the routers' "
-                        "IPv4 addresses")
-    peers = tuple(_ipv4(ctx, "cluster", "neighbors", n) for n in neighbors)
+                        "IPv4 or IPv6 addresses")
+    peers = []
+    for value in neighbors:
+        try:
+            if not isinstance(value, str):
+                raise TypeError(value)
+            peers.append(ipaddress.ip_address(value))
+        except (ValueError, TypeError):
+            raise ctx.error("cluster", "neighbors", f"{value!r} is not an IPv4 or IPv6 "
+                            "address") from None
+    # A BGP session carries the prefixes of its own address family (one session per family
+    # and router, as routers are usually peered).
+    for version, name in ((4, "IPv4"), (6, "IPv6")):
+        if any(p.version == version for p in prefixes) and not any(
+                n.version == version for n in peers):
+            raise ctx.error("cluster", "announce", f"announces {name} prefixes but no "
+                            f"neighbor has an {name} address: add the routers' {name} "
+                            "addresses to neighbors (a session per address family)")
     router_id = _ipv4(ctx, "cluster", "router_id", cluster["router_id"])
-    return {"cluster_announce": tuple(prefixes), "cluster_neighbors": peers,
+    return {"cluster_announce": tuple(str(p) for p in prefixes),
+            "cluster_neighbors": tuple(str(n) for n in peers),
             "cluster_router_id": router_id,
             **{f"cluster_{key}": _int(ctx, "cluster", key, cluster[key], 1, 4294967294)
                for key in ("local_as", "peer_as")},

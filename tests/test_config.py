@@ -639,6 +639,12 @@ def test_cluster_table_parsed_with_defaults() -> None:
             settings.cluster_neighbors, settings.cluster_router_id) == (
         ("192.0.2.10/32",), 65001, 65000, ("198.51.100.1",), "198.51.100.2")
     assert (settings.cluster_hold_time_s, settings.cluster_withdraw_after_s) == (30, 3.0)
+    # A NAT64 fleet's prefix beside it, for the routers' IPv6 sessions.
+    both = parse_config(GOOD_6TO4 + CLUSTER.replace('"192.0.2.10/32"', '"192.0.2.10/32", '
+                                                    '"64:ff9b::/96"').replace(
+        '["198.51.100.1"]', '["198.51.100.1", "2001:db8:ff::1"]'), "gw.toml")
+    assert both.cluster_announce == ("192.0.2.10/32", "64:ff9b::/96")
+    assert both.cluster_neighbors == ("198.51.100.1", "2001:db8:ff::1")
 
 
 @pytest.mark.parametrize(
@@ -653,6 +659,12 @@ def test_cluster_table_parsed_with_defaults() -> None:
         ('neighbors = ["198.51.100.1"]\n', "", "cluster", "neighbors is missing"),
         ("peer_as = 65000", "peer_as = 65000\nhold_time_s = 1", "cluster.hold_time_s",
          "3 to 65535"),
+        ('announce = ["192.0.2.10/32"]', 'announce = ["192.0.2.10/32", "64:ff9b::/96"]',
+         "cluster.announce", "no neighbor has an IPv6 address"),
+        ('neighbors = ["198.51.100.1"]', 'neighbors = ["2001:db8:ff::1"]', "cluster.announce",
+         "no neighbor has an IPv4 address"),
+        ('neighbors = ["198.51.100.1"]', 'neighbors = ["router1"]', "cluster.neighbors",
+         "not an IPv4 or IPv6 address"),
     ],
 )
 def test_cluster_mistakes_name_the_key(old: str, new: str, key: str, advice: str) -> None:

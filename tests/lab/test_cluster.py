@@ -48,12 +48,20 @@ NODES = ("n1", "n2", "n3")
 SITES = 16  # P(a node gets no site) = 3 * (2/3)^16, about 1 in 2000
 HOLD_TIME_S = 3
 GROUP_ID = 100  # the router's resilient next-hop group
+# An IPv6 prefix every node announces too, as a fleet of NAT64s announces its prefix: over a
+# session of its own per node (IPv6 link addresses), next to the IPv4 one.
+ANYCAST_PREFIX6 = "2001:db8:64::/96"
 
 
 def link_addresses(number: int) -> tuple[str, str]:
     """(router, node) on the /30 to node ``number`` (1-3) inside 198.51.100.0/24."""
     base = 4 * (number - 1)
     return f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
+
+
+def link_addresses6(number: int) -> tuple[str, str]:
+    """(router, node) IPv6 addresses on the link to node ``number``."""
+    return f"2001:db8:ff:{number}::1", f"2001:db8:ff:{number}::2"
 
 
 def site_ipv4(i: int) -> str:
@@ -76,6 +84,12 @@ protocol bgp {node} {{
   hold time {HOLD_TIME_S}; keepalive time 1; connect retry time 1; error wait time 1, 5;
   ipv4 {{ import all; export none; }};
 }}
+protocol bgp {node}_6 {{
+  local {link_addresses6(n)[0]} as {ROUTER_AS};
+  neighbor {link_addresses6(n)[1]} as {NODE_AS};
+  hold time {HOLD_TIME_S}; keepalive time 1; connect retry time 1; error wait time 1, 5;
+  ipv6 {{ import all; export none; }};
+}}
 """ for n, node in enumerate(NODES, 1))
 
 
@@ -92,10 +106,10 @@ run_dir = "{tmp / node / 'run'}"
 name = "sgc{number}"
 
 [cluster]
-announce = ["{ANYCAST_IPV4}/32"]
+announce = ["{ANYCAST_IPV4}/32", "{ANYCAST_PREFIX6}"]
 local_as = {NODE_AS}
 peer_as = {ROUTER_AS}
-neighbors = ["{link_addresses(number)[0]}"]
+neighbors = ["{link_addresses(number)[0]}", "{link_addresses6(number)[0]}"]
 router_id = "{link_addresses(number)[1]}"
 hold_time_s = {HOLD_TIME_S}
 withdraw_after_s = 10
@@ -159,7 +173,8 @@ class Fleet:
         for name in (self.router, self.clients, *self.nodes.values()):
             self.ns(name)
         netlab.run(["ip", "netns", "exec", self.router, "sysctl", "-qw",
-                    "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=0"])
+                    "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=0",
+                    "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0"])
         for number, (node, namespace) in enumerate(self.nodes.items(), 1):
             router_side, node_side = link_addresses(number)
             self.ip(self.router, "link", "add", node, "type", "veth", "peer", "name", "eth0",
@@ -170,6 +185,14 @@ class Fleet:
                         "net.ipv6.conf.all.disable_ipv6=1",
                         "net.ipv6.conf.default.disable_ipv6=1"])
             self.ip(namespace, "addr", "add", f"{node_side}/30", "dev", "eth0")
+            # IPv6 on the link only (the BGP session of the IPv6 prefix): BIRD's static
+            # routes through the anchor devices need none on them.
+            netlab.run(["ip", "netns", "exec", namespace, "sysctl", "-qw",
+                        "net.ipv6.conf.eth0.disable_ipv6=0"])
+            self.ip(namespace, "addr", "add", f"{link_addresses6(number)[1]}/64", "dev",
+                    "eth0", "nodad")
+            self.ip(self.router, "addr", "add", f"{link_addresses6(number)[0]}/64", "dev",
+                    node, "nodad")
             self.ip(namespace, "link", "set", "eth0", "up")
             self.ip(namespace, "addr", "add", f"{ANYCAST_IPV4}/32", "dev", "lo")
             self.ip(namespace, "route", "add", "default", "via", router_side)
@@ -260,6 +283,22 @@ class Fleet:
             abs(held.get(NODES.index(node) + 1, 0) - 64 * weight / total) <= 1
             for node, weight in weights.items())
 
+    def ipv6_paths(self) -> dict[str, str]:
+        """The router's BGP paths to the IPv6 prefix: node -> "announce", or "drain" when
+        the path carries RFC 8326's GRACEFUL_SHUTDOWN community."""
+        out = netlab.run(["birdc", "-r", "-s", str(self.tmp / "router.ctl"), "show", "route",
+                          "for", ANYCAST_PREFIX6, "all"], check=False).stdout
+        paths: dict[str, str] = {}
+        node = ""
+        for line in out.splitlines():
+            found = re.search(r"\[(n\d)_6 ", line)
+            if found:
+                node = found.group(1)
+                paths[node] = "announce"
+            elif node and "BGP.community" in line and "(65535,0)" in line:
+                paths[node] = "drain"
+        return paths
+
     def next_hops(self) -> set[str]:
         """The nodes the router forwards the anycast address to now (its resilient group)."""
         return set(self.weights())
@@ -320,12 +359,16 @@ def test_the_nodes_bird_config_is_what_bird_accepts(fleet: Fleet) -> None:
     check = fleet.exec_in(fleet.nodes["n1"], [*netlab.sixgate_command(), "check", "--config",
                                               str(fleet.config("n1"))])
     assert check.returncode == 0, check.stderr
-    assert (f"cluster       BIRD announces {ANYCAST_IPV4}/32 through sgc1bgp while this node "
-            "is ready") in check.stdout, check.stdout
+    assert (f"cluster       BIRD announces {ANYCAST_IPV4}/32, {ANYCAST_PREFIX6} through sgc1bgp "
+            "while this node is ready") in check.stdout, check.stdout
 
 
 def test_every_node_carries_traffic(fleet: Fleet) -> None:
     assert fleet.next_hops() == set(NODES)
+    # The IPv6 prefix too, from every node over its IPv6 session.
+    netlab.wait_until(lambda: fleet.ipv6_paths() == dict.fromkeys(NODES, "announce"),
+                      timeout=15, what=lambda: f"the IPv6 prefix from every node: "
+                                               f"{fleet.ipv6_paths()}")
     served = fleet.served_by()
     assert "" not in served.values(), (served, fleet.diagnostics())
     assert set(served.values()) == set(NODES), served
@@ -334,6 +377,7 @@ def test_every_node_carries_traffic(fleet: Fleet) -> None:
     for node, namespace in fleet.nodes.items():
         body = fleet.exec_in(namespace, ["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
         assert f'sixgate_cluster_announced{{prefix="{ANYCAST_IPV4}/32"}} 1.0' in body, node
+        assert f'sixgate_cluster_announced{{prefix="{ANYCAST_PREFIX6}"}} 1.0' in body, node
 
 
 # A steady download: a small receive buffer read at a fixed pace, so the client's window
@@ -390,6 +434,8 @@ def test_a_killed_sixgate_is_withdrawn_at_once_and_the_others_take_its_sites(
               f"connections lost after it: {len(lost)} of {SITES}")
         assert not lost, (after, fleet.diagnostics())
         assert victim not in after.values()
+        netlab.wait_until(lambda: victim not in fleet.ipv6_paths(), timeout=5,
+                          what=f"{victim}'s IPv6 path withdrawn")
         # Only the victim's sites move (resilient next-hop group on the router).
         stayed = {i: node for i, node in served.items() if node != victim}
         assert {i: after[i] for i in stayed} == stayed, (served, after)
@@ -431,6 +477,10 @@ def test_a_drain_keeps_the_nodes_connections_then_it_stops(fleet: Fleet) -> None
                           what=f"{node} at the lowest weight at the router")
         lowered_s = time.monotonic() - started
         assert download.poll() is None, "the download ended before the drain began"
+        # The IPv6 prefix drains the same way: still announced, with the community.
+        netlab.wait_until(lambda: fleet.ipv6_paths().get(node) == "drain", timeout=5,
+                          what=lambda: f"{node}'s IPv6 path with GRACEFUL_SHUTDOWN: "
+                                       f"{fleet.ipv6_paths()}")
         during: dict[int, Any] = fleet.served_by()
         assert gateway.poll() is None and node in fleet.next_hops(), \
             "the drained node left while its download ran"
@@ -469,8 +519,8 @@ def test_a_drain_keeps_the_nodes_connections_then_it_stops(fleet: Fleet) -> None
           f"stopped after {time.monotonic() - started:.1f} s; its download across the drain "
           f"whole; new connections lost meanwhile: {len(lost)} of {SITES}")
     assert not lost, during
-    netlab.wait_until(lambda: node not in fleet.next_hops(), timeout=5,
-                      what=f"{node} withdrawn once stopped")
+    netlab.wait_until(lambda: node not in fleet.next_hops() and node not in fleet.ipv6_paths(),
+                      timeout=5, what=f"{node} withdrawn once stopped")
     fleet.start_gateway(node)
     assert fleet.next_hops() == set(NODES)
 

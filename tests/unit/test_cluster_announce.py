@@ -57,3 +57,23 @@ def test_bird_config_routes_each_prefix_through_the_anchor_to_each_router() -> N
             in text)
     assert "preference 90;" in text
     assert 'proto = "sixgate_announce" || proto = "sixgate_drain"' in text
+
+
+def test_bird_config_gives_ipv6_prefixes_their_own_protocols_and_the_ipv6_sessions() -> None:
+    """A BIRD static protocol has one channel: the IPv6 prefixes (a NAT64 prefix) get static
+    protocols of their own, exported over the IPv6 neighbors' sessions only."""
+    settings = dataclasses.replace(
+        make_settings("6to4"), cluster_announce=("192.0.2.10/32", "64:ff9b::/96"),
+        cluster_local_as=65001, cluster_peer_as=65000,
+        cluster_neighbors=("198.51.100.1", "2001:db8:ff::1"), cluster_router_id="198.51.100.2")
+    text = bird_config(settings)
+    v4, v6 = text.split("protocol bgp router1")[1].split("protocol bgp router2")
+    assert "neighbor 198.51.100.1 as 65000;" in v4 and "ipv4 { import none;" in v4
+    assert 'proto = "sixgate_announce" || proto = "sixgate_drain"' in v4
+    assert "neighbor 2001:db8:ff::1 as 65000;" in v6 and "ipv6 { import none;" in v6
+    assert 'proto = "sixgate_announce6" || proto = "sixgate_drain6"' in v6
+    static6 = text.split("protocol static sixgate_announce6 {")[1].split("}")[0]
+    assert "ipv6;" in static6 and 'route 64:ff9b::/96 via "sgtestbgp";' in static6
+    assert "64:ff9b::/96" not in text.split("protocol static sixgate_announce {")[1].split("}")[0]
+    assert ('route 64:ff9b::/96 via "sgtestdrn" { bgp_community.add((65535, 0)); };'
+            in text.split("protocol static sixgate_drain6 {")[1])
