@@ -475,10 +475,18 @@ def _effective(source: TomlSource, name: str, defaults: dict[str, Any],
     return Host(name, values, origin, member_of, tuple(forward), tuple(forward_origin))
 
 
+def _anycast(host: Host) -> bool:
+    """The host's tunnel address is an anycast one: it announces it as a [cluster] node."""
+    local = host.vars["local_ipv4"]
+    return local is not None and f"{local}/32" in (host.vars["cluster_announce"] or ())
+
+
 def _check_unique(source: TomlSource, hosts: list[Host]) -> None:
     """Two hosts with one SSH endpoint, one tunnel address or one pool4 address are a
-    copy-paste mistake (each NAT64 owns its pool4: replies route to one host)."""
+    copy-paste mistake (each NAT64 owns its pool4: replies route to one host); [cluster]
+    nodes that announce their tunnel address share it by design (anycast)."""
     seen: dict[tuple[str, Any], str] = {}
+    anycast: dict[tuple[str, Any], str] = {}  # the [cluster] nodes' shared tunnel addresses
     for host in hosts:
         for key in ("ssh", "local_ipv4", "nat64_pool4"):
             if key == "ssh":
@@ -489,6 +497,12 @@ def _check_unique(source: TomlSource, hosts: list[Host]) -> None:
                 marks = [host.vars[key]] if host.vars[key] is not None else []
             for value in marks:
                 mark = (key, value)
+                if key == "local_ipv4" and _anycast(host):
+                    anycast.setdefault(mark, host.name)
+                    if mark not in seen:
+                        continue
+                elif mark in anycast:
+                    seen[mark] = anycast[mark]
                 if mark in seen:
                     shown = value if key == "nat64_pool4" else host.vars[key]
                     raise source.error(host.origin[key], f"host {host.name!r} has the same "

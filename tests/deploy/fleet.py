@@ -44,7 +44,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lab import netlab  # namespaces, processes, polling
+from lab import (
+    netlab,  # namespaces, processes, polling
+    sshd,  # the hosts' SSH servers
+)
 
 LAB_DIR = Path(netlab.__file__).resolve().parent
 
@@ -54,7 +57,7 @@ TMPDIR_PATTERN = re.compile(rf"^{NAME_PREFIX}(\d+)x(\d+)-")
 CONTROLLER_IPV4 = "192.0.2.1"
 PEER_IPV4 = "198.51.100.1"  # the 6to4 peer, also every gateway's relay
 PEER_IPV6 = "2002:c633:6401::1"  # RFC 3056 §2: 2002:<198.51.100.1>::1, what health gates ping
-SSHD = "/usr/sbin/sshd"
+SSHD = sshd.SSHD
 REQUIRED_PROGRAMS = ("ip", "ping", "curl", "ss", "ssh", "ssh-keygen", "bird", "birdc")
 
 _fleet_numbers = itertools.count(1)
@@ -241,40 +244,16 @@ class Fleet:
     # -- ssh
 
     def make_keys(self) -> None:
-        netlab.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sixgate-deploy-test",
-                    "-f", str(self.key)])
+        self.key = sshd.client_key(self.tmp)
         lines = []
         for number in range(1, self.count + 1):
-            directory = self.tmp / f"h{number}"
-            host_key = directory / "ssh_host_ed25519_key"
-            netlab.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)])
-            public = host_key.with_suffix(".pub").read_text().split()
-            lines.append(f"{host_ipv4(number)} {public[0]} {public[1]}\n")
-            shutil.copy(self.key.with_suffix(".pub"), directory / "authorized_keys")
-            (directory / "sshd_config").write_text(
-                f"ListenAddress {host_ipv4(number)}:22\n"
-                f"HostKey {host_key}\n"
-                f"PidFile {directory / 'sshd.pid'}\n"
-                f"AuthorizedKeysFile {directory / 'authorized_keys'}\n"
-                "PermitRootLogin prohibit-password\n"
-                "PubkeyAuthentication yes\n"
-                "PasswordAuthentication no\n"
-                "KbdInteractiveAuthentication no\n"
-                "UsePAM no\n"
-                # The temp dir is root's but world-readable parents may be group-writable.
-                "StrictModes no\n"
-                "MaxStartups 100\n"
-                "MaxSessions 100\n"
-                "Subsystem sftp internal-sftp\n")
+            _, line = sshd.server_files(self.tmp / f"h{number}", host_ipv4(number), self.key)
+            lines.append(line)
         self.known_hosts.write_text("".join(lines))
 
     def start_sshd(self, number: int) -> None:
-        config = self.tmp / f"h{number}" / "sshd_config"
-        script = ("mount -t tmpfs -o mode=0755,size=16m sixgate-deploy-run /run"
-                  " && mkdir -m 0755 /run/sshd && \"$0\" -t -f \"$1\""
-                  " && exec \"$0\" -D -e -f \"$1\"")
         self.spawn(f"sshd-h{number}", self.host_ns(number),
-                   ["sh", "-c", script, SSHD, str(config)])
+                   sshd.sshd_argv(self.tmp / f"h{number}" / "sshd_config"))
 
     def wait_sshd(self, number: int) -> None:
         key = f"sshd-h{number}"

@@ -605,3 +605,24 @@ def test_a_host_with_several_tunnels_renders_each(files: Path) -> None:
     with pytest.raises(ConfigError, match="extra_tunnels") as info:
         check_gateway_config(bad, bad.host("edge1"))
     assert "one tunnel per broker" in str(info.value), str(info.value)
+
+
+def test_cluster_nodes_share_the_anycast_address_they_announce(files: Path) -> None:
+    """Issue 20: [cluster] nodes announcing their tunnel address share it (anycast): both
+    load; a host that does not announce it is still refused as a copy-paste mistake."""
+    anycast = ('local_ipv4 = "192.0.2.10"\ncluster_announce = ["192.0.2.10/32"]\n'
+               'cluster_local_as = 65001\ncluster_peer_as = 65000\n'
+               'cluster_neighbors = ["198.51.100.1"]\n')
+    text = (INVENTORY.replace('local_ipv4 = "192.0.2.11"',
+                              anycast + 'cluster_router_id = "198.51.100.2"')
+            .replace('local_ipv4 = "192.0.2.12"', anycast + 'cluster_router_id = "198.51.100.6"'))
+    inventory = load_inventory(write(files, "inventory.toml", text))
+    assert [parse_config(render_gateway_config(host)).local_ipv4
+            for host in inventory.hosts] == ["192.0.2.10", "192.0.2.10"]
+    plain = text + '\n[hosts.edge3]\nssh = "192.0.2.13"\nlocal_ipv4 = "192.0.2.10"\n'
+    error = inventory_error(files, plain)
+    assert error.key == "hosts.edge3.local_ipv4" and "same local_ipv4" in error.message, error
+    first = INVENTORY.replace('local_ipv4 = "192.0.2.11"', 'local_ipv4 = "192.0.2.10"')
+    error = inventory_error(files, first.replace('local_ipv4 = "192.0.2.12"',
+                                                 anycast + 'cluster_router_id = "198.51.100.6"'))
+    assert error.key == "hosts.edge2.local_ipv4" and "same local_ipv4" in error.message, error

@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 
 import netlab
 import pytest
+import sshd
 from netlab import LAB_DIR
 
 pytestmark = [pytest.mark.lab, pytest.mark.cluster]
@@ -93,6 +95,20 @@ protocol bgp {node}_6 {{
 """ for n, node in enumerate(NODES, 1))
 
 
+def install_root(tmp: Path, node: str) -> Path:
+    """Where ``sixgate deploy`` installs on ``node`` (the rollout test): the lab's gateway
+    and BIRD use the paths a deployed one would, so a rollout takes them over."""
+    return tmp / node / "root"
+
+
+def run_dir(tmp: Path, node: str) -> Path:
+    return install_root(tmp, node) / "run" / "sixgate"
+
+
+def bird_conf(tmp: Path, node: str) -> Path:
+    return install_root(tmp, node) / "etc" / "sixgate" / "bird.conf"
+
+
 def node_config(node: str, number: int, tmp: Path) -> str:
     return f"""\
 [tunnel]
@@ -102,7 +118,7 @@ relay_ipv4 = "192.88.99.1"
 
 [gateway]
 workers = 1
-run_dir = "{tmp / node / 'run'}"
+run_dir = "{run_dir(tmp, node)}"
 name = "sgc{number}"
 
 [cluster]
@@ -199,7 +215,8 @@ class Fleet:
             site = self.tmp / node / "www"
             site.mkdir(parents=True)
             (site / "node.txt").write_text(node)
-            (self.tmp / node / "run").mkdir()
+            run_dir(self.tmp, node).mkdir(parents=True)
+            bird_conf(self.tmp, node).parent.mkdir(parents=True)
             (self.tmp / node).chmod(0o755)
             self.spawn(f"http-{node}", namespace,
                        netlab.http_server_argv("127.0.0.1", 8080, site))
@@ -230,8 +247,8 @@ class Fleet:
             done = self.exec_in(self.nodes[node], [*netlab.sixgate_command(), "cluster",
                                                    "bird-config", "--config", str(config)])
             assert done.returncode == 0, done.stderr
-            (self.tmp / node / "bird.conf").write_text(done.stdout)
-            self.bird(node, self.nodes[node], self.tmp / node / "bird.conf")
+            bird_conf(self.tmp, node).write_text(done.stdout)
+            self.bird(node, self.nodes[node], bird_conf(self.tmp, node))
             self.start_gateway(node)
 
     def config(self, node: str) -> Path:
@@ -354,7 +371,7 @@ def fleet(served_files: netlab.ServedFiles) -> Iterator[Fleet]:
 
 def test_the_nodes_bird_config_is_what_bird_accepts(fleet: Fleet) -> None:
     done = fleet.exec_in(fleet.nodes["n1"], ["bird", "-p", "-c",
-                                             str(fleet.tmp / "n1" / "bird.conf")])
+                                             str(bird_conf(fleet.tmp, "n1"))])
     assert done.returncode == 0, done.stderr
     check = fleet.exec_in(fleet.nodes["n1"], [*netlab.sixgate_command(), "check", "--config",
                                               str(fleet.config("n1"))])
@@ -555,3 +572,183 @@ def test_a_node_that_freezes_whole_is_dropped_within_the_hold_time(fleet: Fleet)
     assert {i: after[i] for i in stayed} == stayed, (served, after)
     netlab.wait_until(lambda: fleet.next_hops() == set(NODES), timeout=30,
                       what=f"{node} announced again")
+
+
+# --- a rolling upgrade by `sixgate deploy apply` over the three nodes (issue 20) --------------
+
+
+def deploy_inventory(fleet: Fleet, key: Path, known_hosts: Path) -> str:
+    """The three nodes as a deploy inventory: one anycast tunnel address, each its own
+    router id, sessions and BIRD socket; the paths the lab's gateways already use."""
+    text = (
+        "[defaults]\n"
+        f'ssh_key = "{key}"\nknown_hosts = "{known_hosts}"\nservice = "pidfile"\n'
+        f'mode = "6to4"\nlocal_ipv4 = "{ANYCAST_IPV4}"\nrelay_ipv4 = "192.88.99.1"\n'
+        'workers = 1\nrules = ["web"]\n'
+        f'cluster_announce = ["{ANYCAST_IPV4}/32", "{ANYCAST_PREFIX6}"]\n'
+        f"cluster_local_as = {NODE_AS}\ncluster_peer_as = {ROUTER_AS}\n"
+        f"cluster_hold_time_s = {HOLD_TIME_S}\ncluster_withdraw_after_s = 10\n"
+        "cluster_drain_quiet_s = 2\ncluster_drain_timeout_s = 20\n"
+        '\n[rules.web]\nforward = [{ proto = "tcp", port = 80, to = "127.0.0.1:8080" }]\n')
+    for number, node in enumerate(NODES, 1):
+        text += (f"\n[hosts.{node}]\n"
+                 f'ssh = "{link_addresses(number)[1]}"\n'
+                 f'install_root = "{install_root(fleet.tmp, node)}"\n'
+                 f'gateway_name = "sgc{number}"\n'
+                 f'cluster_neighbors = ["{link_addresses(number)[0]}", '
+                 f'"{link_addresses6(number)[0]}"]\n'
+                 f'cluster_router_id = "{link_addresses(number)[1]}"\n'
+                 f'bird_socket = "{fleet.tmp / f"{node}.ctl"}"\n')
+    return text
+
+
+# One node at a time: each batch drains its node first (the deploy's [cluster] step). With
+# one node at the lowest weight against two at 64 the router's resilient group wants no
+# bucket on it (with two drained at once, each would keep one and never go quiet). The health
+# gate asks /readyz only: an echo from an anycast address is answered to whichever node the
+# router picks.
+ROLLOUT = """\
+[release]
+wheel = "{wheel}"
+wheelhouse = "wheelhouse"
+
+[batches]
+serial = [1]
+max_fail_percentage = 0
+
+[health]
+timeout_s = 30
+ping = false
+
+[on_failure]
+rollback = "batch"
+"""
+
+
+class Stream:
+    """New connections from every site in turn, one every ``PACE_S``, and the router's view
+    of the nodes, recorded with their times until ``stop``. A site asks again only after
+    the router's idle timer, so a drained node's buckets can go idle and move."""
+
+    PACE_S = 0.1
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.started = time.monotonic()
+        self.fetches: list[tuple[float, int, str]] = []  # (time, site, node or "" if failed)
+        self.views: list[tuple[float, dict[str, int]]] = []  # (time, node -> weight)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._fetch, daemon=True),
+                        threading.Thread(target=self._watch, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _fetch(self) -> None:
+        site = 0
+        while not self.stopping.is_set():
+            node = self.fleet.fetch(site)
+            self.fetches.append((time.monotonic() - self.started, site, node))
+            site = (site + 1) % SITES
+            self.stopping.wait(self.PACE_S)
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            self.views.append((time.monotonic() - self.started, self.fleet.weights()))
+            self.stopping.wait(0.2)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+
+    def events(self, node: str) -> tuple[float | None, float | None, float | None]:
+        """When ``node`` went to the lowest weight (its drain), left the group, came back."""
+        low = out = back = None
+        for at, weights in self.views:
+            if low is None and weights.get(node) == 1:
+                low = at
+            elif low is not None and out is None and node not in weights:
+                out = at
+            elif out is not None and back is None and weights.get(node, 0) > 1:
+                back = at
+        return low, out, back
+
+
+@pytest.mark.deploy
+def test_a_rolling_upgrade_by_deploy_apply_keeps_new_connections_succeeding(
+        fleet: Fleet) -> None:
+    """``sixgate deploy apply`` (real ansible-playbook over SSH from the router's namespace to
+    an sshd on each node) rolls a release over the three nodes' running gateways one node at
+    a time: each node is drained (RFC 8326's community: the router lowers it, its
+    buckets move as they go idle), stops once quiet, comes back on the release and is
+    announced again, while every site opens a new connection in turn all along: none fails.
+    The nodes' timelines and the connections lost per event are printed."""
+    missing = [f"program {p!r}" for p in ("ssh", "ssh-keygen") if shutil.which(p) is None]
+    if not Path(sshd.SSHD).exists():
+        missing.append(f"{sshd.SSHD} (Debian openssh-server)")
+    if not (Path(sys.executable).parent / "ansible-playbook").exists():
+        missing.append("ansible-playbook (pip install -e '.[test]')")
+    if missing:
+        reason = f"CLUSTER ROLLOUT CANNOT RUN: {', '.join(missing)} missing"
+        if os.environ.get("SIXGATE_LAB_REQUIRED") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    tmp = fleet.tmp / "deploy"
+    tmp.mkdir()
+    key = sshd.client_key(tmp)
+    known_hosts = tmp / "known_hosts"
+    lines = []
+    for number, (node, namespace) in enumerate(fleet.nodes.items(), 1):
+        (tmp / node).mkdir()
+        config, line = sshd.server_files(tmp / node, link_addresses(number)[1], key)
+        lines.append(line)
+        fleet.spawn(f"sshd-{node}", namespace, sshd.sshd_argv(config))
+    known_hosts.write_text("".join(lines))
+    built = subprocess.run([*netlab.sixgate_command(), "deploy", "build", "--out",
+                            str(tmp / "wheelhouse")], capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert built.returncode == 0, built.stdout + built.stderr
+    [wheel] = (tmp / "wheelhouse").glob("sixgate-*.whl")
+    version = wheel.name.split("-")[1]
+    for node, namespace in fleet.nodes.items():
+        netlab.wait_until(lambda ns=namespace: fleet.exec_in(ns, [
+            "ss", "-Hltn", "sport = :22"]).stdout.strip(), timeout=15, what=f"sshd of {node}")
+    (tmp / "inventory.toml").write_text(deploy_inventory(fleet, key, known_hosts))
+    (tmp / "rollout.toml").write_text(ROLLOUT.format(wheel=f"wheelhouse/{wheel.name}"))
+    lab_gateways = {node: fleet.processes[f"sixgate-{node}"] for node in NODES}
+    netlab.wait_until(lambda: fleet.next_hops() == set(NODES) and fleet.balanced(),
+                      timeout=30, what="every node in the router's group")
+    env = dict(os.environ, TMPDIR=str(tmp), ANSIBLE_NOCOLOR="1", PYTHONUNBUFFERED="1")
+    stream = Stream(fleet)
+    try:
+        time.sleep(1)
+        done = subprocess.run(netlab.in_ns(fleet.router, [
+            *netlab.sixgate_command(), "deploy", "apply", "-i", str(tmp / "inventory.toml"),
+            "-r", str(tmp / "rollout.toml")]), capture_output=True, text=True, timeout=600,
+            check=False, env=env)
+        netlab.wait_until(lambda: fleet.next_hops() == set(NODES) and fleet.balanced(),
+                          timeout=30, what="every node back in the router's group")
+        time.sleep(1)
+    finally:
+        stream.stop()
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    print(f"\ncluster: rolling upgrade by sixgate deploy apply, {len(stream.fetches)} new "
+          f"connections over {stream.fetches[-1][0]:.0f} s")
+    lost = [(at, site) for at, site, node in stream.fetches if not node]
+    for node in NODES:
+        low, out, back = stream.events(node)
+        assert low is not None and out is not None and back is not None, (
+            node, stream.views, output)
+        during = [f for f in stream.fetches if low <= f[0] <= back]
+        print(f"cluster: {node}: drained at +{low:.1f} s, out of the group +{out:.1f} s, "
+              f"back +{back:.1f} s; new connections meanwhile {len(during)}, lost "
+              f"{sum(1 for f in during if not f[2])}")
+    assert not lost, (lost, output, fleet.diagnostics())
+    # Each node really went through it: the lab's gateway drained and stopped (exit 0); the
+    # one running now is the release's, under the deploy's supervisor.
+    for node in NODES:
+        assert lab_gateways[node].wait(timeout=10) == 0, node
+        pid = int((run_dir(fleet.tmp, node) / "coordinator.pid").read_text())
+        cmdline = " ".join(netlab.process_cmdline(pid))
+        assert f"/opt/sixgate/releases/{version}/bin/" in cmdline, (node, cmdline)
