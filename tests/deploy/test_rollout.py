@@ -109,7 +109,7 @@ def announced_by_bird(fleet: Fleet) -> bool:
 
 # The health gate's wait where it must pass, and where it is meant to fail (a stage waits it out).
 HEALTH_S = 10
-FAILING_HEALTH_S = 4
+FAILING_HEALTH_S = 5  # the least [health] timeout_s takes
 
 
 def rollout_text(release: str, serial: str, health_s: int = HEALTH_S) -> str:
