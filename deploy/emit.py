@@ -42,6 +42,9 @@ pipelining = True
 """
 
 PLAYBOOKS = ("site.yml", "rollback.yml", "report.yml")
+# site.yml's first play: the release installed on every host before the batches (the progress
+# callback knows it by this name).
+STAGED_PLAY = "staged on every host"
 HOST_HELPER = ROLE_DIR / "files" / "sixgate_host.py"
 
 
@@ -89,7 +92,16 @@ def playbooks(rollout: Rollout, bundle_id: str | None) -> dict[str, list[dict[st
     batch_task = {"name": "sixgate | batch",
                   "ansible.builtin.set_fact": {"sixgate_batch": "{{ ansible_play_batch }}"}}
     return {
-        "site.yml": [_play(f"sixgate {rollout.version} rollout", rollout, release_vars,
+        # The release is installed on every host first, all at once: the batches then only
+        # switch, restart and check (a shorter rollout), and a host where it cannot be
+        # installed stops the rollout before any host has switched.
+        "site.yml": [{"name": f"sixgate {rollout.version} {STAGED_PLAY}", "hosts": "sixgate",
+                      "gather_facts": False,
+                      "max_fail_percentage": rollout.max_fail_percentage,
+                      "vars": release_vars, "tasks": [{
+                          "name": "sixgate | stage", "ansible.builtin.include_role": {
+                              "name": "sixgate", "tasks_from": "stage.yml"}}]},
+                     _play(f"sixgate {rollout.version} rollout", rollout, release_vars,
                            roles=["sixgate"])],
         "rollback.yml": [_play("sixgate rollback to the previous release and config", rollout,
                                health_vars(rollout), tasks=[

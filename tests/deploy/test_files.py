@@ -481,21 +481,24 @@ def test_emitted_directory_is_an_ansible_project(files: Path, tmp_path: Path) ->
     rollout = load_rollout(write(files, "rollout.toml", ROLLOUT))
     out = tmp_path / "out"
     emit(out, inventory, rollout)
-    site = yaml.safe_load((out / "site.yml").read_text())
-    assert site[0]["serial"] == [1, "25%", "100%"] and site[0]["max_fail_percentage"] == 0
-    assert site[0]["roles"] == ["sixgate"] and site[0]["vars"]["sixgate_version"] == "0.1.0"
+    stage, site = yaml.safe_load((out / "site.yml").read_text())
+    # The release goes on every host at once first (no serial), then the batches switch.
+    assert "serial" not in stage and stage["max_fail_percentage"] == 0
+    assert stage["tasks"][0]["ansible.builtin.include_role"]["tasks_from"] == "stage.yml"
+    assert site["serial"] == [1, "25%", "100%"] and site["max_fail_percentage"] == 0
+    assert site["roles"] == ["sixgate"] and site["vars"]["sixgate_version"] == "0.1.0"
     hosts = yaml.safe_load((out / "inventory.yml").read_text())["all"]["children"]
     assert hosts["sixgate"]["hosts"]["edge2"]["ansible_host"] == "192.0.2.12"
     assert hosts["sixgate"]["hosts"]["edge2"]["sixgate_forward"] == [
         {"proto": "tcp", "port": "80", "to": "127.0.0.1:8080"}]
     assert set(hosts["eu"]["hosts"]) == {"edge1", "edge2"}
-    for name in ("tasks/main.yml", "tasks/rollback.yml", "handlers/main.yml",
+    for name in ("tasks/main.yml", "tasks/stage.yml", "tasks/rollback.yml", "handlers/main.yml",
                  "templates/gateway.toml.j2", "files/sixgate_host.py"):
         assert (out / "roles" / "sixgate" / name).is_file(), name
     with tarfile.open(out / "bundle.tar") as archive:
         names = archive.getnames()
         helper = archive.getmember("bin/sixgate-host")
-    marker = f".bundle-{site[0]['vars']['sixgate_bundle_id']}"
+    marker = f".bundle-{site['vars']['sixgate_bundle_id']}"
     assert sorted(names) == [marker, "bin/sixgate-host",
                              "wheelhouse/sixgate-0.1.0-py3-none-any.whl"]
     assert helper.mode == 0o755

@@ -26,6 +26,9 @@ DOCUMENTATION = """
       - Writes the "sixgate report" results as JSON to $SIXGATE_DEPLOY_REPORT when set.
 """
 
+# The name of site.yml's first play ends so (deploy/emit.py STAGED_PLAY).
+STAGED_PLAY = "staged on every host"
+
 # (task name prefix, said when changed, said when ok, said when it would change in check mode);
 # {stdout} is the task's own words.
 STEPS: tuple[tuple[str, str, str, str], ...] = (
@@ -75,6 +78,10 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
     # -- plays and batches
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
+        if play.get_name().endswith(STAGED_PLAY):
+            self.say("stage: the release installed on every host before the first batch",
+                     "bright blue")
+            return
         self.batch += 1
 
     def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
