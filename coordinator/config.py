@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)
                             if f.default is not MISSING}
 TIMEOUT_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Timeouts)}
 DEFAULT_METRICS_LISTEN = DEFAULTS["metrics_listen"]  # 9641: free in Prometheus' allocations
+DEFAULT_POOL = "100.64.0.0/16"  # RFC 6598 shared address space
 
 # A check of one value: (ctx, table, key, value) -> the parsed value, or raise ctx.error(...).
 Check = Callable[["_Ctx", str, str, Any], Any]
@@ -184,7 +185,7 @@ SCHEMA: tuple[Key, ...] = (
     _gateway("workers", "integer 1-64", "worker processes", _ranged_int(1, 64),
              default_text="number of CPUs", default_factory=lambda: os.cpu_count() or 1),
     _gateway("pool", "IPv4 prefix", "addresses the services see clients as, one per IPv6 "
-             "client (RFC 6598 space by default)", None, default="100.64.0.0/16"),
+             "client (RFC 6598 space by default)", None, default=DEFAULT_POOL),
     _gateway("run_dir", "absolute path", "control socket and pidfiles (mode 0700, the "
              "gateway user's)", lambda *a: _run_dir(*a), default="/run/sixgate"),
     _gateway("name", "1-10 of a-z0-9", "TUN devices are NAME0 .. NAME(N-1)",
@@ -338,6 +339,11 @@ SCHEMA: tuple[Key, ...] = (
         "with RFC 8326's GRACEFUL_SHUTDOWN community while it drains; "
         "BIRD withdraws them when sixgate stops or crashes (README \"A fleet behind ECMP\")",
         default_text="required"),
+    Key("cluster", "announce_pool", "boolean", "announce this node's share of the addresses "
+        "services answer to as well: [gateway] pool (the sources of its forwards) and each "
+        "[[nat64.pool4]] address, so a service behind the routers answers the node that "
+        "owns the address; each node then needs a pool (and pool4) of its own",
+        lambda *a: _bool(*a), False),
     Key("cluster", "local_as", "AS number", "this node's BGP AS", default_text="required"),
     Key("cluster", "peer_as", "AS number", "the routers' AS", default_text="required"),
     Key("cluster", "neighbors", "list of addresses", "the routers BIRD peers with (IPv4 "
@@ -993,6 +999,10 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     if "cluster" in doc:
         broker_values.update(_parse_cluster(ctx, doc["cluster"]))
     lan_values = _parse_lan(ctx, doc["lan"], tunnel_values, values) if "lan" in doc else {}
+    if broker_values.get("cluster_announce_pool"):
+        broker_values["cluster_announce"] = _pool_announced(
+            broker_values["cluster_announce"], tunnel_values["mode"], pool,
+            nat64_values.get("nat64_pool4", ()))
     return Settings(
         **tunnel_values, **nat64_values, **broker_values, **lan_values, pool=str(pool),
         forwards=forwards,
@@ -1076,6 +1086,15 @@ def _parse_lan(ctx: _Ctx, lan: dict[str, Any], tunnel: dict[str, Any],
             "lan_rdnss": tuple(servers), "lan_allow": tuple(holes)}
 
 
+def _pool_announced(announce: tuple[str, ...], mode: str, pool: ipaddress.IPv4Network,
+                    pool4: tuple[tuple[str, str, int, int], ...]) -> tuple[str, ...]:
+    """``announce`` with the node's pool (a tunnel's forwards' sources) and its pool4
+    addresses, each once, after what it names itself. Pure."""
+    extra = [] if mode == "nat64" else [str(pool)]
+    extra += [f"{address}/32" for address, *_ in pool4]
+    return tuple(dict.fromkeys([*announce, *extra]))
+
+
 def _parse_cluster(ctx: _Ctx, cluster: dict[str, Any]) -> dict[str, Any]:
     """[cluster] (issue 20, coordinator/cluster.py): the node's BGP announcements."""
     for key in ("announce", "local_as", "peer_as", "neighbors", "router_id"):
@@ -1111,15 +1130,16 @@ def _parse_cluster(ctx: _Ctx, cluster: dict[str, Any]) -> dict[str, Any]:
             raise ctx.error("cluster", "neighbors", f"{value!r} is not an IPv4 or IPv6 "
                             "address") from None
     # A BGP session carries the prefixes of its own address family (one session per family
-    # and router, as routers are usually peered).
+    # and router, as routers are usually peered); the pool and pool4 are IPv4.
+    families = {p.version for p in prefixes} | ({4} if values["announce_pool"] else set())
     for version, name in ((4, "IPv4"), (6, "IPv6")):
-        if any(p.version == version for p in prefixes) and not any(
-                n.version == version for n in peers):
+        if version in families and not any(n.version == version for n in peers):
             raise ctx.error("cluster", "announce", f"announces {name} prefixes but no "
                             f"neighbor has an {name} address: add the routers' {name} "
                             "addresses to neighbors (a session per address family)")
     router_id = _ipv4(ctx, "cluster", "router_id", cluster["router_id"])
     return {"cluster_announce": tuple(str(p) for p in prefixes),
+            "cluster_announce_pool": values["announce_pool"],  # added: ``_pool_announced``
             "cluster_neighbors": tuple(str(n) for n in peers),
             "cluster_router_id": router_id,
             **{f"cluster_{key}": _int(ctx, "cluster", key, cluster[key], 1, 4294967294)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from sixgate.coordinator.config import ConfigError
+from sixgate.coordinator.config import DEFAULT_POOL, ConfigError
 from sixgate.deploy.source import KeyPath, TomlSource, load_toml, reject_unknown, table_at
 
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -284,6 +284,8 @@ VARIABLES: dict[str, Variable] = {
     # cluster_announce is set; each node its own router_id
     "cluster_announce": Variable(_string_list, None, "cluster.announce: the prefixes this "
                                  "node announces over BGP while ready"),
+    "cluster_announce_pool": Variable(_bool, None, "cluster.announce_pool: announce the "
+                                      "node's pool and pool4 too (each node a pool of its own)"),
     "cluster_local_as": Variable(_int_range(1, 4294967294), None, "cluster.local_as"),
     "cluster_peer_as": Variable(_int_range(1, 4294967294), None, "cluster.peer_as"),
     "cluster_neighbors": Variable(_string_list, None, "cluster.neighbors: the routers"),
@@ -393,6 +395,7 @@ def load_inventory(path: str) -> Inventory:
     hosts = [_effective(source, name, defaults, groups, group_vars, host_vars[name], rule_sets)
              for name in host_vars]
     _check_unique(source, hosts)
+    _check_pools(source, hosts)
     return Inventory(source, tuple(hosts), {g: tuple(m) for g, m in groups.items()})
 
 
@@ -479,6 +482,26 @@ def _anycast(host: Host) -> bool:
     """The host's tunnel address is an anycast one: it announces it as a [cluster] node."""
     local = host.vars["local_ipv4"]
     return local is not None and f"{local}/32" in (host.vars["cluster_announce"] or ())
+
+
+def _check_pools(source: TomlSource, hosts: list[Host]) -> None:
+    """[cluster] nodes that announce their pool (cluster_announce_pool) need pools of their
+    own: the services' replies to a pool address route to the node that announces it."""
+    owners: list[tuple[ipaddress.IPv4Network, str]] = []
+    for host in hosts:
+        if not host.vars["cluster_announce_pool"] or host.vars["mode"] == "nat64":
+            continue
+        try:
+            pool = ipaddress.IPv4Network(host.vars["pool"] or DEFAULT_POOL)
+        except ValueError:
+            continue  # the gateway config check names it
+        for other, name in owners:
+            if pool.overlaps(other):
+                raise source.error(host.origin.get("pool", host.origin["cluster_announce_pool"]),
+                                   f"host {host.name!r} announces its pool {pool}, which "
+                                   f"overlaps host {name!r}'s {other}: give each node a pool "
+                                   "of its own (pool = \"100.64.N.0/24\")")
+        owners.append((pool, host.name))
 
 
 def _check_unique(source: TomlSource, hosts: list[Host]) -> None:

@@ -672,3 +672,18 @@ def test_cluster_mistakes_name_the_key(old: str, new: str, key: str, advice: str
         parse_config(GOOD_6TO4 + CLUSTER.replace(old, new), "gw.toml")
     assert info.value.key == key and advice in info.value.message, str(info.value)
     assert info.value.line is not None
+
+
+def test_cluster_announce_pool_adds_the_nodes_pool_and_pool4() -> None:
+    """announce_pool: the node's share of the addresses services answer to (its pool, its
+    pool4 addresses) is announced after what announce names, each once."""
+    settings = parse_config(GOOD_6TO4.replace('"100.64.0.0/16"', '"100.64.1.0/24"') + CLUSTER
+                            .replace("router_id", "announce_pool = true\nrouter_id"), "gw.toml")
+    assert settings.cluster_announce == ("192.0.2.10/32", "100.64.1.0/24")
+    assert settings.cluster_announce_pool
+    import ipaddress
+
+    from sixgate.coordinator.config import _pool_announced
+    pool4 = (("203.0.113.5", "tcp", 61001, 65535), ("203.0.113.5", "udp", 61001, 65535))
+    assert _pool_announced(("64:ff9b::/96",), "nat64", ipaddress.IPv4Network("100.64.0.0/16"),
+                           pool4) == ("64:ff9b::/96", "203.0.113.5/32")

@@ -629,3 +629,26 @@ def test_cluster_nodes_share_the_anycast_address_they_announce(files: Path) -> N
     error = inventory_error(files, first.replace('local_ipv4 = "192.0.2.12"',
                                                  anycast + 'cluster_router_id = "198.51.100.6"'))
     assert error.key == "hosts.edge2.local_ipv4" and "same local_ipv4" in error.message, error
+
+
+def test_nodes_announcing_their_pool_need_pools_of_their_own(files: Path) -> None:
+    """cluster_announce_pool: the services' replies to a pool address go to the node that
+    announces it, so two such nodes with overlapping pools (both the default, here) are
+    refused before any host is touched; pools of their own render and load."""
+    anycast = ('local_ipv4 = "192.0.2.10"\ncluster_announce = ["192.0.2.10/32"]\n'
+               'cluster_announce_pool = true\ncluster_local_as = 65001\n'
+               'cluster_peer_as = 65000\ncluster_neighbors = ["198.51.100.1"]\n')
+    text = (INVENTORY.replace('local_ipv4 = "192.0.2.11"',
+                              anycast + 'cluster_router_id = "198.51.100.2"')
+            .replace('local_ipv4 = "192.0.2.12"', anycast + 'cluster_router_id = "198.51.100.6"'))
+    error = inventory_error(files, text)
+    assert error.key == "hosts.edge2.cluster_announce_pool", error
+    assert "overlaps host 'edge1'" in error.message and "pool of its own" in error.message
+    own = (text.replace('cluster_router_id = "198.51.100.2"',
+                        'cluster_router_id = "198.51.100.2"\npool = "100.64.1.0/24"')
+           .replace('cluster_router_id = "198.51.100.6"',
+                    'cluster_router_id = "198.51.100.6"\npool = "100.64.2.0/24"'))
+    inventory = load_inventory(write(files, "inventory.toml", own))
+    assert [parse_config(render_gateway_config(host)).cluster_announce
+            for host in inventory.hosts] == [("192.0.2.10/32", "100.64.1.0/24"),
+                                             ("192.0.2.10/32", "100.64.2.0/24")]

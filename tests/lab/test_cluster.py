@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -50,6 +51,10 @@ NODES = ("n1", "n2", "n3")
 SITES = 16  # P(a node gets no site) = 3 * (2/3)^16, about 1 in 2000
 HOLD_TIME_S = 3
 GROUP_ID = 100  # the router's resilient next-hop group
+# A service behind the router (in its namespace), forwarded to by every node: its answers to a
+# node's pool address reach that node by the pool route the node announces (announce_pool).
+REMOTE_SERVICE = "203.0.113.1:8081"
+REMOTE_PORT = 81
 # An IPv6 prefix every node announces too, as a fleet of NAT64s announces its prefix: over a
 # session of its own per node (IPv6 link addresses), next to the IPv4 one.
 ANYCAST_PREFIX6 = "2001:db8:64::/96"
@@ -95,6 +100,11 @@ protocol bgp {node}_6 {{
 """ for n, node in enumerate(NODES, 1))
 
 
+def node_pool(number: int) -> str:
+    """Node ``number``'s own pool (announced: a service behind the router answers it there)."""
+    return f"100.64.{number}.0/24"
+
+
 def install_root(tmp: Path, node: str) -> Path:
     """Where ``sixgate deploy`` installs on ``node`` (the rollout test): the lab's gateway
     and BIRD use the paths a deployed one would, so a rollout takes them over."""
@@ -120,9 +130,11 @@ relay_ipv4 = "192.88.99.1"
 workers = 1
 run_dir = "{run_dir(tmp, node)}"
 name = "sgc{number}"
+pool = "{node_pool(number)}"
 
 [cluster]
 announce = ["{ANYCAST_IPV4}/32", "{ANYCAST_PREFIX6}"]
+announce_pool = true
 local_as = {NODE_AS}
 peer_as = {ROUTER_AS}
 neighbors = ["{link_addresses(number)[0]}", "{link_addresses6(number)[0]}"]
@@ -136,6 +148,11 @@ drain_timeout_s = 20
 proto = "tcp"
 port = 80
 to = "127.0.0.1:8080"
+
+[[forward]]
+proto = "tcp"
+port = {REMOTE_PORT}
+to = "{REMOTE_SERVICE}"
 """
 
 
@@ -230,6 +247,15 @@ class Fleet:
         for i in range(SITES):
             self.ip(self.clients, "addr", "add", f"{site_ipv4(i)}/24", "dev", "eth0")
         self.ip(self.clients, "route", "add", "192.0.2.0/24", "via", "203.0.113.1")
+        # The nodes' pools, learnt over BGP into table 100, are routed by it.
+        self.ip(self.router, "rule", "add", "to", "100.64.0.0/16", "lookup", "100",
+                "priority", "100")
+        remote = self.tmp / "remote"
+        remote.mkdir()
+        (remote / "remote.txt").write_text("behind the router")
+        address, port = REMOTE_SERVICE.split(":")
+        self.spawn("http-remote", self.router, netlab.http_server_argv(address, int(port),
+                                                                       remote))
         (self.tmp / "router.conf").write_text(ROUTER_BIRD)
         self.bird("router", self.router, self.tmp / "router.conf")
         # BIRD's multipath route (table 100) mirrored into a resilient next-hop group.
@@ -376,8 +402,8 @@ def test_the_nodes_bird_config_is_what_bird_accepts(fleet: Fleet) -> None:
     check = fleet.exec_in(fleet.nodes["n1"], [*netlab.sixgate_command(), "check", "--config",
                                               str(fleet.config("n1"))])
     assert check.returncode == 0, check.stderr
-    assert (f"cluster       BIRD announces {ANYCAST_IPV4}/32, {ANYCAST_PREFIX6} through sgc1bgp "
-            "while this node is ready") in check.stdout, check.stdout
+    assert (f"cluster       BIRD announces {ANYCAST_IPV4}/32, {ANYCAST_PREFIX6}, {node_pool(1)} "
+            "through sgc1bgp while this node is ready") in check.stdout, check.stdout
 
 
 def test_every_node_carries_traffic(fleet: Fleet) -> None:
@@ -395,6 +421,31 @@ def test_every_node_carries_traffic(fleet: Fleet) -> None:
         body = fleet.exec_in(namespace, ["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
         assert f'sixgate_cluster_announced{{prefix="{ANYCAST_IPV4}/32"}} 1.0' in body, node
         assert f'sixgate_cluster_announced{{prefix="{ANYCAST_PREFIX6}"}} 1.0' in body, node
+
+
+def test_a_service_behind_the_router_answers_the_node_that_owns_the_pool_address(
+        fleet: Fleet) -> None:
+    """announce_pool: each node announces its own pool; every site's request to the service
+    behind the router (forwarded by whichever node the site reaches) is answered back to
+    that node: the service saw each node's pool addresses, and the router has a route to
+    each pool through its node."""
+    served = fleet.served_by()
+    for site in range(SITES):
+        done = fleet.exec_in(fleet.clients, [
+            "curl", "-6", "-g", "-sS", "--max-time", "5", "--interface", site_ipv6(site),
+            f"http://[{ANYCAST_IPV6}]:{REMOTE_PORT}/remote.txt"], timeout=10)
+        assert done.stdout == "behind the router", (site, done.stderr, fleet.diagnostics())
+    seen = {line.split()[0] for line in (fleet.tmp / "http-remote.err").read_text().splitlines()
+            if "GET /remote.txt" in line}
+    pools = {node: node_pool(NODES.index(node) + 1) for node in NODES}
+    assert {node for node in NODES for address in seen
+            if ipaddress.IPv4Address(address) in ipaddress.IPv4Network(pools[node])} == set(
+        served.values()), (seen, served)
+    routes = netlab.run(["ip", "-n", fleet.router, "route", "show", "table", "100"]).stdout
+    for number in range(1, len(NODES) + 1):
+        assert re.search(rf"^{re.escape(node_pool(number))} via "
+                         rf"{re.escape(link_addresses(number)[1])}\b", routes,
+                         re.MULTILINE), routes
 
 
 # A steady download: a small receive buffer read at a fixed pace, so the client's window
@@ -586,15 +637,17 @@ def deploy_inventory(fleet: Fleet, key: Path, known_hosts: Path) -> str:
         f'mode = "6to4"\nlocal_ipv4 = "{ANYCAST_IPV4}"\nrelay_ipv4 = "192.88.99.1"\n'
         'workers = 1\nrules = ["web"]\n'
         f'cluster_announce = ["{ANYCAST_IPV4}/32", "{ANYCAST_PREFIX6}"]\n'
+        "cluster_announce_pool = true\n"
         f"cluster_local_as = {NODE_AS}\ncluster_peer_as = {ROUTER_AS}\n"
         f"cluster_hold_time_s = {HOLD_TIME_S}\ncluster_withdraw_after_s = 10\n"
         "cluster_drain_quiet_s = 2\ncluster_drain_timeout_s = 20\n"
-        '\n[rules.web]\nforward = [{ proto = "tcp", port = 80, to = "127.0.0.1:8080" }]\n')
+        '\n[rules.web]\nforward = [{ proto = "tcp", port = 80, to = "127.0.0.1:8080" }, '
+        f'{{ proto = "tcp", port = {REMOTE_PORT}, to = "{REMOTE_SERVICE}" }}]\n')
     for number, node in enumerate(NODES, 1):
         text += (f"\n[hosts.{node}]\n"
                  f'ssh = "{link_addresses(number)[1]}"\n'
                  f'install_root = "{install_root(fleet.tmp, node)}"\n'
-                 f'gateway_name = "sgc{number}"\n'
+                 f'gateway_name = "sgc{number}"\npool = "{node_pool(number)}"\n'
                  f'cluster_neighbors = ["{link_addresses(number)[0]}", '
                  f'"{link_addresses6(number)[0]}"]\n'
                  f'cluster_router_id = "{link_addresses(number)[1]}"\n'

@@ -211,6 +211,9 @@ class Settings:
     cluster_withdraw_after_s: float = 3.0
     cluster_drain_timeout_s: float = 60.0
     cluster_drain_quiet_s: float = 2.0
+    # [cluster] announce_pool: the node's pool and pool4 addresses were added to cluster_announce
+    # (services' replies route to the node that owns the address).
+    cluster_announce_pool: bool = False
 
     def all_tunnels(self) -> list[TunnelEntry]:
         """Every tunnel, the first (Settings' own fields) first; none in NAT64/CLAT mode."""
