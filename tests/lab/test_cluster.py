@@ -617,7 +617,8 @@ def test_a_node_that_freezes_whole_is_dropped_within_the_hold_time(fleet: Fleet)
     lost = [i for i, served in after.items() if not served]
     print(f"\ncluster: {node} frozen whole: dropped after {failover_s:.1f} s (hold time "
           f"{HOLD_TIME_S} s); connections lost after it: {len(lost)} of {SITES}")
-    assert failover_s <= HOLD_TIME_S + 1.5
+    # The hold time dropped it (3 s), nothing slower; room for a loaded machine's polling.
+    assert failover_s <= HOLD_TIME_S + 3
     assert not lost and node not in after.values(), after
     stayed = {i: served_by for i, served_by in served.items() if served_by != node}
     assert {i: after[i] for i in stayed} == stayed, (served, after)
