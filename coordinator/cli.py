@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -367,16 +368,58 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"sixgate: bad config: {exc}", file=sys.stderr)
         run_dir = _run_dir_of(text)
     try:
+        if args.or_take_over:
+            from sixgate.coordinator.service_manager import installation
+            running = query_gateway(run_dir, "ping").get("installation")
+            if running != installation():
+                # Another installation runs (an older one has no answer): an upgrade.
+                return _take_over(args.config, run_dir, f"the running gateway is "
+                                  f"{running or 'an older sixgate'}, this is {installation()}")
         reply = query_gateway(run_dir, "reload", config=os.path.abspath(args.config),
                               text=text)
     except RuntimeError as exc:
         print(f"sixgate reload: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     if not reply.get("ok"):
+        if args.or_take_over and reply.get("restart_needed"):
+            return _take_over(args.config, run_dir, str(reply.get("error")))
         print(f"sixgate reload: refused: {reply.get('error')}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"sixgate reload: {reply.get('message')}")
     return EXIT_OK
+
+
+TAKE_OVER_DEADLINE_S = 140.0  # its workers' load and the old run's stop (the unit allows 150)
+
+
+def _take_over(config: str, run_dir: str, why: str) -> int:
+    """``reload --or-take-over``: this installation's ``sixgate run --take-over`` in the
+    background (its own session; its output is this command's: the unit's log), waited for
+    until it serves in place of the running gateway (it answers from the run directory) or
+    exits (the running gateway then runs on, unless the new run got as far as stopping it)."""
+    _load(config)  # a bad file is refused here, before anything starts
+    script = Path(sys.argv[0])
+    argv = ([str(script)] if script.is_absolute() and script.is_file()
+            else [sys.executable, "-m", "sixgate.coordinator.cli"])
+    print(f"sixgate reload: taking over ({why})", flush=True)
+    child = subprocess.Popen([*argv, "run", "--take-over", "--config", config],
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + TAKE_OVER_DEADLINE_S
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            print(f"sixgate reload: the take-over failed: `sixgate run --take-over` exited "
+                  f"{child.returncode} (its log says why)", file=sys.stderr)
+            return EXIT_RUNTIME
+        try:
+            if query_gateway(run_dir, "ping", timeout_ms=500).get("pid") == child.pid:
+                print(f"sixgate reload: taken over by pid {child.pid}")
+                return EXIT_OK
+        except RuntimeError:
+            pass  # between the two runs: nobody answers for a moment
+        time.sleep(0.05)
+    print(f"sixgate reload: pid {child.pid} did not take over within "
+          f"{TAKE_OVER_DEADLINE_S:.0f} s; it runs on (see its log)", file=sys.stderr)
+    return EXIT_RUNTIME
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -580,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="re-read the config into the running gateway (as "
                        "SIGHUP does): rules, limits, timeouts, log level, metrics address")
     p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--or-take-over", action="store_true",
+                   help="when the running gateway is another installation of sixgate (an "
+                   "upgrade) or the change needs a restart, this installation takes over "
+                   "from it instead (sixgate run --take-over, in the background); returns "
+                   "once it has. The systemd unit's ExecReload")
     p.set_defaults(func=cmd_reload)
     p = sub.add_parser("drain", help="[cluster]: withdraw this node's BGP announcements, "
                        "then stop once its traffic has ended")

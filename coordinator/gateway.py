@@ -37,7 +37,15 @@ from typing import Any
 import zmq
 from pyroute2 import NetlinkError
 
-from sixgate.coordinator import clat, cluster, forwarding, kernel_backend, lan, uplink
+from sixgate.coordinator import (
+    clat,
+    cluster,
+    forwarding,
+    kernel_backend,
+    lan,
+    service_manager,
+    uplink,
+)
 from sixgate.coordinator import reload as reloading
 from sixgate.coordinator.broker import RESULTS as BROKER_RESULTS
 from sixgate.coordinator.broker import Broker, KeyFileError, broker_of, retry_after, update
@@ -83,6 +91,8 @@ RECV_BUDGET = 256  # packets read per wakeup before batches are sent
 # worker that dies instead is noticed at once.
 WORKER_READY_TIMEOUT_S = 60.0
 RETIRE_POLL_S = 0.05  # a retiring run looks this often at its signals and relays
+# A refused reload that a new run (a restart, a take-over) would apply ends with this.
+RESTART_NEEDED = "restart needed (the running config stays)"
 TAKE_OVER_WAIT_S = 30.0  # ``sixgate run --take-over``: how long the old gateway may take to stop
 CONTROL_TIMEOUT_MS = 4000
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -382,9 +392,13 @@ class Coordinator:
         kernel = self.settings.backend == "kernel"
         log.info("take-over: this run's %d worker(s) are ready; %s pid %d",
                  len(self.workers), "retiring" if kernel else "stopping", old)
+        # Under systemd this run becomes the unit's main process before the old one ends:
+        # otherwise its end would stop the unit, this run included (service_manager).
+        service_manager.notify(f"MAINPID={os.getpid()}", f"STATUS=taking over from pid {old}")
         os.kill(old, signal.SIGUSR2 if kernel else signal.SIGTERM)
         while running_coordinator(self.settings) == old if kernel else _pid_is_ours(old):
             if time.monotonic() - started > TAKE_OVER_WAIT_S:
+                service_manager.notify(f"MAINPID={old}", "STATUS=the take-over failed")
                 raise RuntimeError(f"take-over: pid {old} did not stop within "
                                    f"{TAKE_OVER_WAIT_S:.0f} s; stop it, then start again")
             time.sleep(0.005)
@@ -1263,7 +1277,7 @@ class Coordinator:
         blocked = reloading.restart_needed(running, new)
         if blocked:
             return False, (f"{path}: {', '.join(blocked)} cannot change while sixgate runs: "
-                           "restart needed (the running config stays)")
+                           f"{RESTART_NEEDED}")
         what = reloading.changed(running, new)
         if not what:
             return True, f"{path}: nothing changed"
@@ -1273,7 +1287,7 @@ class Coordinator:
             if privileged:
                 return False, (f"{path}: new forward port(s) {', '.join(privileged)} are below "
                                "net.ipv4.ip_unprivileged_port_start, which the unprivileged "
-                               "relays cannot open: restart needed (the running config stays)")
+                               f"relays cannot open: {RESTART_NEEDED}")
             try:
                 kernel_backend.update_input_policy(new, self.sit_link or "")
             except kernel_backend.KernelBackendError as exc:
@@ -1338,10 +1352,10 @@ class Coordinator:
             path, text = fields.get("config"), fields.get("text")
             done, message = self.reload(path if isinstance(path, str) and path else None,
                                         text if isinstance(text, str) else None)
-            self.control.send_json(control.ok(message=message) if done
-                                   else control.error(message))
+            self.control.send_json(control.ok(message=message) if done else control.error(
+                message, restart_needed=message.endswith(RESTART_NEEDED)))
         elif cmd == "ping":
-            self.control.send_json(control.ok())
+            self.control.send_json(control.ok(installation=service_manager.installation()))
         elif cmd == "drain":
             if self.anchor is None:
                 self.control.send_json(control.error(
@@ -1391,7 +1405,10 @@ def run_gateway(settings: Settings, take_over: bool = False) -> int:
         if take_over:
             coordinator.take_over()
         coordinator.start()
+        service_manager.notify("READY=1", f"MAINPID={os.getpid()}",
+                               f"STATUS=serving with {settings.workers} worker(s)")
         coordinator.run()
+        service_manager.notify("STOPPING=1")
         if coordinator.retiring:
             coordinator.retire()
     except (OSError, RuntimeError, RunDirBusy, zmq.ZMQError, NetlinkError) as exc:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iproute2 iputils-ping dnsutils dnsmasq-base curl nftables procps python3-venv python3-dev gcc libc6-dev
               qemu-system-x86 busybox-static prometheus openssh-server openssh-client
-              unbound tnat64 tayga radvd bird2)
+              unbound tnat64 tayga radvd bird2 systemd util-linux)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

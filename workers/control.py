@@ -83,8 +83,8 @@ def ok(**fields: Any) -> dict[str, Any]:
     return {"v": CONTROL_VERSION, "ok": True, "pid": os.getpid(), **fields}
 
 
-def error(message: str) -> dict[str, Any]:
-    return {"v": CONTROL_VERSION, "ok": False, "error": message}
+def error(message: str, **fields: Any) -> dict[str, Any]:
+    return {"v": CONTROL_VERSION, "ok": False, "error": message, **fields}
 
 
 def ask(ctx: zmq.Context[Any], endpoints: list[str], req: dict[str, Any],
