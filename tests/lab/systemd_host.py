@@ -12,6 +12,7 @@ makes that directory its root), removed at ``close`` with every process in them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -93,6 +94,7 @@ class SystemdHost:
         boot = self.directory / "boot.sh"
         boot.write_text(BOOT % {"systemd": SYSTEMD})
         boot.chmod(0o755)
+        sweep_leftovers()
         for cgroup in self.cgroups:
             cgroup.mkdir()
         # The launcher enters this host's cgroups first: unshare --cgroup makes them the root.
@@ -162,16 +164,31 @@ class SystemdHost:
                 self.launcher.kill()
                 self.launcher.wait()
         for cgroup in self.cgroups:
-            deadline = time.monotonic() + 10
-            while cgroup.exists():
-                for directory in sorted((p for p in cgroup.rglob("*") if p.is_dir()),
-                                        key=lambda p: len(p.parts), reverse=True) + [cgroup]:
-                    try:
-                        directory.rmdir()
-                    except OSError:
-                        pass  # processes still leaving it
-                if cgroup.exists():
-                    if time.monotonic() > deadline:
-                        raise netlab.LabError(f"cannot remove {cgroup}: processes "
-                                              f"{(cgroup / 'cgroup.procs').read_text()!r}")
-                    time.sleep(0.05)
+            remove_cgroup(cgroup)
+
+
+def remove_cgroup(cgroup: Path, timeout: float = 10) -> None:
+    """``cgroup`` and the ones under it, deepest first, once their processes have left."""
+    deadline = time.monotonic() + timeout
+    while cgroup.exists():
+        for directory in sorted((p for p in cgroup.rglob("*") if p.is_dir()),
+                                key=lambda p: len(p.parts), reverse=True) + [cgroup]:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass  # processes still leaving it
+        if cgroup.exists():
+            if time.monotonic() > deadline:
+                raise netlab.LabError(f"cannot remove {cgroup}: processes "
+                                      f"{(cgroup / 'cgroup.procs').read_text()!r}")
+            time.sleep(0.05)
+
+
+def sweep_leftovers() -> None:
+    """The cgroups of a lab host whose test run was killed (its namespace is gone)."""
+    live = set(netlab.list_namespaces())
+    for hierarchy in hierarchies():
+        for cgroup in hierarchy.glob("sixgate-lab-*"):
+            if cgroup.name.removeprefix("sixgate-lab-") not in live:
+                with contextlib.suppress(netlab.LabError):
+                    remove_cgroup(cgroup, timeout=1)
