@@ -16,6 +16,7 @@ ours).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -329,6 +330,9 @@ class Coordinator:
         self.retire_stop = threading.Event()
         self.retiree: int | None = None  # the retiring run this one took over from
         self.retired = False
+        # Readable once a signal came (``run_gateway``'s wakeup fd): the loop ends at once on
+        # SIGTERM instead of at its next timeout (a stop is a take-over's outage).
+        self.wake_fd = -1
 
     # --- what /metrics reads (coordinator/metrics.py Gateway) -----------------------------------
 
@@ -396,7 +400,9 @@ class Coordinator:
         # otherwise its end would stop the unit, this run included (service_manager).
         service_manager.notify(f"MAINPID={os.getpid()}", f"STATUS=taking over from pid {old}")
         os.kill(old, signal.SIGUSR2 if kernel else signal.SIGTERM)
-        while running_coordinator(self.settings) == old if kernel else _pid_is_ours(old):
+        # Its pidfile goes last at its stop (after the handover and the teardown) or first
+        # at its retirement: this run may start then, not only once its process has ended.
+        while running_coordinator(self.settings) == old:
             if time.monotonic() - started > TAKE_OVER_WAIT_S:
                 service_manager.notify(f"MAINPID={old}", "STATUS=the take-over failed")
                 raise RuntimeError(f"take-over: pid {old} did not stop within "
@@ -678,6 +684,9 @@ class Coordinator:
         """Stop a worker and start it again at once on the current settings, with its shard
         (a planned restart: not counted as a crash)."""
         proc = worker.proc
+        copy = self.shard_copy
+        if copy is not None:
+            copy.ended.discard(worker.index)
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
@@ -685,7 +694,11 @@ class Coordinator:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        time.sleep(JOURNAL_DRAIN_MS / 1000)  # its last journal message reaches the copy
+        # Its last journal message reaches the copy (the journal thread applies it).
+        deadline = time.monotonic() + JOURNAL_DRAIN_MS / 1000
+        while copy is not None and worker.index not in copy.ended \
+                and time.monotonic() < deadline:
+            time.sleep(0.002)
         worker.next_start = 0.0
         self._hand_shard(worker.index)
         self._spawn(worker)
@@ -1068,6 +1081,8 @@ class Coordinator:
         sock_fd = self.capture.fileno() if self.capture is not None else -1
         if self.capture is not None:
             poller.register(sock_fd, zmq.POLLIN)
+            if self.wake_fd >= 0:
+                poller.register(self.wake_fd, zmq.POLLIN)
         # The control socket has a thread of its own: a `sixgate flows` that waits for slow
         # workers must never hold up capture or the supervision of crashed workers.
         self.control_thread = threading.Thread(target=self._control_loop, name="control",
@@ -1100,7 +1115,14 @@ class Coordinator:
                 # Kernel fan-out or backend: nothing to poll here (the control socket has its
                 # own thread), and zmq_poll of no socket returns at once: sleep instead.
                 events = {}
-                time.sleep(wait_s)
+                if self.wake_fd >= 0:
+                    readable, _, _ = select.select([self.wake_fd], [], [], wait_s)
+                    events = dict.fromkeys(readable, zmq.POLLIN)
+                else:
+                    time.sleep(wait_s)
+            if self.wake_fd in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wake_fd, 4096)
             self.loop_seen = time.monotonic()
             if sock_fd in events:
                 self._capture()
@@ -1231,7 +1253,10 @@ class Coordinator:
         """At a stop: the workers' last journal messages, then every shard for the next run
         (a restart, an upgrade, a deploy) to resume."""
         assert self.journal is not None and self.shard_copy is not None
-        while self.journal.poll(JOURNAL_DRAIN_MS):
+        stopped = {worker.index for worker in self.workers if worker.proc is not None}
+        # A worker that stopped cleanly said so in its last message: once all have, what is
+        # queued is the rest. One that did not (killed) gets JOURNAL_DRAIN_MS of quiet.
+        while self.journal.poll(0 if stopped <= self.shard_copy.ended else JOURNAL_DRAIN_MS):
             self.shard_copy.apply(self.journal.recv())
         try:
             count = write_handover(self.settings.run_dir, self.shard_copy,
@@ -1396,6 +1421,8 @@ def run_gateway(settings: Settings, take_over: bool = False) -> int:
     def hangup(_signum: int, _frame: object) -> None:
         coordinator.reload_requested = True  # the main loop reloads (never in a handler)
 
+    coordinator.wake_fd, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, hangup)

@@ -48,11 +48,15 @@ def shard_path(run_dir: str, index: int) -> Path:
 
 
 def encode(index: int, records: list[Record], removed: list[Key],
-           held: Sequence[tuple[int, bytes, int]] = ()) -> bytes:
-    return json.dumps({"v": JOURNAL_VERSION, "worker": index, "records": records,
-                       "removed": [journal_key(key) for key in removed],
-                       "held": [[proto, address.hex(), port] for proto, address, port in held]},
-                      separators=(",", ":")).encode()
+           held: Sequence[tuple[int, bytes, int]] = (), last: bool = False) -> bytes:
+    """One journal message; ``last``: the worker is stopping and sends nothing after it (the
+    coordinator hands the sessions over once every stopped worker's last one is in)."""
+    doc = {"v": JOURNAL_VERSION, "worker": index, "records": records,
+           "removed": [journal_key(key) for key in removed],
+           "held": [[proto, address.hex(), port] for proto, address, port in held]}
+    if last:
+        doc["last"] = True
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 class ShardCopy:
@@ -66,6 +70,7 @@ class ShardCopy:
         self.hold_s = hold_s
         self.limit = limit_per_worker * COPY_SLACK
         self.refused = 0  # messages or records not applied (malformed, over the limit)
+        self.ended: set[int] = set()  # workers whose last message (at their stop) is in
 
     def apply(self, message: bytes) -> int | None:
         """Apply one journal message; the worker it came from, or None when refused."""
@@ -86,6 +91,8 @@ class ShardCopy:
                 shard.pop(tuple(key), None)
         self._put(index, records)
         self._hold(index, doc.get("held", []))
+        if doc.get("last") is True:
+            self.ended.add(index)
         return index
 
     def _hold(self, index: int, held: Any) -> None:

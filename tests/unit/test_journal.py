@@ -46,6 +46,18 @@ def test_messages_apply_in_order_and_garbage_is_refused() -> None:
     assert copy.apply(removed.encode()) == 1 and copy.sessions(1) == 0
 
 
+def test_a_stopping_workers_last_message_says_so() -> None:
+    """A worker's last message at its stop is marked (the coordinator hands the sessions
+    over once every stopped worker's is in, instead of waiting for a quiet socket)."""
+    copy = copy_with_one_session()
+    assert copy.ended == set()
+    assert copy.apply(encode(0, [], [], last=True)) == 0
+    assert copy.ended == {0} and copy.sessions(1) == 1
+    assert copy.apply(json.dumps({"v": 1, "worker": 1, "records": [], "removed": [],
+                                  "last": "yes"}).encode()) == 1
+    assert copy.ended == {0}  # only true marks it
+
+
 def test_the_copy_is_bounded() -> None:
     copy = ShardCopy(1, 1)  # twice the worker's flow limit at most
     records = [[6, "aa", port, "bb", 80] + RECORD[5:] for port in range(5)]
