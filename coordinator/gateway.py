@@ -790,8 +790,12 @@ class Coordinator:
             if anchor is None:
                 return
             now = time.monotonic()
-            replies = self.ask_workers("stats" if self.draining else "ping",
-                                       READY_WORKER_TIMEOUT_MS)
+            try:
+                replies = self.ask_workers("stats" if self.draining else "ping",
+                                           READY_WORKER_TIMEOUT_MS)
+            except Exception as exc:  # noqa: BLE001 - this thread must go on (a drain's end)
+                log.error("cluster: cannot ask the workers: %r", exc)
+                replies = [None] * len(self.workers)
             reason = readiness(self.settings, self.view(), replies)
             if reason is None or self.draining:
                 unready_since = None
@@ -804,7 +808,7 @@ class Coordinator:
             if state != anchor.state:
                 try:
                     anchor.set(state)
-                except OSError as exc:
+                except (OSError, NetlinkError) as exc:
                     log.error("cluster: cannot make the announcements %s: %s", state, exc)
                 else:
                     prefixes = ", ".join(self.settings.cluster_announce)
@@ -814,7 +818,7 @@ class Coordinator:
                                        "GRACEFUL_SHUTDOWN community (RFC 8326)",
                         cluster.WITHDRAWN: f"withdrew {prefixes} ({reason})"}[state])
             if self.draining:
-                total = sum(sum(n for key, n in r["counters"]["packets"].items()
+                total = sum(sum(n for key, n in r.get("counters", {}).get("packets", {}).items()
                                 if key.startswith("inbound/"))
                             for r in replies if r is not None)
                 if total != inbound:

@@ -782,7 +782,7 @@ def test_a_rolling_upgrade_by_deploy_apply_keeps_new_connections_succeeding(
             check=False, env=env)
         output = done.stdout + done.stderr
         print(output)  # shown by pytest when the test fails
-        assert done.returncode == 0, output
+        assert done.returncode == 0, output + fleet.diagnostics()
         netlab.wait_until(lambda: fleet.next_hops() == set(NODES), timeout=60,
                           what=lambda: f"every node back in the router's group: "
                                        f"{fleet.weights()}\n{output}")
