@@ -189,11 +189,14 @@ def plat_prefix(settings: Settings) -> tuple[str | None, str, str]:
     7050's DNS64 query."""
     if settings.clat_plat_prefix != "auto":
         return settings.clat_plat_prefix, "configured", "configured (plat_prefix)"
-    try:
-        uplink = uplink_of(settings.clat_ipv6_address)
-    except ClatError:
-        uplink = ""
     how = ""
+    try:
+        # Before the start picked it, an "auto" address lies on the IPv6 default route's
+        # interface: that is where the router advertisements come.
+        uplink = (uplink_of(settings.clat_ipv6_address) if settings.clat_ipv6_address != "auto"
+                  else default_uplink())
+    except ClatError as exc:
+        uplink, how = "", str(exc)  # no IPv6 here: said beside the DNS64's answer
     if uplink:
         prefix, how = discover_pref64(uplink)
         if prefix is not None:
@@ -236,6 +239,12 @@ def candidate_address(prefix64: ipaddress.IPv6Network, name: str, attempt: int) 
     the same address, so the NAT64's sessions survive a restart), another one per attempt."""
     seed = hashlib.sha256(f"sixgate-clat {name} {prefix64} {attempt}".encode()).digest()
     return str(prefix64[int.from_bytes(seed[:8], "big")])
+
+
+def default_uplink() -> str:
+    """The interface of this host's IPv6 default route; ClatError when there is none."""
+    with IPRoute() as ipr:
+        return _uplink_prefix(ipr)[1]
 
 
 def _uplink_prefix(ipr: IPRoute) -> tuple[int, str, ipaddress.IPv6Network]:

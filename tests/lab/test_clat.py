@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import netlab
 import pytest
@@ -188,6 +189,18 @@ class TestClatPref64:
         done = pref64_lab.peer(["ping", "-4", "-c", "1", "-W", "2", HTTP4], timeout=20)
         assert done.returncode == 0, done.stdout
 
+    def test_check_finds_the_pref64_before_an_auto_address_is_picked(
+            self, pref64_lab: ClatLab) -> None:
+        """``sixgate check`` with ``ipv6_address = "auto"`` (nothing picked yet) asks on the
+        IPv6 default route's interface, as the start does, and names the source."""
+        config = pref64_lab.tmp / "clat-auto.toml"
+        config.write_text(re.sub(r'ipv6_address = "[^"]*"', 'ipv6_address = "auto"',
+                                 pref64_lab.clat_config.read_text()))
+        done = pref64_lab.peer([*netlab.sixgate_command(), "check", "--config", str(config)],
+                               timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"PLAT prefix   {PREFIX}: found by RFC 8781" in done.stdout, done.stdout
+
     def test_a_new_pref64_is_followed_and_logged(self, pref64_lab: ClatLab) -> None:
         """Another prefix (one no NAT64 serves here): the CLAT writes to it at once, so IPv4
         stops working; the NAT64's prefix again, and it works again. Each change is logged
@@ -239,3 +252,22 @@ class TestClatRediscovery:
             "sixgate_clat_plat_prefix_changes_total 2.0"]
         assert clat_metric(lab, "sixgate_clat_plat_prefix_info") == [
             f'sixgate_clat_plat_prefix_info{{prefix="{PREFIX}",source="rfc7050"}} 1.0']
+
+
+def test_check_says_when_this_host_has_no_ipv6(tmp_path: Path) -> None:
+    """Without IPv6 connectivity ``sixgate check`` of a CLAT says so (and that no DNS64
+    answered), exit 1: in a namespace of its own with nothing but loopback."""
+    namespace = f"{netlab.NAME_PREFIX}{os.getpid()}x0-noip6"  # swept like a lab's
+    config = tmp_path / "clat.toml"
+    config.write_text(f'[gateway]\nname = "sgnoip6"\nrun_dir = "{tmp_path / "run"}"\n\n'
+                      '[clat]\nplat_prefix = "auto"\n')
+    netlab.run(["ip", "netns", "add", namespace])
+    try:
+        done = netlab.run(netlab.in_ns(namespace, [*netlab.sixgate_command(), "check",
+                                                   "--config", str(config)]), check=False,
+                          timeout=60)
+    finally:
+        netlab.delete_namespace(namespace)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "PLAT prefix   NONE: this host has no IPv6 default route" in done.stdout, done.stdout
+    assert "no DNS64 resolver answers here" in done.stdout, done.stdout
