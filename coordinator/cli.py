@@ -362,17 +362,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"sixgate reload: cannot read {args.config} ({exc.strerror})", file=sys.stderr)
         return EXIT_CONFIG
+    valid = True
     try:
         run_dir = load_config(args.config).run_dir
     except ConfigError as exc:
         print(f"sixgate: bad config: {exc}", file=sys.stderr)
         run_dir = _run_dir_of(text)
+        valid = False
     try:
         if args.or_take_over:
             from sixgate.coordinator.service_manager import installation
             running = query_gateway(run_dir, "ping").get("installation")
             if running != installation():
-                # Another installation runs (an older one has no answer): an upgrade.
+                # Another installation runs (an older one has no answer): an upgrade. A bad
+                # file (said above) starts nothing.
+                if not valid:
+                    return EXIT_CONFIG
                 return _take_over(args.config, run_dir, f"the running gateway is "
                                   f"{running or 'an older sixgate'}, this is {installation()}")
         reply = query_gateway(run_dir, "reload", config=os.path.abspath(args.config),
@@ -396,8 +401,8 @@ def _take_over(config: str, run_dir: str, why: str) -> int:
     """``reload --or-take-over``: this installation's ``sixgate run --take-over`` in the
     background (its own session; its output is this command's: the unit's log), waited for
     until it serves in place of the running gateway (it answers from the run directory) or
-    exits (the running gateway then runs on, unless the new run got as far as stopping it)."""
-    _load(config)  # a bad file is refused here, before anything starts
+    exits (the running gateway then runs on, unless the new run got as far as stopping it).
+    ``config`` parsed (by this command, or by the running gateway's refusal)."""
     script = Path(sys.argv[0])
     argv = ([str(script)] if script.is_absolute() and script.is_file()
             else [sys.executable, "-m", "sixgate.coordinator.cli"])
