@@ -91,6 +91,9 @@ FORWARD_TOML = (f'[[forward]]\nproto = "tcp"\nport = 80\nto = "127.0.0.1:{HTTP_P
                 f'[[forward]]\nproto = "udp"\nport = 53\nto = "127.0.0.1:{DNS_PORT}"\n')
 
 GATEWAY_READY_TIMEOUT_S = 60.0  # a coordinator and two workers each import pyroute2/zmq
+# A take-over is two starts in a row: its standby workers load beside the running gateway
+# (30 s here), then it sets up as a start does (CI's run of 2026-12-07 hit 60 s).
+TAKE_OVER_READY_TIMEOUT_S = 2.5 * GATEWAY_READY_TIMEOUT_S
 GATEWAY_STOP_TIMEOUT_S = 30.0
 WORKERS_GONE_TIMEOUT_S = 20.0
 
@@ -344,7 +347,8 @@ class KernelLab:
         self.runs.append(gateway)
         return gateway
 
-    def wait_gateway(self, gateway: GatewayRun) -> None:
+    def wait_gateway(self, gateway: GatewayRun,
+                     timeout: float = GATEWAY_READY_TIMEOUT_S) -> None:
         """Ready once ``sixgate flows --json`` exits 0; then note the workers' PIDs.
 
         Each ``sixgate flows`` costs seconds of imports here and gives up after 5 s without an
@@ -364,7 +368,7 @@ class KernelLab:
             exited()
             return self.sixgate("flows", "--json", timeout=30).returncode == 0
 
-        wait_until(logged_up, timeout=GATEWAY_READY_TIMEOUT_S,
+        wait_until(logged_up, timeout=timeout,
                    what=lambda: f"the gateway to log \"sixgate up:\"; its stderr:\n"
                                 f"{gateway.stderr}")
         wait_until(ready, timeout=GATEWAY_READY_TIMEOUT_S,

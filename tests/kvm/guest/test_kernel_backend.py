@@ -36,6 +36,7 @@ from kernelgw import (
     SIT,
     SIXRD_PREFIX,
     SIXRD_RELAY_PREFIX,
+    TAKE_OVER_READY_TIMEOUT_S,
     KernelLab,
     config_text,
     counter_total,
@@ -309,7 +310,7 @@ def _assert_a_take_over_keeps_the_link_and_the_relays_connections(lab: KernelLab
         assert any(b["client"] == client and b["state"] == "established"
                    for b in lab.flows()["bindings"]), "the held connection has no relay yet"
         second = lab.spawn_gateway("--take-over")
-        lab.wait_gateway(second)
+        lab.wait_gateway(second, TAKE_OVER_READY_TIMEOUT_S)
         assert "kept from the run this one takes over from" in second.stderr, second.stderr
         assert _link_index(lab) == index, "the sit link was made again"
         wait_until(lambda: first.stderr.count("retiring: listeners closed") == lab.workers,
