@@ -21,6 +21,7 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -118,7 +119,7 @@ class DeviceOut:
         self.index = index  # the worker's, for the log
 
     def write(self, packets: list[bytes]) -> int:
-        if self.ring is not None:
+        if self.ring is not None and len(packets) > 1:  # one packet: write(2) is cheaper
             try:
                 return self.ring.write(packets)
             except OSError as exc:
@@ -456,40 +457,47 @@ class Worker:
     # --- loop ---------------------------------------------------------------------------------
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.pull, zmq.POLLIN)
-        poller.register(self.control, zmq.POLLIN)
-        poller.register(self.tun_fd, zmq.POLLIN)
-        if self.wake_fd >= 0:
-            poller.register(self.wake_fd, zmq.POLLIN)
-        if self.tun6_fd >= 0:
-            poller.register(self.tun6_fd, zmq.POLLIN)
-        if self.clat_fd >= 0:
-            poller.register(self.clat_fd, zmq.POLLIN)
+        # select.poll over the devices and the ZeroMQ sockets' own descriptors (ZMQ_FD), not
+        # zmq_poll: that asks each ZeroMQ socket before and after every sleep, two system
+        # calls each time, and an idle worker's wakeup is a packet's latency (issue 21). A
+        # ZMQ_FD only signals that something changed, so its socket is asked (ZMQ_EVENTS)
+        # when it is ready and again after every message handled, until it has none left;
+        # the poll does not sleep while a socket may still hold one.
+        poller = select.poll()
         capture_fd = self.capture.fileno() if self.capture is not None else -1
-        if self.capture is not None:
-            poller.register(capture_fd, zmq.POLLIN)
+        for fd in (self.tun_fd, self.wake_fd, self.tun6_fd, self.clat_fd, capture_fd):
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
+        pull_fd = int(self.pull.getsockopt(zmq.FD))
+        control_fd = int(self.control.getsockopt(zmq.FD))
+        poller.register(pull_fd, select.POLLIN)
+        poller.register(control_fd, select.POLLIN)
+        pending = {pull_fd, control_fd}  # asked at the first turn
         next_tick = time.monotonic() + 1.0
         flows = self.datapath.flows
         while self.running:
             # A journal waiting to go out is sent within its interval even when all is quiet.
-            pending = flows.journal or flows.journal_removed
-            events = dict(poller.poll(timeout=int(FLUSH_INTERVAL_S * 1000) if pending else 500))
+            timeout = (0 if pending else int(FLUSH_INTERVAL_S * 1000)
+                       if flows.journal or flows.journal_removed else 500)
+            events = {fd for fd, _ in poller.poll(timeout)}
             now = time.monotonic()
             if self.wake_fd in events:  # a signal's byte: the loop's condition decides
                 os.read(self.wake_fd, 512)
-            if self.pull in events:
-                self._drain_pull(now)
+            if pull_fd in events or pull_fd in pending:
+                self._ask(self.pull, pull_fd, pending, self._drain_pull, now)
             if capture_fd in events:
                 self._drain_capture(now)
             if self.tun6_fd in events:
                 self._drain_tun6(now)
+                # What it wrote the kernel mostly answers at once (an echo, a local
+                # service): read now, not after another poll (issue 21: latency).
+                events.add(self.tun_fd)
             if self.tun_fd in events:
                 self._drain_tun(now)
             if self.clat_fd in events:
                 self._drain_clat(now)
-            if self.control in events:
-                self._answer_control(now)
+            if control_fd in events or control_fd in pending:
+                self._ask(self.control, control_fd, pending, self._answer_control, now)
             self._flush_journal(now)
             if now >= next_tick:
                 next_tick = now + 1.0
@@ -498,6 +506,17 @@ class Worker:
                     self.capture.tick(now)
                 self._log_limits(now)
         self._flush_journal(time.monotonic(), last=True)
+
+    @staticmethod
+    def _ask(sock: zmq.Socket[bytes], fd: int, pending: set[int],
+             handle: Callable[[float], None], now: float) -> None:
+        """``handle`` what ``sock`` holds; ``fd`` stays in ``pending`` (asked again at the
+        next turn, which does not sleep) until the socket says it has nothing."""
+        if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            handle(now)
+            pending.add(fd)
+        else:
+            pending.discard(fd)
 
     def _drain_pull(self, now: float) -> None:
         """Coordinator fan-out: batches of captured packets from the coordinator."""

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw, raw
 from support import helpers
 
@@ -59,7 +59,7 @@ def engines(flavour: str = "python", mode: str = "6to4",
 
 def mutate6(packet: bytes, mutation: str, proto: int) -> bytes:
     data = bytearray(packet)
-    csum_at = 40 + (16 if proto == PROTO_TCP else 6)
+    csum_at = 40 + {PROTO_TCP: 16, 17: 6, 58: 2}[proto]
     if mutation == "bad_checksum":
         data[csum_at] ^= 0x01
     elif mutation == "zero_checksum":
@@ -92,6 +92,9 @@ def client_packet(src: str, proto: str, sport: int, dport: int, flags: str, opti
     ip6 = IPv6(src=src, dst=dst, hlim=64, tc=0x28)
     if proto == "udp":
         return mutate6(raw(ip6 / UDP(sport=sport, dport=dport) / payload), mutation, 17)
+    if proto == "echo":  # NAT64's query sessions: the identifier is the port (RFC 6146 §3.5.3)
+        return mutate6(raw(ip6 / ICMPv6EchoRequest(id=sport, seq=size) / payload), mutation,
+                       58)
     opts = {"none": [], "timestamp": [("NOP", None), ("NOP", None), ("Timestamp", (1, 2))],
             "mss": [("MSS", 1460)]}[options]
     segment = TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=1, options=opts)
@@ -106,6 +109,8 @@ def reply_packet(request: bytes, flags: str, size: int, mutation: str) -> bytes:
              options=[b"\x01\x01\x01\x00"] if mutation == "ip_options" else [])
     if TCP in req:
         l4 = TCP(sport=req[TCP].dport, dport=req[TCP].sport, flags=flags, seq=5, ack=1)
+    elif ICMP in req:
+        l4 = ICMP(type=0, id=req[ICMP].id, seq=req[ICMP].seq)
     else:
         l4 = UDP(sport=req[UDP].dport, dport=req[UDP].sport)
     data = bytearray(raw(ip / l4 / payload))
@@ -186,7 +191,8 @@ def run_script(fast: Datapath, full: Datapath, script: list[tuple[str, object]],
             out_fast, out_full = fast.tick(now_of[0]), full.tick(now_of[0])
         # What the services got: translated requests, and ICMP Fragmentation Needed, which
         # is no request to answer.
-        requests.extend(p for p in out_full.to_services if p[9] in (6, 17))
+        requests.extend(p for p in out_full.to_services
+                        if p[9] in (6, 17) or p[9] == 1 and p[20] == 8)  # an echo request
         assert out_fast == out_full, kind
         assert state(fast) == state(full), kind
 
@@ -396,12 +402,23 @@ def test_a_packet_that_raises_is_counted_and_the_batch_goes_on(
 NAT64_SERVER = "198.51.100.53"
 NAT64_CLIENTS = ("2001:db8:100::10", "2001:db8:100:1::20")
 NAT64_SESSIONS = ((NAT64_CLIENTS[0], "udp", 40000, 53), (NAT64_CLIENTS[1], "udp", 40001, 53),
-                  (NAT64_CLIENTS[0], "tcp", 40000, 80), (NAT64_CLIENTS[1], "tcp", 40001, 22))
-nat64_steps = scripts(st.builds(
-    lambda session, flags, options, size, mutation: (*session, flags, options, size, mutation),
-    st.sampled_from(NAT64_SESSIONS), st.sampled_from(["S", "A", "PA", "PA", "PA", "FA", "R"]),
-    st.sampled_from(["none", "none", "timestamp", "mss"]), st.integers(0, 1400),
-    st.sampled_from(MUTATIONS)))
+                  (NAT64_CLIENTS[0], "tcp", 40000, 80), (NAT64_CLIENTS[1], "tcp", 40001, 22),
+                  (NAT64_CLIENTS[0], "echo", 7, 0), (NAT64_CLIENTS[1], "echo", 7, 0))
+
+
+def nat64_client_steps(sessions: tuple[tuple[str, str, int, int], ...]
+                       ) -> st.SearchStrategy[list[object]]:
+    return scripts(st.builds(
+        lambda session, flags, options, size, mutation: (*session, flags, options, size,
+                                                         mutation),
+        st.sampled_from(sessions), st.sampled_from(["S", "A", "PA", "PA", "PA", "FA", "R"]),
+        st.sampled_from(["none", "none", "timestamp", "mss"]), st.integers(0, 1400),
+        st.sampled_from(MUTATIONS)))
+
+
+nat64_steps = nat64_client_steps(NAT64_SESSIONS)
+# Echoes alone as well: among the others a script seldom repeats one session often enough.
+nat64_echo_steps = nat64_client_steps(NAT64_SESSIONS[4:])
 
 
 def nat64_engines(flavour: str) -> tuple[Datapath, Datapath]:
@@ -420,6 +437,19 @@ def nat64_engines(flavour: str) -> tuple[Datapath, Datapath]:
 def test_nat64_fast_path_gives_the_full_paths_bytes_counters_and_states(
         flavour: str, script: list[tuple[str, object]]) -> None:
     """The same comparison for a NAT64 on this host (``from_ipv6`` in, ``to_ipv6`` back)."""
+    nat64_comparison(flavour, script)
+
+
+@FLAVOURS
+@settings(max_examples=100)
+@given(nat64_echo_steps)
+def test_nat64_echo_fast_path_gives_the_full_paths_bytes_counters_and_states(
+        flavour: str, script: list[tuple[str, object]]) -> None:
+    """The same for echoes alone (RFC 6146 §3.5.3 query sessions)."""
+    nat64_comparison(flavour, script)
+
+
+def nat64_comparison(flavour: str, script: list[tuple[str, object]]) -> None:
     fast, full = nat64_engines(flavour)
 
     def client(arg: object) -> Pair:
@@ -428,3 +458,46 @@ def test_nat64_fast_path_gives_the_full_paths_bytes_counters_and_states(
 
     now_of = [1000.0]
     run_script(fast, full, script, client, now_of)
+
+
+@FLAVOURS
+def test_nat64_echo_is_translated_from_its_templates(flavour: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: from a query session's third request (its templates are made from the
+    second packet each way), the echo and its reply never reach the full path, and what
+    comes out is valid (scapy recomputes every checksum and length and gets the same bytes)."""
+    fast, _full = nat64_engines(flavour)
+    server6 = "64:ff9b::" + NAT64_SERVER
+
+    def ping(seq: int) -> tuple[Output, Output]:
+        request = client_packet(NAT64_CLIENTS[0], "echo", 7, 0, "", "", seq, "none",
+                                dst=server6)
+        out = fast.from_ipv6([request], 1.0 + seq)
+        assert len(out.to_services) == 1, seq
+        return out, fast.from_services([reply_packet(out.to_services[0], "", seq, "none")],
+                                       1.0 + seq)
+
+    ping(1)
+    ping(2)
+
+    def full_path(*_args: object) -> None:
+        raise AssertionError("the full path ran for a session with templates")
+
+    monkeypatch.setattr(Datapath, "_nat64_icmp", full_path)
+    monkeypatch.setattr(Datapath, "_nat64_echo_reply", full_path)
+    out, back = ping(333)
+    assert out.raised is None and back.raised is None and len(back.to_ipv6) == 1
+    out4 = IP(out.to_services[0])
+    assert out4[ICMP].type == 8 and out4[ICMP].seq == 333 and out4.src == "203.0.113.5"
+    fresh4 = out4.copy()
+    del fresh4.chksum, fresh4.len
+    del fresh4.payload.chksum
+    assert raw(IP(raw(fresh4))) == raw(out4)
+    out6 = IPv6(back.to_ipv6[0])
+    assert out6[ICMPv6EchoReply].id == 7 and out6.dst == NAT64_CLIENTS[0]
+    fresh6 = out6.copy()
+    del fresh6.plen
+    del fresh6.payload.cksum
+    assert raw(IPv6(raw(fresh6))) == raw(out6)
+    packets = fast.counters.as_dict()["packets"]
+    assert packets["to_services/icmp"] == packets["outbound/icmp"] == 3  # type: ignore[index]

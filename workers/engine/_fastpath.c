@@ -8,8 +8,9 @@
  * not the header's, too big for the MTU, ...). The caller hands that packet to the Python
  * path and calls again after it, so packets leave in the order they came.
  *
- * Each check and each output byte is fast_v6_to_v4 / fast_v4_to_v6's (fastpath.py, with the
- * RFC sections there); tests/unit/test_fastpath_compiled.py compares the two packet for packet.
+ * Each check and each output byte is fast_v6_to_v4 / fast_v4_to_v6's, or for NAT64's echo
+ * fast_echo_v6_to_v4 / fast_echo_v4_to_v6's (fastpath.py, with the RFC sections there);
+ * tests/unit/test_fastpath_compiled.py compares the two packet for packet.
  * No I/O, no state of its own.
  */
 #define PY_SSIZE_T_CLEAN
@@ -17,8 +18,14 @@
 #include <stdint.h>
 #include <string.h>
 
+#define PROTO_ICMP 1
 #define PROTO_TCP 6
 #define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+#define ICMP_ECHO_REPLY 0
+#define ICMP_ECHO_REQUEST 8
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
 #define TCP_SYN_FIN_RST 0x07
 #define IPV4_DF 0x4000
 #define IPV4_MF_OFFSET 0x3FFF
@@ -195,14 +202,115 @@ static PyObject *v4_to_v6(const uint8_t *p, Py_ssize_t n, int proto, PyObject *t
     return out;
 }
 
-/* The per-protocol template dicts of ``caches`` ({6: dict, 17: dict}), looked up once per
- * call, not per packet (borrowed: no Python code runs while a loop holds them). */
-static int protocol_caches(PyObject *caches, PyObject **tcp, PyObject **udp)
+/* fast_echo_v6_to_v4 for one packet (an ICMPv6 message right after the IPv6 header): the
+ * ICMPv4 Echo Request, Py_None, or NULL. The template is fastpath.echo_inbound_template's. */
+static PyObject *echo_v6_to_v4(const uint8_t *p, Py_ssize_t n, PyObject *template,
+                               unsigned ident, long df_threshold)
 {
-    PyObject *numbers[2] = {PyLong_FromLong(PROTO_TCP), PyLong_FromLong(PROTO_UDP)};
-    PyObject **found[2] = {tcp, udp};
+    unsigned plen = get16(p + 4), hop_limit = p[7];
+    if (40 + (Py_ssize_t)plen != n || hop_limit <= 1 || plen < 8 || p[40] != ICMPV6_ECHO_REQUEST)
+        Py_RETURN_NONE;
+    long sum6 = PyLong_AsLong(PyTuple_GET_ITEM(template, 1));
+    long addr4 = PyLong_AsLong(PyTuple_GET_ITEM(template, 2));
+    long delta = PyLong_AsLong(PyTuple_GET_ITEM(template, 3));
+    PyObject *addresses = PyTuple_GET_ITEM(template, 4);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(addresses) || PyBytes_GET_SIZE(addresses) != 12) {
+        PyErr_SetString(PyExc_ValueError, "template addresses must be 12 bytes");
+        return NULL;
+    }
+    uint32_t value = sum_mod(p + 40, plen);
+    if (mod_ffff((long long)sum6 + plen + value))
+        Py_RETURN_NONE;
+    long rest = mod_ffff((long long)value - get16(p + 42) + delta);
+    unsigned csum = rest ? 0xFFFF - (unsigned)rest : 0;
+    unsigned total_len = 20 + plen;
+    unsigned flags_offset = (long)total_len > df_threshold ? IPV4_DF : 0;
+    unsigned tos = (unsigned)(p[0] & 0x0F) << 4 | p[1] >> 4;
+    unsigned ttl = hop_limit - 1;
+    rest = mod_ffff(0x4500LL + tos + total_len + ident + flags_offset + (ttl << 8) + addr4);
+    unsigned header_csum = rest ? 0xFFFF - (unsigned)rest : 0;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total_len);
+    if (out == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    const uint8_t *a = (const uint8_t *)PyBytes_AS_STRING(addresses);
+    o[0] = 0x45;
+    o[1] = (uint8_t)tos;
+    put16(o + 2, total_len);
+    put16(o + 4, ident);
+    put16(o + 6, flags_offset);
+    o[8] = (uint8_t)ttl;
+    o[9] = PROTO_ICMP;
+    put16(o + 10, header_csum);
+    memcpy(o + 12, a, 8);  /* pool4, target4 */
+    o[20] = ICMP_ECHO_REQUEST;
+    o[21] = p[41];
+    put16(o + 22, csum);
+    memcpy(o + 24, a + 8, 2);  /* the pool's identifier */
+    memcpy(o + 26, p + 46, plen - 6);
+    return out;
+}
+
+/* fast_echo_v4_to_v6 for one packet (20-byte IPv4 header, protocol 1): the ICMPv6 Echo
+ * Reply, Py_None, or NULL. The template is fastpath.echo_return_template's. */
+static PyObject *echo_v4_to_v6(const uint8_t *p, Py_ssize_t n, PyObject *template, long mtu)
+{
+    unsigned total_len = get16(p + 2), ttl = p[8];
+    if ((Py_ssize_t)total_len != n || ttl <= 1 || get16(p + 6) & IPV4_MF_OFFSET)
+        Py_RETURN_NONE;
+    unsigned seglen = total_len - 20;
+    if (seglen < 8 || 40 + (long)seglen > mtu || p[20] != ICMP_ECHO_REPLY)
+        Py_RETURN_NONE;
+    if (sum_mod(p, 20))
+        Py_RETURN_NONE;
+    uint32_t value = sum_mod(p + 20, seglen);
+    if (value)
+        Py_RETURN_NONE;
+    long delta = PyLong_AsLong(PyTuple_GET_ITEM(template, 1));
+    PyObject *addresses = PyTuple_GET_ITEM(template, 3);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(addresses) || PyBytes_GET_SIZE(addresses) != 36) {
+        PyErr_SetString(PyExc_ValueError, "template addresses must be 36 bytes");
+        return NULL;
+    }
+    long rest = mod_ffff((long long)value - get16(p + 22) + delta + seglen);
+    unsigned csum = rest ? 0xFFFF - (unsigned)rest : 0;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 40 + (Py_ssize_t)seglen);
+    if (out == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    const uint8_t *a = (const uint8_t *)PyBytes_AS_STRING(addresses);
+    o[0] = 0x60 | p[1] >> 4;
+    o[1] = (uint8_t)(p[1] << 4);
+    o[2] = o[3] = 0;
+    put16(o + 4, seglen);
+    o[6] = PROTO_ICMPV6;
+    o[7] = (uint8_t)(ttl - 1);
+    memcpy(o + 8, a, 32);  /* gw6, client6 */
+    o[40] = ICMPV6_ECHO_REPLY;
+    o[41] = p[21];
+    put16(o + 42, csum);
+    memcpy(o + 44, a + 34, 2);  /* the client's identifier */
+    memcpy(o + 46, p + 26, seglen - 6);
+    return out;
+}
+
+/* The per-protocol template dicts of ``caches`` ({6: dict, 17: dict, and the echo's under
+ * ``echo``: 58 inbound, 1 back}), looked up once per call, not per packet (borrowed: no
+ * Python code runs while a loop holds them). A missing one is NULL. */
+static int protocol_caches(PyObject *caches, int echo, PyObject **tcp, PyObject **udp,
+                           PyObject **icmp)
+{
+    PyObject *numbers[3] = {PyLong_FromLong(PROTO_TCP), PyLong_FromLong(PROTO_UDP),
+                            PyLong_FromLong(echo)};
+    PyObject **found[3] = {tcp, udp, icmp};
     int failed = 0;
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 3; i++) {
         PyObject *cache = numbers[i] == NULL ? NULL
                           : PyDict_GetItemWithError(caches, numbers[i]);
         *found[i] = cache != NULL && PyDict_Check(cache) ? cache : NULL;
@@ -212,10 +320,12 @@ static int protocol_caches(PyObject *caches, PyObject **tcp, PyObject **udp)
     return failed ? -1 : 0;
 }
 
-/* Count one translated packet: totals[0..2] UDP (packets, bytes in, out), [3..5] TCP. */
+/* Count one translated packet: totals[0..2] UDP (packets, bytes in, out), [3..5] TCP,
+ * [6..8] ICMP (an echo). */
 static inline void count(Py_ssize_t *totals, int proto, Py_ssize_t in, Py_ssize_t out)
 {
-    Py_ssize_t *t = proto == PROTO_UDP ? totals : totals + 3;
+    Py_ssize_t *t = proto == PROTO_UDP ? totals
+                    : proto == PROTO_TCP ? totals + 3 : totals + 6;
     t[0] += 1;
     t[1] += in;
     t[2] += out;
@@ -228,7 +338,8 @@ static int touch(PyObject *session, PyObject *now)
 
 static PyObject *result(Py_ssize_t index, unsigned long ident, const Py_ssize_t *t)
 {
-    return Py_BuildValue("(nknnnnnn)", index, ident, t[0], t[1], t[2], t[3], t[4], t[5]);
+    return Py_BuildValue("(nknnnnnnnnn)", index, ident, t[0], t[1], t[2], t[3], t[4], t[5],
+                         t[6], t[7], t[8]);
 }
 
 PyDoc_STRVAR(inbound_doc,
@@ -236,8 +347,9 @@ PyDoc_STRVAR(inbound_doc,
 "Translate packets[start:] while they are plain packets of live sessions with an inbound\n"
 "template, appending each IPv4 packet to ``out``. ``outer`` is 0 (IPv6 packets, key\n"
 "packet[8:44]) or 20 (protocol-41 packets, key outer addresses + packet[28:64]).\n"
+"An ICMPv6 Echo Request takes caches[58] (key packet[8:40] + identifier + 2 zero bytes).\n"
 "Returns (index of the first packet not taken, ident, udp packets, bytes in, bytes out,\n"
-"tcp packets, bytes in, bytes out).");
+"tcp packets, bytes in, bytes out, icmp packets, bytes in, bytes out).");
 
 static PyObject *inbound(PyObject *self, PyObject *args)
 {
@@ -249,10 +361,10 @@ static PyObject *inbound(PyObject *self, PyObject *args)
                           &caches, &outer, &ident, &now, &established, &df_threshold,
                           &PyList_Type, &out))
         return NULL;
-    PyObject *tcp_cache, *udp_cache;
-    if (protocol_caches(caches, &tcp_cache, &udp_cache) < 0)
+    PyObject *tcp_cache, *udp_cache, *echo_cache;
+    if (protocol_caches(caches, PROTO_ICMPV6, &tcp_cache, &udp_cache, &echo_cache) < 0)
         return NULL;
-    Py_ssize_t totals[6] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
+    Py_ssize_t totals[9] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
     for (; i < count_all; i++) {
         PyObject *packet = PyList_GET_ITEM(packets, i);
         if (!PyBytes_Check(packet))
@@ -265,7 +377,19 @@ static PyObject *inbound(PyObject *self, PyObject *args)
             if (size < 44 || p[0] >> 4 != 6)
                 break;
             proto = p[6];
-            key = PyBytes_FromStringAndSize((const char *)p + 8, 36);
+            if (proto == PROTO_ICMPV6) {  /* addresses, the identifier, 0 */
+                if (size < 48)
+                    break;
+                key = PyBytes_FromStringAndSize(NULL, 36);
+                if (key != NULL) {
+                    char *k = PyBytes_AS_STRING(key);
+                    memcpy(k, p + 8, 32);
+                    memcpy(k + 32, p + 44, 2);
+                    k[34] = k[35] = 0;
+                }
+            } else {
+                key = PyBytes_FromStringAndSize((const char *)p + 8, 36);
+            }
         } else {
             if (size < 64 || p[0] != 0x45 || p[9] != 41 || p[20] >> 4 != 6
                     || (Py_ssize_t)get16(p + 2) != size)
@@ -279,11 +403,12 @@ static PyObject *inbound(PyObject *self, PyObject *args)
         }
         if (key == NULL)
             return NULL;
-        if (proto != PROTO_UDP && proto != PROTO_TCP) {
+        if (proto != PROTO_UDP && proto != PROTO_TCP && (proto != PROTO_ICMPV6 || outer)) {
             Py_DECREF(key);
             break;
         }
-        PyObject *cache = proto == PROTO_UDP ? udp_cache : tcp_cache;
+        PyObject *cache = proto == PROTO_UDP ? udp_cache
+                          : proto == PROTO_TCP ? tcp_cache : echo_cache;
         PyObject *template = cache == NULL ? NULL : PyDict_GetItemWithError(cache, key);
         Py_DECREF(key);
         if (PyErr_Occurred())
@@ -296,8 +421,10 @@ static PyObject *inbound(PyObject *self, PyObject *args)
             return NULL;
         if (!usable)
             break;
-        PyObject *translated = v6_to_v4(p + outer, size - outer, proto, template,
-                                        (unsigned)((ident + 1) & 0xFFFF), df_threshold);
+        unsigned next = (unsigned)((ident + 1) & 0xFFFF);
+        PyObject *translated = proto == PROTO_ICMPV6
+            ? echo_v6_to_v4(p, size, template, next, df_threshold)
+            : v6_to_v4(p + outer, size - outer, proto, template, next, df_threshold);
         if (translated == NULL)
             return NULL;
         if (translated == Py_None) {
@@ -305,7 +432,8 @@ static PyObject *inbound(PyObject *self, PyObject *args)
             break;
         }
         int failed = PyList_Append(out, translated) < 0 || touch(session, now) < 0;
-        count(totals, proto, size - outer, PyBytes_GET_SIZE(translated));
+        count(totals, proto == PROTO_ICMPV6 ? PROTO_ICMP : proto, size - outer,
+              PyBytes_GET_SIZE(translated));
         Py_DECREF(translated);
         if (failed)
             return NULL;
@@ -318,7 +446,8 @@ PyDoc_STRVAR(returning_doc,
 "returning(packets, start, caches, mtu, now, established, to_tunnel, to_ipv6)\n"
 "Translate packets[start:] (IPv4 from the services) while they are plain packets of live\n"
 "sessions with a return template: (packet, outer) to ``to_tunnel`` for a tunnel client,\n"
-"the packet to ``to_ipv6`` for a NAT64 client on this host's side. Returns like inbound,\n"
+"the packet to ``to_ipv6`` for a NAT64 client on this host's side. An ICMPv4 Echo Reply\n"
+"takes caches[1] (key packet[12:20] + 2 zero bytes + identifier). Returns like inbound,\n"
 "with ident 0.");
 
 static PyObject *returning(PyObject *self, PyObject *args)
@@ -330,10 +459,10 @@ static PyObject *returning(PyObject *self, PyObject *args)
                           &caches, &mtu, &now, &established, &PyList_Type, &to_tunnel,
                           &PyList_Type, &to_ipv6))
         return NULL;
-    PyObject *tcp_cache, *udp_cache;
-    if (protocol_caches(caches, &tcp_cache, &udp_cache) < 0)
+    PyObject *tcp_cache, *udp_cache, *echo_cache;
+    if (protocol_caches(caches, PROTO_ICMP, &tcp_cache, &udp_cache, &echo_cache) < 0)
         return NULL;
-    Py_ssize_t totals[6] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
+    Py_ssize_t totals[9] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
     for (; i < count_all; i++) {
         PyObject *packet = PyList_GET_ITEM(packets, i);
         if (!PyBytes_Check(packet))
@@ -343,12 +472,24 @@ static PyObject *returning(PyObject *self, PyObject *args)
         if (size < 28 || p[0] != 0x45)
             break;
         int proto = p[9];
-        if (proto != PROTO_UDP && proto != PROTO_TCP)
+        if (proto != PROTO_UDP && proto != PROTO_TCP && proto != PROTO_ICMP)
             break;
-        PyObject *key = PyBytes_FromStringAndSize((const char *)p + 12, 12);
+        PyObject *key;
+        if (proto == PROTO_ICMP) {  /* addresses, 0, the identifier */
+            key = PyBytes_FromStringAndSize(NULL, 12);
+            if (key != NULL) {
+                char *k = PyBytes_AS_STRING(key);
+                memcpy(k, p + 12, 8);
+                k[8] = k[9] = 0;
+                memcpy(k + 10, p + 24, 2);
+            }
+        } else {
+            key = PyBytes_FromStringAndSize((const char *)p + 12, 12);
+        }
         if (key == NULL)
             return NULL;
-        PyObject *cache = proto == PROTO_UDP ? udp_cache : tcp_cache;
+        PyObject *cache = proto == PROTO_UDP ? udp_cache
+                          : proto == PROTO_TCP ? tcp_cache : echo_cache;
         PyObject *template = cache == NULL ? NULL : PyDict_GetItemWithError(cache, key);
         Py_DECREF(key);
         if (PyErr_Occurred())
@@ -362,7 +503,8 @@ static PyObject *returning(PyObject *self, PyObject *args)
             return NULL;
         if (!usable || !PyBytes_Check(outer4))
             break;
-        PyObject *translated = v4_to_v6(p, size, proto, template, mtu);
+        PyObject *translated = proto == PROTO_ICMP ? echo_v4_to_v6(p, size, template, mtu)
+                                                   : v4_to_v6(p, size, proto, template, mtu);
         if (translated == NULL)
             return NULL;
         if (translated == Py_None) {

@@ -31,6 +31,10 @@ from sixgate.workers.engine.fastpath import (
     InTemplate,
     OutTemplate,
     compiled,
+    echo_inbound_template,
+    echo_return_template,
+    fast_echo_v4_to_v6,
+    fast_echo_v6_to_v4,
     fast_v4_to_v6,
     fast_v6_to_v4,
     inbound_template,
@@ -111,11 +115,29 @@ from sixgate.workers.engine.tunnel import (
     check_inbound,
 )
 
-# Counter keys of the fast path, by protocol (the same keys Counters.count builds).
-INBOUND_KEYS = {PROTO_TCP: ("inbound", "tcp"), PROTO_UDP: ("inbound", "udp")}
-TO_SERVICES_KEYS = {PROTO_TCP: ("to_services", "tcp"), PROTO_UDP: ("to_services", "udp")}
-FROM_SERVICES_KEYS = {PROTO_TCP: ("from_services", "tcp"), PROTO_UDP: ("from_services", "udp")}
-OUTBOUND_KEYS = {PROTO_TCP: ("outbound", "tcp"), PROTO_UDP: ("outbound", "udp")}
+# Counter keys of the fast path, by protocol (the same keys Counters.count builds; a NAT64
+# echo counts as "icmp" on both sides).
+INBOUND_KEYS = {PROTO_TCP: ("inbound", "tcp"), PROTO_UDP: ("inbound", "udp"),
+                PROTO_ICMP: ("inbound", "icmp")}
+TO_SERVICES_KEYS = {PROTO_TCP: ("to_services", "tcp"), PROTO_UDP: ("to_services", "udp"),
+                    PROTO_ICMP: ("to_services", "icmp")}
+FROM_SERVICES_KEYS = {PROTO_TCP: ("from_services", "tcp"), PROTO_UDP: ("from_services", "udp"),
+                      PROTO_ICMP: ("from_services", "icmp")}
+OUTBOUND_KEYS = {PROTO_TCP: ("outbound", "tcp"), PROTO_UDP: ("outbound", "udp"),
+                 PROTO_ICMP: ("outbound", "icmp")}
+NO_ECHO = (0, 0, 0)
+
+
+def _echo_key_v6(packet: bytes | memoryview) -> bytes:
+    """An ICMPv6 echo's template key: its addresses, its identifier and 0 (the session's
+    client, gateway address, cport, gwport)."""
+    return bytes(packet[8:40]) + bytes(packet[44:46]) + b"\0\0"
+
+
+def _echo_key_v4(packet: bytes | memoryview) -> bytes:
+    """An ICMPv4 echo reply's template key: its addresses, 0 and its identifier (the
+    session's target4, pool4, tport, pport)."""
+    return bytes(packet[12:20]) + b"\0\0" + bytes(packet[24:26])
 
 # The largest transport segment an IPv4 packet holds: 65535 - a 20-byte IPv4 header.
 MAX_TRANSLATED_SEGMENT = 65535 - 20
@@ -243,13 +265,16 @@ class Datapath:
         self._probed_until = float("inf")
         self._outer4 = b""  # its outer IPv4 source (6to4: counted per source by the flows)
         # workers/engine/fastpath.py templates of live sessions, keyed by the packet bytes that name
-        # the session: IPv6 src, dst, ports (inbound); IPv4 src, dst, ports (return).
+        # the session: IPv6 src, dst, ports (inbound); IPv4 src, dst, ports (return); a NAT64
+        # echo's under its packets' protocol, the identifier for the ports (``_echo_key_*``).
         self.fast_path = fast_path
         # The fast path's batch loops compiled (workers/engine/_fastpath.c): they take the
         # plain packets of a batch up to the first one they leave to the loops below.
         self.compiled = compiled if fast_path and settings.compiled_fast_path else None
-        self._fast_in: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
-        self._fast_out: dict[int, dict[bytes, OutTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
+        self._fast_in: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {},
+                                                             PROTO_ICMPV6: {}}
+        self._fast_out: dict[int, dict[bytes, OutTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {},
+                                                               PROTO_ICMP: {}}
         # Kernel fan-out (``from_tunnel``): the same inbound templates keyed by the captured
         # packet's outer source and destination plus the inner addresses and ports, so one
         # lookup stands for the tunnel checks (all address-only, workers/engine/tunnel.py) and the
@@ -388,7 +413,7 @@ class Datapath:
         ident = self._ident4
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
         packets = packets if isinstance(packets, list) else list(packets)
-        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 6
+        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 9
         while index < total:
             if loops is not None:
                 self._ident4 = ident  # what _run_compiled hands back if the loop fails
@@ -458,8 +483,9 @@ class Datapath:
         touch_tcp = self.flows.touch_tcp
         ident = self._ident4
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
+        echo_n = echo_in = echo_out = 0
         packets = packets if isinstance(packets, list) else list(packets)
-        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 6
+        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 9
         while index < total:
             if loops is not None:
                 self._ident4 = ident  # what _run_compiled hands back if the loop fails
@@ -473,13 +499,26 @@ class Datapath:
             try:
                 size = len(packet)
                 template = None
-                if fast and size >= 44 and packet[0] >> 4 == 6:
+                if fast and size >= 48 and packet[0] >> 4 == 6:
                     proto = packet[6]
                     cache = templates.get(proto)
                     if cache is not None:
-                        template = cache.get(bytes(packet[8:44]))
-                out = (None if template is None
-                       else fast_v6_to_v4(packet, proto, template, (ident + 1) & 0xFFFF))
+                        template = cache.get(bytes(packet[8:44]) if proto != PROTO_ICMPV6
+                                             else _echo_key_v6(packet))
+                if template is None:
+                    out = None
+                elif proto == PROTO_ICMPV6:
+                    out = fast_echo_v6_to_v4(packet, template, (ident + 1) & 0xFFFF)
+                    if out is not None:
+                        ident = (ident + 1) & 0xFFFF
+                        append(out)
+                        template[0].last_seen = now
+                        echo_n += 1
+                        echo_in += size
+                        echo_out += len(out)
+                        continue
+                else:
+                    out = fast_v6_to_v4(packet, proto, template, (ident + 1) & 0xFFFF)
                 if out is None:
                     self._ident4 = ident
                     self._inbound(packet, now)
@@ -504,7 +543,7 @@ class Datapath:
         self._ident4 = ident
         self._entry_tun = False
         self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, (udp_n, udp_in, udp_out),
-                          (tcp_n, tcp_in, tcp_out), totals)
+                          (tcp_n, tcp_in, tcp_out), totals, (echo_n, echo_in, echo_out))
         return self._take()
 
     def _run_compiled(self, loop: Callable[..., tuple[int, ...]], totals: list[int],
@@ -524,11 +563,13 @@ class Datapath:
 
     def _count_batch(self, first: dict[int, tuple[str, str]],
                      second: dict[int, tuple[str, str]], udp: tuple[int, int, int],
-                     tcp: tuple[int, int, int], compiled: list[int]) -> None:
+                     tcp: tuple[int, int, int], compiled: list[int],
+                     echo: tuple[int, int, int] = NO_ECHO) -> None:
         """A batch's fast-path totals per protocol: (packets, bytes in, bytes out), the
-        Python loop's plus the compiled one's (UDP's three, then TCP's)."""
+        Python loop's plus the compiled one's (UDP's three, TCP's, then the echo's)."""
         for proto, (n, size_in, size_out), extra in ((PROTO_UDP, udp, compiled[:3]),
-                                                      (PROTO_TCP, tcp, compiled[3:])):
+                                                      (PROTO_TCP, tcp, compiled[3:6]),
+                                                      (PROTO_ICMP, echo, compiled[6:])):
             n, size_in, size_out = n + extra[0], size_in + extra[1], size_out + extra[2]
             if n:
                 self.counters.count_pair(first[proto], size_in, second[proto], size_out, n)
@@ -715,6 +756,7 @@ class Datapath:
             return
         ident = (segment[4] << 8) | segment[5]
         session = self.flows.lookup_v6(PROTO_ICMP, view[2], ident, view[3], 0)
+        again = session is not None  # the template from the second request (as for TCP/UDP)
         if session is None:
             created = self.flows.create(PROTO_ICMP, view[2], ident, view[3], 0, target4, 0,
                                         NAT64_RULE, now)
@@ -730,6 +772,11 @@ class Datapath:
                                       self._fragmented)
         self._to_services.append(out)
         self.counters.count("to_services", PROTO_ICMP, len(out))
+        if again and view[5] == 40 and self._entry_tun:
+            cache = self._fast_in[PROTO_ICMPV6]
+            key = _echo_key_v6(packet)
+            if key not in cache:
+                cache[key] = echo_inbound_template(session)
 
     def _refused_by_limits(self, reason: DropReason, packet: bytes | memoryview,
                            view: IPv6View) -> None:
@@ -988,8 +1035,9 @@ class Datapath:
         touch_tcp = self.flows.touch_tcp
         mtu = self.mtu
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
+        echo_n = echo_in = echo_out = 0
         packets = packets if isinstance(packets, list) else list(packets)
-        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 6
+        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 9
         while index < total:
             if loops is not None:
                 index, _ = self._run_compiled(
@@ -1005,8 +1053,14 @@ class Datapath:
                     proto = packet[9]
                     cache = caches.get(proto)
                     if cache is not None:
-                        template = cache.get(packet[12:24])
-                out = None if template is None else fast_v4_to_v6(packet, proto, template, mtu)
+                        template = cache.get(packet[12:24] if proto != PROTO_ICMP
+                                             else _echo_key_v4(packet))
+                if template is None:
+                    out = None
+                elif proto == PROTO_ICMP:
+                    out = fast_echo_v4_to_v6(packet, template, mtu)
+                else:
+                    out = fast_v4_to_v6(packet, proto, template, mtu)
                 if out is None:
                     self._from_services_full(packet, now)
                     continue
@@ -1014,7 +1068,12 @@ class Datapath:
                     append((out, template[2]))  # type: ignore[index]
                 else:  # NAT64: a client on this host's side
                     to_ipv6(out)
-                if proto == PROTO_UDP:
+                if proto == PROTO_ICMP:
+                    template[0].last_seen = now  # type: ignore[index]
+                    echo_n += 1
+                    echo_in += len(packet)
+                    echo_out += len(out)
+                elif proto == PROTO_UDP:
                     template[0].last_seen = now  # type: ignore[index]
                     udp_n += 1
                     udp_in += len(packet)
@@ -1027,7 +1086,7 @@ class Datapath:
             except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
                 self._internal_error(exc)
         self._count_batch(FROM_SERVICES_KEYS, OUTBOUND_KEYS, (udp_n, udp_in, udp_out),
-                          (tcp_n, tcp_in, tcp_out), totals)
+                          (tcp_n, tcp_in, tcp_out), totals, (echo_n, echo_in, echo_out))
         return self._take()
 
     def _from_services_full(self, packet: bytes, now: float) -> None:
@@ -1240,10 +1299,17 @@ class Datapath:
         if hop_limit <= 0:
             self._drop(DropReason.HOP_LIMIT_EXCEEDED)
             return
+        again = session.assured  # answered before: its template is worth it
         self.flows.touch_udp(session, False, self._now)
         self._send_v6(build_ipv6(session.gw6, session.client6, PROTO_ICMPV6,
                                  translate_echo_v4_to_v6(message, session), hop_limit=hop_limit,
                                  traffic_class=packet[1]), PROTO_ICMPV6)
+        if again and header_len == 20:
+            cache = self._fast_out[PROTO_ICMP]
+            key = _echo_key_v4(packet)
+            outer = self._outer_for(session.client6, session.gw6)
+            if outer is not None and key not in cache:
+                cache[key] = echo_return_template(session, outer)
 
     def _frag_needed(self, packet: bytes | memoryview, header_len: int,
                      total_len: int) -> bytes:
@@ -1320,7 +1386,8 @@ class Datapath:
         removed = self.flows.removed
         assert removed is not None
         for session in removed:
-            self._fast_in[session.proto].pop(
+            echo = session.proto == PROTO_ICMP  # keyed by its packets' protocols
+            self._fast_in[PROTO_ICMPV6 if echo else session.proto].pop(
                 session.client6 + session.gw6 + PORTS.pack(session.cport, session.gwport), None)
             self._fast_out[session.proto].pop(
                 session.target4 + session.pool4 + PORTS.pack(session.tport, session.pport), None)

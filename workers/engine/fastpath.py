@@ -15,6 +15,11 @@ the TCP state machine, padding, too big) returns None and takes the full path, w
 and answers it; so the two paths give the same bytes out and the same counters, which
 ``tests/unit/test_fastpath.py`` checks packet for packet.
 
+NAT64's ICMP query sessions (RFC 6146 §3.5.3) have the same: an Echo Request of a live
+session and the Echo Reply to it (RFC 7915 §4.2, §5.2) are translated from templates keyed like
+the others, the identifier standing where the ports are (client ident and 0 inbound, 0 and the
+pool's ident back); the echo's checksum is verified and carried over as the others' are.
+
 Checksums follow RFC 1624 in sum form: ones' complement sums are additive, so the new sum is
 the sum of the segment as received minus the words that change plus their new values plus
 the new pseudo-header. Pure: no I/O.
@@ -25,11 +30,19 @@ from __future__ import annotations
 import struct
 
 from sixgate.workers.engine.flows import Session
+from sixgate.workers.engine.icmp import (
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+)
 from sixgate.workers.engine.packet import (
     IPV4_DF,
     IPV4_MF,
     IPV4_OFFSET_MASK,
     PORTS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
     PROTO_UDP,
     TCP_FIN,
     TCP_RST,
@@ -53,6 +66,11 @@ IPV4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
 IPV4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 IPV6_UDP = struct.Struct("!IHBB16s16sHHHH")
 IPV6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
+IPV4_ICMP = struct.Struct("!BBHHHBBH4s4sBBHH")
+IPV6_ICMP = struct.Struct("!IHBB16s16sBBHH")
+# What the type word of an echo changes by: RFC 7915 §5.2 (128 -> 8) and §4.2 (0 -> 129).
+ECHO_REQUEST_TO_V4 = (ICMP_ECHO_REQUEST - ICMPV6_ECHO_REQUEST) << 8
+ECHO_REPLY_TO_V6 = (ICMPV6_ECHO_REPLY - ICMP_ECHO_REPLY) << 8
 
 
 def _words(data: bytes) -> int:
@@ -88,6 +106,27 @@ def return_template(session: Session, outer: bytes) -> OutTemplate:
             _words(session.gw6 + session.client6) + session.proto + session.gwport
             - session.tport + session.cport - session.pport, outer,
             session.gw6 + session.client6 + PORTS.pack(session.gwport, session.cport))
+
+
+def echo_inbound_template(session: Session) -> InTemplate:
+    """An ICMP query session's inbound template (keyed by client, gateway address, client
+    identifier and 0): the IPv6 pseudo-header to verify against, the IPv4 addresses and
+    protocol, and what the message's sum changes by (the type, the identifier; ICMPv4 has no
+    pseudo-header)."""
+    return (session, _words(session.client6 + session.gw6) + PROTO_ICMPV6,
+            _words(session.pool4 + session.target4) + PROTO_ICMP,
+            (ECHO_REQUEST_TO_V4 + session.pport - session.cport) % 0xFFFF,
+            session.pool4 + session.target4 + PORTS.pack(session.pport, 0))
+
+
+def echo_return_template(session: Session, outer: bytes) -> OutTemplate:
+    """An ICMP query session's return template (keyed by remote, pool address, 0 and the
+    pool's identifier): the IPv6 pseudo-header without its length plus what the type and the
+    identifier change by."""
+    return (session,
+            _words(session.gw6 + session.client6) + PROTO_ICMPV6 + ECHO_REPLY_TO_V6
+            + session.cport - session.pport, outer,
+            session.gw6 + session.client6 + PORTS.pack(0, session.cport))
 
 
 def _tcp_is_plain(segment_len: int, offset: int, flags: int) -> bool:
@@ -201,3 +240,64 @@ def fast_v4_to_v6(packet: bytes | memoryview, proto: int, template: OutTemplate,
     return IPV6_TCP.pack(first_word, seglen, proto, ttl - 1, gw6, client6, session.gwport,
                          session.cport, seq, ack, offset, flags, window, csum,
                          urgent) + packet[40:]
+
+
+def fast_echo_v6_to_v4(packet: bytes | memoryview, template: InTemplate,
+                       ident: int) -> bytes | None:
+    """The ICMPv4 Echo Request for a plain ICMPv6 one of the template's query session
+    (``packet`` starts with the IPv6 header, next header 58), or None when the full path
+    must decide (``Datapath._nat64_icmp``)."""
+    plen = (packet[4] << 8) | packet[5]
+    hop_limit = packet[7]
+    if 40 + plen != len(packet) or hop_limit <= 1 or plen < 8 or (
+            packet[40] != ICMPV6_ECHO_REQUEST):
+        return None
+    session, sum6, addr4, delta, _addresses = template
+    value = int.from_bytes(packet[40:], "big") % 0xFFFF
+    if plen & 1:
+        value = (value << 8) % 0xFFFF
+    if (sum6 + plen + value) % 0xFFFF:  # RFC 4443 §2.3: over the IPv6 pseudo-header
+        return None
+    old_csum = (packet[42] << 8) | packet[43]
+    # The message's sum without its checksum field, the type and identifier changed; no
+    # pseudo-header on the IPv4 side (RFC 792).
+    rest = (value - old_csum + delta) % 0xFFFF
+    csum = 0xFFFF - rest if rest else 0
+    total_len = 20 + plen
+    flags_offset = IPV4_DF if total_len > DF_THRESHOLD else 0
+    tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
+    ttl = hop_limit - 1
+    rest = (0x4500 + tos + total_len + ident + flags_offset + (ttl << 8) + addr4) % 0xFFFF
+    header_csum = 0xFFFF - rest if rest else 0
+    return IPV4_ICMP.pack(0x45, tos, total_len, ident, flags_offset, ttl, PROTO_ICMP,
+                          header_csum, session.pool4, session.target4, ICMP_ECHO_REQUEST,
+                          packet[41], csum, session.pport) + packet[46:]
+
+
+def fast_echo_v4_to_v6(packet: bytes | memoryview, template: OutTemplate,
+                       mtu: int) -> bytes | None:
+    """The ICMPv6 Echo Reply for a plain ICMPv4 one to the template's query session
+    (``packet`` has a 20-byte IPv4 header, protocol 1), or None when the full path must
+    decide (``Datapath._nat64_echo_reply``)."""
+    total_len = (packet[2] << 8) | packet[3]
+    ttl = packet[8]
+    if total_len != len(packet) or ttl <= 1 or (
+            ((packet[6] << 8) | packet[7]) & (IPV4_MF | IPV4_OFFSET_MASK)):
+        return None
+    seglen = total_len - 20
+    if seglen < 8 or 40 + seglen > mtu or packet[20] != ICMP_ECHO_REPLY:
+        return None
+    if int.from_bytes(packet[:20], "big") % 0xFFFF:  # RFC 791
+        return None
+    value = int.from_bytes(packet[20:], "big") % 0xFFFF
+    if seglen & 1:
+        value = (value << 8) % 0xFFFF
+    if value:  # RFC 792: the checksum covers the whole message
+        return None
+    session, delta, _outer, _addresses = template
+    old_csum = (packet[22] << 8) | packet[23]
+    rest = (value - old_csum + delta + seglen) % 0xFFFF
+    csum = 0xFFFF - rest if rest else 0
+    return IPV6_ICMP.pack(0x60000000 | (packet[1] << 20), seglen, PROTO_ICMPV6, ttl - 1,
+                          session.gw6, session.client6, ICMPV6_ECHO_REPLY, packet[21], csum,
+                          session.cport) + packet[26:]
