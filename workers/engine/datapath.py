@@ -128,6 +128,15 @@ OUTBOUND_KEYS = {PROTO_TCP: ("outbound", "tcp"), PROTO_UDP: ("outbound", "udp"),
 NO_ECHO = (0, 0, 0)
 
 
+def compiled_retry(index: int, start: int, misses: int) -> tuple[int, int]:
+    """(index, misses) from which a batch loop asks its compiled loop again, which left the
+    packet at ``index`` to Python: after that packet; after 2, 4, ... 64 when it took none
+    ``misses`` times in a row (new sessions: a connection storm, a SYN flood), as the Python
+    loop translates plain packets too (issue 21: flow setup)."""
+    misses = misses + 1 if index == start else 0
+    return index + (1 << min(misses, 6)), misses
+
+
 def _echo_key_v6(packet: bytes | memoryview) -> bytes:
     """An ICMPv6 echo's template key: its addresses, its identifier and 0 (the session's
     client, gateway address, cport, gwport)."""
@@ -414,14 +423,17 @@ class Datapath:
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
         packets = packets if isinstance(packets, list) else list(packets)
         loops, total, index, totals = self.compiled, len(packets), 0, [0] * 9
+        retry = misses = 0
         while index < total:
-            if loops is not None:
+            if loops is not None and index >= retry:
                 self._ident4 = ident  # what _run_compiled hands back if the loop fails
+                start = index
                 index, ident = self._run_compiled(
                     loops.inbound, totals, packets, index, caches, 20, ident, now, ESTABLISHED,
                     DF_THRESHOLD, self._to_services)
                 if index >= total:
                     break
+                retry, misses = compiled_retry(index, start, misses)
             packet = packets[index]
             index += 1
             try:
@@ -486,14 +498,17 @@ class Datapath:
         echo_n = echo_in = echo_out = 0
         packets = packets if isinstance(packets, list) else list(packets)
         loops, total, index, totals = self.compiled, len(packets), 0, [0] * 9
+        retry = misses = 0
         while index < total:
-            if loops is not None:
+            if loops is not None and index >= retry:
                 self._ident4 = ident  # what _run_compiled hands back if the loop fails
+                start = index
                 index, ident = self._run_compiled(
                     loops.inbound, totals, packets, index, templates, 0, ident, now, ESTABLISHED,
                     DF_THRESHOLD, self._to_services)
                 if index >= total:
                     break
+                retry, misses = compiled_retry(index, start, misses)
             packet = packets[index]
             index += 1
             try:
@@ -1038,13 +1053,16 @@ class Datapath:
         echo_n = echo_in = echo_out = 0
         packets = packets if isinstance(packets, list) else list(packets)
         loops, total, index, totals = self.compiled, len(packets), 0, [0] * 9
+        retry = misses = 0
         while index < total:
-            if loops is not None:
+            if loops is not None and index >= retry:
+                start = index
                 index, _ = self._run_compiled(
                     loops.returning, totals, packets, index, caches, mtu, now, ESTABLISHED,
                     self._to_tunnel, self._to_ipv6)
                 if index >= total:
                     break
+                retry, misses = compiled_retry(index, start, misses)
             packet = packets[index]
             index += 1
             try:

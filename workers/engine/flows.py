@@ -112,7 +112,7 @@ class Session:
     """One live session; attributes are plain values for speed (STYLE.md: hot path)."""
 
     __slots__ = ("proto", "client6", "cport", "gw6", "gwport", "pool4", "target4", "tport",
-                 "rule", "state", "last_seen", "timeout_s", "created", "alive",
+                 "rule", "state", "last_seen", "timeout_s", "alive",
                  "assured", "outer4", "slot", "pport")
 
     def __init__(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
@@ -130,7 +130,6 @@ class Session:
         self.state = state
         self.last_seen = now
         self.timeout_s = timeout_s
-        self.created = now
         self.alive = True  # False once the table removed it (caches drop it when they see it)
         self.assured = False
         self.outer4 = outer4  # outer IPv4 source it was opened from (b"": not counted)
@@ -797,7 +796,7 @@ class FlowTable:
         v4_key = session.v4_key()
         if session.v6_key() in self._by_v6 or v4_key in self._by_v4:
             return False
-        session.last_seen = session.created = now
+        session.last_seen = now
         assured, timeout_s = session.assured, session.timeout_s
         session.assured = False
         self._add(session, v4_key, now, restored=True)
