@@ -87,6 +87,9 @@ def error(message: str, **fields: Any) -> dict[str, Any]:
     return {"v": CONTROL_VERSION, "ok": False, "error": message, **fields}
 
 
+RECONNECT_IVL_MS = 5
+
+
 def ask(ctx: zmq.Context[Any], endpoints: list[str], req: dict[str, Any],
         timeout_ms: int) -> list[dict[str, Any] | None]:
     """Send ``req`` to every endpoint at once; each one's reply (a JSON object), or None for an
@@ -99,6 +102,10 @@ def ask(ctx: zmq.Context[Any], endpoints: list[str], req: dict[str, Any],
         for endpoint in endpoints:
             sock = ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
+            # A process that is starting binds its endpoint any moment: ZeroMQ tries the
+            # connection again after RECONNECT_IVL_MS, not its default 100 ms (a start's, a
+            # take-over's and a restarted worker's wait for the first answer).
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             sock.connect(endpoint)
             sock.send_json(req)
             sockets.append(sock)
