@@ -77,7 +77,8 @@ def mutate6(packet: bytes, mutation: str, proto: int) -> bytes:
 # the last one matches no forward rule.
 SESSIONS = ((CLIENTS[0], "udp", 40000, 53), (CLIENTS[1], "udp", 40001, 7001),
             (CLIENTS[2], "udp", 40000, 53), (CLIENTS[0], "tcp", 40000, 80),
-            (CLIENTS[1], "tcp", 40001, 8001), (CLIENTS[0], "tcp", 40002, 9999))
+            (CLIENTS[1], "tcp", 40001, 8001), (CLIENTS[0], "tcp", 40002, 9999),
+            (CLIENTS[0], "echo", 7, 0), (CLIENTS[2], "echo", 9, 0))  # echoes to us
 
 client_packets = st.builds(
     lambda session, flags, options, size, mutation: (*session, flags, options, size, mutation),
@@ -521,3 +522,56 @@ def test_a_storm_of_new_sessions_asks_the_compiled_loop_seldom() -> None:
     assert fast.from_ipv6(batch, 1.0) == full.from_ipv6(batch, 1.0)
     assert len(fast.flows) == 64
     assert asked == [0, 2, 6, 14, 30, 62], asked
+
+
+
+@FLAVOURS
+@settings(max_examples=100)
+@given(scripts(st.tuples(st.builds(
+    lambda session, size, mutation: (*session, "", "", size, mutation),
+    st.sampled_from(SESSIONS[-2:]), st.integers(0, 1400), st.sampled_from(MUTATIONS)),
+    OUTER, OUTER_SHAPES)))
+def test_echoes_to_us_under_a_tight_echo_limit(flavour: str,
+                                               script: list[tuple[str, object]]) -> None:
+    """Echo requests to the gateway alone, through the tunnel (answered from templates keyed
+    by the outer and inner addresses), with an echo limit of one a second and a burst of two:
+    the same replies, counters and drops (icmp_rate_limited) as the full path."""
+    fast, full = engines(flavour, echo_replies_per_s=1.0, echo_burst=2)
+
+    def client(arg: object) -> Pair:
+        args, outer_src, shape = arg  # type: ignore[misc]
+        packet = encapsulate(client_packet(*args), outer_src, shape)
+        return fast.from_tunnel([packet], now_of[0]), full.from_tunnel([packet], now_of[0])
+
+    now_of = [1000.0]
+    run_script(fast, full, script, client, now_of)
+
+
+@FLAVOURS
+def test_echoes_to_us_are_answered_from_their_template(
+        flavour: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: after one echo request to us answered through the full path, the next
+    from the same tunnel and inner addresses never reaches it, and its reply is what the
+    full path's icmp.echo_reply makes (scapy recomputes its checksum and gets the same)."""
+    fast, full = engines(flavour)
+
+    def request(seq: int) -> bytes:
+        packet = client_packet(CLIENTS[0], "echo", 7, 0, "", "", seq, "none")
+        return encapsulate(packet, CLIENT4, "plain")
+
+    first = fast.from_tunnel([request(1)], 1.0)
+    assert len(first.to_tunnel) == 1 and len(fast._fast_echo) == 1
+
+    def full_path(*_args: object) -> None:
+        raise AssertionError("the full path ran for an echo with a template")
+
+    expected = full.from_tunnel([request(333)], 2.0).to_tunnel
+    monkeypatch.setattr(Datapath, "_from_tunnel_full", full_path)
+    out = fast.from_tunnel([request(333)], 2.0)
+    assert out.raised is None and out.to_tunnel == expected
+    reply = IPv6(out.to_tunnel[0][0])
+    assert reply[ICMPv6EchoReply].id == 7 and reply[ICMPv6EchoReply].seq == 333
+    fresh = reply.copy()
+    del fresh.payload.cksum
+    assert raw(IPv6(raw(fresh))) == raw(reply)
+    assert fast.counters.as_dict()["packets"]["outbound/icmp"] == 2  # type: ignore[index]

@@ -26,6 +26,7 @@
 #define ICMP_ECHO_REQUEST 8
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
+#define ECHO_REPLY_HOP_LIMIT 64
 #define TCP_SYN_FIN_RST 0x07
 #define IPV4_DF 0x4000
 #define IPV4_MF_OFFSET 0x3FFF
@@ -336,35 +337,153 @@ static int touch(PyObject *session, PyObject *now)
     return PyObject_SetAttr(session, str_last_seen, now);
 }
 
-static PyObject *result(Py_ssize_t index, unsigned long ident, const Py_ssize_t *t)
+/* (index, ident, then the ``count`` totals) */
+static PyObject *result(Py_ssize_t index, unsigned long ident, const Py_ssize_t *t, int count)
 {
-    return Py_BuildValue("(nknnnnnnnnn)", index, ident, t[0], t[1], t[2], t[3], t[4], t[5],
-                         t[6], t[7], t[8]);
+    PyObject *out = PyTuple_New(2 + count);
+    if (out == NULL)
+        return NULL;
+    PyObject *item = PyLong_FromSsize_t(index);
+    if (item == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(out, 0, item);
+    item = PyLong_FromUnsignedLong(ident);
+    if (item == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(out, 1, item);
+    for (int i = 0; i < count; i++) {
+        item = PyLong_FromSsize_t(t[i]);
+        if (item == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(out, 2 + i, item);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* fast_echo_reply for a protocol-41 packet with a 20-byte outer header (a tunnel client's
+ * echo request to us, keyed by the outer and inner addresses in ``echoes``, whose values are
+ * fastpath.EchoTemplate): 1 when taken (answered to ``to_tunnel``, or refused by ``allow``,
+ * the echo limit, which the full path asks at the same point), counted in t[0..3]
+ * (requests, their bytes, replies, their bytes); 0 when Python must decide; -1 on error. */
+static int echo_to_us(const uint8_t *p, Py_ssize_t size, PyObject *echoes, PyObject *allow,
+                      PyObject *now, long mtu, PyObject *to_tunnel, Py_ssize_t *t)
+{
+    if (echoes == NULL || allow == NULL || size < 68)
+        return 0;
+    const uint8_t *q = p + 20;
+    Py_ssize_t n = size - 20;
+    unsigned plen = get16(q + 4);
+    if (40 + (Py_ssize_t)plen != n || plen < 8 || q[40] != ICMPV6_ECHO_REQUEST || n > mtu)
+        return 0;
+    char key_bytes[40];
+    memcpy(key_bytes, p + 12, 8);
+    memcpy(key_bytes + 8, p + 28, 32);
+    PyObject *key = PyBytes_FromStringAndSize(key_bytes, 40);
+    if (key == NULL)
+        return -1;
+    PyObject *template = PyDict_GetItemWithError(echoes, key);
+    Py_DECREF(key);
+    if (template == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(template) || PyTuple_GET_SIZE(template) != 2
+            || !PyBytes_Check(PyTuple_GET_ITEM(template, 1))) {
+        PyErr_SetString(PyExc_ValueError, "echo template must be (int, bytes)");
+        return -1;
+    }
+    long sum6 = PyLong_AsLong(PyTuple_GET_ITEM(template, 0));
+    if (sum6 == -1 && PyErr_Occurred())
+        return -1;
+    uint32_t value = sum_mod(q + 40, plen);
+    if (mod_ffff((long long)sum6 + plen + value))
+        return 0;
+    /* Python code runs in ``allow``: hold what is used after it. */
+    PyObject *outer4 = Py_NewRef(PyTuple_GET_ITEM(template, 1));
+    PyObject *src = PyBytes_FromStringAndSize((const char *)q + 8, 16);
+    PyObject *verdict = src == NULL ? NULL
+                        : PyObject_CallFunctionObjArgs(allow, src, now, NULL);
+    Py_XDECREF(src);
+    int allowed = verdict == NULL ? -1 : PyObject_IsTrue(verdict);
+    Py_XDECREF(verdict);
+    if (allowed < 0) {
+        Py_DECREF(outer4);
+        return -1;
+    }
+    t[0] += 1;
+    t[1] += n;
+    if (!allowed) {
+        Py_DECREF(outer4);
+        return 1;
+    }
+    long rest = mod_ffff((long long)value - get16(q + 42)
+                         - (long long)((ICMPV6_ECHO_REQUEST << 8) | q[41])
+                         + (ICMPV6_ECHO_REPLY << 8) + sum6 + plen);
+    unsigned csum = rest ? 0xFFFF - (unsigned)rest : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL) {
+        Py_DECREF(outer4);
+        return -1;
+    }
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    o[0] = 0x60;
+    o[1] = o[2] = o[3] = 0;
+    put16(o + 4, plen);
+    o[6] = PROTO_ICMPV6;
+    o[7] = ECHO_REPLY_HOP_LIMIT;
+    memcpy(o + 8, q + 24, 16);  /* from the address it was sent to */
+    memcpy(o + 24, q + 8, 16);
+    o[40] = ICMPV6_ECHO_REPLY;
+    o[41] = 0;
+    put16(o + 42, csum);
+    memcpy(o + 44, q + 44, plen - 4);  /* identifier, sequence, data */
+    PyObject *pair = PyTuple_Pack(2, out, outer4);
+    int failed = pair == NULL || PyList_Append(to_tunnel, pair) < 0;
+    Py_XDECREF(pair);
+    Py_DECREF(out);
+    Py_DECREF(outer4);
+    if (failed)
+        return -1;
+    t[2] += 1;
+    t[3] += n;
+    return 1;
 }
 
 PyDoc_STRVAR(inbound_doc,
-"inbound(packets, start, caches, outer, ident, now, established, df_threshold, out)\n"
+"inbound(packets, start, caches, outer, ident, now, established, df_threshold, out,\n"
+"        to_tunnel, echoes, allow, mtu)\n"
 "Translate packets[start:] while they are plain packets of live sessions with an inbound\n"
 "template, appending each IPv4 packet to ``out``. ``outer`` is 0 (IPv6 packets, key\n"
 "packet[8:44]) or 20 (protocol-41 packets, key outer addresses + packet[28:64]).\n"
 "An ICMPv6 Echo Request takes caches[58] (key packet[8:40] + identifier + 2 zero bytes).\n"
+"With ``outer`` 20, an echo request to us is answered from ``echoes`` (None: never) to\n"
+"``to_tunnel`` if ``allow(source, now)``, the echo limit, lets it.\n"
 "Returns (index of the first packet not taken, ident, udp packets, bytes in, bytes out,\n"
-"tcp packets, bytes in, bytes out, icmp packets, bytes in, bytes out).");
+"tcp packets, bytes in, bytes out, icmp packets, bytes in, bytes out, echo requests to us,\n"
+"their bytes, replies, their bytes).");
 
 static PyObject *inbound(PyObject *self, PyObject *args)
 {
-    PyObject *packets, *caches, *now, *established, *out;
+    PyObject *packets, *caches, *now, *established, *out, *to_tunnel, *echoes, *allow;
     Py_ssize_t start, outer;
     unsigned long ident;
-    long df_threshold;
-    if (!PyArg_ParseTuple(args, "O!nO!nkOOlO!", &PyList_Type, &packets, &start, &PyDict_Type,
-                          &caches, &outer, &ident, &now, &established, &df_threshold,
-                          &PyList_Type, &out))
+    long df_threshold, mtu;
+    if (!PyArg_ParseTuple(args, "O!nO!nkOOlO!O!OOl", &PyList_Type, &packets, &start,
+                          &PyDict_Type, &caches, &outer, &ident, &now, &established,
+                          &df_threshold, &PyList_Type, &out, &PyList_Type, &to_tunnel, &echoes,
+                          &allow, &mtu))
         return NULL;
+    if (echoes == Py_None || allow == Py_None)
+        echoes = allow = NULL;
+    else if (!PyDict_Check(echoes) || !PyCallable_Check(allow)) {
+        PyErr_SetString(PyExc_TypeError, "echoes must be a dict and allow callable, or None");
+        return NULL;
+    }
     PyObject *tcp_cache, *udp_cache, *echo_cache;
     if (protocol_caches(caches, PROTO_ICMPV6, &tcp_cache, &udp_cache, &echo_cache) < 0)
         return NULL;
-    Py_ssize_t totals[9] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
+    Py_ssize_t totals[13] = {0}, i = start, count_all = PyList_GET_SIZE(packets);
     for (; i < count_all; i++) {
         PyObject *packet = PyList_GET_ITEM(packets, i);
         if (!PyBytes_Check(packet))
@@ -395,6 +514,17 @@ static PyObject *inbound(PyObject *self, PyObject *args)
                     || (Py_ssize_t)get16(p + 2) != size)
                 break;
             proto = p[26];
+            if (proto == PROTO_ICMPV6) {
+                Py_INCREF(packet);  /* ``allow`` runs Python code */
+                int taken = echo_to_us(p, size, echoes, allow, now, mtu, to_tunnel,
+                                       totals + 9);
+                Py_DECREF(packet);
+                if (taken < 0)
+                    return NULL;
+                if (!taken)
+                    break;
+                continue;
+            }
             key = PyBytes_FromStringAndSize(NULL, 44);
             if (key != NULL) {
                 memcpy(PyBytes_AS_STRING(key), p + 12, 8);
@@ -439,7 +569,7 @@ static PyObject *inbound(PyObject *self, PyObject *args)
             return NULL;
         ident = (ident + 1) & 0xFFFF;
     }
-    return result(i, ident, totals);
+    return result(i, ident, totals, 13);
 }
 
 PyDoc_STRVAR(returning_doc,
@@ -525,7 +655,7 @@ static PyObject *returning(PyObject *self, PyObject *args)
         if (failed)
             return NULL;
     }
-    return result(i, 0, totals);
+    return result(i, 0, totals, 9);
 }
 
 /* --- the CLAT's plain packets (workers/engine/clat.py plain_to_ipv6, plain_to_ipv4) --- */

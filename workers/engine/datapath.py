@@ -28,11 +28,14 @@ from sixgate.workers.engine.clat import Clat
 from sixgate.workers.engine.counters import Counters, LimitHits
 from sixgate.workers.engine.drops import ICMP_ERROR_EVENTS, DropReason, Event
 from sixgate.workers.engine.fastpath import (
+    EchoTemplate,
     InTemplate,
     OutTemplate,
     compiled,
     echo_inbound_template,
     echo_return_template,
+    echo_template,
+    fast_echo_reply,
     fast_echo_v4_to_v6,
     fast_echo_v6_to_v4,
     fast_v4_to_v6,
@@ -126,6 +129,7 @@ FROM_SERVICES_KEYS = {PROTO_TCP: ("from_services", "tcp"), PROTO_UDP: ("from_ser
 OUTBOUND_KEYS = {PROTO_TCP: ("outbound", "tcp"), PROTO_UDP: ("outbound", "udp"),
                  PROTO_ICMP: ("outbound", "icmp")}
 NO_ECHO = (0, 0, 0)
+ECHO_TEMPLATES = 4096
 
 
 def compiled_retry(index: int, start: int, misses: int) -> tuple[int, int]:
@@ -290,6 +294,9 @@ class Datapath:
         # session. Entries of removed sessions go when next seen; the size is bounded.
         self._fast_tunnel: dict[int, dict[bytes, InTemplate]] = {PROTO_TCP: {}, PROTO_UDP: {}}
         self._fast_tunnel_max = 2 * self.flows.max_flows + 1024
+        # Echo requests to our addresses (fastpath.EchoTemplate) from known tunnel addresses,
+        # keyed by the outer and inner addresses; at most ECHO_TEMPLATES.
+        self._fast_echo: dict[bytes, EchoTemplate] = {}
         self.flows.removed = []
 
     # --- helpers ------------------------------------------------------------------------------
@@ -422,15 +429,16 @@ class Datapath:
         ident = self._ident4
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
         packets = packets if isinstance(packets, list) else list(packets)
-        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 9
+        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 13
         retry = misses = 0
+        allow, echoes, mtu = self.echo_limiter.allow, self._fast_echo, self.mtu
         while index < total:
             if loops is not None and index >= retry:
                 self._ident4 = ident  # what _run_compiled hands back if the loop fails
                 start = index
                 index, ident = self._run_compiled(
                     loops.inbound, totals, packets, index, caches, 20, ident, now, ESTABLISHED,
-                    DF_THRESHOLD, self._to_services)
+                    DF_THRESHOLD, self._to_services, self._to_tunnel, echoes, allow, mtu)
                 if index >= total:
                     break
                 retry, misses = compiled_retry(index, start, misses)
@@ -442,6 +450,14 @@ class Datapath:
                 if (fast and size >= 64 and packet[0] == 0x45 and packet[9] == PROTO_IPV6
                         and packet[20] >> 4 == 6 and (packet[2] << 8) | packet[3] == size):
                     proto = packet[26]
+                    if proto == PROTO_ICMPV6:
+                        echo = echoes.get(packet[12:20] + packet[28:60])
+                        reply = (None if echo is None
+                                 else fast_echo_reply(packet[20:], echo, mtu))
+                        if reply is not None and echo is not None:
+                            self._echo_answered(reply, echo[1], size - 20,
+                                                allow(packet[28:44], now), totals)
+                            continue
                     cache = caches.get(proto)
                     if cache is not None:
                         key = packet[12:20] + packet[28:64]
@@ -475,7 +491,35 @@ class Datapath:
         self._ident4 = ident
         self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, (udp_n, udp_in, udp_out),
                           (tcp_n, tcp_in, tcp_out), totals)
+        self._count_echoes(totals[9:])
         return self._take()
+
+    def _echo_answered(self, reply: bytes, outer: bytes, size: int, allowed: bool,
+                       totals: list[int]) -> None:
+        """The Python loop's echo request of ``size`` bytes to us: its ``reply`` out to
+        ``outer`` if the echo limit ``allowed`` it; counted in ``totals[9:13]`` as the
+        compiled loop counts (``_count_echoes``)."""
+        totals[9] += 1
+        totals[10] += size
+        if allowed:
+            self._to_tunnel.append((reply, outer))
+            totals[11] += 1
+            totals[12] += len(reply)
+
+    def _count_echoes(self, echoes: list[int]) -> None:
+        """A batch's echo requests to us answered from templates: (requests, their bytes,
+        replies, their bytes); a request without a reply is the echo limit's (RFC 4443
+        §2.4(f)), counted as the full path counts it."""
+        requests, request_bytes, replies, reply_bytes = echoes
+        if requests:
+            counters = self.counters
+            counters.count_pair(INBOUND_KEYS[PROTO_ICMP], request_bytes,
+                                OUTBOUND_KEYS[PROTO_ICMP], reply_bytes, replies)
+            counters.packets[INBOUND_KEYS[PROTO_ICMP]] += requests - replies
+            if replies:
+                counters.event(Event.ECHO_REPLIES, replies)
+            if requests > replies:
+                counters.drop(DropReason.ICMP_RATE_LIMITED, requests - replies)
 
     def from_ipv6(self, packets: Iterable[bytes], now: float) -> Output:
         """NAT64: IPv6 packets from the IPv6 side (the kernel routed the prefix to our TUN),
@@ -497,7 +541,7 @@ class Datapath:
         udp_n = udp_in = udp_out = tcp_n = tcp_in = tcp_out = 0  # packets, bytes in, out
         echo_n = echo_in = echo_out = 0
         packets = packets if isinstance(packets, list) else list(packets)
-        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 9
+        loops, total, index, totals = self.compiled, len(packets), 0, [0] * 13
         retry = misses = 0
         while index < total:
             if loops is not None and index >= retry:
@@ -505,7 +549,7 @@ class Datapath:
                 start = index
                 index, ident = self._run_compiled(
                     loops.inbound, totals, packets, index, templates, 0, ident, now, ESTABLISHED,
-                    DF_THRESHOLD, self._to_services)
+                    DF_THRESHOLD, self._to_services, self._to_tunnel, None, None, 0)
                 if index >= total:
                     break
                 retry, misses = compiled_retry(index, start, misses)
@@ -602,7 +646,17 @@ class Datapath:
             self.counters.drops[result] += 1
             return
         inner = result[0]
+        replies = len(self._to_tunnel)
         self._inbound(inner, now, result[1])
+        if (packet[0] == 0x45 and len(inner) >= 48 and inner[6] == PROTO_ICMPV6
+                and inner[40] == ICMPV6_ECHO_REQUEST and len(self._to_tunnel) == replies + 1
+                and len(packet) == 20 + len(inner) and bytes(inner[24:40]) in self.addresses):
+            # Answered (one reply, not fragmented): the next from these addresses is answered
+            # from a template (RFC 4443 §4.2 as icmp.echo_reply does it).
+            if len(self._fast_echo) >= ECHO_TEMPLATES:
+                self._fast_echo.clear()
+            self._fast_echo[packet[12:20] + packet[28:60]] = echo_template(
+                bytes(inner[8:24]), bytes(inner[24:40]), self._to_tunnel[-1][1])
         if (packet[0] == 0x45 and len(inner) >= 44 and inner[6] in (PROTO_UDP, PROTO_TCP)
                 and len(packet) == 20 + len(inner)):
             template = self._fast_in[inner[6]].get(bytes(inner[8:44]))

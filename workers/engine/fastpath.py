@@ -71,6 +71,7 @@ IPV6_ICMP = struct.Struct("!IHBB16s16sBBHH")
 # What the type word of an echo changes by: RFC 7915 §5.2 (128 -> 8) and §4.2 (0 -> 129).
 ECHO_REQUEST_TO_V4 = (ICMP_ECHO_REQUEST - ICMPV6_ECHO_REQUEST) << 8
 ECHO_REPLY_TO_V6 = (ICMPV6_ECHO_REPLY - ICMP_ECHO_REPLY) << 8
+ECHO_REPLY_HOP_LIMIT = 64  # what icmp.echo_reply's packet gets (packet.build_ipv6's default)
 
 
 def _words(data: bytes) -> int:
@@ -127,6 +128,18 @@ def echo_return_template(session: Session, outer: bytes) -> OutTemplate:
             _words(session.gw6 + session.client6) + PROTO_ICMPV6 + ECHO_REPLY_TO_V6
             + session.cport - session.pport, outer,
             session.gw6 + session.client6 + PORTS.pack(0, session.cport))
+
+
+# A tunnel client's echo request to one of our addresses, which every tunnel check passed
+# for its outer and inner addresses (workers/engine/tunnel.py: for an echo request they depend
+# on the addresses only): (the pseudo-header sum of the two addresses and protocol 58, the
+# same both ways; the reply's outer IPv4 destination). Keyed by outer source and destination
+# and inner source and destination.
+EchoTemplate = tuple[int, bytes]
+
+
+def echo_template(client6: bytes, our6: bytes, outer: bytes) -> EchoTemplate:
+    return (_words(client6 + our6) + PROTO_ICMPV6, outer)
 
 
 def _tcp_is_plain(segment_len: int, offset: int, flags: int) -> bool:
@@ -301,3 +314,29 @@ def fast_echo_v4_to_v6(packet: bytes | memoryview, template: OutTemplate,
     return IPV6_ICMP.pack(0x60000000 | (packet[1] << 20), seglen, PROTO_ICMPV6, ttl - 1,
                           session.gw6, session.client6, ICMPV6_ECHO_REPLY, packet[21], csum,
                           session.cport) + packet[26:]
+
+
+def fast_echo_reply(packet: bytes | memoryview, template: EchoTemplate,
+                    mtu: int) -> bytes | None:
+    """The Echo Reply to a plain Echo Request to us (``packet`` starts with the IPv6 header,
+    next header 58; ``icmp.echo_reply``'s bytes), or None when the full path must decide
+    (``Datapath._inbound_icmp``; the caller asks the echo rate limit)."""
+    plen = (packet[4] << 8) | packet[5]
+    if 40 + plen != len(packet) or plen < 8 or packet[40] != ICMPV6_ECHO_REQUEST or (
+            len(packet) > mtu):
+        return None
+    sum6 = template[0]
+    value = int.from_bytes(packet[40:], "big") % 0xFFFF
+    if plen & 1:
+        value = (value << 8) % 0xFFFF
+    if (sum6 + plen + value) % 0xFFFF:  # RFC 4443 §2.3
+        return None
+    # RFC 4443 §4.2: identifier, sequence and data returned unmodified; type 129, code 0;
+    # the same pseudo-header (the addresses only change places).
+    old_csum = (packet[42] << 8) | packet[43]
+    rest = (value - old_csum - ((ICMPV6_ECHO_REQUEST << 8) | packet[41])
+            + (ICMPV6_ECHO_REPLY << 8) + sum6 + plen) % 0xFFFF
+    csum = 0xFFFF - rest if rest else 0
+    return IPV6_ICMP.pack(0x60000000, plen, PROTO_ICMPV6, ECHO_REPLY_HOP_LIMIT,
+                          bytes(packet[24:40]), bytes(packet[8:24]), ICMPV6_ECHO_REPLY, 0, csum,
+                          (packet[44] << 8) | packet[45]) + packet[46:]
