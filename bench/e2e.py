@@ -368,6 +368,18 @@ def latency_lines(systems: dict[str, Any]) -> list[str]:
         lines.append(f"{system['label']:<12}{_us(idle['p50_us']):>10}{_us(idle['p99_us']):>10}"
                      f"{_k(lat['load_pps']) + '/s':>10}{_us(loaded['p50_us']):>10}"
                      f"{_us(loaded['p99_us']):>10}{lost:>6}")
+    tayga = systems.get("TAYGA", {}).get("latency")
+    if tayga:
+        lines.append("echo RTT sixgate/TAYGA of this run (goal <= 1.0): "
+                     "idle p50, at load p50, at load p99")
+        for system in rows:
+            if system["label"] == "TAYGA":
+                continue
+            lat = system["latency"]
+            lines.append(f"  {system['label']:<11}" + ", ".join(
+                _ratio(lat[which][pct], tayga[which][pct])
+                for which, pct in (("idle", "p50_us"), ("loaded", "p50_us"),
+                                   ("loaded", "p99_us"))))
     return lines
 
 
