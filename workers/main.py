@@ -487,10 +487,10 @@ class Worker:
                 self._ask(self.pull, pull_fd, pending, self._drain_pull, now)
             if capture_fd in events:
                 self._drain_capture(now)
-            if self.tun6_fd in events:
-                self._drain_tun6(now)
+            if self.tun6_fd in events and 0 < self._drain_tun6(now) < BUSY_BATCH:
                 # What it wrote the kernel mostly answers at once (an echo, a local
-                # service): read now, not after another poll (issue 21: latency).
+                # service): an idle worker reads it now, not after another poll (issue 21:
+                # latency); a busy one leaves it to the poll (no read that finds nothing).
                 events.add(self.tun_fd)
             if self.tun_fd in events:
                 self._drain_tun(now)
@@ -571,9 +571,9 @@ class Worker:
                 break
         return packets
 
-    def _drain_tun6(self, now: float) -> None:
-        """NAT64: the clients' IPv6 waiting on the IPv6 device."""
-        self._drain_device(self.tun6_fd, self.datapath.from_ipv6, "inbound", now)
+    def _drain_tun6(self, now: float) -> int:
+        """NAT64: the clients' IPv6 waiting on the IPv6 device; the last batch's size."""
+        return self._drain_device(self.tun6_fd, self.datapath.from_ipv6, "inbound", now)
 
     def _drain_tun(self, now: float) -> None:
         """The services' packets (NAT64: the IPv4 internet's; CLAT: the host's IPv4 and the
@@ -589,22 +589,25 @@ class Worker:
                            self.clat_out)
 
     def _drain_device(self, fd: int, translate: Callable[[list[bytes], float], Output],
-                      processing: str, now: float, out: DeviceOut | None = None) -> None:
+                      processing: str, now: float, out: DeviceOut | None = None) -> int:
         """What waits on a device, translated and sent in batches, each one's time observed
-        as its mean per packet. A busy device (a batch of BUSY_BATCH or more) is read again
-        at once, up to INBOUND_BATCHES times, instead of through another poll: under load
-        the poll's cost is spread over more packets; an idle device answers as before."""
+        as its mean per packet; the last batch's size. A busy device (a batch of BUSY_BATCH
+        or more) is read again at once, up to INBOUND_BATCHES times, instead of through
+        another poll: under load the poll's cost is spread over more packets; an idle device
+        answers as before."""
+        packets: list[bytes] = []
         for _ in range(INBOUND_BATCHES):
             packets = self._read_tun(fd)
             if not packets:
-                return
+                break
             start = time.perf_counter()
             output = translate(packets, now)
             self.processing[processing].observe_many(
                 (time.perf_counter() - start) / len(packets), len(packets))
             self._send(output, out)
             if len(packets) < BUSY_BATCH:
-                return
+                break
+        return len(packets)
 
     def _send(self, output: Output, out: DeviceOut | None = None) -> None:
         """Send what the engine returned, its device packets through ``out`` (the TUN
