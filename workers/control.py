@@ -42,6 +42,8 @@ MAX_RELOAD_BYTES = 1 << 20
 # serializes them inside its packet loop, so the work per request is bounded.
 FLOWS_PAGE_DEFAULT = 1000
 FLOWS_PAGE_MAX = 10_000
+# ``ask``: how soon ZeroMQ tries a connection again to a process still binding its socket.
+RECONNECT_IVL_MS = 5
 
 
 def request(cmd: str, **args: Any) -> dict[str, Any]:
@@ -85,9 +87,6 @@ def ok(**fields: Any) -> dict[str, Any]:
 
 def error(message: str, **fields: Any) -> dict[str, Any]:
     return {"v": CONTROL_VERSION, "ok": False, "error": message, **fields}
-
-
-RECONNECT_IVL_MS = 5
 
 
 def ask(ctx: zmq.Context[Any], endpoints: list[str], req: dict[str, Any],

@@ -513,9 +513,11 @@ class Datapath:
         requests, request_bytes, replies, reply_bytes = echoes
         if requests:
             counters = self.counters
-            counters.count_pair(INBOUND_KEYS[PROTO_ICMP], request_bytes,
-                                OUTBOUND_KEYS[PROTO_ICMP], reply_bytes, replies)
-            counters.packets[INBOUND_KEYS[PROTO_ICMP]] += requests - replies
+            packets, octets = counters.packets, counters.bytes
+            packets[INBOUND_KEYS[PROTO_ICMP]] += requests
+            octets[INBOUND_KEYS[PROTO_ICMP]] += request_bytes
+            packets[OUTBOUND_KEYS[PROTO_ICMP]] += replies
+            octets[OUTBOUND_KEYS[PROTO_ICMP]] += reply_bytes
             if replies:
                 counters.event(Event.ECHO_REPLIES, replies)
             if requests > replies:
@@ -568,14 +570,6 @@ class Datapath:
                     out = None
                 elif proto == PROTO_ICMPV6:
                     out = fast_echo_v6_to_v4(packet, template, (ident + 1) & 0xFFFF)
-                    if out is not None:
-                        ident = (ident + 1) & 0xFFFF
-                        append(out)
-                        template[0].last_seen = now
-                        echo_n += 1
-                        echo_in += size
-                        echo_out += len(out)
-                        continue
                 else:
                     out = fast_v6_to_v4(packet, proto, template, (ident + 1) & 0xFFFF)
                 if out is None:
@@ -591,6 +585,11 @@ class Datapath:
                     udp_n += 1
                     udp_in += size
                     udp_out += len(out)
+                elif proto == PROTO_ICMPV6:
+                    session.last_seen = now
+                    echo_n += 1
+                    echo_in += size
+                    echo_out += len(out)
                 else:
                     touch_tcp(session, packet[53], True, now)
                     tcp_n += 1
@@ -628,7 +627,7 @@ class Datapath:
         Python loop's plus the compiled one's (UDP's three, TCP's, then the echo's)."""
         for proto, (n, size_in, size_out), extra in ((PROTO_UDP, udp, compiled[:3]),
                                                       (PROTO_TCP, tcp, compiled[3:6]),
-                                                      (PROTO_ICMP, echo, compiled[6:])):
+                                                      (PROTO_ICMP, echo, compiled[6:9])):
             n, size_in, size_out = n + extra[0], size_in + extra[1], size_out + extra[2]
             if n:
                 self.counters.count_pair(first[proto], size_in, second[proto], size_out, n)

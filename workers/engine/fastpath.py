@@ -47,6 +47,7 @@ from sixgate.workers.engine.packet import (
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
+    sum16,
 )
 from sixgate.workers.engine.translate import DF_THRESHOLD
 
@@ -266,9 +267,7 @@ def fast_echo_v6_to_v4(packet: bytes | memoryview, template: InTemplate,
             packet[40] != ICMPV6_ECHO_REQUEST):
         return None
     session, sum6, addr4, delta, _addresses = template
-    value = int.from_bytes(packet[40:], "big") % 0xFFFF
-    if plen & 1:
-        value = (value << 8) % 0xFFFF
+    value = sum16(packet[40:]) % 0xFFFF
     if (sum6 + plen + value) % 0xFFFF:  # RFC 4443 §2.3: over the IPv6 pseudo-header
         return None
     old_csum = (packet[42] << 8) | packet[43]
@@ -302,9 +301,7 @@ def fast_echo_v4_to_v6(packet: bytes | memoryview, template: OutTemplate,
         return None
     if int.from_bytes(packet[:20], "big") % 0xFFFF:  # RFC 791
         return None
-    value = int.from_bytes(packet[20:], "big") % 0xFFFF
-    if seglen & 1:
-        value = (value << 8) % 0xFFFF
+    value = sum16(packet[20:]) % 0xFFFF
     if value:  # RFC 792: the checksum covers the whole message
         return None
     session, delta, _outer, _addresses = template
@@ -326,9 +323,7 @@ def fast_echo_reply(packet: bytes | memoryview, template: EchoTemplate,
             len(packet) > mtu):
         return None
     sum6 = template[0]
-    value = int.from_bytes(packet[40:], "big") % 0xFFFF
-    if plen & 1:
-        value = (value << 8) % 0xFFFF
+    value = sum16(packet[40:]) % 0xFFFF
     if (sum6 + plen + value) % 0xFFFF:  # RFC 4443 §2.3
         return None
     # RFC 4443 §4.2: identifier, sequence and data returned unmodified; type 129, code 0;
