@@ -8,7 +8,9 @@ straight to the tunnel peer (the kernel writes the outer header: TTL 64, DF clea
 batch per io_uring call (``workers/uring.py``) or a packet per write(2); and a ZeroMQ REP
 control socket that answers ``flows``/``ping``/``stats`` requests. The engine returns what to
 send (``Output``); a packet that raised is counted there as INTERNAL_ERROR and logged here,
-rate-limited, and never kills the loop.
+rate-limited, and never kills the loop. A NAT64 on TUN devices with the compiled loops built
+is served by a compiled loop around the poll (workers/_tunread.c ``serve``): it reads, translates
+and writes the plain packets of known sessions with no Python run, and hands the rest back.
 
 Started by the coordinator as ``python -m sixgate.workers.main --settings FILE --index N``.
 """
@@ -41,7 +43,7 @@ from sixgate.workers.engine.counters import (
     TunnelTraffic,
     worker_stats,
 )
-from sixgate.workers.engine.datapath import Datapath, Output
+from sixgate.workers.engine.datapath import Datapath, DeviceLoops, Output
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.flows import Bib, FlowTable, Session
 from sixgate.workers.engine.packet import PROTO_ICMP, PROTO_TCP, PROTO_UDP
@@ -59,9 +61,9 @@ from sixgate.workers.privileges import become_supervisor, drop_privileges
 from sixgate.workers.uring import UringWriter
 
 try:  # a batch of TUN reads in C, built at install beside the engine's compiled loops
-    from sixgate.workers._tunread import read_packets
+    from sixgate.workers._tunread import read_packets, serve
 except ImportError:  # pragma: no cover - a host without gcc at install time
-    read_packets = None  # type: ignore[assignment]
+    read_packets = serve = None  # type: ignore[assignment]
 
 log = logging.getLogger("sixgate.worker")
 
@@ -73,6 +75,9 @@ IP_PMTUDISC_DONT = 0
 INBOUND_BATCHES = 4
 BUSY_BATCH = 8  # a device read that found this many packets is read again before a poll
 TUN_BATCH = 256
+# The compiled loop around a NAT64's devices hands back to Python after this many packets at
+# the latest, so the control socket, the tick and the journal are never kept waiting long.
+SERVE_LIMIT = 4096
 TRACEBACK_LOG_INTERVAL_S = 10.0
 # Send errors that are load or routing, counted as send_failed without a log line each.
 QUIET_SEND_ERRORS = frozenset({errno.ENOBUFS, errno.EAGAIN, errno.ENETUNREACH,
@@ -475,11 +480,21 @@ class Worker:
         pending = {pull_fd, control_fd}  # asked at the first turn
         next_tick = time.monotonic() + 1.0
         flows = self.datapath.flows
+        # A NAT64 on TUN devices with the compiled loops: they are served by a compiled loop
+        # around the poll, which runs no Python for a packet it translates (issue 21: an idle
+        # gateway's wakeup is a packet's latency); it comes back for everything else.
+        watch = [fd for fd in (self.wake_fd, capture_fd, self.clat_fd, pull_fd, control_fd)
+                 if fd >= 0]
+        devices = serve is not None and self.tun6_fd >= 0
         while self.running:
             # A journal waiting to go out is sent within its interval even when all is quiet.
             timeout = (0 if pending else int(FLUSH_INTERVAL_S * 1000)
                        if flows.journal or flows.journal_removed else 500)
-            events = {fd for fd, _ in poller.poll(timeout)}
+            loops = self.datapath.device_loops() if devices else None
+            if loops is not None:
+                events = self._serve(loops, watch, timeout)
+            else:
+                events = {fd for fd, _ in poller.poll(timeout)}
             now = time.monotonic()
             if self.wake_fd in events:  # a signal's byte: the loop's condition decides
                 os.read(self.wake_fd, 512)
@@ -506,6 +521,43 @@ class Worker:
                     self.capture.tick(now)
                 self._log_limits(now)
         self._flush_journal(time.monotonic(), last=True)
+
+    def _serve(self, loops: DeviceLoops, watch: list[int], timeout: int) -> set[int]:
+        """One call of the compiled loop around the NAT64's devices (workers/_tunread.c
+        ``serve``) with the engine's ``loops``: what it translated counted, what it left
+        (from the first packet its compiled loops did not take) through the engine; the
+        ``watch`` descriptors ready."""
+        datapath = self.datapath
+        out = self.tun_out
+        assert out is not None
+        writer = out.write if out.ring is not None else None
+        try:
+            (ready, ident, left6, left4, to_tunnel, inbound, returning, seconds6, seconds4,
+             served6, served4, failed) = serve(
+                watch, timeout, self.tun6_fd, self.tun_fd, self.tun_fd, loops.inbound,
+                loops.in_caches, loops.returning, loops.out_caches, loops.ident,
+                loops.established, loops.df_threshold, loops.mtu, writer, SERVE_LIMIT)
+        except OSError:
+            raise  # a device that fails, as a read outside it: the worker is restarted
+        except Exception as exc:  # noqa: BLE001 - as _run_compiled: counted once, logged
+            datapath.counters.drop(DropReason.INTERNAL_ERROR)
+            self.errors.packet_raised(exc)
+            return set()
+        datapath.count_served(ident, inbound, returning)
+        if served6:
+            self.processing["inbound"].observe_many(seconds6 / served6, served6)
+        if served4:
+            self.processing["from_services"].observe_many(seconds4 / served4, served4)
+        if failed:
+            datapath.counters.drop(DropReason.SEND_FAILED, failed)
+        now = time.monotonic()
+        if to_tunnel:
+            self._send(Output([], to_tunnel))
+        if left6:
+            self._translate(left6, datapath.from_ipv6, "inbound", now)
+        if left4:
+            self._translate(left4, datapath.from_services, "from_services", now)
+        return set(ready)
 
     @staticmethod
     def _ask(sock: zmq.Socket[bytes], fd: int, pending: set[int],
@@ -600,14 +652,19 @@ class Worker:
             packets = self._read_tun(fd)
             if not packets:
                 break
-            start = time.perf_counter()
-            output = translate(packets, now)
-            self.processing[processing].observe_many(
-                (time.perf_counter() - start) / len(packets), len(packets))
-            self._send(output, out)
+            self._translate(packets, translate, processing, now, out)
             if len(packets) < BUSY_BATCH:
                 break
         return len(packets)
+
+    def _translate(self, packets: list[bytes], translate: Callable[[list[bytes], float], Output],
+                   processing: str, now: float, out: DeviceOut | None = None) -> None:
+        """A batch through the engine and out, its time observed as its mean per packet."""
+        start = time.perf_counter()
+        output = translate(packets, now)
+        self.processing[processing].observe_many(
+            (time.perf_counter() - start) / len(packets), len(packets))
+        self._send(output, out)
 
     def _send(self, output: Output, out: DeviceOut | None = None) -> None:
         """Send what the engine returned, its device packets through ``out`` (the TUN

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sixgate.workers.engine.clat import Clat
 from sixgate.workers.engine.counters import Counters, LimitHits
@@ -168,6 +169,21 @@ class Output:
     raised: Exception | None = None  # the last exception a packet raised (INTERNAL_ERROR)
     # NAT64: IPv6 packets for the IPv6 side (the TUN device; the IPv4 ones are to_services).
     to_ipv6: list[bytes] = field(default_factory=list)
+
+
+class DeviceLoops(NamedTuple):
+    """What a compiled loop around a NAT64's TUN devices (workers/_tunread.c ``serve``) needs
+    to translate their plain packets as ``from_ipv6`` and ``from_services`` would: the
+    engine's compiled batch loops, their template tables and arguments."""
+
+    inbound: Callable[..., tuple[int, ...]]
+    in_caches: dict[int, dict[bytes, InTemplate]]
+    returning: Callable[..., tuple[int, ...]]
+    out_caches: dict[int, dict[bytes, OutTemplate]]
+    ident: int  # the next IPv4 identification's predecessor
+    established: object
+    df_threshold: int
+    mtu: int
 
 # RFC 6146 §4 TCP_INCOMING_SYN: how long an IPv4 SYN to no binding waits for the client's own
 # SYN before it is answered with port unreachable; at most this many wait at once (§5.3).
@@ -603,6 +619,25 @@ class Datapath:
         self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, (udp_n, udp_in, udp_out),
                           (tcp_n, tcp_in, tcp_out), totals, (echo_n, echo_in, echo_out))
         return self._take()
+
+    def device_loops(self) -> DeviceLoops | None:
+        """The compiled loops and tables for a loop around the devices that runs no Python
+        per packet (``count_served`` counts what it did); None where the loops are not built
+        or this is no NAT64 on TUN devices: the shell then calls ``from_ipv6`` and
+        ``from_services`` per batch."""
+        if self.compiled is None or self.nat64 is None or not self.nat64_tun:
+            return None
+        return DeviceLoops(self.compiled.inbound, self._fast_in, self.compiled.returning,
+                           self._fast_out, self._ident4, ESTABLISHED, DF_THRESHOLD, self.mtu)
+
+    def count_served(self, ident: int, inbound: Sequence[int], returning: Sequence[int]) -> None:
+        """Count what a loop from ``device_loops`` translated: the inbound loop's totals
+        (as ``from_ipv6`` counts them), the returning loop's (as ``from_services``); ``ident``
+        is the last IPv4 identification it gave."""
+        self._ident4 = ident
+        self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, NO_ECHO, NO_ECHO, list(inbound))
+        self._count_echoes(list(inbound[9:13]))
+        self._count_batch(FROM_SERVICES_KEYS, OUTBOUND_KEYS, NO_ECHO, NO_ECHO, list(returning))
 
     def _run_compiled(self, loop: Callable[..., tuple[int, ...]], totals: list[int],
                       packets: list[bytes], *args: object) -> tuple[int, int]:

@@ -1,0 +1,195 @@
+"""workers/_tunread.c ``serve``: a NAT64 worker's compiled loop around poll(2). What it
+translates leaves byte for byte as the engine's batch calls would give it, counted the same;
+from the first packet its compiled loops do not take, the batch is handed back to Python in
+order; it returns when a watched descriptor is readable; a refused write is counted.
+
+SOCK_SEQPACKET socket pairs stand for the TUN devices (one packet per read(2) and write(2),
+as tests/unit/test_tunread.py); a second engine with the same settings, called per batch as
+the worker calls it without the loop, is the reference."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+from scapy.packet import Raw, raw
+from support.helpers import require_compiled
+from test_nat64_datapath import CLIENT, POOL4, SERVER, SERVER6, nat64, udp6
+
+from sixgate.workers.engine.datapath import Datapath
+from sixgate.workers.main import serve
+
+
+class Devices:
+    """Three packet pipes: the IPv6 device and the IPv4 one (serve reads them) and the
+    device serve writes to."""
+
+    def __init__(self) -> None:
+        self.pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                      for _ in range(3)]
+        for ours, theirs in self.pairs:
+            ours.setblocking(False)
+            theirs.setblocking(False)
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+
+    def send6(self, packets: list[bytes]) -> None:
+        for packet in packets:
+            self.pairs[0][1].send(packet)
+
+    def send4(self, packets: list[bytes]) -> None:
+        for packet in packets:
+            self.pairs[1][1].send(packet)
+
+    def written(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.pairs[2][1].recv(65536))
+            except BlockingIOError:
+                return out
+
+    def serve(self, datapath: Datapath, watch: list[int] | None = None, timeout_ms: int = 0,
+              write_fd: int | None = None) -> tuple[Any, ...]:
+        """One call as the worker makes it (workers/main.py ``Worker._serve``)."""
+        loops = datapath.device_loops()
+        assert loops is not None
+        result = serve(watch or [], timeout_ms, self.pairs[0][0].fileno(),
+                       self.pairs[1][0].fileno(),
+                       self.pairs[2][0].fileno() if write_fd is None else write_fd,
+                       loops.inbound, loops.in_caches, loops.returning, loops.out_caches,
+                       loops.ident, loops.established, loops.df_threshold, loops.mtu, None,
+                       4096)
+        datapath.count_served(result[1], result[5], result[6])
+        return result
+
+    def close(self) -> None:
+        for pair in self.pairs:
+            for sock in pair:
+                sock.close()
+
+
+@pytest.fixture()
+def devices() -> Iterator[Devices]:
+    require_compiled(serve, "workers/_tunread.c")
+    made = Devices()
+    yield made
+    made.close()
+
+
+def tcp6(flags: str, seq: int = 1, ack: int = 0, payload: bytes = b"") -> bytes:
+    return raw(IPv6(src=CLIENT, dst=SERVER6) / TCP(sport=50000, dport=80, flags=flags,
+                                                   seq=seq, ack=ack) / Raw(payload))
+
+
+def tcp4(port: int, flags: str, seq: int = 7, ack: int = 1, payload: bytes = b"") -> bytes:
+    return raw(IP(src=SERVER, dst=POOL4) / TCP(sport=80, dport=port, flags=flags, seq=seq,
+                                               ack=ack) / Raw(payload))
+
+
+def echo6(seq: int) -> bytes:
+    return raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(id=0x1234, seq=seq,
+                                                               data=b"ping"))
+
+
+def sessions(datapath: Datapath) -> dict[str, int]:
+    """A UDP, an established TCP and an echo session through the engine: the pool4 port
+    (identifier) of each."""
+    now = time.monotonic()
+    udp = IP(datapath.from_ipv6([udp6()], now).to_services[0])[UDP].sport
+    syn = IP(datapath.from_ipv6([tcp6("S")], now).to_services[0])[TCP].sport
+    datapath.from_services([tcp4(syn, "SA", seq=7, ack=2)], now)
+    datapath.from_ipv6([tcp6("A", seq=2, ack=8)], now)
+    echo = IP(datapath.from_ipv6([echo6(0)], now).to_services[0])[ICMP].id
+    ports = {"udp": udp, "tcp": syn, "echo": echo}
+    # A session's templates are made when it is seen again (Datapath._inbound).
+    for _ in range(2):
+        datapath.from_ipv6(requests(0), now)
+        datapath.from_services(replies(ports, 0), now)
+    return ports
+
+
+def replies(ports: dict[str, int], first: int) -> list[bytes]:
+    return [raw(IP(src=SERVER, dst=POOL4) / UDP(sport=53, dport=ports["udp"]) / Raw(b"answer")),
+            tcp4(ports["tcp"], "A", seq=8, ack=2 + first, payload=b"y" * 50),
+            raw(IP(src=SERVER, dst=POOL4) / ICMP(type=0, id=ports["echo"], seq=first)
+                / Raw(b"ping"))]
+
+
+def requests(first: int) -> list[bytes]:
+    return [udp6(payload=b"q%d" % first), tcp6("A", seq=2 + first, ack=8, payload=b"x" * 40),
+            echo6(first)]
+
+
+def test_it_translates_as_the_engine_does_and_counts_the_same(devices: Devices) -> None:
+    served, reference = nat64(), nat64()
+    ports = sessions(served)
+    assert sessions(reference) == ports
+    expected: list[bytes] = []
+    for first in (1, 4):
+        batch6 = requests(first)
+        batch4 = replies(ports, first)
+        devices.send6(batch6)
+        devices.send4(batch4)
+        result = devices.serve(served)
+        ready, left6, left4, to_tunnel = result[0], result[2], result[3], result[4]
+        assert (ready, left6, left4, to_tunnel) == ([], [], [], [])
+        assert (result[9], result[10], result[11]) == (3, 3, 0)  # translated, refused
+        now = time.monotonic()
+        expected += reference.from_ipv6(batch6, now).to_services
+        expected += reference.from_services(batch4, now).to_ipv6
+    assert devices.written() == expected
+    assert served.counters.packets == reference.counters.packets
+    assert served.counters.bytes == reference.counters.bytes
+    assert served.counters.drops == reference.counters.drops
+    assert served.device_loops().ident == reference.device_loops().ident  # type: ignore[union-attr]
+
+
+def test_from_the_first_packet_it_does_not_take_the_batch_goes_back_in_order(
+        devices: Devices) -> None:
+    served, reference = nat64(), nat64()
+    sessions(served)
+    sessions(reference)
+    new_client = udp6(sport=40001, payload=b"new")  # no session yet: the engine's to make
+    batch = [*requests(1)[:2], new_client, *requests(2)]
+    devices.send6(batch)
+    result = devices.serve(served)
+    assert result[2] == batch[2:] and result[9] == 2
+    now = time.monotonic()
+    rest = served.from_ipv6(result[2], now).to_services  # as the worker does with them
+    assert devices.written() + rest == reference.from_ipv6(batch, now).to_services
+    assert served.counters.packets == reference.counters.packets
+    assert served.counters.bytes == reference.counters.bytes
+
+
+def test_it_returns_when_a_watched_descriptor_is_readable(devices: Devices) -> None:
+    served = nat64()
+    sessions(served)
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"!")
+        # A long timeout: only the readable descriptor can end the call.
+        assert devices.serve(served, [read_end], timeout_ms=60_000)[0] == [read_end]
+        os.read(read_end, 1)
+        assert devices.serve(served, [read_end], timeout_ms=10)[0] == []
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_refused_write_is_counted_not_retried(devices: Devices) -> None:
+    served = nat64()
+    sessions(served)
+    read_end, write_end = os.pipe()
+    try:
+        devices.send6(requests(1))
+        result = devices.serve(served, write_fd=read_end)  # a pipe's read end: EBADF
+        assert (result[9], result[11]) == (3, 3)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
