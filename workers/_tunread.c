@@ -3,16 +3,20 @@
  * its own size (os.read(fd, 65536) allocates 64 KiB per packet, then shrinks it).
  * Also workers/uring.py's per-packet work: each packet copied into its io_uring slot with its
  * length in its submission entry, and io_uring_enter(2) called without ctypes.
- * And a NAT64 worker's whole loop around poll(2) for its TUN devices (``serve``): read,
- * the engine's compiled loops, write, with Python called only for what they leave.
+ * And a worker's whole loop around poll(2) for its TUN devices and its tunnel capture
+ * (``serve``): read, the engine's compiled loops, write and send, with Python called only for
+ * what they leave.
  * Optional like workers/engine/_fastpath.c: the Python loops do the same where it is absent.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <linux/if_packet.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -168,21 +172,28 @@ static PyObject *uring_enter(PyObject *self, PyObject *args)
     return PyLong_FromLong(done);
 }
 
-/* --- a NAT64's devices served without the interpreter (issue 21: latency) ------------ */
+/* --- a worker's devices and capture served without the interpreter (issue 21) --------- */
 
-#define SERVE_BATCH 256   /* packets per read batch (workers/main.py TUN_BATCH) */
+#define SERVE_BATCH 256   /* packets per device read batch (workers/main.py TUN_BATCH) */
+#define CAPTURE_BATCH_MAX 256  /* per recvmmsg(2): workers/capture.py's batch, at most */
 #define SERVE_BUSY 8      /* a batch this big is read again before the next poll (BUSY_BATCH) */
-#define SERVE_ROUNDS 4    /* at most this many batches per device per poll (INBOUND_BATCHES) */
+#define SERVE_ROUNDS 4    /* at most this many batches per source per poll (INBOUND_BATCHES) */
 #define SERVE_WATCH_MAX 16
+#define SEND_BATCH 64
+
+enum { IPV6 = 0, IPV4 = 1, CAPTURE = 2 };  /* the packet sources */
 
 typedef struct {
-    int ipv6_fd, ipv4_fd, write_fd;
+    int fd[3], write_fd, send_fd, capture_batch;
     PyObject *inbound, *in_caches, *returning, *out_caches, *established, *writer;
+    PyObject *tunnel_caches, *echoes, *allow;
     unsigned long ident;
     long df_threshold, mtu;
     /* handed back */
-    PyObject *leftover[2], *to_tunnel;
-    Py_ssize_t totals[2][13], translated[2], failed;
+    PyObject *leftover[3], *statuses, *to_tunnel;
+    Py_ssize_t totals[2][13], translated[2], written, failed, captured, captured_bytes;
+    Py_ssize_t sent, sent_bytes, send_failed;
+    int send_errno;
     double seconds[2];
 } Serve;
 
@@ -193,12 +204,13 @@ static double monotonic(void)
     return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
 }
 
-/* A batch's translated packets to the device: one write(2) each, or through ``writer``
- * (the worker's DeviceOut.write: one io_uring submission) when there are several. A refused
- * write is counted, never retried (as DeviceOut). -1 on error. */
+/* Translated packets to the device: one write(2) each, or through ``writer`` (the worker's
+ * DeviceOut.write: one io_uring submission) when there are several. A refused write is
+ * counted, never retried (as DeviceOut). -1 on error. */
 static int write_out(Serve *s, PyObject *out)
 {
     Py_ssize_t n = PyList_GET_SIZE(out);
+    s->written += n;
     if (n > 1 && s->writer != Py_None) {
         PyObject *failed = PyObject_CallOneArg(s->writer, out);
         if (failed == NULL)
@@ -226,39 +238,200 @@ static int write_out(Serve *s, PyObject *out)
     return 0;
 }
 
-/* One batch from the IPv6 device (``v6``, through the engine's compiled ``inbound``) or the
- * IPv4 one (``returning``), written out: how many packets were read, -1 on error. From the
- * first packet the loop did not take on, the batch is kept for Python (s->leftover), which
- * takes the rest of the way (the packets stay in order); a tunnel client's packets go to
- * s->to_tunnel for Python's sender. */
-static Py_ssize_t serve_batch(Serve *s, int v6)
+/* (packet, outer IPv4 destination) pairs to the tunnel by sendmmsg(2), each to port 0 of its
+ * destination (the kernel writes the outer header), as workers/mmsg.py BatchSender: a packet
+ * the kernel refuses is counted and skipped, never retried. Without a send socket they are
+ * kept for Python (s->to_tunnel). -1 on error. */
+static int send_out(Serve *s, PyObject *pairs)
 {
-    PyObject *packets = PyList_New(0), *out = NULL, *now = NULL, *result = NULL;
-    Py_ssize_t read_count = -1;
+    Py_ssize_t n = PyList_GET_SIZE(pairs);
+    if (s->send_fd < 0) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (PyList_Append(s->to_tunnel, PyList_GET_ITEM(pairs, i)) < 0)
+                return -1;
+        return 0;
+    }
+    struct mmsghdr msgs[SEND_BATCH];
+    struct iovec iovs[SEND_BATCH];
+    struct sockaddr_in names[SEND_BATCH];
+    for (Py_ssize_t first = 0; first < n; first += SEND_BATCH) {
+        unsigned count = (unsigned)(n - first < SEND_BATCH ? n - first : SEND_BATCH);
+        memset(msgs, 0, sizeof(struct mmsghdr) * count);
+        for (unsigned i = 0; i < count; i++) {
+            PyObject *pair = PyList_GET_ITEM(pairs, first + i);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2
+                    || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0))
+                    || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))
+                    || PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1)) != 4) {
+                PyErr_SetString(PyExc_TypeError, "a tunnel packet must be (bytes, 4 bytes)");
+                return -1;
+            }
+            PyObject *payload = PyTuple_GET_ITEM(pair, 0);
+            iovs[i].iov_base = PyBytes_AS_STRING(payload);
+            iovs[i].iov_len = (size_t)PyBytes_GET_SIZE(payload);
+            memset(&names[i], 0, sizeof names[i]);
+            names[i].sin_family = AF_INET;
+            memcpy(&names[i].sin_addr, PyBytes_AS_STRING(PyTuple_GET_ITEM(pair, 1)), 4);
+            msgs[i].msg_hdr.msg_name = &names[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof names[i];
+            msgs[i].msg_hdr.msg_iov = &iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            s->sent_bytes += PyBytes_GET_SIZE(payload);
+        }
+        unsigned done = 0;
+        while (done < count) {
+            int sent = sendmmsg(s->send_fd, msgs + done, count - done, 0);
+            if (sent < 0) {
+                if (errno == EINTR)
+                    continue;
+                s->send_errno = errno;  /* the first unsent packet failed: skip it */
+                s->send_failed++;
+                done++;
+            } else {
+                done += (unsigned)sent;
+            }
+        }
+        s->sent += count;
+    }
+    return 0;
+}
+
+/* Up to ``batch`` (at most CAPTURE_BATCH_MAX) protocol-41 packets from the AF_PACKET
+ * capture (workers/capture.py) by recvmmsg(2), appended to ``packets`` with their tp_status
+ * to ``statuses``: how many, -1 on error (EAGAIN: 0). The slots are allocated at the first
+ * call (a worker without a capture never pays for them). */
+static Py_ssize_t capture_into(int fd, int batch, PyObject *packets, PyObject *statuses)
+{
+    typedef char Control[CMSG_SPACE(sizeof(struct tpacket_auxdata))];
+    static char (*buffers)[BUFFER_SIZE];
+    static Control *control;
+    if (buffers == NULL) {
+        buffers = PyMem_RawMalloc((size_t)CAPTURE_BATCH_MAX * BUFFER_SIZE);
+        control = PyMem_RawMalloc(sizeof(Control) * CAPTURE_BATCH_MAX);
+        if (buffers == NULL || control == NULL) {
+            PyMem_RawFree(buffers);
+            PyMem_RawFree(control);
+            buffers = NULL;
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    if (batch < 1 || batch > CAPTURE_BATCH_MAX)
+        batch = CAPTURE_BATCH_MAX;
+    struct mmsghdr msgs[CAPTURE_BATCH_MAX];
+    struct iovec iovs[CAPTURE_BATCH_MAX];
+    memset(msgs, 0, sizeof(struct mmsghdr) * (size_t)batch);
+    for (int i = 0; i < batch; i++) {
+        iovs[i].iov_base = buffers[i];
+        iovs[i].iov_len = BUFFER_SIZE;
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = control[i];
+        msgs[i].msg_hdr.msg_controllen = sizeof control[i];
+    }
+    int count;
+    do
+        count = recvmmsg(fd, msgs, (unsigned)batch, MSG_DONTWAIT, NULL);
+    while (count < 0 && errno == EINTR);
+    if (count < 0) {
+        if (errno == EAGAIN)
+            return 0;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    for (int i = 0; i < count; i++) {
+        unsigned long status = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msgs[i].msg_hdr); c != NULL;
+             c = CMSG_NXTHDR(&msgs[i].msg_hdr, c)) {
+            if (c->cmsg_level == SOL_PACKET && c->cmsg_type == PACKET_AUXDATA) {
+                struct tpacket_auxdata aux;
+                memcpy(&aux, CMSG_DATA(c), sizeof aux);
+                status = aux.tp_status;
+            }
+        }
+        PyObject *packet = PyBytes_FromStringAndSize(buffers[i], msgs[i].msg_len);
+        PyObject *number = PyLong_FromUnsignedLong(status);
+        int failed = packet == NULL || number == NULL || PyList_Append(packets, packet) < 0
+                     || PyList_Append(statuses, number) < 0;
+        Py_XDECREF(packet);
+        Py_XDECREF(number);
+        if (failed)
+            return -1;
+    }
+    return count;
+}
+
+/* The first captured packet the compiled loop must not see: an outer fragment (Python puts
+ * it back together) or one whose checksum a kernel peer left to an offload (Python completes
+ * it), as TunnelCapture.receive sorts them. */
+static Py_ssize_t first_special(PyObject *packets, PyObject *statuses)
+{
+    Py_ssize_t n = PyList_GET_SIZE(packets);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(PyList_GET_ITEM(packets, i));
+        if (PyBytes_GET_SIZE(PyList_GET_ITEM(packets, i)) < 20 || (p[6] & 0x3F) || p[7]
+                || PyLong_AsUnsignedLong(PyList_GET_ITEM(statuses, i)) & TP_STATUS_CSUMNOTREADY)
+            return i;
+    }
+    return n;
+}
+
+/* One batch from ``source`` through its compiled loop (the IPv6 device and the capture:
+ * ``inbound``; the IPv4 device: ``returning``), written and sent: how many packets were read,
+ * -1 on error. From the first packet the loop did not take on, the batch is kept for Python
+ * (s->leftover, and for the capture s->statuses), which takes the rest of the way: the
+ * packets stay in order. */
+static Py_ssize_t serve_batch(Serve *s, int source)
+{
+    PyObject *packets = PyList_New(0), *statuses = NULL, *taken = NULL, *out = NULL;
+    PyObject *to_tunnel = NULL, *now = NULL, *result = NULL;
+    Py_ssize_t read_count = -1, got, stop;
+    int back = source == IPV4;
     if (packets == NULL)
         return -1;
-    Py_ssize_t got = read_into(v6 ? s->ipv6_fd : s->ipv4_fd, SERVE_BATCH, packets);
+    if (source == CAPTURE) {
+        if ((statuses = PyList_New(0)) == NULL)
+            goto done;
+        got = capture_into(s->fd[CAPTURE], s->capture_batch, packets, statuses);
+        if (got > 0) {
+            s->captured += got;
+            for (Py_ssize_t i = 0; i < got; i++)
+                s->captured_bytes += PyBytes_GET_SIZE(PyList_GET_ITEM(packets, i));
+        }
+    } else {
+        got = read_into(s->fd[source], SERVE_BATCH, packets);
+    }
     if (got <= 0) {
         read_count = got;
         goto done;
     }
+    stop = source == CAPTURE ? first_special(packets, statuses) : got;
+    if (PyErr_Occurred())
+        goto done;
+    taken = stop == got ? Py_NewRef(packets) : PyList_GetSlice(packets, 0, stop);
     double start = monotonic();
     out = PyList_New(0);
+    to_tunnel = PyList_New(0);
     now = PyFloat_FromDouble(start);
-    if (out == NULL || now == NULL)
+    if (taken == NULL || out == NULL || to_tunnel == NULL || now == NULL)
         goto done;
-    if (v6)
-        result = PyObject_CallFunction(s->inbound, "OnOnkOOlOOOOl", packets, (Py_ssize_t)0,
+    if (source == IPV6)
+        result = PyObject_CallFunction(s->inbound, "OnOnkOOlOOOOl", taken, (Py_ssize_t)0,
                                        s->in_caches, (Py_ssize_t)0, s->ident, now,
-                                       s->established, s->df_threshold, out, s->to_tunnel,
+                                       s->established, s->df_threshold, out, to_tunnel,
                                        Py_None, Py_None, 0L);
+    else if (source == CAPTURE)
+        result = PyObject_CallFunction(s->inbound, "OnOnkOOlOOOOl", taken, (Py_ssize_t)0,
+                                       s->tunnel_caches, (Py_ssize_t)20, s->ident, now,
+                                       s->established, s->df_threshold, out, to_tunnel,
+                                       s->echoes, s->allow, s->mtu);
     else
-        result = PyObject_CallFunction(s->returning, "OnOlOOOO", packets, (Py_ssize_t)0,
+        result = PyObject_CallFunction(s->returning, "OnOlOOOO", taken, (Py_ssize_t)0,
                                        s->out_caches, s->mtu, now, s->established,
-                                       s->to_tunnel, out);
+                                       to_tunnel, out);
     if (result == NULL)
         goto done;
-    Py_ssize_t count = v6 ? 13 : 9;
+    Py_ssize_t count = back ? 9 : 13;
     if (!PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 2 + count) {
         PyErr_SetString(PyExc_TypeError, "a compiled loop returned an unexpected result");
         goto done;
@@ -266,37 +439,48 @@ static Py_ssize_t serve_batch(Serve *s, int v6)
     Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(result, 0));
     unsigned long ident = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(result, 1));
     for (Py_ssize_t i = 0; i < count; i++)
-        s->totals[!v6][i] += PyLong_AsSsize_t(PyTuple_GET_ITEM(result, 2 + i));
+        s->totals[back][i] += PyLong_AsSsize_t(PyTuple_GET_ITEM(result, 2 + i));
     if (PyErr_Occurred())
         goto done;
-    if (v6)
+    if (!back)
         s->ident = ident;
-    s->seconds[!v6] += monotonic() - start;
-    s->translated[!v6] += index;
+    s->seconds[back] += monotonic() - start;
+    s->translated[back] += index;
     if (PyList_GET_SIZE(out) && write_out(s, out) < 0)
         goto done;
+    if (PyList_GET_SIZE(to_tunnel) && send_out(s, to_tunnel) < 0)
+        goto done;
     if (index < got) {
-        s->leftover[!v6] = PyList_GetSlice(packets, index, got);
-        if (s->leftover[!v6] == NULL)
+        s->leftover[source] = PyList_GetSlice(packets, index, got);
+        if (s->leftover[source] == NULL)
             goto done;
+        if (source == CAPTURE) {
+            Py_XSETREF(s->statuses, PyList_GetSlice(statuses, index, got));
+            if (s->statuses == NULL)
+                goto done;
+        }
     }
     read_count = got;
 done:
     Py_XDECREF(result);
     Py_XDECREF(now);
+    Py_XDECREF(to_tunnel);
     Py_XDECREF(out);
+    Py_XDECREF(taken);
+    Py_XDECREF(statuses);
     Py_DECREF(packets);
     return read_count;
 }
 
-/* A device's batches for one poll: until one is small or one leaves packets to Python. The
+/* A source's batches for one poll: until one is small or one leaves packets to Python. The
  * last batch's size, -1 on error. */
-static Py_ssize_t serve_device(Serve *s, int v6)
+static Py_ssize_t serve_source(Serve *s, int source)
 {
     Py_ssize_t last = 0;
-    for (int round = 0; round < SERVE_ROUNDS && s->leftover[!v6] == NULL; round++) {
-        last = serve_batch(s, v6);
-        if (last < SERVE_BUSY)
+    Py_ssize_t busy = source == CAPTURE ? s->capture_batch : SERVE_BUSY;
+    for (int round = 0; round < SERVE_ROUNDS && s->leftover[source] == NULL; round++) {
+        last = serve_batch(s, source);
+        if (last < busy)
             break;
     }
     return last;
@@ -317,18 +501,16 @@ static PyObject *totals_tuple(const Py_ssize_t *totals, Py_ssize_t count)
 }
 
 PyDoc_STRVAR(serve_doc,
-"serve(watch, timeout_ms, ipv6_fd, ipv4_fd, write_fd, inbound, in_caches, returning,\n"
-"      out_caches, ident, established, df_threshold, mtu, writer, limit)\n"
-"A NAT64 worker's loop around poll(2) for its two TUN devices, compiled: each device's\n"
-"packets are read, translated by the engine's compiled loops (``inbound`` with\n"
-"``in_caches``, ``returning`` with ``out_caches``: workers/engine/_fastpath.c) and written\n"
-"to ``write_fd`` (``writer(list)`` -> failed, for several; None: write(2) each) with no\n"
-"Python code run. Returns to the caller once any ``watch`` descriptor is readable, a batch\n"
-"left packets to Python, a tunnel client's packet is due, ``limit`` packets were\n"
-"translated, ``timeout_ms`` passed or a signal handler ran: (ready watch descriptors, ident,\n"
-"IPv6 packets left to Python, IPv4 ones, (packet, outer) for the tunnel, the inbound\n"
-"loop's 13 totals, the returning loop's 9, seconds in each loop, packets each translated,\n"
-"writes refused).");
+"serve(watch, timeout_ms, limit, fds, loops, writer) -> tuple\n"
+"A worker's loop around poll(2), compiled: packets from its sources (``fds``: the NAT64's\n"
+"IPv6 device, the IPv4 device, the tunnel's capture, each -1 when absent; the capture's\n"
+"batch; the device to write and the tunnel's send socket) are read, translated by the engine's compiled loops\n"
+"(``loops``: inbound, in_caches, returning, out_caches, ident, established, df_threshold,\n"
+"mtu, tunnel_caches, echoes, allow: workers/engine/_fastpath.c), written to the device\n"
+"(``writer(list)`` -> failed for several; None: write(2) each) and sent to the tunnel by\n"
+"sendmmsg(2), with no Python code run but the echo limit's. Returns once any ``watch``\n"
+"descriptor is readable, a batch left packets to Python, ``limit`` packets were translated,\n"
+"``timeout_ms`` passed or a signal handler ran: workers/main.py ``Served``'s fields.");
 
 static PyObject *serve(PyObject *self, PyObject *args)
 {
@@ -337,10 +519,12 @@ static PyObject *serve(PyObject *self, PyObject *args)
     PyObject *watch;
     int timeout_ms;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!iiiiOO!OO!kOllOn", &PyList_Type, &watch, &timeout_ms,
-                          &s.ipv6_fd, &s.ipv4_fd, &s.write_fd, &s.inbound, &PyDict_Type,
-                          &s.in_caches, &s.returning, &PyDict_Type, &s.out_caches, &s.ident,
-                          &s.established, &s.df_threshold, &s.mtu, &s.writer, &limit))
+    if (!PyArg_ParseTuple(args, "O!in(iiiiii)(OO!OO!kOllO!OO)O", &PyList_Type, &watch,
+                          &timeout_ms, &limit, &s.fd[IPV6], &s.fd[IPV4], &s.fd[CAPTURE],
+                          &s.capture_batch, &s.write_fd, &s.send_fd, &s.inbound, &PyDict_Type, &s.in_caches,
+                          &s.returning, &PyDict_Type, &s.out_caches, &s.ident, &s.established,
+                          &s.df_threshold, &s.mtu, &PyDict_Type, &s.tunnel_caches, &s.echoes,
+                          &s.allow, &s.writer))
         return NULL;
     Py_ssize_t watched = PyList_GET_SIZE(watch);
     if (watched > SERVE_WATCH_MAX || !PyCallable_Check(s.inbound)
@@ -349,16 +533,16 @@ static PyObject *serve(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "serve: too many descriptors or a loop not callable");
         return NULL;
     }
-    struct pollfd fds[2 + SERVE_WATCH_MAX];
-    fds[0].fd = s.ipv6_fd;
-    fds[1].fd = s.ipv4_fd;
+    struct pollfd fds[3 + SERVE_WATCH_MAX];
+    for (int i = 0; i < 3; i++)
+        fds[i].fd = s.fd[i];  /* a negative descriptor is not polled */
     for (Py_ssize_t i = 0; i < watched; i++) {
         long fd = PyLong_AsLong(PyList_GET_ITEM(watch, i));
         if (fd == -1 && PyErr_Occurred())
             return NULL;
-        fds[2 + i].fd = (int)fd;
+        fds[3 + i].fd = (int)fd;
     }
-    for (Py_ssize_t i = 0; i < 2 + watched; i++)
+    for (Py_ssize_t i = 0; i < 3 + watched; i++)
         fds[i].events = POLLIN;
     PyObject *ready = PyList_New(0), *result = NULL;
     s.to_tunnel = PyList_New(0);
@@ -370,7 +554,7 @@ static PyObject *serve(PyObject *self, PyObject *args)
         int wait = left > 0 ? (int)(left * 1000.0) + 1 : 0;
         int polled;
         Py_BEGIN_ALLOW_THREADS
-        polled = poll(fds, (nfds_t)(2 + watched), wait);
+        polled = poll(fds, (nfds_t)(3 + watched), wait);
         Py_END_ALLOW_THREADS
         if (polled < 0) {
             if (errno != EINTR) {
@@ -382,43 +566,51 @@ static PyObject *serve(PyObject *self, PyObject *args)
             break;  /* a handler ran: the caller's loop decides whether to go on */
         }
         for (Py_ssize_t i = 0; i < watched; i++) {
-            if (!fds[2 + i].revents)
+            if (!fds[3 + i].revents)
                 continue;
-            PyObject *fd = PyLong_FromLong(fds[2 + i].fd);
+            PyObject *fd = PyLong_FromLong(fds[3 + i].fd);
             int failed = fd == NULL || PyList_Append(ready, fd) < 0;
             Py_XDECREF(fd);
             if (failed)
                 goto done;
         }
-        int ipv4_ready = fds[1].revents != 0;
-        if (fds[0].revents) {
-            Py_ssize_t last = serve_device(&s, 1);
+        int ipv4_ready = fds[IPV4].revents != 0;
+        /* What a small batch wrote to the device the kernel mostly answers at once (an
+         * echo, a local service): an idle worker reads the IPv4 device now, not after another
+         * poll; a busy one leaves it to the poll (no read that finds nothing). */
+        for (int source = IPV6; source <= CAPTURE; source += 2) {
+            if (!fds[source].revents)
+                continue;
+            Py_ssize_t written = s.written, last = serve_source(&s, source);
             if (last < 0)
                 goto done;
-            /* What it wrote the kernel mostly answers at once (an echo, a local service):
-             * an idle worker reads it now, not after another poll; a busy one leaves it to
-             * the poll (no read that finds nothing). */
-            ipv4_ready |= 0 < last && last < SERVE_BUSY;
+            ipv4_ready |= 0 < last && last < SERVE_BUSY && s.written > written;
         }
-        if (ipv4_ready && s.leftover[0] == NULL && serve_device(&s, 0) < 0)
+        if (ipv4_ready && s.fd[IPV4] >= 0 && !s.leftover[IPV6] && !s.leftover[CAPTURE]
+                && serve_source(&s, IPV4) < 0)
             goto done;
-        if (PyList_GET_SIZE(ready) || s.leftover[0] || s.leftover[1]
-                || PyList_GET_SIZE(s.to_tunnel) || s.translated[0] + s.translated[1] >= limit
-                || monotonic() >= deadline)
+        if (PyList_GET_SIZE(ready) || s.leftover[IPV6] || s.leftover[IPV4]
+                || s.leftover[CAPTURE] || PyList_GET_SIZE(s.to_tunnel)
+                || s.translated[0] + s.translated[1] >= limit || monotonic() >= deadline)
             break;
     }
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 3; i++)
         if (s.leftover[i] == NULL && (s.leftover[i] = PyList_New(0)) == NULL)
             goto done;
-    result = Py_BuildValue("(OkOOONNddnnn)", ready, s.ident, s.leftover[0], s.leftover[1],
-                           s.to_tunnel, totals_tuple(s.totals[0], 13),
-                           totals_tuple(s.totals[1], 9), s.seconds[0], s.seconds[1],
-                           s.translated[0], s.translated[1], s.failed);
+    if (s.statuses == NULL && (s.statuses = PyList_New(0)) == NULL)
+        goto done;
+    result = Py_BuildValue("(OkOOOOONNddnnnnnnnni)", ready, s.ident, s.leftover[IPV6],
+                           s.leftover[IPV4], s.leftover[CAPTURE], s.statuses, s.to_tunnel,
+                           totals_tuple(s.totals[0], 13), totals_tuple(s.totals[1], 9),
+                           s.seconds[0], s.seconds[1], s.translated[0], s.translated[1],
+                           s.failed, s.captured, s.captured_bytes, s.sent, s.sent_bytes,
+                           s.send_failed, s.send_errno);
 done:
     Py_XDECREF(ready);
     Py_XDECREF(s.to_tunnel);
-    Py_XDECREF(s.leftover[0]);
-    Py_XDECREF(s.leftover[1]);
+    Py_XDECREF(s.statuses);
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(s.leftover[i]);
     return result;
 }
 

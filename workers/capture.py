@@ -107,13 +107,24 @@ class TunnelCapture:
         packets, statuses = self.receiver.receive_with_status()
         if not packets:
             return packets, 0
-        counters = self.counters
-        counters.event(Event.TUNNEL_PACKETS_RECEIVED, len(packets))
         size = sum(map(len, packets))
-        counters.event(Event.TUNNEL_BYTES_RECEIVED, size)
+        self.counted(len(packets), size)
         self.traffic.received(packets, size)
         if not self.fragments and not any(statuses):
             return packets, len(packets)  # the common batch: nothing to complete or reassemble
+        return self.complete(packets, statuses, now), len(packets)
+
+    def counted(self, count: int, size: int) -> None:
+        """Count ``count`` packets of ``size`` bytes captured (by ``receive``, or by the
+        compiled loop around the poll, workers/_tunread.c ``serve``)."""
+        counters = self.counters
+        counters.event(Event.TUNNEL_PACKETS_RECEIVED, count)
+        counters.event(Event.TUNNEL_BYTES_RECEIVED, size)
+
+    def complete(self, packets: list[bytes], statuses: list[int], now: float) -> list[bytes]:
+        """Captured packets made whole and checksum-ready: outer fragments put back together
+        (RFC 791 §3.2), a kernel peer's offloaded checksums completed."""
+        counters = self.counters
         out: list[bytes] = []
         for packet, status in zip(packets, statuses, strict=True):
             if packet[6] & 0x3F or packet[7]:  # MF or a fragment offset: reassemble first
@@ -123,7 +134,7 @@ class TunnelCapture:
                 packet = complete_checksum(packet)
                 counters.event(Event.CHECKSUMS_COMPLETED)
             out.append(packet)
-        return out, len(packets)
+        return out
 
     def _fragment(self, packet: bytes, now: float, out: list[bytes]) -> None:
         reassembler = self.reassembler

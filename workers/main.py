@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -110,6 +110,31 @@ def clat_device(settings: Settings) -> str:
     """The CLAT's device: worker 0's own alone (mode "clat"), a third one of worker 0's beside
     the NAT64 (a 464XLAT box)."""
     return tun_name(settings, 0) + ("" if settings.mode == "clat" else "c")
+
+
+class Served(NamedTuple):
+    """What one call of workers/_tunread.c ``serve`` did and left, in its order."""
+
+    ready: list[int]  # the watched descriptors readable
+    ident: int  # the last IPv4 identification given
+    left_ipv6: list[bytes]  # packets its compiled loops left to the engine, in order
+    left_ipv4: list[bytes]
+    left_capture: list[bytes]
+    statuses: list[int]  # the left captured packets' tp_status
+    to_tunnel: list[tuple[bytes, bytes]]  # for the tunnel, when it has no send socket
+    inbound: tuple[int, ...]  # the inbound compiled loop's 13 totals
+    returning: tuple[int, ...]  # the returning loop's 9
+    seconds_in: float  # in the compiled loops, each way
+    seconds_back: float
+    translated_in: int
+    translated_back: int
+    device_failed: int  # writes to the device refused
+    captured: int  # packets read from the capture, and their bytes
+    captured_bytes: int
+    sent: int  # packets sent to the tunnel, and their IPv6 bytes
+    sent_bytes: int
+    send_failed: int
+    send_errno: int  # the last refusal's
 
 
 class DeviceOut:
@@ -480,19 +505,26 @@ class Worker:
         pending = {pull_fd, control_fd}  # asked at the first turn
         next_tick = time.monotonic() + 1.0
         flows = self.datapath.flows
-        # A NAT64 on TUN devices with the compiled loops: they are served by a compiled loop
-        # around the poll, which runs no Python for a packet it translates (issue 21: an idle
-        # gateway's wakeup is a packet's latency); it comes back for everything else.
+        # With the compiled loops built, the devices and the tunnel's capture are served by a
+        # compiled loop around the poll, which runs no Python for a packet it translates
+        # (issue 21: an idle gateway's wakeup is a packet's latency); it comes back for
+        # everything else. Several tunnels count their traffic per peer: Python's loop.
+        one_row = not hasattr(self, "traffic") or self.traffic.one_row
+        served_capture = capture_fd if one_row and self.capture is not None else -1
+        send_fd = self.send_sock.fileno() if hasattr(self, "send_sock") else -1
+        capture_batch = self.capture.batch if self.capture is not None else 0
+        sources = (self.tun6_fd, self.tun_fd, served_capture, capture_batch, self.tun_fd,
+                   send_fd)
         watch = [fd for fd in (self.wake_fd, capture_fd, self.clat_fd, pull_fd, control_fd)
-                 if fd >= 0]
-        devices = serve is not None and self.tun6_fd >= 0
+                 if fd >= 0 and fd != served_capture]
+        devices = serve is not None and self.tun_fd >= 0 and one_row
         while self.running:
             # A journal waiting to go out is sent within its interval even when all is quiet.
             timeout = (0 if pending else int(FLUSH_INTERVAL_S * 1000)
                        if flows.journal or flows.journal_removed else 500)
             loops = self.datapath.device_loops() if devices else None
             if loops is not None:
-                events = self._serve(loops, watch, timeout)
+                events = self._serve(loops, sources, watch, timeout)
             else:
                 events = {fd for fd, _ in poller.poll(timeout)}
             now = time.monotonic()
@@ -522,42 +554,57 @@ class Worker:
                 self._log_limits(now)
         self._flush_journal(time.monotonic(), last=True)
 
-    def _serve(self, loops: DeviceLoops, watch: list[int], timeout: int) -> set[int]:
-        """One call of the compiled loop around the NAT64's devices (workers/_tunread.c
-        ``serve``) with the engine's ``loops``: what it translated counted, what it left
-        (from the first packet its compiled loops did not take) through the engine; the
-        ``watch`` descriptors ready."""
+    def _serve(self, loops: DeviceLoops, sources: tuple[int, int, int, int, int, int],
+               watch: list[int], timeout: int) -> set[int]:
+        """One call of the compiled loop around the devices and the capture (``sources``:
+        workers/_tunread.c ``serve``) with the engine's ``loops``: what it translated, read
+        and sent counted, what it left (from the first packet its compiled loops did not take)
+        through the engine; the ``watch`` descriptors ready."""
         datapath = self.datapath
         out = self.tun_out
         assert out is not None
         writer = out.write if out.ring is not None else None
         try:
-            (ready, ident, left6, left4, to_tunnel, inbound, returning, seconds6, seconds4,
-             served6, served4, failed) = serve(
-                watch, timeout, self.tun6_fd, self.tun_fd, self.tun_fd, loops.inbound,
-                loops.in_caches, loops.returning, loops.out_caches, loops.ident,
-                loops.established, loops.df_threshold, loops.mtu, writer, SERVE_LIMIT)
+            served = Served._make(serve(watch, timeout, SERVE_LIMIT, sources, loops, writer))
         except OSError:
-            raise  # a device that fails, as a read outside it: the worker is restarted
+            raise  # a device or socket that fails, as a read outside it: the worker restarts
         except Exception as exc:  # noqa: BLE001 - as _run_compiled: counted once, logged
             datapath.counters.drop(DropReason.INTERNAL_ERROR)
             self.errors.packet_raised(exc)
             return set()
-        datapath.count_served(ident, inbound, returning)
-        if served6:
-            self.processing["inbound"].observe_many(seconds6 / served6, served6)
-        if served4:
-            self.processing["from_services"].observe_many(seconds4 / served4, served4)
-        if failed:
-            datapath.counters.drop(DropReason.SEND_FAILED, failed)
+        datapath.count_served(served.ident, served.inbound, served.returning)
+        if served.translated_in:
+            self.processing["inbound"].observe_many(
+                served.seconds_in / served.translated_in, served.translated_in)
+        if served.translated_back:
+            self.processing["from_services"].observe_many(
+                served.seconds_back / served.translated_back, served.translated_back)
+        counters = datapath.counters
+        if served.device_failed:
+            counters.drop(DropReason.SEND_FAILED, served.device_failed)
+        if served.captured:
+            assert self.capture is not None
+            self.capture.counted(served.captured, served.captured_bytes)
+            self.capture.traffic.received_totals(served.captured, served.captured_bytes)
+        if served.sent:
+            self.traffic.sent_totals(served.sent, served.sent_bytes)
+        if served.send_failed:
+            counters.drop(DropReason.SEND_FAILED, served.send_failed)
+            if served.send_errno not in QUIET_SEND_ERRORS:
+                log.warning("worker %d: %d send(s) to the tunnel failed: %s", self.index,
+                            served.send_failed, os.strerror(served.send_errno))
         now = time.monotonic()
-        if to_tunnel:
-            self._send(Output([], to_tunnel))
-        if left6:
-            self._translate(left6, datapath.from_ipv6, "inbound", now)
-        if left4:
-            self._translate(left4, datapath.from_services, "from_services", now)
-        return set(ready)
+        if served.to_tunnel:  # no send socket of its own (a NAT64 alone)
+            self._send(Output([], served.to_tunnel))
+        if served.left_capture:
+            assert self.capture is not None
+            self._from_tunnel(self.capture.complete(served.left_capture, served.statuses, now),
+                              now)
+        if served.left_ipv6:
+            self._translate(served.left_ipv6, datapath.from_ipv6, "inbound", now)
+        if served.left_ipv4:
+            self._translate(served.left_ipv4, datapath.from_services, "from_services", now)
+        return set(served.ready)
 
     @staticmethod
     def _ask(sock: zmq.Socket[bytes], fd: int, pending: set[int],

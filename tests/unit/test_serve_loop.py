@@ -1,7 +1,8 @@
 """workers/_tunread.c ``serve``: a NAT64 worker's compiled loop around poll(2). What it
 translates leaves byte for byte as the engine's batch calls would give it, counted the same;
 from the first packet its compiled loops do not take, the batch is handed back to Python in
-order; it returns when a watched descriptor is readable; a refused write is counted.
+order (a captured outer fragment before the compiled loop sees it); it returns when a
+watched descriptor is readable; a refused write is counted.
 
 SOCK_SEQPACKET socket pairs stand for the TUN devices (one packet per read(2) and write(2),
 as tests/unit/test_tunread.py); a second engine with the same settings, called per batch as
@@ -13,17 +14,23 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw, raw
-from support.helpers import require_compiled
+from support.helpers import (
+    CLIENT4,
+    CLIENT6_6TO4,
+    GW4,
+    GW6_6TO4,
+    make_datapath,
+    require_compiled,
+)
 from test_nat64_datapath import CLIENT, POOL4, SERVER, SERVER6, nat64, udp6
 
 from sixgate.workers.engine.datapath import Datapath
-from sixgate.workers.main import serve
+from sixgate.workers.main import Served, serve
 
 
 class Devices:
@@ -55,18 +62,15 @@ class Devices:
                 return out
 
     def serve(self, datapath: Datapath, watch: list[int] | None = None, timeout_ms: int = 0,
-              write_fd: int | None = None) -> tuple[Any, ...]:
+              write_fd: int | None = None) -> Served:
         """One call as the worker makes it (workers/main.py ``Worker._serve``)."""
         loops = datapath.device_loops()
         assert loops is not None
-        result = serve(watch or [], timeout_ms, self.pairs[0][0].fileno(),
-                       self.pairs[1][0].fileno(),
-                       self.pairs[2][0].fileno() if write_fd is None else write_fd,
-                       loops.inbound, loops.in_caches, loops.returning, loops.out_caches,
-                       loops.ident, loops.established, loops.df_threshold, loops.mtu, None,
-                       4096)
-        datapath.count_served(result[1], result[5], result[6])
-        return result
+        fds = (self.pairs[0][0].fileno(), self.pairs[1][0].fileno(), -1, 0,
+               self.pairs[2][0].fileno() if write_fd is None else write_fd, -1)
+        served = Served._make(serve(watch or [], timeout_ms, 4096, fds, loops, None))
+        datapath.count_served(served.ident, served.inbound, served.returning)
+        return served
 
     def close(self) -> None:
         for pair in self.pairs:
@@ -137,9 +141,9 @@ def test_it_translates_as_the_engine_does_and_counts_the_same(devices: Devices) 
         devices.send6(batch6)
         devices.send4(batch4)
         result = devices.serve(served)
-        ready, left6, left4, to_tunnel = result[0], result[2], result[3], result[4]
-        assert (ready, left6, left4, to_tunnel) == ([], [], [], [])
-        assert (result[9], result[10], result[11]) == (3, 3, 0)  # translated, refused
+        assert (result.ready, result.left_ipv6, result.left_ipv4, result.to_tunnel) == (
+            [], [], [], [])
+        assert (result.translated_in, result.translated_back, result.device_failed) == (3, 3, 0)
         now = time.monotonic()
         expected += reference.from_ipv6(batch6, now).to_services
         expected += reference.from_services(batch4, now).to_ipv6
@@ -159,9 +163,9 @@ def test_from_the_first_packet_it_does_not_take_the_batch_goes_back_in_order(
     batch = [*requests(1)[:2], new_client, *requests(2)]
     devices.send6(batch)
     result = devices.serve(served)
-    assert result[2] == batch[2:] and result[9] == 2
+    assert result.left_ipv6 == batch[2:] and result.translated_in == 2
     now = time.monotonic()
-    rest = served.from_ipv6(result[2], now).to_services  # as the worker does with them
+    rest = served.from_ipv6(result.left_ipv6, now).to_services  # as the worker does with them
     assert devices.written() + rest == reference.from_ipv6(batch, now).to_services
     assert served.counters.packets == reference.counters.packets
     assert served.counters.bytes == reference.counters.bytes
@@ -174,9 +178,9 @@ def test_it_returns_when_a_watched_descriptor_is_readable(devices: Devices) -> N
     try:
         os.write(write_end, b"!")
         # A long timeout: only the readable descriptor can end the call.
-        assert devices.serve(served, [read_end], timeout_ms=60_000)[0] == [read_end]
+        assert devices.serve(served, [read_end], timeout_ms=60_000).ready == [read_end]
         os.read(read_end, 1)
-        assert devices.serve(served, [read_end], timeout_ms=10)[0] == []
+        assert devices.serve(served, [read_end], timeout_ms=10).ready == []
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -189,7 +193,97 @@ def test_a_refused_write_is_counted_not_retried(devices: Devices) -> None:
     try:
         devices.send6(requests(1))
         result = devices.serve(served, write_fd=read_end)  # a pipe's read end: EBADF
-        assert (result[9], result[11]) == (3, 3)
+        assert (result.translated_in, result.device_failed) == (3, 3)
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+# --- the tunnel's capture (kernel fan-out) --------------------------------------------------
+
+
+def query(sport: int, payload: bytes = b"q") -> bytes:
+    return raw(IP(src=CLIENT4, dst=GW4) / IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4)
+               / UDP(sport=sport, dport=53) / Raw(payload))
+
+
+def echo_to_us(seq: int) -> bytes:
+    return raw(IP(src=CLIENT4, dst=GW4) / IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4)
+               / ICMPv6EchoRequest(id=7, seq=seq, data=b"x" * 56))
+
+
+class Capture(Devices):
+    """The capture as a datagram socket pair (no PACKET_AUXDATA: every status 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capture = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.capture[0].setblocking(False)
+
+    def capture_send(self, packets: list[bytes]) -> None:
+        for packet in packets:
+            self.capture[1].send(packet)
+
+    def serve_capture(self, datapath: Datapath) -> Served:
+        loops = datapath.device_loops()
+        assert loops is not None
+        fds = (-1, self.pairs[1][0].fileno(), self.capture[0].fileno(), 64,
+               self.pairs[2][0].fileno(), -1)  # no send socket: the tunnel's packets come back
+        served = Served._make(serve([], 0, 4096, fds, loops, None))
+        datapath.count_served(served.ident, served.inbound, served.returning)
+        return served
+
+    def close(self) -> None:
+        super().close()
+        for sock in self.capture:
+            sock.close()
+
+
+@pytest.fixture()
+def capture() -> Iterator[Capture]:
+    require_compiled(serve, "workers/_tunread.c")
+    made = Capture()
+    yield made
+    made.close()
+
+
+def tunnel_sessions(datapath: Datapath) -> None:
+    """A client's UDP session with its templates and an echo template to us (the session's
+    from its second packet, the one-lookup entry from its third; the echo's from the first
+    answered: Datapath._from_tunnel_full)."""
+    now = time.monotonic()
+    for seq in range(3):
+        datapath.from_tunnel([query(40000)], now)
+        datapath.from_tunnel([echo_to_us(seq)], now)
+
+
+def test_captured_packets_as_from_tunnel_gives_them_the_rest_back_with_statuses(
+        capture: Capture) -> None:
+    served, reference = make_datapath("6to4"), make_datapath("6to4")
+    tunnel_sessions(served)
+    tunnel_sessions(reference)
+    batch = [query(40000, b"a"), echo_to_us(5), query(40001, b"new"), query(40000, b"b")]
+    capture.capture_send(batch)
+    result = capture.serve_capture(served)
+    assert result.captured == 4 and result.captured_bytes == sum(map(len, batch))
+    assert result.left_capture == batch[2:] and result.statuses == [0, 0]
+    assert result.translated_in == 2 and result.inbound[9:13] == (1, 104, 1, 104)  # the echo
+    now = time.monotonic()
+    rest = served.from_tunnel(result.left_capture, now)  # as the worker does with them
+    expected = reference.from_tunnel(batch, now)
+    assert capture.written() + rest.to_services == expected.to_services
+    assert result.to_tunnel + rest.to_tunnel == expected.to_tunnel  # the echo reply
+    assert served.counters.packets == reference.counters.packets
+    assert served.counters.bytes == reference.counters.bytes
+
+
+def test_an_outer_fragment_is_left_to_python_before_the_compiled_loop_sees_it(
+        capture: Capture) -> None:
+    served = make_datapath("6to4")
+    tunnel_sessions(served)
+    fragment = bytearray(query(40000, b"f"))
+    fragment[6] |= 0x20  # MF: the outer datagram continues (RFC 791 §3.2)
+    batch = [query(40000, b"a"), bytes(fragment), query(40000, b"b")]
+    capture.capture_send(batch)
+    result = capture.serve_capture(served)
+    assert result.translated_in == 1 and result.left_capture == batch[1:]

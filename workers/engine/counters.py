@@ -91,13 +91,29 @@ class TunnelTraffic:
                         if len(rows) > 1 else {})
         self.default = rows[other] if rows else [0, 0, 0, 0]
 
+    @property
+    def one_row(self) -> bool:
+        """Whether every packet counts in the one row (nothing to tell apart by peer): then
+        totals are enough (``received_totals``, ``sent_totals``)."""
+        return not self.by_peer
+
+    def received_totals(self, count: int, total_bytes: int) -> None:
+        """``count`` protocol-41 packets of ``total_bytes`` received (``one_row`` only)."""
+        row = self.default
+        row[0] += count
+        row[1] += total_bytes
+
+    def sent_totals(self, count: int, payload_bytes: int) -> None:
+        """``count`` packets with ``payload_bytes`` of IPv6 sent (``one_row`` only)."""
+        row = self.default
+        row[2] += count
+        row[3] += payload_bytes + OUTER_HEADER * count
+
     def received(self, packets: list[bytes], total_bytes: int) -> None:
         """Protocol-41 packets as captured (outer header first), ``total_bytes`` in all: by
         their source."""
         if not self.by_peer:
-            row = self.default
-            row[0] += len(packets)
-            row[1] += total_bytes
+            self.received_totals(len(packets), total_bytes)
             return
         by_peer, default = self.by_peer, self.default
         for packet in packets:
@@ -109,9 +125,7 @@ class TunnelTraffic:
         """(IPv6 packet, IPv4 destination) pairs sent, their payloads ``payload_bytes`` in all:
         by their destination."""
         if not self.by_peer:
-            row = self.default
-            row[2] += len(packets)
-            row[3] += payload_bytes + OUTER_HEADER * len(packets)
+            self.sent_totals(len(packets), payload_bytes)
             return
         by_peer, default = self.by_peer, self.default
         for payload, dst in packets:

@@ -172,9 +172,10 @@ class Output:
 
 
 class DeviceLoops(NamedTuple):
-    """What a compiled loop around a NAT64's TUN devices (workers/_tunread.c ``serve``) needs
-    to translate their plain packets as ``from_ipv6`` and ``from_services`` would: the
-    engine's compiled batch loops, their template tables and arguments."""
+    """What a compiled loop around a worker's devices and capture (workers/_tunread.c
+    ``serve``) needs to translate their plain packets as ``from_ipv6``, ``from_services`` and
+    ``from_tunnel`` would: the engine's compiled batch loops, their template tables and
+    arguments, in ``serve``'s order."""
 
     inbound: Callable[..., tuple[int, ...]]
     in_caches: dict[int, dict[bytes, InTemplate]]
@@ -184,6 +185,9 @@ class DeviceLoops(NamedTuple):
     established: object
     df_threshold: int
     mtu: int
+    tunnel_caches: dict[int, dict[bytes, InTemplate]]  # ``from_tunnel``'s, keyed with the outer
+    echoes: dict[bytes, EchoTemplate]  # echo requests to us through the tunnel
+    allow: Callable[[bytes, float], bool]  # the echo limit (RFC 4443 §2.4(f))
 
 # RFC 6146 §4 TCP_INCOMING_SYN: how long an IPv4 SYN to no binding waits for the client's own
 # SYN before it is answered with port unreachable; at most this many wait at once (§5.3).
@@ -621,19 +625,20 @@ class Datapath:
         return self._take()
 
     def device_loops(self) -> DeviceLoops | None:
-        """The compiled loops and tables for a loop around the devices that runs no Python
-        per packet (``count_served`` counts what it did); None where the loops are not built
-        or this is no NAT64 on TUN devices: the shell then calls ``from_ipv6`` and
-        ``from_services`` per batch."""
-        if self.compiled is None or self.nat64 is None or not self.nat64_tun:
+        """The compiled loops and tables for a loop around the devices and the capture that
+        runs no Python per packet (``count_served`` counts what it did); None where the loops
+        are not built or this is a CLAT (its device takes ``from_clat``): the shell then calls
+        the engine per batch."""
+        if self.compiled is None or self.mode == "clat":
             return None
         return DeviceLoops(self.compiled.inbound, self._fast_in, self.compiled.returning,
-                           self._fast_out, self._ident4, ESTABLISHED, DF_THRESHOLD, self.mtu)
+                           self._fast_out, self._ident4, ESTABLISHED, DF_THRESHOLD, self.mtu,
+                           self._fast_tunnel, self._fast_echo, self.echo_limiter.allow)
 
     def count_served(self, ident: int, inbound: Sequence[int], returning: Sequence[int]) -> None:
         """Count what a loop from ``device_loops`` translated: the inbound loop's totals
-        (as ``from_ipv6`` counts them), the returning loop's (as ``from_services``); ``ident``
-        is the last IPv4 identification it gave."""
+        (as ``from_ipv6`` and ``from_tunnel`` count them), the returning loop's (as
+        ``from_services``); ``ident`` is the last IPv4 identification it gave."""
         self._ident4 = ident
         self._count_batch(INBOUND_KEYS, TO_SERVICES_KEYS, NO_ECHO, NO_ECHO, list(inbound))
         self._count_echoes(list(inbound[9:13]))
