@@ -586,8 +586,10 @@ static PyObject *serve(PyObject *self, PyObject *args)
                 goto done;
             ipv4_ready |= 0 < last && last < SERVE_BUSY && s.written > written;
         }
-        if (ipv4_ready && s.fd[IPV4] >= 0 && !s.leftover[IPV6] && !s.leftover[CAPTURE]
-                && serve_source(&s, IPV4) < 0)
+        /* Served even when the other side left packets to Python: the two directions keep
+         * no order between them, and under a flood of new sessions (each left to Python) the
+         * answers would otherwise never be read. */
+        if (ipv4_ready && s.fd[IPV4] >= 0 && serve_source(&s, IPV4) < 0)
             goto done;
         if (PyList_GET_SIZE(ready) || s.leftover[IPV6] || s.leftover[IPV4]
                 || s.leftover[CAPTURE] || PyList_GET_SIZE(s.to_tunnel)

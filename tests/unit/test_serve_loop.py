@@ -287,3 +287,16 @@ def test_an_outer_fragment_is_left_to_python_before_the_compiled_loop_sees_it(
     capture.capture_send(batch)
     result = capture.serve_capture(served)
     assert result.translated_in == 1 and result.left_capture == batch[1:]
+
+
+def test_packets_left_to_python_on_one_side_do_not_hold_up_the_other(devices: Devices) -> None:
+    """Under a flood of new sessions every batch from the clients is left to Python: the
+    answers waiting on the other device are read in the same turn all the same (a SYN flood
+    would otherwise starve every SYN-ACK)."""
+    served = nat64()
+    ports = sessions(served)
+    devices.send6([udp6(sport=41000 + i, payload=b"new") for i in range(3)])
+    devices.send4(replies(ports, 1))
+    result = devices.serve(served)
+    assert len(result.left_ipv6) == 3 and result.translated_in == 0
+    assert result.translated_back == 3 and len(devices.written()) == 3
