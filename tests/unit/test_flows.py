@@ -20,6 +20,7 @@ from sixgate.workers.engine.flows import (
     FlowTable,
     Session,
     Timeouts,
+    UnassuredQueue,
 )
 from sixgate.workers.engine.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
@@ -170,6 +171,37 @@ def test_full_table_evicts_the_oldest_unassured_session_first() -> None:
     assert ft.sessions() == [kept, young, fresh]
     assert not old.alive and ft.evicted_total == 1
     assert ft.lookup_v4(*old.v4_key()) is None
+
+
+def test_early_drop_takes_the_oldest_unassured_past_assured_and_removed_ones() -> None:
+    """The unassured queue keeps an assured or removed session's entry until it reaches the
+    front (UnassuredQueue): eviction skips them, and the queue stays bounded by the live
+    unassured sessions however many come and go."""
+    ft = table(max_flows=3, per_prefix=10_000)
+    first = new(ft, c=client(1), cport=1, assured=False)
+    second = new(ft, c=client(2), cport=2, assured=False, now=1.0)
+    third = new(ft, c=client(3), cport=3, assured=False, now=2.0)
+    ft.touch_tcp(first, SYN | ACK, False, 2.0)
+    ft.touch_tcp(first, ACK, True, 2.0)  # assured: out of the queue
+    ft.close(second)
+    assert ft.unassured() == 1
+    fourth = new(ft, c=client(4), cport=4, assured=False, now=3.0)
+    fifth = new(ft, c=client(5), cport=5, assured=False, now=4.0)  # full: third goes
+    assert not third.alive and fourth.alive and fifth.alive and first.alive
+    assert ft.unassured() == 2 and ft.evicted_total == 1
+    big = table(max_flows=100_000, pool=POOL[:1], per_prefix=100_000)
+    for port in range(1, 5001):
+        new(big, c=client(7), cport=port, now=5.0)  # each assured at once
+    assert big.unassured() == 0
+    assert len(big._unassured.queue) <= UnassuredQueue.COMPACT_SLACK
+
+
+def test_the_sessions_of_one_second_share_its_slot_number() -> None:
+    """Issue 21, memory: a timer slot's number is one int object, not one per session."""
+    ft = table()
+    sessions = [new(ft, c=client(1), cport=port, now=1000.25) for port in (1, 2, 3)]
+    assert sessions[0].slot == int(1000.25 + T.unassured_s)  # placed when made
+    assert sessions[1].slot is sessions[0].slot and sessions[2].slot is sessions[0].slot
 
 
 def test_full_pool_evicts_a_client_that_holds_only_unassured_sessions() -> None:

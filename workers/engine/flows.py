@@ -29,7 +29,7 @@ restarted worker can later resume its shard.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -143,6 +143,49 @@ class Session:
 
     def v4_key(self) -> Key:
         return (self.proto, self.pool4, self.pport, self.target4, self.tport)
+
+
+class UnassuredQueue:
+    """The live unassured sessions, oldest first (conntrack's early drop takes the oldest).
+
+    A deque of 8 bytes a session where an OrderedDict took ~100 (issue 21: memory). A session
+    leaves it when assured or removed (``discard``, which only counts: a session is in the
+    queue exactly while it is alive and not assured); the deque keeps its entry until it
+    comes to the front or the deque is compacted, which happens once it holds more than
+    twice the live count (plus COMPACT_SLACK): O(1) per session amortised."""
+
+    COMPACT_SLACK = 64
+    __slots__ = ("queue", "count")
+
+    def __init__(self) -> None:
+        self.queue: deque[Session] = deque()
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, session: Session) -> None:
+        self.queue.append(session)
+        self.count += 1
+
+    def discard(self) -> None:
+        """One session of the queue was assured or removed."""
+        self.count -= 1
+        if len(self.queue) > 2 * self.count + self.COMPACT_SLACK:
+            self.queue = deque(s for s in self.queue if s.alive and not s.assured)
+
+    def oldest(self) -> Session | None:
+        queue = self.queue
+        while queue:
+            session = queue[0]
+            if session.alive and not session.assured:
+                return session
+            queue.popleft()
+        return None
+
+    def first(self, count: int) -> list[Session]:
+        """The ``count`` oldest (fewer if there are fewer)."""
+        return list(islice((s for s in self.queue if s.alive and not s.assured), count))
 
 
 class _Binding:
@@ -310,14 +353,14 @@ class FlowTable:
         # When a list, each NAT64 binding made (True) or ended (False) is appended, for the
         # shell's binding log (RFC 6888 REQ-12).
         self.binding_events: list[tuple[bool, Bib]] | None = None
-        # Unassured sessions, oldest first (dict order): who goes first when room is needed.
-        # An OrderedDict: taking the oldest is O(1) however many were taken before (a plain
-        # dict would scan the holes its deletions leave at the front).
-        self._unassured: OrderedDict[Session, None] = OrderedDict()
+        # Unassured sessions, oldest first: who goes first when room is needed.
+        self._unassured = UnassuredQueue()
         # Timer wheel: slot (whole second) -> its sessions; a heap of the slots in use.
         # Buckets are dicts, not sets: their order (insertion) is the same in every run, so
-        # which session goes first never depends on memory addresses.
+        # which session goes first never depends on memory addresses. Each slot's number is
+        # one int object, which its sessions share (``_slot_numbers``: 32 bytes a session).
         self._wheel: dict[int, dict[Session, None]] = {}
+        self._slot_numbers: dict[int, int] = {}
         self._slots: list[int] = []
         self.created_total = 0
         self.expired_total = 0
@@ -500,7 +543,7 @@ class FlowTable:
         proto = session.proto
         self._by_v6[session.v6_key()] = session
         self._by_v4[v4_key] = session
-        self._unassured[session] = None
+        self._unassured.add(session)
         prefix = session.client6[:8]
         self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
         prefix48 = session.client6[:6]
@@ -520,12 +563,14 @@ class FlowTable:
 
     def _evict_oldest_unassured(self) -> None:
         """conntrack's early drop: make room by removing the oldest unassured session."""
-        self._evict(next(iter(self._unassured)))
+        oldest = self._unassured.oldest()
+        if oldest is not None:
+            self._evict(oldest)
 
     def _evict_unassured_client(self) -> bool:
         """Free a pool address by removing the sessions of a client none of whose sessions is
         assured, oldest first; at most ``EVICT_SCAN`` sessions looked at."""
-        for session in list(islice(self._unassured, EVICT_SCAN)):
+        for session in self._unassured.first(EVICT_SCAN):
             if session.rule == NAT64_RULE:
                 continue  # holds pool4 ports, not a pool address
             binding = self._client_pool.get(session.client6)
@@ -554,7 +599,7 @@ class FlowTable:
         if not session.assured:
             session.assured = True
             self._journal_changed(session)
-            del self._unassured[session]
+            self._unassured.discard()
             self._pairs_of(session)[session.client6].assured += 1
             if session.proto == PROTO_TCP:
                 session.timeout_s = self.timeouts.tcp_established_s
@@ -629,7 +674,10 @@ class FlowTable:
         bucket = self._wheel.get(slot)
         if bucket is None:
             bucket = self._wheel[slot] = {}
+            self._slot_numbers[slot] = slot
             heapq.heappush(self._slots, slot)
+        else:
+            slot = self._slot_numbers[slot]
         bucket[session] = None
         session.slot = slot
 
@@ -664,6 +712,7 @@ class FlowTable:
                 break  # budget spent, or sessions due later in this second
             heapq.heappop(slots)
             wheel.pop(slot, None)
+            self._slot_numbers.pop(slot, None)
         self.expired_total += removed
         if self.ports is not None:
             self.ports.expire(now)
@@ -679,7 +728,8 @@ class FlowTable:
         if self.removed is not None:
             self.removed.append(session)
         self._by_v4.pop(session.v4_key(), None)
-        self._unassured.pop(session, None)
+        if not session.assured:
+            self._unassured.discard()
         _decrement(self._per_prefix, session.client6[:8])
         _decrement(self._per_48, session.client6[:6])
         if session.outer4 and not _decrement(self._per_outer4, session.outer4):
