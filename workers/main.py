@@ -598,8 +598,10 @@ class Worker:
             self._send(Output([], served.to_tunnel))
         if served.left_capture:
             assert self.capture is not None
-            self._from_tunnel(self.capture.complete(served.left_capture, served.statuses, now),
-                              now)
+            # An outer fragment alone completes nothing yet (it waits for the rest).
+            whole = self.capture.complete(served.left_capture, served.statuses, now)
+            if whole:
+                self._from_tunnel(whole, now)
         if served.left_ipv6:
             self._translate(served.left_ipv6, datapath.from_ipv6, "inbound", now)
         if served.left_ipv4:

@@ -56,6 +56,7 @@ def main(argv: list[str]) -> None:
     send = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     for piece in (second, first):  # out of order, as a network may deliver them
         send.sendto(piece, (argv[1], 0))
+        time.sleep(0.2)  # apart: the gateway reads the first before the second is there
     deadline = time.monotonic() + 5
     replied = False
     while not replied and time.monotonic() < deadline:
