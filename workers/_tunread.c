@@ -297,10 +297,14 @@ static int send_out(Serve *s, PyObject *pairs)
 }
 
 /* Up to ``batch`` (at most CAPTURE_BATCH_MAX) protocol-41 packets from the AF_PACKET
- * capture (workers/capture.py) by recvmmsg(2), appended to ``packets`` with their tp_status
- * to ``statuses``: how many, -1 on error (EAGAIN: 0). The slots are allocated at the first
- * call (a worker without a capture never pays for them). */
-static Py_ssize_t capture_into(int fd, int batch, PyObject *packets, PyObject *statuses)
+ * capture (workers/capture.py) by recvmmsg(2), appended to ``packets``, each one's tp_status
+ * in ``statuses``, their bytes added to ``*size`` and in ``*special`` the index of the first
+ * one the compiled loop must not see (the count when none): an outer fragment (Python puts it
+ * back together) or one whose checksum a kernel peer left to an offload (Python completes
+ * it), as TunnelCapture.complete sorts them. How many, -1 on error (EAGAIN: 0). The slots
+ * are allocated at the first call (a worker without a capture never pays for them). */
+static Py_ssize_t capture_into(int fd, int batch, PyObject *packets, unsigned *statuses,
+                               Py_ssize_t *size, Py_ssize_t *special)
 {
     typedef char Control[CMSG_SPACE(sizeof(struct tpacket_auxdata))];
     static char (*buffers)[BUFFER_SIZE];
@@ -339,8 +343,9 @@ static Py_ssize_t capture_into(int fd, int batch, PyObject *packets, PyObject *s
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    *special = count;
     for (int i = 0; i < count; i++) {
-        unsigned long status = 0;
+        unsigned status = 0;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msgs[i].msg_hdr); c != NULL;
              c = CMSG_NXTHDR(&msgs[i].msg_hdr, c)) {
             if (c->cmsg_level == SOL_PACKET && c->cmsg_type == PACKET_AUXDATA) {
@@ -349,31 +354,34 @@ static Py_ssize_t capture_into(int fd, int batch, PyObject *packets, PyObject *s
                 status = aux.tp_status;
             }
         }
-        PyObject *packet = PyBytes_FromStringAndSize(buffers[i], msgs[i].msg_len);
-        PyObject *number = PyLong_FromUnsignedLong(status);
-        int failed = packet == NULL || number == NULL || PyList_Append(packets, packet) < 0
-                     || PyList_Append(statuses, number) < 0;
+        const uint8_t *p = (const uint8_t *)buffers[i];
+        unsigned length = msgs[i].msg_len;
+        if (*special == count && (length < 20 || (p[6] & 0x3F) || p[7]
+                                  || status & TP_STATUS_CSUMNOTREADY))
+            *special = i;
+        statuses[i] = status;
+        *size += length;
+        PyObject *packet = PyBytes_FromStringAndSize(buffers[i], length);
+        int failed = packet == NULL || PyList_Append(packets, packet) < 0;
         Py_XDECREF(packet);
-        Py_XDECREF(number);
         if (failed)
             return -1;
     }
     return count;
 }
 
-/* The first captured packet the compiled loop must not see: an outer fragment (Python puts
- * it back together) or one whose checksum a kernel peer left to an offload (Python completes
- * it), as TunnelCapture.receive sorts them. */
-static Py_ssize_t first_special(PyObject *packets, PyObject *statuses)
+/* statuses[start:stop] as a list (the captured packets left to Python need theirs). */
+static PyObject *status_list(const unsigned *statuses, Py_ssize_t start, Py_ssize_t stop)
 {
-    Py_ssize_t n = PyList_GET_SIZE(packets);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(PyList_GET_ITEM(packets, i));
-        if (PyBytes_GET_SIZE(PyList_GET_ITEM(packets, i)) < 20 || (p[6] & 0x3F) || p[7]
-                || PyLong_AsUnsignedLong(PyList_GET_ITEM(statuses, i)) & TP_STATUS_CSUMNOTREADY)
-            return i;
+    PyObject *list = PyList_New(stop - start);
+    for (Py_ssize_t i = start; list != NULL && i < stop; i++) {
+        PyObject *number = PyLong_FromUnsignedLong(statuses[i]);
+        if (number == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i - start, number);
     }
-    return n;
+    return list;
 }
 
 /* One batch from ``source`` through its compiled loop (the IPv6 device and the capture:
@@ -383,31 +391,25 @@ static Py_ssize_t first_special(PyObject *packets, PyObject *statuses)
  * packets stay in order. */
 static Py_ssize_t serve_batch(Serve *s, int source)
 {
-    PyObject *packets = PyList_New(0), *statuses = NULL, *taken = NULL, *out = NULL;
+    PyObject *packets = PyList_New(0), *taken = NULL, *out = NULL;
     PyObject *to_tunnel = NULL, *now = NULL, *result = NULL;
+    unsigned statuses[CAPTURE_BATCH_MAX];
     Py_ssize_t read_count = -1, got, stop;
-    int back = source == IPV4;
+    int back = source == IPV4, tunnel = source == CAPTURE;
     if (packets == NULL)
         return -1;
-    if (source == CAPTURE) {
-        if ((statuses = PyList_New(0)) == NULL)
-            goto done;
-        got = capture_into(s->fd[CAPTURE], s->capture_batch, packets, statuses);
-        if (got > 0) {
+    if (tunnel) {
+        got = capture_into(s->fd[CAPTURE], s->capture_batch, packets, statuses,
+                           &s->captured_bytes, &stop);
+        if (got > 0)
             s->captured += got;
-            for (Py_ssize_t i = 0; i < got; i++)
-                s->captured_bytes += PyBytes_GET_SIZE(PyList_GET_ITEM(packets, i));
-        }
     } else {
-        got = read_into(s->fd[source], SERVE_BATCH, packets);
+        got = stop = read_into(s->fd[source], SERVE_BATCH, packets);
     }
     if (got <= 0) {
         read_count = got;
         goto done;
     }
-    stop = source == CAPTURE ? first_special(packets, statuses) : got;
-    if (PyErr_Occurred())
-        goto done;
     taken = stop == got ? Py_NewRef(packets) : PyList_GetSlice(packets, 0, stop);
     double start = monotonic();
     out = PyList_New(0);
@@ -415,16 +417,13 @@ static Py_ssize_t serve_batch(Serve *s, int source)
     now = PyFloat_FromDouble(start);
     if (taken == NULL || out == NULL || to_tunnel == NULL || now == NULL)
         goto done;
-    if (source == IPV6)
+    if (!back)  /* the capture's packets have their 20-byte outer header and echoes to us */
         result = PyObject_CallFunction(s->inbound, "OnOnkOOlOOOOl", taken, (Py_ssize_t)0,
-                                       s->in_caches, (Py_ssize_t)0, s->ident, now,
+                                       tunnel ? s->tunnel_caches : s->in_caches,
+                                       (Py_ssize_t)(tunnel ? 20 : 0), s->ident, now,
                                        s->established, s->df_threshold, out, to_tunnel,
-                                       Py_None, Py_None, 0L);
-    else if (source == CAPTURE)
-        result = PyObject_CallFunction(s->inbound, "OnOnkOOlOOOOl", taken, (Py_ssize_t)0,
-                                       s->tunnel_caches, (Py_ssize_t)20, s->ident, now,
-                                       s->established, s->df_threshold, out, to_tunnel,
-                                       s->echoes, s->allow, s->mtu);
+                                       tunnel ? s->echoes : Py_None,
+                                       tunnel ? s->allow : Py_None, tunnel ? s->mtu : 0L);
     else
         result = PyObject_CallFunction(s->returning, "OnOlOOOO", taken, (Py_ssize_t)0,
                                        s->out_caches, s->mtu, now, s->established,
@@ -454,8 +453,8 @@ static Py_ssize_t serve_batch(Serve *s, int source)
         s->leftover[source] = PyList_GetSlice(packets, index, got);
         if (s->leftover[source] == NULL)
             goto done;
-        if (source == CAPTURE) {
-            Py_XSETREF(s->statuses, PyList_GetSlice(statuses, index, got));
+        if (tunnel) {
+            Py_XSETREF(s->statuses, status_list(statuses, index, got));
             if (s->statuses == NULL)
                 goto done;
         }
@@ -467,7 +466,6 @@ done:
     Py_XDECREF(to_tunnel);
     Py_XDECREF(out);
     Py_XDECREF(taken);
-    Py_XDECREF(statuses);
     Py_DECREF(packets);
     return read_count;
 }

@@ -8,9 +8,10 @@ straight to the tunnel peer (the kernel writes the outer header: TTL 64, DF clea
 batch per io_uring call (``workers/uring.py``) or a packet per write(2); and a ZeroMQ REP
 control socket that answers ``flows``/``ping``/``stats`` requests. The engine returns what to
 send (``Output``); a packet that raised is counted there as INTERNAL_ERROR and logged here,
-rate-limited, and never kills the loop. A NAT64 on TUN devices with the compiled loops built
-is served by a compiled loop around the poll (workers/_tunread.c ``serve``): it reads, translates
-and writes the plain packets of known sessions with no Python run, and hands the rest back.
+rate-limited, and never kills the loop. Where the compiled loops are built (not for a CLAT or
+several tunnels), the devices and the capture are served by a compiled loop around the poll
+(workers/_tunread.c ``serve``): it reads, translates, writes and sends the plain packets of
+known sessions with no Python run, and hands the rest back.
 
 Started by the coordinator as ``python -m sixgate.workers.main --settings FILE --index N``.
 """
@@ -75,8 +76,8 @@ IP_PMTUDISC_DONT = 0
 INBOUND_BATCHES = 4
 BUSY_BATCH = 8  # a device read that found this many packets is read again before a poll
 TUN_BATCH = 256
-# The compiled loop around a NAT64's devices hands back to Python after this many packets at
-# the latest, so the control socket, the tick and the journal are never kept waiting long.
+# The compiled loop around the devices and the capture hands back to Python after this many
+# packets at the latest, so the control socket, the tick and the journal never wait long.
 SERVE_LIMIT = 4096
 TRACEBACK_LOG_INTERVAL_S = 10.0
 # Send errors that are load or routing, counted as send_failed without a log line each.
@@ -509,9 +510,9 @@ class Worker:
         # compiled loop around the poll, which runs no Python for a packet it translates
         # (issue 21: an idle gateway's wakeup is a packet's latency); it comes back for
         # everything else. Several tunnels count their traffic per peer: Python's loop.
-        one_row = not hasattr(self, "traffic") or self.traffic.one_row
+        one_row = self.nat64_alone or self.traffic.one_row  # a NAT64 alone has no tunnel
         served_capture = capture_fd if one_row and self.capture is not None else -1
-        send_fd = self.send_sock.fileno() if hasattr(self, "send_sock") else -1
+        send_fd = -1 if self.nat64_alone else self.send_sock.fileno()
         capture_batch = self.capture.batch if self.capture is not None else 0
         sources = (self.tun6_fd, self.tun_fd, served_capture, capture_batch, self.tun_fd,
                    send_fd)
@@ -650,13 +651,8 @@ class Worker:
                 return
 
     def _from_tunnel(self, packets: list[bytes], now: float) -> None:
-        """One batch of captured packets through the engine and out; the engine's time is
-        observed as its mean per packet."""
-        start = time.perf_counter()
-        output = self.datapath.from_tunnel(packets, now)
-        self.processing["inbound"].observe_many((time.perf_counter() - start) / len(packets),
-                                                len(packets))
-        self._send(output)
+        """One batch of captured packets through the engine and out."""
+        self._translate(packets, self.datapath.from_tunnel, "inbound", now)
 
     def _read_tun(self, fd: int) -> list[bytes]:
         """What waits on a TUN device: one read each, up to TUN_BATCH; compiled

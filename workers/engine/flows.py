@@ -168,24 +168,27 @@ class UnassuredQueue:
         self.queue.append(session)
         self.count += 1
 
+    @staticmethod
+    def _queued(session: Session) -> bool:
+        return session.alive and not session.assured
+
     def discard(self) -> None:
         """One session of the queue was assured or removed."""
         self.count -= 1
         if len(self.queue) > 2 * self.count + self.COMPACT_SLACK:
-            self.queue = deque(s for s in self.queue if s.alive and not s.assured)
+            self.queue = deque(filter(self._queued, self.queue))
 
     def oldest(self) -> Session | None:
         queue = self.queue
         while queue:
-            session = queue[0]
-            if session.alive and not session.assured:
-                return session
+            if self._queued(queue[0]):
+                return queue[0]
             queue.popleft()
         return None
 
     def first(self, count: int) -> list[Session]:
         """The ``count`` oldest (fewer if there are fewer)."""
-        return list(islice((s for s in self.queue if s.alive and not s.assured), count))
+        return list(islice(filter(self._queued, self.queue), count))
 
 
 class _Binding:
