@@ -510,9 +510,10 @@ class Worker:
         # compiled loop around the poll, which runs no Python for a packet it translates
         # (issue 21: an idle gateway's wakeup is a packet's latency); it comes back for
         # everything else. Several tunnels count their traffic per peer: Python's loop.
-        one_row = self.nat64_alone or self.traffic.one_row  # a NAT64 alone has no tunnel
+        # A NAT64 alone and a CLAT have no tunnel (``open`` returns before making one).
+        one_row = not hasattr(self, "traffic") or self.traffic.one_row
         served_capture = capture_fd if one_row and self.capture is not None else -1
-        send_fd = -1 if self.nat64_alone else self.send_sock.fileno()
+        send_fd = self.send_sock.fileno() if hasattr(self, "send_sock") else -1
         capture_batch = self.capture.batch if self.capture is not None else 0
         sources = (self.tun6_fd, self.tun_fd, served_capture, capture_batch, self.tun_fd,
                    send_fd)
