@@ -183,9 +183,26 @@ static PyObject *uring_enter(PyObject *self, PyObject *args)
 
 enum { IPV6 = 0, IPV4 = 1, CAPTURE = 2 };  /* the packet sources */
 
+/* The worker's io_uring for the device's writes (workers/uring.py UringWriter, whose
+ * ``compiled_ring`` gives its mmaps and offsets): entry i always writes slot i, and the SQ
+ * array maps ring position i to entry i, as UringWriter set them up. */
+typedef struct {
+    int fd, held;
+    Py_buffer sq, cq, sqes, data;
+    Py_ssize_t sq_tail_at, cq_head_at, cq_tail_at, cqes_at, slot;
+    unsigned sq_mask, cq_mask, entries;
+} Ring;
+
+#define SQE_SIZE 64    /* struct io_uring_sqe */
+#define SQE_LEN_AT 24  /* its len field */
+#define CQE_SIZE 16    /* struct io_uring_cqe: user_data, res, flags */
+#define CQE_RES_AT 8
+
 typedef struct {
     int fd[3], write_fd, send_fd, capture_batch;
-    PyObject *inbound, *in_caches, *returning, *out_caches, *established, *writer;
+    PyObject *inbound, *in_caches, *returning, *out_caches, *established, *ring_args;
+    Ring ring;
+    int ring_errno;  /* the ring failed as a whole: write(2) from then on */
     PyObject *tunnel_caches, *echoes, *allow;
     unsigned long ident;
     long df_threshold, mtu;
@@ -204,30 +221,125 @@ static double monotonic(void)
     return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
 }
 
-/* Translated packets to the device: one write(2) each, or through ``writer`` (the worker's
- * DeviceOut.write: one io_uring submission) when there are several. A refused write is
- * counted, never retried (as DeviceOut). -1 on error. */
+/* The ring's mmaps held for the call, their layout checked (0), or -1 with an exception. */
+static int ring_hold(Ring *r, PyObject *args)
+{
+    PyObject *sq, *cq, *sqes, *data;
+    if (!PyArg_ParseTuple(args, "iOOOOnInnInnI", &r->fd, &sq, &cq, &sqes, &data,
+                          &r->sq_tail_at, &r->sq_mask, &r->cq_head_at, &r->cq_tail_at,
+                          &r->cq_mask, &r->cqes_at, &r->slot, &r->entries))
+        return -1;
+    Py_buffer *views[4] = {&r->sq, &r->cq, &r->sqes, &r->data};
+    PyObject *areas[4] = {sq, cq, sqes, data};
+    for (int i = 0; i < 4; i++) {
+        if (PyObject_GetBuffer(areas[i], views[i], PyBUF_WRITABLE) < 0) {
+            while (i--)
+                PyBuffer_Release(views[i]);
+            return -1;
+        }
+    }
+    r->held = 1;
+    if (r->entries == 0 || r->sq_mask != r->entries - 1 || r->slot <= 0
+            || r->sq_tail_at < 0 || r->sq_tail_at + 4 > r->sq.len
+            || r->cq_head_at < 0 || r->cq_head_at + 4 > r->cq.len
+            || r->cq_tail_at < 0 || r->cq_tail_at + 4 > r->cq.len
+            || r->cqes_at < 0 || r->cqes_at + (Py_ssize_t)CQE_SIZE * (r->cq_mask + 1) > r->cq.len
+            || (Py_ssize_t)SQE_SIZE * r->entries > r->sqes.len
+            || r->slot * (Py_ssize_t)r->entries > r->data.len) {
+        PyErr_SetString(PyExc_ValueError, "serve: the ring's layout does not fit its areas");
+        return -1;
+    }
+    return 0;
+}
+
+static void ring_release(Ring *r)
+{
+    if (!r->held)
+        return;
+    PyBuffer_Release(&r->sq);
+    PyBuffer_Release(&r->cq);
+    PyBuffer_Release(&r->sqes);
+    PyBuffer_Release(&r->data);
+    r->held = 0;
+}
+
+/* ``count`` packets (bytes, each at most a slot) from ``packets[first:]`` submitted in one
+ * io_uring_enter(2) that waits for all their completions (so no slot is reused while the
+ * kernel may still read it): how many failed (res < 0), or -1 with errno when the ring
+ * itself failed (how far it got is not known). */
+static Py_ssize_t ring_submit(Ring *r, PyObject *packets, Py_ssize_t first, unsigned count)
+{
+    uint32_t *sq_tail = (uint32_t *)((char *)r->sq.buf + r->sq_tail_at);
+    uint32_t *cq_head = (uint32_t *)((char *)r->cq.buf + r->cq_head_at);
+    uint32_t *cq_tail = (uint32_t *)((char *)r->cq.buf + r->cq_tail_at);
+    uint32_t tail = *sq_tail;  /* this worker is the ring's only producer */
+    for (unsigned k = 0; k < count; k++) {
+        PyObject *packet = PyList_GET_ITEM(packets, first + k);
+        unsigned i = (tail + k) & r->sq_mask;
+        uint32_t length = (uint32_t)PyBytes_GET_SIZE(packet);
+        memcpy((char *)r->data.buf + (Py_ssize_t)i * r->slot, PyBytes_AS_STRING(packet), length);
+        memcpy((char *)r->sqes.buf + (Py_ssize_t)i * SQE_SIZE + SQE_LEN_AT, &length, 4);
+    }
+    __atomic_store_n(sq_tail, tail + count, __ATOMIC_RELEASE);
+    unsigned to_submit = count, waiting = count;
+    Py_ssize_t failed = 0;
+    while (waiting) {
+        long done = syscall(SYS_io_uring_enter, r->fd, to_submit, waiting, 1u /* GETEVENTS */,
+                            NULL, 0);
+        if (done < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        to_submit -= (unsigned)done < to_submit ? (unsigned)done : to_submit;
+        uint32_t head = *cq_head, ready = __atomic_load_n(cq_tail, __ATOMIC_ACQUIRE) - head;
+        for (uint32_t j = 0; j < ready; j++) {
+            int32_t res;
+            memcpy(&res, (char *)r->cq.buf + r->cqes_at
+                   + (Py_ssize_t)((head + j) & r->cq_mask) * CQE_SIZE + CQE_RES_AT, 4);
+            failed += res < 0;
+        }
+        __atomic_store_n(cq_head, head + ready, __ATOMIC_RELEASE);
+        waiting -= ready < waiting ? ready : waiting;
+    }
+    return failed;
+}
+
+/* Translated packets to the device: through the ring (one io_uring_enter per batch of up to
+ * its entries) when there are several and it works, else one write(2) each. A refused write
+ * is counted, never retried (as DeviceOut); a ring that fails as a whole counts the packets
+ * it was given as failed and is not used again (s->ring_errno: Python says so and closes
+ * it, as DeviceOut.write). -1 on error. */
 static int write_out(Serve *s, PyObject *out)
 {
     Py_ssize_t n = PyList_GET_SIZE(out);
+    int by_ring = n > 1 && s->ring.held && !s->ring_errno;
     s->written += n;
-    if (n > 1 && s->writer != Py_None) {
-        PyObject *failed = PyObject_CallOneArg(s->writer, out);
-        if (failed == NULL)
-            return -1;
-        Py_ssize_t count = PyLong_AsSsize_t(failed);
-        Py_DECREF(failed);
-        if (count == -1 && PyErr_Occurred())
-            return -1;
-        s->failed += count;
-        return 0;
-    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *packet = PyList_GET_ITEM(out, i);
         if (!PyBytes_Check(packet)) {
             PyErr_SetString(PyExc_TypeError, "a translated packet must be bytes");
             return -1;
         }
+        if (PyBytes_GET_SIZE(packet) > s->ring.slot)
+            by_ring = 0;  /* longer than a slot (never from the engine): write(2) each */
+    }
+    if (by_ring) {
+        for (Py_ssize_t first = 0; first < n; first += s->ring.entries) {
+            unsigned count = (unsigned)(n - first < s->ring.entries ? n - first
+                                        : s->ring.entries);
+            Py_ssize_t failed = ring_submit(&s->ring, out, first, count);
+            if (failed < 0) {
+                s->ring_errno = errno ? errno : EIO;
+                s->failed += n - first;
+                return 0;
+            }
+            s->failed += failed;
+        }
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *packet = PyList_GET_ITEM(out, i);
         ssize_t written;
         do
             written = write(s->write_fd, PyBytes_AS_STRING(packet), PyBytes_GET_SIZE(packet));
@@ -499,13 +611,14 @@ static PyObject *totals_tuple(const Py_ssize_t *totals, Py_ssize_t count)
 }
 
 PyDoc_STRVAR(serve_doc,
-"serve(watch, timeout_ms, limit, fds, loops, writer) -> tuple\n"
+"serve(watch, timeout_ms, limit, fds, loops, ring) -> tuple\n"
 "A worker's loop around poll(2), compiled: packets from its sources (``fds``: the NAT64's\n"
 "IPv6 device, the IPv4 device, the tunnel's capture, each -1 when absent; the capture's\n"
 "batch; the device to write and the tunnel's send socket) are read, translated by the engine's compiled loops\n"
 "(``loops``: inbound, in_caches, returning, out_caches, ident, established, df_threshold,\n"
 "mtu, tunnel_caches, echoes, allow: workers/engine/_fastpath.c), written to the device\n"
-"(``writer(list)`` -> failed for several; None: write(2) each) and sent to the tunnel by\n"
+"(several through ``ring``, workers/uring.py UringWriter.compiled_ring; None: write(2)\n"
+"each) and sent to the tunnel by\n"
 "sendmmsg(2), with no Python code run but the echo limit's. Returns once any ``watch``\n"
 "descriptor is readable, a batch left packets to Python, ``limit`` packets were translated,\n"
 "``timeout_ms`` passed or a signal handler ran: workers/main.py ``Served``'s fields.");
@@ -522,13 +635,18 @@ static PyObject *serve(PyObject *self, PyObject *args)
                           &s.capture_batch, &s.write_fd, &s.send_fd, &s.inbound, &PyDict_Type, &s.in_caches,
                           &s.returning, &PyDict_Type, &s.out_caches, &s.ident, &s.established,
                           &s.df_threshold, &s.mtu, &PyDict_Type, &s.tunnel_caches, &s.echoes,
-                          &s.allow, &s.writer))
+                          &s.allow, &s.ring_args))
         return NULL;
     Py_ssize_t watched = PyList_GET_SIZE(watch);
     if (watched > SERVE_WATCH_MAX || !PyCallable_Check(s.inbound)
             || !PyCallable_Check(s.returning)
-            || (s.writer != Py_None && !PyCallable_Check(s.writer))) {
-        PyErr_SetString(PyExc_ValueError, "serve: too many descriptors or a loop not callable");
+            || (s.ring_args != Py_None && !PyTuple_Check(s.ring_args))) {
+        PyErr_SetString(PyExc_ValueError, "serve: too many descriptors, a loop not callable "
+                        "or a ring not a tuple");
+        return NULL;
+    }
+    if (s.ring_args != Py_None && ring_hold(&s.ring, s.ring_args) < 0) {
+        ring_release(&s.ring);
         return NULL;
     }
     struct pollfd fds[3 + SERVE_WATCH_MAX];
@@ -536,8 +654,10 @@ static PyObject *serve(PyObject *self, PyObject *args)
         fds[i].fd = s.fd[i];  /* a negative descriptor is not polled */
     for (Py_ssize_t i = 0; i < watched; i++) {
         long fd = PyLong_AsLong(PyList_GET_ITEM(watch, i));
-        if (fd == -1 && PyErr_Occurred())
+        if (fd == -1 && PyErr_Occurred()) {
+            ring_release(&s.ring);
             return NULL;
+        }
         fds[3 + i].fd = (int)fd;
     }
     for (Py_ssize_t i = 0; i < 3 + watched; i++)
@@ -599,13 +719,14 @@ static PyObject *serve(PyObject *self, PyObject *args)
             goto done;
     if (s.statuses == NULL && (s.statuses = PyList_New(0)) == NULL)
         goto done;
-    result = Py_BuildValue("(OkOOOOONNddnnnnnnnni)", ready, s.ident, s.leftover[IPV6],
+    result = Py_BuildValue("(OkOOOOONNddnnnnnnnnii)", ready, s.ident, s.leftover[IPV6],
                            s.leftover[IPV4], s.leftover[CAPTURE], s.statuses, s.to_tunnel,
                            totals_tuple(s.totals[0], 13), totals_tuple(s.totals[1], 9),
                            s.seconds[0], s.seconds[1], s.translated[0], s.translated[1],
                            s.failed, s.captured, s.captured_bytes, s.sent, s.sent_bytes,
-                           s.send_failed, s.send_errno);
+                           s.send_failed, s.send_errno, s.ring_errno);
 done:
+    ring_release(&s.ring);
     Py_XDECREF(ready);
     Py_XDECREF(s.to_tunnel);
     Py_XDECREF(s.statuses);

@@ -136,6 +136,7 @@ class Served(NamedTuple):
     sent_bytes: int
     send_failed: int
     send_errno: int  # the last refusal's
+    ring_errno: int  # the device's io_uring failed as a whole (not used again in the call)
 
 
 class DeviceOut:
@@ -154,9 +155,7 @@ class DeviceOut:
             try:
                 return self.ring.write(packets)
             except OSError as exc:
-                log.warning("worker %d: io_uring failed (%s): one write(2) per packet to the "
-                            "device from now on", self.index, exc)
-                self.close()
+                self.ring_failed(exc)
                 return len(packets)
         failed = 0
         for packet in packets:
@@ -165,6 +164,12 @@ class DeviceOut:
             except OSError:
                 failed += 1
         return failed
+
+    def ring_failed(self, exc: OSError) -> None:
+        """The ring failed as a whole: said once, and write(2) from now on."""
+        log.warning("worker %d: io_uring failed (%s): one write(2) per packet to the device "
+                    "from now on", self.index, exc)
+        self.close()
 
     def close(self) -> None:
         if self.ring is not None:
@@ -565,9 +570,9 @@ class Worker:
         datapath = self.datapath
         out = self.tun_out
         assert out is not None
-        writer = out.write if out.ring is not None else None
+        ring = out.ring.compiled_ring() if out.ring is not None else None
         try:
-            served = Served._make(serve(watch, timeout, SERVE_LIMIT, sources, loops, writer))
+            served = Served._make(serve(watch, timeout, SERVE_LIMIT, sources, loops, ring))
         except OSError:
             raise  # a device or socket that fails, as a read outside it: the worker restarts
         except Exception as exc:  # noqa: BLE001 - as _run_compiled: counted once, logged
@@ -582,6 +587,8 @@ class Worker:
             self.processing["from_services"].observe_many(
                 served.seconds_back / served.translated_back, served.translated_back)
         counters = datapath.counters
+        if served.ring_errno:
+            out.ring_failed(OSError(served.ring_errno, os.strerror(served.ring_errno)))
         if served.device_failed:
             counters.drop(DropReason.SEND_FAILED, served.device_failed)
         if served.captured:

@@ -87,7 +87,7 @@ class UringWriter:
         self._cq_mask = U32.unpack_from(self._cq, cq_mask)[0]
         self._cq_res = memoryview(self._cq).cast("i")  # res of CQE k: [cqes/4 + 4k + 2]
         self._cq_res_first = cq_cqes // 4 + 2
-        self._tail = U32.unpack_from(self._sq, sq_tail)[0]
+        self._cqes_at = cq_cqes
         # Entry i always writes slot i; the SQ array maps ring position i to entry i. Where
         # slot i starts and where entry i keeps its length, computed once.
         self._slot_at = [slot * i for i in range(entries)]
@@ -122,7 +122,9 @@ class UringWriter:
         slot_at, len_at, pack_len = self._slot_at, self._len_at, U32.pack_into
         for first in range(0, len(packets), entries):
             chunk = packets[first:first + entries]
-            start = self._tail
+            # The ring's own tail (this process is its only producer; workers/_tunread.c
+            # ``serve`` submits through the same ring).
+            start = U32.unpack_from(self._sq, self._sq_tail_at)[0]
             if self.compiled:
                 fill_slots(self._data, sqes, chunk, start, mask, self.slot, SQE.size,
                            SQE_LEN_AT)
@@ -132,10 +134,17 @@ class UringWriter:
                     at = slot_at[i]
                     view[at:at + len(packet)] = packet
                     pack_len(sqes, len_at[i], len(packet))
-            self._tail = (start + len(chunk)) & 0xFFFFFFFF
-            U32.pack_into(self._sq, self._sq_tail_at, self._tail)
+            U32.pack_into(self._sq, self._sq_tail_at, (start + len(chunk)) & 0xFFFFFFFF)
             failed += self._submit_and_reap(len(chunk))
         return failed
+
+    def compiled_ring(self) -> tuple[object, ...]:
+        """The ring as workers/_tunread.c ``serve`` writes through it (the same slots,
+        entries and submission order as ``write``): its descriptor, its four areas and their
+        layout."""
+        return (self.ring_fd, self._sq, self._cq, self._sqes, self._data, self._sq_tail_at,
+                self._sq_mask, self._cq_head_at, self._cq_tail_at, self._cq_mask,
+                self._cqes_at, self.slot, self.entries)
 
     def _submit_and_reap(self, count: int) -> int:
         """Submit ``count`` entries and wait for all their completions; the failed ones."""

@@ -10,6 +10,7 @@ the worker calls it without the loop, is the reference."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -31,6 +32,7 @@ from test_nat64_datapath import CLIENT, POOL4, SERVER, SERVER6, nat64, udp6
 
 from sixgate.workers.engine.datapath import Datapath
 from sixgate.workers.main import Served, serve
+from sixgate.workers.uring import UringWriter
 
 
 class Devices:
@@ -62,13 +64,13 @@ class Devices:
                 return out
 
     def serve(self, datapath: Datapath, watch: list[int] | None = None, timeout_ms: int = 0,
-              write_fd: int | None = None) -> Served:
+              write_fd: int | None = None, ring: tuple[object, ...] | None = None) -> Served:
         """One call as the worker makes it (workers/main.py ``Worker._serve``)."""
         loops = datapath.device_loops()
         assert loops is not None
         fds = (self.pairs[0][0].fileno(), self.pairs[1][0].fileno(), -1, 0,
                self.pairs[2][0].fileno() if write_fd is None else write_fd, -1)
-        served = Served._make(serve(watch or [], timeout_ms, 4096, fds, loops, None))
+        served = Served._make(serve(watch or [], timeout_ms, 4096, fds, loops, ring))
         datapath.count_served(served.ident, served.inbound, served.returning)
         return served
 
@@ -194,6 +196,63 @@ def test_a_refused_write_is_counted_not_retried(devices: Devices) -> None:
         devices.send6(requests(1))
         result = devices.serve(served, write_fd=read_end)  # a pipe's read end: EBADF
         assert (result.translated_in, result.device_failed) == (3, 3)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+@pytest.fixture()
+def ring(devices: Devices) -> Iterator[UringWriter]:
+    """The worker's io_uring writer on the device serve writes to: two entries, so a batch
+    of three takes two submissions and the rings wrap."""
+    try:
+        writer = UringWriter.open(devices.pairs[2][0].fileno(), entries=2)
+    except OSError as exc:
+        pytest.skip(f"io_uring refused on this host ({exc}): nothing to test the ring with")
+    yield writer
+    writer.close()
+
+
+def test_through_the_ring_the_device_gets_what_write_2_would_give(
+        devices: Devices, ring: UringWriter) -> None:
+    served, reference = nat64(), nat64()
+    ports = sessions(served)
+    sessions(reference)
+    read_end, write_end = os.pipe()
+    try:
+        expected: list[bytes] = []
+        for first in (1, 4, 7):
+            batch6, batch4 = requests(first), replies(ports, first)
+            devices.send6(batch6)
+            devices.send4(batch4)
+            # write_fd is a pipe's read end: a packet written by write(2) would fail, so what
+            # arrives came through the ring (whose entries name the device).
+            result = devices.serve(served, write_fd=read_end, ring=ring.compiled_ring())
+            assert (result.translated_in, result.translated_back) == (3, 3)
+            assert (result.device_failed, result.ring_errno) == (0, 0)
+            now = time.monotonic()
+            expected += reference.from_ipv6(batch6, now).to_services
+            expected += reference.from_services(batch4, now).to_ipv6
+        # The Python writer goes on from where serve left the ring.
+        assert ring.write([b"after", b"serve", b"!"]) == 0
+        assert devices.written() == [*expected, b"after", b"serve", b"!"]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_ring_that_fails_as_a_whole_counts_its_packets_and_says_why(
+        devices: Devices, ring: UringWriter) -> None:
+    served = nat64()
+    sessions(served)
+    read_end, write_end = os.pipe()
+    try:
+        devices.send6(requests(1))
+        broken = (read_end, *ring.compiled_ring()[1:])  # io_uring_enter on a pipe: refused
+        result = devices.serve(served, ring=broken)
+        assert (result.translated_in, result.device_failed) == (3, 3)
+        assert result.ring_errno == errno.EOPNOTSUPP
+        assert devices.written() == []
     finally:
         os.close(read_end)
         os.close(write_end)
