@@ -267,7 +267,7 @@ def _print_nat64(settings: Settings) -> None:
           + ("allowed (allow_non_global)" if settings.nat64_allow_non_global or
              not prefix.well_known else "refused (RFC 6052 §3.1)"))
     print(f"  clients       {', '.join(settings.nat64_clients)} (everyone else refused)")
-    from sixgate.coordinator.forwarding import local_pool4
+    from sixgate.coordinator.forwarding import local_pool4, nat64_steered
     owned = local_pool4(settings)
     for address, proto, lo, hi in settings.nat64_pool4:
         print(f"  pool4         {address} {proto} {lo}-{hi}"
@@ -290,8 +290,9 @@ def _print_nat64(settings: Settings) -> None:
           f"{settings.max_mss})")
     if settings.nat64_input == "tun":
         print(f"  packets in    IPv6: the kernel routes {settings.nat64_prefix} to the TUN "
-              "devices; IPv4: it routes the pool4 addresses there (steered to the owning "
-              "worker by sixgate's nftables marks)")
+              "devices; IPv4: it routes the pool4 addresses there"
+              + (" (steered to the owning worker by sixgate's nftables marks)"
+                 if nat64_steered(settings, owned) else ""))
         print("  packets out   written to the TUN devices; the kernel forwards them (sixgate "
               "turns IPv4 and IPv6 forwarding on while it runs)"
               + (f", the IPv4 by routing table {settings.nat64_egress_table} "

@@ -233,7 +233,11 @@ def _enable_nat64(settings: Settings, changed: list[tuple[str, str]],
     opened = {path for path, _ in changed}
     ruleset += nat64_ruleset(settings, uplink, str(_sysctl_path(uplink)) in opened,
                              str(IPV6_FORWARDING) in opened, owned)
-    return ruleset, nat64_routing(settings), bool(owned)
+    rules = nat64_routing(settings) if nat64_steered(settings, owned) else []
+    if not rules:
+        log.info("one NAT64 worker on routed pool4: its routes in the main table take every "
+                 "packet to it (no steering marks or policy rules)")
+    return ruleset, rules, bool(owned)
 
 
 # The sysctl that makes the kernel forward IPv6 at all (per interface in IPv6 only since
@@ -313,6 +317,16 @@ QUOTED_SPORT_BITS = (8 + 20) * 8
 QUOTED_ECHO_ID_BITS = (8 + 20 + 4) * 8
 # In an ICMPv6 error: the quoted IPv6 packet's destination follows 8 + 24 bytes.
 QUOTED_CLIENT6_BITS = (8 + 24) * 8
+
+
+def nat64_steered(settings: Settings, owned: list[str]) -> bool:
+    """Whether the NAT64's packets need marks and policy rules to reach their worker: with
+    several workers (each owns a slice), or with pool4 on an address of this host (the marks
+    pick pool4's ports out of the host's own traffic, ahead of the local table). One worker
+    on routed pool4 needs neither: worker 0's routes in the main table take every packet
+    there, and the kernel's lookups skip the policy rules (none of sixgate's) and the
+    steering chains."""
+    return settings.workers > 1 or bool(owned)
 
 
 def nat64_steering(settings: Settings) -> tuple[list[str], list[str]]:
@@ -398,6 +412,7 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool,
     table = table_name(settings)
     pool4 = ", ".join(sorted({row[0] for row in settings.nat64_pool4}))
     ours = f'"{settings.name}*"'
+    steered = nat64_steered(settings, owned)
     steer4, steer6 = nat64_steering(settings)
     lines = [f"table ip {table} {{",
              "  chain nat64_prerouting {",
@@ -407,16 +422,18 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool,
              # together before this hook (nf_defrag_ipv4, priority -400): a non-first
              # fragment has no port to steer by.
              f"    ip daddr {{ {pool4} }} ct state untracked",
-             "  }",
-             "  chain steer {",
-             "    type filter hook prerouting priority mangle; policy accept;",
-             *steer4,
-             "  }",
-             # What this host's own stack sends to pool4 (Fragmentation Needed of its routing).
-             "  chain steer_local {",
-             "    type route hook output priority mangle; policy accept;",
-             *steer4,
              "  }"]
+    if steered:
+        lines += ["  chain steer {",
+                  "    type filter hook prerouting priority mangle; policy accept;",
+                  *steer4,
+                  "  }",
+                  # What this host's own stack sends to pool4 (Fragmentation Needed of its
+                  # routing).
+                  "  chain steer_local {",
+                  "    type route hook output priority mangle; policy accept;",
+                  *steer4,
+                  "  }"]
     lines += ["  chain nat64_forward {",
               "    type filter hook forward priority filter; policy accept;",
               # pool4 lives behind our devices only: what no worker took never goes back out.
@@ -429,15 +446,16 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool,
     lines.append("}")
     if settings.nat64_input != "tun":
         return "\n".join(lines) + "\n"  # IPv6 comes over the tunnel: no IPv6 forwarding
-    lines += [f"table ip6 {table} {{",
-              "  chain steer {",
-              "    type filter hook prerouting priority mangle; policy accept;",
-              *steer6,
-              "  }",
-              "  chain steer_local {",
-              "    type route hook output priority mangle; policy accept;",
-              *steer6,
-              "  }"]
+    lines.append(f"table ip6 {table} {{")
+    if steered:
+        lines += ["  chain steer {",
+                  "    type filter hook prerouting priority mangle; policy accept;",
+                  *steer6,
+                  "  }",
+                  "  chain steer_local {",
+                  "    type route hook output priority mangle; policy accept;",
+                  *steer6,
+                  "  }"]
     lines += ["  chain forward {",
               "    type filter hook forward priority filter; policy accept;",
               f"    ip6 daddr {settings.nat64_prefix} oifname != {ours} counter drop"]

@@ -423,6 +423,16 @@ class TestNat64:
         table = nat64_lab.gw(["cat", "/proc/net/nf_conntrack"], check=True).stdout
         assert POOL4 not in table, table
 
+    def test_packets_are_steered_only_where_there_is_a_choice(self, nat64_lab: Nat64Lab
+                                                              ) -> None:
+        """Several workers: each packet is marked for its owner's table (chains ``steer``) and
+        a policy rule per worker and family selects it. One worker on routed pool4: its routes
+        in the main table take every packet, so no steering chain and no policy rule costs
+        the kernel's lookups anything (and the traffic of the other tests went through)."""
+        steered = nat64_lab.workers > 1
+        assert steered == ("chain steer" in steering_of(nat64_lab)[0])
+        assert steered == ("fwmark" in steering_of(nat64_lab)[1])
+
     def test_flows_lists_the_nat64_bindings(self, nat64_lab: Nat64Lab) -> None:
         netlab.download(nat64_lab, f"http://[{synthesized(HTTP4)}]/{netlab.SMALL_NAME}")
         bindings = nat64_lab.flows()["bindings"]
@@ -430,6 +440,13 @@ class TestNat64:
         assert rows, bindings
         assert all(row["pool"].startswith("203.0.113.5:") for row in rows)
         assert any(row["target"] == f"{HTTP4}:80" for row in rows)
+
+
+def steering_of(lab: Nat64Lab) -> tuple[str, str]:
+    """(the gateway's nftables ruleset, its IPv4 and IPv6 policy rules)."""
+    return (lab.gw(["nft", "list", "ruleset"], check=True).stdout,
+            lab.gw(["ip", "-4", "rule", "show"], check=True).stdout
+            + lab.gw(["ip", "-6", "rule", "show"], check=True).stdout)
 
 
 @pytest.fixture(scope="class")
@@ -482,6 +499,13 @@ class TestNat64Limits:
         assert dns_queries(limits_lab, [*MANY_CLIENTS6[:3]] * 4) == 6
         last, _ = counters(limits_lab)
         assert last["pool_exhausted"] - after["pool_exhausted"] == 6
+
+    def test_pool4_on_the_hosts_own_address_is_steered_with_one_worker_too(
+            self, limits_lab: Nat64Lab) -> None:
+        """The marks pick pool4's ports out of the host's own traffic (the local table's rule
+        moves behind them): needed whatever the worker count."""
+        ruleset, rules = steering_of(limits_lab)
+        assert "chain steer" in ruleset and "fwmark" in rules, (ruleset, rules)
 
     def test_pool4_on_the_hosts_own_address_leaves_the_host_its_other_ports(
             self, limits_lab: Nat64Lab, served_files: netlab.ServedFiles) -> None:
