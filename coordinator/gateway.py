@@ -199,6 +199,14 @@ def prepare_run_dir(settings: Settings) -> Path:
     return run_dir
 
 
+def _workers_of(settings_file: Path) -> int:
+    """The worker count of the run whose settings these are (0 when unreadable)."""
+    try:
+        return Settings.from_json(settings_file.read_text()).workers
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def _uid_of(user: str) -> int:
     """The uid of ``user``, or -1 when it is empty or unknown (checked again at start)."""
     try:
@@ -330,6 +338,12 @@ class Coordinator:
         self.retire_stop = threading.Event()
         self.retiree: int | None = None  # the retiring run this one took over from
         self.retired = False
+        # The userspace take-over: this run stops for the next one (SIGUSR2), its workers
+        # keeping their TUN devices for the next run's (workers/tun.py); and how many
+        # workers the run this one took over from had (its kept devices no worker of this
+        # run takes are removed).
+        self.handing_over = False
+        self.previous_workers = 0
         # Readable once a signal came (``run_gateway``'s wakeup fd): the loop ends at once on
         # SIGTERM instead of at its next timeout (a stop is a take-over's outage).
         self.wake_fd = -1
@@ -399,7 +413,10 @@ class Coordinator:
         # Under systemd this run becomes the unit's main process before the old one ends:
         # otherwise its end would stop the unit, this run included (service_manager).
         service_manager.notify(f"MAINPID={os.getpid()}", f"STATUS=taking over from pid {old}")
-        os.kill(old, signal.SIGUSR2 if kernel else signal.SIGTERM)
+        self.previous_workers = _workers_of(self.settings_file)
+        # SIGUSR2: a userspace run stops and keeps its TUN devices for this one (an older
+        # release stops as on SIGTERM); the kernel backend's retires.
+        os.kill(old, signal.SIGUSR2)
         # Its pidfile goes last at its stop (after the handover and the teardown) or first
         # at its retirement: this run may start then, not only once its process has ended.
         while running_coordinator(self.settings) == old:
@@ -563,6 +580,9 @@ class Coordinator:
             self._spawn(worker)
         self.handed_over = []
         self._wait_workers_ready()
+        if self.previous_workers > settings.workers and settings.backend != "kernel":
+            # The run this one took over from had more workers: their devices are no one's.
+            self._remove_kept_devices(range(settings.workers, self.previous_workers))
         if self.retiree is not None:
             self._signal_retiree(signal.SIGUSR1, "this run's relays listen: the retiring run "
                                  "closes its listeners and keeps its connections until they "
@@ -1014,7 +1034,9 @@ class Coordinator:
                 worker.standby.wait()
                 worker.standby = None
             if worker.proc is not None and worker.proc.poll() is None:
-                worker.proc.terminate()
+                # A take-over's stop: the worker keeps its devices for the next run's.
+                worker.proc.send_signal(signal.SIGUSR2 if self.handing_over
+                                        else signal.SIGTERM)
         for worker in self.workers:
             if worker.proc is None:
                 continue
@@ -1068,15 +1090,33 @@ class Coordinator:
             path.unlink(missing_ok=True)
 
     def _check_no_tun_left(self) -> None:
-        """Warn about a TUN device our own stopped worker left (never about another run's)."""
-        if self.settings.backend == "kernel":
+        """Warn about a TUN device our own stopped worker left (never about another run's);
+        devices kept for a next run that none took are removed, unless this stop is a
+        take-over's (the next run takes them)."""
+        if self.settings.backend == "kernel" or self.handing_over:
             return
+        self._remove_kept_devices(range(max(self.settings.workers, self.previous_workers)))
         for worker in self.workers:
             if worker.proc is None:
                 continue
             name = tun_name(self.settings, worker.index)
             if Path(f"/sys/class/net/{name}").exists():
                 log.warning("TUN device %s still exists after its worker stopped", name)
+
+    def _remove_kept_devices(self, indexes: range) -> None:
+        """Remove the devices of workers ``indexes`` kept for a next run (workers/tun.py)
+        that no worker took: a take-over from a run with more workers, or one that failed
+        before its workers started."""
+        from sixgate.workers.tun import kept_devices, remove_devices
+        names = [f"{tun_name(self.settings, i)}{suffix}" for i in indexes for suffix in ("", "i")]
+        kept = kept_devices(names)
+        if kept:
+            log.info("removing device(s) %s kept for a next run that did not take them",
+                     ", ".join(kept))
+            try:
+                remove_devices(kept)
+            except Exception as exc:  # noqa: BLE001 - NetlinkError: said, the stop goes on
+                log.warning("cannot remove device(s) %s: %s", ", ".join(kept), exc)
 
     # --- loop ---------------------------------------------------------------------------------
 
@@ -1417,9 +1457,10 @@ def run_gateway(settings: Settings, take_over: bool = False) -> int:
 
     def retire(_signum: int, _frame: object) -> None:
         # The next run takes over: the kernel backend's run retires (``retire``), another
-        # stops as on SIGTERM (it hands its sessions over).
+        # stops as on SIGTERM (it hands its sessions over) and leaves its TUN devices to it.
         log.info("take-over asked by the next run")
         coordinator.retiring = settings.backend == "kernel"
+        coordinator.handing_over = settings.backend != "kernel"
         coordinator.running = False
 
     def hangup(_signum: int, _frame: object) -> None:

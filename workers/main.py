@@ -58,7 +58,7 @@ from sixgate.workers.engine.wire import decode_batch, fanout_filter
 from sixgate.workers.journal import FLUSH_INTERVAL_S, journal_endpoint, read_shard, split_held
 from sixgate.workers.journal import encode as encode_journal
 from sixgate.workers.mmsg import BatchSender
-from sixgate.workers.privileges import become_supervisor, drop_privileges
+from sixgate.workers.privileges import become_supervisor, drop_privileges, user_id
 from sixgate.workers.uring import UringWriter
 
 try:  # a batch of TUN reads in C, built at install beside the engine's compiled loops
@@ -270,6 +270,7 @@ class Worker:
         if settings.flow_journal:
             self.datapath.flows.journal = {}
         self.running = True
+        self.keep_devices = False  # a take-over's stop: its devices stay for the next run
         self.errors = InternalErrorLog(f"worker {index}")
         self.tun_fd = -1
         # NAT64 for this host's side: a second device, for the clients' IPv6 only, so an IPv6
@@ -289,13 +290,21 @@ class Worker:
     def open(self) -> None:
         from sixgate.workers.tun import (  # pyroute2: userspace backend only
             configure_tun,
+            kept_devices,
             local_pool4,
             open_tun,
         )
 
         settings = self.settings
         name = tun_name(settings, self.index)
-        self.tun_fd = open_tun(name)
+        # Devices a take-over's previous run kept for this one (workers/tun.py), and the
+        # uid that may keep them for the next.
+        adopted = set(kept_devices([name, f"{name}i"]))
+        if adopted:
+            log.info("worker %d: device(s) %s kept by the previous run, taken over",
+                     self.index, ", ".join(sorted(adopted)))
+        owner = user_id(settings.user)
+        self.tun_fd = open_tun(name, owner)
         if settings.mode == "clat":
             self._open_clat(name)
             return
@@ -313,12 +322,14 @@ class Worker:
                                     for row in settings.nat64_pool4})
             main_routes += nat64_routes if self.index == 0 else []
         configure_tun(name, main_routes, nat64_routes, table,
-                      sends_from_local=bool(local_pool4(settings.nat64_pool4)))
+                      sends_from_local=bool(local_pool4(settings.nat64_pool4)),
+                      adopted=name in adopted)
         if self.nat64 and settings.nat64_input == "tun":
             prefix: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
                 ipaddress.IPv6Network(settings.nat64_prefix)]
-            self.tun6_fd = open_tun(f"{name}i")
-            configure_tun(f"{name}i", prefix if self.index == 0 else [], prefix, table)
+            self.tun6_fd = open_tun(f"{name}i", owner)
+            configure_tun(f"{name}i", prefix if self.index == 0 else [], prefix, table,
+                          adopted=f"{name}i" in adopted)
         self._open_writer()
         if settings.clat_enabled and self.index == 0:
             self.clat_fd = open_tun(clat_device(settings))
@@ -477,6 +488,8 @@ class Worker:
             if out is not None:
                 out.close()
         self.tun_out = self.clat_out = None
+        if self.keep_devices:
+            self._keep_devices()
         if self.tun_fd >= 0:
             os.close(self.tun_fd)
             self.tun_fd = -1
@@ -489,6 +502,19 @@ class Worker:
         if self.capture is not None:
             self.capture.close()
             self.capture = None
+
+    def _keep_devices(self) -> None:
+        """A take-over's stop: the TUN devices stay, with their routes, for the next run's
+        worker (workers/tun.py); the CLAT's is made again as at any start."""
+        from sixgate.workers.tun import keep_for_next_run
+        for fd in (self.tun_fd, self.tun6_fd):
+            if fd < 0:
+                continue
+            try:
+                keep_for_next_run(fd)
+            except OSError as exc:  # not its owner (an older run's device): made again
+                log.warning("worker %d: cannot keep its device for the next run (%s); it is "
+                            "made again", self.index, exc)
 
     # --- loop ---------------------------------------------------------------------------------
 
@@ -836,12 +862,19 @@ def main(argv: list[str] | None = None) -> int:
     def stop(_signum: int, _frame: object) -> None:
         worker.running = False
 
+    def stop_for_next_run(_signum: int, _frame: object) -> None:
+        # A take-over (the coordinator's SIGUSR2): as SIGTERM, the devices kept for the next
+        # run's worker.
+        worker.keep_devices = True
+        worker.running = False
+
     # The loop sleeps in poll(): a SIGTERM writes a byte here (the interpreter's wakeup fd),
     # so it wakes at once and ends instead of at its next timeout (a stop is a restart's or an
     # upgrade's outage).
     worker.wake_fd, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR2, stop_for_next_run)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides; Ctrl-C goes to it
     try:
         worker.open()

@@ -116,6 +116,11 @@ def supervisor_capabilities(settings: Settings) -> tuple[int, ...]:
     return (CAP_NET_ADMIN, CAP_NET_RAW)
 
 
+def user_id(user: str) -> int:
+    """The uid a worker becomes (``[gateway] user``), -1 when it stays root."""
+    return _user_entry(user).pw_uid if user else -1
+
+
 def _user_entry(user: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(user)

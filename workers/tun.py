@@ -5,7 +5,12 @@ pool to it (``workers/engine/settings.py worker_routes``), so the kernel hands e
 worker that owns the flow. Because the pool addresses live behind the TUN and no local socket
 owns them, the kernel never answers the services' replies with its own RST or unreachable
 (DESIGN.md), and no firewall rule is needed. The device is not persistent: it disappears with
-the worker, also after a crash, so nothing is left behind.
+the worker, also after a crash, so nothing is left behind. One exception (issue 17): a worker
+stopped by a take-over (``sixgate run --take-over``) leaves its device persistent, with its
+routes, for the next run's worker of the same index, which attaches to it (``open_tun``),
+makes it non-persistent again and corrects its routes (``configure_tun``); the device is not
+deleted and made again in the middle of the take-over. Whatever no worker took is removed by
+the coordinator (``remove_kept_devices``).
 
 I/O shell: opens /dev/net/tun, configures the link and routes with pyroute2 (netlink), writes
 per-device sysctls (``route_localnet`` for 127.0.0.0/8 targets, ``forwarding`` for targets on
@@ -25,6 +30,10 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOWNER = 0x400454CC
+IFF_PERSIST = 0x0800  # in /sys/class/net/<device>/tun_flags
+RTPROT_STATIC = 4  # what pyroute2 gives the routes a worker adds
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_MULTICAST = 0x1000  # a link flag (ip link), not a TUNSETIFF one
@@ -38,15 +47,48 @@ CLAT_ROUTE_METRIC = 2048
 MAIN_TABLE = 254
 
 
-def open_tun(name: str) -> int:
-    """Create TUN device ``name`` and return its non-blocking fd."""
+def open_tun(name: str, owner: int = -1) -> int:
+    """Create TUN device ``name`` (or attach to the one a take-over's previous run kept for
+    this run: ``keep_for_next_run``) and return its non-blocking fd. Open, the device is not
+    persistent: it goes when the fd closes. ``owner``: the uid the worker becomes, so that it
+    may keep the device for the next run without capabilities."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETPERSIST, 0)
+        if owner >= 0:
+            fcntl.ioctl(fd, TUNSETOWNER, owner)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def keep_for_next_run(fd: int) -> None:
+    """At a take-over's stop: the device stays, with its routes, when ``fd`` closes (the next
+    run's worker attaches to it). Its owner may ask this without capabilities."""
+    fcntl.ioctl(fd, TUNSETPERSIST, 1)
+
+
+def kept_devices(names: list[str]) -> list[str]:
+    """Those of ``names`` that exist as persistent TUN devices (kept for a next run)."""
+    kept = []
+    for name in names:
+        try:
+            flags = int(Path(f"/sys/class/net/{name}/tun_flags").read_text(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & IFF_PERSIST:
+            kept.append(name)
+    return kept
+
+
+def remove_devices(names: list[str]) -> None:
+    """Delete these devices (kept for a next run that did not take them)."""
+    with IPRoute() as ipr:
+        for name in names:
+            for index in ipr.link_lookup(ifname=name):
+                ipr.link("del", index=index)
 
 
 def set_sysctl(device: str, key: str, value: str) -> None:
@@ -62,12 +104,14 @@ def local_pool4(pool4: tuple[tuple[str, str, int, int], ...]) -> list[str]:
 
 def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
                   nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
-                  table: int | None = None, sends_from_local: bool = False) -> None:
+                  table: int | None = None, sends_from_local: bool = False,
+                  adopted: bool = False) -> None:
     """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it; for a
     NAT64 also pool4 (and its IPv6 prefix when its clients are on this host's side: the
     device then carries both families) in routing table ``table``, which the gateway's
     packet marks select. ``sends_from_local``: packets from the device may carry a source
-    address of this host (pool4 on the host's own address)."""
+    address of this host (pool4 on the host's own address). ``adopted``: the device was kept
+    by a take-over's previous run (its routes are corrected, not added again)."""
     # RFC 1122 §3.2.1.3 makes 127/8 martian on any other device; the services listen there.
     set_sysctl(name, "route_localnet", "1")
     if sends_from_local:
@@ -82,14 +126,42 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6
         # A deeper transmit queue than the default 500 absorbs the services' bursts while the
         # worker is busy with inbound packets.
         ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
-        tables: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = [
-            *((net, None) for net in routes), *((net, table) for net in nat64_routes or [])]
-        for net, in_table in tables:
+        wanted = {(net, MAIN_TABLE) for net in routes} | {
+            (net, table if table is not None else MAIN_TABLE) for net in nat64_routes or []}
+        # A device kept from a take-over's previous run has its routes already: those no
+        # longer wanted go, the rest stay (no instant without them).
+        present = _routes_of(index, {t for _, t in wanted}) if adopted else set()
+        for net, in_table in sorted(present - wanted, key=str):
+            ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
+                      family=_family(net), table=in_table)
+        for net, in_table in sorted(wanted - present, key=str):
             # "add", never "replace": a route of the host's own is never taken over (the
             # coordinator refused such a pool already; this is the last line).
             ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
-                      family=socket.AF_INET6 if net.version == 6 else socket.AF_INET,
-                      **({"table": in_table} if in_table is not None else {}))
+                      family=_family(net), table=in_table)
+
+
+def _family(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    return socket.AF_INET6 if net.version == 6 else socket.AF_INET
+
+
+def _routes_of(index: int, tables: set[int]
+               ) -> set[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]]:
+    """The routes a worker added to device ``index`` (static ones) in ``tables``."""
+    found: set[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]] = set()
+    # Strict checking: the kernel dumps only this device's routes of these tables, not a
+    # router's whole table.
+    with IPRoute(strict_check=True) as strict:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for in_table in tables:
+                for route in strict.get_routes(family=family, oif=index, table=in_table):
+                    if route.get_attr("RTA_OIF") != index or route["proto"] != RTPROT_STATIC:
+                        continue
+                    dst = route.get_attr("RTA_DST") or ("::" if family == socket.AF_INET6
+                                                        else "0.0.0.0")
+                    found.add((ipaddress.ip_network(f"{dst}/{route['dst_len']}"),
+                               route.get_attr("RTA_TABLE") or in_table))
+    return found
 
 
 def configure_clat(name: str, ipv4_address: str, ipv6_address: str, mtu: int) -> bool:

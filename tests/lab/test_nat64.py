@@ -442,6 +442,46 @@ class TestNat64:
         assert any(row["target"] == f"{HTTP4}:80" for row in rows)
 
 
+def nat64_devices(lab: Nat64Lab) -> dict[str, tuple[int, str]]:
+    """The gateway's TUN devices: their interface index and the routes sixgate gave them
+    (every table, both families)."""
+    found = {}
+    for link in lab.links(lab.gw_ns):
+        if link.get("linkinfo", {}).get("info_kind") != "tun":
+            continue
+        name = link["ifname"]
+        routes = "".join(lab.gw(["ip", family, "route", "show", "table", "all", "dev", name,
+                                 "proto", "static"], check=True).stdout
+                         for family in ("-4", "-6"))
+        found[name] = (link["ifindex"], routes)
+    return found
+
+
+def test_a_take_over_keeps_the_nat64_devices_and_their_routes(
+        served_files: netlab.ServedFiles) -> None:
+    """Issue 17 for the NAT64: ``sixgate run --take-over`` (two workers: each with its IPv4
+    device, pool4 in its own table, and its IPv6 device for the prefix) hands the devices
+    over with their routes; the same devices serve the new run, non-persistent again, and its
+    stop leaves none."""
+    with Nat64Lab(2, served_files, with_clients_kit=False) as lab:
+        before = nat64_devices(lab)
+        assert len(before) == 4 and all(routes for _, routes in before.values()), before
+        lab.spawn("next", lab.gw_ns, [*netlab.sixgate_command(), "run", "--take-over",
+                                      "--config", str(lab.config_path)])
+        assert lab.processes["sixgate"].wait(timeout=30) == 0, lab.gateway_stderr()
+        netlab.wait_until(lambda: "sixgate up" in lab.log_path("next").read_text(),
+                          timeout=30, what="the new run up")
+        log = lab.log_path("next").read_text()
+        assert log.count("kept by the previous run, taken over") == 2, log
+        assert nat64_devices(lab) == before
+        assert "persist on" not in lab.gw(["ip", "-d", "link", "show", "type", "tun"]).stdout
+        done = lab.peer(["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", synthesized(HTTP4)],
+                        timeout=20)
+        assert done.returncode == 0 and " 0% packet loss" in done.stdout, done.stdout
+        assert netlab.stop_process(lab.processes.pop("next"), 15) == 0, lab.gateway_stderr("next")
+        assert lab.gateway_links() == [], lab.gateway_links()
+
+
 def steering_of(lab: Nat64Lab) -> tuple[str, str]:
     """(the gateway's nftables ruleset, its IPv4 and IPv6 policy rules)."""
     return (lab.gw(["nft", "list", "ruleset"], check=True).stdout,

@@ -274,6 +274,8 @@ def test_a_download_survives_a_take_over_by_a_new_run(
         assert second.returncode == 1 and "--take-over" in second.stderr, second.stderr
         assert lab.alive("sixgate") and session_of(binding_of(lab, "tcp")) == session_of(tcp_before)
         time.sleep(0.5)
+        devices_before = worker_devices(lab)
+        assert len(devices_before) == lab.workers, devices_before
         old = lab.processes["sixgate"]
         lab.spawn("next", lab.gw_ns, [*netlab.sixgate_command(), "run", "--take-over",
                                       "--config", str(lab.config_path)])
@@ -298,6 +300,11 @@ def test_a_download_survives_a_take_over_by_a_new_run(
         pids = sorted(int((lab.tmp / "run" / f"worker-{i}.pid").read_text())
                       for i in range(lab.workers))
         assert pids == ready, (pids, ready, log)  # the waiting workers, not new ones
+        # The old workers kept their TUN devices (with their routes) for the new ones: the
+        # same devices, not deleted and made again in the middle of the take-over.
+        assert worker_devices(lab) == devices_before, (worker_devices(lab), devices_before)
+        assert log.count("kept by the previous run, taken over") == lab.workers, log
+        assert "persist on" not in lab.gw(["ip", "-d", "link", "show", "type", "tun"]).stdout
         tcp_after = binding_of(lab, "tcp")
         assert tcp_after is not None and tcp_before is not None
         assert session_of(tcp_after) == session_of(tcp_before)
@@ -313,6 +320,13 @@ def test_a_download_survives_a_take_over_by_a_new_run(
     gap = max([(b - a - 1) * 20 for a, b in zip(seqs, seqs[1:], strict=False)] or [0])
     print(f"\ntake-over: longest gap of the 20 ms pings {gap} ms "
           f"({len(seqs)} of 300 answered)")
+
+
+def worker_devices(lab: Lab) -> dict[str, int]:
+    """The gateway's TUN devices by name: their interface index."""
+    return {link["ifname"]: link["ifindex"] for link in lab.links(lab.gw_ns)
+            if link["ifname"].startswith(lab.name)
+            and link.get("linkinfo", {}).get("info_kind") == "tun"}
 
 
 HOLD_IDLE = """
@@ -372,6 +386,48 @@ def test_a_run_with_another_mode_between_leaves_the_sessions_for_the_next(
     udp_after = binding_of(lab, "udp", DNS_CLIENT_PORT)
     assert udp_before is not None and udp_after is not None
     assert udp_after["pool"] == udp_before["pool"], (udp_before, udp_after)
+
+
+def device_routes(lab: Lab, device: str) -> set[str]:
+    """The IPv4 routes to ``device`` in the main table (its pool slice)."""
+    return {line.split()[0] for line in lab.gw(["ip", "-4", "route", "show", "dev", device]
+                                               ).stdout.splitlines() if line.strip()}
+
+
+def test_devices_kept_for_a_next_run_are_taken_with_their_routes_put_right(
+        restart_lab: Lab) -> None:
+    """A run told to stop for a take-over (SIGUSR2, what ``sixgate run --take-over`` sends)
+    keeps its TUN devices, persistent, with their routes. Here no new run takes them at once
+    (as when a take-over fails before its workers start): the next start takes them (the same
+    devices), puts their routes right for its own settings (a smaller pool here: other
+    slices) and serves through them; its stop leaves no device behind."""
+    lab = restart_lab
+    before = worker_devices(lab)
+    old_routes = {name: device_routes(lab, name) for name in before}
+    assert all(old_routes.values()), old_routes
+    os.kill(lab.processes["sixgate"].pid, signal.SIGUSR2)
+    assert lab.processes["sixgate"].wait(timeout=15) == 0, lab.gateway_stderr()
+    details = lab.gw(["ip", "-d", "link", "show", "type", "tun"]).stdout
+    assert details.count("persist on") == lab.workers, details
+    assert {name: device_routes(lab, name) for name in before} == old_routes
+    first = lab.config_path.read_text()
+    try:
+        lab.config_path.write_text(first.replace("[gateway]\n",
+                                                 '[gateway]\npool = "100.64.0.0/17"\n'))
+        lab.start_gateway(key="sixgate-next")
+        log = lab.log_path("sixgate-next").read_text()
+        assert log.count("kept by the previous run, taken over") == lab.workers, log
+        assert worker_devices(lab) == before
+        assert "persist on" not in lab.gw(["ip", "-d", "link", "show", "type", "tun"]).stdout
+        new_routes = {name: device_routes(lab, name) for name in before}
+        assert new_routes == {f"{lab.name}0": {"100.64.0.0/18"},
+                              f"{lab.name}1": {"100.64.64.0/18"}}, new_routes
+        got = netlab.download(lab, netlab.http_url(lab, netlab.SMALL_NAME))
+        assert got.exit_code == 0, got.stderr
+        assert netlab.stop_process(lab.processes.pop("sixgate-next"), 15) == 0
+    finally:
+        lab.config_path.write_text(first)
+    assert lab.gateway_links() == [], lab.gateway_links()
 
 
 def _gone(pid: int) -> bool:
