@@ -344,6 +344,9 @@ class Coordinator:
         # run takes are removed).
         self.handing_over = False
         self.previous_workers = 0
+        # Written at the stop: the control and journal threads wake from their poll at once
+        # (a take-over's handover waited up to their 200 ms timeout for them).
+        self.threads_wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Readable once a signal came (``run_gateway``'s wakeup fd): the loop ends at once on
         # SIGTERM instead of at its next timeout (a stop is a take-over's outage).
         self.wake_fd = -1
@@ -983,6 +986,7 @@ class Coordinator:
         until these end, at most take_over_drain_s. Returns when the relays have exited;
         SIGTERM ends them at once."""
         self.stopping.set()
+        self._end_threads()
         if self.anchor is not None:
             self.anchor.close()
             self.anchor = None
@@ -1018,8 +1022,21 @@ class Coordinator:
             time.sleep(RETIRE_POLL_S)
         log.info("take-over: retired after %.1f s", time.monotonic() - started)
 
+    def _poller(self, sock: zmq.Socket[Any]) -> zmq.Poller:
+        """A poller of ``sock`` that also wakes when the stop begins (``threads_wake``)."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.threads_wake[0], zmq.POLLIN)
+        return poller
+
+    def _end_threads(self) -> None:
+        """The control and journal threads end now, not at their poll's next timeout."""
+        self.running = False
+        os.write(self.threads_wake[1], b"!")
+
     def stop(self) -> None:
         self.stopping.set()  # the RFC 7050 and probe threads end (a wait in them runs out)
+        self._end_threads()  # the handover below takes what the journal still holds
         # A retiring run this one took over from carries connections over the link this
         # stop removes: they end now.
         self._signal_retiree(signal.SIGTERM, "stopping the retiring run too")
@@ -1261,9 +1278,10 @@ class Coordinator:
         """Apply the workers' journal messages to the copy (its own thread: a burst of new
         flows never holds up capture or supervision)."""
         assert self.journal is not None and self.shard_copy is not None
+        poller = self._poller(self.journal)
         while self.running:
             try:
-                if not self.journal.poll(200):
+                if self.journal not in dict(poller.poll(200)):
                     continue
                 message = self.journal.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -1381,9 +1399,10 @@ class Coordinator:
     # --- control ------------------------------------------------------------------------------
 
     def _control_loop(self) -> None:
+        poller = self._poller(self.control)
         while self.running:
             try:
-                if self.control.poll(200):
+                if self.control in dict(poller.poll(200)):
                     self._answer_control()
             except Exception as exc:  # noqa: BLE001 - a bad request must not end the gateway
                 self.counters.event(Event.CONTROL_ERRORS)
