@@ -524,6 +524,10 @@ def summarize(status: dict[str, Any]) -> dict[str, Any]:
             entry = traffic.setdefault(direction, [0, 0])
             entry[0] += n
             entry[1] += counters["bytes"][key]
+    # A take-over's retiring run (kernel backend): its connections until they end, marked;
+    # its counters are that run's, not this one's.
+    for relay in status.get("retiring", []):
+        bindings.extend({**binding, "retiring": True} for binding in relay["bindings"])
     return {"bindings": bindings, "drops": drops, "traffic": traffic, "counters": status}
 
 
@@ -539,7 +543,8 @@ def cmd_flows(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
         return EXIT_OK
     bindings = summary["bindings"]
-    active = sum(w["flows"]["active"] for w in status["workers"] if w.get("up"))
+    active = sum(w["flows"]["active"] for w in [
+        *(w for w in status["workers"] if w.get("up")), *status.get("retiring", [])])
     more = f" ({active - len(bindings)} more not shown: --limit)" if active > len(bindings) \
         else ""
     print(f"{len(bindings)} binding(s){more}")
@@ -547,7 +552,8 @@ def cmd_flows(args: argparse.Namespace) -> int:
         header = ("proto", "client (IPv6)", "pool (IPv4 seen by service)", "rule", "state",
                   "idle_s", "worker")
         rows = [(b["proto"], b["client"], b["pool"], b["rule"], b["state"], str(b["idle_s"]),
-                 str(b["worker"])) for b in bindings]
+                 f"{b['worker']} (retiring)" if b.get("retiring") else str(b["worker"]))
+                for b in bindings]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
@@ -559,6 +565,9 @@ def cmd_flows(args: argparse.Namespace) -> int:
         print(f"worker {worker['index']} pid {worker['pid']}: {f['active']}/{f['limit']} flows, "
               f"{f['created']} created, {f['expired']} expired, pool {f['pool_in_use']}/"
               f"{f['pool_size']}, restarts {worker['restarts']}")
+    for relay in status.get("retiring", []):
+        print(f"retiring run pid {relay['pid']}, worker {relay['index']}: "
+              f"{relay['flows']['active']} connection(s), carried until they end")
     print("traffic: " + ", ".join(f"{direction} {p} pkt/{b} B" for direction, (p, b)
                                   in summary["traffic"].items()))
     nonzero = {r: n for r, n in summary["drops"].items() if n}

@@ -123,6 +123,12 @@ def _pid_is_ours(pid: int) -> bool:
     return b"sixgate" in cmdline
 
 
+def _endpoint_owner(path: Path) -> int:
+    """The coordinator pid a relay-<pid>-<index>.ctl endpoint is named with (0: not one)."""
+    parts = path.name.split("-")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+
+
 def _pidfile_pid(path: Path) -> int:
     """The pid a pidfile names (0: none, or unreadable)."""
     try:
@@ -188,7 +194,11 @@ def prepare_run_dir(settings: Settings) -> Path:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for leftover in list(run_dir.glob("worker-*")) + [run_dir / "control", pidfile,
+    # A retiring run's relays answer at relay-<its pid>-<index> (retiring_endpoint): left
+    # alone while that run lives (a take-over's retiree), removed after it.
+    dead_relays = [path for path in run_dir.glob("relay-*")
+                   if not _pid_is_ours(_endpoint_owner(path))]
+    for leftover in dead_relays + list(run_dir.glob("worker-*")) + [run_dir / "control", pidfile,
                                                         run_dir / "settings.json",
                                                         run_dir / "journal"]:
         try:
@@ -376,6 +386,15 @@ class Coordinator:
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]:
         return control.ask_workers(self.ctx, self.settings.run_dir, self.settings.workers, cmd,
                                    timeout_ms)
+
+    def ask_retiring(self, cmd: str, timeout_ms: int, **args: Any) -> list[dict[str, Any]]:
+        """``cmd`` to the relays of the run this one took over from while it retires (the
+        kernel backend: they carry their connections until these end); [] without one."""
+        retiree = self.retiree
+        if retiree is None or not self.previous_workers or not _pid_is_ours(retiree):
+            return []
+        return control.ask_retiring(self.ctx, self.settings.run_dir, retiree,
+                                    self.previous_workers, cmd, timeout_ms, **args)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -1096,6 +1115,8 @@ class Coordinator:
             kernel_backend.teardown(self.settings)
         if not self.retired:
             self._remove_run_files()
+        for path in Path(self.settings.run_dir).glob(f"relay-{os.getpid()}-*"):
+            path.unlink(missing_ok=True)  # this run's relays' (retiring_endpoint)
         self._check_no_tun_left()
 
     def _remove_run_files(self) -> None:
@@ -1435,7 +1456,11 @@ class Coordinator:
                           "addresses": list(self.settings.addresses),
                           "pool": self.settings.pool},
                 coordinator=self.counters.as_dict(),
-                workers=workers))
+                workers=workers,
+                # A take-over's retiring run (kernel backend): the connections it still
+                # carries are this gateway's too until they end.
+                retiring=[{**reply, "pid": self.retiree} for reply in self.ask_retiring(
+                    "flows", CONTROL_TIMEOUT_MS, limit=control.page_limit(fields))]))
         elif cmd == "reload":
             path, text = fields.get("config"), fields.get("text")
             done, message = self.reload(path if isinstance(path, str) and path else None,

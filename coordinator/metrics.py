@@ -84,7 +84,7 @@ METRIC_NAMES = (
     "sixgate_clat_plat_prefix_info", "sixgate_clat_plat_prefix_changes",
     "sixgate_tunnel_peer_reachable", "sixgate_tunnel_peer_rtt_seconds",
     "sixgate_tunnel_endpoint_updates",
-    "sixgate_tunnel_endpoint_changes",
+    "sixgate_tunnel_endpoint_changes", "sixgate_take_over_retiring_flows",
 )
 
 # RFC 4443 §2.1 error message types, the ``type`` label of sixgate_icmp_errors_sent_total.
@@ -153,6 +153,13 @@ def build_families(snap: dict[str, Any]) -> list[Metric]:
     gauge("sixgate_ready", "1 when the capture socket is open and every worker answers",
           1 if snap["ready"] else 0)
     gauge("sixgate_start_time_seconds", "Unix time the coordinator started", snap["start_time"])
+    retiring = GaugeMetricFamily(
+        "sixgate_take_over_retiring_flows", "Connections the run this one took over from still "
+        "carries until they end (kernel backend; 0 otherwise)", labels=["protocol"])
+    for proto in ("tcp", "udp", "icmp"):
+        retiring.add_metric([proto], sum(active.get(proto, 0)
+                                         for active in snap.get("retiring", [])))
+    out.append(retiring)
     gauge("sixgate_config_last_reload_successful", "1 when the last config reload (or the "
           "start) succeeded, 0 when the last reload was refused", 1 if snap["reload_ok"] else 0)
     gauge("sixgate_config_last_reload_success_timestamp_seconds", "Unix time the config in use "
@@ -398,6 +405,8 @@ class Gateway(Protocol):
 
     def ask_workers(self, cmd: str, timeout_ms: int) -> list[dict[str, Any] | None]: ...
 
+    def ask_retiring(self, cmd: str, timeout_ms: int) -> list[dict[str, Any]]: ...
+
 
 class GatewayCollector:
     """prometheus_client collector that snapshots the coordinator and asks the workers."""
@@ -450,6 +459,8 @@ class GatewayCollector:
                        "icmp_errors_per_s": settings.icmp_errors_per_s},
             "processes": processes,
             "batch_packets": view.batch_packets,
+            "retiring": [reply["flows"]["active"] for reply in self.gateway.ask_retiring(
+                "stats", SCRAPE_WORKER_TIMEOUT_MS)],
         }
 
     def collect(self) -> Iterator[Metric]:

@@ -34,6 +34,24 @@ def control_endpoint(run_dir: str, index: int) -> str:
     return f"ipc://{run_dir}/worker-{index}.ctl"
 
 
+def retiring_endpoint(run_dir: str, coordinator: int, index: int) -> str:
+    """Where worker ``index`` of the coordinator with pid ``coordinator`` answers too: a
+    kernel-backend relay keeps answering there after a take-over made its run retire (its
+    ``worker-N`` endpoint is the next run's then), so the next run lists the connections it
+    still carries."""
+    return f"ipc://{run_dir}/relay-{coordinator}-{index}.ctl"
+
+
+def ask_retiring(ctx: zmq.Context[Any], run_dir: str, coordinator: int, count: int, cmd: str,
+                 timeout_ms: int, **args: Any) -> list[dict[str, Any]]:
+    """``cmd`` to the relays of a retiring run (``retiring_endpoint``): the replies of those
+    that still run, each with its ``index``."""
+    endpoints = [retiring_endpoint(run_dir, coordinator, index) for index in range(count)]
+    return [{**reply, "index": index}
+            for index, reply in enumerate(ask(ctx, endpoints, request(cmd, **args), timeout_ms))
+            if reply is not None and reply.get("ok")]
+
+
 # A request is a few dozen bytes; anything far larger is refused before it is parsed. The
 # coordinator takes a config file's text in ``reload`` (sixgate reload), up to a megabyte.
 MAX_REQUEST_BYTES = 4096

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import resource
 import socket
 import struct
@@ -589,6 +590,9 @@ async def run_relay(settings: Settings, index: int, control_endpoint: str,
     control.setsockopt(zmq.LINGER, 0)
     await relay.start()
     control.bind(control_endpoint)
+    # Also where the next run asks once a take-over made this run retire (its worker-N
+    # endpoint is the next run's then): it lists the connections this relay still carries.
+    control.bind(protocol.retiring_endpoint(settings.run_dir, os.getppid(), index))
     # Listeners (privileged ports too) and the control socket are open: drop to the user.
     log.info("worker %d: %s", index, drop_privileges(settings.user, signal.SIGTERM))
     log.info("worker %d: %s", index, seccomp.apply(seccomp.ALLOWED + seccomp.RELAY_ALLOWED))

@@ -316,6 +316,12 @@ def test_a_retiring_relay_carries_its_connection_on_while_the_next_takes_new_one
         created = ask_worker(tmp_path / "new" / "run", "flows", new_log)["flows"]["created"]
         assert created == 3, created  # every new client reached the next relay
         assert old.poll() is None, netlab.tail(old_log)  # it still carries the held one
+        # Its worker-0 endpoint is the next run's now; the next coordinator lists what the
+        # old relay carries at the endpoint named by the old coordinator's pid (here this
+        # process: the relays' parent) until it ends.
+        [retiring] = control.ask_retiring(zmq.Context.instance(), str(tmp_path / "old" / "run"),
+                                          os.getpid(), 1, "flows", 10_000)
+        assert [b["state"] for b in retiring["bindings"]] == ["established"], retiring
         out, _ = held.communicate("go\n", timeout=60)
         assert out.split() == ["HTTP/1.0", "200", "OK", served_files.mid.sha256], out
         assert old.wait(timeout=15) == 0, netlab.tail(old_log)

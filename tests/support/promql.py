@@ -85,6 +85,7 @@ METRICS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sixgate_tunnel_peer_rtt_seconds": ("gauge", {"peer": ("198.51.100.1",)}),
     "sixgate_tunnel_endpoint_updates_total": ("counter", {"result": ("good", "badauth")}),
     "sixgate_tunnel_endpoint_changes_total": ("counter", {}),
+    "sixgate_take_over_retiring_flows": ("gauge", {"protocol": ("tcp", "udp", "icmp")}),
 }
 BUCKETS = {
     "sixgate_coordinator_batch_packets": ("1", "2", "4", "8", "16", "32", "64", "128", "256"),

@@ -125,6 +125,17 @@ def test_worker_counters_become_named_series() -> None:
                                              ("tunnel_mode", "6to4")))] == 1
 
 
+def test_a_retiring_runs_connections_are_counted_until_they_end() -> None:
+    """Issue 17, kernel backend: the relays of the run a take-over retired still carry
+    connections; they are the gateway's until they end (0 without a retiring run)."""
+    snapshot = _snapshot([_worker_stats()])
+    assert _exposed(snapshot)[("sixgate_take_over_retiring_flows", (("protocol", "tcp"),))] == 0
+    snapshot["retiring"] = [{"tcp": 2, "udp": 0, "icmp": 0}, {"tcp": 1, "udp": 0, "icmp": 0}]
+    samples = _exposed(snapshot)
+    assert samples[("sixgate_take_over_retiring_flows", (("protocol", "tcp"),))] == 3
+    assert samples[("sixgate_take_over_retiring_flows", (("protocol", "udp"),))] == 0
+
+
 def test_silent_worker_is_down_not_stale() -> None:
     samples = _exposed(_snapshot([_worker_stats(), None]))
     assert samples[("sixgate_worker_up", (("process", "worker-0"),))] == 1

@@ -299,8 +299,9 @@ def _assert_a_take_over_keeps_the_link_and_the_relays_connections(lab: KernelLab
     relays listen beside the old ones (SO_REUSEPORT; not yet accepted connections move over,
     net.ipv4.tcp_migrate_req), then the old relays close their listeners: a new curl goes
     through the new run, while a connection an old relay carried from before the take-over
-    still completes a whole HTTP exchange afterwards. Once it ended, the retired run exits 0
-    by itself."""
+    still completes a whole HTTP exchange afterwards; meanwhile the new run's ``sixgate
+    flows`` lists it (marked retiring) and its metrics count it. Once it ended, the retired
+    run exits 0 by itself and the connection is listed no more."""
     first = lab.runs[-1]
     assert _migrate_req(lab) == "1"
     index = _link_index(lab)
@@ -318,8 +319,13 @@ def _assert_a_take_over_keeps_the_link_and_the_relays_connections(lab: KernelLab
                                             f"run's stderr:\n{first.stderr}")
         assert first.process.poll() is None, first.stderr  # it still carries the held one
         assert lab.curl_sha256() == lab.file_sha256  # by the new run's relays
-        assert not any(b["client"] == client for b in lab.flows()["bindings"]), (
-            "the new run lists the old run's connection")
+        # The new run lists the connection the retiring run still carries, marked, and
+        # counts it in its metrics.
+        listed = [(b.get("retiring"), b["state"]) for b in lab.flows()["bindings"]
+                  if b["client"] == client]
+        assert listed == [(True, "established")], listed
+        body = lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+        assert 'sixgate_take_over_retiring_flows{protocol="tcp"} 1.0' in body, body
         held.settimeout(60)
         held.sendall(f"GET /{FILE_NAME} HTTP/1.0\r\n\r\n".encode())
         response = b""
@@ -333,6 +339,8 @@ def _assert_a_take_over_keeps_the_link_and_the_relays_connections(lab: KernelLab
     assert first.process.wait(timeout=60) == 0, first.stderr
     assert "retired: its last connection ended" in first.stderr, first.stderr
     assert "take-over: retired after" in first.stderr, first.stderr
+    assert not any(b["client"] == client for b in lab.flows()["bindings"]), (
+        "the ended connection is still listed")
     lab.ping()  # the new run's link, as before
 
 
