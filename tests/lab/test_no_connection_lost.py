@@ -430,6 +430,33 @@ def test_devices_kept_for_a_next_run_are_taken_with_their_routes_put_right(
     assert lab.gateway_links() == [], lab.gateway_links()
 
 
+def test_a_take_over_by_fewer_workers_removes_the_devices_no_one_takes(
+        restart_lab: Lab) -> None:
+    """A take-over by a run with one worker where two ran: worker 0's device is taken over,
+    the one worker 1 kept is removed once the new run's workers are up (no persistent device
+    left behind), and the new run serves."""
+    lab = restart_lab
+    before = worker_devices(lab)
+    first = lab.config_path.read_text()
+    try:
+        lab.config_path.write_text(first.replace("workers = 2\n", "workers = 1\n"))
+        lab.spawn("fewer", lab.gw_ns, [*netlab.sixgate_command(), "run", "--take-over",
+                                       "--config", str(lab.config_path)])
+        assert lab.processes["sixgate"].wait(timeout=30) == 0, lab.gateway_stderr()
+        netlab.wait_until(lambda: "sixgate up" in lab.log_path("fewer").read_text(),
+                          timeout=30, what="the new run up")
+        log = lab.log_path("fewer").read_text()
+        assert f"removing device(s) {lab.name}1 kept for a next run" in log, log
+        assert worker_devices(lab) == {f"{lab.name}0": before[f"{lab.name}0"]}
+        assert "persist on" not in lab.gw(["ip", "-d", "link", "show", "type", "tun"]).stdout
+        got = netlab.download(lab, netlab.http_url(lab, netlab.SMALL_NAME))
+        assert got.exit_code == 0, got.stderr
+        assert netlab.stop_process(lab.processes.pop("fewer"), 15) == 0
+    finally:
+        lab.config_path.write_text(first)
+    assert lab.gateway_links() == [], lab.gateway_links()
+
+
 def _gone(pid: int) -> bool:
     """The process has exited (a zombie counts: it holds no socket or device any more)."""
     try:
