@@ -150,8 +150,12 @@ def _routes_of(index: int, tables: set[int]
     """The routes a worker added to device ``index`` (static ones) in ``tables``."""
     found: set[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]] = set()
     # Strict checking: the kernel dumps only this device's routes of these tables, not a
-    # router's whole table.
-    with IPRoute(strict_check=True) as strict:
+    # router's whole table (a kernel before 4.20 cannot: pyroute2 then filters the dump).
+    try:
+        ipr = IPRoute(strict_check=True)
+    except Exception:  # noqa: BLE001 - NetlinkError/OSError: no NETLINK_GET_STRICT_CHK
+        ipr = IPRoute()
+    with ipr as strict:
         for family in (socket.AF_INET, socket.AF_INET6):
             for in_table in tables:
                 for route in strict.get_routes(family=family, oif=index, table=in_table):
