@@ -40,6 +40,7 @@ from sixgate.workers.mmsg import TP_STATUS_CSUMNOTREADY, BatchReceiver
 ETH_P_IP = 0x0800
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
+PACKET_STATISTICS = 6  # struct tpacket_stats: tp_packets, tp_drops (read and cleared)
 SO_ATTACH_FILTER = 26
 
 
@@ -149,7 +150,21 @@ class TunnelCapture:
             out.append(whole)
 
     def tick(self, now: float) -> None:
-        """Forget outer datagrams that did not complete in time."""
+        """Forget outer datagrams that did not complete in time; count what the kernel
+        dropped because the socket's receive buffer was full."""
         timed_out = self.reassembler.expire(now)
         if timed_out:
             self.counters.drop(DropReason.FRAGMENT_TIMEOUT, timed_out)
+        overflowed = self.overflowed()
+        if overflowed:
+            self.counters.drop(DropReason.CAPTURE_OVERFLOW, overflowed)
+
+    def overflowed(self) -> int:
+        """Packets the kernel dropped since the last call, the socket's receive buffer full
+        (packet(7) PACKET_STATISTICS: reading it clears it)."""
+        try:
+            _packets, drops = struct.unpack("II", self.sock.getsockopt(
+                SOL_PACKET, PACKET_STATISTICS, 8))
+        except OSError:
+            return 0
+        return int(drops)

@@ -58,3 +58,15 @@ def test_io_uring_writes_to_a_tun_device_in_batches_with_one_refused(namespace: 
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "True", "599", "True", "refused", "True"], \
         done.stdout + done.stderr
+
+
+def test_a_full_capture_buffer_is_counted_as_capture_overflow(namespace: str) -> None:
+    """workers/capture.py: what the kernel drops because a worker's capture socket is full
+    (the worker fell behind) is counted under ``capture_overflow`` at its next tick, once:
+    every one of 2000 packets is either still held by the socket or counted."""
+    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable,
+                           str(netlab.PROGRAMS / "capture_overflow.py")],
+                          capture_output=True, text=True, timeout=60, cwd=netlab.REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    dropped, again, held = (int(word) for word in done.stdout.split())
+    assert dropped > 0 and again == 0 and dropped + held == 2000, done.stdout
