@@ -413,7 +413,7 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool,
     pool4 = ", ".join(sorted({row[0] for row in settings.nat64_pool4}))
     ours = f'"{settings.name}*"'
     steered = nat64_steered(settings, owned)
-    steer4, steer6 = nat64_steering(settings)
+    steer4, steer6 = nat64_steering(settings) if steered else ([], [])
     lines = [f"table ip {table} {{",
              "  chain nat64_prerouting {",
              "    type filter hook prerouting priority raw; policy accept;",

@@ -75,7 +75,7 @@ from sixgate.workers.journal import (
     take_previous_sessions,
     write_handover,
 )
-from sixgate.workers.main import tun_name
+from sixgate.workers.main import tun_name, worker_devices
 from sixgate.workers.privileges import (
     CAP_DAC_OVERRIDE,
     CAP_DAC_READ_SEARCH,
@@ -1146,8 +1146,7 @@ class Coordinator:
         that no worker took: a take-over from a run with more workers, or one that failed
         before its workers started."""
         from sixgate.workers.tun import kept_devices, remove_devices
-        names = [f"{tun_name(self.settings, i)}{suffix}" for i in indexes for suffix in ("", "i")]
-        kept = kept_devices(names)
+        kept = kept_devices([name for i in indexes for name in worker_devices(self.settings, i)])
         if kept:
             log.info("removing device(s) %s kept for a next run that did not take them",
                      ", ".join(kept))

@@ -107,6 +107,12 @@ def tun_name(settings: Settings, index: int) -> str:
     return f"{settings.name}{index}"
 
 
+def worker_devices(settings: Settings, index: int) -> list[str]:
+    """Worker ``index``'s devices a take-over may hand over: its own and its NAT64 IPv6 one
+    (the CLAT's is made again at every start)."""
+    return [tun_name(settings, index), f"{tun_name(settings, index)}i"]
+
+
 def clat_device(settings: Settings) -> str:
     """The CLAT's device: worker 0's own alone (mode "clat"), a third one of worker 0's beside
     the NAT64 (a 464XLAT box)."""
@@ -299,7 +305,7 @@ class Worker:
         name = tun_name(settings, self.index)
         # Devices a take-over's previous run kept for this one (workers/tun.py), and the
         # uid that may keep them for the next.
-        adopted = set(kept_devices([name, f"{name}i"]))
+        adopted = set(kept_devices(worker_devices(settings, self.index)))
         if adopted:
             log.info("worker %d: device(s) %s kept by the previous run, taken over",
                      self.index, ", ".join(sorted(adopted)))

@@ -10,7 +10,7 @@ stopped by a take-over (``sixgate run --take-over``) leaves its device persisten
 routes, for the next run's worker of the same index, which attaches to it (``open_tun``),
 makes it non-persistent again and corrects its routes (``configure_tun``); the device is not
 deleted and made again in the middle of the take-over. Whatever no worker took is removed by
-the coordinator (``remove_kept_devices``).
+the coordinator (``kept_devices``, ``remove_devices``).
 
 I/O shell: opens /dev/net/tun, configures the link and routes with pyroute2 (netlink), writes
 per-device sysctls (``route_localnet`` for 127.0.0.0/8 targets, ``forwarding`` for targets on

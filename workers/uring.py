@@ -87,7 +87,9 @@ class UringWriter:
         self._cq_mask = U32.unpack_from(self._cq, cq_mask)[0]
         self._cq_res = memoryview(self._cq).cast("i")  # res of CQE k: [cqes/4 + 4k + 2]
         self._cq_res_first = cq_cqes // 4 + 2
-        self._cqes_at = cq_cqes
+        # What workers/_tunread.c ``serve`` writes through (``compiled_ring``), made once.
+        self._compiled = (ring_fd, self._sq, self._cq, self._sqes, self._data, sq_tail,
+                          self._sq_mask, cq_head, cq_tail, self._cq_mask, cq_cqes, slot, entries)
         # Entry i always writes slot i; the SQ array maps ring position i to entry i. Where
         # slot i starts and where entry i keeps its length, computed once.
         self._slot_at = [slot * i for i in range(entries)]
@@ -142,9 +144,7 @@ class UringWriter:
         """The ring as workers/_tunread.c ``serve`` writes through it (the same slots,
         entries and submission order as ``write``): its descriptor, its four areas and their
         layout."""
-        return (self.ring_fd, self._sq, self._cq, self._sqes, self._data, self._sq_tail_at,
-                self._sq_mask, self._cq_head_at, self._cq_tail_at, self._cq_mask,
-                self._cqes_at, self.slot, self.entries)
+        return self._compiled
 
     def _submit_and_reap(self, count: int) -> int:
         """Submit ``count`` entries and wait for all their completions; the failed ones."""
