@@ -414,7 +414,8 @@ def _take_over(config: str, run_dir: str, why: str) -> int:
     while time.monotonic() < deadline:
         if child.poll() is not None:
             print(f"sixgate reload: the take-over failed: `sixgate run --take-over` exited "
-                  f"{child.returncode} (its log says why)", file=sys.stderr)
+                  f"{child.returncode} (its log says why); {_who_serves(run_dir)}",
+                  file=sys.stderr)
             return EXIT_RUNTIME
         try:
             if query_gateway(run_dir, "ping", timeout_ms=500).get("pid") == child.pid:
@@ -426,6 +427,16 @@ def _take_over(config: str, run_dir: str, why: str) -> int:
     print(f"sixgate reload: pid {child.pid} did not take over within "
           f"{TAKE_OVER_DEADLINE_S:.0f} s; it runs on (see its log)", file=sys.stderr)
     return EXIT_RUNTIME
+
+
+def _who_serves(run_dir: str) -> str:
+    """After a failed take-over: the gateway that answers (the old run, or the kernel
+    backend's retired run handed back to), or none."""
+    try:
+        pid = query_gateway(run_dir, "ping", timeout_ms=1000).get("pid")
+    except RuntimeError:
+        return "no gateway answers: start sixgate again"
+    return f"pid {pid} serves as before"
 
 
 def cmd_drain(args: argparse.Namespace) -> int:

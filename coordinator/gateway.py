@@ -31,7 +31,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,12 +209,19 @@ def prepare_run_dir(settings: Settings) -> Path:
     return run_dir
 
 
-def _workers_of(settings_file: Path) -> int:
-    """The worker count of the run whose settings these are (0 when unreadable)."""
+def _settings_of(settings_file: Path) -> Settings | None:
+    """The settings of the run that wrote ``settings_file`` (None when unreadable)."""
     try:
-        return Settings.from_json(settings_file.read_text()).workers
+        return Settings.from_json(settings_file.read_text())
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return None
+
+
+def give_run_dir(run_dir: Path, user: str) -> None:
+    """Root gives ``user`` the run directory and what is in it (sockets, state files)."""
+    entry = pwd.getpwnam(user)
+    for path in [run_dir, *run_dir.iterdir()]:
+        os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
 def _uid_of(user: str) -> int:
@@ -251,9 +258,7 @@ def hand_over(run_dir: Path, settings: Settings) -> tuple[int, ...]:
         return caps
     user = settings.user
     if os.geteuid() == 0:
-        entry = pwd.getpwnam(user)
-        for path in [run_dir, *run_dir.iterdir()]:
-            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        give_run_dir(run_dir, user)
     else:
         user = who_am_i()  # started as the user itself (systemd User=)
     if unreachable_as(user, [(run_dir, os.W_OK | os.X_OK)]):
@@ -348,11 +353,19 @@ class Coordinator:
         self.retire_stop = threading.Event()
         self.retiree: int | None = None  # the retiring run this one took over from
         self.retired = False
+        # A take-over that fails before it released the retiring run's relays (SIGUSR1)
+        # hands back to that run instead of stopping it (``_hand_back``); the retiring run
+        # comes back on its second SIGUSR2 (``_come_back``).
+        self.released = False
+        self.handing_back = False
+        self.retire_return = threading.Event()
+        self.threads: list[threading.Thread] = []  # what ``run`` started, joined at a return
         # The userspace take-over: this run stops for the next one (SIGUSR2), its workers
         # keeping their TUN devices for the next run's (workers/tun.py); and how many
         # workers the run this one took over from had (its kept devices no worker of this
         # run takes are removed).
         self.handing_over = False
+        self.previous: Settings | None = None  # the settings of the run taken over from
         self.previous_workers = 0
         # Written at the stop: the control and journal threads wake from their poll at once
         # (a take-over's handover waited up to their 200 ms timeout for them).
@@ -435,7 +448,8 @@ class Coordinator:
         # Under systemd this run becomes the unit's main process before the old one ends:
         # otherwise its end would stop the unit, this run included (service_manager).
         service_manager.notify(f"MAINPID={os.getpid()}", f"STATUS=taking over from pid {old}")
-        self.previous_workers = _workers_of(self.settings_file)
+        self.previous = _settings_of(self.settings_file)
+        self.previous_workers = self.previous.workers if self.previous is not None else 0
         # SIGUSR2: a userspace run stops and keeps its TUN devices for this one (an older
         # release stops as on SIGTERM); the kernel backend's retires.
         os.kill(old, signal.SIGUSR2)
@@ -609,6 +623,7 @@ class Coordinator:
             self._signal_retiree(signal.SIGUSR1, "this run's relays listen: the retiring run "
                                  "closes its listeners and keeps its connections until they "
                                  f"end (at most {settings.take_over_drain_s:g} s)")
+            self.released = True
         if settings.clat_enabled:
             log.info("sixgate up: CLAT %s <-> %s under %s", settings.clat_ipv4_address,
                      settings.clat_ipv6_address, settings.clat_plat_prefix)
@@ -995,15 +1010,17 @@ class Coordinator:
             except ProcessLookupError:
                 pass
 
-    def retire(self) -> None:
+    def retire(self) -> bool:
         """The kernel backend's side of a take-over (SIGUSR2 from the next run's ``sixgate
         run --take-over``): what the next run makes again is given up at once (the metrics
         listener, the control socket, the run directory's files and last the pidfile, which
         the next run waits for); the sit link, pool route and input policy are left to it
         (it keeps them: ``kernel_backend.setup(adopt=True)``); the relays go on, listening
         until the next run's listen beside them (its SIGUSR1), carrying their connections
-        until these end, at most take_over_drain_s. Returns when the relays have exited;
-        SIGTERM ends them at once."""
+        until these end, at most take_over_drain_s. Returns when the relays have exited
+        (False; SIGTERM ends them at once), or True when this run serves again: the next
+        run failed before it released our relays and handed back (a second SIGUSR2,
+        ``_come_back``)."""
         self.stopping.set()
         self._end_threads()
         if self.anchor is not None:
@@ -1017,9 +1034,6 @@ class Coordinator:
             thread.join(timeout=5)
         if getattr(self, "control", None) is not None:
             self.control.close(0)
-        for probe in self.peer_probes:
-            probe.close()
-        self.peer_probes = []
         if self.lan_enabled:
             lan.teardown(self.settings, self.radvd)  # the next run starts its own radvd
             self.lan_enabled = False
@@ -1033,13 +1047,122 @@ class Coordinator:
         while any(w.proc is not None and w.proc.poll() is None for w in self.workers):
             if self.retire_stop.is_set():
                 break
+            if self.retire_return.is_set():
+                self.retire_return.clear()
+                if not told:
+                    self._come_back(time.monotonic() - started)
+                    return True
+                log.warning("take-over: the next run hands back, but this run's relays "
+                            "closed their listeners already: it cannot serve again")
             if self.retire_release.is_set() and not told:
                 told = True
+                # The 6in4 brokers' probes (raw sockets this run may not open again) were
+                # kept for a hand-back until now.
+                for probe in self.peer_probes:
+                    probe.close()
+                self.peer_probes = []
                 for worker in self.workers:
                     if worker.proc is not None and worker.proc.poll() is None:
                         worker.proc.send_signal(signal.SIGUSR1)
             time.sleep(RETIRE_POLL_S)
         log.info("take-over: retired after %.1f s", time.monotonic() - started)
+        return False
+
+    def _come_back(self, retired_s: float) -> None:
+        """The next run failed before its relays took over from ours (``_hand_back``): serve
+        again as before the take-over. The relays still listen and carry every connection;
+        what ``retire`` gave up is made again (the sit link's addresses, routes and input
+        policy as this run's config has them, the LAN, the BGP anchor, the metrics listener,
+        the control socket, the run directory's files), each with the capabilities the
+        supervisor kept (CAP_NET_ADMIN, CAP_NET_BIND_SERVICE); what cannot be is said."""
+        log.info("take-over: the next run failed and hands back after %.1f s: this run "
+                 "serves again", retired_s)
+        for thread in self.threads:  # told to end by ``retire``; none may run twice
+            thread.join(timeout=5)
+            if thread.is_alive():
+                log.warning("take-over: the %s thread did not end in 5 s", thread.name)
+        self.threads = []
+        self.stopping.clear()
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.threads_wake[0], 4096)
+        settings = self.settings
+        self.settings_file.write_text(settings.to_json())
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(coordinator_endpoint(settings.run_dir))
+        try:
+            self.sit_link = kernel_backend.setup(settings, adopt=True)
+        except (kernel_backend.KernelBackendError, NetlinkError, OSError) as exc:
+            log.error("take-over: cannot put the sit link back as this run has it (%s): "
+                      "restart sixgate", exc)
+        if settings.lan_interface and self.sit_link is not None:
+            try:
+                self.radvd = lan.setup(settings, self.sit_link)
+                self.lan_enabled = True
+            except (lan.LanError, NetlinkError, OSError) as exc:
+                log.error("take-over: cannot set the LAN up again (%s): restart sixgate", exc)
+        if settings.cluster_announce:
+            try:
+                self.anchor = cluster.Anchor(settings)
+            except OSError as exc:
+                log.error("take-over: cannot create the BGP anchor again (%s): restart "
+                          "sixgate", exc)
+        if settings.metrics_listen:
+            try:
+                self.metrics_server = MetricsServer(self, settings.metrics_listen)
+            except OSError as exc:
+                log.error("take-over: cannot listen for metrics on %s again (%s): restart "
+                          "sixgate", settings.metrics_listen, exc.strerror)
+        # The relays answer at worker-N again (the failed run's relays had it).
+        endpoints = [control.retiring_endpoint(settings.run_dir, os.getpid(), w.index)
+                     for w in self.workers]
+        answered = control.ask(self.ctx, endpoints, control.request("rebind"), 5000)
+        missing = [w.index for w, reply in zip(self.workers, answered, strict=True)
+                   if reply is None or not reply.get("ok")]
+        if missing:
+            log.warning("take-over: relay(s) %s did not answer at their endpoint again",
+                        missing)
+        for worker in self.workers:  # what a start after a crash of this run stops
+            if worker.proc is not None and worker.proc.poll() is None:
+                (self.run_dir / f"worker-{worker.index}.pid").write_text(f"{worker.proc.pid}\n")
+        self.retired = self.retiring = False
+        self.running = True
+        # Last, as at a start: the failed run waits for this pidfile.
+        (self.run_dir / "coordinator.pid").write_text(f"{os.getpid()}\n")
+        service_manager.notify("READY=1", f"MAINPID={os.getpid()}",
+                               f"STATUS=serving again with {settings.workers} worker(s) after "
+                               "a failed take-over")
+        log.info("sixgate up again: the take-over failed; kernel backend, %s tunnel, local "
+                 "%s, %d worker(s)", settings.mode, settings.local_ipv4, settings.workers)
+
+    def _hand_back(self) -> None:
+        """This take-over failed before its relays took over (no SIGUSR1 yet): the retiring
+        run serves again (its second SIGUSR2: ``_come_back``); this run's stop left it the
+        sit link. Waits for its pidfile, as a take-over waits for the old run's."""
+        retiree = self.retiree
+        if retiree is None or not _pid_is_ours(retiree):
+            return
+        user = self.previous.user if self.previous is not None else ""
+        run_dir = getattr(self, "run_dir", None)
+        if os.geteuid() == 0 and user and run_dir is not None:
+            # Taken back by root at this run's start (prepare_run_dir): the retiring run is
+            # the gateway user, and writes there again when it comes back.
+            try:
+                give_run_dir(run_dir, user)
+            except (OSError, KeyError) as exc:
+                log.warning("take-over: cannot give %s back to %s (%s)", run_dir, user, exc)
+        self._signal_retiree(signal.SIGUSR2, "this run failed before the retiring run "
+                             "released its listeners: handing back to it")
+        service_manager.notify(f"MAINPID={retiree}",
+                               "STATUS=the take-over failed; the previous run serves again")
+        deadline = time.monotonic() + TAKE_OVER_WAIT_S
+        while running_coordinator(self.settings) != retiree:
+            if time.monotonic() > deadline or not _pid_is_ours(retiree):
+                log.error("take-over: pid %d did not come back within %.0f s; start sixgate "
+                          "again", retiree, TAKE_OVER_WAIT_S)
+                return
+            time.sleep(0.02)
+        log.info("take-over: handed back; pid %d serves again", retiree)
 
     def _poller(self, sock: zmq.Socket[Any]) -> zmq.Poller:
         """A poller of ``sock`` that also wakes when the stop begins (``threads_wake``)."""
@@ -1057,8 +1180,10 @@ class Coordinator:
         self.stopping.set()  # the RFC 7050 and probe threads end (a wait in them runs out)
         self._end_threads()  # the handover below takes what the journal still holds
         # A retiring run this one took over from carries connections over the link this
-        # stop removes: they end now.
-        self._signal_retiree(signal.SIGTERM, "stopping the retiring run too")
+        # stop removes: they end now. Unless this run failed before it released that run's
+        # relays: it hands back to it (``_hand_back``), leaving it the link.
+        if not self.handing_back:
+            self._signal_retiree(signal.SIGTERM, "stopping the retiring run too")
         if self.anchor is not None:
             self.anchor.close()  # first: BIRD withdraws before anything stops answering
             self.anchor = None
@@ -1111,13 +1236,15 @@ class Coordinator:
             probe.close()
         if self.lan_enabled:
             lan.teardown(self.settings, self.radvd)
-        if self.sit_link is not None:
+        if self.sit_link is not None and not self.handing_back:
             kernel_backend.teardown(self.settings)
         if not self.retired:
             self._remove_run_files()
         for path in Path(self.settings.run_dir).glob(f"relay-{os.getpid()}-*"):
             path.unlink(missing_ok=True)  # this run's relays' (retiring_endpoint)
         self._check_no_tun_left()
+        if self.handing_back:
+            self._hand_back()
 
     def _remove_run_files(self) -> None:
         run_dir = getattr(self, "run_dir", None)
@@ -1166,27 +1293,21 @@ class Coordinator:
                 poller.register(self.wake_fd, zmq.POLLIN)
         # The control socket has a thread of its own: a `sixgate flows` that waits for slow
         # workers must never hold up capture or the supervision of crashed workers.
-        self.control_thread = threading.Thread(target=self._control_loop, name="control",
-                                               daemon=True)
-        self.control_thread.start()
+        self.control_thread = self._thread(self._control_loop, "control")
         if self.journal is not None:
-            self.journal_thread = threading.Thread(target=self._journal_loop, name="journal",
-                                                   daemon=True)
-            self.journal_thread.start()
+            self.journal_thread = self._thread(self._journal_loop, "journal")
         if self.peer_probes:
-            threading.Thread(target=self._probe_peer, name="peer-probe", daemon=True).start()
+            self._thread(self._probe_peer, "peer-probe")
         if self.anchor is not None:
-            threading.Thread(target=self._announce, name="announce", daemon=True).start()
+            self._thread(self._announce, "announce")
         if self.broker is not None:
-            threading.Thread(target=self._update_broker, name="broker-update",
-                             daemon=True).start()
+            self._thread(self._update_broker, "broker-update")
         if self.plat_source == "rfc7050":
-            threading.Thread(target=self._rediscover, name="rfc7050", daemon=True).start()
+            self._thread(self._rediscover, "rfc7050")
         if self.uplink_watch is not None:
-            threading.Thread(target=self._watch_uplink, name="uplink", daemon=True).start()
+            self._thread(self._watch_uplink, "uplink")
         if self.settings.public_ipv4_url:
-            threading.Thread(target=self._watch_public, name="public-ipv4",
-                             daemon=True).start()
+            self._thread(self._watch_public, "public-ipv4")
         next_check = next_tick = time.monotonic() + 1.0
         wait_s = SUPERVISE_INTERVAL_S
         while self.running:
@@ -1231,6 +1352,12 @@ class Coordinator:
                 next_tick = now + 1.0
                 if self.capture is not None:
                     self.capture.tick(now)  # outer fragments that did not complete in time
+
+    def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return thread
 
     def _capture(self) -> None:
         """Read up to RECV_BUDGET packets in recvmmsg batches and send one message per worker
@@ -1501,6 +1628,10 @@ def run_gateway(settings: Settings, take_over: bool = False) -> int:
     def retire(_signum: int, _frame: object) -> None:
         # The next run takes over: the kernel backend's run retires (``retire``), another
         # stops as on SIGTERM (it hands its sessions over) and leaves its TUN devices to it.
+        # Once retired, the next run's SIGUSR2 hands back: it failed (``_hand_back``).
+        if coordinator.retired:
+            coordinator.retire_return.set()
+            return
         log.info("take-over asked by the next run")
         coordinator.retiring = settings.backend == "kernel"
         coordinator.handing_over = settings.backend != "kernel"
@@ -1523,11 +1654,17 @@ def run_gateway(settings: Settings, take_over: bool = False) -> int:
         service_manager.notify("READY=1", f"MAINPID={os.getpid()}",
                                f"STATUS=serving with {settings.workers} worker(s)")
         coordinator.run()
-        service_manager.notify("STOPPING=1")
-        if coordinator.retiring:
-            coordinator.retire()
+        # A retired run comes back if the take-over fails before it released our relays.
+        while coordinator.retiring and coordinator.retire():
+            coordinator.run()
+        # A take-over's old run says nothing: the unit goes on (its main process is the
+        # next run's, which said MAINPID=); STOPPING=1 from any of its processes stops it.
+        if not coordinator.retiring and not coordinator.handing_over:
+            service_manager.notify("STOPPING=1")
     except (OSError, RuntimeError, RunDirBusy, zmq.ZMQError, NetlinkError) as exc:
         log.error("sixgate cannot run: %s", exc)
+        # A take-over that failed before it released the retiring run's relays hands back.
+        coordinator.handing_back = coordinator.retiree is not None and not coordinator.released
         return 1
     finally:
         # Whatever went wrong, what start() made is undone (links, routes, tables, files).

@@ -38,6 +38,7 @@ import errno
 import ipaddress
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import cast
@@ -116,6 +117,15 @@ def input_ruleset(settings: Settings, link: str) -> str:
               "  }",
               "}"]
     return "\n".join(lines) + "\n"
+
+
+def _write_state(settings: Settings, state: dict[str, object]) -> None:
+    """The state file replaced whole (a crash never leaves half of it), also where root's
+    run made it and the gateway user, owning the run directory, writes it (a hand-back)."""
+    path = _state_path(settings)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(state))
+    os.replace(temporary, path)
 
 
 def _read_state(path: Path) -> dict[str, object]:
@@ -228,7 +238,7 @@ def setup(settings: Settings, adopt: bool = False) -> str:
                 raise KernelBackendError(f"cannot create sit link {name}: "
                                          f"{exc.args[-1] if exc.args else exc}") from None
         state.update(links=[name], link=link)
-        _state_path(settings).write_text(json.dumps(state))
+        _write_state(settings, state)
         index = ipr.link_lookup(ifname=name)[0]
         ipr.link("set", index=index, mtu=settings.mtu, state="up")
         _configure_addresses(ipr, index, settings.addresses)
@@ -248,19 +258,19 @@ def setup(settings: Settings, adopt: bool = False) -> str:
             _delete_route(ipr, old_route)
         ipr.route("replace", oif=ipr.link_lookup(ifname="lo")[0], **route)
         state["pool_route"] = route
-        _state_path(settings).write_text(json.dumps(state))
+        _write_state(settings, state)
     # Listeners of a worker that stops (a crash, a take-over's retiring relays) hand their
     # not yet accepted connections to the others of their SO_REUSEPORT group.
     state.setdefault("sysctls", {})
     _switch_sysctl(MIGRATE_REQ, "1", cast(dict[str, str], state["sysctls"]))
-    _state_path(settings).write_text(json.dumps(state))
+    _write_state(settings, state)
     table = table_name(settings)
     try:
         nft(replace_table("inet", table, input_ruleset(settings, name)))
     except ForwardingError as exc:
         raise KernelBackendError(f"cannot install the input policy of {name}: {exc}") from None
     state["table"] = table
-    _state_path(settings).write_text(json.dumps(state))
+    _write_state(settings, state)
     if kept:
         log.info("kernel backend: sit link %s kept from the run this one takes over from "
                  "(the connections its relays carry go on)", name)

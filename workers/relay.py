@@ -497,7 +497,8 @@ class Relay:
             "worker": self.index,
         } for session, c in islice(self.connections.items(), limit)]
 
-    async def serve_control(self, control: zmq.asyncio.Socket) -> None:
+    async def serve_control(self, control: zmq.asyncio.Socket, endpoint: str) -> None:
+        """Answer control requests at ``endpoint`` (and the retiring endpoint beside it)."""
         while self.running:
             if not await control.poll(500):
                 self.expire(time.monotonic())
@@ -525,6 +526,15 @@ class Relay:
                                            f"settings: {exc}")
                 else:
                     reply = await self.reconfigure(new)
+            elif cmd == "rebind":
+                # A take-over that failed before it released this retiring relay handed
+                # back to this run (coordinator ``come_back``): the failed run removed the
+                # worker-N endpoint its own relay had taken; it is this relay's again.
+                await control.send_json(protocol.ok())
+                rebind(control, endpoint)
+                log.info("worker %d: back from retirement: answering at %s again",
+                         self.index, endpoint)
+                continue
             elif cmd == "flows":
                 reply = protocol.ok(
                     index=self.index,
@@ -538,6 +548,17 @@ class Relay:
                 reply = protocol.error(f"unknown command {cmd!r}")
             await control.send_json(reply)
             self.expire(now)
+
+
+def rebind(control: zmq.asyncio.Socket, endpoint: str) -> None:
+    """Bind ``control`` to ``endpoint`` again, whose ipc file another process removed."""
+    with contextlib.suppress(zmq.ZMQError):  # bound before: the listener on the lost file
+        control.unbind(endpoint)
+    try:
+        control.bind(endpoint)
+    except zmq.ZMQError as exc:
+        log.warning("cannot answer at %s again (%s): sixgate flows and /metrics miss this "
+                    "relay until a restart", endpoint, exc)
 
 
 def descriptors_needed(settings: Settings) -> int:
@@ -596,7 +617,7 @@ async def run_relay(settings: Settings, index: int, control_endpoint: str,
     # Listeners (privileged ports too) and the control socket are open: drop to the user.
     log.info("worker %d: %s", index, drop_privileges(settings.user, signal.SIGTERM))
     log.info("worker %d: %s", index, seccomp.apply(seccomp.ALLOWED + seccomp.RELAY_ALLOWED))
-    task = asyncio.create_task(relay.serve_control(control))
+    task = asyncio.create_task(relay.serve_control(control, control_endpoint))
     await stopped.wait()
     relay.running = False
     task.cancel()

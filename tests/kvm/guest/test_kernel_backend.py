@@ -226,6 +226,7 @@ def test_kernel_backend_6to4_and_6rd_ping_curl(netns: Netns, mode: str) -> None:
         assert lab.curl_sha256() == lab.file_sha256
         if mode == "6to4":
             _assert_a_reload_changes_the_relays_and_keeps_the_rest(lab)
+            _assert_a_failed_take_over_hands_back(lab)
         _assert_same_metrics_as_userspace(lab)
         if mode == "6rd":  # one mode each: a gateway start costs a minute here
             _assert_a_take_over_keeps_the_link_and_the_relays_connections(lab)
@@ -342,6 +343,59 @@ def _assert_a_take_over_keeps_the_link_and_the_relays_connections(lab: KernelLab
     assert not any(b["client"] == client for b in lab.flows()["bindings"]), (
         "the ended connection is still listed")
     lab.ping()  # the new run's link, as before
+
+
+BUSY_METRICS_PORT = 9642  # held by the test: the failing take-over's metrics address
+
+
+def _assert_a_failed_take_over_hands_back(lab: KernelLab) -> None:
+    """Issue 17 on the kernel backend: a take-over that fails after the running gateway
+    retired (its config's metrics address is taken, found only at its start) hands back
+    before it released the retired run's relays: that run serves again as before the
+    take-over (its pidfile, control socket and metrics; its relays answer at their
+    endpoints again, still listening), on the same sit link, and a connection its relay
+    carried through the whole attempt completes an HTTP exchange afterwards."""
+    first = lab.runs[-1]
+    index = _link_index(lab)
+    original = lab.config_path.read_text()
+    with inside(lab.gw_ns):
+        busy = socket.socket()
+    held = hold_tcp(lab.peer_ns, lab.gw_address, 80)
+    try:
+        busy.bind(("127.0.0.1", BUSY_METRICS_PORT))
+        busy.listen()
+        client = f"[{held.getsockname()[0]}]:{held.getsockname()[1]}"
+        lab.config_path.write_text(
+            f'{original}\n[metrics]\nlisten = "127.0.0.1:{BUSY_METRICS_PORT}"\n')
+        failed = lab.spawn_gateway("--take-over")
+        lab.runs.remove(failed)  # the first run is the newest again once handed back
+        try:
+            code = failed.process.wait(timeout=TAKE_OVER_READY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            failed.process.kill()
+            raise AssertionError(f"the failing take-over did not exit:\n{failed.stderr}"
+                                 ) from None
+        lab.config_path.write_text(original)
+        assert code == 1, failed.stderr
+        assert "cannot listen for metrics on 127.0.0.1:9642" in failed.stderr, failed.stderr
+        assert "take-over: handed back; pid" in failed.stderr, failed.stderr
+        assert "the next run failed and hands back" in first.stderr, first.stderr
+        assert "sixgate up again" in first.stderr, first.stderr
+        assert first.process.poll() is None, first.stderr
+        assert _link_index(lab) == index, "the sit link was made again"
+        # Its own again: listed unmarked, by its control socket; its metrics answer.
+        listed = [(b.get("retiring"), b["state"]) for b in lab.flows()["bindings"]
+                  if b["client"] == client]
+        assert listed == [(None, "established")], listed
+        body = lab.gw(["curl", "-sf", "http://127.0.0.1:9641/metrics"]).stdout
+        assert 'sixgate_take_over_retiring_flows{protocol="tcp"} 0.0' in body, body
+        assert lab.curl_sha256() == lab.file_sha256  # a new connection: its relays listen
+        assert _http_status(held) == b"HTTP/1.0 200", "the held connection was lost"
+    finally:
+        held.close()
+        busy.close()
+        lab.config_path.write_text(original)
+    lab.ping()
 
 
 def _assert_same_metrics_as_userspace(lab: KernelLab) -> None:
