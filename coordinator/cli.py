@@ -169,9 +169,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  workers       {settings.workers}, fan-out by the {settings.fanout}"
           + (" (ZeroMQ batches)" if settings.fanout == "coordinator"
              else " (a BPF filter on each worker's capture socket)"))
+    if settings.shard_count != settings.workers:
+        print(f"  shards        {settings.shard_count}, shard s in worker s mod "
+              f"{settings.workers}: a take-over may change the worker count up to "
+              f"{settings.shard_count} and keep every session")
     for index in range(settings.workers):
         routes = ", ".join(str(n) for n in worker_routes(settings.pool, settings.workers,
-                                                          index))
+                                                          index, settings.shard_count))
         print(f"    worker {index}: TUN {settings.name}{index}, pool slice {routes}")
     print(f"  pool          {settings.pool}")
     print(f"  run dir       {settings.run_dir}")

@@ -213,6 +213,11 @@ SCHEMA: tuple[Key, ...] = (
     _gateway("hash_seed", "integer", "fan-out hash seed", _ranged_int(0, 0xFFFFFFFF),
              default_text="random at each start",
              default_factory=lambda: int.from_bytes(os.urandom(4), "big")),
+    _gateway("shards", "integer 0-1024", "fan-out shards, each with its slice of the pool, "
+             "spread over the workers; more than workers lets a take-over (sixgate reload "
+             "--or-take-over, systemctl reload) change the worker count, up to this, without "
+             "ending a session (userspace tunnel; not beside [nat64]); 0: one per worker",
+             _ranged_int(0, 1024), default_text="0 (one per worker)"),
     _gateway("fragment_datagrams", "integer", "datagrams in reassembly at once, per worker",
              _ranged_int(1, 1_000_000)),
     _gateway("fragment_bytes", "integer", "bytes held for reassembly, per worker",
@@ -920,6 +925,15 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     local_ipv4 = tunnel_values["local_ipv4"]
     gateway = doc.get("gateway", {})
     values = _checked(ctx, "gateway", gateway)
+    shards = values["shards"]
+    if shards and shards < values["workers"]:
+        raise ctx.error("gateway", "shards", f"{shards} is fewer than workers "
+                        f"({values['workers']}): each worker owns at least one shard; raise "
+                        "shards or leave it out")
+    if nat64_values and shards and shards != values["workers"]:
+        raise ctx.error("gateway", "shards", "a NAT64's pool4 is cut by worker (its steering "
+                        "hashes in nftables): shards beside [nat64] is not supported yet; "
+                        "leave shards out")
     if nat64_values:
         for address, proto, lo, hi in nat64_values["nat64_pool4"]:
             if (hi - lo + 1) < 2 * values["workers"]:
@@ -971,6 +985,9 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
     if pool_size(str(pool)) < workers:
         raise ctx.error("gateway", "pool", f"{pool} has fewer addresses than workers "
                         f"({workers}); use a larger block")
+    if shards and pool.num_addresses // shards < 2:
+        raise ctx.error("gateway", "shards", f"the pool {pool} cannot give each of {shards} "
+                        "shards an address of its own; use a larger pool or fewer shards")
     forwards_raw = doc.get("forward", [])
     if not isinstance(forwards_raw, list):
         raise ctx.error("forward", None, "write forward rules as [[forward]] tables")

@@ -1364,6 +1364,7 @@ class Coordinator:
         per batch. The worker checks and translates them (``Datapath.from_tunnel``), as with
         kernel fan-out; the shard is the one the kernel's filter would pick (``fanout_index``)."""
         nworkers = self.settings.workers
+        shards = self.settings.shard_count
         seed = self.settings.hash_seed
         capture = self.capture
         assert capture is not None
@@ -1382,7 +1383,7 @@ class Coordinator:
             else:
                 batches: list[list[bytes | memoryview]] = [[] for _ in range(nworkers)]
                 for packet in packets:
-                    batches[fanout_index(packet, seed, nworkers)].append(packet)
+                    batches[fanout_index(packet, seed, nworkers, shards)].append(packet)
                 for index, batch in enumerate(batches):
                     if batch:
                         self._send_batch(index, batch)
@@ -1510,8 +1511,11 @@ class Coordinator:
             return False, str(exc)
         blocked = reloading.restart_needed(running, new)
         if blocked:
-            return False, (f"{path}: {', '.join(blocked)} cannot change while sixgate runs: "
-                           f"{RESTART_NEEDED}")
+            keeps = (" (a take-over, `sixgate reload --or-take-over` or `systemctl reload`, "
+                     "keeps every session)"
+                     if reloading.take_over_keeps_sessions(running, new, blocked) else "")
+            return False, (f"{path}: {', '.join(blocked)} cannot change while sixgate "
+                           f"runs{keeps}: {RESTART_NEEDED}")
         what = reloading.changed(running, new)
         if not what:
             return True, f"{path}: nothing changed"

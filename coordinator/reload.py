@@ -9,11 +9,13 @@ metrics address: the workers apply them in place (``Datapath.reconfigure``), eve
 rule still exists goes on, and the flows of a removed rule (or of a NAT64 client no longer
 listed) end with a RST on both sides.
 Anything else (the tunnel, its addresses, the pool, pool4, the worker count, ...) is refused
-with the keys that changed: that needs a restart. The kernel backend reloads too: its relays
-close the listeners of removed rules, open those of new ones (not a privileged port: they run
-unprivileged, so such a reload is refused, kernel_backend.new_privileged_ports) and reset the
-sessions of removed rules; the input table follows the rules. Pure: Settings in, a verdict
-out.
+with the keys that changed: that needs a restart, which a take-over (``sixgate reload
+--or-take-over``, the unit's ExecReload) does without an outage; it keeps every session of a
+worker count change where ``[gateway] shards`` stays (``take_over_keeps_sessions``).
+The kernel backend reloads too: its relays close the listeners of removed rules, open those
+of new ones (not a privileged port: they run unprivileged, so such a reload is refused,
+kernel_backend.new_privileged_ports) and reset the sessions of removed rules; the input table
+follows the rules. Pure: Settings in, a verdict out.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def restart_needed(running: Settings, new: Settings) -> list[str]:
     """The fields that differ and cannot change while sixgate runs (empty: reloadable)."""
     return [f.name for f in dataclasses.fields(Settings)
             if f.name not in LIVE_FIELDS and getattr(running, f.name) != getattr(new, f.name)]
+
+
+def take_over_keeps_sessions(running: Settings, new: Settings, blocked: list[str]) -> bool:
+    """Whether a take-over with ``new`` resumes every session of ``running``: only the worker
+    count changes and the fan-out shards stay (workers/journal.py rebucket), or the kernel
+    backend (the retiring run keeps its connections whatever the new one has)."""
+    if running.backend == "kernel":
+        return True
+    return set(blocked) <= {"workers", "shards"} and running.shard_count == new.shard_count
 
 
 def as_running(running: Settings, new: Settings) -> Settings:

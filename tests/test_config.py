@@ -6,6 +6,7 @@ table of mistakes.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,24 @@ def test_pool_must_not_hold_tunnel_endpoint() -> None:
     text = GOOD_6TO4.replace('pool = "100.64.0.0/16"', 'pool = "192.0.2.0/24"')
     with pytest.raises(ConfigError, match="contains tunnel.local_ipv4"):
         parse_config(text, "gw.toml")
+
+
+def test_shards_let_the_worker_count_change_within_them() -> None:
+    """[gateway] shards: at least the workers, an address of the pool for each, and not beside
+    a NAT64 (its pool4 is cut by worker); 0, the default, is one per worker."""
+    assert parse_config(GOOD_6TO4, "gw.toml").shard_count == 2
+    text = GOOD_6TO4.replace("workers = 2\n", "workers = 2\nshards = 12\n")
+    assert parse_config(text, "gw.toml").shard_count == 12
+    for shards, pool, why in ((1, "100.64.0.0/16", "fewer than workers (2)"),
+                              (12, "100.64.0.0/28", "cannot give each of 12 shards")):
+        bad = GOOD_6TO4.replace("workers = 2\n", f"workers = 2\nshards = {shards}\n")
+        with pytest.raises(ConfigError, match=re.escape(why)) as info:
+            parse_config(bad.replace("100.64.0.0/16", pool), "gw.toml")
+        assert info.value.key == "gateway.shards"
+    nat64 = text + '\n[nat64]\nclients = ["2001:db8:100::/56"]\n[[nat64.pool4]]\n' \
+        'address = "203.0.113.5"\nudp = "61001-65535"\n'
+    with pytest.raises(ConfigError, match="shards beside \\[nat64\\] is not supported"):
+        parse_config(nat64, "gw.toml")
 
 
 def test_udp_timeout_floor_rfc4787_req5() -> None:

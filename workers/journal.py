@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sixgate.workers.engine.flows import Key, Record, journal_key, record_key, worker_share
+from sixgate.workers.engine.settings import pool_shard
 
 FLUSH_INTERVAL_S = 0.05
 HELD = "held"  # a shard entry that is a NAT64 port on hold, not a session record
@@ -181,8 +182,37 @@ SET_ASIDE_FILE = "handover.set-aside.json"
 # A handover older than this is not taken: its sessions have likely ended meanwhile.
 HANDOVER_MAX_AGE_S = 300.0
 # What must be the same in the next run for its workers to own the same sessions: the fan-out
-# (seed, worker count) sends each client to the same worker, which owns the same pool slice.
-HANDOVER_KEYS = ("workers", "mode", "local_ipv4", "pool", "nat64_pool4", "nat64_prefix")
+# (seed, shard count) sends each client to the same shard, which owns the same pool slice.
+# The worker count may differ where the shards are more than the workers ([gateway] shards):
+# each session goes to its shard's worker in the next run (``rebucket``).
+HANDOVER_KEYS = ("workers", "shards", "mode", "local_ipv4", "pool", "nat64_pool4",
+                 "nat64_prefix")
+_SAME_KEYS = HANDOVER_KEYS[2:]
+
+
+def shard_count(settings: dict[str, Any]) -> int:
+    """The fan-out shards of these (saved) settings: ``shards``, or one per worker (a run
+    before [gateway] shards saved none)."""
+    return int(settings.get("shards") or settings.get("workers") or 0)
+
+
+def rebucket(by_worker: list[list[Any]], settings: dict[str, Any]) -> list[list[Any]]:
+    """Every worker's records as this run's ``settings["workers"]`` workers own them: each
+    session with its shard (named by its pool address, settings.pool_shard), shard s in worker
+    s % workers. The same lists when the count is the same."""
+    workers = settings["workers"]
+    if len(by_worker) == workers:
+        return by_worker
+    shards, pool = shard_count(settings), settings["pool"]
+    out: list[list[Any]] = [[] for _ in range(workers)]
+    for records in by_worker:
+        for record in records:
+            try:
+                shard = pool_shard(pool, shards, bytes.fromhex(record[5]))
+            except (TypeError, ValueError, IndexError):
+                continue  # not a session record: parse_record would refuse it too
+            out[shard % workers].append(record)
+    return out
 
 
 def handover_path(run_dir: str) -> Path:
@@ -264,9 +294,13 @@ def _fitting(text: str, who: str, settings: dict[str, Any], now_unix: float
     refused = _refusal(who, "handover", age, saved, settings)
     if refused:
         return None, refused, 0 <= age <= HANDOVER_MAX_AGE_S
-    if len(shards) != settings["workers"] or not all(isinstance(s, list) for s in shards):
+    if (len(shards) != saved.get("workers", len(shards))
+            or not all(isinstance(s, list) for s in shards)):
         return None, f"{who}'s handover does not match", False
-    return (seed, shards), (f"resuming {sum(len(s) for s in shards)} session(s) handed over "
+    moved = "" if len(shards) == settings["workers"] else (
+        f" (from {len(shards)} worker(s) to {settings['workers']}, by shard)")
+    shards = rebucket(shards, settings)
+    return (seed, shards), (f"resuming{moved} {sum(len(s) for s in shards)} session(s) handed over "
                             f"by {who}"), False
 
 
@@ -277,8 +311,11 @@ def _refusal(who: str, what: str, age: float, saved: dict[str, Any],
     if not 0 <= age <= HANDOVER_MAX_AGE_S:
         return f"{who}'s {what} is {age:.0f} s old (at most {HANDOVER_MAX_AGE_S:.0f})"
     # JSON turns tuples into lists: compare as JSON sees them.
-    differ = [key for key in HANDOVER_KEYS
+    differ = [key for key in _SAME_KEYS
               if json.loads(json.dumps(settings[key])) != saved.get(key)]
+    if shard_count(settings) != shard_count(saved):
+        differ.append("shards" if settings.get("shards") or saved.get("shards")
+                      else "workers")
     if differ:
         return (f"{who} had another {', '.join(differ)}: its sessions belong to other workers "
                 "or addresses")
@@ -384,12 +421,12 @@ def take_crash_log(run_dir: str, settings: dict[str, Any], now_unix: float
     refused = _refusal("the crashed run", "session log", age, saved, settings)
     if refused:
         return None, [], refused + ": starting empty"
-    copy = ShardCopy(settings["workers"],
-                     worker_share(settings["max_flows"], settings["workers"]) or 1)
+    workers = int(saved.get("workers") or settings["workers"])  # the crashed run's
+    copy = ShardCopy(workers, worker_share(settings["max_flows"], workers) or 1)
     for line in lines[1:]:
         if line:
             copy.apply(line)
-    shards = [list(shard.values()) for shard in copy.shards]
+    shards = rebucket([list(shard.values()) for shard in copy.shards], settings)
     return seed, shards, (f"resuming {sum(len(s) for s in shards)} session(s) the previous "
                           "run had when it crashed")
 

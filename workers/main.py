@@ -51,6 +51,7 @@ from sixgate.workers.engine.packet import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from sixgate.workers.engine.settings import (
     Settings,
     nat64_table,
+    shard_pools,
     worker_pool,
     worker_routes,
 )
@@ -266,8 +267,12 @@ class Worker:
         self.nat64 = bool(settings.nat64_prefix)
         self.nat64_alone = settings.mode == "nat64"
         # A NAT64 alone has no forward rules, so no pool of their own.
-        pool = [] if settings.mode == "nat64" else worker_pool(settings.pool, settings.workers,
-                                                                index)
+        # With more shards than workers, its shards' slices (a shard moves with them).
+        pool: list[bytes] | dict[int, list[bytes]] = (
+            [] if settings.mode == "nat64"
+            else worker_pool(settings.pool, settings.workers, index)
+            if settings.shard_count == settings.workers
+            else shard_pools(settings.pool, settings.shard_count, settings.workers, index))
         self.datapath = Datapath(settings, pool, settings.workers, index=index)
         if self.nat64 and settings.nat64_log_bindings:
             self.datapath.flows.binding_events = []
@@ -317,7 +322,8 @@ class Worker:
         nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         main_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         if not self.nat64_alone:
-            main_routes += worker_routes(settings.pool, settings.workers, self.index)
+            main_routes += worker_routes(settings.pool, settings.workers, self.index,
+                                         settings.shard_count)
         table = nat64_table(settings.name, self.index)
         if self.nat64:
             # NAT64: this worker's pool4 addresses are routed to its device, in its own table
@@ -327,9 +333,12 @@ class Worker:
             nat64_routes += sorted({ipaddress.IPv4Network(row[0])
                                     for row in settings.nat64_pool4})
             main_routes += nat64_routes if self.index == 0 else []
+        # Every worker's device a previous run may have kept (up to 64 workers: config.py).
+        siblings = frozenset(device for i in range(64) if i != self.index
+                             for device in worker_devices(settings, i))
         configure_tun(name, main_routes, nat64_routes, table,
                       sends_from_local=bool(local_pool4(settings.nat64_pool4)),
-                      adopted=name in adopted)
+                      adopted=name in adopted, siblings=siblings)
         if self.nat64 and settings.nat64_input == "tun":
             prefix: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
                 ipaddress.IPv6Network(settings.nat64_prefix)]
@@ -374,7 +383,7 @@ class Worker:
             # coordinator.
             self.capture = TunnelCapture(
                 settings.local_ipv4, fanout_filter(self.index, settings.workers,
-                                                   settings.hash_seed),
+                                                   settings.hash_seed, settings.shard_count),
                 self.index == 0, self.datapath.counters, min(settings.batch_packets, 256),
                 tunnels=settings.all_tunnels())
         self.sender = BatchSender(self.send_sock)

@@ -20,6 +20,7 @@ other hosts; for a NAT64 whose pool4 holds an address of this host, ``accept_loc
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import os
@@ -27,7 +28,7 @@ import socket
 import struct
 from pathlib import Path
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
@@ -105,13 +106,16 @@ def local_pool4(pool4: tuple[tuple[str, str, int, int], ...]) -> list[str]:
 def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
                   nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
                   table: int | None = None, sends_from_local: bool = False,
-                  adopted: bool = False) -> None:
+                  adopted: bool = False, siblings: frozenset[str] = frozenset()) -> None:
     """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it; for a
     NAT64 also pool4 (and its IPv6 prefix when its clients are on this host's side: the
     device then carries both families) in routing table ``table``, which the gateway's
     packet marks select. ``sends_from_local``: packets from the device may carry a source
     address of this host (pool4 on the host's own address). ``adopted``: the device was kept
-    by a take-over's previous run (its routes are corrected, not added again)."""
+    by a take-over's previous run (its routes are corrected, not added again). ``siblings``:
+    the devices of this gateway's other workers, whose routes this one may take over (a
+    take-over to another worker count moves pool slices between devices kept by the previous
+    run)."""
     # RFC 1122 §3.2.1.3 makes 127/8 martian on any other device; the services listen there.
     set_sysctl(name, "route_localnet", "1")
     if sends_from_local:
@@ -132,13 +136,50 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6
         # longer wanted go, the rest stay (no instant without them).
         present = _routes_of(index, {t for _, t in wanted}) if adopted else set()
         for net, in_table in sorted(present - wanted, key=str):
-            ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
-                      family=_family(net), table=in_table)
+            try:
+                ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
+                          oif=index, family=_family(net), table=in_table)
+            except NetlinkError as exc:
+                if exc.code != errno.ESRCH:  # taken by a sibling meanwhile (below)
+                    raise
         for net, in_table in sorted(wanted - present, key=str):
             # "add", never "replace": a route of the host's own is never taken over (the
-            # coordinator refused such a pool already; this is the last line).
-            ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
-                      family=_family(net), table=in_table)
+            # coordinator refused such a pool already; this is the last line). Only one on
+            # a sibling's device moves here.
+            route = {"dst": str(net.network_address), "dst_len": net.prefixlen, "oif": index,
+                     "family": _family(net), "table": in_table}
+            _add_route(ipr, route, net, in_table, siblings)
+
+
+def _add_route(ipr: IPRoute, route: dict[str, object],
+               net: ipaddress.IPv4Network | ipaddress.IPv6Network, table: int,
+               siblings: frozenset[str]) -> None:
+    """Add ``route``; one to the same prefix on a sibling's device is taken over. A sibling
+    may delete its own meanwhile (its correction after a take-over): then add again."""
+    for _ in range(3):
+        try:
+            ipr.route("add", **route)
+            return
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        if _on_sibling(ipr, net, table, siblings):
+            ipr.route("replace", **route)
+            return
+    ipr.route("add", **route)  # the host's own route: EEXIST, said by the caller
+
+
+def _on_sibling(ipr: IPRoute, net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                table: int, siblings: frozenset[str]) -> bool:
+    """Whether the route to exactly ``net`` in ``table`` leads to one of ``siblings``."""
+    for route in ipr.get_routes(family=_family(net), table=table):
+        if (route["dst_len"] != net.prefixlen
+                or route.get_attr("RTA_DST") != str(net.network_address)):
+            continue
+        links = ipr.get_links(route.get_attr("RTA_OIF") or 0)
+        if links and links[0].get_attr("IFLA_IFNAME") in siblings:
+            return True
+    return False
 
 
 def _family(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:

@@ -487,8 +487,9 @@ class Lab:
     def __init__(self, mode: str, workers: int, files: ServedFiles, *,
                  with_gateway: bool = True, path_mtu: int | None = None,
                  fanout: str = "coordinator", tun_writes: str = "io_uring",
-                 gateway_wrapper: Sequence[str] = ()) -> None:
+                 gateway_wrapper: Sequence[str] = (), gateway_toml: str = "") -> None:
         self.path_mtu = path_mtu
+        self.gateway_toml = gateway_toml  # more [gateway] lines
         self.fanout = fanout
         self.tun_writes = tun_writes
         self.gateway_wrapper = list(gateway_wrapper)  # argv the gateway runs under
@@ -716,6 +717,7 @@ class Lab:
             f'name = "{self.name}"\n'
             f'fanout = "{self.fanout}"\n'
             f'tun_writes = "{self.tun_writes}"\n'
+            f"{self.gateway_toml}"
             "\n"
             f"{FORWARD_TOML}"
         )

@@ -104,6 +104,26 @@ def test_rfc6888_req11_pool_exhausted_for_new_client_only() -> None:
     assert len(ft) == 2
 
 
+def test_a_new_client_gets_an_address_of_its_fan_out_shard() -> None:
+    """[gateway] shards: a worker's pool is its shards' slices; a new client's address comes
+    from the slice of its packet's shard (so the shard can move with its sessions), a shard
+    that is not this worker's takes the first one's, one shard's exhaustion is its own (no
+    address of another shard is lent), and a freed address goes back to its own shard."""
+    pools = {1: POOL[:2], 3: POOL[2:3]}
+    ft = FlowTable(pools, 100, 100, T, shard_of=lambda a: 1 if a in POOL[:2] else 3)
+    first = ft.create(PROTO_UDP, client(1), 1, GW6, 53, SVC, 53, "r", 0.0, shard=3)
+    assert isinstance(first, Session) and first.pool4 == POOL[2]
+    ft.touch_udp(first, False, 0.0)  # assured: not evicted for room
+    assert ft.create(PROTO_UDP, client(2), 1, GW6, 53, SVC, 53, "r", 0.0, shard=3) is (
+        DropReason.POOL_EXHAUSTED)
+    stray = ft.create(PROTO_UDP, client(3), 1, GW6, 53, SVC, 53, "r", 0.0, shard=7)
+    assert isinstance(stray, Session) and stray.pool4 == POOL[0]
+    ft.close(first)
+    again = ft.create(PROTO_UDP, client(2), 1, GW6, 53, SVC, 53, "r", 0.0, shard=3)
+    assert isinstance(again, Session) and again.pool4 == POOL[2]
+    assert ft.pool_size == 3
+
+
 @pytest.mark.parametrize(("proto", "state", "timeout"), [
     (PROTO_TCP, V6_INIT, T.unassured_s),
     (PROTO_UDP, UDP_OPEN, T.unassured_s),

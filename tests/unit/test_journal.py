@@ -95,6 +95,29 @@ def test_a_handover_that_does_not_fit_is_not_taken(tmp_path: Path, change: dict[
     assert (seed, shards) == (None, []) and why in message and "starting empty" in message
 
 
+def test_a_handover_moves_to_another_worker_count_by_shard(tmp_path: Path) -> None:
+    """[gateway] shards: a run of 2 workers over 6 shards hands over to one of 3; each
+    session goes to the worker of the shard its pool address is in (shard s: worker s % 3),
+    whichever worker had it; other shards are still refused."""
+    settings = dataclasses.asdict(make_settings(workers=2, shards=6, pool="100.64.0.0/24"))
+    records = {address: [*RECORD[:2], 40000 + i, *RECORD[3:5], address, *RECORD[6:]]
+               for i, address in enumerate(("64400001", "64400050", "644000a0", "644000fe"))}
+    copy = ShardCopy(2, 10)
+    # 100.64.0.1 is shard 0, .0x50 (80) shard 1, .0xa0 (160) shard 3, .0xfe (254) shard 5
+    # (42 addresses a shard); a first run of 2 workers had 0, 160 in worker 0 and 80, 254 in 1.
+    copy.apply(encode(0, [records["64400001"], records["644000a0"]], []))
+    copy.apply(encode(1, [records["64400050"], records["644000fe"]], []))
+    write_handover(str(tmp_path), copy, settings, 1000.0)
+    seed, shards, message = take_handover(str(tmp_path), {**settings, "workers": 3}, 1010.0)
+    assert shards == [[records["64400001"], records["644000a0"]], [records["64400050"]],
+                      [records["644000fe"]]], shards
+    assert "from 2 worker(s) to 3, by shard" in message, message
+    write_handover(str(tmp_path), copy, settings, 1000.0)
+    seed, shards, message = take_handover(str(tmp_path), {**settings, "workers": 3,
+                                                          "shards": 9}, 1010.0)
+    assert (seed, shards) == (None, []) and "another shards" in message, message
+
+
 def test_an_unreadable_handover_is_not_taken(tmp_path: Path) -> None:
     handover_path(str(tmp_path)).write_text("{not json")
     settings = dataclasses.asdict(make_settings())

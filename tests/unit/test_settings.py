@@ -12,7 +12,9 @@ from sixgate.workers.engine.settings import (
     Forward,
     Settings,
     pool_addresses,
+    pool_shard,
     pool_size,
+    shard_pools,
     worker_pool,
     worker_pool_range,
     worker_routes,
@@ -84,6 +86,30 @@ def test_worker_routes_cover_exactly_the_slice(pool: str, workers: int) -> None:
         assert int(nets[-1].broadcast_address) == last
         for address in worker_pool(pool, workers, i):
             assert any(ipaddress.IPv4Address(address) in n for n in nets)
+
+
+@pytest.mark.parametrize(("pool", "shards", "workers"), [
+    ("100.64.0.0/24", 8, 3), ("100.64.0.0/16", 64, 5), ("100.64.0.0/28", 4, 4),
+    ("100.64.0.0/24", 7, 2),
+])
+def test_shard_pools_slice_the_pool_by_shard_and_each_worker_routes_its_own(
+        pool: str, shards: int, workers: int) -> None:
+    """[gateway] shards: shard s is worker s % workers's; its addresses are the pool's s-th
+    slice whoever owns it (so it moves with them), pool_shard names it back, and the
+    worker's routes cover exactly its shards' slices."""
+    by_worker = [shard_pools(pool, shards, workers, i) for i in range(workers)]
+    assert sorted(s for owned in by_worker for s in owned) == list(range(shards))
+    flat = [a for owned in by_worker for addresses in owned.values() for a in addresses]
+    assert sorted(flat) == sorted(a.packed for a in pool_addresses(pool))
+    for index, owned in enumerate(by_worker):
+        nets = worker_routes(pool, workers, index, shards)
+        for shard, addresses in owned.items():
+            assert shard % workers == index and addresses == worker_pool(pool, shards, shard)
+            assert all(pool_shard(pool, shards, a) == shard for a in addresses)
+        covered = {int(a) for n in nets for a in n}
+        assert covered == {v for shard in owned for v in range(
+            worker_pool_range(pool, shards, shard)[0],
+            worker_pool_range(pool, shards, shard)[1] + 1)}
 
 
 @pytest.mark.parametrize("pool", ["100.64.0.0/32", "100.64.0.8/31", "100.64.0.0/30",

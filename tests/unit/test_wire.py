@@ -22,6 +22,7 @@ from support.helpers import client_udp, encapsulate
 
 from sixgate.workers.engine.wire import (
     BATCH_HEADER,
+    FANOUT_MIN_LENGTH,
     KIND_PACKETS,
     WIRE_VERSION,
     capture_filter,
@@ -30,6 +31,7 @@ from sixgate.workers.engine.wire import (
     encode_batch,
     fanout_filter,
     fanout_index,
+    inner_shard,
     pack_filter,
 )
 
@@ -218,6 +220,21 @@ def test_fanout_filter_accepts_exactly_fanout_index(packet: bytes, workers: int,
     accepted = [index for index in range(workers)
                 if run_classic_bpf(fanout_filter(index, workers, seed), packet)]
     assert accepted == [fanout_index(packet, seed, workers)]
+
+
+@given(fanout_packets, st.integers(1, 8), st.integers(0, 3), st.integers(0, 0xFFFFFFFF))
+def test_fanout_filter_with_shards_accepts_exactly_fanout_index(
+        packet: bytes, workers: int, extra: int, seed: int) -> None:
+    """[gateway] shards: the filter takes the shard, then its worker, as fanout_index does;
+    and a decapsulated packet's shard (inner_shard, the pool slice a new client gets) is the
+    one its outer packet was taken to."""
+    shards = workers * (1 + extra) + extra
+    accepted = [index for index in range(workers)
+                if run_classic_bpf(fanout_filter(index, workers, seed, shards), packet)]
+    assert accepted == [fanout_index(packet, seed, workers, shards)]
+    if len(packet) >= FANOUT_MIN_LENGTH and packet[0] == 0x45:
+        shard = inner_shard(packet[20:], seed, shards)
+        assert shard % workers == fanout_index(packet, seed, workers, shards)
 
 
 @given(st.binary(min_size=60, max_size=60), st.binary(max_size=1400), st.integers(2, 8))

@@ -99,7 +99,12 @@ from sixgate.workers.engine.packet import (
     sum16,
     sum_is_valid,
 )
-from sixgate.workers.engine.settings import Settings, source_allowed, worker_pool4
+from sixgate.workers.engine.settings import (
+    Settings,
+    pool_shard,
+    source_allowed,
+    worker_pool4,
+)
 from sixgate.workers.engine.translate import (
     DF_THRESHOLD,
     hop_limit_after,
@@ -118,6 +123,7 @@ from sixgate.workers.engine.tunnel import (
     TunnelTable,
     check_inbound,
 )
+from sixgate.workers.engine.wire import inner_shard
 
 # Counter keys of the fast path, by protocol (the same keys Counters.count builds; a NAT64
 # echo counts as "icmp" on both sides).
@@ -216,10 +222,13 @@ def build_rule_table(settings: Settings) -> dict[tuple[int, int], RuleTarget]:
 class Datapath:
     """The packet engine of one worker shard."""
 
-    def __init__(self, settings: Settings, pool: list[bytes], workers: int = 1,
-                 fast_path: bool = True, index: int = 0) -> None:
+    def __init__(self, settings: Settings, pool: list[bytes] | dict[int, list[bytes]],
+                 workers: int = 1, fast_path: bool = True, index: int = 0) -> None:
         self.settings = settings
         self.workers = workers
+        # [gateway] shards above the workers: a new client's pool address comes from its
+        # fan-out shard's slice (settings.shard_pools; workers/engine/wire.py inner_shard).
+        self._shards = settings.shard_count if isinstance(pool, dict) and len(pool) > 1 else 0
         self.mtu = settings.engine_mtu
         self.max_mss = settings.max_mss
         self.mode = settings.mode
@@ -252,7 +261,8 @@ class Datapath:
             max_flows_per_48=settings.max_flows_per_48,
             max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source, ports=ports,
             port_quota=settings.nat64_ports_per_client if ports is not None else None,
-            quota_prefix_bytes=settings.nat64_client_prefix // 8)
+            quota_prefix_bytes=settings.nat64_client_prefix // 8,
+            shard_of=self._pool_shard if self._shards else None)
         self.reassembler = Reassembler(settings.fragment_datagrams, settings.fragment_bytes)
         # NAT64: IPv4 fragments from the internet (RFC 791 §3.2), within the same bounds.
         self.reassembler4 = (OuterReassembler(settings.fragment_datagrams,
@@ -320,6 +330,9 @@ class Datapath:
         self.flows.removed = []
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _pool_shard(self, address: bytes) -> int:
+        return pool_shard(self.settings.pool, self._shards, address)
 
     def _set_rate_limits(self, settings: Settings) -> None:
         """RFC 4443 §2.4(f): errors and RSTs, and echo replies (reflection: one source must not
@@ -1009,8 +1022,10 @@ class Datapath:
                 return
             # Our address as one object for all its sessions (issue 21: memory).
             gw6 = self._our_objects.get(view[3], view[3])
+            shard = inner_shard(packet, self.settings.hash_seed, self._shards) \
+                if self._shards else -1
             created = self.flows.create(proto, view[2], sport, gw6, dport, rule[1],
-                                        rule[2], rule[0], now, self._outer4)
+                                        rule[2], rule[0], now, self._outer4, shard=shard)
             if isinstance(created, DropReason):
                 self._refused_by_limits(created, packet, view)
                 return

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 
@@ -321,18 +321,28 @@ def worker_share(limit: int | None, workers: int) -> int | None:
 class FlowTable:
     """Bindings and sessions of one worker shard, with limits, eviction and expiry."""
 
-    def __init__(self, pool: list[bytes], max_flows: int, max_flows_per_prefix: int,
-                 timeouts: Timeouts, *, max_flows_per_48: int | None = None,
+    def __init__(self, pool: list[bytes] | Mapping[int, list[bytes]], max_flows: int,
+                 max_flows_per_prefix: int, timeouts: Timeouts, *,
+                 max_flows_per_48: int | None = None,
                  max_flows_per_ipv4_source: int | None = None,
                  ports: PortPool | None = None, port_quota: int | None = None,
-                 quota_prefix_bytes: int = 8) -> None:
+                 quota_prefix_bytes: int = 8,
+                 shard_of: Callable[[bytes], int] | None = None) -> None:
         self.max_flows = max_flows
         self.max_flows_per_prefix = max_flows_per_prefix
         self.max_flows_per_48 = max_flows_per_48
         self.max_flows_per_ipv4_source = max_flows_per_ipv4_source
         self.timeouts = timeouts
-        self.pool_size = len(pool)
-        self._free: deque[bytes] = deque(pool)
+        # Free pool addresses by fan-out shard (settings.shard_pools; a list is one shard):
+        # a client's address comes from its own shard's slice, so another worker count can
+        # move the shard with its sessions. ``shard_of`` names an address's shard.
+        pools = pool if isinstance(pool, Mapping) else {0: pool}
+        self._pools: dict[int, deque[bytes]] = {shard: deque(addresses)
+                                                for shard, addresses in pools.items()}
+        self._home = next(iter(self._pools), 0)  # for a client of a shard not ours
+        self._free = self._pools.get(self._home, deque())
+        self._shard_of = shard_of if shard_of is not None and len(self._pools) > 1 else None
+        self.pool_size = sum(len(addresses) for addresses in pools.values())
         self._by_v6: dict[Key, Session] = {}
         self._by_v4: dict[Key, Session] = {}
         self._client_pool: dict[bytes, _Binding] = {}
@@ -383,16 +393,17 @@ class FlowTable:
         self.journal_held: list[tuple[int, bytes, int]] = []
 
     @classmethod
-    def for_shard(cls, pool: list[bytes], workers: int, max_flows: int,
-                  max_flows_per_prefix: int, timeouts: Timeouts, *,
+    def for_shard(cls, pool: list[bytes] | Mapping[int, list[bytes]], workers: int,
+                  max_flows: int, max_flows_per_prefix: int, timeouts: Timeouts, *,
                   max_flows_per_48: int | None = None,
                   max_flows_per_ipv4_source: int | None = None,
                   ports: PortPool | None = None, port_quota: int | None = None,
-                  quota_prefix_bytes: int = 8) -> FlowTable:
+                  quota_prefix_bytes: int = 8,
+                  shard_of: Callable[[bytes], int] | None = None) -> FlowTable:
         """One worker's table with its share of the gateway-wide limits
         (``set_shard_limits``)."""
         table = cls(pool, 1, max_flows_per_prefix, timeouts, ports=ports, port_quota=port_quota,
-                    quota_prefix_bytes=quota_prefix_bytes)
+                    quota_prefix_bytes=quota_prefix_bytes, shard_of=shard_of)
         table.set_shard_limits(workers, max_flows, max_flows_per_prefix, timeouts,
                                max_flows_per_48=max_flows_per_48,
                                max_flows_per_ipv4_source=max_flows_per_ipv4_source)
@@ -450,13 +461,19 @@ class FlowTable:
 
     # --- creation -----------------------------------------------------------------------------
 
+    def owns_shard(self, shard: int) -> bool:
+        return shard in self._pools
+
     def create(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
                target4: bytes, tport: int, rule: str, now: float,
-               outer4: bytes = b"", from_v4: bool = False) -> Session | DropReason:
+               outer4: bytes = b"", from_v4: bool = False, shard: int = -1
+               ) -> Session | DropReason:
         """Create a session for a new flow from an IPv6 client, or say why not.
 
         ``outer4``: the outer IPv4 source the packet came from, counted against
-        ``max_flows_per_ipv4_source`` (b"": not counted, e.g. 6in4's single broker)."""
+        ``max_flows_per_ipv4_source`` (b"": not counted, e.g. 6in4's single broker).
+        ``shard``: the fan-out shard of the client's packet, whose pool slice gives a new
+        client its address (-1 or not ours: this worker's first)."""
         self._clock = now
         full = len(self._by_v6) >= self.max_flows
         if full and not self._unassured:
@@ -477,10 +494,11 @@ class FlowTable:
             return self._create_nat64(proto, client6, cport, gw6, gwport, target4, tport, rule,
                                       now, self._nat64_pairs.get(client6), from_v4)
         binding = self._client_pool.get(client6)
+        free = self._pools.get(shard, self._free)
         if binding is None:
-            if not self._free and not self._evict_unassured_client():
+            if not free and not self._evict_unassured_client(free):
                 return DropReason.POOL_EXHAUSTED
-            pool4 = self._free[0]
+            pool4 = free[0]
         else:
             pool4 = binding.pool4
             client6 = binding.client6  # one address object for all of a client's sessions
@@ -488,7 +506,7 @@ class FlowTable:
         if v4_key in self._by_v4:
             return DropReason.PORT_IN_USE
         if binding is None:
-            self._free.popleft()
+            free.popleft()
             binding = _Binding(pool4, client6)
             self._client_pool[client6] = binding
         binding.sessions += 1
@@ -570,19 +588,28 @@ class FlowTable:
         if oldest is not None:
             self._evict(oldest)
 
-    def _evict_unassured_client(self) -> bool:
-        """Free a pool address by removing the sessions of a client none of whose sessions is
-        assured, oldest first; at most ``EVICT_SCAN`` sessions looked at."""
+    def _evict_unassured_client(self, free: deque[bytes]) -> bool:
+        """Free a pool address (of ``free``, a shard's) by removing the sessions of a client
+        none of whose sessions is assured, oldest first; at most ``EVICT_SCAN`` sessions
+        looked at."""
         for session in self._unassured.first(EVICT_SCAN):
             if session.rule == NAT64_RULE:
                 continue  # holds pool4 ports, not a pool address
             binding = self._client_pool.get(session.client6)
-            if binding is None or binding.assured:
+            if binding is None or binding.assured or (
+                    self._shard_of is not None
+                    and self._pools.get(self._shard_of(binding.pool4)) is not free):
                 continue
             self._evict(session)
-            if self._free:
+            if free:
                 return True
-        return bool(self._free)
+        return bool(free)
+
+    def _free_of(self, pool4: bytes) -> deque[bytes] | None:
+        """The free list ``pool4`` goes back to (None: no shard of ours)."""
+        if self._shard_of is None:
+            return self._free
+        return self._pools.get(self._shard_of(pool4))
 
     def _evict(self, session: Session) -> None:
         self.close(session)
@@ -745,8 +772,9 @@ class FlowTable:
                 binding.assured -= 1
             if binding.sessions == 0:
                 del pairs[session.client6]
-                if pairs is self._client_pool:
-                    self._free.append(session.pool4)  # RFC 6888 REQ-8: reused last
+                free = self._free_of(session.pool4) if pairs is self._client_pool else None
+                if free is not None:
+                    free.append(session.pool4)  # RFC 6888 REQ-8: reused last
         if session.rule == NAT64_RULE and self.ports is not None:
             self._unbind(session)
 
@@ -860,7 +888,7 @@ class FlowTable:
 
     def _restore_pooled(self, sessions: list[Session], now: float) -> int:
         """Forward-rule sessions: each client keeps its pool address (paired, REQ-2)."""
-        free = set(self._free)
+        free = {address for addresses in self._pools.values() for address in addresses}
         taken: set[bytes] = set()
         resumed = 0
         for session in sessions:
@@ -881,11 +909,16 @@ class FlowTable:
             else:
                 binding.sessions -= 1
         if taken:
-            self._free = deque(a for a in self._free if a not in taken)
+            for addresses in self._pools.values():
+                kept = [a for a in addresses if a not in taken]
+                addresses.clear()
+                addresses.extend(kept)
         for client6, binding in list(self._client_pool.items()):
             if binding.sessions == 0:
                 del self._client_pool[client6]
-                self._free.append(binding.pool4)
+                back = self._free_of(binding.pool4)
+                if back is not None:
+                    back.append(binding.pool4)
         return resumed
 
     def _restore_nat64(self, sessions: list[Session], now: float) -> int:

@@ -119,6 +119,10 @@ class Settings:
     # The fan-out hash seed: the coordinator draws a random one at each start unless the
     # config names one, so nobody outside can aim a flood at one worker.
     hash_seed: int = 0x5167
+    # Fan-out shards (0: one per worker): the hash picks a shard, shard s is worker
+    # s % workers's with its slice of the pool, so another worker count moves whole shards
+    # (their sessions keep their pool addresses). ``shard_count`` is the number in use.
+    shards: int = 0
     fragment_datagrams: int = 1024
     fragment_bytes: int = 16 << 20
     # An empty table is a choice (checks off), not "use the default".
@@ -214,6 +218,10 @@ class Settings:
     # [cluster] announce_pool: the node's pool and pool4 addresses were added to cluster_announce
     # (services' replies route to the node that owns the address).
     cluster_announce_pool: bool = False
+
+    @property
+    def shard_count(self) -> int:
+        return self.shards or self.workers
 
     def all_tunnels(self) -> list[TunnelEntry]:
         """Every tunnel, the first (Settings' own fields) first; none in NAT64/CLAT mode."""
@@ -320,11 +328,33 @@ def worker_pool(pool: str, workers: int, index: int) -> list[bytes]:
     return [v.to_bytes(4, "big") for v in range(first, last + 1)]
 
 
-def worker_routes(pool: str, workers: int, index: int) -> list[ipaddress.IPv4Network]:
-    """The prefixes to route to worker ``index``'s TUN device."""
-    first, last = worker_pool_range(pool, workers, index)
-    return list(ipaddress.summarize_address_range(ipaddress.IPv4Address(first),
-                                                  ipaddress.IPv4Address(last)))
+def worker_shards(shards: int, workers: int, index: int) -> range:
+    """The fan-out shards worker ``index`` owns: shard s is worker s % workers's."""
+    return range(index, shards, workers)
+
+
+def shard_pools(pool: str, shards: int, workers: int, index: int) -> dict[int, list[bytes]]:
+    """Worker ``index``'s pool addresses by shard: each shard's slice of the pool
+    (``worker_pool`` cut by shards), so a pool address names its shard wherever it lives."""
+    return {shard: worker_pool(pool, shards, shard)
+            for shard in worker_shards(shards, workers, index)}
+
+
+def pool_shard(pool: str, shards: int, address: bytes) -> int:
+    """The shard whose pool slice holds ``address`` (``worker_pool_range`` by shards)."""
+    net = ipaddress.IPv4Network(pool)
+    offset = int.from_bytes(address, "big") - int(net.network_address)
+    return max(0, min(offset // (net.num_addresses // shards), shards - 1))
+
+
+def worker_routes(pool: str, workers: int, index: int, shards: int = 0
+                  ) -> list[ipaddress.IPv4Network]:
+    """The prefixes to route to worker ``index``'s TUN device: its shards' pool slices."""
+    ranges = [worker_pool_range(pool, shards or workers, shard)
+              for shard in worker_shards(shards or workers, workers, index)]
+    return list(ipaddress.collapse_addresses(
+        net for first, last in ranges for net in ipaddress.summarize_address_range(
+            ipaddress.IPv4Address(first), ipaddress.IPv4Address(last))))
 
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}

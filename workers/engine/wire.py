@@ -72,6 +72,11 @@ def decode_batch(message: bytes) -> list[bytes] | None:
 # the coordinator. Coordinator fan-out picks the worker with ``fanout_index``, the same function
 # in Python, so both fan-outs shard alike. Classic BPF has the arithmetic used: per 32-bit word,
 # xor then multiply (FNV-1 style), then fold the high half in and take the remainder.
+#
+# With ``[gateway] shards`` above the worker count, the remainder is taken twice: the shard
+# (hash % shards), then its worker (shard % workers); each shard has its slice of the pool
+# (settings.shard_pools), so another worker count moves whole shards. With shards equal to
+# the workers (the default) both remainders are the one taken before.
 
 FNV_PRIME_32 = 0x01000193
 # Offsets in the outer IPv4 packet (20-byte header): inner source /64, inner destination.
@@ -87,21 +92,33 @@ _TAX, _RET_K = 0x07, 0x06
 ACCEPT = 0xFFFFFFFF
 
 
-# The FANOUT_WORDS in one unpack.
+# The FANOUT_WORDS in one unpack; and the same words of the inner IPv6 packet alone.
 _FANOUT_STRUCT = struct.Struct("!28x2I8x4I")
+_INNER_STRUCT = struct.Struct("!8x2I8x4I")
 
 
-def fanout_index(packet: bytes | memoryview, seed: int, workers: int) -> int:
+def _fanout_hash(words: tuple[int, ...], seed: int) -> int:
+    value = seed & 0xFFFFFFFF
+    for word in words:
+        value = ((word ^ value) * FNV_PRIME_32) & 0xFFFFFFFF
+    return (value >> 16) ^ value
+
+
+def fanout_index(packet: bytes | memoryview, seed: int, workers: int, shards: int = 0) -> int:
     """The worker whose capture filter accepts this outer IPv4 packet."""
     if len(packet) < FANOUT_MIN_LENGTH or packet[0] != 0x45:
         return 0  # too short or IPv4 options: worker 0 checks it (and counts the drop)
-    value = seed & 0xFFFFFFFF
-    for word in _FANOUT_STRUCT.unpack_from(packet):
-        value = ((word ^ value) * FNV_PRIME_32) & 0xFFFFFFFF
-    return ((value >> 16) ^ value) % workers
+    return _fanout_hash(_FANOUT_STRUCT.unpack_from(packet), seed) % (shards or workers) % workers
 
 
-def fanout_filter(index: int, workers: int, seed: int) -> list[tuple[int, int, int, int]]:
+def inner_shard(ipv6: bytes | memoryview, seed: int, shards: int) -> int:
+    """The shard of a decapsulated IPv6 packet (at least 40 bytes): the one ``fanout_index``
+    takes its outer packet to."""
+    return _fanout_hash(_INNER_STRUCT.unpack_from(ipv6), seed) % shards
+
+
+def fanout_filter(index: int, workers: int, seed: int, shards: int = 0
+                  ) -> list[tuple[int, int, int, int]]:
     """The classic BPF program (code, jt, jf, k) that accepts what ``fanout_index`` gives
     ``index``; see ``pack_filter`` for the bytes the kernel takes."""
     others = ACCEPT if index == 0 else 0
@@ -115,7 +132,10 @@ def fanout_filter(index: int, workers: int, seed: int) -> list[tuple[int, int, i
     for offset in FANOUT_WORDS:
         program += [(_LD_W_ABS, 0, 0, offset), (_XOR_X, 0, 0, 0), (_MUL_K, 0, 0, FNV_PRIME_32),
                     (_TAX, 0, 0, 0)]
-    program += [(_RSH_K, 0, 0, 16), (_XOR_X, 0, 0, 0), (_MOD_K, 0, 0, workers),
+    program += [(_RSH_K, 0, 0, 16), (_XOR_X, 0, 0, 0)]
+    if shards and shards != workers:
+        program.append((_MOD_K, 0, 0, shards))
+    program += [(_MOD_K, 0, 0, workers),
                 (_JEQ_K, 0, 1, index), (_RET_K, 0, 0, ACCEPT), (_RET_K, 0, 0, 0),
                 (_RET_K, 0, 0, others)]
     last = len(program) - 1
