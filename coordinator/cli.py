@@ -30,6 +30,7 @@ from sixgate.workers.engine.settings import (
     Settings,
     worker_pool4,
     worker_routes,
+    worker_shards,
 )
 
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
@@ -281,12 +282,18 @@ def _print_nat64(settings: Settings) -> None:
         print("  note          echo replies to this host's own address with an identifier in "
               "pool4's icmp range go to the NAT64: pings of the host's own from that address "
               "may lose theirs; narrow icmp to leave identifiers free")
+    shards = settings.shard_count
     for index in range(settings.workers):
-        slices = worker_pool4(settings.nat64_pool4, settings.workers, index)
-        text = "; ".join(f"{PROTOCOL_NAMES[proto]} " + ", ".join(
+        # Its shards' slices ([gateway] shards; one per worker by default).
+        slices: dict[int, list[tuple[bytes, int, int]]] = {}
+        for shard in worker_shards(shards, settings.workers, index):
+            for number, rows in worker_pool4(settings.nat64_pool4, shards, shard).items():
+                slices.setdefault(number, []).extend(rows)
+        text = "; ".join(f"{PROTOCOL_NAMES[number]} " + ", ".join(
             f"{ipaddress.IPv4Address(a)}:{lo}-{hi}" for a, lo, hi in rows)
-            for proto, rows in slices.items())
-        print(f"    worker {index}: TUN {settings.name}{index}, pool4 slice {text}")
+            for number, rows in slices.items())
+        print(f"    worker {index}: TUN {settings.name}{index}, pool4 "
+              f"{'slices' if shards > settings.workers else 'slice'} {text}")
     print(f"  filtering     {settings.nat64_filtering} (RFC 6146 §3.5.1); quota "
           f"{settings.nat64_ports_per_client} ports per client /{settings.nat64_client_prefix} "
           f"(RFC 6888 REQ-4), freed ports held {settings.nat64_port_hold_s:g} s (REQ-8)")

@@ -216,7 +216,7 @@ SCHEMA: tuple[Key, ...] = (
     _gateway("shards", "integer 0-1024", "fan-out shards, each with its slice of the pool, "
              "spread over the workers; more than workers lets a take-over (sixgate reload "
              "--or-take-over, systemctl reload) change the worker count, up to this, without "
-             "ending a session (userspace tunnel; not beside [nat64]); 0: one per worker",
+             "ending a session (userspace backend); 0: one per worker",
              _ranged_int(0, 1024), default_text="0 (one per worker)"),
     _gateway("fragment_datagrams", "integer", "datagrams in reassembly at once, per worker",
              _ranged_int(1, 1_000_000)),
@@ -930,16 +930,14 @@ def parse_config(text: str, file: str = "<config>") -> Settings:
         raise ctx.error("gateway", "shards", f"{shards} is fewer than workers "
                         f"({values['workers']}): each worker owns at least one shard; raise "
                         "shards or leave it out")
-    if nat64_values and shards and shards != values["workers"]:
-        raise ctx.error("gateway", "shards", "a NAT64's pool4 is cut by worker (its steering "
-                        "hashes in nftables): shards beside [nat64] is not supported yet; "
-                        "leave shards out")
     if nat64_values:
+        slices = max(shards, values["workers"])
+        what = f"{slices} shards" if shards > values["workers"] else f"{slices} workers"
         for address, proto, lo, hi in nat64_values["nat64_pool4"]:
-            if (hi - lo + 1) < 2 * values["workers"]:
+            if (hi - lo + 1) < 2 * slices:
                 raise ctx.error("nat64.pool4", None, f"{address} {proto} {lo}-{hi} is too "
-                                f"small to give each of {values['workers']} workers two ports; "
-                                "widen the range or use fewer workers")
+                                f"small to give each of {what} two ports; widen the range or "
+                                f"use fewer {what.split()[1]}")
         if values["backend"] == "kernel":
             raise ctx.error("gateway", "backend", "NAT64 runs in userspace only; set "
                             "backend = \"userspace\" or leave it out")

@@ -335,12 +335,17 @@ def nat64_steering(settings: Settings) -> tuple[list[str], list[str]]:
     source /64 (all of a client's bindings in one worker: endpoint-independent mapping and the
     per-/64 quota hold), IPv4 to pool4 by the worker slice its port (an echo reply's
     identifier; an error's quoted source port or identifier) falls in."""
-    workers = settings.workers
+    workers, shards = settings.workers, settings.shard_count
     base = nat64_table(settings.name, 0)
     # The hash reads the same 8 bytes (a /64) of the client in both rules: its source
     # address, or, in an ICMPv6 error a router on its path sent about one of our packets,
     # the quoted packet's destination (8 bytes of ICMPv6 header + 24 of the quoted header).
-    hashed = f"mod {workers} seed {settings.hash_seed:#x} offset {base:#x}"
+    # [gateway] shards: the hash names a shard, a map its worker (shard s in worker s mod N;
+    # the engine computes the same shard for a new binding: wire.nat64_shard).
+    hashed = (f"mod {workers} seed {settings.hash_seed:#x} offset {base:#x}"
+              if shards == workers else
+              f"mod {shards} seed {settings.hash_seed:#x} map {{ "
+              + ", ".join(f"{s} : {base + s % workers:#x}" for s in range(shards)) + " }")
     v6 = [f"    ip6 daddr {settings.nat64_prefix} meta mark set jhash @nh,64,64 {hashed}",
           f"    ip6 daddr {settings.nat64_prefix} icmpv6 type {{ destination-unreachable, "
           f"packet-too-big, time-exceeded, parameter-problem }} meta mark set "
@@ -350,13 +355,13 @@ def nat64_steering(settings: Settings) -> tuple[list[str], list[str]]:
     # the chain at its first rule instead of being tested by every port map.
     v4 = [f"    ip daddr != {{ {pool4} }} accept"]
     names = {number: name for name, number in PROTOCOL_NUMBERS.items()}
-    slices = [worker_pool4(settings.nat64_pool4, workers, index) for index in range(workers)]
+    slices = [worker_pool4(settings.nat64_pool4, shards, shard) for shard in range(shards)]
     by_row: dict[tuple[int, bytes, int], list[str]] = {}
-    for index, slice_ in enumerate(slices):
+    for shard, slice_ in enumerate(slices):
         for proto, rows in slice_.items():
             for row, (address, lo, hi) in enumerate(rows):
                 by_row.setdefault((proto, address, row), []).append(
-                    f"{lo}-{hi} : {base + index:#x}")
+                    f"{lo}-{hi} : {base + shard % workers:#x}")
     for (proto, address, _row), entries in sorted(by_row.items()):
         dst = f"ip daddr {ipaddress.IPv4Address(address)}"
         ports = "{ " + ", ".join(entries) + " }"

@@ -155,8 +155,8 @@ def test_pool_must_not_hold_tunnel_endpoint() -> None:
 
 
 def test_shards_let_the_worker_count_change_within_them() -> None:
-    """[gateway] shards: at least the workers, an address of the pool for each, and not beside
-    a NAT64 (its pool4 is cut by worker); 0, the default, is one per worker."""
+    """[gateway] shards: at least the workers, an address of the pool for each, two ports of
+    every pool4 range for each beside a NAT64; 0, the default, is one per worker."""
     assert parse_config(GOOD_6TO4, "gw.toml").shard_count == 2
     text = GOOD_6TO4.replace("workers = 2\n", "workers = 2\nshards = 12\n")
     assert parse_config(text, "gw.toml").shard_count == 12
@@ -167,9 +167,10 @@ def test_shards_let_the_worker_count_change_within_them() -> None:
             parse_config(bad.replace("100.64.0.0/16", pool), "gw.toml")
         assert info.value.key == "gateway.shards"
     nat64 = text + '\n[nat64]\nclients = ["2001:db8:100::/56"]\n[[nat64.pool4]]\n' \
-        'address = "203.0.113.5"\nudp = "61001-65535"\n'
-    with pytest.raises(ConfigError, match="shards beside \\[nat64\\] is not supported"):
-        parse_config(nat64, "gw.toml")
+        'address = "203.0.113.5"\nudp = "61001-61030"\n'
+    assert parse_config(nat64, "gw.toml").shard_count == 12  # 30 ports: 2 for each of 12
+    with pytest.raises(ConfigError, match="too small to give each of 12 shards two ports"):
+        parse_config(nat64.replace("61030", "61020"), "gw.toml")
 
 
 def test_udp_timeout_floor_rfc4787_req5() -> None:

@@ -27,8 +27,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sixgate.workers.engine.flows import Key, Record, journal_key, record_key, worker_share
-from sixgate.workers.engine.settings import pool_shard
+from sixgate.workers.engine.flows import (
+    NAT64_RULE,
+    Key,
+    Record,
+    journal_key,
+    record_key,
+    worker_share,
+)
+from sixgate.workers.engine.settings import pool4_slices, pool_shard
 
 FLUSH_INTERVAL_S = 0.05
 HELD = "held"  # a shard entry that is a NAT64 port on hold, not a session record
@@ -204,14 +211,21 @@ def rebucket(by_worker: list[list[Any]], settings: dict[str, Any]) -> list[list[
     if len(by_worker) == workers:
         return by_worker
     shards, pool = shard_count(settings), settings["pool"]
+    slices = pool4_slices(settings["nat64_pool4"], shards)
     out: list[list[Any]] = [[] for _ in range(workers)]
     for records in by_worker:
         for record in records:
             try:
-                shard = pool_shard(pool, shards, bytes.fromhex(record[5]))
+                address = bytes.fromhex(record[5])
+                # A NAT64 binding's shard is its pool4 port's slice, another session's its
+                # pool address's.
+                shard = (next((s for first, last, s in slices.get((record[0], address), ())
+                               if first <= record[6] <= last), None)
+                         if record[9] == NAT64_RULE else pool_shard(pool, shards, address))
             except (TypeError, ValueError, IndexError):
                 continue  # not a session record: parse_record would refuse it too
-            out[shard % workers].append(record)
+            if shard is not None:
+                out[shard % workers].append(record)
     return out
 
 

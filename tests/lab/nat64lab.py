@@ -74,8 +74,8 @@ class Nat64Lab(Lab):
 
     def __init__(self, workers: int, files: ServedFiles, *, extra_toml: str = "",
                  udp_ports: str = "61001-65535", with_clients_kit: bool = True,
-                 pool4: str = POOL4) -> None:
-        super().__init__("6in4", workers, files)
+                 pool4: str = POOL4, gateway_toml: str = "") -> None:
+        super().__init__("6in4", workers, files, gateway_toml=gateway_toml)
         self.v4_ns = self.gw_ns.removesuffix("-gw") + "-v4"
         self.extra_toml = extra_toml
         self.udp_ports = udp_ports
@@ -242,6 +242,7 @@ class Nat64Lab(Lab):
             f"workers = {self.workers}\n"
             f'run_dir = "{self.tmp / "run"}"\n'
             f'name = "{self.name}"\n'
+            f"{self.gateway_toml}"
             "\n[nat64]\n"
             f'prefix = "{PREFIX}"\n'
             'clients = ["2001:db8:100::/56"]\n'

@@ -482,6 +482,95 @@ def test_a_take_over_keeps_the_nat64_devices_and_their_routes(
         assert lab.gateway_links() == [], lab.gateway_links()
 
 
+NAT64_SHARDS = 6
+FIXED_PORT = 45353
+
+
+def fixed_port_queries(lab: Nat64Lab) -> int:
+    """A DNS query through the prefix from each of MANY_CLIENTS6, each from port FIXED_PORT
+    (so a client keeps its binding from one query to the next); how many were answered."""
+    return int(python_in(lab, lab.peer_ns, (
+        "import socket\n"
+        "query = bytes.fromhex('1234010000010000000000000573'\n"
+        "                      '6d616c6c036c61620000010001')\n"
+        "answered = 0\n"
+        f"for source in {list(MANY_CLIENTS6)!r}:\n"
+        "    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:\n"
+        "        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"        s.bind((source, {FIXED_PORT}))\n"
+        "        s.settimeout(3)\n"
+        f"        s.sendto(query, ('{synthesized(DNS4)}', 53))\n"
+        "        try:\n"
+        "            answered += s.recv(2048)[:2] == query[:2]\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "print(answered)\n")))
+
+
+def udp_bindings(lab: Nat64Lab) -> dict[str, tuple[str, int]]:
+    """MANY_CLIENTS6's UDP bindings from FIXED_PORT: client -> (pool4 transport address,
+    worker)."""
+    return {row["client"][1:].split("]")[0]: (row["pool"], int(row["worker"]))
+            for row in lab.flows()["bindings"] if row["proto"] == "udp"
+            and row["client"].endswith(f"]:{FIXED_PORT}")
+            and row["client"][1:].split("]")[0] in MANY_CLIENTS6}
+
+
+def test_a_take_over_to_another_worker_count_keeps_the_nat64_bindings_by_shard(
+        served_files: netlab.ServedFiles) -> None:
+    """Issue 17 for the NAT64, the worker count: with ``[gateway] shards = 6`` each client /64
+    is steered by its shard (nftables' jhash), and a binding takes a port of its shard's
+    slice of pool4 (the engine computes the same hash); a take-over from 2 workers to 3, then
+    back to 2, hands each binding to its shard's worker. A rate-limited download completes
+    byte-identical, and 16 clients in 16 /64s keep their pool4 transport addresses, each
+    served by the worker its port's shard names (shard s in worker s mod N)."""
+    with Nat64Lab(2, served_files, with_clients_kit=False,
+                  gateway_toml=f"shards = {NAT64_SHARDS}\n") as lab:
+        assert fixed_port_queries(lab) == len(MANY_CLIENTS6)
+        first = udp_bindings(lab)
+        assert len(first) == len(MANY_CLIENTS6), first
+        big = served_files.big
+        curl = subprocess.Popen(netlab.in_ns(lab.peer_ns, [
+            "bash", "-c", "set -o pipefail; curl -6 -g -sS --fail --max-time 60 --limit-rate "
+            f"25M --interface {CLIENT6} http://[{synthesized(HTTP4)}]/{big.name} | sha256sum"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        original = lab.config_path.read_text()
+        try:
+            time.sleep(0.5)
+            previous = "sixgate"
+            for workers, key in ((3, "more"), (2, "fewer")):
+                lab.config_path.write_text(original.replace("workers = 2\n",
+                                                            f"workers = {workers}\n"))
+                lab.spawn(key, lab.gw_ns, [*netlab.sixgate_command(), "run", "--take-over",
+                                           "--config", str(lab.config_path)])
+                assert lab.processes[previous].wait(timeout=60) == 0, (
+                    lab.gateway_stderr(previous))
+                previous = key
+                netlab.wait_until(lambda key=key: "sixgate up" in lab.log_path(key).read_text(),
+                                  timeout=30, what=f"the run of {workers} workers up")
+                log = lab.log_path(key).read_text()
+                assert f"worker(s) to {workers}, by shard" in log, log
+                now = udp_bindings(lab)
+                assert {c: pool for c, (pool, _) in now.items()} == {
+                    c: pool for c, (pool, _) in first.items()}, (first, now)
+                for pool, worker in now.values():
+                    port = int(pool.rsplit(":", 1)[1])
+                    shard = min((port - 61001) // ((65535 - 61001 + 1) // NAT64_SHARDS),
+                                NAT64_SHARDS - 1)
+                    assert shard % workers == worker, (pool, worker, now)
+                assert fixed_port_queries(lab) == len(MANY_CLIENTS6)
+                assert udp_bindings(lab) == now  # the same bindings served them
+            stdout, stderr = curl.communicate(timeout=90)
+        finally:
+            lab.config_path.write_text(original)
+            if curl.poll() is None:
+                netlab.stop_process(curl, 5)
+        assert curl.returncode == 0, stderr
+        assert stdout.split()[0] == big.sha256, "the download arrived damaged"
+        assert netlab.stop_process(lab.processes.pop("fewer"), 15) == 0
+        assert lab.gateway_links() == [], lab.gateway_links()
+
+
 def steering_of(lab: Nat64Lab) -> tuple[str, str]:
     """(the gateway's nftables ruleset, its IPv4 and IPv6 policy rules)."""
     return (lab.gw(["nft", "list", "ruleset"], check=True).stdout,

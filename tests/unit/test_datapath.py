@@ -56,7 +56,7 @@ from support.helpers import (
 from sixgate.workers.engine.datapath import PROBE_AGAIN_S, Datapath
 from sixgate.workers.engine.drops import DropReason, Event
 from sixgate.workers.engine.flows import ESTABLISHED, V4_SYN_RCV, V6_FIN, Timeouts
-from sixgate.workers.engine.settings import worker_pool
+from sixgate.workers.engine.settings import shard_pools, worker_pool
 
 MODES = ["6to4", "6in4"]
 T = Timeouts()
@@ -138,6 +138,20 @@ def test_rfc9293_segment_without_session_reset_from_its_ack() -> None:
     rst = step.only_outbound()[TCP]
     assert step.drops == {DropReason.NO_SESSION: 1} and step.to_services == []
     assert (str(rst.flags), rst.seq) == ("R", 987654)
+
+
+def test_a_service_segment_to_another_shards_pool_address_is_not_reset() -> None:
+    """[gateway] shards = 4 over 2 workers: worker 0 owns shards 0 and 2 (100.64.0.0/18 and
+    100.64.128.0/18). A service's segment for no session to an address of its own is reset
+    (no_session); one to shard 1's address is another worker's (its route moving there at a
+    take-over): dropped as other_shard, never reset."""
+    settings = make_settings(workers=2, shards=4, pool="100.64.0.0/16")
+    datapath = Datapath(settings, shard_pools(settings.pool, 4, 2, 0), workers=2)
+    for dst, reason, answered in (("100.64.128.9", DropReason.NO_SESSION, 1),
+                                  ("100.64.64.9", DropReason.OTHER_SHARD, 0)):
+        segment = raw(IP(src="127.0.0.1", dst=dst) / TCP(sport=8080, dport=40000, flags="A"))
+        out = datapath.from_services([segment], 1.0)
+        assert datapath.counters.drops[reason] == 1 and len(out.to_services) == answered
 
 
 def test_rfc9293_rst_without_session_not_answered() -> None:

@@ -118,6 +118,25 @@ def test_a_handover_moves_to_another_worker_count_by_shard(tmp_path: Path) -> No
     assert (seed, shards) == (None, []) and "another shards" in message, message
 
 
+def test_nat64_bindings_move_to_another_worker_count_by_their_pool4_port(
+        tmp_path: Path) -> None:
+    """A NAT64 binding's shard is the slice of pool4 its port is in (60 ports in 6 shards of
+    10 here): 61005 is shard 0, 61015 shard 1, 61059 shard 5; with 3 workers, shard s is
+    worker s % 3's."""
+    pool4 = (("203.0.113.5", "udp", 61000, 61059),)
+    settings = dataclasses.asdict(make_settings(workers=2, shards=6, nat64_pool4=pool4))
+    def binding(port: int) -> list[object]:
+        return [17, "20010db8" + "0" * 20 + f"{port:04x}", 40000, "0064ff9b" + "0" * 16
+                + "c6336407", 53, "cb007105", port, "c6336407", 53, "nat64", "udp", 300.0,
+                True, ""]
+    copy = ShardCopy(2, 10)
+    copy.apply(encode(0, [binding(61005), binding(61059)], []))
+    copy.apply(encode(1, [binding(61015)], []))
+    write_handover(str(tmp_path), copy, settings, 1000.0)
+    _, shards, _ = take_handover(str(tmp_path), {**settings, "workers": 3}, 1010.0)
+    assert [[record[6] for record in shard] for shard in shards] == [[61005], [61015], [61059]]
+
+
 def test_an_unreadable_handover_is_not_taken(tmp_path: Path) -> None:
     handover_path(str(tmp_path)).write_text("{not json")
     settings = dataclasses.asdict(make_settings())

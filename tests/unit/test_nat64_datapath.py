@@ -17,6 +17,7 @@ from sixgate.workers.engine.datapath import Datapath, Output
 from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.flows import Timeouts
 from sixgate.workers.engine.settings import Settings, worker_pool4
+from sixgate.workers.engine.wire import nat64_shard
 
 PREFIX = "64:ff9b::/96"
 NSP = "2001:db8:64::/96"  # a network-specific prefix: may stand for any IPv4 (RFC 6052 §3.1)
@@ -103,6 +104,20 @@ def test_rfc6146_3_5_1_1_port_keeps_parity_and_mapping_is_endpoint_independent()
     assert len(dp.flows) == 3
     assert dp.flows.ports is not None
     assert [row[3] for row in dp.flows.ports.usage()] == [0, 0, 2]  # icmp, tcp, udp ports
+
+
+def test_with_shards_a_binding_takes_a_port_of_its_clients_shard() -> None:
+    """[gateway] shards = 6 over 2 workers: worker 1 owns shards 1, 3, 5, each with its sixth
+    of every pool4 range; a client's binding takes a port of the slice of its shard (the
+    steering hash of its /64, nat64_shard), or of shard 1 where that shard is worker 0's."""
+    dp = Datapath(settings(workers=2, shards=6, hash_seed=0x5167), [], workers=2, index=1)
+    per = (65535 - 61001 + 1) // 6
+    for n in range(1, 40):
+        client = f"2001:db8:100:{n:x}::1"
+        port = one_v4(dp.from_ipv6([udp6(src=client, sport=40000)], 1.0))[UDP].sport
+        shard = nat64_shard(ipaddress.IPv6Address(client).packed, 0x5167, 6)
+        expected = shard if shard % 2 == 1 else 1
+        assert 61001 + expected * per <= port < 61001 + (expected + 1) * per, (client, port)
 
 
 def test_rfc6146_endpoint_independent_filtering_lets_a_new_peer_in() -> None:

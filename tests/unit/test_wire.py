@@ -32,6 +32,8 @@ from sixgate.workers.engine.wire import (
     fanout_filter,
     fanout_index,
     inner_shard,
+    jhash,
+    nat64_shard,
     pack_filter,
 )
 
@@ -235,6 +237,22 @@ def test_fanout_filter_with_shards_accepts_exactly_fanout_index(
     if len(packet) >= FANOUT_MIN_LENGTH and packet[0] == 0x45:
         shard = inner_shard(packet[20:], seed, shards)
         assert shard % workers == fanout_index(packet, seed, workers, shards)
+
+
+def test_jhash_is_lookup3s_as_published() -> None:
+    """The NAT64's shard is nftables' jhash (Linux include/linux/jhash.h, Bob Jenkins'
+    lookup3 ``hashlittle``): its published values (lookup3.c driver5)."""
+    assert jhash(b"", 0) == 0xDEADBEEF
+    assert jhash(b"Four score and seven years ago", 0) == 0x17770551
+    assert jhash(b"Four score and seven years ago", 1) == 0xCD628161
+
+
+@given(st.binary(min_size=16, max_size=16), st.integers(0, 0xFFFFFFFF), st.integers(1, 64))
+def test_nat64_shard_reads_the_clients_slash64_only(client: bytes, seed: int,
+                                                    shards: int) -> None:
+    shard = nat64_shard(client, seed, shards)
+    assert 0 <= shard < shards
+    assert nat64_shard(client[:8] + bytes(8), seed, shards) == shard
 
 
 @given(st.binary(min_size=60, max_size=60), st.binary(max_size=1400), st.integers(2, 8))

@@ -44,7 +44,14 @@ from sixgate.workers.engine.fastpath import (
     inbound_template,
     return_template,
 )
-from sixgate.workers.engine.flows import ESTABLISHED, NAT64_RULE, FlowTable, PortPool, Session
+from sixgate.workers.engine.flows import (
+    ESTABLISHED,
+    NAT64_RULE,
+    FlowTable,
+    PortPool,
+    Session,
+    ShardedPortPool,
+)
 from sixgate.workers.engine.fragment import OuterReassembler, Reassembler, fragment_ipv6
 from sixgate.workers.engine.icmp import (
     ICMP_DEST_UNREACHABLE,
@@ -104,6 +111,7 @@ from sixgate.workers.engine.settings import (
     pool_shard,
     source_allowed,
     worker_pool4,
+    worker_shards,
 )
 from sixgate.workers.engine.translate import (
     DF_THRESHOLD,
@@ -123,7 +131,7 @@ from sixgate.workers.engine.tunnel import (
     TunnelTable,
     check_inbound,
 )
-from sixgate.workers.engine.wire import inner_shard
+from sixgate.workers.engine.wire import inner_shard, nat64_shard
 
 # Counter keys of the fast path, by protocol (the same keys Counters.count builds; a NAT64
 # echo counts as "icmp" on both sides).
@@ -229,6 +237,7 @@ class Datapath:
         # [gateway] shards above the workers: a new client's pool address comes from its
         # fan-out shard's slice (settings.shard_pools; workers/engine/wire.py inner_shard).
         self._shards = settings.shard_count if isinstance(pool, dict) and len(pool) > 1 else 0
+        sharded = settings.shard_count != workers
         self.mtu = settings.engine_mtu
         self.max_mss = settings.max_mss
         self.mode = settings.mode
@@ -253,8 +262,14 @@ class Datapath:
         self._entry_tun = False  # the packets being handled came from the TUN devices
         if settings.nat64_prefix:
             self.nat64 = Nat64Prefix.parse(settings.nat64_prefix)
-            ports = PortPool(worker_pool4(settings.nat64_pool4, workers, index),
-                             settings.nat64_port_hold_s)
+            # [gateway] shards: each shard's slice of pool4, a client's ports from its own.
+            ports = (ShardedPortPool({shard: worker_pool4(settings.nat64_pool4,
+                                                          settings.shard_count, shard)
+                                      for shard in worker_shards(settings.shard_count,
+                                                                 workers, index)},
+                                     settings.nat64_port_hold_s) if sharded
+                     else PortPool(worker_pool4(settings.nat64_pool4, workers, index),
+                                   settings.nat64_port_hold_s))
             self._set_nat64_policy(settings)
         self.flows = FlowTable.for_shard(
             pool, workers, settings.max_flows, settings.max_flows_per_prefix, settings.timeouts,
@@ -262,7 +277,8 @@ class Datapath:
             max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source, ports=ports,
             port_quota=settings.nat64_ports_per_client if ports is not None else None,
             quota_prefix_bytes=settings.nat64_client_prefix // 8,
-            shard_of=self._pool_shard if self._shards else None)
+            shard_of=self._pool_shard if self._shards else None,
+            client_shard=self._client_shard if sharded and ports is not None else None)
         self.reassembler = Reassembler(settings.fragment_datagrams, settings.fragment_bytes)
         # NAT64: IPv4 fragments from the internet (RFC 791 §3.2), within the same bounds.
         self.reassembler4 = (OuterReassembler(settings.fragment_datagrams,
@@ -333,6 +349,9 @@ class Datapath:
 
     def _pool_shard(self, address: bytes) -> int:
         return pool_shard(self.settings.pool, self._shards, address)
+
+    def _client_shard(self, client6: bytes) -> int:
+        return nat64_shard(client6, self.settings.hash_seed, self.settings.shard_count)
 
     def _set_rate_limits(self, settings: Settings) -> None:
         """RFC 4443 §2.4(f): errors and RSTs, and echo replies (reflection: one source must not
@@ -1253,6 +1272,10 @@ class Datapath:
             session = self.flows.lookup_v4(proto, dst, dport, src, sport)
             if session is None:
                 if self.nat64 is None or dst not in self.pool4_addresses:
+                    if not self.flows.owns_pool_address(dst):
+                        # Another worker's (its route is moving there): not ours to reset.
+                        self._drop(DropReason.OTHER_SHARD)
+                        return
                     self._drop(DropReason.NO_SESSION)
                     if proto == PROTO_TCP:
                         # A service's segment of a connection whose session is gone (ended

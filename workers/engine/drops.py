@@ -83,6 +83,8 @@ class DropReason(enum.Enum):
     """The kernel refused a send (ENOBUFS, no route); never retried (RFC 1812 §5.3.6)."""
     QUEUE_FULL = "queue_full"
     """A bounded worker queue was full: overload is dropped, never buffered (RFC 6888 REQ-5)."""
+    OTHER_SHARD = "other_shard"
+    """A service's packet to another worker's shard (its route moving there); never reset."""
     CAPTURE_OVERFLOW = "capture_overflow"
     """The kernel dropped tunnel packets: the capture socket's buffer was full (packet(7))."""
     INTERNAL_ERROR = "internal_error"

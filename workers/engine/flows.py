@@ -232,8 +232,10 @@ class PortPool:
                 self.in_use.setdefault((proto, address), 0)
         self._held: deque[tuple[float, int, bytes, int]] = deque()
 
-    def allocate(self, proto: int, cport: int, prefer: bytes | None) -> tuple[bytes, int] | None:
-        """A free (address, port) for a client port ``cport``, or None: none left."""
+    def allocate(self, proto: int, cport: int, prefer: bytes | None, shard: int = -1
+                 ) -> tuple[bytes, int] | None:
+        """A free (address, port) for a client port ``cport``, or None: none left (``shard``:
+        ShardedPortPool's)."""
         by_address = self._free.get(proto)
         if not by_address:
             return None
@@ -288,6 +290,76 @@ class PortPool:
                 for (proto, address), size in sorted(self.size.items())]
 
 
+class ShardedPortPool:
+    """A worker's pool4 of several fan-out shards ([gateway] shards): a PortPool per shard,
+    each of the shard's own slice of every pool4 range (settings.worker_pool4 cut by shards);
+    a new binding takes a port of its client's shard, so the shard can move to another
+    worker with its bindings. The PortPool interface, by delegation."""
+
+    def __init__(self, by_shard: dict[int, dict[int, list[tuple[bytes, int, int]]]],
+                 hold_s: float) -> None:
+        self.pools = {shard: PortPool(ranges, hold_s) for shard, ranges in by_shard.items()}
+        self._home = next(iter(self.pools))  # for a client of a shard not ours
+        # (protocol, address) -> (first, last, shard) of each slice, to find a port's shard.
+        self._slices: dict[tuple[int, bytes], list[tuple[int, int, int]]] = {}
+        for shard, ranges in by_shard.items():
+            for proto, rows in ranges.items():
+                for address, first, last in rows:
+                    self._slices.setdefault((proto, address), []).append((first, last, shard))
+
+    @property
+    def hold_s(self) -> float:
+        return self.pools[self._home].hold_s
+
+    @hold_s.setter
+    def hold_s(self, value: float) -> None:
+        for pool in self.pools.values():
+            pool.hold_s = value
+
+    def _pool_of(self, proto: int, address: bytes, port: int) -> PortPool | None:
+        for first, last, shard in self._slices.get((proto, address), ()):
+            if first <= port <= last:
+                return self.pools[shard]
+        return None
+
+    def allocate(self, proto: int, cport: int, prefer: bytes | None, shard: int = -1
+                 ) -> tuple[bytes, int] | None:
+        return self.pools.get(shard, self.pools[self._home]).allocate(proto, cport, prefer)
+
+    def claim(self, wanted: set[tuple[int, bytes, int]]) -> set[tuple[int, bytes, int]]:
+        by_pool: dict[int, set[tuple[int, bytes, int]]] = {}
+        for key in wanted:
+            pool = self._pool_of(*key)
+            if pool is not None:
+                by_pool.setdefault(id(pool), set()).add(key)
+        taken: set[tuple[int, bytes, int]] = set()
+        for pool in self.pools.values():
+            taken |= pool.claim(by_pool.get(id(pool), set()))
+        return taken
+
+    def release(self, proto: int, address: bytes, port: int, now: float) -> None:
+        pool = self._pool_of(proto, address, port)
+        if pool is not None:
+            pool.release(proto, address, port, now)
+
+    def expire(self, now: float) -> None:
+        for pool in self.pools.values():
+            pool.expire(now)
+
+    def held(self) -> int:
+        return sum(pool.held() for pool in self.pools.values())
+
+    def usage(self) -> list[tuple[int, bytes, int, int]]:
+        totals: dict[tuple[int, bytes], list[int]] = {}
+        for pool in self.pools.values():
+            for proto, address, size, used in pool.usage():
+                row = totals.setdefault((proto, address), [0, 0])
+                row[0] += size
+                row[1] += used
+        return [(proto, address, size, used)
+                for (proto, address), (size, used) in sorted(totals.items())]
+
+
 def _port_class(port: int) -> int:
     """Queue index of a port: bit 1 its range (RFC 6146 §3.5.1.1), bit 0 its parity."""
     return (2 if port < WELL_KNOWN_PORTS else 0) | (port & 1)
@@ -325,9 +397,10 @@ class FlowTable:
                  max_flows_per_prefix: int, timeouts: Timeouts, *,
                  max_flows_per_48: int | None = None,
                  max_flows_per_ipv4_source: int | None = None,
-                 ports: PortPool | None = None, port_quota: int | None = None,
-                 quota_prefix_bytes: int = 8,
-                 shard_of: Callable[[bytes], int] | None = None) -> None:
+                 ports: PortPool | ShardedPortPool | None = None,
+                 port_quota: int | None = None, quota_prefix_bytes: int = 8,
+                 shard_of: Callable[[bytes], int] | None = None,
+                 client_shard: Callable[[bytes], int] | None = None) -> None:
         self.max_flows = max_flows
         self.max_flows_per_prefix = max_flows_per_prefix
         self.max_flows_per_48 = max_flows_per_48
@@ -355,6 +428,8 @@ class FlowTable:
         # NAT64 (``ports`` set): bindings by each side, and pool4 ports per client (RFC 6888
         # REQ-4 quota, per /64 or /128: ``quota_prefix_bytes`` 8 or 16).
         self.ports = ports
+        # ShardedPortPool: a NAT64 client's shard (the steering hash of its /64).
+        self._client_shard = client_shard
         self.port_quota = port_quota
         self.quota_prefix_bytes = quota_prefix_bytes
         self._bib_v6: dict[tuple[int, bytes, int], Bib] = {}
@@ -397,13 +472,15 @@ class FlowTable:
                   max_flows: int, max_flows_per_prefix: int, timeouts: Timeouts, *,
                   max_flows_per_48: int | None = None,
                   max_flows_per_ipv4_source: int | None = None,
-                  ports: PortPool | None = None, port_quota: int | None = None,
-                  quota_prefix_bytes: int = 8,
-                  shard_of: Callable[[bytes], int] | None = None) -> FlowTable:
+                  ports: PortPool | ShardedPortPool | None = None,
+                  port_quota: int | None = None, quota_prefix_bytes: int = 8,
+                  shard_of: Callable[[bytes], int] | None = None,
+                  client_shard: Callable[[bytes], int] | None = None) -> FlowTable:
         """One worker's table with its share of the gateway-wide limits
         (``set_shard_limits``)."""
         table = cls(pool, 1, max_flows_per_prefix, timeouts, ports=ports, port_quota=port_quota,
-                    quota_prefix_bytes=quota_prefix_bytes, shard_of=shard_of)
+                    quota_prefix_bytes=quota_prefix_bytes, shard_of=shard_of,
+                    client_shard=client_shard)
         table.set_shard_limits(workers, max_flows, max_flows_per_prefix, timeouts,
                                max_flows_per_48=max_flows_per_48,
                                max_flows_per_ipv4_source=max_flows_per_ipv4_source)
@@ -463,6 +540,10 @@ class FlowTable:
 
     def owns_shard(self, shard: int) -> bool:
         return shard in self._pools
+
+    def owns_pool_address(self, address: bytes) -> bool:
+        """Whether ``address`` is of one of this worker's shards (always, with one shard)."""
+        return self._shard_of is None or self._shard_of(address) in self._pools
 
     def create(self, proto: int, client6: bytes, cport: int, gw6: bytes, gwport: int,
                target4: bytes, tport: int, rule: str, now: float,
@@ -532,7 +613,9 @@ class FlowTable:
                     and self._ports_per_client.get(owner, 0) >= self.port_quota):
                 return DropReason.PORT_QUOTA
             got = self.ports.allocate(proto, cport,
-                                      binding.pool4 if binding is not None else None)
+                                      binding.pool4 if binding is not None else None,
+                                      self._client_shard(client6)
+                                      if self._client_shard is not None else -1)
             if got is None:
                 return DropReason.POOL_EXHAUSTED
             bib = Bib(proto, client6, cport, got[0], got[1])

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import zlib
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from sixgate.workers.engine.flows import Timeouts
 from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, SixrdDomain
@@ -372,6 +373,19 @@ def worker_pool4(rows: tuple[tuple[str, str, int, int], ...], workers: int,
         hi = last if index == workers - 1 else lo + per - 1
         out.setdefault(PROTOCOL_NUMBERS[proto], []).append(
             (ipaddress.IPv4Address(address).packed, lo, hi))
+    return out
+
+
+def pool4_slices(rows: tuple[tuple[str, str, int, int], ...] | list[list[Any]],
+                 shards: int) -> dict[tuple[int, bytes], list[tuple[int, int, int]]]:
+    """Each pool4 (protocol, address)'s slices by shard: (first port, last port, shard)
+    (``worker_pool4`` cut by shards), to name a binding's shard by its port."""
+    table = tuple((str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows)
+    out: dict[tuple[int, bytes], list[tuple[int, int, int]]] = {}
+    for shard in range(shards):
+        for proto, ranges in worker_pool4(table, shards, shard).items():
+            for address, first, last in ranges:
+                out.setdefault((proto, address), []).append((first, last, shard))
     return out
 
 

@@ -117,6 +117,63 @@ def inner_shard(ipv6: bytes | memoryview, seed: int, shards: int) -> int:
     return _fanout_hash(_INNER_STRUCT.unpack_from(ipv6), seed) % shards
 
 
+# --- the NAT64's shard: nftables' jhash (net/netfilter/nft_hash.c) -----------------------------
+#
+# A NAT64's IPv6 packets reach their worker by a mark the gateway's nftables chain sets from
+# ``jhash`` of the client's /64 (coordinator/forwarding.py nat64_steering): Linux's jhash
+# (include/linux/jhash.h, Bob Jenkins' lookup3 over bytes, words read little-endian), then
+# reciprocal_scale to the modulus. The engine computes the same to give a new binding a pool4
+# port of its client's shard.
+
+JHASH_INITVAL = 0xDEADBEEF
+_MASK32 = 0xFFFFFFFF
+
+
+def _rol32(value: int, shift: int) -> int:
+    return ((value << shift) | (value >> (32 - shift))) & _MASK32
+
+
+def jhash(key: bytes, initval: int) -> int:
+    """Linux's jhash(key, len(key), initval)."""
+    length = len(key)
+    a = b = c = (JHASH_INITVAL + length + initval) & _MASK32
+    k = key
+    while length > 12:
+        a = (a + int.from_bytes(k[0:4], "little")) & _MASK32
+        b = (b + int.from_bytes(k[4:8], "little")) & _MASK32
+        c = (c + int.from_bytes(k[8:12], "little")) & _MASK32
+        # __jhash_mix
+        a = (a - c) & _MASK32; a ^= _rol32(c, 4); c = (c + b) & _MASK32  # noqa: E702
+        b = (b - a) & _MASK32; b ^= _rol32(a, 6); a = (a + c) & _MASK32  # noqa: E702
+        c = (c - b) & _MASK32; c ^= _rol32(b, 8); b = (b + a) & _MASK32  # noqa: E702
+        a = (a - c) & _MASK32; a ^= _rol32(c, 16); c = (c + b) & _MASK32  # noqa: E702
+        b = (b - a) & _MASK32; b ^= _rol32(a, 19); a = (a + c) & _MASK32  # noqa: E702
+        c = (c - b) & _MASK32; c ^= _rol32(b, 4); b = (b + a) & _MASK32  # noqa: E702
+        length -= 12
+        k = k[12:]
+    if length == 0:
+        return c
+    tail = k[:length] + bytes(12 - length)
+    a = (a + int.from_bytes(tail[0:4], "little")) & _MASK32
+    b = (b + int.from_bytes(tail[4:8], "little")) & _MASK32
+    c = (c + int.from_bytes(tail[8:12], "little")) & _MASK32
+    # __jhash_final
+    c ^= b; c = (c - _rol32(b, 14)) & _MASK32  # noqa: E702
+    a ^= c; a = (a - _rol32(c, 11)) & _MASK32  # noqa: E702
+    b ^= a; b = (b - _rol32(a, 25)) & _MASK32  # noqa: E702
+    c ^= b; c = (c - _rol32(b, 16)) & _MASK32  # noqa: E702
+    a ^= c; a = (a - _rol32(c, 4)) & _MASK32  # noqa: E702
+    b ^= a; b = (b - _rol32(a, 14)) & _MASK32  # noqa: E702
+    c ^= b; c = (c - _rol32(b, 24)) & _MASK32  # noqa: E702
+    return c
+
+
+def nat64_shard(client6: bytes, seed: int, shards: int) -> int:
+    """The shard nftables' ``jhash @nh,64,64 mod shards seed seed`` gives a packet from
+    ``client6`` (its /64): reciprocal_scale(jhash(...), shards)."""
+    return (jhash(client6[:8], seed & _MASK32) * shards) >> 32
+
+
 def fanout_filter(index: int, workers: int, seed: int, shards: int = 0
                   ) -> list[tuple[int, int, int, int]]:
     """The classic BPF program (code, jt, jf, k) that accepts what ``fanout_index`` gives
