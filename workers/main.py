@@ -333,12 +333,17 @@ class Worker:
             nat64_routes += sorted({ipaddress.IPv4Network(row[0])
                                     for row in settings.nat64_pool4})
             main_routes += nat64_routes if self.index == 0 else []
-        # Every worker's device a previous run may have kept (up to 64 workers: config.py).
+        # Every worker's device a previous run may have kept (up to 64 workers: config.py),
+        # and the pool slices the other workers take from a kept device (a take-over to
+        # another worker count): left for them to move (no instant without a route).
         siblings = frozenset(device for i in range(64) if i != self.index
                              for device in worker_devices(settings, i))
+        theirs = frozenset() if self.nat64_alone else frozenset(
+            net for i in range(settings.workers) if i != self.index
+            for net in worker_routes(settings.pool, settings.workers, i, settings.shard_count))
         configure_tun(name, main_routes, nat64_routes, table,
                       sends_from_local=bool(local_pool4(settings.nat64_pool4)),
-                      adopted=name in adopted, siblings=siblings)
+                      adopted=name in adopted, siblings=siblings, theirs=theirs)
         if self.nat64 and settings.nat64_input == "tun":
             prefix: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
                 ipaddress.IPv6Network(settings.nat64_prefix)]

@@ -106,7 +106,9 @@ def local_pool4(pool4: tuple[tuple[str, str, int, int], ...]) -> list[str]:
 def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
                   nat64_routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
                   table: int | None = None, sends_from_local: bool = False,
-                  adopted: bool = False, siblings: frozenset[str] = frozenset()) -> None:
+                  adopted: bool = False, siblings: frozenset[str] = frozenset(),
+                  theirs: frozenset[ipaddress.IPv4Network | ipaddress.IPv6Network] = frozenset()
+                  ) -> None:
     """Bring the device up with a 64 KiB MTU and route this worker's pool slice to it; for a
     NAT64 also pool4 (and its IPv6 prefix when its clients are on this host's side: the
     device then carries both families) in routing table ``table``, which the gateway's
@@ -115,7 +117,9 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6
     by a take-over's previous run (its routes are corrected, not added again). ``siblings``:
     the devices of this gateway's other workers, whose routes this one may take over (a
     take-over to another worker count moves pool slices between devices kept by the previous
-    run)."""
+    run); ``theirs``: main-table routes the other workers take, which an adopted device
+    leaves for them to move (deleting one first would leave the slice without a route, its
+    packets to the host's other routes, for that instant)."""
     # RFC 1122 §3.2.1.3 makes 127/8 martian on any other device; the services listen there.
     set_sysctl(name, "route_localnet", "1")
     if sends_from_local:
@@ -136,6 +140,8 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6
         # longer wanted go, the rest stay (no instant without them).
         present = _routes_of(index, {t for _, t in wanted}) if adopted else set()
         for net, in_table in sorted(present - wanted, key=str):
+            if in_table == MAIN_TABLE and net in theirs:
+                continue  # a sibling replaces it
             try:
                 ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
                           oif=index, family=_family(net), table=in_table)

@@ -838,6 +838,34 @@ def dig(lab: Lab, name: str, rtype: str, *options: str) -> subprocess.CompletedP
                      "+time=3", *options, name, rtype], timeout=20)
 
 
+# A DNS query for DNS_SMALL_NAME A (id 0x1234), as bytes on the wire (RFC 1035 §4.1).
+SMALL_QUERY = bytes.fromhex("12340100000100000000000005736d616c6c036c61620000010001")
+
+
+def fixed_port_queries(lab: Lab, sources: Sequence[str], server: str, port: int) -> int:
+    """One DNS query for DNS_SMALL_NAME from each source address, each from UDP ``port`` (a
+    client keeps its binding from one call to the next), in one process in the peer
+    namespace; how many were answered."""
+    done = lab.peer([sys.executable, "-c", (
+        "import socket, sys\n"
+        f"query = bytes.fromhex({SMALL_QUERY.hex()!r})\n"
+        "answered = 0\n"
+        f"for source in {list(sources)!r}:\n"
+        "    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:\n"
+        "        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"        s.bind((source, {port}))\n"
+        "        s.settimeout(3)\n"
+        f"        s.sendto(query, ({server!r}, 53))\n"
+        "        try:\n"
+        "            answered += s.recv(2048)[:2] == query[:2]\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "print(answered)\n")], timeout=120)
+    if done.returncode != 0:
+        raise LabError(f"the DNS queries failed: {done.stderr}")
+    return int(done.stdout)
+
+
 def dig_txt_strings(output: str) -> list[str]:
     """The character-strings of the TXT records in dig's answer section."""
     strings: list[str] = []

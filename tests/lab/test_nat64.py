@@ -486,25 +486,9 @@ NAT64_SHARDS = 6
 FIXED_PORT = 45353
 
 
-def fixed_port_queries(lab: Nat64Lab) -> int:
-    """A DNS query through the prefix from each of MANY_CLIENTS6, each from port FIXED_PORT
-    (so a client keeps its binding from one query to the next); how many were answered."""
-    return int(python_in(lab, lab.peer_ns, (
-        "import socket\n"
-        "query = bytes.fromhex('1234010000010000000000000573'\n"
-        "                      '6d616c6c036c61620000010001')\n"
-        "answered = 0\n"
-        f"for source in {list(MANY_CLIENTS6)!r}:\n"
-        "    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:\n"
-        "        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-        f"        s.bind((source, {FIXED_PORT}))\n"
-        "        s.settimeout(3)\n"
-        f"        s.sendto(query, ('{synthesized(DNS4)}', 53))\n"
-        "        try:\n"
-        "            answered += s.recv(2048)[:2] == query[:2]\n"
-        "        except OSError:\n"
-        "            pass\n"
-        "print(answered)\n")))
+def queries(lab: Nat64Lab) -> int:
+    """A DNS query through the prefix from each of MANY_CLIENTS6, from port FIXED_PORT."""
+    return netlab.fixed_port_queries(lab, MANY_CLIENTS6, synthesized(DNS4), FIXED_PORT)
 
 
 def udp_bindings(lab: Nat64Lab) -> dict[str, tuple[str, int]]:
@@ -526,7 +510,7 @@ def test_a_take_over_to_another_worker_count_keeps_the_nat64_bindings_by_shard(
     served by the worker its port's shard names (shard s in worker s mod N)."""
     with Nat64Lab(2, served_files, with_clients_kit=False,
                   gateway_toml=f"shards = {NAT64_SHARDS}\n") as lab:
-        assert fixed_port_queries(lab) == len(MANY_CLIENTS6)
+        assert queries(lab) == len(MANY_CLIENTS6)
         first = udp_bindings(lab)
         assert len(first) == len(MANY_CLIENTS6), first
         big = served_files.big
@@ -558,7 +542,7 @@ def test_a_take_over_to_another_worker_count_keeps_the_nat64_bindings_by_shard(
                     shard = min((port - 61001) // ((65535 - 61001 + 1) // NAT64_SHARDS),
                                 NAT64_SHARDS - 1)
                     assert shard % workers == worker, (pool, worker, now)
-                assert fixed_port_queries(lab) == len(MANY_CLIENTS6)
+                assert queries(lab) == len(MANY_CLIENTS6)
                 assert udp_bindings(lab) == now  # the same bindings served them
             stdout, stderr = curl.communicate(timeout=90)
         finally:
