@@ -136,18 +136,10 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6
         ipr.link("set", index=index, mtu=TUN_MTU, txqlen=TUN_TXQUEUE, state="up")
         wanted = {(net, MAIN_TABLE) for net in routes} | {
             (net, table if table is not None else MAIN_TABLE) for net in nat64_routes or []}
-        # A device kept from a take-over's previous run has its routes already: those no
-        # longer wanted go, the rest stay (no instant without them).
+        # A device kept from a take-over's previous run has its routes already: the missing
+        # ones are added first, then those no longer wanted go (a slice that changes its
+        # prefixes is never without a route).
         present = _routes_of(index, {t for _, t in wanted}) if adopted else set()
-        for net, in_table in sorted(present - wanted, key=str):
-            if in_table == MAIN_TABLE and net in theirs:
-                continue  # a sibling replaces it
-            try:
-                ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
-                          oif=index, family=_family(net), table=in_table)
-            except NetlinkError as exc:
-                if exc.code != errno.ESRCH:  # taken by a sibling meanwhile (below)
-                    raise
         for net, in_table in sorted(wanted - present, key=str):
             # "add", never "replace": a route of the host's own is never taken over (the
             # coordinator refused such a pool already; this is the last line). Only one on
@@ -155,6 +147,15 @@ def configure_tun(name: str, routes: list[ipaddress.IPv4Network | ipaddress.IPv6
             route = {"dst": str(net.network_address), "dst_len": net.prefixlen, "oif": index,
                      "family": _family(net), "table": in_table}
             _add_route(ipr, route, net, in_table, siblings)
+        for net, in_table in sorted(present - wanted, key=str):
+            if in_table == MAIN_TABLE and net in theirs:
+                continue  # a sibling replaces it
+            try:
+                ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
+                          oif=index, family=_family(net), table=in_table)
+            except NetlinkError as exc:
+                if exc.code != errno.ESRCH:  # taken by a sibling meanwhile
+                    raise
 
 
 def _add_route(ipr: IPRoute, route: dict[str, object],

@@ -140,15 +140,20 @@ def test_rfc9293_segment_without_session_reset_from_its_ack() -> None:
     assert (str(rst.flags), rst.seq) == ("R", 987654)
 
 
-def test_a_service_segment_to_another_shards_pool_address_is_not_reset() -> None:
-    """[gateway] shards = 4 over 2 workers: worker 0 owns shards 0 and 2 (100.64.0.0/18 and
-    100.64.128.0/18). A service's segment for no session to an address of its own is reset
-    (no_session); one to shard 1's address is another worker's (its route moving there at a
-    take-over): dropped as other_shard, never reset."""
-    settings = make_settings(workers=2, shards=4, pool="100.64.0.0/16")
-    datapath = Datapath(settings, shard_pools(settings.pool, 4, 2, 0), workers=2)
-    for dst, reason, answered in (("100.64.128.9", DropReason.NO_SESSION, 1),
-                                  ("100.64.64.9", DropReason.OTHER_SHARD, 0)):
+@pytest.mark.parametrize(("shards", "index", "ours", "theirs"), [
+    (4, 0, "100.64.128.9", "100.64.64.9"),  # worker 0 of 2 owns shards 0 and 2
+    (3, 1, "100.64.100.9", "100.64.0.9"),  # worker 1 of 2 owns shard 1 alone
+])
+def test_a_service_segment_to_another_shards_pool_address_is_not_reset(
+        shards: int, index: int, ours: str, theirs: str) -> None:
+    """[gateway] shards over 2 workers: a service's segment for no session to an address of
+    the worker's own shards is reset (no_session); one to another worker's shard (its route
+    moving there at a take-over) is dropped as other_shard, never reset."""
+    settings = make_settings(workers=2, shards=shards, pool="100.64.0.0/16")
+    datapath = Datapath(settings, shard_pools(settings.pool, shards, 2, index), workers=2,
+                        index=index)
+    for dst, reason, answered in ((ours, DropReason.NO_SESSION, 1),
+                                  (theirs, DropReason.OTHER_SHARD, 0)):
         segment = raw(IP(src="127.0.0.1", dst=dst) / TCP(sport=8080, dport=40000, flags="A"))
         out = datapath.from_services([segment], 1.0)
         assert datapath.counters.drops[reason] == 1 and len(out.to_services) == answered

@@ -236,7 +236,7 @@ class Datapath:
         self.workers = workers
         # [gateway] shards above the workers: a new client's pool address comes from its
         # fan-out shard's slice (settings.shard_pools; workers/engine/wire.py inner_shard).
-        self._shards = settings.shard_count if isinstance(pool, dict) and len(pool) > 1 else 0
+        self._shards = settings.shard_count if isinstance(pool, dict) else 0
         sharded = settings.shard_count != workers
         self.mtu = settings.engine_mtu
         self.max_mss = settings.max_mss

@@ -414,7 +414,7 @@ class FlowTable:
                                                 for shard, addresses in pools.items()}
         self._home = next(iter(self._pools), 0)  # for a client of a shard not ours
         self._free = self._pools.get(self._home, deque())
-        self._shard_of = shard_of if shard_of is not None and len(self._pools) > 1 else None
+        self._shard_of = shard_of
         self.pool_size = sum(len(addresses) for addresses in pools.values())
         self._by_v6: dict[Key, Session] = {}
         self._by_v4: dict[Key, Session] = {}
