@@ -46,11 +46,10 @@ def restart_needed(running: Settings, new: Settings) -> list[str]:
 
 def take_over_keeps_sessions(running: Settings, new: Settings, blocked: list[str]) -> bool:
     """Whether a take-over with ``new`` resumes every session of ``running``: only the worker
-    count changes and the fan-out shards stay (workers/journal.py rebucket), or the kernel
-    backend (the retiring run keeps its connections whatever the new one has)."""
-    if running.backend == "kernel":
-        return True
-    return set(blocked) <= {"workers", "shards"} and running.shard_count == new.shard_count
+    count changes, and the fan-out shards stay (workers/journal.py rebucket) or the backend
+    is the kernel (the retiring run keeps its connections whatever the new one's count)."""
+    return set(blocked) <= {"workers", "shards"} and (
+        running.backend == "kernel" or running.shard_count == new.shard_count)
 
 
 def as_running(running: Settings, new: Settings) -> Settings:

@@ -32,10 +32,12 @@ from sixgate.workers.engine.flows import (
     Key,
     Record,
     journal_key,
+    pool4_slices,
+    port_shard,
     record_key,
     worker_share,
 )
-from sixgate.workers.engine.settings import pool4_slices, pool_shard
+from sixgate.workers.engine.settings import pool_shard, worker_pool4
 
 FLUSH_INTERVAL_S = 0.05
 HELD = "held"  # a shard entry that is a NAT64 port on hold, not a session record
@@ -205,13 +207,15 @@ def shard_count(settings: dict[str, Any]) -> int:
 
 def rebucket(by_worker: list[list[Any]], settings: dict[str, Any]) -> list[list[Any]]:
     """Every worker's records as this run's ``settings["workers"]`` workers own them: each
-    session with its shard (named by its pool address, settings.pool_shard), shard s in worker
+    session with its shard (named by its pool address or pool4 port), shard s in worker
     s % workers. The same lists when the count is the same."""
     workers = settings["workers"]
     if len(by_worker) == workers:
         return by_worker
-    shards, pool = shard_count(settings), settings["pool"]
-    slices = pool4_slices(settings["nat64_pool4"], shards)
+    shards = shard_count(settings)
+    shard_of = pool_shard(settings["pool"], shards)
+    rows = tuple((str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in settings["nat64_pool4"])
+    slices = pool4_slices({shard: worker_pool4(rows, shards, shard) for shard in range(shards)})
     out: list[list[Any]] = [[] for _ in range(workers)]
     for records in by_worker:
         for record in records:
@@ -219,9 +223,8 @@ def rebucket(by_worker: list[list[Any]], settings: dict[str, Any]) -> list[list[
                 address = bytes.fromhex(record[5])
                 # A NAT64 binding's shard is its pool4 port's slice, another session's its
                 # pool address's.
-                shard = (next((s for first, last, s in slices.get((record[0], address), ())
-                               if first <= record[6] <= last), None)
-                         if record[9] == NAT64_RULE else pool_shard(pool, shards, address))
+                shard = (port_shard(slices, record[0], address, record[6])
+                         if record[9] == NAT64_RULE else shard_of(address))
             except (TypeError, ValueError, IndexError):
                 continue  # not a session record: parse_record would refuse it too
             if shard is not None:

@@ -105,7 +105,7 @@ def test_shard_pools_slice_the_pool_by_shard_and_each_worker_routes_its_own(
         nets = worker_routes(pool, workers, index, shards)
         for shard, addresses in owned.items():
             assert shard % workers == index and addresses == worker_pool(pool, shards, shard)
-            assert all(pool_shard(pool, shards, a) == shard for a in addresses)
+            assert all(pool_shard(pool, shards)(a) == shard for a in addresses)
         covered = {int(a) for n in nets for a in n}
         assert covered == {v for shard in owned for v in range(
             worker_pool_range(pool, shards, shard)[0],

@@ -277,7 +277,7 @@ class Datapath:
             max_flows_per_ipv4_source=settings.max_flows_per_ipv4_source, ports=ports,
             port_quota=settings.nat64_ports_per_client if ports is not None else None,
             quota_prefix_bytes=settings.nat64_client_prefix // 8,
-            shard_of=self._pool_shard if self._shards else None,
+            shard_of=pool_shard(settings.pool, self._shards) if self._shards else None,
             client_shard=self._client_shard if sharded and ports is not None else None)
         self.reassembler = Reassembler(settings.fragment_datagrams, settings.fragment_bytes)
         # NAT64: IPv4 fragments from the internet (RFC 791 §3.2), within the same bounds.
@@ -346,9 +346,6 @@ class Datapath:
         self.flows.removed = []
 
     # --- helpers ------------------------------------------------------------------------------
-
-    def _pool_shard(self, address: bytes) -> int:
-        return pool_shard(self.settings.pool, self._shards, address)
 
     def _client_shard(self, client6: bytes) -> int:
         return nat64_shard(client6, self.settings.hash_seed, self.settings.shard_count)

@@ -290,6 +290,28 @@ class PortPool:
                 for (proto, address), size in sorted(self.size.items())]
 
 
+Pool4Slices = dict[tuple[int, bytes], list[tuple[int, int, int]]]
+
+
+def pool4_slices(by_shard: dict[int, dict[int, list[tuple[bytes, int, int]]]]) -> Pool4Slices:
+    """Each pool4 (protocol, address)'s slices: (first port, last port, shard), from the
+    shards' ``worker_pool4`` slices, to name a binding's shard by its port (``port_shard``)."""
+    out: Pool4Slices = {}
+    for shard, ranges in by_shard.items():
+        for proto, rows in ranges.items():
+            for address, first, last in rows:
+                out.setdefault((proto, address), []).append((first, last, shard))
+    return out
+
+
+def port_shard(slices: Pool4Slices, proto: int, address: bytes, port: int) -> int | None:
+    """The shard of a pool4 transport address (None: not in these slices)."""
+    for first, last, shard in slices.get((proto, address), ()):
+        if first <= port <= last:
+            return shard
+    return None
+
+
 class ShardedPortPool:
     """A worker's pool4 of several fan-out shards ([gateway] shards): a PortPool per shard,
     each of the shard's own slice of every pool4 range (settings.worker_pool4 cut by shards);
@@ -300,12 +322,7 @@ class ShardedPortPool:
                  hold_s: float) -> None:
         self.pools = {shard: PortPool(ranges, hold_s) for shard, ranges in by_shard.items()}
         self._home = next(iter(self.pools))  # for a client of a shard not ours
-        # (protocol, address) -> (first, last, shard) of each slice, to find a port's shard.
-        self._slices: dict[tuple[int, bytes], list[tuple[int, int, int]]] = {}
-        for shard, ranges in by_shard.items():
-            for proto, rows in ranges.items():
-                for address, first, last in rows:
-                    self._slices.setdefault((proto, address), []).append((first, last, shard))
+        self._slices = pool4_slices(by_shard)  # a port's shard (``port_shard``)
 
     @property
     def hold_s(self) -> float:
@@ -317,24 +334,22 @@ class ShardedPortPool:
             pool.hold_s = value
 
     def _pool_of(self, proto: int, address: bytes, port: int) -> PortPool | None:
-        for first, last, shard in self._slices.get((proto, address), ()):
-            if first <= port <= last:
-                return self.pools[shard]
-        return None
+        shard = port_shard(self._slices, proto, address, port)
+        return None if shard is None else self.pools[shard]
 
     def allocate(self, proto: int, cport: int, prefer: bytes | None, shard: int = -1
                  ) -> tuple[bytes, int] | None:
         return self.pools.get(shard, self.pools[self._home]).allocate(proto, cport, prefer)
 
     def claim(self, wanted: set[tuple[int, bytes, int]]) -> set[tuple[int, bytes, int]]:
-        by_pool: dict[int, set[tuple[int, bytes, int]]] = {}
+        by_shard: dict[int, set[tuple[int, bytes, int]]] = {}
         for key in wanted:
-            pool = self._pool_of(*key)
-            if pool is not None:
-                by_pool.setdefault(id(pool), set()).add(key)
+            shard = port_shard(self._slices, *key)
+            if shard is not None:
+                by_shard.setdefault(shard, set()).add(key)
         taken: set[tuple[int, bytes, int]] = set()
-        for pool in self.pools.values():
-            taken |= pool.claim(by_pool.get(id(pool), set()))
+        for shard, keys in by_shard.items():
+            taken |= self.pools[shard].claim(keys)
         return taken
 
     def release(self, proto: int, address: bytes, port: int, now: float) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from sixgate.workers.engine.flows import Timeouts
 from sixgate.workers.engine.tunnel import DEFAULT_MARTIAN_IPV4, SixrdDomain
@@ -341,11 +341,15 @@ def shard_pools(pool: str, shards: int, workers: int, index: int) -> dict[int, l
             for shard in worker_shards(shards, workers, index)}
 
 
-def pool_shard(pool: str, shards: int, address: bytes) -> int:
-    """The shard whose pool slice holds ``address`` (``worker_pool_range`` by shards)."""
+def pool_shard(pool: str, shards: int) -> Callable[[bytes], int]:
+    """The shard whose pool slice holds an address (``worker_pool_range`` by shards), as a
+    function: the prefix is parsed once, not per address."""
     net = ipaddress.IPv4Network(pool)
-    offset = int.from_bytes(address, "big") - int(net.network_address)
-    return max(0, min(offset // (net.num_addresses // shards), shards - 1))
+    base, per = int(net.network_address), net.num_addresses // shards
+
+    def shard_of(address: bytes) -> int:
+        return max(0, min((int.from_bytes(address, "big") - base) // per, shards - 1))
+    return shard_of
 
 
 def worker_routes(pool: str, workers: int, index: int, shards: int = 0
@@ -373,19 +377,6 @@ def worker_pool4(rows: tuple[tuple[str, str, int, int], ...], workers: int,
         hi = last if index == workers - 1 else lo + per - 1
         out.setdefault(PROTOCOL_NUMBERS[proto], []).append(
             (ipaddress.IPv4Address(address).packed, lo, hi))
-    return out
-
-
-def pool4_slices(rows: tuple[tuple[str, str, int, int], ...] | list[list[Any]],
-                 shards: int) -> dict[tuple[int, bytes], list[tuple[int, int, int]]]:
-    """Each pool4 (protocol, address)'s slices by shard: (first port, last port, shard)
-    (``worker_pool4`` cut by shards), to name a binding's shard by its port."""
-    table = tuple((str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows)
-    out: dict[tuple[int, bytes], list[tuple[int, int, int]]] = {}
-    for shard in range(shards):
-        for proto, ranges in worker_pool4(table, shards, shard).items():
-            for address, first, last in ranges:
-                out.setdefault((proto, address), []).append((first, last, shard))
     return out
 
 
