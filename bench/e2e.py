@@ -111,7 +111,9 @@ def measure_system(lab: labs.BenchTarget, plan: Plan, programs: dict[str, Path],
                                               max_trials=plan.search_trials, hint_pps=hint)
                 out["round_trip"][str(payload)] = trial_summary(overload, best)
     if flows:
-        with lab.service_sink(sink, reflect=False) as counters:
+        # The service answers each binding (assured: it lives 2 min, long enough for 1M to
+        # be set up); the answers go back through the gateway to the peer, which drops them.
+        with lab.service_sink(sink, reflect=True) as counters, lab.return_counter(sink):
             out["memory"] = measure.memory_per_binding(
                 bench, counters, plan.memory_sizes, rate=max(0.5 * (loss_free_64 or 0), 5000))
         out["syn_flood"] = measure.syn_flood(bench, plan.syn_flood_s, plan.search_trials)

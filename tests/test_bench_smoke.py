@@ -95,6 +95,23 @@ def test_trial_reads_rates_and_cpu(bench_lab) -> None:  # type: ignore[no-untype
     assert trial.cpu_cores is not None and trial.cpu_cores > 0
 
 
+def test_memory_per_binding_sets_up_every_binding(bench_lab) -> None:  # type: ignore[no-untyped-def]
+    """The memory figure's bindings are all there when RSS is read, offered faster than the
+    worker sets them up (passes are repeated at the pace it showed), and answered by the
+    service (assured, so they outlive their setup)."""
+    lab, programs = bench_lab
+    bench = measure.Bench(lab, programs, duration_s=1.0, log=lambda _line: None)
+    sink = programs["sink"]
+    answered_before = packets(lab, "outbound")
+    with lab.service_sink(sink, reflect=True) as counters, lab.return_counter(sink):
+        [row] = measure.memory_per_binding(bench, counters, (2048,), rate=1_000_000)
+        answered = packets(lab, "outbound") - answered_before
+    assert row["new_bindings"] >= 2048 * 0.99, row
+    assert row["pass_rates"][0] == 1_000_000 and len(row["pass_rates"]) <= measure.MEMORY_PASSES
+    assert row["workers_rss_bytes"] > 0 and row["marginal_bytes_per_binding"] is not None
+    assert answered >= 2048 * 0.99, answered  # each binding's datagram came back through
+
+
 def test_engine_benchmark_runs_every_path() -> None:
     """bench/engine.py (in-process, no namespace) prints its reference, both directions of
     the tunnel, both of the NAT64 and both of the CLAT, and the flow setup rows (each SYN a
