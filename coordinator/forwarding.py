@@ -422,12 +422,15 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool,
     lines = [f"table ip {table} {{",
              "  chain nat64_prerouting {",
              "    type filter hook prerouting priority raw; policy accept;",
-             *_untracked_pool4(settings, owned, ours),
-             # A conntrack expression in the table makes the kernel put IPv4 fragments
-             # together before this hook (nf_defrag_ipv4, priority -400): a non-first
-             # fragment has no port to steer by.
-             f"    ip daddr {{ {pool4} }} ct state untracked",
-             "  }"]
+             *_untracked_pool4(settings, owned, ours)]
+    if steered:
+        # A conntrack expression in the table makes the kernel put IPv4 fragments together
+        # before this hook (nf_defrag_ipv4, priority -400): a non-first fragment has no port
+        # to steer by. Unsteered, every fragment takes the one worker's route and the worker
+        # puts them together itself; without the expression no conntrack or defrag hook runs
+        # for this table (issue 16: about 1.5% of a packet).
+        lines.append(f"    ip daddr {{ {pool4} }} ct state untracked")
+    lines.append("  }")
     if steered:
         lines += ["  chain steer {",
                   "    type filter hook prerouting priority mangle; policy accept;",
@@ -462,11 +465,13 @@ def nat64_ruleset(settings: Settings, uplink: str, opened4: bool, opened6: bool,
                   *steer6,
                   "  }"]
     lines += ["  chain forward {",
-              "    type filter hook forward priority filter; policy accept;",
-              f"    ip6 daddr {settings.nat64_prefix} oifname != {ours} counter drop"]
+              "    type filter hook forward priority filter; policy accept;"]
+    if opened6:
+        # The clients' packets, nearly all of this chain's, first: one rule each.
+        lines.append(f"    oifname {ours} ip6 daddr {settings.nat64_prefix} accept")
+    lines.append(f"    ip6 daddr {settings.nat64_prefix} oifname != {ours} counter drop")
     if opened6:
         lines += [f"    iifname {ours} accept",
-                  f"    oifname {ours} ip6 daddr {settings.nat64_prefix} accept",
                   "    counter drop"]
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
