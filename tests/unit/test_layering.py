@@ -91,9 +91,10 @@ def test_nothing_in_workers_imports_coordinator() -> None:
 
 
 def test_the_engines_compiled_loops_include_nothing_that_does_io() -> None:
-    """workers/engine/_fastpath.c is the engine too: it may include Python's API and the C
-    headers of integers and memory copies, nothing that reaches a file, socket, clock or
-    process (the same rule as FORBIDDEN for the Python modules)."""
+    """workers/engine/_fastpath.c is the engine too: it may include Python's API (with its
+    member definitions: the Session's slots) and the C headers of integers and memory
+    copies, nothing that reaches a file, socket, clock or process (the same rule as
+    FORBIDDEN for the Python modules)."""
     source = (WORKERS / "engine" / "_fastpath.c").read_text()
     includes = set(re.findall(r"^#include\s+[<\"]([^>\"]+)[>\"]", source, re.M))
-    assert includes == {"Python.h", "stdint.h", "string.h"}, includes
+    assert includes == {"Python.h", "structmember.h", "stdint.h", "string.h"}, includes
