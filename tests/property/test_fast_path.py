@@ -22,7 +22,6 @@ from scapy.packet import Raw, raw
 from support import helpers
 
 from sixgate.workers.engine import datapath as datapath_module
-from sixgate.workers.engine import fastpath as fastpath_module
 from sixgate.workers.engine.datapath import Datapath, Output
 from sixgate.workers.engine.drops import DropReason
 from sixgate.workers.engine.fastpath import compiled
@@ -129,6 +128,22 @@ def reply_packet(request: bytes, flags: str, size: int, mutation: str) -> bytes:
     return bytes(data)
 
 
+def record_python_fast_path(patch: pytest.MonkeyPatch, calls: list[str], *,
+                            taken_only: bool) -> None:
+    """Record in ``calls`` each call the datapath makes of the Python fast path's functions
+    (``taken_only``: each that translated its packet)."""
+    for name in ("fast_v6_to_v4", "fast_v4_to_v6"):
+        real = getattr(datapath_module, name)
+
+        def counting(*args: object, _real: object = real, _name: str = name) -> object:
+            out = _real(*args)  # type: ignore[operator]
+            if out is not None or not taken_only:
+                calls.append(_name)
+            return out
+
+        patch.setattr(datapath_module, name, counting)
+
+
 def assert_written_as_scapy_would(packet: bytes) -> None:
     """scapy, recomputing the lengths and checksums of ``packet`` (IPv4 or IPv6) and of its
     transport header, writes the same bytes: the translation's are right."""
@@ -222,16 +237,7 @@ def test_fast_path_is_taken_for_plain_packets(flavour: str,
     them before the Python functions see them), and what they produce is valid (scapy
     recomputes every checksum and length and gets the same bytes)."""
     taken: list[str] = []
-    for name in ("fast_v6_to_v4", "fast_v4_to_v6"):
-        real = getattr(datapath_module, name)
-
-        def counting(*args: object, _real: object = real, _name: str = name) -> object:
-            out = _real(*args)  # type: ignore[operator]
-            if out is not None:
-                taken.append(_name)
-            return out
-
-        monkeypatch.setattr(datapath_module, name, counting)
+    record_python_fast_path(monkeypatch, taken, taken_only=True)
     fast, _full = engines(flavour)
     for proto, flags in (("udp", "A"), ("tcp", "S")):
         first = client_packet(CLIENTS[0], proto, 40000, 53 if proto == "udp" else 80, flags,
@@ -267,15 +273,8 @@ def test_the_compiled_loops_verify_any_payloads_checksum(
     Python path takes it), so what is asserted is who took it."""
     fast, _full = engines("compiled")
     calls: list[str] = []
-    for name in ("fast_v6_to_v4", "fast_v4_to_v6"):
-        real = getattr(datapath_module, name)
-
-        def counting(*args: object, _real: object = real, _name: str = name) -> object:
-            calls.append(_name)
-            return _real(*args)  # type: ignore[operator]
-
-        datapath_module.__dict__[name] = counting
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a fixture's would outlive the example
+        record_python_fast_path(patch, calls, taken_only=False)
         port = 53 if proto == "udp" else 80
         first = client_packet(CLIENTS[0], proto, 40000, port, "S", "none", 10, "none")
         request = fast.from_tunnel([encapsulate(first, CLIENT4, "plain")], 1.0).to_services[-1]
@@ -299,9 +298,6 @@ def test_the_compiled_loops_verify_any_payloads_checksum(
         calls.clear()
         out_in = fast.from_tunnel([encapsulate(bytes(inbound), CLIENT4, "plain")], 2.0)
         out_back = fast.from_services([bytes(back)], 2.0)
-    finally:
-        for name in ("fast_v6_to_v4", "fast_v4_to_v6"):
-            datapath_module.__dict__[name] = getattr(fastpath_module, name)
     # The service's answer is taken by the compiled loop and its checksum written from the
     # sum of its bytes (the way back verifies the IPv4 header only).
     assert len(out_back.to_tunnel) == 1

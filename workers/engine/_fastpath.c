@@ -134,9 +134,12 @@ static const Slots *slots_of(PyObject *session)
     return &slots;
 }
 
-static inline PyObject *slot_get(PyObject *object, Py_ssize_t offset)
+/* ``object``'s attribute ``name`` (a new reference): from its slot at ``offset`` when its
+ * type has one (-1: none) and the slot is set, else by name (which raises when unset). */
+static PyObject *slot_or_attr(PyObject *object, Py_ssize_t offset, PyObject *name)
 {
-    return *(PyObject **)((char *)object + offset);
+    PyObject *value = offset >= 0 ? *(PyObject **)((char *)object + offset) : NULL;
+    return value != NULL ? Py_NewRef(value) : PyObject_GetAttr(object, name);
 }
 
 /* A session that may still be translated by its template: alive, and for TCP established
@@ -144,24 +147,14 @@ static inline PyObject *slot_get(PyObject *object, Py_ssize_t offset)
 static int session_usable(PyObject *session, int proto, PyObject *established)
 {
     const Slots *at = slots_of(session);
-    if (at != NULL) {
-        PyObject *alive = slot_get(session, at->alive);
-        PyObject *state = slot_get(session, at->state);
-        if (alive != NULL && (proto != PROTO_TCP || state != NULL)) {
-            if (alive != Py_True || proto != PROTO_TCP)
-                return alive == Py_True;
-            return state == established ? 1
-                   : PyObject_RichCompareBool(state, established, Py_EQ);
-        }
-    }
-    PyObject *alive = PyObject_GetAttr(session, str_alive);
+    PyObject *alive = slot_or_attr(session, at != NULL ? at->alive : -1, str_alive);
     if (alive == NULL)
         return -1;
     int usable = alive == Py_True;
     Py_DECREF(alive);
     if (!usable || proto != PROTO_TCP)
         return usable;
-    PyObject *state = PyObject_GetAttr(session, str_state);
+    PyObject *state = slot_or_attr(session, at != NULL ? at->state : -1, str_state);
     if (state == NULL)
         return -1;
     usable = state == established ? 1 : PyObject_RichCompareBool(state, established, Py_EQ);
