@@ -3,11 +3,11 @@ worker crashes).
 
 A worker journals the sessions it makes, changes (TCP state, assurance) and removes
 (``FlowTable.take_journal``) and pushes them to the coordinator at most every
-``FLUSH_INTERVAL_S`` over ZeroMQ (``ipc://<run_dir>/journal``), one JSON message per flush,
-never pickle: a worker is the less trusted side. The coordinator keeps each worker's shard as
-``ShardCopy`` and, before it starts a worker again after a crash, writes that shard to
-``<run_dir>/worker-<i>.shard``; the new worker resumes it (``FlowTable.restore``, which checks
-every record) and deletes the file.
+``FLUSH_INTERVAL_S`` over ZeroMQ (``ipc://<run_dir>/journal``), one packed message per flush
+(``MESSAGE``), never pickle: a worker is the less trusted side. The coordinator keeps each
+worker's shard as ``ShardCopy`` and, before it starts a worker again after a crash, writes
+that shard to ``<run_dir>/worker-<i>.shard`` (JSON); the new worker resumes it
+(``FlowTable.restore``, which checks every record) and deletes the file.
 
 What a crash can lose: the sessions made or changed in the last flush interval before it (at
 most ``FLUSH_INTERVAL_S`` of new flows; their packets then meet no session, like after any
@@ -22,26 +22,29 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sixgate.workers.engine.flows import (
     NAT64_RULE,
+    PACKED_KEY,
     Key,
     Record,
-    journal_key,
+    pack_record,
+    packed_size,
     pool4_slices,
     port_shard,
-    record_key,
+    unpack_record,
     worker_share,
 )
 from sixgate.workers.engine.settings import pool_shard, worker_pool4
 
 FLUSH_INTERVAL_S = 0.05
 HELD = "held"  # a shard entry that is a NAT64 port on hold, not a session record
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 1  # of the handover (and of the JSON journal of runs before the packed one)
 # The coordinator's copy of a shard holds at most this many times the worker's flow limit:
 # a worker that misbehaves cannot grow the coordinator without bound.
 COPY_SLACK = 2
@@ -57,115 +60,173 @@ def shard_path(run_dir: str, index: int) -> Path:
     return Path(run_dir) / f"worker-{index}.shard"
 
 
-def encode(index: int, records: list[Record], removed: list[Key],
+# One journal message: MESSAGE's header (the worker, whether it is its last, how many of each
+# part follow), then each record (``FlowTable.take_journal``'s, packed) after its size, the
+# keys of the removed sessions (PACKED_KEY), the ports put on hold (HELD_PORT). Packed, not
+# JSON (issue 21): the coordinator stores the records as they came (its copy, the session
+# log), and decodes them only for the files between runs.
+MESSAGE = struct.Struct("!4sHBIII")
+MAGIC = b"SGJ\x02"
+RECORD_SIZE = struct.Struct("!H")
+HELD_PORT = struct.Struct("!B4sH")
+Journal = tuple[int, list[bytes], list[bytes], list[tuple[int, bytes, int]], bool]
+
+
+def encode(index: int, records: list[bytes], removed: list[Key],
            held: Sequence[tuple[int, bytes, int]] = (), last: bool = False) -> bytes:
     """One journal message; ``last``: the worker is stopping and sends nothing after it (the
     coordinator hands the sessions over once every stopped worker's last one is in)."""
-    doc = {"v": JOURNAL_VERSION, "worker": index, "records": records,
-           "removed": [journal_key(key) for key in removed],
-           "held": [[proto, address.hex(), port] for proto, address, port in held]}
-    if last:
-        doc["last"] = True
-    return json.dumps(doc, separators=(",", ":")).encode()
+    size = RECORD_SIZE.pack
+    return b"".join((MESSAGE.pack(MAGIC, index, last, len(records), len(removed), len(held)),
+                     *(size(len(record)) + record for record in records),
+                     *(PACKED_KEY.pack(*key) for key in removed),
+                     *(HELD_PORT.pack(*port) for port in held)))
+
+
+def decode(message: bytes) -> Journal:
+    """(worker, records, removed keys, held ports, last) of a message; ValueError when it is
+    not one (each part must fill exactly the length it says; the records' fields are checked
+    by the worker that resumes them)."""
+    try:
+        magic, index, last, count, removed_count, held_count = MESSAGE.unpack_from(message)
+    except struct.error:
+        raise ValueError("not a journal message") from None
+    if magic != MAGIC or last > 1:
+        raise ValueError("not a journal message")
+    offset, records = MESSAGE.size, []
+    for _ in range(count):
+        start = offset + RECORD_SIZE.size
+        offset = start + int.from_bytes(message[offset:start], "big")
+        records.append(message[start:offset])
+    key = PACKED_KEY.size
+    removed = [message[at:at + key] for at in range(offset, offset + removed_count * key, key)]
+    offset += removed_count * key
+    held = list(HELD_PORT.iter_unpack(message[offset:offset + held_count * HELD_PORT.size]))
+    if offset + held_count * HELD_PORT.size != len(message):
+        raise ValueError("a journal message's parts do not fill it")
+    return index, records, removed, held, bool(last)
+
+
+def decode_json(message: bytes) -> Journal:
+    """A message of an older run (JSON, journal version 1), as ``decode`` gives it: only its
+    session log is ever read (a coordinator that crashed before an upgrade)."""
+    doc = json.loads(message)
+    if doc.get("v") != JOURNAL_VERSION or not isinstance(doc.get("worker"), int):
+        raise ValueError("not a journal message")
+    records = []
+    for record in doc["records"]:
+        try:
+            records.append(pack_record(record))
+        except (ValueError, TypeError):
+            records.append(b"")  # refused by the copy, as before
+    removed = [PACKED_KEY.pack(key[0], bytes.fromhex(key[1]), key[2], bytes.fromhex(key[3]),
+                               key[4]) for key in doc["removed"]]
+    held = [(proto, bytes.fromhex(address), port) for proto, address, port in doc["held"]]
+    return doc["worker"], records, removed, held, doc.get("last") is True
 
 
 class ShardCopy:
-    """The coordinator's copy of every worker's shard, built from their journal messages."""
+    """The coordinator's copy of every worker's shard, built from their journal messages:
+    per shard, each session's packed record by its key."""
 
     def __init__(self, workers: int, limit_per_worker: int, hold_s: float = 0.0) -> None:
-        self.shards: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in range(workers)]
-        # NAT64: pool4 ports on hold (``hold_s``, RFC 6888 REQ-8), (protocol, address hex,
+        self.shards: list[dict[bytes, bytes]] = [{} for _ in range(workers)]
+        # NAT64: pool4 ports on hold (``hold_s``, RFC 6888 REQ-8), (protocol, address,
         # port) -> when (monotonic), oldest first: expired ones leave from the front.
-        self.held: list[dict[tuple[int, str, int], float]] = [{} for _ in range(workers)]
+        self.held: list[dict[tuple[int, bytes, int], float]] = [{} for _ in range(workers)]
         self.hold_s = hold_s
         self.limit = limit_per_worker * COPY_SLACK
         self.refused = 0  # messages or records not applied (malformed, over the limit)
         self.ended: set[int] = set()  # workers whose last message (at their stop) is in
 
-    def apply(self, message: bytes) -> int | None:
+    def apply(self, message: bytes, decoder: Callable[[bytes], Journal] = decode
+              ) -> int | None:
         """Apply one journal message; the worker it came from, or None when refused."""
         try:
-            doc = json.loads(message)
-            index = doc["worker"]
-            records, removed = doc["records"], doc["removed"]
-            if (doc.get("v") != JOURNAL_VERSION or not isinstance(index, int)
-                    or not 0 <= index < len(self.shards) or not isinstance(records, list)
-                    or not isinstance(removed, list)):
-                raise ValueError("not a journal message")
-        except (ValueError, KeyError, TypeError):
+            index, records, removed, held, last = decoder(message)
+        except (ValueError, KeyError, TypeError, struct.error):
+            self.refused += 1
+            return None
+        if not 0 <= index < len(self.shards):
             self.refused += 1
             return None
         shard = self.shards[index]
         for key in removed:
-            if isinstance(key, list):
-                shard.pop(tuple(key), None)
+            shard.pop(key, None)
         self._put(index, records)
-        self._hold(index, doc.get("held", []))
-        if doc.get("last") is True:
+        self._hold(index, held)
+        if last:
             self.ended.add(index)
         return index
 
-    def _hold(self, index: int, held: Any) -> None:
+    def _hold(self, index: int, held: list[tuple[int, bytes, int]]) -> None:
         """Ports put on hold, within the limit (checked again by the worker that resumes)."""
         ports = self.held[index]
         now = time.monotonic()
         self._expire_held(ports, now)
-        for entry in held if isinstance(held, list) else []:
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)
-                    and isinstance(entry[1], str) and isinstance(entry[2], int)):
-                self.refused += 1
-                continue
-            key = (entry[0], entry[1], entry[2])
+        for key in held:
             if key not in ports and len(ports) >= self.limit:
                 self.refused += 1
                 continue
             ports.pop(key, None)  # to the back: the dict stays oldest first
             ports[key] = now
 
-    def _expire_held(self, ports: dict[tuple[int, str, int], float], now: float) -> None:
+    def _expire_held(self, ports: dict[tuple[int, bytes, int], float], now: float) -> None:
         while ports:
             key, when = next(iter(ports.items()))
             if when + self.hold_s > now:
                 return
             del ports[key]
 
-    def _put(self, index: int, records: list[Any]) -> None:
-        """Store records in worker ``index``'s shard by their key, within the limit (their
-        fields are checked by the worker that resumes them)."""
+    def _put(self, index: int, records: list[bytes]) -> None:
+        """Store packed records in worker ``index``'s shard by their key, within the limit."""
         shard = self.shards[index]
+        key_size = PACKED_KEY.size
         for record in records:
-            if not isinstance(record, list) or len(record) < 5:
+            if packed_size(record) != len(record):
                 self.refused += 1
                 continue
-            try:
-                key = record_key(record)
-                hash(key)
-            except TypeError:
-                self.refused += 1
-                continue
+            key = record[:key_size]
             if key not in shard and len(shard) >= self.limit:
                 self.refused += 1
                 continue
             shard[key] = record
 
+    def records(self, index: int) -> list[Record]:
+        """Worker ``index``'s sessions as JSON records (for the files between runs); a record
+        that does not unpack is left out (counted)."""
+        out = []
+        for packed in self.shards[index].values():
+            try:
+                out.append(unpack_record(packed))
+            except ValueError:
+                self.refused += 1
+        return out
+
     def sessions(self, index: int) -> int:
         return len(self.shards[index])
 
     def load(self, index: int, records: list[Any]) -> None:
-        """Worker ``index``'s shard as a previous run handed it over."""
-        self._put(index, records)
+        """Worker ``index``'s shard as a previous run handed it over (JSON records)."""
+        packed = []
+        for record in records:
+            try:
+                packed.append(pack_record(record))
+            except (ValueError, TypeError):
+                self.refused += 1
+        self._put(index, packed)
 
     def write(self, run_dir: str, index: int) -> int:
         """Write worker ``index``'s shard for its next start; the number of sessions in it.
         NAT64 ports still on hold follow the records as ``["held", protocol, address hex,
         port, seconds left]``."""
-        records: list[Any] = list(self.shards[index].values())
+        records: list[Any] = self.records(index)
         sessions = len(records)
         ports = self.held[index]
         now = time.monotonic()
         self._expire_held(ports, now)
-        records += [[HELD, *key, round(when + self.hold_s - now, 3)]
-                    for key, when in ports.items()]
+        records += [[HELD, proto, address.hex(), port, round(when + self.hold_s - now, 3)]
+                    for (proto, address, port), when in ports.items()]
         _write_private_json(shard_path(run_dir, index), records)
         return sessions
 
@@ -243,7 +304,7 @@ def write_handover(run_dir: str, copy: ShardCopy, settings: dict[str, Any], now_
     _write_private_json(handover_path(run_dir), {
         "v": JOURNAL_VERSION, "written_unix": now_unix, "hash_seed": settings["hash_seed"],
         "settings": {key: settings[key] for key in HANDOVER_KEYS},
-        "shards": [list(shard.values()) for shard in copy.shards]})
+        "shards": [copy.records(index) for index in range(len(copy.shards))]})
     return sum(len(shard) for shard in copy.shards)
 
 
@@ -355,6 +416,10 @@ def take_previous_sessions(run_dir: str, settings: dict[str, Any], now_unix: flo
 # --- a crash of the coordinator: its copy kept on disk as it changes ----------------------------
 
 CRASH_LOG_FILE = "sessions.log"
+# The session log's version: 1 had a JSON message per line; 2 has packed ones (``MESSAGE``),
+# each after its size (LOG_FRAME).
+LOG_VERSION = 2
+LOG_FRAME = struct.Struct("!I")
 # The crash log is rewritten from the copy (compacted) once it is past this size and twice
 # the size of its last rewrite: writing it costs O(1) per journalled byte, however many
 # sessions there are.
@@ -369,16 +434,16 @@ class CrashLog:
     """The coordinator's copy on disk, so that a coordinator restarted after a crash (SIGKILL,
     the OOM killer; its workers die with it) resumes every session the crashed one knew.
 
-    ``<run_dir>/sessions.log`` (0600): a header line (the fan-out seed and the settings
-    ``HANDOVER_KEYS`` names), then one line per journal message the copy applied, in order:
-    each is appended as it is applied (one write; the page cache keeps it when the process
-    dies). Past ``CRASH_LOG_COMPACT_BYTES`` it is rewritten as the header and one message per
-    shard. A clean stop removes it: its handover supersedes it."""
+    ``<run_dir>/sessions.log`` (0600): a JSON header line (the log's version, the fan-out seed
+    and the settings ``HANDOVER_KEYS`` names), then every journal message the copy applied, in
+    order, each after its size: each is appended as it is applied (one write; the page cache
+    keeps it when the process dies). Past ``CRASH_LOG_COMPACT_BYTES`` it is rewritten as the
+    header and one message per shard. A clean stop removes it: its handover supersedes it."""
 
     def __init__(self, run_dir: str, settings: dict[str, Any], now_unix: float) -> None:
         self.path = crash_log_path(run_dir)
         self.header = json.dumps({
-            "v": JOURNAL_VERSION, "started_unix": now_unix, "hash_seed": settings["hash_seed"],
+            "v": LOG_VERSION, "started_unix": now_unix, "hash_seed": settings["hash_seed"],
             "settings": {key: settings[key] for key in HANDOVER_KEYS}},
             separators=(",", ":")).encode() + b"\n"
         self.fd = -1
@@ -392,7 +457,8 @@ class CrashLog:
         with os.fdopen(fd, "wb") as out:
             out.write(self.header)
             for index, shard in enumerate(copy.shards):
-                out.write(encode(index, list(shard.values()), []) + b"\n")
+                message = encode(index, list(shard.values()), [], list(copy.held[index]))
+                out.write(LOG_FRAME.pack(len(message)) + message)
         temporary.replace(self.path)
         if self.fd >= 0:
             os.close(self.fd)
@@ -401,8 +467,8 @@ class CrashLog:
         self.compact_at = max(CRASH_LOG_COMPACT_BYTES, 2 * self.size)
 
     def append(self, message: bytes, copy: ShardCopy) -> None:
-        """One applied journal message (compact JSON: never a newline inside)."""
-        self.size += os.write(self.fd, message + b"\n")
+        """One applied journal message."""
+        self.size += os.write(self.fd, LOG_FRAME.pack(len(message)) + message)
         if self.size > self.compact_at:
             self.rewrite(copy)
 
@@ -413,37 +479,54 @@ class CrashLog:
         self.path.unlink(missing_ok=True)
 
 
+def logged_messages(body: bytes, version: int) -> Iterator[bytes]:
+    """The messages of a session log after its header; a last one the crash cut short is
+    left out."""
+    if version == 1:  # an older run's: a JSON message per line
+        yield from (line for line in body.split(b"\n") if line)
+        return
+    offset = 0
+    while offset + LOG_FRAME.size <= len(body):
+        (size,) = LOG_FRAME.unpack_from(body, offset)
+        offset += LOG_FRAME.size
+        if offset + size > len(body):
+            return
+        yield body[offset:offset + size]
+        offset += size
+
+
 def take_crash_log(run_dir: str, settings: dict[str, Any], now_unix: float
                    ) -> tuple[int | None, list[list[Any]], str]:
     """At a start with no handover: (seed, every worker's records, what happened) from the
     crash log a coordinator that died left (then deleted); (None, [], why) when none is to be
-    taken. Its messages are replayed into a copy within the same limits; a line cut short by
-    the crash is skipped."""
+    taken. Its messages are replayed into a copy within the same limits; a message cut short
+    by the crash is skipped."""
     path = crash_log_path(run_dir)
     try:
         age = now_unix - path.stat().st_mtime
-        lines = path.read_bytes().split(b"\n")
+        text = path.read_bytes()
     except FileNotFoundError:
         return None, [], ""
     finally:
         path.unlink(missing_ok=True)
+    head, _, body = text.partition(b"\n")
     try:
-        header = json.loads(lines[0])
-        seed, saved = header["hash_seed"], header["settings"]
-        if (header.get("v") != JOURNAL_VERSION or not isinstance(seed, int)
+        header = json.loads(head)
+        seed, saved, version = header["hash_seed"], header["settings"], header.get("v")
+        if (version not in (JOURNAL_VERSION, LOG_VERSION) or not isinstance(seed, int)
                 or not isinstance(saved, dict)):
             raise ValueError("not a crash log")
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None, [], "the crashed run's session log is unreadable: starting empty"
     refused = _refusal("the crashed run", "session log", age, saved, settings)
     if refused:
         return None, [], refused + ": starting empty"
     workers = int(saved.get("workers") or settings["workers"])  # the crashed run's
     copy = ShardCopy(workers, worker_share(settings["max_flows"], workers) or 1)
-    for line in lines[1:]:
-        if line:
-            copy.apply(line)
-    shards = rebucket([list(shard.values()) for shard in copy.shards], settings)
+    decoder = decode_json if version == 1 else decode
+    for message in logged_messages(body, version):
+        copy.apply(message, decoder)
+    shards = rebucket([copy.records(index) for index in range(workers)], settings)
     return seed, shards, (f"resuming {sum(len(s) for s in shards)} session(s) the previous "
                           "run had when it crashed")
 

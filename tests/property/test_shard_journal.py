@@ -19,11 +19,12 @@ from sixgate.workers.engine.flows import (
     FlowTable,
     PortPool,
     Timeouts,
-    journal_key,
-    record_key,
+    pack_session,
     session_record,
+    unpack_record,
 )
 from sixgate.workers.engine.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from sixgate.workers.journal import ShardCopy, decode, encode
 
 POOL4 = bytes([203, 0, 113, 5])
 FORWARD_POOL = [bytes([100, 64, 0, n]) for n in range(1, 4)]
@@ -63,15 +64,12 @@ class JournaledTable(RuleBasedStateMachine):
         self.table = new_table()
         self.table.journal = {}
         self.now = 0.0
-        self.copy: dict[tuple[object, ...], list[object]] = {}  # the coordinator's
+        self.copy = ShardCopy(1, 1000)  # the coordinator's
 
     def flush(self) -> None:
         """What the worker sends and the coordinator applies: removals, then upserts."""
         records, removed = self.table.take_journal()
-        for key in removed:
-            self.copy.pop(journal_key(key), None)
-        for record in json.loads(json.dumps(records)):  # it crosses a process boundary
-            self.copy[record_key(record)] = record
+        assert self.copy.apply(encode(0, records, removed, self.table.take_held())) == 0
 
     @rule(proto=st.sampled_from([PROTO_TCP, PROTO_UDP]), client=st.sampled_from(CLIENTS),
           cport=st.integers(1024, 1027), dest=st.sampled_from(TARGETS),
@@ -112,7 +110,10 @@ class JournaledTable(RuleBasedStateMachine):
     def a_restart_now_resumes_the_same_shard(self) -> None:
         self.flush()
         fresh = new_table()
-        resumed, refused = fresh.restore(list(self.copy.values()), self.now)
+        # The shard file a restarted worker reads: JSON records.
+        records = json.loads(json.dumps(self.copy.records(0)))
+        assert self.copy.refused == 0
+        resumed, refused = fresh.restore(records, self.now)
         assert (resumed, refused) == (len(self.table), 0)
         assert state_of(fresh) == state_of(self.table)
 
@@ -146,6 +147,41 @@ def test_a_record_from_another_shard_is_refused() -> None:
     other = FlowTable([bytes([100, 64, 1, 1])], max_flows=64, max_flows_per_prefix=64,
                       timeouts=Timeouts(),
                       ports=PortPool({PROTO_UDP: [(POOL4, 62000, 62010)]}, 30.0))
-    assert other.restore(json.loads(json.dumps(records)), 1.0) == (0, 2)
+    assert other.restore(json.loads(json.dumps([unpack_record(r) for r in records])),
+                         1.0) == (0, 2)
     assert len(other) == 0 and other.pool_in_use() == 0
     assert all(used == 0 for *_rest, used in other.ports.usage())  # type: ignore[union-attr]
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_a_malformed_journal_message_is_refused_never_raised(junk: bytes) -> None:
+    """The coordinator's copy takes whatever a worker sends: a message that does not decode
+    is refused whole; a record that is not one is refused alone."""
+    copy = ShardCopy(2, 10)
+    assert copy.apply(junk) in (None, 0, 1)
+    assert copy.records(0) + copy.records(1) is not None  # never raises on what it kept
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_a_journal_message_cut_or_changed_anywhere_never_raises(data: st.DataObject) -> None:
+    table = new_table()
+    table.journal = {}
+    for port in range(1024, 1027):
+        table.create(PROTO_UDP, CLIENTS[0], port, GW6 + TARGETS[0], 53, TARGETS[0], 53,
+                     NAT64_RULE, 0.0)
+    records, removed = table.take_journal()
+    message = bytearray(encode(1, records, removed, [(PROTO_UDP, POOL4, 61001)]))
+    assert decode(bytes(message))[1] == records
+    at = data.draw(st.integers(0, len(message) - 1))
+    if data.draw(st.booleans()):
+        del message[at:]
+    else:
+        message[at] ^= data.draw(st.integers(1, 255))
+    copy = ShardCopy(2, 10)
+    if copy.apply(bytes(message)) == 1:
+        for record in copy.records(1):  # what unpacks is a record a worker can check
+            assert isinstance(record, list) and len(record) == 14
+    assert unpack_record(pack_session(table.sessions()[0])) == session_record(
+        table.sessions()[0])

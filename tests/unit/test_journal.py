@@ -10,6 +10,7 @@ import pytest
 from support.helpers import make_settings
 
 from sixgate.workers import journal
+from sixgate.workers.engine.flows import pack_record
 from sixgate.workers.journal import (
     CrashLog,
     ShardCopy,
@@ -27,23 +28,29 @@ RECORD = [6, "20010db8" + "0" * 23 + "1", 40000, "20010db8" + "0" * 23 + "2", 80
           40000, "7f000001", 8080, "tcp/80 -> 127.0.0.1:8080", "established", 7440.0, True, ""]
 
 
+def packed(*records: list[object]) -> list[bytes]:
+    """Records as a worker's table journals them."""
+    return [pack_record(record) for record in records]
+
+
 def copy_with_one_session() -> ShardCopy:
     copy = ShardCopy(2, 10)
-    assert copy.apply(encode(1, [RECORD], [])) == 1
+    assert copy.apply(encode(1, packed(RECORD), [])) == 1
     return copy
 
 
 def test_messages_apply_in_order_and_garbage_is_refused() -> None:
     copy = copy_with_one_session()
     assert copy.sessions(1) == 1
-    for bad in (b"", b"[]", b'{"v": 1, "worker": 7, "records": [], "removed": []}',
-                json.dumps({"v": 2, "worker": 0, "records": [], "removed": []}).encode(),
-                json.dumps({"v": 1, "worker": 0, "records": [[[1], 2, 3, 4, 5]],
-                            "removed": []}).encode()):
-        copy.apply(bad)
-    assert copy.refused == 5 and copy.sessions(0) == 0
-    removed = json.dumps({"v": 1, "worker": 1, "records": [], "removed": [RECORD[:5]]})
-    assert copy.apply(removed.encode()) == 1 and copy.sessions(1) == 0
+    whole = encode(0, packed(other_record(40001)), [])
+    for bad in (b"", b"[]", json.dumps({"v": 1, "worker": 0, "records": [RECORD],
+                                        "removed": []}).encode(),  # the older JSON wire
+                encode(7, [], []), whole + b"x", whole[:-1],
+                journal.MESSAGE.pack(journal.MAGIC, 0, 0, 1, 0, 0) + b"\xff\xff"):
+        assert copy.apply(bad) is None
+    assert copy.apply(encode(0, [whole[24:-1], b"\x06", b""], [])) == 0  # records cut short
+    assert copy.refused == 10 and copy.sessions(0) == 0 and copy.records(0) == []
+    assert copy.apply(encode(1, [], [key_of(RECORD)])) == 1 and copy.sessions(1) == 0
 
 
 def test_a_stopping_workers_last_message_says_so() -> None:
@@ -53,15 +60,13 @@ def test_a_stopping_workers_last_message_says_so() -> None:
     assert copy.ended == set()
     assert copy.apply(encode(0, [], [], last=True)) == 0
     assert copy.ended == {0} and copy.sessions(1) == 1
-    assert copy.apply(json.dumps({"v": 1, "worker": 1, "records": [], "removed": [],
-                                  "last": "yes"}).encode()) == 1
-    assert copy.ended == {0}  # only true marks it
+    assert copy.apply(journal.MESSAGE.pack(journal.MAGIC, 1, 2, 0, 0, 0)) is None
+    assert copy.ended == {0}  # only a 1 marks it
 
 
 def test_the_copy_is_bounded() -> None:
     copy = ShardCopy(1, 1)  # twice the worker's flow limit at most
-    records = [[6, "aa", port, "bb", 80] + RECORD[5:] for port in range(5)]
-    copy.apply(encode(0, records, []))
+    copy.apply(encode(0, packed(*(other_record(port) for port in range(5))), []))
     assert copy.sessions(0) == 2 and copy.refused == 3
 
 
@@ -105,8 +110,8 @@ def test_a_handover_moves_to_another_worker_count_by_shard(tmp_path: Path) -> No
     copy = ShardCopy(2, 10)
     # 100.64.0.1 is shard 0, .0x50 (80) shard 1, .0xa0 (160) shard 3, .0xfe (254) shard 5
     # (42 addresses a shard); a first run of 2 workers had 0, 160 in worker 0 and 80, 254 in 1.
-    copy.apply(encode(0, [records["64400001"], records["644000a0"]], []))
-    copy.apply(encode(1, [records["64400050"], records["644000fe"]], []))
+    copy.apply(encode(0, packed(records["64400001"], records["644000a0"]), []))
+    copy.apply(encode(1, packed(records["64400050"], records["644000fe"]), []))
     write_handover(str(tmp_path), copy, settings, 1000.0)
     seed, shards, message = take_handover(str(tmp_path), {**settings, "workers": 3}, 1010.0)
     assert shards == [[records["64400001"], records["644000a0"]], [records["64400050"]],
@@ -127,11 +132,11 @@ def test_nat64_bindings_move_to_another_worker_count_by_their_pool4_port(
     settings = dataclasses.asdict(make_settings(workers=2, shards=6, nat64_pool4=pool4))
     def binding(port: int) -> list[object]:
         return [17, "20010db8" + "0" * 20 + f"{port:04x}", 40000, "0064ff9b" + "0" * 16
-                + "c6336407", 53, "cb007105", port, "c6336407", 53, "nat64", "udp", 300.0,
+                + "c6336407", 53, "cb007105", port, "c6336407", 53, "nat64", "open", 300.0,
                 True, ""]
     copy = ShardCopy(2, 10)
-    copy.apply(encode(0, [binding(61005), binding(61059)], []))
-    copy.apply(encode(1, [binding(61015)], []))
+    copy.apply(encode(0, packed(binding(61005), binding(61059)), []))
+    copy.apply(encode(1, packed(binding(61015)), []))
     write_handover(str(tmp_path), copy, settings, 1000.0)
     _, shards, _ = take_handover(str(tmp_path), {**settings, "workers": 3}, 1010.0)
     assert [[record[6] for record in shard] for shard in shards] == [[61005], [61015], [61059]]
@@ -161,17 +166,38 @@ def test_a_crashed_coordinators_session_log_is_replayed_by_the_next_run(tmp_path
     log = CrashLog(str(tmp_path), settings, 1000.0)
     log.rewrite(copy)
     assert (crash_log_path(str(tmp_path)).stat().st_mode & 0o777) == 0o600
-    for message in (encode(0, [other_record(40001)], []), encode(1, [], [key_of(RECORD)]),
-                    encode(0, [other_record(40002)], [])):
+    for message in (encode(0, packed(other_record(40001)), []),
+                    encode(1, [], [key_of(RECORD)]), encode(0, packed(other_record(40002)), [])):
         assert copy.apply(message) is not None
         log.append(message, copy)
-    with crash_log_path(str(tmp_path)).open("ab") as f:
-        f.write(encode(0, [other_record(40003)], [])[:-9])  # the write the crash cut short
+    cut = encode(0, packed(other_record(40003)), [])
+    with crash_log_path(str(tmp_path)).open("ab") as f:  # the write the crash cut short
+        f.write(journal.LOG_FRAME.pack(len(cut)) + cut[:-9])
     seed, shards, message = take_crash_log(str(tmp_path), settings,
                                            crash_log_path(str(tmp_path)).stat().st_mtime + 5)
     assert seed == 4321 and "resuming 2 session(s)" in message and "crashed" in message
     assert shards == [[other_record(40001), other_record(40002)], []]
     assert take_crash_log(str(tmp_path), settings, 0.0) == (None, [], "")
+
+
+def test_an_older_runs_session_log_is_replayed(tmp_path: Path) -> None:
+    """A coordinator of the version before the packed journal crashed, and this version
+    starts (an upgrade in between): its log, a JSON message per line, is still taken."""
+    settings = dataclasses.asdict(make_settings(workers=2, hash_seed=77))
+    header = {"v": 1, "started_unix": 1000.0, "hash_seed": 77,
+              "settings": {key: settings[key] for key in journal.HANDOVER_KEYS}}
+    lines = [header,
+             {"v": 1, "worker": 1, "records": [RECORD, other_record(40001)], "removed": [],
+              "held": [[17, "cb007105", 61004]]},
+             {"v": 1, "worker": 1, "records": [], "removed": [RECORD[:5]], "held": []},
+             {"v": 1, "worker": 0, "records": [other_record(40002), [6, "zz"]], "removed": [],
+              "held": []}]
+    crash_log_path(str(tmp_path)).write_text(
+        "\n".join(json.dumps(line) for line in json.loads(json.dumps(lines))) + "\n{\"v\": 1, ")
+    seed, shards, message = take_crash_log(str(tmp_path), settings,
+                                           crash_log_path(str(tmp_path)).stat().st_mtime + 5)
+    assert seed == 77 and "resuming 2 session(s)" in message, message
+    assert shards == [[other_record(40002)], [other_record(40001)]]
 
 
 def test_the_session_log_is_compacted_from_the_copy(tmp_path: Path,
@@ -182,7 +208,7 @@ def test_the_session_log_is_compacted_from_the_copy(tmp_path: Path,
     log = CrashLog(str(tmp_path), settings, 1000.0)
     log.rewrite(copy)
     for port in range(50):  # each session made, then ended: the copy ends empty
-        for message in (encode(0, [other_record(port)], []),
+        for message in (encode(0, packed(other_record(port)), []),
                         encode(0, [], [key_of(other_record(port))])):
             copy.apply(message)
             log.append(message, copy)
@@ -252,6 +278,6 @@ def test_held_ports_leave_the_copy_when_their_hold_is_over(tmp_path: Path,
     assert copy.refused == 1  # full
     clock[0] = 221.0  # the first two are over
     copy.apply(encode(0, [], [], [(17, bytes([203, 0, 113, 5]), 61004)]))
-    assert copy.refused == 1 and list(copy.held[0]) == [(17, "cb007105", 61004)]
+    assert copy.refused == 1 and list(copy.held[0]) == [(17, bytes([203, 0, 113, 5]), 61004)]
     assert copy.write(str(tmp_path), 0) == 0
     assert read_shard(str(tmp_path), 0) == [["held", 17, "cb007105", 61004, 120.0]]
