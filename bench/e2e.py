@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -52,15 +53,16 @@ class Plan:
     ping_interval_ms: int
     memory_sizes: tuple[int, ...]
     syn_flood_s: float
+    paired_rounds: int  # NAT64 and TAYGA flat out, alternated (``paired``)
 
 
 def plans(cores: int) -> dict[str, Plan]:
     workers = tuple(sorted({1, 2, cores}))
     return {
         "quick": Plan("quick", 1.2, 4, tuple(sorted({1, cores})), (64, 1400), (64,), 150, 10,
-                      (10_000, 100_000), 2.0),
+                      (10_000, 100_000), 2.0, 3),
         "full": Plan("full", 5.0, 8, workers, (64, 1400), (64, 1400), 1000, 5,
-                     (10_000, 100_000, 1_000_000), 5.0),
+                     (10_000, 100_000, 1_000_000), 5.0, 5),
     }
 
 
@@ -119,6 +121,29 @@ def measure_system(lab: labs.BenchTarget, plan: Plan, programs: dict[str, Path],
         out["syn_flood"] = measure.syn_flood(bench, plan.syn_flood_s, plan.search_trials)
     out["trials"] = [trial.as_json() for trial in bench.trials]
     return out
+
+
+def paired(make: tuple[Callable[[], labs.BenchTarget], Callable[[], labs.BenchTarget]],
+           plan: Plan, programs: dict[str, Path]) -> dict[str, Any]:
+    """Two systems' 64 B per-core figure flat out, alternated round by round (each lab up for
+    its one trial): a machine that speeds up or slows down during the run (2x over a day
+    here) moves both sides of a round alike, where the searches measure them minutes apart.
+    Each round's two figures, their ratio, and the median ratio."""
+    rounds = []
+    for _ in range(plan.paired_rounds):
+        row = []
+        for make_lab in make:
+            with make_lab() as lab:  # type: ignore[attr-defined]
+                bench = measure.Bench(lab, programs, plan.duration_s, lambda _text: None)
+                with lab.service_sink(programs["sink"], reflect=False) as counters:
+                    bench.warm_up(counters)
+                    row.append(bench.trial(counters, 64, 0, gen_args=(
+                        *measure.FLOWS, "--dport", str(labs.SERVICE_PORT))).per_core_pps)
+        rounds.append(row)
+        log(f"    round {len(rounds)}: {_k(row[0])} / {_k(row[1])} per core")
+    ratios = [ours / theirs for ours, theirs in rounds if ours is not None and theirs]
+    return {"per_core_pps": rounds, "ratios": ratios,
+            "median": statistics.median(ratios) if ratios else None}
 
 
 def _loss_free(system: dict[str, Any], kind: str, payload: int) -> float | None:
@@ -221,7 +246,7 @@ def report(results: dict[str, Any], plan: Plan) -> list[str]:
                 lines.append("other load on the gateway CPUs (cores; lowers absolute rates, "
                              "not per-core figures): " + ", ".join(busy))
     lines += ["", "+: carried all the generator sent flat out (a lower bound: the traffic CPU "
-              "was the limit)", "", *ratio_lines(systems, plan)]
+              "was the limit)", "", *ratio_lines(systems, plan, results.get("nat64_paired"))]
     lines += latency_lines(systems)
     lines += flow_lines(systems)
     return lines
@@ -241,8 +266,10 @@ def best_of(systems: dict[str, Any], prefix: str, kind: str, payload: int,
     return max(candidates, key=lambda s: key(s, kind, payload) or 0.0, default=None)
 
 
-def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
-    """sixgate/TAYGA and sixgate/kernel, each with the sixgate configuration it used."""
+def ratio_lines(systems: dict[str, Any], plan: Plan,
+                pairs: dict[str, Any] | None = None) -> list[str]:
+    """sixgate/TAYGA and sixgate/kernel, each with the sixgate configuration it used
+    (``pairs``: ``paired``'s NAT64 and TAYGA rounds)."""
     tayga, kernel = systems.get("TAYGA", {}), systems.get("kernel", {})
     lines = []
     best = best_sixgate(systems, "forward", 64, _per_core)
@@ -274,7 +301,7 @@ def ratio_lines(systems: dict[str, Any], plan: Plan) -> list[str]:
                 f"loss-free rate, {kind.replace('_', ' ')} {payload} B: {name} {_k(rate)}, "
                 f"sixgate/TAYGA {_ratio(rate, _loss_free(tayga, kind, payload))}, "
                 f"sixgate/kernel {_ratio(rate, _loss_free(kernel, kind, payload))}")
-    lines += nat64_ratio_lines(systems, plan, tayga)
+    lines += nat64_ratio_lines(systems, plan, tayga, pairs)
     lines += clat_ratio_lines(systems)
     lines += journal_lines(systems, plan)
     lines += compiled_lines(systems, plan)
@@ -335,7 +362,8 @@ def clat_ratio_lines(systems: dict[str, Any]) -> list[str]:
     return lines
 
 
-def nat64_ratio_lines(systems: dict[str, Any], plan: Plan, tayga: dict[str, Any]) -> list[str]:
+def nat64_ratio_lines(systems: dict[str, Any], plan: Plan, tayga: dict[str, Any],
+                      pairs: dict[str, Any] | None = None) -> list[str]:
     """sixgate's NAT64 mode beside TAYGA: the same input, prefix and sink (like with like)."""
     best = best_of(systems, "nat64", "forward", 64, _per_core)
     if best is None:
@@ -344,6 +372,10 @@ def nat64_ratio_lines(systems: dict[str, Any], plan: Plan, tayga: dict[str, Any]
              f"{_ratio(_per_core(best, 'forward', 64), _per_core(tayga, 'forward', 64))}",
              f"  (64 B forward, same plain IPv6 UDP in, same IPv4 sink: {best['label']} "
              f"{_k(_per_core(best, 'forward', 64))}, TAYGA {_k(_per_core(tayga, 'forward', 64))})"]
+    if pairs and pairs["median"] is not None:
+        lines.append(f"  alternated, nat64 1w and TAYGA one after the other in each round: "
+                     f"median {pairs['median']:.2f} (rounds: "
+                     + ", ".join(f"{ratio:.2f}" for ratio in pairs["ratios"]) + ")")
     for kind in ("forward", "round_trip"):
         payloads = plan.forward_payloads if kind == "forward" else plan.round_trip_payloads
         for payload in payloads:
@@ -535,6 +567,15 @@ def main(argv: list[str] | None = None) -> int:
         if "TAYGA" in wanted:
             run_system(results, "TAYGA", lambda: labs.TaygaLab(**common), plan, programs,
                        latency=True, flows=False)
+        if "nat64" in wanted and "TAYGA" in wanted and plan.paired_rounds:
+            log("\n-- nat64 1w and TAYGA, alternated")
+            try:
+                results["nat64_paired"] = paired(
+                    (lambda: labs.Sixgate64Lab(1, gateway_settings=settings, **common),
+                     lambda: labs.TaygaLab(**common)), plan, programs)
+            except (labs.netlab.LabError, OSError, subprocess.SubprocessError,
+                    ValueError) as exc:
+                log(f"    could not be measured: {exc}")
         if "clat" in wanted:
             # The host side of 464XLAT: sixgate's CLAT beside TAYGA run as a CLAT (issue 18);
             # forward only (pinger.c has no IPv4 mode, the sink's replies would not cross

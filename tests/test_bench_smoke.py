@@ -8,8 +8,10 @@ the gateway sent back into the tunnel; a timed trial reads the CPU of every gate
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +148,16 @@ def test_nat64_target_delivers_and_reflects_a_burst(bench_lab) -> None:  # type:
             after = packets(lab, "to_services"), packets(lab, "outbound")
         assert arrived.packets == after[0] - before[0] > BURST * 0.9
         assert back.packets == after[1] - before[1] > arrived.packets * 0.9
+
+
+def test_paired_rounds_measure_both_systems_each_round(bench_lab) -> None:  # type: ignore[no-untyped-def]
+    """bench/e2e.py ``paired``: NAT64 and TAYGA flat out one after the other in each round,
+    a ratio per round and their median."""
+    from bench import e2e
+    _lab, programs = bench_lab
+    plan = dataclasses.replace(e2e.plans(2)["quick"], duration_s=0.5, paired_rounds=2)
+    pairs = e2e.paired((lambda: labs.Sixgate64Lab(1), lambda: labs.TaygaLab()), plan, programs)
+    assert len(pairs["per_core_pps"]) == 2, pairs
+    assert all(ours > 0 and theirs > 0 for ours, theirs in pairs["per_core_pps"]), pairs
+    assert pairs["ratios"] == [ours / theirs for ours, theirs in pairs["per_core_pps"]]
+    assert pairs["median"] == statistics.median(pairs["ratios"])
