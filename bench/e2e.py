@@ -125,25 +125,32 @@ def measure_system(lab: labs.BenchTarget, plan: Plan, programs: dict[str, Path],
 
 def paired(make: tuple[Callable[[], labs.BenchTarget], Callable[[], labs.BenchTarget]],
            plan: Plan, programs: dict[str, Path]) -> dict[str, Any]:
-    """Two systems' 64 B per-core figure flat out, alternated round by round (each lab up for
-    its one trial): a machine that speeds up or slows down during the run (2x over a day
-    here) moves both sides of a round alike, where the searches measure them minutes apart.
-    Each round's two figures, their ratio, and the median ratio."""
-    rounds = []
-    for _ in range(plan.paired_rounds):
-        row = []
+    """Two systems' per-core figures flat out at each forward payload, alternated round by
+    round (each lab up for its trials): a machine that speeds up or slows down during the run
+    (2x over a day here) moves both sides of a round alike, where the searches measure them
+    minutes apart. Per payload: each round's two figures, their ratio, the median ratio."""
+    rounds: dict[int, list[list[float]]] = {payload: [] for payload in plan.forward_payloads}
+    for number in range(1, plan.paired_rounds + 1):
+        figures: dict[int, list[float]] = {payload: [] for payload in plan.forward_payloads}
         for make_lab in make:
             with make_lab() as lab:  # type: ignore[attr-defined]
                 bench = measure.Bench(lab, programs, plan.duration_s, lambda _text: None)
                 with lab.service_sink(programs["sink"], reflect=False) as counters:
                     bench.warm_up(counters)
-                    row.append(bench.trial(counters, 64, 0, gen_args=(
-                        *measure.FLOWS, "--dport", str(labs.SERVICE_PORT))).per_core_pps)
-        rounds.append(row)
-        log(f"    round {len(rounds)}: {_k(row[0])} / {_k(row[1])} per core")
-    ratios = [ours / theirs for ours, theirs in rounds if ours is not None and theirs]
-    return {"per_core_pps": rounds, "ratios": ratios,
-            "median": statistics.median(ratios) if ratios else None}
+                    for payload in plan.forward_payloads:
+                        figures[payload].append(bench.trial(counters, payload, 0, gen_args=(
+                            *measure.FLOWS, "--dport", str(labs.SERVICE_PORT))).per_core_pps)
+        for payload, row in figures.items():
+            rounds[payload].append(row)
+        log(f"    round {number}: " + ", ".join(
+            f"{payload} B {_k(row[0])} / {_k(row[1])}" for payload, row in figures.items())
+            + " per core")
+    out = {}
+    for payload, rows in rounds.items():
+        ratios = [ours / theirs for ours, theirs in rows if theirs]
+        out[str(payload)] = {"per_core_pps": rows, "ratios": ratios,
+                             "median": statistics.median(ratios) if ratios else None}
+    return out
 
 
 def _loss_free(system: dict[str, Any], kind: str, payload: int) -> float | None:
@@ -372,10 +379,11 @@ def nat64_ratio_lines(systems: dict[str, Any], plan: Plan, tayga: dict[str, Any]
              f"{_ratio(_per_core(best, 'forward', 64), _per_core(tayga, 'forward', 64))}",
              f"  (64 B forward, same plain IPv6 UDP in, same IPv4 sink: {best['label']} "
              f"{_k(_per_core(best, 'forward', 64))}, TAYGA {_k(_per_core(tayga, 'forward', 64))})"]
-    if pairs and pairs["median"] is not None:
-        lines.append(f"  alternated, nat64 1w and TAYGA one after the other in each round: "
-                     f"median {pairs['median']:.2f} (rounds: "
-                     + ", ".join(f"{ratio:.2f}" for ratio in pairs["ratios"]) + ")")
+    for payload, pair in (pairs or {}).items():
+        if pair["median"] is not None:
+            lines.append(f"  alternated, nat64 1w and TAYGA one after the other in each round, "
+                         f"{payload} B: median {pair['median']:.2f} (rounds: "
+                         + ", ".join(f"{ratio:.2f}" for ratio in pair["ratios"]) + ")")
     for kind in ("forward", "round_trip"):
         payloads = plan.forward_payloads if kind == "forward" else plan.round_trip_payloads
         for payload in payloads:

@@ -86,23 +86,28 @@ def encode(index: int, records: list[bytes], removed: list[Key],
 def decode(message: bytes) -> Journal:
     """(worker, records, removed keys, held ports, last) of a message; ValueError when it is
     not one (each part must fill exactly the length it says; the records' fields are checked
-    by the worker that resumes them)."""
+    by the worker that resumes them). The work is bounded by the message's length, whatever
+    its counts say."""
     try:
         magic, index, last, count, removed_count, held_count = MESSAGE.unpack_from(message)
     except struct.error:
         raise ValueError("not a journal message") from None
-    if magic != MAGIC or last > 1:
+    size = len(message)
+    key, port = PACKED_KEY.size, HELD_PORT.size
+    if (magic != MAGIC or last > 1 or MESSAGE.size + count * RECORD_SIZE.size
+            + removed_count * key + held_count * port > size):
         raise ValueError("not a journal message")
     offset, records = MESSAGE.size, []
     for _ in range(count):
         start = offset + RECORD_SIZE.size
         offset = start + int.from_bytes(message[offset:start], "big")
+        if offset > size:
+            raise ValueError("a journal message's records overrun it")
         records.append(message[start:offset])
-    key = PACKED_KEY.size
     removed = [message[at:at + key] for at in range(offset, offset + removed_count * key, key)]
     offset += removed_count * key
-    held = list(HELD_PORT.iter_unpack(message[offset:offset + held_count * HELD_PORT.size]))
-    if offset + held_count * HELD_PORT.size != len(message):
+    held = list(HELD_PORT.iter_unpack(message[offset:offset + held_count * port]))
+    if offset + held_count * port != size:
         raise ValueError("a journal message's parts do not fill it")
     return index, records, removed, held, bool(last)
 

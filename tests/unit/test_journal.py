@@ -281,3 +281,13 @@ def test_held_ports_leave_the_copy_when_their_hold_is_over(tmp_path: Path,
     assert copy.refused == 1 and list(copy.held[0]) == [(17, bytes([203, 0, 113, 5]), 61004)]
     assert copy.write(str(tmp_path), 0) == 0
     assert read_shard(str(tmp_path), 0) == [["held", 17, "cb007105", 61004, 120.0]]
+
+
+@pytest.mark.parametrize("counts", [(2**32 - 1, 0, 0), (0, 2**32 - 1, 0), (0, 0, 2**32 - 1),
+                                    (1, 2**32 - 1, 0)])
+def test_a_message_whose_counts_lie_is_refused_at_once(counts: tuple[int, int, int]) -> None:
+    """A worker's message is not trusted: counts far beyond what its length holds are refused
+    before any loop runs over them (the coordinator's journal thread must never stall)."""
+    copy = ShardCopy(1, 10)
+    message = journal.MESSAGE.pack(journal.MAGIC, 0, 0, *counts) + bytes(200)
+    assert copy.apply(message) is None and copy.refused == 1
