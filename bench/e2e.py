@@ -1,6 +1,6 @@
 """End-to-end benchmark: sixgate beside TAYGA and the kernel, same generator and sinks, one run.
 
-    make bench-quick     # under 3 minutes: .venv/bin/python -m bench.e2e --quick
+    make bench-quick     # about 4 minutes: .venv/bin/python -m bench.e2e --quick
     make bench           # everything, about 30 minutes: .venv/bin/python -m bench.e2e
 
 Builds namespace labs from the test lab's pieces (bench/labs.py), compiles the C traffic
@@ -485,7 +485,7 @@ def machine(traffic: str, gateway: str | None) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the < 3 minute subset")
+    parser.add_argument("--quick", action="store_true", help="the quick subset (about 4 minutes)")
     parser.add_argument("--pin", choices=("split", "none"), default="split",
                         help="split: traffic programs on CPU 0, gateways on the other CPUs "
                              "(default); none: no pinning")

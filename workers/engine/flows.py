@@ -1104,23 +1104,12 @@ def session_record(s: Session) -> Record:
             s.target4.hex(), s.tport, s.rule, s.state, s.timeout_s, s.assured, s.outer4.hex()]
 
 
-def record_key(record: Record) -> tuple[object, ...]:
-    """A record's identity (its IPv6 side, as ``Session.v6_key``): the coordinator keys its
-    copy of the shard by it."""
-    return tuple(record[:5])
-
-
-def journal_key(key: Key) -> tuple[object, ...]:
-    """``record_key`` of a removed session's ``Key``."""
-    return (key[0], key[1].hex(), key[2], key[3].hex(), key[4])
-
-
 # A record as the journal carries it (issue 21: as JSON, the journal cost 15-20% of flow
 # setup, most of it in the coordinator decoding and re-encoding what it only stores): the
 # same fields packed, addresses as bytes, the state by its index in STATE_NAMES, assured and
 # whether there is an outer4 as flags, then the rule's UTF-8 name. Its first PACKED_KEY.size
-# bytes are its identity (``record_key``, ``Session.v6_key``), so the coordinator keys its
-# copy by a slice. The files between runs (handover, shard) keep the JSON records.
+# bytes are its identity (``Session.v6_key``), so the coordinator keys its copy by a slice.
+# The files between runs (handover, shard) keep the JSON records.
 PACKED = struct.Struct("!B16sH16sH4sH4sHBdB4sH")
 PACKED_KEY = struct.Struct("!B16sH16sH")
 STATE_NAMES = tuple(sorted(STATES))
