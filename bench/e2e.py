@@ -145,8 +145,8 @@ def paired(make: tuple[Callable[[], labs.BenchTarget], Callable[[], labs.BenchTa
                 with lab.service_sink(programs["sink"], reflect=False) as counters:
                     bench.warm_up(counters)
                     for payload in plan.forward_payloads:
-                        figures[payload].append(bench.trial(counters, payload, 0, gen_args=(
-                            *measure.FLOWS, "--dport", str(labs.SERVICE_PORT))).per_core_pps)
+                        figures[payload].append(bench.trial(
+                            counters, payload, 0, gen_args=measure.SERVICE_FLOWS).per_core_pps)
         for payload, row in figures.items():
             rounds[payload].append(row)
         log(f"    round {number}: " + ", ".join(

@@ -27,6 +27,7 @@ FOREIGN_WARN = 0.05  # other load on the gateway CPUs worth a mention, in cores
 KEEP_PACE = 0.97  # delivered in the window / offered, for a rate to count as carried
 WINDOW = (0.25, 0.95)  # part of a trial whose rate and CPU are reported
 FLOWS = ("--subnets", "64", "--hosts", "1", "--ports", "16")  # 1024 flows over 64 /64s
+SERVICE_FLOWS = (*FLOWS, "--dport", str(labs.SERVICE_PORT))  # those flows to the sink
 
 
 @dataclass
@@ -216,7 +217,7 @@ class Bench:
         Overload first (flat out), then a geometric bisection between the best carried rate
         and the lowest failed one, starting at what overload carried or ``hint_pps``."""
         def run(rate: float) -> Trial:
-            args = gen_args() if gen_args else (*FLOWS, "--dport", str(labs.SERVICE_PORT))
+            args = gen_args() if gen_args else SERVICE_FLOWS
             return self.trial(counted, payload, rate, kind=kind, gen_args=args, also=also,
                               duration_s=duration_s)
 

@@ -39,7 +39,7 @@ def packets(lab: labs.SixgateLab, direction: str) -> int:
 def burst(lab: labs.SixgateLab, programs: dict[str, Path]) -> dict[str, int]:
     """BURST datagrams of 64 bytes over the benchmark's 1024 flows."""
     sent = lab.run_gen(programs["gen"], "--payload", "64", "--rate", BURST_RATE, "--count",
-                       str(BURST), *measure.FLOWS, "--dport", str(labs.SERVICE_PORT))
+                       str(BURST), *measure.SERVICE_FLOWS)
     return {key: int(value) for key, value in sent.items() if key != "seconds"}
 
 
@@ -90,7 +90,7 @@ def test_trial_reads_rates_and_cpu(bench_lab) -> None:  # type: ignore[no-untype
     bench = measure.Bench(lab, programs, duration_s=1.0, log=lambda _line: None)
     with lab.service_sink(programs["sink"], reflect=False) as counters:
         trial = bench.trial(counters, 64, 10_000,
-                            gen_args=(*measure.FLOWS, "--dport", str(labs.SERVICE_PORT)))
+                            gen_args=measure.SERVICE_FLOWS)
     assert 8_000 < trial.offered_pps < 12_000
     assert measure.carried(trial), trial
     assert set(trial.window_cpu_s) == {"coordinator", "worker-0"}
