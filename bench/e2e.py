@@ -136,9 +136,11 @@ def paired(make: tuple[Callable[[], labs.BenchTarget], Callable[[], labs.BenchTa
     round (each lab up for its trials): a machine that speeds up or slows down during the run
     (2x over a day here) moves both sides of a round alike, where the searches measure them
     minutes apart. Per payload: each round's two figures, their ratio, the median ratio."""
-    rounds: dict[int, list[list[float]]] = {payload: [] for payload in plan.forward_payloads}
+    rounds: dict[int, list[list[float | None]]] = {payload: [] for payload in
+                                                   plan.forward_payloads}
     for number in range(1, plan.paired_rounds + 1):
-        figures: dict[int, list[float]] = {payload: [] for payload in plan.forward_payloads}
+        figures: dict[int, list[float | None]] = {payload: [] for payload in
+                                                  plan.forward_payloads}
         for make_lab in make:
             with make_lab() as lab:  # type: ignore[attr-defined]
                 bench = measure.Bench(lab, programs, plan.duration_s, lambda _text: None)
@@ -154,7 +156,7 @@ def paired(make: tuple[Callable[[], labs.BenchTarget], Callable[[], labs.BenchTa
             + " per core")
     out = {}
     for payload, rows in rounds.items():
-        ratios = [ours / theirs for ours, theirs in rows if theirs]
+        ratios = [ours / theirs for ours, theirs in rows if ours is not None and theirs]
         out[str(payload)] = {"per_core_pps": rows, "ratios": ratios,
                              "median": statistics.median(ratios) if ratios else None}
     return out
