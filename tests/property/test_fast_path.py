@@ -564,25 +564,189 @@ def test_nat64_echo_is_translated_from_its_templates(flavour: str,
     assert packets["to_services/icmp"] == packets["outbound/icmp"] == 3  # type: ignore[index]
 
 
-def test_a_storm_of_new_sessions_asks_the_compiled_loop_seldom() -> None:
-    """A batch of SYNs, each a new session, is the compiled loop's to leave: it is asked
-    after 1, 2, 4, ... packets through Python, not before each (issue 21: flow setup), and
-    the batch gives what the engine without a fast path gives."""
-    fast, full = nat64_engines("compiled")
-    real, asked = fast.compiled, []
+def counting_inbound(engine: Datapath) -> list[object]:
+    """The start index of each call ``engine`` makes of its compiled inbound loop."""
+    real, asked = engine.compiled, []
 
     class Counting:
         def inbound(self, *args: object) -> object:
             asked.append(args[1])
             return real.inbound(*args)  # type: ignore[union-attr]
 
-    fast.compiled = Counting()  # type: ignore[assignment]
-    batch = [client_packet(NAT64_CLIENTS[0], "tcp", 20000 + i, 80, "S", "none", 0, "none",
+    engine.compiled = Counting()  # type: ignore[assignment]
+    return asked
+
+
+def counting_returning(engine: Datapath) -> list[object]:
+    """The start index of each call ``engine`` makes of its compiled returning loop."""
+    real, asked = engine.compiled, []
+
+    class Counting:
+        inbound = real.inbound  # type: ignore[union-attr]
+
+        def returning(self, *args: object) -> object:
+            asked.append(args[1])
+            return real.returning(*args)  # type: ignore[union-attr]
+
+    engine.compiled = Counting()  # type: ignore[assignment]
+    return asked
+
+
+def test_a_storm_of_new_sessions_is_opened_in_the_compiled_loop() -> None:
+    """A batch of SYNs, each a new session, is taken in one call of the compiled loop: the
+    engine opens each session (``Datapath._opened``) and the loop translates its SYN (issue
+    21: flow setup), with what the engine without a fast path gives, bytes and counters."""
+    fast, full = nat64_engines("compiled")
+    asked = counting_inbound(fast)
+    batch = [client_packet(NAT64_CLIENTS[0], "tcp", 20000 + i, 80, "S", "mss", 0, "none",
                            dst="64:ff9b::" + NAT64_SERVER) for i in range(64)]
     assert fast.from_ipv6(batch, 1.0) == full.from_ipv6(batch, 1.0)
+    assert state(fast) == state(full)
     assert len(fast.flows) == 64
+    assert asked == [0], asked
+
+
+def test_a_storm_the_compiled_loop_leaves_asks_it_seldom() -> None:
+    """A batch of packets the compiled loop leaves to Python (ACKs of no session, each
+    refused) asks it again after 1, 2, 4, ... packets through Python, not before each."""
+    fast, full = nat64_engines("compiled")
+    asked = counting_inbound(fast)
+    batch = [client_packet(NAT64_CLIENTS[0], "tcp", 20000 + i, 80, "A", "none", 0, "none",
+                           dst="64:ff9b::" + NAT64_SERVER) for i in range(64)]
+    assert fast.from_ipv6(batch, 1.0) == full.from_ipv6(batch, 1.0)
     assert asked == [0, 2, 6, 14, 30, 62], asked
 
+
+# New sessions' first packets: the packets the compiled loop hands to the engine to open a
+# session and then translates itself (``Datapath._opened``), and packets like them it must
+# leave to the full path (a refused port, a flag that opens nothing, a mutation, a client
+# the NAT64 does not serve, a destination it may not represent).
+opening_packets = st.lists(st.tuples(
+    st.integers(0, 3), st.sampled_from(["tcp", "tcp", "udp"]), st.integers(1024, 1100),
+    st.sampled_from([53, 80, 80, 7001, 8001, 9999]),
+    st.sampled_from(["S", "S", "S", "SA", "SF", "SR", "A"]),
+    st.sampled_from(["none", "timestamp", "mss", "mss"]), st.integers(0, 1400),
+    st.sampled_from(MUTATIONS)), min_size=1, max_size=24)
+NAT64_OPENING_CLIENTS = (*NAT64_CLIENTS, "2001:db8:100::11", "2001:db8:200::30")  # last: not
+NAT64_TARGETS = (NAT64_SERVER, "10.1.2.3")  # the second: not global (RFC 6052 §3.1)
+
+
+def assert_opened_alike(fast: Datapath, full: Datapath, feed: str,
+                        packets: list[bytes]) -> None:
+    """The batch through both engines, then one packet at a time again (each a session by
+    now, or refused again): the same bytes, counters and sessions."""
+    assert getattr(fast, feed)(packets, 5.0) == getattr(full, feed)(packets, 5.0)
+    assert state(fast) == state(full)
+    for packet in packets:
+        assert getattr(fast, feed)([packet], 6.0) == getattr(full, feed)([packet], 6.0)
+    assert state(fast) == state(full)
+
+
+@settings(max_examples=150)
+@given(opening_packets)
+def test_new_sessions_open_in_the_compiled_loop_as_in_the_full_path(
+        packets: list[tuple[int, str, int, int, str, str, int, str]]) -> None:
+    """6to4: each client's first packet takes the full path (its tunnel checks, whose verdict
+    the opener then needs); every new session after it opens in the compiled loop."""
+    fast, full = engines("compiled")
+    asked = []
+    opened = fast._opened
+
+    def opening(*args: object) -> object:
+        asked.append(args)
+        return opened(*args)  # type: ignore[arg-type]
+
+    fast._opened = opening  # type: ignore[method-assign]
+    def tunnelled(packet: bytes) -> bytes:
+        return helpers.encapsulate(packet, helpers.outer_source("6to4", packet[8:24]))
+
+    batch = [tunnelled(client_packet(CLIENTS[client % len(CLIENTS)], proto, sport, dport, flags,
+                                     options, size, mutation))
+             for client, proto, sport, dport, flags, options, size, mutation in packets]
+    primers = [tunnelled(client_packet(src, "udp", 1, 53, "", "none", 0, "none"))
+               for src in CLIENTS]
+    assert_opened_alike(fast, full, "from_tunnel", primers)
+    assert_opened_alike(fast, full, "from_tunnel", batch)
+    if any(flags == "S" and mutation == "none" and dport in (53, 80, 7001, 8001)
+           for _c, _p, _s, dport, flags, _o, _z, mutation in packets):
+        assert asked  # not vacuous: the compiled loop opened sessions
+
+
+@pytest.mark.parametrize("allow_non_global", [True, False])
+@settings(max_examples=100)
+@given(packets=opening_packets)
+def test_nat64_new_sessions_open_in_the_compiled_loop_as_in_the_full_path(
+        allow_non_global: bool, packets: list[tuple[int, str, int, int, str, str, int, str]]
+        ) -> None:
+    fast, full = nat64_engines("compiled")
+    for engine in (fast, full):
+        engine.settings = dataclasses.replace(engine.settings,
+                                              nat64_allow_non_global=allow_non_global)
+    batch = [client_packet(NAT64_OPENING_CLIENTS[client], proto, sport, dport, flags, options,
+                           size, mutation, dst="64:ff9b::" + NAT64_TARGETS[sport % 2])
+             for client, proto, sport, dport, flags, options, size, mutation in packets]
+    assert_opened_alike(fast, full, "from_ipv6", batch)
+
+
+def service_answer(request: bytes, flags: str, options: str, size: int,
+                   mutation: str) -> bytes:
+    """The service's answer to a translated ``request`` (``reply_packet``'s, with TCP
+    options: a SYN+ACK's MSS is lowered on the way back too)."""
+    answer = IP(reply_packet(request, flags, size, mutation))
+    if TCP in answer and options != "none":
+        answer[TCP].options = [("MSS", 1460)] if options == "mss" else [
+            ("NOP", None), ("NOP", None), ("Timestamp", (5, 6))]
+        del answer[TCP].chksum, answer[TCP].dataofs, answer.len, answer.chksum
+    data = raw(answer)
+    return data if mutation != "bad_header_checksum" else reply_packet(request, flags, size,
+                                                                       mutation)
+
+
+@settings(max_examples=150)
+@given(opening_packets, st.lists(st.tuples(
+    st.integers(0, 50), st.sampled_from(["SA", "SA", "SA", "A", "PA", "R", "FA"]),
+    st.sampled_from(["none", "timestamp", "mss", "mss", "mss"]), st.integers(0, 1400),
+    st.sampled_from(REPLY_MUTATIONS)), min_size=1, max_size=24))
+def test_first_answers_return_in_the_compiled_loop_as_in_the_full_path(
+        packets: list[tuple[int, str, int, int, str, str, int, str]],
+        answers: list[tuple[int, str, str, int, str]]) -> None:
+    """The services' answers to new sessions (none assured yet: no return template) are
+    translated by the compiled loop with the session the engine moves
+    (``Datapath._returned``): the same bytes, counters and states as the full path."""
+    fast, full = engines("compiled")
+    batch = [helpers.encapsulate(packet, helpers.outer_source("6to4", packet[8:24]))
+             for packet in (client_packet(CLIENTS[client % len(CLIENTS)], proto, sport, dport,
+                                          flags, options, size, "none")
+                            for client, proto, sport, dport, flags, options, size, _m in packets)]
+    requests = [p for p in full.from_tunnel(batch, 5.0).to_services if p[9] in (6, 17)]
+    fast.from_tunnel(batch, 5.0)
+    if not requests:
+        return
+    replies = [service_answer(requests[index % len(requests)], flags, options, size, mutation)
+               for index, flags, options, size, mutation in answers]
+    assert fast.from_services(replies, 6.0) == full.from_services(replies, 6.0)
+    assert state(fast) == state(full)
+    for reply in replies:  # again, one at a time: assured sessions take the full path's way
+        assert fast.from_services([reply], 7.0) == full.from_services([reply], 7.0)
+    assert state(fast) == state(full)
+
+
+def test_a_syn_ack_returns_in_the_compiled_loop() -> None:
+    """Not vacuous: a batch of SYN+ACKs of new sessions, the MSS of each lowered to the
+    tunnel's, is translated in one call of the compiled loop, as the full path does."""
+    fast, full = engines("compiled")
+    asked = counting_returning(fast)
+    syns = [helpers.encapsulate(syn, helpers.outer_source("6to4", syn[8:24])) for syn in (
+        client_packet(CLIENTS[0], "tcp", 20000 + i, 80, "S", "mss", 0, "none")
+        for i in range(16))]
+    requests = full.from_tunnel(syns, 5.0).to_services
+    assert fast.from_tunnel(syns, 5.0).to_services == requests and len(requests) == 16
+    answers = [service_answer(request, "SA", "mss", 0, "none") for request in requests]
+    back = fast.from_services(answers, 6.0)
+    assert back == full.from_services(answers, 6.0)
+    assert state(fast) == state(full)
+    assert asked == [0] and len(back.to_tunnel) == 16
+    assert IPv6(back.to_tunnel[0][0])[TCP].options == [("MSS", fast.max_mss)]
 
 
 @FLAVOURS

@@ -29,10 +29,13 @@
 #define ICMPV6_ECHO_REPLY 129
 #define ECHO_REPLY_HOP_LIMIT 64
 #define TCP_SYN_FIN_RST 0x07
+#define TCP_SYN 0x02
+#define MAX_TRANSLATED_SEGMENT (65535 - 20)
 #define IPV4_DF 0x4000
 #define IPV4_MF_OFFSET 0x3FFF
 
-static PyObject *str_last_seen, *str_alive, *str_state;
+static PyObject *str_last_seen, *str_alive, *str_state, *str_pool4, *str_target4, *str_pport,
+                *str_tport, *str_gw6, *str_client6, *str_gwport, *str_cport;
 
 /* The ones' complement sum of a byte string, odd last byte padded with zero (RFC 1071),
  * reduced modulo 0xffff: the value fastpath.py gets from int.from_bytes(...) % 0xFFFF.
@@ -537,15 +540,187 @@ static int echo_to_us(const uint8_t *p, Py_ssize_t size, PyObject *echoes, PyObj
     return 1;
 }
 
+/* A TCP SYN or UDP datagram that may open a session (``p``: its IPv6 packet, ``n`` bytes):
+ * what the full path checks before it looks a session up (datapath._inbound_transport: no
+ * padding, hop limit above 1, the segment's lengths, a UDP checksum not zero, the checksum
+ * verified over the IPv6 pseudo-header, RFC 8200 §8.1), so that the packet it opens a
+ * session for is translated as it is. 1: it may; 0: Python decides. */
+static int may_open(const uint8_t *p, Py_ssize_t n, int proto)
+{
+    unsigned plen = get16(p + 4);
+    if (40 + (Py_ssize_t)plen != n || p[7] <= 1 || plen > MAX_TRANSLATED_SEGMENT)
+        return 0;
+    if (proto == PROTO_UDP) {
+        if (plen < 8 || get16(p + 44) != plen || get16(p + 46) == 0)
+            return 0;
+    } else {
+        unsigned data_offset = (unsigned)(p[52] >> 4) * 4;
+        if (plen < 20 || !(p[53] & TCP_SYN) || data_offset < 20 || data_offset > plen)
+            return 0;
+    }
+    long long sum6 = (long long)sum_mod(p + 8, 32) + proto;
+    return mod_ffff(sum6 + plen + sum_mod(p + 40, plen)) == 0;
+}
+
+/* Where a SYN's MSS option's value lies in its segment (``end``: the data offset), or -1:
+ * translate.clamp_mss's walk of the options (RFC 9293 §3.1), stopping where it stops. */
+static long mss_at(const uint8_t *segment, unsigned end)
+{
+    unsigned offset = 20;
+    while (offset < end) {
+        unsigned kind = segment[offset];
+        if (kind == 0)
+            break;
+        if (kind == 1) {
+            offset += 1;
+            continue;
+        }
+        if (offset + 1 >= end)
+            break;
+        unsigned length = segment[offset + 1];
+        if (length < 2 || offset + length > end)
+            break;
+        if (kind == 2 && length == 4)
+            return offset + 2;
+        offset += length;
+    }
+    return -1;
+}
+
+/* A session's address attribute of ``size`` bytes (4 or 16) into ``to``, and its port
+ * attribute into ``port``. */
+static int session_address(PyObject *session, PyObject *name, uint8_t *to, Py_ssize_t size)
+{
+    PyObject *value = PyObject_GetAttr(session, name);
+    if (value == NULL)
+        return -1;
+    int ok = PyBytes_Check(value) && PyBytes_GET_SIZE(value) == size;
+    if (ok)
+        memcpy(to, PyBytes_AS_STRING(value), (size_t)size);
+    Py_DECREF(value);
+    if (!ok)
+        PyErr_Format(PyExc_ValueError, "a session's %U must be %zd bytes", name, size);
+    return ok ? 0 : -1;
+}
+
+static int session_port(PyObject *session, PyObject *name, unsigned *port)
+{
+    PyObject *value = PyObject_GetAttr(session, name);
+    if (value == NULL)
+        return -1;
+    long number = PyLong_AsLong(value);
+    Py_DECREF(value);
+    if (number == -1 && PyErr_Occurred())
+        return -1;
+    if (number < 0 || number > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "a session's port must be 0..65535");
+        return -1;
+    }
+    *port = (unsigned)number;
+    return 0;
+}
+
+/* translate.translate_v6_to_v4 of a packet ``may_open`` passed, for the session it opened:
+ * the pool address and port for the client's, the target's for ours, a SYN's MSS lowered to
+ * ``max_mss`` (RFC 9293 §3.7.1), the checksum by difference (RFC 1624 eqn. 3, as v6_to_v4)
+ * and the IPv4 header of RFC 7915 §5.1. The new IPv4 packet, or NULL on error. */
+static PyObject *open_v6_to_v4(const uint8_t *p, Py_ssize_t n, int proto, PyObject *session,
+                               unsigned ident, long df_threshold, long max_mss)
+{
+    uint8_t addresses[8];
+    unsigned pport, tport;
+    if (session_address(session, str_pool4, addresses, 4) < 0
+            || session_address(session, str_target4, addresses + 4, 4) < 0
+            || session_port(session, str_pport, &pport) < 0
+            || session_port(session, str_tport, &tport) < 0)
+        return NULL;
+    unsigned plen = (unsigned)(n - 40), hop_limit = p[7];
+    unsigned csum_at = proto == PROTO_UDP ? 6 : 16;
+    long long sum6 = (long long)sum_mod(p + 8, 32) + proto;
+    long long addr4 = (long long)sum_mod(addresses, 8) + proto;
+    long long delta = addr4 - sum6 + pport - get16(p + 40) + tport - get16(p + 42);
+    long mss = -1;
+    if (proto == PROTO_TCP) {
+        mss = mss_at(p + 40, (unsigned)(p[52] >> 4) * 4);
+        if (mss >= 0 && (long)get16(p + 40 + mss) > max_mss)
+            delta += max_mss - (long)get16(p + 40 + mss);
+        else
+            mss = -1;
+    }
+    long rest = mod_ffff(delta - get16(p + 40 + csum_at));
+    unsigned csum = rest ? 0xFFFF - (unsigned)rest : proto == PROTO_UDP ? 0xFFFF : 0;
+    unsigned total_len = 20 + plen;
+    unsigned flags_offset = (long)total_len > df_threshold ? IPV4_DF : 0;
+    unsigned tos = (unsigned)(p[0] & 0x0F) << 4 | p[1] >> 4;
+    unsigned ttl = hop_limit - 1;
+    rest = mod_ffff(0x4500LL + tos + total_len + ident + flags_offset + (ttl << 8) + addr4);
+    unsigned header_csum = rest ? 0xFFFF - (unsigned)rest : 0;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total_len);
+    if (out == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    o[0] = 0x45;
+    o[1] = (uint8_t)tos;
+    put16(o + 2, total_len);
+    put16(o + 4, ident);
+    put16(o + 6, flags_offset);
+    o[8] = (uint8_t)ttl;
+    o[9] = (uint8_t)proto;
+    put16(o + 10, header_csum);
+    memcpy(o + 12, addresses, 8);
+    memcpy(o + 20, p + 40, plen);
+    put16(o + 20, pport);
+    put16(o + 22, tport);
+    if (mss >= 0)
+        put16(o + 20 + mss, (unsigned)max_mss);
+    put16(o + 20 + csum_at, csum);
+    return out;
+}
+
+/* A packet no template knows that ``may_open`` passed, handed to ``opener(packet, now)``
+ * (datapath.Datapath._opened): translated to ``out`` with the session it returns (2, counted
+ * in ``t``), taken there (True: 1, Python counted it), or left to Python (None: 0); -1 on
+ * error. ``p`` is the IPv6 packet inside ``packet``. */
+static int open_session(PyObject *packet, const uint8_t *p, Py_ssize_t n, int proto,
+                        PyObject *opener, PyObject *now, unsigned ident, long df_threshold,
+                        long max_mss, PyObject *out, Py_ssize_t *t)
+{
+    Py_INCREF(packet);  /* the opener runs Python code */
+    PyObject *session = PyObject_CallFunctionObjArgs(opener, packet, now, NULL);
+    int taken;
+    if (session == NULL) {
+        taken = -1;
+    } else if (session == Py_None || session == Py_False) {
+        taken = 0;
+    } else if (session == Py_True) {
+        taken = 1;
+    } else {
+        PyObject *translated = open_v6_to_v4(p, n, proto, session, ident, df_threshold,
+                                             max_mss);
+        taken = translated == NULL || PyList_Append(out, translated) < 0 ? -1 : 2;
+        if (translated != NULL)
+            count(t, proto, n, PyBytes_GET_SIZE(translated));
+        Py_XDECREF(translated);
+    }
+    Py_XDECREF(session);
+    Py_DECREF(packet);
+    return taken;
+}
+
 PyDoc_STRVAR(inbound_doc,
 "inbound(packets, start, caches, outer, ident, now, established, df_threshold, out,\n"
-"        to_tunnel, echoes, allow, mtu)\n"
+"        to_tunnel, echoes, allow, mtu, opener=None, max_mss=0)\n"
 "Translate packets[start:] while they are plain packets of live sessions with an inbound\n"
 "template, appending each IPv4 packet to ``out``. ``outer`` is 0 (IPv6 packets, key\n"
 "packet[8:44]) or 20 (protocol-41 packets, key outer addresses + packet[28:64]).\n"
 "An ICMPv6 Echo Request takes caches[58] (key packet[8:40] + identifier + 2 zero bytes).\n"
 "With ``outer`` 20, an echo request to us is answered from ``echoes`` (None: never) to\n"
 "``to_tunnel`` if ``allow(source, now)``, the echo limit, lets it.\n"
+"A TCP SYN or UDP datagram no template knows, whose checks hold as far as the full path\n"
+"checks before it looks a session up, goes to ``opener(packet, now)`` (None: never): the\n"
+"session it returns translates it (a SYN's MSS lowered to ``max_mss``), True: taken there,\n"
+"None: left to Python.\n"
 "Returns (index of the first packet not taken, ident, udp packets, bytes in, bytes out,\n"
 "tcp packets, bytes in, bytes out, icmp packets, bytes in, bytes out, echo requests to us,\n"
 "their bytes, replies, their bytes).");
@@ -553,14 +728,21 @@ PyDoc_STRVAR(inbound_doc,
 static PyObject *inbound(PyObject *self, PyObject *args)
 {
     PyObject *packets, *caches, *now, *established, *out, *to_tunnel, *echoes, *allow;
+    PyObject *opener = Py_None;
     Py_ssize_t start, outer;
     unsigned long ident;
-    long df_threshold, mtu;
-    if (!PyArg_ParseTuple(args, "O!nO!nkOOlO!O!OOl", &PyList_Type, &packets, &start,
+    long df_threshold, mtu, max_mss = 0;
+    if (!PyArg_ParseTuple(args, "O!nO!nkOOlO!O!OOl|Ol", &PyList_Type, &packets, &start,
                           &PyDict_Type, &caches, &outer, &ident, &now, &established,
                           &df_threshold, &PyList_Type, &out, &PyList_Type, &to_tunnel, &echoes,
-                          &allow, &mtu))
+                          &allow, &mtu, &opener, &max_mss))
         return NULL;
+    if (opener == Py_None)
+        opener = NULL;
+    else if (!PyCallable_Check(opener) || max_mss < 0 || max_mss > 0xFFFF) {
+        PyErr_SetString(PyExc_TypeError, "opener must be callable or None, max_mss 0..65535");
+        return NULL;
+    }
     if (echoes == Py_None || allow == Py_None)
         echoes = allow = NULL;
     else if (!PyDict_Check(echoes) || !PyCallable_Check(allow)) {
@@ -630,6 +812,21 @@ static PyObject *inbound(PyObject *self, PyObject *args)
         Py_DECREF(key);
         if (PyErr_Occurred())
             return NULL;
+        if (template == NULL && opener != NULL && proto != PROTO_ICMPV6
+                && may_open(p + outer, size - outer, proto)) {
+            unsigned next = (unsigned)((ident + 1) & 0xFFFF);
+            int taken = open_session(packet, p + outer, size - outer, proto, opener, now, next,
+                                     df_threshold, max_mss, out, totals);
+            /* Python code ran: the caches are looked up again. */
+            if (taken < 0 || protocol_caches(caches, PROTO_ICMPV6, &tcp_cache, &udp_cache,
+                                             &echo_cache) < 0)
+                return NULL;
+            if (!taken)
+                break;
+            if (taken == 2)
+                ident = next;
+            continue;
+        }
         if (template == NULL || !PyTuple_Check(template) || PyTuple_GET_SIZE(template) != 5)
             break;
         PyObject *session = PyTuple_GET_ITEM(template, 0);
@@ -659,23 +856,146 @@ static PyObject *inbound(PyObject *self, PyObject *args)
     return result(i, ident, totals, 13);
 }
 
+/* An IPv4 TCP/UDP packet from a service that may be a session's first answers (``p``,
+ * ``n`` bytes): what the full path checks before it looks the session up and what a plain
+ * translation needs (datapath._from_services_full: a 20-byte header whose checksum verifies,
+ * not a fragment, the size the header says, TTL above 1, the segment's lengths, small
+ * enough for the MTU: never Fragmentation Needed or IPv6 fragments). 1: it may. */
+static int may_return(const uint8_t *p, Py_ssize_t n, int proto, long mtu)
+{
+    unsigned total_len = get16(p + 2);
+    if ((Py_ssize_t)total_len != n || p[8] <= 1 || get16(p + 6) & IPV4_MF_OFFSET)
+        return 0;
+    unsigned seglen = total_len - 20;
+    if (40 + (long)seglen > mtu || seglen < (proto == PROTO_UDP ? 8u : 20u))
+        return 0;
+    if (proto == PROTO_TCP) {
+        unsigned data_offset = (unsigned)(p[32] >> 4) * 4;
+        if (data_offset < 20 || data_offset > seglen)
+            return 0;
+    }
+    return sum_mod(p, 20) == 0;
+}
+
+/* translate.translate_v4_to_v6 and the IPv6 header of datapath._emit for a packet
+ * ``may_return`` passed, for its ``session``: our address and port for the service's, the
+ * client's for the pool's, a SYN's MSS lowered to ``max_mss``, the checksum computed from
+ * the segment (a local stack's may be partial), hop limit TTL - 1 (RFC 7915 §4.1). */
+static PyObject *return_v4_to_v6(const uint8_t *p, Py_ssize_t n, int proto, PyObject *session,
+                                 long max_mss)
+{
+    uint8_t addresses[32];
+    unsigned gwport, cport;
+    if (session_address(session, str_gw6, addresses, 16) < 0
+            || session_address(session, str_client6, addresses + 16, 16) < 0
+            || session_port(session, str_gwport, &gwport) < 0
+            || session_port(session, str_cport, &cport) < 0)
+        return NULL;
+    unsigned seglen = (unsigned)(n - 20), ttl = p[8];
+    unsigned csum_at = proto == PROTO_UDP ? 6 : 16;
+    long long delta = (long long)sum_mod(addresses, 32) + proto + gwport - get16(p + 20)
+                      + cport - get16(p + 22);
+    long mss = -1;
+    if (proto == PROTO_TCP && p[33] & TCP_SYN) {
+        mss = mss_at(p + 20, (unsigned)(p[32] >> 4) * 4);
+        if (mss >= 0 && (long)get16(p + 20 + mss) > max_mss)
+            delta += max_mss - (long)get16(p + 20 + mss);
+        else
+            mss = -1;
+    }
+    long rest = mod_ffff((long long)sum_mod(p + 20, seglen) - get16(p + 20 + csum_at) + delta
+                         + seglen);
+    unsigned csum = rest ? 0xFFFF - (unsigned)rest : proto == PROTO_UDP ? 0xFFFF : 0;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 40 + (Py_ssize_t)seglen);
+    if (out == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    o[0] = 0x60 | p[1] >> 4;
+    o[1] = (uint8_t)(p[1] << 4);
+    o[2] = o[3] = 0;
+    put16(o + 4, seglen);
+    o[6] = (uint8_t)proto;
+    o[7] = (uint8_t)(ttl - 1);
+    memcpy(o + 8, addresses, 32);
+    memcpy(o + 40, p + 20, seglen);
+    put16(o + 40, gwport);
+    put16(o + 42, cport);
+    if (mss >= 0)
+        put16(o + 40 + mss, (unsigned)max_mss);
+    put16(o + 40 + csum_at, csum);
+    return out;
+}
+
+/* A packet no template knows that ``may_return`` passed, handed to
+ * ``returner(packet, now)`` (datapath.Datapath._returned): translated with the (session,
+ * outer) it returns, to ``to_tunnel`` as (packet, outer) or, outer b"", to ``to_ipv6``
+ * (1, counted in ``t``), taken there (True: 1, Python counted it) or left to Python (None:
+ * 0); -1 on error. */
+static int first_return(PyObject *packet, int proto, PyObject *returner, PyObject *now,
+                        long max_mss, PyObject *to_tunnel, PyObject *to_ipv6, Py_ssize_t *t)
+{
+    Py_INCREF(packet);  /* the returner runs Python code */
+    PyObject *found = PyObject_CallFunctionObjArgs(returner, packet, now, NULL);
+    int taken = found == NULL ? -1 : found == Py_True ? 1 : 0;
+    if (found != NULL && found != Py_None && found != Py_True) {
+        PyObject *outer;
+        if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2
+                || !PyBytes_Check(outer = PyTuple_GET_ITEM(found, 1))) {
+            PyErr_SetString(PyExc_TypeError, "the returner gives (session, outer) or None");
+            taken = -1;
+        } else {
+            PyObject *translated = return_v4_to_v6(
+                (const uint8_t *)PyBytes_AS_STRING(packet), PyBytes_GET_SIZE(packet), proto,
+                PyTuple_GET_ITEM(found, 0), max_mss);
+            if (translated == NULL) {
+                taken = -1;
+            } else if (PyBytes_GET_SIZE(outer)) {
+                PyObject *pair = PyTuple_Pack(2, translated, outer);
+                taken = pair == NULL || PyList_Append(to_tunnel, pair) < 0 ? -1 : 1;
+                Py_XDECREF(pair);
+            } else {
+                taken = PyList_Append(to_ipv6, translated) < 0 ? -1 : 1;
+            }
+            if (taken == 1)
+                count(t, proto, PyBytes_GET_SIZE(packet), PyBytes_GET_SIZE(translated));
+            Py_XDECREF(translated);
+        }
+    }
+    Py_XDECREF(found);
+    Py_DECREF(packet);
+    return taken;
+}
+
 PyDoc_STRVAR(returning_doc,
-"returning(packets, start, caches, mtu, now, established, to_tunnel, to_ipv6)\n"
+"returning(packets, start, caches, mtu, now, established, to_tunnel, to_ipv6,\n"
+"          returner=None, max_mss=0)\n"
 "Translate packets[start:] (IPv4 from the services) while they are plain packets of live\n"
 "sessions with a return template: (packet, outer) to ``to_tunnel`` for a tunnel client,\n"
 "the packet to ``to_ipv6`` for a NAT64 client on this host's side. An ICMPv4 Echo Reply\n"
-"takes caches[1] (key packet[12:20] + 2 zero bytes + identifier). Returns like inbound,\n"
-"with ident 0.");
+"takes caches[1] (key packet[12:20] + 2 zero bytes + identifier). A TCP/UDP packet no\n"
+"template knows, whose checks hold as far as the full path checks before it looks a\n"
+"session up, goes to ``returner(packet, now)`` (None: never): translated with the\n"
+"(session, outer) it returns (a SYN's MSS lowered to ``max_mss``), True: taken there,\n"
+"None: left to Python.\n"
+"Returns like inbound, with ident 0.");
 
 static PyObject *returning(PyObject *self, PyObject *args)
 {
     PyObject *packets, *caches, *now, *established, *to_tunnel, *to_ipv6;
+    PyObject *returner = Py_None;
     Py_ssize_t start;
-    long mtu;
-    if (!PyArg_ParseTuple(args, "O!nO!lOOO!O!", &PyList_Type, &packets, &start, &PyDict_Type,
+    long mtu, max_mss = 0;
+    if (!PyArg_ParseTuple(args, "O!nO!lOOO!O!|Ol", &PyList_Type, &packets, &start, &PyDict_Type,
                           &caches, &mtu, &now, &established, &PyList_Type, &to_tunnel,
-                          &PyList_Type, &to_ipv6))
+                          &PyList_Type, &to_ipv6, &returner, &max_mss))
         return NULL;
+    if (returner == Py_None)
+        returner = NULL;
+    else if (!PyCallable_Check(returner) || max_mss < 0 || max_mss > 0xFFFF) {
+        PyErr_SetString(PyExc_TypeError, "returner must be callable or None, max_mss 0..65535");
+        return NULL;
+    }
     PyObject *tcp_cache, *udp_cache, *echo_cache;
     if (protocol_caches(caches, PROTO_ICMP, &tcp_cache, &udp_cache, &echo_cache) < 0)
         return NULL;
@@ -711,6 +1031,18 @@ static PyObject *returning(PyObject *self, PyObject *args)
         Py_DECREF(key);
         if (PyErr_Occurred())
             return NULL;
+        if (template == NULL && returner != NULL && proto != PROTO_ICMP
+                && may_return(p, size, proto, mtu)) {
+            int taken = first_return(packet, proto, returner, now, max_mss, to_tunnel, to_ipv6,
+                                     totals);
+            /* Python code ran: the caches are looked up again. */
+            if (taken < 0 || protocol_caches(caches, PROTO_ICMP, &tcp_cache, &udp_cache,
+                                             &echo_cache) < 0)
+                return NULL;
+            if (!taken)
+                break;
+            continue;
+        }
         if (template == NULL || !PyTuple_Check(template) || PyTuple_GET_SIZE(template) != 4)
             break;
         PyObject *session = PyTuple_GET_ITEM(template, 0);
@@ -991,7 +1323,17 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     str_last_seen = PyUnicode_InternFromString("last_seen");
     str_alive = PyUnicode_InternFromString("alive");
     str_state = PyUnicode_InternFromString("state");
-    if (str_last_seen == NULL || str_alive == NULL || str_state == NULL)
+    str_pool4 = PyUnicode_InternFromString("pool4");
+    str_target4 = PyUnicode_InternFromString("target4");
+    str_pport = PyUnicode_InternFromString("pport");
+    str_tport = PyUnicode_InternFromString("tport");
+    str_gw6 = PyUnicode_InternFromString("gw6");
+    str_client6 = PyUnicode_InternFromString("client6");
+    str_gwport = PyUnicode_InternFromString("gwport");
+    str_cport = PyUnicode_InternFromString("cport");
+    if (str_last_seen == NULL || str_alive == NULL || str_state == NULL || str_pool4 == NULL
+            || str_target4 == NULL || str_pport == NULL || str_tport == NULL || str_gw6 == NULL
+            || str_client6 == NULL || str_gwport == NULL || str_cport == NULL)
         return NULL;
     return PyModule_Create(&module);
 }

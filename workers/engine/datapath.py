@@ -487,7 +487,8 @@ class Datapath:
                 start = index
                 index, ident = self._run_compiled(
                     loops.inbound, totals, packets, index, caches, 20, ident, now, ESTABLISHED,
-                    DF_THRESHOLD, self._to_services, self._to_tunnel, echoes, allow, mtu)
+                    DF_THRESHOLD, self._to_services, self._to_tunnel, echoes, allow, mtu,
+                    self._open_from_tunnel, self.max_mss)
                 if index >= total:
                     break
                 retry, misses = compiled_retry(index, start, misses)
@@ -600,7 +601,8 @@ class Datapath:
                 start = index
                 index, ident = self._run_compiled(
                     loops.inbound, totals, packets, index, templates, 0, ident, now, ESTABLISHED,
-                    DF_THRESHOLD, self._to_services, self._to_tunnel, None, None, 0)
+                    DF_THRESHOLD, self._to_services, self._to_tunnel, None, None, 0,
+                    self._open_from_ipv6, self.max_mss)
                 if index >= total:
                     break
                 retry, misses = compiled_retry(index, start, misses)
@@ -1016,44 +1018,9 @@ class Datapath:
         # packet (a DNS query) never pays for them (issue 21: memory, flow setup).
         again = session is not None
         if session is None:
-            rule = (self.rules.get((proto, dport)) if target4 is None
-                    else (NAT64_RULE, target4, dport, None))
-            if rule is None:
-                self._drop(DropReason.NO_RULE)
-                self._refuse(packet, view, proto)
+            session = self._open_session(packet, view, proto, sport, dport, flags, now, target4)
+            if session is None:
                 return
-            if not source_allowed(rule[3], view[2]):
-                # A rule open to some sources only: to anyone else the port is closed.
-                self._drop(DropReason.SOURCE_NOT_ALLOWED)
-                self._refuse(packet, view, proto)
-                return
-            # RFC 6146 §3.5.2.2: only a SYN opens a TCP session; anything else is refused
-            # like a closed port so the client learns at once (RFC 9293 §3.10.7.1).
-            if proto == PROTO_TCP and (flags & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN:
-                self._drop(DropReason.NO_SESSION)
-                self._refuse(packet, view, proto)
-                return
-            if hop_limit_after(view[1]) <= 0:
-                self._expired_in_transit(packet, view)
-                return
-            # Our address as one object for all its sessions (issue 21: memory).
-            gw6 = self._our_objects.get(view[3], view[3])
-            shard = inner_shard(packet, self.settings.hash_seed, self._shards) \
-                if self._shards else -1
-            created = self.flows.create(proto, view[2], sport, gw6, dport, rule[1],
-                                        rule[2], rule[0], now, self._outer4, shard=shard)
-            if isinstance(created, DropReason):
-                self._refused_by_limits(created, packet, view)
-                return
-            session = created
-            self.counters.event(Event.FLOWS_CREATED_TCP if proto == PROTO_TCP
-                                else Event.FLOWS_CREATED_UDP)
-            if self._held_syns and proto == PROTO_TCP:
-                self._discard_held_syn(session)
-            if self.flows.removed:
-                # Unassured sessions evicted to make room (Linux conntrack's early drop).
-                self.counters.event(Event.FLOWS_EVICTED, len(self.flows.removed))
-                self._forget_templates()
         elif hop_limit_after(view[1]) <= 0:
             self._expired_in_transit(packet, view)
             return
@@ -1071,6 +1038,111 @@ class Datapath:
             key = bytes(packet[8:44])
             if key not in self._fast_in[proto]:
                 self._fast_in[proto][key] = inbound_template(session)
+
+    def _open_from_tunnel(self, packet: bytes, now: float) -> Session | bool | None:
+        """``from_tunnel``'s opener for the compiled loop (``_opened``): a protocol-41 packet
+        (20-byte outer header, the inner packet after it) whose tunnel checks passed for its
+        addresses before (``check_inbound``'s cache of verdicts; None otherwise: the full
+        checks are the full path's)."""
+        tunnel = self.tunnels.for_outer_source(packet[12:16]) if self.tunnels else None
+        if (tunnel is None or tunnel.accepted is None
+                or packet[12:20] + packet[28:60] not in tunnel.accepted):
+            return None
+        self._tunnel = tunnel
+        return self._opened(packet[20:], now,
+                            packet[12:16] if tunnel.mode != "6in4" else b"")
+
+    def _open_from_ipv6(self, packet: bytes, now: float) -> Session | bool | None:
+        """``from_ipv6``'s opener for the compiled loop (``_opened``)."""
+        return self._opened(packet, now, b"")
+
+    def _opened(self, packet: bytes, now: float, outer4: bytes) -> Session | bool | None:
+        """A new session for the compiled loop (workers/engine/_fastpath.c ``inbound``), which
+        translates the packet that opens it: a TCP SYN or UDP datagram no template knows, with
+        no extension header and no padding, a verified checksum, consistent lengths and hop
+        limit above 1 (so the full path would translate it as it is, if it makes a session).
+        Returns the session; True: refused here (``_open_session`` counted and answered it);
+        None: the full path decides (nothing done yet: an existing session, a destination
+        that is neither ours nor NAT64's)."""
+        try:
+            view = parse_ipv6(packet)
+            if not isinstance(view, tuple) or view[5] != 40 or view[6] is not None:
+                return None
+            target4 = None
+            # ``_inbound``'s dispatch and ``_nat64_inbound``'s checks, which all drop.
+            if self.nat64 is not None and self._entry_tun == self.nat64_tun:
+                target4 = self.nat64.extract(view[3])
+                if target4 is None and self._entry_tun:
+                    return None
+            if target4 is not None:
+                if not source_allowed(self.nat64_clients, view[2]) or (
+                        not self.settings.nat64_allow_non_global
+                        and not self.nat64.may_represent(target4)):  # type: ignore[union-attr]
+                    return None
+            elif view[3] not in self.addresses:
+                return None
+            proto = view[4]
+            sport, dport = PORTS.unpack_from(packet, 40)
+            if self.flows.lookup_v6(proto, view[2], sport, view[3], dport) is not None:
+                return None
+            self._now = now
+            self._outer4 = outer4
+            self._fragmented = False
+            flags = packet[53] if proto == PROTO_TCP else 0
+            session = self._open_session(packet, view, proto, sport, dport, flags, now, target4)
+            if session is None:
+                self.counters.count("inbound", proto, len(packet))
+                return True
+            if proto == PROTO_TCP:
+                self.flows.touch_tcp(session, flags, True, now)
+            return session
+        except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
+            self._internal_error(exc)
+            return True
+
+    def _open_session(self, packet: bytes | memoryview, view: IPv6View, proto: int, sport: int,
+                      dport: int, flags: int, now: float, target4: bytes | None
+                      ) -> Session | None:
+        """The new session of a verified TCP/UDP packet no session knows (to a forwarded port,
+        or ``target4`` given, through NAT64), or None: refused, counted and answered."""
+        rule = (self.rules.get((proto, dport)) if target4 is None
+                else (NAT64_RULE, target4, dport, None))
+        if rule is None:
+            self._drop(DropReason.NO_RULE)
+            self._refuse(packet, view, proto)
+            return None
+        if not source_allowed(rule[3], view[2]):
+            # A rule open to some sources only: to anyone else the port is closed.
+            self._drop(DropReason.SOURCE_NOT_ALLOWED)
+            self._refuse(packet, view, proto)
+            return None
+        # RFC 6146 §3.5.2.2: only a SYN opens a TCP session; anything else is refused like a
+        # closed port so the client learns at once (RFC 9293 §3.10.7.1).
+        if proto == PROTO_TCP and (flags & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN:
+            self._drop(DropReason.NO_SESSION)
+            self._refuse(packet, view, proto)
+            return None
+        if hop_limit_after(view[1]) <= 0:
+            self._expired_in_transit(packet, view)
+            return None
+        # Our address as one object for all its sessions (issue 21: memory).
+        gw6 = self._our_objects.get(view[3], view[3])
+        shard = inner_shard(packet, self.settings.hash_seed, self._shards) \
+            if self._shards else -1
+        created = self.flows.create(proto, view[2], sport, gw6, dport, rule[1], rule[2],
+                                    rule[0], now, self._outer4, shard=shard)
+        if isinstance(created, DropReason):
+            self._refused_by_limits(created, packet, view)
+            return None
+        self.counters.event(Event.FLOWS_CREATED_TCP if proto == PROTO_TCP
+                            else Event.FLOWS_CREATED_UDP)
+        if self._held_syns and proto == PROTO_TCP:
+            self._discard_held_syn(created)
+        if self.flows.removed:
+            # Unassured sessions evicted to make room (Linux conntrack's early drop).
+            self.counters.event(Event.FLOWS_EVICTED, len(self.flows.removed))
+            self._forget_templates()
+        return created
 
     def _expired_in_transit(self, packet: bytes | memoryview, view: IPv6View) -> None:
         """RFC 7915 §5.1 / RFC 4443 §3.3: a router never forwards with hop limit 0; checked
@@ -1183,7 +1255,7 @@ class Datapath:
                 start = index
                 index, _ = self._run_compiled(
                     loops.returning, totals, packets, index, caches, mtu, now, ESTABLISHED,
-                    self._to_tunnel, self._to_ipv6)
+                    self._to_tunnel, self._to_ipv6, self._returned, self.max_mss)
                 if index >= total:
                     break
                 retry, misses = compiled_retry(index, start, misses)
@@ -1319,6 +1391,34 @@ class Datapath:
             self._from_services_icmp(packet, header_len, total_len)
         else:
             self._drop(DropReason.UNSUPPORTED_PROTOCOL)
+
+    def _returned(self, packet: bytes, now: float) -> tuple[Session, bytes] | bool | None:
+        """A session's first answers for the compiled loop (workers/engine/_fastpath.c
+        ``returning``), which translates them: a TCP/UDP packet no template knows, with a
+        20-byte header that verifies, not a fragment, TTL above 1, consistent lengths and
+        small enough for the MTU (so the full path would send it as it is). Returns the
+        session (moved by the packet, as ``_from_services_full`` moves it) and where its
+        IPv6 packet goes (``_outer_for``); None: the full path decides (nothing done yet: no
+        session, an assured one, whose template the full path makes, or no way back); True:
+        it raised (counted once, as the batch loops count a packet that raises)."""
+        try:
+            proto = packet[9]
+            sport, dport = PORTS.unpack_from(packet, 20)
+            session = self.flows.lookup_v4(proto, packet[16:20], dport, packet[12:16], sport)
+            if session is None or session.assured:
+                return None
+            outer = self._outer_for(session.client6, session.gw6)
+            if outer is None:
+                return None
+            self._now = now
+            if proto == PROTO_TCP:
+                self.flows.touch_tcp(session, packet[33], False, now)
+            else:
+                self.flows.touch_udp(session, False, now)
+            return session, outer
+        except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
+            self._internal_error(exc)
+            return True
 
     def _nat64_session_from_v4(self, proto: int, pool4: bytes, pport: int, remote4: bytes,
                                rport: int, now: float, packet: bytes,
