@@ -130,7 +130,11 @@ def test_engine_benchmark_runs_every_path() -> None:
     ], done.stdout
     setups = [line for line in done.stdout.splitlines() if "flows/s" in line]
     assert [row.split(":")[0].strip() for row in setups] == [
-        "sixgate new TCP sessions", "sixgate NAT64 new TCP sessions"], done.stdout
+        "sixgate new TCP sessions", "sixgate new TCP sessions",
+        "sixgate NAT64 new TCP sessions", "sixgate NAT64 new TCP sessions",
+        "sixgate new TCP sessions, Python loops", "sixgate new TCP sessions, Python loops",
+        "sixgate NAT64 new TCP sessions, Python loops",
+        "sixgate NAT64 new TCP sessions, Python loops"], done.stdout
 
 
 def test_nat64_target_delivers_and_reflects_a_burst(bench_lab) -> None:  # type: ignore[no-untyped-def]
