@@ -35,7 +35,7 @@ PREPARE_TIMEOUT_S = 600
 SESSION_TIMEOUT_S = 2400
 # Per guest test, so one hang fails that test instead of losing the whole session's report
 # (above a take-over's two gateway starts: kernelgw.TAKE_OVER_READY_TIMEOUT_S).
-GUEST_TEST_TIMEOUT_S = 600
+GUEST_TEST_TIMEOUT_S = 900
 TRANSCRIPT_TAIL_CHARS = 6000
 RUNNING: list[subprocess.Popen[str]] = []  # vmrun.py processes of this pytest session
 
