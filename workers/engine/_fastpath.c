@@ -554,8 +554,10 @@ static int may_open(const uint8_t *p, Py_ssize_t n, int proto)
         if (plen < 8 || get16(p + 44) != plen || get16(p + 46) == 0)
             return 0;
     } else {
+        if (plen < 20)
+            return 0;
         unsigned data_offset = (unsigned)(p[52] >> 4) * 4;
-        if (plen < 20 || !(p[53] & TCP_SYN) || data_offset < 20 || data_offset > plen)
+        if (!(p[53] & TCP_SYN) || data_offset < 20 || data_offset > plen)
             return 0;
     }
     long long sum6 = (long long)sum_mod(p + 8, 32) + proto;
