@@ -88,9 +88,10 @@ from sixgate.workers.privileges import (
 log = logging.getLogger("sixgate")
 
 RECV_BUDGET = 256  # packets read per wakeup before batches are sent
-# Generous: a slow machine (or a software-emulated VM) takes seconds to import a worker; a
-# worker that dies instead is noticed at once.
-WORKER_READY_TIMEOUT_S = 60.0
+# Generous: a slow machine (or a software-emulated VM) takes seconds to import a worker (a
+# guest under emulation on a loaded host took more than 60 s on 2026-12-07); a worker that
+# dies instead is noticed at once.
+WORKER_READY_TIMEOUT_S = 180.0
 RETIRE_POLL_S = 0.05  # a retiring run looks this often at its signals and relays
 # A refused reload that a new run (a restart, a take-over) would apply ends with this.
 RESTART_NEEDED = "restart needed (the running config stays)"
