@@ -589,6 +589,19 @@ static long mss_at(const uint8_t *segment, unsigned end)
     return -1;
 }
 
+/* What lowering a SYN's MSS option to ``max_mss`` adds to its checksum's sum (RFC 1624), and in
+ * ``*at`` where the value lies in ``segment`` (-1: nothing to lower; ``end``: the data
+ * offset). */
+static long mss_clamp(const uint8_t *segment, unsigned end, long max_mss, long *at)
+{
+    *at = mss_at(segment, end);
+    if (*at < 0 || (long)get16(segment + *at) <= max_mss) {
+        *at = -1;
+        return 0;
+    }
+    return max_mss - (long)get16(segment + *at);
+}
+
 /* A session's address attribute of ``size`` bytes (4 or 16) into ``to``, and its port
  * attribute into ``port``. */
 static int session_address(PyObject *session, PyObject *name, uint8_t *to, Py_ssize_t size)
@@ -642,13 +655,8 @@ static PyObject *open_v6_to_v4(const uint8_t *p, Py_ssize_t n, int proto, PyObje
     long long addr4 = (long long)sum_mod(addresses, 8) + proto;
     long long delta = addr4 - sum6 + pport - get16(p + 40) + tport - get16(p + 42);
     long mss = -1;
-    if (proto == PROTO_TCP) {
-        mss = mss_at(p + 40, (unsigned)(p[52] >> 4) * 4);
-        if (mss >= 0 && (long)get16(p + 40 + mss) > max_mss)
-            delta += max_mss - (long)get16(p + 40 + mss);
-        else
-            mss = -1;
-    }
+    if (proto == PROTO_TCP)
+        delta += mss_clamp(p + 40, (unsigned)(p[52] >> 4) * 4, max_mss, &mss);
     long rest = mod_ffff(delta - get16(p + 40 + csum_at));
     unsigned csum = rest ? 0xFFFF - (unsigned)rest : proto == PROTO_UDP ? 0xFFFF : 0;
     unsigned total_len = 20 + plen;
@@ -898,13 +906,8 @@ static PyObject *return_v4_to_v6(const uint8_t *p, Py_ssize_t n, int proto, PyOb
     long long delta = (long long)sum_mod(addresses, 32) + proto + gwport - get16(p + 20)
                       + cport - get16(p + 22);
     long mss = -1;
-    if (proto == PROTO_TCP && p[33] & TCP_SYN) {
-        mss = mss_at(p + 20, (unsigned)(p[32] >> 4) * 4);
-        if (mss >= 0 && (long)get16(p + 20 + mss) > max_mss)
-            delta += max_mss - (long)get16(p + 20 + mss);
-        else
-            mss = -1;
-    }
+    if (proto == PROTO_TCP && p[33] & TCP_SYN)
+        delta += mss_clamp(p + 20, (unsigned)(p[32] >> 4) * 4, max_mss, &mss);
     long rest = mod_ffff((long long)sum_mod(p + 20, seglen) - get16(p + 20 + csum_at) + delta
                          + seglen);
     unsigned csum = rest ? 0xFFFF - (unsigned)rest : proto == PROTO_UDP ? 0xFFFF : 0;
