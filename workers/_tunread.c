@@ -207,8 +207,11 @@ typedef struct {
     Ring ring;
     int ring_errno;  /* the ring failed as a whole: write(2) from then on */
     PyObject *tunnel_caches, *echoes, *allow;
+    /* the engine's openers (a new session's first packet) and returner (its first answers),
+     * and its own output lists, where what those Python calls answer waits */
+    PyObject *open_from_ipv6, *open_from_tunnel, *returner, *pending;
     unsigned long ident;
-    long df_threshold, mtu;
+    long df_threshold, mtu, max_mss;
     /* handed back */
     PyObject *leftover[3], *statuses, *to_tunnel;
     Py_ssize_t totals[2][13], translated[2], written, failed, captured, captured_bytes;
@@ -533,16 +536,18 @@ static Py_ssize_t serve_batch(Serve *s, int source)
     if (taken == NULL || out == NULL || to_tunnel == NULL || now == NULL)
         goto done;
     if (!back)  /* the capture's packets have their 20-byte outer header and echoes to us */
-        result = PyObject_CallFunction(s->inbound, "OnOnkOOlOOOOl", taken, (Py_ssize_t)0,
+        result = PyObject_CallFunction(s->inbound, "OnOnkOOlOOOOlOl", taken, (Py_ssize_t)0,
                                        tunnel ? s->tunnel_caches : s->in_caches,
                                        (Py_ssize_t)(tunnel ? 20 : 0), s->ident, now,
                                        s->established, s->df_threshold, out, to_tunnel,
                                        tunnel ? s->echoes : Py_None,
-                                       tunnel ? s->allow : Py_None, tunnel ? s->mtu : 0L);
+                                       tunnel ? s->allow : Py_None, tunnel ? s->mtu : 0L,
+                                       tunnel ? s->open_from_tunnel : s->open_from_ipv6,
+                                       s->max_mss);
     else
-        result = PyObject_CallFunction(s->returning, "OnOlOOOO", taken, (Py_ssize_t)0,
+        result = PyObject_CallFunction(s->returning, "OnOlOOOOOl", taken, (Py_ssize_t)0,
                                        s->out_caches, s->mtu, now, s->established,
-                                       to_tunnel, out);
+                                       to_tunnel, out, s->returner, s->max_mss);
     if (result == NULL)
         goto done;
     Py_ssize_t count = back ? 9 : 13;
@@ -585,6 +590,16 @@ done:
     return read_count;
 }
 
+/* Whether the engine's Python (an opener or the returner) queued packets of its own: a
+ * refused first packet's answer, which the caller sends at once. */
+static int engine_pending(Serve *s)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(s->pending); i++)
+        if (PyList_GET_SIZE(PyTuple_GET_ITEM(s->pending, i)))
+            return 1;
+    return 0;
+}
+
 /* A source's batches for one poll: until one is small or one leaves packets to Python. The
  * last batch's size, -1 on error. */
 static Py_ssize_t serve_source(Serve *s, int source)
@@ -619,10 +634,13 @@ PyDoc_STRVAR(serve_doc,
 "IPv6 device, the IPv4 device, the tunnel's capture, each -1 when absent; the capture's\n"
 "batch; the device to write and the tunnel's send socket) are read, translated by the engine's compiled loops\n"
 "(``loops``: inbound, in_caches, returning, out_caches, ident, established, df_threshold,\n"
-"mtu, tunnel_caches, echoes, allow: workers/engine/_fastpath.c), written to the device\n"
+"mtu, tunnel_caches, echoes, allow, the openers of the IPv6 device and of the capture, the\n"
+"returner, max_mss: workers/engine/_fastpath.c; and the engine's output lists, where the\n"
+"answers of those Python calls wait: the loop returns when one holds any), written to the device\n"
 "(several through ``ring``, workers/uring.py UringWriter.compiled_ring; None: write(2)\n"
 "each) and sent to the tunnel by\n"
-"sendmmsg(2), with no Python code run but the echo limit's. Returns once any ``watch``\n"
+"sendmmsg(2), with no Python code run but the echo limit's, the openers' and the returner's.\n"
+"Returns once any ``watch``\n"
 "descriptor is readable, a batch left packets to Python, ``limit`` packets were translated,\n"
 "``timeout_ms`` passed or a signal handler ran: workers/main.py ``Served``'s fields.");
 
@@ -633,19 +651,23 @@ static PyObject *serve(PyObject *self, PyObject *args)
     PyObject *watch;
     int timeout_ms;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!in(iiiiii)(OO!OO!kOllO!OO)O", &PyList_Type, &watch,
+    if (!PyArg_ParseTuple(args, "O!in(iiiiii)(OO!OO!kOllO!OOOOOlO!)O", &PyList_Type, &watch,
                           &timeout_ms, &limit, &s.fd[IPV6], &s.fd[IPV4], &s.fd[CAPTURE],
                           &s.capture_batch, &s.write_fd, &s.send_fd, &s.inbound, &PyDict_Type, &s.in_caches,
                           &s.returning, &PyDict_Type, &s.out_caches, &s.ident, &s.established,
                           &s.df_threshold, &s.mtu, &PyDict_Type, &s.tunnel_caches, &s.echoes,
-                          &s.allow, &s.ring_args))
+                          &s.allow, &s.open_from_ipv6, &s.open_from_tunnel, &s.returner,
+                          &s.max_mss, &PyTuple_Type, &s.pending, &s.ring_args))
         return NULL;
     Py_ssize_t watched = PyList_GET_SIZE(watch);
+    int lists = 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(s.pending); i++)
+        lists &= PyList_Check(PyTuple_GET_ITEM(s.pending, i));
     if (watched > SERVE_WATCH_MAX || !PyCallable_Check(s.inbound)
-            || !PyCallable_Check(s.returning)
+            || !PyCallable_Check(s.returning) || !lists
             || (s.ring_args != Py_None && !PyTuple_Check(s.ring_args))) {
-        PyErr_SetString(PyExc_ValueError, "serve: too many descriptors, a loop not callable "
-                        "or a ring not a tuple");
+        PyErr_SetString(PyExc_ValueError, "serve: too many descriptors, a loop not callable, "
+                        "the engine's output not lists or a ring not a tuple");
         return NULL;
     }
     if (s.ring_args != Py_None && ring_hold(&s.ring, s.ring_args) < 0) {
@@ -713,7 +735,7 @@ static PyObject *serve(PyObject *self, PyObject *args)
         if (ipv4_ready && s.fd[IPV4] >= 0 && serve_source(&s, IPV4) < 0)
             goto done;
         if (PyList_GET_SIZE(ready) || s.leftover[IPV6] || s.leftover[IPV4]
-                || s.leftover[CAPTURE] || PyList_GET_SIZE(s.to_tunnel)
+                || s.leftover[CAPTURE] || PyList_GET_SIZE(s.to_tunnel) || engine_pending(&s)
                 || s.translated[0] + s.translated[1] >= limit || monotonic() >= deadline)
             break;
     }

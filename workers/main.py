@@ -572,10 +572,12 @@ class Worker:
                  if fd >= 0 and fd != served_capture]
         devices = serve is not None and self.tun_fd >= 0 and one_row
         while self.running:
-            # A journal waiting to go out is sent within its interval even when all is quiet.
-            timeout = (0 if pending else int(FLUSH_INTERVAL_S * 1000)
-                       if flows.journal or flows.journal_removed else 500)
             loops = self.datapath.device_loops() if devices else None
+            # A journal waiting to go out is sent within its interval even when all is quiet;
+            # the compiled loop opens sessions too, so with it the interval bounds every call.
+            timeout = (0 if pending else int(FLUSH_INTERVAL_S * 1000)
+                       if flows.journal or flows.journal_removed
+                       or (loops is not None and flows.journal is not None) else 500)
             if loops is not None:
                 events = self._serve(loops, sources, watch, timeout)
             else:
@@ -626,6 +628,10 @@ class Worker:
             self.errors.packet_raised(exc)
             return set()
         datapath.count_served(served.ident, served.inbound, served.returning)
+        # What the engine's openers answered themselves (a refused first packet) goes now.
+        pending = datapath.pending()
+        if pending.to_services or pending.to_tunnel or pending.to_ipv6 or pending.raised:
+            self._send(pending)
         if served.translated_in:
             self.processing["inbound"].observe_many(
                 served.seconds_in / served.translated_in, served.translated_in)

@@ -1,8 +1,10 @@
 """workers/_tunread.c ``serve``: a NAT64 worker's compiled loop around poll(2). What it
-translates leaves byte for byte as the engine's batch calls would give it, counted the same;
-from the first packet its compiled loops do not take, the batch is handed back to Python in
-order (a captured outer fragment before the compiled loop sees it); it returns when a
-watched descriptor is readable; a refused write is counted.
+translates leaves byte for byte as the engine's batch calls would give it, counted the same,
+new sessions' first packets and first answers included (the engine's openers); from the first
+packet its compiled loops do not take, the batch is handed back to Python in order (a
+captured outer fragment before the compiled loop sees it); it returns when a watched
+descriptor is readable, and when an opener answered a refused first packet itself; a refused
+write is counted.
 
 SOCK_SEQPACKET socket pairs stand for the TUN devices (one packet per read(2) and write(2),
 as tests/unit/test_tunread.py); a second engine with the same settings, called per batch as
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt
 from scapy.packet import Raw, raw
 from support.helpers import (
     CLIENT4,
@@ -98,6 +100,14 @@ def tcp4(port: int, flags: str, seq: int = 7, ack: int = 1, payload: bytes = b""
                                                ack=ack) / Raw(payload))
 
 
+def with_options(packet: bytes) -> bytes:
+    """``packet`` (IPv6, from its first byte) with an empty Destination Options header: a
+    packet the compiled loops leave to Python (RFC 8200 §4)."""
+    ipv6 = IPv6(packet)
+    return raw(IPv6(src=ipv6.src, dst=ipv6.dst, hlim=ipv6.hlim) / IPv6ExtHdrDestOpt()
+               / ipv6.payload)
+
+
 def echo6(seq: int) -> bytes:
     return raw(IPv6(src=CLIENT, dst=SERVER6) / ICMPv6EchoRequest(id=0x1234, seq=seq,
                                                                data=b"ping"))
@@ -161,7 +171,7 @@ def test_from_the_first_packet_it_does_not_take_the_batch_goes_back_in_order(
     served, reference = nat64(), nat64()
     sessions(served)
     sessions(reference)
-    new_client = udp6(sport=40001, payload=b"new")  # no session yet: the engine's to make
+    new_client = with_options(udp6(sport=40001, payload=b"new"))  # the full path's to make
     batch = [*requests(1)[:2], new_client, *requests(2)]
     devices.send6(batch)
     result = devices.serve(served)
@@ -324,7 +334,8 @@ def test_captured_packets_as_from_tunnel_gives_them_the_rest_back_with_statuses(
     served, reference = make_datapath("6to4"), make_datapath("6to4")
     tunnel_sessions(served)
     tunnel_sessions(reference)
-    batch = [query(40000, b"a"), echo_to_us(5), query(40001, b"new"), query(40000, b"b")]
+    with_header = raw(IP(src=CLIENT4, dst=GW4) / with_options(query(40001, b"new")[20:]))
+    batch = [query(40000, b"a"), echo_to_us(5), with_header, query(40000, b"b")]
     capture.capture_send(batch)
     result = capture.serve_capture(served)
     assert result.captured == 4 and result.captured_bytes == sum(map(len, batch))
@@ -352,13 +363,65 @@ def test_an_outer_fragment_is_left_to_python_before_the_compiled_loop_sees_it(
 
 
 def test_packets_left_to_python_on_one_side_do_not_hold_up_the_other(devices: Devices) -> None:
-    """Under a flood of new sessions every batch from the clients is left to Python: the
-    answers waiting on the other device are read in the same turn all the same (a SYN flood
-    would otherwise starve every SYN-ACK)."""
+    """When every batch from the clients is left to Python (each with an extension header,
+    say), the answers waiting on the other device are read in the same turn all the same (a
+    flood of such packets would otherwise starve every answer)."""
     served = nat64()
     ports = sessions(served)
-    devices.send6([udp6(sport=41000 + i, payload=b"new") for i in range(3)])
+    devices.send6([with_options(udp6(sport=41000 + i, payload=b"new")) for i in range(3)])
     devices.send4(replies(ports, 1))
     result = devices.serve(served)
     assert len(result.left_ipv6) == 3 and result.translated_in == 0
     assert result.translated_back == 3 and len(devices.written()) == 3
+
+
+def test_new_sessions_open_in_the_loop_as_the_engine_opens_them(devices: Devices) -> None:
+    """SYNs and datagrams of new sessions are translated in the loop (the engine's opener
+    makes each session), and so are their first answers (the returner): the same bytes,
+    counters and sessions as the engine's batch calls."""
+    served, reference = nat64(), nat64()
+    firsts = [tcp6("S")] + [udp6(sport=41000 + i, payload=b"new%d" % i) for i in range(3)]
+    devices.send6(firsts)
+    result = devices.serve(served)
+    assert (result.left_ipv6, result.translated_in) == ([], 4)
+    now = time.monotonic()
+    expected = reference.from_ipv6(firsts, now).to_services
+    out4 = devices.written()
+    assert out4 == expected
+    answers = [tcp4(IP(out4[0])[TCP].sport, "SA", seq=7, ack=2)]
+    answers += [raw(IP(src=SERVER, dst=POOL4) / UDP(sport=53, dport=IP(packet)[UDP].sport)
+                    / Raw(b"answer")) for packet in out4[1:]]
+    devices.send4(answers)
+    result = devices.serve(served)
+    assert (result.left_ipv4, result.translated_back) == ([], 4)
+    assert devices.written() == reference.from_services(answers, now).to_ipv6
+    assert served.counters.packets == reference.counters.packets
+    assert served.counters.bytes == reference.counters.bytes
+    assert ({(s.proto, s.cport, s.state, s.assured) for s in served.flows.sessions()}
+            == {(s.proto, s.cport, s.state, s.assured) for s in reference.flows.sessions()})
+    assert len(served.flows) == 4
+
+
+def test_a_first_packet_an_opener_refuses_is_answered_at_once(capture: Capture) -> None:
+    """A new client's datagram to a port no rule opens, from tunnel addresses already
+    accepted: the opener refuses it and queues its answer in the engine; the loop returns
+    for it to be sent (Worker._serve takes ``pending``) instead of sleeping to its
+    timeout."""
+    served = make_datapath("6to4")
+    tunnel_sessions(served)
+    refused = raw(IP(src=CLIENT4, dst=GW4) / IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4)
+                  / UDP(sport=40002, dport=54) / Raw(b"closed"))
+    capture.capture_send([refused])
+    loops = served.device_loops()
+    assert loops is not None
+    fds = (-1, capture.pairs[1][0].fileno(), capture.capture[0].fileno(), 64,
+           capture.pairs[2][0].fileno(), -1)
+    started = time.monotonic()
+    result = Served._make(serve([], 20_000, 4096, fds, loops, None))
+    assert time.monotonic() - started < 10  # returned for the answer, not at the timeout
+    assert (result.left_capture, result.translated_in) == ([], 1)  # taken by the opener
+    answer = served.pending().to_tunnel
+    assert len(answer) == 1 and answer[0][1] == refused[12:16]  # to the outer source
+    unreachable = IPv6(answer[0][0])
+    assert unreachable.dst == CLIENT6_6TO4 and unreachable[ICMPv6DestUnreach].code == 4
+    assert served.pending().to_tunnel == []

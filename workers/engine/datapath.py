@@ -202,6 +202,15 @@ class DeviceLoops(NamedTuple):
     tunnel_caches: dict[int, dict[bytes, InTemplate]]  # ``from_tunnel``'s, keyed with the outer
     echoes: dict[bytes, EchoTemplate]  # echo requests to us through the tunnel
     allow: Callable[[bytes, float], bool]  # the echo limit (RFC 4443 §2.4(f))
+    # A new session's first packet and its first answers, in the compiled loops as in the
+    # engine's batch calls (``_open_from_ipv6``, ``_open_from_tunnel``, ``_returned``).
+    open_from_ipv6: Callable[[bytes, float], object]
+    open_from_tunnel: Callable[[bytes, float], object]
+    returner: Callable[[bytes, float], object]
+    max_mss: int
+    # The engine's own output lists (``pending`` takes them): what those calls answered
+    # there (a refused first packet's answer); the loop returns when one holds any.
+    pending: tuple[list[bytes], list[tuple[bytes, bytes]], list[bytes]]
 
 # RFC 6146 §4 TCP_INCOMING_SYN: how long an IPv4 SYN to no binding waits for the client's own
 # SYN before it is answered with port unreachable; at most this many wait at once (§5.3).
@@ -664,7 +673,14 @@ class Datapath:
             return None
         return DeviceLoops(self.compiled.inbound, self._fast_in, self.compiled.returning,
                            self._fast_out, self._ident4, ESTABLISHED, DF_THRESHOLD, self.mtu,
-                           self._fast_tunnel, self._fast_echo, self.echo_limiter.allow)
+                           self._fast_tunnel, self._fast_echo, self.echo_limiter.allow,
+                           self._open_from_ipv6, self._open_from_tunnel, self._returned,
+                           self.max_mss, (self._to_services, self._to_tunnel, self._to_ipv6))
+
+    def pending(self) -> Output:
+        """What the engine queued while a loop from ``device_loops`` ran (an opener's answer
+        to a first packet it refused, what a packet raised), handed over."""
+        return self._take()
 
     def count_served(self, ident: int, inbound: Sequence[int], returning: Sequence[int]) -> None:
         """Count what a loop from ``device_loops`` translated: the inbound loop's totals
@@ -1050,55 +1066,66 @@ class Datapath:
             return None
         self._tunnel = tunnel
         return self._opened(packet[20:], now,
-                            packet[12:16] if tunnel.mode != "6in4" else b"")
+                            packet[12:16] if tunnel.mode != "6in4" else b"", False)
 
     def _open_from_ipv6(self, packet: bytes, now: float) -> Session | bool | None:
         """``from_ipv6``'s opener for the compiled loop (``_opened``)."""
-        return self._opened(packet, now, b"")
+        return self._opened(packet, now, b"", True)
 
-    def _opened(self, packet: bytes, now: float, outer4: bytes) -> Session | bool | None:
+    def _opened(self, packet: bytes, now: float, outer4: bytes,
+                entry_tun: bool) -> Session | bool | None:
         """A new session for the compiled loop (workers/engine/_fastpath.c ``inbound``), which
         translates the packet that opens it: a TCP SYN or UDP datagram no template knows, with
         no extension header and no padding, a verified checksum, consistent lengths and hop
         limit above 1 (so the full path would translate it as it is, if it makes a session).
+        ``entry_tun``: it came from the TUN devices (``from_ipv6``), not through the tunnel;
+        the loop around the devices (``device_loops``) calls this between the engine's
+        batch calls, so the engine's state of which entry it serves is set here and put back.
         Returns the session; True: refused here (``_open_session`` counted and answered it);
         None: the full path decides (nothing done yet: an existing session, a destination
         that is neither ours nor NAT64's)."""
+        entry, self._entry_tun = self._entry_tun, entry_tun
         try:
-            view = parse_ipv6(packet)
-            if not isinstance(view, tuple) or view[5] != 40 or view[6] is not None:
-                return None
-            target4 = None
-            # ``_inbound``'s dispatch and ``_nat64_inbound``'s checks, which all drop.
-            if self.nat64 is not None and self._entry_tun == self.nat64_tun:
-                target4 = self.nat64.extract(view[3])
-                if target4 is None and self._entry_tun:
-                    return None
-            if target4 is not None:
-                if not source_allowed(self.nat64_clients, view[2]) or (
-                        not self.settings.nat64_allow_non_global
-                        and not self.nat64.may_represent(target4)):  # type: ignore[union-attr]
-                    return None
-            elif view[3] not in self.addresses:
-                return None
-            proto = view[4]
-            sport, dport = PORTS.unpack_from(packet, 40)
-            if self.flows.lookup_v6(proto, view[2], sport, view[3], dport) is not None:
-                return None
-            self._now = now
-            self._outer4 = outer4
-            self._fragmented = False
-            flags = packet[53] if proto == PROTO_TCP else 0
-            session = self._open_session(packet, view, proto, sport, dport, flags, now, target4)
-            if session is None:
-                self.counters.count("inbound", proto, len(packet))
-                return True
-            if proto == PROTO_TCP:
-                self.flows.touch_tcp(session, flags, True, now)
-            return session
+            return self._open_checked(packet, now, outer4)
         except Exception as exc:  # noqa: BLE001 - one packet must never kill the batch
             self._internal_error(exc)
             return True
+        finally:
+            self._entry_tun = entry
+
+    def _open_checked(self, packet: bytes, now: float, outer4: bytes) -> Session | bool | None:
+        """``_opened``'s work: ``_inbound``'s dispatch and checks, then ``_open_session``."""
+        view = parse_ipv6(packet)
+        if not isinstance(view, tuple) or view[5] != 40 or view[6] is not None:
+            return None
+        target4 = None
+        # ``_inbound``'s dispatch and ``_nat64_inbound``'s checks, which all drop.
+        if self.nat64 is not None and self._entry_tun == self.nat64_tun:
+            target4 = self.nat64.extract(view[3])
+            if target4 is None and self._entry_tun:
+                return None
+        if target4 is not None:
+            if not source_allowed(self.nat64_clients, view[2]) or (
+                    not self.settings.nat64_allow_non_global
+                    and not self.nat64.may_represent(target4)):  # type: ignore[union-attr]
+                return None
+        elif view[3] not in self.addresses:
+            return None
+        proto = view[4]
+        sport, dport = PORTS.unpack_from(packet, 40)
+        if self.flows.lookup_v6(proto, view[2], sport, view[3], dport) is not None:
+            return None
+        self._now = now
+        self._outer4 = outer4
+        self._fragmented = False
+        flags = packet[53] if proto == PROTO_TCP else 0
+        session = self._open_session(packet, view, proto, sport, dport, flags, now, target4)
+        if session is None:
+            self.counters.count("inbound", proto, len(packet))
+            return True
+        if proto == PROTO_TCP:
+            self.flows.touch_tcp(session, flags, True, now)
+        return session
 
     def _open_session(self, packet: bytes | memoryview, view: IPv6View, proto: int, sport: int,
                       dport: int, flags: int, now: float, target4: bytes | None
