@@ -120,14 +120,15 @@ def measure_system(lab: labs.BenchTarget, plan: Plan, programs: dict[str, Path],
                 overload, best = bench.search(returns, payload, kind="round trip", also=counters,
                                               max_trials=plan.search_trials, hint_pps=hint)
                 out["round_trip"][str(payload)] = trial_summary(overload, best)
-    if flows:
-        out["syn_flood"] = measure.syn_flood(bench, plan.syn_flood_s, plan.search_trials)
     if memory:
         # The service answers each binding (assured: it lives 2 min, long enough for 1M to
         # be set up); the answers go back through the gateway to the peer, which drops them.
+        # Before the SYN flood, whose sessions would still be live (30 s unassured).
         with lab.service_sink(sink, reflect=True) as counters, lab.return_counter(sink):
             out["memory"] = measure.memory_per_binding(
                 bench, counters, plan.memory_sizes, rate=max(0.5 * (loss_free_64 or 0), 5000))
+    if flows:
+        out["syn_flood"] = measure.syn_flood(bench, plan.syn_flood_s, plan.search_trials)
     out["trials"] = [trial.as_json() for trial in bench.trials]
     return out
 
