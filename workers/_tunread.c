@@ -210,6 +210,10 @@ typedef struct {
     /* the engine's openers (a new session's first packet) and returner (its first answers),
      * and its own output lists, where what those Python calls answer waits */
     PyObject *open_from_ipv6, *open_from_tunnel, *returner, *pending;
+    /* the flow table's journal (changed sessions: a dict; removed ones: a list), or None,
+     * and how soon after it first holds anything the call returns for it to be sent */
+    PyObject *journal;
+    double journal_s;
     unsigned long ident;
     long df_threshold, mtu, max_mss;
     /* handed back */
@@ -635,8 +639,10 @@ PyDoc_STRVAR(serve_doc,
 "batch; the device to write and the tunnel's send socket) are read, translated by the engine's compiled loops\n"
 "(``loops``: inbound, in_caches, returning, out_caches, ident, established, df_threshold,\n"
 "mtu, tunnel_caches, echoes, allow, the openers of the IPv6 device and of the capture, the\n"
-"returner, max_mss: workers/engine/_fastpath.c; and the engine's output lists, where the\n"
-"answers of those Python calls wait: the loop returns when one holds any), written to the device\n"
+"returner, max_mss: workers/engine/_fastpath.c; the engine's output lists, where the\n"
+"answers of those Python calls wait: the loop returns when one holds any; the flow table's\n"
+"journal (changed, removed) or None and the seconds within which it returns once that holds\n"
+"anything), written to the device\n"
 "(several through ``ring``, workers/uring.py UringWriter.compiled_ring; None: write(2)\n"
 "each) and sent to the tunnel by\n"
 "sendmmsg(2), with no Python code run but the echo limit's, the openers' and the returner's.\n"
@@ -651,23 +657,28 @@ static PyObject *serve(PyObject *self, PyObject *args)
     PyObject *watch;
     int timeout_ms;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!in(iiiiii)(OO!OO!kOllO!OOOOOlO!)O", &PyList_Type, &watch,
+    if (!PyArg_ParseTuple(args, "O!in(iiiiii)(OO!OO!kOllO!OOOOOlO!Od)O", &PyList_Type, &watch,
                           &timeout_ms, &limit, &s.fd[IPV6], &s.fd[IPV4], &s.fd[CAPTURE],
                           &s.capture_batch, &s.write_fd, &s.send_fd, &s.inbound, &PyDict_Type, &s.in_caches,
                           &s.returning, &PyDict_Type, &s.out_caches, &s.ident, &s.established,
                           &s.df_threshold, &s.mtu, &PyDict_Type, &s.tunnel_caches, &s.echoes,
                           &s.allow, &s.open_from_ipv6, &s.open_from_tunnel, &s.returner,
-                          &s.max_mss, &PyTuple_Type, &s.pending, &s.ring_args))
+                          &s.max_mss, &PyTuple_Type, &s.pending, &s.journal, &s.journal_s,
+                          &s.ring_args))
         return NULL;
     Py_ssize_t watched = PyList_GET_SIZE(watch);
-    int lists = 1;
+    int lists = s.journal == Py_None || (PyTuple_Check(s.journal)
+                                         && PyTuple_GET_SIZE(s.journal) == 2
+                                         && PyDict_Check(PyTuple_GET_ITEM(s.journal, 0))
+                                         && PyList_Check(PyTuple_GET_ITEM(s.journal, 1)));
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(s.pending); i++)
         lists &= PyList_Check(PyTuple_GET_ITEM(s.pending, i));
     if (watched > SERVE_WATCH_MAX || !PyCallable_Check(s.inbound)
             || !PyCallable_Check(s.returning) || !lists
             || (s.ring_args != Py_None && !PyTuple_Check(s.ring_args))) {
         PyErr_SetString(PyExc_ValueError, "serve: too many descriptors, a loop not callable, "
-                        "the engine's output not lists or a ring not a tuple");
+                        "the engine's output not lists, the journal not (dict, list) or None "
+                        "or a ring not a tuple");
         return NULL;
     }
     if (s.ring_args != Py_None && ring_hold(&s.ring, s.ring_args) < 0) {
@@ -692,6 +703,7 @@ static PyObject *serve(PyObject *self, PyObject *args)
     if (ready == NULL || s.to_tunnel == NULL)
         goto done;
     double deadline = monotonic() + (timeout_ms > 0 ? timeout_ms : 0) / 1000.0;
+    int journaled = 0;  /* the journal held something: the deadline was brought forward */
     for (;;) {
         double left = deadline - monotonic();
         int wait = left > 0 ? (int)(left * 1000.0) + 1 : 0;
@@ -734,6 +746,16 @@ static PyObject *serve(PyObject *self, PyObject *args)
          * answers would otherwise never be read. */
         if (ipv4_ready && s.fd[IPV4] >= 0 && serve_source(&s, IPV4) < 0)
             goto done;
+        /* What the openers changed in the flow table is sent within the journal's interval
+         * (workers/journal.py FLUSH_INTERVAL_S), however long this call would wait. */
+        if (!journaled && s.journal != Py_None
+                && (PyDict_GET_SIZE(PyTuple_GET_ITEM(s.journal, 0))
+                    || PyList_GET_SIZE(PyTuple_GET_ITEM(s.journal, 1)))) {
+            journaled = 1;
+            double due = monotonic() + s.journal_s;
+            if (due < deadline)
+                deadline = due;
+        }
         if (PyList_GET_SIZE(ready) || s.leftover[IPV6] || s.leftover[IPV4]
                 || s.leftover[CAPTURE] || PyList_GET_SIZE(s.to_tunnel) || engine_pending(&s)
                 || s.translated[0] + s.translated[1] >= limit || monotonic() >= deadline)

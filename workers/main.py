@@ -572,12 +572,11 @@ class Worker:
                  if fd >= 0 and fd != served_capture]
         devices = serve is not None and self.tun_fd >= 0 and one_row
         while self.running:
-            loops = self.datapath.device_loops() if devices else None
-            # A journal waiting to go out is sent within its interval even when all is quiet;
-            # the compiled loop opens sessions too, so with it the interval bounds every call.
+            # A journal waiting to go out is sent within its interval even when all is quiet
+            # (the compiled loop returns within it once its openers changed the journal).
             timeout = (0 if pending else int(FLUSH_INTERVAL_S * 1000)
-                       if flows.journal or flows.journal_removed
-                       or (loops is not None and flows.journal is not None) else 500)
+                       if flows.journal or flows.journal_removed else 500)
+            loops = self.datapath.device_loops(FLUSH_INTERVAL_S) if devices else None
             if loops is not None:
                 events = self._serve(loops, sources, watch, timeout)
             else:

@@ -33,6 +33,7 @@ from support.helpers import (
 from test_nat64_datapath import CLIENT, POOL4, SERVER, SERVER6, nat64, udp6
 
 from sixgate.workers.engine.datapath import Datapath
+from sixgate.workers.journal import FLUSH_INTERVAL_S as JOURNAL_S
 from sixgate.workers.main import Served, serve
 from sixgate.workers.uring import UringWriter
 
@@ -68,7 +69,7 @@ class Devices:
     def serve(self, datapath: Datapath, watch: list[int] | None = None, timeout_ms: int = 0,
               write_fd: int | None = None, ring: tuple[object, ...] | None = None) -> Served:
         """One call as the worker makes it (workers/main.py ``Worker._serve``)."""
-        loops = datapath.device_loops()
+        loops = datapath.device_loops(JOURNAL_S)
         assert loops is not None
         fds = (self.pairs[0][0].fileno(), self.pairs[1][0].fileno(), -1, 0,
                self.pairs[2][0].fileno() if write_fd is None else write_fd, -1)
@@ -163,7 +164,8 @@ def test_it_translates_as_the_engine_does_and_counts_the_same(devices: Devices) 
     assert served.counters.packets == reference.counters.packets
     assert served.counters.bytes == reference.counters.bytes
     assert served.counters.drops == reference.counters.drops
-    assert served.device_loops().ident == reference.device_loops().ident  # type: ignore[union-attr]
+    assert (served.device_loops(JOURNAL_S).ident  # type: ignore[union-attr]
+            == reference.device_loops(JOURNAL_S).ident)  # type: ignore[union-attr]
 
 
 def test_from_the_first_packet_it_does_not_take_the_batch_goes_back_in_order(
@@ -297,7 +299,7 @@ class Capture(Devices):
             self.capture[1].send(packet)
 
     def serve_capture(self, datapath: Datapath) -> Served:
-        loops = datapath.device_loops()
+        loops = datapath.device_loops(JOURNAL_S)
         assert loops is not None
         fds = (-1, self.pairs[1][0].fileno(), self.capture[0].fileno(), 64,
                self.pairs[2][0].fileno(), -1)  # no send socket: the tunnel's packets come back
@@ -412,7 +414,7 @@ def test_a_first_packet_an_opener_refuses_is_answered_at_once(capture: Capture) 
     refused = raw(IP(src=CLIENT4, dst=GW4) / IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4)
                   / UDP(sport=40002, dport=54) / Raw(b"closed"))
     capture.capture_send([refused])
-    loops = served.device_loops()
+    loops = served.device_loops(JOURNAL_S)
     assert loops is not None
     fds = (-1, capture.pairs[1][0].fileno(), capture.capture[0].fileno(), 64,
            capture.pairs[2][0].fileno(), -1)
@@ -425,3 +427,20 @@ def test_a_first_packet_an_opener_refuses_is_answered_at_once(capture: Capture) 
     unreachable = IPv6(answer[0][0])
     assert unreachable.dst == CLIENT6_6TO4 and unreachable[ICMPv6DestUnreach].code == 4
     assert served.pending().to_tunnel == []
+
+
+def test_sessions_an_opener_made_are_journaled_within_the_interval(devices: Devices) -> None:
+    """The flow table's journal (the shard's copy at the coordinator, workers/journal.py)
+    holds the sessions the openers made in the loop: the loop returns within the journal's
+    interval for the worker to send them, not at its own timeout."""
+    served = nat64()
+    served.flows.journal = {}  # kept, as a worker keeps it
+    devices.send6([udp6(sport=42000, payload=b"new")])
+    loops = served.device_loops(JOURNAL_S)
+    assert loops is not None
+    fds = (devices.pairs[0][0].fileno(), devices.pairs[1][0].fileno(), -1, 0,
+           devices.pairs[2][0].fileno(), -1)
+    started = time.monotonic()
+    result = Served._make(serve([], 20_000, 4096, fds, loops, None))
+    assert time.monotonic() - started < 10  # within the interval, not at the timeout
+    assert result.translated_in == 1 and len(served.flows.journal) == 1

@@ -48,6 +48,7 @@ from sixgate.workers.engine.flows import (
     ESTABLISHED,
     NAT64_RULE,
     FlowTable,
+    Key,
     PortPool,
     Session,
     ShardedPortPool,
@@ -211,6 +212,10 @@ class DeviceLoops(NamedTuple):
     # The engine's own output lists (``pending`` takes them): what those calls answered
     # there (a refused first packet's answer); the loop returns when one holds any.
     pending: tuple[list[bytes], list[tuple[bytes, bytes]], list[bytes]]
+    # The flow table's journal (changed sessions, removed keys; None: not kept) and the
+    # seconds within which the loop returns once it holds anything (the shell sends it).
+    journal: tuple[dict[Session, None], list[Key]] | None
+    journal_s: float
 
 # RFC 6146 §4 TCP_INCOMING_SYN: how long an IPv4 SYN to no binding waits for the client's own
 # SYN before it is answered with port unreachable; at most this many wait at once (§5.3).
@@ -664,18 +669,22 @@ class Datapath:
                           (tcp_n, tcp_in, tcp_out), totals, (echo_n, echo_in, echo_out))
         return self._take()
 
-    def device_loops(self) -> DeviceLoops | None:
+    def device_loops(self, journal_s: float) -> DeviceLoops | None:
         """The compiled loops and tables for a loop around the devices and the capture that
         runs no Python per packet (``count_served`` counts what it did); None where the loops
         are not built or this is a CLAT (its device takes ``from_clat``): the shell then calls
-        the engine per batch."""
+        the engine per batch. ``journal_s``: how soon the loop returns once the flow table's
+        journal holds something (the shell's interval for sending it)."""
         if self.compiled is None or self.mode == "clat":
             return None
         return DeviceLoops(self.compiled.inbound, self._fast_in, self.compiled.returning,
                            self._fast_out, self._ident4, ESTABLISHED, DF_THRESHOLD, self.mtu,
                            self._fast_tunnel, self._fast_echo, self.echo_limiter.allow,
                            self._open_from_ipv6, self._open_from_tunnel, self._returned,
-                           self.max_mss, (self._to_services, self._to_tunnel, self._to_ipv6))
+                           self.max_mss, (self._to_services, self._to_tunnel, self._to_ipv6),
+                           None if self.flows.journal is None
+                           else (self.flows.journal, self.flows.journal_removed),
+                           journal_s)
 
     def pending(self) -> Output:
         """What the engine queued while a loop from ``device_loops`` ran (an opener's answer
