@@ -58,7 +58,8 @@ class Counters:
         octets[second] += second_size
 
     def event(self, event: Event, n: int = 1) -> None:
-        self.events[event.value] = self.events.get(event.value, 0) + n
+        key = event._value_  # the member's value (enum's sunder name): ``.value`` is a
+        self.events[key] = self.events.get(key, 0) + n  # property, per new session here
 
     def as_dict(self) -> dict[str, object]:
         return {
