@@ -216,6 +216,20 @@ class BenchTarget:
         """The gateway's /metrics (sixgate only)."""
         return {}
 
+    # -- new TCP flows (the SYN flood)
+
+    syn_return_proto = 41  # what the service's SYN+ACK comes back to the peer as
+
+    def tcp_listen_endpoint(self) -> str:
+        """Where the SYN flood's listener (sink.c --tcp-listen) binds, in the service's
+        namespace: sixgate forwards the port to this host's loopback."""
+        return f"127.0.0.1:{TCP_PORT}"
+
+    def flow_state(self) -> contextlib.AbstractContextManager[None]:
+        """What makes this system keep a state per flow while the SYN flood runs (sixgate
+        always does)."""
+        return contextlib.nullcontext()
+
     # -- traffic programs (pinned to the traffic CPUs)
 
     def spawn_traffic(self, key: str, namespace: str,
@@ -260,17 +274,18 @@ class BenchTarget:
 
     @contextlib.contextmanager
     def return_counter(self, sink: Path, synack: bool = False) -> Iterator[Path]:
-        """Counts what comes back to the peer on its veth; the peer's kernel then drops it."""
+        """Counts what comes back to the peer on its veth; the peer's kernel then drops it.
+        ``synack``: only the SYN+ACKs (as ``syn_return_proto``)."""
         family = "ip" if self.return_family == 4 else "ip6"
         field = "protocol" if self.return_family == 4 else "nexthdr"
+        proto = self.syn_return_proto if synack else self.return_proto
         rule = (f"table inet {NFT_TABLE} {{\n chain pre {{\n"
                 "  type filter hook prerouting priority -300; policy accept;\n"
-                f'  iifname "veth0" {family} {field} {self.return_proto} drop\n }}\n}}\n')
+                f'  iifname "veth0" {family} {field} {proto} drop\n }}\n}}\n')
         netlab.run(netlab.in_ns(self.peer_ns, ["nft", "-f", "-"]), input=rule)
         try:
             counters = self.start_sink(sink, "--packet", "veth0", "--family",
-                                       str(self.return_family), "--proto",
-                                       str(self.return_proto),
+                                       str(self.return_family), "--proto", str(proto),
                                        *(["--synack"] if synack else []))
             try:
                 yield counters
@@ -717,6 +732,31 @@ class KernelLab(PlainIPv6Target, netlab.Lab):
 
     def sink_endpoint(self) -> str:
         return f"[{SERVICE_V6}]:{SERVICE_PORT}"
+
+    # The SYN flood through the kernel: plain IPv6 forwarded to a listener in the service's
+    # namespace, with conntrack keeping a state per flow (the kernel's own flow setup, as a
+    # stateful firewall or NAT does it), for a same-run reference of sixgate's new flows.
+    syn_return_proto = 6
+
+    def tcp_listen_endpoint(self) -> str:
+        return f"[{SERVICE_V6}]:{TCP_PORT}"
+
+    @contextlib.contextmanager
+    def flow_state(self) -> Iterator[None]:
+        """Conntrack on for what the gateway namespace forwards (any ct expression in a
+        table does it), the service answering every SYN with a cookie as sixgate's lab's
+        does; off again after (the forward figures are the stateless kernel's)."""
+        self.sysctl(self.svc_ns, "net.ipv4.tcp_syncookies=2")
+        table = f"{NFT_TABLE}_ct"
+        netlab.run(netlab.in_ns(self.gw_ns, ["nft", "-f", "-"]), input=(
+            f"table inet {table} {{\n chain forward {{\n"
+            "  type filter hook forward priority filter; policy accept;\n"
+            "  ct state new counter accept\n }\n}\n"))
+        try:
+            yield
+        finally:
+            netlab.run(netlab.in_ns(self.gw_ns, ["nft", "delete", "table", "inet", table]),
+                       check=False)
 
 
 def cpu_list(text: str) -> list[int]:

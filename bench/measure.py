@@ -322,9 +322,9 @@ def syn_flood(bench: Bench, duration_s: float, max_trials: int) -> dict[str, Any
     def fresh_flows() -> tuple[str, ...]:
         return (*SYN_FLOWS, "--first-flow", str(next(starts)))
 
-    listener = target.start_sink(sink, "--tcp-listen", f"127.0.0.1:{labs.TCP_PORT}")
+    listener = target.start_sink(sink, "--tcp-listen", target.tcp_listen_endpoint())
     try:
-        with target.return_counter(sink, synack=True) as synacks:
+        with target.flow_state(), target.return_counter(sink, synack=True) as synacks:
             created_before = metric_sum(target.metrics(), "sixgate_flows_created_total")
             trials_before = len(bench.trials)
             overload, best = bench.search(synacks, 0, kind="syn flood", gen_args=fresh_flows,

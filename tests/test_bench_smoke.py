@@ -167,3 +167,26 @@ def test_paired_rounds_measure_both_systems_each_round(bench_lab) -> None:  # ty
         assert all(ours > 0 and theirs > 0 for ours, theirs in pair["per_core_pps"]), pairs
         assert pair["ratios"] == [ours / theirs for ours, theirs in pair["per_core_pps"]]
         assert pair["median"] == statistics.median(pair["ratios"])
+
+
+def test_the_kernel_reference_sets_up_a_conntrack_state_per_new_flow(bench_lab) -> None:  # type: ignore[no-untyped-def]
+    """The new-flows reference (bench/labs.py KernelLab ``flow_state``): the kernel forwards
+    the SYN flood's SYNs to the service's listener and their SYN+ACKs back to the peer, where
+    the SYN+ACK counter sees them, with conntrack making a state for each new flow (its
+    ``ct state new`` rule counts every SYN); after, the forwarding is stateless again."""
+    _lab, programs = bench_lab
+    sink = programs["sink"]
+    syns = 1000
+    with labs.KernelLab() as lab:
+        listener = lab.start_sink(sink, "--tcp-listen", lab.tcp_listen_endpoint())
+        with lab.flow_state(), lab.return_counter(sink, synack=True) as synacks:
+            sent = lab.run_gen(programs["gen"], "--rate", BURST_RATE, "--count", str(syns),
+                               *measure.SYN_FLOWS, "--first-flow", "0")
+            back = labs.wait_quiet(lambda: read_counts(synacks))
+            table = lab.exec_in(lab.gw_ns, ["nft", "list", "table", "inet",
+                                            f"{labs.NFT_TABLE}_ct"]).stdout
+        lab.stop_sink(listener)
+        assert sent["sent"] == syns and back.packets == syns
+        assert f"packets {syns} " in table, table
+        tables = lab.exec_in(lab.gw_ns, ["nft", "list", "tables"]).stdout
+        assert f"{labs.NFT_TABLE}_ct" not in tables
