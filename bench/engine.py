@@ -111,10 +111,15 @@ def clat_udp6(payload: bytes) -> bytes:
 SETUP_CLIENTS, SETUP_PORTS = 8, 2000  # new sessions: 16,000, inside every per-client limit
 
 
+def tcp_header(sport: int, dport: int, seq: int, ack: int, flags: int) -> bytearray:
+    """A 20-byte TCP header (no options), its checksum 0."""
+    return bytearray(struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535,
+                                 0, 0))
+
+
 def tcp_syn(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
     """A TCP SYN over IPv6 with its checksum."""
-    segment = bytearray(struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 65535,
-                                    0, 0))
+    segment = tcp_header(sport, dport, 1000, 0, 0x02)
     set_checksum(segment, 16, pseudo_sum_v6(src, dst, PROTO_TCP, len(segment)))
     return build_ipv6(src, dst, PROTO_TCP, segment)
 
@@ -134,8 +139,7 @@ def syn_ack(syn4: bytes) -> bytes:
     """The service's SYN+ACK to a translated SYN (no options), with its checksum."""
     src, dst = syn4[16:20], syn4[12:16]
     dport, sport = struct.unpack_from("!HH", syn4, 20)
-    segment = bytearray(struct.pack("!HHIIBBHHH", sport, dport, 5000, 1001, 5 << 4, 0x12,
-                                    65535, 0, 0))
+    segment = tcp_header(sport, dport, 5000, 1001, 0x12)
     set_checksum(segment, 16, pseudo_sum_v4(src, dst, PROTO_TCP, len(segment)))
     return build_ipv4(src, dst, PROTO_TCP, segment)
 

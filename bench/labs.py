@@ -59,6 +59,7 @@ SVC_LINK_V6 = "2001:db8:fffd::2"
 TAYGA_POOL = "203.0.113.0/24"
 TAYGA_IPV4 = "203.0.113.1"
 NFT_TABLE = "sixgatebench"
+NFT_CONNTRACK_TABLE = f"{NFT_TABLE}_ct"  # the kernel's state per flow (KernelLab.flow_state)
 GEN_NICE = 10
 SVC_PATTERN = re.compile(rf"^{netlab.NAME_PREFIX}(\d+)x(\d+)-svc$")
 SIXGATE_PINGER_SOURCE = f"{netlab.PLANS['6to4'].client_prefix}:ffff::1"
@@ -218,12 +219,12 @@ class BenchTarget:
 
     # -- new TCP flows (the SYN flood)
 
-    syn_return_proto = 41  # what the service's SYN+ACK comes back to the peer as
+    syn_return_proto = 6  # what the service's SYN+ACK comes back to the peer as: plain TCP
 
     def tcp_listen_endpoint(self) -> str:
         """Where the SYN flood's listener (sink.c --tcp-listen) binds, in the service's
-        namespace: sixgate forwards the port to this host's loopback."""
-        return f"127.0.0.1:{TCP_PORT}"
+        namespace."""
+        raise NotImplementedError
 
     def flow_state(self) -> contextlib.AbstractContextManager[None]:
         """What makes this system keep a state per flow while the SYN flood runs (sixgate
@@ -346,6 +347,7 @@ class SixgateLab(BenchTarget, netlab.Lab):
     gen_mode = "6to4"
     return_family = 4
     return_proto = 41
+    syn_return_proto = 41  # the SYN+ACK inside the tunnel
 
     def __init__(self, workers: int, *, max_flows: int = 200_000,
                  gateway_settings: dict[str, str] | None = None,
@@ -406,6 +408,9 @@ class SixgateLab(BenchTarget, netlab.Lab):
 
     def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
         return sixgate_metrics(self)
+
+    def tcp_listen_endpoint(self) -> str:
+        return f"127.0.0.1:{TCP_PORT}"  # the lab forwards the port to this host's loopback
 
 
 def start_pinned(lab: Any) -> None:
@@ -736,8 +741,6 @@ class KernelLab(PlainIPv6Target, netlab.Lab):
     # The SYN flood through the kernel: plain IPv6 forwarded to a listener in the service's
     # namespace, with conntrack keeping a state per flow (the kernel's own flow setup, as a
     # stateful firewall or NAT does it), for a same-run reference of sixgate's new flows.
-    syn_return_proto = 6
-
     def tcp_listen_endpoint(self) -> str:
         return f"[{SERVICE_V6}]:{TCP_PORT}"
 
@@ -747,7 +750,7 @@ class KernelLab(PlainIPv6Target, netlab.Lab):
         table does it), the service answering every SYN with a cookie as sixgate's lab's
         does; off again after (the forward figures are the stateless kernel's)."""
         self.sysctl(self.svc_ns, "net.ipv4.tcp_syncookies=2")
-        table = f"{NFT_TABLE}_ct"
+        table = NFT_CONNTRACK_TABLE
         netlab.run(netlab.in_ns(self.gw_ns, ["nft", "-f", "-"]), input=(
             f"table inet {table} {{\n chain forward {{\n"
             "  type filter hook forward priority filter; policy accept;\n"

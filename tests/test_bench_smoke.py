@@ -184,9 +184,9 @@ def test_the_kernel_reference_sets_up_a_conntrack_state_per_new_flow(bench_lab) 
                                *measure.SYN_FLOWS, "--first-flow", "0")
             back = labs.wait_quiet(lambda: read_counts(synacks))
             table = lab.exec_in(lab.gw_ns, ["nft", "list", "table", "inet",
-                                            f"{labs.NFT_TABLE}_ct"]).stdout
+                                            labs.NFT_CONNTRACK_TABLE]).stdout
         lab.stop_sink(listener)
         assert sent["sent"] == syns and back.packets == syns
         assert f"packets {syns} " in table, table
         tables = lab.exec_in(lab.gw_ns, ["nft", "list", "tables"]).stdout
-        assert f"{labs.NFT_TABLE}_ct" not in tables
+        assert labs.NFT_CONNTRACK_TABLE not in tables

@@ -667,14 +667,14 @@ static PyObject *serve(PyObject *self, PyObject *args)
                           &s.ring_args))
         return NULL;
     Py_ssize_t watched = PyList_GET_SIZE(watch);
-    int lists = s.journal == Py_None || (PyTuple_Check(s.journal)
-                                         && PyTuple_GET_SIZE(s.journal) == 2
-                                         && PyDict_Check(PyTuple_GET_ITEM(s.journal, 0))
-                                         && PyList_Check(PyTuple_GET_ITEM(s.journal, 1)));
+    int well_formed = s.journal == Py_None || (PyTuple_Check(s.journal)
+                                               && PyTuple_GET_SIZE(s.journal) == 2
+                                               && PyDict_Check(PyTuple_GET_ITEM(s.journal, 0))
+                                               && PyList_Check(PyTuple_GET_ITEM(s.journal, 1)));
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(s.pending); i++)
-        lists &= PyList_Check(PyTuple_GET_ITEM(s.pending, i));
+        well_formed &= PyList_Check(PyTuple_GET_ITEM(s.pending, i));
     if (watched > SERVE_WATCH_MAX || !PyCallable_Check(s.inbound)
-            || !PyCallable_Check(s.returning) || !lists
+            || !PyCallable_Check(s.returning) || !well_formed
             || (s.ring_args != Py_None && !PyTuple_Check(s.ring_args))) {
         PyErr_SetString(PyExc_ValueError, "serve: too many descriptors, a loop not callable, "
                         "the engine's output not lists, the journal not (dict, list) or None "

@@ -628,9 +628,7 @@ class Worker:
             return set()
         datapath.count_served(served.ident, served.inbound, served.returning)
         # What the engine's openers answered themselves (a refused first packet) goes now.
-        pending = datapath.pending()
-        if pending.to_services or pending.to_tunnel or pending.to_ipv6 or pending.raised:
-            self._send(pending)
+        self._send(datapath.pending())
         if served.translated_in:
             self.processing["inbound"].observe_many(
                 served.seconds_in / served.translated_in, served.translated_in)

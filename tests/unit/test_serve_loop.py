@@ -298,12 +298,12 @@ class Capture(Devices):
         for packet in packets:
             self.capture[1].send(packet)
 
-    def serve_capture(self, datapath: Datapath) -> Served:
+    def serve_capture(self, datapath: Datapath, timeout_ms: int = 0) -> Served:
         loops = datapath.device_loops(JOURNAL_S)
         assert loops is not None
         fds = (-1, self.pairs[1][0].fileno(), self.capture[0].fileno(), 64,
                self.pairs[2][0].fileno(), -1)  # no send socket: the tunnel's packets come back
-        served = Served._make(serve([], 0, 4096, fds, loops, None))
+        served = Served._make(serve([], timeout_ms, 4096, fds, loops, None))
         datapath.count_served(served.ident, served.inbound, served.returning)
         return served
 
@@ -414,12 +414,8 @@ def test_a_first_packet_an_opener_refuses_is_answered_at_once(capture: Capture) 
     refused = raw(IP(src=CLIENT4, dst=GW4) / IPv6(src=CLIENT6_6TO4, dst=GW6_6TO4)
                   / UDP(sport=40002, dport=54) / Raw(b"closed"))
     capture.capture_send([refused])
-    loops = served.device_loops(JOURNAL_S)
-    assert loops is not None
-    fds = (-1, capture.pairs[1][0].fileno(), capture.capture[0].fileno(), 64,
-           capture.pairs[2][0].fileno(), -1)
     started = time.monotonic()
-    result = Served._make(serve([], 20_000, 4096, fds, loops, None))
+    result = capture.serve_capture(served, timeout_ms=20_000)
     assert time.monotonic() - started < 10  # returned for the answer, not at the timeout
     assert (result.left_capture, result.translated_in) == ([], 1)  # taken by the opener
     answer = served.pending().to_tunnel
@@ -436,11 +432,7 @@ def test_sessions_an_opener_made_are_journaled_within_the_interval(devices: Devi
     served = nat64()
     served.flows.journal = {}  # kept, as a worker keeps it
     devices.send6([udp6(sport=42000, payload=b"new")])
-    loops = served.device_loops(JOURNAL_S)
-    assert loops is not None
-    fds = (devices.pairs[0][0].fileno(), devices.pairs[1][0].fileno(), -1, 0,
-           devices.pairs[2][0].fileno(), -1)
     started = time.monotonic()
-    result = Served._make(serve([], 20_000, 4096, fds, loops, None))
+    result = devices.serve(served, timeout_ms=20_000)
     assert time.monotonic() - started < 10  # within the interval, not at the timeout
     assert result.translated_in == 1 and len(served.flows.journal) == 1

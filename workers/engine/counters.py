@@ -58,8 +58,9 @@ class Counters:
         octets[second] += second_size
 
     def event(self, event: Event, n: int = 1) -> None:
-        key = event._value_  # the member's value (enum's sunder name): ``.value`` is a
-        self.events[key] = self.events.get(key, 0) + n  # property, per new session here
+        # The member's value by its sunder name: ``.value`` is a property call (per new session).
+        key = event._value_
+        self.events[key] = self.events.get(key, 0) + n
 
     def as_dict(self) -> dict[str, object]:
         return {
